@@ -21,7 +21,13 @@ from typing import Any
 
 from bastion.audit.decisions import DecisionRecord
 from bastion.decide import Authorizer
-from bastion.decide.contract import ChainDecision, decide_chain, explained_principal, policy_result
+from bastion.decide.contract import (
+    DELEGATION_METHOD,
+    ChainDecision,
+    decide_chain,
+    explained_principal,
+    policy_result,
+)
 from bastion.decide.mcp import recorded_action
 from bastion.delegation.labels import CONTEXT_FIELD
 from bastion.facts.model import Entity
@@ -32,6 +38,7 @@ from bastion.policy.runtime import ReadContext
 NOT_REPLAYABLE = {
     "later_format": "written by a later bastion, with fields this one does not know",
     "recovered": "recovered from the journal of a process that died: no context, no outcome",
+    "token_exchange": "a token exchange (may_delegate, delegated_scope), not a call",
     "no_context": "its context, or the time in it, was not recorded",
     "facts_stale": "refused because the facts were too old to decide on",
     "refused_before_decision": "refused before any policy was asked (the kill switch, a tool"
@@ -136,6 +143,8 @@ def question_of(record: DecisionRecord) -> Question:
         raise NotReplayable("later_format")
     if record.recovered:
         raise NotReplayable("recovered")
+    if record.method == DELEGATION_METHOD:
+        raise NotReplayable("token_exchange")
     if record.reason == "facts_stale":
         raise NotReplayable("facts_stale")
     if not record.deciding_principal:  # only the refusals made before any policy name none

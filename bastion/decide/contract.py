@@ -597,14 +597,23 @@ def same_value(value: Any, seen: Any) -> bool:
     return value is seen or (type(value) is type(seen) and value == seen)
 
 
+# How a token exchange (RFC 8693, `bastion.oauth.token_exchange`) is named in its context
+# (``context.method``) and in its decision record: the method, and the action asked of the
+# policy (``may_delegate``, then ``delegated_scope`` for each scope).
+DELEGATION_METHOD = "token/exchange"
+DELEGATION_ACTION = "delegate"
+
+
 @dataclass(frozen=True, slots=True)
 class DelegationDecision:
     """The policy's answer to a token exchange: whether ``from`` may delegate to ``to`` at all,
-    and the scopes of those asked for that survive."""
+    and the scopes of those asked for that survive; with ``explained``, the rules that proved
+    it (``may_delegate``'s, then each surviving scope's ``delegated_scope``)."""
 
     allowed: bool
     scopes: tuple[str, ...] = ()
     reason: str | None = None  # "evaluation_limit" when the budget ran out (refused)
+    rules: tuple[str, ...] = ()
 
 
 def decide_delegation(
@@ -615,10 +624,14 @@ def decide_delegation(
     server: Entity,
     scopes: Iterable[str],
     context: dict | None = None,
+    explained: bool = False,
 ) -> DelegationDecision:
     """Ask ``may_delegate(from_agent, to_agent, server)`` and, for each of ``scopes``,
     ``delegated_scope(user, from_agent, to_agent, server, scope)``, in one session (one view
-    of the facts). Refused (fail closed) when the evaluation spends its budget."""
+    of the facts). Refused (fail closed) when the evaluation spends its budget. ``explained``:
+    the rules that proved what held, worked out in that same session (a refusal has none:
+    no rule let it through), for its decision record."""
+    rules: list[str] = []
     try:
         with authz.session(context) as s:
             if not s.rows("may_delegate", "bbb", from_agent, to_agent, server):
@@ -628,9 +641,17 @@ def decide_delegation(
                 for scope in scopes
                 if s.rows("delegated_scope", "bbbbb", user, from_agent, to_agent, server, scope)
             )
+            if explained:
+                proofs = [s.prove("may_delegate", from_agent, to_agent, server)]
+                proofs += (
+                    s.prove("delegated_scope", user, from_agent, to_agent, server, scope)
+                    for scope in passed
+                )
+                for proof in proofs:
+                    rules += (rule for rule in proof.rules() if rule not in rules)
     except EvaluationLimit as limit:
         return DelegationDecision(False, reason=limit.reason)
-    return DelegationDecision(True, passed)
+    return DelegationDecision(True, passed, rules=tuple(rules))
 
 
 def _decision_time(context: dict | None) -> float:

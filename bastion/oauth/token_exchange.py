@@ -19,17 +19,24 @@ refuses, a user or agent of the chain that is suspended), ``invalid_target`` for
 audience other than the subject token's, ``invalid_scope`` for scopes beyond what the subject token,
 the sub-agent's registration and the resource allow (or when the policy lets none through),
 ``unauthorized_client`` for a client not registered for this grant type (`bastion.oauth.tokens`).
+
+Every exchange whose subject token is good is decided on record, as the gateway's calls are: a
+decision record (`bastion.audit.decisions`, written by the gateway's record writer) with the
+chain asked for, ``delegate`` on the MCP server, the result and its reason, what passed and the
+rules that proved it; and an audit event naming it (``decision_id``).
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bastion.decide.contract import decide_delegation
+from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
+from bastion.decide.contract import DELEGATION_ACTION, DELEGATION_METHOD, decide_delegation
 from bastion.facts.model import Entity
 from bastion.oauth.errors import (
     InvalidGrant,
@@ -89,6 +96,32 @@ class DelegationPolicy:
     # (A change heard of and not applied yet is waited for before every token request:
     # `AuthorizationServer.facts_current`.)
     facts_stale: Callable[[], bool] = lambda: False
+    # Where each exchange's decision record goes: the gateway's (None: none is kept).
+    records: DecisionRecords | None = None
+    # The policy version in force and the change-log sequence applied, read with the
+    # `Authorizer` that decides (as the gateway's records name them).
+    position: Callable[[], tuple[int | None, int | None]] = lambda: (None, None)
+
+
+@dataclass
+class _Asked:
+    """What one exchange asked, as far as it got, for its decision record."""
+
+    started: float = field(default_factory=time.perf_counter)
+    user: str = ""
+    # The chain of agents asked for: the subject token's, then the actor once it is known.
+    agents: list[str] = field(default_factory=list)
+    resource: str = ""
+    # The task the new token would be bound to; once issued, its grant.
+    task: str = ""
+    grant_id: str = ""
+    server: Entity | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    position: tuple[int | None, int | None] = (None, None)
+    # Set once the policy was asked: its refusal's reason, or the rules that let it through.
+    decided: bool = False
+    reason: str = ""
+    rules: tuple[str, ...] = ()
 
 
 class TokenExchange:
@@ -104,23 +137,80 @@ class TokenExchange:
         self, client: Client, form: Mapping[str, str], origin: RequestOrigin | None = None
     ) -> dict[str, Any]:
         """Answer one token-exchange request of the authenticated ``client``, or raise the
-        RFC's error. Once the subject token is known good, every answer is an audit event
-        with the chain (``token.exchanged`` or ``token.exchange_refused``)."""
+        RFC's error. Once the subject token is known good, every answer is a decision record
+        (`_record`) and an audit event with the chain that names it (``token.exchanged`` or
+        ``token.exchange_refused``)."""
         seen: dict[str, Any] = {}
+        asked = _Asked()
         try:
-            return self._exchange(client, form, origin or RequestOrigin(""), seen)
+            return self._exchange(client, form, origin or RequestOrigin(""), seen, asked)
         except OAuthError as error:
             if "chain" in seen:
+                reason = asked.reason or f"{error.error}: {error.description}"
+                result = "unavailable" if reason == "facts_stale" else "deny"
                 self.audit.record(
                     "token.exchange_refused",
                     subject=seen.get("user"),
                     client_id=client.client_id,
                     error=error.error,
                     description=error.description,
+                    decision_id=self._record(asked, result, reason, seen),
                     **{k: v for k, v in seen.items() if k != "user"},
                 )
                 error.audited = True  # type: ignore[attr-defined]
             raise
+
+    def _record(
+        self, asked: _Asked, result: str, reason: str, seen: Mapping[str, Any]
+    ) -> str | None:
+        """Write the decision record of an exchange (`_Asked`: what it asked, as far as it
+        got); its id, or None where no records are kept (no gateway). A refusal made before
+        the policy was asked names no deciding principal, as the gateway's do."""
+        delegation = self.server.delegation
+        records = delegation.records if delegation is not None else None
+        if records is None:
+            return None
+        principals = (
+            repr(Entity("User", asked.user)),
+            *(repr(Entity("Agent", agent)) for agent in asked.agents),
+        )
+        obligations: dict[str, Any] = {}
+        if asked.decided and "requested_scope" in seen:
+            # What the policy let through of what was asked (none: refused), and what it kept.
+            wanted = seen["requested_scope"].split()
+            passed = seen.get("scope", "").split()
+            obligations = {"scopes": passed, "trimmed": [s for s in wanted if s not in passed]}
+        if asked.grant_id:
+            obligations["delegated_grant_id"] = asked.grant_id
+        policy_version, sequence = asked.position
+        fields = {
+            "id": new_decision_id(),
+            "at": self.server.clock(),
+            "server": asked.server.id if asked.server is not None else "",
+            "method": DELEGATION_METHOD,
+            "target": repr(asked.server) if asked.server is not None else asked.resource,
+            "principals": principals,
+            "result": result,
+            "arguments_digest": "",  # an exchange has no arguments
+            "context": asked.context,
+            "deciding_principal": principals[-1] if asked.decided else "",
+            "rules": asked.rules,
+            "obligations": obligations,
+            "reason": reason,
+            "latency_us": int((time.perf_counter() - asked.started) * 1e6),
+            "policy_version": policy_version,
+            "sequence": sequence,
+            "grant_id": seen.get("parent_grant_id") or "",
+            "task": asked.task,
+            "session": "",
+            "action": DELEGATION_ACTION,
+        }
+        # Journalled as the gateway's are (`bastion.audit.journal`): a process killed before
+        # the writer's next flush still leaves the record of a token it issued.
+        if records.journal is not None:
+            records.journal.append(fields)
+        records.add(DecisionRecord.of(fields))
+        return fields["id"]
 
     def _exchange(
         self,
@@ -128,9 +218,13 @@ class TokenExchange:
         form: Mapping[str, str],
         origin: RequestOrigin,
         seen: dict[str, Any],
+        asked: _Asked,
     ) -> dict[str, Any]:
         now = self.server.clock()
         subject_token, actor_token = _parameters(form)
+        # Who asked, from where: the context of a refusal made before the policy is asked.
+        client_context = {"ip": origin.address, "id": client.client_id}
+        asked.context = {"method": DELEGATION_METHOD, "client": client_context}
         task = form.get("task")
         if task is not None and self.server.tasks is None:
             raise InvalidRequest("task is not supported: this server binds no tokens to tasks")
@@ -140,6 +234,8 @@ class TokenExchange:
         subject = self._token(subject_token, "subject_token")
         chain = subject.agents or (subject.client_id,)
         seen.update(user=subject.subject, chain=list(chain), parent_grant_id=subject.grant_id)
+        asked.user, asked.agents = subject.subject, list(chain)
+        asked.task = subject.task or ""
         if subject.client_id != client.client_id:
             raise InvalidRequest(
                 "subject_token was issued to another client; only the agent a token was issued"
@@ -148,11 +244,12 @@ class TokenExchange:
         if subject.expires_at <= now:
             raise InvalidRequest("subject_token has expired")
         target = self._target(form, subject)
-        seen["resource"] = target
+        seen["resource"] = asked.resource = target
 
         actor = self._token(actor_token, "actor_token", target)
         actor_client = self._actor_client(actor)
         seen["actor"] = actor_client.client_id
+        asked.agents = [*chain, actor_client.client_id]
         if actor_client.client_id in chain:
             raise InvalidRequest(
                 f"agent {actor_client.client_id!r} is already in the chain {list(chain)}"
@@ -187,14 +284,19 @@ class TokenExchange:
             wanted = available
         seen["requested_scope"] = " ".join(wanted)
 
-        allowed = self._policy(subject, chain[-1], actor_client.client_id, target, wanted, origin)
+        allowed = self._policy(
+            subject, chain[-1], actor_client.client_id, target, wanted, origin, asked
+        )
         scopes = [s for s in wanted if s in allowed]
         if not scopes:
+            asked.reason = "no_scope_delegated"
             raise InvalidScope(
                 f"the policy lets none of the scopes {wanted} pass to {actor_client.client_id!r}"
                 " now"
             )
         seen["scope"] = " ".join(scopes)
+        bound = task if task is not None else subject.task
+        asked.task = bound or ""
 
         seconds = min(self.settings.exchanged_token_seconds, subject.expires_at - int(now))
         parent = self.store.grant(subject.grant_id)
@@ -213,7 +315,6 @@ class TokenExchange:
             parent_grant_id=parent.grant_id,
             parent_jti=subject.jti,
         )
-        bound = task if task is not None else subject.task
         extra: dict[str, Any] = {"act": _act(new_chain)}
         if bound is not None:
             extra["task"] = bound
@@ -253,8 +354,13 @@ class TokenExchange:
                     extra=extra,
                 )
             except InvalidGrant as refused:
+                suspended = getattr(refused, "suspended", None)  # the kill switch's
+                if suspended is not None:
+                    asked.reason = "suspended"
+                    asked.context = {**asked.context, "suspended": repr(suspended)}
                 # §2.2.2: an unacceptable subject or actor token is invalid_request.
                 raise InvalidRequest(refused.description) from None
+        asked.grant_id = grant.grant_id
         self.audit.record(
             "token.exchanged",
             subject=subject.subject,
@@ -267,6 +373,7 @@ class TokenExchange:
             scope=grant.scope,
             trimmed=[s for s in wanted if s not in scopes],
             task=bound,
+            decision_id=self._record(asked, "allow", "", seen),
         )
         return {
             "access_token": access.token,
@@ -333,9 +440,11 @@ class TokenExchange:
         target: str,
         wanted: list[str],
         origin: RequestOrigin,
+        asked: _Asked,
     ) -> set[str]:
         """The scopes of ``wanted`` the policy lets pass from ``current`` to ``actor`` on the
-        MCP server at ``target``; refuse when it does not let it delegate at all."""
+        MCP server at ``target``; refuse when it does not let it delegate at all. What it was
+        asked and answered goes in ``asked``, for the record."""
         delegation = self.server.delegation
         server = delegation.server_of(target) if delegation is not None else None
         if delegation is None or server is None:
@@ -343,14 +452,16 @@ class TokenExchange:
                 f"no MCP server behind bastion's gateway is served at {target!r}: delegation"
                 " is decided per MCP server, and there is none to decide it for"
             )
+        asked.server = server
         if delegation.facts_stale():
+            asked.reason = "facts_stale"
             raise OAuthError(
                 "temporarily_unavailable", "the facts are too old to decide on; retry", 503
             )
         now = self.server.clock()
         context: dict[str, Any] = {
             "server": server.id,
-            "method": "token/exchange",
+            "method": DELEGATION_METHOD,
             "scopes": sorted(subject.scopes),
             "requested_scopes": list(wanted),
             "client": {"ip": origin.address, "id": current},
@@ -367,16 +478,22 @@ class TokenExchange:
                 )
             posture = delegation.posture.read(origin.address, origin.headers, subject.claims)
             context.update(posture.context(now))
+        asked.context = context
+        authz = delegation.authorizer()
+        asked.position = delegation.position()  # of the policy and facts ``authz`` decides on
         decision = decide_delegation(
-            delegation.authorizer(),
+            authz,
             Entity("User", subject.subject),
             Entity("Agent", current),
             Entity("Agent", actor),
             server,
             wanted,
             context,
+            explained=delegation.records is not None,
         )
+        asked.decided, asked.rules = True, decision.rules
         if not decision.allowed:
+            asked.reason = decision.reason or "not_permitted"
             why = (
                 "its evaluation spent its budget"
                 if decision.reason

@@ -333,7 +333,8 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
 
 def _delegation(oauth, gateway, replica: Replica) -> None:
     """Token exchange (docs/delegation.md) asks the policy about the MCP server a resource is,
-    as the gateway maps it; without a gateway every exchange is refused."""
+    as the gateway maps it, and records each decision among the gateway's decision records;
+    without a gateway every exchange is refused."""
     from bastion.facts.model import Entity
     from bastion.oauth.token_exchange import DelegationPolicy
 
@@ -343,6 +344,8 @@ def _delegation(oauth, gateway, replica: Replica) -> None:
         server_of=servers.get,
         posture=gateway.posture,
         facts_stale=lambda: replica.stale,
+        records=gateway.records,
+        position=lambda: (replica.policy_version, replica.applied),
     )
 
 
