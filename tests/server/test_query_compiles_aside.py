@@ -76,9 +76,9 @@ def test_a_shape_that_cannot_be_compiled_is_refused_alike_each_time_and_compiled
     tries: list[str] = []
     compiled = CompiledPolicy._compiled
 
-    def counted(self, name, arity, mask):
+    def counted(self, name, arity, mask, *strict):
         tries.append(f"{name}/{arity} {mask}")
-        return compiled(self, name, arity, mask)
+        return compiled(self, name, arity, mask, *strict)
 
     monkeypatch.setattr(CompiledPolicy, "_compiled", counted)
     # Both arguments of `twin` open, and nothing binds them (docs/policy-language.md).
