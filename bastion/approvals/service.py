@@ -34,7 +34,7 @@ from bastion.decide.contract import approval_grant_agent, path_keys
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.names import is_name, readable
-from bastion.policy.errors import EvaluationLimit
+from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
 from bastion.signals.suspensions import Suspensions, has_person, token_principals
 
 if TYPE_CHECKING:
@@ -209,6 +209,20 @@ class NoApprover(Exception):
             reason=EvaluationLimit.reason,
         )
 
+    @classmethod
+    def undecided(cls, predicate: str) -> NoApprover:
+        """A rule on answering the call whose holding restricts (``approvals_required``,
+        ``approval_expires``) cannot say its value (`UndecidedQuestion`): under the narrowest
+        terms nobody may answer. Fail closed, as the decision contract refuses it."""
+        return cls(
+            f"nobody can approve this call: the policy's {predicate} rule for it cannot be"
+            f" decided (a value of another kind, or arithmetic with no result, bound or passed"
+            f" on); compare the values it computes directly, or require their kind",
+            f"nobody can approve it: the policy's {predicate} rule for it cannot be decided for"
+            f" this request; an administrator corrects the rule (docs/policy-language.md)",
+            reason=UndecidedQuestion.reason,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Call:
@@ -270,6 +284,8 @@ class Terms:
     seconds: float
     # The budget the rules spent when they were read (then the terms are the narrowest).
     over_budget: EvaluationLimit | None = None
+    # The rule that could not be decided when they were read (then too, the narrowest).
+    undecided: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,13 +628,13 @@ class Approvals:
     def reviewer_masks(self, request: ApprovalRequest, person: str) -> tuple[str, ...]:
         """The mask paths the policy puts on what ``person`` sees of ``request``'s held result:
         the contract's ``mask(actor, action, resource, path)`` with the reviewer as the actor.
-        A path that is not a string, or a policy over its budget, is "", which withholds the
-        whole result (fail closed)."""
+        A path that is not a string, a policy over its budget, or a mask rule whose paths cannot
+        be named (`UndecidedQuestion`), is "", which withholds the whole result (fail closed)."""
         resource = Entity.parse(request.target)
         try:
             with self.authorizer().session(_call_context(request, self.clock())) as s:
                 paths = s.rows("mask", "bbbf", Entity("User", person), request.action, resource)
-        except EvaluationLimit:
+        except (EvaluationLimit, UndecidedQuestion):
             return ("",)
         return tuple(sorted({p if isinstance(p, str) else "" for p in paths}))
 
@@ -688,6 +704,8 @@ class Approvals:
             terms = self._terms_in(s, call.subject, call.action, call.resource, call.chain)
         if terms.over_budget is not None:
             raise NoApprover.over_budget(terms.over_budget)
+        if terms.undecided is not None:
+            raise NoApprover.undecided(terms.undecided)
         confirmer = self.confirmer(call.subject, call.chain)
         nobody = self._nobody(call, context, terms, confirmer)
         if nobody is not None:
@@ -719,6 +737,8 @@ class Approvals:
             now = self._terms_in(s, call.subject, call.action, call.resource, call.chain)
         if now.over_budget is not None:
             return NoApprover.over_budget(now.over_budget)
+        if now.undecided is not None:
+            return NoApprover.undecided(now.undecided)
         terms = replace(
             now,
             required=max(now.required, request.required),
@@ -831,14 +851,16 @@ class Approvals:
                 for n in s.rows("approval_expires", "bbbf", user, action, resource)
                 if type(n) in (int, float) and n > 0
             ]
-        except EvaluationLimit as limit:
-            # Over budget: nobody but the user, once, and never by default for themself if
-            # forbidden — the narrowest terms, not the widest (nobody may answer: a call is not
-            # held under them, `answerers`).
+        except (EvaluationLimit, UndecidedQuestion) as refused:
+            # Over budget, or a rule whose values cannot be named (`UndecidedQuestion`): nobody
+            # but the user, once, and never by default for themself if forbidden — the
+            # narrowest terms, not the widest (nobody may answer: a call is not held under
+            # them, `answerers`).
             approvers, required, forbidden, windows, shorter = [], 1, True, [], []
-            over_budget = limit
+            over_budget = refused if isinstance(refused, EvaluationLimit) else None
+            undecided = refused.predicate if isinstance(refused, UndecidedQuestion) else None
         else:
-            over_budget = None
+            over_budget = undecided = None
         window = min(min(windows, default=0), self.settings.max_window_minutes)
         return Terms(
             approvers=tuple(approvers),
@@ -847,6 +869,7 @@ class Approvals:
             window_minutes=window,
             seconds=min([seconds, *shorter]),
             over_budget=over_budget,
+            undecided=undecided,
         )
 
     def may_answer(self, request: ApprovalRequest, person: str) -> str | None:

@@ -25,7 +25,13 @@ from bastion.facts.index import GENERATIONS, CopiedRows, FactIndex
 from bastion.facts.model import Entity, FactError, check_fact, format_fact
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.compile import CompiledPolicy
-from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
+from bastion.policy.errors import (
+    Diagnostic,
+    EvaluationLimit,
+    Location,
+    PolicyError,
+    UndecidedQuestion,
+)
 from bastion.policy.explain import Explanation, explain, over_budget, prove
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
@@ -150,10 +156,38 @@ class _Active:
         self.compiled.serving = True
 
 
+# The predicates asked as strict code (`Node.strict`): those whose holding restricts (``deny``,
+# and the obligations the contract adds to an allowed request), and whose answers combine so
+# that more never restricts less (the union of masks, scopes, labels and alerts; every rate
+# limit; the fewest seconds since sign-in; the most approvals; the soonest expiry). What their
+# rules cannot decide then holds: refuses, or applies the obligation. Those whose holding widens
+# (``allow``, ``approver``, ``approval_grant``, ``approval_window``, ``may_delegate``,
+# ``delegated_scope``, ``signal``) and shadow rules (``would``, which only record) stay ordinary:
+# there what cannot be decided does not hold.
+STRICT = frozenset(
+    {
+        ("deny", 3),
+        ("requires_scope", 3),
+        ("mask", 4),
+        ("rate_limit", 5),
+        ("requires_approval", 3),
+        ("requires_review", 3),
+        ("read_only", 2),
+        ("requires_recent_auth", 4),
+        ("requires_signal", 3),
+        ("approvals_required", 4),
+        ("approval_expires", 4),
+        ("self_approval_forbidden", 3),
+        ("alert", 3),
+        ("label", 2),
+    }
+)
+
+
 def strict(predicate: str, arity: int) -> bool:
-    """Whether ``predicate/arity`` is asked as strict code (`Node.strict`): ``deny``, whose
-    holding refuses, so that what its rules cannot decide refuses too."""
-    return arity == 3 and predicate == "deny"
+    """Whether ``predicate/arity`` is asked as strict code (`Node.strict`, `STRICT`): its
+    holding restricts, so that what its rules cannot decide restricts too."""
+    return (predicate, arity) in STRICT
 
 
 def _refusing(refused: Exception) -> Any:
@@ -577,7 +611,10 @@ class Session:
         """Why ``predicate(*args)`` holds, such as an obligation's rule: the rules and facts of
         its first proof (the interpreter, as `explain`)."""
         q = self._q
-        return prove(self._active.loaded.program, q.index, predicate, args, q.context, q.limits)
+        program = self._active.loaded.program
+        # As `rows` asks it: an obligation's rule that cannot be decided is shown holding.
+        is_strict = strict(predicate, len(args))
+        return prove(program, q.index, predicate, args, q.context, q.limits, is_strict)
 
     @property
     def generation(self) -> int:
@@ -628,10 +665,11 @@ class Session:
         except Undecided:
             # Strict code with an answer left open: arithmetic with no result, whose value a
             # rule binds or passes on, leaves no answer to give (with every argument given,
-            # the rule holds instead).
+            # the rule holds instead). The decision contract refuses on it.
             clauses = self._active.loaded.program.clauses.get((predicate, len(mask)), ())
             where = clauses[0].location if clauses else Location("<policy>", 1, 1)
-            raise PolicyError(
+            raise UndecidedQuestion(
+                predicate,
                 [
                     Diagnostic(
                         where,
@@ -639,7 +677,7 @@ class Session:
                         " question (arithmetic with no result, bound or passed on); ask with"
                         " every argument given",
                     )
-                ]
+                ],
             ) from None
         except RecursionError:
             stack_exhausted(q)

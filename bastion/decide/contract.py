@@ -47,6 +47,13 @@ with an expiry) satisfies ``requires_approval`` for that user and chain of agent
 call was held (`approval_grant_agent` names it), no shorter, longer or other one. The rules about who may approve (``approver`` and its companions) are asked by
 `bastion.approvals.service`.
 
+The obligations whose holding restricts are asked as strict code
+(`bastion.decide.authorizer.STRICT`): a rule of theirs whose condition cannot be decided
+(``requires_approval(...) if context.amount > 1000;`` with an ``amount`` of ``"5000"``) holds.
+One whose answers cannot be named at all (which path to mask, which limit: arithmetic with no
+result that the rule binds or passes on) refuses the request with ``reason`` "undecided",
+``undecided`` naming the predicate.
+
 A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
 enforcement point fails closed, and goes on answering. The questions asked here are compiled
 with the policy (`bastion.decide.authorizer.CONTRACT_SHAPES`), never while serving.
@@ -65,7 +72,7 @@ from typing import Any, Generic, TypeVar
 from bastion.decide.authorizer import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.policy.ast import Const
-from bastion.policy.errors import Diagnostic, EvaluationLimit
+from bastion.policy.errors import Diagnostic, EvaluationLimit, UndecidedQuestion
 from bastion.policy.program import Program
 from bastion.policy.runtime import ReadContext
 from bastion.signals.read_only import REASON as READ_ONLY
@@ -126,6 +133,8 @@ class ChainDecision:
     limit: str | None = None
     # "signal_stale": the required signals missing or too old.
     stale_signals: tuple[str, ...] = ()
+    # "undecided": the obligation (its predicate) whose answers could not be named.
+    undecided: str | None = None
 
 
 def explained_principal(decision: ChainDecision) -> Entity:
@@ -181,6 +190,10 @@ def decide_chain_in(
         return _decide_chain(s, chain, action, resource, context, granted_scopes)
     except EvaluationLimit as limit:
         return ChainDecision(False, chain, reason=limit.reason, limit=limit.limit)
+    except UndecidedQuestion as undecided:
+        # An obligation with answers that cannot be named (which mask, which limit): refused,
+        # never allowed without it.
+        return ChainDecision(False, chain, reason=undecided.reason, undecided=undecided.predicate)
 
 
 def _decide_chain(
@@ -350,7 +363,7 @@ def plainly_allowed(
                     return False
                 approval = approval or bool(s.rows("requires_approval", "bbb", p, action, resource))
             return not approval or _approval_granted(s, chain, action, resource)
-        except EvaluationLimit:
+        except (EvaluationLimit, UndecidedQuestion):
             return False
 
 

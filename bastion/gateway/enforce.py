@@ -58,7 +58,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 from bastion.gateway.tool_pins import PinChange
-from bastion.policy.errors import EvaluationLimit
+from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
 from bastion.policy.runtime import context_value
 from bastion.signals.behavior import (
     COUNTED_METHODS,
@@ -696,6 +696,12 @@ class Enforcer:
             )
         extra = {"approval_id": linked.id} if linked is not None else {}
         meaning = nobody.meaning if nobody is not None else None
+        if chain.undecided is not None and reason == UndecidedQuestion.reason:
+            meaning = (
+                f"the policy's {chain.undecided} rule cannot be decided for this request (a value"
+                " of another kind, or arithmetic with no result), and it is not let through"
+                " without it"
+            )
         raise refused(target, decision_id, reason, meaning, **extra)
 
     def _behavior_alerts(
@@ -1271,6 +1277,8 @@ class Spelled:
             obligations["max_auth_age"] = applied.max_auth_age
         if chain.stale_signals:
             obligations["stale_signals"] = list(chain.stale_signals)
+        if chain.undecided is not None:
+            obligations["undecided"] = chain.undecided
         self.obligations = obligations
 
 

@@ -452,6 +452,8 @@ def answer(decision: ChainDecision) -> dict:
         context["reason"] = decision.reason
         if decision.limit is not None:
             context["limit"] = decision.limit
+        if decision.undecided is not None:
+            context["undecided"] = decision.undecided
         if decision.stale_signals:
             context["stale_signals"] = list(decision.stale_signals)
     if obligations:

@@ -35,6 +35,21 @@ class PolicyError(Exception):
         super().__init__("\n".join(str(d) for d in diagnostics))
 
 
+class UndecidedQuestion(PolicyError):
+    """A question of strict code (`Node.strict`: a ``deny`` rule, an obligation whose holding
+    restricts) asked with an argument left open, for which some answer cannot be decided
+    (arithmetic with no result whose value a rule binds or passes on): no answer can be named,
+    so none is given. ``predicate`` names the rule (``"rate_limit"``). The decision contract
+    refuses the request with ``reason`` "undecided" (`bastion.decide.contract`); a query
+    answers it as the `PolicyError` it is."""
+
+    reason = "undecided"
+
+    def __init__(self, predicate: str, diagnostics: list[Diagnostic]) -> None:
+        self.predicate = predicate
+        super().__init__(diagnostics)
+
+
 class EvaluationLimit(Exception):
     """An evaluation that spent its budget: the question is refused (fail closed).
 

@@ -575,16 +575,22 @@ def prove(
     args: tuple,
     context: dict | None,
     limits: PolicyLimits = DEFAULT_LIMITS,
+    strict: bool = False,
 ) -> Explanation:
     """Why ``name(*args)`` holds (an obligation such as ``requires_approval``): its first proof,
-    or a refusal with no steps. Spends the explanation budget as `explain` does."""
+    or a refusal with no steps. Spends the explanation budget as `explain` does. ``strict``:
+    read as strict code (`Node.strict`), as `Authorizer` asks an obligation whose holding
+    restricts: a condition that cannot be decided is shown holding."""
     interp = _Interpreter(program, index, context, limits)
+    interp.strict = strict
     text = _goal(name, args)
     try:
         try:
             proofs = interp.solve(name, args, 0)
         except RecursionError:
             stack_exhausted(interp.q)
+        except Undecided:  # arithmetic with no result, bound or passed on: it may hold
+            proofs = [((), Step(text, True, "rule", reason=UNDECIDED))]
     except EvaluationLimit as limit:
         step = Step(text, False, "limit", reason=f"the explanation stopped: {limit}")
         return Explanation(False, text, [step], interp.reads, limit=limit.limit)

@@ -1737,3 +1737,28 @@ def test_max_pending_per_agent_is_a_whole_number_from_one():
     for bad in (0, -1, 1.5, "5", True, 1_000_001):
         with pytest.raises(ConfigError, match="max_pending_per_agent"):
             ApprovalSettings.from_mapping({"max_pending_per_agent": bad})
+
+
+def test_approval_terms_that_cannot_be_decided_are_the_narrowest(world):
+    """The rules on answering a held call whose holding restricts (``approvals_required``,
+    ``approval_expires``, ``self_approval_forbidden``) apply when their condition cannot be
+    decided (an amount of "5000" against 1000), as they would for 5000; one whose value cannot
+    be named at all (``2 / 0`` approvals) refuses the call at once with reason "undecided"."""
+    approvals, authz, _, clock = world
+    terms = (
+        'approval_expires(_u: User, "call", Tool{"crm/send"}, 30) if context.amount > 1000;\n'
+        'approvals_required(_u: User, "call", Tool{"crm/delete"}, 2) if context.amount > 1000;\n'
+        'approvals_required(_u: User, "call", Tool{"crm/send"}, n) if n = 2 / context.per;\n'
+    )
+    authz.load_policy(POLICY + terms)
+    for amount in (5000, "5000", True):
+        held = approvals.hold(call(send, {"to": repr(amount)}), "d1", (), {"amount": amount})
+        assert held.expires_at - clock() <= 30, amount
+        # Two approvals where only the user confirms it: nobody could give them.
+        with pytest.raises(NoApprover, match="needs 2 approvals|forbids"):
+            approvals.hold(call(delete, {"n": repr(amount)}), "d1", (), {"amount": amount})
+    held = approvals.hold(call(send, {"to": "small"}), "d1", (), {"amount": 50})
+    assert held.expires_at - clock() > 30
+    with pytest.raises(NoApprover, match="approvals_required rule for it cannot be decided") as e:
+        approvals.hold(call(send, {"to": "per"}), "d1", (), {"per": 0})
+    assert e.value.reason == "undecided"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from bastion import Authorizer, Entity, Variable
+from bastion.decide.contract import ChainDecision, RateLimit, decide_chain
 
 ALICE, BOB, REPO = Entity("User", "alice"), Entity("User", "bob"), Entity("Repo", "r")
 BLOCKS = "actor User {}\nresource Repo {}\n"
@@ -287,3 +288,151 @@ def test_what_cannot_be_decided_under_two_negations_is_false_again():
     assert answers(rules, {"flag": False, "amount": "5000"})
     assert not answers(rules, {"flag": True, "amount": "5000"})
     assert answers(rules, {"flag": True, "amount": 5})
+
+
+# An obligation whose holding restricts is a guardrail too (`bastion.decide.authorizer.STRICT`):
+# one whose condition may hold but cannot be decided applies, as a deny rule refuses; taken as
+# false, a string would shed the approval, the mask or the limit a number asks for.
+OBLIGED = BLOCKS + 'resource McpServer {}\nallow(_u: User, "read", _r: Repo);\n'
+DESK = Entity("McpServer", "desk")
+# Each obligation's rule (its condition written in ``{}``) and how the contract's answer for
+# alice reading the repo shows it applied.
+OBLIGATIONS = {
+    "requires_approval": (
+        'requires_approval(_u: User, "read", _r: Repo) if {};',
+        lambda d: d.obligations.requires_approval,
+    ),
+    "requires_review": (
+        'requires_review(_u: User, "read", _r: Repo) if {};',
+        lambda d: d.obligations.requires_review,
+    ),
+    "read_only": ("read_only(_u: User, _s: McpServer) if {};", lambda d: d.obligations.read_only),
+    "mask": (
+        'mask(_u: User, "read", _r: Repo, "ssn") if {};',
+        lambda d: d.obligations.masks == ("ssn",),
+    ),
+    "rate_limit": (
+        'rate_limit(_u: User, "read", _r: Repo, 5, 60) if {};',
+        lambda d: d.obligations.rate_limits == (RateLimit(ALICE, 5, 60),),
+    ),
+    "requires_scope": (
+        'requires_scope("read", _r: Repo, "repo:big") if {};',
+        lambda d: not d.allowed and d.missing_scopes == ("repo:big",),
+    ),
+    "requires_recent_auth": (
+        'requires_recent_auth(_u: User, "read", _r: Repo, 60) if {};',
+        lambda d: d.obligations.max_auth_age == 60,
+    ),
+    "requires_signal": (
+        'requires_signal(_u: User, "compliant", 300) if {};',
+        lambda d: not d.allowed and d.stale_signals == ("compliant",),
+    ),
+    "alert": (
+        'alert(_u: User, "big", "high") if {};',
+        lambda d: d.obligations.alerts == ((ALICE, "big", "high"),),
+    ),
+    "label": ('label(_r: Repo, "secret") if {};', lambda d: d.obligations.labels == ("secret",)),
+}
+CONDITIONS = [
+    "context.amount > 1000",
+    "over_limit(context.amount)",  # in a rule it calls
+    "not context.amount <= 1000",  # a 'not' turns it over: false under it, so the 'not' holds
+]
+HELPERS = "over_limit(x) if x > 1000;\n"
+
+
+def obligations(rule: str, context: dict) -> ChainDecision:
+    """The contract's answer for alice reading the repo on the desk server, with no scopes."""
+    authz = Authorizer(OBLIGED + HELPERS + rule)
+    return decide_chain(authz, [ALICE], "read", REPO, {**context, "server": "desk"}, [])
+
+
+@pytest.mark.parametrize("amount", ["5000", True, [5000], 5000])
+@pytest.mark.parametrize("condition", CONDITIONS)
+@pytest.mark.parametrize("obligation", OBLIGATIONS)
+def test_an_obligation_that_cannot_be_decided_applies(obligation, condition, amount):
+    rule, applied = OBLIGATIONS[obligation]
+    assert applied(obligations(rule.format(condition), {"amount": amount}))
+    assert not applied(obligations(rule.format(condition), {"amount": 50}))
+
+
+@pytest.mark.parametrize("obligation", OBLIGATIONS)
+def test_an_obligation_that_could_not_have_held_or_lacks_its_field_does_not_apply(obligation):
+    """Undecided is not "true": with another condition decided false, or the field left out,
+    the obligation does not apply."""
+    rule, applied = OBLIGATIONS[obligation]
+    both = rule.format("context.amount > 1000 and context.hold = true")
+    assert not applied(obligations(both, {"amount": "5000", "hold": False}))
+    assert applied(obligations(both, {"amount": "5000", "hold": True}))
+    assert not applied(obligations(both, {"hold": True}))
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        'approvals_required(_u: User, "read", _r: Repo, 3) if context.amount > 1000;',
+        'approval_expires(_u: User, "read", _r: Repo, 60) if context.amount > 1000;',
+        'self_approval_forbidden(_u: User, "read", _r: Repo) if context.amount > 1000;',
+    ],
+)
+def test_the_approval_terms_that_restrict_apply_when_they_cannot_be_decided(rule):
+    """How a held call may be answered, as `bastion.approvals.service` asks it."""
+    authz = Authorizer(OBLIGED + rule)
+    name = rule.split("(")[0]
+    args = [ALICE, "read", REPO] + ([] if name == "self_approval_forbidden" else [Variable("n")])
+    assert authz.query(name, *args, context={"amount": "5000"})
+    assert not authz.query(name, *args, context={"amount": 50})
+
+
+@pytest.mark.parametrize(
+    ("rule", "question"),
+    [
+        # Whose holding widens: what cannot be decided does not hold, as in an allow rule.
+        ('approver(_a: User, _u: User, "read", _r: Repo) if context.amount < 1000;',
+         ("approver", BOB, ALICE, "read", REPO)),
+        ('approval_window(_u: User, "read", _r: Repo, 60) if context.amount < 1000;',
+         ("approval_window", ALICE, "read", REPO, Variable("n"))),
+        ('approval_grant(_u: User, _a: User, "read", _r: Repo) if context.amount < 1000;',
+         ("approval_grant", ALICE, BOB, "read", REPO)),
+        ('signal(_u: User, "compliant", true, "mdm", 0) if context.amount < 1000;',
+         ("signal", ALICE, "compliant", Variable("v"), Variable("s"), Variable("t"))),
+        ('would(_u: User, "read", _r: Repo, "deny", "big") if context.amount > 1000;',
+         ("would", ALICE, "read", REPO, Variable("e"), Variable("n"))),
+    ],
+)  # fmt: skip
+def test_the_rules_whose_holding_widens_do_not_hold_when_they_cannot_be_decided(rule, question):
+    authz = Authorizer(OBLIGED + rule)
+    assert not authz.query(*question, context={"amount": "5000"})
+    assert authz.query(*question, context={"amount": 50 if "<" in rule else 5000})
+
+
+@pytest.mark.parametrize(
+    ("rule", "predicate"),
+    [
+        ('rate_limit(_u: User, "read", _r: Repo, n, 60) if n = 1000 / context.per;', "rate_limit"),
+        ('mask(_u: User, "read", _r: Repo, "ssn") if n = 2 / context.per and n > 1;', "mask"),
+        ('requires_scope("read", _r: Repo, "big") if over_limit(1000 / context.per);',
+         "requires_scope"),
+        ('alert(_u: User, name, "high") if name = "x" and 1 / context.per matches Integer;',
+         "alert"),
+    ],
+)  # fmt: skip
+def test_an_obligation_whose_answers_cannot_be_named_refuses(rule, predicate):
+    """Arithmetic with no result that the rule binds or passes on, in an obligation asked with
+    an argument open (which limit, which path): no answer can be named, so the request is
+    refused, ``reason`` "undecided" naming the obligation; never allowed without it."""
+    decision = obligations(rule, {"per": 0})
+    assert not decision.allowed
+    assert (decision.reason, decision.undecided) == ("undecided", predicate)
+    assert obligations(rule, {"per": 1}).allowed
+
+
+def test_the_rule_that_holds_a_call_it_cannot_decide_is_shown_to_its_approvers():
+    """The rules a held call names for the people who answer it (`Session.prove`) are read as
+    the obligation is: the rule, its condition marked "cannot be decided"."""
+    rule = 'requires_approval(_u: User, "read", _r: Repo) if context.amount > 1000;'
+    authz = Authorizer(OBLIGED + rule)
+    with authz.session({"amount": "5000"}) as s:
+        proof = s.prove("requires_approval", ALICE, "read", REPO)
+    assert proof.allowed and proof.rules() == [rule.removesuffix(";")]
+    assert "cannot be decided" in str(proof)

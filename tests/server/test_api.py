@@ -81,6 +81,51 @@ def test_a_guardrail_sent_an_amount_of_another_kind_refuses_on_every_question(ap
     assert "context.amount > 1000" in text["text"] and "cannot be decided" in text["text"]
 
 
+OBLIGED = (
+    POLICY
+    + """
+resource Payment {}
+allow(_: User, "pay", _: Payment);
+requires_approval(_: User, "pay", _: Payment) if context.amount > 1000;
+requires_scope("pay", _: Payment, "pay:large") if context.amount > 1000;
+mask(_: User, "pay", _: Payment, "card") if context.amount > 1000;
+rate_limit(_: User, "pay", _: Payment, 1, 60) if context.amount > 1000;
+rate_limit(_: User, "pay", _: Payment, n, 60) if n = 1000 / context.per;
+"""
+)
+
+
+def test_obligations_sent_an_amount_of_another_kind_apply_as_to_a_large_amount(api):
+    """``requires_approval(...) if context.amount > 1000`` cannot order "5000" and 1000: the
+    obligation may hold, so it applies (with every other one), as a guardrail refuses; one whose
+    values cannot be named (a limit of ``1000 / 0`` calls) refuses, and the record says which."""
+    assert api.put("/v1/policy", json={"text": OBLIGED}).status_code == 200
+    body = {"principals": [entity("User", "mallory")], "action": "pay"}
+    body["resource"] = entity("Payment", "p1")
+    large = {
+        "masks": ["card"],
+        "rate_limits": [{"principal": entity("User", "mallory"), "max": 1, "seconds": 60}],
+        "required_scopes": ["pay:large"],
+        "requires_approval": True,
+    }
+    for amount in (5000, "5000", True):
+        r = api.post("/v1/authorize", json={**body, "context": {"amount": amount}})
+        answer = r.json()
+        assert answer["allowed"] is True, amount
+        assert {k: answer["obligations"][k] for k in large} == large, amount
+        scoped = {**body, "context": {"amount": amount}, "scopes": []}
+        answer = api.post("/v1/authorize", json=scoped).json()
+        assert answer["allowed"] is False and answer["missing_scopes"] == ["pay:large"], amount
+    small = api.post("/v1/authorize", json={**body, "context": {"amount": 50}}).json()
+    assert small["obligations"]["requires_approval"] is False
+    assert small["obligations"]["masks"] == [] and small["obligations"]["rate_limits"] == []
+    refused = api.post("/v1/authorize", json={**body, "context": {"per": 0}}).json()
+    assert refused["allowed"] is False
+    assert (refused["reason"], refused["undecided"]) == ("undecided", "rate_limit")
+    record = api.get(f"/v1/decisions/{refused['decision_id']}").json()
+    assert (record["reason"], record["undecided"]) == ("undecided", "rate_limit")
+
+
 def test_a_role_on_the_parent_org_lets_a_member_read_the_repo(api):
     api.post(
         "/v1/facts/batch",

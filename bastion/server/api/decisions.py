@@ -72,7 +72,15 @@ _COMPILE_ROUNDS = 8
 MAX_BATCH = 1000
 # What a record keeps of its answer beyond ``allowed``: why it was refused (the scopes missing,
 # the signals stale), and the obligations an allowed chain's caller was told to enforce.
-_ANSWER_FIELDS = ("reason", "limit", "suspended", "missing_scopes", "stale_signals", "obligations")
+_ANSWER_FIELDS = (
+    "reason",
+    "limit",
+    "undecided",
+    "suspended",
+    "missing_scopes",
+    "stale_signals",
+    "obligations",
+)
 # Principals in one chain: a user, an agent and its sub-agents.
 MAX_CHAIN = 8
 MAX_PAGE = 1000
@@ -386,6 +394,8 @@ def _chain_answer(decision: ChainDecision) -> dict:
         out["reason"] = decision.reason
     if decision.limit is not None:
         out["limit"] = decision.limit
+    if decision.undecided is not None:
+        out["undecided"] = decision.undecided
     if decision.stale_signals:
         out["stale_signals"] = list(decision.stale_signals)
     if decision.missing_scopes:
