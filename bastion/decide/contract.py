@@ -751,11 +751,21 @@ def _stale_of(s: Any, subject: Entity, context: dict | None, clock: list[float])
     return tuple(stale)
 
 
+# The alert a principal's ``alert`` rules raise when what they raise cannot be named.
+UNDECIDED_ALERT = "alert_undecided"
+
+
 def _alerts(s, chain: tuple[Entity, ...]) -> tuple[tuple[Entity, str, str], ...]:
     """Every ``alert(actor, name, severity)`` that holds for a principal of the chain."""
     found: list[tuple[Entity, str, str]] = []
     for principal in chain:
-        for name, severity in sorted(s.rows("alert", "bff", principal), key=repr):
+        try:
+            raised = s.rows("alert", "bff", principal)
+        except UndecidedQuestion:
+            # Alerts never change the answer: a rule whose alerts cannot be named (arithmetic
+            # with no result, bound or passed on) raises one saying so, of the highest severity.
+            raised = {(UNDECIDED_ALERT, "critical")}
+        for name, severity in sorted(raised, key=repr):
             found.append(
                 (
                     principal,

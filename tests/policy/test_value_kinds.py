@@ -413,8 +413,6 @@ def test_the_rules_whose_holding_widens_do_not_hold_when_they_cannot_be_decided(
         ('mask(_u: User, "read", _r: Repo, "ssn") if n = 2 / context.per and n > 1;', "mask"),
         ('requires_scope("read", _r: Repo, "big") if over_limit(1000 / context.per);',
          "requires_scope"),
-        ('alert(_u: User, name, "high") if name = "x" and 1 / context.per matches Integer;',
-         "alert"),
     ],
 )  # fmt: skip
 def test_an_obligation_whose_answers_cannot_be_named_refuses(rule, predicate):
@@ -425,6 +423,17 @@ def test_an_obligation_whose_answers_cannot_be_named_refuses(rule, predicate):
     assert not decision.allowed
     assert (decision.reason, decision.undecided) == ("undecided", predicate)
     assert obligations(rule, {"per": 1}).allowed
+
+
+def test_an_alert_rule_whose_answers_cannot_be_named_raises_an_alert_and_decides_nothing():
+    """Alerts never change the answer: an ``alert`` rule whose names cannot be worked out (the
+    same arithmetic as above) raises one alert saying so, of the highest severity, for the
+    principal it was asked of, and the request is decided as without it."""
+    rule = 'alert(_u: User, name, "high") if name = "x" and 1 / context.per matches Integer;'
+    decision = obligations(rule, {"per": 0})
+    assert decision.allowed
+    assert decision.obligations.alerts == ((ALICE, "alert_undecided", "critical"),)
+    assert obligations(rule, {"per": 1}).obligations.alerts == ((ALICE, "x", "high"),)
 
 
 def test_the_rule_that_holds_a_call_it_cannot_decide_is_shown_to_its_approvers():
