@@ -249,6 +249,7 @@ class CompiledPolicy:
         }
         for (name, arity), builtin in BUILTINS.items():
             self.namespace[f"B_{name}_{arity}"] = builtin.function
+            self.namespace[f"S_{name}_{arity}"] = builtin.strict
             if builtin.produce is not None:
                 self.namespace[f"P_{name}_{arity}"] = builtin.produce
         self._names: dict[Node, str] = {}
@@ -1166,7 +1167,9 @@ class CompiledPolicy:
                 return depth + 1
             args = [self._expr(a, env, lookups) for a in lit.args]
             depth = self._guard(out, lookups, depth)
-            out.emit(depth, f"if B_{lit.name}_{len(lit.args)}({', '.join(args)}):")
+            # In strict code, what cannot be decided of its arguments holds (`Builtin.strict`).
+            kind = "S" if self._strict else "B"
+            out.emit(depth, f"if {kind}_{lit.name}_{len(lit.args)}({', '.join(args)}):")
             return depth + 1
         mask, consts, bound_args, targets, checks, types = [], [], [], [], [], []
         new_vars: dict[str, str] = {}

@@ -53,7 +53,8 @@ from bastion.policy.runtime import (
 MAX_DEPTH = 64
 # What an explanation says of a condition that strict code takes as holding (`compare_strict`).
 UNDECIDED = (
-    "cannot be decided (values of two kinds, or arithmetic with no result): taken as holding"
+    "cannot be decided (values of two kinds, arithmetic with no result, or a value a builtin"
+    " cannot read): taken as holding"
 )
 MAX_SOLUTIONS = 64
 MAX_FAILED_PATHS = 16
@@ -359,9 +360,11 @@ class _Interpreter:
         args = tuple(self.value(a, env) for a in lit.args)
         if any(a is MISSING for a in args):
             return
-        if (lit.name, len(args)) in BUILTINS:
-            if BUILTINS[(lit.name, len(args))].function(*args):
+        if builtin is not None:
+            if builtin.function(*args):
                 yield env, Step(_goal(lit.name, args), True, "builtin")
+            elif self.strict and not builtin.decidable(*args):  # as `Builtin.strict`
+                yield env, Step(_goal(lit.name, args), True, "builtin", reason=UNDECIDED)
             return
         for values, step in self.solve(lit.name, args, depth + 1):
             env2 = dict(env)

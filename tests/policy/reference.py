@@ -302,7 +302,10 @@ class Reference:
                 return
             if (lit.name, len(args)) in BUILTINS:
                 # An unbound output (lower's) was not ready: it ranges over the domain.
-                if _builtin(lit.name, args):
+                if _builtin(lit.name, args) or (
+                    # Strict: what cannot be decided of its arguments may hold.
+                    strict and not BUILTINS[(lit.name, len(args))].decidable(*args)
+                ):
                     yield env
                 return
             for atom in self.maybe if strict else self.db:

@@ -255,6 +255,40 @@ def test_a_deny_rule_that_could_not_have_held_or_lacks_its_field_does_not_refuse
     assert not answers(rules, {"amount": 5000, "hold": True})
 
 
+# A builtin given what it cannot read (a text that is no address or time, a value that is no
+# string): in strict code it may hold, so the guardrail refuses; a readable value decides.
+UNREADABLE = [
+    ('cidr_contains("10.0.0.0/8", context.ip)', {"ip": "10.0.0.300"}, {"ip": "192.0.2.1"}),
+    ('cidr_contains("10.0.0.0/8", context.ip)', {"ip": ["10.0.0.1"]}, {"ip": "::1"}),
+    ('time_after(context.at, "2027-01-01T00:00:00Z")', {"at": "someday"}, {"at": 0}),
+    ('time_before(context.at, "2020-01-01T00:00:00Z")', {"at": True}, {"at": "2026-01-01"}),
+    (
+        'in_time_window(context.at, "Sat-Sun", "00:00", "23:59", "UTC")',
+        {"at": "12:00"},
+        {"at": "2026-12-07T12:00:00Z"},
+    ),
+    ('contains(context.q, "password")', {"q": ["password"]}, {"q": "hello"}),
+    ('starts_with(context.uri, "secret://")', {"uri": 7}, {"uri": "public://a"}),
+    ('ends_with(context.to, "@evil.example")', {"to": {"a": 1}}, {"to": "a@acme.example"}),
+    ('lower(context.to, "x@evil.example")', {"to": ["X@EVIL.EXAMPLE"]}, {"to": "a@acme.example"}),
+]
+
+
+@pytest.mark.parametrize(("condition", "unreadable", "readable"), UNREADABLE)
+def test_a_deny_rule_whose_builtin_cannot_read_its_value_refuses(condition, unreadable, readable):
+    rules = GUARDED + f'deny(_u: User, "read", _r: Repo) if {condition};'
+    assert not answers(rules, unreadable)
+    assert answers(rules, readable)
+    assert answers(rules, {})  # the field left out: the rule does not apply
+
+
+@pytest.mark.parametrize(("condition", "unreadable", "readable"), UNREADABLE)
+def test_a_negated_builtin_that_cannot_read_its_value_refuses(condition, unreadable, readable):
+    rules = f'allow(_u: User, "read", _r: Repo) if not {condition};'
+    assert not answers(rules, unreadable)
+    assert answers(rules, readable)
+
+
 @pytest.mark.parametrize(
     ("called", "context"),
     [

@@ -1,7 +1,10 @@
 """Builtin predicates: tests over bound values, each in a module of its own.
 
 Every builtin returns a boolean for bound arguments; a builtin given a value of the wrong kind
-(or a missing context field) is simply false, so a malformed request fails closed. A builtin with
+or one it cannot read (a text that is no time, no address) is false in ordinary code, so a
+malformed request fails closed, and holds in strict code (`Builtin.strict`: a ``deny`` rule, an
+obligation that restricts, what a ``not`` negates), so it fails closed there too. A missing
+context field is false everywhere (the rule does not apply). A builtin with
 ``produce`` may be called with its last argument an unbound variable, which it binds to each
 value ``produce`` returns for the others (``lower``). ``types`` names the value type each argument
 must have ("String"), when the builtin has one: a literal of another type is a load error.
@@ -15,13 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.policy.builtins.cidr import cidr_contains
-from bastion.policy.builtins.strings import contains, ends_with, lower, lowered, starts_with
+from bastion.policy.builtins.cidr import cidr_contains, cidr_decidable
+from bastion.policy.builtins.strings import (
+    contains,
+    ends_with,
+    lower,
+    lowered,
+    starts_with,
+    texts,
+)
 from bastion.policy.builtins.time_window import (
     in_time_window,
     instant_literal,
     time_after,
     time_before,
+    times,
+    window_decidable,
     window_literal,
 )
 
@@ -36,6 +48,18 @@ class Builtin:
     produce: Callable[..., tuple] | None = None  # the values of the last argument, if unbound
     # (position from 0, a value written in the policy) -> what is wrong with it, or None
     literal: Callable[[int, Any], str | None] | None = None
+    # Whether the builtin can be decided of its arguments (values of the kinds it reads, that
+    # parse): where it cannot, it is false, and in strict code it may hold (`strict`).
+    decidable: Callable[..., bool] = lambda *args: True
+
+    @property
+    def strict(self) -> Callable[..., bool]:
+        """The builtin in strict code (`bastion.policy.compile.Node.strict`: a ``deny`` rule,
+        an obligation that restricts, what a ``not`` in ordinary code negates): what cannot be
+        decided of its arguments (a text that is no address, no time; a value that is no
+        string) may hold, so it holds, as an ordering of two kinds does."""
+        function, decidable = self.function, self.decidable
+        return lambda *args: function(*args) or not decidable(*args)
 
 
 _TEXT2 = ("String", "String")
@@ -45,15 +69,20 @@ BUILTINS: dict[tuple[str, int], Builtin] = {
     for b in (
         Builtin("in_time_window", 5, in_time_window,
                 'in_time_window(time, "Mon-Fri", "09:00", "17:00", "Europe/Paris")',
-                literal=window_literal),
+                literal=window_literal, decidable=window_decidable),
         Builtin("time_before", 2, time_before, 'time_before(context.time, "2026-12-01T00:00:00Z")',
-                literal=instant_literal),
+                literal=instant_literal, decidable=times),
         Builtin("time_after", 2, time_after, 'time_after(context.time, "2026-11-01T00:00:00Z")',
-                literal=instant_literal),
-        Builtin("cidr_contains", 2, cidr_contains, 'cidr_contains("10.0.0.0/8", context.client.ip)'),
-        Builtin("starts_with", 2, starts_with, 'starts_with(context.uri, "customers://")', _TEXT2),
-        Builtin("ends_with", 2, ends_with, 'ends_with(context.arguments.to, "@acme.example")', _TEXT2),
-        Builtin("contains", 2, contains, 'contains(context.arguments.query, "password")', _TEXT2),
-        Builtin("lower", 2, lower, "lower(context.arguments.to, to)", _TEXT2, lowered),
+                literal=instant_literal, decidable=times),
+        Builtin("cidr_contains", 2, cidr_contains, 'cidr_contains("10.0.0.0/8", context.client.ip)',
+                decidable=cidr_decidable),
+        Builtin("starts_with", 2, starts_with, 'starts_with(context.uri, "customers://")', _TEXT2,
+                decidable=texts),
+        Builtin("ends_with", 2, ends_with, 'ends_with(context.arguments.to, "@acme.example")', _TEXT2,
+                decidable=texts),
+        Builtin("contains", 2, contains, 'contains(context.arguments.query, "password")', _TEXT2,
+                decidable=texts),
+        Builtin("lower", 2, lower, "lower(context.arguments.to, to)", _TEXT2, lowered,
+                decidable=texts),
     )
 }  # fmt: skip

@@ -30,3 +30,14 @@ def cidr_contains(cidr: object, ip: object) -> bool:
     if network is None or address is None or network.version != address.version:
         return False
     return address in network
+
+
+def cidr_decidable(cidr: object, ip: object) -> bool:
+    """Whether `cidr_contains` can be decided: both are texts that parse as a network and an
+    address (else, in strict code, it may hold: `bastion.policy.builtins.Builtin.strict`)."""
+    return (
+        isinstance(cidr, str)
+        and isinstance(ip, str)
+        and _network(cidr) is not None
+        and _address(ip) is not None
+    )

@@ -34,3 +34,8 @@ def lower(text: object, lowered: object) -> bool:
 def lowered(text: object) -> tuple[str, ...]:
     """``lower`` with its last argument unbound: the one value it binds, or none."""
     return (text.lower(),) if text.__class__ is str else ()  # type: ignore[attr-defined]
+
+
+def texts(*values: object) -> bool:
+    """Whether a string builtin can be decided of ``values``: all of them strings."""
+    return all(value.__class__ is str for value in values)

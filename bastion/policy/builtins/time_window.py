@@ -135,3 +135,20 @@ def time_before(time: object, limit: object) -> bool:
 def time_after(time: object, limit: object) -> bool:
     a, b = to_datetime(time), to_datetime(limit)
     return a is not None and b is not None and a > b
+
+
+def times(*values: object) -> bool:
+    """Whether `time_before` or `time_after` can be decided of ``values``: all of them times."""
+    return all(to_datetime(value) is not None for value in values)
+
+
+def window_decidable(time: object, days: object, start: object, end: object, zone: object) -> bool:
+    """Whether `in_time_window` can be decided: a time, and a window that parses."""
+    return (
+        to_datetime(time) is not None
+        and all(isinstance(x, str) for x in (days, start, end, zone))
+        and _days(days) is not None  # type: ignore[arg-type]
+        and _minutes(start) is not None  # type: ignore[arg-type]
+        and _minutes(end) is not None  # type: ignore[arg-type]
+        and _zone(zone) is not None  # type: ignore[arg-type]
+    )
