@@ -152,13 +152,13 @@ class Reference:
         self.maybe: set[tuple] = set(facts)
         # list() can only name resources that something mentions: those in the facts.
         self.known = {a for f in facts for a in f[1:] if isinstance(a, Entity)}
-        domain = {a for f in facts for a in f[1:]} | set(extra)
+        # Keyed by kind too: a Python set keeps one of 0 and False (and of 1 and True).
+        values = [a for f in facts for a in f[1:]] + list(extra)
         for clauses in program.clauses.values():
             for clause in clauses:
-                for term in clause.head:
-                    if isinstance(term, Const):
-                        domain.add(term.value)
-        self.domain = sorted(domain, key=repr)
+                values += [term.value for term in clause.head if isinstance(term, Const)]
+        domain = {(value.__class__, value): value for value in values}
+        self.domain = sorted(domain.values(), key=repr)
         self._run()
 
     def _strata(self) -> list[list[tuple[str, int]]]:
