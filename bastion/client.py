@@ -537,15 +537,19 @@ def _answer(status: int, reason: str, content: bytes, location: str | None = Non
 
 
 class _Remote:
-    """What `Client` and `AsyncClient` share: the server, the key's header, the bounds."""
+    """What `Client` and `AsyncClient` share: the server, the key's header, the bounds, and
+    the making of their httpx client (`_HTTP`, each class's own)."""
+
+    _HTTP: type[httpx.Client] | type[httpx.AsyncClient]
 
     def __init__(
         self,
         url: str,
         api_key: str,
-        timeout: float | None,
-        max_answer_bytes: int,
-        read_your_writes: bool,
+        *,
+        timeout: float | None = 30.0,
+        read_your_writes: bool = True,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self._url = _server_url(url)
         self._timeout = timeout
@@ -553,18 +557,15 @@ class _Remote:
         self._ops = _Ops()
         self._ops.read_your_writes = read_your_writes
         self.facts = _FactsOf(self)
-
-    def _http_options(self, api_key: str) -> dict[str, Any]:
-        """For httpx. Redirects are not followed (httpx's default, said here so it stays so);
-        nothing in the environment turns TLS verification off (SSL_CERT_FILE replaces the
-        trusted CAs)."""
-        return {
-            "base_url": self._url,
-            "headers": _bearer(api_key),
-            "timeout": self._timeout,
-            "follow_redirects": False,
-            "verify": _trust(),
-        }
+        # Redirects are not followed (httpx's default, said here so it stays so); nothing in
+        # the environment turns TLS verification off (SSL_CERT_FILE replaces the trusted CAs).
+        self._http: Any = self._HTTP(
+            base_url=self._url,
+            headers=_bearer(api_key),
+            timeout=timeout,
+            follow_redirects=False,
+            verify=_trust(),
+        )
 
     @property
     def sequence(self) -> int:
@@ -705,17 +706,7 @@ class Client(_Remote):
     None for none) bounds the connection, each read and the whole answer; ``max_answer_bytes``
     the answer's size. Nothing is retried: the caller decides whether to ask again."""
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str,
-        *,
-        timeout: float | None = 30.0,
-        read_your_writes: bool = True,
-        max_answer_bytes: int = MAX_ANSWER_BYTES,
-    ) -> None:
-        super().__init__(url, api_key, timeout, max_answer_bytes, read_your_writes)
-        self._http = httpx.Client(**self._http_options(api_key))
+    _HTTP = httpx.Client
 
     def _send(self, call: _Call) -> Any:
         deadline = self._deadline()
@@ -762,17 +753,7 @@ class Client(_Remote):
 class AsyncClient(_Remote):
     """The same methods as `Client`, awaited, with the same bounds."""
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str,
-        *,
-        timeout: float | None = 30.0,
-        read_your_writes: bool = True,
-        max_answer_bytes: int = MAX_ANSWER_BYTES,
-    ) -> None:
-        super().__init__(url, api_key, timeout, max_answer_bytes, read_your_writes)
-        self._http = httpx.AsyncClient(**self._http_options(api_key))
+    _HTTP = httpx.AsyncClient
 
     async def _send(self, call: _Call) -> Any:
         deadline = self._deadline()
