@@ -93,25 +93,17 @@ class ApprovalSettings(WebhookDelivery):
                     allow_zero=key == "wait_seconds",
                 )
         values.update(_checked(delivery_settings, "approvals", table, env))
-        for key in ("max_window_minutes",):
-            if key in table:
-                value = table[key]
-                if type(value) is not int or not 0 <= value <= MAX_WINDOW_MINUTES:
-                    raise ConfigError(
-                        f"approvals.{key} must be a whole number of minutes from 0 to"
-                        f" {MAX_WINDOW_MINUTES} (a year), got {value!r}"
-                    )
-                values[key] = value
-        for key, most in (
-            ("stranded_sweep_limit", MAX_SWEEP_LIMIT),
-            ("max_pending_per_agent", MAX_PENDING_PER_AGENT),
+        for key, least, most, unit in (
+            ("max_window_minutes", 0, MAX_WINDOW_MINUTES, "minutes"),  # at most a year
+            ("stranded_sweep_limit", 1, MAX_SWEEP_LIMIT, "requests"),
+            ("max_pending_per_agent", 1, MAX_PENDING_PER_AGENT, "requests"),
         ):
             if key in table:
                 value = table[key]
-                if type(value) is not int or not 1 <= value <= most:
+                if type(value) is not int or not least <= value <= most:
                     raise ConfigError(
-                        f"approvals.{key} must be a whole number of requests from 1 to {most},"
-                        f" got {value!r}"
+                        f"approvals.{key} must be a whole number of {unit} from {least} to"
+                        f" {most}, got {value!r}"
                     )
                 values[key] = value
         return cls(**values)
