@@ -209,11 +209,7 @@ class ClientRequests:
     def settle(self, verdict: Verdict | None, result: str, reason: str) -> None:
         """Write the record of an allowed request (`decide`; None: not decided, no record)
         with what became of it (`relay_outcome`)."""
-        if verdict is None:
-            return
-        if result == "allow":
-            self.gateway.enforcer.write(verdict.record, reason=reason)
-        else:
+        if verdict is not None:
             self.gateway.enforcer.write(verdict.record, result=result, reason=reason)
 
     async def relayed(
