@@ -3,7 +3,8 @@ call goes upstream, so that a process killed outright (SIGKILL, the OOM killer) 
 
 Records are buffered and written in batches (`bastion.audit.decisions`), and an allowed call's
 record only once it is answered: a process that dies in between took decisions the database
-never hears of. Each process appends one line per decision to a file of its own, with one
+never hears of. Each process appends a line per decision to a file of its own (and another
+when bastion then holds or refuses the call it allowed: `DecisionJournal.amend`), with one
 ``os.write`` on an ``O_APPEND`` descriptor (the kernel keeps what was written when the process
 dies), and holds an ``flock`` on it while it lives. With ``fsync`` (`[server]
 decision_journal_fsync`), the record writer forces what was appended to the disk at each flush,
@@ -56,6 +57,7 @@ _SHARED = (
     "session",
 )
 JOURNALED = _OWN + _SHARED
+_JOURNALED = frozenset(JOURNALED)
 SUFFIX = ".journal"
 # A journal past this size, still holding decisions not stored, is rewritten with those only.
 REWRITE_BYTES = 1 << 20
@@ -197,6 +199,17 @@ class DecisionJournal:
                 self._failing = False
                 log.warning("the decision journal %s is written again", self.path)
 
+    def amend(self, fields: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+        """Journal a decision again when what became of its call (``changed``, the values its
+        record takes over ``fields``, those journalled) changes a journalled value: a call
+        allowed by the policy and then held or refused by bastion (a result held for review,
+        labels that could not be kept, a request the client never had) is recovered so, not
+        as allowed. Recovery reads a decision's last line (`_entries`)."""
+        for name, value in changed.items():
+            if name in _JOURNALED and fields.get(name) != value:
+                self.append({**fields, **changed})
+                return
+
     def _failed(self, error: OSError) -> None:
         """Counted (`failed`); logged at the first failure of each outage, and every 10,000.
         The decision's record still waits in the record writer's buffer, as when the database
@@ -235,7 +248,7 @@ class DecisionJournal:
                     if len(content) * 2 > self._size:
                         content = None  # mostly still needed (the database is away): frees little
                     else:
-                        self._rewriting, taken = True, set(waiting)
+                        self._rewriting, taken = True, dict(waiting)
             except OSError as e:
                 log.error("the decision journal %s cannot be emptied: %s", self.path, e)
         if content is not None:
@@ -246,18 +259,20 @@ class DecisionJournal:
             finally:
                 self._rewriting = False
 
-    def _rewrite(self, content: bytes, taken: set[str]) -> None:
-        """Replace the journal by one holding ``content`` (the lines of ``taken``), written (and
-        with ``fsync`` forced to the disk) outside the lock, then given under it the lines
-        appended meanwhile: it takes the old one's place only once it holds every line still
-        needed."""
+    def _rewrite(self, content: bytes, taken: dict[str, bytes]) -> None:
+        """Replace the journal by one holding ``content`` (the lines of ``taken``, by decision
+        id), written (and with ``fsync`` forced to the disk) outside the lock, then given under
+        it the lines appended meanwhile (an `amend` of a decision taken included): it takes the
+        old one's place only once it holds every line still needed."""
         fd, partial = self._begin_file(content)
         with self._lock:
             if self._closed:
                 os.close(fd)
                 partial.unlink(missing_ok=True)
                 return
-            later = b"".join(line for id_, line in self._waiting.items() if id_ not in taken)
+            later = b"".join(
+                line for id_, line in self._waiting.items() if taken.get(id_) is not line
+            )
             try:
                 if later:
                     os.write(fd, later)
@@ -464,7 +479,8 @@ def _names(header: bytes, database: str) -> list[str] | None:
 
 
 def _entries(names: list[str], lines: list[bytes]) -> tuple[list[dict[str, Any]], int]:
-    """The decisions of a journal's lines, each once; and how many lines could not be read."""
+    """The decisions of a journal's lines, each once, as its last line says it (`amend`); and
+    how many lines could not be read."""
     entries: dict[str, dict[str, Any]] = {}
     unreadable = 0
     for line in lines:
@@ -478,7 +494,7 @@ def _entries(names: list[str], lines: list[bytes]) -> tuple[list[dict[str, Any]]
         except ValueError:
             unreadable += 1
             continue
-        entries.setdefault(entry["id"], entry)
+        entries[entry["id"]] = entry
     return list(entries.values()), unreadable
 
 

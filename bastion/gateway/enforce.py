@@ -1236,6 +1236,8 @@ class Enforcer:
         if self.records is None:
             return
         fields = {**record, **more}
+        if more and (journal := self.records.journal) is not None:
+            journal.amend(record, more)
         explain = fields.pop("_explain", None)
         rules = partial(self.explained.explain, *explain) if explain else None
         self.records.add(DecisionRecord.of(fields), rules)

@@ -33,6 +33,7 @@ from bastion.audit.journal import (
 from bastion.audit.log import AuditLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.gateway import gateway as gateway_module
+from bastion.gateway.enforce import Enforcer
 from bastion.server.config import ConfigError, ServerConfig
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import Running, bastion_serve, serve_quickstart, start, stop
@@ -494,6 +495,71 @@ def test_a_journal_with_a_torn_last_line_is_read_up_to_that_line(tmp_path, datab
             "torn": True,
         }
     ]
+
+
+@pytest.mark.parametrize(
+    ("more", "result", "reason"),
+    [
+        ({"result": "deny", "reason": "labels_unavailable"}, "deny", "labels_unavailable"),
+        ({"reason": "upstream did not answer"}, "allow", "upstream did not answer"),
+    ],
+)
+def test_a_process_killed_after_refusing_a_call_it_allowed_recovers_the_refusal(
+    tmp_path, database_url, more, result, reason
+):
+    """The gateway journals a decision as the policy took it, then bastion may refuse the call
+    (its result withheld, its labels not kept, a relayed request never sent): a process killed
+    before that record is stored must not leave the call recorded as allowed."""
+    records = DecisionRecords(Database(database_url))
+    database = database_identity(database_url)
+    journal = records.journal = DecisionJournal(tmp_path / "j", database)
+    enforcer = Enforcer(lambda: None, records)
+    allowed, untouched = _decision(0), _decision(1)
+    journal.append(allowed)
+    journal.append(untouched)
+    enforcer.write(allowed, **more)
+    enforcer.write(untouched, obligations={"masks": ["ssn"]})  # no journalled value changed
+    assert len(journal.path.read_bytes().splitlines()) == 4  # the header, three decisions
+    os.close(journal._fd)  # killed before the writer's flush: nothing stored
+    assert recover_journals(tmp_path / "j", DecisionRecords(records.db), database) == 2
+    stored = {record.id: record for record in _stored(records)}
+    assert (stored[allowed["id"]].result, stored[allowed["id"]].reason) == (result, reason)
+    assert (stored[untouched["id"]].result, stored[untouched["id"]].reason) == ("allow", "")
+    assert all(record.recovered for record in stored.values())
+
+
+def test_a_rewritten_journal_keeps_the_last_word_on_each_decision(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "REWRITE_BYTES", 2048)
+    database = str(tmp_path / "bastion.db")
+    records = DecisionRecords(Database(database))
+    journal = records.journal = DecisionJournal(tmp_path / "j", database_identity(database))
+    refused, racing = _decision(0), _decision(1)
+    journal.append(refused)
+    journal.append(racing)
+    journal.amend(refused, {"result": "deny", "reason": "answer_withheld"})
+    answered = [_decision(n) for n in range(2, 30)]
+    for fields in answered:
+        journal.append(fields)
+        records.add(DecisionRecord.of(fields))
+    begin = journal._begin_file
+
+    def amended_meanwhile(content: bytes):
+        # The other decision is held while the rewrite writes its new file, outside the lock.
+        journal.amend(racing, {"result": "held", "reason": "review_pending"})
+        return begin(content)
+
+    monkeypatch.setattr(journal, "_begin_file", amended_meanwhile)
+    records.flush()  # past its size: rewritten with the two decisions not stored
+    assert len(journal.path.read_bytes().splitlines()) == 4  # the header, two, one amended
+    os.close(journal._fd)
+    recovering = DecisionRecords(records.db)
+    assert recover_journals(tmp_path / "j", recovering, database_identity(database)) == 2
+    stored = {record.id: record for record in _stored(records)}
+    assert (stored[refused["id"]].result, stored[refused["id"]].reason) == (
+        "deny",
+        "answer_withheld",
+    )
+    assert (stored[racing["id"]].result, stored[racing["id"]].reason) == ("held", "review_pending")
 
 
 HOLDER = """
