@@ -5,7 +5,8 @@ keep their own outbox tables and body; this module sends them. Each body is a JS
 ``text`` a chat tool's incoming webhook (Slack, Mattermost, Teams) shows as it is, and whose
 ``event`` names what it tells of. The body is signed the way Stripe signs its webhooks: header
 ``Bastion-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`` (RFC 2104 HMAC,
-FIPS 180-4 SHA-256) under the webhook's own secret.
+FIPS 180-4 SHA-256) under the webhook's own secret; while its secret is rotated, a second
+``v1`` under the previous one follows, so a receiver verifies with either (`sign`).
 
 Delivery is at least once and survives restarts: `Outbox.enqueue` writes one row per webhook
 to the outbox table (``<name>_outbox``) in the thread that asks and returns; a background task
@@ -70,6 +71,8 @@ class Webhook:
     # Plain http beyond the loopback (``allow_http = true``): the receiver is on a network the
     # operator trusts with the body (approval links, people's names) and the URL itself.
     allow_http: bool = False
+    # While the secret is rotated: the one receivers may still verify with (also signed).
+    previous_secret: bytes = field(default=b"", repr=False)
 
     @property
     def label(self) -> str:
@@ -101,7 +104,7 @@ MIN_SECRET_BYTES = 16
 
 
 # The keys of one ``[[<table>.webhooks]]`` table.
-WEBHOOK_KEYS = frozenset({"url", "url_env", "secret_env", "allow_http"})
+WEBHOOK_KEYS = frozenset({"url", "url_env", "secret_env", "previous_secret_env", "allow_http"})
 
 
 def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webhook]) -> Webhook:
@@ -152,19 +155,34 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
         )
     if any(known.url == url for known in before):
         raise SettingsError(f"{named} names the same URL as an earlier webhook")
-    name = hook.get("secret_env")
+    secret = _secret(where, "secret_env", hook, env)
+    previous = b""
+    if "previous_secret_env" in hook:
+        previous = _secret(where, "previous_secret_env", hook, env)
+        if previous == secret:
+            raise SettingsError(
+                f"{where}.previous_secret_env names the same secret as secret_env: while a"
+                " secret is rotated, secret_env holds the new one and previous_secret_env the"
+                " old one"
+            )
+    return Webhook(url, secret, allow_http, previous_secret=previous)
+
+
+def _secret(where: str, key: str, hook: dict, env: dict[str, str]) -> bytes:
+    """The signing secret in the environment variable the webhook's ``key`` names."""
+    name = hook.get(key)
     if not isinstance(name, str) or not env.get(name):
         raise SettingsError(
-            f"{where}.secret_env must name an environment variable that holds the"
+            f"{where}.{key} must name an environment variable that holds the"
             f" webhook's signing secret ({name!r} is not set)"
         )
     secret = env[name].encode()
     if len(secret) < MIN_SECRET_BYTES:
         raise SettingsError(
-            f"{where}.secret_env: the secret in {name} is {len(secret)} bytes; a webhook's"
+            f"{where}.{key}: the secret in {name} is {len(secret)} bytes; a webhook's"
             f" signing secret must be at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)"
         )
-    return Webhook(url, secret, allow_http)
+    return secret
 
 
 @dataclass(frozen=True)
@@ -332,10 +350,16 @@ def _plain_in_chat(char: str) -> bool:
     return char.isalnum() or char in "-_./:{}\"'=+, "
 
 
-def sign(secret: bytes, body: bytes, timestamp: int) -> str:
-    """The ``Bastion-Signature`` header for ``body`` sent at ``timestamp`` (unix seconds)."""
-    mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+def sign(secret: bytes, body: bytes, timestamp: int, previous: bytes = b"") -> str:
+    """The ``Bastion-Signature`` header for ``body`` sent at ``timestamp`` (unix seconds); with
+    ``previous`` (a secret being rotated out), a second ``v1`` under it, last: a receiver that
+    checks every ``v1`` verifies with either secret, and one that reads only the last (a
+    dictionary of the header's parts) still verifies with the old one until it changes."""
+    signed = f"{timestamp}.".encode() + body
+    header = f"t={timestamp},v1={hmac.new(secret, signed, hashlib.sha256).hexdigest()}"
+    if previous:
+        header += f",v1={hmac.new(previous, signed, hashlib.sha256).hexdigest()}"
+    return header
 
 
 def outcome(status_code: int | None) -> str:
@@ -606,7 +630,7 @@ class Outbox:
         body = delivery.body.encode()
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(hook.secret, body, int(self.clock())),
+            SIGNATURE_HEADER: sign(hook.secret, body, int(self.clock()), hook.previous_secret),
             DELIVERY_HEADER: delivery.id,
             EVENT_HEADER: delivery.event,
         }

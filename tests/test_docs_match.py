@@ -404,12 +404,13 @@ _BASE_UPSTREAMS = [
 
 def _environment(text: str) -> dict[str, str]:
     """The variables an example names (`${NAME}`, `secret_env = "NAME"`), each set as a reader
-    would: a URL for a *_URL variable, else a secret long enough for every reader."""
+    would: a URL for a *_URL variable, else a secret long enough for every reader, each its
+    own (a new and a previous secret are not the same)."""
     names = set(re.findall(r"\$\{(\w+)\}", text)) | set(
         re.findall(r"^\s*#?\s*\w+_env\s*=\s*\"(\w+)\"", text, re.M)
     )
     return {
-        name: "https://hooks.example.com/placeholder" if name.endswith("URL") else "s" * 32
+        name: "https://hooks.example.com/placeholder" if name.endswith("URL") else name + "s" * 32
         for name in names
     }
 

@@ -61,16 +61,26 @@ def verify(
 ) -> bool:
     """True if ``header`` (Bastion-Signature) signs ``body`` under ``secret`` and is fresh."""
     try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        timestamp, given = int(parts["t"]), parts["v1"]
-    except (KeyError, ValueError):
+        parts = [item.split("=", 1) for item in header.split(",")]
+        [timestamp] = [int(value) for key, value in parts if key == "t"]
+        given = [value for key, value in parts if key == "v1"]  # two while a secret is rotated
+    except ValueError:
         return False
     now = time.time() if now is None else now
     if abs(now - timestamp) > tolerance:
         return False  # too old (a replay) or from the future
     signed = f"{timestamp}.".encode() + body
     expected = hmac.new(secret, signed, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, given)
+    return any(hmac.compare_digest(expected, value) for value in given)
+
+
+def verify_last(secret: bytes, header: str, body: bytes) -> bool:
+    """The receiver these docs showed before secrets could be rotated: it reads the header as a
+    dictionary, so of two ``v1`` it checks the last."""
+    parts = dict(item.split("=", 1) for item in header.split(","))
+    signed = f"{parts['t']}.".encode() + body
+    expected = hmac.new(secret, signed, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, parts["v1"])
 
 
 @dataclass
@@ -809,6 +819,54 @@ def test_a_webhook_configured_wrong_is_a_clear_error_that_names_it(hook, env, me
     with pytest.raises(ConfigError, match=r"approvals.webhooks\[0\]") as refused:
         ApprovalSettings.from_mapping({"webhooks": [hook]}, env={**SECRET_ENV, **env})
     assert re.search(message, str(refused.value)), str(refused.value)
+
+
+NEW_SECRET = b"the-new-secret-0123456789"
+
+
+def test_while_a_secret_is_rotated_each_notification_verifies_under_the_old_and_the_new(
+    sqlite_url, receivers
+):
+    """A receiver moved to the new secret, one still on the old (even one that reads only the
+    last ``v1``), and none on any other secret."""
+    moved, staying, stranger = Receiver(NEW_SECRET), Receiver(SECRET), Receiver(b"x" * 32)
+    urls = [receivers(moved), receivers(staying), receivers(stranger)]
+    chosen = settings(webhook_attempts=1)
+    hooks = tuple(Webhook(url, NEW_SECRET, previous_secret=SECRET) for url in urls)
+    approvals = approvals_on(sqlite_url, dataclasses.replace(chosen, webhooks=hooks))
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            done = {urls[0]: DELIVERED, urls[1]: DELIVERED, urls[2]: FAILED}
+            await eventually(lambda: state(notifier, request.id) == done, "answered")
+        finally:
+            await notifier.close()
+
+    anyio.run(scenario)
+    assert [r.got[0].verified for r in (moved, staying, stranger)] == [True, True, False]
+    got = staying.got[0]
+    header = got.headers["bastion-signature"]
+    assert header.count(",v1=") == 2
+    assert verify_last(SECRET, header, got.body) and not verify_last(NEW_SECRET, header, got.body)
+    approvals.store.db.close()
+
+
+def test_a_previous_secret_is_read_like_the_secret_and_refused_alike():
+    hook = {"url": "https://a.example/h", "secret_env": "NEW", "previous_secret_env": "OLD"}
+    env = {"NEW": NEW_SECRET.decode(), "OLD": SECRET.decode()}
+    [chosen] = ApprovalSettings.from_mapping({"webhooks": [hook]}, env=env).webhooks
+    assert (chosen.secret, chosen.previous_secret) == (NEW_SECRET, SECRET)
+    assert SECRET.decode() not in repr(chosen)
+    for wrong, message in [
+        ({"OLD": "x" * 15}, r"previous_secret_env: the secret in OLD is 15 bytes"),
+        ({"OLD": ""}, r"previous_secret_env must name .*'OLD' is not set"),
+        ({"OLD": NEW_SECRET.decode()}, "names the same secret as secret_env"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ApprovalSettings.from_mapping({"webhooks": [hook]}, env={**env, **wrong})
 
 
 def test_a_webhook_url_may_come_from_the_environment_and_is_never_shown_whole():
