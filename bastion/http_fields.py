@@ -18,6 +18,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 # RFC 9110 §8.3.1: type "/" subtype, each a token.
 _MEDIA_TYPE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+/[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# application/json, or a more specific application/<name>+json (RFC 6839 §3.1).
+_JSON_MEDIA_TYPE = re.compile(r"application/(?:json|[a-z0-9!#$&^_.+-]+\+json)")
 
 
 def field_name_problem(name: str) -> str | None:
@@ -46,3 +48,9 @@ def media_type(content_type: str) -> str:
     media = content_type.partition(";")[0].strip(" \t")
     # Checked before it is lowercased: str.lower maps some letters beyond ASCII into it.
     return media.lower() if _MEDIA_TYPE.fullmatch(media) else ""
+
+
+def is_json_media(content_type: str) -> bool:
+    """Whether a ``Content-Type`` names JSON: ``application/json`` or ``application/<name>+json``,
+    its parameters (``charset``) aside."""
+    return _JSON_MEDIA_TYPE.fullmatch(media_type(content_type)) is not None

@@ -24,7 +24,7 @@ import httpx
 
 from bastion import untrusted_json
 from bastion.egress import AddressRefused, pinned, url_syntax_problem
-from bastion.http_fields import media_type
+from bastion.http_fields import is_json_media
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import RemoteDocumentError, read_body
 from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
@@ -98,18 +98,6 @@ def _has_dot_segment(path: str) -> bool:
     while path != previous:
         previous, path = path, unquote(path)
     return any(segment.partition(";")[0] in (".", "..") for segment in re.split(r"[/\\]", path))
-
-
-# The draft's §4: application/json, or a more specific application/<AS-defined>+json.
-_JSON_MEDIA_TYPE = re.compile(r"application/(?:json|[a-z0-9!#$&^_.+-]+\+json)")
-
-
-def _is_json_media_type(content_type: str) -> bool:
-    """Whether a ``Content-Type`` names JSON as the draft asks of a document (parameters such
-    as ``charset`` aside). Any other type is an error: a file that users of a host may upload
-    (a paste, an attachment) is served as text or bytes, and would otherwise pass for a client
-    of that host, whose name is what the consent page shows."""
-    return _JSON_MEDIA_TYPE.fullmatch(media_type(content_type)) is not None
 
 
 @dataclass(frozen=True)
@@ -263,7 +251,11 @@ class ClientMetadataDocuments:
                         url, f"answered HTTP {response.status_code}, expected 200"
                     )
                 content_type = response.headers.get("content-type", "")
-                if not _is_json_media_type(content_type):
+                # The draft's §4: JSON (`is_json_media`). Any other type is an error: a file
+                # that users of a host may upload (a paste, an attachment) is served as text or
+                # bytes, and would otherwise pass for a client of that host, whose name is what
+                # the consent page shows.
+                if not is_json_media(content_type):
                     raise ClientMetadataDocumentError(
                         url,
                         f"was served with content type {content_type!r}; a client metadata"

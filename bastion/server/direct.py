@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.http_fields import media_type
+from bastion.http_fields import is_json_media
 from bastion.server.api.decisions import (
     Asked,
     answerable_now,
@@ -94,8 +94,8 @@ class DirectDecisions:
         self, route: DirectRoute, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> bytes | None:
         """The JSON answer, decided and recorded; None (nothing decided, nothing recorded) when
-        the application must answer instead: also for a multipart form, which the application
-        refuses (`bastion.server.request_limits`)."""
+        the application must answer instead: also for a body declared as anything but JSON,
+        which the application refuses (`bastion.server.problems.read_json`)."""
         authorization = None
         for name, value in headers:
             if name == b"authorization":
@@ -105,7 +105,7 @@ class DirectDecisions:
             elif (
                 name == b"content-type"
                 and value != b"application/json"  # what clients send, compared at once
-                and media_type(value.decode("latin-1")) == "multipart/form-data"
+                and not is_json_media(value.decode("latin-1"))
             ):
                 return None
         if authorization is None:

@@ -19,6 +19,7 @@ from bastion.facts.store import (
     check_entity_size,
     check_string_size,
 )
+from bastion.http_fields import is_json_media
 
 PROBLEM_JSON = "application/problem+json"
 # On every error answer: a browser shown one (a 404 quoting the path it was sent to, say) takes
@@ -77,7 +78,18 @@ async def read_body(request: Request) -> bytes:
 
 
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object; anything else (or JSON past a limit) is a 400 that says so."""
+    """The body as a JSON object; anything else (or JSON past a limit) is a 400 that says so.
+    A body declared as anything but JSON (a form, text) is a 415, unread: what a browser may
+    send another site without asking (a form post) is never taken for the API's JSON. A body
+    sent without a Content-Type is read as JSON."""
+    for content_type in request.headers.getlist("content-type"):
+        if not is_json_media(content_type):
+            raise Problem(
+                415,
+                "Unsupported media type",
+                "send the body as JSON, with Content-Type: application/json (got"
+                f" {content_type[:100]!r})",
+            )
     body = await read_body(request)
     request.state.body_size = len(body)
     if not body:

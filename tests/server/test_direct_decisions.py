@@ -288,6 +288,38 @@ def test_a_multipart_body_is_refused_in_the_protocol_as_by_the_application(http)
     assert direct_answers(http) == before
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "application/jsonp", "text/json"],
+)
+def test_a_body_declared_as_anything_but_json_is_refused_in_the_protocol_and_the_application(
+    http, content_type
+):
+    """A form or text post is what a browser sends another site without asking first: the
+    JSON in it is never read as a question, here or by the application behind."""
+    warm(http)
+    before, allowed = direct_answers(http), allowed_count(http)
+    body = httpx.Request("POST", "/", json=ALLOWED).read()
+    for framing in ({"content": body}, {"content": chunked(body)}):  # the protocol, the app
+        answer = http.post("/v1/authorize", headers={"content-type": content_type}, **framing)
+        assert answer.status_code == 415, answer.text
+        assert "Content-Type: application/json" in answer.json()["detail"]
+    assert (direct_answers(http), allowed_count(http)) == (before, allowed)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/vnd.example+json", None]
+)
+def test_a_body_declared_as_json_or_not_declared_is_answered(http, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    body = httpx.Request("POST", "/", json=ALLOWED).read()
+    for framing in ({"content": body}, {"content": chunked(body)}):  # the protocol, the app
+        asked = http.build_request("POST", "/v1/authorize", headers=headers, **framing)
+        assert asked.headers.get("content-type") == content_type
+        answer = http.send(asked)
+        assert answer.status_code == 200 and answer.json()["allowed"] is True
+
+
 @pytest.mark.parametrize("unknown_first", [True, False])
 def test_two_authorization_headers_are_refused_in_the_protocol_as_by_the_application(
     server, http, unknown_first
