@@ -304,9 +304,12 @@ class Connections:
         except IssuerChanged as e:
             # The upstream names another server now: its refresh token goes there never, and
             # the connection can never be refreshed again. Dropped (recorded): connect again.
+            # Its tokens are revoked at the server that issued them, if the drop is this
+            # process's (another replica dropping it at once revokes them there).
             log.warning("connection of %s to %s dropped: %s", row.subject, row.upstream, e)
             reason = f"its authorization server changed: {e.description}"
-            await anyio.to_thread.run_sync(self.store.drop, row, reason)
+            if await anyio.to_thread.run_sync(self.store.drop, row, reason):
+                await self._revoke_recorded(row.subject, row.upstream, tokens, actor="bastion")
             return None
         except UpstreamOAuthError as e:
             if e.error == "unavailable":
@@ -515,7 +518,16 @@ class Connections:
             return False
         for callback in self._on_revoke:
             callback(subject, upstream)
-        outcome = await self._revoke_upstream(subject, upstream, self._open(row))
+        await self._revoke_recorded(subject, upstream, self._open(row), actor=actor)
+        return True
+
+    async def _revoke_recorded(
+        self, subject: str, upstream: str, tokens: Mapping, *, actor: str
+    ) -> None:
+        """Revoke the tokens of a connection gone from bastion (`_revoke_upstream`) and record
+        ``connection.upstream_revocation`` with what came of it, naming ``actor`` (``bastion``
+        for a connection it dropped)."""
+        outcome = await self._revoke_upstream(subject, upstream, tokens)
         await anyio.to_thread.run_sync(
             lambda: AuditLog(self.store.db).record(
                 "connection.upstream_revocation",
@@ -525,26 +537,27 @@ class Connections:
                 actor=actor,
             )
         )
-        return True
 
     async def _revoke_upstream(self, subject: str, upstream: str, tokens: Mapping) -> str:
-        """Revoke ``tokens`` at the upstream's authorization server, if it offers RFC 7009
-        revocation; a failure is logged (bastion keeps them nowhere either way). Says what
-        came of it: ``revoked``, ``not offered`` or ``failed: <why>``."""
+        """Revoke ``tokens`` at the authorization server that issued them, if it offers RFC
+        7009 revocation: the upstream's, or the one it named before (read from that server's
+        own metadata; never the one it names now), with bastion's client there. A failure is
+        logged (bastion keeps them nowhere either way). Says what came of it: ``revoked``,
+        ``not offered`` or ``failed: <why>``."""
         oauth = self.clients.get(upstream)
         if oauth is None or not tokens:
             return "not offered"
-        issuer = tokens.get("issuer")
         try:
-            await oauth.metadata_of(issuer)  # before a registration there, if any
-            client = await self._client(upstream)
+            try:
+                meta = await oauth.metadata_of(tokens.get("issuer"))
+                client = await self._client(upstream)  # after the metadata: registered there
+            except IssuerChanged as e:
+                client = await self._former_client(upstream, e.issued_by)
+                meta = await oauth.former_server(e.issued_by)
             offered = False
             for hint in ("refresh_token", "access_token"):
                 if tokens.get(hint):
-                    offered = await oauth.revoke(client, tokens[hint], hint, issuer)
-        except IssuerChanged as e:
-            log.warning("%s's tokens not revoked at %s: %s", subject, upstream, e.description)
-            return f"failed: {e.description}"
+                    offered = await oauth.revoke(meta, client, tokens[hint], hint)
         except (UpstreamOAuthError, ConnectionUnavailable) as e:
             log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
             return f"failed: {first_line(e)}"
@@ -584,6 +597,19 @@ class Connections:
                 self.store.add_client, upstream, issuer, fresh, sealed
             )
             kept = self._registration(name, issuer, sealed)
+        return {"client_id": kept["client_id"], "client_secret": kept.get("client_secret", "")}
+
+    async def _former_client(self, upstream: str, issuer: str) -> dict[str, str]:
+        """bastion's client at ``issuer``, a server ``upstream`` named before: the one bastion
+        registered there, if it still has it (`ConnectionUnavailable` if not). A configured
+        ``client_id`` is taken as the current server's: its secret goes to no other."""
+        sealed = await anyio.to_thread.run_sync(self.store.client, upstream, issuer)
+        if sealed is None or self.settings[upstream].client_id:
+            raise ConnectionUnavailable(
+                f"bastion holds no client registered at {readable(issuer)}, the server that"
+                " issued them"
+            )
+        kept = self._registration(f"{upstream} {issuer}", issuer, sealed)
         return {"client_id": kept["client_id"], "client_secret": kept.get("client_secret", "")}
 
     def _registration(self, name: str, issuer: str, sealed: str) -> dict[str, str]:

@@ -8,7 +8,10 @@ revocation (RFC 7009) when the server offers it. Every request has a deadline, a
 follows no redirect; every refusal is an `UpstreamOAuthError` carrying the server's ``error``.
 A grant (a code and its PKCE verifier, a refresh token, a token to revoke) is sent only to the
 server that issued it (`IssuerChanged`): the metadata read by another process, or after a
-restart, may name another server.
+restart, may name another server. A grant of a server other than the one this process read
+makes it read the upstream's metadata again (once per `REREAD_SECONDS`): the upstream may have
+moved since. Tokens of a server the upstream no longer names are revoked at that server, found
+from its own metadata (`former_server`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -102,6 +106,12 @@ def well_known(url: str, name: str) -> str:
 MAX_ISSUER = 1024
 # The longest an upstream's access token is taken to live, whatever its expires_in says.
 MAX_EXPIRES_IN = 365 * 86_400.0
+# A grant naming another server than the one read makes the upstream's metadata be read again at
+# most this often (per upstream, per process): a row naming a server the upstream never named
+# cannot make every call fetch.
+REREAD_SECONDS = 30.0
+# The former authorization servers whose metadata a process keeps (to revoke their tokens).
+_MAX_FORMER = 16
 
 
 class UpstreamOAuthClient:
@@ -138,6 +148,12 @@ class UpstreamOAuthClient:
         )
         self._fetches = CoalescedFetches(self._limits)
         self._metadata: ServerMetadata | None = None
+        # When the upstream's metadata was last read again (`time.monotonic`), and why that
+        # failed ("" if it did not): the calls until `REREAD_SECONDS` later are refused with it.
+        self._reread_at = -REREAD_SECONDS
+        self._reread_failed = ""
+        # issuer -> its metadata: servers the upstream named before (`former_server`).
+        self._former: dict[str, ServerMetadata] = {}
 
     async def _discovered_issuer(self) -> str:
         """The first authorization server the upstream's protected-resource metadata names."""
@@ -187,6 +203,12 @@ class UpstreamOAuthClient:
 
     async def _fetch_metadata(self) -> ServerMetadata:
         issuer = self.settings.issuer or await self._discovered_issuer()
+        self._metadata = await self._server_metadata(issuer)
+        return self._metadata
+
+    async def _server_metadata(self, issuer: str) -> ServerMetadata:
+        """``issuer``'s metadata, at its RFC 8414 well-known URL, naming ``issuer`` as its
+        issuer (§3.3), with usable endpoints and PKCE S256."""
         try:
             document = await fetch_json(
                 well_known(issuer, "oauth-authorization-server"), self._limits
@@ -210,17 +232,78 @@ class UpstreamOAuthClient:
             # OAuth 2.1 and MCP: no PKCE S256 advertised, no authorization.
             raise RemoteDocumentError(f"{issuer} does not advertise PKCE S256")
         sends_iss = document.get("authorization_response_iss_parameter_supported") is True
-        self._metadata = ServerMetadata(issuer=issuer, sends_iss=sends_iss, **endpoints)
-        return self._metadata
+        return ServerMetadata(issuer=issuer, sends_iss=sends_iss, **endpoints)
 
     async def metadata_of(self, issuer: str | None) -> ServerMetadata:
         """The metadata of the server that issued a grant (``issuer``), to send the grant to;
-        `IssuerChanged` if the upstream names another server now. None: a grant kept before
-        bastion recorded its issuer, taken as the current server's."""
+        `IssuerChanged` if the upstream names another server, read again (`_reread`) if this
+        process read another than ``issuer``. None: a grant kept before bastion recorded its
+        issuer, taken as the current server's."""
         meta = await self.metadata()
         if issuer is not None and issuer != meta.issuer:
-            raise IssuerChanged(issuer, meta.issuer)
+            meta = await self._reread(meta)
+            if issuer != meta.issuer:
+                raise IssuerChanged(issuer, meta.issuer)
         return meta
+
+    async def _reread(self, known: ServerMetadata) -> ServerMetadata:
+        """The upstream's metadata read again, in place of ``known`` for every use after (the
+        upstream may have moved since this process read it: another replica, restarted, made
+        the grant at the server it names now). One read at a time, and at most one per
+        `REREAD_SECONDS`: until then what was read last decides, or the calls are refused with
+        why the read failed (`UpstreamOAuthError` ``unavailable``; a grant is neither sent nor
+        dropped on a read that failed)."""
+
+        def read_lately() -> ServerMetadata | None:
+            if self._metadata is not known and self._metadata is not None:
+                return self._metadata  # read again by another call meanwhile
+            if time.monotonic() - self._reread_at >= REREAD_SECONDS:
+                return None
+            if self._reread_failed:
+                raise RemoteDocumentError(self._reread_failed)
+            return known
+
+        async def read() -> ServerMetadata:
+            self._reread_at = time.monotonic()
+            try:
+                fresh = await self._fetch_metadata()
+            except RemoteDocumentError as e:
+                self._reread_failed = f"{e} (read again at most every {REREAD_SECONDS:g} s)"
+                raise
+            self._reread_failed = ""
+            return fresh
+
+        try:
+            return await self._fetches.once(self.resource, read, read_lately)
+        except RemoteDocumentError as e:
+            raise UpstreamOAuthError("unavailable", str(e)) from None
+
+    async def former_server(self, issuer: str) -> ServerMetadata:
+        """The metadata of ``issuer``, a server the upstream no longer names, read from its own
+        RFC 8414 well-known URL under the rules of every other (egress, deadline, size, issuer
+        named in it): the only server its tokens may be revoked at. Kept per process."""
+        kept = self._former.get(issuer)
+        if kept is not None:
+            return kept
+        why = self._unusable(issuer)
+        if not why and (not issuer.isascii() or len(issuer) > MAX_ISSUER):
+            why = f"{readable(issuer)} is no URL of at most {MAX_ISSUER} ASCII characters"
+        if why:
+            raise UpstreamOAuthError("unavailable", why)
+
+        async def read() -> ServerMetadata:
+            meta = await self._server_metadata(issuer)
+            if len(self._former) >= _MAX_FORMER:
+                del self._former[next(iter(self._former))]  # the oldest
+            self._former[issuer] = meta
+            return meta
+
+        try:
+            return await self._fetches.once(
+                f"former {issuer}", read, lambda: self._former.get(issuer)
+            )
+        except RemoteDocumentError as e:
+            raise UpstreamOAuthError("unavailable", str(e)) from None
 
     async def register(self, redirect_uri: str, client_name: str) -> dict[str, str]:
         """A dynamic registration (RFC 7591) as a public client: ``{"client_id": ...}``."""
@@ -297,11 +380,10 @@ class UpstreamOAuthClient:
         return self._tokens(await self._token_request(meta, client, form), now, refresh_token, meta)
 
     async def revoke(
-        self, client: dict[str, str], token: str, hint: str, issuer: str | None
+        self, meta: ServerMetadata, client: dict[str, str], token: str, hint: str
     ) -> bool:
-        """RFC 7009 revocation of ``token``, which ``issuer`` issued; False if the server
-        offers none."""
-        meta = await self.metadata_of(issuer)
+        """RFC 7009 revocation of ``token`` at ``meta``'s server, the one that issued it, by
+        bastion's ``client`` there; False if the server offers none."""
         if not meta.revocation_endpoint:
             return False
         form = {"token": token, "token_type_hint": hint}

@@ -29,7 +29,7 @@ from bastion.audit.log import AuditLog
 from bastion.connections.sealing import Sealer
 from bastion.connections.service import Connections, FlowRefused
 from bastion.connections.settings import UpstreamOAuth
-from bastion.connections.store import ConnectionStore
+from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from tests.oauth.support import Servers, free_socket
 
@@ -96,14 +96,20 @@ class AuthorizationServer:
 @pytest.fixture
 def moved(database_url):
     """``first`` and ``second`` authorization servers, an upstream whose protected-resource
-    metadata names ``named[0]``, the clock, and a function making a replica (`Connections`) over
-    one database and key."""
+    metadata names ``named[0]``, the clock, a function making a replica (`Connections`) over
+    one database and key, a ``third`` server the upstream never names, and how many times the
+    upstream's metadata was read (``reads[0]``)."""
     first, second = AuthorizationServer("first"), AuthorizationServer("second")
+    third = AuthorizationServer("third")
     named: list[str] = [""]
-    sockets = [free_socket() for _ in range(3)]
-    first.base, second.base, upstream = (f"http://127.0.0.1:{s.getsockname()[1]}" for s in sockets)
+    reads = [0]
+    sockets = [free_socket() for _ in range(4)]
+    first.base, second.base, upstream, third.base = (
+        f"http://127.0.0.1:{s.getsockname()[1]}" for s in sockets
+    )
 
     async def resource_metadata(request: Request) -> JSONResponse:
+        reads[0] += 1
         return JSONResponse({"resource": f"{upstream}/mcp", "authorization_servers": named})
 
     prm = Starlette(routes=[Route("/.well-known/oauth-protected-resource/mcp", resource_metadata)])
@@ -122,10 +128,11 @@ def moved(database_url):
         )
 
     with Servers() as servers:
-        for app, sock in ((first.app(), sockets[0]), (second.app(), sockets[1]), (prm, sockets[2])):
+        apps = (first.app(), second.app(), prm, third.app())
+        for app, sock in zip(apps, sockets, strict=True):
             servers.serve(app, sock)
         named[0] = first.base
-        yield first, second, named, now, replica
+        yield first, second, named, now, replica, third, reads
     db.close()
 
 
@@ -143,7 +150,7 @@ def _connected(connections: Connections) -> None:
 
 
 def test_a_code_goes_only_to_the_server_its_flow_was_started_with(moved):
-    first, second, named, _, replica = moved
+    first, second, named, _, replica, *_ = moved
     one = replica()
     link = anyio.run(lambda: one.start("alice", "tracker", browser="b"))
     named[0] = second.base  # the upstream now names another server; replica two reads that
@@ -159,7 +166,7 @@ def test_a_code_goes_only_to_the_server_its_flow_was_started_with(moved):
 
 
 def test_a_refresh_token_goes_only_to_the_server_that_issued_it(moved):
-    first, second, named, now, replica = moved
+    first, second, named, now, replica, *_ = moved
     one = replica()
     _connected(one)
     [issued] = [f for f in first.posted if f["grant_type"] == "authorization_code"]
@@ -170,25 +177,48 @@ def test_a_refresh_token_goes_only_to_the_server_that_issued_it(moved):
     assert anyio.run(two.access_token, "alice", "tracker") is None  # connect again
 
     assert second.posted == []  # the refresh token issued by the first server stayed here
-    assert [f["grant_type"] for f in first.posted] == ["authorization_code"]
+    granted = [f["grant_type"] for f in first.posted if "grant_type" in f]
+    assert granted == ["authorization_code"]  # never refreshed; revoked (below)
     assert issued["code"].startswith("code-of-first-")
     # Connecting again, at the server the upstream names now, replaces the connection.
     _connected(two)
     assert anyio.run(two.access_token, "alice", "tracker").startswith("access-of-second-")
 
 
+def _stored_tokens(connections: Connections, subject: str) -> dict:
+    return connections.sealer.open(
+        subject, "tracker", connections.store.get(subject, "tracker").sealed
+    )
+
+
+def _revocations(server: AuthorizationServer) -> list[tuple[str, str, str]]:
+    """(token, its hint, the client that asked) of every revocation the server was sent."""
+    return [
+        (f["token"], f["token_type_hint"], f["client_id"])
+        for f in server.posted
+        if "grant_type" not in f
+    ]
+
+
 def test_a_token_is_revoked_only_at_the_server_that_issued_it(moved):
-    first, second, named, _, replica = moved
+    """Revoked by the user after the upstream moved: at the server that issued the tokens (its
+    own metadata, bastion's client there), never at the one the upstream names now."""
+    first, second, named, _, replica, *_ = moved
     _connected(replica())
     named[0] = second.base
     two = replica()
+    held = _stored_tokens(two, "alice")
 
     assert anyio.run(lambda: two.revoke("alice", "tracker", actor="test"))
 
     assert second.posted == []
+    assert _revocations(first) == [
+        (held["refresh_token"], "refresh_token", "bastion-at-first"),
+        (held["access_token"], "access_token", "bastion-at-first"),
+    ]
     assert two.store.get("alice", "tracker") is None  # gone from bastion either way
     [event] = AuditLog(two.store.db).events("connection.upstream_revocation")
-    assert event.detail["outcome"].startswith("failed: issued by ")
+    assert event.detail["outcome"] == "revoked"
 
 
 @pytest.mark.parametrize("why", ["expired", "refused"])
@@ -196,7 +226,7 @@ def test_a_connection_whose_server_changed_is_dropped_and_recorded(moved, why):
     """Its refresh token can go nowhere now: the connection is deleted (not kept to fail each
     refresh again), the user is asked to connect anew, and the drop is audited; whether the
     refresh was due to the token's expiry or to the upstream's 401."""
-    first, second, named, now, replica = moved
+    first, second, named, now, replica, *_ = moved
     one = replica()
     _connected(one)
     token = anyio.run(one.access_token, "alice", "tracker")
@@ -215,3 +245,87 @@ def test_a_connection_whose_server_changed_is_dropped_and_recorded(moved, why):
     assert (event.subject, event.detail["upstream"]) == ("alice", "tracker")
     assert f"issued by {first.base}" in event.detail["reason"]
     assert second.base in event.detail["reason"]
+
+
+def test_a_replica_that_read_the_former_server_keeps_a_connection_made_at_the_new_one(moved):
+    """A rolling restart: replica one still holds the first server's metadata when it meets a
+    connection made at the second. It reads the upstream's metadata again, once, finds the
+    connection's server named there, and refreshes it there; after that it uses what it read."""
+    first, second, named, now, replica, _, reads = moved
+    one = replica()
+    _connected(one)  # one reads the first server
+    named[0] = second.base
+    _connected(replica())  # alice connects again, at the second server, on a restarted replica
+    before = reads[0]
+    now[0] += 7200
+
+    token = anyio.run(one.access_token, "alice", "tracker")
+
+    assert token is not None and token.startswith("access-of-second-")
+    assert reads[0] == before + 1
+    assert AuditLog(one.store.db).events("connection.dropped") == []
+    assert [f.get("grant_type") for f in second.posted] == ["authorization_code", "refresh_token"]
+    assert [f.get("grant_type") for f in first.posted] == ["authorization_code"]
+    now[0] += 7200  # the next refresh: replica one now knows the second server
+    assert anyio.run(one.access_token, "alice", "tracker").startswith("access-of-second-")
+    assert reads[0] == before + 1
+
+
+def test_a_connection_naming_a_server_the_upstream_never_named_is_dropped_after_one_reread(moved):
+    """A row whose server the upstream's metadata still does not name once read again is
+    dropped as before; a second such row within the interval does not make the metadata read
+    again (rows cannot make every call fetch). bastion holds no client at that server, so its
+    tokens are sent nowhere, and the revocation record says why."""
+    first, second, named, now, replica, third, reads = moved
+    one = replica()
+    anyio.run(one.clients["tracker"].metadata)  # one reads the first server
+    for subject in ("bob", "carol"):
+        tokens = {"access_token": f"a-{subject}", "refresh_token": f"r-{subject}"}
+        sealed = one.sealer.seal(subject, "tracker", {**tokens, "issuer": third.base})
+        one.store.put(StoredConnection(subject, "tracker", sealed, "", now[0] - 1, 0.0, 0.0))
+    before = reads[0]
+
+    assert anyio.run(one.access_token, "bob", "tracker") is None
+    assert reads[0] == before + 1
+    assert anyio.run(one.access_token, "carol", "tracker") is None
+    assert reads[0] == before + 1  # within the interval: not read again
+
+    assert one.listed() == []
+    dropped = AuditLog(one.store.db).events("connection.dropped")
+    assert sorted(e.subject for e in dropped) == ["bob", "carol"]
+    assert all(f"issued by {third.base}" in e.detail["reason"] for e in dropped)
+    assert (first.posted, second.posted, third.posted) == ([], [], [])
+    outcomes = AuditLog(one.store.db).events("connection.upstream_revocation")
+    assert sorted(e.subject for e in outcomes) == ["bob", "carol"]
+    for event in outcomes:
+        assert event.detail["outcome"].startswith("failed: bastion holds no client")
+        assert third.base in event.detail["outcome"]
+
+
+@pytest.mark.parametrize("why", ["expired", "refused"])
+def test_a_dropped_connection_is_revoked_at_the_server_that_issued_it(moved, why):
+    """The upstream moved for good: the connection made at the first server is dropped, and its
+    tokens are revoked at the first server's revocation endpoint with bastion's client there;
+    the second server never sees them. The call still answers "connect again"."""
+    first, second, named, now, replica, *_ = moved
+    one = replica()
+    _connected(one)
+    held = _stored_tokens(one, "alice")
+    named[0] = second.base
+    two = replica()
+    if why == "expired":
+        now[0] += 7200
+        assert anyio.run(two.access_token, "alice", "tracker") is None
+    else:
+        refused = held["access_token"]
+        assert anyio.run(two.access_token_refused, "alice", "tracker", refused) is None
+
+    assert two.store.get("alice", "tracker") is None
+    assert second.posted == []
+    assert _revocations(first) == [
+        (held["refresh_token"], "refresh_token", "bastion-at-first"),
+        (held["access_token"], "access_token", "bastion-at-first"),
+    ]
+    [event] = AuditLog(two.store.db).events("connection.upstream_revocation")
+    assert (event.subject, event.detail["upstream"]) == ("alice", "tracker")
+    assert event.detail["outcome"] == "revoked"

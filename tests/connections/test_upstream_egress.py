@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion import egress, tls
+from bastion.audit.log import AuditLog
 from bastion.connections.sealing import Sealer
 from bastion.connections.service import Connections, ConnectionUnavailable, FlowRefused
 from bastion.connections.settings import UpstreamOAuth
@@ -253,3 +254,27 @@ def test_an_upstream_on_the_loopback_may_use_the_loopback_unless_told_not_to(int
     with pytest.raises(UpstreamOAuthError, match="allow_private_addresses"):
         asyncio.run(UpstreamOAuthClient(upstream, refusing, "tracker").metadata())
     assert len(internal.got) == 1
+
+
+def test_tokens_of_a_former_server_inside_are_not_revoked_there(internet, tmp_path):
+    """A connection whose recorded authorization server is no longer the upstream's is dropped
+    and its tokens revoked at that server, found from its own metadata: under the same rules as
+    the current one's, so a public upstream cannot lead bastion inside that way either (even
+    with a client bastion registered there)."""
+    tracker, internal = internet
+    for former in _internal_urls(internal):
+        service = _connections(tmp_path, tracker, UpstreamOAuth())
+        try:
+            registration = service.sealer.seal("", f"tracker {former}", {"client_id": "old"})
+            service.store.add_client("tracker", former, registration)
+            tokens = {"access_token": "old", "refresh_token": "refresh-secret", "issuer": former}
+            sealed = service.sealer.seal("alice", "tracker", tokens)
+            service.store.put(StoredConnection("alice", "tracker", sealed, "", 0.0, 0.0, 0.0))
+
+            assert anyio.run(service.access_token, "alice", "tracker") is None  # dropped
+
+            [event] = AuditLog(service.store.db).events("connection.upstream_revocation")
+            assert event.detail["outcome"].startswith("failed: ")
+        finally:
+            service.store.db.close()
+    assert internal.got == []
