@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from bastion.audit.log import AuditLog
 from bastion.connections.sealing import Sealer
-from bastion.connections.service import Connections, FlowRefused
+from bastion.connections.service import Connections, ConnectionUnavailable, FlowRefused
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
@@ -329,3 +329,26 @@ def test_a_dropped_connection_is_revoked_at_the_server_that_issued_it(moved, why
     [event] = AuditLog(two.store.db).events("connection.upstream_revocation")
     assert (event.subject, event.detail["upstream"]) == ("alice", "tracker")
     assert event.detail["outcome"] == "revoked"
+
+
+def test_a_connection_is_kept_when_the_upstreams_metadata_cannot_be_read_again(moved):
+    """Whether the upstream moved cannot be told: the call fails and the connection is neither
+    refreshed anywhere nor dropped; until the interval has passed the read is not tried again."""
+    first, second, named, now, replica, _, reads = moved
+    one = replica()
+    anyio.run(one.clients["tracker"].metadata)  # one reads the first server
+    named[0] = second.base
+    _connected(replica())  # made at the second server
+    named[0] = "ftp://nowhere"  # the upstream's metadata now names nothing usable
+    before = reads[0]
+    now[0] += 7200
+
+    for _ in range(2):
+        with pytest.raises(ConnectionUnavailable, match="no usable authorization server"):
+            anyio.run(one.access_token, "alice", "tracker")
+    assert reads[0] == before + 1
+
+    assert one.store.get("alice", "tracker") is not None
+    assert AuditLog(one.store.db).events("connection.dropped") == []
+    assert [f.get("grant_type") for f in second.posted] == ["authorization_code"]
+    assert first.posted == []
