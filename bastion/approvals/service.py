@@ -212,7 +212,8 @@ class NoApprover(Exception):
     @classmethod
     def undecided(cls, predicate: str) -> NoApprover:
         """A rule on answering the call whose holding restricts (``approvals_required``,
-        ``approval_expires``) cannot say its value (`UndecidedQuestion`): under the narrowest
+        ``approval_expires``, or an ``approval_window`` where another gives a window: its
+        minutes may shorten it) cannot say its value (`UndecidedQuestion`): under the narrowest
         terms nobody may answer. Fail closed, as the decision contract refuses it."""
         return cls(
             f"nobody can approve this call: the policy's {predicate} rule for it cannot be"
@@ -841,11 +842,7 @@ class Approvals:
                 default=1,
             )
             forbidden = bool(s.rows("self_approval_forbidden", "bbb", user, action, resource))
-            windows = [
-                n
-                for n in s.rows("approval_window", "bbbf", user, action, resource)
-                if type(n) is int and n > 0
-            ]
+            windows = _windows(s, user, action, resource)
             shorter = [
                 n
                 for n in s.rows("approval_expires", "bbbf", user, action, resource)
@@ -1221,6 +1218,21 @@ def _verbs(kind: str) -> dict[str, str]:
 def _denied(request: ApprovalRequest) -> bool:
     """Whether anyone denied ``request``: one denial decides it."""
     return any(a.answer == "deny" for a in request.answers)
+
+
+def _windows(s: Session, user: Entity, action: str, resource: Entity) -> list[int]:
+    """The minutes of the ``approval_window`` rules whose shortest is the window (none: no
+    window). A window widens what an approval allows, so whether there is one at all is read
+    as an ``allow`` rule is: a rule whose condition cannot be decided gives none. How long it
+    is narrows, so it is read as an obligation that restricts is (strict, `STRICT_TOO`): such
+    a rule for fewer minutes counts. `UndecidedQuestion` where another rule gives a window and
+    those minutes cannot be named at all."""
+
+    def minutes(strict: bool) -> list[int]:
+        found = s.rows("approval_window", "bbbf", user, action, resource, strict=strict)
+        return [n for n in found if type(n) is int and n > 0]
+
+    return minutes(strict=True) if minutes(strict=False) else []
 
 
 def _call_context(request: ApprovalRequest, now: float) -> dict[str, Any]:

@@ -125,7 +125,8 @@ class _Active:
         # rules about any actor (untyped) go on asking the chain's principals alone.
         self.device_signals = names_type(loaded.program, "requires_signal", 3, "Device")
         self.fact_shapes: set[tuple] = set()  # shapes of facts already found acceptable
-        self.shapes: dict[tuple[str, str], Any] = {}  # (predicate, mask) -> compiled function
+        # (predicate, mask, strict) -> compiled function (`_shape_key`)
+        self.shapes: dict[tuple[str, str, bool], Any] = {}
         # ``index_lock``: compiled beside running decisions, holding the fact lock only to read
         # the facts; later shapes are compiled by decisions, which hold it already.
         self.compiled = CompiledPolicy(loaded.program, index, limits, index_lock)
@@ -143,15 +144,16 @@ class _Active:
             self.compiled.function("allow", 3, "bfb")
         for name, arity in loaded.program.clauses:
             self.compiled.function(name, arity, "b" * arity, strict(name, arity))
-        for name, mask in CONTRACT_SHAPES:
+        asked = [_shape_key(name, mask) for name, mask in CONTRACT_SHAPES]
+        asked += [_shape_key(name, mask, True) for name, mask in STRICT_TOO]
+        for key in asked:
+            name, mask, is_strict = key
             if defines(name, len(mask)):
-                self.shapes[(name, mask)] = self.compiled.function(
-                    name, len(mask), mask, strict(name, len(mask))
-                )
+                self.shapes[key] = self.compiled.function(name, len(mask), mask, is_strict)
             else:
                 # Asked of every decision whether the policy has the rule or not: answered
                 # at once, not by looking the predicate up each time.
-                self.shapes[(name, mask)] = _undefined
+                self.shapes[key] = _undefined
         self.compiled.index_lock = None
         self.compiled.serving = True
 
@@ -163,7 +165,10 @@ class _Active:
 # rules cannot decide then holds: refuses, or applies the obligation. Those whose holding widens
 # (``allow``, ``approver``, ``approval_grant``, ``approval_window``, ``may_delegate``,
 # ``delegated_scope``, ``signal``) and shadow rules (``would``, which only record) stay ordinary:
-# there what cannot be decided does not hold.
+# there what cannot be decided does not hold. ``approval_window`` is asked both ways
+# (`STRICT_TOO`): whether there is a window at all widens, and is read ordinarily; how long it
+# is, the shortest its rules give, is read strictly, so that a shorter window whose condition
+# cannot be decided shortens it.
 STRICT = frozenset(
     {
         ("deny", 3),
@@ -184,10 +189,25 @@ STRICT = frozenset(
 )
 
 
+# Contract questions of a widening predicate asked as strict code too, beside their ordinary
+# reading (`Session.rows` with ``strict=True``), compiled with the policy as `CONTRACT_SHAPES`
+# are: where its answers combine to the least (the shortest ``approval_window``,
+# `bastion.approvals.service.Approvals._terms_in`), a rule that cannot be decided may narrow
+# what another rule gives, and never gives anything alone.
+STRICT_TOO = (("approval_window", "bbbf"),)
+
+
 def strict(predicate: str, arity: int) -> bool:
     """Whether ``predicate/arity`` is asked as strict code (`Node.strict`, `STRICT`): its
     holding restricts, so that what its rules cannot decide restricts too."""
     return (predicate, arity) in STRICT
+
+
+def _shape_key(predicate: str, mask: str, reading: bool | None = None) -> tuple[str, str, bool]:
+    """Where a compiled shape of question is kept (`_Active.shapes`): the predicate, the mask,
+    and whether it is read as strict code, by default as the predicate is asked (`strict`);
+    ``reading`` asks it the other way (`STRICT_TOO`)."""
+    return predicate, mask, strict(predicate, len(mask)) if reading is None else reading
 
 
 def _refusing(refused: Exception) -> Any:
@@ -635,16 +655,20 @@ class Session:
         mask = mask_of(args)
         return self.rows(predicate, mask, *(a for a, m in zip(args, mask, strict=True) if m == "b"))
 
-    def rows(self, predicate: str, mask: str, *bound: Any) -> set:
+    def rows(self, predicate: str, mask: str, *bound: Any, strict: bool | None = None) -> set:
         """`values` with the shape given: ``mask`` has "b" per bound argument (given in order in
-        ``bound``) and "f" per open one. For callers that ask the same shape many times."""
-        fn = self._active.shapes.get((predicate, mask))
-        is_strict = strict(predicate, len(mask))
+        ``bound``) and "f" per open one. For callers that ask the same shape many times.
+        ``strict``: read as strict code (True) or ordinary code (False) rather than as the
+        predicate is asked (`STRICT`); the shapes asked so are compiled with the policy
+        (`STRICT_TOO`)."""
+        key = _shape_key(predicate, mask, strict)
+        fn = self._active.shapes.get(key)
+        is_strict = key[2]
         if fn is None:
             if not self._active.compiled.defines(predicate, len(mask)):
                 return set()
             fn = self._active.compiled.function(predicate, len(mask), mask, is_strict)
-            self._active.shapes[(predicate, mask)] = fn
+            self._active.shapes[key] = fn
         deny = self._active.deny if predicate == "allow" and len(mask) == 3 else None
         q = self._q
         try:
@@ -1052,7 +1076,8 @@ class Authorizer:
         is compiled for the policy in force, so asking it compiles nothing."""
         active = self._active
         return all(
-            shape in active.shapes or not active.compiled.defines(shape[0], len(shape[1]))
+            _shape_key(*shape) in active.shapes
+            or not active.compiled.defines(shape[0], len(shape[1]))
             for shape in shapes
         )
 
@@ -1066,21 +1091,23 @@ class Authorizer:
         again, and is not compiled again on the loop."""
         active = self._active
         compiled = active.compiled
+        keys = (_shape_key(name, mask) for name, mask in shapes)
         wanted = [
-            (name, mask)
-            for name, mask in shapes
-            if (name, mask) not in active.shapes and compiled.defines(name, len(mask))
+            key
+            for key in keys
+            if key not in active.shapes and compiled.defines(key[0], len(key[1]))
         ]
         if not wanted:
             return
         try:
             with compiled.beside_decisions(self._index.lock) as compile_shape:
-                for name, mask in wanted:
+                for key in wanted:
+                    name, mask, is_strict = key
                     try:
-                        fn = compile_shape(name, len(mask), mask, strict(name, len(mask)))
+                        fn = compile_shape(name, len(mask), mask, is_strict)
                     except (PolicyError, EvaluationLimit) as refused:
                         fn = _refusing(refused)
-                    active.shapes[(name, mask)] = fn
+                    active.shapes[key] = fn
         except Exception:
             if self._active is active:
                 raise

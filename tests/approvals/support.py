@@ -45,6 +45,8 @@ approver(boss: User, user: User, "call", Tool{"crm/report"}) if manager(user, bo
 approver(User{"cfo"}, _user: User, "call", Tool{"crm/report"});
 mask(User{"cfo"}, "call", Tool{"crm/report"}, "customers.*.email");
 approval_window(_user: User, "call", Tool{"crm/send"}, 30);
+# Large amounts for 5 minutes at most: an amount that cannot be compared ("5000") too.
+approval_window(_user: User, "call", Tool{"crm/send"}, 5) if context.arguments.amount > 1000;
 """
 )
 

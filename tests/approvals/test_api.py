@@ -316,6 +316,23 @@ def test_an_approval_for_minutes_is_bounded_by_the_policy_and_stored_as_an_expir
     assert before + 15 * 60 - 5 <= grant["expires_at"] <= time.time() + 15 * 60
 
 
+def test_a_shorter_window_whose_condition_cannot_be_decided_bounds_an_approval_for_minutes(
+    bastion,
+):
+    """An amount of "5000" cannot be compared with 1000: the 5-minute window for large amounts
+    may hold, and bounds the approval the server takes (before, it gave 30 minutes). The holder
+    here read the window without the call's arguments (30 minutes); the server reads it again,
+    with them, when the answer comes."""
+    held = bastion.holder.hold(SEND, {"to": "ceo@example.com", "amount": "5000"})
+    assert held.window_minutes == 30
+    with bastion.client() as api:
+        r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "avery", "minutes": 30})
+        assert_problem(r, 403, "5 minutes at most")
+        unchanged(bastion, held.id)
+        r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "avery", "minutes": 5})
+        assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+
+
 def test_a_held_result_is_released_with_fields_withheld_and_takes_no_minutes(bastion):
     result = {"structuredContent": {"customers": [{"email": "a@b"}]}}
     held = bastion.holder.hold(REPORT, kind="review", result=result)

@@ -1762,3 +1762,82 @@ def test_approval_terms_that_cannot_be_decided_are_the_narrowest(world):
     with pytest.raises(NoApprover, match="approvals_required rule for it cannot be decided") as e:
         approvals.hold(call(send, {"to": "per"}), "d1", (), {"per": 0})
     assert e.value.reason == "undecided"
+
+
+# Windows whose condition cannot be decided: crm/send has a 30-minute window, and a shorter
+# one for large amounts; crm/delete has a window for large amounts only. An amount of "5000"
+# (a string against 1000) cannot be decided; 5000 and 50 can.
+UNDECIDED_WINDOWS = (
+    'approval_window(_u: User, "call", Tool{"crm/send"}, 5) if context.amount > 1000;\n'
+    'approval_window(_u: User, "call", Tool{"crm/delete"}, 60) if context.amount > 1000;\n'
+)
+
+
+def test_a_shorter_window_whose_condition_cannot_be_decided_shortens_the_window(world):
+    """The window is the shortest the rules that may hold give: a rule for 5 minutes whose
+    condition cannot be decided counts, as it would for 5000; it must not leave the longer
+    window of another rule in force (before, the approver was offered 30 minutes)."""
+    approvals, authz, facts, clock = world
+    authz.load_policy(POLICY + UNDECIDED_WINDOWS)
+    for amount, minutes in (("5000", 5), (5000, 5), (True, 5), (50, 30)):
+        c = call(send, {"to": repr(amount)})
+        request = approvals.hold(c, "d1", (), {"amount": amount})
+        assert request.window_minutes == minutes, amount
+    request = approvals.hold(call(send, {"to": "'5000'"}), "d1", (), {"amount": "5000"})
+    with pytest.raises(NotAllowed, match="5 minutes at most"):
+        approvals.answer(request.id, "avery", "approve", minutes=30, channel="api")
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+
+
+def test_a_lone_window_whose_condition_cannot_be_decided_gives_no_window(world):
+    """Whether a window exists at all widens what an approval allows: a rule that cannot be
+    decided gives none (the call is approved once only), where 5000 would give its hour."""
+    approvals, authz, facts, _ = world
+    authz.load_policy(POLICY + UNDECIDED_WINDOWS)
+    for amount, minutes in (("5000", 0), (True, 0), (50, 0), (5000, 60)):
+        request = approvals.hold(call(delete, {"n": repr(amount)}), "d1", (), {"amount": amount})
+        assert request.window_minutes == minutes, amount
+    request = approvals.hold(call(delete, {"n": "'5000'"}), "d1", (), {"amount": "5000"})
+    with pytest.raises(NotAllowed, match="approved once only"):
+        approvals.answer(request.id, "sam", "approve", minutes=1, channel="api")
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+    assert approvals.answer(request.id, "sam", "approve", channel="api").status == "approved"
+
+
+def test_a_shorter_window_that_cannot_be_decided_when_answered_bounds_the_answer(world):
+    """Read again when someone answers (away from the call: its arguments are the context),
+    the shorter window that cannot be decided bounds the answer too, even where the call was
+    held under a policy without it."""
+    approvals, authz, facts, clock = world
+    request = held(approvals, call(send, {"amount": "5000"}))
+    assert request.window_minutes == 30
+    authz.load_policy(
+        POLICY
+        + 'approval_window(_u: User, "call", Tool{"crm/send"}, 5) if'
+        + " context.arguments.amount > 1000;\n"
+    )
+    with pytest.raises(NotAllowed, match="5 minutes at most"):
+        approvals.answer(request.id, "avery", "approve", minutes=30, channel="api")
+    approvals.answer(request.id, "avery", "approve", minutes=5, channel="api")
+    [stored] = list(facts.get(("approval_grant", None, None, None, None)))
+    assert stored.expires_at == clock.now + 5 * 60
+
+
+def test_a_window_whose_length_cannot_be_named_gives_the_narrowest_terms(world):
+    """A window rule whose minutes cannot be named at all (``60 / 0``) where another rule gives
+    a window: how short the window is cannot be said, and the terms are the narrowest (the call
+    is refused with reason "undecided", as for ``approvals_required``). Alone, it gives no
+    window, as a rule that does not hold."""
+    approvals, authz, *_ = world
+    authz.load_policy(
+        POLICY
+        + 'approval_window(_u: User, "call", Tool{"crm/send"}, n) if n = 60 / context.per;\n'
+        + 'approval_window(_u: User, "call", Tool{"crm/delete"}, n) if n = 60 / context.per;\n'
+    )
+    with pytest.raises(NoApprover, match="approval_window rule for it cannot be decided") as e:
+        approvals.hold(call(send, {"to": "per"}), "d1", (), {"per": 0})
+    assert e.value.reason == "undecided"
+    assert approvals.hold(call(send, {"to": "two"}), "d1", (), {"per": 2}).window_minutes == 30
+    assert approvals.hold(call(send, {"to": "one"}), "d1", (), {"per": 1}).window_minutes == 30
+    assert approvals.hold(call(send, {"to": "six"}), "d1", (), {"per": 6}).window_minutes == 10
+    assert approvals.hold(call(delete, {"n": "per"}), "d1", (), {"per": 0}).window_minutes == 0
