@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bastion import Authorizer, Entity
+from bastion import Authorizer, Entity, Variable
 from bastion.agents.identity import owner_fact
 from bastion.approvals.service import MAX_REQUIRED, Approvals, Call, NoApprover, NotAllowed
 from bastion.approvals.settings import ApprovalSettings
@@ -18,6 +18,8 @@ from bastion.db import Database
 from bastion.decide.contract import decide_chain, plainly_allowed
 from bastion.facts.store import FactStore, StoredFact
 from bastion.oauth.store import OAuthStore
+from bastion.policy.errors import EvaluationLimit
+from bastion.policy.limits import PolicyLimits
 from bastion.server.config import ConfigError
 from bastion.signals.suspensions import Suspensions
 from tests.approvals.support import POLICY_HEAD
@@ -1841,3 +1843,26 @@ def test_a_window_whose_length_cannot_be_named_gives_the_narrowest_terms(world):
     assert approvals.hold(call(send, {"to": "one"}), "d1", (), {"per": 1}).window_minutes == 30
     assert approvals.hold(call(send, {"to": "six"}), "d1", (), {"per": 6}).window_minutes == 10
     assert approvals.hold(call(delete, {"n": "per"}), "d1", (), {"per": 0}).window_minutes == 0
+
+
+def test_the_windows_strict_reading_is_compiled_with_the_policy(world):
+    """The strict reading of ``approval_window`` is compiled when the policy loads, as the
+    contract's questions are: questions through ``query`` that spend the compile budget cannot
+    leave a held call without it (it would be refused over budget, or its window read wide)."""
+    approvals, _, facts, _ = world
+    tags = "\n".join(f'tagged(t: Tool, "t{i}") if has_role(_u, "caller", t);' for i in range(100))
+    authz = Authorizer(
+        POLICY + UNDECIDED_WINDOWS + tags, limits=PolicyLimits(policy_max_compiled_literals=1000)
+    )
+    approvals.authorizer = lambda: authz
+    refused = 0
+    for args in [(Variable("t"), "t1"), (send, Variable("n")), (Variable("t"), Variable("n"))]:
+        try:
+            authz.query("tagged", *args)
+        except EvaluationLimit as err:
+            assert err.limit == "policy_max_compiled_literals"
+            refused += 1
+    assert refused  # the budget is spent
+    request = approvals.hold(call(send, {"to": "'5000'"}), "d1", (), {"amount": "5000"})
+    assert request.window_minutes == 5
+    assert approvals.hold(call(send, {"to": "50"}), "d1", (), {"amount": 50}).window_minutes == 30
