@@ -687,8 +687,8 @@ class Session:
                 }
             return found
         except Undecided:
-            # Strict code with an answer left open: arithmetic with no result, whose value a
-            # rule binds or passes on, leaves no answer to give (with every argument given,
+            # Strict code with an answer left open: arithmetic with no result (or lower of a
+            # value that is no string), whose value a rule binds or passes on, leaves no answer to give (with every argument given,
             # the rule holds instead). The decision contract refuses on it.
             clauses = self._active.loaded.program.clauses.get((predicate, len(mask)), ())
             where = clauses[0].location if clauses else Location("<policy>", 1, 1)
@@ -698,8 +698,8 @@ class Session:
                     Diagnostic(
                         where,
                         f"{predicate}/{len(mask)} cannot be decided for some answer of this"
-                        " question (arithmetic with no result, bound or passed on); ask with"
-                        " every argument given",
+                        " question (arithmetic with no result, or lower of a value that is"
+                        " no string, bound or passed on); ask with every argument given",
                     )
                 ],
             ) from None

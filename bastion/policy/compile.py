@@ -252,6 +252,7 @@ class CompiledPolicy:
             self.namespace[f"S_{name}_{arity}"] = builtin.strict
             if builtin.produce is not None:
                 self.namespace[f"P_{name}_{arity}"] = builtin.produce
+                self.namespace[f"SP_{name}_{arity}"] = builtin.strict_produce
         self._names: dict[Node, str] = {}
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
@@ -1163,7 +1164,10 @@ class CompiledPolicy:
                 args = [self._expr(a, env, lookups) for a in lit.args[:-1]]
                 depth = self._guard(out, lookups, depth)
                 var = self._bind(last.name, env)
-                out.emit(depth, f"for {var} in P_{lit.name}_{len(lit.args)}({', '.join(args)}):")
+                # In strict code, inputs it cannot read raise `Undecided` (`strict_produce`).
+                kind = "SP" if self._strict else "P"
+                call = f"{kind}_{lit.name}_{len(lit.args)}({', '.join(args)})"
+                out.emit(depth, f"for {var} in {call}:")
                 return depth + 1
             args = [self._expr(a, env, lookups) for a in lit.args]
             depth = self._guard(out, lookups, depth)

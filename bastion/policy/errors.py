@@ -50,6 +50,19 @@ class UndecidedQuestion(PolicyError):
         super().__init__(diagnostics)
 
 
+class Undecided(Exception):
+    """Raised by strict code (see `compare_strict`) where a condition that has values cannot be
+    decided and evaluation cannot go on past it: arithmetic with no result whose value is bound
+    to a variable, passed to a rule or a builtin, or checked for a type; ``lower`` asked to bind
+    its output from a value that is no string (`bastion.policy.builtins.Builtin.strict_produce`).
+    Caught where the polarity turns back (`bastion.policy.runtime.proved_or_undecided`): a
+    ``not`` in ordinary code then fails, and a ``deny`` rule holds.
+
+    Oso's Polar stops the whole query with an error there; taking the condition as false would
+    make the ``not`` hold, or the ``deny`` not fire, and widen access.
+    """
+
+
 class EvaluationLimit(Exception):
     """An evaluation that spent its budget: the question is refused (fail closed).
 

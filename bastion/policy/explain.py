@@ -351,7 +351,9 @@ class _Interpreter:
             inputs = tuple(self.value(a, env) for a in lit.args[:-1])
             if any(a is MISSING for a in inputs):
                 return
-            for value in builtin.produce(*inputs):  # type: ignore[misc]  # planned: it produces
+            # Planned: it produces. In strict code, inputs it cannot read raise `Undecided`.
+            produce = builtin.strict_produce if self.strict else builtin.produce
+            for value in produce(*inputs):  # type: ignore[misc]
                 yield (
                     {**env, last.name: value},
                     Step(_goal(lit.name, (*inputs, value)), True, "builtin"),
@@ -556,7 +558,7 @@ def _explain(interp: _Interpreter, program: Program, query: tuple, allowed: bool
             interp.strict = True  # as `Authorizer` asks deny (`Node.strict`)
             try:
                 denials = interp.solve("deny", query, 0)
-            except Undecided:  # arithmetic with no result, bound or passed on: it may hold
+            except Undecided:  # no result (arithmetic, lower), bound or passed on: it may hold
                 denials = [((), Step(_goal("deny", query), True, "rule", reason=UNDECIDED))]
             finally:
                 interp.strict = False
@@ -592,7 +594,7 @@ def prove(
             proofs = interp.solve(name, args, 0)
         except RecursionError:
             stack_exhausted(interp.q)
-        except Undecided:  # arithmetic with no result, bound or passed on: it may hold
+        except Undecided:  # no result (arithmetic, lower), bound or passed on: it may hold
             proofs = [((), Step(text, True, "rule", reason=UNDECIDED))]
     except EvaluationLimit as limit:
         step = Step(text, False, "limit", reason=f"the explanation stopped: {limit}")

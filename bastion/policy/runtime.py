@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from bastion.policy.builtins.constants import constant_value
-from bastion.policy.errors import EvaluationLimit
+from bastion.policy.errors import EvaluationLimit, Undecided
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 
@@ -440,18 +440,6 @@ def counted_members(q: Query, container: Any) -> Any:
     if q.steps < 0:
         exhausted(q)
     return items
-
-
-class Undecided(Exception):
-    """Raised by strict code (see `compare_strict`) where a condition that has values cannot be
-    decided and evaluation cannot go on past it: arithmetic with no result whose value is bound
-    to a variable, passed to a rule or a builtin, or checked for a type. Caught where the
-    polarity turns back (`proved_or_undecided`): a ``not`` in ordinary code then fails, and a
-    ``deny`` rule holds.
-
-    Oso's Polar stops the whole query with an error there; taking the condition as false would
-    make the ``not`` hold, or the ``deny`` not fire, and widen access.
-    """
 
 
 def undecided() -> NoReturn:

@@ -14,7 +14,16 @@ from typing import Any
 from bastion.facts.model import Entity
 from bastion.policy.ast import Arith, Const, ContextPath, EntityOf, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
-from bastion.policy.program import VALUE_TYPES, CallLit, Clause, CmpLit, NotLit, Program, TypeLit
+from bastion.policy.program import (
+    VALUE_TYPES,
+    CallLit,
+    Clause,
+    CmpLit,
+    NotLit,
+    Program,
+    TypeLit,
+)
+from bastion.policy.program import term_vars as _term_vars
 
 _MISSING = object()
 # Arithmetic over values that gives none (a division by zero, a string operand): unlike a
@@ -277,7 +286,14 @@ class Reference:
                     yield from self._solve(rest, env2, strict)
                 return
         lit = body[0]
-        candidates = self.shared.get(id(lit), set()) if isinstance(lit, NotLit) else _vars(lit)
+        if isinstance(lit, NotLit):
+            candidates = self.shared.get(id(lit), set())
+        elif isinstance(lit, CallLit) and (lit.name, len(lit.args)) in BUILTINS:
+            # A producing builtin's inputs first: its output is then produced, never ranged
+            # over values it could not have (the engine binds it from the inputs).
+            candidates = {v for a in _inputs(lit, env) for v in _term_vars(a)} - set(env)
+        else:
+            candidates = _vars(lit)
         var = next(v for v in sorted(candidates) if v not in env)
         for value in self.domain:
             yield from self._solve(body, {**env, var: value}, strict)
@@ -286,7 +302,7 @@ class Reference:
         if isinstance(lit, CallLit):
             # An entity made from a value needs that value: it is no pattern to match facts by.
             needed = (
-                lit.args
+                _inputs(lit, env)
                 if (lit.name, len(lit.args)) in BUILTINS
                 else [a for a in lit.args if isinstance(a, EntityOf)]
             )
@@ -300,12 +316,20 @@ class Reference:
             args = [self._value(a, env) if self._bound(a, env) else None for a in lit.args]
             if _MISSING in args or _UNDECIDED in args:
                 return
-            if (lit.name, len(args)) in BUILTINS:
-                # An unbound output (lower's) was not ready: it ranges over the domain.
-                if _builtin(lit.name, args) or (
-                    # Strict: what cannot be decided of its arguments may hold.
-                    strict and not BUILTINS[(lit.name, len(args))].decidable(*args)
-                ):
+            builtin = BUILTINS.get((lit.name, len(args)))
+            if builtin is not None:
+                inputs = _inputs(lit, env)
+                if len(inputs) < len(args):
+                    # An unbound output (lower's) ranges over the domain, where the definition
+                    # holds; in strict code, every value if the inputs cannot be read.
+                    output = lit.args[-1].name
+                    undecided = strict and not builtin.decidable(*args[:-1])
+                    for value in self.domain:
+                        if undecided or _builtin(lit.name, [*args[:-1], value]):
+                            yield {**env, output: value}
+                    return
+                # Strict: what cannot be decided of its arguments may hold.
+                if _builtin(lit.name, args) or (strict and not builtin.decidable(*args)):
                     yield env
                 return
             for atom in self.maybe if strict else self.db:
@@ -395,6 +419,16 @@ class Reference:
             if a[0] == predicate and len(a) == len(args) + 1
             and all(x is None or x == y for x, y in zip(args, a[1:], strict=True))
         }  # fmt: skip
+
+
+def _inputs(lit: CallLit, env: dict) -> tuple:
+    """The arguments a builtin needs bound: all, but a producing one's (``lower``'s) output
+    while that is an unbound variable."""
+    last = lit.args[-1]
+    producing = BUILTINS[(lit.name, len(lit.args))].produce is not None
+    if producing and isinstance(last, Var) and last.name not in env:
+        return lit.args[:-1]
+    return lit.args
 
 
 def _vars(lit: Any) -> list[str]:

@@ -370,3 +370,51 @@ def test_deny_rules_and_called_rules_over_values_that_cannot_be_decided_agree(co
         assert authz.authorize(actor, action, tool, context) == allowed, action
         assert authz.decide(actor, action, tool, context).allowed == allowed, action
     assert authz.actions(actor, tool, context) == ref.actions(actor, tool)
+
+
+LOWERED_POLICY = """
+actor User {}
+resource Tool {}
+
+allow(_u: User, _a: String, _t: Tool);
+deny(_u: User, "call", _t: Tool) if lower(context.cmd, c) and c = "rm";
+deny(_u: User, "read", _t: Tool) if lower(context.cmd, c) and ends_with(c, context.domain);
+deny(_u: User, "list", _t: Tool) if context.hold = true and dangerous(context.cmd);
+allow(_u: User, "get", _t: Tool) if not (lower(context.cmd, c) and contains(c, "r"));
+dangerous(x) if lower(x, c) and starts_with(c, "r");
+"""
+
+
+@SETTINGS
+@given(
+    context=st.fixed_dictionaries(
+        {},
+        optional={
+            "cmd": st.one_of(texts, st.lists(st.sampled_from(["RM", 1]), max_size=2)),
+            "domain": texts,
+            "hold": st.sampled_from([True, False, "yes"]),
+        },
+    )
+)
+def test_lowering_in_deny_rules_and_under_a_not_fails_closed_as_the_reference(context):
+    """``lower`` binding its output in strict code: where it can read its value the engine and
+    the reference agree exactly; where it cannot (no string), the reference lets the output
+    range over every value and the engine stops the rule as undecided (it holds, however the
+    rest of the rule would have been decided): so it refuses whatever the reference refuses."""
+    authz = Authorizer(LOWERED_POLICY)
+    tool, actor = Entity("Tool", "t"), Entity("User", "u")
+    given = [v if not isinstance(v, list) else tuple(v) for v in context.values()]
+    lowered = [v.lower() for v in given if isinstance(v, str)]
+    actions = ["call", "read", "list", "get"]
+    ref = Reference(
+        authz.policy.program, [], context, [actor, tool, "rm", *actions, *given, *lowered]
+    )
+    readable = not isinstance(context.get("cmd", ""), (list, int))  # a bool is an int
+    for action in actions:
+        allowed = ref.allowed(actor, action, tool)
+        answer = authz.authorize(actor, action, tool, context)
+        assert authz.decide(actor, action, tool, context).allowed == answer, action
+        if readable:
+            assert answer == allowed, (action, context)
+        else:
+            assert not answer or allowed, action

@@ -479,3 +479,65 @@ def test_the_rule_that_holds_a_call_it_cannot_decide_is_shown_to_its_approvers()
         proof = s.prove("requires_approval", ALICE, "read", REPO)
     assert proof.allowed and proof.rules() == [rule.removesuffix(";")]
     assert "cannot be decided" in str(proof)
+
+
+# ``lower`` binding its output (``lower(context.cmd, c) and c = "rm"``, the way to ignore case)
+# from a value that is no string: in strict code nothing can be bound and no answer named, so
+# the guardrail holds, as arithmetic with no result that a rule binds does; a list ["RM"] or a
+# number must not slip past a deny that a string "RM" would meet.
+LOWERED = [
+    'lower(context.cmd, c) and c = "rm"',
+    'lower(context.cmd, c) and starts_with(c, "rm")',
+    "dangerous(context.cmd)",  # in a rule the deny rule calls
+]
+NOT_TEXT = [["RM"], 7, True, {"cmd": "RM"}]
+
+
+@pytest.mark.parametrize("cmd", NOT_TEXT)
+@pytest.mark.parametrize("condition", LOWERED)
+def test_a_deny_rule_lowering_a_value_that_is_no_string_refuses(condition, cmd):
+    rules = GUARDED + 'dangerous(x) if lower(x, c) and c = "rm";\n'
+    rules += f'deny(_u: User, "read", _r: Repo) if {condition};'
+    assert not answers(rules, {"cmd": cmd})
+    assert not answers(rules, {"cmd": "RM"})
+    assert answers(rules, {"cmd": "ls"})
+    assert answers(rules, {})  # the field left out: the rule does not apply
+
+
+@pytest.mark.parametrize("cmd", NOT_TEXT)
+def test_a_negation_over_lowering_a_value_that_is_no_string_refuses(cmd):
+    rules = 'allow(_u: User, "read", _r: Repo) if not (lower(context.cmd, c) and c = "rm");'
+    assert not answers(rules, {"cmd": cmd})
+    assert answers(rules, {"cmd": "ls"})
+    assert answers(rules, {})
+
+
+@pytest.mark.parametrize("cmd", NOT_TEXT)
+def test_an_allow_rule_lowering_a_value_that_is_no_string_does_not_allow(cmd):
+    """Ordinary code is unchanged: nothing is bound, so the rule does not hold."""
+    rules = 'allow(_u: User, "read", _r: Repo) if lower(context.cmd, c) and c = "ls";'
+    assert not answers(rules, {"cmd": cmd})
+    assert answers(rules, {"cmd": "LS"})
+
+
+def test_an_obligation_lowering_a_value_that_is_no_string_applies_or_refuses():
+    """An obligation asked with every argument given applies; one whose answer is the lowered
+    value (which path to mask) cannot name it, and refuses with ``reason`` "undecided"."""
+    approval = (
+        'requires_approval(_u: User, "read", _r: Repo) if lower(context.cmd, c) and c = "rm";'
+    )
+    assert obligations(approval, {"cmd": ["RM"]}).obligations.requires_approval
+    assert not obligations(approval, {"cmd": "ls"}).obligations.requires_approval
+    mask = 'mask(_u: User, "read", _r: Repo, path) if lower(context.field, path);'
+    refused = obligations(mask, {"field": ["SSN"]})
+    assert (refused.allowed, refused.reason, refused.undecided) == (False, "undecided", "mask")
+    assert obligations(mask, {"field": "SSN"}).obligations.masks == ("ssn",)
+    assert obligations(mask, {}).obligations.masks == ()
+
+
+def test_the_explanation_shows_a_lowering_it_cannot_decide_as_holding():
+    rule = 'deny(_u: User, "read", _r: Repo) if lower(context.cmd, c) and c = "rm";'
+    authz = Authorizer(BLOCKS + GUARDED + rule)
+    decision = authz.decide(ALICE, "read", REPO, {"cmd": ["RM"]})
+    assert not decision.allowed
+    assert "cannot be decided" in str(decision.explanation)

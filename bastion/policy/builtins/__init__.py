@@ -6,7 +6,8 @@ malformed request fails closed, and holds in strict code (`Builtin.strict`: a ``
 obligation that restricts, what a ``not`` negates), so it fails closed there too. A missing
 context field is false everywhere (the rule does not apply). A builtin with
 ``produce`` may be called with its last argument an unbound variable, which it binds to each
-value ``produce`` returns for the others (``lower``). ``types`` names the value type each argument
+value ``produce`` returns for the others (``lower``); inputs it cannot read bind nothing in
+ordinary code, and in strict code stop it as undecided (`Builtin.strict_produce`). ``types`` names the value type each argument
 must have ("String"), when the builtin has one: a literal of another type is a load error.
 ``literal`` says what is wrong with an argument written in the policy (a time zone that does not
 exist), when the builtin can tell: that too is a load error, never a builtin false on every request.
@@ -36,6 +37,7 @@ from bastion.policy.builtins.time_window import (
     window_decidable,
     window_literal,
 )
+from bastion.policy.errors import Undecided
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,8 @@ class Builtin:
     # (position from 0, a value written in the policy) -> what is wrong with it, or None
     literal: Callable[[int, Any], str | None] | None = None
     # Whether the builtin can be decided of its arguments (values of the kinds it reads, that
-    # parse): where it cannot, it is false, and in strict code it may hold (`strict`).
+    # parse): where it cannot, it is false, and in strict code it may hold (`strict`). For one
+    # that produces, also asked of the inputs alone (`strict_produce`).
     decidable: Callable[..., bool] = lambda *args: True
 
     @property
@@ -60,6 +63,23 @@ class Builtin:
         string) may hold, so it holds, as an ordering of two kinds does."""
         function, decidable = self.function, self.decidable
         return lambda *args: function(*args) or not decidable(*args)
+
+    @property
+    def strict_produce(self) -> Callable[..., tuple]:
+        """`produce` in strict code: inputs it cannot read (``lower`` of a value that is no
+        string) leave its output undecided, with no value to bind nor answer to name without
+        one, so it raises `Undecided`, as arithmetic with no result that a rule binds does: the
+        ``deny`` holds, the ``not`` fails, an obligation asked for its values refuses."""
+        produce, decidable = self.produce, self.decidable
+        assert produce is not None, self.name
+
+        def produced(*inputs: Any) -> tuple:
+            values = produce(*inputs)
+            if values or decidable(*inputs):
+                return values
+            raise Undecided
+
+        return produced
 
 
 _TEXT2 = ("String", "String")
