@@ -690,21 +690,24 @@ class Session:
             # Strict code with an answer left open: arithmetic with no result (or lower of a
             # value that is no string), whose value a rule binds or passes on, leaves no answer to give (with every argument given,
             # the rule holds instead). The decision contract refuses on it.
-            clauses = self._active.loaded.program.clauses.get((predicate, len(mask)), ())
-            where = clauses[0].location if clauses else Location("<policy>", 1, 1)
-            raise UndecidedQuestion(
+            raise self.undecided(
                 predicate,
-                [
-                    Diagnostic(
-                        where,
-                        f"{predicate}/{len(mask)} cannot be decided for some answer of this"
-                        " question (arithmetic with no result, or lower of a value that is"
-                        " no string, bound or passed on); ask with every argument given",
-                    )
-                ],
+                len(mask),
+                "cannot be decided for some answer of this question (arithmetic with no result,"
+                " or lower of a value that is no string, bound or passed on); ask with every"
+                " argument given",
             ) from None
         except RecursionError:
             stack_exhausted(q)
+
+    def undecided(self, predicate: str, arity: int, why: str) -> UndecidedQuestion:
+        """The refusal of a question of ``predicate/arity`` whose answers cannot be named or
+        used (``why``), placed at its first rule: what `rows` raises for strict code left
+        open, and what the decision contract raises for an obligation's value it cannot use
+        (a required scope that is not text)."""
+        clauses = self._active.loaded.program.clauses.get((predicate, arity), ())
+        where = clauses[0].location if clauses else Location("<policy>", 1, 1)
+        return UndecidedQuestion(predicate, [Diagnostic(where, f"{predicate}/{arity} {why}")])
 
 
 def mask_of(args: Sequence[Any]) -> str:

@@ -51,8 +51,10 @@ The obligations whose holding restricts are asked as strict code
 (`bastion.decide.authorizer.STRICT`): a rule of theirs whose condition cannot be decided
 (``requires_approval(...) if context.amount > 1000;`` with an ``amount`` of ``"5000"``) holds.
 One whose answers cannot be named at all (which path to mask, which limit: arithmetic with no
-result that the rule binds or passes on) refuses the request with ``reason`` "undecided",
-``undecided`` naming the predicate.
+result that the rule binds or passes on), or a required scope that is not text (`required_scopes`),
+refuses the request with ``reason`` "undecided", ``undecided`` naming the predicate. Other
+values of the wrong type restrict the most: a mask path masks the whole result, a rate limit
+admits nothing, a sign-in age of 0, a required signal counts as stale.
 
 A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
 enforcement point fails closed, and goes on answering. The questions asked here are compiled
@@ -227,9 +229,7 @@ def _decide_chain(
             reason="signal_stale",
             stale_signals=names,
         )
-    required = tuple(
-        sorted(v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str))
-    )
+    required = required_scopes(s, action, resource)
     if granted_scopes is not None:
         granted = set(granted_scopes)
         missing = tuple(scope for scope in required if scope not in granted)
@@ -283,6 +283,25 @@ def _decide_chain(
         ),
         generation=generation,
     )
+
+
+def required_scopes(s: Session, action: str, resource: Entity) -> tuple[str, ...]:
+    """The scopes ``requires_scope`` asks of the token for ``action`` on ``resource``, sorted.
+    A scope that is not text (a number, a list a rule took from the request) can be carried by
+    no token, and dropped the call would need none: as a mask path or a rate limit that cannot
+    be used restricts the most, it refuses the request (`UndecidedQuestion`, ``reason``
+    "undecided" naming ``requires_scope``), wherever the decision is asked (the gateway,
+    ``/v1/authorize`` with principals, AuthZEN)."""
+    scopes = s.rows("requires_scope", "bbf", action, resource)
+    for scope in scopes:
+        if not isinstance(scope, str):
+            raise s.undecided(
+                "requires_scope",
+                3,
+                f"names a scope that is not text (a {type(scope).__name__}): no token can carry"
+                " it, so the request is refused; a scope is a string",
+            )
+    return tuple(sorted(scopes))
 
 
 def policy_result(
@@ -353,10 +372,8 @@ def plainly_allowed(
                 return False
             if _stale_signals(s, chain, context) is not None:
                 return False
-            granted = set(granted_scopes)
-            for scope in s.rows("requires_scope", "bbf", action, resource):
-                if isinstance(scope, str) and scope not in granted:
-                    return False
+            if not set(required_scopes(s, action, resource)).issubset(granted_scopes):
+                return False
             approval = False
             for p in chain:
                 if s.rows("rate_limit", "bbbff", p, action, resource):

@@ -38,8 +38,9 @@ class PolicyError(Exception):
 class UndecidedQuestion(PolicyError):
     """A question of strict code (`Node.strict`: a ``deny`` rule, an obligation whose holding
     restricts) asked with an argument left open, for which some answer cannot be decided
-    (arithmetic with no result whose value a rule binds or passes on): no answer can be named,
-    so none is given. ``predicate`` names the rule (``"rate_limit"``). The decision contract
+    (arithmetic with no result whose value a rule binds or passes on), or whose answer the
+    obligation cannot use (a required scope that is not text): no answer can be named, so none
+    is given. ``predicate`` names the rule (``"rate_limit"``). The decision contract
     refuses the request with ``reason`` "undecided" (`bastion.decide.contract`); a query
     answers it as the `PolicyError` it is."""
 

@@ -28,6 +28,7 @@ mask(_: User, "call", Tool{"desk/mask"}, "ssn") if context.arguments.amount > 10
 rate_limit(_: User, "call", Tool{"desk/limit"}, 1, 60) if context.arguments.amount > 1000;
 requires_scope("call", Tool{"desk/scope"}, "pay:large") if context.arguments.amount > 1000;
 rate_limit(_: User, "call", Tool{"desk/per"}, n, 60) if n = 1000 / context.arguments.per;
+requires_scope("call", Tool{"desk/scoped"}, s) if s = context.arguments.scope;
 """
 
 CALLER = Caller("sam", "agent", frozenset(), "127.0.0.1", "2025-11-25", "g-1", "s-1")
@@ -122,3 +123,20 @@ def test_an_obligation_whose_values_cannot_be_named_refuses_and_is_recorded(tmp_
     written = [r for _, r in gate.records.after(0)]
     assert [(r.result, r.reason) for r in written] == [("allow", ""), ("deny", "undecided")]
     assert written[-1].obligations["undecided"] == "rate_limit"
+
+
+@pytest.mark.parametrize("scope", [7, ["pay:large"], True])
+def test_a_required_scope_that_is_no_text_refuses_the_call_and_is_recorded(tmp_path, scope):
+    """A scope the rule names that is no text cannot be asked of any token: dropped, the call
+    would need none. It is refused with reason "undecided", the record naming the rule."""
+    gate = enforcer(tmp_path)
+    assert reason(call(gate, "desk/scoped", {"scope": "pay:large"})) == "step_up pay:large"
+    assert reason(call(gate, "desk/scoped", {})) is None
+    refused = call(gate, "desk/scoped", {"scope": scope})
+    assert reason(refused) == "undecided"
+    assert isinstance(refused, RpcError)
+    assert "requires_scope rule cannot be decided" in refused.message
+    gate.records.flush()
+    written = [r for _, r in gate.records.after(0)]
+    assert (written[-1].result, written[-1].reason) == ("deny", "undecided")
+    assert written[-1].obligations["undecided"] == "requires_scope"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from bastion import Authorizer, Entity, Variable
-from bastion.decide.contract import ChainDecision, RateLimit, decide_chain
+from bastion.decide.contract import ChainDecision, RateLimit, decide_chain, plainly_allowed
 
 ALICE, BOB, REPO = Entity("User", "alice"), Entity("User", "bob"), Entity("Repo", "r")
 BLOCKS = "actor User {}\nresource Repo {}\n"
@@ -541,3 +541,21 @@ def test_the_explanation_shows_a_lowering_it_cannot_decide_as_holding():
     decision = authz.decide(ALICE, "read", REPO, {"cmd": ["RM"]})
     assert not decision.allowed
     assert "cannot be decided" in str(decision.explanation)
+
+
+# A required scope that is no text (a number, a list) cannot be asked of a token: dropped, the
+# call would need no scope at all. As a mask path or a rate limit that cannot be used restricts
+# the most, it refuses the request, ``reason`` "undecided" naming ``requires_scope``.
+@pytest.mark.parametrize("scope", [7, ["repo:big"], True, {"s": 1}])
+@pytest.mark.parametrize("granted", [[], ["repo:big"], None])
+def test_a_required_scope_that_is_no_text_refuses(scope, granted):
+    authz = Authorizer(OBLIGED + 'requires_scope("read", _r: Repo, s) if s = context.scope;')
+    context = {"scope": scope, "server": "desk"}
+    decision = decide_chain(authz, [ALICE], "read", REPO, context, granted)
+    assert not decision.allowed
+    assert (decision.reason, decision.undecided) == ("undecided", "requires_scope")
+    assert not plainly_allowed(authz, [ALICE], "read", REPO, context, granted or [])
+    text = {"scope": "repo:big", "server": "desk"}
+    assert decide_chain(authz, [ALICE], "read", REPO, text, ["repo:big"]).allowed
+    assert decide_chain(authz, [ALICE], "read", REPO, text, []).missing_scopes == ("repo:big",)
+    assert decide_chain(authz, [ALICE], "read", REPO, {"server": "desk"}, []).allowed
