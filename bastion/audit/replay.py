@@ -11,20 +11,29 @@ Each is decided too by the policy in force today (`in_force`): what the candidat
 otherwise than it, the push changes (`InForce.changed_by`), whatever the record says. A record
 both decide alike, otherwise than recorded, is decided again by the policy in force when it was
 recorded, on the same facts (`cause_of`): the facts changed since, or a push since did.
+
+A token exchange's record (RFC 8693, `bastion.oauth.token_exchange`) is asked again as the token
+endpoint asked it, by the same function (`decide_exchange`): ``may_delegate`` and
+``delegated_scope`` for its chain, on its MCP server, for the scopes it asked, with its recorded
+context. Its answer is its result and the scopes that pass: an allow that lets other scopes pass
+now is decided otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from bastion.audit.decisions import DecisionRecord
 from bastion.decide import Authorizer
 from bastion.decide.contract import (
+    DELEGATION_ACTION,
     DELEGATION_METHOD,
+    DELEGATION_REFUSALS,
     ChainDecision,
     decide_chain,
+    decide_exchange,
     explained_principal,
     policy_result,
 )
@@ -38,7 +47,10 @@ from bastion.policy.runtime import ReadContext
 NOT_REPLAYABLE = {
     "later_format": "written by a later bastion, with fields this one does not know",
     "recovered": "recovered from the journal of a process that died: no context, no outcome",
-    "token_exchange": "a token exchange (may_delegate, delegated_scope), not a call",
+    "exchange_refused_before_policy": "a token exchange refused before the policy was asked"
+    " (a bad actor token, may_act, the depth, scopes beyond the subject token's...)",
+    "exchange_not_recorded": "a token exchange's record without the scopes it asked for or"
+    " those that passed",
     "no_context": "its context, or the time in it, was not recorded",
     "facts_stale": "refused because the facts were too old to decide on",
     "refused_before_decision": "refused before any policy was asked (the kill switch, a tool"
@@ -96,8 +108,8 @@ UNKNOWN_EFFECT = {
 class NotReplayable(Exception):  # noqa: N818 - an answer, not a failure
     """A record that is not replayed; ``reason`` is a key of `NOT_REPLAYABLE`."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(NOT_REPLAYABLE[reason])
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(NOT_REPLAYABLE[reason] + (f": {detail}" if detail else ""))
         self.reason = reason
 
 
@@ -112,13 +124,16 @@ class Question:
     scopes: frozenset[str]
     auth_time: int | None
     at: float
+    # A token exchange's: the scopes it asked to pass, in the order asked. None for a call.
+    requested: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Replayed:
     """A record decided again: the candidate's result and reason; when it differs from the
     record's (or `explained`), the rules that decided it (empty over budget: explaining would
-    spend it again)."""
+    spend it again). A token exchange's: the scopes that pass, and always the rules that proved
+    them (worked out with its answer, as the token endpoint records them)."""
 
     record: DecisionRecord
     question: Question
@@ -126,10 +141,14 @@ class Replayed:
     reason: str
     rules: tuple[str, ...] = ()
     chain: ChainDecision | None = field(default=None, repr=False, compare=False)
+    # A token exchange's: the scopes the candidate lets pass (none when refused).
+    scopes: tuple[str, ...] | None = None
 
     @property
     def same(self) -> bool:
-        return self.result == self.record.result
+        return _outcome(self.result, self.scopes) == _outcome(
+            self.record.result, granted(self.record)
+        )
 
     @property
     def over_budget(self) -> bool:
@@ -143,10 +162,10 @@ def question_of(record: DecisionRecord) -> Question:
         raise NotReplayable("later_format")
     if record.recovered:
         raise NotReplayable("recovered")
-    if record.method == DELEGATION_METHOD:
-        raise NotReplayable("token_exchange")
     if record.reason == "facts_stale":
         raise NotReplayable("facts_stale")
+    if record.method == DELEGATION_METHOD:
+        return _exchange_question(record)
     if not record.deciding_principal:  # only the refusals made before any policy name none
         raise NotReplayable("refused_before_decision")
     reason = record.reason
@@ -161,16 +180,7 @@ def question_of(record: DecisionRecord) -> Question:
         record.result == "deny" and reason not in _POLICY_REFUSALS
     ):
         raise NotReplayable("not_decided_by_policy")
-    if not isinstance(record.context, dict):
-        raise NotReplayable("no_context")
-    context = dict(record.context)
-    when = context.get("time")
-    try:
-        context["time"] = datetime.fromisoformat(when)  # as the gateway gave it: a datetime
-    except (TypeError, ValueError):
-        raise NotReplayable("no_context") from None
-    if context["time"].tzinfo is None:
-        raise NotReplayable("no_context")
+    context = _context_at(record)
     try:
         principals = tuple(map(_entity, record.principals))
         resource = _entity(record.target)
@@ -195,6 +205,74 @@ def question_of(record: DecisionRecord) -> Question:
     )
 
 
+def _exchange_question(record: DecisionRecord) -> Question:
+    """The question a token exchange's record asked (`decide_exchange`): its chain, its MCP
+    server, the scopes it asked for and its context. Not replayable when it was refused before
+    the policy was asked (its reason says why), or otherwise than by the policy."""
+    if not record.deciding_principal:  # the endpoint names one once it asked the policy
+        raise NotReplayable("exchange_refused_before_policy", record.reason)
+    if (record.result, record.reason) != ("allow", "") and (
+        record.result != "deny" or record.reason not in DELEGATION_REFUSALS
+    ):
+        raise NotReplayable("not_decided_by_policy")  # the kill switch, a task, a revoked grant
+    context = _context_at(record)
+    try:
+        principals = tuple(map(_entity, record.principals))
+        server = _entity(record.target)
+    except (AttributeError, TypeError, ValueError):
+        raise NotReplayable("unreadable") from None
+    if len(principals) < 3 or server.type != "McpServer":
+        raise NotReplayable("unreadable")
+    requested = context.get("requested_scopes")
+    if not _texts(requested) or granted(record) is None:
+        raise NotReplayable("exchange_not_recorded")
+    scopes = context.get("scopes")
+    return Question(
+        principals,
+        DELEGATION_ACTION,
+        server,
+        context,
+        frozenset(scopes) if _texts(scopes) else frozenset(),
+        None,
+        record.at,
+        tuple(requested),
+    )
+
+
+def granted(record: DecisionRecord) -> tuple[str, ...] | None:
+    """The scopes a token exchange's record let pass (none when refused); None for a call's
+    record, or an exchange's that does not say."""
+    if record.method != DELEGATION_METHOD or not isinstance(record.obligations, dict):
+        return None
+    scopes = record.obligations.get("scopes")
+    return tuple(scopes) if _texts(scopes) else None
+
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _outcome(result: str | None, scopes: tuple[str, ...] | None) -> tuple:
+    """What is compared of two answers: the result, and a token exchange's scopes that pass
+    (a set: the order asked is the record's)."""
+    return result, frozenset(scopes) if scopes is not None else None
+
+
+def _context_at(record: DecisionRecord) -> dict[str, Any]:
+    """``record``'s context with its time as the gateway and the token endpoint gave it: an
+    aware datetime; `NotReplayable` without it."""
+    if not isinstance(record.context, dict):
+        raise NotReplayable("no_context")
+    context = dict(record.context)
+    try:
+        context["time"] = datetime.fromisoformat(context.get("time"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise NotReplayable("no_context") from None
+    if context["time"].tzinfo is None:
+        raise NotReplayable("no_context")
+    return context
+
+
 def _entity(text: str) -> Entity:
     """The entity a record spells as ``text``; `ValueError` unless it spells it back the same
     (a record not written as `Entity.__repr__` writes it)."""
@@ -209,8 +287,16 @@ def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
     principal of its chain, within one evaluation budget (over it: refused, as the gateway
     refuses). `NotReplayable` when the answer would rest on what the record does not hold."""
     question = question_of(record)
-    chain, result, reason = _decide(authz, question, record.context)
-    replayed = Replayed(record, question, result, reason, chain=chain)
+    answer = _decide(authz, question, record.context)
+    replayed = Replayed(
+        record,
+        question,
+        answer.result,
+        answer.reason,
+        answer.rules,
+        chain=answer.chain,
+        scopes=answer.scopes,
+    )
     return replayed if replayed.same else explained(authz, replayed)
 
 
@@ -225,11 +311,13 @@ def explained(authz: Authorizer, replayed: Replayed) -> Replayed:
 @dataclass(frozen=True, slots=True)
 class InForce:
     """The policy in force today's answer to a replayed record's question: ``result`` and
-    ``reason``, None where it gave none (``why``, a key of `UNKNOWN_EFFECT`)."""
+    ``reason`` (and a token exchange's ``scopes`` that pass), None where it gave none (``why``,
+    a key of `UNKNOWN_EFFECT`)."""
 
     result: str | None = None
     reason: str | None = None
     why: str | None = None
+    scopes: tuple[str, ...] | None = None
 
     def changed_by(self, replayed: Replayed) -> bool | None:
         """Whether pushing the candidate changes ``replayed``'s decision: it decides another
@@ -239,7 +327,7 @@ class InForce:
             return None
         if replayed.over_budget:
             return self.reason != EvaluationLimit.reason
-        return self.result != replayed.result
+        return _outcome(self.result, self.scopes) != _outcome(replayed.result, replayed.scopes)
 
 
 def in_force(replayed: Replayed, now: Authorizer) -> InForce:
@@ -248,12 +336,13 @@ def in_force(replayed: Replayed, now: Authorizer) -> InForce:
     is not told: the push may change it or not. Over it both: alike (the gateway refuses it
     before the push and after)."""
     try:
-        _, result, reason = _decide(now, replayed.question, replayed.record.context)
+        answer = _decide(now, replayed.question, replayed.record.context)
     except NotReplayable:
         return InForce(why="not_replayable")
+    result, reason = answer.result, answer.reason
     if reason == EvaluationLimit.reason and not replayed.over_budget:
         return InForce(result, reason, "over_budget")
-    return InForce(result, reason)
+    return InForce(result, reason, scopes=answer.scopes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +353,14 @@ class Cause:
     (`cause_of`): ``facts``, the facts changed since (the policy in force when it was recorded
     decides it so today too); ``earlier_push``, a policy pushed since (that policy still decides
     it otherwise); or ``unknown`` (``why``, a key of `UNKNOWN_CAUSE`). ``result`` and
-    ``reason``: the policy of the time's answer today, None where it gave none or was not
-    asked."""
+    ``reason`` (and a token exchange's ``scopes``): the policy of the time's answer today, None
+    where it gave none or was not asked."""
 
     name: str
     result: str | None = None
     reason: str | None = None
     why: str | None = None
+    scopes: tuple[str, ...] | None = None
 
 
 def cause_of(replayed: Replayed, then: Authorizer) -> Cause:
@@ -281,21 +371,52 @@ def cause_of(replayed: Replayed, then: Authorizer) -> Cause:
     policy pushed since. Over the budget then: not told (the facts may have grown, the budget
     shrunk)."""
     try:
-        _, result, reason = _decide(then, replayed.question, replayed.record.context)
+        answer = _decide(then, replayed.question, replayed.record.context)
     except NotReplayable:
         return Cause("unknown", why="not_replayable")
+    result, reason, scopes = answer.result, answer.reason, answer.scopes
     if reason == EvaluationLimit.reason:
         return Cause("unknown", result, reason, "over_budget")
-    if replayed.over_budget or result != replayed.result:
-        return Cause("earlier_push", result, reason)
-    return Cause("facts", result, reason)
+    if replayed.over_budget or _outcome(result, scopes) != _outcome(
+        replayed.result, replayed.scopes
+    ):
+        return Cause("earlier_push", result, reason, scopes=scopes)
+    return Cause("facts", result, reason, scopes=scopes)
 
 
-def _decide(
-    authz: Authorizer, question: Question, recorded: dict[str, Any]
-) -> tuple[ChainDecision, str, str]:
-    """``question`` decided by ``authz`` as the gateway decides it: the chain, the result and
-    its reason; `NotReplayable` if it read what ``recorded`` (the record's context) cannot tell."""
+class _Answer(NamedTuple):
+    """A policy's answer to a record's question: the result and its reason; a call's chain
+    decision, or a token exchange's scopes that pass and the rules that proved them."""
+
+    result: str
+    reason: str
+    chain: ChainDecision | None = None
+    scopes: tuple[str, ...] | None = None
+    rules: tuple[str, ...] = ()
+
+
+def _decide(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> _Answer:
+    """``question`` decided by ``authz`` as the gateway (or, for a token exchange, the token
+    endpoint) decides it; `NotReplayable` if it read what ``recorded`` (the record's context)
+    cannot tell. An exchange's context is all the endpoint gave the policy: it reads nothing
+    else."""
+    if question.requested is not None:
+        # Explained in the same session, as the endpoint does where it keeps records.
+        decision = decide_exchange(
+            authz,
+            question.principals,
+            question.resource,
+            question.requested,
+            question.context,
+            explained=True,
+        )
+        refusal = decision.refusal
+        return _Answer(
+            "allow" if refusal is None else "deny",
+            refusal or "",
+            scopes=decision.scopes,
+            rules=decision.rules,
+        )
     reading = ReadContext(question.context)
     chain = decide_chain(
         authz,
@@ -316,7 +437,7 @@ def _decide(
     )
     if result == "allow":
         result, reason = _held(chain)
-    return chain, result, reason
+    return _Answer(result, reason, chain)
 
 
 def _check_reads(reading: ReadContext, recorded: dict[str, Any]) -> None:

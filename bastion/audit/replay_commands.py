@@ -29,6 +29,7 @@ from bastion.audit.replay import (
     Replayed,
     cause_of,
     explained,
+    granted,
     in_force,
     replay,
 )
@@ -182,7 +183,7 @@ class _StoredPolicies:
 
     def in_force(self, replayed: Replayed) -> InForce:
         if self.now is self.candidate:
-            return InForce(replayed.result, replayed.reason)
+            return InForce(replayed.result, replayed.reason, scopes=replayed.scopes)
         return in_force(replayed, self.now)
 
     def cause(self, replayed: Replayed) -> Cause:
@@ -264,13 +265,17 @@ def _unknown(cause: Cause, record: DecisionRecord) -> str:
     return UNKNOWN_CAUSE[cause.why or ""].format(version=record.policy_version)
 
 
+def _listed(scopes: tuple[str, ...]) -> str:
+    return " ".join(map(shown, scopes)) if scopes else "(none)"
+
+
 def _answer(result: str | None, reason: str | None) -> str:
     return shown(result) + (f" ({shown(reason)})" if reason else "")
 
 
 def _change(replayed: Replayed, now: InForce, pushed: bool | None, cause: Cause) -> dict[str, Any]:
     record, question = replayed.record, replayed.question
-    return {
+    change: dict[str, Any] = {
         "id": record.id,
         "at": record.at,
         "server": record.server,
@@ -297,6 +302,14 @@ def _change(replayed: Replayed, now: InForce, pushed: bool | None, cause: Cause)
         if pushed is not False
         else {"result": cause.result, "reason": cause.reason, "unknown": cause.why},
     }
+    then = granted(record)
+    if then is not None:  # a token exchange's: the scopes that passed, and pass now
+        answers = (change["old"], change["new"], change["in_force"], change["policy_of_the_time"])
+        scopes = (then, replayed.scopes, now.scopes, cause.scopes)
+        for answer, passed in zip(answers, scopes, strict=True):
+            if answer is not None:
+                answer["scopes"] = list(passed) if passed is not None else None
+    return change
 
 
 class _JsonReport:
@@ -364,6 +377,9 @@ class _TextReport:
         )
         if replayed.reason:
             write(f"    now: {shown(replayed.reason)}\n")
+        then = granted(record)
+        if replayed.scopes is not None and then is not None and (then or replayed.scopes):
+            write(f"    scopes: {_listed(then)} -> {_listed(replayed.scopes)}\n")
         for rule in replayed.rules:
             write(f"    rule: {readable(rule)}\n")
         version = record.policy_version

@@ -632,6 +632,8 @@ def same_value(value: Any, seen: Any) -> bool:
 # policy (``may_delegate``, then ``delegated_scope`` for each scope).
 DELEGATION_METHOD = "token/exchange"
 DELEGATION_ACTION = "delegate"
+# The reasons the policy refuses an exchange with (`DelegationDecision.refusal`).
+DELEGATION_REFUSALS = frozenset({"not_permitted", EvaluationLimit.reason, "no_scope_delegated"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,6 +646,34 @@ class DelegationDecision:
     scopes: tuple[str, ...] = ()
     reason: str | None = None  # "evaluation_limit" when the budget ran out (refused)
     rules: tuple[str, ...] = ()
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the exchange is refused on this answer, as its decision record says it
+        (``not_permitted``, ``evaluation_limit``, ``no_scope_delegated``); None when it passes
+        with `scopes`."""
+        if not self.allowed:
+            return self.reason or "not_permitted"
+        return None if self.scopes else "no_scope_delegated"
+
+
+def decide_exchange(
+    authz: Authorizer,
+    chain: Sequence[Entity],
+    server: Entity,
+    scopes: Iterable[str],
+    context: dict | None = None,
+    explained: bool = False,
+) -> DelegationDecision:
+    """The policy's question of a token exchange, as the token endpoint asks it and `bastion
+    audit replay` asks its record again: ``chain`` is the principals the record names (the
+    user, each agent of the subject token's chain, then the sub-agent); the last agent before
+    the sub-agent delegates to it, for the user, on ``server`` (`decide_delegation`)."""
+    if len(chain) < 3:
+        raise ValueError(f"a delegation's chain is a user and two agents at least: {chain}")
+    return decide_delegation(
+        authz, chain[0], chain[-2], chain[-1], server, scopes, context, explained
+    )
 
 
 def decide_delegation(

@@ -7,7 +7,8 @@ token bastion issued to the sub-agent by ``client_credentials`` (proof that the 
 live, registered client). The policy decides whether the current agent may delegate to the
 sub-agent on the MCP server the token is for (``may_delegate``) and which scopes survive
 (``delegated_scope``), now, with the request's posture and the facts in force
-(`bastion.decide.contract.decide_delegation`). The result is a short-lived access token whose
+(`bastion.decide.contract.decide_exchange`, which `bastion audit replay` asks again of the
+record). The result is a short-lived access token whose
 ``act`` claim nests the chain, under a grant that is a child of the subject token's grant:
 revoking any grant above it, or the subject token itself, revokes it. It never has a refresh token and never outlives the
 subject token.
@@ -36,7 +37,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
-from bastion.decide.contract import DELEGATION_ACTION, DELEGATION_METHOD, decide_delegation
+from bastion.decide.contract import DELEGATION_ACTION, DELEGATION_METHOD, decide_exchange
 from bastion.facts.model import Entity
 from bastion.oauth.errors import (
     InvalidGrant,
@@ -123,6 +124,11 @@ class _Asked:
     reason: str = ""
     rules: tuple[str, ...] = ()
 
+    def principals(self) -> tuple[Entity, ...]:
+        """The chain asked for, as the policy is asked it and the record names it: the user,
+        each agent, the sub-agent last."""
+        return (Entity("User", self.user), *(Entity("Agent", agent) for agent in self.agents))
+
 
 class TokenExchange:
     """The token-exchange grant of the token endpoint (`bastion.oauth.tokens.TokenEndpoint`)."""
@@ -170,10 +176,7 @@ class TokenExchange:
         records = delegation.records if delegation is not None else None
         if records is None:
             return None
-        principals = (
-            repr(Entity("User", asked.user)),
-            *(repr(Entity("Agent", agent)) for agent in asked.agents),
-        )
+        principals = tuple(map(repr, asked.principals()))
         obligations: dict[str, Any] = {}
         if asked.decided and "requested_scope" in seen:
             # What the policy let through of what was asked (none: refused), and what it kept.
@@ -284,16 +287,9 @@ class TokenExchange:
             wanted = available
         seen["requested_scope"] = " ".join(wanted)
 
-        allowed = self._policy(
+        scopes = self._policy(
             subject, chain[-1], actor_client.client_id, target, wanted, origin, asked
         )
-        scopes = [s for s in wanted if s in allowed]
-        if not scopes:
-            asked.reason = "no_scope_delegated"
-            raise InvalidScope(
-                f"the policy lets none of the scopes {wanted} pass to {actor_client.client_id!r}"
-                " now"
-            )
         seen["scope"] = " ".join(scopes)
         bound = task if task is not None else subject.task
         asked.task = bound or ""
@@ -441,10 +437,10 @@ class TokenExchange:
         wanted: list[str],
         origin: RequestOrigin,
         asked: _Asked,
-    ) -> set[str]:
+    ) -> tuple[str, ...]:
         """The scopes of ``wanted`` the policy lets pass from ``current`` to ``actor`` on the
-        MCP server at ``target``; refuse when it does not let it delegate at all. What it was
-        asked and answered goes in ``asked``, for the record."""
+        MCP server at ``target``; refuse when it does not let it delegate at all, or lets none
+        pass. What it was asked and answered goes in ``asked``, for the record."""
         delegation = self.server.delegation
         server = delegation.server_of(target) if delegation is not None else None
         if delegation is None or server is None:
@@ -481,26 +477,28 @@ class TokenExchange:
         asked.context = context
         authz = delegation.authorizer()
         asked.position = delegation.position()  # of the policy and facts ``authz`` decides on
-        decision = decide_delegation(
+        decision = decide_exchange(
             authz,
-            Entity("User", subject.subject),
-            Entity("Agent", current),
-            Entity("Agent", actor),
+            asked.principals(),
             server,
             wanted,
             context,
             explained=delegation.records is not None,
         )
         asked.decided, asked.rules = True, decision.rules
-        if not decision.allowed:
-            asked.reason = decision.reason or "not_permitted"
+        refusal = decision.refusal
+        if refusal is not None:
+            asked.reason = refusal
+        if refusal == "no_scope_delegated":
+            raise InvalidScope(f"the policy lets none of the scopes {wanted} pass to {actor!r} now")
+        if refusal is not None:
             why = (
-                "its evaluation spent its budget"
-                if decision.reason
-                else f"may_delegate does not hold for {current!r} to {actor!r} on {server!r}"
+                f"may_delegate does not hold for {current!r} to {actor!r} on {server!r}"
+                if refusal == "not_permitted"
+                else "its evaluation spent its budget"
             )
             raise InvalidRequest(f"the policy refuses this delegation: {why}")
-        return set(decision.scopes)
+        return decision.scopes
 
     def _device_claims(self, subject: VerifiedToken) -> dict[str, Any]:
         """The device claims the gateway reads ([signals.posture] device_claim,

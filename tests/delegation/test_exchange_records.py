@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
-from bastion.audit.replay import NotReplayable, question_of
+from bastion.audit.replay import question_of
 from bastion.db import Database
 from bastion.facts.model import Entity
 from bastion.oauth.store import OAuthStore
@@ -62,10 +60,11 @@ def test_an_allowed_exchange_is_a_decision_record_that_explains_it(studio):
     shown = json.loads(studio.command("audit", "show", record.id))
     assert shown["record"]["principals"] == list(chain(coder, sub))
     assert shown["policy"]["version"] == record.policy_version
-    # `bastion audit replay` does not ask it again as a call (allow(Agent, "delegate", ...)).
-    with pytest.raises(NotReplayable) as skipped:
-        question_of(record)
-    assert skipped.value.reason == "token_exchange"
+    # `bastion audit replay` asks it again as the token endpoint asked it, not as a call
+    # (allow(Agent, "delegate", ...)): the scopes asked for, for the whole chain.
+    question = question_of(record)
+    assert tuple(map(repr, question.principals)) == chain(coder, sub)
+    assert (question.action, question.requested) == ("delegate", ("files:read", "svg:write"))
 
 
 def grant_of(studio, token: str) -> str:
