@@ -35,7 +35,14 @@ from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.names import is_name, readable
 from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
-from bastion.signals.suspensions import Suspensions, has_person, token_principals
+from bastion.signals.suspensions import (
+    Suspensions,
+    describe,
+    has_person,
+    lock_suspensions,
+    stored_hold,
+    token_principals,
+)
 
 if TYPE_CHECKING:
     from bastion.approvals.webhooks import WebhookNotifier
@@ -54,6 +61,7 @@ MAX_REQUIRED = 1000
 MAX_REASON = 2000
 MAX_WITHHELD = 100
 MAX_PATH = 256
+_SUSPENDED = "{person} is suspended (the kill switch): a suspended user answers no request"
 
 
 def answer_problem(reason: str, withheld_fields: tuple[str, ...]) -> str | None:
@@ -207,6 +215,18 @@ class NoApprover(Exception):
             "nobody can approve it: the policy's approver rules for it ran out of their"
             " evaluation budget; an administrator simplifies them (docs/policy-language.md)",
             reason=EvaluationLimit.reason,
+        )
+
+    @classmethod
+    def suspended(cls, held: Entity) -> NoApprover:
+        """The kill switch holds the call: a suspension is stored that this replica had not
+        heard of when it passed the call (`stored_hold`). Nobody answers such a call, and no
+        request is kept for the suspension to miss: one would be used after the resume."""
+        return cls(
+            f"the kill switch holds this call: {describe(held)} is suspended (stored before"
+            " this replica had heard of it); nothing is held for people",
+            "the kill switch holds this call: an agent or user behind it is suspended",
+            reason="suspended",
         )
 
     @classmethod
@@ -493,11 +513,18 @@ class Approvals:
         call (``approval_unavailable``), and holds it again when it comes back. `NoApprover`
         when nobody could answer it (`answerers`), or when its agent has
         ``max_pending_per_agent`` calls waiting already (an identical call's request is still
-        found): nothing is kept."""
+        found): nothing is kept; `NoApprover.suspended` when the kill switch holds the call,
+        stored though this replica had not heard of it yet (`stored_hold`, asked under the kill
+        switch's lock: a suspension written meanwhile waits for the request, and takes it back).
+        """
         terms, confirmer = self.answerers(call, context)
         most = self.settings.max_pending_per_agent if call.kind == "approval" else None
         try:
             with self.store.db.transaction():
+                lock_suspensions(self.store.db, shared=True)
+                suspended = stored_hold(self.facts, token_principals(call.subject, call.chain))
+                if suspended is not None:
+                    raise NoApprover.suspended(suspended)
                 request, made = self.store.create(
                     kind=call.kind,
                     binding=self.binding(call),
@@ -982,7 +1009,7 @@ class Approvals:
         if state == "disabled":
             return f"{person} is disabled: a disabled user answers no request"
         if state == "suspended":
-            return f"{person} is suspended (the kill switch): a suspended user answers no request"
+            return _SUSPENDED.format(person=person)
         return None
 
     def _standing(self, person: str) -> str | None:
@@ -1038,10 +1065,17 @@ class Approvals:
         # taken one at a time whichever process takes them (two approvals at once each see
         # the other's), and a change committed while this answer was checked, or waited for
         # the lock (an approver removed, disabled or suspended; the expiry passing), counts.
+        # A suspension is read as stored, not as this replica's view holds it (which may not
+        # have heard of it yet), under the kill switch's lock, taken first (as a suspension's
+        # write takes it before its rows): a suspension written meanwhile waits for the answer,
+        # and takes back what it approved.
         with self.store.db.transaction():
+            lock_suspensions(self.store.db, shared=True)
             request = self.store.locked(request.id)
             assert request is not None
             why, reading = self._answerable(request, person)
+            if why is None and stored_hold(self.facts, (Entity("User", person),)) is not None:
+                why = _SUSPENDED.format(person=person)
             if why is not None:
                 raise NotAllowed(why)
             assert reading is not None

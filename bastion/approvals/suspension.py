@@ -16,7 +16,11 @@ is deleted. It covers:
 - what the suspended user approved or released: their answer goes with the request, and an
   approval for minutes they gave with its grant.
 
-The call sent again after the resume is held anew, and the people are asked again.
+The call sent again after the resume is held anew, and the people are asked again. What a
+replica that has not heard of the suspension yet would write after it (a request, an answer) is
+refused where it is written (`Approvals.hold`, `Approvals.answer`: `stored_hold`); the
+suspension's write and theirs take the kill switch's lock (`lock_suspensions`), so that the
+later of the two sees the earlier.
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ import json
 import time
 from collections.abc import Sequence
 
-from bastion.agents.identity import AGENT, USER, owned
+from bastion.agents.identity import AGENT, USER, owned, owner_fact
 from bastion.approvals.service import GRANT
 from bastion.approvals.store import keeps_requests, resolve_request
 from bastion.audit.log import AuditLog
 from bastion.decide.contract import approval_grant_agent
 from bastion.facts.model import Entity
-from bastion.facts.store import FactStore
-from bastion.signals.suspensions import has_person, token_principals
+from bastion.facts.store import FactStore, StoredFact
+from bastion.signals.suspensions import PREDICATE, Suspensions, token_principals
 
 # What a suspension closes: waiting for people, or answered yes and not used yet.
 _LIVE = ("pending", "approved", "released")
@@ -46,14 +50,19 @@ def take_back(store: FactStore, suspended: Entity, actor: str) -> int:
     if suspended.type not in (USER, AGENT):
         return 0
     db = store.db
-    agents_owned = frozenset(owned(store, suspended.id)) if suspended.type == USER else frozenset()
+    # What it covers is what the kill switch refuses, asked as it asks (one question, not two):
+    # of a view that holds this suspension and, for a user, the agents they own.
+    agents_owned = owned(store, suspended.id) if suspended.type == USER else ()
+    view = Suspensions()
+    view.reset(
+        [
+            StoredFact((PREDICATE, suspended)),
+            *(StoredFact(owner_fact(agent, suspended.id)) for agent in agents_owned),
+        ]
+    )
 
     def covers(subject: str, chain: Sequence[str]) -> bool:
-        principals = token_principals(subject, chain)
-        if suspended in principals:
-            return True
-        # An agent acting as itself stops while its owner is suspended (`Suspensions.first`).
-        return not has_person(principals) and any(a in agents_owned for a in chain)
+        return view.first(token_principals(subject, chain)) is not None
 
     grants = [
         f.fact

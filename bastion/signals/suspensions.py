@@ -29,7 +29,9 @@ actors it holds (`Suspensions.holds_value`), as every other decision route is.
 records ``suspension.created`` or ``suspension.lifted`` in the audit log, in the write's
 transaction. A suspension also takes back, in that transaction, the approvals it covers
 (`bastion.approvals.suspension`): they do not outlive it. The fact APIs write through
-`apply_facts`, which does the same for the suspensions they insert.
+`apply_facts`, which does the same for the suspensions they insert. A replica that has not heard
+of a suspension yet asks the database (`stored_hold`, under `lock_suspensions`) before it makes
+an approval request or takes an answer, so that it writes none the suspension did not see.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from datetime import UTC, datetime
 
 from bastion.agents.identity import AGENT, OWNER, RELATION, USER
 from bastion.audit.log import AuditLog
+from bastion.db import Database
 from bastion.facts.model import Entity, matches
 from bastion.facts.store import FactStore, StoredFact, WriteResult
 from bastion.turns import Turns
@@ -54,6 +57,9 @@ KINDS = {"agent": "Agent", "user": "User", "session": "McpSession"}
 # An id names one client, user or session: printable, bounded, never a pattern.
 MAX_ID_LENGTH = 512
 _PRINTABLE = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
+# The lock a write of suspensions takes before it stores them, and a write of the approvals
+# that must not outlive one (`lock_suspensions`).
+LOCK = "kill switch: suspensions"
 # The longest a suspension may be given (10 years; `/v1/suspensions`' expires_at and `bastion
 # agents suspend --minutes` alike); longer is until resumed, so leave the expiry out.
 MAX_SUSPENSION_SECONDS = 10 * 365 * 86400
@@ -158,6 +164,7 @@ def suspend(store: FactStore, s: Suspension, actor: str) -> WriteResult:
     """Store the suspension (durable; every replica applies it from the change log), recorded
     as ``suspension.created``."""
     with store.db.transaction():
+        lock_suspensions(store.db)
         result = store.apply([StoredFact((PREDICATE, s.entity), s.expires_at)], actor=actor)
         _take_back(store, (s.entity,), actor)
         _record(store, "suspension.created", s, actor, result.seq)
@@ -178,9 +185,21 @@ def apply_facts(
     if not held:
         return store.apply(inserts, deletes, actor=actor)
     with store.db.transaction():
+        lock_suspensions(store.db)
         result = store.apply(inserts, deletes, actor=actor)
         _take_back(store, held, actor)
     return result
+
+
+def lock_suspensions(db: Database, *, shared: bool = False) -> None:
+    """Inside a transaction, before anything of it is read or written: take the kill switch's
+    lock to its end. A write of suspensions takes it alone, before it stores them (so before
+    the fact store's writers' lock, as every holder takes the two); a write of the approvals
+    that reads `stored_hold` takes it ``shared``. On PostgreSQL (READ COMMITTED) a suspension
+    committing while a request is made would otherwise see no request, and the request no
+    suspension: each waits for the other now, and the later one sees the earlier. SQLite lets
+    one writer in at a time already (`Database.lock`)."""
+    db.lock(LOCK, shared=shared)
 
 
 def _take_back(store: FactStore, suspended: Iterable[Entity], actor: str) -> None:
@@ -226,6 +245,27 @@ def stored(store: FactStore) -> list[Suspension]:
         if isinstance(entity, Entity) and entity.type in kinds:
             out.append(Suspension(kinds[entity.type], entity.id, f.expires_at))
     return out
+
+
+def stored_hold(store: FactStore, principals: Sequence[Entity]) -> Entity | None:
+    """`Suspensions.first`, asked of the suspensions stored now rather than of this replica's
+    view, which may not have heard of the latest yet (the change log reaches it within
+    milliseconds): for a write that must not outlive a suspension it was not seen by (an
+    approval request made, an answer taken), under `lock_suspensions`. Reads the suspensions
+    (few), and the owners of the agents only where no person is among ``principals``."""
+    suspensions = store.get((PREDICATE, None))
+    if not suspensions:
+        return None
+    owners = (
+        []
+        if has_person(principals)
+        else [
+            f for p in principals if p.type == AGENT for f in store.get((RELATION, p, OWNER, None))
+        ]
+    )
+    view = Suspensions()
+    view.reset([*suspensions, *owners])
+    return view.first(principals)
 
 
 def is_owner_fact(fact: tuple) -> bool:

@@ -8,15 +8,22 @@ the call is held again and the people are asked again. Before, each was used aft
 from __future__ import annotations
 
 import dataclasses
+import threading
+import uuid
 
+import psycopg
 import pytest
 
+from bastion.approvals.service import NoApprover, NotAllowed
+from bastion.db import Database
 from bastion.facts.model import Entity
-from bastion.facts.store import StoredFact
+from bastion.facts.store import FactStore, StoredFact
 from bastion.signals.suspensions import apply_facts, resume, suspend, suspension
 from tests.approvals.test_agents_acting_as_themselves import call as call_tool
 from tests.approvals.test_service import (
+    Clock,
     acting_as_itself,
+    approvals_on,
     call,
     delete,
     held,
@@ -24,10 +31,12 @@ from tests.approvals.test_service import (
     report,
     reviewed,
     send,
+    standing,
     world,
 )
 from tests.approvals.test_unanswerable import RULES, approver
 from tests.signals.support import running
+from tests.waits import eventually
 
 GRANTS = ("approval_grant", None, None, None, None)
 
@@ -156,3 +165,150 @@ def test_a_call_approved_before_its_agent_was_suspended_is_held_again_after_the_
     assert retried["error"]["data"]["reason"] == "approval_pending", retried
     assert retried["error"]["data"]["approval_id"] != data["approval_id"]
     assert approvals.store.get(data["approval_id"]).status == "void"
+
+
+# -- a replica that has not heard of the suspension yet ---------------------------------------
+#
+# The approvals below are a replica's whose view of the kill switch has not been told of the
+# suspension (``world`` reads none; ``standing``'s is fed by hand, and is not fed here): the
+# suspension is stored, and the change log has not reached them yet. What they decide on their
+# view must not unlock anything once the suspension is lifted.
+
+
+def answerer(request) -> str:
+    """Someone who may approve ``request``: its approver, or who confirms it where none is."""
+    return request.approvers[0] if request.approvers else request.confirmer
+
+
+@pytest.mark.parametrize(
+    ("kind", "id", "held_call"),
+    [
+        ("agent", "bot", call(send)),
+        ("user", "sam", call(send)),
+        ("user", "pat", acting_as_itself(delete)),  # the owner of the agent acting as itself
+    ],
+    ids=["agent", "user", "owner"],
+)
+def test_a_call_held_by_a_replica_behind_its_suspension_is_refused_not_approved_later(
+    people, kind, id, held_call
+):
+    """The lagging replica passed the call (its view holds no suspension) and would hold it for
+    people: the request would be one the suspension never saw, answered during it and used
+    after the resume. It is refused ``suspended``, nothing kept; after the resume the call is
+    held anew and the people asked as for any call."""
+    approvals, _, facts, _ = people
+    suspend(facts, suspension(kind, id), "test")
+    with pytest.raises(NoApprover) as refused:
+        request = approvals.hold(held_call, "d1", ("requires_approval(...)",), {})
+        # Were it kept: approved during the suspension, it must still not be used after.
+        approvals.answer(request.id, answerer(request), "approve", channel="api")
+    assert refused.value.reason == "suspended"
+    assert approvals.store.latest("approval", approvals.binding(held_call)) is None
+    assert resume(facts, suspension(kind, id), "test").deleted == 1
+    assert approvals.check(held_call).state == "hold"
+    request = held(approvals, held_call)
+    approvals.answer(request.id, answerer(request), "approve", channel="api")
+    assert approvals.check(held_call).state == "approved"
+
+
+def test_an_answer_taken_by_a_replica_behind_its_approvers_suspension_does_not_count(standing):
+    """avery is suspended; the replica that takes her approval has not heard of it yet (its
+    view says she may answer). Her answer is refused as a suspended person's is, and nothing is
+    recorded: resumed, the request is as it was, and her answer then counts."""
+    approvals, _authz, _users, _clock = standing
+    facts = approvals.facts
+    request = held(approvals, call(send))
+    suspend(facts, suspension("user", "avery"), "test")
+    assert approvals.may_answer(request, "avery") is None  # the replica's view: not suspended
+    with pytest.raises(NotAllowed, match="avery is suspended"):
+        approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
+    after = approvals.store.get(request.id)
+    assert (after.status, after.answers) == ("pending", ())
+    assert facts.get(GRANTS) == []
+    assert resume(facts, suspension("user", "avery"), "test").deleted == 1
+    assert approvals.check(call(send)).state == "pending"
+    assert approvals.answer(request.id, "avery", "approve", channel="api").status == "approved"
+
+
+# -- a suspension and a request written at once, on two replicas (PostgreSQL) ------------------
+
+
+def other_replica() -> str:
+    """The name of another replica's connection, by which this test sees it wait on a lock."""
+    return f"other-replica-{uuid.uuid4().hex[:8]}"
+
+
+class Elsewhere:
+    """``act`` on another thread: what the replica whose connection is named ``role`` does."""
+
+    def __init__(self, url: str, role: str, act) -> None:
+        self.url, self.role, self.act = url, role, act
+        self.outcome: list = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            self.outcome.append(self.act())
+        except BaseException as e:  # noqa: BLE001 (the test reads it)
+            self.outcome.append(e)
+
+    def start_and_wait_for_a_lock(self) -> None:
+        """Started; returns once it has ended or waits on a lock (it may need one we hold)."""
+        self.thread.start()
+        assert eventually(lambda: not self.thread.is_alive() or self._waits())
+
+    def _waits(self) -> bool:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return bool(
+                conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
+                    " AND wait_event_type = 'Lock'",
+                    (self.role,),
+                ).fetchall()
+            )
+
+    def result(self):
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the other replica never finished"
+        return self.outcome[0]
+
+
+def test_a_request_made_while_a_suspension_commits_elsewhere_is_refused(postgres_url):
+    """One replica writes the agent's suspension; before it commits, another (READ COMMITTED)
+    holds a call of that agent. The suspension's take-back cannot see a request not yet
+    committed, and the hold cannot see a suspension not yet committed: one must wait for the
+    other. Here the hold waits, then sees the suspension, and refuses."""
+    role = other_replica()
+    approvals, _ = approvals_on(Database(postgres_url, role=role), Clock())
+    suspender = Database(postgres_url)
+    holding = Elsewhere(postgres_url, role, lambda: approvals.hold(call(send), "d1", (), {}))
+    try:
+        with suspender.transaction():
+            suspend(FactStore(suspender), suspension("agent", "bot"), "test")
+            holding.start_and_wait_for_a_lock()
+        outcome = holding.result()
+        assert isinstance(outcome, NoApprover) and outcome.reason == "suspended", outcome
+        assert approvals.store.latest("approval", approvals.binding(call(send))) is None
+    finally:
+        suspender.close()
+        approvals.store.db.close()
+
+
+def test_a_suspension_written_while_a_request_commits_elsewhere_takes_it_back(postgres_url):
+    """The other way round: the request is being made (its transaction open) when another
+    replica writes the agent's suspension. The suspension waits for it, and takes it back."""
+    approvals, _ = approvals_on(Database(postgres_url), Clock())
+    role = other_replica()
+    facts = FactStore(Database(postgres_url, role=role))
+    suspender = Elsewhere(
+        postgres_url, role, lambda: suspend(facts, suspension("agent", "bot"), "test")
+    )
+    approvals.on_new_request.append(lambda request: suspender.start_and_wait_for_a_lock())
+    try:
+        request = approvals.hold(call(send), "d1", (), {})
+        assert suspender.result().inserted == 1
+        assert approvals.store.get(request.id).status == "void"
+        assert approvals.check(call(send)).state == "hold"
+    finally:
+        facts.close()
+        approvals.store.db.close()
