@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from bastion.agents import identity
-from bastion.approvals.settings import ApprovalSettings
+from bastion.approvals.settings import MAX_WINDOW_MINUTES, ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore, TooManyPending
 from bastion.audit.log import AuditLog
 from bastion.decide import Authorizer, Session
@@ -860,21 +861,14 @@ class Approvals:
                 for a in s.rows("approver", "fbbb", user, action, resource)
                 if isinstance(a, Entity) and a.type == "User" and a.id not in chain
             )
-            required = max(
-                (
-                    n
-                    for n in s.rows("approvals_required", "bbbf", user, action, resource)
-                    if type(n) is int and n > 0
-                ),
-                default=1,
-            )
+            # 2.5 approvals: 3; fewer than one asks no more than the default, one.
+            asked = _numbers(s, "approvals_required", user, action, resource)
+            required = max([1, *(math.ceil(min(n, MAX_REQUIRED)) for n in asked)])
             forbidden = bool(s.rows("self_approval_forbidden", "bbb", user, action, resource))
             windows = _windows(s, user, action, resource)
-            shorter = [
-                n
-                for n in s.rows("approval_expires", "bbbf", user, action, resource)
-                if type(n) in (int, float) and n > 0
-            ]
+            shorter = _numbers(s, "approval_expires", user, action, resource)
+            if any(n <= 0 for n in shorter):  # lapsed before it is made: nobody may answer
+                raise s.undecided("approval_expires", 4, "gives no time (0 seconds or fewer)")
         except (EvaluationLimit, UndecidedQuestion) as refused:
             # Over budget, or a rule whose values cannot be named (`UndecidedQuestion`): nobody
             # but the user, once, and never by default for themself if forbidden — the
@@ -1259,14 +1253,39 @@ def _windows(s: Session, user: Entity, action: str, resource: Entity) -> list[in
     window). A window widens what an approval allows, so whether there is one at all is read
     as an ``allow`` rule is: a rule whose condition cannot be decided gives none. How long it
     is narrows, so it is read as an obligation that restricts is (strict, `STRICT_TOO`): such
-    a rule for fewer minutes counts. `UndecidedQuestion` where another rule gives a window and
-    those minutes cannot be named at all."""
+    a rule for fewer minutes counts, and so do minutes that are no whole number (``8.5``: 8;
+    ``"5"``, ``true``: none, this call only), never dropped, which would leave a longer window.
+    `UndecidedQuestion` where another rule gives a window and those minutes cannot be named at
+    all."""
+    given = s.rows("approval_window", "bbbf", user, action, resource, strict=False)
+    if not any(type(n) is int and n > 0 for n in given):
+        return []
+    found = s.rows("approval_window", "bbbf", user, action, resource, strict=True)
+    # An infinite one is as long as any (`max_window_minutes` bounds them all).
+    return [math.floor(min(max(n, 0), MAX_WINDOW_MINUTES)) if _is_number(n) else 0 for n in found]
 
-    def minutes(strict: bool) -> list[int]:
-        found = s.rows("approval_window", "bbbf", user, action, resource, strict=strict)
-        return [n for n in found if type(n) is int and n > 0]
 
-    return minutes(strict=True) if minutes(strict=False) else []
+def _is_number(value: Any) -> bool:
+    """An int or a float that is a number (not NaN); not a bool."""
+    return type(value) is int or (type(value) is float and value == value)
+
+
+def _numbers(s: Session, predicate: str, user: Entity, action: str, resource: Entity) -> list:
+    """The numbers the ``predicate(user, action, resource, n)`` rules give (``approvals_required``
+    or ``approval_expires``), read as strict code (`STRICT`). Each narrows the terms, so a
+    value that is no number (``"3"``, ``true``, NaN) is no value to drop, which would widen
+    them (one approval instead of three, the default expiry): `UndecidedQuestion`, the
+    narrowest terms, as for a value that cannot be named."""
+    found = s.rows(predicate, "bbbf", user, action, resource)
+    for n in found:
+        if not _is_number(n):
+            raise s.undecided(
+                predicate,
+                4,
+                f"gives {readable(repr(n), 60)}, which is no number: a value that narrows how"
+                " the call is approved is refused rather than dropped",
+            )
+    return list(found)
 
 
 def _call_context(request: ApprovalRequest, now: float) -> dict[str, Any]:

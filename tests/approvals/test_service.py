@@ -1866,3 +1866,62 @@ def test_the_windows_strict_reading_is_compiled_with_the_policy(world):
     request = approvals.hold(call(send, {"to": "'5000'"}), "d1", (), {"amount": "5000"})
     assert request.window_minutes == 5
     assert approvals.hold(call(send, {"to": "50"}), "d1", (), {"amount": 50}).window_minutes == 30
+
+
+# Any person but the user approves; the number of approvals, the expiry and the window are
+# taken from the call's context, so each may come out as any value.
+VALUED_TERMS = """
+requires_approval(_user: User, "call", Tool{"crm/terms"});
+approver(other: User, user: User, "call", Tool{"crm/terms"}) if other != user;
+approval_window(_user: User, "call", Tool{"crm/terms"}, 30);
+approvals_required(_u: User, "call", Tool{"crm/terms"}, n) if n = context.n;
+approval_expires(_u: User, "call", Tool{"crm/terms"}, s) if s = context.s;
+approval_window(_u: User, "call", Tool{"crm/terms"}, m) if m = context.m;
+"""
+terms = Entity("Tool", "crm/terms")
+
+
+@pytest.mark.parametrize(
+    ("given", "required", "seconds", "window"),
+    [
+        ({"n": 2, "s": 60, "m": 10}, 2, 60, 10),  # as written
+        ({"n": 2.5}, 3, 600, 30),  # half an approval more is one more
+        ({"n": 0}, 1, 600, 30),  # none asks no more than the default
+        ({"s": 30.5}, 1, 30.5, 30),
+        ({"s": float("inf")}, 1, 600, 30),
+        ({"m": 8.5}, 1, 600, 8),  # the whole minutes within it
+        ({"m": "5"}, 1, 600, 0),  # no number: this call only
+        ({"m": True}, 1, 600, 0),
+        ({"m": -3}, 1, 600, 0),
+        ({"m": float("inf")}, 1, 600, 30),  # the longest is the other rule's
+    ],
+)
+def test_a_term_given_as_another_number_narrows_the_terms_as_written(
+    world, given, required, seconds, window
+):
+    approvals, authz, _, clock = world
+    authz.load_policy(POLICY + VALUED_TERMS)
+    request = approvals.hold(call(terms, {"to": repr(given)}), "d1", (), given)
+    assert (request.required, request.window_minutes) == (required, window)
+    assert request.expires_at - clock() == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("given", "rule"),
+    [
+        ({"n": "3"}, "approvals_required"),  # dropped, one approval would do instead of three
+        ({"n": True}, "approvals_required"),
+        ({"n": [3]}, "approvals_required"),
+        ({"n": float("nan")}, "approvals_required"),
+        ({"s": "30"}, "approval_expires"),  # dropped, the default expiry: longer
+        ({"s": float("nan")}, "approval_expires"),
+        ({"s": 0}, "approval_expires"),  # lapsed before it is made
+        ({"s": -5}, "approval_expires"),
+    ],
+)
+def test_a_term_given_as_no_number_refuses_the_hold_never_widens_it(world, given, rule):
+    approvals, authz, *_ = world
+    authz.load_policy(POLICY + VALUED_TERMS)
+    with pytest.raises(NoApprover, match=f"{rule} rule for it cannot be decided") as refused:
+        approvals.hold(call(terms, {"to": repr(given)}), "d1", (), given)
+    assert refused.value.reason == "undecided"
