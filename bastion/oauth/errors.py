@@ -12,9 +12,15 @@ class OAuthError(Exception):
         self.error = error
         self.description = description
         self.status = status
+        # The decision record of a refusal that is one (a token exchange): answered with it,
+        # so that whoever was refused can have it explained (`bastion audit show`).
+        self.decision_id: str | None = None
 
     def as_dict(self) -> dict[str, str]:
-        return {"error": self.error, "error_description": self.description}
+        body = {"error": self.error, "error_description": self.description}
+        if self.decision_id is not None:
+            body["decision_id"] = self.decision_id  # RFC 6749 §5.2 lets a response add members
+        return body
 
 
 class InvalidRequest(OAuthError):

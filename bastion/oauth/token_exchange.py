@@ -154,13 +154,14 @@ class TokenExchange:
             if "chain" in seen:
                 reason = asked.reason or f"{error.error}: {error.description}"
                 result = "unavailable" if reason == "facts_stale" else "deny"
+                error.decision_id = self._record(asked, result, reason, seen)
                 self.audit.record(
                     "token.exchange_refused",
                     subject=seen.get("user"),
                     client_id=client.client_id,
                     error=error.error,
                     description=error.description,
-                    decision_id=self._record(asked, result, reason, seen),
+                    decision_id=error.decision_id,
                     **{k: v for k, v in seen.items() if k != "user"},
                 )
                 error.audited = True  # type: ignore[attr-defined]
@@ -357,6 +358,7 @@ class TokenExchange:
                 # §2.2.2: an unacceptable subject or actor token is invalid_request.
                 raise InvalidRequest(refused.description) from None
         asked.grant_id = grant.grant_id
+        decision_id = self._record(asked, "allow", "", seen)
         self.audit.record(
             "token.exchanged",
             subject=subject.subject,
@@ -369,15 +371,18 @@ class TokenExchange:
             scope=grant.scope,
             trimmed=[s for s in wanted if s not in scopes],
             task=bound,
-            decision_id=self._record(asked, "allow", "", seen),
+            decision_id=decision_id,
         )
-        return {
+        answer = {
             "access_token": access.token,
             "issued_token_type": ACCESS_TOKEN_TYPE,
             "token_type": "Bearer",
             "expires_in": seconds,
             "scope": grant.scope,
         }
+        if decision_id is not None:
+            answer["decision_id"] = decision_id  # RFC 6749 §5.1 lets a response add members
+        return answer
 
     def _token(self, token: str, name: str, resource: str | None = None) -> VerifiedToken:
         """A token this server issued, checked in full (signature, issuer, audience when

@@ -54,6 +54,8 @@ def test_an_allowed_exchange_is_a_decision_record_that_explains_it(studio):
     assert record.context["actor"] == sub.client_id
     assert record.policy_version is not None and record.sequence is not None
     assert record.grant_id == grant_of(studio, subject)
+    # The answer names it, so that the agent's operator can have it explained.
+    assert answer.json()["decision_id"] == record.id
     # The audit event names it; `bastion audit show` finds it.
     [event] = [e for e in studio.events("token.exchanged") if e.client_id == sub.client_id]
     assert event.detail["decision_id"] == record.id
@@ -86,6 +88,7 @@ def test_a_refused_exchange_is_a_decision_record_with_the_reason(studio):
     assert (record.result, record.reason) == ("deny", "not_permitted")
     assert record.target == repr(Entity("McpServer", "studio"))
     assert record.rules == ()  # no rule let it through
+    assert refused.json()["decision_id"] == record.id  # beside error and error_description
     [event] = [
         e
         for e in studio.events("token.exchange_refused")
@@ -120,3 +123,13 @@ def test_a_refusal_before_the_policy_is_recorded_with_what_the_client_was_told(s
     assert record.result == "deny"
     assert record.reason == f"invalid_request: {refused.json()['error_description']}"
     assert record.deciding_principal == ""  # no policy was asked
+    assert refused.json()["decision_id"] == record.id
+
+
+def test_a_refusal_of_a_subject_token_that_is_no_good_names_no_decision(studio):
+    """Before the subject token is known good there is no chain to decide for: no record, and
+    the answer is the RFC's error alone."""
+    coder, sub = cast(studio, "no-good")
+    refused = studio.exchange(coder, "not-a-token", studio.own_token(sub))
+    assert error(refused) == (400, "invalid_request")
+    assert set(refused.json()) == {"error", "error_description"}
