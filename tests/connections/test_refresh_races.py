@@ -13,80 +13,27 @@ import threading
 import anyio
 import pytest
 from cryptography.fernet import Fernet
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from bastion.connections.sealing import Sealer
 from bastion.connections.service import Connections
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
+from tests.connections.fakes import AuthorizationServer, loopback_base
 from tests.oauth.support import free_socket, serve
 
 NOW = 1000.0
 
 
-class HeldTokenEndpoint:
-    """An upstream's authorization server whose token endpoint holds each refresh until the
-    test lets it go, then answers with fresh tokens (or ``refusal``); it records revocations."""
-
-    def __init__(self) -> None:
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-        self.refusal: str | None = None
-        self.revoked: list[str] = []
-        self.issued = 0
-        self.base = ""
-
-    def app(self) -> Starlette:
-        async def metadata(request: Request) -> JSONResponse:
-            return JSONResponse(
-                {
-                    "issuer": self.base,
-                    "authorization_endpoint": f"{self.base}/authorize",
-                    "token_endpoint": f"{self.base}/token",
-                    "revocation_endpoint": f"{self.base}/revoke",
-                    "code_challenge_methods_supported": ["S256"],
-                }
-            )
-
-        async def token(request: Request) -> JSONResponse:
-            form = await request.form()
-            assert form["grant_type"] == "refresh_token"
-            self.arrived.set()
-            await anyio.to_thread.run_sync(self.release.wait, 30)
-            if self.refusal:
-                return JSONResponse({"error": self.refusal}, status_code=400)
-            self.issued += 1
-            return JSONResponse(
-                {
-                    "access_token": f"fresh-access-{self.issued}",
-                    "refresh_token": f"fresh-refresh-{self.issued}",
-                    "token_type": "Bearer",
-                    "expires_in": 3600,
-                }
-            )
-
-        async def revoke(request: Request) -> JSONResponse:
-            self.revoked.append(str((await request.form())["token"]))
-            return JSONResponse({})
-
-        return Starlette(
-            routes=[
-                Route("/.well-known/oauth-authorization-server", metadata),
-                Route("/token", token, methods=["POST"]),
-                Route("/revoke", revoke, methods=["POST"]),
-            ]
-        )
-
-
 @pytest.fixture
 def held():
-    server = HeldTokenEndpoint()
+    """An upstream's authorization server whose token endpoint holds each refresh until the
+    test lets it go (``release``), then answers with fresh tokens (or its refusal); it records
+    revocations."""
     sock = free_socket()
-    server.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = AuthorizationServer(
+        "held", loopback_base(sock), registration=False, grant_types=["refresh_token"], holds="each"
+    )
     with serve(server.app(), sock):
         yield server
         server.release.set()
@@ -121,7 +68,7 @@ def _tokens(service: Connections) -> dict | None:
     return None if row is None else service.sealer.open("alice", "tracker", row.sealed)
 
 
-async def _while_refreshing(service: Connections, held: HeldTokenEndpoint, meanwhile):
+async def _while_refreshing(service: Connections, held: AuthorizationServer, meanwhile):
     """Start a call whose token needs a refresh, run ``meanwhile`` once the refresh is at the
     token endpoint, then let the endpoint answer; the call's outcome."""
     call = asyncio.create_task(service.access_token("alice", "tracker"))
@@ -147,12 +94,12 @@ def test_a_revocation_during_a_refresh_is_not_undone_by_the_refresh(service, hel
     assert service.store.get("alice", "tracker") is None
     assert service.listed("alice") == []
     # The tokens the refresh brought back are revoked at the upstream too, not only forgotten.
-    assert {"fresh-access-1", "fresh-refresh-1"} <= set(held.revoked)
+    assert {"access-of-held-1", "refresh-of-held-1"} <= set(held.revoked)
 
 
 def test_a_refused_refresh_does_not_delete_a_connection_made_meanwhile(service, held):
     _connect(service, "old-access", "old-refresh")
-    held.refusal = "invalid_grant"
+    held.refuse("invalid_grant")
 
     async def scenario():
         async def reconnect():  # revoked and connected again, as `Connections.finish` stores it
@@ -178,7 +125,7 @@ def test_a_refresh_that_returns_after_a_new_connection_keeps_the_new_one(service
     assert anyio.run(scenario) == "new-access"
     assert _tokens(service) == {"access_token": "new-access", "refresh_token": "new-refresh"}
     # What the old grant's refresh brought back is nobody's now: revoked there.
-    assert {"fresh-access-1", "fresh-refresh-1"} <= set(held.revoked)
+    assert {"access-of-held-1", "refresh-of-held-1"} <= set(held.revoked)
 
 
 def test_a_refresh_that_returns_after_another_process_refreshed_uses_that_refresh(service, held):
@@ -205,10 +152,10 @@ def test_a_refresh_during_a_rekey_keeps_its_fresh_tokens(service, held):
 
         return await _while_refreshing(service, held, rekey)
 
-    assert anyio.run(scenario) == "fresh-access-1"
+    assert anyio.run(scenario) == "access-of-held-1"
     assert _tokens(service) == {
-        "access_token": "fresh-access-1",
-        "refresh_token": "fresh-refresh-1",
+        "access_token": "access-of-held-1",
+        "refresh_token": "refresh-of-held-1",
         "issuer": held.base,  # the server that issued them, the only one they go back to
     }
     assert held.revoked == []

@@ -17,15 +17,10 @@ test lets it go), over SQLite or PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import anyio
 import pytest
 from cryptography.fernet import Fernet
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from bastion.audit.log import AuditLog
 from bastion.connections.sealing import Sealer
@@ -37,6 +32,7 @@ from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.jsonrpc import UPSTREAM_UNAVAILABLE, RpcError
 from bastion.gateway.upstream import HttpUpstream
 from bastion.gateway.upstream_credentials import CONNECTION_REQUIRED, UserTokenUpstream
+from tests.connections.fakes import McpUpstream, loopback_base
 from tests.connections.test_refresh_races import held  # noqa: F401 (the fixture)
 from tests.oauth.support import free_socket, serve
 
@@ -44,65 +40,12 @@ NOW = 1000.0
 CALL = {"name": "file_issue", "arguments": {"title": "once"}}
 
 
-class TokenCheckingUpstream:
-    """A 2025-11-25 MCP server that takes only the access tokens in ``accepted`` (401 to any
-    other, on a POST or a GET), and records every POST's method and token. Its tool ``slow``
-    takes the call, stops taking the token it came with, and ends its stream before answering:
-    the answer is to come on the stream's resumption (SEP-1699)."""
-
-    def __init__(self) -> None:
-        self.accepted: set[str] = set()
-        self.posts: list[tuple[str, str]] = []  # (method, token)
-        self.url = ""
-
-    def app(self) -> Starlette:
-        def refused() -> Response:
-            challenge = 'Bearer error="invalid_token"'
-            return Response(status_code=401, headers={"www-authenticate": challenge})
-
-        async def post(request: Request) -> Response:
-            message = json.loads(await request.body())
-            token = request.headers.get("authorization", "").removeprefix("Bearer ")
-            self.posts.append((str(message.get("method")), token))
-            if token not in self.accepted:
-                return refused()
-            if "id" not in message:
-                return Response(status_code=202)
-            if message["method"] == "initialize":
-                result = {
-                    "protocolVersion": "2025-11-25",
-                    "capabilities": {"tools": {}},
-                    "serverInfo": {"name": "tracker", "version": "1"},
-                }
-                answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
-                return JSONResponse(answer, headers={"mcp-session-id": "s-1"})
-            if message["method"] == "tools/call" and message["params"]["name"] == "slow":
-                self.accepted.discard(token)  # revoked at the upstream once it took the call
-                primed = "id: e-1\nretry: 10\ndata: \n\n"
-                return Response(primed, media_type="text/event-stream")
-            result = {"content": [{"type": "text", "text": f"done with {token}"}]}
-            return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": result})
-
-        async def get(request: Request) -> Response:
-            token = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if token not in self.accepted:
-                return refused()
-            return Response(status_code=405)
-
-        return Starlette(
-            routes=[Route("/mcp", post, methods=["POST"]), Route("/mcp", get, methods=["GET"])]
-        )
-
-    def calls(self) -> list[str]:
-        """The token of each ``tools/call`` that reached the upstream, in order."""
-        return [token for method, token in self.posts if method == "tools/call"]
-
-
 @pytest.fixture
 def upstream():
-    server = TokenCheckingUpstream()
+    """A 2025-11-25 MCP server that takes only the access tokens it is told to, and whose tool
+    ``slow`` answers on a resumed stream (`tests.connections.fakes.McpUpstream`)."""
     sock = free_socket()
-    server.url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    server = McpUpstream(f"{loopback_base(sock)}/mcp")
     with serve(server.app(), sock):
         yield server
 
@@ -137,14 +80,14 @@ def _session(connections: Connections, url: str, ended: list[str]) -> UserTokenU
 
 
 async def _started(
-    connections: Connections, upstream: TokenCheckingUpstream, ended: list[str]
+    connections: Connections, upstream: McpUpstream, ended: list[str]
 ) -> UserTokenUpstream:
     """A session of alice's, started (initialized) with her token while the upstream took it;
-    from then on it takes only ``fresh-access-1``."""
+    from then on it takes only ``access-of-held-1``."""
     session = _session(connections, upstream.url, ended)
     upstream.accepted.add("old-access")
     await session.ensure_started()
-    upstream.accepted = {"fresh-access-1"}
+    upstream.accepted = {"access-of-held-1"}
     return session
 
 
@@ -164,12 +107,12 @@ def test_a_refused_token_is_refreshed_once_and_the_call_sent_again(held, upstrea
 
     answer = anyio.run(scenario)
 
-    assert answer["result"]["content"][0]["text"] == "done with fresh-access-1"
-    assert upstream.calls() == ["old-access", "fresh-access-1"]  # refused, then sent once more
-    assert held.issued == 1
+    assert answer["result"]["content"][0]["text"] == "done with access-of-held-1"
+    assert upstream.calls() == ["old-access", "access-of-held-1"]  # refused, then sent once more
+    assert held.tokens_issued == 1
     assert held.revoked == []
     assert ended == []  # the session goes on, with the fresh token
-    assert anyio.run(connections.access_token, "alice", "tracker") == "fresh-access-1"
+    assert anyio.run(connections.access_token, "alice", "tracker") == "access-of-held-1"
 
 
 def test_a_fresh_token_refused_too_asks_to_connect_without_a_second_refresh(
@@ -190,13 +133,13 @@ def test_a_fresh_token_refused_too_asks_to_connect_without_a_second_refresh(
 
     assert refused.value.code == CONNECTION_REQUIRED
     assert "connect your account to tracker" in refused.value.message
-    assert held.issued == 1  # one refresh, never a loop
-    assert upstream.calls() == ["old-access", "fresh-access-1"]
+    assert held.tokens_issued == 1  # one refresh, never a loop
+    assert upstream.calls() == ["old-access", "access-of-held-1"]
     assert ended == ["(the upstream refused the user's token)"]
 
 
 def test_a_refused_refresh_asks_to_connect_and_sends_the_call_once(held, upstream, replicas):  # noqa: F811
-    held.refusal = "invalid_grant"
+    held.refuse("invalid_grant")
     held.release.set()
     connections, ended = replicas(), []
 
@@ -233,9 +176,11 @@ def test_replicas_refused_at_once_refresh_once_and_both_send_again(held, upstrea
 
     answers = anyio.run(scenario)
 
-    assert [a["result"]["content"][0]["text"] for a in answers] == ["done with fresh-access-1"] * 2
-    assert held.issued == 1  # the refresh token went to the server once
-    assert sorted(upstream.calls()) == ["fresh-access-1", "fresh-access-1"] + ["old-access"] * 2
+    assert [a["result"]["content"][0]["text"] for a in answers] == [
+        "done with access-of-held-1"
+    ] * 2
+    assert held.tokens_issued == 1  # the refresh token went to the server once
+    assert sorted(upstream.calls()) == ["access-of-held-1", "access-of-held-1"] + ["old-access"] * 2
     assert ended == []
 
 
@@ -256,5 +201,5 @@ def test_a_call_refused_after_the_upstream_took_it_is_not_sent_again(held, upstr
     assert failed.value.code == UPSTREAM_UNAVAILABLE
     assert "not sent again" in failed.value.message
     assert upstream.calls() == ["old-access"]
-    assert held.issued == 1
-    assert anyio.run(connections.access_token, "alice", "tracker") == "fresh-access-1"
+    assert held.tokens_issued == 1
+    assert anyio.run(connections.access_token, "alice", "tracker") == "access-of-held-1"
