@@ -15,10 +15,6 @@ import logging
 import anyio
 import pytest
 from cryptography.fernet import Fernet
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from bastion.connections.sealing import Sealer
 from bastion.connections.service import Connections, ConnectionUnavailable
@@ -26,6 +22,7 @@ from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from bastion.names import SHOWN_CHARS
+from tests.connections.fakes import AuthorizationServer, loopback_base
 from tests.connections.hostile_text import HOSTILE, assert_escaped_and_cut
 from tests.oauth.support import free_socket, serve
 
@@ -34,41 +31,25 @@ NOW = 1000.0
 
 @pytest.fixture
 def server():
-    """An authorization server whose token endpoint answers ``answer[0]`` (status, body), or
-    fresh tokens when it is None."""
-    answer: list = [None]
+    """An authorization server whose token endpoint answers its ``refusal`` (status, body), or
+    fresh tokens when it has none."""
     sock = free_socket()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-    async def metadata(request: Request) -> JSONResponse:
-        return JSONResponse(
-            {
-                "issuer": base,
-                "authorization_endpoint": f"{base}/authorize",
-                "token_endpoint": f"{base}/token",
-                "code_challenge_methods_supported": ["S256"],
-            }
-        )
-
-    async def token(request: Request) -> JSONResponse:
-        if answer[0] is not None:
-            status, body = answer[0]
-            return JSONResponse(body, status_code=status)
-        return JSONResponse({"access_token": "fresh", "token_type": "Bearer", "expires_in": 3600})
-
-    app = Starlette(
-        routes=[
-            Route("/.well-known/oauth-authorization-server", metadata),
-            Route("/token", token, methods=["POST"]),
-        ]
+    # As the server this module was written against: an access token alone, no new refresh
+    # token (RFC 6749 §6 allows it), and no revocation endpoint for bastion to call on a drop.
+    refusing = AuthorizationServer(
+        "refusing",
+        loopback_base(sock),
+        registration=False,
+        revocation=False,
+        issues_refresh_tokens=False,
     )
-    with serve(app, sock):
-        yield base, answer
+    with serve(refusing.app(), sock):
+        yield refusing
 
 
 @pytest.fixture
 def service(database_url, server):
-    base, _ = server
+    base = server.base
     db = Database(database_url)
     oauth = UpstreamOAuth(issuer=base, client_id="bastion", client_secret="s3cret")
     connections = Connections(
@@ -98,22 +79,20 @@ def service(database_url, server):
     ],
 )
 def test_a_refusal_that_is_not_invalid_grant_keeps_the_connection(service, server, status, body):
-    _, answer = server
-    answer[0] = (status, body)
+    server.refusal = (status, body)
     with pytest.raises(ConnectionUnavailable, match=f"tracker.*{body['error']}") as refused:
         anyio.run(service.access_token, "alice", "tracker")
     assert "refresh-1" not in str(refused.value) and "s3cret" not in str(refused.value)
     assert service.store.get("alice", "tracker") is not None
-    answer[0] = None  # the server is fixed: the same connection refreshes
-    assert anyio.run(service.access_token, "alice", "tracker") == "fresh"
+    server.refusal = None  # the server is fixed: the same connection refreshes
+    assert anyio.run(service.access_token, "alice", "tracker") == "access-of-refusing-1"
 
 
 def test_invalid_grant_deletes_the_connection_and_the_user_connects_again(service, server):
-    _, answer = server
-    answer[0] = (400, {"error": "invalid_grant"})
+    server.refusal = (400, {"error": "invalid_grant"})
     assert anyio.run(service.access_token, "alice", "tracker") is None
     assert service.store.get("alice", "tracker") is None
-    answer[0] = None
+    server.refusal = None
     assert anyio.run(service.access_token, "alice", "tracker") is None  # no refresh, no loop
 
 
@@ -122,8 +101,7 @@ def test_a_refusals_error_and_description_are_logged_and_told_escaped_and_cut(
 ):
     """The server writes its ``error`` and ``error_description``: the log line and the call's
     error hold them escaped and cut (`bastion.names.readable`)."""
-    _, answer = server
-    answer[0] = (400, {"error": "invalid_grant", "error_description": HOSTILE})
+    server.refusal = (400, {"error": "invalid_grant", "error_description": HOSTILE})
     with caplog.at_level(logging.INFO, logger="bastion.connections"):
         assert anyio.run(service.access_token, "alice", "tracker") is None
     [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
@@ -132,7 +110,10 @@ def test_a_refusals_error_and_description_are_logged_and_told_escaped_and_cut(
 
     sealed = service.sealer.seal("alice", "tracker", {"refresh_token": "refresh-1"})
     service.store.put(StoredConnection("alice", "tracker", sealed, "", NOW, 0.0, 0.0))
-    answer[0] = (400, {"error": "slow_down\n\x1b[2J" + "y" * 500, "error_description": HOSTILE})
+    server.refusal = (
+        400,
+        {"error": "slow_down\n\x1b[2J" + "y" * 500, "error_description": HOSTILE},
+    )
     with pytest.raises(ConnectionUnavailable) as refused:
         anyio.run(service.access_token, "alice", "tracker")
     said = str(refused.value)
