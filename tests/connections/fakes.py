@@ -237,7 +237,7 @@ class ResourceMetadata:
 
     def __init__(self, base: str = "", authorization_servers: list[str] | None = None) -> None:
         self.base = base
-        self.authorization_servers = authorization_servers if authorization_servers else []
+        self.authorization_servers = [] if authorization_servers is None else authorization_servers
         self.reads = 0
 
     async def metadata(self, request: Request) -> Response:

@@ -13,17 +13,12 @@ replicas are, against real authorization servers served by uvicorn.
 
 from __future__ import annotations
 
-import secrets
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import httpx
 import pytest
 from cryptography.fernet import Fernet
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from bastion.audit.log import AuditLog
 from bastion.connections.sealing import Sealer
@@ -31,88 +26,25 @@ from bastion.connections.service import Connections, ConnectionUnavailable, Flow
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
+from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import Servers, free_socket
-
-
-class AuthorizationServer:
-    """An authorization server that authorizes at once, and records every form posted to its
-    token and revocation endpoints."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.base = ""
-        self.posted: list[dict[str, str]] = []  # every form, token and revocation endpoints
-
-    def app(self) -> Starlette:
-        async def metadata(request: Request) -> JSONResponse:
-            return JSONResponse(
-                {
-                    "issuer": self.base,
-                    "authorization_endpoint": f"{self.base}/authorize",
-                    "token_endpoint": f"{self.base}/token",
-                    "registration_endpoint": f"{self.base}/register",
-                    "revocation_endpoint": f"{self.base}/revoke",
-                    "code_challenge_methods_supported": ["S256"],
-                }
-            )
-
-        async def register(request: Request) -> JSONResponse:
-            return JSONResponse({"client_id": f"bastion-at-{self.name}"}, status_code=201)
-
-        async def authorize(request: Request) -> Response:
-            q = request.query_params
-            answer = {
-                "code": f"code-of-{self.name}-{secrets.token_urlsafe(8)}",
-                "state": q["state"],
-            }
-            return RedirectResponse(f"{q['redirect_uri']}?{urlencode(answer)}", status_code=302)
-
-        async def token(request: Request) -> JSONResponse:
-            self.posted.append(dict(await request.form()))
-            return JSONResponse(
-                {
-                    "access_token": f"access-of-{self.name}-{secrets.token_urlsafe(8)}",
-                    "refresh_token": f"refresh-of-{self.name}-{secrets.token_urlsafe(8)}",
-                    "token_type": "Bearer",
-                    "expires_in": 3600,
-                }
-            )
-
-        async def revoke(request: Request) -> Response:
-            self.posted.append(dict(await request.form()))
-            return Response(status_code=200)
-
-        return Starlette(
-            routes=[
-                Route("/.well-known/oauth-authorization-server", metadata),
-                Route("/register", register, methods=["POST"]),
-                Route("/authorize", authorize),
-                Route("/token", token, methods=["POST"]),
-                Route("/revoke", revoke, methods=["POST"]),
-            ]
-        )
 
 
 @pytest.fixture
 def moved(database_url):
     """``first`` and ``second`` authorization servers, an upstream whose protected-resource
     metadata names ``named[0]``, the clock, a function making a replica (`Connections`) over
-    one database and key, a ``third`` server the upstream never names, and how many times the
-    upstream's metadata was read (``reads[0]``)."""
-    first, second = AuthorizationServer("first"), AuthorizationServer("second")
-    third = AuthorizationServer("third")
-    named: list[str] = [""]
-    reads = [0]
+    one database and key, a ``third`` server the upstream never names, and the upstream's
+    metadata (``resource.reads``: how many times it was read)."""
     sockets = [free_socket() for _ in range(4)]
-    first.base, second.base, upstream, third.base = (
-        f"http://127.0.0.1:{s.getsockname()[1]}" for s in sockets
+    first_base, second_base, upstream, third_base = (loopback_base(s) for s in sockets)
+    # Each authorizes at once and registers bastion's client as bastion-at-<its name>.
+    first, second, third = (
+        AuthorizationServer(name, base, client_id=f"bastion-at-{name}")
+        for name, base in (("first", first_base), ("second", second_base), ("third", third_base))
     )
-
-    async def resource_metadata(request: Request) -> JSONResponse:
-        reads[0] += 1
-        return JSONResponse({"resource": f"{upstream}/mcp", "authorization_servers": named})
-
-    prm = Starlette(routes=[Route("/.well-known/oauth-protected-resource/mcp", resource_metadata)])
+    named: list[str] = [""]
+    resource = ResourceMetadata(upstream, named)
     db = Database(database_url)
     store = ConnectionStore(db)
     key = Fernet.generate_key()
@@ -128,11 +60,11 @@ def moved(database_url):
         )
 
     with Servers() as servers:
-        apps = (first.app(), second.app(), prm, third.app())
+        apps = (first.app(), second.app(), resource.app(), third.app())
         for app, sock in zip(apps, sockets, strict=True):
             servers.serve(app, sock)
         named[0] = first.base
-        yield first, second, named, now, replica, third, reads
+        yield first, second, named, now, replica, third, resource
     db.close()
 
 
@@ -193,11 +125,7 @@ def _stored_tokens(connections: Connections, subject: str) -> dict:
 
 def _revocations(server: AuthorizationServer) -> list[tuple[str, str, str]]:
     """(token, its hint, the client that asked) of every revocation the server was sent."""
-    return [
-        (f["token"], f["token_type_hint"], f["client_id"])
-        for f in server.posted
-        if "grant_type" not in f
-    ]
+    return [(f["token"], f["token_type_hint"], f["client_id"]) for f in server.revocations]
 
 
 def test_a_token_is_revoked_only_at_the_server_that_issued_it(moved):
@@ -251,24 +179,24 @@ def test_a_replica_that_read_the_former_server_keeps_a_connection_made_at_the_ne
     """A rolling restart: replica one still holds the first server's metadata when it meets a
     connection made at the second. It reads the upstream's metadata again, once, finds the
     connection's server named there, and refreshes it there; after that it uses what it read."""
-    first, second, named, now, replica, _, reads = moved
+    first, second, named, now, replica, _, resource = moved
     one = replica()
     _connected(one)  # one reads the first server
     named[0] = second.base
     _connected(replica())  # alice connects again, at the second server, on a restarted replica
-    before = reads[0]
+    before = resource.reads
     now[0] += 7200
 
     token = anyio.run(one.access_token, "alice", "tracker")
 
     assert token is not None and token.startswith("access-of-second-")
-    assert reads[0] == before + 1
+    assert resource.reads == before + 1
     assert AuditLog(one.store.db).events("connection.dropped") == []
     assert [f.get("grant_type") for f in second.posted] == ["authorization_code", "refresh_token"]
     assert [f.get("grant_type") for f in first.posted] == ["authorization_code"]
     now[0] += 7200  # the next refresh: replica one now knows the second server
     assert anyio.run(one.access_token, "alice", "tracker").startswith("access-of-second-")
-    assert reads[0] == before + 1
+    assert resource.reads == before + 1
 
 
 def test_a_connection_naming_a_server_the_upstream_never_named_is_dropped_after_one_reread(moved):
@@ -276,19 +204,19 @@ def test_a_connection_naming_a_server_the_upstream_never_named_is_dropped_after_
     dropped as before; a second such row within the interval does not make the metadata read
     again (rows cannot make every call fetch). bastion holds no client at that server, so its
     tokens are sent nowhere, and the revocation record says why."""
-    first, second, named, now, replica, third, reads = moved
+    first, second, named, now, replica, third, resource = moved
     one = replica()
     anyio.run(one.clients["tracker"].metadata)  # one reads the first server
     for subject in ("bob", "carol"):
         tokens = {"access_token": f"a-{subject}", "refresh_token": f"r-{subject}"}
         sealed = one.sealer.seal(subject, "tracker", {**tokens, "issuer": third.base})
         one.store.put(StoredConnection(subject, "tracker", sealed, "", now[0] - 1, 0.0, 0.0))
-    before = reads[0]
+    before = resource.reads
 
     assert anyio.run(one.access_token, "bob", "tracker") is None
-    assert reads[0] == before + 1
+    assert resource.reads == before + 1
     assert anyio.run(one.access_token, "carol", "tracker") is None
-    assert reads[0] == before + 1  # within the interval: not read again
+    assert resource.reads == before + 1  # within the interval: not read again
 
     assert one.listed() == []
     dropped = AuditLog(one.store.db).events("connection.dropped")
@@ -334,19 +262,19 @@ def test_a_dropped_connection_is_revoked_at_the_server_that_issued_it(moved, why
 def test_a_connection_is_kept_when_the_upstreams_metadata_cannot_be_read_again(moved):
     """Whether the upstream moved cannot be told: the call fails and the connection is neither
     refreshed anywhere nor dropped; until the interval has passed the read is not tried again."""
-    first, second, named, now, replica, _, reads = moved
+    first, second, named, now, replica, _, resource = moved
     one = replica()
     anyio.run(one.clients["tracker"].metadata)  # one reads the first server
     named[0] = second.base
     _connected(replica())  # made at the second server
     named[0] = "ftp://nowhere"  # the upstream's metadata now names nothing usable
-    before = reads[0]
+    before = resource.reads
     now[0] += 7200
 
     for _ in range(2):
         with pytest.raises(ConnectionUnavailable, match="no usable authorization server"):
             anyio.run(one.access_token, "alice", "tracker")
-    assert reads[0] == before + 1
+    assert resource.reads == before + 1
 
     assert one.store.get("alice", "tracker") is not None
     assert AuditLog(one.store.db).events("connection.dropped") == []
