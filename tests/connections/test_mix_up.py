@@ -12,184 +12,76 @@ person's tokens for the honest upstream.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import secrets
 import time
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from bastion.oauth.users import create_user
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests.connections.fakes import AuthorizationServer
 from tests.connections.hostile_text import HOSTILE, assert_escaped_and_cut
 from tests.connections.test_upstream_connections import POLICY, run
 from tests.oauth.support import free_socket, serve
 
 
-class HonestServer:
-    """An upstream's authorization server: dynamic registration of public clients, an
-    authorization endpoint that authorizes its signed-in person ("alice@honest") at once and
-    sends the code to a redirect URI registered for the client (exactly), a token endpoint that
-    checks the client, the redirect URI and the PKCE verifier. It sends no ``iss``."""
-
-    def __init__(self, sends_iss: bool = False) -> None:
-        self.base = ""
-        self.sends_iss = sends_iss
-        self.clients: dict[str, list[str]] = {}  # client_id -> its redirect URIs
-        self.codes: dict[str, dict] = {}
-        self.issued: list[dict] = []  # each token issued: to which client, for whom
-        # When set, the token endpoint answers this OAuth error (a 400 with its JSON) to all.
-        self.refusal: dict | None = None
-
-    def app(self) -> Starlette:
-        async def metadata(request: Request) -> JSONResponse:
-            return JSONResponse(
-                {
-                    "issuer": self.base,
-                    "authorization_endpoint": f"{self.base}/authorize",
-                    "token_endpoint": f"{self.base}/token",
-                    "registration_endpoint": f"{self.base}/register",
-                    "code_challenge_methods_supported": ["S256"],
-                    "authorization_response_iss_parameter_supported": self.sends_iss,
-                }
-            )
-
-        async def register(request: Request) -> JSONResponse:
-            body = await request.json()
-            client_id = secrets.token_urlsafe(8)
-            self.clients[client_id] = list(body["redirect_uris"])
-            return JSONResponse({"client_id": client_id, **body}, status_code=201)
-
-        async def authorize(request: Request) -> Response:
-            q = request.query_params
-            if q.get("redirect_uri") not in self.clients.get(q.get("client_id", ""), []):
-                return Response("unknown client or redirect URI", status_code=400)
-            code = secrets.token_urlsafe(16)
-            self.codes[code] = {
-                "client_id": q["client_id"],
-                "redirect_uri": q["redirect_uri"],
-                "challenge": q["code_challenge"],
-                "user": "alice@honest",
-            }
-            answer = {"code": code, "state": q["state"]}
-            if self.sends_iss:
-                answer["iss"] = self.base
-            return RedirectResponse(f"{q['redirect_uri']}?{urlencode(answer)}", status_code=302)
-
-        async def token(request: Request) -> JSONResponse:
-            form = await request.form()
-            if self.refusal is not None:
-                return JSONResponse(self.refusal, status_code=400)
-            grant = self.codes.pop(str(form.get("code", "")), None)
-            verifier = str(form.get("code_verifier", ""))
-            challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
-            if (
-                grant is None
-                or form.get("client_id") != grant["client_id"]
-                or form.get("redirect_uri") != grant["redirect_uri"]
-                or challenge.rstrip(b"=").decode() != grant["challenge"]
-            ):
-                return JSONResponse({"error": "invalid_grant"}, status_code=400)
-            self.issued.append({"client_id": grant["client_id"], "user": grant["user"]})
-            return JSONResponse(
-                {
-                    "access_token": f"honest-token-of-{grant['user']}",
-                    "refresh_token": secrets.token_urlsafe(16),
-                    "token_type": "Bearer",
-                    "expires_in": 3600,
-                }
-            )
-
-        return Starlette(
-            routes=[
-                Route("/.well-known/oauth-authorization-server", metadata),
-                Route("/register", register, methods=["POST"]),
-                Route("/authorize", authorize),
-                Route("/token", token, methods=["POST"]),
-            ]
-        )
-
-
-class HostileServer:
+class HostileServer(AuthorizationServer):
     """The authorization server of an upstream an attacker controls. Its authorization endpoint
     sends the browser to the honest server with bastion's client there (``victim_client``:
     client id and redirect URI) and the state and challenge bastion sent it; its token endpoint
     redeems whatever code and verifier bastion sends it at the honest server (``stolen``)."""
 
-    def __init__(self, honest: HonestServer) -> None:
-        self.base = ""
+    def __init__(self, honest: AuthorizationServer) -> None:
+        super().__init__("hostile", revocation=False, client_id="bastion-at-hostile")
         self.honest = honest
         self.victim_client: dict[str, str] = {}
         self.stolen: list[dict] = []
 
-    def app(self) -> Starlette:
-        async def metadata(request: Request) -> JSONResponse:
-            return JSONResponse(
-                {
-                    "issuer": self.base,
-                    "authorization_endpoint": f"{self.base}/authorize",
-                    "token_endpoint": f"{self.base}/token",
-                    "registration_endpoint": f"{self.base}/register",
-                    "code_challenge_methods_supported": ["S256"],
-                }
-            )
-
-        async def register(request: Request) -> JSONResponse:
-            return JSONResponse({"client_id": "bastion-at-hostile"}, status_code=201)
-
-        async def authorize(request: Request) -> Response:
-            q = request.query_params
-            onward = {
-                "response_type": "code",
-                "client_id": self.victim_client["client_id"],
-                "redirect_uri": self.victim_client["redirect_uri"],
-                "state": q["state"],
-                "code_challenge": q["code_challenge"],
-                "code_challenge_method": "S256",
-            }
-            return RedirectResponse(
-                f"{self.honest.base}/authorize?{urlencode(onward)}", status_code=302
-            )
-
-        async def token(request: Request) -> JSONResponse:
-            form = await request.form()
-            async with httpx.AsyncClient(timeout=10) as http:
-                answer = await http.post(
-                    f"{self.honest.base}/token",
-                    data={
-                        "grant_type": "authorization_code",
-                        "code": form.get("code", ""),
-                        "code_verifier": form.get("code_verifier", ""),
-                        "client_id": self.victim_client["client_id"],
-                        "redirect_uri": self.victim_client["redirect_uri"],
-                    },
-                )
-            if answer.status_code == 200:
-                self.stolen.append(answer.json())
-            return JSONResponse({"error": "invalid_grant"}, status_code=400)
-
-        return Starlette(
-            routes=[
-                Route("/.well-known/oauth-authorization-server", metadata),
-                Route("/register", register, methods=["POST"]),
-                Route("/authorize", authorize),
-                Route("/token", token, methods=["POST"]),
-            ]
+    async def authorize(self, request: Request) -> Response:
+        q = request.query_params
+        onward = {
+            "response_type": "code",
+            "client_id": self.victim_client["client_id"],
+            "redirect_uri": self.victim_client["redirect_uri"],
+            "state": q["state"],
+            "code_challenge": q["code_challenge"],
+            "code_challenge_method": "S256",
+        }
+        return RedirectResponse(
+            f"{self.honest.base}/authorize?{urlencode(onward)}", status_code=302
         )
+
+    async def token(self, request: Request) -> Response:
+        form = await request.form()
+        async with httpx.AsyncClient(timeout=10) as http:
+            answer = await http.post(
+                f"{self.honest.base}/token",
+                data={
+                    "grant_type": "authorization_code",
+                    "code": form.get("code", ""),
+                    "code_verifier": form.get("code_verifier", ""),
+                    "client_id": self.victim_client["client_id"],
+                    "redirect_uri": self.victim_client["redirect_uri"],
+                },
+            )
+        if answer.status_code == 200:
+            self.stolen.append(answer.json())
+        return JSONResponse({"error": "invalid_grant"}, status_code=400)
 
 
 @pytest.fixture
 def peers(tmp_path):
     """bastion with the upstreams ``honest`` and ``hostile`` (``auth = "per_user"``, dynamic
     registration at each one's authorization server), the two servers, and bastion's URL."""
-    honest = HonestServer()
+    # An upstream's authorization server: dynamic registration of public clients, an
+    # authorization endpoint that authorizes its signed-in person ("alice@honest") at once and
+    # sends the code to a redirect URI registered for the client (exactly), a token endpoint
+    # that checks the client, the redirect URI and the PKCE verifier. It sends no ``iss``.
+    honest = AuthorizationServer("honest", revocation=False, checks_codes=True)
     hostile = HostileServer(honest)
     honest_sock, hostile_sock, one_sock = free_socket(), free_socket(), free_socket()
     honest.base = f"http://127.0.0.1:{honest_sock.getsockname()[1]}"
@@ -343,7 +235,7 @@ def test_a_registration_made_for_the_shared_callback_is_made_again_for_the_upstr
 
 def test_a_token_endpoints_refusal_reaches_the_callback_page_escaped_and_cut(peers):
     one, honest, _, one_url = peers
-    honest.refusal = {"error": "invalid_request", "error_description": HOSTILE}
+    honest.refuse("invalid_request", error_description=HOSTILE)
     query, session = _answer_of(_started(one, "alice", "honest"))
     page = _callback(one_url, "honest", query, session)
     assert page.status_code == 502
