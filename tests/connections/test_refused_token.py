@@ -11,7 +11,6 @@ ends, nothing is sent again on it, and no URL the refusal names (``resource_meta
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import anyio
@@ -29,37 +28,8 @@ from bastion.db import Database
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.upstream import HttpUpstream
 from bastion.gateway.upstream_credentials import UserTokenUpstream
+from tests.connections.fakes import McpUpstream, loopback_base
 from tests.oauth.support import Servers, free_socket
-
-
-def _upstream(seen: list[tuple[str, str]], elsewhere: str) -> Starlette:
-    """A 2025-11-25 upstream that answers alice's token on POST, and refuses it (401) on the
-    GET of the standing stream, naming ``elsewhere`` as its resource metadata."""
-
-    async def post(request: Request) -> Response:
-        message = json.loads(await request.body())
-        seen.append(("POST", request.headers.get("authorization", "")))
-        if "id" not in message:
-            return Response(status_code=202)
-        if message["method"] == "initialize":
-            result = {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {"tools": {}},
-                "serverInfo": {"name": "tracker", "version": "1"},
-            }
-            answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
-            return JSONResponse(answer, headers={"mcp-session-id": "s-1"})
-        error = {"code": -32601, "message": "no such method"}
-        return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "error": error})
-
-    async def get(request: Request) -> Response:
-        seen.append(("GET", request.headers.get("authorization", "")))
-        challenge = f'Bearer error="invalid_token", resource_metadata="{elsewhere}"'
-        return Response(status_code=401, headers={"www-authenticate": challenge})
-
-    return Starlette(
-        routes=[Route("/mcp", post, methods=["POST"]), Route("/mcp", get, methods=["GET"])]
-    )
 
 
 def _recorder(reached: list[str]) -> Starlette:
@@ -73,10 +43,14 @@ def _recorder(reached: list[str]) -> Starlette:
 def test_a_token_refused_on_the_standing_stream_ends_the_session_and_is_not_sent_again(
     database_url,
 ):
-    seen: list[tuple[str, str]] = []
     reached: list[str] = []
     sockets = free_socket(), free_socket()
-    base, other = (f"http://127.0.0.1:{s.getsockname()[1]}" for s in sockets)
+    base, other = (loopback_base(s) for s in sockets)
+    # A 2025-11-25 upstream that answers alice's token on POST, and refuses it (401) on the GET
+    # of the standing stream, naming ``other`` as its resource metadata.
+    upstream = McpUpstream(f"{base}/mcp", refuses_streams=True)
+    upstream.accepted = {"alices-token"}
+    upstream.resource_metadata = f"{other}/.well-known/oauth-protected-resource"
     db = Database(database_url)
     connections = Connections(
         ConnectionStore(db),
@@ -109,12 +83,13 @@ def test_a_token_refused_on_the_standing_stream_ends_the_session_and_is_not_sent
             await session.close()
 
     with Servers() as servers:
-        servers.serve(_upstream(seen, f"{other}/.well-known/oauth-protected-resource"), sockets[0])
+        servers.serve(upstream.app(), sockets[0])
         servers.serve(_recorder(reached), sockets[1])
         anyio.run(scenario)
     db.close()
 
     assert ended == ["(the upstream refused the user's token)"]
-    assert [m for m, _ in seen].count("GET") == 1  # the refused token was not sent again
-    assert {token for _, token in seen} == {"Bearer alices-token"}
+    verbs = [verb for verb, _, _ in upstream.requests]
+    assert verbs.count("GET") == 1  # the refused token was not sent again
+    assert {header for *_, header in upstream.requests} == {"Bearer alices-token"}
     assert reached == []  # the URL the refusal named was not fetched
