@@ -37,6 +37,7 @@ from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.connections.upstream_oauth import UpstreamOAuthClient, UpstreamOAuthError
 from bastion.db import Database
+from tests.connections.fakes import AuthorizationServer, ResourceMetadata
 from tests.oauth.support import free_socket, self_signed_certificate, serve
 
 PUBLIC = ipaddress.ip_address("127.0.0.2")  # the internet, in these tests
@@ -65,59 +66,16 @@ class Internal:
 
 
 class Tracker:
-    """The upstream (tracker.test, "public"): its protected-resource metadata names
-    ``authorization_server`` (by default itself), whose metadata names ``endpoints``."""
+    """The upstream (tracker.test, "public") and its own authorization server on one host: its
+    protected-resource metadata (``resource``) names the server (by default itself), whose
+    metadata (``server``) names its endpoints."""
 
     def __init__(self) -> None:
         self.sock = _public_socket()
         self.base = f"https://tracker.test:{self.sock.getsockname()[1]}"
-        self.authorization_server = self.base
-        self.endpoints: dict[str, str] = {}
-        self.fetched: list[str] = []
-
-        async def resource(request: Request):
-            self.fetched.append(request.url.path)
-            return JSONResponse(
-                {
-                    "resource": f"{self.base}/mcp",
-                    "authorization_servers": [self.authorization_server],
-                }
-            )
-
-        async def server(request: Request):
-            self.fetched.append(request.url.path)
-            return JSONResponse(
-                {
-                    "issuer": self.base,
-                    "authorization_endpoint": f"{self.base}/authorize",
-                    "token_endpoint": f"{self.base}/token",
-                    "registration_endpoint": f"{self.base}/register",
-                    "revocation_endpoint": f"{self.base}/revoke",
-                    "code_challenge_methods_supported": ["S256"],
-                    **self.endpoints,
-                }
-            )
-
-        async def token(request: Request):
-            return JSONResponse(
-                {"access_token": "a", "token_type": "Bearer", "refresh_token": "r2"}
-            )
-
-        async def register(request: Request):
-            return JSONResponse({"client_id": "registered"}, status_code=201)
-
-        async def revoke(request: Request):
-            return JSONResponse({})
-
-        self.app = Starlette(
-            routes=[
-                Route("/.well-known/oauth-protected-resource/mcp", resource),
-                Route("/.well-known/oauth-authorization-server", server),
-                Route("/token", token, methods=["POST"]),
-                Route("/register", register, methods=["POST"]),
-                Route("/revoke", revoke, methods=["POST"]),
-            ]
-        )
+        self.server = AuthorizationServer("tracker", self.base, client_id="registered")
+        self.resource = ResourceMetadata(self.base, [self.base])
+        self.app = Starlette(routes=[*self.resource.routes(), *self.server.routes()])
 
 
 def pretend_internet(tmp_path, monkeypatch, public_name: str) -> tuple[str, str]:
@@ -167,7 +125,7 @@ def test_an_upstream_on_a_public_address_cannot_name_an_authorization_server_on_
 ):
     tracker, internal = internet
     for named in [*_internal_urls(internal), "https://169.254.169.254", "https://10.0.0.1"]:
-        tracker.authorization_server = named
+        tracker.resource.authorization_servers = [named]
         client = UpstreamOAuthClient(f"{tracker.base}/mcp", UpstreamOAuth(), "tracker")
         # (http to any other host than the loopback is refused wherever it leads)
         refusal = "allow_private_addresses|http://internal.test.* must be an https URL"
@@ -175,7 +133,7 @@ def test_an_upstream_on_a_public_address_cannot_name_an_authorization_server_on_
             asyncio.run(client.metadata())
         assert refused.value.error == "unavailable"
     assert internal.got == []
-    assert tracker.fetched  # the upstream itself, public, was asked
+    assert tracker.resource.reads  # the upstream itself, public, was asked
 
 
 def _connections(tmp_path, tracker: Tracker, oauth: UpstreamOAuth) -> Connections:
@@ -218,7 +176,7 @@ def test_a_public_authorization_server_cannot_send_secrets_and_refresh_tokens_in
     tracker, internal = internet
     oauth = UpstreamOAuth(client_id=client_id, client_secret="s3cret" if client_id else "")
     for url in _internal_urls(internal, "/steal"):
-        tracker.endpoints = {endpoint: url}
+        tracker.server.metadata_overrides = {endpoint: url}
         service = _connections(tmp_path, tracker, oauth)
         try:
             anyio.run(_connect_refresh_and_revoke, service)
@@ -231,7 +189,9 @@ def test_allow_private_addresses_lets_a_public_upstream_lead_bastion_inside(inte
     # The setting is the operator's word that this upstream's server lives inside: the same
     # requests then reach the internal service (which is what the tests above refuse).
     tracker, internal = internet
-    tracker.endpoints = {"token_endpoint": f"http://127.0.0.1:{internal.port}/steal"}
+    tracker.server.metadata_overrides = {
+        "token_endpoint": f"http://127.0.0.1:{internal.port}/steal"
+    }
     oauth = UpstreamOAuth(client_id="bastion", client_secret="s3cret", allow_private_addresses=True)
     service = _connections(tmp_path, tracker, oauth)
     try:
