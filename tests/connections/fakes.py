@@ -109,6 +109,7 @@ class AuthorizationServer:
         self.refusal = (status, {"error": error, **more})
 
     def metadata_document(self) -> dict:
+        """Its RFC 8414 metadata, as its switches make it now (tests change them mid-way)."""
         document = {
             "issuer": self.base if self.issuer is None else self.issuer,
             "authorization_endpoint": f"{self.base}/authorize",
@@ -150,6 +151,7 @@ class AuthorizationServer:
         return RedirectResponse(f"{q['redirect_uri']}?{urlencode(answer)}", status_code=302)
 
     async def token(self, request: Request) -> Response:
+        """RFC 6749 §3.2: held, refused, or redeemed as the switches say (in that order)."""
         form = {k: str(v) for k, v in (await request.form()).items()}
         self.posted.append(form)
         self.token_requests += 1
@@ -213,12 +215,14 @@ class AuthorizationServer:
         return None
 
     async def revoke(self, request: Request) -> Response:
+        """RFC 7009: every token is taken (200), and the form recorded for the test."""
         form = {k: str(v) for k, v in (await request.form()).items()}
         self.posted.append(form)
         self.revocations.append(form)
         return Response(status_code=200)
 
     def routes(self) -> list[Route]:
+        """Its routes, to serve alone (`app`) or beside an upstream's on one host."""
         return [
             Route("/.well-known/oauth-authorization-server", self.metadata),
             Route("/register", self.register, methods=["POST"]),
