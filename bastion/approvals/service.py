@@ -109,12 +109,21 @@ class NoApprover(Exception):
     rather than hold it for nobody: ``reason`` is its refusal's reason, ``meaning`` what the
     agent is told of it; the message says what to configure (`nobody_behind`,
     `self_forbidden`, `unable`, `too_few`, `over_budget`), or, of a pending request nobody may
-    answer any more (`Approvals.stranded`), what changed (`owner_replaced`)."""
+    answer any more (`Approvals.stranded`), what changed (`owner_replaced`). ``suspended``: the
+    agent, user or session the kill switch holds, where it refused the hold (`suspended`): the
+    enforcement point refuses the call as its kill switch does."""
 
-    def __init__(self, message: str, meaning: str, reason: str = "no_approver") -> None:
+    def __init__(
+        self,
+        message: str,
+        meaning: str,
+        reason: str = "no_approver",
+        suspended: Entity | None = None,
+    ) -> None:
         super().__init__(message)
         self.meaning = meaning
         self.reason = reason
+        self.suspended = suspended
 
     @classmethod
     def nobody_behind(cls, agent: str) -> NoApprover:
@@ -228,6 +237,7 @@ class NoApprover(Exception):
             " this replica had heard of it); nothing is held for people",
             "the kill switch holds this call: an agent or user behind it is suspended",
             reason="suspended",
+            suspended=held,
         )
 
     @classmethod

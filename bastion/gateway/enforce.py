@@ -370,8 +370,10 @@ class Enforcer:
         until `run_ended` (`Verdict.spent`). 0: nothing is marked (``connect``)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
-        # Refusals made before the policy is asked: recorded, with what they noted.
+        # Refusals made before the policy is asked: recorded, with what they noted. The kill
+        # switch's refusal of a hold is recorded so too, noting what it was given (`given`).
         asked = (decision_id, caller, server, method, action, resource, arguments)
+        given = context
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
             why = stale(resource, decision_id)
             self._refuse_early(*asked, context, "unavailable", "facts_stale", why)
@@ -454,6 +456,10 @@ class Enforcer:
                     context,  # type: ignore[union-attr]
                 )
             except NoApprover as refusal:  # held, it would wait for nobody
+                if refusal.suspended is not None:
+                    # Stored, though this replica's view had not heard of it yet: refused as
+                    # the kill switch refuses where it has.
+                    await self._refuse_as_suspended(refusal.suspended, asked, given)
                 result, reason, linked, nobody = "deny", refusal.reason, None, refusal
                 unheld = held[0].kind
             except Exception:
@@ -986,23 +992,45 @@ class Enforcer:
         suspended = self.suspended(caller)
         if suspended is None:
             return
-        decision_id = decision_id or new_decision_id()
-        await self._alert_suspended(suspended, decision_id, server, method, resource)
-        noted = {**context, "suspended": repr(suspended)}
-        why = refused(resource.id, decision_id, "suspended")
-        asked = (decision_id, caller, server, method, action, resource, arguments)
+        asked = (decision_id or new_decision_id(), caller, server, method, action, resource)
+        await self._refuse_as_suspended(suspended, (*asked, arguments), context)
+
+    async def _refuse_as_suspended(
+        self,
+        suspended: Entity,
+        asked: tuple[str, Caller, str, str, str, Entity, Any],
+        context: dict[str, Any],
+    ) -> NoReturn:
+        """Refuse the message ``asked`` (decision id, caller, server, method, action, resource,
+        arguments) of ``suspended``'s as the kill switch does (`suspension_refusal`), recorded
+        as a refusal made before the policy was asked: whether this replica's view held the
+        suspension (`refuse_suspended`) or its hold found it stored (`NoApprover.suspended`)."""
+        decision_id, _, server, method, _, resource, _ = asked
+        noted, why = await self.suspension_refusal(
+            suspended, decision_id, server, method, resource, context
+        )
         self._refuse_early(*asked, noted, "deny", "suspended", why)
 
-    async def _alert_suspended(
-        self, suspended: Entity, decision_id: str, server: str, method: str, resource: Entity
-    ) -> None:
-        """Built in: a suspended agent, user or session that still calls is worth telling its
-        owner (one alert per cooldown, `Alerts.raise_alert`); the call is refused either way."""
-        if self.alerts is None:
-            return
-        detail = {"server": server, "method": method, "target": repr(resource)}
-        raising = ("suspended_still_calling", "high", suspended, detail)
-        await self.alerts.raise_all([raising], decision_id)
+    async def suspension_refusal(
+        self,
+        suspended: Entity,
+        decision_id: str,
+        server: str,
+        method: str,
+        resource: Entity,
+        context: dict[str, Any],
+    ) -> tuple[dict[str, Any], RpcError]:
+        """The kill switch's refusal of a message of ``suspended``'s, wherever it is found out:
+        the alert raised (a suspended agent, user or session that still calls is worth telling
+        its owner: ``suspended_still_calling``, one per cooldown, `Alerts.raise_alert`), the
+        context its record notes (who is suspended) and the error the agent gets (reason
+        ``suspended``). The caller records the refusal and raises the error."""
+        if self.alerts is not None:
+            detail = {"server": server, "method": method, "target": repr(resource)}
+            raising = ("suspended_still_calling", "high", suspended, detail)
+            await self.alerts.raise_all([raising], decision_id)
+        noted = {**context, "suspended": repr(suspended)}
+        return noted, refused(resource.id, decision_id, "suspended")
 
     def _refuse_early(
         self,

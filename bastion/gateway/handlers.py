@@ -679,12 +679,20 @@ async def _held_for_review(
     try:
         held = await enforcer.hold_result(verdict, result, context)
     except NoApprover as why:  # nobody could review it any more (owner changed, reviewer disabled)
-        enforcer.write(
-            verdict.record,
-            result="deny",
-            reason=why.reason,
-            obligations={**verdict.record["obligations"], "approval": {"kind": "review"}},
-        )
+        record = verdict.record
+        unheld = {**record["obligations"], "approval": {"kind": "review"}}
+        if why.suspended is not None:
+            # Stored, though this replica's view had not heard of it yet: withheld as the kill
+            # switch refuses where it has (its reason, who it notes suspended, its alert).
+            asked = (verdict.decision_id, record["server"], record["method"], resource)
+            noted, error = await enforcer.suspension_refusal(
+                why.suspended, *asked, record["context"]
+            )
+            enforcer.write(
+                record, result="deny", reason="suspended", context=noted, obligations=unheld
+            )
+            raise error from None
+        enforcer.write(record, result="deny", reason=why.reason, obligations=unheld)
         raise refused(resource.id, verdict.decision_id, why.reason, why.meaning) from None
     except Exception:
         holds.log.exception("the approval store cannot be written: result withheld")

@@ -18,7 +18,7 @@ from bastion.approvals.service import NoApprover, NotAllowed
 from bastion.db import Database
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
-from bastion.signals.suspensions import apply_facts, resume, suspend, suspension
+from bastion.signals.suspensions import Suspensions, apply_facts, resume, suspend, suspension
 from tests.approvals.test_agents_acting_as_themselves import call as call_tool
 from tests.approvals.test_service import (
     Clock,
@@ -34,8 +34,9 @@ from tests.approvals.test_service import (
     standing,
     world,
 )
-from tests.approvals.test_unanswerable import RULES, approver
+from tests.approvals.test_unanswerable import RULES, TOOL, approver
 from tests.signals.support import running
+from tests.signals.test_kill_switch import client_id
 from tests.waits import eventually
 
 GRANTS = ("approval_grant", None, None, None, None)
@@ -228,6 +229,110 @@ def test_an_answer_taken_by_a_replica_behind_its_approvers_suspension_does_not_c
     assert resume(facts, suspension("user", "avery"), "test").deleted == 1
     assert approvals.check(call(send)).state == "pending"
     assert approvals.answer(request.id, "avery", "approve", channel="api").status == "approved"
+
+
+def lagging(bastion, monkeypatch) -> None:
+    """The gateway's view of the kill switch is one the change log never reaches: a replica that
+    has not heard of the suspensions stored from now on (until the test ends)."""
+    monkeypatch.setattr(bastion.app.state.gateway.enforcer, "suspensions", Suspensions())
+
+
+def refusal(bastion, answer: dict) -> tuple:
+    """What a refusal of the kill switch's shows: the agent's error (what it says the refusal
+    means, its data but the decision id), the record's result, reason, who it notes suspended,
+    rules and obligations, and the alerts it was counted in."""
+    error = answer["error"]
+    decision_id = error["data"]["decision_id"]
+    bastion.flush()
+    record = bastion.records.get(decision_id)
+    bastion.app.state.alerts.write_repeats()  # a raising within the cooldown, counted in memory
+    raised = sorted(
+        (a.name, a.severity, a.principal)
+        for a in bastion.app.state.alerts.store.list()
+        if decision_id in a.decision_ids
+    )
+    data = {k: v for k, v in error["data"].items() if k != "decision_id"}
+    meaning = error["message"].partition("): ")[2]  # after "refused this request (target)"
+    noted = record.context.get("suspended")
+    return (
+        (error["code"], meaning, data),
+        (record.result, record.reason, noted, tuple(record.rules), record.obligations),
+        raised,
+    )
+
+
+def test_a_call_a_lagging_gateway_passes_to_be_held_is_refused_as_the_kill_switch_refuses(
+    bastion, monkeypatch
+):
+    """The gateway of a replica that has not heard of the agent's suspension passes its call to
+    be held; the hold finds the suspension stored and refuses it (nothing kept). The agent is
+    told, the decision recorded and its owner alerted as the kill switch does where its view
+    has heard: reason ``suspended``, the suspended agent noted in the record's context, and
+    ``suspended_still_calling`` raised, linked to this refusal. Before, it was refused as a
+    hold nobody could answer: no agent noted, and no alert."""
+    name, query = "casey-lagging", "held-while-lagging"
+    approver(bastion, name, query)
+    token = bastion.token("sam", "deskhttp")
+    agent = client_id(token)
+    lagging(bastion, monkeypatch)
+    suspend(bastion.store, suspension("agent", agent), "test")
+    try:
+        at_hold = refusal(bastion, call_tool(bastion, token, {"query": query}))
+        monkeypatch.undo()  # heard: refused at the door, before the policy is asked
+        heard = bastion.app.state.gateway.enforcer.suspensions
+        assert eventually(lambda: heard.first((Entity("Agent", agent),)) is not None)
+        at_door = refusal(bastion, call_tool(bastion, token, {"query": query}))
+    finally:
+        assert resume(bastion.store, suspension("agent", agent), "test").deleted == 1
+    refused_so = (
+        (-32003, "suspended", {"reason": "suspended"}),
+        ("deny", "suspended", f'Agent{{"{agent}"}}', (), {}),  # refused before the policy
+        [("suspended_still_calling", "high", f'Agent{{"{agent}"}}')],
+    )
+    assert at_door == refused_so
+    assert at_hold == refused_so
+    pending = bastion.app.state.approvals.listed(status="pending", limit=200)
+    assert [r.id for r in pending if r.client_id == agent] == []  # nothing kept
+
+
+REVIEWED = f"""
+declare signs_for(User, String);
+requires_review(_user: User, "call", {TOOL}) if starts_with(context.arguments.query, "reviewed");
+approver(boss: User, _user: User, "call", {TOOL}) if signs_for(boss, context.arguments.query);
+"""
+
+
+@pytest.fixture(scope="module")
+def reviewing(tmp_path_factory):
+    """A bastion whose calls of queries starting "reviewed" have their result held for review."""
+    yield from running(tmp_path_factory, "suspension-reviewing", REVIEWED)
+
+
+def test_a_result_a_lagging_gateway_would_hold_for_review_is_withheld_as_the_kill_switch_refuses(
+    reviewing, monkeypatch
+):
+    """The call ran (the lagging view passed it); holding its result for review finds the
+    agent's suspension stored. The result is withheld, and the refusal told, recorded and
+    alerted as the kill switch's: reason ``suspended``, the agent noted, and
+    ``suspended_still_calling`` raised; the record still says it was the review's hold."""
+    bastion = reviewing
+    name, query = "casey-reviewing", "reviewed-while-lagging"
+    approver(bastion, name, query)
+    token = bastion.token("sam", "deskhttp")
+    agent = client_id(token)
+    lagging(bastion, monkeypatch)
+    suspend(bastion.store, suspension("agent", agent), "test")
+    try:
+        answer = call_tool(bastion, token, {"query": query})
+    finally:
+        assert resume(bastion.store, suspension("agent", agent), "test").deleted == 1
+    told, (result, reason, noted, _, obligations), raised = refusal(bastion, answer)
+    assert told == (-32003, "suspended", {"reason": "suspended"})
+    assert (result, reason, noted) == ("deny", "suspended", f'Agent{{"{agent}"}}')
+    assert obligations["approval"] == {"kind": "review"}
+    assert raised == [("suspended_still_calling", "high", f'Agent{{"{agent}"}}')]
+    pending = bastion.app.state.approvals.listed(status="pending", limit=200)
+    assert [r.id for r in pending if r.client_id == agent] == []  # nothing kept
 
 
 # -- a suspension and a request written at once, on two replicas (PostgreSQL) ------------------
