@@ -60,6 +60,9 @@ _RESEALS = 5
 # look at the row every `_REFRESH_POLL_SECONDS` for what the refresh brought back.
 _CLAIMED_TIMEOUTS = 3
 _REFRESH_POLL_SECONDS = 0.05
+# How many times the longest ``timeout_seconds`` `Connections.close` waits for the revocations of
+# dropped connections still under way: one may read its server's metadata and revoke two tokens.
+_REVOCATION_TIMEOUTS = 3
 
 
 class ConnectionUnavailable(Exception):
@@ -156,6 +159,9 @@ class Connections:
         # Moves at each revocation in this process, before and after its delete: a token read
         # while it was under way is used by the call that read it, and never cached.
         self._revocations = 0
+        # The revocations of the connections this process dropped, under way off the calls'
+        # path (`_revoke_later`); waited for, then cancelled, by `close`.
+        self._revoking: set[asyncio.Task[None]] = set()
 
     def on_revoke(self, callback: Callable[[str, str], None]) -> None:
         self._on_revoke.append(callback)
@@ -305,11 +311,12 @@ class Connections:
             # The upstream names another server now: its refresh token goes there never, and
             # the connection can never be refreshed again. Dropped (recorded): connect again.
             # Its tokens are revoked at the server that issued them, if the drop is this
-            # process's (another replica dropping it at once revokes them there).
+            # process's (another replica dropping it at once revokes them there), after the
+            # call has its answer: that server may be slow or away.
             log.warning("connection of %s to %s dropped: %s", row.subject, row.upstream, e)
             reason = f"its authorization server changed: {e.description}"
             if await anyio.to_thread.run_sync(self.store.drop, row, reason):
-                await self._revoke_recorded(row.subject, row.upstream, tokens, actor="bastion")
+                self._revoke_later(row.subject, row.upstream, tokens)
             return None
         except UpstreamOAuthError as e:
             if e.error == "unavailable":
@@ -520,6 +527,45 @@ class Connections:
             callback(subject, upstream)
         await self._revoke_recorded(subject, upstream, self._open(row), actor=actor)
         return True
+
+    def _revoke_later(self, subject: str, upstream: str, tokens: Mapping) -> None:
+        """Revoke the tokens of a connection this process dropped (`_revoke_recorded`, actor
+        ``bastion``) in a task of its own: the call that dropped it is told to connect again at
+        once, not after the former server's metadata and two revocations (each up to
+        ``timeout_seconds``). Kept in ``_revoking`` until it ends; a failure the revocation does
+        not record itself (its record cannot be written) is logged."""
+        revoking = self._revoke_recorded(subject, upstream, tokens, actor="bastion")
+        task = asyncio.get_running_loop().create_task(revoking)
+        self._revoking.add(task)
+        task.add_done_callback(self._revoked)
+
+    def _revoked(self, task: asyncio.Task[None]) -> None:
+        self._revoking.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error(
+                "the revocation of a dropped connection's tokens failed: %s",
+                first_line(error),
+                exc_info=error,
+            )
+
+    async def close(self) -> None:
+        """At shutdown, once no call can drop a connection any more: wait for the revocations
+        of dropped connections still under way, as long as one may take (`_REVOCATION_TIMEOUTS`
+        times the longest ``timeout_seconds``), then cancel those left, logged: their tokens
+        stay valid at their server until they expire there."""
+        if not self._revoking:
+            return
+        longest = max(oauth.timeout_seconds for oauth in self.settings.values())
+        _, left = await asyncio.wait(set(self._revoking), timeout=_REVOCATION_TIMEOUTS * longest)
+        if left:
+            log.warning(
+                "%d revocations of dropped connections' tokens cancelled at shutdown: those"
+                " tokens stay valid at the server that issued them until they expire",
+                len(left),
+            )
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
 
     async def _revoke_recorded(
         self, subject: str, upstream: str, tokens: Mapping, *, actor: str

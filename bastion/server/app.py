@@ -639,6 +639,8 @@ def create_app(config: ServerConfig) -> Starlette:
                 await signals.close()
             if gateway is not None:
                 await gateway.close()
+            if connections is not None:  # after the gateway: no call drops a connection now
+                await connections.close()
             if oauth is not None:
                 await anyio.to_thread.run_sync(oauth.close)
             if approvals is not None:

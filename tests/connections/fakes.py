@@ -53,7 +53,10 @@ class AuthorizationServer:
       grant (RFC 9700 §4.14.2), and ``revoked_grant`` says it happened;
     - ``issues_refresh_tokens``: whether an answer carries a refresh token;
     - ``holds``: the token endpoint sets ``arrived`` and waits for ``release`` before answering
-      (``"each"`` request, or only ``"first"``: a second request then lets the first go at once).
+      (``"each"`` request, or only ``"first"``: a second request then lets the first go at once);
+    - ``revoking``: the revocation endpoint answers once it is set (it is, unless a test clears
+      it), each answer then noted in ``happened`` as ``("revoked", hint)``, where a test notes
+      what happened meanwhile.
     """
 
     def __init__(
@@ -98,6 +101,9 @@ class AuthorizationServer:
         self.revoked_grant = False
         self.arrived = threading.Event()
         self.release = threading.Event()
+        self.revoking = threading.Event()
+        self.revoking.set()
+        self.happened: list[tuple[str, str | None]] = []
 
     @property
     def revoked(self) -> list[str]:
@@ -219,6 +225,8 @@ class AuthorizationServer:
         form = {k: str(v) for k, v in (await request.form()).items()}
         self.posted.append(form)
         self.revocations.append(form)
+        await anyio.to_thread.run_sync(self.revoking.wait, 30)
+        self.happened.append(("revoked", form.get("token_type_hint")))
         return Response(status_code=200)
 
     def routes(self) -> list[Route]:

@@ -8,11 +8,17 @@ to the server that issued it (or that the flow was started with): a grant of one
 to another's token endpoint is that server's to redeem at the first one (bastion's client there
 is public, dynamic registration), the mix-up of RFC 9700 §4.4 across time instead of across
 upstreams. Each scenario runs on two `Connections` over one database and one key, as two
-replicas are, against real authorization servers served by uvicorn.
+replicas are, against real authorization servers served by uvicorn. A connection dropped because
+its server changed is revoked there after the call that dropped it has its answer: the tests
+wait for that revocation in the call's event loop, where it goes on (`answered_then`).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -64,7 +70,10 @@ def moved(database_url):
         for app, sock in zip(apps, sockets, strict=True):
             servers.serve(app, sock)
         named[0] = first.base
-        yield first, second, named, now, replica, third, resource
+        try:
+            yield first, second, named, now, replica, third, resource
+        finally:
+            first.revoking.set()  # a revocation a test held is answered, and the server stops
     db.close()
 
 
@@ -74,6 +83,28 @@ def _authorized(link: str) -> tuple[str, str]:
         location = browser.get(link).headers["location"]
     query = parse_qs(urlsplit(location).query)
     return query["state"][0], query["code"][0]
+
+
+def answered_then(call: Callable[[], Awaitable[Any]], done: Callable[[], object]) -> Any:
+    """What ``call`` answers, once ``done()`` holds too: asked in the call's event loop, where a
+    dropped connection's revocation goes on after the answer (within a deadline, not a time)."""
+
+    async def answered() -> Any:
+        answer = await call()
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, "what the call set going never ended"
+            await anyio.sleep(0.01)
+        return answer
+
+    return anyio.run(answered)
+
+
+def revocations_recorded(connections: Connections, count: int = 1) -> Callable[[], bool]:
+    """Whether ``count`` revocations have been recorded (``connection.upstream_revocation``, the
+    last thing a revocation does: its server's answers are in)."""
+    log = AuditLog(connections.store.db)
+    return lambda: len(log.events("connection.upstream_revocation")) >= count
 
 
 def _connected(connections: Connections) -> None:
@@ -213,9 +244,11 @@ def test_a_connection_naming_a_server_the_upstream_never_named_is_dropped_after_
         one.store.put(StoredConnection(subject, "tracker", sealed, "", now[0] - 1, 0.0, 0.0))
     before = resource.reads
 
-    assert anyio.run(one.access_token, "bob", "tracker") is None
+    recorded = revocations_recorded(one)
+    assert answered_then(partial(one.access_token, "bob", "tracker"), recorded) is None
     assert resource.reads == before + 1
-    assert anyio.run(one.access_token, "carol", "tracker") is None
+    recorded = revocations_recorded(one, 2)
+    assert answered_then(partial(one.access_token, "carol", "tracker"), recorded) is None
     assert resource.reads == before + 1  # within the interval: not read again
 
     assert one.listed() == []
@@ -243,10 +276,11 @@ def test_a_dropped_connection_is_revoked_at_the_server_that_issued_it(moved, why
     two = replica()
     if why == "expired":
         now[0] += 7200
-        assert anyio.run(two.access_token, "alice", "tracker") is None
+        call = partial(two.access_token, "alice", "tracker")
     else:
-        refused = held["access_token"]
-        assert anyio.run(two.access_token_refused, "alice", "tracker", refused) is None
+        call = partial(two.access_token_refused, "alice", "tracker", held["access_token"])
+
+    assert answered_then(call, revocations_recorded(two)) is None
 
     assert two.store.get("alice", "tracker") is None
     assert second.posted == []
@@ -280,3 +314,32 @@ def test_a_connection_is_kept_when_the_upstreams_metadata_cannot_be_read_again(m
     assert AuditLog(one.store.db).events("connection.dropped") == []
     assert [f.get("grant_type") for f in second.posted] == ["authorization_code"]
     assert first.posted == []
+
+
+def test_the_call_that_drops_a_connection_is_answered_before_its_former_server_revokes(moved):
+    """The server that issued the tokens answers its revocations only once released (slow, or
+    away for a while): the call that found the upstream moved is told to connect again at once,
+    the connection dropped, and does not wait for it. The tokens are revoked there after the
+    answer, when the server answers, and recorded so."""
+    first, second, named, now, replica, *_ = moved
+    _connected(replica())
+    named[0] = second.base
+    two = replica()
+    now[0] += 7200
+    first.revoking.clear()
+
+    async def call() -> str | None:
+        token = await two.access_token("alice", "tracker")
+        dropped = two.store.get("alice", "tracker") is None
+        first.happened.append(("answered", token, dropped))
+        first.revoking.set()
+        return token
+
+    assert answered_then(call, revocations_recorded(two)) is None
+    assert first.happened == [
+        ("answered", None, True),
+        ("revoked", "refresh_token"),
+        ("revoked", "access_token"),
+    ]
+    [event] = AuditLog(two.store.db).events("connection.upstream_revocation")
+    assert event.detail["outcome"] == "revoked"
