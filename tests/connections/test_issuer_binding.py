@@ -343,3 +343,31 @@ def test_the_call_that_drops_a_connection_is_answered_before_its_former_server_r
     ]
     [event] = AuditLog(two.store.db).events("connection.upstream_revocation")
     assert event.detail["outcome"] == "revoked"
+
+
+def test_a_revocation_under_way_at_shutdown_is_waited_for(moved):
+    """Stopping (`Connections.close`, after the gateway) while a dropped connection's revocation
+    waits for its former server: the stop waits for it, and it is revoked and recorded."""
+    first, second, named, now, replica, *_ = moved
+    _connected(replica())
+    named[0] = second.base
+    two = replica()
+    now[0] += 7200
+    first.revoking.clear()
+
+    async def dropped_then_stopped() -> None:
+        assert await two.access_token("alice", "tracker") is None
+
+        async def released_once_asked() -> None:
+            while not _revocations(first):
+                await anyio.sleep(0.01)
+            first.revoking.set()
+
+        with anyio.fail_after(30):  # a deadline, not a timing
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(released_once_asked)
+                await two.close()
+
+    anyio.run(dropped_then_stopped)
+    [event] = AuditLog(two.store.db).events("connection.upstream_revocation")
+    assert event.detail["outcome"] == "revoked"
