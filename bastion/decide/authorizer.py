@@ -36,7 +36,13 @@ from bastion.policy.explain import Explanation, explain, over_budget, prove
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
 from bastion.policy.program import context_roots, has_type, names_type
-from bastion.policy.runtime import Query, Undecided, proved_or_undecided, stack_exhausted
+from bastion.policy.runtime import (
+    Query,
+    Undecided,
+    first_chunk,
+    proved_or_undecided,
+    stack_exhausted,
+)
 from bastion.turns import Turns
 
 if TYPE_CHECKING:
@@ -750,7 +756,7 @@ class Authorizer:
         self.limits = limits
         self._index = FactIndex()
         self._query = Query(None, self._index, limits)
-        self._steps = limits.evaluation_max_steps
+        self._steps = first_chunk(limits.evaluation_max_steps)  # `Query.start`, inline
         self._active: _Active | None = None
         self.load_policy(policy, source=source)
 
@@ -851,7 +857,7 @@ class Authorizer:
         q.context = context
         q.frozen = None
         q.tables = None
-        q.steps = self._steps
+        q.steps = q.granted = self._steps
         return q
 
     @contextmanager
@@ -930,7 +936,7 @@ class Authorizer:
             q.context = context
             q.frozen = None
             q.tables = None
-            q.steps = self._steps
+            q.steps = q.granted = self._steps
             if active.allow is None or not active.allow(q, actor, action, resource):
                 return False
             return active.deny is None or not active.deny(q, actor, action, resource)

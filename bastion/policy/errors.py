@@ -68,7 +68,8 @@ class EvaluationLimit(Exception):
     """An evaluation that spent its budget: the question is refused (fail closed).
 
     ``limit`` names the budget that ran out, as its setting (``evaluation_max_steps``,
-    ``evaluation_max_depth``, ``evaluation_max_term_size``); ``value`` is its value.
+    ``evaluation_max_milliseconds``, ``evaluation_max_depth``, ``evaluation_max_term_size``);
+    ``value`` is its value.
     """
 
     reason = "evaluation_limit"

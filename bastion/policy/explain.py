@@ -165,6 +165,11 @@ def _goal(name: str, args: tuple) -> str:
     return f"{name}({', '.join(_fmt(a) for a in args)})"
 
 
+# Steps of an explanation handed out at a time (`Query.meter`): its steps cost several
+# microseconds each, so the first chunk, which is not timed, takes a few milliseconds.
+EXPLANATION_CHUNK = 1_000
+
+
 class _Interpreter:
     def __init__(
         self, program: Program, index: FactIndex, context: dict | None, limits: PolicyLimits
@@ -172,8 +177,7 @@ class _Interpreter:
         self.program = program
         self.index = index
         self.q = Query(context, index, limits)
-        self.q.step_limit = "explanation_max_steps"
-        self.q.steps = limits.explanation_max_steps
+        self.q.meter("explanation_max_steps", EXPLANATION_CHUNK)
         self.in_progress: set[tuple] = set()
         self.reads: dict[tuple[str, ...], Any] = {}
         # Whether the literal being solved is in strict code (`Node.strict`: a deny rule, the

@@ -1,14 +1,18 @@
 """How large a policy may be, and how much work one evaluation may do.
 
 Load limits bound what compiling costs: a policy over one of them is refused with a diagnostic
-that names the limit. The evaluation budget bounds what one decision costs: an evaluation that
-spends it ends in a refusal (`EvaluationLimit`). Each field is named as its setting in
-``bastion.toml`` (the ``[server]`` table; ``BASTION_<NAME>`` in the environment).
+that names the limit. The evaluation budget bounds what one decision costs, in steps and in
+time: an evaluation that spends it ends in a refusal (`EvaluationLimit`). Each field is named as
+its setting in ``bastion.toml`` (the ``[server]`` table; ``BASTION_<NAME>`` in the environment).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# The largest time bound: an evaluation that holds the event loop longer is bounded in nothing
+# a client would notice (its request, and every other of the process, has timed out).
+MAX_EVALUATION_MILLISECONDS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,11 @@ class PolicyLimits:
     # Values considered: facts, entities and list items a rule iterates over, answers of and
     # calls to recursive rules, and calls into large groups of rules.
     evaluation_max_steps: int = 1_000_000
+    # Milliseconds one evaluation may run once its first chunk of steps is spent
+    # (`runtime.STEP_CHUNK`, 10,000; the clock is read at each chunk after, so "about"): the
+    # steps bound the work, this the time the event loop is held, however dear a policy's steps
+    # are. At most `MAX_EVALUATION_MILLISECONDS`.
+    evaluation_max_milliseconds: int = 100
     # Recursive calls in progress at once (a chain of parent relations as deep as this).
     evaluation_max_depth: int = 200
     # Values in one list built during evaluation (a list counts its items, nested ones too).
@@ -48,6 +57,11 @@ class PolicyLimits:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.evaluation_max_milliseconds > MAX_EVALUATION_MILLISECONDS:
+            raise ValueError(
+                f"evaluation_max_milliseconds must be at most {MAX_EVALUATION_MILLISECONDS}"
+                f" (a minute), got {self.evaluation_max_milliseconds}"
+            )
 
 
 DEFAULT_LIMITS = PolicyLimits()

@@ -130,6 +130,7 @@ class ServerConfig:
     policy_max_term_size: int = DEFAULT_LIMITS.policy_max_term_size
     policy_max_compiled_literals: int = DEFAULT_LIMITS.policy_max_compiled_literals
     evaluation_max_steps: int = DEFAULT_LIMITS.evaluation_max_steps
+    evaluation_max_milliseconds: int = DEFAULT_LIMITS.evaluation_max_milliseconds
     evaluation_max_depth: int = DEFAULT_LIMITS.evaluation_max_depth
     evaluation_max_term_size: int = DEFAULT_LIMITS.evaluation_max_term_size
     explanation_max_steps: int = DEFAULT_LIMITS.explanation_max_steps

@@ -14,6 +14,8 @@ from bastion.decide import Variable
 from bastion.decide.contract import decide_chain
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.limits import PolicyLimits
+from bastion.policy.runtime import STEP_CHUNK
+from bastion.server.config import ConfigError, ServerConfig
 
 User, Doc, Hop = (
     (lambda i: Entity("User", i)),
@@ -266,7 +268,9 @@ allow(_u: User, "read", _d: Doc) if
 
 
 def test_a_search_larger_than_the_step_budget_is_refused():
-    authz = Authorizer(SEARCH, limits=PolicyLimits(evaluation_max_steps=100_000))
+    # A time bound no machine reaches: this is the step budget's test.
+    limits = PolicyLimits(evaluation_max_steps=100_000, evaluation_max_milliseconds=60_000)
+    authz = Authorizer(SEARCH, limits=limits)
     authz.facts.apply([("has_role", User(f"u{i}"), "r", Doc(f"d{i}")) for i in range(100)], [])
     with pytest.raises(EvaluationLimit) as err:
         authz.authorize(User("u1"), "read", Doc("d1"))  # 100^4 combinations
@@ -276,6 +280,91 @@ def test_a_search_larger_than_the_step_budget_is_refused():
     with pytest.raises(EvaluationLimit):
         authz.query("allow", User("u1"), Variable("action"), Doc("d1"))
     assert authz.decide(User("u1"), "read", Doc("d1")).reason == "evaluation_limit"
+
+
+# -- the time bound: a runaway on a step budget too large to stop it soon ---------------------
+
+# A search of about 100 million steps (five users out of a hundred, one rule), never true.
+RUNAWAY = """
+actor User {}
+resource Doc { roles = ["r"]; }
+declare blocked(User, User, User, User, User);
+allow(_u: User, "read", _d: Doc) if
+  has_role(a, "r", _x) and has_role(b, "r", _y) and has_role(c, "r", _z) and
+  has_role(d, "r", _w) and has_role(e, "r", _v) and blocked(a, b, c, d, e);
+allow(_u: User, "scan", _d: Doc) if x in context.items and x = "never";
+allow(u: User, "see", d: Doc) if has_role(u, "r", d);
+"""
+# A step budget that stops it only after seconds (a step costs a tenth of a microsecond at best).
+SLOW_STEPS = 5_000_000
+# "scan" searches this list: more steps than one chunk (`STEP_CHUNK`), fewer than two, spent at
+# once. Its clock starts as it spends them, and it ends before the clock is read again.
+SCAN = {"items": [f"i{n}" for n in range(STEP_CHUNK + STEP_CHUNK // 2)]}
+
+
+def timed(limits: PolicyLimits) -> Authorizer:
+    """RUNAWAY ("read") over a hundred users."""
+    authz = Authorizer(RUNAWAY, limits=limits)
+    roles = [("has_role", User(f"u{i}"), "r", Doc(f"d{i}")) for i in range(100)]
+    authz.facts.apply([*roles, ("has_role", User("ann"), "r", Doc("mine"))], [])
+    return authz
+
+
+def test_a_runaway_evaluation_is_stopped_by_the_time_bound_naming_it_everywhere():
+    authz = timed(PolicyLimits(evaluation_max_steps=SLOW_STEPS, evaluation_max_milliseconds=1))
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("u1"), "read", Doc("d1"))
+    assert (
+        err.value.limit == "evaluation_max_milliseconds" and err.value.reason == "evaluation_limit"
+    )
+    assert "evaluation_max_milliseconds = 1" in str(err.value)
+    for asked in (
+        lambda: authz.list(User("u1"), "read", "Doc"),
+        lambda: authz.query("allow", User("u1"), Variable("action"), Doc("d1")),
+        lambda: authz.actions(User("u1"), Doc("d1")),
+    ):
+        with pytest.raises(EvaluationLimit) as err:
+            asked()
+        assert err.value.limit == "evaluation_max_milliseconds"
+    decision = authz.decide(User("u1"), "read", Doc("d1"))
+    assert not decision.allowed and decision.reason == "evaluation_limit"
+    assert decision.explanation.to_dict()["limit"] == "evaluation_max_milliseconds"
+    chained = decide_chain(authz, [User("u1")], "read", Doc("d1"))
+    assert not chained.allowed and chained.reason == "evaluation_limit"
+    # Questions that spend little are answered on the same bound: the usual check spends no
+    # step, and a question of under two chunks never reads the clock it starts.
+    assert authz.authorize(User("ann"), "see", Doc("mine"))
+    assert not authz.authorize(User("u1"), "scan", Doc("d1"), SCAN)
+
+
+def test_on_a_large_time_bound_the_same_runaway_is_stopped_by_its_steps():
+    limits = PolicyLimits(evaluation_max_steps=100_000, evaluation_max_milliseconds=60_000)
+    with pytest.raises(EvaluationLimit) as err:
+        timed(limits).authorize(User("u1"), "read", Doc("d1"))
+    assert err.value.limit == "evaluation_max_steps"
+
+
+def test_the_questions_of_a_session_share_one_time_bound_as_they_share_one_budget():
+    # A batch is one session: had each question a clock of its own, a thousand runaways in one
+    # batch would hold the event loop a thousand times the bound.
+    authz = timed(PolicyLimits(evaluation_max_steps=SLOW_STEPS, evaluation_max_milliseconds=1))
+    assert not authz.authorize(User("u1"), "scan", Doc("d1"), SCAN)  # alone, it is answered
+    with authz.session() as s:
+        with pytest.raises(EvaluationLimit):
+            s.allowed(User("u1"), "read", Doc("d1"))
+        # After the runaway, in the same session: the clock has run out before it starts.
+        with pytest.raises(EvaluationLimit) as err:
+            s.allowed(User("u1"), "scan", Doc("d1"), SCAN)
+        assert err.value.limit == "evaluation_max_milliseconds"
+    assert not authz.authorize(User("u1"), "scan", Doc("d1"), SCAN)  # a new evaluation, a new clock
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "60001", "1.5"])
+def test_a_time_bound_of_nothing_or_of_no_bound_is_refused_at_load(value):
+    with pytest.raises(ConfigError, match="evaluation_max_milliseconds"):
+        ServerConfig.load(env={"BASTION_EVALUATION_MAX_MILLISECONDS": value})
+    limits = ServerConfig.load(env={"BASTION_EVALUATION_MAX_MILLISECONDS": "250"}).policy_limits()
+    assert limits.evaluation_max_milliseconds == 250
 
 
 def test_enumerating_entities_spends_the_budget():
@@ -315,12 +404,8 @@ allow(_u: User, "go", h: Hop) if reach(Hop{"a0"}, h);
 """
 
 
-def test_an_explanation_has_a_budget_of_its_own_sized_for_the_interpreter():
-    # Two ways from each level to the next, 30 levels: 2^30 paths. The compiled code tables
-    # the recursion and answers at once; the explanation's interpreter walks paths, each step
-    # tens of times dearer than a compiled one, so it stops on a budget of its own (on the
-    # evaluation budget it would take seconds, on the event loop, for each refusal explained).
-    authz = Authorizer(LATTICE)
+def lattice(limits: PolicyLimits) -> Authorizer:
+    authz = Authorizer(LATTICE, limits=limits)
     authz.facts.apply(
         [
             ("edge", Hop(f"{s}{i}"), Hop(f"{t}{i + 1}"))
@@ -330,12 +415,33 @@ def test_an_explanation_has_a_budget_of_its_own_sized_for_the_interpreter():
         ],
         [],
     )
+    return authz
+
+
+def test_an_explanation_has_a_budget_of_its_own_sized_for_the_interpreter():
+    # Two ways from each level to the next, 30 levels: 2^30 paths. The compiled code tables
+    # the recursion and answers at once; the explanation's interpreter walks paths, each step
+    # tens of times dearer than a compiled one, so it stops on a budget of its own (on the
+    # evaluation budget it would take seconds, on the event loop, for each refusal explained).
+    # On a time bound no machine reaches: this is the steps' test.
+    authz = lattice(PolicyLimits(evaluation_max_milliseconds=60_000))
     assert not authz.authorize(User("ann"), "go", Hop("elsewhere"))
     decision = authz.decide(User("ann"), "go", Hop("elsewhere"))
     assert not decision.allowed and decision.reason is None  # decided: only the story stopped
     text = str(decision.explanation)
     assert "the explanation stopped" in text
     assert "explanation_max_steps = 50000" in text
+    assert authz.decide(User("ann"), "go", Hop("b30")).allowed
+
+
+def test_an_explanation_is_bounded_in_time_too_and_the_decision_stands():
+    # Its 50,000 steps take about half a second; the time bound stops it well before.
+    authz = lattice(PolicyLimits(evaluation_max_milliseconds=1))
+    decision = authz.decide(User("ann"), "go", Hop("elsewhere"))
+    assert not decision.allowed and decision.reason is None
+    text = str(decision.explanation)
+    assert "the explanation stopped" in text
+    assert "evaluation_max_milliseconds = 1" in text
     assert authz.decide(User("ann"), "go", Hop("b30")).allowed
 
 

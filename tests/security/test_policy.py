@@ -296,16 +296,26 @@ def test_recursion_past_the_budget_is_refused_and_recorded_and_the_server_goes_o
         assert admin.post("/v1/authorize", json=near).json()["allowed"] is True
 
 
-def test_a_search_past_the_budget_is_refused_and_the_server_goes_on(server):
+def roles(n: int) -> list[dict]:
+    return [
+        {"predicate": "has_role", "args": [entity("User", f"u{i}"), "r", entity("Doc", f"d{i}")]}
+        for i in range(n)
+    ]
+
+
+def test_a_search_past_the_budget_is_refused_and_the_server_goes_on(tmp_path):
+    # On a time bound no machine reaches: this is the step budget's test (its million steps
+    # take about a tenth of a second to a few tenths, around the default time bound).
+    server = serve_policy(tmp_path, BASTION_EVALUATION_MAX_MILLISECONDS="60000")
+    try:
+        search_past_the_budget(server)
+    finally:
+        server.stop()
+
+
+def search_past_the_budget(server: ServerProcess) -> None:
     with server.client() as admin:
-        roles = [
-            {
-                "predicate": "has_role",
-                "args": [entity("User", f"u{i}"), "r", entity("Doc", f"d{i}")],
-            }
-            for i in range(100)
-        ]
-        seq = put(admin, SEARCH, roles)  # a million ways to look for a blocked foursome
+        seq = put(admin, SEARCH, roles(100))  # a million ways to look for a blocked foursome
         check = {
             "actor": entity("User", "u1"),
             "action": "read",
@@ -320,6 +330,57 @@ def test_a_search_past_the_budget_is_refused_and_the_server_goes_on(server):
         ).json()
         assert listed["ids"] == [] and listed["reason"] == "evaluation_limit"
         assert admin.get("/healthz").status_code == 200
+
+
+# A hundred million ways to look for a blocked five: seconds on the step budget below.
+RUNAWAY_SEARCH = """
+actor User {}
+resource Doc { roles = ["r"]; }
+declare blocked(User, User, User, User, User);
+allow(_u: User, "read", _d: Doc) if
+  has_role(a, "r", _x) and has_role(b, "r", _y) and has_role(c, "r", _z) and
+  has_role(d, "r", _w) and has_role(e, "r", _v) and blocked(a, b, c, d, e);
+allow(_u: User, "scan", _d: Doc) if x in context.items and x = "never";
+"""
+
+
+def test_a_runaway_past_the_time_bound_is_refused_naming_it_and_the_server_goes_on(tmp_path):
+    server = serve_policy(
+        tmp_path, BASTION_EVALUATION_MAX_STEPS="5000000", BASTION_EVALUATION_MAX_MILLISECONDS="1"
+    )
+    try:
+        with server.client() as admin:
+            seq = put(admin, RUNAWAY_SEARCH, roles(100))
+            u1, d1 = entity("User", "u1"), entity("Doc", "d1")
+            check = {"actor": u1, "action": "read", "resource": d1, "at_least": seq}
+            answer = admin.post("/v1/authorize", json=check).json()
+            assert answer["allowed"] is False
+            assert (answer["reason"], answer["limit"]) == (
+                "evaluation_limit",
+                "evaluation_max_milliseconds",
+            )
+            record = admin.get(f"/v1/decisions/{answer['decision_id']}").json()
+            assert (record["result"], record["reason"]) == (False, "evaluation_limit")
+            # 15,000 steps of search, one chunk and a half: answered alone (its clock starts,
+            # and it ends before the clock is read again), refused after the runaway in one
+            # batch, whose checks share one clock as they share one budget.
+            scan = {
+                **check,
+                "action": "scan",
+                "context": {"items": [str(i) for i in range(15_000)]},
+            }
+            alone = admin.post("/v1/authorize", json=scan).json()
+            assert alone["allowed"] is False and "reason" not in alone
+            batch = admin.post("/v1/authorize/batch", json={"checks": [check, scan]}).json()
+            assert [(r["reason"], r["limit"]) for r in batch["results"]] == [
+                ("evaluation_limit", "evaluation_max_milliseconds")
+            ] * 2
+            listing = {"actor": u1, "action": "read", "resource_type": "Doc"}
+            listed = admin.post("/v1/list", json=listing).json()
+            assert listed["ids"] == [] and listed["reason"] == "evaluation_limit"
+            assert admin.get("/healthz").status_code == 200
+    finally:
+        server.stop()
 
 
 # -- the gateway: fail closed, never fail dead -------------------------------------------------
