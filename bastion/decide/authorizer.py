@@ -611,8 +611,7 @@ class Session:
         of the session's. Every question of a session spends one evaluation budget."""
         q = self._q
         if context is not _SAME and context is not q.context:
-            q.context = context
-            q.tables = None  # what was worked out may depend on the context it was asked in
+            self.use_context(context)
         return self._authz._allowed(self._active, q, actor, action, resource)
 
     def use_context(self, context: dict | None) -> None:
@@ -620,7 +619,10 @@ class Session:
         q = self._q
         if context is not q.context:
             q.context = context
-            q.tables = None  # what was worked out may depend on the context it was asked in
+            # What was worked out may depend on the context it was asked in, and the lists and
+            # objects read from it as policy values are those of the context before.
+            q.tables = None
+            q.frozen = None
 
     def explain(self, actor: Any, action: Any, resource: Any) -> Explanation:
         """`allowed` with the rules and facts that proved it, or the paths that failed (an

@@ -403,6 +403,25 @@ def test_a_session_asks_several_questions_on_one_view_of_the_facts(gitclub):
     assert not gitclub.authorize(User("alice"), "read", Repo("anvil"))
 
 
+def test_a_question_of_a_session_in_another_context_reads_that_context_whole():
+    # A batch asks each check in its own context: a list or object of the check before (kept,
+    # as a policy value, for the evaluation) must not answer for this check's.
+    authz = Authorizer(
+        'actor User {}\nresource Doc {}\nallow(_u: User, "read", _d: Doc) if context.items = [1]'
+        " and context.owner = context.asker;"
+    )
+    ann, doc = Entity("User", "ann"), Entity("Doc", "d")
+    first = {"items": [1], "owner": {"id": 1}, "asker": {"id": 1}}
+    with authz.session() as s:
+        assert s.allowed(ann, "read", doc, first)
+        assert not s.allowed(ann, "read", doc, {**first, "items": [2]})
+        assert not s.allowed(ann, "read", doc, {**first, "asker": {"id": 2}})
+        s.use_context({**first, "items": [3]})
+        assert not s.allowed(ann, "read", doc)
+        s.use_context(first)
+        assert s.allowed(ann, "read", doc)
+
+
 def test_lists_and_objects_in_the_context_are_values_like_any_other():
     # A list or object from the request may reach a fact lookup, a rule's arguments or its
     # answers: it is a value that matches nothing there, never an error (it was TypeError:
