@@ -884,7 +884,10 @@ def test_a_batch_spends_one_evaluation_budget_not_one_per_check(tmp_path):
     one decision is: what is left once its budget is spent is refused, evaluation_limit."""
     policy = tmp_path / "pairs.polar"
     policy.write_text(PAIRS_POLICY)
-    server = ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy)).start()
+    # A check of 640,000 steps takes about 0.4 s, past the default time bound: on one no
+    # machine reaches, this is the step budget's test.
+    env = {"BASTION_EVALUATION_MAX_MILLISECONDS": "60000"}
+    server = ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy), env).start()
     try:
         groups = {"groups": [f"g{i}" for i in range(800)]}
         check = {"actor": "User:u", "action": "read", "resource": "Doc:d"}
