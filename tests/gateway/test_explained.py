@@ -14,6 +14,7 @@ from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller, Enforcer, Explained
+from bastion.policy.limits import PolicyLimits
 
 POLICY = """
 actor User {}
@@ -146,7 +147,10 @@ def test_a_list_page_spends_one_evaluation_budget_not_one_per_item():
     """A page of a thousand tools, each checked with a budget of its own, would hold the event
     loop for a thousand budgets: the page is bounded as one decision is, and what is left once
     its budget is spent is not shown (fail closed)."""
-    enforcer = Enforcer(lambda: Authorizer(PAIRS), None)
+    # On a time bound no machine reaches (the tool alone takes about 0.2 s, past the default
+    # 100 ms): this is the step budget's test.
+    limits = PolicyLimits(evaluation_max_milliseconds=60_000)
+    enforcer = Enforcer(lambda: Authorizer(PAIRS, limits=limits), None)
     caller = Caller("sam", "agent", frozenset(), "127.0.0.1", "2026-07-28")
     tools = [Entity("Tool", f"lab/t{i}") for i in range(5)]
     groups = {"groups": [f"g{i}" for i in range(800)]}
