@@ -14,16 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, replace
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
+from bastion.audit.buffered import BufferedWriter
 from bastion.audit.chain import Chain, link_rows, next_link, prune_oldest
-from bastion.db import Database, first_line, unstorable
+from bastion.db import Database
 from bastion.json_encoding import encoder, kept
 from bastion.turns import in_turns
 
@@ -289,149 +288,59 @@ _shared_tail = kept(lambda values: _encode(dict(zip(_TAIL, values[: len(_TAIL)],
 _principals = kept(_encode)
 
 
-class _Unwritten(Exception):  # noqa: N818 - internal, raised on as its cause
-    """The records of a batch not yet written when the database failed under `_write_around`."""
-
-    def __init__(self, records: list[DecisionRecord]) -> None:
-        super().__init__(f"{len(records)} decision records not written")
-        self.records = records
-
-
-class DecisionRecords:
-    """Appends and reads decision records. `add` only buffers; `flush` writes.
+class DecisionRecords(BufferedWriter[tuple[DecisionRecord, Callable | None], DecisionRecord]):
+    """Appends and reads decision records. `add` only buffers; `flush` writes
+    (`bastion.audit.buffered.BufferedWriter`).
 
     A flush that fails (the database is unavailable) puts its records back, in order, to be
-    written by the next one; those its lost COMMIT did store are not stored again. At most ``max_buffer`` records wait; past that the oldest are
-    dropped, and `dropped` counts them.
+    written by the next one; those its lost COMMIT did store are not stored again. At most
+    ``max_buffer`` records wait; past that the oldest are dropped, and `dropped` counts them.
     """
 
+    noun = "decision records"
+    setting = "decision_records_buffer"
+
     def __init__(self, db: Database, max_buffer: int = BUFFER_RECORDS) -> None:
+        super().__init__(max_buffer)
         self.db = db
-        self.max_buffer = max_buffer
         db.migrate("audit_decisions", _MIGRATIONS)
-        self._buffer: deque[tuple[DecisionRecord, Callable | None]] = deque()
         # This process's decision journal (`bastion.audit.journal`), told of what is stored.
         self.journal: DecisionJournal | None = None
-        self._lock = threading.Lock()
-        # Held through a whole flush: a flush that finds another under way waits for it, so that
-        # what was buffered before a flush began is written (or back in the buffer) when it returns.
-        self._flushing = threading.Lock()
-        self.dropped = 0
-        self._dropped_logged = 0
-        # Records that no write could store (`_write_around`), let go of so as to hold back none.
-        self.unstorable = 0
-        # Since a flush failed, until one succeeds: records put back may be stored already.
-        self._unsure = False
 
     def add(
         self, record: DecisionRecord, rules: Callable[[], tuple[str, ...]] | None = None
     ) -> None:
         """Buffer a record. ``rules``, if given, computes its deciding rules at write time,
         keeping explanations off the request path."""
-        with self._lock:
-            self._buffer.append((record, rules))
-            if len(self._buffer) > self.max_buffer:
-                self._drop_oldest()
-
-    def _drop_oldest(self) -> None:
-        """Let go of the oldest buffered record (counted, logged by the next flush). Called
-        with ``_lock`` held."""
-        record, _ = self._buffer.popleft()
-        self.dropped += 1
-        if self.journal is not None:
-            self.journal.settled((record.id,))
-
-    @property
-    def waiting(self) -> int:
-        """Records buffered, not yet written."""
-        return len(self._buffer)
+        self._add((record, rules))
 
     def flush(self) -> int:
         """Write every buffered record; on failure keep them for the next flush, and raise. A
         flush under way in another thread (the record writer's) is waited for first. Then, stored
         or not, the journal is forced to the disk if it is to be (`DecisionJournal.sync`): the
         lines of the calls still at their upstreams, and of records the database did not take."""
-        with self._flushing:
-            try:
-                return self._flush()
-            finally:
-                if self.journal is not None:
-                    self.journal.sync()
-
-    def _flush(self) -> int:
-        with self._lock:
-            pending, self._buffer = list(self._buffer), deque()
-        self._report_dropped()
-        if not pending:
-            return 0
-        batch = None
         try:
-            # In turns (`bastion.turns`): a call arriving meanwhile waits little for the GIL.
-            batch = in_turns(_explained, pending)
-            self._report_unexplained(batch)
-            try:
-                self._write(batch)
-            except Exception as e:
-                if not unstorable(e):
-                    raise
-                batch = self._write_around(batch, e)
-        except BaseException as e:
-            # Older than anything buffered meanwhile: back at the front (explained, if they were).
-            if isinstance(e, _Unwritten):
-                back = [(record, None) for record in e.records]
-            else:
-                back = pending if batch is None else [(record, None) for record in batch]
-            with self._lock:
-                self._buffer.extendleft(reversed(back))
-                while len(self._buffer) > self.max_buffer:
-                    self._drop_oldest()
-            self._unsure = True
-            if isinstance(e, _Unwritten):
-                raise e.__cause__  # noqa: B904 - what the database said (DatabaseUnavailable, say)
-            raise
-        self._unsure = False
-        if self.journal is not None:  # stored, or let go of as unstorable (counted, logged)
-            self.journal.settled(record.id for record, _ in pending)
-        return len(batch)
+            return super().flush()
+        finally:
+            if self.journal is not None:
+                self.journal.sync()
 
-    def _write_around(self, batch: list[DecisionRecord], error: Exception) -> list[DecisionRecord]:
-        """Write ``batch``, which failed with ``error`` on values that cannot be stored, in
-        halves, down to the records that alone cannot be: those are let go of (counted in
-        `unstorable`, logged), so that they hold back no record after them, which otherwise
-        waited for ever. Returns what was written; `_Unwritten` (the rest, in order) if the
-        database fails meanwhile."""
-        written: list[DecisionRecord] = []
-        ranges: list[tuple[int, int]] = []  # a stack, in order from its top
+    def _prepare(self, pending: list[tuple[DecisionRecord, Callable | None]]) -> list:
+        # In turns (`bastion.turns`): a call arriving meanwhile waits little for the GIL.
+        batch = in_turns(_explained, pending)
+        self._report_unexplained(batch)
+        return batch
 
-        def failed(lo: int, hi: int, error: Exception) -> None:
-            if hi - lo > 1:  # its halves, to be tried in turn
-                mid = (lo + hi) // 2
-                ranges.extend([(mid, hi), (lo, mid)])
-                return
-            self.unstorable += 1
-            record = batch[lo]
-            log.error(
-                # Quoted as Python writes a str: what could not be stored, escaped, in the log.
-                "decision record %s (%r on %r) cannot be stored, and is dropped: %s",
-                record.id,
-                record.method,
-                record.target,
-                first_line(error),
-            )
+    def _again(self, record: DecisionRecord) -> tuple[DecisionRecord, None]:
+        return (record, None)  # explained already
 
-        failed(0, len(batch), error)
-        while ranges:
-            lo, hi = ranges.pop()
-            try:
-                self._write(batch[lo:hi])
-            except Exception as e:
-                if not unstorable(e):
-                    rest = [r for a, b in [(lo, hi), *reversed(ranges)] for r in batch[a:b]]
-                    raise _Unwritten(rest) from e
-                failed(lo, hi, e)
-                continue
-            written += batch[lo:hi]
-        return written
+    def _let_go(self, records: Iterable[tuple[DecisionRecord, Callable | None]]) -> None:
+        if self.journal is not None:
+            self.journal.settled(record.id for record, _ in records)
+
+    def _named(self, record: DecisionRecord) -> str:
+        # Quoted as Python writes a str: what could not be stored, escaped, in the log.
+        return f"decision record {record.id} ({record.method!r} on {record.target!r})"
 
     @staticmethod
     def _report_unexplained(batch: list[DecisionRecord]) -> None:
@@ -444,18 +353,6 @@ class DecisionRecords:
                 failed[0].id,
                 failed[0].unexplained,
             )
-
-    def _report_dropped(self) -> None:
-        dropped = self.dropped
-        if dropped > self._dropped_logged:
-            log.error(
-                "%d decision records dropped (%d in all): more than %d waited to be written"
-                " while the database was unavailable (decision_records_buffer)",
-                dropped - self._dropped_logged,
-                dropped,
-                self.max_buffer,
-            )
-            self._dropped_logged = dropped
 
     def _write(self, batch: list[DecisionRecord]) -> None:
         rows = in_turns(_row, batch)

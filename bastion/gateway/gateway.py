@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
 from bastion.approvals.service import Approvals
+from bastion.audit.buffered import flush_at_stop
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.journal import (
     SWEEP_SECONDS,
@@ -861,14 +862,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         if self.records is not None:
-            try:
-                await asyncio.to_thread(self.records.flush)
-            except Exception as e:
-                log.error(
-                    "%d decision records could not be written before stopping: %s",
-                    self.records.waiting,
-                    e,
-                )
+            await flush_at_stop(self.records)
             if self.records.journal is not None:
                 await asyncio.to_thread(self.records.journal.close)
         for state in self.upstreams.values():

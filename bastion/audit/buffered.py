@@ -1,0 +1,218 @@
+"""Records buffered in memory and written to the database in batches, off the request path.
+
+`add` only buffers; `flush` (on a worker thread: `flush_forever`, and at a clean stop) writes.
+A flush that fails (the database is unavailable) puts its records back, in order, for the
+next one; at most ``max_buffer`` wait, and past that the oldest are dropped, counted and
+logged. A record that alone cannot be stored (`bastion.db.unstorable`) is let go of, counted
+and logged, so that it holds back none after it. The gateway's decision records
+(`bastion.audit.decisions`) and the decision service's durable log
+(`bastion.server.decision_store`) are written so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+from bastion.db import DatabaseUnavailable, first_line, unstorable
+
+log = logging.getLogger("bastion.audit")
+
+# What waits in the buffer, and what a flush writes once it is prepared (`_prepare`).
+Waiting = TypeVar("Waiting")
+Prepared = TypeVar("Prepared")
+# How often `flush_forever` writes what is buffered.
+FLUSH_SECONDS = 0.2
+
+
+class Unwritten(Exception):  # noqa: N818 - internal, raised on as its cause
+    """The records of a batch not yet written when the database failed under `_write_around`."""
+
+    def __init__(self, records: list) -> None:
+        super().__init__(f"{len(records)} records not written")
+        self.records = records
+
+
+class BufferedWriter(Generic[Waiting, Prepared]):
+    """A bounded buffer of records and the flush that writes them (see the module).
+
+    A subclass says how a batch is written (`_write`), and may prepare what waits before it is
+    (`_prepare`, with `_again` for what goes back after a failure), be told of what is let go
+    of (`_let_go`: stored, dropped or unstorable) and name a record in the log (`_named`).
+    ``noun`` and ``setting`` name the records and the bound in the log lines.
+    """
+
+    noun = "records"
+    setting = ""
+
+    def __init__(self, max_buffer: int) -> None:
+        self.max_buffer = max_buffer
+        self._buffer: deque[Waiting] = deque()
+        self._lock = threading.Lock()
+        # Held through a whole flush: a flush that finds another under way waits for it, so that
+        # what was buffered before a flush began is written (or back in the buffer) when it returns.
+        self._flushing = threading.Lock()
+        self.dropped = 0
+        self._dropped_logged = 0
+        # Records that no write could store (`_write_around`), let go of so as to hold back none.
+        self.unstorable = 0
+        # Since a flush failed, until one succeeds: records put back may be stored already.
+        self._unsure = False
+
+    # -- what a subclass says ------------------------------------------------------------------
+
+    def _prepare(self, pending: list[Waiting]) -> list[Prepared]:
+        return pending  # type: ignore[return-value]
+
+    def _again(self, record: Prepared) -> Waiting:
+        """A prepared record as it waits again, after a failed flush."""
+        return record  # type: ignore[return-value]
+
+    def _write(self, batch: list[Prepared]) -> None:
+        raise NotImplementedError
+
+    def _let_go(self, records: Iterable[Waiting]) -> None:
+        """Told of records that no longer wait: stored, dropped, or found unstorable."""
+
+    def _named(self, record: Prepared) -> str:
+        return f"a {self.noun[:-1]}"
+
+    # -- the buffer ----------------------------------------------------------------------------
+
+    def _add(self, record: Waiting) -> None:
+        with self._lock:
+            self._buffer.append(record)
+            if len(self._buffer) > self.max_buffer:
+                self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Let go of the oldest buffered record (counted, logged by the next flush). Called
+        with ``_lock`` held."""
+        record = self._buffer.popleft()
+        self.dropped += 1
+        self._let_go((record,))
+
+    @property
+    def waiting(self) -> int:
+        """Records buffered, not yet written."""
+        return len(self._buffer)
+
+    def flush(self) -> int:
+        """Write every buffered record; on failure keep them for the next flush, and raise. A
+        flush under way in another thread is waited for first."""
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> int:
+        with self._lock:
+            pending, self._buffer = list(self._buffer), deque()
+        self._report_dropped()
+        if not pending:
+            return 0
+        batch = None
+        try:
+            batch = self._prepare(pending)
+            try:
+                self._write(batch)
+            except Exception as e:
+                if not unstorable(e):
+                    raise
+                batch = self._write_around(batch, e)
+        except BaseException as e:
+            # Older than anything buffered meanwhile: back at the front (prepared, if they were).
+            if isinstance(e, Unwritten):
+                back = [self._again(record) for record in e.records]
+            else:
+                back = pending if batch is None else [self._again(record) for record in batch]
+            with self._lock:
+                self._buffer.extendleft(reversed(back))
+                while len(self._buffer) > self.max_buffer:
+                    self._drop_oldest()
+            self._unsure = True
+            if isinstance(e, Unwritten):
+                raise e.__cause__  # noqa: B904 - what the database said (DatabaseUnavailable, say)
+            raise
+        self._unsure = False
+        self._let_go(pending)  # stored, or let go of as unstorable (counted, logged)
+        return len(batch)
+
+    def _write_around(self, batch: list[Prepared], error: Exception) -> list[Prepared]:
+        """Write ``batch``, which failed with ``error`` on values that cannot be stored, in
+        halves, down to the records that alone cannot be: those are let go of (counted in
+        `unstorable`, logged), so that they hold back no record after them, which otherwise
+        waited for ever. Returns what was written; `Unwritten` (the rest, in order) if the
+        database fails meanwhile."""
+        written: list[Prepared] = []
+        ranges: list[tuple[int, int]] = []  # a stack, in order from its top
+
+        def failed(lo: int, hi: int, error: Exception) -> None:
+            if hi - lo > 1:  # its halves, to be tried in turn
+                mid = (lo + hi) // 2
+                ranges.extend([(mid, hi), (lo, mid)])
+                return
+            self.unstorable += 1
+            log.error(
+                "%s cannot be stored, and is dropped: %s", self._named(batch[lo]), first_line(error)
+            )
+
+        failed(0, len(batch), error)
+        while ranges:
+            lo, hi = ranges.pop()
+            try:
+                self._write(batch[lo:hi])
+            except Exception as e:
+                if not unstorable(e):
+                    rest = [r for a, b in [(lo, hi), *reversed(ranges)] for r in batch[a:b]]
+                    raise Unwritten(rest) from e
+                failed(lo, hi, e)
+                continue
+            written += batch[lo:hi]
+        return written
+
+    def _report_dropped(self) -> None:
+        dropped = self.dropped
+        if dropped > self._dropped_logged:
+            log.error(
+                "%d %s dropped (%d in all): more than %d waited to be written"
+                " while the database was unavailable (%s)",
+                dropped - self._dropped_logged,
+                self.noun,
+                dropped,
+                self.max_buffer,
+                self.setting,
+            )
+            self._dropped_logged = dropped
+
+
+async def flush_forever(writer: BufferedWriter, every: float = FLUSH_SECONDS) -> None:
+    """Write ``writer``'s buffered records every ``every`` seconds on a worker thread. While
+    the database is unavailable they stay buffered (bounded) and every round tries again."""
+    failing = False
+    while True:
+        await asyncio.sleep(every)
+        if not writer.waiting:
+            continue  # idle: no thread woken for nothing
+        try:
+            await asyncio.to_thread(writer.flush)
+        except DatabaseUnavailable as e:
+            if not failing:
+                log.warning("%s wait in memory (%s); will retry", writer.noun, e)
+            failing = True
+        except Exception:
+            log.exception("writing %s failed; will retry", writer.noun)
+        else:
+            if failing:
+                log.warning("%s are written again", writer.noun)
+            failing = False
+
+
+async def flush_at_stop(writer: BufferedWriter) -> None:
+    """Write what is buffered, at a clean stop; what cannot be written is logged as lost."""
+    try:
+        await asyncio.to_thread(writer.flush)
+    except Exception as e:
+        log.error("%d %s could not be written before stopping: %s", writer.waiting, writer.noun, e)
