@@ -6,7 +6,7 @@ next one; at most ``max_buffer`` wait, and past that the oldest are dropped, cou
 logged. A record that alone cannot be stored (`bastion.db.unstorable`) is let go of, counted
 and logged, so that it holds back none after it. The gateway's decision records
 (`bastion.audit.decisions`) and the decision service's durable log
-(`bastion.server.decision_store`) are written so.
+(`bastion.audit.decision_log`) are written so.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import anyio
 from bastion.approvals import webhooks as approval_webhooks
 from bastion.approvals.store import prune_requests
 from bastion.audit.actor import SERVER
+from bastion.audit.decision_log import prune_decision_log
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.log import AuditLog
 from bastion.db import Database, first_line
@@ -45,6 +46,7 @@ ROWS: tuple[Callable[[Database, float], dict[str, int]], ...] = (
     prune_tasks,
     prune_grants,
     prune_changes_before,
+    prune_decision_log,
 )
 
 

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bastion import outbound_proxy
+from bastion.audit.buffered import flush_at_stop, flush_forever
 from bastion.audit.checkpoints import keep_chains_forever
 from bastion.audit.retention import prune_forever
 from bastion.db import (
@@ -526,6 +527,21 @@ def _tasks(config: ServerConfig, db: Database, store: FactStore, oauth, replica:
     )
 
 
+def _decision_log(config: ServerConfig, metrics: Metrics) -> DecisionLog:
+    """The decisions of /v1 (and of AuthZEN's and Oso Cloud's APIs) kept for
+    /v1/decisions/{id}: in memory, and with ``decision_log = "database"`` in the database too,
+    through a connection of its own written from a worker thread."""
+    if config.decision_log != "database":
+        return DecisionLog(config.decision_log_size)
+    from bastion.audit.decision_log import DecisionStore
+
+    store = DecisionStore(
+        Database(config.database, role="bastion-decision-log"), config.decision_records_buffer
+    )
+    metrics.observe_decision_log_dropped(lambda: store.dropped + store.unstorable)
+    return DecisionLog(config.decision_log_size, store)
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -578,6 +594,7 @@ def create_app(config: ServerConfig) -> Starlette:
         gateway.enforcer.behavior = _behavior(config, gateway)
         gateway.enforcer.labels = _labels(gateway, db)
     behavior, argument_digest = _agent_counters(config, gateway)
+    decisions = _decision_log(config, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -599,6 +616,8 @@ def create_app(config: ServerConfig) -> Starlette:
             asyncio.create_task(alerts.write_repeats_forever()) if alerts is not None else None
         )
         task_sweep = asyncio.create_task(tasks.sweep_forever())
+        stored = decisions.store
+        decision_writer = asyncio.create_task(flush_forever(stored)) if stored else None
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         expired = asyncio.create_task(
             purge_expired_forever(store, config.fact_expired_grace_seconds)
@@ -630,6 +649,7 @@ def create_app(config: ServerConfig) -> Starlette:
                 escalation,
                 repeats,
                 task_sweep,
+                decision_writer,
             ):
                 if task is not None:
                     task.cancel()
@@ -655,6 +675,9 @@ def create_app(config: ServerConfig) -> Starlette:
                 if alerts.webhooks is not None:
                     await alerts.webhooks.close()
                 await anyio.to_thread.run_sync(alerts.store.db.close)
+            if stored is not None:  # after the gateway and the API: no decision after this
+                await flush_at_stop(stored)
+                await anyio.to_thread.run_sync(stored.db.close)
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)
 
@@ -701,7 +724,7 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.keys = keys
     app.state.replica = replica
     app.state.metrics = metrics
-    app.state.decisions = DecisionLog(config.decision_log_size)
+    app.state.decisions = decisions
     app.state.oauth = oauth
     app.state.oauth_paths = oauth_paths(oauth)
     app.state.gateway = gateway

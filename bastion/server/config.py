@@ -31,6 +31,8 @@ DEFAULT_CONFIG_FILE = "bastion.toml"
 TABLES = ("server", "oauth", "gateway", "approvals", "signals", "tasks", "identity")
 # The choices of log_level (uvicorn's and logging's names).
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The choices of decision_log.
+DECISION_LOGS = ("memory", "database")
 MAX_PORT = 65535
 
 
@@ -122,6 +124,10 @@ class ServerConfig:
     decision_journal_fsync: bool = True
     # Decisions remembered per process for /v1/decisions/{id}.
     decision_log_size: int = 10_000
+    # Where the decision service's decisions are kept for /v1/decisions/{id}: "memory" (the
+    # last decision_log_size of this process), or "database" too, so that any process on it
+    # reads and explains one later (`bastion.audit.decision_log`).
+    decision_log: str = "memory"
     # Policy size limits and the evaluation budget (see `PolicyLimits`, docs/policy-language.md).
     policy_max_bytes: int = DEFAULT_LIMITS.policy_max_bytes
     policy_max_rules: int = DEFAULT_LIMITS.policy_max_rules
@@ -424,6 +430,8 @@ def _check_value(key: str, value: Any) -> None:
         raise ConfigError(f"port must be from 0 to {MAX_PORT}, got {value!r}")
     if key == "log_level" and value not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    if key == "decision_log" and value not in DECISION_LOGS:
+        raise ConfigError(f"decision_log must be one of {', '.join(DECISION_LOGS)}, got {value!r}")
     if key == "decision_log_size" and value < 0:
         raise ConfigError(f"decision_log_size must be 0 (keep none) or more, got {value}")
     if key == "fact_expired_grace_seconds" and value < 0:

@@ -158,6 +158,13 @@ class Metrics:
             "Gateway decision records dropped since start because no write could store them.",
             registry=self.registry,
         )
+        self._decision_log_dropped = Gauge(
+            "bastion_decision_log_dropped",
+            '/v1 decisions not written to the database (decision_log = "database") since start:'
+            " more waited than decision_records_buffer while it was unavailable, or no write"
+            " could store them.",
+            registry=self.registry,
+        )
         self._journal_failures = Gauge(
             "bastion_decision_journal_failures",
             "Decisions the gateway's journal could not take since start (a full disk, say).",
@@ -202,6 +209,9 @@ class Metrics:
         self._records_dropped.set_function(dropped)
         self._records_unstorable.set_function(unstorable)
         self._journal_failures.set_function(journal_failures)
+
+    def observe_decision_log_dropped(self, dropped: Callable[[], float]) -> None:
+        self._decision_log_dropped.set_function(dropped)
 
 
 async def metrics_endpoint(request: Request) -> Response:

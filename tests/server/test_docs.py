@@ -320,6 +320,7 @@ def test_every_setting_the_limits_table_names_is_one_its_table_accepts():
 # leaves it out. Any other module constant named as a bound (MAX_*, MIN_*, *_SECONDS, *_BYTES,
 # *_CHARS, *_LENGTH, *_LIMIT) is named in docs/ (in code: `module.NAME`, `NAME`).
 _NOT_LIMITS = {
+    "bastion.audit.buffered.FLUSH_SECONDS": "how often buffered records are written (200 ms)",
     "bastion.connections.service._REFRESH_POLL_SECONDS": "how often a waiting refresh looks",
     "bastion.gateway.enforce.GIVE_BACK_WAIT_SECONDS": "a rate-limit refund's wait for Redis",
     "bastion.gateway.holds.POLL_SECONDS": "how often a held request looks for its answer",

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -64,6 +64,9 @@ from bastion.server.problems import action as action_field
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.signals.suspensions import Held, asks_allow
+
+if TYPE_CHECKING:
+    from bastion.audit.decision_log import DecisionStore
 
 T = TypeVar("T")
 # Rounds of `compiled_first`: compiled, then asked, each round for the policy then in force.
@@ -127,16 +130,23 @@ class DecisionRecord:
 class DecisionLog:
     """The most recent decisions of this process, by id (bounded; oldest forgotten first).
 
+    With a ``store`` (``decision_log = "database"``), every record is also buffered to be
+    written to the database (`bastion.audit.decision_log`), whatever ``size`` is.
+
     Ids are this process's prefix and a count, so the last ``size`` records sit in a ring,
     each at its count modulo ``size``: keeping one overwrites the oldest in place, without the
     insertions and evictions of a mapping, on every decision. Each is kept as the plain tuple of
     a `DecisionRecord`'s fields, made into one when it is asked for: most never are.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, store: DecisionStore | None = None) -> None:
         self.size = max(size, 0)
+        # Where every record is also written, with ``decision_log = "database"``.
+        self.store = store
+        self._keeps = bool(self.size) or store is not None
         self._ring: list[tuple] = []
-        self._prefix = secrets.token_hex(4)
+        # 64 random bits: ids stay unique across every process that writes to one database.
+        self._prefix = secrets.token_hex(8)
         self._counter = itertools.count(1)
 
     def record(
@@ -153,7 +163,7 @@ class DecisionLog:
         """Keep a decision made now, asked for by the key ``asked_by`` (its id); its new id."""
         n = next(self._counter)
         decision_id = f"{self._prefix}-{n}"
-        if self.size:
+        if self._keeps:
             at = time.time()
             record = (
                 decision_id,
@@ -167,11 +177,14 @@ class DecisionLog:
                 refusal,
                 asked_by,
             )
-            ring = self._ring
-            if len(ring) < self.size:
-                ring.append(record)
-            else:
-                ring[(n - 1) % self.size] = record
+            if self.size:
+                ring = self._ring
+                if len(ring) < self.size:
+                    ring.append(record)
+                else:
+                    ring[(n - 1) % self.size] = record
+            if self.store is not None:
+                self.store.add(record)
         return decision_id
 
     def get(self, decision_id: str) -> DecisionRecord | None:
@@ -192,6 +205,14 @@ class DecisionLog:
 
     def made_here(self, decision_id: str) -> bool:
         return decision_id.startswith(self._prefix + "-")
+
+    def stored(self, decision_id: str) -> DecisionRecord | None:
+        """The record of ``decision_id`` in the database, made by any process (None without a
+        store). It waits on the database: call it on a worker thread."""
+        if self.store is None:
+            return None
+        fields = self.store.get(decision_id)
+        return None if fields is None else DecisionRecord(*fields)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -884,14 +905,14 @@ def _explanation_json(decision: Any) -> dict:
 
 async def get_decision(request: Request) -> JSONResponse:
     key = await require(request, "decide")
-    record = _find(request, key)
+    record = await _find(request, key)
     return JSONResponse(record.to_json())
 
 
 async def explain(request: Request) -> JSONResponse:
     """The explanation of an authorize decision: kept if asked for, otherwise evaluated again."""
     key = await require(request, "decide")
-    record = _find(request, key)
+    record = await _find(request, key)
     if record.kind != "authorize":
         raise Problem(
             409,
@@ -942,20 +963,31 @@ async def explain(request: Request) -> JSONResponse:
     return JSONResponse(out)
 
 
-def _find(request: Request, key: ApiKey) -> DecisionRecord:
-    """The record ``key`` asks for, if it may read it (`DecisionRecord.readable_by`). Another
-    key's record is the 404 of an id no record holds, word for word: the ids are a count, so
-    any other answer would tell a key which of them another key asked for."""
+async def _find(request: Request, key: ApiKey) -> DecisionRecord:
+    """The record ``key`` asks for, if it may read it (`DecisionRecord.readable_by`): from this
+    process's memory, else (``decision_log = "database"``) from the database, on a worker
+    thread. Another key's record is the 404 of an id no record holds, word for word, and is
+    looked for in the database as an unknown id is: the ids are a count, so any other answer
+    would tell a key which of them another key asked for."""
     log: DecisionLog = request.app.state.decisions
     decision_id = request.path_params["decision_id"]
     record = log.get(decision_id)
+    if (record is None or not record.readable_by(key)) and log.store is not None:
+        record = await anyio.to_thread.run_sync(log.stored, decision_id)
     if record is None or not record.readable_by(key):
-        where = (
-            "it is not among the last decisions this server remembers (decision_log_size)"
-            " that this key asked for; a key reads only its own decisions, an admin key all"
-            if log.made_here(decision_id)
-            else "it was not made by this server process; ask the replica that made it"
-        )
+        if log.store is not None:
+            where = (
+                "no process on this database recorded it (decision_log = database), or it"
+                " was pruned (audit_retention_days), or not yet written (within 0.2 s), or"
+                " another key asked for it; a key reads only its own decisions, an admin key all"
+            )
+        elif log.made_here(decision_id):
+            where = (
+                "it is not among the last decisions this server remembers (decision_log_size)"
+                " that this key asked for; a key reads only its own decisions, an admin key all"
+            )
+        else:
+            where = "it was not made by this server process; ask the replica that made it"
         raise Problem(404, "Unknown decision", f"no decision {decision_id!r}: {where}")
     return record
 

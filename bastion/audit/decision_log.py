@@ -1,0 +1,117 @@
+"""The decision service's decisions kept in the database (``[server] decision_log =
+"database"``), so that any process on it explains one later, and after a restart.
+
+Each decision the process's `DecisionLog` records is buffered and written to the
+``decision_log`` table in batches, off the event loop (`bastion.audit.buffered`): bounded by
+``decision_records_buffer`` while the database is away (the oldest dropped, counted, logged),
+every 0.2 s, and at a clean stop. A process killed outright loses what is buffered (one flush
+interval's decisions, or what waits while the database is away): there is no journal here.
+A row holds what the in-memory record holds, the request's context included only where the
+log keeps it (``KEEP_CONTEXT_BYTES``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from bastion.audit.buffered import BufferedWriter
+from bastion.db import Database, prune_rows
+from bastion.json_encoding import encoder
+
+COMPONENT = "decision_log"
+_MIGRATIONS = [
+    """
+    CREATE TABLE decision_log (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        request TEXT NOT NULL,
+        result TEXT NOT NULL,
+        sequence BIGINT NOT NULL,
+        policy_version BIGINT,
+        at DOUBLE PRECISION NOT NULL,
+        explanation TEXT,
+        refusal TEXT,
+        asked_by TEXT
+    );
+    CREATE INDEX decision_log_at ON decision_log (at);
+    """,
+]
+_COLUMNS = "id, kind, request, result, sequence, policy_version, at, explanation, refusal, asked_by"
+# ASCII JSON: every character escaped that a database text column could refuse (NUL, lone
+# surrogates). Used on the writer's thread only (`bastion.json_encoding`: one per thread).
+_encode = encoder(separators=(",", ":"))
+
+
+def _row(fields: tuple) -> tuple:
+    """A row of ``decision_log`` from the fields of a `bastion.server.api.decisions.DecisionRecord`, as `DecisionLog` keeps
+    them: the request, result, explanation and refusal as JSON text."""
+    id_, kind, request, result, seq, policy_version, at, explanation, refusal, asked_by = fields
+    return (
+        id_,
+        kind,
+        _encode(request),
+        _encode(result),
+        seq,
+        policy_version,
+        at,
+        None if explanation is None else _encode(explanation),
+        None if refusal is None else _encode(refusal),
+        asked_by,
+    )
+
+
+def _fields(row: tuple) -> tuple:
+    """The fields of a `DecisionRecord` from its row (the JSON read back)."""
+    id_, kind, request, result, seq, policy_version, at, explanation, refusal, asked_by = row
+    return (
+        id_,
+        kind,
+        json.loads(request),
+        json.loads(result),
+        seq,
+        policy_version,
+        at,
+        None if explanation is None else json.loads(explanation),
+        None if refusal is None else json.loads(refusal),
+        asked_by,
+    )
+
+
+class DecisionStore(BufferedWriter[tuple, tuple]):
+    """The ``decision_log`` table: `add` buffers a record's fields, `flush` writes them, `get`
+    reads one back (on a worker thread: it waits on the database)."""
+
+    noun = "/v1 decision records"
+    setting = "decision_records_buffer"
+
+    def __init__(self, db: Database, max_buffer: int = 100_000) -> None:
+        super().__init__(max_buffer)
+        self.db = db
+        db.migrate(COMPONENT, _MIGRATIONS)
+
+    def add(self, fields: tuple) -> None:
+        """Buffer a decision: the fields of its `DecisionRecord`, in order."""
+        self._add(fields)
+
+    def _write(self, batch: list[tuple]) -> None:
+        # An id already stored is a batch written again after a COMMIT whose answer was lost.
+        self.db.executemany(
+            f"INSERT INTO decision_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING",
+            [_row(fields) for fields in batch],
+        )
+
+    def _named(self, fields: tuple) -> str:
+        return f"/v1 decision record {fields[0]} ({fields[1]})"
+
+    def get(self, decision_id: str) -> tuple | None:
+        """The fields of the `DecisionRecord` stored under ``decision_id``, whichever process
+        made it; None if none."""
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM decision_log WHERE id = ?", (decision_id,))
+        return _fields(rows[0]) if rows else None
+
+
+def prune_decision_log(db: Database, before: float) -> dict[str, int]:
+    """Delete the stored decisions made before ``before`` (the audit retention,
+    `bastion.audit.retention`); nothing where the log was never kept in ``db``."""
+    return prune_rows(db, COMPONENT, "decision_log", "id", "at < ?", (before,))

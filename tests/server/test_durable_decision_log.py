@@ -1,0 +1,142 @@
+"""The decision service's decisions kept in the database (``[server] decision_log =
+"database"``): read back, and explained, by any process on the same database, and after a
+restart; by the key that asked (or an admin key) only; pruned with the audit trail."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from bastion.audit.retention import DAY, prune
+from bastion.db import Database
+from bastion.server.api.decisions import DecisionLog, DecisionRecord
+from bastion.server.config import ConfigError, ServerConfig
+from tests.waits import eventually
+
+from .conftest import entity, role
+
+DURABLE = {"BASTION_DECISION_LOG": "database"}
+READ_ANVIL = {
+    "actor": entity("User", "alice"),
+    "action": "read",
+    "resource": entity("Repo", "anvil"),
+    "context": {"ip": "10.0.0.7"},
+}
+
+
+def _key(admin: httpx.Client, name: str) -> dict:
+    created = admin.post("/v1/keys", json={"name": name, "scopes": ["decide"]})
+    created.raise_for_status()
+    return {"authorization": f"Bearer {created.json()['key']}"}
+
+
+def _stored(url: str) -> int:
+    """The rows of the decision log's table (0 where it was never made)."""
+    db = Database(url)
+    try:
+        if not db.execute("SELECT 1 FROM schema_migrations WHERE component = 'decision_log'"):
+            return 0
+        return db.execute("SELECT COUNT(*) FROM decision_log")[0][0]
+    finally:
+        db.close()
+
+
+def test_a_decision_is_read_and_explained_by_another_process_and_after_a_restart(
+    database_url, serve
+):
+    a, b = serve(database_url, **DURABLE), serve(database_url, **DURABLE)
+    with a.client() as ca, b.client() as cb:
+        app, other = _key(ca, "app"), _key(ca, "other")
+        seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        body = {**READ_ANVIL, "at_least": seq.json()["sequence"]}
+        made = ca.post("/v1/authorize", json=body, headers=app)
+        assert made.status_code == 200 and made.json()["allowed"] is True
+        decision_id = made.json()["decision_id"]
+        asked_here = ca.get(f"/v1/decisions/{decision_id}", headers=app).json()
+
+        assert eventually(
+            lambda: cb.get(f"/v1/decisions/{decision_id}", headers=app).status_code == 200,
+            within=5.0,
+        )
+        # The same record, context and all, from the process that did not make it.
+        assert cb.get(f"/v1/decisions/{decision_id}", headers=app).json() == asked_here
+        assert asked_here["request"]["context"] == {"ip": "10.0.0.7"}
+        explained = cb.get(f"/v1/decisions/{decision_id}/explanation", headers=app)
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["explanation"]["allowed"] is True
+        assert explained.json()["exact"] is True
+        assert cb.get(f"/v1/decisions/{decision_id}").status_code == 200  # an admin key
+
+        # Another key is told what it is told of an id no record holds, word for word.
+        prefix = decision_id.rpartition("-")[0]
+        unknown = f"{prefix}-999999"
+        for path in ("", "/explanation"):
+            theirs = cb.get(f"/v1/decisions/{decision_id}{path}", headers=other)
+            none = cb.get(f"/v1/decisions/{unknown}{path}", headers=other)
+            assert theirs.status_code == none.status_code == 404
+            assert theirs.json()["detail"].replace(decision_id, "ID") == none.json()[
+                "detail"
+            ].replace(unknown, "ID")
+    a.stop()
+    b.stop()
+    c = serve(database_url, **DURABLE)
+    with c.client() as cc:
+        again = cc.get(f"/v1/decisions/{decision_id}", headers=app)
+        assert again.status_code == 200 and again.json() == asked_here
+        assert cc.get(f"/v1/decisions/{decision_id}", headers=other).status_code == 404
+
+
+def test_a_decision_is_in_the_database_once_its_process_stops_cleanly(sqlite_url, serve):
+    a = serve(sqlite_url, **DURABLE, BASTION_DECISION_LOG_SIZE="0")
+    with a.client() as ca:
+        ids = [ca.post("/v1/authorize", json=READ_ANVIL).json()["decision_id"] for _ in range(3)]
+    a.stop()
+    assert _stored(sqlite_url) == 3
+    b = serve(sqlite_url, **DURABLE)
+    with b.client() as cb:
+        assert [cb.get(f"/v1/decisions/{i}").status_code for i in ids] == [200] * 3
+
+
+def test_with_the_default_memory_log_nothing_is_written(sqlite_url, serve):
+    a = serve(sqlite_url)
+    with a.client() as ca:
+        decision_id = ca.post("/v1/authorize", json=READ_ANVIL).json()["decision_id"]
+        assert ca.get(f"/v1/decisions/{decision_id}").status_code == 200
+    a.stop()
+    assert _stored(sqlite_url) == 0
+    b = serve(sqlite_url, **DURABLE)
+    with b.client() as cb:
+        assert cb.get(f"/v1/decisions/{decision_id}").status_code == 404
+
+
+def test_decisions_older_than_the_retention_are_pruned_with_the_audit_trail(database_url):
+    from bastion.audit.decision_log import DecisionStore
+
+    db = Database(database_url)
+    try:
+        store = DecisionStore(db)
+        log = DecisionLog(10, store)
+        now = time.time()
+        old = log.record("authorize", {"n": 1}, True, 1, 1, asked_by="k1")
+        new = log.record("authorize", {"n": 2}, False, 2, 1, asked_by="k1")
+        store.flush()
+        db.execute("UPDATE decision_log SET at = ? WHERE id = ?", (now - 40 * DAY, old))
+        pruned = prune(db, 30, now, actor="test")
+        assert pruned.rows.get("decision_log") == 1
+        assert store.get(old) is None
+        assert DecisionRecord(*store.get(new)).request == {"n": 2}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("value", ["disk", "Database", " memory", "postgres"])
+def test_a_decision_log_setting_that_is_not_memory_or_database_is_refused_at_load(value):
+    env = {"BASTION_CONFIG": "/nonexistent", "BASTION_DECISION_LOG": value}
+    with pytest.raises(ConfigError, match="BASTION_DECISION_LOG: decision_log must be"):
+        ServerConfig.load(env=env)
+    assert ServerConfig.load(env={**env, "BASTION_DECISION_LOG": "database"}).decision_log == (
+        "database"
+    )
+    assert ServerConfig.load(env={"BASTION_CONFIG": "/nonexistent"}).decision_log == "memory"
