@@ -19,6 +19,7 @@ from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from tests import clients
 from tests.gateway import support
+from tests.policy.test_limits import RUNAWAY as RUNAWAY_SEARCH
 from tests.server.conftest import POLICY, ServerProcess, entity, serve_policy
 
 GROW = "actor User {}\ngrow(x) if grow([x, x]);\nallow(a, _b, _c) if grow(a);\n"
@@ -332,25 +333,13 @@ def search_past_the_budget(server: ServerProcess) -> None:
         assert admin.get("/healthz").status_code == 200
 
 
-# A hundred million ways to look for a blocked five: seconds on the step budget below.
-RUNAWAY_SEARCH = """
-actor User {}
-resource Doc { roles = ["r"]; }
-declare blocked(User, User, User, User, User);
-allow(_u: User, "read", _d: Doc) if
-  has_role(a, "r", _x) and has_role(b, "r", _y) and has_role(c, "r", _z) and
-  has_role(d, "r", _w) and has_role(e, "r", _v) and blocked(a, b, c, d, e);
-allow(_u: User, "scan", _d: Doc) if x in context.items and x = "never";
-"""
-
-
 def test_a_runaway_past_the_time_bound_is_refused_naming_it_and_the_server_goes_on(tmp_path):
     server = serve_policy(
         tmp_path, BASTION_EVALUATION_MAX_STEPS="5000000", BASTION_EVALUATION_MAX_MILLISECONDS="1"
     )
     try:
         with server.client() as admin:
-            seq = put(admin, RUNAWAY_SEARCH, roles(100))
+            seq = put(admin, RUNAWAY_SEARCH, roles(100))  # seconds on the step budget below
             u1, d1 = entity("User", "u1"), entity("Doc", "d1")
             check = {"actor": u1, "action": "read", "resource": d1, "at_least": seq}
             answer = admin.post("/v1/authorize", json=check).json()
