@@ -669,9 +669,10 @@ class Session:
         ``strict``: read as strict code (True) or ordinary code (False) rather than as the
         predicate is asked (`STRICT`); the shapes asked so are compiled with the policy
         (`STRICT_TOO`)."""
-        key = _shape_key(predicate, mask, strict)
+        # `_shape_key`, written out: asked of most decisions, a call less each time.
+        is_strict = (predicate, len(mask)) in STRICT if strict is None else strict
+        key = (predicate, mask, is_strict)
         fn = self._active.shapes.get(key)
-        is_strict = key[2]
         if fn is None:
             if not self._active.compiled.defines(predicate, len(mask)):
                 return set()
