@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from bastion.egress import cleartext_problem
 from bastion.facts.model import Entity, arg_from_json, arg_to_json, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, epoch
 from bastion.names import readable
@@ -67,10 +68,11 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
-def _server_url(url: str) -> str:
-    """The base URL of a bastion server: http or https, a host, no user name or password (the
-    key is the credential, and ``https://bastion@evil.example`` names evil.example), no query
-    or fragment (they would be lost or sent where not meant)."""
+def _server_url(url: str, allow_http: bool = False) -> str:
+    """The base URL of a bastion server: https, or http to the loopback (``allow_http``: to any
+    host), a host, no user name or password (the key is the credential, and
+    ``https://bastion@evil.example`` names evil.example), no query or fragment (they would be
+    lost or sent where not meant)."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises on a port that is not a number)
@@ -87,6 +89,14 @@ def _server_url(url: str) -> str:
         )
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ValueError(f"the server URL has a query or fragment: {readable(url, 200)}")
+    if not allow_http and (problem := cleartext_problem(url)) is not None:
+        # Every request carries the API key, and a decision comes back: in the clear, whoever
+        # is on the way reads the one and can change the other.
+        raise ValueError(
+            f"the server URL {readable(url, 200)} {problem}: the API key would cross the"
+            " network in the clear, and the answers could be changed on the way; use https,"
+            " or pass allow_http=True for a network you trust with both"
+        )
     return url.rstrip("/")
 
 
@@ -550,8 +560,9 @@ class _Remote:
         timeout: float | None = 30.0,
         read_your_writes: bool = True,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        allow_http: bool = False,
     ) -> None:
-        self._url = _server_url(url)
+        self._url = _server_url(url, allow_http)
         self._timeout = timeout
         self._max_answer_bytes = max_answer_bytes
         self._ops = _Ops()

@@ -339,6 +339,28 @@ def test_a_server_url_with_userinfo_a_query_or_another_scheme_is_refused(url):
         assert KEY not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "url", ["http://bastion.example.com", "http://10.0.0.5:8000", "http://[fd00::1]:8000"]
+)
+def test_a_server_across_the_network_in_the_clear_is_refused_unless_allowed(url):
+    """Every request carries the key, and every decision comes back: over plain http beyond the
+    loopback, whoever is on the way reads the one and may change the other."""
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="in the clear.*allow_http=True"):
+            make(url, KEY)
+        client = make(url, KEY, allow_http=True)  # a network trusted with both, said so
+        assert client._url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000", "https://b.example"],
+)
+def test_a_server_on_the_loopback_or_over_https_needs_no_allowance(url):
+    for make in (Client, AsyncClient):
+        assert make(url, KEY)._url == url
+
+
 @pytest.mark.parametrize("key", [KEY + "\n", " " + KEY, KEY[:8] + "\r\nX-Evil: 1", "", "ké" + KEY])
 def test_a_key_a_header_cannot_carry_is_refused_without_showing_it(impostor, key):
     """A key read from a file with its line break: refused at once, the key not in the message
