@@ -148,24 +148,19 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """One decision record, whole, as an auditor needs it months later: beside it the policy
     version it was decided under (its text, not today's: the rules it names are read against
-    it) and the events of the approval or review it went through (who answered, and how)."""
+    it) and the events of the approval or review it went through (who answered, and how). A
+    decision service's id (`_service_id`) that is no gateway record is looked for in its stored
+    decisions (``decision_log = "database"``, `_show_service`)."""
     decision_id = args.decision_id
     db = Database(_database(args))
     try:
         record = DecisionRecords(db).get(decision_id)
+        if record is None and _service_id(decision_id):
+            return _show_service(db, decision_id)
         if record is None:
             print(f"bastion: {_not_recorded(decision_id)}", file=sys.stderr)
             return 2
-        policy = None
-        if record.policy_version is not None:
-            if (version := FactStore(db).policy(record.policy_version)) is not None:
-                policy = {**version.summary(), "text": version.text}
-            else:
-                print(
-                    f"bastion: the database holds no policy version {record.policy_version}:"
-                    " was it restored from another one?",
-                    file=sys.stderr,
-                )
+        policy = _policy_of(db, record.policy_version)
         approval = record.obligations.get("approval")
         events = []
         if isinstance(approval, dict) and isinstance(approval.get("id"), str):
@@ -178,12 +173,65 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_recorded(decision_id: str) -> str:
-    if "-" in decision_id:  # the /v1 API's ids are its process's prefix and a count
-        return (
-            f"no decision record {decision_id!r}: a /v1 decision is kept in the memory of the"
-            f" replica that made it, not here; ask it: GET /v1/decisions/{decision_id}"
+def _show_service(db: Database, decision_id: str) -> int:
+    """``bastion audit show`` of a decision of the decision service (`/v1`, AuthZEN, Oso
+    Cloud's API) stored in ``decision_log``: the record as ``GET /v1/decisions/{id}`` gives it
+    (its kind, request, result, sequence, policy version, the id of the key that asked, why it
+    was refused), the explanation when it was kept, and the policy version it was decided
+    under. Exit 2, saying why, where the database does not hold it."""
+    from bastion.audit.decision_log import kept_in, stored
+    from bastion.server.api.decisions import DecisionRecord as ServiceRecord
+
+    if not kept_in(db):
+        print(
+            f"bastion: no decision record {decision_id!r}: the decision service's decisions were"
+            ' never kept in this database (decision_log = "database" was never set on a server'
+            " using it); a /v1 decision is in the memory of the replica that made it: ask it,"
+            f" GET /v1/decisions/{decision_id}",
+            file=sys.stderr,
         )
+        return 2
+    fields = stored(db, decision_id)
+    if fields is None:
+        print(
+            f"bastion: no decision record {decision_id!r}: not in decision_log (the decision"
+            " service's stored decisions) either: it is older than audit_retention_days, or was"
+            ' made by a server with decision_log = "memory" or on another database, or was'
+            " still waiting to be written (within 0.2 s, lost if its process was killed)",
+            file=sys.stderr,
+        )
+        return 2
+    record = ServiceRecord(*fields)
+    shown = record.to_json()
+    if record.explanation is not None:
+        shown["explanation"] = record.explanation
+    out = {"record": shown, "policy": _policy_of(db, record.policy_version)}
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _policy_of(db: Database, version: int | None) -> dict | None:
+    """The policy version a record names, its text with it; None (said on stderr when it is
+    named but not held) otherwise."""
+    if version is None:
+        return None
+    if (found := FactStore(db).policy(version)) is None:
+        print(
+            f"bastion: the database holds no policy version {version}:"
+            " was it restored from another one?",
+            file=sys.stderr,
+        )
+        return None
+    return {**found.summary(), "text": found.text}
+
+
+def _service_id(decision_id: str) -> bool:
+    """Whether ``decision_id`` has the shape of the decision service's ids, its process's
+    prefix and a count (``3f9c...-42``), not of the gateway's (32 hex digits, no dash)."""
+    return "-" in decision_id
+
+
+def _not_recorded(decision_id: str) -> str:
     return (
         f"no decision record {decision_id!r}: it is older than audit_retention_days, or the"
         " gateway that made it writes to another database"

@@ -107,8 +107,21 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
     def get(self, decision_id: str) -> tuple | None:
         """The fields of the `DecisionRecord` stored under ``decision_id``, whichever process
         made it; None if none."""
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM decision_log WHERE id = ?", (decision_id,))
-        return _fields(rows[0]) if rows else None
+        return stored(self.db, decision_id)
+
+
+def kept_in(db: Database) -> bool:
+    """Whether a process ever kept its decisions in ``db`` (``decision_log = "database"``
+    made the table): where none did, a /v1 decision was only ever in its process's memory."""
+    return bool(db.execute("SELECT 1 FROM schema_migrations WHERE component = ?", (COMPONENT,)))
+
+
+def stored(db: Database, decision_id: str) -> tuple | None:
+    """The fields of the `DecisionRecord` stored under ``decision_id`` in ``db`` (whose table
+    exists: `kept_in`), whichever process made it; None if none. Read by a server's `DecisionStore`
+    and by ``bastion audit show``, which opens the database without migrating it."""
+    rows = db.execute(f"SELECT {_COLUMNS} FROM decision_log WHERE id = ?", (decision_id,))
+    return _fields(rows[0]) if rows else None
 
 
 def prune_decision_log(db: Database, before: float) -> dict[str, int]:

@@ -1,0 +1,118 @@
+"""The decision service's stored decisions (``decision_log = "database"``) seen by the audit
+commands, on a database written by a real ``bastion serve``: ``bastion audit show`` finds one by
+its id as it finds a gateway record, with the policy version it was decided under."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from bastion.cli import main
+from bastion.db import Database
+from bastion.facts.store import FactStore
+
+from .conftest import entity, role
+
+DURABLE = {"BASTION_DECISION_LOG": "database"}
+READ_ANVIL = {
+    "actor": entity("User", "alice"),
+    "action": "read",
+    "resource": entity("Repo", "anvil"),
+    "context": {"ip": "10.0.0.7"},
+}
+
+
+def _key(admin: httpx.Client, name: str) -> tuple[str, dict]:
+    """A new ``decide`` key: its id, and the headers that ask with it."""
+    created = admin.post("/v1/keys", json={"name": name, "scopes": ["decide"]})
+    created.raise_for_status()
+    return created.json()["id"], {"authorization": f"Bearer {created.json()['key']}"}
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``bastion ...`` -> (exit status, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _in_force(database: str):
+    db = Database(database)
+    try:
+        return FactStore(db).policy()
+    finally:
+        db.close()
+
+
+def test_audit_show_finds_a_decision_of_the_service_with_who_asked_and_its_policy(
+    sqlite_url, serve, capsys
+):
+    server = serve(sqlite_url, **DURABLE)
+    with server.client() as admin:
+        key_id, app = _key(admin, "app")
+        seq = admin.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        body = {**READ_ANVIL, "at_least": seq.json()["sequence"]}
+        allowed = admin.post("/v1/authorize", json=body, headers=app).json()
+        explained = admin.post(
+            "/v1/authorize",
+            json={**READ_ANVIL, "action": "push", "explain": True},
+            headers=app,
+        ).json()
+    server.stop()  # a clean stop writes what waits
+    in_force = _in_force(sqlite_url)
+
+    code, out, err = _cli(capsys, "audit", "show", allowed["decision_id"], "--database", sqlite_url)
+
+    assert code == 0, err
+    shown = json.loads(out)
+    record = shown["record"]
+    assert record["decision_id"] == allowed["decision_id"]
+    assert record["kind"] == "authorize" and record["result"] is True
+    assert record["request"]["actor"] == entity("User", "alice")
+    assert record["request"]["context"] == {"ip": "10.0.0.7"}
+    assert record["sequence"] == allowed["sequence"]
+    assert record["asked_by"] == key_id
+    assert record["policy_version"] == in_force.version
+    assert shown["policy"]["version"] == in_force.version
+    assert shown["policy"]["text"] == in_force.text
+
+    code, out, err = _cli(
+        capsys, "audit", "show", explained["decision_id"], "--database", sqlite_url
+    )
+    assert code == 0, err
+    record = json.loads(out)["record"]
+    assert record["result"] is False and record["request"]["action"] == "push"
+    # The explanation asked for with the decision is kept, and shown.
+    assert record["explanation"]["allowed"] is False and record["explanation"]["text"]
+
+
+def test_audit_show_says_when_the_decision_log_was_never_kept_in_the_database(
+    sqlite_url, serve, capsys
+):
+    server = serve(sqlite_url)  # decision_log = "memory", the default
+    with server.client() as admin:
+        decision_id = admin.post("/v1/authorize", json=READ_ANVIL).json()["decision_id"]
+    server.stop()
+
+    code, out, err = _cli(capsys, "audit", "show", decision_id, "--database", sqlite_url)
+
+    assert code == 2 and out == ""
+    assert "never kept" in err and 'decision_log = "database"' in err
+    assert f"GET /v1/decisions/{decision_id}" in err
+
+
+def test_audit_show_of_a_service_id_the_log_does_not_hold_says_why(sqlite_url, serve, capsys):
+    server = serve(sqlite_url, **DURABLE)
+    with server.client() as admin:
+        decision_id = admin.post("/v1/authorize", json=READ_ANVIL).json()["decision_id"]
+    server.stop()
+    unknown = decision_id.rpartition("-")[0] + "-999999"
+
+    code, out, err = _cli(capsys, "audit", "show", unknown, "--database", sqlite_url)
+
+    assert code == 2 and out == ""
+    assert "decision_log" in err and "audit_retention_days" in err
