@@ -13,6 +13,7 @@ log keeps it (``KEEP_CONTEXT_BYTES``).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 from bastion.audit.buffered import BufferedWriter
 from bastion.db import Database, prune_rows
@@ -128,3 +129,23 @@ def prune_decision_log(db: Database, before: float) -> dict[str, int]:
     """Delete the stored decisions made before ``before`` (the audit retention,
     `bastion.audit.retention`); nothing where the log was never kept in ``db``."""
     return prune_rows(db, COMPONENT, "decision_log", "id", "at < ?", (before,))
+
+
+def window(db: Database, since: float, until: float, page: int = 1000) -> Iterator[tuple]:
+    """The fields of the decisions stored from ``since`` up to (not at) ``until`` (epoch
+    seconds), oldest first, read ``page`` at a time (``bastion audit replay``); none where the
+    log was never kept in ``db`` (`kept_in`)."""
+    if not kept_in(db):
+        return
+    at, last = since, ""
+    while True:
+        rows = db.execute(
+            f"SELECT {_COLUMNS} FROM decision_log WHERE ((at = ? AND id > ?) OR at > ?)"
+            " AND at < ? ORDER BY at, id LIMIT ?",
+            (at, last, at, until, page),
+        )
+        for row in rows:
+            yield _fields(row)
+        if len(rows) < page:
+            return
+        last, at = rows[-1][0], rows[-1][6]

@@ -17,12 +17,20 @@ endpoint asked it, by the same function (`decide_exchange`): ``may_delegate`` an
 ``delegated_scope`` for its chain, on its MCP server, for the scopes it asked, with its recorded
 context. Its answer is its result and the scopes that pass: an allow that lets other scopes pass
 now is decided otherwise.
+
+A decision of the decision service stored in ``decision_log`` (``decision_log = "database"``,
+`bastion.audit.decision_log`), read as a `LoggedDecision`, is asked again as ``/v1/authorize``
+asked it (`Question` ``service``): one actor, the policy's ``allow`` alone; a chain of
+principals, the contract's answer (`decide_chain`) with the scopes it was given; each check of
+a batch is a row of its own. Its context is the one it kept, with the time it was decided at as
+``context.time`` where the caller gave none. Only checks are replayed: a list, actions or query
+is counted (``not_a_check``), and so is a check whose context was not kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from bastion.audit.decisions import DecisionRecord
@@ -66,6 +74,11 @@ NOT_REPLAYABLE = {
     " only as a digest",
     "context_not_recorded": "the candidate reads behaviour figures or session labels that were"
     " not worked out (so not recorded) at the call",
+    "not_a_check": "a list, actions or query of the decision service: only its checks"
+    " (authorize) are replayed",
+    "context_not_kept": "a decision service check whose context was over 64 KiB, so not kept",
+    "context_facts_not_kept": "a decision service check asked with Oso Cloud context facts,"
+    " which are not kept",
 }
 # The results the policy alone gives, and the refusals' reasons it gives them with.
 _POLICY_RESULTS = frozenset({"allow", "deny", "step_up"})
@@ -126,6 +139,80 @@ class Question:
     at: float
     # A token exchange's: the scopes it asked to pass, in the order asked. None for a call.
     requested: tuple[str, ...] | None = None
+    # A decision service check's (`LoggedDecision`): "actor", one actor asked of the policy's
+    # allow alone; "chain", the contract's answer for its principals, held to ``scopes`` only
+    # where it was given some (``service_scopes``). None for the gateway's and an exchange's.
+    service: str | None = None
+    service_scopes: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDecision:
+    """A decision of the decision service stored in ``decision_log``, as replay reads it: named
+    as a gateway record's fields are where the report reads them (``method`` is its kind,
+    ``target`` and ``principals`` its entities spelled as `Entity.__repr__` spells them)."""
+
+    id: str
+    at: float
+    kind: str
+    request: dict[str, Any]
+    result: str
+    reason: str
+    policy_version: int | None
+    server: str = ""
+    rules: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, fields: tuple) -> LoggedDecision:
+        """From the fields of a stored `bastion.server.api.decisions.DecisionRecord`."""
+        id_, kind, request, result, _seq, policy_version, at, _explanation, refusal, _by = fields
+        reason = refusal.get("reason") if isinstance(refusal, dict) else None
+        return cls(
+            id_,
+            at,
+            kind,
+            request if isinstance(request, dict) else {},
+            ("allow" if result else "deny") if isinstance(result, bool) else str(result),
+            reason if isinstance(reason, str) else "",
+            policy_version,
+        )
+
+    @property
+    def method(self) -> str:
+        return self.kind
+
+    @property
+    def context(self) -> dict[str, Any]:
+        context = self.request.get("context")
+        return context if isinstance(context, dict) else {}
+
+    @property
+    def principals(self) -> tuple[str, ...]:
+        asked = self.request.get("principals", [self.request.get("actor")])
+        return tuple(_spelled(p) for p in asked) if isinstance(asked, list) else ()
+
+    @property
+    def target(self) -> str:
+        return _spelled(self.request.get("resource"))
+
+
+def _spelled(value: Any) -> str:
+    """An entity of a stored request (``{"type", "id"}``) as `Entity.__repr__` spells it."""
+    try:
+        return repr(_entity_of(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _entity_of(value: Any) -> Entity:
+    if not isinstance(value, dict) or set(value) != {"type", "id"}:
+        raise ValueError(f"not an entity: {value!r}")
+    if not isinstance(value["type"], str) or not isinstance(value["id"], str):
+        raise ValueError(f"not an entity: {value!r}")
+    return Entity(value["type"], value["id"])
+
+
+Recorded = DecisionRecord | LoggedDecision
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +222,7 @@ class Replayed:
     spend it again). A token exchange's: the scopes that pass, and always the rules that proved
     them (worked out with its answer, as the token endpoint records them)."""
 
-    record: DecisionRecord
+    record: Recorded
     question: Question
     result: str
     reason: str
@@ -155,9 +242,11 @@ class Replayed:
         return self.reason == EvaluationLimit.reason
 
 
-def question_of(record: DecisionRecord) -> Question:
+def question_of(record: Recorded) -> Question:
     """The question ``record`` asked, or `NotReplayable` when the policy alone did not answer
     it, or what it asked cannot be told."""
+    if isinstance(record, LoggedDecision):
+        return _service_question(record)
     if record.later_fields():
         raise NotReplayable("later_format")
     if record.recovered:
@@ -205,6 +294,49 @@ def question_of(record: DecisionRecord) -> Question:
     )
 
 
+def _service_question(record: LoggedDecision) -> Question:
+    """The question a decision service check asked, as ``/v1/authorize`` asked it (each check
+    of a batch is a row of its own, with the context it was decided in); `NotReplayable` for a
+    list, actions or query, a check refused by the kill switch, or one whose context is not
+    kept. Its time is the one it was decided at, where its context gave none."""
+    if record.kind != "authorize":
+        raise NotReplayable("not_a_check", record.kind)
+    request = record.request
+    if request.get("context_omitted"):
+        raise NotReplayable("context_not_kept")
+    if request.get("context_facts"):
+        raise NotReplayable("context_facts_not_kept")
+    if record.reason == "suspended":
+        raise NotReplayable("refused_before_decision")
+    if record.result not in ("allow", "deny"):
+        raise NotReplayable("not_decided_by_policy")
+    chained = "principals" in request
+    try:
+        asked = request["principals"] if chained else [request["actor"]]
+        principals = tuple(map(_entity_of, asked))
+        resource = _entity_of(request["resource"])
+        action = request["action"]
+    except (KeyError, TypeError, ValueError):
+        raise NotReplayable("unreadable") from None
+    if not principals or not isinstance(action, str):
+        raise NotReplayable("unreadable")
+    context = dict(record.context)
+    context.setdefault("time", datetime.fromtimestamp(record.at, UTC))
+    scopes = request.get("scopes")
+    given = frozenset(scopes) if chained and _texts(scopes) else None
+    return Question(
+        principals,
+        action,
+        resource,
+        context,
+        given or frozenset(),
+        None,
+        record.at,
+        service="chain" if chained else "actor",
+        service_scopes=given,
+    )
+
+
 def _exchange_question(record: DecisionRecord) -> Question:
     """The question a token exchange's record asked (`decide_exchange`): its chain, its MCP
     server, the scopes it asked for and its context. Not replayable when it was refused before
@@ -239,10 +371,12 @@ def _exchange_question(record: DecisionRecord) -> Question:
     )
 
 
-def granted(record: DecisionRecord) -> tuple[str, ...] | None:
+def granted(record: Recorded) -> tuple[str, ...] | None:
     """The scopes a token exchange's record let pass (none when refused); None for a call's
     record, or an exchange's that does not say."""
-    if record.method != DELEGATION_METHOD or not isinstance(record.obligations, dict):
+    if record.method != DELEGATION_METHOD or not isinstance(record, DecisionRecord):
+        return None
+    if not isinstance(record.obligations, dict):
         return None
     scopes = record.obligations.get("scopes")
     return tuple(scopes) if _texts(scopes) else None
@@ -282,7 +416,7 @@ def _entity(text: str) -> Entity:
     return entity
 
 
-def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
+def replay(authz: Authorizer, record: Recorded) -> Replayed:
     """``record`` decided again by ``authz``'s policy and facts, as the gateway decides: every
     principal of its chain, within one evaluation budget (over it: refused, as the gateway
     refuses). `NotReplayable` when the answer would rest on what the record does not hold."""
@@ -417,6 +551,8 @@ def _decide(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> 
             scopes=decision.scopes,
             rules=decision.rules,
         )
+    if question.service is not None:
+        return _service_answer(authz, question, recorded)
     reading = ReadContext(question.context)
     chain = decide_chain(
         authz,
@@ -440,11 +576,34 @@ def _decide(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> 
     return _Answer(result, reason, chain)
 
 
-def _check_reads(reading: ReadContext, recorded: dict[str, Any]) -> None:
+def _service_answer(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> _Answer:
+    """A decision service check decided by ``authz`` as ``/v1/authorize`` decides it: one
+    actor, the policy's allow alone (over the budget: refused); a chain, the contract's
+    answer. Its chain decision comes with it, so that the rules of a changed one are named."""
+    reading = ReadContext(question.context)
+    asked = (question.action, question.resource)
+    if question.service == "chain":
+        chain = decide_chain(authz, question.principals, *asked, reading, question.service_scopes)
+        reason = "insufficient_scope" if chain.missing_scopes else chain.reason or ""
+    else:
+        actor = question.principals[0]
+        try:
+            allowed, reason = authz.authorize(actor, *asked, reading), ""
+        except EvaluationLimit as over:
+            allowed, reason = False, over.reason
+        chain = ChainDecision(allowed, (actor,), refused_by=None if allowed else actor)
+    # Its context is kept whole: only what the Oso Cloud API worked out then is not.
+    _check_reads(reading, recorded, arguments_kept=True)
+    return _Answer("allow" if chain.allowed else "deny", reason, chain)
+
+
+def _check_reads(
+    reading: ReadContext, recorded: dict[str, Any], arguments_kept: bool = False
+) -> None:
     """`NotReplayable` if the policy read what the record cannot tell: the arguments (kept
-    as a digest), or a worked-out field (`_WORKED_OUT`) the gateway did not work out then."""
+    as a digest by the gateway), or a worked-out field (`_WORKED_OUT`) not worked out then."""
     paths = reading.paths.union((name,) for name in reading.fields)
-    if any(path[0] == "arguments" for path in paths):
+    if not arguments_kept and any(path[0] == "arguments" for path in paths):
         raise NotReplayable("arguments_not_recorded")
     for path in paths:
         if path[0] in _WORKED_OUT and _at(recorded, path) is _ABSENT:

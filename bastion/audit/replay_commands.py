@@ -1,4 +1,5 @@
-"""CLI: ``bastion audit replay``: which of the gateway's recorded decisions pushing a candidate
+"""CLI: ``bastion audit replay``: which of the gateway's recorded decisions, and of the decision
+service's stored checks (``decision_log = "database"``), pushing a candidate
 policy (files, or a stored version) would change, before it is pushed (`bastion.audit.replay`):
 those it decides otherwise than the policy in force today; and those decided otherwise than
 recorded that the push does not change, and why (the facts or an earlier push, `cause_of`).
@@ -14,18 +15,21 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from bastion.audit import decision_log
 from bastion.audit.commands import _when, shown
-from bastion.audit.decisions import DecisionRecord, DecisionRecords
+from bastion.audit.decisions import DecisionRecords
 from bastion.audit.replay import (
     UNKNOWN_CAUSE,
     UNKNOWN_EFFECT,
     Cause,
     InForce,
+    LoggedDecision,
     NotReplayable,
+    Recorded,
     Replayed,
     cause_of,
     explained,
@@ -82,7 +86,7 @@ def _replay(args: argparse.Namespace) -> int:
         del facts
         authz.facts.load(pairs)  # what it cannot use: unused
         policies = _StoredPolicies(store, config, pairs, authz, text, current)
-        records = DecisionRecords(db).window(since, until, args.server, PAGE)
+        records = _recorded(db, since, until, args.server)
         # The text report keeps the differences the push does not make aside until the end.
         apart = held.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
         out = _JsonReport(sys.stdout) if args.json else _TextReport(sys.stdout, apart)
@@ -110,6 +114,20 @@ def _replay(args: argparse.Namespace) -> int:
                 out.change(replayed, now, pushed, cause)
         out.end(tally)
     return 1 if tally.by_push else 0
+
+
+def _recorded(db: Database, since: float, until: float, server: str | None) -> Iterator[Recorded]:
+    """The gateway's records of the window, then the decision service's stored decisions
+    (none on one upstream ``server``: the decision service has none), oldest first each."""
+    yield from DecisionRecords(db).window(since, until, server, PAGE)
+    if server is None:
+        for fields in decision_log.window(db, since, until, PAGE):
+            yield LoggedDecision.of(fields)
+
+
+def _source(record: Recorded) -> str:
+    """Which table a record is read from: the gateway's, or the decision service's."""
+    return "decision_log" if isinstance(record, LoggedDecision) else "gateway"
 
 
 def _named(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,7 +279,7 @@ class _Tally:
 _CAUSES = ("policy", "earlier_push", "facts", "unknown")
 
 
-def _unknown(cause: Cause, record: DecisionRecord) -> str:
+def _unknown(cause: Cause, record: Recorded) -> str:
     return UNKNOWN_CAUSE[cause.why or ""].format(version=record.policy_version)
 
 
@@ -277,6 +295,7 @@ def _change(replayed: Replayed, now: InForce, pushed: bool | None, cause: Cause)
     record, question = replayed.record, replayed.question
     change: dict[str, Any] = {
         "id": record.id,
+        "source": _source(record),
         "at": record.at,
         "server": record.server,
         "method": record.method,
@@ -370,9 +389,10 @@ class _TextReport:
         record = replayed.record
         who = " ".join(map(readable, record.principals))
         write: Callable[[str], Any] = (self.apart if pushed is False else self.out).write
+        source = "decision_log " if isinstance(record, LoggedDecision) else ""
         write(
             f"{shown(record.result)} -> {shown(replayed.result)}  {_when(record.at)}"
-            f" {shown(record.method)} {replayed.question.action} {readable(record.target)}"
+            f" {source}{shown(record.method)} {replayed.question.action} {readable(record.target)}"
             f" by {who} id={record.id}\n"
         )
         if replayed.reason:

@@ -335,6 +335,7 @@ def test_the_json_report_names_each_change_and_counts_the_rest(gateway, tmp_path
     change = report["changed"][0]
     assert set(change) == {
         "id",
+        "source",
         "at",
         "server",
         "method",
@@ -354,6 +355,7 @@ def test_the_json_report_names_each_change_and_counts_the_rest(gateway, tmp_path
     # Why: the push's (the policy in force decides it otherwise); the policy of the time is not
     # asked.
     assert change["cause"] == "policy" and change["changed_by_push"] is True
+    assert change["source"] == "gateway"
     assert change["policy_of_the_time"] is None
     assert report["different_by_cause"] == {
         "policy": report["different"],

@@ -12,7 +12,7 @@ from bastion.cli import main
 from bastion.db import Database
 from bastion.facts.store import FactStore
 
-from .conftest import entity, role
+from .conftest import POLICY, entity, role
 
 DURABLE = {"BASTION_DECISION_LOG": "database"}
 READ_ANVIL = {
@@ -116,3 +116,89 @@ def test_audit_show_of_a_service_id_the_log_does_not_hold_says_why(sqlite_url, s
 
     assert code == 2 and out == ""
     assert "decision_log" in err and "audit_retention_days" in err
+
+
+# The policy the servers run (tests/server/conftest.py's), but only a maintainer reads, not a
+# reader: what a candidate like it would change among the decisions made.
+CANDIDATE = POLICY.replace('"read" if "reader";', '"read" if "maintainer";')
+
+
+def test_audit_replay_reports_a_stored_decision_the_candidate_changes_with_its_kind(
+    sqlite_url, serve, tmp_path, capsys
+):
+    server = serve(sqlite_url, **DURABLE)
+    with server.client() as admin:
+        facts = [
+            role("alice", "reader", "Repo", "anvil"),
+            role("dan", "maintainer", "Repo", "anvil"),
+        ]
+        seq = admin.post("/v1/facts", json={"facts": facts}).json()["sequence"]
+        changed = admin.post("/v1/authorize", json={**READ_ANVIL, "at_least": seq}).json()
+        assert changed["allowed"] is True
+        # A maintainer reads under both: unchanged, so not listed.
+        dan = {**READ_ANVIL, "actor": entity("User", "dan")}
+        unchanged = admin.post("/v1/authorize", json=dan).json()
+        assert unchanged["allowed"] is True
+        bob = {**READ_ANVIL, "actor": entity("User", "bob")}
+        batch = admin.post("/v1/authorize/batch", json={"checks": [READ_ANVIL, bob]}).json()
+        assert [r["allowed"] for r in batch["results"]] == [True, False]
+        chain = {
+            "principals": [entity("User", "alice")],
+            "action": "read",
+            "resource": entity("Repo", "anvil"),
+        }
+        in_chain = admin.post("/v1/authorize", json=chain).json()
+        assert in_chain["allowed"] is True
+        listed = admin.post(
+            "/v1/list",
+            json={"actor": entity("User", "alice"), "action": "read", "resource_type": "Repo"},
+        ).json()
+        # A context over 64 KiB is not kept with its decision: that one cannot be asked again.
+        large = {**READ_ANVIL, "context": {"pad": "x" * (70 * 1024)}}
+        too_large = admin.post("/v1/authorize", json=large).json()
+        assert too_large["allowed"] is True
+    server.stop()
+    candidate = tmp_path / "candidate.polar"
+    candidate.write_text(CANDIDATE)
+
+    code, out, err = _cli(
+        capsys,
+        "audit",
+        "replay",
+        "--policy",
+        str(candidate),
+        "--database",
+        sqlite_url,
+        "--json",
+    )
+
+    assert code == 1, err
+    report = json.loads(out)
+    listed_ids = {c["id"] for c in report["changed"]}
+    alice_ids = {
+        changed["decision_id"],
+        batch["results"][0]["decision_id"],
+        in_chain["decision_id"],
+    }
+    assert listed_ids == alice_ids
+    for change in report["changed"]:
+        assert change["source"] == "decision_log" and change["method"] == "authorize"
+        assert change["old"]["result"] == "allow" and change["new"]["result"] == "deny"
+        assert change["cause"] == "policy" and change["changed_by_push"] is True
+        assert change["principals"] == ['User{"alice"}'] and change["target"] == 'Repo{"anvil"}'
+    assert unchanged["decision_id"] not in listed_ids
+    assert report["changed_by_push"] == 3
+    # dan's and bob's decided alike; the list and the large context counted, with their reason.
+    assert report["replayed"] == 5 and report["same"] == 2
+    assert report["not_replayable"] == {"context_not_kept": 1, "not_a_check": 1}
+    assert listed["decision_id"] not in listed_ids and too_large["decision_id"] not in listed_ids
+
+    code, out, _ = _cli(
+        capsys, "audit", "replay", "--policy", str(candidate), "--database", sqlite_url
+    )
+    assert code == 1
+    assert (
+        f'decision_log authorize read Repo{{"anvil"}} by User{{"alice"}} id={changed["decision_id"]}'
+        in out
+    )
+    assert "not replayable: 2 (context_not_kept 1, not_a_check 1)" in out
