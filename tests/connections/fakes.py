@@ -31,7 +31,7 @@ def loopback_base(sock: socket.socket) -> str:
 class AuthorizationServer:
     """An upstream's authorization server at ``base`` that records every form posted to its
     token endpoint and its revocation endpoint (``posted``, in order; ``revocations``, those of
-    the revocation endpoint alone).
+    the revocation endpoint alone), and counts the reads of its metadata (``metadata_reads``).
 
     By default it authorizes at once, whatever the client, and its token endpoint answers any
     code or refresh token with fresh tokens named after the server and a count
@@ -39,8 +39,13 @@ class AuthorizationServer:
 
     - ``registration`` and ``revocation``: whether its metadata names those endpoints;
       ``sends_iss`` (RFC 9207): whether it says it sends ``iss`` with every code (and does);
-      ``metadata_overrides``: fields of its metadata set to other values (other endpoints);
-      ``issuer``: the issuer its metadata names (by default ``base``, as RFC 8414 §3.3 wants);
+      ``metadata_overrides``: fields of its metadata set to other values (other endpoints, an
+      issuer that is no string); ``issuer``: the issuer its metadata names (by default the one
+      asked, as RFC 8414 §3.3 wants); ``pkce_methods``: the PKCE methods it advertises (None:
+      the field is left out);
+    - ``under_paths``: it also serves metadata for any issuer under ``base`` (``{base}/<path>``,
+      read at ``/.well-known/oauth-authorization-server/<path>``, RFC 8414 §3.1), each naming
+      the issuer asked unless ``issuer`` says otherwise;
     - ``client_id``: the client id its registration endpoint gives (None: a new random one each
       time); the redirect URIs of each registered client are kept in ``clients``;
     - ``checks_codes``: the authorization endpoint takes only a registered client and redirect
@@ -51,7 +56,8 @@ class AuthorizationServer:
     - ``refusal``: ``(status, body)`` the token endpoint answers to everything (`refuse`);
     - ``rotates``: each refresh token is good once; a used one coming back revokes the whole
       grant (RFC 9700 §4.14.2), and ``revoked_grant`` says it happened;
-    - ``issues_refresh_tokens``: whether an answer carries a refresh token;
+    - ``issues_refresh_tokens``: whether an answer carries a refresh token; ``token_type``: the
+      ``token_type`` its answers carry (None: the field is left out);
     - ``holds``: the token endpoint sets ``arrived`` and waits for ``release`` before answering
       (``"each"`` request, or only ``"first"``: a second request then lets the first go at once);
     - ``revoking``: the revocation endpoint answers once it is set (it is, unless a test clears
@@ -73,6 +79,7 @@ class AuthorizationServer:
         rotates: bool = False,
         issues_refresh_tokens: bool = True,
         holds: str | None = None,
+        under_paths: bool = False,
     ) -> None:
         self.name = name
         self.base = base
@@ -80,12 +87,15 @@ class AuthorizationServer:
         self.registration = registration
         self.revocation = revocation
         self.sends_iss = sends_iss
-        self.metadata_overrides: dict[str, str] = {}
+        self.metadata_overrides: dict[str, object] = {}
+        self.pkce_methods: object = ["S256"]
+        self.under_paths = under_paths
         self.client_id = client_id
         self.checks_codes = checks_codes
         self.grant_types = frozenset(grant_types)
         self.rotates = rotates
         self.issues_refresh_tokens = issues_refresh_tokens
+        self.token_type: str | None = "Bearer"
         assert holds in (None, "each", "first"), holds
         self.holds = holds
         self.refusal: tuple[int, dict] | None = None
@@ -94,6 +104,7 @@ class AuthorizationServer:
         self.issued: list[dict] = []  # with checks_codes: each grant redeemed, client and user
         self.posted: list[dict[str, str]] = []  # every form, token and revocation endpoints
         self.revocations: list[dict[str, str]] = []  # the revocation endpoint's forms
+        self.metadata_reads = 0
         self.token_requests = 0
         self.tokens_issued = 0
         self.live: set[str] = set()  # with rotates: the refresh tokens good now
@@ -114,15 +125,17 @@ class AuthorizationServer:
         """From now on the token endpoint answers the OAuth ``error`` (RFC 6749 §5.2)."""
         self.refusal = (status, {"error": error, **more})
 
-    def metadata_document(self) -> dict:
-        """Its RFC 8414 metadata, as its switches make it now (tests change them mid-way)."""
-        document = {
-            "issuer": self.base if self.issuer is None else self.issuer,
+    def metadata_document(self, asked: str = "") -> dict:
+        """Its RFC 8414 metadata as the issuer ``asked`` (``base`` unless one under it), as its
+        switches make it now (tests change them mid-way)."""
+        document: dict[str, object] = {
+            "issuer": (asked or self.base) if self.issuer is None else self.issuer,
             "authorization_endpoint": f"{self.base}/authorize",
             "token_endpoint": f"{self.base}/token",
-            "code_challenge_methods_supported": ["S256"],
             "authorization_response_iss_parameter_supported": self.sends_iss,
         }
+        if self.pkce_methods is not None:
+            document["code_challenge_methods_supported"] = self.pkce_methods
         if self.registration:
             document["registration_endpoint"] = f"{self.base}/register"
         if self.revocation:
@@ -130,7 +143,9 @@ class AuthorizationServer:
         return {**document, **self.metadata_overrides}
 
     async def metadata(self, request: Request) -> Response:
-        return JSONResponse(self.metadata_document())
+        self.metadata_reads += 1
+        path = request.path_params.get("path")
+        return JSONResponse(self.metadata_document(f"{self.base}/{path}" if path else ""))
 
     async def register(self, request: Request) -> Response:
         body = await request.json()
@@ -182,14 +197,15 @@ class AuthorizationServer:
                 return refused
         self.tokens_issued += 1
         n = self.tokens_issued
-        answer = {
+        answer: dict[str, object] = {
             "access_token": f"access-of-{self.name}-{n}",
-            "token_type": "Bearer",
             "expires_in": 3600,
         }
+        if self.token_type is not None:
+            answer["token_type"] = self.token_type
         if self.issues_refresh_tokens:
-            answer["refresh_token"] = f"refresh-of-{self.name}-{n}"
-            self.live.add(answer["refresh_token"])
+            answer["refresh_token"] = refresh = f"refresh-of-{self.name}-{n}"
+            self.live.add(refresh)
         return JSONResponse(answer)
 
     def _redeem(self, form: dict[str, str]) -> Response | None:
@@ -231,8 +247,10 @@ class AuthorizationServer:
 
     def routes(self) -> list[Route]:
         """Its routes, to serve alone (`app`) or beside an upstream's on one host."""
+        under = "/.well-known/oauth-authorization-server/{path:path}"
         return [
             Route("/.well-known/oauth-authorization-server", self.metadata),
+            *([Route(under, self.metadata)] if self.under_paths else []),
             Route("/register", self.register, methods=["POST"]),
             Route("/authorize", self.authorize),
             Route("/token", self.token, methods=["POST"]),
@@ -245,15 +263,32 @@ class AuthorizationServer:
 
 class ResourceMetadata:
     """An upstream MCP server's protected-resource metadata (RFC 9728) for ``{base}/mcp``,
-    naming ``authorization_servers``; ``reads`` counts how often it was read."""
+    naming ``authorization_servers``; ``reads`` counts how often it was read (counted as each
+    read arrives).
 
-    def __init__(self, base: str = "", authorization_servers: list[str] | None = None) -> None:
+    ``holds``: each read waits for ``release`` before it is answered; ``down``: it is answered
+    503 (a server that cannot say who its authorization servers are)."""
+
+    def __init__(
+        self,
+        base: str = "",
+        authorization_servers: list[str] | None = None,
+        *,
+        holds: bool = False,
+    ) -> None:
         self.base = base
         self.authorization_servers = [] if authorization_servers is None else authorization_servers
+        self.holds = holds
+        self.down = False
+        self.release = threading.Event()
         self.reads = 0
 
     async def metadata(self, request: Request) -> Response:
         self.reads += 1
+        if self.holds:
+            await anyio.to_thread.run_sync(self.release.wait, 30)
+        if self.down:
+            return JSONResponse({}, status_code=503)
         return JSONResponse(
             {"resource": f"{self.base}/mcp", "authorization_servers": self.authorization_servers}
         )

@@ -5,12 +5,12 @@ from an upstream's authorization server (metadata of another issuer, a token not
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
@@ -24,6 +24,7 @@ from bastion.connections.upstream_oauth import (
 from bastion.db import Database
 from bastion.gateway.config import GatewayConfig
 from bastion.server.config import ConfigError
+from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import free_socket, serve
 
 
@@ -213,31 +214,10 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
     of 3,000 characters was a 500 (after a client was registered there, at every try). Neither
     it nor a name that is no https URL is used; one at the bound is."""
     sock = free_socket()
-    upstream = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    named: list[str] = []
-
-    said: list = []  # the issuer the server's metadata names, when not the one asked
-
-    async def resource_metadata(request):
-        return JSONResponse({"resource": f"{upstream}/mcp", "authorization_servers": named})
-
-    async def server_metadata(request):
-        issuer = said[0] if said else named[0]
-        return JSONResponse(
-            {
-                "issuer": issuer,
-                "authorization_endpoint": f"{upstream}/authorize",
-                "token_endpoint": f"{upstream}/token",
-                "code_challenge_methods_supported": ["S256"],
-            }
-        )
-
-    app = Starlette(
-        routes=[
-            Route("/.well-known/oauth-protected-resource/mcp", resource_metadata),
-            Route("/.well-known/oauth-authorization-server/as/{rest:path}", server_metadata),
-        ]
-    )
+    upstream = loopback_base(sock)
+    resource = ResourceMetadata(upstream)  # naming the server each try sets
+    server = AuthorizationServer(base=upstream, under_paths=True)  # naming the issuer asked
+    app = Starlette(routes=[*resource.routes(), *server.routes()])
     at_the_bound = f"{upstream}/as/" + "a" * (MAX_ISSUER - len(upstream) - 4)
     with serve(app, sock):
         # Beyond ASCII, 1,024 characters may be 4,096 bytes, past any index entry: refused too.
@@ -249,62 +229,38 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
             wide,
             "https://[x/as",  # urlsplit refuses it (a ValueError: a 500 before)
         ):
-            named[:] = [issuer]
+            resource.authorization_servers[:] = [issuer]
             client = UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth())
             with pytest.raises(UpstreamOAuthError, match=f"at most {MAX_ISSUER} ASCII characters"):
                 asyncio.run(client.metadata())
-        named[:] = [at_the_bound]
+        resource.authorization_servers[:] = [at_the_bound]
         found = asyncio.run(UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth()).metadata())
         assert found.issuer == at_the_bound and len(at_the_bound) == MAX_ISSUER
         # Metadata whose issuer is not text is not the server's (an AttributeError before: a
         # 500 to the person connecting, and at every refresh).
         for odd in (5, None, [at_the_bound], {"issuer": at_the_bound}):
-            said[:] = [odd]
+            server.metadata_overrides["issuer"] = odd
             client = UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth())
             with pytest.raises(UpstreamOAuthError, match="does not name it as its issuer"):
                 asyncio.run(client.metadata())
 
 
-def _authorization_server(sock, issuer_of, token_type: list, pkce: list | None = None):
-    """An upstream's authorization server on ``sock``: at ``/as/<name>`` its metadata names
-    ``issuer_of(asked)`` and advertises ``pkce[0]`` as its PKCE methods (``["S256"]`` without
-    ``pkce``; None: not at all); its token endpoint answers with ``token_type[0]`` (None:
-    none)."""
-    methods = pkce if pkce is not None else [["S256"]]
-
-    async def server_metadata(request):
-        asked = f"{base}/as/{request.path_params['name']}"
-        document = {
-            "issuer": issuer_of(asked),
-            "authorization_endpoint": f"{base}/authorize",
-            "token_endpoint": f"{base}/token",
-        }
-        if methods[0] is not None:
-            document["code_challenge_methods_supported"] = methods[0]
-        return JSONResponse(document)
-
-    async def token(request):
-        answer = {"access_token": "upstream-access", "expires_in": 60}
-        if token_type[0] is not None:
-            answer["token_type"] = token_type[0]
-        return JSONResponse(answer)
-
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    return base, Starlette(
-        routes=[
-            Route("/.well-known/oauth-authorization-server/as/{name}", server_metadata),
-            Route("/token", token, methods=["POST"]),
-        ]
-    )
+@contextmanager
+def _authorization_server(**switches: bool) -> Iterator[AuthorizationServer]:
+    """An upstream's authorization server (`fakes.AuthorizationServer`, with ``switches``),
+    served on the loopback, with metadata for every issuer under it (``{base}/as/<name>``)."""
+    sock = free_socket()
+    server = AuthorizationServer(base=loopback_base(sock), under_paths=True, **switches)
+    with serve(server.app(), sock):
+        yield server
 
 
 def test_metadata_naming_another_issuer_than_the_server_asked_is_refused():
     # RFC 8414 §3.3: the issuer in the metadata is the one asked, else a mix-up (another
     # server's metadata, served here, would send the person's code and tokens there).
-    sock = free_socket()
-    evil = lambda asked: asked.rsplit("/", 1)[0] + "/evil"  # noqa: E731
-    base, app = _authorization_server(sock, evil, [None])
-    with serve(app, sock):
+    with _authorization_server() as server:
+        base = server.base
+        server.issuer = f"{base}/as/evil"  # whichever issuer under it is asked
         for issuer in (f"{base}/as/good", f"{base}/as/good/"):
             client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=issuer))
             with pytest.raises(UpstreamOAuthError, match="does not name it as its issuer"):
@@ -315,73 +271,44 @@ def test_metadata_naming_another_issuer_than_the_server_asked_is_refused():
 
 def test_an_authorization_server_that_does_not_advertise_pkce_s256_is_refused():
     # OAuth 2.1 and MCP: no PKCE S256 advertised, no person sent there to authorize.
-    pkce: list = [None]
-    sock = free_socket()
-    base, app = _authorization_server(sock, lambda asked: asked, [None], pkce)
-    with serve(app, sock):
+    with _authorization_server() as server:
+        base = server.base
         for advertised in (None, [], ["plain"], "S256"):
-            pkce[0] = advertised
+            server.pkce_methods = advertised
             client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/a"))
             with pytest.raises(UpstreamOAuthError, match="does not advertise PKCE S256"):
                 asyncio.run(client.metadata())
-        pkce[0] = ["plain", "S256"]
+        server.pkce_methods = ["plain", "S256"]
         client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/a"))
         assert asyncio.run(client.metadata()).issuer == f"{base}/as/a"
 
 
 def test_a_token_that_is_not_a_bearer_token_is_refused():
     # bastion sends the upstream token as a Bearer token; a DPoP- or MAC-bound one it cannot use.
-    token_type: list = [None]
-    sock = free_socket()
-    base, app = _authorization_server(sock, lambda asked: asked, token_type)
-    with serve(app, sock):
+    with _authorization_server(issues_refresh_tokens=False) as server:
+        base = server.base
         client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/a"))
         for kind in ("DPoP", "mac", "", None):
-            token_type[0] = kind
+            server.token_type = kind
             with pytest.raises(UpstreamOAuthError, match="no bearer token"):
                 asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0, None))
         for kind in ("Bearer", "bearer"):
-            token_type[0] = kind
+            server.token_type = kind
             tokens = asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0, None))
-            assert tokens.access_token == "upstream-access"
+            assert tokens.access_token == f"access-of-as-{server.tokens_issued}"
 
 
 def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failure_is_kept():
     """Every call of a user whose token needs refreshing needs the authorization server's
     metadata until it has been fetched once: each started its own fetches (each held up to
     timeout_seconds by a slow server), and a server that was down was asked again by each."""
-    import threading
-
     sock = free_socket()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    asked: list[str] = []
-    down = [True]
-    release = threading.Event()
-
-    async def resource_metadata(request):
-        asked.append("resource")
-        await asyncio.to_thread(release.wait, 5)  # held until every call is waiting
-        if down[0]:
-            return JSONResponse({}, status_code=503)
-        return JSONResponse({"resource": f"{base}/mcp", "authorization_servers": [base]})
-
-    async def server_metadata(request):
-        asked.append("server")
-        return JSONResponse(
-            {
-                "issuer": base,
-                "authorization_endpoint": f"{base}/authorize",
-                "token_endpoint": f"{base}/token",
-                "code_challenge_methods_supported": ["S256"],
-            }
-        )
-
-    app = Starlette(
-        routes=[
-            Route("/.well-known/oauth-protected-resource/mcp", resource_metadata),
-            Route("/.well-known/oauth-authorization-server", server_metadata),
-        ]
-    )
+    base = loopback_base(sock)
+    # Each read of the upstream's metadata is held until every call is waiting, and fails.
+    resource = ResourceMetadata(base, [base], holds=True)
+    resource.down = True
+    server = AuthorizationServer(base=base)
+    app = Starlette(routes=[*resource.routes(), *server.routes()])
 
     async def at_once(client, n):
         async def one():
@@ -390,28 +317,30 @@ def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failu
             except UpstreamOAuthError as e:
                 return e
 
+        before = resource.reads
         tasks = [asyncio.create_task(one()) for _ in range(n)]
-        while not asked:
+        while resource.reads == before:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)  # the others are waiting by now, or would have asked too
-        release.set()
+        resource.release.set()
         return await asyncio.gather(*tasks)
 
     with serve(app, sock):
         client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(timeout_seconds=60))
         failed = asyncio.run(at_once(client, 5))
         assert all(isinstance(f, UpstreamOAuthError) and "503" in str(f) for f in failed)
-        assert asked == ["resource"]
+        assert (resource.reads, server.metadata_reads) == (1, 0)
         # Within timeout_seconds of the failure, the calls are refused with its reason at once.
-        down[0] = False
+        resource.down = False
         with pytest.raises(UpstreamOAuthError, match="503"):
             asyncio.run(client.metadata())
-        assert asked == ["resource"]
-        release.clear()
+        assert (resource.reads, server.metadata_reads) == (1, 0)
+        resource.release.clear()
         client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(timeout_seconds=60))
         found = asyncio.run(at_once(client, 5))
         assert {m.issuer for m in found} == {base}
-        assert asked == ["resource", "resource", "server"]
+        # The upstream's metadata read once more, and then the server's, once.
+        assert (resource.reads, server.metadata_reads) == (2, 1)
 
 
 @pytest.mark.parametrize("expires_in", [9e18, 10**30, 366 * 86_400])
