@@ -1,8 +1,8 @@
 """Fake peers of bastion's per-user connections, served by uvicorn over the loopback: an
 upstream's authorization server (RFC 8414 metadata, RFC 7591 registration, an authorization
 endpoint, a token endpoint for codes and refresh tokens, RFC 7009 revocation), the upstream's
-protected-resource metadata (RFC 9728), and a 2025-11-25 MCP server that takes only the tokens it
-is told to. Each test module sets the behaviour it needs (refusals, rotation, a held refresh,
+protected-resource metadata (RFC 9728), a 2025-11-25 MCP server that takes only the tokens it
+is told to, and a bystander that records whatever reaches it. Each test module sets the behaviour it needs (refusals, rotation, a held refresh,
 PKCE checks...) instead of writing its own server again."""
 
 from __future__ import annotations
@@ -369,6 +369,22 @@ class McpUpstream:
                 Route("/mcp", self.get, methods=["GET"]),
             ]
         )
+
+
+class Bystander:
+    """A service bastion has no business reaching (another host, an internal service): it
+    records every request it gets (``got``: path and body, in order) and answers 404, for a
+    test to say that nothing reached it, or what did."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str]] = []
+
+    async def record(self, request: Request) -> Response:
+        self.got.append((request.url.path, (await request.body()).decode()))
+        return JSONResponse({"error": "nothing here"}, status_code=404)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/{path:path}", self.record, methods=["GET", "POST"])])
 
 
 def _bearer(header: str) -> str:

@@ -15,10 +15,6 @@ import time
 
 import anyio
 from cryptography.fernet import Fernet
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from bastion.connections.sealing import Sealer
 from bastion.connections.service import Connections
@@ -28,29 +24,21 @@ from bastion.db import Database
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.upstream import HttpUpstream
 from bastion.gateway.upstream_credentials import UserTokenUpstream
-from tests.connections.fakes import McpUpstream, loopback_base
+from tests.connections.fakes import Bystander, McpUpstream, loopback_base
 from tests.oauth.support import Servers, free_socket
-
-
-def _recorder(reached: list[str]) -> Starlette:
-    async def anything(request: Request) -> Response:
-        reached.append(request.url.path)
-        return JSONResponse({})
-
-    return Starlette(routes=[Route("/{path:path}", anything, methods=["GET", "POST"])])
 
 
 def test_a_token_refused_on_the_standing_stream_ends_the_session_and_is_not_sent_again(
     database_url,
 ):
-    reached: list[str] = []
     sockets = free_socket(), free_socket()
     base, other = (loopback_base(s) for s in sockets)
     # A 2025-11-25 upstream that answers alice's token on POST, and refuses it (401) on the GET
-    # of the standing stream, naming ``other`` as its resource metadata.
+    # of the standing stream, naming ``other`` (a bystander) as its resource metadata.
     upstream = McpUpstream(f"{base}/mcp", refuses_streams=True)
     upstream.accepted = {"alices-token"}
     upstream.resource_metadata = f"{other}/.well-known/oauth-protected-resource"
+    bystander = Bystander()
     db = Database(database_url)
     connections = Connections(
         ConnectionStore(db),
@@ -84,7 +72,7 @@ def test_a_token_refused_on_the_standing_stream_ends_the_session_and_is_not_sent
 
     with Servers() as servers:
         servers.serve(upstream.app(), sockets[0])
-        servers.serve(_recorder(reached), sockets[1])
+        servers.serve(bystander.app(), sockets[1])
         anyio.run(scenario)
     db.close()
 
@@ -92,4 +80,4 @@ def test_a_token_refused_on_the_standing_stream_ends_the_session_and_is_not_sent
     verbs = [verb for verb, _, _ in upstream.requests]
     assert verbs.count("GET") == 1  # the refused token was not sent again
     assert {header for *_, header in upstream.requests} == {"Bearer alices-token"}
-    assert reached == []  # the URL the refusal named was not fetched
+    assert bystander.got == []  # the URL the refusal named was not fetched
