@@ -94,7 +94,7 @@ def internet(tmp_path, monkeypatch):
     peer, internal = Peer(), Internal()
     with (
         serve(peer.app, peer.sock, ssl_certfile=cert, ssl_keyfile=key),
-        serve(internal.app, internal.sock),
+        serve(internal.app(), internal.sock),
     ):
         yield peer, internal
 

@@ -26,9 +26,6 @@ import anyio
 import pytest
 from cryptography.fernet import Fernet
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from bastion import egress, tls
 from bastion.audit.log import AuditLog
@@ -38,7 +35,7 @@ from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.connections.upstream_oauth import UpstreamOAuthClient, UpstreamOAuthError
 from bastion.db import Database
-from tests.connections.fakes import AuthorizationServer, ResourceMetadata
+from tests.connections.fakes import AuthorizationServer, Bystander, ResourceMetadata
 from tests.connections.test_issuer_binding import answered_then, revocations_recorded
 from tests.oauth.support import free_socket, self_signed_certificate, serve
 
@@ -52,19 +49,13 @@ def _public_socket() -> socket.socket:
     return sock
 
 
-class Internal:
+class Internal(Bystander):
     """A service on the loopback that records every request it gets (path and body)."""
 
     def __init__(self) -> None:
-        self.got: list[tuple[str, str]] = []
+        super().__init__()
         self.sock = free_socket()
         self.port = self.sock.getsockname()[1]
-
-        async def record(request: Request):
-            self.got.append((request.url.path, (await request.body()).decode()))
-            return JSONResponse({"error": "nothing here"}, status_code=404)
-
-        self.app = Starlette(routes=[Route("/{path:path}", record, methods=["GET", "POST"])])
 
 
 class Tracker:
@@ -108,7 +99,7 @@ def internet(tmp_path, monkeypatch):
     tracker, internal = Tracker(), Internal()
     with (
         serve(tracker.app, tracker.sock, ssl_certfile=cert, ssl_keyfile=key),
-        serve(internal.app, internal.sock),
+        serve(internal.app(), internal.sock),
     ):
         yield tracker, internal
 
