@@ -13,14 +13,7 @@ from bastion.db import Database
 from bastion.facts.store import FactStore
 
 from .conftest import POLICY, entity, role
-
-DURABLE = {"BASTION_DECISION_LOG": "database"}
-READ_ANVIL = {
-    "actor": entity("User", "alice"),
-    "action": "read",
-    "resource": entity("Repo", "anvil"),
-    "context": {"ip": "10.0.0.7"},
-}
+from .test_durable_decision_log import DURABLE, READ_ANVIL
 
 
 def _key(admin: httpx.Client, name: str) -> tuple[str, dict]:
