@@ -11,6 +11,7 @@ import pytest
 
 from bastion.audit.retention import DAY, prune
 from bastion.db import Database
+from bastion.facts.store import FactStore
 from bastion.server.api.decisions import DecisionLog, DecisionRecord
 from bastion.server.config import ConfigError, ServerConfig
 from tests.waits import eventually
@@ -140,3 +141,30 @@ def test_a_decision_log_setting_that_is_not_memory_or_database_is_refused_at_loa
         "database"
     )
     assert ServerConfig.load(env={"BASTION_CONFIG": "/nonexistent"}).decision_log == "memory"
+
+
+def test_a_decision_is_never_explained_on_facts_older_than_it_was_decided_on(sqlite_url, serve):
+    """Another process reading a stored record may not have applied the facts it was decided on
+    yet: it explains once it has (or answers 503 past ``consistency_timeout``), never on the
+    facts before, which read otherwise (before, an allowed decision could be explained as
+    ``allowed: false`` there)."""
+    from bastion.audit.decision_log import DecisionStore
+    from bastion.facts.model import Entity
+
+    a = serve(sqlite_url, **DURABLE)
+    db = Database(sqlite_url)
+    try:
+        # Written where this process hears of it only at its next look at the change log: the
+        # decision is recorded as another process, which had applied it, made it.
+        grant = ("has_role", Entity("User", "alice"), "reader", Entity("Repo", "anvil"))
+        seq = FactStore(db).apply([grant]).seq
+        store = DecisionStore(db)
+        decision_id = DecisionLog(10, store).record("authorize", READ_ANVIL, True, seq, 1)
+        store.flush()
+    finally:
+        db.close()
+    with a.client() as ca:
+        explained = ca.get(f"/v1/decisions/{decision_id}/explanation")
+    assert explained.status_code == 200, explained.text
+    assert explained.json()["explanation"]["allowed"] is True
+    assert explained.json()["explained_at_sequence"] >= seq

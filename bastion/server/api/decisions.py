@@ -947,10 +947,10 @@ async def explain(request: Request) -> JSONResponse:
             f"it was decided with {r['context_facts']} context facts, which the record does not"
             " keep; explained without them it could read otherwise",
         )
-    replica = _current(request)
-    if (changing := replica.in_force()) is not None:
-        await changing  # a change going in holds the fact lock: not waited for on the loop
-        replica = _current(request)
+    # Never on facts older than the decision's: a replica behind it (another process reading
+    # a stored record, `decision_log = "database"`) explains once it has caught up, or says it
+    # cannot, as a request asking `at_least` would be told.
+    replica = await fresh(request, {"at_least": record.seq})
     decision = replica.authz.decide(
         Entity(**r["actor"]), r["action"], Entity(**r["resource"]), r.get("context")
     )
