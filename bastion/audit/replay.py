@@ -47,7 +47,7 @@ from bastion.decide.contract import (
 )
 from bastion.decide.mcp import recorded_action
 from bastion.delegation.labels import CONTEXT_FIELD
-from bastion.facts.model import Entity
+from bastion.facts.model import Entity, arg_from_json
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import ReadContext
 
@@ -205,11 +205,11 @@ def _spelled(value: Any) -> str:
 
 
 def _entity_of(value: Any) -> Entity:
-    if not isinstance(value, dict) or set(value) != {"type", "id"}:
+    """An entity as the decision service's requests give it, ``{"type": ..., "id": ...}``, read
+    as facts read it (`arg_from_json`); `ValueError` for anything else."""
+    if not isinstance(value, dict):
         raise ValueError(f"not an entity: {value!r}")
-    if not isinstance(value["type"], str) or not isinstance(value["id"], str):
-        raise ValueError(f"not an entity: {value!r}")
-    return Entity(value["type"], value["id"])
+    return arg_from_json(value)
 
 
 Recorded = DecisionRecord | LoggedDecision
@@ -270,11 +270,7 @@ def question_of(record: Recorded) -> Question:
     ):
         raise NotReplayable("not_decided_by_policy")
     context = _context_at(record)
-    try:
-        principals = tuple(map(_entity, record.principals))
-        resource = _entity(record.target)
-    except (AttributeError, TypeError, ValueError):
-        raise NotReplayable("unreadable") from None
+    principals, resource = _parties(record)
     action = recorded_action(record.method, resource, record.action)
     if action is None or not principals:
         raise NotReplayable("action_not_recorded" if principals else "unreadable")
@@ -348,11 +344,7 @@ def _exchange_question(record: DecisionRecord) -> Question:
     ):
         raise NotReplayable("not_decided_by_policy")  # the kill switch, a task, a revoked grant
     context = _context_at(record)
-    try:
-        principals = tuple(map(_entity, record.principals))
-        server = _entity(record.target)
-    except (AttributeError, TypeError, ValueError):
-        raise NotReplayable("unreadable") from None
+    principals, server = _parties(record)
     if len(principals) < 3 or server.type != "McpServer":
         raise NotReplayable("unreadable")
     requested = context.get("requested_scopes")
@@ -405,6 +397,15 @@ def _context_at(record: DecisionRecord) -> dict[str, Any]:
     if context["time"].tzinfo is None:
         raise NotReplayable("no_context")
     return context
+
+
+def _parties(record: DecisionRecord) -> tuple[tuple[Entity, ...], Entity]:
+    """The principals and the target a gateway record names (a token exchange's: its MCP
+    server); not replayable (``unreadable``) where either is not spelt as bastion spells them."""
+    try:
+        return tuple(map(_entity, record.principals)), _entity(record.target)
+    except (AttributeError, TypeError, ValueError):
+        raise NotReplayable("unreadable") from None
 
 
 def _entity(text: str) -> Entity:
