@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable
 from typing import Generic, TypeVar
@@ -37,7 +38,7 @@ class Unwritten(Exception):  # noqa: N818 - internal, raised on as its cause
         self.records = records
 
 
-class BufferedWriter(Generic[Waiting, Prepared]):
+class BufferedWriter(ABC, Generic[Waiting, Prepared]):
     """A bounded buffer of records and the flush that writes them (see the module).
 
     A subclass says how a batch is written (`_write`), and may prepare what waits before it is
@@ -72,8 +73,10 @@ class BufferedWriter(Generic[Waiting, Prepared]):
         """A prepared record as it waits again, after a failed flush."""
         return record  # type: ignore[return-value]
 
+    @abstractmethod
     def _write(self, batch: list[Prepared]) -> None:
-        raise NotImplementedError
+        """Write one batch to the subclass's table; raise if the database does not take it (the
+        batch then waits for the next flush, `_flush`)."""
 
     def _let_go(self, records: Iterable[Waiting]) -> None:
         """Told of records that no longer wait: stored, dropped, or found unstorable."""
