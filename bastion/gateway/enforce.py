@@ -761,7 +761,7 @@ class Enforcer:
             for principal in caller.principals:
                 if (burst := alerts.refusal_burst(principal, detail)) is not None:
                     raisings.append(burst)
-        await alerts.raise_all(raisings, decision_id)
+        await alerts.raise_all(raisings, decision_id, caller.principals)
 
     # -- holds for people -----------------------------------------------------------------------
 
@@ -1005,9 +1005,9 @@ class Enforcer:
         arguments) of ``suspended``'s as the kill switch does (`suspension_refusal`), recorded
         as a refusal made before the policy was asked: whether this replica's view held the
         suspension (`refuse_suspended`) or its hold found it stored (`NoApprover.suspended`)."""
-        decision_id, _, server, method, _, resource, _ = asked
+        decision_id, caller, server, method, _, resource, _ = asked
         noted, why = await self.suspension_refusal(
-            suspended, decision_id, server, method, resource, context
+            suspended, decision_id, server, method, resource, context, caller.principals
         )
         self._refuse_early(*asked, noted, "deny", "suspended", why)
 
@@ -1019,16 +1019,18 @@ class Enforcer:
         method: str,
         resource: Entity,
         context: dict[str, Any],
+        chain: tuple[Entity | str, ...],
     ) -> tuple[dict[str, Any], RpcError]:
         """The kill switch's refusal of a message of ``suspended``'s, wherever it is found out:
         the alert raised (a suspended agent, user or session that still calls is worth telling
-        its owner: ``suspended_still_calling``, one per cooldown, `Alerts.raise_alert`), the
-        context its record notes (who is suspended) and the error the agent gets (reason
-        ``suspended``). The caller records the refusal and raises the error."""
+        its owner: ``suspended_still_calling``, one per cooldown, `Alerts.raise_alert`; about
+        the message's ``chain`` too), the context its record notes (who is suspended) and the
+        error the agent gets (reason ``suspended``). The caller records the refusal and raises
+        the error."""
         if self.alerts is not None:
             detail = {"server": server, "method": method, "target": repr(resource)}
             raising = ("suspended_still_calling", "high", suspended, detail)
-            await self.alerts.raise_all([raising], decision_id)
+            await self.alerts.raise_all([raising], decision_id, chain)
         noted = {**context, "suspended": repr(suspended)}
         return noted, refused(resource.id, decision_id, "suspended")
 

@@ -686,7 +686,7 @@ async def _held_for_review(
             # switch refuses where it has (its reason, who it notes suspended, its alert).
             asked = (verdict.decision_id, record["server"], record["method"], resource)
             noted, error = await enforcer.suspension_refusal(
-                why.suspended, *asked, record["context"]
+                why.suspended, *asked, record["context"], tuple(record["principals"])
             )
             enforcer.write(
                 record, result="deny", reason="suspended", context=noted, obligations=unheld

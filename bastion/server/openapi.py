@@ -1411,7 +1411,8 @@ PATHS: dict[str, Any] = {
     "/v1/alerts/{alert_id}/acknowledge": {
         "post": _op(
             "Acknowledge an alert as the person named in by (the API key vouches for them): it"
-            " is not escalated any further; 409 if it was acknowledged already",
+            " is not escalated any further; 409 if it was acknowledged already; 403, saying why,"
+            " if the alert is about them and [signals.alerts] owner_may_acknowledge is false",
             alerts_api.SCOPE,
             _ref("Alert"),
             body=_request(["by"], by={**_STR, "minLength": 1, "maxLength": alerts_api.MAX_PERSON}),

@@ -6,8 +6,10 @@ sign-in page otherwise). Only someone the alert was told to (its owner, a recipi
 manager it escalated to: `Alerts.may_acknowledge`), or who acknowledged it, sees the page
 (`Alerts.may_see`); to anyone else it is the page of an alert that does not exist (404, the same
 bytes: an id is not confirmed). Only those it was told to see the form; an acknowledgement sent
-by anyone else is refused. The form carries a CSRF token bound to the session and the alert
-(`bastion.oauth.csrf`). Rendered with every value escaped, no scripts (`bastion.oauth.pages`).
+by anyone else is refused. With ``owner_may_acknowledge = false`` nobody the alert is about (its
+agent's owner, the user it acted for: `Alerts.acknowledgement_refusal`) sees the form: the page
+says why, and their acknowledgement is refused (403, saying why). The form carries a CSRF token
+bound to the session and the alert (`bastion.oauth.csrf`). Rendered with every value escaped, no scripts (`bastion.oauth.pages`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from bastion.db import DatabaseUnavailable
 from bastion.names import readable
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url
-from bastion.signals.alerts import ACKNOWLEDGED, Alert, AlertError, AlertNotFound, Alerts
+from bastion.signals.alerts import (
+    ACKNOWLEDGED,
+    AcknowledgementRefused,
+    Alert,
+    AlertError,
+    AlertNotFound,
+    Alerts,
+)
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -75,11 +84,16 @@ class AlertPages:
             if person is None:
                 return pages.redirect(sign_in_url(self.oauth.settings, request.url.path))
             alert = await run_in_threadpool(self._get, alert_id, person)
+            refusal = None
+            if alert is not None and alert.state != ACKNOWLEDGED:
+                refusal = await run_in_threadpool(
+                    self.alerts.acknowledgement_refusal, alert, person
+                )
         except DatabaseUnavailable:
             return _message("Try again", "bastion cannot read its alerts right now.", 503)
         if alert is None:
             return _not_found()
-        return self._page(alert, person, session)
+        return self._page(alert, person, session, refusal)
 
     async def acknowledge(self, request: Request) -> Response:
         alert_id = request.path_params["alert_id"]
@@ -111,13 +125,15 @@ class AlertPages:
                 return _message("Refused", escape(suspended) + " Nothing was acknowledged.", 403)
             try:
                 await run_in_threadpool(self.alerts.acknowledge, alert_id, person, "page")
+            except AcknowledgementRefused as e:
+                return _message("Refused", escape(str(e)) + " Nothing was acknowledged.", 403)
             except AlertError as e:
                 return _message("Already acknowledged", escape(str(e)), 409)
         except DatabaseUnavailable:
             return _message("Try again", "bastion cannot write its alerts right now.", 503)
         return pages.redirect(request.url.path)
 
-    def _page(self, alert: Alert, person: str, session: str) -> Response:
+    def _page(self, alert: Alert, person: str, session: str, refusal: str | None) -> Response:
         rows = [
             ("Alert", alert.name),
             ("Severity", alert.severity),
@@ -143,7 +159,9 @@ class AlertPages:
             for k, v in rows
         )
         form = ""
-        if alert.state != ACKNOWLEDGED and self.alerts.may_acknowledge(alert, person):
+        if refusal is not None:
+            form = f"<p id=not-acknowledgeable>{escape(refusal)}</p>"
+        elif alert.state != ACKNOWLEDGED and self.alerts.may_acknowledge(alert, person):
             token = escape(self._csrf_token(session, alert.id), quote=True)
             form = (
                 "<form method=post>"

@@ -32,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from bastion.agents.identity import owner_of
+from bastion.agents.identity import AGENT, USER, ancestors, owner_of, owners
 from bastion.audit.log import AuditLog
 from bastion.db import Database, first_line, prune_rows
 from bastion.decide import Authorizer
@@ -86,6 +86,11 @@ _MIGRATIONS = [
     CREATE INDEX alerts_key ON alerts (name, principal, last_at);
     CREATE INDEX alerts_escalate ON alerts (state, escalate_at);
     """,
+    # The principals of the chains whose decisions raised it (`Alert.about`): an alert stored
+    # before has none, and is about its principal and owner only.
+    """
+    ALTER TABLE alerts ADD COLUMN about TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -94,6 +99,10 @@ _MIGRATIONS = [
 MAX_PRINCIPAL_BYTES = 1500
 # The most alerts one listing returns, through the API or the command line.
 MAX_LIST = 500
+# The most principals of the raising chains an alert keeps (`Alert.about`). One that holds this
+# many may be about more, whom it cannot name: with ``owner_may_acknowledge = false`` nobody can
+# be shown not to be one of them, and it is not acknowledged (`Alerts.acknowledgement_refusal`).
+MAX_ABOUT = 200
 
 
 def principal_text(principal: Entity | str) -> str:
@@ -115,6 +124,11 @@ class AlertError(ValueError):
 
 class AlertNotFound(AlertError):
     pass
+
+
+class AcknowledgementRefused(AlertError):
+    """The person named may not acknowledge the alert (``owner_may_acknowledge = false`` and
+    it is about them); the message says why. Nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +157,9 @@ class AlertSettings(WebhookDelivery):
     fallback_recipients: tuple[str, ...] = ()
     # How often the escalation task looks for alerts due.
     escalation_poll_seconds: float = 5.0
+    # False: nobody an alert is about (its principal's owner, the users and agents' owners of
+    # the chains that raised it) acknowledges it, on any channel (`Alerts.acknowledge`).
+    owner_may_acknowledge: bool = True
     # How often raisings of an alert this process knows is within its cooldown, counted in
     # memory (`Alerts.count_again`), are written to its row.
     repeat_write_seconds: float = 1.0
@@ -199,6 +216,13 @@ class AlertSettings(WebhookDelivery):
                         f"signals.alerts.{key} must be one of {', '.join(SEVERITIES)}, not {v!r}"
                     )
                 values[key] = v
+        if "owner_may_acknowledge" in table:
+            v = table["owner_may_acknowledge"]
+            if not isinstance(v, bool):
+                raise SettingsError(
+                    f"signals.alerts.owner_may_acknowledge must be true or false, not {v!r}"
+                )
+            values["owner_may_acknowledge"] = v
         if "fallback_recipients" in table:
             v = table["fallback_recipients"]
             if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
@@ -232,6 +256,9 @@ class Alert:
     acknowledged_by: str = ""
     acknowledged_at: float | None = None
     acknowledged_channel: str = ""
+    # The principals of the chains whose decisions raised it (user, agents), as the policy
+    # writes them, at most `MAX_ABOUT`: whom, besides ``principal``, it is about.
+    about: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
         """As the API shows it."""
@@ -260,7 +287,7 @@ class Alert:
 _COLUMNS = (
     "id, name, principal, severity, state, count, decision_ids, detail, first_at, last_at,"
     " owner, recipients, escalate_at, escalated_to, escalated_at, acknowledged_by,"
-    " acknowledged_at, acknowledged_channel"
+    " acknowledged_at, acknowledged_channel, about"
 )
 
 
@@ -284,6 +311,7 @@ def _alert(row: tuple) -> Alert:
         ack_by,
         ack_at,
         ack_channel,
+        about,
     ) = row
     return Alert(
         id_,
@@ -304,7 +332,18 @@ def _alert(row: tuple) -> Alert:
         ack_by,
         ack_at,
         ack_channel,
+        tuple(json.loads(about)),
     )
+
+
+def add_about(about: dict[str, None], chain: Iterable[Entity | str]) -> dict[str, None]:
+    """Add to ``about`` (in order, as keys) the principals of ``chain`` not in it yet
+    (`principal_text`), while it holds fewer than `MAX_ABOUT`; returns it."""
+    for principal in chain:
+        if len(about) >= MAX_ABOUT:
+            break
+        about.setdefault(principal_text(principal))
+    return about
 
 
 def severity_of(value: str, name: str) -> str:
@@ -328,18 +367,23 @@ def more_severe(a: str, b: str) -> str:
 
 class _Repeats:
     """Raisings of one stored alert counted in memory (`Alerts.count_again`), not yet written:
-    how many, the latest ``keep`` decision ids, the latest time, the most severe severity."""
+    how many, the latest ``keep`` decision ids, the latest time, the most severe severity, the
+    principals of their chains (`add_about`)."""
 
-    __slots__ = ("count", "decisions", "last_at", "severity")
+    __slots__ = ("about", "count", "decisions", "last_at", "severity")
 
     def __init__(self, keep: int) -> None:
         self.count = 0
         self.decisions: deque[str] = deque(maxlen=keep)
         self.last_at = 0.0
         self.severity = SEVERITIES[0]
+        self.about: dict[str, None] = {}
 
-    def add(self, severity: str, decision_id: str, now: float) -> None:
+    def add(
+        self, severity: str, decision_id: str, now: float, chain: Iterable[Entity | str] = ()
+    ) -> None:
         self.count += 1
+        add_about(self.about, chain)
         # One decision's raisings of one alert come one after the other (`count_again`).
         if decision_id and (not self.decisions or self.decisions[-1] != decision_id):
             self.decisions.append(decision_id)
@@ -357,6 +401,7 @@ class _Repeats:
                 self.decisions.append(decision_id)
         self.last_at = max(self.last_at, later.last_at)
         self.severity = more_severe(self.severity, later.severity)
+        add_about(self.about, later.about)
 
 
 class _Refusals:
@@ -485,11 +530,17 @@ class Alerts:
     # -- raising ---------------------------------------------------------------------------------
 
     def count_again(
-        self, name: str, severity: str, principal: Entity | str, decision_id: str = ""
+        self,
+        name: str,
+        severity: str,
+        principal: Entity | str,
+        decision_id: str = "",
+        chain: Iterable[Entity | str] = (),
     ) -> bool:
         """Count a raising of an alert this process stored or counted within its cooldown, in
         memory (no I/O: the loop may call it); `write_repeats` writes it to the alert's row
-        within ``repeat_write_seconds``. False (nothing counted): raise it with `raise_alert`."""
+        within ``repeat_write_seconds``. False (nothing counted): raise it with `raise_alert`.
+        ``chain``: the principals of the decision's chain (`Alert.about`)."""
         settings = self.settings
         if settings.repeat_write_seconds <= 0:
             return False
@@ -505,25 +556,30 @@ class Alerts:
             repeats = self._repeats.get(alert_id)
             if repeats is None:
                 repeats = self._repeats[alert_id] = _Repeats(settings.max_decisions)
-            repeats.add(severity_of(severity, name), decision_id, now)
+            repeats.add(severity_of(severity, name), decision_id, now, chain)
         return True
 
     async def raise_all(
-        self, raisings: list[tuple[str, str, Entity | str, dict[str, Any]]], decision_id: str = ""
+        self,
+        raisings: list[tuple[str, str, Entity | str, dict[str, Any]]],
+        decision_id: str = "",
+        chain: Iterable[Entity | str] = (),
     ) -> None:
         """Raise each of ``raisings`` (name, severity, principal, detail), from the event loop:
         one this process knows is within its cooldown is counted again in memory
         (`count_again`: an agent in a spike, a refusal burst, costs no write per call); the
         others are raised in a worker thread (database I/O). One that cannot be stored is
-        logged, and the others are still raised."""
-        rest = [r for r in raisings if not self.count_again(*r[:3], decision_id)]
+        logged, and the others are still raised. ``chain``: the principals of the decision's
+        chain, whom the alerts are about (`Alert.about`)."""
+        chain = tuple(chain)
+        rest = [r for r in raisings if not self.count_again(*r[:3], decision_id, chain)]
         if not rest:
             return
 
         def work() -> None:
             for name, severity, principal, detail in rest:
                 try:
-                    self.raise_alert(name, severity, principal, decision_id, detail)
+                    self.raise_alert(name, severity, principal, decision_id, detail, chain)
                 except Exception:
                     log.exception("alert %r of decision %s could not be raised", name, decision_id)
 
@@ -558,6 +614,7 @@ class Alerts:
                         repeats.decisions,
                         repeats.last_at,
                         repeats.severity,
+                        repeats.about,
                     )
         except Exception:
             with self._lock:
@@ -573,11 +630,17 @@ class Alerts:
         return sum(r.count for alert_id, r in taken.items() if alert_id not in gone)
 
     def _count_into(
-        self, alert: Alert, count: int, decisions: Iterable[str], last_at: float, severity: str
+        self,
+        alert: Alert,
+        count: int,
+        decisions: Iterable[str],
+        last_at: float,
+        severity: str,
+        chain: Iterable[Entity | str] = (),
     ) -> None:
         """Under the transaction that read ``alert``'s row under its lock: add ``count``
         raisings of it (their decision ids, the latest of their times, their most severe
-        severity), as `raise_alert` and `write_repeats` both do."""
+        severity, the principals of their chains), as `raise_alert` and `write_repeats` do."""
         kept = alert.decision_ids
         kept = (*kept, *(d for d in decisions if d and d not in kept))[
             -self.settings.max_decisions :
@@ -589,15 +652,16 @@ class Alerts:
         worst = more_severe(alert.severity, severity)
         reopens = alert.state == ACKNOWLEDGED and worst != alert.severity
         db = self.store.db
+        about = list(add_about(dict.fromkeys(alert.about), chain))
         db.execute(
-            "UPDATE alerts SET count = count + ?, decision_ids = ?, last_at = ?, severity = ?"
-            + (", state = ?, escalate_at = ?" if reopens else "")
-            + " WHERE id = ?",
+            "UPDATE alerts SET count = count + ?, decision_ids = ?, last_at = ?, severity = ?,"
+            " about = ?" + (", state = ?, escalate_at = ?" if reopens else "") + " WHERE id = ?",
             (
                 count,
                 json.dumps(kept),
                 max(alert.last_at, last_at),
                 worst,
+                json.dumps(about),
                 *((OPEN, self.clock() + self.settings.escalate_after_seconds) if reopens else ()),
                 alert.id,
             ),
@@ -646,11 +710,14 @@ class Alerts:
         principal: Entity | str,
         decision_id: str = "",
         detail: dict[str, Any] | None = None,
+        chain: Iterable[Entity | str] = (),
     ) -> Alert:
         """Raise ``name`` for ``principal`` (the hook for alerts bastion raises itself: refusal
         bursts here; bulk destructive actions, behaviour far above baseline, a suspended agent
         still calling elsewhere). Within the cooldown of the same (name, principal) it counts
-        the same alert again and tells nobody. Does I/O: call from a worker thread."""
+        the same alert again and tells nobody. ``chain``: the principals of the decision's
+        chain (the user, the agents), whom it is about too (`Alert.about`). Does I/O: call
+        from a worker thread."""
         if not isinstance(name, str) or not name or len(name) > 200:
             raise AlertError("an alert's name must be text of 1 to 200 characters")
         severity = severity_of(severity, name)
@@ -673,7 +740,7 @@ class Alerts:
             )
             if rows:
                 alert = _alert(rows[0])
-                self._count_into(alert, 1, (decision_id,), now, severity)
+                self._count_into(alert, 1, (decision_id,), now, severity, chain)
                 self._remember(name, who, alert.id, now)
                 return self.store.get(alert.id)
             owner = self._owner(facts, whole)
@@ -692,10 +759,11 @@ class Alerts:
                 owner,
                 recipients,
                 now + self.settings.escalate_after_seconds,
+                about=tuple(add_about({}, chain)),
             )
             db.execute(
                 f"INSERT INTO alerts ({_COLUMNS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     alert.id,
                     name,
@@ -715,6 +783,7 @@ class Alerts:
                     "",
                     None,
                     "",
+                    json.dumps(alert.about),
                 ),
             )
             # In the same transaction: a process killed after the alert and before its
@@ -861,15 +930,22 @@ class Alerts:
         """Acknowledge: no escalation after this; who, when and how are recorded on the alert
         and, in the same transaction, as ``alert.acknowledged`` in the audit log. ``via``: who
         vouched that ``by`` acknowledges (an API key, the CLI's OS user; none on the alert's
-        page, where ``by`` signed in). Does I/O."""
+        page, where ``by`` signed in). Every channel comes here, so `AcknowledgementRefused`
+        (``owner_may_acknowledge = false``, `acknowledgement_refusal`) holds on each. Does I/O."""
         if channel not in CHANNELS:
             raise AlertError(f"channel must be one of {', '.join(CHANNELS)}, not {channel!r}")
         if not by:
             raise AlertError("an acknowledgement must say who acknowledges")
         db = self.store.db
+        facts = self._facts if not self.settings.owner_may_acknowledge else None
         # One statement, conditional: of two acknowledgements at once (two replicas), one is
         # recorded and the other told who made it, never the second written over the first.
         with db.transaction():
+            if facts is not None:
+                alert = self.store.get(alert_id)  # AlertNotFound if there is none
+                refusal = None if alert.state == ACKNOWLEDGED else self._refusal(facts, alert, by)
+                if refusal is not None:
+                    raise AcknowledgementRefused(refusal)
             rows = db.execute(
                 "UPDATE alerts SET state = ?, escalate_at = NULL, acknowledged_by = ?,"
                 " acknowledged_at = ?, acknowledged_channel = ? WHERE id = ? AND state <> ?"
@@ -896,6 +972,30 @@ class Alerts:
         a recipient, or whom it escalated to): only they acknowledge it on its page."""
         who = repr(Entity("User", person))
         return who in {alert.owner, *alert.recipients, *alert.escalated_to}
+
+    def acknowledgement_refusal(self, alert: Alert, person: str) -> str | None:
+        """Why ``person`` may not acknowledge ``alert`` (None: nothing in the way of it here):
+        with ``owner_may_acknowledge = false``, nobody the alert is about acknowledges it
+        (`about_people`). Does I/O (the stored facts): call from a worker thread."""
+        if self.settings.owner_may_acknowledge:
+            return None
+        return self._refusal(self._facts, alert, person)
+
+    def _refusal(self, facts: FactStore, alert: Alert, person: str) -> str | None:
+        if len(alert.about) >= MAX_ABOUT:
+            why = (
+                f"it was raised by the calls of more than the {MAX_ABOUT} principals it can"
+                " name, so nobody can be shown not to be one of them or their owner"
+            )
+        else:
+            why = about_people(facts, alert).get(person)
+            if why is None:
+                return None
+        return (
+            f"{person} may not acknowledge alert {alert.id}: {why}, and with [signals.alerts]"
+            " owner_may_acknowledge = false nobody acknowledges an alert about their own agent."
+            " It stays open and escalates as usual; someone else it was told to acknowledges it."
+        )
 
     def may_see(self, alert: Alert, person: str) -> bool:
         """Whether the signed-in user ``person`` may see the alert on its page: someone it was
@@ -933,6 +1033,37 @@ class Alerts:
         """Inside the transaction that stores what is told of: a failure undoes it."""
         if self.notify is not None:
             self.notify(alert, stage, recipients)
+
+
+def about_people(facts: FactStore, alert: Alert) -> dict[str, str]:
+    """The people ``alert`` is about, each user name with why: a user it is raised for or
+    whose call raised it, the owner it was told to, and the owners (as stored now) of every
+    agent of the raising chains and of their parent agents, up the whole chain of delegation
+    (`bastion.agents.identity.ancestors`)."""
+    people: dict[str, str] = {}
+    principals = dict.fromkeys((alert.principal, *alert.about))
+    for text in principals:
+        try:
+            principal = Entity.parse(text)
+        except Exception:
+            continue  # a name too long to be kept whole (`principal_text`): no user's or agent's
+        if principal.type == USER:
+            people.setdefault(
+                principal.id,
+                f"it is about them ({text})"
+                if text == alert.principal
+                else f"it was raised by a call made for them ({text})",
+            )
+        elif principal.type == AGENT:
+            for agent_id in (principal.id, *ancestors(facts, principal.id)):
+                for owner_id in owners(facts, agent_id):
+                    people.setdefault(
+                        owner_id, f"they own {Entity(AGENT, agent_id)!r}, whose calls raised it"
+                    )
+    if alert.owner:  # owned when it was raised, whoever owns the agent now
+        owner = Entity.parse(alert.owner)
+        people.setdefault(owner.id, f"they are the owner it was told to ({alert.owner})")
+    return people
 
 
 def alerts_from_config(

@@ -533,6 +533,8 @@ def test_the_api_refuses_what_it_must(bastion, capsys):
         {"max_decisions": 0},
         {"repeat_write_seconds": -0.5},
         {"repeat_write_seconds": True},
+        {"owner_may_acknowledge": "false"},
+        {"owner_may_acknowledge": 0},
         {"webhooks": [{"url": "https://h.example/x", "secret": "inline"}]},
         {"webhooks": [{"url": "https://h.example/x", "secret_env": "BASTION_UNSET_SECRET"}]},
     ],
@@ -547,6 +549,7 @@ def test_alert_settings_have_defaults():
     assert settings.cooldown_seconds == 300 and settings.escalate_after_seconds == 900
     assert settings.refusal_burst_count == 20 and settings.refusal_burst_seconds == 60
     assert settings.repeat_write_seconds == 1.0
+    assert settings.owner_may_acknowledge is True  # as before the setting: upgrades change nothing
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -1299,3 +1302,181 @@ def test_a_suspended_owner_cannot_acknowledge_an_alert_on_its_page(bastion):
         done = http.post(f"/alerts/{alert.id}", data={"csrf_token": token})
     assert done.status_code == 303, done.text
     assert bastion.app.state.alerts.store.get(alert.id).acknowledged_by == "avery"
+
+
+# -- owner_may_acknowledge = false ---------------------------------------------------------------
+
+
+@contextmanager
+def owner_may_acknowledge(bastion, allowed: bool):
+    """The running server's ``[signals.alerts] owner_may_acknowledge``, for the block (the
+    setting's own reading from bastion.toml is tested below)."""
+    from dataclasses import replace
+
+    alerts = bastion.app.state.alerts
+    before = alerts.settings
+    alerts.settings = replace(before, owner_may_acknowledge=allowed)
+    try:
+        yield
+    finally:
+        alerts.settings = before
+
+
+def cli_config(tmp_path, allowed: bool) -> list[str]:
+    """``--config`` of a bastion.toml that says ``owner_may_acknowledge``."""
+    toml = tmp_path / "bastion.toml"
+    toml.write_text(f"[signals.alerts]\nowner_may_acknowledge = {str(allowed).lower()}\n")
+    return ["--config", str(toml)]
+
+
+def test_with_owner_may_acknowledge_false_nobody_an_alert_is_about_acknowledges_it(
+    bastion, tab, clock, capsys, tmp_path
+):
+    """sam's calls through avery's agent raise an alert told to avery. With the setting false,
+    neither avery (the agent's owner) nor sam (the user it acted for) acknowledges it, on the
+    page, the API or the command line, each saying why; avery still sees it, it escalates as
+    usual, and the manager it escalated to acknowledges it."""
+    from bastion.cli import main
+
+    # The SDK's run on a thread of its own: this module's browser holds this one's event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run = pool.submit(search, bastion, "everyone", owner="avery", manager="avery-boss")
+        client_id, _ = run.result()
+    [alert] = alerts_of(bastion, "customer_search", f'Agent{{"{client_id}"}}')
+    assert alert.owner == 'User{"avery"}' and 'User{"sam"}' in alert.about
+    url = f"{bastion.url}/alerts/{alert.id}"
+    with signed_in(bastion, "avery") as avery:
+        token = csrf_of(avery.get(f"/alerts/{alert.id}").text)  # the page opened before
+        with owner_may_acknowledge(bastion, False):
+            # The page: avery sees the alert, no button, and why; her POST is refused.
+            page = tab.page
+            page.goto(url)
+            sign_in(tab, "avery", bastion.password)
+            assert page.locator("#alert").inner_text() == "customer_search"
+            assert page.get_by_role("button", name="Acknowledge").count() == 0
+            why = page.locator("#not-acknowledgeable").inner_text()
+            assert f'they own Agent{{"{client_id}"}}' in why and "owner_may_acknowledge" in why
+            refused = avery.post(f"/alerts/{alert.id}", data={"csrf_token": token})
+            assert refused.status_code == 403, refused.text
+            assert (
+                "owner_may_acknowledge" in refused.text
+                and "Nothing was acknowledged" in refused.text
+            )
+            # The API: neither the owner nor the user the agent acted for.
+            ack = f"{bastion.url}/v1/alerts/{alert.id}/acknowledge"
+            for person, why in (
+                ("avery", "they own Agent"),
+                ("sam", 'made for them (User{"sam"})'),
+            ):
+                answer = bastion.http.post(ack, json={"by": person}, headers=api_key(bastion))
+                assert answer.status_code == 403, answer.text
+                problem = answer.json()
+                assert why in problem["detail"] and "owner_may_acknowledge" in problem["detail"]
+            # The command line, reading the setting from bastion.toml.
+            database = ["--database", str(bastion.app.state.config.database)]
+            capsys.readouterr()
+            ack_cli = ["alerts", "ack", alert.id, "--as", "avery", *database]
+            assert main([*ack_cli, *cli_config(tmp_path, False)]) == 2
+            assert "owner_may_acknowledge = false" in capsys.readouterr().err
+            assert bastion.app.state.alerts.store.get(alert.id).state == "open"
+            assert acknowledged_events(bastion, capsys, alert.id) == []
+            # Not acknowledged, it escalates; the manager it escalated to acknowledges it.
+            clock[0] = ESCALATE_AFTER + 1
+            assert alert.id in [a.id for a in bastion.app.state.alerts.escalate_due()]
+            answer = bastion.http.post(ack, json={"by": "avery-boss"}, headers=api_key(bastion))
+            assert answer.status_code == 200, answer.text
+    assert tab.console_errors == [] and tab.failed_requests == []
+
+
+def test_with_owner_may_acknowledge_false_a_recipient_acknowledges_and_with_true_the_owner(
+    bastion, capsys, tmp_path
+):
+    """The setting refuses only the people an alert is about: a fallback recipient of an
+    alert about a user acknowledges it on the command line, while the user is refused; with
+    the setting true (the default) the owner acknowledges as before."""
+    from bastion.cli import main
+
+    alerts = bastion.app.state.alerts
+    database = ["--database", str(bastion.app.state.config.database)]
+    about_sam = alerts.raise_alert("user_case", "high", Entity("User", "sam"), "d-u")
+    assert about_sam.recipients == ('User{"oncall"}',)
+    with owner_may_acknowledge(bastion, False):
+        capsys.readouterr()
+        ack = ["alerts", "ack", about_sam.id, *database, *cli_config(tmp_path, False)]
+        assert main([*ack, "--as", "sam"]) == 2
+        assert 'it is about them (User{"sam"})' in capsys.readouterr().err
+        assert main([*ack, "--as", "oncall"]) == 0
+    assert alerts.store.get(about_sam.id).acknowledged_by == "oncall"
+    agent = Entity("Agent", "owned-cli-agent")
+    bastion.apply(inserts=[("has_relation", agent, "owner", Entity("User", "avery"))])
+    owned = alerts.raise_alert(
+        "owner_case", "high", agent, "d-o", chain=[Entity("User", "sam"), agent]
+    )
+    ack = ["alerts", "ack", owned.id, "--as", "avery", *database, *cli_config(tmp_path, True)]
+    assert main(ack) == 0
+    assert alerts.store.get(owned.id).acknowledged_by == "avery"
+
+
+def test_owner_may_acknowledge_is_read_from_bastion_toml_and_must_be_a_boolean(tmp_path):
+    """false reaches the server; a value that is not a boolean (a string, a number) stops it
+    from starting, naming the setting, rather than being read as true."""
+    from bastion.server.app import create_app
+    from bastion.server.config import ServerConfig
+    from tests.approvals.support import config as approvals_config
+
+    base = approvals_config("http://127.0.0.1:9", str(tmp_path / "b.db"), tmp_path / "keys")
+    toml = tmp_path / "bastion.toml"
+    for bad in ('"false"', "0", '"no"'):
+        toml.write_text(base + f"\n[signals.alerts]\nowner_may_acknowledge = {bad}\n")
+        with pytest.raises(ConfigError, match="owner_may_acknowledge must be true or false"):
+            create_app(ServerConfig.load(toml))
+    toml.write_text(base + "\n[signals.alerts]\nowner_may_acknowledge = false\n")
+    app = create_app(ServerConfig.load(toml))
+    assert app.state.alerts.settings.owner_may_acknowledge is False
+
+
+def test_an_alert_is_about_every_chain_that_raised_it_and_the_owners_up_the_delegation(
+    database_url,
+):
+    """Whom an alert is about: the users of the chains whose decisions raised it, written or
+    counted in memory, and the owners of the agents in them and of their parent agents."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.alerts import MAX_ABOUT, AcknowledgementRefused, about_people
+
+    now, told = [1000.0], []
+    with alerts_on(database_url, now, told, owner_may_acknowledge=False) as alerts:
+        parent, child = Entity("Agent", "parent-agent"), Entity("Agent", "child-agent")
+        FactStore(alerts.store.db).apply(
+            [
+                ("has_relation", child, "parent", parent),
+                ("has_relation", parent, "owner", Entity("User", "olga")),
+                ("has_relation", child, "owner", Entity("User", "cid")),
+            ],
+            actor="test",
+        )
+        alerts.raise_alert(
+            "chain", "high", child, "d1", chain=[Entity("User", "ua"), parent, child]
+        )
+        # Raised again within the cooldown for another user: counted in memory, then written.
+        assert alerts.count_again("chain", "high", child, "d2", [Entity("User", "ub"), child])
+        alerts.write_repeats()
+        [alert] = alerts.store.list()
+        assert alert.about == (
+            'User{"ua"}',
+            'Agent{"parent-agent"}',
+            'Agent{"child-agent"}',
+            'User{"ub"}',
+        )
+        people = about_people(FactStore(alerts.store.db), alert)
+        assert sorted(people) == ["cid", "olga", "ua", "ub"]
+        for person in people:
+            with pytest.raises(AcknowledgementRefused, match=f"{person} may not acknowledge"):
+                alerts.acknowledge(alert.id, person, "api")
+        assert alerts.store.get(alert.id).state == "open"
+        assert alerts.acknowledge(alert.id, "ops", "api").acknowledged_by == "ops"
+        # One raised by more principals than it keeps may be about anyone: nobody acknowledges.
+        crowd = [Entity("User", f"u{i}") for i in range(MAX_ABOUT + 5)]
+        many = alerts.raise_alert("crowd", "high", child, "d3", chain=crowd)
+        assert len(many.about) == MAX_ABOUT
+        with pytest.raises(AcknowledgementRefused, match="more than the 200 principals"):
+            alerts.acknowledge(many.id, "ops", "api")

@@ -2,7 +2,8 @@
 
 The API key vouches for the person who acknowledges (``by``); the channel recorded is "api", and the
 key is named (``via``) in the ``alert.acknowledged`` audit event. Acknowledged, an alert is not
-escalated any further.
+escalated any further. With ``owner_may_acknowledge = false`` an acknowledgement by someone the
+alert is about (its agent's owner, the user it acted for) is refused: 403, saying why.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from starlette.routing import Route
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, page_limit, read_json, unprocessable
 from bastion.server.problems import field as get_field
-from bastion.signals.alerts import ACKNOWLEDGED, OPEN, AlertError, AlertNotFound, Alerts
+from bastion.signals.alerts import (
+    ACKNOWLEDGED,
+    OPEN,
+    AcknowledgementRefused,
+    AlertError,
+    AlertNotFound,
+    Alerts,
+)
 from bastion.signals.alerts import MAX_LIST as MAX_PAGE
 
 SCOPE = "alerts"
@@ -91,6 +99,8 @@ async def acknowledge(request: Request) -> JSONResponse:
         )
     except AlertNotFound:
         raise _unknown(alert_id) from None
+    except AcknowledgementRefused as e:
+        raise Problem(403, "Not theirs to acknowledge", str(e)) from None
     except AlertError as e:
         raise Problem(409, "Already acknowledged", str(e)) from None
     return JSONResponse(alert.public())

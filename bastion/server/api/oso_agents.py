@@ -134,11 +134,13 @@ async def _alerts(request: Request, event: AgentEvent) -> None:
     if event.users:
         by_scope["user"] = Entity("User", event.users[0])
     source = {"tool": event.tool, "source": "oso-cloud agent event"}
+    chain = (*(Entity("User", user) for user in event.users), by_scope["agent"])
     await alerts.raise_all(
         [
             (name, severity, by_scope[scope], {**detail, **source})
             for scope, name, severity, detail in raised
-        ]
+        ],
+        chain=chain,
     )
 
 
