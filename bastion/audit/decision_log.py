@@ -7,7 +7,8 @@ Each decision the process's `DecisionLog` records is buffered and written to the
 every 0.2 s, and at a clean stop. A process killed outright loses what is buffered (one flush
 interval's decisions, or what waits while the database is away): there is no journal here.
 A row holds what the in-memory record holds, the request's context included only where the
-log keeps it (``KEEP_CONTEXT_BYTES``).
+log keeps it (``KEEP_CONTEXT_BYTES``), and the API it was asked through (``api``: ``v1``,
+``authzen`` or ``oso_cloud``; NULL in a row written before rows named it).
 """
 
 from __future__ import annotations
@@ -36,8 +37,14 @@ _MIGRATIONS = [
     );
     CREATE INDEX decision_log_at ON decision_log (at);
     """,
+    # The API a decision was asked through: /v1, AuthZEN and Oso Cloud's decide by contracts of
+    # their own, and a row is replayed by its API's (`bastion.audit.replay`). NULL in the rows
+    # written before.
+    "ALTER TABLE decision_log ADD COLUMN api TEXT",
 ]
-_COLUMNS = "id, kind, request, result, sequence, policy_version, at, explanation, refusal, asked_by"
+_COLUMNS = (
+    "id, kind, request, result, sequence, policy_version, at, explanation, refusal, asked_by, api"
+)
 # ASCII JSON: every character escaped that a database text column could refuse (NUL, lone
 # surrogates). Used on the writer's thread only (`bastion.json_encoding`: one per thread).
 _encode = encoder(separators=(",", ":"))
@@ -46,7 +53,9 @@ _encode = encoder(separators=(",", ":"))
 def _row(fields: tuple) -> tuple:
     """A row of ``decision_log`` from the fields of a `bastion.server.api.decisions.DecisionRecord`, as `DecisionLog` keeps
     them: the request, result, explanation and refusal as JSON text."""
-    id_, kind, request, result, seq, policy_version, at, explanation, refusal, asked_by = fields
+    id_, kind, request, result, seq, policy_version, at, explanation, refusal, asked_by, api = (
+        fields
+    )
     return (
         id_,
         kind,
@@ -58,12 +67,13 @@ def _row(fields: tuple) -> tuple:
         None if explanation is None else _encode(explanation),
         None if refusal is None else _encode(refusal),
         asked_by,
+        api,
     )
 
 
 def _fields(row: tuple) -> tuple:
     """The fields of a `DecisionRecord` from its row (the JSON read back)."""
-    id_, kind, request, result, seq, policy_version, at, explanation, refusal, asked_by = row
+    id_, kind, request, result, seq, policy_version, at, explanation, refusal, asked_by, api = row
     return (
         id_,
         kind,
@@ -75,6 +85,7 @@ def _fields(row: tuple) -> tuple:
         None if explanation is None else json.loads(explanation),
         None if refusal is None else json.loads(refusal),
         asked_by,
+        api,
     )
 
 
@@ -97,7 +108,7 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
     def _write(self, batch: list[tuple]) -> None:
         # An id already stored is a batch written again after a COMMIT whose answer was lost.
         self.db.executemany(
-            f"INSERT INTO decision_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO decision_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (id) DO NOTHING",
             [_row(fields) for fields in batch],
         )
@@ -113,8 +124,14 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
 
 def kept_in(db: Database) -> bool:
     """Whether a process ever kept its decisions in ``db`` (``decision_log = "database"``
-    made the table): where none did, a /v1 decision was only ever in its process's memory."""
-    return bool(db.execute("SELECT 1 FROM schema_migrations WHERE component = ?", (COMPONENT,)))
+    made the table): where none did, a /v1 decision was only ever in its process's memory.
+    Where one did, the table is brought to this bastion's columns first, as a server's
+    `DecisionStore` brings it (a table an older bastion made has no ``api``); a read-only
+    ``db`` (``bastion audit replay``) is refused, saying so, where it is not there yet."""
+    if not db.execute("SELECT 1 FROM schema_migrations WHERE component = ?", (COMPONENT,)):
+        return False
+    db.migrate(COMPONENT, _MIGRATIONS)
+    return True
 
 
 def stored(db: Database, decision_id: str) -> tuple | None:

@@ -19,16 +19,22 @@ context. Its answer is its result and the scopes that pass: an allow that lets o
 now is decided otherwise.
 
 A decision of the decision service stored in ``decision_log`` (``decision_log = "database"``,
-`bastion.audit.decision_log`), read as a `LoggedDecision`, is asked again as ``/v1/authorize``
-asked it (`Question` ``service``): one actor, the policy's ``allow`` alone; a chain of
-principals, the contract's answer (`decide_chain`) with the scopes it was given; each check of
-a batch is a row of its own. Its context is the one it kept, with the time it was decided at as
-``context.time`` where the caller gave none. Only checks are replayed: a list, actions or query
-is counted (``not_a_check``), and so is a check whose context was not kept.
+`bastion.audit.decision_log`), read as a `LoggedDecision`, is asked again as the API it names
+asked it (`Question` ``service``), by that API's own decision function: ``/v1/authorize``, one
+actor, the policy's ``allow`` alone, and a chain of principals, the contract's answer
+(`decide_chain`) with the scopes it was given; AuthZEN's evaluation, `bastion.pdp.authzen.decide`
+on the evaluation it kept (its answer's ``decision``: an approval required, a scope missing or a
+write under the read-only downgrade refuse); Oso Cloud's ``authorize``,
+`bastion.pdp.oso_cloud.authorize` on its values. Each check of a batch is a row of its own. Its
+context is the one it kept, with the time it was decided at as ``context.time`` where the caller
+gave none. Only checks are replayed: a list, actions or query is counted (``not_a_check``), and
+so is a check whose context was not kept, and a row from before rows named their API that
+another API than ``/v1`` may have asked and decided otherwise (`api_of`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -48,6 +54,7 @@ from bastion.decide.contract import (
 from bastion.decide.mcp import recorded_action
 from bastion.delegation.labels import CONTEXT_FIELD
 from bastion.facts.model import Entity, arg_from_json
+from bastion.pdp import authzen, oso_cloud
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import ReadContext
 
@@ -79,7 +86,11 @@ NOT_REPLAYABLE = {
     "context_not_kept": "a decision service check whose context was over 64 KiB, so not kept",
     "context_facts_not_kept": "a decision service check asked with Oso Cloud context facts,"
     " which are not kept",
+    "api_not_recorded": "a decision service check stored before rows named the API that asked"
+    " it, which AuthZEN's or Oso Cloud's API may have asked and decided otherwise than /v1",
 }
+# The APIs of the decision service (`bastion.server.api.decisions.DecisionRecord.api`).
+_V1, _AUTHZEN, _OSO_CLOUD = "v1", "authzen", "oso_cloud"
 # The results the policy alone gives, and the refusals' reasons it gives them with.
 _POLICY_RESULTS = frozenset({"allow", "deny", "step_up"})
 _POLICY_REFUSALS = frozenset({"not_permitted", "evaluation_limit", "signal_stale", "read_only"})
@@ -139,18 +150,25 @@ class Question:
     at: float
     # A token exchange's: the scopes it asked to pass, in the order asked. None for a call.
     requested: tuple[str, ...] | None = None
-    # A decision service check's (`LoggedDecision`): "actor", one actor asked of the policy's
-    # allow alone; "chain", the contract's answer for its principals, held to ``scopes`` only
-    # where it was given some (``service_scopes``). None for the gateway's and an exchange's.
+    # A decision service check's (`LoggedDecision`), asked as its API asked it: "v1", one actor
+    # asked of the policy's allow alone; "v1_chain", the contract's answer for its principals,
+    # held to ``scopes`` only where it was given some (``service_scopes``); "authzen", AuthZEN's
+    # answer, held to ``scopes`` (its context's); "oso_cloud", Oso Cloud's authorize of its
+    # values. None for the gateway's and an exchange's.
     service: str | None = None
     service_scopes: frozenset[str] | None = None
+    # Whether a field the API works out beside the caller's context (Oso Cloud's behaviour
+    # figures, `_WORKED_OUT`) may have been given to the policy without being kept.
+    worked_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class LoggedDecision:
     """A decision of the decision service stored in ``decision_log``, as replay reads it: named
     as a gateway record's fields are where the report reads them (``method`` is its kind,
-    ``target`` and ``principals`` its entities spelled as `Entity.__repr__` spells them)."""
+    ``target`` and ``principals`` its entities spelled as `Entity.__repr__` spells them).
+    ``api``: the API that asked it (``v1``, ``authzen``, ``oso_cloud``), None in a row stored
+    before rows named it."""
 
     id: str
     at: float
@@ -159,13 +177,16 @@ class LoggedDecision:
     result: str
     reason: str
     policy_version: int | None
+    api: str | None = None
     server: str = ""
     rules: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, fields: tuple) -> LoggedDecision:
         """From the fields of a stored `bastion.server.api.decisions.DecisionRecord`."""
-        id_, kind, request, result, _seq, policy_version, at, _explanation, refusal, _by = fields
+        id_, kind, request, result, _seq, policy_version, at, _explanation, refusal, _by, api = (
+            fields
+        )
         reason = refusal.get("reason") if isinstance(refusal, dict) else None
         return cls(
             id_,
@@ -175,6 +196,7 @@ class LoggedDecision:
             ("allow" if result else "deny") if isinstance(result, bool) else str(result),
             reason if isinstance(reason, str) else "",
             policy_version,
+            api if isinstance(api, str) else None,
         )
 
     @property
@@ -189,19 +211,20 @@ class LoggedDecision:
     @property
     def principals(self) -> tuple[str, ...]:
         asked = self.request.get("principals", [self.request.get("actor")])
-        return tuple(_spelled(p) for p in asked) if isinstance(asked, list) else ()
+        return tuple(map(self._spelled, asked)) if isinstance(asked, list) else ()
 
     @property
     def target(self) -> str:
-        return _spelled(self.request.get("resource"))
+        return self._spelled(self.request.get("resource"))
 
-
-def _spelled(value: Any) -> str:
-    """An entity of a stored request (``{"type", "id"}``) as `Entity.__repr__` spells it."""
-    try:
-        return repr(_entity_of(value))
-    except (TypeError, ValueError):
-        return str(value)
+    def _spelled(self, value: Any) -> str:
+        """An entity of the stored request (``{"type", "id"}``) as `Entity.__repr__` spells
+        it; an Oso Cloud String, Integer or Boolean as JSON spells it."""
+        try:
+            read = _oso_value(value) if self.api == _OSO_CLOUD else _entity_of(value)
+        except (TypeError, ValueError):
+            return str(value)
+        return repr(read) if isinstance(read, Entity) else json.dumps(read)
 
 
 def _entity_of(value: Any) -> Entity:
@@ -210,6 +233,17 @@ def _entity_of(value: Any) -> Entity:
     if not isinstance(value, dict):
         raise ValueError(f"not an entity: {value!r}")
     return arg_from_json(value)
+
+
+def _oso_value(value: Any) -> Any:
+    """A value as Oso Cloud's API keeps it (`bastion.pdp.oso_cloud.value_to_oso`), read back;
+    `ValueError` for anything else."""
+    if not isinstance(value, dict) or set(value) != {"type", "id"}:
+        raise ValueError(f"not an Oso Cloud value: {value!r}")
+    type_, id_ = value["type"], value["id"]
+    if not isinstance(type_, str) or not type_ or not isinstance(id_, str):
+        raise ValueError(f"not an Oso Cloud value: {value!r}")
+    return oso_cloud.value_of(type_, id_)
 
 
 Recorded = DecisionRecord | LoggedDecision
@@ -291,10 +325,11 @@ def question_of(record: Recorded) -> Question:
 
 
 def _service_question(record: LoggedDecision) -> Question:
-    """The question a decision service check asked, as ``/v1/authorize`` asked it (each check
+    """The question a decision service check asked, as the API it names asked it (each check
     of a batch is a row of its own, with the context it was decided in); `NotReplayable` for a
-    list, actions or query, a check refused by the kill switch, or one whose context is not
-    kept. Its time is the one it was decided at, where its context gave none."""
+    list, actions or query, a check refused by the kill switch, one whose context is not kept,
+    or one whose API cannot be told (`api_of`). Its time is the one it was decided at, where its
+    context gave none."""
     if record.kind != "authorize":
         raise NotReplayable("not_a_check", record.kind)
     request = record.request
@@ -306,31 +341,68 @@ def _service_question(record: LoggedDecision) -> Question:
         raise NotReplayable("refused_before_decision")
     if record.result not in ("allow", "deny"):
         raise NotReplayable("not_decided_by_policy")
-    chained = "principals" in request
+    api, worked_out = api_of(record)
+    context = dict(record.context)
+    context.setdefault("time", datetime.fromtimestamp(record.at, UTC))
+    chained = api == _V1 and "principals" in request
+    scopes: frozenset[str] | None = None
     try:
-        asked = request["principals"] if chained else [request["actor"]]
-        principals = tuple(map(_entity_of, asked))
-        resource = _entity_of(request["resource"])
-        action = request["action"]
-    except (KeyError, TypeError, ValueError):
+        if api == _AUTHZEN:
+            if not isinstance(request.get("context"), dict):  # AuthZEN's always has one
+                raise ValueError("no context")
+            asked = authzen.Evaluation.recorded(request, context)
+            principals, resource, action = (asked.subject,), asked.resource, asked.action
+            scopes = asked.scopes
+        else:
+            read = _oso_value if api == _OSO_CLOUD else _entity_of
+            parties = request["principals"] if chained else [request["actor"]]
+            principals = tuple(map(read, parties))
+            resource, action = read(request["resource"]), request["action"]
+            given = request.get("scopes")
+            if chained and _texts(given):
+                scopes = frozenset(given)
+    except (KeyError, TypeError, ValueError):  # AuthzenError is a ValueError
         raise NotReplayable("unreadable") from None
     if not principals or not isinstance(action, str):
         raise NotReplayable("unreadable")
-    context = dict(record.context)
-    context.setdefault("time", datetime.fromtimestamp(record.at, UTC))
-    scopes = request.get("scopes")
-    given = frozenset(scopes) if chained and _texts(scopes) else None
     return Question(
         principals,
         action,
         resource,
         context,
-        given or frozenset(),
+        scopes or frozenset(),
         None,
         record.at,
-        service="chain" if chained else "actor",
-        service_scopes=given,
+        service="v1_chain" if chained else api,
+        service_scopes=scopes,
+        worked_out=worked_out,
     )
+
+
+def api_of(record: LoggedDecision) -> tuple[str, bool]:
+    """The API that asked a stored check, and whether it may have given the policy a field it
+    worked out and did not keep (`Question.worked_out`). A row stored before rows named it is
+    told by what only one API keeps: a chain, or a context without the subject's, resource's
+    and action's properties that AuthZEN keeps in every one, are /v1's; with no context, /v1's
+    or Oso Cloud's, which decide it alike where both parties are entities (asked as /v1's,
+    the behaviour figures Oso Cloud works out not kept). `NotReplayable` (``api_not_recorded``)
+    for the others: a context shaped as AuthZEN's, an Oso Cloud String, Integer or Boolean."""
+    if record.api is not None:
+        if record.api not in (_V1, _AUTHZEN, _OSO_CLOUD):
+            raise NotReplayable("later_format", f"asked through {record.api!r}")
+        return record.api, record.api == _OSO_CLOUD
+    request = record.request
+    if "principals" in request:
+        return _V1, False
+    context = request.get("context")
+    if isinstance(context, dict):
+        if all(isinstance(context.get(name), dict) for name in authzen.RESERVED_CONTEXT):
+            raise NotReplayable("api_not_recorded", "its context is shaped as AuthZEN's")
+        return _V1, False
+    parties = (request.get("actor"), request.get("resource"))
+    if any(isinstance(p, dict) and p.get("type") in oso_cloud.VALUE_TYPES for p in parties):
+        raise NotReplayable("api_not_recorded", "an Oso Cloud value, or an entity of /v1")
+    return _V1, True
 
 
 def _exchange_question(record: DecisionRecord) -> Question:
@@ -578,34 +650,63 @@ def _decide(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> 
 
 
 def _service_answer(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> _Answer:
-    """A decision service check decided by ``authz`` as ``/v1/authorize`` decides it: one
-    actor, the policy's allow alone (over the budget: refused); a chain, the contract's
-    answer. Its chain decision comes with it, so that the rules of a changed one are named."""
+    """A decision service check decided by ``authz`` as its API decides it, by the API's own
+    function: /v1's one actor, the policy's allow alone (over the budget: refused); a chain,
+    the contract's answer; AuthZEN's, `authzen.decide` (its answer's ``decision``); Oso
+    Cloud's, `oso_cloud.authorize`. Its chain decision comes with it, so that the rules of a
+    changed one are named."""
     reading = ReadContext(question.context)
     asked = (question.action, question.resource)
-    if question.service == "chain":
+    service, actor = question.service, question.principals[0]
+    if service == "v1_chain":
         chain = decide_chain(authz, question.principals, *asked, reading, question.service_scopes)
+        allowed = chain.allowed
         reason = "insufficient_scope" if chain.missing_scopes else chain.reason or ""
+    elif service == _AUTHZEN:
+        evaluation = authzen.Evaluation(actor, *asked, reading, question.scopes)
+        reply, chain = authzen.decide(authz, evaluation)
+        allowed, reason = reply["decision"], _authzen_reason(reply)
     else:
-        actor = question.principals[0]
-        try:
-            allowed, reason = authz.authorize(actor, *asked, reading), ""
-        except EvaluationLimit as over:
-            allowed, reason = False, over.reason
+        if service == _OSO_CLOUD:
+            allowed, refused = oso_cloud.authorize(authz, actor, *asked, reading)
+            reason = refused or ""
+        else:
+            try:
+                allowed, reason = authz.authorize(actor, *asked, reading), ""
+            except EvaluationLimit as over:
+                allowed, reason = False, over.reason
         chain = ChainDecision(allowed, (actor,), refused_by=None if allowed else actor)
-    # Its context is kept whole: only what the Oso Cloud API worked out then is not.
-    _check_reads(reading, recorded, arguments_kept=True)
-    return _Answer("allow" if chain.allowed else "deny", reason, chain)
+    # Its context is kept whole, but for what an API worked out beside it (`worked_out`).
+    _check_reads(reading, recorded, arguments_kept=True, worked_out=question.worked_out)
+    return _Answer("allow" if allowed else "deny", reason, chain)
+
+
+def _authzen_reason(reply: dict[str, Any]) -> str:
+    """Why AuthZEN's answer ``reply`` refused, as it says it: its ``context.reason``, or the
+    first obligation it was refused for (``requires_approval``, ``requires_scope``)."""
+    context = reply.get("context", {})
+    if "reason" in context:
+        return context["reason"]
+    if reply["decision"]:
+        return ""
+    names = [o["properties"]["name"] for o in context.get("obligations", ())]
+    return names[0] if names else ""
 
 
 def _check_reads(
-    reading: ReadContext, recorded: dict[str, Any], arguments_kept: bool = False
+    reading: ReadContext,
+    recorded: dict[str, Any],
+    arguments_kept: bool = False,
+    worked_out: bool = True,
 ) -> None:
     """`NotReplayable` if the policy read what the record cannot tell: the arguments (kept
-    as a digest by the gateway), or a worked-out field (`_WORKED_OUT`) not worked out then."""
+    as a digest by the gateway), or, where fields were ``worked_out`` beside the context, one
+    of them (`_WORKED_OUT`) not worked out then."""
     paths = reading.paths.union((name,) for name in reading.fields)
     if not arguments_kept and any(path[0] == "arguments" for path in paths):
         raise NotReplayable("arguments_not_recorded")
+    if not worked_out:
+        return
     for path in paths:
         if path[0] in _WORKED_OUT and _at(recorded, path) is _ABSENT:
             raise NotReplayable("context_not_recorded")

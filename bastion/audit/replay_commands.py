@@ -321,6 +321,8 @@ def _change(replayed: Replayed, now: InForce, pushed: bool | None, cause: Cause)
         if pushed is not False
         else {"result": cause.result, "reason": cause.reason, "unknown": cause.why},
     }
+    if isinstance(record, LoggedDecision):  # the API it was asked through, and replayed as
+        change["api"] = record.api
     then = granted(record)
     if then is not None:  # a token exchange's: the scopes that passed, and pass now
         answers = (change["old"], change["new"], change["in_force"], change["policy_of_the_time"])
@@ -389,7 +391,9 @@ class _TextReport:
         record = replayed.record
         who = " ".join(map(readable, record.principals))
         write: Callable[[str], Any] = (self.apart if pushed is False else self.out).write
-        source = "decision_log " if isinstance(record, LoggedDecision) else ""
+        source = ""
+        if isinstance(record, LoggedDecision):
+            source = f"decision_log {shown(record.api)} " if record.api else "decision_log "
         write(
             f"{shown(record.result)} -> {shown(replayed.result)}  {_when(record.at)}"
             f" {source}{shown(record.method)} {replayed.question.action} {readable(record.target)}"

@@ -82,6 +82,27 @@ class Evaluation:
             "resource": {"type": self.resource.type, "id": self.resource.id},
         }
 
+    @classmethod
+    def recorded(cls, request: dict, context: dict) -> Evaluation:
+        """The evaluation a decision record keeps (`request_json`, and ``context``: the
+        policy's context it kept beside it), read back to be decided again (``bastion audit
+        replay``); `AuthzenError` where the record does not hold one."""
+        try:
+            subject, resource = request["actor"], request["resource"]
+            parties = (subject["type"], subject["id"], resource["type"], resource["id"])
+            action = request["action"]
+        except (KeyError, TypeError):
+            raise AuthzenError("not the record of an evaluation") from None
+        if not all(part.__class__ is str for part in (*parties, action)):
+            raise AuthzenError("not the record of an evaluation")
+        return cls(
+            Entity(parties[0], parties[1]),
+            action,
+            Entity(parties[2], parties[3]),
+            context,
+            _scopes(context),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Batch:

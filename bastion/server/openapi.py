@@ -276,6 +276,7 @@ SCHEMAS: dict[str, Any] = {
             "policy_version",
             "at",
             "asked_by",
+            "api",
         ],
         decision_id=_STR,
         kind={"enum": ["authorize", "list", "actions", "query"]},
@@ -285,6 +286,8 @@ SCHEMAS: dict[str, Any] = {
         policy_version=_nullable(_INT),
         at=_NUM,
         asked_by=_nullable(_STR),
+        # The API it was asked through; null in a record stored before records named it.
+        api=_nullable({"enum": ["v1", "authzen", "oso_cloud"]}),
     ),
     "ApprovalAnswer": _response(
         ["approver", "answer", "minutes", "channel", "reason", "at", "withheld_fields"],

@@ -799,3 +799,25 @@ def test_a_version_of_the_time_that_does_not_load_now_is_of_unknown_cause_and_sa
     code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
     assert code == 2 and out == ""
     assert f"policy version {version}, in force, does not load here" in err
+
+
+def test_an_oso_cloud_check_of_a_string_actor_is_replayed_as_the_string_it_asked_of():
+    """Oso Cloud's API keeps a String actor as ``{"type": "String", "id": ...}``: asked again as
+    Oso Cloud asked it, it is that string, not an entity of the type ``String`` (which /v1 would
+    read there, and the policy refuse)."""
+    from bastion.audit.replay import LoggedDecision, replay
+    from bastion.decide import Authorizer
+
+    authz = Authorizer('allow(actor: String, "read", _repo: Repo) if actor = "ci";')
+    request = {
+        "actor": {"type": "String", "id": "ci"},
+        "action": "read",
+        "resource": {"type": "Repo", "id": "anvil"},
+    }
+    stored = ("p-1", "authorize", request, True, 1, None, time.time(), None, None, "k")
+    record = LoggedDecision.of((*stored, "oso_cloud"))
+
+    replayed = replay(authz, record)
+
+    assert replayed.result == "allow" and replayed.same
+    assert record.principals == ('"ci"',) and record.target == 'Repo{"anvil"}'

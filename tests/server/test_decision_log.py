@@ -8,7 +8,7 @@ from bastion.server.keys import ApiKey
 
 
 def keep(log: DecisionLog, n: int) -> list[str]:
-    return [log.record("authorize", {"n": i}, True, i, 1) for i in range(n)]
+    return [log.record("authorize", {"n": i}, True, i, 1, api="v1") for i in range(n)]
 
 
 def test_every_decision_is_found_by_its_id_with_what_was_recorded():
@@ -70,8 +70,8 @@ def test_a_record_is_read_by_the_key_that_asked_for_it_and_by_admin_keys_only():
         return ApiKey(key_id, key_id, frozenset(scopes), 0.0, "test")
 
     log = DecisionLog(10)
-    asked = log.get(log.record("authorize", {}, True, 1, 1, None, None, "k1"))
-    nobody = log.get(log.record("authorize", {}, True, 1, 1))
+    asked = log.get(log.record("authorize", {}, True, 1, 1, None, None, "k1", api="v1"))
+    nobody = log.get(log.record("authorize", {}, True, 1, 1, api="v1"))
     assert asked is not None and nobody is not None and asked.asked_by == "k1"
     assert asked.readable_by(api_key("k1", "decide"))
     assert not asked.readable_by(api_key("k2", "decide", "facts:read", "authzen", "oso:read"))

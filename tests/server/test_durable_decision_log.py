@@ -4,13 +4,14 @@ restart; by the key that asked (or an admin key) only; pruned with the audit tra
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
 import pytest
 
 from bastion.audit.retention import DAY, prune
-from bastion.db import Database
+from bastion.db import Database, DatabaseSettingError
 from bastion.facts.store import FactStore
 from bastion.server.api.decisions import DecisionLog, DecisionRecord
 from bastion.server.config import ConfigError, ServerConfig
@@ -120,14 +121,59 @@ def test_decisions_older_than_the_retention_are_pruned_with_the_audit_trail(data
         store = DecisionStore(db)
         log = DecisionLog(10, store)
         now = time.time()
-        old = log.record("authorize", {"n": 1}, True, 1, 1, asked_by="k1")
-        new = log.record("authorize", {"n": 2}, False, 2, 1, asked_by="k1")
+        old = log.record("authorize", {"n": 1}, True, 1, 1, asked_by="k1", api="v1")
+        new = log.record("authorize", {"n": 2}, False, 2, 1, asked_by="k1", api="v1")
         store.flush()
         db.execute("UPDATE decision_log SET at = ? WHERE id = ?", (now - 40 * DAY, old))
         pruned = prune(db, 30, now, actor="test")
         assert pruned.rows.get("decision_log") == 1
         assert store.get(old) is None
         assert DecisionRecord(*store.get(new)).request == {"n": 2}
+    finally:
+        db.close()
+
+
+def test_a_table_an_older_bastion_made_is_brought_to_the_api_column_and_its_rows_name_none(
+    database_url,
+):
+    """An upgrade: the rows stored before rows named their API are read with none (``api``
+    null), and a process that may write brings the table to the new column first; one that reads
+    without writing (``bastion audit replay``) is refused, saying so, until then."""
+    from bastion.audit.decision_log import _MIGRATIONS, COMPONENT, DecisionStore, stored, window
+
+    db = Database(database_url)
+    try:
+        db.migrate(COMPONENT, _MIGRATIONS[:1])  # as the bastion before rows named their API
+        db.execute(
+            "INSERT INTO decision_log (id, kind, request, result, sequence, policy_version, at,"
+            " explanation, refusal, asked_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                "0123-1",
+                "authorize",
+                json.dumps(READ_ANVIL),
+                "true",
+                1,
+                1,
+                time.time(),
+                None,
+                None,
+                "k1",
+            ),
+        )
+        read_only = Database(database_url, read_only=True)
+        try:
+            with pytest.raises(DatabaseSettingError, match="start bastion serve on it once"):
+                list(window(read_only, 0.0, time.time() + 60))
+        finally:
+            read_only.close()
+
+        store = DecisionStore(db)  # a server started on it, with decision_log = "database"
+        old = DecisionRecord(*store.get("0123-1"))
+        assert old.api is None and old.to_json()["api"] is None
+        assert old.request == READ_ANVIL and old.asked_by == "k1"
+        new = DecisionLog(10, store).record("authorize", READ_ANVIL, True, 2, 1, api="authzen")
+        store.flush()
+        assert DecisionRecord(*stored(db, new)).api == "authzen"
     finally:
         db.close()
 
@@ -159,7 +205,7 @@ def test_a_decision_is_never_explained_on_facts_older_than_it_was_decided_on(sql
         grant = ("has_role", Entity("User", "alice"), "reader", Entity("Repo", "anvil"))
         seq = FactStore(db).apply([grant]).seq
         store = DecisionStore(db)
-        decision_id = DecisionLog(10, store).record("authorize", READ_ANVIL, True, seq, 1)
+        decision_id = DecisionLog(10, store).record("authorize", READ_ANVIL, True, seq, 1, api="v1")
         store.flush()
     finally:
         db.close()

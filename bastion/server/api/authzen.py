@@ -26,7 +26,13 @@ from bastion.db import DatabaseUnavailable
 from bastion.http_fields import media_type
 from bastion.pdp import authzen
 from bastion.policy.errors import EvaluationLimit, PolicyError
-from bastion.server.api.decisions import fresh, keep_context, observe_decision, record_decision
+from bastion.server.api.decisions import (
+    AUTHZEN,
+    fresh,
+    keep_context,
+    observe_decision,
+    record_decision,
+)
 from bastion.server.auth import require
 from bastion.server.config import ServerConfig
 from bastion.server.keys import ApiKey
@@ -145,7 +151,9 @@ def _log(request: Request, key: ApiKey, question: authzen.Evaluation, reply: dic
         if decision is not None and decision.reason == EvaluationLimit.reason
         else None
     )
-    return record_decision(request, key, "authorize", req, reply["decision"], refusal=refusal)
+    return record_decision(
+        request, key, "authorize", req, reply["decision"], refusal=refusal, api=AUTHZEN
+    )
 
 
 # -- routes ------------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ MAX_CHAIN = 8
 MAX_PAGE = 1000
 # Contexts of requests larger than this are not kept in the decision log.
 KEEP_CONTEXT_BYTES = 64 * 1024
+# The APIs a decision is asked through (`DecisionRecord.api`), each deciding by a contract of
+# its own: /v1's, AuthZEN's (`bastion.pdp.authzen`) and Oso Cloud's (`bastion.pdp.oso_cloud`).
+V1, AUTHZEN, OSO_CLOUD = "v1", "authzen", "oso_cloud"
 
 
 @dataclass(slots=True)
@@ -107,6 +110,9 @@ class DecisionRecord:
     refusal: dict | None = field(default=None)
     # The id of the API key that asked: only it, and an admin key, read the record.
     asked_by: str | None = field(default=None)
+    # The API it was asked through (`V1`, `AUTHZEN`, `OSO_CLOUD`); None in a record stored by a
+    # bastion from before records named it (``decision_log = "database"``).
+    api: str | None = field(default=None)
 
     def readable_by(self, key: ApiKey) -> bool:
         """Whether ``key`` may read this record: the key that asked for it, or an admin key
@@ -123,6 +129,7 @@ class DecisionRecord:
             "policy_version": self.policy_version,
             "at": self.at,
             "asked_by": self.asked_by,
+            "api": self.api,
             **(self.refusal or {}),
         }
 
@@ -159,8 +166,11 @@ class DecisionLog:
         explanation: dict | None = None,
         refusal: dict | None = None,
         asked_by: str | None = None,
+        *,
+        api: str,
     ) -> str:
-        """Keep a decision made now, asked for by the key ``asked_by`` (its id); its new id."""
+        """Keep a decision made now, asked for by the key ``asked_by`` (its id) through ``api``
+        (`V1`, `AUTHZEN`, `OSO_CLOUD`); its new id."""
         n = next(self._counter)
         decision_id = f"{self._prefix}-{n}"
         if self._keeps:
@@ -176,6 +186,7 @@ class DecisionLog:
                 explanation,
                 refusal,
                 asked_by,
+                api,
             )
             if self.size:
                 ring = self._ring
@@ -502,10 +513,15 @@ def record_decision(
     result: Any,
     explanation: dict | None = None,
     refusal: dict | None = None,
+    *,
+    api: str,
 ) -> str:
-    """Keep a decision that ``key`` asked for; its id (only ``key``, and admin keys, read it)."""
+    """Keep a decision that ``key`` asked for through ``api`` (`V1`, `AUTHZEN`, `OSO_CLOUD`); its
+    id (only ``key``, and admin keys, read it)."""
     state = request.app.state
-    return _record(state.decisions, state.replica, kind, req, result, explanation, refusal, key.id)
+    return _record(
+        state.decisions, state.replica, kind, req, result, explanation, refusal, key.id, api
+    )
 
 
 def _record(
@@ -517,9 +533,18 @@ def _record(
     explanation: dict | None,
     refusal: dict | None,
     asked_by: str,
+    api: str = V1,
 ) -> str:
     return log.record(
-        kind, req, result, replica.applied, replica.policy_version, explanation, refusal, asked_by
+        kind,
+        req,
+        result,
+        replica.applied,
+        replica.policy_version,
+        explanation,
+        refusal,
+        asked_by,
+        api=api,
     )
 
 
@@ -637,6 +662,7 @@ def authorize_answer(asked: Asked, body: dict, replica: Replica) -> dict:
         explanation,
         refusal,
         asked.by,
+        api=V1,
     )
     out = {"allowed": allowed, "decision_id": decision_id, "sequence": replica.applied}
     if refusal is not None:
@@ -736,6 +762,7 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                     None,
                     refusal,
                     by,
+                    api=V1,
                 )
                 result = {"allowed": allowed, "decision_id": decision_id}
                 if refusal is not None:
@@ -778,7 +805,9 @@ async def list_resources(request: Request) -> JSONResponse:
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": _entity_json(actor), "action": action, "resource_type": resource_type}
     keep_context(request, req, context)
-    decision_id = record_decision(request, key, "list", req, {"count": len(ids)}, refusal=refusal)
+    decision_id = record_decision(
+        request, key, "list", req, {"count": len(ids)}, refusal=refusal, api=V1
+    )
     return JSONResponse(
         {
             "ids": page,
@@ -813,7 +842,7 @@ async def actions(request: Request) -> JSONResponse:
     observe_decision(request, "actions", started, "allow" if result else "deny")
     req = {"actor": _entity_json(actor), "resource": _entity_json(resource)}
     keep_context(request, req, context)
-    decision_id = record_decision(request, key, "actions", req, result, refusal=refusal)
+    decision_id = record_decision(request, key, "actions", req, result, refusal=refusal, api=V1)
     return JSONResponse(
         {
             "actions": result,
@@ -882,7 +911,7 @@ def _query(request: Request, key: ApiKey, body: dict, replica: Replica) -> JSONR
     results = [[arg_to_json(v) for v in row] for row in rows]
     req = {"predicate": predicate, "args": raw_args}
     keep_context(request, req, context)
-    decision_id = record_decision(request, key, "query", req, len(rows), refusal=refusal)
+    decision_id = record_decision(request, key, "query", req, len(rows), refusal=refusal, api=V1)
     return JSONResponse(
         {
             "results": results,

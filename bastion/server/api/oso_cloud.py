@@ -16,7 +16,6 @@ import bisect
 import functools
 import itertools
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,9 +29,12 @@ from bastion.cli import count_in
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError, check_fact
 from bastion.facts.store import FactStore, StoredFact, WriteResult, check_entity_size, fact_key
+from bastion.pdp.oso_cloud import VALUE_TYPES, value_of, value_to_oso
+from bastion.pdp.oso_cloud import authorize as decide_authorize
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.policy.parser import parse
 from bastion.server.api.decisions import (
+    OSO_CLOUD,
     compiled_first,
     fresh,
     known_type,
@@ -53,17 +55,13 @@ from bastion.server.problems import (
 from bastion.server.problems import action as action_field
 from bastion.server.problems import field as get_field
 from bastion.signals.suspensions import apply_facts, asks_allow
-from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, writable
+from bastion.untrusted_json import MAX_INTEGER
 
 # API key scopes (bastion keys create --scope ...): decisions and reads of facts and policy;
 # fact and policy writes. A key may hold both, as an Oso Cloud read-write key does.
 READ = "oso:read"
 WRITE = "oso:write"
-# The SDK's value types; any other type names an entity.
-VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool}
 OFFSET_HEADER = "OsoOffset"
-# An Integer value's id: plain digits, an optional minus first.
-_INTEGER = re.compile(r"-?[0-9]+")
 # Set on an answer that is a refusal (allowed false, or no results) because the evaluation spent
 # its budget, or because the kill switch holds the actor (`SUSPENDED`, docs/signals.md): the
 # SDK's answers have no field for it.
@@ -122,38 +120,11 @@ def value_from_oso(obj: Any, where: str) -> Any:
 
 
 def _typed(type_: str, id_: str, where: str) -> Any:
-    kind = VALUE_TYPES.get(type_)
-    if kind is None:
-        return Entity(type_, id_)
-    if kind is str:
-        return id_
-    if kind is bool:
-        if id_ not in ("true", "false"):
-            raise unprocessable(f'{where}: a Boolean is "true" or "false", got {id_!r}')
-        return id_ == "true"
-    # Plain ASCII digits: int() takes other scripts' digits, spaces, "_" and "+" as well (two
-    # spellings of one value), and past 4300 digits raises. The range is the fact store's.
-    if _INTEGER.fullmatch(id_) is None:
-        raise unprocessable(
-            f"{where}: an Integer's id is its digits (an optional '-', then 0-9), got"
-            f" {writable(id_[:40])!r}"
-        )
-    if len(id_) > 20 or not MIN_INTEGER <= (value := int(id_)) <= MAX_INTEGER:
-        raise unprocessable(
-            f"{where}: an Integer is 64-bit, from {MIN_INTEGER} to {MAX_INTEGER}; got"
-            f" {id_[:24]}{'...' if len(id_) > 24 else ''} ({len(id_)} characters)"
-        )
-    return value
-
-
-def value_to_oso(value: Any) -> dict:
-    if isinstance(value, Entity):
-        return {"type": value.type, "id": value.id}
-    if isinstance(value, bool):
-        return {"type": "Boolean", "id": "true" if value else "false"}
-    if isinstance(value, int):
-        return {"type": "Integer", "id": str(value)}
-    return {"type": "String", "id": value}
+    """The value ``type_`` and ``id_`` name (`value_of`); 422 naming ``where`` if none."""
+    try:
+        return value_of(type_, id_)
+    except ValueError as e:
+        raise unprocessable(f"{where}: {e}") from None
 
 
 def _oso_id(value: Any) -> str:
@@ -326,17 +297,19 @@ async def authorize(request: Request) -> Response:
     if replica.suspensions.holds(actor):
         allowed, refused = False, SUSPENDED  # the kill switch, before the policy
     else:
-        try:
-            with authz.session(context, facts=facts) as session:
-                allowed = session.allowed(actor, action, resource)
-        except EvaluationLimit as over:
-            allowed, refused = False, over.reason
+        allowed, refused = decide_authorize(authz, actor, action, resource, context, facts)
     observe_decision(request, "authorize", started, "allow" if allowed else "deny")
     req = {"actor": value_to_oso(actor), "action": action, "resource": value_to_oso(resource)}
     if facts:
         req["context_facts"] = len(facts)
     record_decision(
-        request, key, "authorize", req, allowed, refusal={"reason": refused} if refused else None
+        request,
+        key,
+        "authorize",
+        req,
+        allowed,
+        refusal={"reason": refused} if refused else None,
+        api=OSO_CLOUD,
     )
     return _json({"allowed": allowed}, refused=refused)
 
@@ -381,6 +354,7 @@ async def list_resources(request: Request) -> Response:
         req,
         {"count": len(ids)},
         refusal={"reason": refused} if refused else None,
+        api=OSO_CLOUD,
     )
     return _json({"results": page, "next_page_token": page[-1] if more else None}, refused=refused)
 
@@ -408,7 +382,13 @@ async def actions(request: Request) -> Response:
     observe_decision(request, "actions", started, "allow" if found else "deny")
     req = {"actor": value_to_oso(actor), "resource": value_to_oso(resource)}
     record_decision(
-        request, key, "actions", req, found, refusal={"reason": refused} if refused else None
+        request,
+        key,
+        "actions",
+        req,
+        found,
+        refusal={"reason": refused} if refused else None,
+        api=OSO_CLOUD,
     )
     return _json({"results": found}, refused=refused)
 
@@ -459,7 +439,13 @@ def _query(request: Request, key: ApiKey, body: dict, replica: Any) -> Response:
     observe_decision(request, "query", started, "allow" if rows else "deny")
     req = {"predicate": calls[0][0], "calls": len(calls)}
     record_decision(
-        request, key, "query", req, len(rows), refusal={"reason": refused} if refused else None
+        request,
+        key,
+        "query",
+        req,
+        len(rows),
+        refusal={"reason": refused} if refused else None,
+        api=OSO_CLOUD,
     )
     out = [{var: _oso_id(row[var]) for var in constraints if var in row} for row in rows]
     return _json({"results": out}, refused=refused)
