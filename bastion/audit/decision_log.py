@@ -124,21 +124,33 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
 
 def kept_in(db: Database) -> bool:
     """Whether a process ever kept its decisions in ``db`` (``decision_log = "database"``
-    made the table): where none did, a /v1 decision was only ever in its process's memory.
-    Where one did, the table is brought to this bastion's columns first, as a server's
-    `DecisionStore` brings it (a table an older bastion made has no ``api``); a read-only
-    ``db`` (``bastion audit replay``) is refused, saying so, where it is not there yet."""
-    if not db.execute("SELECT 1 FROM schema_migrations WHERE component = ?", (COMPONENT,)):
-        return False
-    db.migrate(COMPONENT, _MIGRATIONS)
-    return True
+    made the table): where none did, a /v1 decision was only ever in its process's memory."""
+    return _selected(db) is not None
+
+
+def _selected(db: Database) -> str | None:
+    """The columns ``decision_log``'s rows are read by in ``db``; None where the table was never
+    made (`kept_in`). A table an older bastion made, which no server of this version has
+    brought to the ``api`` column yet, is read with none (NULL): a read (``bastion audit show``,
+    ``replay``) never changes the schema, which a replica of the older version still running on
+    the database would then refuse at its next start."""
+    rows = db.execute(
+        "SELECT MAX(version) FROM schema_migrations WHERE component = ?", (COMPONENT,)
+    )
+    version = rows[0][0] if rows else None
+    if version is None:
+        return None
+    return _COLUMNS if version >= 2 else _COLUMNS.replace(", api", ", NULL")
 
 
 def stored(db: Database, decision_id: str) -> tuple | None:
-    """The fields of the `DecisionRecord` stored under ``decision_id`` in ``db`` (whose table
-    exists: `kept_in`), whichever process made it; None if none. Read by a server's `DecisionStore`
-    and by ``bastion audit show``, which opens the database without migrating it."""
-    rows = db.execute(f"SELECT {_COLUMNS} FROM decision_log WHERE id = ?", (decision_id,))
+    """The fields of the `DecisionRecord` stored under ``decision_id`` in ``db``, whichever
+    process made it; None if none. Read by a server's `DecisionStore` and by ``bastion audit
+    show``, which opens the database without migrating it (`_selected`)."""
+    columns = _selected(db)
+    if columns is None:
+        return None
+    rows = db.execute(f"SELECT {columns} FROM decision_log WHERE id = ?", (decision_id,))
     return _fields(rows[0]) if rows else None
 
 
@@ -152,12 +164,13 @@ def window(db: Database, since: float, until: float, page: int = 1000) -> Iterat
     """The fields of the decisions stored from ``since`` up to (not at) ``until`` (epoch
     seconds), oldest first, read ``page`` at a time (``bastion audit replay``); none where the
     log was never kept in ``db`` (`kept_in`)."""
-    if not kept_in(db):
+    columns = _selected(db)
+    if columns is None:
         return
     at, last = since, ""
     while True:
         rows = db.execute(
-            f"SELECT {_COLUMNS} FROM decision_log WHERE ((at = ? AND id > ?) OR at > ?)"
+            f"SELECT {columns} FROM decision_log WHERE ((at = ? AND id > ?) OR at > ?)"
             " AND at < ? ORDER BY at, id LIMIT ?",
             (at, last, at, until, page),
         )
