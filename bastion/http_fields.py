@@ -1,6 +1,7 @@
 """HTTP field (header) names and values as RFC 9110 §5 allows them: the one check for a header
 bastion sends, used where a setting is read (so a bad one stops the start) and where the gateway
-encodes a request's head.
+encodes a request's head; and the one reading of the fields bastion takes media types from
+(``Content-Type``, §8.3; ``Accept``, §12.5.1).
 
 A field name is a token (§5.1, §5.6.2). A field value (§5.5) is visible ASCII and obs-text
 (the bytes 0x80-0xFF, here the characters U+0080-U+00FF that encode to them in Latin-1), with
@@ -20,6 +21,10 @@ _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _MEDIA_TYPE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+/[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # application/json, or a more specific application/<name>+json (RFC 6839 §3.1).
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:json|[a-z0-9!#$&^_.+-]+\+json)")
+# A quoted-string (RFC 9110 §5.6.4), or one that never ends, to the end of the value. It always
+# matches from a '"' (never tried again from a later one), so a value is read once: linear.
+_QUOTED_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_DIGITS = frozenset("0123456789")
 
 
 def field_name_problem(name: str) -> str | None:
@@ -54,3 +59,70 @@ def is_json_media(content_type: str) -> bool:
     """Whether a ``Content-Type`` names JSON: ``application/json`` or ``application/<name>+json``,
     its parameters (``charset``) aside."""
     return _JSON_MEDIA_TYPE.fullmatch(media_type(content_type)) is not None
+
+
+def accepts(accept: str, media: str) -> bool:
+    """Whether an ``Accept`` field value (RFC 9110 §12.5.1) accepts ``media``, a lowercase
+    ``type/subtype``. The value is a list of media ranges; the most specific range that covers
+    ``media`` decides (``media`` itself, then ``type/*``, then ``*/*``), and accepts it when its
+    weight is above 0 (``q=0`` means "not acceptable"). Names are compared in any case, and a
+    range whole, never by a part (``text/event-streamx`` is not ``text/event-stream``).
+    Parameters other than ``q`` do not narrow a range (bastion's answers carry none); where
+    equally specific ranges disagree, the highest weight counts. A malformed element (no
+    ``type/subtype``, a weight that is no qvalue) is skipped and the rest read; a quoted-string
+    that never ends runs to the end of the value. An empty value accepts nothing: a caller
+    passes ``""`` for a request without the field where that should mean nothing rather than
+    RFC 9110's anything. Linear in the value's length."""
+    if '"' in accept:
+        accept = _without_quoted_strings(accept)
+    kind = media.partition("/")[0] + "/*"
+    best = -1  # how specific the deciding range is: 2 media, 1 type/*, 0 */*
+    weight = 0  # its weight, in thousandths
+    for element in accept.split(","):
+        media_range, _, parameters = element.partition(";")
+        media_range = media_range.strip(" \t")
+        # Checked before it is lowercased: str.lower maps some letters beyond ASCII into ASCII.
+        if not media_range.isascii():
+            continue
+        media_range = media_range.lower()
+        if media_range == media:
+            specific = 2
+        elif media_range == kind:
+            specific = 1
+        elif media_range == "*/*":
+            specific = 0
+        else:
+            continue
+        if specific < best:
+            continue
+        q = _weight(parameters) if parameters else 1000
+        if q is None:
+            continue
+        weight = max(weight, q) if specific == best else q
+        best = specific
+    return weight > 0
+
+
+def _weight(parameters: str) -> int | None:
+    """The weight (``q``, RFC 9110 §12.4.2) among a media range's parameters, in thousandths:
+    1000 when there is none, None when it is no qvalue (``0`` to ``1`` with at most three
+    decimals)."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip(" \t").lower() != "q":
+            continue
+        whole, _, fraction = value.strip(" \t").partition(".")
+        if len(fraction) > 3 or not _DIGITS.issuperset(fraction):
+            return None
+        if whole == "0":
+            return int(fraction.ljust(3, "0"))
+        if whole == "1" and fraction.strip("0") == "":
+            return 1000
+        return None
+    return 1000
+
+
+def _without_quoted_strings(value: str) -> str:
+    """``value`` with each quoted-string (RFC 9110 §5.6.4, in a parameter's value) emptied to
+    ``""``, so that the commas and semicolons inside one split nothing."""
+    return _QUOTED_STRING.sub('""', value)
