@@ -59,7 +59,7 @@ from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, read_decision
 from bastion.gateway.upstream_credentials import client_declared
 from bastion.gateway.uris import resource_uri
-from bastion.http_fields import media_type
+from bastion.http_fields import accepts, media_type
 from bastion.identity.trusted_issuers import IssuerUnavailable
 from bastion.oauth.dpop import NONCE_HEADER, InvalidDPoPProof, UseDPoPNonce, one_proof
 from bastion.oauth.errors import InvalidToken
@@ -74,6 +74,7 @@ log = logging.getLogger("bastion.gateway")
 
 DPOP_HEADER = b"dpop"
 JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
 # At most this many callers are kept for requests to come (`StreamableHttpEndpoint._caller`).
 _CALLERS = 4096
 # The longest Mcp-Session-Id or MCP-Protocol-Version a remembered caller is kept with: longer than
@@ -214,10 +215,11 @@ class StreamableHttpEndpoint:
             # bytes.decode, or one decode of them joined, split again, run fewer bytecodes but
             # half again as many instructions, by callgrind.)
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            # A name came more than once (the dict kept the last): looked at only then.
-            twice = (
-                _sent_twice(scope, self._read_once) if len(headers) != len(scope["headers"]) else ()
-            )
+            twice: tuple[str, ...] = ()
+            if len(headers) != len(scope["headers"]):
+                # A name came more than once (the dict kept the last): looked at only then.
+                twice = _sent_twice(scope, self._read_once)
+                _join_accept(scope, headers)
             if twice and not _BEFORE_TOKEN.isdisjoint(twice):
                 raise HttpError(400, _twice(min(_BEFORE_TOKEN & set(twice))).body(None))
             origin = headers.get("origin")
@@ -550,7 +552,9 @@ class StreamableHttpEndpoint:
             # opened for it at initialize.
             exchange.opening = gateway.sessions.new_id()
         handler = handler_for(method, gateway.config.pass_methods)
-        wants_events = "text/event-stream" in headers.get("accept", "")
+        # Without an Accept field, a POST is answered as JSON (MCP requires the field; RFC 9110
+        # would read its absence as anything).
+        wants_events = accepts(headers.get("accept", ""), EVENT_STREAM)
         # While bastion waits, the request can be cancelled: by the client's
         # notifications/cancelled (same user, chain and session), or by its going away. A request
         # still running after _WATCH_AFTER seconds gets a task that notices the client leaving
@@ -852,7 +856,7 @@ class StreamableHttpEndpoint:
     ) -> None:
         try:
             _check_legacy(headers)
-            if "text/event-stream" not in headers.get("accept", ""):
+            if not accepts(headers.get("accept", ""), EVENT_STREAM):
                 raise RpcError(
                     INVALID_REQUEST, "GET needs Accept: text/event-stream", http_status=406
                 )
@@ -947,7 +951,7 @@ class StreamableHttpEndpoint:
         client_declared(None)
         ex = Exchange(gateway, upstream, caller, message)
         try:
-            if "text/event-stream" not in headers.get("accept", ""):
+            if not accepts(headers.get("accept", ""), EVENT_STREAM):
                 raise RpcError(
                     INVALID_REQUEST,
                     "subscriptions/listen is answered as text/event-stream; accept it",
@@ -1051,6 +1055,14 @@ def _sent_twice(scope: Scope, read_once: frozenset[str]) -> tuple[str, ...]:
                 twice.append(key)
             seen.add(key)
     return tuple(twice)
+
+
+def _join_accept(scope: Scope, headers: dict[str, str]) -> None:
+    """Read ``Accept`` sent on several lines as one list, their values joined by commas in the
+    order they came (RFC 9110 §5.3), rather than as its last line."""
+    lines = [value for name, value in scope["headers"] if name == b"accept"]
+    if len(lines) > 1:
+        headers["accept"] = b", ".join(lines).decode("latin-1")
 
 
 def _twice(name: str) -> RpcError:

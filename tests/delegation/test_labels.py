@@ -553,6 +553,7 @@ def read_resource(http, base: str, token: str, uri: str) -> dict:
         headers={
             "authorization": f"Bearer {token}",
             "content-type": "application/json",
+            "accept": "application/json",  # JSON however long it takes (httpx's */* takes events)
             "mcp-protocol-version": "2026-07-28",
             "mcp-method": "resources/read",
             "mcp-name": uri,

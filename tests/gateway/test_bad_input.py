@@ -33,7 +33,13 @@ def post(bastion, token, body=None, content=None, **headers):
         bastion.mcp_url("deskhttp"),
         json=body,
         content=content,
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json", **headers},
+        headers={
+            "authorization": f"Bearer {token}",
+            "content-type": "application/json",
+            # Answered as JSON however long it takes (httpx's default */* takes event streams).
+            "accept": "application/json",
+            **headers,
+        },
     )
 
 
@@ -604,7 +610,12 @@ def test_refused_gets_and_deletes_are_audited_as_mcp_refusals_of_their_caller(ba
     legacy = {"authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"}
     stream = {**legacy, "accept": "text/event-stream"}
     refused = [
-        ("GET", {**legacy, "mcp-session-id": mine["mcp-session-id"]}, 406, "not_acceptable"),
+        (
+            "GET",
+            {**legacy, "accept": "application/json", "mcp-session-id": mine["mcp-session-id"]},
+            406,
+            "not_acceptable",
+        ),
         ("GET", {**stream, "mcp-session-id": theirs["mcp-session-id"]}, 404, "session_not_found"),
         ("GET", stream, 400, "invalid_request"),
         ("DELETE", {**legacy, "mcp-session-id": "no-such-session"}, 404, "session_not_found"),

@@ -31,6 +31,8 @@ def call_tool(http, base: str, token: str, name: str, arguments: dict) -> dict:
         headers={
             "authorization": f"Bearer {token}",
             "content-type": "application/json",
+            # Answered as JSON however long it takes (httpx's default */* takes event streams).
+            "accept": "application/json",
             "mcp-protocol-version": "2026-07-28",
             "mcp-method": "tools/call",
             "mcp-name": name,

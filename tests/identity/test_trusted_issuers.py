@@ -47,6 +47,7 @@ ENVELOPE = {
 }
 HEADERS = {
     "content-type": "application/json",
+    "accept": "application/json",  # JSON however long it takes (httpx's */* takes events)
     "mcp-protocol-version": "2026-07-28",
     "mcp-method": "tools/call",
     "mcp-name": "search_customers",

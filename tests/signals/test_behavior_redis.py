@@ -115,6 +115,7 @@ def test_unreachable_redis_refuses_what_reads_behaviour_and_only_that(tmp_path, 
                 headers={
                     "authorization": f"Bearer {token}",
                     "content-type": "application/json",
+                    "accept": "application/json",  # JSON however long it takes
                     "mcp-protocol-version": "2026-07-28",
                     "mcp-method": "resources/read",
                     "mcp-name": "customers://plans",

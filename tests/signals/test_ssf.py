@@ -147,6 +147,7 @@ def call(bastion, token):
         json=CALL,
         headers={
             "content-type": "application/json",
+            "accept": "application/json",  # JSON however long it takes (httpx's */* takes events)
             "mcp-protocol-version": "2026-07-28",
             "mcp-method": "tools/call",
             "mcp-name": "search_customers",
