@@ -61,7 +61,7 @@ def is_json_media(content_type: str) -> bool:
     return _JSON_MEDIA_TYPE.fullmatch(media_type(content_type)) is not None
 
 
-def accepts(accept: str, media: str) -> bool:
+def accepts(accept: str, media: str, anything: bool = True) -> bool:
     """Whether an ``Accept`` field value (RFC 9110 §12.5.1) accepts ``media``, a lowercase
     ``type/subtype``. The value is a list of media ranges; the most specific range that covers
     ``media`` decides (``media`` itself, then ``type/*``, then ``*/*``), and accepts it when its
@@ -72,7 +72,10 @@ def accepts(accept: str, media: str) -> bool:
     ``type/subtype``, a weight that is no qvalue) is skipped and the rest read; a quoted-string
     that never ends runs to the end of the value. An empty value accepts nothing: a caller
     passes ``""`` for a request without the field where that should mean nothing rather than
-    RFC 9110's anything. Linear in the value's length."""
+    RFC 9110's anything. ``anything=False``: ``*/*`` ranges are skipped, so only a range that
+    names ``media``'s type takes it (where ``media`` is one choice of several and a client that
+    names none, as most HTTP libraries' default ``*/*``, should get the other). Linear in the
+    value's length."""
     if '"' in accept:
         accept = _without_quoted_strings(accept)
     kind = media.partition("/")[0] + "/*"
@@ -89,7 +92,7 @@ def accepts(accept: str, media: str) -> bool:
             specific = 2
         elif media_range == kind:
             specific = 1
-        elif media_range == "*/*":
+        elif media_range == "*/*" and anything:
             specific = 0
         else:
             continue

@@ -125,6 +125,21 @@ def test_accept_is_read_as_media_ranges_with_weights(accept, accepted):
     assert accepts(accept, EVENTS) is accepted
 
 
+@pytest.mark.parametrize(
+    ("accept", "accepted"),
+    [
+        ("*/*", False),
+        ("*/*, text/event-stream", True),
+        ("application/json, text/*", True),
+        ("*/*, text/*;q=0", False),
+        ("text/event-stream;q=0, */*", False),
+    ],
+)
+def test_accept_without_anything_takes_only_a_range_that_names_the_type(accept, accepted):
+    """``anything=False`` (the gateway's POST, whose answer may be JSON): ``*/*`` takes nothing."""
+    assert accepts(accept, EVENTS, anything=False) is accepted
+
+
 @given(
     st.lists(
         st.sampled_from(

@@ -552,9 +552,10 @@ class StreamableHttpEndpoint:
             # opened for it at initialize.
             exchange.opening = gateway.sessions.new_id()
         handler = handler_for(method, gateway.config.pass_methods)
-        # Without an Accept field, a POST is answered as JSON (MCP requires the field; RFC 9110
-        # would read its absence as anything).
-        wants_events = accepts(headers.get("accept", ""), EVENT_STREAM)
+        # A POST is answered as an event stream only for a client that names it (or text/*): an
+        # HTTP library's default */* reads JSON, as does a request without Accept (MCP requires
+        # the field; RFC 9110 would read its absence as anything).
+        wants_events = accepts(headers.get("accept", ""), EVENT_STREAM, anything=False)
         # While bastion waits, the request can be cancelled: by the client's
         # notifications/cancelled (same user, chain and session), or by its going away. A request
         # still running after _WATCH_AFTER seconds gets a task that notices the client leaving

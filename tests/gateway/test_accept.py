@@ -1,8 +1,8 @@
 """The client's ``Accept`` is read as RFC 9110 §12.5.1's list of media ranges, through the
 running gateway: a GET stream (2025-11-25) and a ``subscriptions/listen`` request (2026-07-28)
 open only for a client that accepts ``text/event-stream`` (else 406), and a slow POST is
-answered as an event stream only then (else as JSON). ``q=0`` refuses it, ``*/*`` and
-``text/*`` accept it, names are compared in any case, and a longer name is not it; before, the
+answered as an event stream only where the client names it (else as JSON: ``*/*`` alone reads
+JSON there). ``q=0`` refuses it, ``*/*`` and ``text/*`` accept it, names are compared in any case, and a longer name is not it; before, the
 gateway looked for the text ``text/event-stream`` in the field."""
 
 from __future__ import annotations
@@ -77,12 +77,19 @@ def test_a_get_stream_without_accept_is_refused(bastion):
     assert response.status_code == 406, response.text
 
 
-@pytest.mark.parametrize(("accept", "streamed"), [*ACCEPTS, (None, False)])
-def test_a_slow_call_is_answered_as_events_only_to_a_client_that_takes_them(
+# A POST's answer is one of two types: an event stream only where the client names it (or
+# text/*), so */*, an HTTP library's default, reads JSON.
+POST_ACCEPTS = [(a, takes and a != "*/*") for a, takes in ACCEPTS]
+
+
+@pytest.mark.parametrize(
+    ("accept", "streamed"), [*POST_ACCEPTS, ("*/*, text/event-stream", True), (None, False)]
+)
+def test_a_slow_call_is_answered_as_events_only_to_a_client_that_names_them(
     bastion, accept, streamed
 ):
     """A call still running after 0.1 s begins its answer as an event stream where the client
-    accepts one; otherwise (an Accept without it, or none) the answer is JSON, as before."""
+    names one; otherwise (an Accept without it, `*/*` alone, or none) the answer is JSON."""
     token = bastion.token("sam", "lab")
     headers = modern_headers(token, "tools/call", "wait")
     arguments = {"seconds": 0.5, "tag": uuid.uuid4().hex}
