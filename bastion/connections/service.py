@@ -15,7 +15,9 @@ another one issued redeemed at its own token endpoint (the mix-up of RFC 9700 §
 authorization server they were made with, and their code, verifier and tokens go to no other
 (`upstream_oauth.IssuerChanged`: another process, or a restart, may read another server in the
 upstream's metadata). Revoking deletes the tokens here and, where the server has RFC 7009
-revocation, there too.
+revocation, there too: the tokens to revoke are put in an outbox (`store.PendingRevocation`) in
+the transaction that deletes the connection, tried at once, and tried again with backoff, by
+any process, until the server has answered or ``revocation_retry_seconds`` has passed.
 """
 
 from __future__ import annotations
@@ -32,10 +34,15 @@ from urllib.parse import quote
 
 import anyio
 
-from bastion.audit.log import AuditLog
 from bastion.connections.sealing import Sealer, Unsealable
 from bastion.connections.settings import UpstreamOAuth
-from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
+from bastion.connections.store import (
+    ConnectionStore,
+    PendingRevocation,
+    RevocationHold,
+    StoredConnection,
+    StoredFlow,
+)
 from bastion.connections.upstream_oauth import (
     IssuerChanged,
     TokenSet,
@@ -60,9 +67,21 @@ _RESEALS = 5
 # look at the row every `_REFRESH_POLL_SECONDS` for what the refresh brought back.
 _CLAIMED_TIMEOUTS = 3
 _REFRESH_POLL_SECONDS = 0.05
-# How many times the longest ``timeout_seconds`` `Connections.close` waits for the revocations of
-# dropped connections still under way: one may read its server's metadata and revoke two tokens.
+# How many times its upstream's ``timeout_seconds`` one attempt at a revocation may take (it may
+# read its server's metadata and revoke two tokens), and `Connections.close` waits for those
+# still under way (the longest ``timeout_seconds``).
 _REVOCATION_TIMEOUTS = 3
+# A process holds a revocation it tries that long (with the longest ``timeout_seconds``) and this
+# many seconds more, so that no other takes it up while it may still be under way; a process
+# that died holds it no longer.
+_REVOCATION_LEASE_MARGIN = 60.0
+# How often each server process reads the outbox for revocations due (a failed one's next try,
+# one a stopped or dead process left), and how many one pass takes at most.
+REVOCATION_SWEEP_SECONDS = 30.0
+_REVOCATION_SWEEP_LIMIT = 100
+# A revocation the server could not answer is tried again after this, doubling each time up to
+# the second figure (until its upstream's ``revocation_retry_seconds`` has passed).
+_REVOCATION_BACKOFF = (60.0, 3600.0)
 
 
 class ConnectionUnavailable(Exception):
@@ -159,9 +178,14 @@ class Connections:
         # Moves at each revocation in this process, before and after its delete: a token read
         # while it was under way is used by the call that read it, and never cached.
         self._revocations = 0
-        # The revocations of the connections this process dropped, under way off the calls'
-        # path (`_revoke_later`); waited for, then cancelled, by `close`.
+        # The revocations under way off the calls' path (of the connections this process
+        # dropped, and those its sweep took up: `_revoke_later`); waited for, then cancelled, by
+        # `close`.
         self._revoking: set[asyncio.Task[None]] = set()
+        # This process's name on the outbox's revocations it holds (`store.PendingRevocation`).
+        self.owner = secrets.token_hex(8)
+        longest = max((oauth.timeout_seconds for oauth in self.settings.values()), default=10.0)
+        self._lease_seconds = _REVOCATION_TIMEOUTS * longest + _REVOCATION_LEASE_MARGIN
 
     def on_revoke(self, callback: Callable[[str, str], None]) -> None:
         self._on_revoke.append(callback)
@@ -315,8 +339,9 @@ class Connections:
             # call has its answer: that server may be slow or away.
             log.warning("connection of %s to %s dropped: %s", row.subject, row.upstream, e)
             reason = f"its authorization server changed: {e.description}"
-            if await anyio.to_thread.run_sync(self.store.drop, row, reason):
-                self._revoke_later(row.subject, row.upstream, tokens)
+            hold = self._hold(row.upstream)
+            if await anyio.to_thread.run_sync(self.store.drop, row, reason, hold):
+                self._revoke_later(hold.pending(row, "bastion"))
             return None
         except UpstreamOAuthError as e:
             if e.error == "unavailable":
@@ -508,16 +533,20 @@ class Connections:
 
     async def revoke(self, subject: str, upstream: str, *, actor: str) -> bool:
         """Forget ``subject``'s connection to ``upstream`` (False if there was none), and revoke
-        its tokens at the upstream's authorization server when it offers RFC 7009 revocation (a
-        failure there is logged: the tokens are gone from bastion either way).
+        its tokens at the upstream's authorization server when it offers RFC 7009 revocation: at
+        once, and, if the server cannot answer now, again later from the outbox the transaction
+        that deletes the row puts them in (`_revoke_recorded`): the tokens are gone from
+        bastion either way.
 
-        Audited twice: ``connection.revoked`` (naming ``actor``) in the transaction that deletes
-        the row, then ``connection.upstream_revocation`` with what the upstream made of it,
-        which is asked only once the tokens are gone from here."""
+        Audited: ``connection.revoked`` (naming ``actor``) in the transaction that deletes the
+        row, then ``connection.upstream_revocation`` with what the upstream made of this first
+        attempt, which is asked only once the tokens are gone from here (and one more for each
+        later attempt)."""
         self._revocations += 1
         self._cached.pop((subject, upstream), None)
+        hold = self._hold(upstream)
         try:
-            row = await anyio.to_thread.run_sync(self.store.revoke, subject, upstream, actor)
+            row = await anyio.to_thread.run_sync(self.store.revoke, subject, upstream, actor, hold)
         finally:
             self._revocations += 1
             self._cached.pop((subject, upstream), None)
@@ -525,19 +554,29 @@ class Connections:
             return False
         for callback in self._on_revoke:
             callback(subject, upstream)
-        await self._revoke_recorded(subject, upstream, self._open(row), actor=actor)
+        await self._revoke_recorded(hold.pending(row, actor))
         return True
 
-    def _revoke_later(self, subject: str, upstream: str, tokens: Mapping) -> None:
-        """Revoke the tokens of a connection this process dropped (`_revoke_recorded`, actor
-        ``bastion``) in a task of its own: the call that dropped it is told to connect again at
-        once, not after the former server's metadata and two revocations (each up to
-        ``timeout_seconds``). Kept in ``_revoking`` until it ends; a failure the revocation does
-        not record itself (its record cannot be written) is logged."""
-        revoking = self._revoke_recorded(subject, upstream, tokens, actor="bastion")
-        task = asyncio.get_running_loop().create_task(revoking)
+    def _hold(self, upstream: str) -> RevocationHold:
+        """How this process puts a connection's tokens in the revocations' outbox as it deletes
+        the connection: held by it (it tries them at once), given up after ``upstream``'s
+        ``revocation_retry_seconds``."""
+        now = self.clock()
+        retry = self.settings.get(upstream, UpstreamOAuth()).revocation_retry_seconds
+        return RevocationHold(
+            secrets.token_urlsafe(16), self.owner, now, now + self._lease_seconds, now + retry
+        )
+
+    def _revoke_later(self, pending: PendingRevocation) -> asyncio.Task[None]:
+        """Try ``pending``, which this process holds (`_revoke_recorded`), in a task of its own:
+        the call that dropped a connection is told to connect again at once, not after the
+        former server's metadata and two revocations (each up to ``timeout_seconds``). Kept in
+        ``_revoking`` until it ends; a failure the revocation does not record itself (its record
+        cannot be written: the outbox keeps it for a later attempt) is logged."""
+        task = asyncio.get_running_loop().create_task(self._revoke_recorded(pending))
         self._revoking.add(task)
         task.add_done_callback(self._revoked)
+        return task
 
     def _revoked(self, task: asyncio.Task[None]) -> None:
         self._revoking.discard(task)
@@ -549,50 +588,133 @@ class Connections:
             )
 
     async def close(self) -> None:
-        """At shutdown, once no call can drop a connection any more: wait for the revocations
-        of dropped connections still under way, as long as one may take (`_REVOCATION_TIMEOUTS`
-        times the longest ``timeout_seconds``), then cancel those left, logged: their tokens
-        stay valid at their server until they expire there."""
-        if not self._revoking:
-            return
-        longest = max(oauth.timeout_seconds for oauth in self.settings.values())
-        _, left = await asyncio.wait(set(self._revoking), timeout=_REVOCATION_TIMEOUTS * longest)
-        if left:
+        """At shutdown, once no call can drop a connection any more (and the sweep is
+        stopped): wait for the revocations still under way, as long as one may take
+        (`_REVOCATION_TIMEOUTS` times the longest ``timeout_seconds``), then cancel those left,
+        logged, and let go of every revocation this process holds in the outbox: the next
+        process to sweep it (another replica, or this one started again) tries them."""
+        if self._revoking:
+            longest = max(oauth.timeout_seconds for oauth in self.settings.values())
+            _, left = await asyncio.wait(
+                set(self._revoking), timeout=_REVOCATION_TIMEOUTS * longest
+            )
+            if left:
+                log.warning(
+                    "%d revocations of connections' tokens cancelled at shutdown: they stay in"
+                    " the outbox, for the next process to try",
+                    len(left),
+                )
+                for task in left:
+                    task.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
+        try:
+            await anyio.to_thread.run_sync(self.store.release_revocations, self.owner)
+        except Exception as e:
             log.warning(
-                "%d revocations of dropped connections' tokens cancelled at shutdown: those"
-                " tokens stay valid at the server that issued them until they expire",
-                len(left),
+                "connections: the revocations this process holds could not be let go (%s);"
+                " another process takes them when their lease ends",
+                first_line(e),
             )
-            for task in left:
-                task.cancel()
-            await asyncio.gather(*left, return_exceptions=True)
 
-    async def _revoke_recorded(
-        self, subject: str, upstream: str, tokens: Mapping, *, actor: str
-    ) -> None:
-        """Revoke the tokens of a connection gone from bastion (`_revoke_upstream`) and record
-        ``connection.upstream_revocation`` with what came of it, naming ``actor`` (``bastion``
-        for a connection it dropped)."""
-        outcome = await self._revoke_upstream(subject, upstream, tokens)
-        await anyio.to_thread.run_sync(
-            lambda: AuditLog(self.store.db).record(
-                "connection.upstream_revocation",
-                subject=subject,
-                upstream=upstream,
-                outcome=outcome,
-                actor=actor,
+    async def sweep_revocations(self) -> int:
+        """One pass of the revocations' outbox: give up those whose ``revocation_retry_seconds``
+        ran out (recorded), then take up to `_REVOCATION_SWEEP_LIMIT` that are due, of the
+        upstreams configured here, that no process holds (claimed in the database: of two
+        replicas, one takes each), and try them (`_revoke_later`); return once those are
+        done, with how many it took."""
+        now = self.clock()
+        why = "not revoked within revocation_retry_seconds"
+        for pending in await anyio.to_thread.run_sync(
+            self.store.give_up_revocations, now, why, _REVOCATION_SWEEP_LIMIT
+        ):
+            log.warning(
+                "revocation of %s's tokens at %s given up after %d attempts: %s",
+                pending.subject,
+                pending.upstream,
+                pending.attempts,
+                why,
             )
+        claimed = await anyio.to_thread.run_sync(
+            self.store.claim_revocations,
+            list(self.settings),
+            self.owner,
+            now,
+            now + self._lease_seconds,
+            _REVOCATION_SWEEP_LIMIT,
+        )
+        if claimed:
+            await asyncio.wait([self._revoke_later(pending) for pending in claimed])
+        return len(claimed)
+
+    async def sweep_revocations_forever(self) -> None:
+        """`sweep_revocations` every `REVOCATION_SWEEP_SECONDS`, until cancelled."""
+        while True:
+            try:
+                await self.sweep_revocations()
+            except Exception as e:  # the database is away, most likely: the next pass tries
+                log.warning(
+                    "connections: the revocations' outbox could not be swept: %s", first_line(e)
+                )
+            await asyncio.sleep(REVOCATION_SWEEP_SECONDS)
+
+    async def _revoke_recorded(self, pending: PendingRevocation) -> None:
+        """Make one attempt at ``pending``, which this process holds (`_revoke_upstream`, at
+        most `_REVOCATION_TIMEOUTS` times its upstream's ``timeout_seconds``), and record
+        ``connection.upstream_revocation`` with what came of it and the attempts so far, naming
+        the actor who ended the connection (``bastion`` for one it dropped). Done, or refused
+        for good: deleted from the outbox. Not answered (unreachable, 5xx, no answer in time):
+        left there for its next attempt (``retry_at``), after a backoff, by whichever process
+        sweeps it then; or deleted, if that would come after ``give_up_at``."""
+        settings = self.settings.get(pending.upstream, UpstreamOAuth())
+        bound = _REVOCATION_TIMEOUTS * settings.timeout_seconds
+        try:
+            tokens = self.sealer.open(pending.subject, pending.upstream, pending.sealed)
+        except Unsealable as e:
+            outcome, again = f"failed: {e}", False
+        else:
+            try:
+                async with asyncio.timeout(bound):
+                    outcome, again = await self._revoke_upstream(
+                        pending.subject, pending.upstream, tokens
+                    )
+            except TimeoutError:
+                outcome, again = f"failed: not answered within {bound:g} s", True
+        now = self.clock()
+        recorded: dict[str, object] = {"outcome": outcome, "attempts": pending.attempts}
+        first, longest = _REVOCATION_BACKOFF
+        retry_at = now + min(first * 2 ** min(pending.attempts - 1, 32), longest)
+        if again and retry_at < pending.give_up_at:
+            await anyio.to_thread.run_sync(
+                lambda: self.store.retry_revocation(
+                    pending, self.owner, retry_at, **recorded, retry_at=retry_at
+                )
+            )
+            return
+        if again:
+            log.warning(
+                "revocation of %s's tokens at %s given up after %d attempts",
+                pending.subject,
+                pending.upstream,
+                pending.attempts,
+            )
+        await anyio.to_thread.run_sync(
+            lambda: self.store.finish_revocation(pending, self.owner, **recorded)
         )
 
-    async def _revoke_upstream(self, subject: str, upstream: str, tokens: Mapping) -> str:
+    async def _revoke_upstream(
+        self, subject: str, upstream: str, tokens: Mapping
+    ) -> tuple[str, bool]:
         """Revoke ``tokens`` at the authorization server that issued them, if it offers RFC
         7009 revocation: the upstream's, or the one it named before (read from that server's
         own metadata; never the one it names now), with bastion's client there. A failure is
-        logged (bastion keeps them nowhere either way). Says what came of it: ``revoked``,
-        ``not offered`` or ``failed: <why>``."""
+        logged. Says what came of it (``revoked``, ``not offered`` or ``failed: <why>``), and
+        whether trying again may do better: the server could not be reached or answered no
+        OAuth refusal (``unavailable``: 5xx, a timeout, no JSON); not after its refusal (RFC
+        7009 §2.2.1: ``unsupported_token_type``, ``invalid_client``...) or when bastion holds no
+        client there."""
         oauth = self.clients.get(upstream)
         if oauth is None or not tokens:
-            return "not offered"
+            return "not offered", False
         try:
             try:
                 meta = await oauth.metadata_of(tokens.get("issuer"))
@@ -604,13 +726,17 @@ class Connections:
             for hint in ("refresh_token", "access_token"):
                 if tokens.get(hint):
                     offered = await oauth.revoke(meta, client, tokens[hint], hint)
-        except (UpstreamOAuthError, ConnectionUnavailable) as e:
+        except UpstreamOAuthError as e:
             log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
-            return f"failed: {first_line(e)}"
-        return "revoked" if offered else "not offered"
+            return f"failed: {first_line(e)}", e.error == "unavailable"
+        except ConnectionUnavailable as e:
+            log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
+            return f"failed: {first_line(e)}", False
+        return ("revoked" if offered else "not offered"), False
 
     def rekey(self) -> int:
-        """Blocking: seal every connection again under the first key; return how many."""
+        """Blocking: seal every connection, and every revocation still to make, again under the
+        first key; return how many connections."""
         done = 0
         for row in self.store.listed(limit=10**9):
             try:
@@ -619,6 +745,15 @@ class Connections:
                 log.warning("connection of %s to %s cannot be re-sealed", row.subject, row.upstream)
                 continue
             done += self.store.replace(row, replace(row, sealed=new), refreshed=False)
+        for pending in self.store.revocations():
+            try:
+                self.store.reseal_revocation(pending, self.sealer.rotate(pending.sealed))
+            except Unsealable:
+                log.warning(
+                    "revocation of %s's tokens at %s cannot be re-sealed",
+                    pending.subject,
+                    pending.upstream,
+                )
         return done
 
     # -- bastion's client at each upstream ------------------------------------------------------

@@ -22,6 +22,7 @@ KNOWN = {
     "timeout_seconds",
     "cache_seconds",
     "allow_private_addresses",
+    "revocation_retry_seconds",
 }
 
 
@@ -49,6 +50,9 @@ class UpstreamOAuth:
     # A process may use an opened access token this long without reading its row again; 0: read
     # on every call. A revocation made in another process applies after at most this long.
     cache_seconds: float = 0.0
+    # A user's tokens that the server could not revoke when their connection ended (unreachable,
+    # 5xx, no answer) are tried again, with backoff, this long at most (7 days).
+    revocation_retry_seconds: float = 604800.0
     # The loopback, private and other non-public addresses bastion's requests to the
     # authorization server (its metadata, token, registration and revocation endpoints, all
     # named by the upstream's own metadata) may go to: none, all (true), or those of the
@@ -89,6 +93,7 @@ class UpstreamOAuth:
             ("refresh_ahead_seconds", 60),
             ("flow_seconds", 600),
             ("timeout_seconds", 10),
+            ("revocation_retry_seconds", 604800),
         ):
             value = table.get(key, default)
             if (
@@ -117,4 +122,5 @@ class UpstreamOAuth:
             refresh_ahead_seconds=numbers["refresh_ahead_seconds"],
             flow_seconds=numbers["flow_seconds"],
             timeout_seconds=numbers["timeout_seconds"],
+            revocation_retry_seconds=numbers["revocation_retry_seconds"],
         )

@@ -616,6 +616,12 @@ def create_app(config: ServerConfig) -> Starlette:
             asyncio.create_task(alerts.write_repeats_forever()) if alerts is not None else None
         )
         task_sweep = asyncio.create_task(tasks.sweep_forever())
+        # Revocations of users' upstream tokens not done yet, from any process (docs/identity.md).
+        revocations = (
+            asyncio.create_task(connections.sweep_revocations_forever())
+            if connections is not None
+            else None
+        )
         stored = decisions.store
         decision_writer = asyncio.create_task(flush_forever(stored)) if stored else None
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
@@ -649,6 +655,7 @@ def create_app(config: ServerConfig) -> Starlette:
                 escalation,
                 repeats,
                 task_sweep,
+                revocations,
                 decision_writer,
             ):
                 if task is not None:

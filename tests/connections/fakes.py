@@ -62,7 +62,8 @@ class AuthorizationServer:
       (``"each"`` request, or only ``"first"``: a second request then lets the first go at once);
     - ``revoking``: the revocation endpoint answers once it is set (it is, unless a test clears
       it), each answer then noted in ``happened`` as ``("revoked", hint)``, where a test notes
-      what happened meanwhile.
+      what happened meanwhile; ``revocation_refusal``: ``(status, body)`` it answers instead
+      (``(503, {})``: a server away for a while), the form recorded all the same.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class AuthorizationServer:
         assert holds in (None, "each", "first"), holds
         self.holds = holds
         self.refusal: tuple[int, dict] | None = None
+        self.revocation_refusal: tuple[int, dict] | None = None
         self.clients: dict[str, list[str]] = {}  # client_id -> its redirect URIs
         self.codes: dict[str, dict] = {}  # with checks_codes: what each code was issued for
         self.issued: list[dict] = []  # with checks_codes: each grant redeemed, client and user
@@ -237,11 +239,15 @@ class AuthorizationServer:
         return None
 
     async def revoke(self, request: Request) -> Response:
-        """RFC 7009: every token is taken (200), and the form recorded for the test."""
+        """RFC 7009: every token is taken (200) unless ``revocation_refusal`` says otherwise, and
+        the form recorded for the test."""
         form = {k: str(v) for k, v in (await request.form()).items()}
         self.posted.append(form)
         self.revocations.append(form)
         await anyio.to_thread.run_sync(self.revoking.wait, 30)
+        if self.revocation_refusal is not None:
+            status, body = self.revocation_refusal
+            return JSONResponse(body, status_code=status)
         self.happened.append(("revoked", form.get("token_type_hint")))
         return Response(status_code=200)
 

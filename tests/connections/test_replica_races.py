@@ -11,7 +11,12 @@ from collections.abc import Callable
 
 import pytest
 
-from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
+from bastion.connections.store import (
+    ConnectionStore,
+    RevocationHold,
+    StoredConnection,
+    StoredFlow,
+)
 from bastion.db import Database
 
 
@@ -63,3 +68,19 @@ def test_a_connection_revoked_on_two_replicas_at_once_is_revoked_by_one(replicas
     gone = _race(one, two, "upstream_connections", lambda s: s.delete("alice", "tracker"))
     assert sorted(row is not None for row in gone) == [False, True], gone
     assert one.get("alice", "tracker") is None
+
+
+def test_a_revocation_due_is_claimed_by_one_replica_only(replicas):
+    one, two = replicas
+    one.put(StoredConnection("alice", "tracker", "sealed", "", 100.0, 1.0, 1.0))
+    hold = RevocationHold("r-1", "gone", now=100.0, lease_until=100.0, give_up_at=10_000.0)
+    one.revoke("alice", "tracker", "test", hold)
+    claimed = _race(
+        one,
+        two,
+        "upstream_revocations",
+        lambda s: s.claim_revocations(["tracker"], f"replica-{id(s)}", 200.0, 300.0, 10),
+    )
+    assert sorted(len(taken) for taken in claimed) == [0, 1], claimed
+    [[pending]] = [taken for taken in claimed if taken]
+    assert (pending.id, pending.attempts) == ("r-1", 2)

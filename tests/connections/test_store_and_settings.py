@@ -352,3 +352,12 @@ def test_an_upstream_token_lives_at_most_a_year_whatever_expires_in_says(expires
     tokens = client._tokens(answer, 1_000.0, "", meta)
     assert tokens.expires_at == 1_000.0 + MAX_EXPIRES_IN
     assert client._tokens({**answer, "expires_in": 60}, 1_000.0, "", meta).expires_at == 1_060.0
+
+
+def test_revocations_are_retried_for_seven_days_unless_set_otherwise():
+    assert _gateway(auth="per_user").upstream("tracker").oauth.revocation_retry_seconds == 604800
+    shorter = _gateway(auth="per_user", oauth={"revocation_retry_seconds": 3600})
+    assert shorter.upstream("tracker").oauth.revocation_retry_seconds == 3600
+    for wrong in (0, -1, True, "1d", float("inf")):
+        with pytest.raises(ConfigError, match="revocation_retry_seconds must be a positive"):
+            _gateway(auth="per_user", oauth={"revocation_retry_seconds": wrong})
