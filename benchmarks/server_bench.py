@@ -9,7 +9,7 @@ Prints figures; asserts nothing. The load runs in a separate process (one keep-a
 one request at a time: httpx, the SDK's client, or ``--client raw``, a lean socket client whose
 own cost is a small part of httpx's) against a real ``bastion serve`` on 127.0.0.1; the server's
 CPU per request is read from /proc around each timed load. ``--compare`` serves another checkout
-on the same store too, its rounds interleaved with this one's. PostgreSQL figures need the
+on the same store too, its rounds interleaved with this one's (A B B A A B ...). PostgreSQL figures need the
 server at 127.0.0.1:5432 (as for the tests); they are skipped with a note otherwise.
 """
 
@@ -464,7 +464,8 @@ def main() -> None:
             bodies_file.write_text(json.dumps(bodies))
             clients = ["httpx", "raw"] if args.client == "both" else [args.client]
             for round_ in range(args.rounds):
-                for tree, proc, url in servers:
+                # A B, then B A: neither tree always runs second (on a warmer, or busier, machine).
+                for tree, proc, url in servers if round_ % 2 == 0 else servers[::-1]:
                     if len(servers) > 1:
                         print(f"  round {round_ + 1}, {tree}:")
                     bench_http(url, bodies_file, args.requests, args.batches, proc.pid, clients)
