@@ -6,7 +6,9 @@ next one; at most ``max_buffer`` wait, and past that the oldest are dropped, cou
 logged. A record that alone cannot be stored (`bastion.db.unstorable`) is let go of, counted
 and logged, so that it holds back none after it. The gateway's decision records
 (`bastion.audit.decisions`) and the decision service's durable log
-(`bastion.audit.decision_log`) are written so.
+(`bastion.audit.decision_log`) are written so, each with a journal (`bastion.audit.journal`):
+told of what no longer waits, forced to the disk at each flush, and the journals of dead
+processes recovered every `SWEEP_SECONDS`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
-from bastion.db import DatabaseUnavailable, first_line, unstorable
+from bastion.audit import journal as journals
+from bastion.db import Database, DatabaseUnavailable, first_line, unstorable
+
+if TYPE_CHECKING:
+    from bastion.audit.journal import DecisionJournal, Journalled
 
 log = logging.getLogger("bastion.audit")
 
@@ -41,17 +47,24 @@ class Unwritten(Exception):  # noqa: N818 - internal, raised on as its cause
 class BufferedWriter(ABC, Generic[Waiting, Prepared]):
     """A bounded buffer of records and the flush that writes them (see the module).
 
-    A subclass says how a batch is written (`_write`), and may prepare what waits before it is
-    (`_prepare`, with `_again` for what goes back after a failure), be told of what is let go
-    of (`_let_go`: stored, dropped or unstorable) and name a record in the log (`_named`).
-    ``noun`` and ``setting`` name the records and the bound in the log lines.
+    A subclass says how a batch is written (`_write`) to its database ``db``, and may prepare
+    what waits before it is (`_prepare`, with `_again` for what goes back after a failure), be
+    told of what is let go of (`_let_go`: stored, dropped or unstorable) and name a record in
+    the log (`_named`). ``noun`` and ``setting`` name the records and the bound in the log
+    lines. One whose decisions are journalled says the journal's kind (``journalled``) and
+    the id of what waits (`_decision_id`); its ``journal`` is given by
+    `bastion.audit.journal.open_journal`.
     """
 
     noun = "records"
     setting = ""
+    journalled: ClassVar[Journalled | None] = None
+    db: Database
 
     def __init__(self, max_buffer: int) -> None:
         self.max_buffer = max_buffer
+        # This process's journal of the decisions recorded, told of those let go of.
+        self.journal: DecisionJournal | None = None
         self._buffer: deque[Waiting] = deque()
         self._lock = threading.Lock()
         # Held through a whole flush: a flush that finds another under way waits for it, so that
@@ -79,7 +92,14 @@ class BufferedWriter(ABC, Generic[Waiting, Prepared]):
         batch then waits for the next flush, `_flush`)."""
 
     def _let_go(self, records: Iterable[Waiting]) -> None:
-        """Told of records that no longer wait: stored, dropped, or found unstorable."""
+        """Told of records that no longer wait: stored, dropped, or found unstorable. The
+        journal needs them no more."""
+        if self.journal is not None:
+            self.journal.settled(map(self._decision_id, records))
+
+    def _decision_id(self, record: Waiting) -> str:
+        """The id a waiting record's decision is journalled under."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no journal")
 
     def _named(self, record: Prepared) -> str:
         return f"a {self.noun[:-1]}"
@@ -91,6 +111,10 @@ class BufferedWriter(ABC, Generic[Waiting, Prepared]):
             self._buffer.append(record)
             if len(self._buffer) > self.max_buffer:
                 self._drop_oldest()
+
+    def restore(self, record: Waiting) -> None:
+        """Buffer a record as it waits, recovered from a journal (its line is there already)."""
+        self._add(record)
 
     def _drop_oldest(self) -> None:
         """Let go of the oldest buffered record (counted, logged by the next flush). Called
@@ -106,9 +130,16 @@ class BufferedWriter(ABC, Generic[Waiting, Prepared]):
 
     def flush(self) -> int:
         """Write every buffered record; on failure keep them for the next flush, and raise. A
-        flush under way in another thread is waited for first."""
-        with self._flushing:
-            return self._flush()
+        flush under way in another thread is waited for first. Then, stored or not, the journal
+        is forced to the disk if it is to be (`DecisionJournal.sync`): the lines of decisions
+        whose records are not stored yet (or, at the gateway, not made yet: the call is at its
+        upstream)."""
+        try:
+            with self._flushing:
+                return self._flush()
+        finally:
+            if self.journal is not None:
+                self.journal.sync()
 
     def _flush(self) -> int:
         with self._lock:
@@ -191,14 +222,31 @@ class BufferedWriter(ABC, Generic[Waiting, Prepared]):
             self._dropped_logged = dropped
 
 
-async def flush_forever(writer: BufferedWriter, every: float = FLUSH_SECONDS) -> None:
+async def flush_forever(
+    writer: BufferedWriter,
+    every: float = FLUSH_SECONDS,
+    each_round: Callable[[], None] | None = None,
+) -> None:
     """Write ``writer``'s buffered records every ``every`` seconds on a worker thread. While
-    the database is unavailable they stay buffered (bounded) and every round tries again."""
+    the database is unavailable they stay buffered (bounded) and every round tries again. With
+    a journal, every `SWEEP_SECONDS` the journals of processes that died meanwhile (replicas
+    sharing its directory) are recovered. ``each_round``: run on the event loop first."""
     failing = False
+    loop = asyncio.get_running_loop()
+    sweep = loop.time() + journals.SWEEP_SECONDS
     while True:
         await asyncio.sleep(every)
-        if not writer.waiting:
-            continue  # idle: no thread woken for nothing
+        if each_round is not None:
+            each_round()
+        journal = writer.journal
+        if journal is not None and loop.time() > sweep:
+            sweep = loop.time() + journals.SWEEP_SECONDS
+            await asyncio.to_thread(journals.sweep, writer)
+        if not writer.waiting and not (journal is not None and journal.unsynced):
+            # Idle: no thread woken for nothing (a drop is only made while full). The lines of
+            # gateway calls still at their upstreams, with no record to write yet, are forced to
+            # the disk all the same (`[server] decision_journal_fsync`).
+            continue
         try:
             await asyncio.to_thread(writer.flush)
         except DatabaseUnavailable as e:

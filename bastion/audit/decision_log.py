@@ -1,22 +1,27 @@
 """The decision service's decisions kept in the database (``[server] decision_log =
 "database"``), so that any process on it explains one later, and after a restart.
 
-Each decision the process's `DecisionLog` records is buffered and written to the
-``decision_log`` table in batches, off the event loop (`bastion.audit.buffered`): bounded by
-``decision_records_buffer`` while the database is away (the oldest dropped, counted, logged),
-every 0.2 s, and at a clean stop. A process killed outright loses what is buffered (one flush
-interval's decisions, or what waits while the database is away): there is no journal here.
-A row holds what the in-memory record holds, the request's context included only where the
-log keeps it (``KEEP_CONTEXT_BYTES``), and the API it was asked through (``api``: ``v1``,
-``authzen`` or ``oso_cloud``; NULL in a row written before rows named it).
+Each decision the process's `DecisionLog` records is made into its row (its JSON encoded once)
+and journalled (`bastion.audit.journal`, `JOURNALLED`: a line of the row's values) before its
+answer leaves the process, then buffered and written to the ``decision_log`` table in batches,
+off the event loop (`bastion.audit.buffered`): bounded by ``decision_records_buffer`` while the
+database is away (the oldest dropped, counted, logged), every 0.2 s, and at a clean stop. A
+process killed outright leaves its journal, whose decisions the next process on the database to
+start or sweep writes, each once (ids are the table's key). A row holds what the in-memory
+record holds, the request's context included only where the log keeps it
+(``KEEP_CONTEXT_BYTES``), and the API it was asked through (``api``: ``v1``, ``authzen`` or
+``oso_cloud``; NULL in a row written before rows named it).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from operator import itemgetter
+from typing import Any
 
 from bastion.audit.buffered import BufferedWriter
+from bastion.audit.journal import Journalled
 from bastion.db import Database, prune_rows
 from bastion.json_encoding import encoder
 
@@ -46,8 +51,32 @@ _COLUMNS = (
     "id, kind, request, result, sequence, policy_version, at, explanation, refusal, asked_by, api"
 )
 # ASCII JSON: every character escaped that a database text column could refuse (NUL, lone
-# surrogates). Used on the writer's thread only (`bastion.json_encoding`: one per thread).
+# surrogates). Used on the event loop (`DecisionStore.add`), as the journal's line is.
 _encode = encoder(separators=(",", ":"))
+# A row's columns, as a journal line names its values.
+_FIELDS = _COLUMNS.split(", ")
+# A journal line (ASCII JSON: no line break stands in it): the array of a row's values.
+_encode_line = encoder(separators=(",", ":"), check_circular=False)
+
+
+def _line(row: tuple) -> bytes:
+    return (_encode_line(row) + "\n").encode()
+
+
+def _restored(entry: dict[str, Any]) -> tuple:
+    """A row from its journal line (its values by name), as it was answered."""
+    return tuple(entry.get(name) for name in _FIELDS)
+
+
+JOURNALLED = Journalled(
+    table="decision_log",
+    suffix=".decision-log",
+    fields=tuple(_FIELDS),
+    line=_line,
+    decision_id=itemgetter(0),
+    restore=_restored,
+    outcome="each as it was answered, which its caller may not have received",
+)
 
 
 def _row(fields: tuple) -> tuple:
@@ -90,11 +119,13 @@ def _fields(row: tuple) -> tuple:
 
 
 class DecisionStore(BufferedWriter[tuple, tuple]):
-    """The ``decision_log`` table: `add` buffers a record's fields, `flush` writes them, `get`
-    reads one back (on a worker thread: it waits on the database)."""
+    """The ``decision_log`` table: `add` buffers a record's row, `flush` writes them, `get`
+    reads one back (on a worker thread: it waits on the database). Its ``journal``, once
+    opened (`bastion.audit.journal.open_journal`), takes each row first."""
 
     noun = "/v1 decision records"
     setting = "decision_records_buffer"
+    journalled = JOURNALLED
 
     def __init__(self, db: Database, max_buffer: int = 100_000) -> None:
         super().__init__(max_buffer)
@@ -102,19 +133,27 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
         db.migrate(COMPONENT, _MIGRATIONS)
 
     def add(self, fields: tuple) -> None:
-        """Buffer a decision: the fields of its `DecisionRecord`, in order."""
-        self._add(fields)
+        """Buffer a decision (the fields of its `DecisionRecord`, in order) as its row, and
+        journal it first: before its answer leaves the process. Its JSON is encoded once, here,
+        for both."""
+        row = _row(fields)
+        if (journal := self.journal) is not None:
+            journal.append(row)
+        self._add(row)
 
     def _write(self, batch: list[tuple]) -> None:
         # An id already stored is a batch written again after a COMMIT whose answer was lost.
         self.db.executemany(
             f"INSERT INTO decision_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (id) DO NOTHING",
-            [_row(fields) for fields in batch],
+            batch,
         )
 
-    def _named(self, fields: tuple) -> str:
-        return f"/v1 decision record {fields[0]} ({fields[1]})"
+    def _decision_id(self, row: tuple) -> str:
+        return row[0]
+
+    def _named(self, row: tuple) -> str:
+        return f"/v1 decision record {row[0]} ({row[1]})"
 
     def get(self, decision_id: str) -> tuple | None:
         """The fields of the `DecisionRecord` stored under ``decision_id``, whichever process

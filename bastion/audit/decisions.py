@@ -15,19 +15,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, replace
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bastion.audit.buffered import BufferedWriter
 from bastion.audit.chain import Chain, link_rows, next_link, prune_oldest
+from bastion.audit.journal import GATEWAY
 from bastion.db import Database
 from bastion.json_encoding import encoder, kept
 from bastion.turns import in_turns
-
-if TYPE_CHECKING:
-    from bastion.audit.journal import DecisionJournal
 
 log = logging.getLogger("bastion.audit")
 
@@ -299,13 +297,13 @@ class DecisionRecords(BufferedWriter[tuple[DecisionRecord, Callable | None], Dec
 
     noun = "decision records"
     setting = "decision_records_buffer"
+    # Each decision journalled before its call goes upstream (`bastion.gateway.enforce`).
+    journalled = GATEWAY
 
     def __init__(self, db: Database, max_buffer: int = BUFFER_RECORDS) -> None:
         super().__init__(max_buffer)
         self.db = db
         db.migrate("audit_decisions", _MIGRATIONS)
-        # This process's decision journal (`bastion.audit.journal`), told of what is stored.
-        self.journal: DecisionJournal | None = None
 
     def add(
         self, record: DecisionRecord, rules: Callable[[], tuple[str, ...]] | None = None
@@ -313,17 +311,6 @@ class DecisionRecords(BufferedWriter[tuple[DecisionRecord, Callable | None], Dec
         """Buffer a record. ``rules``, if given, computes its deciding rules at write time,
         keeping explanations off the request path."""
         self._add((record, rules))
-
-    def flush(self) -> int:
-        """Write every buffered record; on failure keep them for the next flush, and raise. A
-        flush under way in another thread (the record writer's) is waited for first. Then, stored
-        or not, the journal is forced to the disk if it is to be (`DecisionJournal.sync`): the
-        lines of the calls still at their upstreams, and of records the database did not take."""
-        try:
-            return super().flush()
-        finally:
-            if self.journal is not None:
-                self.journal.sync()
 
     def _prepare(self, pending: list[tuple[DecisionRecord, Callable | None]]) -> list:
         # In turns (`bastion.turns`): a call arriving meanwhile waits little for the GIL.
@@ -334,9 +321,8 @@ class DecisionRecords(BufferedWriter[tuple[DecisionRecord, Callable | None], Dec
     def _again(self, record: DecisionRecord) -> tuple[DecisionRecord, None]:
         return (record, None)  # explained already
 
-    def _let_go(self, records: Iterable[tuple[DecisionRecord, Callable | None]]) -> None:
-        if self.journal is not None:
-            self.journal.settled(record.id for record, _ in records)
+    def _decision_id(self, record: tuple[DecisionRecord, Callable | None]) -> str:
+        return record[0].id
 
     def _named(self, record: DecisionRecord) -> str:
         # Quoted as Python writes a str: what could not be stored, escaped, in the log.

@@ -1,9 +1,15 @@
 """The decision journal: each decision the gateway takes is appended to a local file before its
-call goes upstream, so that a process killed outright (SIGKILL, the OOM killer) loses no record.
+call goes upstream, and each the decision service answers (``decision_log = "database"``) before
+its answer leaves the process, so that a process killed outright (SIGKILL, the OOM killer) loses
+no record.
 
-Records are buffered and written in batches (`bastion.audit.decisions`), and an allowed call's
-record only once it is answered: a process that dies in between took decisions the database
-never hears of. Each process appends a line per decision to a file of its own (and another
+Records are buffered and written in batches (`bastion.audit.decisions`,
+`bastion.audit.decision_log`), and an allowed call's record only once it is answered: a process
+that dies in between took decisions the database never hears of. Each writer keeps a journal of
+its own kind (`Journalled`: the gateway's, `GATEWAY`, in ``*.journal`` files; the decision
+service's in ``*.decision-log`` ones), and a sweep of one kind reads only its own files.
+
+Each process appends a line per decision to a file of its own (and, at the gateway, another
 when bastion then holds or refuses the call it allowed: `DecisionJournal.amend`), with one
 ``os.write`` on an ``O_APPEND`` descriptor (the kernel keeps what was written when the process
 dies), and holds an ``flock`` on it while it lives. With ``fsync`` (`[server]
@@ -12,8 +18,9 @@ off the event loop, so that a power loss or an operating system crash loses only
 appended since the last flush; without it, any line not written out by the kernel yet. Once
 every decision in it is stored the file is emptied; one that keeps growing is rewritten with
 only the decisions not stored yet. At start, and every `SWEEP_SECONDS` after, a process takes the
-journals of dead ones (their lock free) and writes every decision the database lacks as a
-record marked ``recovered`` (its call may have reached its upstream: the outcome is unknown).
+journals of dead ones (their lock free) and writes every decision the database lacks: the
+gateway's as a record marked ``recovered`` (its call may have reached its upstream: the outcome
+is unknown), the decision service's as it was answered.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 from bastion.json_encoding import encoder, kept
 
 if TYPE_CHECKING:
-    from bastion.audit.decisions import DecisionRecords
+    from bastion.audit.buffered import BufferedWriter
+    from bastion.db import Database
 
 log = logging.getLogger("bastion.audit")
 
@@ -84,6 +93,48 @@ def _line(fields: Mapping[str, Any]) -> bytes:
     return (_encode(_own(fields))[:-1] + "," + _shared_text(_shared(fields))[1:] + "\n").encode()
 
 
+@dataclass(frozen=True)
+class Journalled:
+    """What one writer's journal keeps, and how a sweep stores it again: the gateway's
+    (`GATEWAY`), and the decision service's durable log (`bastion.audit.decision_log`)."""
+
+    # The table the records go to, by their ``id`` (its key): named in the header (the
+    # gateway's, ``audit_decisions``, left out: its journals read as they always have).
+    table: str
+    # What its journals' names end with: a sweep reads only its own kind's (an older version
+    # only ``*.journal``).
+    suffix: str
+    # The names of a line's values, in order (the header says them).
+    fields: tuple[str, ...]
+    # A decision's line, and its id, from what `DecisionJournal.append` is given.
+    line: Callable[[Any], bytes]
+    decision_id: Callable[[Any], str]
+    # What the writer buffers for a decision (`BufferedWriter.restore`), from its line read
+    # back (its values by name).
+    restore: Callable[[dict[str, Any]], Any]
+    # What the log says of the records recovered.
+    outcome: str
+
+
+def _recovered(entry: dict[str, Any]) -> tuple[Any, None]:
+    """A gateway decision record from its journal line, marked ``recovered``, as it waits in
+    the record writer (its rules not to be worked out: it has none)."""
+    from bastion.audit.decisions import DecisionRecord
+
+    return (DecisionRecord.from_dict({**entry, "recovered": True}), None)
+
+
+GATEWAY = Journalled(
+    table="audit_decisions",
+    suffix=SUFFIX,
+    fields=JOURNALED,
+    line=_line,
+    decision_id=itemgetter("id"),
+    restore=_recovered,
+    outcome="each is marked recovered, and its call may have reached its upstream",
+)
+
+
 # Journals of another database found in the directory, named in the log once.
 _LEFT_ALONE: set[str] = set()
 
@@ -105,28 +156,37 @@ def database_identity(url: str) -> str:
     return os.path.realpath(sqlite_file(url).path)
 
 
-def _header(database: str) -> bytes:
-    """A journal's first line: its format, its database, and the names of its lines' values."""
-    return (
-        _encode({"bastion_decision_journal": FORMAT, "database": database, "fields": JOURNALED})
-        + "\n"
-    ).encode()
+def _header(database: str, kind: Journalled) -> bytes:
+    """A journal's first line: its format, its database, the names of its lines' values, and
+    (but for the gateway's) the table its records go to."""
+    header = {"bastion_decision_journal": FORMAT, "database": database, "fields": kind.fields}
+    if kind.table != GATEWAY.table:
+        header["table"] = kind.table
+    return (_encode(header) + "\n").encode()
 
 
 class DecisionJournal:
-    """This process's journal. `append` runs on the event loop for each decision; `settled`
-    and `sync` run on the record writer's thread once records are stored (or given up, counted
-    and logged by `DecisionRecords`). One lock keeps a line from being appended to a file that
+    """This process's journal of one ``kind`` (`Journalled`). `append` runs on the event loop
+    for each decision; `settled` and `sync` run on the record writer's thread once records are
+    stored (or given up, counted and logged by the writer, `bastion.audit.buffered`). One lock keeps a line from being appended to a file that
     is being emptied or replaced; no disk wait (an fsync, a rewrite's writing) happens under it,
     so a call never waits for the disk. ``fsync``: force the journal to the disk at each flush
     (`sync`)."""
 
-    def __init__(self, directory: str | os.PathLike, database: str, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        database: str,
+        fsync: bool = False,
+        kind: Journalled = GATEWAY,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.database = database
         self.fsync = fsync
-        self._header = _header(database)
+        self.kind = kind
+        self._line, self._decision_id = kind.line, kind.decision_id
+        self._header = _header(database, kind)
         self._lock = threading.Lock()
         # The lines of decisions not stored yet, by id: what a rewrite keeps.
         self._waiting: dict[str, bytes] = {}
@@ -165,7 +225,7 @@ class DecisionJournal:
 
     def _place(self, fd: int, partial: Path, path: Path | None) -> Path:
         """Put the journal begun at ``partial`` in place at ``path`` (else under its own name)."""
-        path = path or self.directory / f"{partial.name[1:].removesuffix('.new')}{SUFFIX}"
+        path = path or self.directory / f"{partial.name[1:].removesuffix('.new')}{self.kind.suffix}"
         try:
             os.rename(partial, path)
         except BaseException:
@@ -174,14 +234,15 @@ class DecisionJournal:
             raise
         return path
 
-    def append(self, fields: Mapping[str, Any]) -> None:
-        """Journal a decision (the fields of its record) before its call goes upstream. A disk
-        that refuses the line is logged; the call goes on, its record written as usual."""
-        line = _line(fields)
+    def append(self, fields: Any) -> None:
+        """Journal a decision (the fields of its record) before its call goes upstream, or its
+        answer leaves the process. A disk that refuses the line is logged; the decision goes on,
+        its record written as usual."""
+        line = self._line(fields)
         with self._lock:
             if self._closed:
                 return
-            self._waiting[fields["id"]] = line
+            self._waiting[self._decision_id(fields)] = line
             try:
                 written = os.write(self._fd, line)
             except OSError as e:
@@ -368,27 +429,53 @@ class DecisionJournal:
             os.close(self._fd)
 
 
+def open_journal(records: BufferedWriter, directory: str | os.PathLike, fsync: bool) -> None:
+    """Give ``records`` (whose kind is its ``journalled``) this process's journal, before any
+    decision it records is taken; then recover the journals of dead processes (`sweep`). Run
+    off the event loop."""
+    assert records.journalled is not None
+    database = database_identity(records.db.url)
+    records.journal = DecisionJournal(directory, database, fsync, records.journalled)
+    sweep(records)
+
+
+def sweep(records: BufferedWriter) -> None:
+    """Recover the journals of the processes that died beside this one (`recover_journals`);
+    a failure (the database away) is logged, and the next sweep tries again."""
+    journal = records.journal
+    assert journal is not None
+    try:
+        recover_journals(journal.directory, records, journal.database, journal)
+    except Exception:
+        log.exception(
+            "recovering the journals of %s of dead processes failed; will retry", records.noun
+        )
+
+
 def recover_journals(
     directory: str | os.PathLike,
-    records: DecisionRecords,
+    records: BufferedWriter,
     database: str,
     own: DecisionJournal | None = None,
 ) -> int:
-    """Write the decisions of every journal in ``directory`` left by a process that died (no
-    longer locked) and missing from the database, each as a record marked ``recovered``;
-    remove each journal once they are stored. ``own``: this process's, never touched. Returns
-    how many records were recovered. Two processes never recover the same journal: each holds
-    the lock of the journal it recovers."""
+    """Write the decisions of every journal of ``records``' kind (its ``journalled``) in
+    ``directory`` left by a process that died (no longer locked) and missing from the
+    database (`Journalled.restore`: the gateway's marked ``recovered``); remove each journal
+    once they are stored. ``own``: this process's, never touched. Returns how many records
+    were recovered. Two processes never recover the same journal: each holds the lock of the
+    journal it recovers."""
     folder = Path(directory)
     if not folder.is_dir():
         return 0
+    kind = records.journalled
+    assert kind is not None
     recovered = 0
     _remove_abandoned(folder)
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
+    for path in sorted(folder.glob(f"*{kind.suffix}")):
         if own is not None and path == own.path:
             continue
         try:
-            recovered += _recover(path, records, database)
+            recovered += _recover(path, records, kind, database)
         except FileNotFoundError:
             continue  # recovered meanwhile by another process, or rewritten by its owner
     return recovered
@@ -413,7 +500,7 @@ def _remove_abandoned(folder: Path) -> None:
             os.close(fd)
 
 
-def _recover(path: Path, records: DecisionRecords, database: str) -> int:
+def _recover(path: Path, records: BufferedWriter, kind: Journalled, database: str) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
@@ -429,7 +516,7 @@ def _recover(path: Path, records: DecisionRecords, database: str) -> int:
         if not lines:
             path.unlink()  # died before its header was whole: no decision in it
             return 0
-        names = _names(lines[0], database)
+        names = _names(lines[0], database, kind.table)
         if names is None:
             if path.name in _LEFT_ALONE:
                 return 0
@@ -441,16 +528,10 @@ def _recover(path: Path, records: DecisionRecords, database: str) -> int:
             )
             return 0
         entries, unreadable = _entries(names, lines[1:])
-        missing = _missing(records, [entry["id"] for entry in entries])
-        from bastion.audit.decisions import DecisionRecord
-
-        recovered = [
-            DecisionRecord.from_dict({**entry, "recovered": True})
-            for entry in entries
-            if entry["id"] in missing
-        ]
+        missing = _missing(records.db, kind.table, [entry["id"] for entry in entries])
+        recovered = [kind.restore(entry) for entry in entries if entry["id"] in missing]
         for record in recovered:
-            records.add(record)
+            records.restore(record)
         if recovered:
             records.flush()  # raises if they cannot be stored: the journal stays for next time
         if recovered or unreadable or torn:
@@ -463,14 +544,16 @@ def _recover(path: Path, records: DecisionRecords, database: str) -> int:
         os.close(fd)
 
 
-def _names(header: bytes, database: str) -> list[str] | None:
+def _names(header: bytes, database: str, table: str) -> list[str] | None:
     """The names of the values of a journal's lines, from its header; None if it is not a
-    journal of ``database``."""
+    journal of ``database`` whose records go to ``table``."""
     try:
         fields = json.loads(header)
     except ValueError:
         return None
     if not isinstance(fields, dict) or fields.get("database") != database:
+        return None
+    if fields.get("table", GATEWAY.table) != table:
         return None
     names = fields.get("fields")
     if not isinstance(names, list) or "id" not in names:
@@ -498,13 +581,13 @@ def _entries(names: list[str], lines: list[bytes]) -> tuple[list[dict[str, Any]]
     return list(entries.values()), unreadable
 
 
-def _missing(records: DecisionRecords, ids: list[str]) -> set[str]:
-    """The ``ids`` with no record in ``audit_decisions``."""
+def _missing(db: Database, table: str, ids: list[str]) -> set[str]:
+    """The ``ids`` with no record in ``table``."""
     missing = set(ids)
     for start in range(0, len(ids), LOOKUP_BATCH):
         batch = ids[start : start + LOOKUP_BATCH]
         marks = ", ".join("?" * len(batch))
-        rows = records.db.execute(f"SELECT id FROM audit_decisions WHERE id IN ({marks})", batch)
+        rows = db.execute(f"SELECT id FROM {table} WHERE id IN ({marks})", batch)
         missing.difference_update(row[0] for row in rows)
     return missing
 
@@ -515,18 +598,20 @@ def _report(
     entries: int,
     unreadable: int,
     torn: bool,
-    records: DecisionRecords,
+    records: BufferedWriter,
 ) -> None:
     """The log line and audit event (``decisions.recovered``) of a journal recovered."""
+    assert records.journalled is not None
     log.warning(
-        "recovered %d decision records from the journal %s of a process that died before"
-        " writing them (%d decisions in it, the others stored already; %d lines unreadable%s):"
-        " each is marked recovered, and its call may have reached its upstream",
+        "recovered %d %s from the journal %s of a process that died before writing them"
+        " (%d decisions in it, the others stored already; %d lines unreadable%s): %s",
         recovered,
+        records.noun,
         path.name,
         entries,
         unreadable,
         ", the last cut off mid-write" if torn else "",
+        records.journalled.outcome,
     )
     from bastion.audit.log import AuditLog
 

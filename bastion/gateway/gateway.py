@@ -19,14 +19,9 @@ from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
 from bastion.approvals.service import Approvals
-from bastion.audit.buffered import flush_at_stop
+from bastion.audit.buffered import flush_at_stop, flush_forever
 from bastion.audit.decisions import DecisionRecords
-from bastion.audit.journal import (
-    SWEEP_SECONDS,
-    DecisionJournal,
-    database_identity,
-    recover_journals,
-)
+from bastion.audit.journal import open_journal
 from bastion.audit.refusals import RefusalLog
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
@@ -752,8 +747,16 @@ class Gateway:
     async def start(self) -> None:
         if self.records is not None:
             if self.journal_dir is not None:
-                await asyncio.to_thread(self._open_journal)
-            self._flusher = asyncio.create_task(self._flush_forever())
+                # Before any call is decided; then the journals of dead processes recovered (a
+                # failure there is logged, and tried again by the next sweep: the database may
+                # be away at start).
+                await asyncio.to_thread(
+                    open_journal, self.records, self.journal_dir, self.journal_fsync
+                )
+            # In memory, each round: the counts of closed windows of upstream errors.
+            self._flusher = asyncio.create_task(
+                flush_forever(self.records, each_round=self.refusals.upstream_errors.sweep)
+            )
         self._end_streams_on_stop_signals()
         if self.follows is not None:
             self._renewer = asyncio.create_task(self._renew_follows_forever())
@@ -789,59 +792,6 @@ class Gateway:
 
             signal.signal(number, stop)
             self._signal_handlers.append((number, previous, stop))
-
-    def _open_journal(self) -> None:
-        """This process's decision journal, opened before any call is decided; then the
-        journals of dead processes recovered (a failure there is logged, and tried again by
-        the next sweep: the database may be away at start)."""
-        records = self.records
-        assert records is not None and self.journal_dir is not None
-        database = database_identity(records.db.url)
-        records.journal = DecisionJournal(self.journal_dir, database, self.journal_fsync)
-        self._recover_journals()
-
-    def _recover_journals(self) -> None:
-        records = self.records
-        assert records is not None and records.journal is not None
-        try:
-            recover_journals(
-                records.journal.directory, records, records.journal.database, records.journal
-            )
-        except Exception:
-            log.exception("recovering the decision journals of dead processes failed; will retry")
-
-    async def _flush_forever(self) -> None:
-        """Write the buffered decision records every 0.2 s. While the database is unavailable
-        they stay buffered (bounded: `DecisionRecords`) and every round tries again. Every
-        `SWEEP_SECONDS`, recover the decision journals of processes that died meanwhile (replicas
-        sharing the journal directory)."""
-        records = self.records
-        assert records is not None
-        failing = False
-        sweep = asyncio.get_running_loop().time() + SWEEP_SECONDS
-        while True:
-            await asyncio.sleep(0.2)
-            self.refusals.upstream_errors.sweep()  # in memory: the counts of closed windows
-            if records.journal is not None and asyncio.get_running_loop().time() > sweep:
-                sweep += SWEEP_SECONDS
-                await asyncio.to_thread(self._recover_journals)
-            if not records.waiting and not (records.journal and records.journal.unsynced):
-                # Idle: no thread woken for nothing (a drop is only made while full). Lines of
-                # calls still at their upstreams, with no record to write yet, are forced to
-                # the disk all the same (`[server] decision_journal_fsync`).
-                continue
-            try:
-                await asyncio.to_thread(records.flush)
-            except DatabaseUnavailable as e:
-                if not failing:
-                    log.warning("decision records wait in memory (%s); will retry", e)
-                failing = True
-            except Exception:
-                log.exception("writing decision records failed; will retry")
-            else:
-                if failing:
-                    log.warning("decision records are written again")
-                failing = False
 
     async def close(self) -> None:
         for number, previous, ours in self._signal_handlers:

@@ -3,7 +3,6 @@ that sends the gateway's paths to it ahead of the API's routing."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -86,16 +85,7 @@ def gateway_from_config(
     records = DecisionRecords(
         Database(config.database, role="bastion-records"), config.decision_records_buffer
     )
-    journal_dir = config.decision_journal_directory()
-    try:
-        os.makedirs(journal_dir, mode=0o700, exist_ok=True)
-        if not os.access(journal_dir, os.W_OK | os.X_OK):
-            raise PermissionError(f"{journal_dir} is not writable by this user")
-    except OSError as e:
-        raise ConfigError(
-            f"decision_journal_dir: the gateway journals its decisions in {journal_dir!r}"
-            f" (docs/operations.md, 'Decision journal'), which cannot be used: {e}"
-        ) from None
+    journal_dir = config.usable_decision_journal_directory("the gateway")
     tokens = VerifiedTokens(oauth.verifier, config.database)
     # Only where an upstream pins its tools or prompts: a connection of its own, used off the event loop.
     pins = (

@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
@@ -45,6 +46,9 @@ from bastion.server.problems import Problem, problem_handler
 from bastion.server.replica import Replica
 from bastion.server.request_limits import BodyLimit, BodyLimits, RequestBodyLimits
 from bastion.server.routing import one_route_per_path
+
+if TYPE_CHECKING:
+    from bastion.audit.decision_log import DecisionStore
 
 log = logging.getLogger("bastion.server")
 
@@ -530,16 +534,27 @@ def _tasks(config: ServerConfig, db: Database, store: FactStore, oauth, replica:
 def _decision_log(config: ServerConfig, metrics: Metrics) -> DecisionLog:
     """The decisions of /v1 (and of AuthZEN's and Oso Cloud's APIs) kept for
     /v1/decisions/{id}: in memory, and with ``decision_log = "database"`` in the database too,
-    through a connection of its own written from a worker thread."""
+    through a connection of its own written from a worker thread, journalled first in
+    ``decision_journal_dir`` (opened at start: `_open_decision_journal`)."""
     if config.decision_log != "database":
         return DecisionLog(config.decision_log_size)
     from bastion.audit.decision_log import DecisionStore
 
+    config.usable_decision_journal_directory("the decision service")
     store = DecisionStore(
         Database(config.database, role="bastion-decision-log"), config.decision_records_buffer
     )
     metrics.observe_decision_log_dropped(lambda: store.dropped + store.unstorable)
     return DecisionLog(config.decision_log_size, store)
+
+
+async def _open_decision_journal(config: ServerConfig, store: DecisionStore) -> None:
+    """The decision service's journal, before any decision is answered; then the journals of
+    its dead processes recovered (`bastion.audit.journal.open_journal`)."""
+    from bastion.audit.journal import open_journal
+
+    directory = config.decision_journal_directory()
+    await anyio.to_thread.run_sync(open_journal, store, directory, config.decision_journal_fsync)
 
 
 def create_app(config: ServerConfig) -> Starlette:
@@ -583,11 +598,7 @@ def create_app(config: ServerConfig) -> Starlette:
         oauth.facts_heard = lambda: replica.heard_not_applied(config.consistency_timeout)
     if gateway is not None and gateway.records is not None:
         records = gateway.records
-        metrics.observe_records_dropped(
-            lambda: records.dropped,
-            lambda: records.unstorable,
-            lambda: records.journal.failed if records.journal is not None else 0,
-        )
+        metrics.observe_records_dropped(lambda: records.dropped, lambda: records.unstorable)
     if gateway is not None:
         _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
@@ -595,6 +606,14 @@ def create_app(config: ServerConfig) -> Starlette:
         gateway.enforcer.labels = _labels(gateway, db)
     behavior, argument_digest = _agent_counters(config, gateway)
     decisions = _decision_log(config, metrics)
+    journalled = [
+        writer
+        for writer in (gateway.records if gateway is not None else None, decisions.store)
+        if writer is not None
+    ]
+    metrics.observe_journal_failures(
+        lambda: sum(w.journal.failed for w in journalled if w.journal is not None)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -623,6 +642,8 @@ def create_app(config: ServerConfig) -> Starlette:
             else None
         )
         stored = decisions.store
+        if stored is not None:
+            await _open_decision_journal(config, stored)
         decision_writer = asyncio.create_task(flush_forever(stored)) if stored else None
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         expired = asyncio.create_task(
@@ -684,6 +705,8 @@ def create_app(config: ServerConfig) -> Starlette:
                 await anyio.to_thread.run_sync(alerts.store.db.close)
             if stored is not None:  # after the gateway and the API: no decision after this
                 await flush_at_stop(stored)
+                if stored.journal is not None:
+                    await anyio.to_thread.run_sync(stored.journal.close)
                 await anyio.to_thread.run_sync(stored.db.close)
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)

@@ -113,10 +113,10 @@ class ServerConfig:
     audit_checkpoint_seconds: float = 60.0
     # Gateway decision records held in memory while the database cannot take them.
     decision_records_buffer: int = 100_000
-    # A local directory where each gateway process journals its decisions until their records
-    # are stored, so that one killed outright loses none (docs/operations.md, "Decision
-    # journal"). Empty: beside a SQLite database (<file>.decisions), and bastion-decisions in the
-    # working directory with PostgreSQL.
+    # A local directory where each process journals its decisions until their records are
+    # stored, the gateway's and (decision_log = "database") the decision service's, so that one
+    # killed outright loses none (docs/operations.md, "Decision journal"). Empty: beside a SQLite
+    # database (<file>.decisions), and bastion-decisions in the working directory with PostgreSQL.
     decision_journal_dir: str = ""
     # Force the journal to the disk (fsync) at each flush of the decision records (every 0.2 s),
     # on the record writer's thread: a power loss or an operating system crash then loses the
@@ -334,6 +334,22 @@ class ServerConfig:
         if is_postgres(self.database):
             return "bastion-decisions"
         return sqlite_file(self.database).path + ".decisions"
+
+    def usable_decision_journal_directory(self, journalling: str) -> str:
+        """`decision_journal_directory`, made if it is missing; `ConfigError` naming who journals
+        there (``journalling``: "the gateway") if this user cannot write to it. Fail closed: a
+        process that could lose its decisions to a kill takes none."""
+        folder = self.decision_journal_directory()
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"{folder} is not writable by this user")
+        except OSError as e:
+            raise ConfigError(
+                f"decision_journal_dir: {journalling} journals its decisions in {folder!r}"
+                f" (docs/operations.md, 'Decision journal'), which cannot be used: {e}"
+            ) from None
+        return folder
 
     def policy_limits(self) -> PolicyLimits:
         """The limits on policies and on each evaluation, from the ``policy_*``,

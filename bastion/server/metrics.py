@@ -167,7 +167,8 @@ class Metrics:
         )
         self._journal_failures = Gauge(
             "bastion_decision_journal_failures",
-            "Decisions the gateway's journal could not take since start (a full disk, say).",
+            "Decisions the journals could not take since start (a full disk, say): the gateway's,"
+            ' and the decision service\'s with decision_log = "database".',
             registry=self.registry,
         )
         self._storage_full = Gauge(
@@ -201,14 +202,13 @@ class Metrics:
         self._staleness.set_function(staleness)
 
     def observe_records_dropped(
-        self,
-        dropped: Callable[[], float],
-        unstorable: Callable[[], float],
-        journal_failures: Callable[[], float],
+        self, dropped: Callable[[], float], unstorable: Callable[[], float]
     ) -> None:
         self._records_dropped.set_function(dropped)
         self._records_unstorable.set_function(unstorable)
-        self._journal_failures.set_function(journal_failures)
+
+    def observe_journal_failures(self, failures: Callable[[], float]) -> None:
+        self._journal_failures.set_function(failures)
 
     def observe_decision_log_dropped(self, dropped: Callable[[], float]) -> None:
         self._decision_log_dropped.set_function(dropped)

@@ -23,17 +23,21 @@ from hypothesis import strategies as st
 
 from bastion.audit import journal as journal_module
 from bastion.audit.commands import _line
+from bastion.audit.decision_log import JOURNALLED as SERVICE
+from bastion.audit.decision_log import DecisionStore, stored
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.audit.journal import (
     JOURNALED,
     DecisionJournal,
     database_identity,
+    open_journal,
     recover_journals,
 )
 from bastion.audit.log import AuditLog
 from bastion.db import Database, DatabaseUnavailable
-from bastion.gateway import gateway as gateway_module
 from bastion.gateway.enforce import Enforcer
+from bastion.server.api.decisions import DecisionLog
+from bastion.server.api.decisions import DecisionRecord as LoggedRecord
 from bastion.server.config import ConfigError, ServerConfig
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import Running, bastion_serve, serve_quickstart, start, stop
@@ -169,7 +173,7 @@ def test_a_live_gateway_recovers_the_journal_of_a_replica_that_died_beside_it(
 ):
     """Replicas sharing a journal directory: one that dies is recovered by a live one within a
     sweep, whether or not it is started again."""
-    monkeypatch.setattr(gateway_module, "SWEEP_SECONDS", 0.3)
+    monkeypatch.setattr(journal_module, "SWEEP_SECONDS", 0.3)
     with start(tmp_path) as running:
         folder = Path(running.records.journal.directory)
         dead = DecisionJournal(folder, running.records.journal.database)
@@ -767,6 +771,140 @@ def test_a_journal_stays_while_the_database_cannot_take_its_records(tmp_path, ou
             time.sleep(0.2)
     assert [record.recovered for record in _stored(records)] == [True]
     assert _journals(tmp_path / "j") == []
+
+
+# -- the decision service's journal (decision_log = "database") ---------------------------------
+
+
+def _service_decisions(log: DecisionLog) -> list[str]:
+    """Three decisions as the routes record them: allowed with a context, refused by a spent
+    budget, and an explained one."""
+    request = {
+        "actor": {"type": "User", "id": "alice"},
+        "action": "read",
+        "resource": {"type": "Repo", "id": "anvil"},
+    }
+    return [
+        log.record(
+            "authorize",
+            {**request, "context": {"ip": "10.0.0.7", "n": [1, 2.5]}},
+            True,
+            7,
+            2,
+            asked_by="k1",
+            api="v1",
+        ),
+        log.record(
+            "authorize",
+            request,
+            False,
+            7,
+            2,
+            refusal={"reason": "evaluation_limit", "limit": "steps"},
+            asked_by="k1",
+            api="authzen",
+        ),
+        log.record(
+            "list",
+            {**request, "resource_type": "Repo"},
+            ["anvil", "é\u2028"],
+            8,
+            2,
+            explanation={"allowed": True},
+            asked_by="k2",
+            api="oso_cloud",
+        ),
+    ]
+
+
+def test_a_decision_service_journal_with_a_torn_last_line_is_recovered_up_to_it(
+    tmp_path, database_url
+):
+    """A process killed with /v1 decisions answered and not written: the next one writes each
+    as it was answered, once; a line cut off mid-write is counted, not fatal."""
+    db = Database(database_url)
+    database = database_identity(database_url)
+    store = DecisionStore(db)
+    open_journal(store, tmp_path / "j", fsync=False)
+    journal = store.journal
+    assert journal is not None and journal.path.name.endswith(".decision-log")
+    log = DecisionLog(10, store)
+    ids = _service_decisions(log)
+    answered = {decision_id: log.get(decision_id) for decision_id in ids}
+    store.flush()  # the first written before the process died...
+    assert journal.waiting == 0
+    more = _service_decisions(log)  # ...these not
+    answered.update((decision_id, log.get(decision_id)) for decision_id in more)
+    assert journal.waiting == 3
+    os.close(journal._fd)  # killed outright
+    with open(journal.path, "ab") as file:  # while the disk took a fourth line
+        file.write(b'["' + ids[0].encode() + b'-9","authorize",{"actor":{"type":"Us')
+    recovering = DecisionStore(db)
+    assert recover_journals(tmp_path / "j", recovering, database) == 3
+    for decision_id, record in answered.items():
+        assert LoggedRecord(*recovering.get(decision_id)) == record, decision_id
+    assert db.execute("SELECT COUNT(*) FROM decision_log")[0][0] == 6
+    assert sorted((tmp_path / "j").iterdir()) == []
+    events = AuditLog(db).events("decisions.recovered")
+    assert [e.detail for e in events] == [
+        {
+            "journal": journal.path.name,
+            "recovered": 3,
+            "decisions": 3,
+            "unreadable": 0,
+            "torn": True,
+        }
+    ]
+    db.close()
+
+
+def test_the_gateway_and_the_decision_service_each_recover_only_their_own_journals(
+    tmp_path, database_url
+):
+    """One directory holds both kinds (and an older version's gateway sweeps ``*.journal``
+    only): each sweep reads its own kind's files, whose records go to its own table."""
+    db = Database(database_url)
+    database = database_identity(database_url)
+    gateway = DecisionJournal(tmp_path / "j", database)
+    gateway.append(_decision(1))
+    os.close(gateway._fd)
+    service = DecisionJournal(tmp_path / "j", database, kind=SERVICE)
+    log = DecisionLog(10, DecisionStore(db))
+    log.store.journal = service
+    service_ids = _service_decisions(log)
+    os.close(service._fd)
+    assert recover_journals(tmp_path / "j", DecisionRecords(db), database) == 1
+    assert sorted((tmp_path / "j").iterdir()) == [service.path]
+    # A decision service journal renamed as a gateway's is not read as one.
+    renamed = service.path.with_suffix(".journal")
+    service.path.rename(renamed)
+    assert recover_journals(tmp_path / "j", DecisionRecords(db), database) == 0
+    renamed.rename(service.path)
+    assert recover_journals(tmp_path / "j", DecisionStore(db), database) == 3
+    assert sorted((tmp_path / "j").iterdir()) == []
+    assert all(stored(db, decision_id) is not None for decision_id in service_ids)
+    db.close()
+
+
+def test_a_gateway_journal_an_older_version_left_is_recovered(tmp_path, database_url):
+    """Its header and lines as the first version wrote them: no table named."""
+    database = database_identity(database_url)
+    (tmp_path / "j").mkdir()
+    decision = _decision(1)
+    header = {"bastion_decision_journal": 1, "database": database, "fields": list(JOURNALED)}
+    line = [list(v) if isinstance(v, tuple) else v for v in (decision[n] for n in JOURNALED)]
+    (tmp_path / "j" / "1234-abcdef.journal").write_text(
+        json.dumps(header) + "\n" + json.dumps(line) + "\n"
+    )
+    records = DecisionRecords(Database(database_url))
+    assert recover_journals(tmp_path / "j", records, database) == 1
+    (record,) = _stored(records)
+    assert (
+        record.recovered
+        and record.id == decision["id"]
+        and record.principals == decision["principals"]
+    )
+    assert list((tmp_path / "j").iterdir()) == []
 
 
 # -- a line, as written ------------------------------------------------------------------------

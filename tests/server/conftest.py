@@ -84,7 +84,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"serve-{self.port}.log"
         self.policy_file = policy_file
-        self.env = env or {}
+        # Where the process journals its decisions: the test's folder, with PostgreSQL too
+        # (not the working directory, shared by every test).
+        self.env = {"BASTION_DECISION_JOURNAL_DIR": str(tmp / "decisions"), **(env or {})}
         # Run in the child before `bastion serve` starts: a resource limit it is to run under.
         self.preexec_fn: Callable[[], None] | None = None
         self.proc: subprocess.Popen | None = None

@@ -4,14 +4,17 @@ restart; by the key that asked (or an admin key) only; pruned with the audit tra
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from bastion.audit.retention import DAY, prune
-from bastion.db import Database
+from bastion.db import Database, is_postgres
 from bastion.facts.store import FactStore
 from bastion.server.api.decisions import DecisionLog, DecisionRecord
 from bastion.server.config import ConfigError, ServerConfig
@@ -99,6 +102,67 @@ def test_a_decision_is_in_the_database_once_its_process_stops_cleanly(sqlite_url
     b = serve(sqlite_url, **DURABLE)
     with b.client() as cb:
         assert [cb.get(f"/v1/decisions/{i}").status_code for i in ids] == [200] * 3
+
+
+@contextlib.contextmanager
+def _writes_held(url: str) -> Iterator[None]:
+    """No row goes into ``decision_log`` meanwhile (its writer waits, then tries again), while
+    reads go on: a process killed now has stored none of the decisions it answered since."""
+    if is_postgres(url):
+        import psycopg
+
+        with psycopg.connect(url) as conn:  # a transaction, rolled back on leaving
+            conn.execute("LOCK TABLE decision_log IN SHARE MODE")
+            yield
+            # The killed process's inserts still wait for the lock in its backend (each its
+            # own transaction): ended first, so that none is stored once the lock goes.
+            waiting = "SELECT pid FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+            for (pid,) in conn.execute(waiting).fetchall():
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert eventually(lambda: not conn.execute(waiting).fetchall(), within=10.0)
+            conn.rollback()
+        return
+    conn = sqlite3.connect(url, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # the write lock; WAL readers go on
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def test_a_process_killed_outright_loses_no_decision_it_answered(database_url, serve, tmp_path):
+    """Each decision is journalled before its answer leaves the process: one killed outright
+    (SIGKILL, the OOM killer) before its records were written has them written by the next
+    process on the database, each once, as answered."""
+    a = serve(database_url, **DURABLE)
+    with a.client() as ca:
+        app = _key(ca, "app")
+        seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        allowed = {**READ_ANVIL, "at_least": seq.json()["sequence"]}
+        refused = {**READ_ANVIL, "action": "push"}
+        answered = {}
+        with _writes_held(database_url):
+            for n in range(12):
+                made = ca.post("/v1/authorize", json=refused if n % 3 else allowed, headers=app)
+                assert made.status_code == 200, made.text
+                answered[made.json()["decision_id"]] = made.json()["allowed"]
+            a.kill()
+    assert _stored(database_url) == 0  # killed before any was written
+    assert set(answered.values()) == {True, False}
+
+    b = serve(database_url, **DURABLE)
+    with b.client() as cb:
+        for decision_id, allowed_then in answered.items():
+            found = cb.get(f"/v1/decisions/{decision_id}", headers=app)
+            assert found.status_code == 200, (decision_id, found.text)
+            assert found.json()["result"] is allowed_then
+            assert found.json()["request"]["actor"] == READ_ANVIL["actor"]
+            assert found.json()["request"]["context"] == READ_ANVIL["context"]
+    assert _stored(database_url) == len(answered)
+    assert f"recovered {len(answered)} /v1 decision records" in b.log.read_text()
+    # The dead process's journal is gone: the live one's is all that is left.
+    assert len(list((tmp_path / "decisions").glob("*.decision-log"))) == 1
 
 
 def test_with_the_default_memory_log_nothing_is_written(sqlite_url, serve):

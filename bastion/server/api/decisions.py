@@ -138,7 +138,8 @@ class DecisionLog:
     """The most recent decisions of this process, by id (bounded; oldest forgotten first).
 
     With a ``store`` (``decision_log = "database"``), every record is also buffered to be
-    written to the database (`bastion.audit.decision_log`), whatever ``size`` is.
+    written to the database (`bastion.audit.decision_log`), whatever ``size`` is, and first
+    journalled (once the store's journal is open): before its id, and so its answer, leaves.
 
     Ids are this process's prefix and a count, so the last ``size`` records sit in a ring,
     each at its count modulo ``size``: keeping one overwrites the oldest in place, without the
