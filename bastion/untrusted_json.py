@@ -56,6 +56,26 @@ class _RefusedNumber(Exception):  # noqa: N818 - internal signal, never leaves t
     """Raised from inside the decoder: the first pass stops at the first refused number."""
 
 
+class _RepeatedKey(Exception):  # noqa: N818 - internal signal, never leaves this module
+    """Raised from inside the decoder (with ``unique_keys``): an object names a member twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict:
+    """An object's members as a dict, or `_RepeatedKey` for the first name it holds twice."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return value
+
+
 # How much of a refused value a message quotes: enough to recognise it, never a whole body.
 QUOTED_CHARS = 80
 
@@ -101,8 +121,9 @@ def _mark(reason: str | None, value: Any) -> Any:
     return value if reason is None else _Refused(reason)
 
 
-def _decoder(bounded_numbers: bool, answer) -> json.JSONDecoder:
-    """A decoder whose number hooks ``answer(reason, value)`` for each number it reads."""
+def _decoder(bounded_numbers: bool, unique_keys: bool, answer) -> json.JSONDecoder:
+    """A decoder whose number hooks ``answer(reason, value)`` for each number it reads, and
+    which, with ``unique_keys``, raises `_RepeatedKey` for an object that names a member twice."""
 
     def constant(literal: str) -> Any:
         return answer(_constant_reason(literal), None)
@@ -119,35 +140,50 @@ def _decoder(bounded_numbers: bool, answer) -> json.JSONDecoder:
         parse_float=floating,
         parse_constant=constant,
         parse_int=integer if bounded_numbers else None,
+        object_pairs_hook=_unique_object if unique_keys else None,
     )
 
 
 # The first pass stops at the first refused number; only then a second pass finds its place.
-_FAST = {bounded: decoder(_decoder(bounded, _raise)) for bounded in (True, False)}
-_MARKING = {bounded: _decoder(bounded, _mark) for bounded in (True, False)}
+# Keyed by (bounded_numbers, unique_keys).
+_MODES = [(bounded, unique) for bounded in (True, False) for unique in (True, False)]
+_FAST = {mode: decoder(_decoder(*mode, _raise)) for mode in _MODES}
+_MARKING = {mode: _decoder(*mode, _mark) for mode in _MODES}
 
 
 def loads(
-    data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH, bounded_numbers: bool = True
+    data: bytes | str,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    bounded_numbers: bool = True,
+    unique_keys: bool = False,
 ) -> Any:
     """``data`` as JSON, or `JsonRefused`.
 
     Refused: text that is not JSON (or not UTF-8), objects and arrays nested deeper than
     ``max_depth``, ``NaN``, ``Infinity``, a number too large to be finite, (with
-    ``bounded_numbers``) a number outside the range of a 64-bit signed integer, and a string
-    (or key) holding a lone surrogate or a NUL.
+    ``bounded_numbers``) a number outside the range of a 64-bit signed integer, a string
+    (or key) holding a lone surrogate or a NUL, and (with ``unique_keys``) an object that
+    names a member twice, which JSON parsers read differently (the first, the last, an error;
+    I-JSON, RFC 7493 §2.3, asks for unique names).
     """
     try:
         text = data.decode("utf-8") if isinstance(data, _BINARY) else data
     except UnicodeDecodeError as e:
         raise JsonRefused(f"not valid JSON: not UTF-8 ({e})") from None
+    mode = (bounded_numbers, unique_keys)
     try:
-        value = _FAST[bounded_numbers](text)
+        value = _FAST[mode](text)
     except RecursionError:
         raise _too_deep(max_depth) from None
+    except _RepeatedKey as e:
+        raise _repeated(e.key) from None
     except _RefusedNumber:
         # Decoded again, with the refused numbers kept in place, to say where the first one is.
-        value = _MARKING[bounded_numbers].decode(text)
+        try:
+            value = _MARKING[mode].decode(text)
+        except _RepeatedKey as e:
+            raise _repeated(e.key) from None
         _walk(value, max_depth)
         raise AssertionError("a refused number was not found again") from None
     except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python reads
@@ -226,6 +262,13 @@ def _nests_within(value: Any, levels: int) -> bool:
                     below.append(item)
         level = below
     return True
+
+
+def _repeated(key: str) -> JsonRefused:
+    return JsonRefused(
+        f"an object names the member {writable(key)[:QUOTED_CHARS]!r} twice, which JSON parsers"
+        " read differently: send each name once"
+    )
 
 
 def _too_deep(max_depth: int) -> JsonRefused:

@@ -327,9 +327,13 @@ def read_search(body: dict, kind: str, max_page: int) -> Search:
     context = read_context(body.get("context"))
     _scopes(context)  # malformed scopes are refused here as in a decision
     page = body.get("page")
-    limit, token = None, None
+    limit, token, page_properties = None, None, None
     if page is not None:
         page = _object(page, "page")
+        # Implementation-specific attributes (spec §8.2.1); bastion declares none, so they
+        # change nothing, but like every other value they must stay the same on every page.
+        if page.get("properties") is not None:
+            page_properties = _object(page["properties"], "page.properties")
         if page.get("limit") is not None:
             limit = _limit(page["limit"], max_page)
         if page.get("token") is not None:
@@ -337,7 +341,7 @@ def read_search(body: dict, kind: str, max_page: int) -> Search:
             if token.__class__ is not str:
                 raise AuthzenError(f"page.token must be a string, got {_shown(token)}")
             token = token or None  # "" is the end of a previous search, not a position
-    digest = _digest(kind, subject, action, resource, context)
+    digest = _digest(kind, subject, action, resource, context, page_properties)
     after = None
     if token is not None:
         after, limit = _position(token, digest, limit, max_page)
@@ -560,7 +564,12 @@ def _after(ids: Sequence[str], after: str | None) -> int:
 
 
 def _digest(
-    kind: str, subject: Party, action: Action | None, resource: Party, context: dict | None
+    kind: str,
+    subject: Party,
+    action: Action | None,
+    resource: Party,
+    context: dict | None,
+    page_properties: dict | None,
 ) -> str:
     request = [
         kind,
@@ -569,6 +578,10 @@ def _digest(
         [resource.type, resource.id, resource.properties],
         context,
     ]
+    if page_properties is not None:
+        # Appended only when sent, so that a token issued before page.properties was bound
+        # still continues the search it was issued for.
+        request.append(page_properties)
     text = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -602,8 +615,8 @@ def _position(token: str, digest: str, limit: int | None, max_page: int) -> tupl
     ):
         raise StaleToken(
             "page.token belongs to another search: send the same subject, action, resource,"
-            " context and page.limit (or none) as the request that returned it, or no token to"
-            " start again"
+            " context, page.properties and page.limit (or none) as the request that returned"
+            " it, or no token to start again"
         )
     return after, min(size, max_page)
 

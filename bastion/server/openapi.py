@@ -1585,8 +1585,8 @@ for _verb in ("approve", "deny"):
 
 _AZ_ERRORS = {
     **_WHY,
-    400: "malformed: a required field missing or of the wrong type, or not sent as"
-    " application/json",
+    400: "malformed: a required field missing or of the wrong type, an object that names a"
+    " member twice, or not sent as application/json",
     403: "the key lacks the scope authzen",
     404: "not this PDP's metadata path: with a public_url that has a path, the metadata is at"
     " /.well-known/authzen-configuration followed by that path (RFC 8615), named in the message",
@@ -1720,6 +1720,13 @@ def _az_search(kind: str) -> dict:
         "properties": {
             "limit": _nullable({**_INT, "minimum": 0}),
             "token": _nullable({**_STR, "description": "next_token of the previous page"}),
+            "properties": _nullable(
+                {
+                    "type": "object",
+                    "description": "changes no result (bastion declares no pagination"
+                    " capability); must be the same on every page of a search",
+                }
+            ),
         },
         "additionalProperties": _ref("JsonValue"),
     }

@@ -86,6 +86,36 @@ def test_a_body_past_max_body_bytes_is_413_and_one_nested_too_deep_is_400(pep):
     assert response.status_code == 400 and "deep" in response.text.lower()
 
 
+def test_a_member_named_twice_in_one_object_is_400_never_read_as_one_of_them(pep):
+    # Authorization API 1.0, §11.5 "JSON Payload Considerations": member names within a JSON
+    # object SHOULD be unique (I-JSON, RFC 7493 §2.3). A parser that keeps the first and one
+    # that keeps the last read two questions from one body: a proxy or a PEP's log checks bob,
+    # and the decision is alice's. Refused whole, wherever the name repeats.
+    twice = (
+        '{"subject": {"type": "user", "id": "bob"}, "subject": {"type": "user", "id": "alice"},'
+        ' "action": {"name": "write"}, "resource": {"type": "record", "id": "record-1"}}'
+    )
+    nested = (
+        '{"subject": {"type": "user", "id": "bob", "id": "alice"},'
+        ' "action": {"name": "write"}, "resource": {"type": "record", "id": "record-1"}}'
+    )
+    item = (
+        '{"evaluations": [{"subject": {"type": "user", "id": "alice"}, "action": {"name":'
+        ' "read", "name": "write"}, "resource": {"type": "record", "id": "record-1"}}]}'
+    )
+    headers = {"content-type": "application/json", "X-Request-ID": "rid-twice"}
+    for path, body, name in (
+        (EVALUATION, twice, "subject"),
+        (EVALUATION, nested, "id"),
+        (EVALUATIONS, item, "name"),
+    ):
+        response = pep.post(path, content=body, headers=headers)
+        assert response.status_code == 400, response.text
+        assert f"'{name}'" in response.text and "twice" in response.text
+        assert response.headers["content-type"].startswith("text/plain")
+        assert response.headers["x-request-id"] == "rid-twice"
+
+
 def test_json_with_a_charset_is_json(pep):
     body = json.dumps(ALLOWED).encode()
     headers = {"content-type": "application/json; charset=utf-8"}
@@ -258,6 +288,17 @@ def test_a_page_token_is_bound_to_its_search(pep):
     # Another limit: refused too.
     other = {**body, "page": {"limit": 2, "token": token}}
     assert pep.post("/access/v1/search/subject", json=other).status_code == 422
+    # Other page.properties: refused too. §8.2.1 "Paginated Requests": apart from the token,
+    # all values of the initial request MUST remain identical, and the PDP SHOULD return an
+    # error when one is changed.
+    first = {**body, "page": {"limit": 1, "properties": {"sort": "id"}}}
+    token = pep.post("/access/v1/search/subject", json=first).json()["page"]["next_token"]
+    for properties in ({"sort": "-id"}, None):
+        other = {**body, "page": {"limit": 1, "token": token, "properties": properties}}
+        response = pep.post("/access/v1/search/subject", json=other)
+        assert response.status_code == 422, (properties, response.text)
+    same = {**body, "page": {"limit": 1, "token": token, "properties": {"sort": "id"}}}
+    assert pep.post("/access/v1/search/subject", json=same).status_code == 200
     # A token made up by the client: refused.
     forged = base64.urlsafe_b64encode(json.dumps({"a": "a", "q": "0" * 32}).encode()).decode()
     for bad in (forged, "not a token", "eyJ"):
@@ -276,7 +317,12 @@ def test_a_page_limit_of_0_answers_the_count_and_ends_the_search(pep):
     assert answer["page"] == {"next_token": "", "count": 0, "total": everyone}
 
 
-@pytest.mark.parametrize("page", [{"limit": -1}, {"limit": "2"}, {"limit": 1.5}, {"token": 3}, "x"])
+@pytest.mark.parametrize(
+    "page",
+    # §8.2.1 "Paginated Requests": limit a non-negative integer, token a string, properties
+    # an object.
+    [{"limit": -1}, {"limit": "2"}, {"limit": 1.5}, {"token": 3}, {"properties": 5}, "x"],
+)
 def test_a_malformed_page_is_400(pep, page):
     body = {"subject": {"type": "user"}, "action": READ, "resource": RECORD_1, "page": page}
     assert pep.post("/access/v1/search/subject", json=body).status_code == 400

@@ -126,7 +126,9 @@ def _route(handler: Handler) -> Handler:
 
 
 async def _body(request: Request) -> tuple[ApiKey, dict]:
-    """The caller's key (scope ``authzen``), then the body: a JSON object sent as JSON."""
+    """The caller's key (scope ``authzen``), then the body: a JSON object sent as JSON, each of
+    its objects naming a member once (spec §11.5, I-JSON): a body a proxy or a log reads as one
+    question and bastion as another is refused, not decided."""
     key = await require(request, SCOPE)
     content_type = request.headers.get("content-type", "")
     media = media_type(content_type)
@@ -134,7 +136,7 @@ async def _body(request: Request) -> tuple[ApiKey, dict]:
         raise authzen.AuthzenError(
             f"send the body as Content-Type: application/json (got {content_type[:100] or 'none'!r})"
         )
-    return key, await read_json(request)
+    return key, await read_json(request, unique_keys=True)
 
 
 def _config(request: Request) -> ServerConfig:
