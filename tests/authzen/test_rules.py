@@ -146,6 +146,18 @@ def test_an_answer_made_before_the_route_echoes_x_request_id_as_an_error_string(
         assert response.text
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_an_endpoint_with_a_trailing_slash_is_404_never_a_redirect(pep, path):
+    # §10.1: the request URL MUST be the endpoint's. A redirect to it would have the PEP send
+    # its key and its question again, to a URL built from the request (http, behind a proxy
+    # that terminates TLS); a 404 says the PEP's URL is wrong.
+    response = pep.post(path + "/", json=ALLOWED, headers={"X-Request-ID": "rid-slash"})
+    assert response.status_code == 404, (response.status_code, response.headers)
+    assert "location" not in response.headers
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.headers["x-request-id"] == "rid-slash"
+
+
 def test_an_unexpected_failure_is_a_500_string_that_echoes_x_request_id(tmp_path, certificate):
     server = HttpsServer(tmp_path, EXAMPLE / "policy.polar", certificate).start()
     try:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import anyio
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -235,6 +236,13 @@ def _search(kind: str) -> Handler:
     return search
 
 
+async def no_endpoint(request: Request) -> Response:
+    """An endpoint's path with a trailing slash: 404, where the router would redirect to the
+    endpoint (spec §10.1: the request URL MUST be the endpoint's), and the PEP would send its
+    key and its question again to a URL built from the request, http behind a TLS proxy."""
+    raise HTTPException(404)
+
+
 routes = [
     Route(METADATA_PATH, _route(configuration), methods=["GET"]),
     # The tail is a PDP identifier's path (public_url's), if it has one.
@@ -244,5 +252,11 @@ routes = [
     *(
         Route(f"{PREFIX}search/{kind}", _route(_search(kind)), methods=["POST"])
         for kind in authzen.SEARCHES
+    ),
+    # Only paths that end in "/": every method, since no endpoint is there.
+    Route(
+        f"{PREFIX}{{path:path}}/",
+        no_endpoint,
+        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
     ),
 ]
