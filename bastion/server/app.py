@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -114,8 +115,15 @@ async def file_unwritable(request: Request, exc: Exception) -> Response:
     return await database_unavailable(request, file_refused(exc))
 
 
-async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(openapi_document())
+async def openapi(request: Request) -> Response:
+    return Response(_openapi_body(), media_type="application/json")
+
+
+@functools.cache
+def _openapi_body() -> bytes:
+    """`openapi_document` as a JSON response's body, encoded once per process: it is some
+    250 KB, anyone may ask for it, and encoding it took the event loop milliseconds a request."""
+    return JSONResponse(openapi_document()).body
 
 
 async def http_problem(request: Request, exc: Exception) -> Response:

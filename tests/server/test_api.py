@@ -733,6 +733,30 @@ def test_the_openapi_document_describes_every_route(api):
     assert served == documented
 
 
+def test_the_openapi_document_is_encoded_once_not_on_the_event_loop_at_each_request(
+    api, monkeypatch
+):
+    """The document is some 250 KB of JSON, anyone may ask for it, and encoding it takes the
+    event loop milliseconds: it is encoded once per process, each request answered with those
+    bytes."""
+    from starlette import responses
+
+    encoded: list[int] = []
+    dumps = responses.json.dumps
+
+    def noting_size(*args, **kwargs):
+        text = dumps(*args, **kwargs)
+        encoded.append(len(text))
+        return text
+
+    monkeypatch.setattr(responses.json, "dumps", noting_size)
+    first, second = (api.get("/v1/openapi.json") for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    assert first.headers["content-type"] == "application/json"
+    assert first.content == second.content and first.json()["openapi"].startswith("3.")
+    assert len([size for size in encoded if size > 100_000]) <= 1
+
+
 def test_an_oauth_table_mounts_the_authorization_server_beside_the_api(tmp_path, sqlite_url):
     from bastion.server.config import ServerConfig
 
