@@ -138,7 +138,7 @@ def _key_source(args: argparse.Namespace) -> dict:
     if args.jwks_file:
         try:
             with open(args.jwks_file, encoding="utf-8") as f:
-                return {"jwks": untrusted_json.loads(f.read())}
+                return {"jwks": untrusted_json.loads(f.read(), unique_keys=True)}
         except (OSError, ValueError) as exc:
             raise CommandError(f"--jwks-file {args.jwks_file}: {exc}") from None
     if args.jwks_uri:

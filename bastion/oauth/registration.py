@@ -319,7 +319,7 @@ def parse_registration_body(
     body: bytes, max_depth: int = untrusted_json.DEFAULT_MAX_DEPTH
 ) -> dict[str, Any]:
     try:
-        metadata = untrusted_json.loads(body, max_depth=max_depth)
+        metadata = untrusted_json.loads(body, max_depth=max_depth, unique_keys=True)
     except untrusted_json.JsonRefused as exc:
         if exc.path.startswith("redirect_uris["):
             # A redirect URI that is not text (a NUL, half a surrogate pair) is an invalid one.

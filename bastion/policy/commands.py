@@ -81,7 +81,7 @@ def read_facts(path: Path) -> list[tuple]:
             continue
         try:
             facts.append(
-                fact_from_json(untrusted_json.loads(line))
+                fact_from_json(untrusted_json.loads(line, unique_keys=True))
                 if path.suffix in (".jsonl", ".json")
                 else parse_fact(line)
             )
@@ -95,7 +95,7 @@ def _context(text: str | None) -> dict | None:
     if text is None:
         return None
     try:
-        context = untrusted_json.loads(text)
+        context = untrusted_json.loads(text, unique_keys=True)
     except untrusted_json.JsonRefused as err:
         raise ValueError(f"--context: {err}") from None
     if not isinstance(context, dict):

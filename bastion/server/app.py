@@ -756,6 +756,11 @@ def create_app(config: ServerConfig) -> Starlette:
             Exception: internal_error,
         },
     )
+    # A path with a trailing "/" (or without one a route has) is 404, never redirected to the
+    # route: the redirect's Location is built from the request (http behind a TLS proxy that
+    # sends no forwarded headers), and a client that follows a 307 sends its key and its body
+    # again, there, in the clear.
+    app.router.redirect_slashes = False
     app.state.config = config
     app.state.body_limits = limits
     app.state.store = store

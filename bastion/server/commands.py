@@ -402,7 +402,7 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
         facts = []
         for n, line in _read_lines(args.file):
             try:
-                obj = untrusted_json.loads(line, max_depth=depth)
+                obj = untrusted_json.loads(line, max_depth=depth, unique_keys=True)
                 f = StoredFact.from_json(obj)
                 facts.append(StoredFact(validate(f.fact), f.expires_at))
             except (untrusted_json.JsonRefused, FactError) as e:

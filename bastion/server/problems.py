@@ -77,12 +77,12 @@ async def read_body(request: Request) -> bytes:
     return await request.body()
 
 
-async def read_json(request: Request, *, unique_keys: bool = False) -> dict:
+async def read_json(request: Request) -> dict:
     """The body as a JSON object; anything else (or JSON past a limit) is a 400 that says so.
     A body declared as anything but JSON (a form, text) is a 415, unread: what a browser may
     send another site without asking (a form post) is never taken for the API's JSON. A body
-    sent without a Content-Type is read as JSON. With ``unique_keys``, an object that names a
-    member twice is a 400 too (`untrusted_json.loads`)."""
+    sent without a Content-Type is read as JSON. An object that names a member twice is a 400
+    too (`parse_json`)."""
     for content_type in request.headers.getlist("content-type"):
         if not is_json_media(content_type):
             raise Problem(
@@ -95,19 +95,21 @@ async def read_json(request: Request, *, unique_keys: bool = False) -> dict:
     request.state.body_size = len(body)
     if not body:
         raise bad_request("the body must be a JSON object")
-    value = parse_json(body, request.app.state.config.max_json_depth, unique_keys=unique_keys)
+    value = parse_json(body, request.app.state.config.max_json_depth)
     if not isinstance(value, dict):
         raise bad_request("the body must be a JSON object")
     return value
 
 
-def parse_json(
-    data: bytes | str, max_depth: int, where: str = "the body", *, unique_keys: bool = False
-) -> Any:
-    """``data`` as JSON for the API: a refusal (not JSON, too deep, a number out of range, with
-    ``unique_keys`` a name twice in one object) is a 400 that names the field and the limit."""
+def parse_json(data: bytes | str, max_depth: int, where: str = "the body") -> Any:
+    """``data`` as JSON for the API: a refusal (not JSON, too deep, a number out of range, a
+    name twice in one object) is a 400 that names the field and the limit. A name given twice
+    is refused rather than read as its last value (I-JSON, RFC 7493 §2.3): a body built by
+    pasting text (``'{"actor": "' + name + '", ...}'``) cannot have a second ``actor`` slipped
+    in that overrides the first, and a proxy that reads the first value sees no other request
+    than bastion decides."""
     try:
-        return untrusted_json.loads(data, max_depth=max_depth, unique_keys=unique_keys)
+        return untrusted_json.loads(data, max_depth=max_depth, unique_keys=True)
     except untrusted_json.JsonRefused as e:
         if e.path:
             raise bad_request(f"{where}: the field {e.path!r}: {e.reason}") from None

@@ -55,7 +55,7 @@ def _value(text: str) -> Any:
     """``true``, ``false`` and integers as such; anything else (or a JSON string) as text. Read
     as the API reads a body: what it refuses (nesting past its limit, a NUL) is text here."""
     try:
-        value = untrusted_json.loads(text)
+        value = untrusted_json.loads(text, unique_keys=True)
     except untrusted_json.JsonRefused:
         return text
     return value if isinstance(value, (bool, int, str)) else text

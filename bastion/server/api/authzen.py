@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import anyio
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -137,7 +136,7 @@ async def _body(request: Request) -> tuple[ApiKey, dict]:
         raise authzen.AuthzenError(
             f"send the body as Content-Type: application/json (got {content_type[:100] or 'none'!r})"
         )
-    return key, await read_json(request, unique_keys=True)
+    return key, await read_json(request)
 
 
 def _config(request: Request) -> ServerConfig:
@@ -236,13 +235,6 @@ def _search(kind: str) -> Handler:
     return search
 
 
-async def no_endpoint(request: Request) -> Response:
-    """An endpoint's path with a trailing slash: 404, where the router would redirect to the
-    endpoint (spec §10.1: the request URL MUST be the endpoint's), and the PEP would send its
-    key and its question again to a URL built from the request, http behind a TLS proxy."""
-    raise HTTPException(404)
-
-
 routes = [
     Route(METADATA_PATH, _route(configuration), methods=["GET"]),
     # The tail is a PDP identifier's path (public_url's), if it has one.
@@ -252,11 +244,5 @@ routes = [
     *(
         Route(f"{PREFIX}search/{kind}", _route(_search(kind)), methods=["POST"])
         for kind in authzen.SEARCHES
-    ),
-    # Only paths that end in "/": every method, since no endpoint is there.
-    Route(
-        f"{PREFIX}{{path:path}}/",
-        no_endpoint,
-        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
     ),
 ]
