@@ -77,3 +77,22 @@ def refused(call) -> OsoException:
     with pytest.raises(OsoException) as e:
         call()
     return e.value
+
+
+def test_a_fact_of_an_earlier_policy_can_still_be_deleted(running):
+    """A delete the policy in force has no use for is refused only where it matches nothing:
+    facts an earlier policy used stay deletable."""
+    oso = running.oso("oso:read", "oso:write")
+    repo = Value("Repo", "left-over")
+    oso.insert(("is_public", repo))
+    oso.policy(NEW)  # no is_public
+    oso.delete(("is_public", repo))
+    with admin(running) as client:
+        left = client.get(
+            "/v1/facts", params={"pattern": '{"predicate": "is_public", "args": [null]}'}
+        ).json()
+    assert left["facts"] == []
+    # Now nothing matches: a delete of it is refused, as a misspelt one is.
+    e = refused(lambda: oso.delete(("is_public", repo)))
+    assert e.status_code == 422
+    assert "no use for is_public/1 facts" in str(e)

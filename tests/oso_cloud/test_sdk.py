@@ -344,3 +344,69 @@ def test_local_authorization_is_refused_with_a_message(oso):
         oso.authorize_local(alice, "read", repo)
     assert e.value.status_code == 404
     assert "local authorization" in str(e.value)
+
+
+def test_a_suspension_the_policy_does_not_use_can_still_be_deleted(bastion):
+    """The refusal of a delete the policy has no use for spares facts that are stored: the kill
+    switch's ``suspended`` facts are kept whatever the policy says, and a key with
+    ``suspensions`` may lift one by deleting it."""
+    alice, _, repo = ids()
+    oso = bastion.oso("oso:read", "oso:write", "suspensions")
+    oso.insert(("has_role", alice, "reader", repo))
+    with admin(bastion) as http:
+        made = http.post("/v1/suspensions", json={"kind": "user", "id": alice.id})
+        assert made.status_code == 201, made.text
+    assert oso.authorize(alice, "read", repo) is False
+    oso.delete(("suspended", alice))
+    assert oso.authorize(alice, "read", repo) is True
+
+
+def test_a_delete_of_no_fact_the_policy_uses_is_refused_not_answered_success(oso):
+    """``get`` reads arguments left off the end as anything, but a delete sends each argument:
+    ``delete(("has_role", alice))`` named ``has_role/1``, matched nothing and answered success,
+    and the role the application meant to take back stayed (a misspelt predicate alike). A
+    delete of a predicate and arity the policy has no use for that matches no stored fact is
+    refused, and nothing of its batch is applied."""
+    from oso_cloud import OsoException
+
+    alice, org, _ = ids()
+    member = ("has_role", alice, Value("String", "member"), org)
+    oso.insert(member)
+    for pattern in (
+        ("has_role", alice),
+        ("has_rol", alice, None, None),
+        ("has_role", alice, None, None, None),
+    ):
+        with pytest.raises(OsoException) as e:
+            oso.delete(pattern)
+        assert e.value.status_code == 422, pattern
+        assert f"no use for {pattern[0]}/{len(pattern) - 1} facts" in str(e.value)
+        assert "has_role/3" in str(e.value)  # what it does use
+    with pytest.raises(OsoException) as e, oso.batch() as tx:
+        tx.delete(("has_role", alice, None, None))
+        tx.insert(("is_public", Value("Repo", org.id)))
+        tx.delete(("has_role", alice))
+    assert e.value.status_code == 422
+    assert "[2].deletes[0]" in str(e.value)
+    assert oso.get(("has_role", alice)) == [member]
+    assert oso.get(("is_public", Value("Repo", org.id))) == []
+    oso.delete(("has_role", alice, None, None))
+    assert oso.get(("has_role", alice)) == []
+    # Nothing left to delete of a fact the policy uses: no error, as in Oso Cloud.
+    oso.delete(("has_role", alice, None, None))
+
+
+def test_get_of_no_fact_the_policy_uses_is_refused_not_answered_empty(oso):
+    """A misspelt predicate (or more arguments than any fact of it has) answered ``[]``, which an
+    application reads as "no such fact": ``if not oso.get(("is_banend", user))`` let everyone
+    in."""
+    from oso_cloud import OsoException
+
+    alice, org, _ = ids()
+    oso.insert(("has_role", alice, "member", org))
+    for pattern in (("has_rol", alice), ("has_role", alice, "member", org, Value("Org", "x"))):
+        with pytest.raises(OsoException) as e:
+            oso.get(pattern)
+        assert e.value.status_code == 422, pattern
+        assert f"no use for {pattern[0]} facts of {len(pattern) - 1} or more" in str(e.value)
+    assert len(oso.get(("has_role", alice, "member", org))) == 1

@@ -158,11 +158,12 @@ class Pattern:
     """A fact pattern as the SDK sends it: per argument a value, a type (``ValueOfType``) or
     anything (``None``). The store matches values; types are checked on what it returns."""
 
-    __slots__ = ("fact", "types")
+    __slots__ = ("fact", "types", "where")
 
-    def __init__(self, fact: tuple, types: tuple[str | None, ...]) -> None:
+    def __init__(self, fact: tuple, types: tuple[str | None, ...], where: str) -> None:
         self.fact = fact
         self.types = types
+        self.where = where
 
     @classmethod
     def parse(cls, predicate: Any, args: list[tuple[Any, Any]], where: str) -> Pattern:
@@ -183,7 +184,7 @@ class Pattern:
             fact = check_fact((predicate, *values), pattern=True)
         except FactError as e:
             raise unprocessable(f"{where}: {e}") from None
-        return cls(fact, tuple(types))
+        return cls(fact, tuple(types), where)
 
     def fits(self, fact: tuple) -> bool:
         return all(_of_type(v, t) for v, t in zip(fact[1:], self.types, strict=True))
@@ -191,6 +192,29 @@ class Pattern:
     @property
     def typed(self) -> bool:
         return any(t is not None for t in self.types)
+
+
+def _uses(authz: Authorizer) -> str:
+    """The facts the policy in force uses, for a refusal that names what it does not."""
+    uses = sorted(f"{n}/{a}" for n, a in authz.policy.program.fact_signatures)
+    return f"it uses {', '.join(uses) or 'no facts'}"
+
+
+def _unused(authz: Authorizer, store: FactStore, pattern: Pattern) -> Problem | None:
+    """The refusal of a delete of a predicate and arity the policy has no use for that matches
+    no stored fact (a misspelt predicate, or arguments left off as ``get`` allows but a delete
+    does not): it would answer success and delete nothing. One that matches stored facts (of an
+    earlier policy, or the kill switch's, kept whatever the policy says) is let through. Does
+    I/O: call from a worker thread."""
+    name, arity = pattern.fact[0], len(pattern.fact) - 1
+    if (name, arity) in authz.policy.program.fact_signatures:
+        return None
+    if any(pattern.fits(f.fact) for f in store.get(pattern.fact, limit=1000)):
+        return None
+    return unprocessable(
+        f"{pattern.where}: the policy has no use for {name}/{arity} facts and none is stored"
+        f" ({_uses(authz)}); a delete names every argument, None for any"
+    )
 
 
 def _matching(store: FactStore, pattern: Pattern, limit: int) -> list[StoredFact]:
@@ -581,6 +605,13 @@ async def get_facts(request: Request) -> Response:
         for (name, n) in authz.policy.program.fact_signatures
         if name == predicate and n > max(given, default=-1)
     )
+    if not arities:
+        # Answered [] before, which an application reads as "no such fact".
+        least = max(given, default=-1) + 1
+        raise unprocessable(
+            f"the policy has no use for {predicate} facts of {least} or more arguments"
+            f" ({_uses(authz)})"
+        )
     patterns = [
         Pattern.parse(predicate, [tuple(given.get(i, (None, None))) for i in range(n)], "fact")
         for n in arities
@@ -619,6 +650,9 @@ async def batch(request: Request) -> Response:
     def write() -> WriteResult:
         # In the worker thread: a batch may hold many facts.
         require_for_facts(key, itertools.chain(inserts, (p.fact for p in patterns)))
+        for p in patterns:
+            if (refused := _unused(authz, store, p)) is not None:
+                raise refused
         deletes = []
         for p in patterns:
             if p.typed:
