@@ -390,6 +390,17 @@ def test_a_delete_of_no_fact_the_policy_uses_is_refused_not_answered_success(oso
     assert "[2].deletes[0]" in str(e.value)
     assert oso.get(("has_role", alice)) == [member]
     assert oso.get(("is_public", Value("Repo", org.id))) == []
+    # A misspelt entity type, as a value or as ValueOfType: no fact of it can be stored.
+    for pattern in (
+        ("has_role", Value("Usr", alice.id), None, None),
+        ("has_role", alice, None, ValueOfType("Organisation")),
+    ):
+        with pytest.raises(OsoException) as e:
+            oso.delete(pattern)
+        assert e.value.status_code == 422, pattern
+        assert "the policy declares no entity type" in str(e.value)
+        assert "declared types: Agent, Org, Repo, Tool, User" in str(e.value)
+    assert oso.get(("has_role", alice)) == [member]
     oso.delete(("has_role", alice, None, None))
     assert oso.get(("has_role", alice)) == []
     # Nothing left to delete of a fact the policy uses: no error, as in Oso Cloud.

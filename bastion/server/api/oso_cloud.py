@@ -17,7 +17,7 @@ import functools
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -201,37 +201,52 @@ def _uses(authz: Authorizer) -> str:
 
 
 def _unused(authz: Authorizer, store: FactStore, pattern: Pattern) -> Problem | None:
-    """The refusal of a delete of a predicate and arity the policy has no use for that matches
-    no stored fact (a misspelt predicate, or arguments left off as ``get`` allows but a delete
-    does not): it would answer success and delete nothing. One that matches stored facts (of an
-    earlier policy, or the kill switch's, kept whatever the policy says) is let through. Does
-    I/O: call from a worker thread."""
+    """The refusal of a delete that no fact the policy uses could match (a predicate and arity
+    it has no use for, as a misspelt predicate or arguments left off as ``get`` allows but a
+    delete does not; an entity type it does not declare) and that matches no stored fact: it
+    would answer success and delete nothing. One that matches stored facts (of an earlier
+    policy, or the kill switch's, kept whatever the policy says) is let through. Does I/O: call
+    from a worker thread."""
     name, arity = pattern.fact[0], len(pattern.fact) - 1
-    if (name, arity) in authz.policy.program.fact_signatures:
+    declared = authz.entity_types
+    if (name, arity) not in authz.policy.program.fact_signatures:
+        why = f"the policy has no use for {name}/{arity} facts"
+        fix = f"{_uses(authz)}; a delete names every argument, None for any"
+    else:
+        types = {v.type for v in pattern.fact[1:] if isinstance(v, Entity)}
+        types |= {t for t in pattern.types if t is not None and t not in VALUE_TYPES}
+        unknown = sorted(t for t in types if declared and t not in declared)
+        if not unknown:
+            return None
+        why = f"the policy declares no entity type {', '.join(map(repr, unknown))}"
+        fix = f"declared types: {', '.join(sorted(declared))}"
+    if next(_stored(store, pattern), None) is not None:
         return None
-    if any(pattern.fits(f.fact) for f in store.get(pattern.fact, limit=1000)):
-        return None
-    return unprocessable(
-        f"{pattern.where}: the policy has no use for {name}/{arity} facts and none is stored"
-        f" ({_uses(authz)}); a delete names every argument, None for any"
-    )
+    return unprocessable(f"{pattern.where}: {why} and no stored fact matches ({fix})")
 
 
 def _matching(store: FactStore, pattern: Pattern, limit: int) -> list[StoredFact]:
     """Stored facts that fit ``pattern``; `Problem` 422 past ``limit`` (never a silent cut).
     Does I/O: call from a worker thread."""
     found: list[StoredFact] = []
-    after = ""
-    while True:
-        page = store.get(pattern.fact, after=after, limit=1000)
-        found += [f for f in page if pattern.fits(f.fact)]
+    for fact in _stored(store, pattern):
+        found.append(fact)
         if len(found) > limit:
             raise unprocessable(
                 f"more than {limit} {pattern.fact[0]} facts match (oso_api_max_results); give"
                 " more of the arguments"
             )
+    return found
+
+
+def _stored(store: FactStore, pattern: Pattern) -> Iterator[StoredFact]:
+    """Stored facts that fit ``pattern``, read a page at a time. Does I/O."""
+    after = ""
+    while True:
+        page = store.get(pattern.fact, after=after, limit=1000)
+        yield from (f for f in page if pattern.fits(f.fact))
         if len(page) < 1000:
-            return found
+            return
         after = fact_key(page[-1].fact)
 
 
