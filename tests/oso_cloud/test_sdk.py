@@ -336,14 +336,50 @@ def test_a_write_is_seen_by_the_next_read_through_oso_offset(bastion):
     assert client.authorize(alice, "read", repo) is True
 
 
-def test_local_authorization_is_refused_with_a_message(oso):
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda oso, u, r, v: oso.authorize_local(u, "read", r),
+        lambda oso, u, r, v: oso.list_local(u, "read", "Repo", "repos.id"),
+        lambda oso, u, r, v: oso.actions_local(u, r),
+        lambda oso, u, r, v: oso.build_query(("allow", u, "read", v)).evaluate_local_select(
+            {"id": v}
+        ),
+        lambda oso, u, r, v: oso.build_query(("allow", u, "read", v)).evaluate_local_filter(
+            "repos.id", v
+        ),
+    ],
+    ids=["authorize_local", "list_local", "actions_local", "select", "filter"],
+)
+def test_local_authorization_is_refused_with_a_message(oso, call):
+    """Each of the SDK's local-authorization calls gets SQL for the application's database,
+    which bastion does not see: an error that says so, never SQL that answers something."""
     from oso_cloud import OsoException
 
     alice, _, repo = ids()
+    oso.insert(("has_role", alice, "reader", repo))
     with pytest.raises(OsoException) as e:
-        oso.authorize_local(alice, "read", repo)
+        call(oso, alice, repo, typed_var("Repo"))
     assert e.value.status_code == 404
     assert "local authorization" in str(e.value)
+    assert "is not served by bastion" in str(e.value)
+
+
+def test_a_parity_handle_is_an_error_not_an_answer(oso):
+    """Oso Migrate's parity handles need a request id on the answer and ``/api/expect``, which
+    bastion does not serve: ``authorize`` with one raises instead of answering, whether the
+    expectation is given before or after."""
+    from oso_cloud import OsoException, ParityHandle
+
+    alice, _, repo = ids()
+    oso.insert(("has_role", alice, "reader", repo))
+    before = ParityHandle()
+    before.expect(True)
+    for handle in (ParityHandle(), before):
+        with pytest.raises(OsoException) as e:
+            oso.authorize(alice, "read", repo, parity_handle=handle)
+        assert "Parity Handle" in str(e.value)
+    assert oso.authorize(alice, "read", repo) is True
 
 
 def test_a_suspension_the_policy_does_not_use_can_still_be_deleted(bastion):
