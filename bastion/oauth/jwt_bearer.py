@@ -6,11 +6,13 @@ access token for one MCP server with no consent screen (the provider's policy de
 
 An ID-JAG is accepted only from a configured identity provider (``[[oauth.id_jag.issuers]]``),
 signed with an asymmetric algorithm of its list by a key of its key set (``jwks_uri``, given or
-found through its metadata), with ``typ`` ``oauth-id-jag+jwt``, ``aud`` bastion's issuer,
+found through its metadata), with ``typ`` ``oauth-id-jag+jwt``, ``aud`` bastion's issuer alone,
 ``client_id`` the client that authenticated at ``/token`` (a confidential one), ``exp``, ``iat``
 (at most ``max_lifetime_seconds`` apart), ``sub`` and a ``jti`` used once (kept per provider in
-the database every replica shares). ``resource`` names one of bastion's protected resources (or,
-absent, the request's own ``resource``); ``scope`` holds only that resource's scopes. The token
+the database every replica shares), no ``act`` (an actor bastion's token would drop), and, with a
+``cnf``, a DPoP proof of its key (``jkt``). ``resource`` names bastion's protected resource (of
+several, the one the request's ``resource`` names; absent, the request's own ``resource``), which
+the response names; ``scope`` holds only that resource's scopes. The token
 carries the scopes of the ID-JAG that the request asked for and the client is registered for.
 The user is the provider's ``user_prefix`` then the value of its ``user_claim``: a bastion user
 (a disabled one is refused; never a client's id, which names an agent acting as itself), and the
@@ -53,6 +55,7 @@ from bastion.oauth.client_assertion import (
     jwks_uri_problem,
     url_problem,
 )
+from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.jwks import (
     CoalescedFetches,
@@ -217,10 +220,13 @@ class IdJag:
 
     issuer: str
     client_id: str
-    resource: str | None
+    # The resources it names (the draft's ``resource``: one URI or an array); () for none.
+    resources: tuple[str, ...]
     scopes: tuple[str, ...]
     jti: str
     expires_at: float
+    # The thumbprint of the DPoP key it is bound to (``cnf.jkt``), or None.
+    jkt: str | None = None
     claims: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -268,11 +274,13 @@ class IdentityAssertionGrant:
         client: Client,
         form: Mapping[str, str],
         issue: Callable[..., dict[str, Any]],
+        jkt: str | None = None,
     ) -> dict[str, Any]:
         """Answer one ``jwt-bearer`` request of the authenticated ``client``, or raise;
         ``issue(grant, authorized_at=, strangers=)`` saves the new grant (refused, as
         `OAuthStore.create_grant` says, if its user was disabled or their grants revoked since
-        the ID-JAG was issued) and mints its access token (no refresh token)."""
+        the ID-JAG was issued) and mints its access token (no refresh token), bound to ``jkt``,
+        the key the request's DPoP proof proved (checked already), if any."""
         if client.is_public:
             # draft §8.1: public clients use the authorization code flow and its consent.
             raise OAuthError(
@@ -286,6 +294,13 @@ class IdentityAssertionGrant:
         idp, keys = anyio.from_thread.run(self._keys, header, unverified)
         claims = self._verified(assertion, keys, header)
         found = self._check(idp, claims, client)
+        if found.jkt is not None and jkt != found.jkt:
+            # The draft's "ID-JAG Contains cnf Claim": no proof, or one of another key, is
+            # invalid_grant; a thief holding the ID-JAG (and the client's secret) gets nothing.
+            raise InvalidGrant(
+                "the ID-JAG is bound to a DPoP key (cnf.jkt): send a DPoP proof made with that"
+                " key" + ("" if jkt is None else ", not with another")
+            )
         resource = self._resource(form, found)
         scope = self._scope(form, found, resource.scopes, client)
         user = self._user(idp, found)
@@ -307,6 +322,9 @@ class IdentityAssertionGrant:
             auth_time=_auth_time(claims),
         )
         response = issue(grant, authorized_at=float(claims["iat"]), strangers=idp.users == "any")
+        # The draft (Access Token Request, Processing Rules): the server "MUST include the
+        # granted resource ... in the access token response"; of several, the one granted.
+        response["resource"] = resource.uri
         self.server.audit.record(
             "token.issued",
             subject=user,
@@ -389,12 +407,21 @@ class IdentityAssertionGrant:
     def _check(self, idp: TrustedIdp, claims: Mapping[str, Any], client: Client) -> IdJag:
         # ``iss`` is ``idp.issuer``: the provider was found by it in the payload its key signed.
         aud = claims.get("aud")
-        audiences = aud if isinstance(aud, list) else [aud]
-        if self.settings.issuer not in audiences:
+        # The draft: an array "MUST contain exactly one element", bastion's issuer; an ID-JAG
+        # for several audiences would be redeemable at each of them (audience injection).
+        if aud != self.settings.issuer and aud != [self.settings.issuer]:
             raise InvalidGrant(
                 f"the ID-JAG is for {aud!r}, not for this authorization server"
-                f" {self.settings.issuer!r} (aud)"
+                f" {self.settings.issuer!r} alone (aud)"
             )
+        if "act" in claims:
+            # bastion's token would act for the user through the client alone: the actor the
+            # provider names would be dropped from the chain every call is decided for.
+            raise InvalidGrant(
+                "the ID-JAG names an actor (act); bastion takes none: its token acts for the"
+                " user through the client alone, and would drop the actor"
+            )
+        jkt = self._bound_key(claims)
         now, leeway = self.clock(), self.settings.leeway_seconds
         exp, iat = claims.get("exp"), claims.get("iat")
         for name, value in (("exp", exp), ("iat", iat)):
@@ -423,36 +450,67 @@ class IdentityAssertionGrant:
                 f" {client.client_id!r}, the client that authenticated"
             )
         resource = claims.get("resource")
-        if resource is not None and not isinstance(resource, str):
-            raise InvalidGrant("the ID-JAG's resource must be one URI")
+        if isinstance(resource, str):
+            resources: tuple[str, ...] = (resource,)
+        elif resource is None:
+            resources = ()
+        elif isinstance(resource, list) and resource and all(isinstance(r, str) for r in resource):
+            resources = tuple(dict.fromkeys(resource))
+        else:
+            raise InvalidGrant("the ID-JAG's resource must be a URI or an array of URIs")
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise InvalidGrant("the ID-JAG's scope must be a space-separated string")
         return IdJag(
             issuer=idp.issuer,
             client_id=client.client_id,
-            resource=resource,
+            resources=resources,
             scopes=tuple(dict.fromkeys(scope.split())),
             jti=jti,
             expires_at=float(exp),
+            jkt=jkt,
             claims=dict(claims),
         )
 
+    @staticmethod
+    def _bound_key(claims: Mapping[str, Any]) -> str | None:
+        """The DPoP key thumbprint the ID-JAG is bound to (``cnf.jkt``, RFC 9449 §6.1), or
+        None; a ``cnf`` bastion cannot check (another confirmation method, RFC 8705's
+        certificate) is refused rather than ignored."""
+        try:
+            jkt = token_key(claims)
+        except ValueError:
+            jkt = None
+        cnf = claims.get("cnf")
+        if cnf is not None and (jkt is None or set(cnf) != {"jkt"}):
+            raise InvalidGrant(
+                "the ID-JAG's confirmation (cnf) is not a DPoP key's alone ({\"jkt\": ...}):"
+                " bastion cannot check it"
+            )
+        return jkt
+
     def _resource(self, form: Mapping[str, str], found: IdJag) -> ProtectedResource:
-        """The protected resource the token is for: the ID-JAG's ``resource``, which the request
-        may repeat but not change, or the request's when the ID-JAG names none."""
+        """The protected resource the token is for (one: a bastion token has one ``aud``): the
+        ID-JAG's ``resource``, or of several the one the request's ``resource`` names (the
+        draft lets the server grant a subset); the request's when the ID-JAG names none."""
         requested = form.get("resource")
-        if found.resource is None:
+        if not found.resources:
             return self.settings.requested_resource(form)
-        resource = self.settings.resource(found.resource)
+        if requested is not None and requested not in found.resources:
+            raise InvalidTarget(
+                f"resource {requested!r} is not one of the ID-JAG's resources"
+                f" {list(found.resources)}"
+            )
+        if requested is None and len(found.resources) > 1:
+            raise InvalidTarget(
+                f"the ID-JAG names several resources {list(found.resources)}: name one in"
+                " resource (a token is for one resource)"
+            )
+        uri = requested if requested is not None else found.resources[0]
+        resource = self.settings.resource(uri)
         if resource is None:
             raise InvalidGrant(
-                f"the ID-JAG's resource {found.resource!r} is not a protected resource of this"
-                " server"
-            )
-        if requested is not None and requested != found.resource:
-            raise InvalidTarget(
-                f"resource {requested!r} is not {found.resource!r}, the ID-JAG's resource"
+                f"the ID-JAG's resource {uri!r} is not a protected resource of this server"
             )
         return resource
 

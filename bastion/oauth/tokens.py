@@ -123,6 +123,7 @@ class TokenEndpoint:
             client,
             form,
             functools.partial(self._issue_new_grant, client=client, form=form, jkt=jkt),
+            jkt,
         )
 
     def _issue_new_grant(

@@ -33,6 +33,7 @@ from bastion.oauth.jwt_bearer import ID_JAG_PROFILE, JWT_BEARER_GRANT_TYPE, IdJa
 from bastion.oauth.metadata import authorization_server_metadata
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from tests.gateway.support import start
+from tests.identity.test_dpop import Holder, claims_of
 from tests.oauth.support import ANY_KID, free_socket, serve
 
 INITIAL_TOKEN = "initial-access-token-for-id-jag-tests"
@@ -168,11 +169,14 @@ def agent(bastion):
     return register(bastion)
 
 
-def present(bastion, client: dict, assertion: str, **form) -> httpx.Response:
+def present(
+    bastion, client: dict, assertion: str, dpop: str | None = None, **form
+) -> httpx.Response:
     return bastion.http.post(
         f"{bastion.url}/token",
         data={"grant_type": JWT_BEARER_GRANT_TYPE, "assertion": assertion, **form},
         auth=(client["client_id"], client["client_secret"]),
+        headers={"DPoP": dpop} if dpop is not None else None,
     )
 
 
@@ -327,6 +331,12 @@ ATTACKS = {
     "typ JWT": (lambda i, b, c: i.id_jag(b, c, typ="JWT"), "typ"),
     "an access token's typ": (lambda i, b, c: i.id_jag(b, c, typ="at+jwt"), "typ"),
     "wrong aud": (lambda i, b, c: i.id_jag(b, c, aud="https://other-as.example.com"), "(aud)"),
+    # The draft's §4.4.1 (Processing Rules): "If the aud claim is an array, it MUST contain
+    # exactly one element, and that element MUST be the issuer identifier".
+    "aud of several, bastion's among them": (
+        lambda i, b, c: i.id_jag(b, c, aud=[b.url, "https://other-as.example.com"]),
+        "(aud)",
+    ),
     "aud of the resource": (lambda i, b, c: i.id_jag(b, c, aud=b.mcp_url("deskhttp")), "(aud)"),
     "expired": (lambda i, b, c: i.id_jag(b, c, iat=now() - 900, exp=now() - 600), "expired"),
     "issued in the future": (
@@ -354,9 +364,22 @@ ATTACKS = {
         "['admin']",
     ),
     "a kid that is not a string": (lambda i, b, c: i.id_jag(b, c, kid=["k1"]), "kid is not"),
-    "a resource that is not a string": (
-        lambda i, b, c: i.id_jag(b, c, resource=[b.mcp_url("deskhttp")]),
-        "resource must be one URI",
+    "a resource that is not a URI": (
+        lambda i, b, c: i.id_jag(b, c, resource={"uri": b.mcp_url("deskhttp")}),
+        "resource must be a URI or an array of URIs",
+    ),
+    "an empty array of resources": (
+        lambda i, b, c: i.id_jag(b, c, resource=[]),
+        "resource must be a URI or an array of URIs",
+    ),
+    # An actor the provider names would be dropped from the chain the policy decides.
+    "an actor (act)": (lambda i, b, c: i.id_jag(b, c, act={"sub": "another-agent"}), "(act)"),
+    # A key binding bastion cannot check (a certificate's, RFC 8705) is not ignored.
+    "a cnf that is not a DPoP key's": (
+        lambda i, b, c: i.id_jag(
+            b, c, cnf={"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}
+        ),
+        "(cnf)",
     ),
     # From the issuer that takes any user: only the claim's bounds refuse these.
     "a user claim over 128 characters": (
@@ -395,6 +418,50 @@ def test_an_id_jag_that_must_be_refused_is_refused(bastion, idp, agent, attack):
     before = len(bastion.app.state.oauth.audit.events("token.issued"))
     assert reason in refused(present(bastion, agent, build(idp, bastion, agent["client_id"])))
     assert len(bastion.app.state.oauth.audit.events("token.issued")) == before
+
+
+def test_an_aud_of_one_element_is_bastions_issuer_alone(bastion, idp, agent):
+    jag = idp.id_jag(bastion, agent["client_id"], aud=[bastion.url])
+    assert present(bastion, agent, jag).status_code == 200
+
+
+def test_a_key_bound_id_jag_is_redeemed_only_with_a_proof_of_its_key(bastion, idp, agent):
+    """The draft's "ID-JAG Contains cnf Claim but DPoP Proof is Not Presented": the Resource
+    Authorization Server "MUST reject the request with an invalid_grant error"; with a proof,
+    the two thumbprints "MUST match exactly"."""
+    holder, stranger = Holder(), Holder()
+    url = f"{bastion.url}/token"
+
+    def bound() -> str:
+        return idp.id_jag(bastion, agent["client_id"], cnf={"jkt": holder.jkt})
+
+    assert "DPoP" in refused(present(bastion, agent, bound()))
+    assert "DPoP" in refused(present(bastion, agent, bound(), dpop=stranger.proof("POST", url)))
+    answer = present(bastion, agent, bound(), dpop=holder.proof("POST", url))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["token_type"] == "DPoP"
+    assert claims_of(answer.json()["access_token"])["cnf"] == {"jkt": holder.jkt}
+
+
+def test_an_id_jag_for_several_resources_gets_a_token_for_the_one_asked_for(bastion, idp, agent):
+    """The draft's ``resource`` claim is "either a single URI or an array of URIs", and the
+    granted resources "MAY be a subset"; a bastion token is for one, which the response names
+    (the draft: the server "MUST include the granted resource ... in the access token
+    response")."""
+    desk, lab = bastion.mcp_url("deskhttp"), bastion.mcp_url("labhttp")
+    one = present(bastion, agent, idp.id_jag(bastion, agent["client_id"], resource=[desk]))
+    assert one.status_code == 200, one.text
+    assert one.json()["resource"] == desk
+
+    def both() -> str:
+        return idp.id_jag(bastion, agent["client_id"], resource=[desk, lab])
+
+    assert "name one" in refused(present(bastion, agent, both()), "invalid_target")
+    answer = present(bastion, agent, both(), resource=lab)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["resource"] == lab
+    assert claims_of(answer.json()["access_token"])["aud"] == lab
+    refused(present(bastion, agent, both(), resource=bastion.mcp_url("desk")), "invalid_target")
 
 
 def test_alg_none_is_refused(bastion, idp, agent):
