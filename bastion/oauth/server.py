@@ -38,7 +38,7 @@ from bastion.oauth.client_metadata_document import (
 from bastion.oauth.csrf import FormTokens, foreign_origin
 from bastion.oauth.dpop import HEADER as DPOP_HEADER
 from bastion.oauth.dpop import NONCE_HEADER, DPoPProofs, UseDPoPNonce
-from bastion.oauth.errors import InvalidGrant, InvalidRequest, OAuthError
+from bastion.oauth.errors import InvalidGrant, InvalidRequest, InvalidTarget, OAuthError
 from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
@@ -84,6 +84,10 @@ def error_response(error: OAuthError) -> JSONResponse:
     return response
 
 
+# The parameters that name a token's target (RFC 8707 ``resource``, RFC 8693 ``audience``).
+_TARGETS = frozenset({"resource", "audience"})
+
+
 async def _form(request: Request) -> dict[str, str]:
     """A token-style request body: form-encoded, each parameter at most once (RFC 6749 §3.2)."""
     if media_type(request.headers.get("content-type", "")) != "application/x-www-form-urlencoded":
@@ -92,6 +96,12 @@ async def _form(request: Request) -> dict[str, str]:
     # these routes, by bastion.server.request_limits.
     form = await request.form()
     repeated = sorted({k for k in form if len(form.getlist(k)) > 1})
+    if repeated and set(repeated) <= _TARGETS:
+        # RFC 8707 §2 and RFC 8693 §2.1 let these repeat, a token for every target named;
+        # bastion's tokens are for one, and "invalid_target ... SHOULD be used" (§2.2.2).
+        raise InvalidTarget(
+            f"{' and '.join(repeated)} named more than once: a bastion token is for one resource"
+        )
     if repeated:
         raise InvalidRequest(f"parameters {repeated} must appear at most once")
     return {k: str(v) for k, v in form.items()}

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
 
 TOKEN_EXCHANGE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+# What no claim of an actor equals: a may_act member bastion cannot check.
+_UNMATCHED = object()
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
@@ -258,7 +260,7 @@ class TokenExchange:
             raise InvalidRequest(
                 f"agent {actor_client.client_id!r} is already in the chain {list(chain)}"
             )
-        _check_may_act(subject.claims.get("may_act"), actor_client.client_id)
+        _check_may_act(subject.claims.get("may_act"), actor_client.client_id, self.settings.issuer)
         new_chain = (*chain, actor_client.client_id)
         seen["chain"] = list(new_chain)
         depth = len(new_chain) - 1
@@ -541,15 +543,21 @@ def _parameters(form: Mapping[str, str]) -> tuple[str, str]:
     return subject, actor
 
 
-def _check_may_act(may_act: Any, actor: str) -> None:
-    """§4.4: when the subject token says who may act for its subject, the actor must be it."""
+def _check_may_act(may_act: Any, actor: str, issuer: str) -> None:
+    """§4.4: when the subject token says who may act for its subject, the actor must be it.
+    Its members are claims that identify that party; each must be the actor's (a bastion
+    client of ``issuer``: ``sub``, ``client_id``, ``iss``), and one bastion cannot check (an
+    ``email``) refuses, as a party it does not know is not the actor."""
     if may_act is None:
         return
     if not isinstance(may_act, dict) or not isinstance(may_act.get("sub"), str):
         raise InvalidRequest("the may_act claim of subject_token is malformed")
-    if may_act["sub"] != actor or may_act.get("client_id", actor) != actor:
+    actors = {"sub": actor, "client_id": actor, "iss": issuer}
+    if any(actors.get(name, _UNMATCHED) != value for name, value in may_act.items()):
         raise InvalidRequest(
-            f"subject_token may be acted on by {may_act['sub']!r} only, not {actor!r} (may_act)"
+            f"subject_token may be acted on only by the party its may_act claim names"
+            f" ({may_act!r}), not by {actor!r} of {issuer!r}; bastion matches sub, client_id"
+            " and iss"
         )
 
 

@@ -300,6 +300,42 @@ def test_may_act_names_the_only_actor_allowed(studio):
     assert studio.exchange(coder, named, studio.own_token(sub)).status_code == 200
 
 
+def test_may_act_naming_a_party_bastion_cannot_match_is_refused(studio):
+    """RFC 8693 §4.4: the members of ``may_act`` are claims that identify the party that may
+    act. One naming the sub-agent's ``sub`` but another issuer (``iss``), or by a claim bastion
+    cannot check against its client, names someone else: it licenses no exchange."""
+    coder, sub = cast(studio, "may-act-iss")
+    subject = studio.user_token(coder, "sam")["access_token"]
+    for may_act in (
+        {"sub": sub.client_id, "iss": "https://elsewhere.example.com"},
+        {"sub": sub.client_id, "email": "icons@example.com"},
+    ):
+        other = reissue(studio, subject, may_act=may_act)
+        answer = studio.exchange(coder, other, studio.own_token(sub))
+        assert error(answer) == (400, "invalid_request"), answer.text
+        assert "may_act" in answer.json()["error_description"]
+    # Named by every claim bastion knows of it: its sub, its client_id and bastion's issuer.
+    issuer = claims(subject)["iss"]
+    named = reissue(
+        studio, subject, may_act={"sub": sub.client_id, "client_id": sub.client_id, "iss": issuer}
+    )
+    assert studio.exchange(coder, named, studio.own_token(sub)).status_code == 200
+
+
+def test_a_resource_or_audience_given_twice_is_invalid_target(studio):
+    """RFC 8693 §2.1 lets ``resource`` and ``audience`` repeat (one token for every target
+    named); bastion issues a token for one resource, and §2.2.2: "If the authorization server
+    is unwilling or unable to issue a token for any target service indicated by the resource or
+    audience parameters, the invalid_target error code SHOULD be used"."""
+    coder, sub = cast(studio, "two-targets")
+    subject = studio.user_token(coder, "sam")["access_token"]
+    for name in ("resource", "audience"):
+        twice = [studio.mcp_url, "https://elsewhere.example.com/mcp"]
+        answer = studio.exchange(coder, subject, studio.own_token(sub), **{name: twice})
+        assert error(answer) == (400, "invalid_target"), answer.text
+        assert name in answer.json()["error_description"]
+
+
 def test_a_resource_or_audience_other_than_the_subject_tokens_is_refused(studio):
     coder, sub = cast(studio, "target")
     subject = studio.user_token(coder, "sam")["access_token"]
