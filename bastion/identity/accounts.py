@@ -71,7 +71,9 @@ MIGRATIONS = [
     INSERT INTO identity_user_bindings (provider, username, subject, bound_at)
         SELECT provider, username, subject, last_login_at FROM identity_accounts WHERE 1 = 1
         ON CONFLICT (provider, username) DO NOTHING;
-    """,
+    """,  # The max_age a login asked of the provider (OpenID Connect Core 1.0 §3.1.2.1), checked
+    # against the ID token's auth_time.
+    "ALTER TABLE identity_login_states ADD COLUMN max_age INTEGER;",
 ]
 
 

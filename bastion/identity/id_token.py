@@ -1,6 +1,6 @@
 """Checking an ID token (OpenID Connect Core 1.0 §3.1.3.7) with joserfc: the signature by the
 one key of the provider's key set the header names, then the claims ``iss``, ``aud``, ``azp``,
-``exp``, ``iat``, ``nonce`` and ``sub``. The ``alg`` is checked by the caller against the
+``exp``, ``iat``, ``nonce`` and ``sub``; and ``auth_time`` when a recent sign-in was asked for. The ``alg`` is checked by the caller against the
 provider's list before any key is fetched."""
 
 from __future__ import annotations
@@ -73,3 +73,31 @@ def check_claims(
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 255:
         raise LoginRefused("claims", "The ID token has no usable sub.")
+
+
+def check_auth_time(
+    claims: Mapping[str, Any], max_age: int | None, now: float, leeway: int
+) -> None:
+    """OpenID Connect Core §3.1.3.7 step 13: when the login asked the provider for ``max_age``
+    (bastion's client asked for a recent sign-in), the ID token must say when the person
+    signed in (``auth_time``, REQUIRED then, §2) and it must be that recent: a provider that
+    took its own older session for the answer signs nobody in."""
+    value = claims.get("auth_time")
+    if value is None and max_age is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LoginRefused(
+            "auth_time",
+            "A recent sign-in was asked for, and the provider did not say when you signed in"
+            " (auth_time)."
+            if value is None
+            else "The ID token's 'auth_time' is not a number.",
+        )
+    if value > now + leeway:
+        raise LoginRefused("auth_time", "The ID token's auth_time is in the future.")
+    if max_age is not None and now - value > max_age + leeway:
+        raise LoginRefused(
+            "auth_time",
+            f"A sign-in within {max_age} s was asked for, and the provider used one from"
+            f" {int(now - value)} s ago: sign in there again.",
+        )

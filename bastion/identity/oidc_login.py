@@ -42,7 +42,7 @@ from bastion import untrusted_json
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, check_storable
 from bastion.identity.accounts import MIGRATIONS, account_taken, bound_elsewhere
-from bastion.identity.id_token import check_claims, signed_claims
+from bastion.identity.id_token import check_auth_time, check_claims, signed_claims
 from bastion.identity.providers import (
     IdentitySettings,
     LoginRefused,
@@ -100,6 +100,7 @@ class _LoginState:
     code_verifier: str
     request_id: str | None
     next_path: str | None
+    max_age: int | None  # asked of the provider (Core §3.1.2.1); None: not asked
 
 
 class OpenIDLogin:
@@ -167,7 +168,7 @@ class OpenIDLogin:
         form = await request.form()
         browser = browser_cookie(request, self.server)
         try:
-            request_id, next_path = await self._resumed(request, form, browser)
+            request_id, next_path, max_age = await self._resumed(request, form, browser)
             endpoints = await self._provider_endpoints(provider)
         except LoginRefused as refused:
             return await self._refused(request, provider, refused)
@@ -177,7 +178,7 @@ class OpenIDLogin:
         challenge = pkce.s256(verifier)
         state, nonce = new_secret(), new_secret()
         login = _LoginState(
-            provider.id, digest(browser), nonce, verifier, request_id, next_path or None
+            provider.id, digest(browser), nonce, verifier, request_id, next_path or None, max_age
         )
         await run_in_threadpool(self._save_state, state, login)
         query = {
@@ -190,12 +191,22 @@ class OpenIDLogin:
             "code_challenge": challenge,
             "code_challenge_method": "S256",
         }
+        if max_age is not None:
+            # The client asked for a recent sign-in (a step-up): the provider's session must not
+            # stand in for it. Checked against the ID token's auth_time (`check_auth_time`);
+            # prompt=login as well for 0, for providers that act on prompt and not on max_age.
+            query["max_age"] = str(max_age)
+            if max_age == 0:
+                query["prompt"] = "login"
         separator = "&" if "?" in endpoints.authorization else "?"
         return pages.redirect(f"{endpoints.authorization}{separator}{urlencode(query)}")
 
-    async def _resumed(self, request: Request, form, browser: str) -> tuple[str | None, str]:
+    async def _resumed(
+        self, request: Request, form, browser: str
+    ) -> tuple[str | None, str, int | None]:
         """What the login resumes, once the form's CSRF token and the browser are checked: an
-        authorization request's id, or a local path of bastion's pages."""
+        authorization request's id, or a local path of bastion's pages; and the request's
+        ``max_age`` (`PendingAuthorization.max_age`)."""
         csrf = str(form.get("csrf_token", ""))
         request_id = str(form.get("request_id", ""))
         if request_id:
@@ -213,7 +224,7 @@ class OpenIDLogin:
                 raise LoginRefused(
                     "csrf", "The form is missing its CSRF token or comes from another browser.", 403
                 )
-            return request_id, ""
+            return request_id, "", pending.max_age
         next_path = local_path(str(form.get("next", "")))
         if next_path is None:
             raise LoginRefused(
@@ -223,14 +234,15 @@ class OpenIDLogin:
             raise LoginRefused(
                 "csrf", "This form expired or came from another page. Sign in again.", 403
             )
-        return None, next_path
+        return None, next_path, None
 
     def _save_state(self, state: str, login: _LoginState) -> None:
         now = self.clock()
         self.db.execute("DELETE FROM identity_login_states WHERE expires_at < ?", (now,))
         self.db.execute(
             "INSERT INTO identity_login_states (state_digest, provider, browser_digest, nonce,"
-            " code_verifier, request_id, next_path, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " code_verifier, request_id, next_path, max_age, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 digest(state),
                 login.provider,
@@ -239,6 +251,7 @@ class OpenIDLogin:
                 login.code_verifier,
                 login.request_id,
                 login.next_path,
+                login.max_age,
                 now + self.settings.login_seconds,
             ),
         )
@@ -247,7 +260,8 @@ class OpenIDLogin:
         """The login ``state`` names, deleted as it is read: a second answer finds nothing."""
         rows = self.db.execute(
             "DELETE FROM identity_login_states WHERE state_digest = ? AND expires_at > ?"
-            " RETURNING provider, browser_digest, nonce, code_verifier, request_id, next_path",
+            " RETURNING provider, browser_digest, nonce, code_verifier, request_id, next_path,"
+            " max_age",
             (digest(state), self.clock()),
         )
         return _LoginState(*rows[0]) if rows else None
@@ -312,6 +326,7 @@ class OpenIDLogin:
         if not isinstance(id_token, str) or len(id_token) > MAX_ID_TOKEN_CHARS:
             raise LoginRefused("id_token", "The provider sent no usable ID token.")
         claims = await self._verified_claims(provider, endpoints, id_token, login.nonce)
+        check_auth_time(claims, login.max_age, self.clock(), provider.leeway_seconds)
         if provider.userinfo:
             # The ID token's own claims win: UserInfo only adds what it lacks.
             claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}

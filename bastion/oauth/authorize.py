@@ -197,14 +197,19 @@ class AuthorizationEndpoint:
             )
             return self._request_error(client, redirect_uri, state, error)
         browser = browser_binding(request, self.server)
-        pending = replace(pending, browser_digest=digest(browser))
+        prompt, max_age = query.get("prompt"), _max_age(query.get("max_age"))
+        pending = replace(
+            pending,
+            browser_digest=digest(browser),
+            max_age=0 if prompt == "login" else max_age,
+        )
         response = await run_in_threadpool(
             self._begin,
             pending,
             client,
             read_cookie(request, self.settings, SESSION_COOKIE),
-            query.get("prompt"),
-            _max_age(query.get("max_age")),
+            prompt,
+            max_age,
         )
         self._set_cookie(response, BROWSER_COOKIE, browser, PENDING_SECONDS)
         return response

@@ -215,6 +215,9 @@ _MIGRATIONS = [
         PRIMARY KEY (username, client_id, resource, redirect_uri)
     );
     """,
+    # The max_age (or prompt=login) of a pending request, asked of the identity provider a
+    # person signs in through for it.
+    "ALTER TABLE oauth_pending_authorizations ADD COLUMN max_age INTEGER;",
 ]
 
 
@@ -289,6 +292,10 @@ class PendingAuthorization:
     scope: str
     code_challenge: str
     expires_at: float
+    # The most seconds since the person signed in that the client accepts (OpenID Connect Core
+    # 1.0 §3.1.2.1 ``max_age``; 0 for ``prompt=login``); None: any. A login through an identity
+    # provider asks the provider for it (`bastion.identity.oidc_login`).
+    max_age: int | None = None
 
 
 @dataclass(frozen=True)
@@ -851,8 +858,8 @@ class OAuthStore:
     def save_pending(self, pending: PendingAuthorization) -> None:
         self.db.execute(
             "INSERT INTO oauth_pending_authorizations (request_id, browser_digest, csrf_token,"
-            " client_id, redirect_uri, state, resource, scope, code_challenge, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " client_id, redirect_uri, state, resource, scope, code_challenge, expires_at,"
+            " max_age) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 pending.request_id,
                 pending.browser_digest,
@@ -864,13 +871,14 @@ class OAuthStore:
                 pending.scope,
                 pending.code_challenge,
                 pending.expires_at,
+                pending.max_age,
             ),
         )
 
     def pending(self, request_id: str, now: float) -> PendingAuthorization | None:
         rows = self.db.execute(
             "SELECT request_id, browser_digest, csrf_token, client_id, redirect_uri, state,"
-            " resource, scope, code_challenge, expires_at FROM oauth_pending_authorizations"
+            " resource, scope, code_challenge, expires_at, max_age FROM oauth_pending_authorizations"
             " WHERE request_id = ? AND expires_at > ?",
             (request_id, now),
         )

@@ -141,6 +141,8 @@ class TestProvider:
             "exp": now + 300,
             "nonce": query["nonce"],
             "groups": ["admins", "devs"],
+            # As a provider must when asked for max_age (OpenID Connect Core 1.0 §2).
+            "auth_time": now if "max_age" in query else None,
             **claims,
         }
         body = {k: v for k, v in body.items() if v is not None}
@@ -1183,3 +1185,39 @@ def test_a_suspended_user_cannot_log_in_through_the_provider(bastion, idp, perso
     finally:
         bastion.server.suspensions = before
     refused(answer, 403, "suspended")
+
+
+@pytest.mark.parametrize(
+    ("auth_time", "words"),
+    [
+        (None, "did not say when you signed in"),
+        (int(time.time()) - 3600, "used one from"),
+        (int(time.time()) + 3600, "auth_time is in the future"),
+        ("yesterday", "'auth_time' is not a number"),
+    ],
+    ids=["missing", "old", "future", "text"],
+)
+def test_a_recent_sign_in_asked_for_needs_the_providers_auth_time_to_show_it(
+    bastion, idp, person, client, auth_time, words
+):
+    # OpenID Connect Core 1.0 §3.1.3.7 step 13: "If the max_age request parameter was used,
+    # the Client SHOULD check the auth_time Claim value and request re-authentication if it
+    # determines too much time has elapsed since the last End-User authentication."
+    before = sessions(bastion)
+    query = person.sent_to_provider(client, "a", max_age="0")
+    assert (query["max_age"], query["prompt"]) == ("0", "login")
+    code = idp.issue("a", query, auth_time=auth_time)
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 400, words)
+    assert sessions(bastion) == before
+
+
+def test_a_sign_in_made_for_max_age_at_the_provider_is_taken(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "a", max_age="300")
+    assert query["max_age"] == "300" and "prompt" not in query
+    code = idp.issue("a", query, auth_time=int(time.time()) - 200)
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    assert response.status_code in (200, 303), response.text
+    # Without max_age asked, the provider is not asked for a recent sign-in, nor checked.
+    query = person.sent_to_provider(client, "a")
+    assert "max_age" not in query and "prompt" not in query
