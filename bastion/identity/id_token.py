@@ -15,6 +15,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.identity.providers import LoginRefused, OpenIDProvider
+from bastion.names import readable
 
 
 def signed_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[str, Any]:
@@ -61,6 +62,17 @@ def check_claims(
     azp = claims.get("azp")
     if (len(audiences) > 1 or azp is not None) and azp != provider.client_id:
         raise LoginRefused("azp", "The ID token is for several parties and azp is not bastion.")
+    # Core §3.1.3.7 step 3: refused if it "contains additional audiences not trusted by the
+    # Client", whatever azp says; those the provider always adds are named in the settings.
+    others = [
+        a for a in audiences if a != provider.client_id and a not in provider.trusted_audiences
+    ]
+    if others:
+        raise LoginRefused(
+            "aud",
+            f"The ID token is also for '{readable(str(others[0]))}', an audience bastion does not"
+            f" trust (identity.providers trusted_audiences).",
+        )
     leeway = provider.leeway_seconds
     if now > _number(claims, "exp") + leeway:
         raise LoginRefused("expired", "The ID token has expired.")
@@ -68,7 +80,8 @@ def check_claims(
     if issued_at > now + leeway or issued_at < now - login_seconds - leeway:
         raise LoginRefused("iat", "The ID token was not issued during this login (iat).")
     got = claims.get("nonce")
-    if not isinstance(got, str) or not hmac.compare_digest(got, nonce):
+    # As bytes: compare_digest takes no str beyond ASCII (a nonce "é" was a 500).
+    if not isinstance(got, str) or not hmac.compare_digest(got.encode(), nonce.encode()):
         raise LoginRefused("nonce", "The ID token's nonce is not this login's.")
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 255:

@@ -40,6 +40,7 @@ _PROVIDER_KEYS = {
     "userinfo",
     "facts",
     "allow_private_addresses",
+    "trusted_audiences",
 }
 _IDENTITY_KEYS = {"providers", "local_passwords", "fact_seconds", "login_seconds"}
 _FACT_MAPPING_KEYS = {"claim", "predicate", "name", "resource", "values"}
@@ -122,6 +123,9 @@ class OpenIDProvider:
     jwks_refetch_seconds: int = 30
     # Read the UserInfo endpoint too (its claims complete the ID token's).
     userinfo: bool = False
+    # Audiences besides client_id an ID token may hold (OpenID Connect Core §3.1.3.7 step 3:
+    # any other refuses it): those a provider adds to every token, e.g. a project's other apps.
+    trusted_audiences: tuple[str, ...] = ()
     facts: tuple[FactMapping, ...] = ()
     # The non-public addresses the endpoints its discovery document names (token, UserInfo,
     # key set) may be reached at (`bastion.egress.private_allowance`): none, all (true), or those
@@ -268,6 +272,10 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
     ):
         if key in table:
             values[key] = _whole(f"{where}.{key}", table[key], 0 if key == "leeway_seconds" else 1)
+    audiences = table.get("trusted_audiences", [])
+    if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
+        raise IdentityConfigError(f"{where}.trusted_audiences: a list of audience values")
+    values["trusted_audiences"] = tuple(audiences)
     userinfo = table.get("userinfo", False)
     if not isinstance(userinfo, bool):
         raise IdentityConfigError(f"{where}.userinfo: true or false")

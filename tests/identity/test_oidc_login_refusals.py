@@ -469,6 +469,10 @@ def test_userinfo_about_someone_else_is_refused(bastion, idp, person, client):
         ({"aud": "someone-else"}, "not for bastion"),
         ({"aud": ["bastion-a", "someone-else"]}, "azp is not bastion"),
         ({"aud": ["bastion-a", "x"], "azp": "x"}, "azp is not bastion"),
+        # Core §3.1.3.7 step 3: "The ID Token MUST be rejected if [...] it contains additional
+        # audiences not trusted by the Client", whatever azp says.
+        ({"aud": ["bastion-a", "x"], "azp": "bastion-a"}, "also for 'x'"),
+        ({"nonce": "n\u00e9"}, "nonce is not this login"),
         ({"exp": int(time.time()) - 3600}, "has expired"),
         ({"exp": None}, "'exp' is missing"),
         ({"iat": int(time.time()) + 3600}, "not issued during this login"),
@@ -1068,6 +1072,20 @@ def test_an_email_the_provider_does_not_vouch_for_names_no_user(
             "user_prefix: a prefix that reads as itself: this one mixes scripts in one word"
             " (Latin and Cyrillic: \\u0441orp)",
         ),
+        (
+            {
+                "providers": [
+                    {
+                        "id": "x",
+                        "issuer": "https://i.example",
+                        "client_id": "c",
+                        "token_endpoint_auth_method": "none",
+                        "trusted_audiences": "project-apps",
+                    }
+                ]
+            },
+            "trusted_audiences: a list of audience values",
+        ),
     ],
     ids=lambda v: str(v)[:30],
 )
@@ -1221,3 +1239,32 @@ def test_a_sign_in_made_for_max_age_at_the_provider_is_taken(bastion, idp, perso
     # Without max_age asked, the provider is not asked for a recent sign-in, nor checked.
     query = person.sent_to_provider(client, "a")
     assert "max_age" not in query and "prompt" not in query
+
+
+def test_an_audience_the_provider_always_adds_is_taken_when_trusted(tmp_path, idp):
+    identity = {
+        "providers": [
+            {
+                "id": "b",
+                "issuer": idp.issuer("b"),
+                "client_id": "bastion-b",
+                "client_secret": SECRETS["bastion-b"],
+                "trusted_audiences": ["project-apps"],
+            }
+        ]
+    }
+    with bastion_with_providers(
+        str(tmp_path / "b.db"), str(tmp_path / "keys"), free_socket(), identity
+    ) as b:
+        person = Person(b)
+        try:
+            client = b.register()
+            query = person.sent_to_provider(client, "b")
+            code = idp.issue("b", query, aud=["bastion-b", "project-apps"], azp="bastion-b")
+            taken = person.back_from_provider("b", code=code, state=query["state"])
+            assert taken.status_code == 200 and "Allow access?" in taken.text, taken.text
+            query = person.sent_to_provider(client, "b")
+            code = idp.issue("b", query, aud=["bastion-b", "project-apps", "y"], azp="bastion-b")
+            refused(person.back_from_provider("b", code=code, state=query["state"]), 400, "'y'")
+        finally:
+            person.close()
