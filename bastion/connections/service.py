@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -50,6 +49,7 @@ from bastion.connections.upstream_oauth import (
     UpstreamOAuthError,
     pkce_pair,
 )
+from bastion.constant_time import same
 from bastion.db import first_line
 from bastion.names import readable
 
@@ -473,9 +473,7 @@ class Connections:
         except (Unsealable, KeyError):
             raise FlowRefused("This connection cannot be finished; start again.", 400) from None
         started_in = opened.get("browser")
-        if not isinstance(started_in, str) or not hmac.compare_digest(
-            started_in, _browser_digest(browser)
-        ):
+        if not isinstance(started_in, str) or not same(started_in, _browser_digest(browser)):
             # Sent through another browser's flow (one signed in as its starter by a login
             # CSRF), the person would attach their own upstream account to its starter.
             raise FlowRefused(

@@ -33,6 +33,7 @@ import anyio
 
 from bastion.approvals.service import Approvals, Unavailable
 from bastion.approvals.store import ApprovalRequest
+from bastion.constant_time import same
 from bastion.gateway.enforce import Held
 from bastion.gateway.jsonrpc import (
     APPROVAL_PENDING,
@@ -91,7 +92,7 @@ class RequestStates:
         if not state.startswith(kind):
             return None
         value, _, mac = state[len(kind) :].rpartition(".")
-        if not value or not hmac.compare_digest(mac, self._mac(kind, value, subject, chain)):
+        if not value or not same(mac, self._mac(kind, value, subject, chain)):
             return None
         return value
 

@@ -5,7 +5,6 @@ provider's list before any key is fetched."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +13,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
+from bastion.constant_time import same
 from bastion.identity.providers import LoginRefused, OpenIDProvider
 from bastion.names import readable
 
@@ -80,8 +80,7 @@ def check_claims(
     if issued_at > now + leeway or issued_at < now - login_seconds - leeway:
         raise LoginRefused("iat", "The ID token was not issued during this login (iat).")
     got = claims.get("nonce")
-    # As bytes: compare_digest takes no str beyond ASCII (a nonce "é" was a 500).
-    if not isinstance(got, str) or not hmac.compare_digest(got.encode(), nonce.encode()):
+    if not isinstance(got, str) or not same(got, nonce):
         raise LoginRefused("nonce", "The ID token's nonce is not this login's.")
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 255:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
+from bastion.constant_time import same
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, check_storable
 from bastion.identity.accounts import MIGRATIONS, account_taken, bound_elsewhere
@@ -218,8 +218,8 @@ class OpenIDLogin:
             if not (
                 csrf
                 and browser
-                and hmac.compare_digest(csrf, pending.csrf_token)
-                and hmac.compare_digest(digest(browser), pending.browser_digest)
+                and same(csrf, pending.csrf_token)
+                and same(digest(browser), pending.browser_digest)
             ):
                 raise LoginRefused(
                     "csrf", "The form is missing its CSRF token or comes from another browser.", 403
@@ -294,7 +294,7 @@ class OpenIDLogin:
                 "state", "This login is unknown, expired or already used: start again."
             )
         browser = browser_cookie(request, self.server)
-        if not (browser and hmac.compare_digest(digest(browser), login.browser_digest)):
+        if not (browser and same(digest(browser), login.browser_digest)):
             raise LoginRefused("browser", "This login was started in another browser.", 403)
         if login.provider != provider.id:
             raise LoginRefused(
@@ -538,9 +538,7 @@ class OpenIDLogin:
             pending = await run_in_threadpool(
                 self.server.store.pending, login.request_id, self.clock()
             )
-            if pending is None or not hmac.compare_digest(
-                pending.browser_digest, login.browser_digest
-            ):
+            if pending is None or not same(pending.browser_digest, login.browser_digest):
                 raise LoginRefused(
                     "unknown_request",
                     "The application's request expired while you signed in: return to the"

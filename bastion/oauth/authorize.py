@@ -17,7 +17,6 @@ A remembered consent skips the page only where RFC 8252 §8.6 allows it (`consen
 from __future__ import annotations
 
 import functools
-import hmac
 import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from bastion.agents.identity import record_first_owner
+from bastion.constant_time import same
 from bastion.oauth import pages, pkce
 from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.redirect_uris import is_claimed_https, redirect_uri_allowed
@@ -469,9 +469,9 @@ class AuthorizationEndpoint:
         browser = browser_cookie(request, self.server)
         if not (
             csrf
-            and hmac.compare_digest(csrf, pending.csrf_token)
+            and same(csrf, pending.csrf_token)
             and browser
-            and hmac.compare_digest(digest(browser), pending.browser_digest)
+            and same(digest(browser), pending.browser_digest)
         ):
             await run_in_threadpool(
                 functools.partial(

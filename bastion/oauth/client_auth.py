@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import unquote
 
+from bastion.constant_time import same
 from bastion.oauth.client_assertion import ASSERTION_TYPE, ClientAssertions
 from bastion.oauth.errors import InvalidClient, InvalidRequest
 from bastion.oauth.store import Client, digest
@@ -78,7 +78,7 @@ async def authenticate_client(
             f" not {method!r}"
         )
     if secret is not None and not (
-        client.secret_digest and hmac.compare_digest(digest(secret), client.secret_digest)
+        client.secret_digest and same(digest(secret), client.secret_digest)
     ):
         raise InvalidClient(f"the secret of client {client_id!r} is wrong")
     return client

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 
+from bastion.constant_time import same
 from bastion.origins import normalized_origin, origin_of
 
 # The purpose under which browser cookie values are MACed: no form's token is made for it.
@@ -58,7 +59,7 @@ class FormTokens:
         value, dot, mac = browser_id.partition(".")
         if not (value and dot and mac and browser_id.isascii()):
             return False
-        return hmac.compare_digest(mac, self._mac(_BROWSER, value, ""))
+        return same(mac, self._mac(_BROWSER, value, ""))
 
     def token(self, purpose: str, binding: str) -> str:
         issued = str(int(self.clock()))
@@ -74,7 +75,7 @@ class FormTokens:
             return False
         if not 0 <= self.clock() - int(issued) <= max_age:
             return False
-        return hmac.compare_digest(mac, self._mac(purpose, binding, issued))
+        return same(mac, self._mac(purpose, binding, issued))
 
 
 def foreign_origin(request: Request, issuer: str) -> str | None:

@@ -38,6 +38,7 @@ from joserfc.jwk import JWKRegistry
 from joserfc.jws import JWSRegistry
 
 from bastion import untrusted_json
+from bastion.constant_time import same
 from bastion.db import Database
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import protected_header
@@ -270,9 +271,7 @@ class DPoPProofs:
         if not (period.isascii() and period.isdigit()):  # int() refuses some of str's digits
             return False
         current = int(self.clock() // self.settings.nonce_seconds)
-        return int(period) in (current, current - 1) and hmac.compare_digest(
-            value, self._nonce_of(int(period))
-        )
+        return int(period) in (current, current - 1) and same(value, self._nonce_of(int(period)))
 
     def _forget_expired(self) -> None:
         """At most once a minute, on the path of a proof: forget spent proofs' jtis."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import re
 
+from bastion.constant_time import same
 from bastion.oauth.errors import InvalidGrant, InvalidRequest
 
 # RFC 7636 §4.1: 43 to 128 characters from the unreserved set. Both are matched whole
@@ -42,5 +42,5 @@ def check_verifier(verifier: str | None, challenge: str) -> None:
         raise InvalidRequest("code_verifier is required")
     if not _VERIFIER.fullmatch(verifier):
         raise InvalidGrant("code_verifier must be 43 to 128 unreserved characters (RFC 7636 §4.1)")
-    if not hmac.compare_digest(s256(verifier), challenge):
+    if not same(s256(verifier), challenge):
         raise InvalidGrant("code_verifier does not match the code_challenge of this code")

@@ -10,7 +10,6 @@ open-registered client that has had no grant after ``unused_client_seconds`` is 
 
 from __future__ import annotations
 
-import hmac
 import math
 import uuid
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion import untrusted_json
+from bastion.constant_time import same
 from bastion.names import lookalike_problem, plain
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.client_assertion import key_metadata
@@ -238,7 +238,7 @@ def check_registration_allowed(
             status=403,
         )
     token_ok = initial_access_token is not None and any(
-        hmac.compare_digest(initial_access_token, t) for t in settings.initial_access_tokens
+        same(initial_access_token, t) for t in settings.initial_access_tokens
     )
     if initial_access_token is not None and not token_ok:
         raise OAuthError("invalid_token", "the initial access token is not valid", status=401)

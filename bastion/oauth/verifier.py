@@ -14,7 +14,6 @@ gateway) without weakening the revocation rule.
 from __future__ import annotations
 
 import base64
-import hmac
 import logging
 import threading
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from joserfc.errors import JoseError
 from bastion import untrusted_json
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
+from bastion.constant_time import same
 from bastion.db import Database, Listener
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.dpop import token_key
@@ -265,7 +265,7 @@ def _as_issued(token: str, expires_at: int, state: AccessTokenState) -> bool:
     compared by its expiry; such tokens end within ``access_token_seconds`` of the upgrade."""
     if state.token_digest is None:
         return expires_at == int(state.expires_at)
-    return hmac.compare_digest(state.token_digest, digest(token))
+    return same(state.token_digest, digest(token))
 
 
 # More nested ``act`` claims than any chain bastion issues (``max_delegation_depth`` is at most

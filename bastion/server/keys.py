@@ -8,12 +8,12 @@ no dictionary to try, so a slow hash would add nothing but latency to every requ
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 from dataclasses import dataclass
 
 from bastion.audit.log import AuditLog
+from bastion.constant_time import same
 from bastion.db import Database
 from bastion.names import check_new_name
 
@@ -262,13 +262,13 @@ class KeyStore:
         return record
 
     def _verify(self, key: str) -> ApiKey | None:
-        if self._env_hash is not None and hmac.compare_digest(_hash(key), self._env_hash):
+        if self._env_hash is not None and same(_hash(key), self._env_hash):
             return ApiKey("env", "BASTION_ADMIN_KEY", frozenset({"admin"}), 0.0, "environment")
         if not key.startswith(KEY_PREFIX):
             return None
         key_id, _, _secret = key[len(KEY_PREFIX) :].partition("_")
         row = self._row(key_id)
-        if row is None or not hmac.compare_digest(row[1], _hash(key)):
+        if row is None or not same(row[1], _hash(key)):
             return None
         record = self._record(row)
         now = time.time()

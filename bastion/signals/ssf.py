@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import secrets
@@ -32,6 +31,7 @@ from starlette.routing import Route
 from bastion import untrusted_json
 from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
+from bastion.constant_time import same
 from bastion.db import Database
 from bastion.egress import cleartext_problem, metadata_allowance
 from bastion.facts.model import Entity, FactError
@@ -432,9 +432,7 @@ class SsfReceiver:
             return None
         found = None
         for t in self.settings.transmitters:
-            if t.delivery == "push" and hmac.compare_digest(
-                t.push_token.encode(), token.strip().encode()
-            ):
+            if t.delivery == "push" and same(t.push_token, token.strip()):
                 found = t
         return found
 

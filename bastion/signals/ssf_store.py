@@ -8,12 +8,12 @@ written in the changing transaction."""
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import time
 from dataclasses import dataclass
 
 from bastion.audit.log import AuditLog
+from bastion.constant_time import same
 from bastion.db import Database
 from bastion.untrusted_json import writable
 
@@ -169,7 +169,7 @@ class SsfStore:
         )
         if not rows or rows[0][0] is None or state is None:
             return False
-        if not hmac.compare_digest(str(rows[0][0]), str(state)):
+        if not same(str(rows[0][0]), str(state)):
             return False
         if rows[0][2] != "verified":
             self._changed(

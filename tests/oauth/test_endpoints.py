@@ -196,6 +196,13 @@ def test_registration_policies(sqlite_url, tmp_path):
         assert_oauth_error(
             bastion.http.post(f"{bastion.url}/register", json=body), "invalid_token", 401
         )
+        # A token beyond ASCII (a header's bytes read as Latin-1) is a wrong one, not a 500.
+        latin = [(b"authorization", b"Bearer initial-access-token-for-t\xe9sts")]
+        assert_oauth_error(
+            bastion.http.post(f"{bastion.url}/register", json=body, headers=latin),
+            "invalid_token",
+            401,
+        )
         assert (
             bastion.http.post(f"{bastion.url}/register", json=body, headers=IAT).status_code == 201
         )
