@@ -424,6 +424,7 @@ def _transmitter_documents(peer: Peer, endpoints: dict[str, str], poll: str = ""
     peer.answers["/jwks"] = _public_keys()
     peer.answers["/stream"] = {
         "stream_id": "s1",
+        "iss": base,  # SSF 1.0 §8.1.1: required, and checked
         "aud": "https://bastion.test",
         "delivery": {"method": POLL, "endpoint_url": poll or f"{base}/poll"},
     }

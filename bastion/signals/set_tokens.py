@@ -2,7 +2,8 @@
 
 A SET is accepted only if it is a JWS signed with an allowed public-key algorithm by a key of the
 transmitter's JWKS, has ``typ`` ``secevent+jwt``, the configured ``iss``, an ``aud`` that holds
-bastion's audience, an ``iat`` neither stale nor in the future, a ``jti``, and ``events``. Each
+bastion's audience, an ``iat`` neither stale nor in the future, a ``jti``, and ``events``, and no
+``exp`` nor ``sub`` (SSF 1.0 §4.1.2-§4.1.3 and §4.1.7: they tell a SET from other JWTs). Each
 refusal is the RFC 8935 §2.4 error code (``invalid_request``, ``invalid_key``, ``invalid_issuer``,
 ``invalid_audience``) with a sentence for the transmitter's operator. Replay (``jti``) is checked
 by the receiver, which stores the jtis.
@@ -149,8 +150,15 @@ def verify_set(
         or not all(isinstance(v, dict) for v in events.values())
     ):
         raise SetRefused("invalid_request", "events must be an object of event type -> object")
-    if "exp" in claims:
-        # RFC 8417 §2.2: a SET has no exp; one that carries it is not a SET.
-        raise SetRefused("invalid_request", "a SET must not carry exp (RFC 8417 §2.2)")
+    for claim, section, hint in (
+        ("exp", "§4.1.7", ""),
+        ("sub", "§4.1.2", "; name the subject in sub_id"),
+    ):
+        # SSF 1.0 §4.1.3: a SET carries neither, so an ID token or access token of the same
+        # issuer, which carries both, is never taken for one.
+        if claim in claims:
+            raise SetRefused(
+                "invalid_request", f"a SET must not carry {claim} (SSF 1.0 {section}){hint}"
+            )
     txn = claims.get("txn") if isinstance(claims.get("txn"), str) else None
     return VerifiedSet(jti, issuer, float(iat), events, claims.get("sub_id"), txn, claims)

@@ -34,6 +34,7 @@ devices = false                              # true: its events set Device facts
 "email:sam@example.com" = "sam"
 "iss_sub:https://idp.example.com|00u1" = "sam"
 "opaque:7f2c" = "sam"
+"phone_number:+12025550123" = "sam"         # also account:, did:, uri: (RFC 9493 §3.2)
 [signals.ssf.transmitters.effects]           # per event type: revoke, disable, fact, record
 "https://schemas.openid.net/secevent/caep/event-type/credential-change" = "record"
 ```
@@ -76,7 +77,8 @@ DEFAULT_EFFECTS: dict[str, str] = {
 }
 # Fact effects exist only for the events that carry a value to record.
 FACT_EVENTS = {e for e, effect in DEFAULT_EFFECTS.items() if effect == "fact"}
-SUBJECT_FORMATS = ("email", "iss_sub", "opaque")
+# The users table's key prefixes: RFC 9493 §3.2's simple formats (`bastion.signals.subjects`).
+SUBJECT_FORMATS = ("email", "iss_sub", "opaque", "phone_number", "account", "did", "uri")
 # Algorithms a SET may be signed with: asymmetric only (no shared secret, no `none`).
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
               "EdDSA")  # fmt: skip

@@ -66,6 +66,11 @@ from bastion.signals.subjects import Subject, SubjectError, parse_subject, user_
 
 log = logging.getLogger("bastion.signals.ssf")
 
+# SSF 1.0 §8.1.2.1: a stream's status.
+STREAM_STATUSES = ("enabled", "paused", "disabled")
+# CAEP 1.0 §2: who invoked an event.
+INITIATING_ENTITIES = ("admin", "user", "policy", "system")
+
 PUSH_PATH = "/ssf/events"
 SET_MEDIA_TYPE = "application/secevent+jwt"
 PUSH_METHOD = "urn:ietf:rfc:8935"
@@ -107,6 +112,25 @@ def event_time(verified: VerifiedSet, body: dict[str, Any]) -> float:
     if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
         return verified.iat
     return min(float(at), verified.iat)
+
+
+def event_reasons(body: dict[str, Any]) -> dict[str, Any]:
+    """CAEP 1.0 §2's ``initiating_entity`` and ``reason_admin`` ("intended for logging and
+    auditing") of an event, for its audit record: the entity if it is one of the four, at most
+    8 languages of 200 characters of the reason."""
+    found: dict[str, Any] = {}
+    if body.get("initiating_entity") in INITIATING_ENTITIES:
+        found["initiating_entity"] = body["initiating_entity"]
+    reason = body.get("reason_admin")
+    if isinstance(reason, dict):
+        texts = {
+            str(lang)[:35]: text[:200]
+            for lang, text in list(reason.items())[:8]
+            if isinstance(text, str)
+        }
+        if texts:
+            found["reason_admin"] = texts
+    return found
 
 
 def _error(status: int, err: str, description: str, **headers: str) -> JSONResponse:
@@ -292,21 +316,10 @@ class SsfReceiver:
         effects: list[dict[str, Any]] = []
         users: set[str] = set()
         for event_type, body in verified.events.items():
-            done: dict[str, Any] = {"event": event_type}
+            done: dict[str, Any] = {"event": event_type, **event_reasons(body)}
             effects.append(done)
-            if event_type == VERIFICATION:
-                state = body.get("state")
-                matched = self.store.verified(
-                    t.name, state if isinstance(state, str) else None, actor=f"ssf:{t.name}"
-                )
-                done.update(effect="verify", result="verified" if matched else "unexpected state")
-                continue
-            if event_type == STREAM_UPDATED:
-                status = str(body.get("status", ""))[:32]
-                self.store.save_stream(
-                    t.name, status or "updated", "stream-updated event", actor=f"ssf:{t.name}"
-                )
-                done.update(effect="record", result=f"stream {status}")
+            if event_type in (VERIFICATION, STREAM_UPDATED):
+                done.update(self._stream_event(t, event_type, verified, body))
                 continue
             effect = t.effect(event_type)
             done["effect"] = effect
@@ -323,6 +336,19 @@ class SsfReceiver:
             if user is not None:
                 users.add(user)
                 done["user"] = user
+            not_understood = self._critical_unread(t, effect, subject)
+            if not_understood and effect == "fact":
+                # SSF 1.0 §3.6: discarded. A value about a tenant, an application or a session
+                # is not the user's or the device's, which is all a fact here can be about.
+                done["result"] = (
+                    f"ignored: critical subject member(s) {', '.join(not_understood)} not"
+                    " understood (SSF 1.0 §3.6)"
+                )
+                continue
+            if not_understood:
+                # A revocation or a disabling is applied to the whole user (fail closed): more
+                # than the member named, never less.
+                done["critical_not_understood"] = not_understood
             if effect == "record":
                 done["result"] = "recorded"
             elif effect == "fact":
@@ -345,6 +371,55 @@ class SsfReceiver:
                     f", revoked {count} more grant(s)" if count else ""
                 )
         return Outcome(verified.jti, ",".join(sorted(users)) or None, effects)
+
+    def _critical_unread(self, t: Transmitter, effect: str, subject: Subject) -> list[str]:
+        """The members of the subject named critical by the transmitter's metadata
+        (``critical_subject_members``, SSF 1.0 §7.1) that this effect does not act on: members
+        not read, a session for a fact (facts are the user's or the device's), a device for a
+        transmitter that does not speak for devices."""
+        critical = self._metadata.get(t.name, {}).get("critical_subject_members")
+        if not isinstance(critical, list) or not critical:
+            return []
+        unread = set(subject.unread)
+        if effect == "fact":
+            unread |= {"session"} if subject.session is not None else set()
+            unread |= {"device"} if subject.device is not None and not t.devices else set()
+        return sorted(m for m in unread if m in critical)
+
+    def _stream_event(
+        self, t: Transmitter, event_type: str, verified: VerifiedSet, body: dict[str, Any]
+    ) -> dict[str, str]:
+        """A verification (SSF 1.0 §8.1.4.1) or stream-updated (§8.1.5) event: about the stream
+        whose id its sub_id (``opaque``) names, which must be bastion's with ``t``."""
+        known = self.store.stream(t.name)
+        sub = verified.sub_id
+        named = sub.get("id") if isinstance(sub, dict) and sub.get("format") == "opaque" else None
+        if known is None or not known.stream_id or named != known.stream_id:
+            return {
+                "effect": "record",
+                "result": f"ignored: sub_id names stream {str(named)[:64]!r}, not this stream",
+            }
+        actor = f"ssf:{t.name}"
+        if event_type == VERIFICATION:
+            state = body.get("state")
+            matched = self.store.verified(
+                t.name, state if isinstance(state, str) else None, actor=actor
+            )
+            return {"effect": "verify", "result": "verified" if matched else "unexpected state"}
+        status = body.get("status")
+        if status not in STREAM_STATUSES:
+            return {
+                "effect": "record",
+                "result": f"ignored: status must be one of {', '.join(STREAM_STATUSES)}",
+            }
+        self.store.save_stream(t.name, status, "stream-updated event", actor=actor)
+        done = {"effect": "record", "result": f"stream {status}"}
+        reason = body.get("reason")
+        if isinstance(reason, str) and reason:
+            # In the audit event only: the stream's detail is shown to anyone (/readyz), and is
+            # never the transmitter's words.
+            done["reason"] = reason[:200]
+        return done
 
     def revoke_user(self, username: str, now: float, reason: str, transmitter: str) -> int:
         """Revoke the user's grants on a signal of ``transmitter``, recorded in the receiving
@@ -578,6 +653,12 @@ class SsfReceiver:
             stream = untrusted_json.loads(content)
         if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
             raise ValueError(f"{endpoint} answered no stream_id")
+        if stream.get("iss") != t.issuer:
+            # SSF 1.0 §8.1.1.1, §8.1.1.2: the Receiver MUST confirm it; a stream of another
+            # issuer (and the poll endpoint it names) is not used.
+            raise ValueError(
+                f"{endpoint} answered a stream whose iss is not {t.issuer!r} (SSF 1.0 §8.1.1)"
+            )
         if t.audience not in (
             stream.get("aud") if isinstance(stream.get("aud"), list) else [stream.get("aud")]
         ):
@@ -593,10 +674,19 @@ class SsfReceiver:
             if isinstance(said, dict) and isinstance(said.get("status"), str):
                 status = said["status"][:32]
         state = secrets.token_urlsafe(16)
+        detail = "stream configured; verification requested"
+        if meta.get("default_subjects") == "NONE":
+            # SSF 1.0 §7.1: such a transmitter sends events only about subjects added to the
+            # stream, and bastion adds none: nothing would come, and nothing said so.
+            detail += (
+                "; the transmitter's default_subjects is NONE and bastion adds no subjects:"
+                " add them at the transmitter, or no events will come"
+            )
+            log.warning("ssf transmitter %s: %s", t.name, detail)
         await anyio.to_thread.run_sync(
             lambda: self.store.save_stream(
-                t.name, status, "stream configured; verification requested",
-                stream_id=stream_id, verification_state=state, actor=actor,
+                t.name, status, detail, stream_id=stream_id, verification_state=state,
+                actor=actor,
             )
         )  # fmt: skip
         verification = meta.get("verification_endpoint")

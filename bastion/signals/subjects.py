@@ -1,9 +1,12 @@
 """Subject identifiers of Security Event Tokens (RFC 9493) and how they name bastion users.
 
 A subject names a user only through the transmitter's explicit ``users`` table (``email:``,
-``iss_sub:<iss>|<sub>``, ``opaque:``): bastion never guesses a user name from an email address.
-RFC 9493 ``aliases`` name the one user their identifiers map to, never two; SSF 1.0's
-``complex`` subjects carry ``user``, ``device`` and ``session`` members.
+``iss_sub:<iss>|<sub>``, ``opaque:``, ``phone_number:``, ``account:``, ``did:``, ``uri:``):
+bastion never guesses a user name from an email address. RFC 9493 ``aliases`` name the one user
+their identifiers map to, never two, and an identifier of a format not read among them is passed
+over; SSF 1.0 §3.3 ``complex`` subjects carry ``user``, ``device`` and ``session`` members (and
+others, which bastion does not read: `Subject.unread` names them). RISC 1.0's Google
+transmitter writes ``subject_type`` for ``format``; it is read so.
 """
 
 from __future__ import annotations
@@ -15,10 +18,20 @@ from bastion.signals.settings import normal_subject_key
 
 MAX_FIELD = 512
 MAX_ALIASES = 32
+# RFC 9493 §3.2's simple formats (other than email and iss_sub): the member holding the value.
+ONE_MEMBER_FORMATS = {"opaque": "id", "phone_number": "phone_number", "account": "uri",
+                      "did": "url", "uri": "uri"}  # fmt: skip
+# The members of an SSF 1.0 complex subject that bastion acts on.
+READ_MEMBERS = ("user", "device", "session")
 
 
 class SubjectError(ValueError):
     """A subject identifier that is malformed or of a format bastion does not read."""
+
+
+class UnreadFormat(SubjectError):
+    """A well-formed identifier of a format bastion does not read (SSF 1.0 §3.4 allows
+    proprietary ones): passed over among ``aliases``, never a reason to drop the others."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,10 @@ class Subject:
     user_keys: tuple[str, ...] = ()
     device: str | None = None
     session: str | None = None
+    # A complex subject's members bastion does not read (``tenant``, ``application``, or a
+    # ``device`` of a format not read), for the transmitter's critical_subject_members (SSF 1.0
+    # §3.6); empty for a simple one.
+    unread: tuple[str, ...] = ()
 
     def describe(self) -> str:
         parts = [*self.user_keys, *([f"device:{self.device}"] if self.device else [])]
@@ -41,11 +58,18 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
+def subject_format(sub: dict) -> Any:
+    """An identifier's ``format``; or, without one, its ``subject_type``, which Google's RISC
+    transmitter writes instead (RISC 1.0, "Google compatibility")."""
+    return sub["format"] if "format" in sub else sub.get("subject_type")
+
+
 def simple_key(sub: Any) -> str:
-    """The lookup key of a simple RFC 9493 identifier (email, iss_sub, opaque)."""
+    """The lookup key of a simple RFC 9493 identifier (§3.2: email, iss_sub, opaque,
+    phone_number, account, did, uri); `UnreadFormat` for any other format."""
     if not isinstance(sub, dict):
         raise SubjectError("a subject identifier must be a JSON object")
-    fmt = sub.get("format")
+    fmt = subject_format(sub)
     if fmt == "email":
         return normal_subject_key("email:" + _text(sub.get("email"), "email"))
     if fmt == "iss_sub":
@@ -55,38 +79,67 @@ def simple_key(sub: Any) -> str:
             # the key of another issuer's account whose sub holds one ("auth0|abc").
             raise SubjectError("iss must be a URL, and holds '|'")
         return f"iss_sub:{iss}|{_text(sub.get('sub'), 'sub')}"
-    if fmt == "opaque":
-        return "opaque:" + _text(sub.get("id"), "id")
-    raise SubjectError(
-        f"subject format {fmt!r} is not read here; use email, iss_sub, opaque, aliases or complex"
+    if fmt in ONE_MEMBER_FORMATS:
+        member = ONE_MEMBER_FORMATS[fmt]
+        return f"{fmt}:{_text(sub.get(member), member)}"
+    raise UnreadFormat(
+        f"subject format {str(fmt)[:64]!r} is not read here; use email, iss_sub,"
+        f" {', '.join(ONE_MEMBER_FORMATS)}, aliases or complex"
     )
 
 
 def user_keys(sub: Any) -> tuple[str, ...]:
     """The lookup keys of an identifier of one user: a simple one's key, or each of its
     ``aliases`` (RFC 9493: never aliases within aliases)."""
-    if not isinstance(sub, dict) or sub.get("format") != "aliases":
+    if not isinstance(sub, dict) or subject_format(sub) != "aliases":
         return (simple_key(sub),)
     identifiers = sub.get("identifiers")
     if not isinstance(identifiers, list) or not 0 < len(identifiers) <= MAX_ALIASES:
         raise SubjectError(f"aliases needs identifiers, a list of 1 to {MAX_ALIASES} identifiers")
-    if any(isinstance(i, dict) and i.get("format") == "aliases" for i in identifiers):
+    if any(isinstance(i, dict) and subject_format(i) == "aliases" for i in identifiers):
         raise SubjectError("aliases must not hold aliases (RFC 9493)")
-    return tuple(dict.fromkeys(simple_key(i) for i in identifiers))
+    keys, unread = [], []
+    for identifier in identifiers:
+        try:
+            keys.append(simple_key(identifier))
+        except UnreadFormat as e:
+            # Any identifier names the subject (RFC 9493 §3.2.8): one of a format not read
+            # made the whole subject unreadable, and a revocation naming the user so was lost.
+            unread.append(str(e))
+    if not keys:
+        raise UnreadFormat(f"no identifier among the aliases is read here: {unread[0]}")
+    return tuple(dict.fromkeys(keys))
 
 
 def parse_subject(sub: Any) -> Subject:
-    """The subject of an event (RFC 9493 §3, SSF 1.0 §3.2 complex subjects)."""
+    """The subject of an event (RFC 9493 §3, SSF 1.0 §3.3 complex subjects)."""
     if not isinstance(sub, dict):
         raise SubjectError("sub_id must be a JSON object (RFC 9493 subject identifier)")
-    if sub.get("format") != "complex":
+    if subject_format(sub) != "complex":
         return Subject(user_keys(sub))
-    user = user_keys(sub["user"]) if "user" in sub else ()
-    device = simple_key(sub["device"]).partition(":")[2] if "device" in sub else None
-    session = simple_key(sub["session"]).partition(":")[2] if "session" in sub else None
+    unread = [k for k in sub if k not in ("format", "subject_type", *READ_MEMBERS)]
+    user: tuple[str, ...] = ()
+    if "user" in sub:
+        try:
+            user = user_keys(sub["user"])
+        except UnreadFormat:
+            unread.append("user")
+    device, session = _member(sub, "device", unread), _member(sub, "session", unread)
     if not user and device is None:
-        raise SubjectError("a complex subject needs a user or a device member")
-    return Subject(user, device, session)
+        raise SubjectError("a complex subject needs a user or a device member read here")
+    return Subject(user, device, session, tuple(unread))
+
+
+def _member(sub: dict, name: str, unread: list[str]) -> str | None:
+    """A complex subject's device or session id; None when absent or of a format not read
+    (appended to ``unread``): an ``ip-addresses`` device left the user's revocation unread."""
+    if name not in sub:
+        return None
+    try:
+        return simple_key(sub[name]).partition(":")[2]
+    except UnreadFormat:
+        unread.append(name)
+        return None
 
 
 def user_of(subject: Subject, users: dict[str, str]) -> str | None:

@@ -56,12 +56,16 @@ def signals(tmp_path_factory):
     os.environ["BASTION_TEST_SSF_PUSH"] = PUSH_TOKEN
     os.environ["BASTION_TEST_SSF_BEARER"] = BEARER
     pusher, poller, idp = Transmitter(AUDIENCE), Transmitter(AUDIENCE), TestIssuer()
+    # SSF 1.0 §7.1 critical_subject_members: a tenant named in a subject must be understood.
+    pusher.critical_subject_members = ["tenant"]
     mapping = {
         "email:Sam@Example.com": "sam",
         "email:dana@example.com": "dana",
         "opaque:avery-0001": "avery",
         "email:lee@example.com": "lee",
         "email:rowan@example.com": "rowan",
+        "phone_number:+12025550123": "morgan",
+        "email:quinn@example.com": "quinn",
         # Not users of bastion: the trusted issuer's alone.
         "email:kim@example.com": "kim",
         "email:jo@example.com": "jo",
@@ -117,7 +121,7 @@ def signals(tmp_path_factory):
                 signals=table,
                 gateway={"trusted_issuers": trusted},
             ) as running:
-                for name in ("dana", "lee", "rowan"):
+                for name in ("dana", "lee", "rowan", "morgan", "quinn"):
                     create_user(
                         running.app.state.oauth.store, name, PASSWORD, time.time(), actor="test"
                     )
@@ -615,6 +619,9 @@ def _refusals(t: Transmitter):
         "an exp claim": (
             t.set_token(revoke, {}, sam, exp=int(time.time()) + 300), {}, "invalid_request"
         ),
+        # SSF 1.0 §4.1.2-4.1.3: "The JWT sub claim MUST NOT be present in any SET containing
+        # an SSF event" (an ID token or access token of the same issuer is not a SET).
+        "a sub claim": (t.set_token(revoke, {}, sam, sub="sam"), {}, "invalid_request"),
     }  # fmt: skip
 
 
@@ -622,7 +629,7 @@ CASES = [
     "bad signature", "wrong iss", "wrong aud", "no aud", "aud of others only",
     "aud nested in a list", "wrong typ", "alg none", "alg HS256", "stale iat",
     "future iat", "no bearer", "wrong bearer", "wrong content type", "oversized body", "no jti",
-    "empty jti", "a jti that is a number", "an exp claim",
+    "empty jti", "a jti that is a number", "an exp claim", "a sub claim",
 ]  # fmt: skip
 
 
@@ -841,3 +848,105 @@ def test_a_revocation_naming_the_user_among_aliases_revokes_and_one_naming_two_u
     assert call(signals, sam).status_code == 401
     effect = received(signals, jti_of(event)).detail["effects"][0]
     assert effect["user"] == "sam" and effect["result"].startswith("revoked ")
+
+
+# -- 6. subjects as the specifications write them ---------------------------------------------
+
+
+def test_a_risc_subject_named_by_subject_type_as_googles_transmitter_writes_it_revokes(signals):
+    """RISC 1.0 (Google compatibility): Google's RISC transmitter writes a subject's format as
+    ``subject_type``, in the event's ``subject``, and receivers are told to read it. bastion read
+    only ``format``: Google's sessions-revoked for sam was ignored, and sam kept access."""
+    token = signals.token("sam", "deskhttp")
+    assert "error" not in call(signals, token).json()
+    event = signals.pusher.set_token(
+        RISC + "sessions-revoked",
+        {"subject": {"subject_type": "email", "email": "sam@example.com"}},
+    )
+    assert signals.pusher.push(event).status_code == 202
+    effect = received(signals, jti_of(event)).detail["effects"][0]
+    assert effect.get("user") == "sam", effect
+    assert call(signals, token).status_code == 401
+
+
+def test_a_user_named_by_phone_number_is_revoked(signals):
+    """RFC 9493 §3.2 ``phone_number``: a users table may map one (``phone_number:<E.164>``);
+    RISC's identifier events name people by phone too. Before, the format was not read."""
+    token = signals.token("morgan", "deskhttp")
+    assert call(signals, token).status_code == 200
+    event = signals.pusher.set_token(
+        CAEP + "session-revoked", {}, {"format": "phone_number", "phone_number": "+12025550123"}
+    )
+    assert signals.pusher.push(event).status_code == 202
+    assert call(signals, token).status_code == 401
+
+
+def test_aliases_holding_an_identifier_of_a_format_not_mapped_still_name_the_user(signals):
+    """RFC 9493 §3.2.8 ``aliases``: any identifier names the subject. One of a format bastion
+    does not read (a proprietary one, SSF 1.0 §3.4) made the whole subject unreadable: sam's
+    session-revoked was ignored, and sam kept access."""
+    token = signals.token("sam", "deskhttp")
+    assert "error" not in call(signals, token).json()
+    event = signals.pusher.set_token(
+        CAEP + "session-revoked",
+        {},
+        {
+            "format": "aliases",
+            "identifiers": [
+                {"format": "x-employee", "number": "42"},
+                email("sam@example.com"),
+            ],
+        },
+    )
+    assert signals.pusher.push(event).status_code == 202
+    assert call(signals, token).status_code == 401
+    assert received(signals, jti_of(event)).detail["effects"][0]["user"] == "sam"
+
+
+def test_an_event_whose_subject_holds_a_critical_member_not_understood_is_discarded(signals):
+    """SSF 1.0 §3.6: "An SSF Receiver MUST discard any event that contains a Subject with a
+    Critical member that it is unable to process" (the transmitter's critical_subject_members,
+    §7.1). A tenant's compliance is not the user's: bastion wrote it as the user's, and a
+    device compliant in another tenant made quinn compliant here."""
+    user = parse_fact('x(User{"quinn"})')[1]
+    quinn = email("quinn@example.com")
+    bad = signals.pusher.set_token(
+        CAEP + "device-compliance-change", {"current_status": "not-compliant"}, quinn
+    )
+    assert signals.pusher.push(bad).status_code == 202
+    elsewhere = {"format": "complex", "user": quinn, "tenant": {"format": "opaque", "id": "t-9"}}
+    good = signals.pusher.set_token(
+        CAEP + "device-compliance-change", {"current_status": "compliant"}, elsewhere
+    )
+    assert signals.pusher.push(good).status_code == 202
+    assert [f.fact[2] for f in signals.store.get(("device_compliance", user, None))] == [
+        "not-compliant"
+    ]
+    result = received(signals, jti_of(good)).detail["effects"][0]["result"]
+    assert "critical" in result and "tenant" in result, result
+    # A revocation is applied anyway (fail closed): all of quinn's grants, a superset of the
+    # tenant's.
+    token = signals.token("quinn", "deskhttp")
+    revoked = signals.pusher.set_token(CAEP + "session-revoked", {}, elsewhere)
+    assert signals.pusher.push(revoked).status_code == 202
+    assert call(signals, token).status_code == 401
+
+
+def test_the_events_initiating_entity_and_administrative_reason_are_in_its_audit_record(signals):
+    """CAEP 1.0 §2: ``reason_admin`` is "a localizable administrative message intended for
+    logging and auditing"; ``initiating_entity`` says who invoked the event. Neither reached
+    the audit record: why the IdP revoked a session could not be told from bastion's trail."""
+    event = signals.pusher.set_token(
+        CAEP + "session-revoked",
+        {
+            "initiating_entity": "policy",
+            "reason_admin": {"en": "Landspeed Policy Violation: C076E82F"},
+            "reason_user": {"en": "not for the audit"},
+        },
+        email("nobody@example.com"),
+    )
+    assert signals.pusher.push(event).status_code == 202
+    effect = received(signals, jti_of(event)).detail["effects"][0]
+    assert effect["initiating_entity"] == "policy"
+    assert effect["reason_admin"] == {"en": "Landspeed Policy Violation: C076E82F"}
+    assert "reason_user" not in effect

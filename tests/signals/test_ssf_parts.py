@@ -6,6 +6,7 @@ replay store works on SQLite and PostgreSQL, and user-wide revocation revokes ev
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import anyio
@@ -122,7 +123,16 @@ def test_subjects_of_every_format():
         }
     )
     assert (complex_.user_keys, complex_.device, complex_.session) == (("email:a@b.c",), "d1", "s1")
-    for bad in ({"format": "phone_number", "phone_number": "+1"}, {"format": "email"}, "x",
+    # RFC 9493 §3.2: every simple format it defines names a user through the users table.
+    for sub, key in (
+        ({"format": "phone_number", "phone_number": "+12025550123"}, "phone_number:+12025550123"),
+        ({"format": "account", "uri": "acct:sam@example.com"}, "account:acct:sam@example.com"),
+        ({"format": "did", "url": "did:example:123"}, "did:did:example:123"),
+        ({"format": "uri", "uri": "https://u.example/sam"}, "uri:https://u.example/sam"),
+    ):
+        assert parse_subject(sub).user_keys == (key,)
+        assert user_of(parse_subject(sub), settings(users={key: "sam"}).transmitters[0].users)
+    for bad in ({"format": "phone_number"}, {"format": "email"}, "x", {"format": "x-other"},
                 {"format": "complex"}, {"format": "opaque", "id": "x" * 600}):  # fmt: skip
         with pytest.raises(SubjectError):
             parse_subject(bad)
@@ -524,7 +534,7 @@ def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
 def created(state: dict) -> JSONResponse:
     """The stream a transmitter creates, polled at its /poll."""
     return JSONResponse(
-        {"stream_id": "s1", "aud": "https://bastion.example.com",
+        {"stream_id": "s1", "iss": ISSUER, "aud": "https://bastion.example.com",
          "delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": f"{state['url']}/poll"}}
     )  # fmt: skip
 
@@ -807,5 +817,100 @@ def test_a_transmitters_metadata_that_cannot_be_had_is_not_fetched_for_every_set
         now[0] += 61  # past jwks_refresh_seconds: fetched again, and kept
         assert all(r.get_by_kid("k1") for r in anyio.run(many, 3))
         assert published_keys["metadata_fetches"] == 2
+    finally:
+        db.close()
+
+
+def test_a_stream_whose_iss_is_not_the_transmitters_is_not_used(tmp_path):
+    """SSF 1.0 §8.1.1.1 and §8.1.1.2: "The Receiver MUST check the response and confirm that
+    the iss value matches the Issuer from which it received the Transmitter Configuration
+    data." bastion took any stream (and polled the endpoint it named)."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+
+    state = {"url": "", "iss": "https://evil.example", "polls": 0}
+
+    async def metadata(request):
+        return JSONResponse(
+            {"issuer": ISSUER, "configuration_endpoint": f"{state['url']}/stream",
+             **({"default_subjects": state["default_subjects"]} if "default_subjects" in state
+                else {})}
+        )  # fmt: skip
+
+    async def stream(request):
+        return JSONResponse({**json.loads(created(state).body), "iss": state["iss"]}, 201)
+
+    app = Starlette(
+        routes=[
+            Route("/.well-known/ssf-configuration", metadata),
+            Route("/stream", stream, methods=["GET", "POST"]),
+        ]
+    )
+    db = Database(str(tmp_path / "b.db"))
+    try:
+        with serve(app, free_socket()) as url:
+            state["url"] = url
+            s = settings(delivery="poll", configuration_url=f"{url}/.well-known/ssf-configuration")
+            receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+            t = s.transmitters[0]
+            for iss in ("https://evil.example", None):
+                state["iss"] = iss
+                with pytest.raises(ValueError, match="iss"):
+                    anyio.run(receiver.configure, t)
+                assert receiver.store.stream(t.name) is None
+            state["iss"] = ISSUER
+            assert anyio.run(receiver.configure, t)["stream_id"] == "s1"
+            assert "default_subjects" not in receiver.store.stream(t.name).detail
+            # SSF 1.0 §7.1 default_subjects NONE: no events until subjects are added, which
+            # bastion does not do; its status says so (it said nothing, and nothing came).
+            state["default_subjects"] = "NONE"
+            receiver._metadata.clear()
+            anyio.run(receiver.configure, t)
+            assert "default_subjects is NONE" in receiver.store.stream(t.name).detail
+    finally:
+        db.close()
+
+
+def test_stream_events_count_only_for_the_stream_they_name(published_keys, tmp_path):
+    """SSF 1.0 §8.1.4.1 and §8.1.5: a verification or stream-updated event's sub_id is an
+    ``opaque`` subject whose id is the stream's; stream-updated's status is enabled, paused or
+    disabled. One naming another stream was taken as this one's."""
+    from tests.signals.transmitter import VERIFICATION, Transmitter
+
+    key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
+    published_keys["keys"] = [key.as_dict(private=False)]
+    receiver, t, db = receiver_of(published_keys, tmp_path)
+    sender = Transmitter("https://bastion.example.com")
+    sender.url, sender.key = ISSUER, key
+    updated = "https://schemas.openid.net/secevent/ssf/event-type/stream-updated"
+    try:
+        receiver.store.save_stream(
+            t.name, "enabled", "configured", stream_id="s1", verification_state="st1", actor="t"
+        )
+        for token in (
+            sender.set_token(VERIFICATION, {"state": "st1"}, {"format": "opaque", "id": "s2"}),
+            sender.set_token(VERIFICATION, {"state": "st1"}),
+            sender.set_token(updated, {"status": "disabled"}, {"format": "opaque", "id": "s2"}),
+            sender.set_token(updated, {"status": "gone"}, {"format": "opaque", "id": "s1"}),
+        ):
+            outcome = verify_set_with(receiver, t, token)
+            assert outcome.effects[0]["result"].startswith("ignored"), outcome
+            stored = receiver.store.stream(t.name)
+            assert (stored.status, stored.verified_at) == ("enabled", None)
+        verify_set_with(
+            receiver,
+            t,
+            sender.set_token(updated, {"status": "paused", "reason": "maintenance"},
+                             {"format": "opaque", "id": "s1"}),
+        )  # fmt: skip
+        assert receiver.store.stream(t.name).status == "paused"
+        # The transmitter's words are the audit event's, not the status /readyz shows.
+        assert "maintenance" not in receiver.store.stream(t.name).detail
+        verify_set_with(
+            receiver,
+            t,
+            sender.set_token(VERIFICATION, {"state": "st1"}, {"format": "opaque", "id": "s1"}),
+        )
+        assert receiver.store.stream(t.name).status == "verified"
     finally:
         db.close()

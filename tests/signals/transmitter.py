@@ -39,6 +39,7 @@ class Transmitter:
         self.errors: dict[str, dict] = {}
         self.pushed: list[httpx.Response] = []
         self.lock = threading.Lock()
+        self.critical_subject_members: list[str] = []  # SSF 1.0 §7.1, when not empty
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -134,6 +135,11 @@ class Transmitter:
                     "configuration_endpoint": f"{self.url}/ssf/stream",
                     "status_endpoint": f"{self.url}/ssf/status",
                     "verification_endpoint": f"{self.url}/ssf/verify",
+                    **(
+                        {"critical_subject_members": self.critical_subject_members}
+                        if self.critical_subject_members
+                        else {}
+                    ),
                 }
             )
 
