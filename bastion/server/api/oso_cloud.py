@@ -316,6 +316,22 @@ def _behavior(request: Request, actor: Any, resource: Any) -> dict | None:
 # -- decisions ---------------------------------------------------------------------------------
 
 
+def _record(
+    request: Request, key: ApiKey, kind: str, req: dict, result: Any, refused: str | None
+) -> None:
+    """Keep a decision of Oso Cloud's API (`record_decision`), with why it was refused
+    otherwise than by the policy, if it was."""
+    record_decision(
+        request,
+        key,
+        kind,
+        req,
+        result,
+        refusal={"reason": refused} if refused else None,
+        api=OSO_CLOUD,
+    )
+
+
 @oso_errors
 async def authorize(request: Request) -> Response:
     key = await require(request, READ)
@@ -341,15 +357,7 @@ async def authorize(request: Request) -> Response:
     req = {"actor": value_to_oso(actor), "action": action, "resource": value_to_oso(resource)}
     if facts:
         req["context_facts"] = len(facts)
-    record_decision(
-        request,
-        key,
-        "authorize",
-        req,
-        allowed,
-        refusal={"reason": refused} if refused else None,
-        api=OSO_CLOUD,
-    )
+    _record(request, key, "authorize", req, allowed, refused)
     return _json({"allowed": allowed}, refused=refused)
 
 
@@ -386,15 +394,7 @@ async def list_resources(request: Request) -> Response:
     page = ids[start : start + page_size]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": value_to_oso(actor), "action": action, "resource_type": resource_type}
-    record_decision(
-        request,
-        key,
-        "list",
-        req,
-        {"count": len(ids)},
-        refusal={"reason": refused} if refused else None,
-        api=OSO_CLOUD,
-    )
+    _record(request, key, "list", req, {"count": len(ids)}, refused)
     return _json({"results": page, "next_page_token": page[-1] if more else None}, refused=refused)
 
 
@@ -420,15 +420,7 @@ async def actions(request: Request) -> Response:
             found, refused = [], over.reason
     observe_decision(request, "actions", started, "allow" if found else "deny")
     req = {"actor": value_to_oso(actor), "resource": value_to_oso(resource)}
-    record_decision(
-        request,
-        key,
-        "actions",
-        req,
-        found,
-        refusal={"reason": refused} if refused else None,
-        api=OSO_CLOUD,
-    )
+    _record(request, key, "actions", req, found, refused)
     return _json({"results": found}, refused=refused)
 
 
@@ -477,15 +469,7 @@ def _query(request: Request, key: ApiKey, body: dict, replica: Any) -> Response:
         raise policy_problem(e, "the policy in force cannot answer this query") from None
     observe_decision(request, "query", started, "allow" if rows else "deny")
     req = {"predicate": calls[0][0], "calls": len(calls)}
-    record_decision(
-        request,
-        key,
-        "query",
-        req,
-        len(rows),
-        refusal={"reason": refused} if refused else None,
-        api=OSO_CLOUD,
-    )
+    _record(request, key, "query", req, len(rows), refused)
     out = [{var: _oso_id(row[var]) for var in constraints if var in row} for row in rows]
     return _json({"results": out}, refused=refused)
 
