@@ -1,6 +1,6 @@
 """Tamper evidence for the audit trail: a hash chain over the rows of a table.
 
-Each chained row (of ``audit_decisions``, ``audit_events``) stores ``prev_hash``, the ``hash``
+Each chained row (of ``audit_decisions``, ``audit_events``, ``decision_log``) stores ``prev_hash``, the ``hash``
 of the row before it, and its own ``hash``: the SHA-256, in hex, of ``prev_hash`` followed by
 its stored columns in the table's order, each written as a field that says its type and, for
 text, its length (`link`). A row altered, deleted from the
@@ -25,6 +25,8 @@ from bastion.turns import Turns
 GENESIS = "0" * 64
 # Rows read per statement while verifying, so a chain of any length is walked in bounded memory.
 PAGE = 1000
+# Ids looked up per statement when a batch is checked for rows stored already (`append`).
+_ID_QUERY = 500
 
 
 def _field(value: Any) -> str:
@@ -70,8 +72,9 @@ def link_rows(rows: Iterable[Sequence[Any]], seq: int, prev_hash: str) -> list[t
 
 @dataclass(frozen=True)
 class Chain:
-    """A chained table: its name, the stored columns hashed (``seq`` first), what its rows are
-    called (``noun``), and the lock its writers take turns under."""
+    """A chained table: its name, the stored columns hashed (``seq`` first, then ``id``, its
+    key, and ``at``, when the row was made, in epoch seconds), what its rows are called
+    (``noun``), and the lock its writers take turns under."""
 
     table: str
     columns: tuple[str, ...]
@@ -94,6 +97,45 @@ def next_link(db: Database, chain: Chain) -> tuple[int, str]:
     if last is None:
         return 0, GENESIS
     return last[0], last[1] or GENESIS
+
+
+def append(db: Database, chain: Chain, rows: list[tuple[Any, ...]], *, unsure: bool) -> None:
+    """Write ``rows`` (stored columns without ``seq``, the id first) at the end of ``chain``,
+    numbered and linked, in one transaction under the chain's lock: every writer's turn (every
+    replica's) in one chain. A row whose id comes twice in ``rows`` is written once. ``unsure``:
+    written again after a failed flush, whose failure may have been the answer to a COMMIT that
+    took effect: the rows stored already are left out, before anything is numbered or chained,
+    so no row is written twice, no sequence number is skipped, and the chain goes on from the
+    row truly stored last."""
+    columns = ", ".join((*chain.columns, "prev_hash", "hash"))
+    marks = ", ".join("?" * (len(chain.columns) + 2))
+    with db.transaction():
+        db.lock(chain.lock)
+        rows = _unstored(db, chain, rows, stored=unsure)
+        seq, prev_hash = next_link(db, chain)
+        db.executemany(
+            f"INSERT INTO {chain.table} ({columns}) VALUES ({marks})",
+            link_rows(rows, seq, prev_hash),
+        )
+
+
+def _unstored(
+    db: Database, chain: Chain, rows: list[tuple[Any, ...]], *, stored: bool
+) -> list[tuple[Any, ...]]:
+    """``rows`` less those whose id comes twice and, if ``stored``, those whose id is stored
+    already (looked up only then: after a failed flush)."""
+    seen: set[str] = set()
+    for start in range(0, len(rows), _ID_QUERY) if stored else ():
+        ids = [row[0] for row in rows[start : start + _ID_QUERY]]
+        marks = ", ".join("?" * len(ids))
+        found = db.execute(f"SELECT id FROM {chain.table} WHERE id IN ({marks})", ids)
+        seen.update(i for (i,) in found)
+    kept = []
+    for row in rows:
+        if row[0] not in seen:
+            seen.add(row[0])
+            kept.append(row)
+    return kept
 
 
 def prune_oldest(db: Database, chain: Chain, before: float, batch: int) -> int:

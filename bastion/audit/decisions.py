@@ -21,7 +21,7 @@ from operator import itemgetter
 from typing import Any
 
 from bastion.audit.buffered import BufferedWriter
-from bastion.audit.chain import Chain, link_rows, next_link, prune_oldest
+from bastion.audit.chain import Chain, append, prune_oldest
 from bastion.audit.journal import GATEWAY
 from bastion.db import Database
 from bastion.json_encoding import encoder, kept
@@ -72,8 +72,6 @@ CHAIN = Chain(
 BUFFER_RECORDS = 100_000
 # Records deleted per statement when pruning, so other writers wait little for the connection.
 PRUNE_BATCH = 5000
-# Ids looked up per statement when a batch is checked for records stored already.
-_ID_QUERY = 500
 # How the `result` column reads: allow, deny, step_up, rate_limited, held, error.
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
 
@@ -341,39 +339,9 @@ class DecisionRecords(BufferedWriter[tuple[DecisionRecord, Callable | None], Dec
             )
 
     def _write(self, batch: list[DecisionRecord]) -> None:
-        rows = in_turns(_row, batch)
-        with self.db.transaction():
-            # Sequences give `audit tail` a total order and the hash chain its links: writers
-            # (every replica's) are serialised to assign them, and to chain each row to the last.
-            self.db.lock(CHAIN.lock)
-            # A batch is written again after a failed flush, and the failure may have been the
-            # answer to a COMMIT that took effect: what is stored already is left out, before
-            # anything is numbered or chained, so no record is written twice, no sequence
-            # number is skipped, and the chain goes on from the row truly stored last.
-            rows = self._unstored(rows, stored=self._unsure)
-            seq, prev_hash = next_link(self.db, CHAIN)
-            self.db.executemany(
-                "INSERT INTO audit_decisions (seq, id, at, server, method, target, principals,"
-                " result, arguments_digest, record, prev_hash, hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                link_rows(rows, seq, prev_hash),
-            )
-
-    def _unstored(self, rows: list[tuple], *, stored: bool) -> list[tuple]:
-        """``rows`` less those of a record that comes twice and, if ``stored``, those whose
-        record is stored already (looked up only then: after a failed flush)."""
-        seen: set[str] = set()
-        for start in range(0, len(rows), _ID_QUERY) if stored else ():
-            ids = [row[0] for row in rows[start : start + _ID_QUERY]]
-            marks = ", ".join("?" * len(ids))
-            found = self.db.execute(f"SELECT id FROM audit_decisions WHERE id IN ({marks})", ids)
-            seen.update(i for (i,) in found)
-        kept = []
-        for row in rows:
-            if row[0] not in seen:
-                seen.add(row[0])
-                kept.append(row)
-        return kept
+        # Sequences give `audit tail` a total order and the hash chain its links: writers
+        # (every replica's) are serialised to assign them, and to chain each row to the last.
+        append(self.db, CHAIN, in_turns(_row, batch), unsure=self._unsure)
 
     def prune(self, before: float, batch: int = PRUNE_BATCH) -> int:
         """Delete the oldest records, up to the first made at or after ``before`` (epoch
