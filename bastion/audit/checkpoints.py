@@ -12,7 +12,7 @@ import time
 
 import anyio
 
-from bastion.audit import decisions, log
+from bastion.audit import decision_log, decisions, log
 from bastion.audit.chain import head
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.log import AuditLog
@@ -28,10 +28,15 @@ CHAIN_INTERVAL = 1.0
 
 
 def checkpoint_line(db: Database) -> str | None:
-    """``decisions=SEQ:HASH events=SEQ:HASH``: each chain's head, as ``audit verify
-    --checkpoint`` and ``--events-checkpoint`` take them; None while neither has a row."""
+    """``decisions=SEQ:HASH events=SEQ:HASH decision_log=SEQ:HASH``: each chain's head, as
+    ``audit verify --checkpoint``, ``--events-checkpoint`` and ``--decision-log-checkpoint``
+    take them; None while none has a row. The decision service's only where it is chained
+    (`bastion.audit.decision_log.chained`)."""
+    chains = [("decisions", decisions.CHAIN), ("events", log.CHAIN)]
+    if decision_log.chained(db):
+        chains.append(("decision_log", decision_log.CHAIN))
     parts = []
-    for name, chain in (("decisions", decisions.CHAIN), ("events", log.CHAIN)):
+    for name, chain in chains:
         last = head(db, chain)
         if last is not None and last[1] is not None:
             parts.append(f"{name}={last[0]}:{last[1]}")

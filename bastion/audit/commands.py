@@ -14,8 +14,9 @@ import dataclasses
 import json
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from bastion.audit import decisions, log
+from bastion.audit import decision_log, decisions, log
 from bastion.audit.actor import cli_actor
 from bastion.audit.chain import GENESIS, Checkpoint, Verdict, verify
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
@@ -27,6 +28,9 @@ from bastion.facts.store import FactStore
 from bastion.names import readable
 from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.untrusted_json import MAX_INTEGER
+
+if TYPE_CHECKING:
+    from bastion.audit.export import Comparison, Copy
 
 
 def _when(epoch: float) -> str:
@@ -273,8 +277,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Walk both chains; exit 1 at the first row out of place, or a checkpoint not confirmed.
-    With ``--export``, check each copy on its own, then the database against it."""
+    """Walk every chain (the decision service's where it keeps its decisions in the database);
+    exit 1 at the first row out of place, or a checkpoint not confirmed. With ``--export``,
+    check each copy on its own, then the database against it."""
     from bastion.audit.export import CopyRefused, compare, read_copy
     from bastion.audit.export_commands import export_verdicts
 
@@ -290,7 +295,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
             verify(db, decisions.CHAIN, args.checkpoint),
             verify(db, log.CHAIN, args.events_checkpoint),
         ]
-        compared = {table: compare(db, copy) for table, copy in copies.items() if copy.ok}
+        kept = decision_log.open_chain(db)
+        if kept:
+            verdicts.append(verify(db, decision_log.CHAIN, args.decision_log_checkpoint))
+        elif args.decision_log_checkpoint:
+            verdicts.append(_never_kept(args.decision_log_checkpoint[0]))
+        compared = {
+            table: compare(db, copy) if kept or table != decision_log.CHAIN.table else _none(copy)
+            for table, copy in copies.items()
+            if copy.ok
+        }
     finally:
         db.close()
     said = [(verdict.ok, _verdict(verdict)) for verdict in verdicts]
@@ -298,6 +312,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for ok, text in said:
         print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if all(ok for ok, _ in said) else 1
+
+
+# Where a checkpoint or a copy of the decision service's chain is given for a database that holds
+# none.
+_NEVER_KEPT = (
+    'no decision service ever kept its decisions in this database (decision_log = "database")'
+)
+
+
+def _never_kept(checkpoint: Checkpoint) -> Verdict:
+    found = Verdict(decision_log.CHAIN)
+    found.broken_at, found.problem = checkpoint.seq, f"checkpoint {checkpoint}: {_NEVER_KEPT}"
+    return found
+
+
+def _none(copy: Copy) -> Comparison:
+    from bastion.audit.export import Comparison
+
+    return Comparison(copy, broken_at=copy.first, problem=_NEVER_KEPT)
 
 
 def _verdict(found: Verdict) -> str:
@@ -400,8 +433,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune_.set_defaults(func=cmd_prune)
     verify_ = commands.add_parser(
         "verify",
-        help="check the hash chains of the decision records and audit events; exit 1 where one"
-        " was altered, or does not lead to a logged checkpoint",
+        help="check the hash chains of the decision records, the audit events and the decision"
+        " service's stored decisions; exit 1 where one was altered, or does not lead to a logged"
+        " checkpoint",
     )
     verify_.add_argument(
         "--checkpoint",
@@ -419,6 +453,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SEQ:HASH",
         help="the same for the audit events (audit checkpoint: ... events=...)",
+    )
+    verify_.add_argument(
+        "--decision-log-checkpoint",
+        type=_checkpoint,
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="the same for the decision service's stored decisions (audit checkpoint: ..."
+        " decision_log=...)",
     )
     verify_.add_argument(
         "--export",

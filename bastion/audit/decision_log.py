@@ -10,7 +10,10 @@ process killed outright leaves its journal, whose decisions the next process on 
 start or sweep writes, each once (ids are the table's key). A row holds what the in-memory
 record holds, the request's context included only where the log keeps it
 (``KEEP_CONTEXT_BYTES``), and the API it was asked through (``api``: ``v1``, ``authzen`` or
-``oso_cloud``; NULL in a row written before rows named it).
+``oso_cloud``; NULL in a row written before rows named it). The rows are a hash chain
+(`bastion.audit.chain`, `CHAIN`), as the gateway's records are: each batch numbered and linked by
+the writer, at its flush (journal recovery's too), under the chain's lock; a row stored before
+the chain (an older version's) has seq 0 and no hashes, outside it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from operator import itemgetter
 from typing import Any
 
 from bastion.audit.buffered import BufferedWriter
+from bastion.audit.chain import Chain, append, prune_oldest
 from bastion.audit.journal import Journalled
-from bastion.db import Database, prune_rows
+from bastion.db import PRUNE_BATCH, Database, prune_rows
 from bastion.json_encoding import encoder
 
 COMPONENT = "decision_log"
@@ -46,7 +50,37 @@ _MIGRATIONS = [
     # their own, and a row is replayed by its API's (`bastion.audit.replay`). NULL in the rows
     # written before.
     "ALTER TABLE decision_log ADD COLUMN api TEXT",
+    # The hash chain (`bastion.audit.chain`). Rows stored before it take seq 0: outside the
+    # chain (the default, so that no row is rewritten; and an older version's replica, until it
+    # stops at the migration, writes them so); a row is written numbered and linked (`CHAIN`).
+    """
+    ALTER TABLE decision_log ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE decision_log ADD COLUMN prev_hash TEXT;
+    ALTER TABLE decision_log ADD COLUMN hash TEXT;
+    CREATE UNIQUE INDEX decision_log_seq ON decision_log (seq) WHERE seq > 0;
+    """,
 ]
+# The version whose rows are chained.
+_CHAINED = 3
+CHAIN = Chain(
+    "decision_log",
+    (
+        "seq",
+        "id",
+        "at",
+        "kind",
+        "request",
+        "result",
+        "sequence",
+        "policy_version",
+        "explanation",
+        "refusal",
+        "asked_by",
+        "api",
+    ),
+    "decisions of the decision service",
+    "bastion:decision_log",
+)
 _COLUMNS = (
     "id, kind, request, result, sequence, policy_version, at, explanation, refusal, asked_by, api"
 )
@@ -100,6 +134,13 @@ def _row(fields: tuple) -> tuple:
     )
 
 
+def _chained(row: tuple) -> tuple:
+    """A row's columns in `CHAIN`'s order (without its seq); the time as the column stores it (a
+    float), so that its hash is the hash of what is read back."""
+    id_, kind, request, result, sequence, policy_version, at, *rest = row
+    return (id_, float(at), kind, request, result, sequence, policy_version, *rest)
+
+
 def _fields(row: tuple) -> tuple:
     """The fields of a `DecisionRecord` from its row (the JSON read back)."""
     id_, kind, request, result, seq, policy_version, at, explanation, refusal, asked_by, api = row
@@ -142,12 +183,9 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
         self._add(row)
 
     def _write(self, batch: list[tuple]) -> None:
-        # An id already stored is a batch written again after a COMMIT whose answer was lost.
-        self.db.executemany(
-            f"INSERT INTO decision_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO NOTHING",
-            batch,
-        )
+        # Numbered and linked here, on the writer's thread (journal recovery's rows too): one
+        # chain with every other writer's on the database (`bastion.audit.chain.append`).
+        append(self.db, CHAIN, list(map(_chained, batch)), unsure=self._unsure)
 
     def _decision_id(self, row: tuple) -> str:
         return row[0]
@@ -164,7 +202,33 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
 def kept_in(db: Database) -> bool:
     """Whether a process ever kept its decisions in ``db`` (``decision_log = "database"``
     made the table): where none did, a /v1 decision was only ever in its process's memory."""
-    return _selected(db) is not None
+    return _version(db) is not None
+
+
+def chained(db: Database) -> bool:
+    """Whether ``decision_log`` in ``db`` is a hash chain (`CHAIN`): made, and brought to the
+    chain's version, by a process of this version that kept its decisions there."""
+    version = _version(db)
+    return version is not None and version >= _CHAINED
+
+
+def open_chain(db: Database) -> bool:
+    """Bring ``decision_log`` to this version's columns where a process ever kept its
+    decisions in ``db`` (as ``bastion audit verify`` does the other chained tables; on a
+    read-only `Database`, checked: `bastion.db.DatabaseSettingError` if it is not); whether it
+    is there."""
+    if not kept_in(db):
+        return False
+    db.migrate(COMPONENT, _MIGRATIONS)
+    return True
+
+
+def _version(db: Database) -> int | None:
+    """The schema version of ``decision_log`` in ``db``; None where the table was never made."""
+    rows = db.execute(
+        "SELECT MAX(version) FROM schema_migrations WHERE component = ?", (COMPONENT,)
+    )
+    return rows[0][0] if rows else None
 
 
 def _selected(db: Database) -> str | None:
@@ -173,10 +237,7 @@ def _selected(db: Database) -> str | None:
     brought to the ``api`` column yet, is read with none (NULL): a read (``bastion audit show``,
     ``replay``) never changes the schema, which a replica of the older version still running on
     the database would then refuse at its next start."""
-    rows = db.execute(
-        "SELECT MAX(version) FROM schema_migrations WHERE component = ?", (COMPONENT,)
-    )
-    version = rows[0][0] if rows else None
+    version = _version(db)
     if version is None:
         return None
     return _COLUMNS if version >= 2 else _COLUMNS.replace(", api", ", NULL")
@@ -195,8 +256,17 @@ def stored(db: Database, decision_id: str) -> tuple | None:
 
 def prune_decision_log(db: Database, before: float) -> dict[str, int]:
     """Delete the stored decisions made before ``before`` (the audit retention,
-    `bastion.audit.retention`); nothing where the log was never kept in ``db``."""
-    return prune_rows(db, COMPONENT, "decision_log", "id", "at < ?", (before,))
+    `bastion.audit.retention`); nothing where the log was never kept in ``db``. Of the chain,
+    only the oldest rows, up to the first made at or after ``before``, so that what is left is a
+    whole chain (`bastion.audit.chain.prune_oldest`); the rows from before it, by age."""
+    version = _version(db)
+    if version is None or version < _CHAINED:  # not brought to the chain yet: none is chained
+        return prune_rows(db, COMPONENT, "decision_log", "id", "at < ?", (before,))
+    removed = prune_rows(db, COMPONENT, "decision_log", "id", "seq = 0 AND at < ?", (before,))
+    chained = prune_oldest(db, CHAIN, before, PRUNE_BATCH)
+    if chained:
+        removed["decision_log"] = removed.get("decision_log", 0) + chained
+    return removed
 
 
 def window(db: Database, since: float, until: float, page: int = 1000) -> Iterator[tuple]:

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bastion.audit import decisions, log
+from bastion.audit import decision_log, decisions, log
 from bastion.audit.chain import PAGE, Chain, link
 from bastion.db import Database
 from bastion.names import readable
 
-CHAINS = {chain.table: chain for chain in (decisions.CHAIN, log.CHAIN)}
-# The mark of a row written before the chain began (no hash, and an event's seq 0).
+CHAINS = {chain.table: chain for chain in (decisions.CHAIN, log.CHAIN, decision_log.CHAIN)}
+# The mark of a row written before the chain began (no hash; an event's and a stored decision of
+# the decision service's seq 0).
 BEFORE_CHAIN = "before_chain"
 # Rows of the copy looked up by id per statement (those from before the chain).
 _ID_QUERY = 500

@@ -1,6 +1,6 @@
-"""CLI: ``bastion audit export`` writes the decision records or the audit events as JSON lines
-(`bastion.audit.export`), oldest first, after a seq (``--after``) and on as they are written
-(``--follow``), for a SIEM or write-once storage; ``bastion audit verify --export`` checks such a
+"""CLI: ``bastion audit export`` writes the decision records, the audit events or the decision
+service's stored decisions as JSON lines (`bastion.audit.export`), oldest first, after a seq
+(``--after``) and on as they are written (``--follow``), for a SIEM or write-once storage; ``bastion audit verify --export`` checks such a
 copy, and the database against it (`export_verdicts`). The database is opened read-only."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from bastion.atomic_files import replacing
-from bastion.audit import decisions, log
+from bastion.audit import decision_log, decisions, log
 from bastion.audit.commands import _database, _when
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.export import Comparison, Copy, export
@@ -30,11 +30,20 @@ _STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    chain = decisions.CHAIN if args.decisions else log.CHAIN
+    chain = decisions.CHAIN if args.decisions else log.CHAIN if args.events else decision_log.CHAIN
     db = Database(_database(args), role="bastion-export", read_only=True)
     try:
         # The table as this version reads it (checked, not migrated: read-only).
-        DecisionRecords(db) if args.decisions else AuditLog(db)
+        if args.decision_log:
+            if not decision_log.open_chain(db):
+                print(
+                    "bastion: no decision service ever kept its decisions in this database"
+                    ' (decision_log = "database"): there is nothing to export',
+                    file=sys.stderr,
+                )
+                return 2
+        else:
+            DecisionRecords(db) if args.decisions else AuditLog(db)
         with _terminate_interrupts():
             if args.follow:
                 return _follow(db, chain, args)
@@ -204,12 +213,18 @@ def _notes(copy: Copy, found: Comparison) -> list[str]:
 def add_export(commands: argparse._SubParsersAction) -> None:
     export_ = commands.add_parser(
         "export",
-        help="write the decision records or the audit events as JSON lines, oldest first, each"
-        " with its hashes, for a SIEM or write-once storage (audit verify --export checks one)",
+        help="write the decision records, the audit events or the decision service's stored"
+        " decisions as JSON lines, oldest first, each with its hashes, for a SIEM or write-once"
+        " storage (audit verify --export checks one)",
     )
     which = export_.add_mutually_exclusive_group(required=True)
     which.add_argument("--decisions", action="store_true", help="the gateway's decision records")
     which.add_argument("--events", action="store_true", help="the audit events")
+    which.add_argument(
+        "--decision-log",
+        action="store_true",
+        help='the decision service\'s stored decisions (decision_log = "database")',
+    )
     export_.add_argument(
         "--after",
         type=whole_number(MAX_INTEGER, least=0),

@@ -21,8 +21,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bastion.audit import chain
 from bastion.audit import journal as journal_module
 from bastion.audit.commands import _line
+from bastion.audit.decision_log import CHAIN as SERVICE_CHAIN
 from bastion.audit.decision_log import JOURNALLED as SERVICE
 from bastion.audit.decision_log import DecisionStore, stored
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
@@ -844,6 +846,13 @@ def test_a_decision_service_journal_with_a_torn_last_line_is_recovered_up_to_it(
     for decision_id, record in answered.items():
         assert LoggedRecord(*recovering.get(decision_id)) == record, decision_id
     assert db.execute("SELECT COUNT(*) FROM decision_log")[0][0] == 6
+    # The recovered rows go on the chain after those written before the process died.
+    recovered_seqs = db.execute(
+        f"SELECT seq FROM decision_log WHERE id IN ({', '.join('?' * 3)}) ORDER BY seq", more
+    )
+    assert [seq for (seq,) in recovered_seqs] == [4, 5, 6]
+    found = chain.verify(db, SERVICE_CHAIN)
+    assert found.ok and (found.first, found.last, found.rows) == (1, 6, 6), found.problem
     assert sorted((tmp_path / "j").iterdir()) == []
     events = AuditLog(db).events("decisions.recovered")
     assert [e.detail for e in events] == [

@@ -25,16 +25,18 @@ from tests.audit.test_tamper_evidence import (
     DAY,
     NOW,
     TABLES,
+    _decision,
     _documented_hash,
     _record,
     _rehash,
+    _store,
     _trail,
     verify,
 )
 from tests.waits import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
-OPTION = {"decisions": "--decisions", "events": "--events"}
+OPTION = {"decisions": "--decisions", "events": "--events", "decision_log": "--decision-log"}
 
 
 def run_export(capsys, url: str, *extra: str) -> tuple[int, str, str]:
@@ -60,7 +62,7 @@ def test_an_export_holds_each_row_as_stored_and_each_line_hashes_as_documented(
     """Every row, oldest first, every column as stored: each line's hash is computed again from
     the line alone, by the documented form (docs/operations.md), and each follows the one
     before. More rows than a page; text that is not ASCII, quotes and NULLs included."""
-    db = _trail(database_url, records=1200, events=1200)
+    db = _trail(database_url, records=1200, events=1200, stored=1200)
     AuditLog(db).record("user.created", subject='zoë "q"\n', client_id=None)
     AuditLog(db).chain()
     t = TABLES[table]
@@ -134,11 +136,12 @@ def test_an_export_resumed_after_the_last_seq_gives_the_rest_with_no_gap_and_no_
 
 
 def _more(db: Database, n: int, start: int = 11) -> None:
-    """``n`` more decision records and audit events, chained."""
+    """``n`` more decision records, audit events and stored decisions, chained."""
     written = DecisionRecords(db)
     for k in range(start, start + n):
         written.add(_record(k))
     written.flush()
+    _store(db, [_decision(k) for k in range(start, start + n)])
     trail = AuditLog(db, clock=lambda: NOW)
     for k in range(n):
         trail.record("grant.revoked", subject="sam", n=100 + k)
@@ -301,6 +304,13 @@ def test_rows_pruned_after_an_export_are_said_pruned_not_altered(
         trail.record("grant.revoked", subject="sam", n=n)
     written.flush()
     trail.chain()
+    _store(
+        db,
+        [
+            _decision(n, at=at)
+            for n, at in enumerate([NOW - 100 * DAY] * 5 + [NOW - DAY] * 4, start=1)
+        ],
+    )
     db.close()
     file = tmp_path / "copy.jsonl"
     exported(capsys, database_url, table, file)

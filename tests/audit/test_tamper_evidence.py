@@ -1,5 +1,5 @@
-"""Tamper evidence: decision records and audit events are hash chains, and ``bastion audit
-verify`` finds a row altered, deleted, moved or given another hash in the real database, from
+"""Tamper evidence: decision records, audit events and the decision service's stored decisions
+(``decision_log = "database"``) are hash chains, and ``bastion audit verify`` finds a row altered, deleted, moved or given another hash in the real database, from
 the oldest row retention kept; a chain rewritten whole, or cut short at its end, is caught by a
 checkpoint the server logged before."""
 
@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from bastion.audit import chain, checkpoints, decisions, log
+from bastion.audit import chain, checkpoints, decision_log, decisions, log
+from bastion.audit.decision_log import DecisionStore
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.audit.log import AuditLog
 from bastion.cli import main
@@ -36,13 +37,47 @@ def _record(n: int, at: float = NOW, writer: str = "w") -> DecisionRecord:
     )
 
 
-def _trail(url: str, records: int = 10, events: int = 10) -> Database:
-    """A database with ``records`` decision records and ``events`` audit events, chained."""
+def _decision(n: int, at: float = NOW, writer: str = "d") -> tuple:
+    """A decision of the decision service, as its log keeps it (`DecisionStore.add`)."""
+    request = {
+        "actor": {"type": "User", "id": "sam"},
+        "action": "read",
+        "resource": {"type": "Repo", "id": f"r{n}"},
+    }
+    return (
+        f"{writer}{n:06d}",
+        "authorize",
+        request,
+        n % 2 == 0,
+        n,
+        1,
+        at + n,
+        None,
+        None,
+        "k1",
+        "v1",
+    )
+
+
+def _store(db: Database, decisions: list[tuple]) -> None:
+    """``decisions`` (`_decision`) written to ``decision_log`` as the decision service's writer
+    writes them: buffered, then flushed."""
+    store = DecisionStore(db)
+    for fields in decisions:
+        store.add(fields)
+    store.flush()
+
+
+def _trail(url: str, records: int = 10, events: int = 10, stored: int = 10) -> Database:
+    """A database with ``records`` decision records, ``events`` audit events and ``stored``
+    decisions of the decision service, chained."""
     db = Database(url)
     written = DecisionRecords(db)
     for n in range(1, records + 1):
         written.add(_record(n))
     written.flush()
+    if stored:
+        _store(db, [_decision(n) for n in range(1, stored + 1)])
     trail = AuditLog(db, clock=lambda: NOW)
     for n in range(events):
         trail.record("grant.revoked", subject="sam", reason="test", n=n)
@@ -60,7 +95,13 @@ def verify(capsys, url: str, *extra: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-TABLES = {"decisions": decisions.CHAIN, "events": log.CHAIN}
+TABLES = {"decisions": decisions.CHAIN, "events": log.CHAIN, "decision_log": decision_log.CHAIN}
+# The option of `audit verify` that takes a checkpoint of each, as the checkpoint line names it.
+CHECKPOINT = {
+    "decisions": "--checkpoint",
+    "events": "--events-checkpoint",
+    "decision_log": "--decision-log-checkpoint",
+}
 
 
 def _rehash(db: Database, table: chain.Chain, seq: int, through: int | None = None) -> None:
@@ -113,7 +154,7 @@ def test_every_stored_hash_is_the_one_the_documented_form_gives(database_url):
     try:
         AuditLog(db).record("user.created", subject='zoë "q"', client_id=None)
         AuditLog(db).chain()
-        for table in (decisions.CHAIN, log.CHAIN):
+        for table in TABLES.values():
             columns = ", ".join(table.columns)
             rows = db.execute(
                 f"SELECT {columns}, prev_hash, hash FROM {table.table} WHERE seq > 0 ORDER BY seq"
@@ -129,9 +170,10 @@ def test_every_stored_hash_is_the_one_the_documented_form_gives(database_url):
 
 
 def test_an_untouched_trail_verifies_naming_its_range_and_head(database_url, capsys):
-    db = _trail(database_url, records=1500, events=12)  # more than a page of the walk
+    db = _trail(database_url, records=1500, events=12, stored=1200)  # more than a page of the walk
     record_head = chain.head(db, decisions.CHAIN)
     event_head = chain.head(db, log.CHAIN)
+    stored_head = chain.head(db, decision_log.CHAIN)
     db.close()
     code, out, err = verify(capsys, database_url)
     assert code == 0, err
@@ -139,6 +181,28 @@ def test_an_untouched_trail_verifies_naming_its_range_and_head(database_url, cap
     assert f"head {record_head[0]}:{record_head[1]}" in out
     assert "audit_events: OK, seq 1 to 12 (12 audit events," in out
     assert f"head {event_head[0]}:{event_head[1]}" in out
+    assert "decision_log: OK, seq 1 to 1200 (1200 decisions of the decision service," in out
+    assert f"head {stored_head[0]}:{stored_head[1]}" in out
+
+
+def test_a_database_where_the_decision_service_never_kept_its_decisions_verifies_without_it(
+    database_url, capsys
+):
+    """``decision_log = "memory"`` (the default) made no table: verify walks the other two and
+    makes none; a checkpoint of the decision service's chain given for it cannot be confirmed."""
+    _trail(database_url, stored=0).close()
+    code, out, err = verify(capsys, database_url)
+    assert code == 0, err
+    assert "audit_decisions: OK" in out and "decision_log" not in out
+    code, _, err = verify(capsys, database_url, "--decision-log-checkpoint", "3:" + "a" * 64)
+    assert code == 1
+    assert "decision_log: BROKEN at seq 3: checkpoint 3:" in err
+    assert "no decision service ever kept its decisions in this database" in err
+    db = Database(database_url)
+    try:
+        assert not decision_log.kept_in(db)
+    finally:
+        db.close()
 
 
 TAMPERING = {
@@ -201,8 +265,8 @@ def test_tampering_with_the_database_is_found_at_its_seq(database_url, capsys, t
     line = next(line for line in err.splitlines() if line.startswith(TABLES[table].table))
     assert line.startswith(f"{TABLES[table].table}: BROKEN at seq {broken_at}: "), line
     assert said in line
-    other = "events" if table == "decisions" else "decisions"
-    assert f"{TABLES[other].table}: OK" in out  # the other chain, untouched, still verifies
+    for other in TABLES.keys() - {table}:  # the other chains, untouched, still verify
+        assert f"{TABLES[other].table}: OK" in out
 
 
 def _checkpoint(db: Database) -> dict[str, str]:
@@ -221,7 +285,7 @@ def test_a_chain_rewritten_whole_is_caught_by_a_checkpoint_logged_before(
     db.execute(f"UPDATE {t.table} SET at = at + 1 WHERE seq = 3")
     _rehash(db, t, 3)
     db.close()
-    option = "--checkpoint" if table == "decisions" else "--events-checkpoint"
+    option = CHECKPOINT[table]
 
     code, _, _ = verify(capsys, database_url)
     assert code == 0  # whole, as far as the database alone can tell (docs/security.md)
@@ -238,7 +302,7 @@ def test_rows_deleted_from_the_end_are_caught_by_a_checkpoint(database_url, caps
     t = TABLES[table]
     db.execute(f"DELETE FROM {t.table} WHERE seq > 7")
     db.close()
-    option = "--checkpoint" if table == "decisions" else "--events-checkpoint"
+    option = CHECKPOINT[table]
     code, out, err = verify(capsys, database_url, option, logged)
     assert code == 1
     assert "is past the head (seq 7): rows were deleted from the end" in err
@@ -247,21 +311,17 @@ def test_rows_deleted_from_the_end_are_caught_by_a_checkpoint(database_url, caps
 def test_a_checkpoint_in_the_chain_is_confirmed(database_url, capsys):
     db = _trail(database_url)
     logged = _checkpoint(db)
-    written = DecisionRecords(db)  # the chain goes on after the checkpoint
+    written = DecisionRecords(db)  # the chains go on after the checkpoint
     written.add(_record(11))
     written.flush()
+    _store(db, [_decision(11)])
     db.close()
-    code, out, err = verify(
-        capsys,
-        database_url,
-        "--checkpoint",
-        logged["decisions"],
-        "--events-checkpoint",
-        logged["events"],
-    )
+    given = [arg for table, option in CHECKPOINT.items() for arg in (option, logged[table])]
+    code, out, err = verify(capsys, database_url, *given)
     assert code == 0, err
     assert "audit_decisions: OK, seq 1 to 11" in out
-    assert out.count("confirmed") == 2
+    assert "decision_log: OK, seq 1 to 11" in out
+    assert out.count("confirmed") == 3
 
 
 @pytest.mark.parametrize(
@@ -315,6 +375,71 @@ def test_after_prune_the_chain_verifies_from_the_oldest_kept_row(database_url, c
     code, _, err = verify(capsys, database_url, "--checkpoint", "{}:{}".format(*old_checkpoint))
     assert code == 1
     assert "is older than the oldest kept row (seq 6): it was pruned" in err
+
+
+def test_pruning_the_decision_service_decisions_leaves_a_whole_chain_that_verifies(
+    database_url, capsys
+):
+    """Retention deletes the oldest stored decisions only: one made before the cutoff but
+    numbered after a newer one (a replica's, written late) stays, and a row stored before the
+    chain (seq 0) goes by its age; what is left verifies, from the oldest kept row, against a
+    checkpoint logged before."""
+    db = Database(database_url)
+    DecisionRecords(db), AuditLog(db)  # the other chains' tables, as a server makes them
+    db.migrate(decision_log.COMPONENT, decision_log._MIGRATIONS[:2])  # as the version before
+    db.execute(
+        "INSERT INTO decision_log (id, kind, request, result, sequence, at) VALUES"
+        " ('old', 'authorize', '{}', 'true', 1, ?)",
+        (NOW - 200 * DAY,),
+    )
+    old, new = NOW - 100 * DAY, NOW - DAY
+    ats = [old, old + 1, new, old + 2, new + 1]
+    _store(db, [_decision(n, at=at - n) for n, at in enumerate(ats, start=1)])
+    logged = _checkpoint(db)["decision_log"]
+    db.close()
+
+    assert main(["audit", "prune", "--older-than", "90", "--database", database_url]) == 0
+    assert "3 decision_log" in capsys.readouterr().err
+    db = Database(database_url)
+    try:
+        assert [r[0] for r in db.execute("SELECT seq FROM decision_log ORDER BY seq")] == [3, 4, 5]
+    finally:
+        db.close()
+    code, out, err = verify(capsys, database_url, "--decision-log-checkpoint", logged)
+    assert code == 0, err
+    assert "decision_log: OK, seq 3 to 5 (3 decisions of the decision service," in out
+    assert "rows before seq 3 were pruned" in out
+    assert f"checkpoint {logged} confirmed" in out
+
+
+def test_a_stored_decision_batch_written_again_after_its_commit_was_lost_leaves_one_chain(
+    sqlite_url, capsys, monkeypatch
+):
+    """The decision service's writer, as the gateway's: the rows its lost COMMIT stored are
+    left out before the rest is numbered, so no seq is skipped (a gap verify would take for a
+    deletion) and no decision is written twice."""
+    db = Database(sqlite_url)
+    store = DecisionStore(db)
+    for n in (1, 2):
+        store.add(_decision(n))
+    commit = Database._commit
+
+    def committed_then_lost(self):
+        commit(self)
+        monkeypatch.setattr(Database, "_commit", commit)
+        raise DatabaseUnavailable("the database connection was lost while committing")
+
+    monkeypatch.setattr(Database, "_commit", committed_then_lost)
+    with pytest.raises(DatabaseUnavailable):
+        store.flush()
+    store.add(_decision(3))
+    store.flush()
+    rows = db.execute("SELECT seq, id FROM decision_log ORDER BY seq")
+    assert rows == [(1, "d000001"), (2, "d000002"), (3, "d000003")]
+    db.close()
+    code, out, err = verify(capsys, sqlite_url)
+    assert code == 0, err
+    assert "decision_log: OK, seq 1 to 3" in out
 
 
 def test_prune_deletes_only_the_oldest_so_a_record_written_late_leaves_the_chain_whole(
@@ -435,7 +560,13 @@ def test_rows_written_before_the_chain_are_outside_it_and_said_so(database_url, 
     db = Database(database_url)
     db.migrate("audit_decisions", decisions._MIGRATIONS[:1])
     db.migrate("audit", log._MIGRATIONS[:2])
+    db.migrate(decision_log.COMPONENT, decision_log._MIGRATIONS[:2])
     for n in (1, 2, 3):
+        db.execute(
+            "INSERT INTO decision_log (id, kind, request, result, sequence, at, api) VALUES"
+            " (?, 'authorize', '{}', 'true', 1, ?, 'v1')",
+            (f"old{n}", NOW),
+        )
         db.execute(
             "INSERT INTO audit_decisions (seq, id, at, server, method, target, principals,"
             " result, arguments_digest, record) VALUES (?, ?, ?, 'desk', 'tools/call', 'T',"
@@ -447,13 +578,17 @@ def test_rows_written_before_the_chain_are_outside_it_and_said_so(database_url, 
             (f"old{n}", NOW),
         )
     db.close()
-    _trail(database_url, records=4, events=4).close()
+    _trail(database_url, records=4, events=4, stored=4).close()
     code, out, err = verify(capsys, database_url)
     assert code == 0, err
     assert "audit_decisions: OK, seq 4 to 7 (4 decision records," in out
     assert "3 decision records written before the chain began are not covered" in out
     assert "audit_events: OK, seq 1 to 4 (4 audit events," in out
     assert "3 audit events written before the chain began are not covered" in out
+    assert "decision_log: OK, seq 1 to 4 (4 decisions of the decision service," in out
+    assert (
+        "3 decisions of the decision service written before the chain began are not covered" in out
+    )
 
 
 def test_the_server_chains_events_and_logs_checkpoints_verify_takes(sqlite_url, capsys, caplog):
@@ -482,13 +617,20 @@ def test_the_server_chains_events_and_logs_checkpoints_verify_takes(sqlite_url, 
     finally:
         root.setLevel(level)
     db.close()
-    found = re.fullmatch(r"audit checkpoint: decisions=(\S+) events=(\S+)", line)
+    found = re.fullmatch(r"audit checkpoint: decisions=(\S+) events=(\S+) decision_log=(\S+)", line)
     assert found, line
     code, out, err = verify(
-        capsys, sqlite_url, "--checkpoint", found[1], "--events-checkpoint", found[2]
+        capsys,
+        sqlite_url,
+        "--checkpoint",
+        found[1],
+        "--events-checkpoint",
+        found[2],
+        "--decision-log-checkpoint",
+        found[3],
     )
     assert code == 0, err
-    assert "audit_events: OK, seq 1 to 11" in out and out.count("confirmed") == 2
+    assert "audit_events: OK, seq 1 to 11" in out and out.count("confirmed") == 3
 
 
 def test_two_servers_on_one_postgresql_chain_events_into_one_chain_and_log_its_head(
