@@ -9,7 +9,8 @@ Prints figures; asserts nothing. The load runs in a separate process (one keep-a
 one request at a time: httpx, the SDK's client, or ``--client raw``, a lean socket client whose
 own cost is a small part of httpx's) against a real ``bastion serve`` on 127.0.0.1; the server's
 CPU per request is read from /proc around each timed load. ``--compare`` serves another checkout
-on the same store too, its rounds interleaved with this one's (A B B A A B ...). PostgreSQL figures need the
+on a copy of the same store too (so that one which migrates a table does not stop the other),
+its rounds interleaved with this one's (A B B A A B ...). PostgreSQL figures need the
 server at 127.0.0.1:5432 (as for the tests); they are skipped with a note otherwise.
 """
 
@@ -400,6 +401,19 @@ def bench_catch_up(label: str, url: str, facts: list[tuple], tmp: Path) -> None:
         store.close()
 
 
+def _copy_of(db: str, path: Path) -> str:
+    """A copy of the SQLite store ``db`` at ``path`` (SQLite's online backup: the WAL too)."""
+    import sqlite3
+
+    source, copy = sqlite3.connect(db), sqlite3.connect(path)
+    try:
+        source.backup(copy)
+    finally:
+        source.close()
+        copy.close()
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--facts", type=int, default=1_000_000)
@@ -421,8 +435,8 @@ def main() -> None:
     parser.add_argument(
         "--compare",
         metavar="TREE",
-        help="also serve from this checkout (e.g. a worktree of main), on the same store, its"
-        " rounds interleaved with this tree's",
+        help="also serve from this checkout (e.g. a worktree of main), on a copy of the same"
+        " store, its rounds interleaved with this tree's",
     )
     args = parser.parse_args()
 
@@ -453,8 +467,11 @@ def main() -> None:
         store.close()
         servers = []
         try:
-            for tree in [None] if args.compare is None else [args.compare, None]:
-                proc, url, startup = start_server(db, tmp / "serve.log", tree)
+            for n, tree in enumerate([None] if args.compare is None else [args.compare, None]):
+                # Each tree on a copy of its own: one that migrates a table (a new column of
+                # decision_log, say) would make the other refuse to decide (schema_newer).
+                served = _copy_of(db, tmp / f"bench-{n}.db")
+                proc, url, startup = start_server(served, tmp / "serve.log", tree)
                 servers.append((tree or str(ROOT), proc, url))
                 print(
                     f"  server ({tree or ROOT}) start with {len(facts):,} facts (snapshot load,"
