@@ -67,7 +67,7 @@ from bastion.oauth.jwks import (
     signing_key,
     typ_is,
 )
-from bastion.oauth.settings import ProtectedResource
+from bastion.oauth.settings import ProtectedResource, same_resource
 from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client, Grant
 
@@ -496,7 +496,7 @@ class IdentityAssertionGrant:
         requested = form.get("resource")
         if not found.resources:
             return self.settings.requested_resource(form)
-        if requested is not None and requested not in found.resources:
+        if requested is not None and not any(same_resource(requested, r) for r in found.resources):
             raise InvalidTarget(
                 f"resource {requested!r} is not one of the ID-JAG's resources"
                 f" {list(found.resources)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,26 @@ from bastion.egress import PrivateAllowance, private_allowance, url_syntax_probl
 from bastion.oauth.errors import InvalidTarget
 
 REGISTRATION_POLICIES = ("open", "initial_access_token", "closed")
+
+
+# An absolute URI's scheme and authority (RFC 3986 §3).
+_SCHEME_AND_HOST = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
+
+
+def resource_key(uri: str) -> str:
+    """``uri`` as resource indicators are compared (RFC 8707 §2): scheme and host without case
+    (RFC 3986 §6.2.2.1), as the MCP authorization specification's "Canonical Server URI" asks
+    ("implementations SHOULD accept uppercase scheme and host components"); the path, query and
+    anything with user information exactly."""
+    head = _SCHEME_AND_HOST.match(uri)
+    if head is None or "@" in head[0]:
+        return uri
+    return head[0].lower() + uri[head.end() :]
+
+
+def same_resource(a: str, b: str) -> bool:
+    """Whether two resource indicators name the same resource (`resource_key`)."""
+    return a == b or resource_key(a) == resource_key(b)
 
 
 class SettingsError(ValueError):
@@ -204,10 +225,14 @@ class OAuthSettings:
         return f"{self.issuer.rstrip('/')}/{name}"
 
     def resource(self, uri: str) -> ProtectedResource | None:
+        """The configured resource ``uri`` names: the one spelled so, else the one it names with
+        its scheme and host in another case (`resource_key`); None when it names none, or two
+        (two configured URIs that differ in case alone), never a guess between them."""
         for resource in self.resources:
             if resource.uri == uri:
                 return resource
-        return None
+        matches = [r for r in self.resources if same_resource(r.uri, uri)]
+        return matches[0] if len(matches) == 1 else None
 
     def requested_resource(self, form: Mapping[str, str]) -> ProtectedResource:
         """The protected resource a request names in ``resource`` (RFC 8707), which it must

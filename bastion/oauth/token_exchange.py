@@ -47,6 +47,7 @@ from bastion.oauth.errors import (
     InvalidToken,
     OAuthError,
 )
+from bastion.oauth.settings import same_resource
 from bastion.oauth.store import Client, Grant, GrantRefused
 from bastion.oauth.verifier import VerifiedToken
 
@@ -407,7 +408,7 @@ class TokenExchange:
         own = subject.audience[0]
         for name in ("resource", "audience"):
             value = form.get(name)
-            if value is not None and value != own:
+            if value is not None and not same_resource(value, own):
                 raise InvalidTarget(
                     f"{name} {value!r} is not {own!r}, the resource of subject_token; a"
                     " delegation is for the same resource"

@@ -43,6 +43,7 @@ from bastion.oauth.errors import (
 )
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE, IdentityAssertionGrant
 from bastion.oauth.redirect_uris import redirect_uri_allowed
+from bastion.oauth.settings import same_resource
 from bastion.oauth.store import Client, Grant, GrantRefused, new_secret
 from bastion.oauth.token_exchange import (
     TOKEN_EXCHANGE_GRANT_TYPE,
@@ -327,7 +328,7 @@ class TokenEndpoint:
 
     def _check_resource(self, form: Mapping[str, str], grant: Grant) -> None:
         resource = form.get("resource")
-        if resource is not None and resource != grant.resource:
+        if resource is not None and not same_resource(resource, grant.resource):
             raise InvalidTarget(
                 f"resource {resource!r} differs from {grant.resource!r}, the resource of this grant"
             )

@@ -682,3 +682,36 @@ def test_housekeeping_forgets_expired_codes_tokens_and_sessions_but_keeps_grants
     for table in ("oauth_codes", "oauth_refresh_tokens", "oauth_access_tokens", "oauth_sessions"):
         assert rows[table] == [], table
     assert len(rows["oauth_grants"]) == 1
+
+
+def test_a_resource_spelled_with_an_uppercase_scheme_or_host_is_the_same_resource(
+    sqlite_url, tmp_path
+):
+    """MCP authorization (2025-11-25 and 2026-07-28), "Canonical Server URI": "While the
+    canonical form uses lowercase scheme and host components, implementations SHOULD accept
+    uppercase scheme and host components". The grant and its tokens are for the configured URI;
+    the path stays case-sensitive (another path is another resource)."""
+    canonical = "http://mcp.localhost:9/mcp"
+    with running_bastion(sqlite_url, tmp_path, resource=canonical) as bastion:
+        client = bastion.register()
+        code, verifier = bastion.code_for(client, resource="HTTP://MCP.LOCALHOST:9/mcp")
+        response = exchange(bastion, client, code, verifier, resource="Http://Mcp.Localhost:9/mcp")
+        assert response.status_code == 200, response.text
+        tokens = response.json()
+        verified = bastion.server.verifier.verify(tokens["access_token"], canonical)
+        assert verified.audience == (canonical,)
+        refresh = {
+            "grant_type": "refresh_token",
+            "client_id": client["client_id"],
+            "refresh_token": tokens["refresh_token"],
+        }
+        before = bastion.rows()
+        assert_oauth_error(
+            bastion.token(**refresh, resource="http://mcp.localhost:9/MCP"), "invalid_target"
+        )
+        assert bastion.rows() == before
+        response = bastion.token(**refresh, resource="HTTP://mcp.localhost:9/mcp")
+        assert response.status_code == 200, response.text
+        _, challenge = pkce_pair()
+        params = bastion.authorize_params(client, challenge, resource="http://mcp.localhost:9/MCP")
+        assert shown_error(authorize(bastion, params))["error"] == "invalid_target"
