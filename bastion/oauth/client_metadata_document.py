@@ -292,15 +292,20 @@ class ClientMetadataDocuments:
                 url, f"grant_types must be among {list(_GRANT_TYPES)}"
             )
         name = document.get("client_name")
-        problem = None if name is None else client_name_problem(name)
-        if problem:
+        if not isinstance(name, str) or not name.strip():
+            # MCP's required members (client_id, client_name, redirect_uris): the consent page
+            # names the client by it, beside the host it is sent back to.
+            raise ClientMetadataDocumentError(
+                url, "client_name is required: the name the consent page shows"
+            )
+        if problem := client_name_problem(name):
             raise ClientMetadataDocumentError(url, problem)
         scope = document.get("scope")
         if scope is not None and not isinstance(scope, str):
             raise ClientMetadataDocumentError(url, "scope must be a string")
         return Client(
             client_id=url,
-            client_name=(name or "").strip() or urlsplit(url).hostname or url,
+            client_name=name.strip(),
             redirect_uris=tuple(redirect_uris),
             grant_types=tuple(dict.fromkeys(grant_types)),
             token_endpoint_auth_method="none",

@@ -297,6 +297,28 @@ def test_authorize_with_a_lying_document_shows_an_error_page_and_changes_nothing
         assert bastion.rows() == before
 
 
+def test_a_document_without_a_client_name_is_refused_and_changes_nothing(
+    host, sqlite_url, tmp_path
+):
+    """MCP authorization (2025-11-25 §4.2.1, 2026-07-28 Client Registration §1.1): "The metadata
+    document MUST include at least the following properties: client_id, client_name,
+    redirect_uris", and the authorization server "MUST validate the document structure is valid
+    JSON and contains required fields". A nameless one was taken, shown by its host."""
+    url = host.document("/nameless.json", client_name=None)
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        before = bastion.rows()
+        _, challenge = pkce_pair()
+        params = bastion.authorize_params(
+            {"client_id": url, "redirect_uris": [REDIRECT]}, challenge
+        )
+        response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        assert response.status_code == 400 and "location" not in response.headers
+        assert "invalid_client" in response.text and "client_name is required" in response.text
+        assert bastion.rows() == before
+    refused(host, host.document("/blank.json", client_name="  "), "client_name is required")
+
+
 def test_an_error_for_a_document_client_is_shown_not_redirected(host, sqlite_url, tmp_path):
     """Anyone can publish a document naming any redirect URI: bastion does not send a browser
     there on its own for an error found before the person did anything (RFC 9700 §4.11.2)."""
