@@ -126,11 +126,22 @@ def gateway_from_config(
     )
     for name in gateway.upstreams:
         uri = gateway.resource(name)
-        if settings.resource(uri) is None:
+        resource = settings.resource(uri)
+        if resource is None:
             raise ConfigError(
                 f"gateway upstream {name!r} is served at {uri}, but [oauth] has no resource with"
                 f' that uri; add [[oauth.resources]] uri = "{uri}"'
                 + ("" if gateway_config.public_url else " (or set gateway.public_url)")
+            )
+        # The 401 challenge's scopes are what MCP clients ask for first: one the resource
+        # does not offer is invalid_scope at /authorize, for every client.
+        foreign = [s for s in gateway.challenge_scopes(name) if s not in resource.scopes]
+        if foreign:
+            raise ConfigError(
+                f"gateway upstream {name!r} asks clients for scopes {foreign} in its 401"
+                f" challenge (gateway.upstreams scopes), which the [[oauth.resources]] entry"
+                f" {uri} does not offer {list(resource.scopes)}: every authorization would be"
+                " refused with invalid_scope; add them to that resource's scopes"
             )
     return gateway
 

@@ -64,3 +64,33 @@ def test_a_client_registered_by_an_admin_with_a_scope_cannot_ask_for_more(bastio
     assert response.status_code in (302, 303), response.text
     location = response.headers["location"]
     assert "error=invalid_scope" in location and "code=" not in location
+
+
+def test_a_challenge_scope_its_resource_does_not_offer_stops_the_server_at_start(tmp_path):
+    """The 401's ``scope`` is what an MCP client asks for first (MCP authorization, Scope
+    Selection Strategy: "Use scope parameter from the initial WWW-Authenticate header"). A scope
+    the resource's ``[[oauth.resources]]`` entry lacks is refused at /authorize (invalid_scope),
+    so every client that follows the challenge failed; the server started all the same."""
+    from bastion.server.app import create_app
+    from bastion.server.config import ConfigError, ServerConfig
+
+    base = "http://127.0.0.1:9"
+    config = ServerConfig(
+        database=str(tmp_path / "bastion.db"),
+        oauth={
+            "issuer": base,
+            "key_dir": str(tmp_path / "keys"),
+            "resources": [{"uri": f"{base}/mcp/desk", "scopes": ["customers:read"]}],
+        },
+        gateway={
+            "upstreams": [
+                {
+                    "name": "desk",
+                    "url": "http://127.0.0.1:9/mcp",
+                    "scopes": ["customers:read", "customer:write"],
+                }
+            ]
+        },
+    )
+    with pytest.raises(ConfigError, match=r"'customer:write'.*\[\[oauth.resources\]\]"):
+        create_app(config)
