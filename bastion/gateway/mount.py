@@ -134,9 +134,11 @@ def gateway_from_config(
                 + ("" if gateway_config.public_url else " (or set gateway.public_url)")
             )
         # The 401 challenge's scopes are what MCP clients ask for first: one the resource
-        # does not offer is invalid_scope at /authorize, for every client.
+        # does not offer is invalid_scope at /authorize, for every client. (With trusted
+        # issuers for this server, a client may take its token from one of them, whose scopes
+        # bastion does not know.)
         foreign = [s for s in gateway.challenge_scopes(name) if s not in resource.scopes]
-        if foreign:
+        if foreign and not (gateway.trusted is not None and gateway.trusted.issuers_for(name)):
             raise ConfigError(
                 f"gateway upstream {name!r} asks clients for scopes {foreign} in its 401"
                 f" challenge (gateway.upstreams scopes), which the [[oauth.resources]] entry"
