@@ -83,3 +83,16 @@ def test_key_sets_asked_of_many_uris_keep_at_most_max_cached_of_each(issuer):
     assert issuer["fetches"] == 10
     assert len(sets._fetched) <= 2 and len(sets._failed) <= 2
     assert len(sets._fetching) == 0  # no fetch is in progress: no lock is kept for one
+
+
+def test_a_fetched_key_set_is_checked_and_read_off_the_event_loop(issuer):
+    """Checking a key set reads every key in it (`jwks_problem` imports them all, as many as
+    the caller's bound allows): CPU work, done in a worker thread with the reading of the keys,
+    never on the event loop that serves every other request meanwhile."""
+    from tests.loop import noting_where
+
+    seen: list[str] = []
+    sets = RemoteKeySets(FetchLimits(), check=noting_where(jwks_problem, seen), clock=ManualClock())
+    issuer["down"] = False
+    assert anyio.run(sets.keys, issuer["uri"], "k1")
+    assert seen == ["worker thread"]
