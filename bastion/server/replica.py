@@ -861,7 +861,9 @@ class Replica:
         if _small(len(inserts), deletes):
             return load_facts(authz, inserts, deletes)
         policy = authz.policy
-        aside = _built_aside(len(inserts), len(authz.facts))
+        # `held`, not `len`: that drops every expired fact first, under the fact lock, here on
+        # the event loop (many, when the follower has not dropped them yet on a worker thread).
+        aside = _built_aside(len(inserts), authz.facts.held)
 
         def check(turns: Turns) -> tuple[list[tuple], list[tuple]]:
             pairs = [(f.fact, f.expires_at) for f in inserts]

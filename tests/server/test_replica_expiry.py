@@ -81,3 +81,48 @@ def test_many_facts_expiring_together_are_dropped_off_the_event_loop(sqlite_url)
     assert seen["decided_after"] > 0 and seen["allowed_after"] == 0, seen
     # The event loop went on turning, after the expiry, while the facts were being dropped.
     assert seen["turns_while_dropped"] >= 2, seen
+
+
+def test_facts_expired_before_a_large_change_are_not_dropped_on_the_event_loop_by_it(
+    sqlite_url, monkeypatch
+):
+    """A large change that comes once many facts have expired, before the follower dropped them
+    on a worker thread (it was catching up on a busy log meanwhile: here it never looks for
+    them), counts the facts held without dropping any: before, it counted them by `len`, which
+    dropped every expired fact first, on the event loop (50,000: 0.2 s on a busy machine)."""
+    from bastion.facts.index import FactIndex
+    from tests.loop import noting_where
+
+    monkeypatch.setattr(Replica, "_crowded_expiry", lambda self: float("inf"))
+    seen: list[str] = []
+    monkeypatch.setattr(FactIndex, "purge_expired", noting_where(FactIndex.purge_expired, seen))
+    writer = FactStore.open(sqlite_url)
+    writer.put_policy(POLICY)
+    expiring, large = 2_000, 1_500  # each more than is dropped or checked on the loop
+
+    async def run() -> int:
+        replica = Replica(sqlite_url, max_staleness=60)
+        await replica.start()
+        try:
+            lead = 1.0
+            while True:  # the facts written, and in force here, before they expire
+                expires_at = time.time() + lead
+                facts = [StoredFact(grant(n), expires_at) for n in range(expiring)]
+                await replica.wait_for(writer.apply(facts).seq, 60)
+                if time.time() < expires_at - 0.2:
+                    break
+                lead *= 2
+            await asyncio.sleep(expires_at + 0.05 - time.time())
+            facts = [StoredFact(grant(n)) for n in range(MANY, MANY + large)]
+            await replica.wait_for(writer.apply(facts).seq, 60)
+            assert "event loop" not in seen, seen
+            return await asyncio.to_thread(len, replica.authz.facts)
+        finally:
+            await replica.stop()
+
+    try:
+        held = asyncio.run(run())
+    finally:
+        writer.close()
+    assert held == large  # the expired facts are gone, dropped on a worker thread
+    assert seen and "event loop" not in seen, seen
