@@ -6,7 +6,6 @@ to the one method it registered. Every grant type authenticates its client here:
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import unquote
 
@@ -21,8 +20,10 @@ def _basic_credentials(header: str) -> tuple[str, str] | None:
     if scheme.lower() != "basic":
         return None
     try:
+        # A header is read as Latin-1: b64decode refuses text beyond ASCII with a ValueError
+        # (not binascii.Error, its subclass), as it refuses bad base64 and bad UTF-8.
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise InvalidClient("the Basic authorization header is not valid base64") from exc
     client_id, sep, secret = decoded.partition(":")
     if not sep:

@@ -278,6 +278,24 @@ def test_client_authentication_refusals(bastion: Bastion):
     assert bastion.rows() == before
 
 
+def test_basic_credentials_beyond_ascii_are_refused_as_invalid_base64(bastion: Bastion):
+    """A header's bytes are read as Latin-1: ``Basic \\x80`` is text beyond ASCII, which
+    b64decode refuses with a ValueError of its own (a 500 at every endpoint that authenticates
+    a client, before)."""
+    before = bastion.rows()
+    form = {"grant_type": "client_credentials", "resource": bastion.resource}
+    for path in ("/token", "/revoke", "/introspect", "/bc-authorize"):
+        for value in (b"Basic \x80", b"Basic \xe9t\xe9", "Basic é".encode()):
+            response = bastion.http.post(
+                f"{bastion.url}{path}",
+                data={**form, "token": "t"},
+                headers=[(b"authorization", value)],
+            )
+            assert_oauth_error(response, "invalid_client", 401)
+            assert "not valid base64" in response.json()["error_description"], response.text
+    assert bastion.rows() == before
+
+
 def test_basic_credentials_with_another_client_id_in_the_body_are_refused(bastion: Bastion):
     agent, other = confidential(bastion), confidential(bastion)
     before = bastion.rows()
