@@ -13,6 +13,7 @@ gateway relays is checked as it is, and a setting is stripped of them where it i
 
 from __future__ import annotations
 
+import functools
 import re
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -25,6 +26,11 @@ _JSON_MEDIA_TYPE = re.compile(r"application/(?:json|[a-z0-9!#$&^_.+-]+\+json)")
 # matches from a '"' (never tried again from a later one), so a value is read once: linear.
 _QUOTED_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _DIGITS = frozenset("0123456789")
+# Accept values at most this long are remembered with their answers (`accepts`), the last
+# `_REMEMBERED` of them: a client sends the same one with every request. A longer one is read
+# each time, so what is kept stays small whatever clients send.
+_REMEMBERED_LENGTH = 256
+_REMEMBERED = 256
 
 
 def field_name_problem(name: str) -> str | None:
@@ -62,6 +68,14 @@ def is_json_media(content_type: str) -> bool:
 
 
 def accepts(accept: str, media: str, anything: bool = True) -> bool:
+    """`read_accept`, its answer remembered for a short ``accept`` (a client's every request
+    names the same): on the gateway's path of every call."""
+    if len(accept) <= _REMEMBERED_LENGTH:
+        return _remembered(accept, media, anything)
+    return read_accept(accept, media, anything)
+
+
+def read_accept(accept: str, media: str, anything: bool = True) -> bool:
     """Whether an ``Accept`` field value (RFC 9110 §12.5.1) accepts ``media``, a lowercase
     ``type/subtype``. The value is a list of media ranges; the most specific range that covers
     ``media`` decides (``media`` itself, then ``type/*``, then ``*/*``), and accepts it when its
@@ -104,6 +118,9 @@ def accepts(accept: str, media: str, anything: bool = True) -> bool:
         weight = max(weight, q) if specific == best else q
         best = specific
     return weight > 0
+
+
+_remembered = functools.lru_cache(maxsize=_REMEMBERED)(read_accept)
 
 
 def _weight(parameters: str) -> int | None:
