@@ -97,9 +97,9 @@ class BufferedWriter(ABC, Generic[Waiting, Prepared]):
         if self.journal is not None:
             self.journal.settled(map(self._decision_id, records))
 
+    @abstractmethod
     def _decision_id(self, record: Waiting) -> str:
-        """The id a waiting record's decision is journalled under."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no journal")
+        """The id a waiting record's decision is journalled under (its table's key)."""
 
     def _named(self, record: Prepared) -> str:
         return f"a {self.noun[:-1]}"
