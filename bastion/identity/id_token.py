@@ -16,6 +16,7 @@ from bastion import untrusted_json
 from bastion.constant_time import same
 from bastion.identity.providers import LoginRefused, OpenIDProvider
 from bastion.names import readable
+from bastion.oauth.numeric_date import numeric_date
 
 
 def signed_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[str, Any]:
@@ -43,8 +44,8 @@ def signed_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[s
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float:
-    value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    value = numeric_date(claims.get(name))
+    if value is None:
         raise LoginRefused("claims", f"The ID token's {name!r} is missing or not a number.")
     return value
 
@@ -94,15 +95,16 @@ def check_auth_time(
     (bastion's client asked for a recent sign-in), the ID token must say when the person
     signed in (``auth_time``, REQUIRED then, §2) and it must be that recent: a provider that
     took its own older session for the answer signs nobody in."""
-    value = claims.get("auth_time")
-    if value is None and max_age is None:
+    given = claims.get("auth_time")
+    if given is None and max_age is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    value = numeric_date(given)
+    if value is None:
         raise LoginRefused(
             "auth_time",
             "A recent sign-in was asked for, and the provider did not say when you signed in"
             " (auth_time)."
-            if value is None
+            if given is None
             else "The ID token's 'auth_time' is not a number.",
         )
     if value > now + leeway:

@@ -58,6 +58,7 @@ from bastion.oauth.jwks import (
     signing_key,
     typ_is,
 )
+from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.store import UserStanding
 from bastion.oauth.verifier import VerifiedToken
 
@@ -280,9 +281,10 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    seconds = numeric_date(value)
+    if seconds is None:
         raise InvalidToken(f"claim {name!r} is not a number", "claims")
-    return value
+    return seconds
 
 
 class TrustedIssuers:

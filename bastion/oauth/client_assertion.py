@@ -41,6 +41,7 @@ from bastion.oauth.jwks import (
     protected_header,
     signing_key,
 )
+from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.settings import ClientAssertionSettings
 from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client
@@ -279,9 +280,9 @@ class ClientAssertions:
                 f"the client assertion's aud must be this server's issuer {self.audiences[0]!r}"
                 f" (or its token endpoint {self.audiences[1]!r}), one value"
             )
-        exp, iat = claims.get("exp"), claims.get("iat")
+        exp, iat = numeric_date(claims.get("exp")), numeric_date(claims.get("iat"))
         for name, value in (("exp", exp), ("iat", iat)):
-            if not isinstance(value, int | float) or isinstance(value, bool):
+            if value is None:
                 raise InvalidClient(f"the client assertion needs {name}, a time in seconds")
         if exp <= now - leeway:
             raise InvalidClient("the client assertion has expired")
@@ -293,9 +294,12 @@ class ClientAssertions:
                 f"the client assertion lives longer than {most} s"
                 " ([oauth.client_assertion].max_lifetime_seconds); sign one that expires sooner"
             )
-        nbf = claims.get("nbf")
-        if nbf is not None and (not isinstance(nbf, int | float) or nbf > now + leeway):
-            raise InvalidClient("the client assertion is not valid yet (nbf)")
+        if "nbf" in claims:
+            nbf = numeric_date(claims["nbf"])
+            if nbf is None:
+                raise InvalidClient("the client assertion's nbf must be a time in seconds")
+            if nbf > now + leeway:
+                raise InvalidClient("the client assertion is not valid yet (nbf)")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_CHARS:
             raise InvalidClient(
@@ -316,7 +320,9 @@ def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
         compact = jws.extract_compact(assertion.encode("ascii"))
         header = protected_header(compact)
         claims = untrusted_json.loads(compact.payload)
-    except (JoseError, UnicodeError, ValueError, untrusted_json.JsonRefused):
+    except untrusted_json.JsonRefused as e:
+        raise InvalidClient(f"the client assertion's claims are refused: {e}") from None
+    except (JoseError, UnicodeError, ValueError):
         raise InvalidClient(
             "client_assertion is not a signed JWT (compact serialization)"
         ) from None

@@ -42,6 +42,7 @@ from bastion.constant_time import same
 from bastion.db import Database
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import protected_header
+from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.settings import DPoPSettings
 from bastion.oauth.spent_jtis import SpentJtis
 
@@ -224,8 +225,8 @@ class DPoPProofs:
             raise InvalidDPoPProof(
                 f"the DPoP proof's htu must be {normalised_url(url)!r}, this request's URL"
             )
-        iat = claims.get("iat")
-        if not isinstance(iat, int | float) or isinstance(iat, bool):
+        iat = numeric_date(claims.get("iat"))
+        if iat is None:
             raise InvalidDPoPProof("the DPoP proof needs iat, a time in seconds")
         now, oldest = self.clock(), self.settings.max_age_seconds
         if iat > now + self.leeway:

@@ -67,6 +67,7 @@ from bastion.oauth.jwks import (
     signing_key,
     typ_is,
 )
+from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.settings import ProtectedResource, same_resource
 from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client, Grant
@@ -423,9 +424,9 @@ class IdentityAssertionGrant:
             )
         jkt = self._bound_key(claims)
         now, leeway = self.clock(), self.settings.leeway_seconds
-        exp, iat = claims.get("exp"), claims.get("iat")
+        exp, iat = numeric_date(claims.get("exp")), numeric_date(claims.get("iat"))
         for name, value in (("exp", exp), ("iat", iat)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if value is None:
                 raise InvalidGrant(f"the ID-JAG needs {name}, a time in seconds")
         if exp <= now - leeway:
             raise InvalidGrant("the ID-JAG has expired")
@@ -436,9 +437,12 @@ class IdentityAssertionGrant:
             raise InvalidGrant(
                 f"the ID-JAG lives longer than {most} s (oauth.id_jag.max_lifetime_seconds)"
             )
-        nbf = claims.get("nbf")
-        if nbf is not None and (not isinstance(nbf, int | float) or nbf > now + leeway):
-            raise InvalidGrant("the ID-JAG is not valid yet (nbf)")
+        if "nbf" in claims:
+            nbf = numeric_date(claims["nbf"])
+            if nbf is None:
+                raise InvalidGrant("the ID-JAG's nbf must be a time in seconds")
+            if nbf > now + leeway:
+                raise InvalidGrant("the ID-JAG is not valid yet (nbf)")
         sub, jti = claims.get("sub"), claims.get("jti")
         if not isinstance(sub, str) or not sub:
             raise InvalidGrant("the ID-JAG needs sub, the user")
@@ -584,8 +588,8 @@ class IdentityAssertionGrant:
 
 
 def _auth_time(claims: Mapping[str, Any]) -> float | None:
-    value = claims.get("auth_time")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    value = numeric_date(claims.get("auth_time"))
+    return None if value is None else float(value)
 
 
 def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -597,7 +601,9 @@ def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
         compact = jws.extract_compact(assertion.encode("ascii"))
         header = protected_header(compact)
         claims = untrusted_json.loads(compact.payload)
-    except (JoseError, UnicodeError, ValueError, untrusted_json.JsonRefused):
+    except untrusted_json.JsonRefused as e:
+        raise InvalidGrant(f"the assertion's claims are refused: {e}") from None
+    except (JoseError, UnicodeError, ValueError):
         raise InvalidGrant("the assertion is not a signed JWT (compact serialization)") from None
     if not isinstance(claims, dict):
         raise InvalidGrant("the assertion's payload must be a JSON object of claims")

@@ -33,6 +33,7 @@ from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import typ_is
 from bastion.oauth.keys import ALGORITHM, KeyRing
+from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.store import (
     REVOCATIONS_CHANNEL,
     USERS_CHANGED,
@@ -95,8 +96,8 @@ def _header(token: str) -> dict[str, Any]:
 
 
 def _number(claims: dict[str, Any], name: str) -> int:
-    value = claims.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    value = numeric_date(claims.get(name))
+    if value is None:
         raise InvalidToken(f"claim {name!r} is missing or not a number", "claims", claims)
     return int(value)
 

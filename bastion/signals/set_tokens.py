@@ -23,6 +23,7 @@ from joserfc.jwk import KeySet
 from bastion import untrusted_json
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import signing_key, typ_is
+from bastion.oauth.numeric_date import numeric_date
 
 SET_TYPE = "secevent+jwt"
 MAX_JTI = 256
@@ -131,8 +132,8 @@ def verify_set(
     auds = aud if isinstance(aud, list) else [aud]
     if audience not in auds:
         raise SetRefused("invalid_audience", f"aud must hold {audience!r}")
-    iat = claims.get("iat")
-    if isinstance(iat, bool) or not isinstance(iat, (int, float)):
+    iat = numeric_date(claims.get("iat"))
+    if iat is None:
         raise SetRefused("invalid_request", "iat (a number of seconds) is required")
     if iat > now + clock_skew_seconds:
         raise SetRefused("invalid_request", "iat is in the future; check the transmitter's clock")

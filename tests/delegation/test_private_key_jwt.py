@@ -204,6 +204,14 @@ def test_a_replayed_assertion_is_refused(bastion, config, capsys, tmp_path):
         ({"jti": "x" * 300}, "jti"),
         ({"exp": "tomorrow"}, "exp"),
         ({"nbf": 120}, "not valid yet (nbf)"),
+        # Not numbers, though Python's own reader would take them as such: NaN is neither
+        # before nor after any time (an assertion forever, its jti never spent), true is 1.
+        ({"exp": float("nan")}, "NaN"),
+        ({"exp": float("inf")}, "Infinity"),
+        ({"iat": float("-inf")}, "Infinity"),
+        ({"exp": True}, "exp"),
+        ({"nbf": True}, "nbf"),
+        ({"nbf": float("nan")}, "NaN"),
     ],
 )
 def test_an_assertion_out_of_bounds_is_refused(bastion, config, capsys, tmp_path, change, words):
@@ -214,7 +222,7 @@ def test_an_assertion_out_of_bounds_is_refused(bastion, config, capsys, tmp_path
         "iss": client_id,
         "sub": change.get("sub", client_id),
         "aud": change.get("audience", bastion.url),
-        "iat": now,
+        "iat": change.get("iat", now),
         "exp": change.get("exp", now + change.get("lifetime", 60)),
         "jti": change.get("jti", f"j-{time.monotonic_ns()}"),
     }
@@ -222,8 +230,9 @@ def test_an_assertion_out_of_bounds_is_refused(bastion, config, capsys, tmp_path
         claims["aud"] = [bastion.url if a == "ISSUER" else a for a in claims["aud"]]
     if claims["jti"] is None:
         del claims["jti"]
-    if "nbf" in change:  # seconds after now
-        claims["nbf"] = now + change["nbf"]
+    if "nbf" in change:  # seconds after now, or a value as it is
+        nbf = change["nbf"]
+        claims["nbf"] = now + nbf if type(nbf) is int else nbf
     signed = jose_jwt.encode({"alg": "ES256", "kid": key.kid}, claims, key)
     refused(token_request(bastion, signed), words)
 

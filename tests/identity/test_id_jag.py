@@ -345,6 +345,12 @@ ATTACKS = {
     ),
     "living too long": (lambda i, b, c: i.id_jag(b, c, exp=now() + 3600), "lives longer"),
     "not valid yet": (lambda i, b, c: i.id_jag(b, c, nbf=now() + 120), "(nbf)"),
+    # Not numbers, though Python's own reader takes them as such: NaN is neither before nor
+    # after any time, true is 1 (1970).
+    "exp NaN": (lambda i, b, c: i.id_jag(b, c, exp=float("nan")), "NaN"),
+    "iat -Infinity": (lambda i, b, c: i.id_jag(b, c, iat=float("-inf")), "Infinity"),
+    "nbf true": (lambda i, b, c: i.id_jag(b, c, nbf=True), "nbf"),
+    "nbf NaN": (lambda i, b, c: i.id_jag(b, c, nbf=float("nan")), "NaN"),
     "no jti": (lambda i, b, c: i.id_jag(b, c, jti=None), "jti"),
     "no sub": (lambda i, b, c: i.id_jag(b, c, sub=None), "sub"),
     "another client's": (

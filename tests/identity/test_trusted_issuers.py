@@ -444,6 +444,13 @@ def test_an_expired_or_not_yet_valid_token_is_refused(bastion, idp):
     assert "nbf" in refused(call(bastion, idp.token("a", nbf=now + 600)))
     assert "future" in refused(call(bastion, idp.token("a", iat=now + 600)))
     assert "exp" in refused(call(bastion, idp.token("a", exp=None)))
+    # Not numbers, though Python's own reader takes them as such: an exp of NaN is never past,
+    # true is 1. A payload holding NaN is not JSON: no issuer can be read from it, so it is
+    # refused as a token of none (refused() checks the 401 and invalid_token).
+    refused(call(bastion, idp.token("a", exp=float("nan"))))
+    refused(call(bastion, idp.token("a", exp=float("inf"))))
+    assert "nbf" in refused(call(bastion, idp.token("a", nbf=True)))
+    assert "exp" in refused(call(bastion, idp.token("a", exp=True)))
 
 
 def test_a_remembered_token_is_refused_once_it_expires(idp):
