@@ -422,6 +422,14 @@ class IdentityAssertionGrant:
                 "the ID-JAG names an actor (act); bastion takes none: its token acts for the"
                 " user through the client alone, and would drop the actor"
             )
+        if claims.get("authorization_details") not in (None, []):
+            # RFC 9396 §5: details narrow what the provider authorized; bastion does not read
+            # them, and its token, granted the scope alone, would allow more than they do.
+            raise InvalidGrant(
+                "the ID-JAG carries authorization_details (RFC 9396), which bastion does not"
+                " read: its token would allow more than they do; ask the provider for scopes"
+                " alone"
+            )
         jkt = self._bound_key(claims)
         now, leeway = self.clock(), self.settings.leeway_seconds
         exp, iat = numeric_date(claims.get("exp")), numeric_date(claims.get("iat"))

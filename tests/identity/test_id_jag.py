@@ -351,6 +351,14 @@ ATTACKS = {
     "iat -Infinity": (lambda i, b, c: i.id_jag(b, c, iat=float("-inf")), "Infinity"),
     "nbf true": (lambda i, b, c: i.id_jag(b, c, nbf=True), "nbf"),
     "nbf NaN": (lambda i, b, c: i.id_jag(b, c, nbf=float("nan")), "NaN"),
+    # RFC 9396's details narrow what the provider authorized; bastion does not read them, so
+    # granting the scope alone would grant more than the ID-JAG says.
+    "authorization_details": (
+        lambda i, b, c: i.id_jag(
+            b, c, authorization_details=[{"type": "customer_access", "locations": ["eu"]}]
+        ),
+        "authorization_details",
+    ),
     "no jti": (lambda i, b, c: i.id_jag(b, c, jti=None), "jti"),
     "no sub": (lambda i, b, c: i.id_jag(b, c, sub=None), "sub"),
     "another client's": (
