@@ -545,6 +545,22 @@ class TrustedIssuers:
         not_before = _number(claims, "nbf")
         if not_before is not None and not_before > now + leeway:
             raise InvalidToken("the token is not valid yet (nbf)", "nbf")
+        if "act" in claims:
+            # Every call is decided for the user through the agent the token names: the actor
+            # would be left out of that chain (delegation chains come from bastion's exchange).
+            raise InvalidToken(
+                "the token names an actor (act), which bastion would leave out of the chain its"
+                " calls are decided for: get the agent a token of its own, or exchange at bastion",
+                "claims",
+            )
+        if claims.get("authorization_details") not in (None, []):
+            # RFC 9396 §5: details narrow the scope; bastion does not read them, and would
+            # allow what the scope alone allows.
+            raise InvalidToken(
+                "the token carries authorization_details (RFC 9396), which bastion does not read:"
+                " it would allow more than they do",
+                "claims",
+            )
         user = claims.get(issuer.user_claim)
         if not isinstance(user, str) or not user:
             raise InvalidToken(f"claim {issuer.user_claim!r} (the user) is missing", "claims")

@@ -453,6 +453,17 @@ def test_an_expired_or_not_yet_valid_token_is_refused(bastion, idp):
     assert "exp" in refused(call(bastion, idp.token("a", exp=True)))
 
 
+def test_a_token_whose_claims_bastion_would_drop_is_refused(bastion, idp):
+    """An actor (RFC 8693 ``act``) would be left out of the chain every call is decided for, and
+    RFC 9396 details narrow the scope bastion would grant whole: refused, not ignored."""
+    assert "(act)" in refused(call(bastion, idp.token("a", act={"sub": "another-agent"})))
+    details = [{"type": "customer_access", "locations": ["eu"]}]
+    assert "authorization_details" in refused(
+        call(bastion, idp.token("a", authorization_details=details))
+    )
+    assert "error" not in call(bastion, idp.token("a", authorization_details=[])).json()
+
+
 def test_a_remembered_token_is_refused_once_it_expires(idp):
     """A verified token is remembered so its next calls skip the signature; the memory does
     not outlive the token: past exp and the leeway it is refused, as a new token would be."""
