@@ -136,6 +136,7 @@ def _provider_documents(peer: Peer, endpoints: dict[str, str]) -> None:
         "token_endpoint": f"{base}/token",
         "jwks_uri": f"{base}/jwks",
         "userinfo_endpoint": f"{base}/userinfo",
+        "id_token_signing_alg_values_supported": ["ES256"],  # as _signed signs them
         **endpoints,
     }
     peer.answers["/jwks"] = _public_keys()

@@ -1,46 +1,71 @@
-"""Checking an ID token (OpenID Connect Core 1.0 §3.1.3.7) with joserfc: the signature by the
+"""Checking an ID token (OpenID Connect Core 1.0 §3.1.3.7) with joserfc: the ``alg`` among those
+the provider announces and bastion accepts (`signing_algorithms`, step 7), the signature by the
 one key of the provider's key set the header names, then the claims ``iss``, ``aud``, ``azp``,
-``exp``, ``iat``, ``nonce`` and ``sub``; and ``auth_time`` when a recent sign-in was asked for. The ``alg`` is checked by the caller against the
-provider's list before any key is fetched."""
+``exp``, ``iat``, ``nonce`` and ``sub``; and ``auth_time`` when a recent sign-in was asked for.
+The caller checks the ``alg`` before any key is fetched."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from joserfc import jws, jwt
-from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from bastion import untrusted_json
 from bastion.constant_time import same
 from bastion.identity.providers import LoginRefused, OpenIDProvider
 from bastion.names import readable
+from bastion.oauth.jwks import RemoteDocumentError, SignatureRefused, verified_claims
 from bastion.oauth.numeric_date import numeric_date
+
+ANNOUNCED = "id_token_signing_alg_values_supported"
+# OpenID Connect Core §3.1.3.7 step 7: an ID token is signed with RS256 unless the client
+# registered another alg; a provider that announces no list is held to it.
+DEFAULT_ALGORITHM = "RS256"
+
+
+def signing_algorithms(metadata: Mapping[str, Any], accepted: tuple[str, ...]) -> tuple[str, ...]:
+    """The algorithms an ID token of the provider whose discovery document is ``metadata`` may
+    be signed with: those of ``accepted`` (its ``algorithms``, asymmetric only) that the
+    provider announces (OpenID Connect Discovery 1.0 §3, REQUIRED; RS256 when left out).
+    `RemoteDocumentError` when the list is not a list of names, or shares none with
+    ``accepted``: no ID token of the provider could be taken, whatever it is signed with."""
+    announced = metadata.get(ANNOUNCED, [DEFAULT_ALGORITHM])
+    if (
+        not isinstance(announced, list)
+        or not announced
+        or not all(isinstance(a, str) for a in announced)
+    ):
+        raise RemoteDocumentError(
+            f"its metadata's {ANNOUNCED} is not a list of algorithm names:"
+            f" {readable(repr(announced))}"
+        )
+    usable = tuple(a for a in accepted if a in announced)
+    if not usable:
+        shown = readable(repr(announced[:10]))
+        raise RemoteDocumentError(
+            f"it signs ID tokens only with {shown} ({ANNOUNCED}), none of {list(accepted)}"
+            " ([[identity.providers]] algorithms)"
+        )
+    return usable
 
 
 def signed_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[str, Any]:
     """In a worker thread: the claims once the signature is checked with the one key the
-    header names (or the provider's only key)."""
-    if kid is not None:
-        candidates = [k for k in keys.keys if k.kid == kid]
-    else:
-        candidates = list(keys.keys) if len(keys.keys) == 1 else []
-    if len(candidates) != 1:
-        raise LoginRefused("kid", "The ID token is not signed by a key of the provider.")
+    header names, or the provider's only key (`bastion.oauth.jwks.verified_claims`)."""
     try:
-        jwt.decode(token, candidates[0], algorithms=[alg])
-    except (JoseError, ValueError):
-        raise LoginRefused("signature", "The ID token's signature is not the provider's.") from None
-    # The claims as bastion reads every JSON someone else sends: no NUL, no lone surrogate, no
-    # number past 64 bits (what a claim mapped to facts or the account's subject is written as).
-    try:
-        claims = untrusted_json.loads(jws.extract_compact(token.encode("ascii")).payload)
-    except untrusted_json.JsonRefused as exc:
-        raise LoginRefused("claims", f"The ID token's claims cannot be taken: {exc}") from None
-    if not isinstance(claims, dict):
-        raise LoginRefused("claims", "The ID token's claims are not a JSON object.")
-    return claims
+        return verified_claims(token, keys, kid, alg)
+    except SignatureRefused as refused:
+        if refused.reason == "kid":
+            raise LoginRefused(
+                "kid", "The ID token is not signed by a key of the provider."
+            ) from None
+        if refused.reason == "signature":
+            raise LoginRefused(
+                "signature", "The ID token's signature is not the provider's."
+            ) from None
+        raise LoginRefused(
+            "claims", f"The ID token's claims cannot be taken: {refused.detail}"
+        ) from None
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float:

@@ -8,7 +8,7 @@ few minutes. The answer comes back to the provider's own redirect URI, where ``s
 first (a replay finds nothing), the RFC 9207 ``iss`` must name that provider when sent (and must
 be sent when the provider says it sends it: mix-up defence), and the code is exchanged once. The
 ID token is checked as Core §3.1.3.7 says, with joserfc: an asymmetric ``alg`` of the provider's
-list (never ``none``, never an HMAC), the signature by the provider's JWKS, ``iss`` exactly,
+list that the provider announces in its discovery document (never ``none``, never an HMAC), the signature by the provider's JWKS, ``iss`` exactly,
 ``aud`` holding the client id (and ``azp`` being it when there are several audiences), ``exp``,
 ``iat`` and the ``nonce``. The person then resumes what they came for (the MCP client's
 authorization request: consent, code, token; or a page of bastion) as after a password login.
@@ -42,7 +42,13 @@ from bastion.constant_time import same
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, check_storable
 from bastion.identity.accounts import MIGRATIONS, account_taken, bound_elsewhere
-from bastion.identity.id_token import check_auth_time, check_claims, signed_claims
+from bastion.identity.id_token import (
+    ANNOUNCED,
+    check_auth_time,
+    check_claims,
+    signed_claims,
+    signing_algorithms,
+)
 from bastion.identity.providers import (
     IdentitySettings,
     LoginRefused,
@@ -90,6 +96,8 @@ class _Endpoints:
     jwks_uri: str
     userinfo: str  # "" when the provider has no UserInfo endpoint
     sends_iss: bool  # authorization_response_iss_parameter_supported (RFC 9207 §3)
+    # The provider's ``algorithms`` it announces for ID tokens (`signing_algorithms`).
+    algorithms: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -416,9 +424,12 @@ class OpenIDLogin:
         except (JoseError, UnicodeError, ValueError):
             raise LoginRefused("id_token", "The ID token is not a signed JWT.") from None
         alg = header.get("alg")
-        if alg not in provider.algorithms:
+        if alg not in endpoints.algorithms:
             raise LoginRefused(
-                "alg", f"The ID token's alg {alg!r} is not one of {list(provider.algorithms)}."
+                "alg",
+                f"The ID token's alg {readable(repr(alg))} is not one of"
+                f" {list(endpoints.algorithms)} (those of [[identity.providers]] algorithms"
+                f" that the provider announces in {ANNOUNCED}).",
             )
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
@@ -607,6 +618,7 @@ class OpenIDLogin:
             found["jwks_uri"],
             userinfo,
             document.get("authorization_response_iss_parameter_supported") is True,
+            signing_algorithms(document, provider.algorithms),
         )
         self._endpoints[provider.id] = endpoints
         return endpoints

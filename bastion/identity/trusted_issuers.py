@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import anyio
 import httpx
-from joserfc import jws, jwt
+from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
@@ -52,11 +52,12 @@ from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
+    SignatureRefused,
     fetch,
     issuer_metadata,
     protected_header,
-    signing_key,
     typ_is,
+    verified_claims,
 )
 from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.store import UserStanding
@@ -512,19 +513,22 @@ class TrustedIssuers:
 
     def _signed_claims(self, token: str, keys: KeySet, kid: str | None, alg: str) -> dict:
         """In a worker thread: the claims once the signature is checked with the one key the
-        header names (or the issuer's only key)."""
-        key = signing_key(keys, kid)
-        if key is None:
-            raise InvalidToken(
-                f"kid {kid!r} is not a key of the issuer"
-                if kid is not None
-                else "the issuer has several keys: the token's header must name one (kid)",
-                "kid",
-            )
+        header names, or the issuer's only key (`bastion.oauth.jwks.verified_claims`)."""
         try:
-            return dict(jwt.decode(token, key, algorithms=[alg]).claims)
-        except (JoseError, ValueError) as exc:
-            raise InvalidToken(f"signature or encoding is invalid: {exc}", "signature") from None
+            return verified_claims(token, keys, kid, alg)
+        except SignatureRefused as refused:
+            if refused.reason == "kid":
+                raise InvalidToken(
+                    f"kid {kid!r} is not a key of the issuer"
+                    if kid is not None
+                    else "the issuer has several keys: the token's header must name one (kid)",
+                    "kid",
+                ) from None
+            if refused.reason == "signature":
+                raise InvalidToken(
+                    f"signature or encoding is invalid: {refused.detail}", "signature"
+                ) from None
+            raise InvalidToken(f"the claims cannot be taken: {refused.detail}", "claims") from None
 
     def _read(self, claims: dict[str, Any], issuer: TrustedIssuer, audience: str) -> VerifiedToken:
         # ``iss`` is exactly ``issuer.issuer``: the issuer was looked up by it (string equality)

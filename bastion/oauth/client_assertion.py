@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
-from joserfc import jws, jwt
+from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
@@ -38,8 +38,9 @@ from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
+    SignatureRefused,
     protected_header,
-    signing_key,
+    verified_claims,
 )
 from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.settings import ClientAssertionSettings
@@ -224,7 +225,7 @@ class ClientAssertions:
         if kid is not None and not isinstance(kid, str):
             raise InvalidClient("the client assertion's kid must be a string")
         keys = await self._keys(client, kid)
-        verified = await anyio.to_thread.run_sync(self._verify, assertion, keys, kid)
+        verified = await anyio.to_thread.run_sync(self._verify, assertion, keys, kid, algorithm)
         expires_at = self._check_claims(verified)
         fresh = await anyio.to_thread.run_sync(
             self.spent.use_once, client.client_id, verified["jti"], expires_at
@@ -250,23 +251,25 @@ class ClientAssertions:
 
     # -- the assertion ---------------------------------------------------------------------
 
-    def _verify(self, assertion: str, keys: KeySet, kid: str | None) -> dict[str, Any]:
+    def _verify(self, assertion: str, keys: KeySet, kid: str | None, alg: str) -> dict[str, Any]:
         """In a worker thread: the claims, once the signature is checked with the one key the
-        header names (or the only key)."""
-        key = signing_key(keys, kid)
-        if key is None:
-            raise InvalidClient(
-                f"no registered key of this client has kid {kid!r}"
-                if kid is not None
-                else "the client has several keys: the assertion's header must name one (kid)"
-            )
+        header names, or the only key (`bastion.oauth.jwks.verified_claims`)."""
         try:
-            token = jwt.decode(assertion, key, algorithms=list(self.settings.algorithms))
-        except JoseError as exc:
+            return verified_claims(assertion, keys, kid, alg)
+        except SignatureRefused as refused:
+            if refused.reason == "kid":
+                raise InvalidClient(
+                    f"no registered key of this client has kid {kid!r}"
+                    if kid is not None
+                    else "the client has several keys: the assertion's header must name one (kid)"
+                ) from None
+            if refused.reason == "signature":
+                raise InvalidClient(
+                    f"the client assertion's signature does not verify: {refused.detail}"
+                ) from None
             raise InvalidClient(
-                f"the client assertion's signature does not verify: {exc}"
+                f"the client assertion's claims cannot be taken: {refused.detail}"
             ) from None
-        return dict(token.claims)
 
     def _check_claims(self, claims: Mapping[str, Any]) -> float:
         """The time until which the assertion's jti must be remembered; `InvalidClient` when a

@@ -1,7 +1,7 @@
 """Remote JSON Web Key Sets (RFC 7517 §5) and the JSON documents that point to them (RFC 8414,
 OpenID Connect Discovery): fetched off the event loop with one deadline, a size cap and no
-redirects, then kept in a bounded cache. A ``kid`` the cached set lacks is a key rotation: the
-set is fetched again, at most once every ``refetch_seconds`` per URI, so a stream of made-up kids
+redirects, then kept in a bounded cache. A ``kid`` the cached set lacks (or none, while it holds several
+keys) is a key rotation: the set is fetched again, at most once every ``refetch_seconds`` per URI, so a stream of made-up kids
 cannot turn into a stream of fetches.
 
 Used by ``private_key_jwt`` client authentication (`bastion.oauth.client_assertion`), the
@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
+from joserfc import jws
+from joserfc.errors import JoseError
 from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature
 
@@ -197,10 +199,6 @@ def typ_is(typ: Any, expected: str) -> bool:
     return ";" not in full and media_type(full) == f"application/{expected}"
 
 
-def has_kid(keys: KeySet, kid: str) -> bool:
-    return any(k.kid == kid for k in keys.keys)
-
-
 def signing_key(keys: KeySet, kid: str | None) -> Key | None:
     """The one key a JWS header's ``kid`` names, or the set's only key when it names none; None
     when there is no such single key (the caller refuses the JWS with its own words)."""
@@ -209,6 +207,45 @@ def signing_key(keys: KeySet, kid: str | None) -> Key | None:
     else:
         candidates = list(keys.keys) if len(keys.keys) == 1 else []
     return candidates[0] if len(candidates) == 1 else None
+
+
+class SignatureRefused(Exception):
+    """A compact JWS `verified_claims` does not take. ``reason``: ``"kid"`` (no single key of
+    the set is named), ``"signature"`` (that key does not verify it with the ``alg``) or
+    ``"claims"`` (its payload is not a JSON object bastion reads, ``detail`` says why); each
+    caller refuses it with its own error and words."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def verified_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[str, Any]:
+    """In a worker thread: the claims of the compact JWS ``token`` once its signature is checked
+    with the key `signing_key` chooses and the ``alg`` the caller accepted from its header;
+    the payload read as every JSON from elsewhere is (`bastion.untrusted_json`: no NUL, no
+    lone surrogate, no number past 64 bits). One way for every JWT bastion takes from another
+    party: ID tokens, trusted issuers' access tokens, ID-JAGs, SETs, client assertions."""
+    key = signing_key(keys, kid)
+    if key is None:
+        raise SignatureRefused(
+            "kid",
+            f"kid {kid!r} is not in the key set"
+            if kid is not None
+            else "the key set holds several keys and the header names none (kid)",
+        )
+    try:
+        payload = jws.deserialize_compact(token, key, algorithms=[alg]).payload
+    except (JoseError, ValueError) as exc:
+        raise SignatureRefused("signature", f"the signature does not verify: {exc}") from None
+    try:
+        claims = untrusted_json.loads(payload)
+    except untrusted_json.JsonRefused as exc:
+        raise SignatureRefused("claims", str(exc)) from None
+    if not isinstance(claims, dict):
+        raise SignatureRefused("claims", "the payload is not a JSON object")
+    return claims
 
 
 async def issuer_metadata(
@@ -316,13 +353,15 @@ class RemoteKeySets(CoalescedFetches):
         self._fetched: dict[str, _Fetched] = {}
 
     async def keys(self, uri: str, kid: str | None) -> KeySet:
-        """The key set at ``uri``: cached while young and holding ``kid``; fetched again for a
-        ``kid`` it lacks when the last fetch is older than ``refetch_seconds``."""
+        """The key set at ``uri``: cached while young and holding the key a header with ``kid``
+        names (`signing_key`); fetched again when it lacks it (a ``kid`` it does not hold, or
+        none while it holds several keys: the issuer rotated its keys) and the last fetch is
+        older than ``refetch_seconds``, so made-up kids cost one fetch per that interval."""
         now = self.clock()
         cached = self._fetched.get(uri)
         if cached is not None:
             young = now - cached.fetched_at < self.limits.cache_seconds
-            known = kid is None or has_kid(cached.keys, kid)
+            known = signing_key(cached.keys, kid) is not None
             may_refetch = now - cached.fetched_at >= self.limits.refetch_seconds
             if young and (known or not may_refetch):
                 return cached.keys

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
-from joserfc import jws, jwt
+from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
@@ -62,10 +62,11 @@ from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
+    SignatureRefused,
     issuer_metadata,
     protected_header,
-    signing_key,
     typ_is,
+    verified_claims,
 )
 from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.settings import ProtectedResource, same_resource
@@ -393,17 +394,20 @@ class IdentityAssertionGrant:
 
     def _verified(self, assertion: str, keys: KeySet, header: Mapping[str, Any]) -> dict[str, Any]:
         kid = header.get("kid")
-        key = signing_key(keys, kid)
-        if key is None:
-            raise InvalidGrant(
-                f"kid {kid!r} is not a key of the identity provider"
-                if kid is not None
-                else "the identity provider has several keys: the ID-JAG must name one (kid)"
-            )
         try:
-            return dict(jwt.decode(assertion, key, algorithms=[header["alg"]]).claims)
-        except (JoseError, ValueError) as exc:
-            raise InvalidGrant(f"the ID-JAG's signature does not verify: {exc}") from None
+            return verified_claims(assertion, keys, kid, header["alg"])
+        except SignatureRefused as refused:
+            if refused.reason == "kid":
+                raise InvalidGrant(
+                    f"kid {kid!r} is not a key of the identity provider"
+                    if kid is not None
+                    else "the identity provider has several keys: the ID-JAG must name one (kid)"
+                ) from None
+            if refused.reason == "signature":
+                raise InvalidGrant(
+                    f"the ID-JAG's signature does not verify: {refused.detail}"
+                ) from None
+            raise InvalidGrant(f"the ID-JAG's claims cannot be taken: {refused.detail}") from None
 
     def _check(self, idp: TrustedIdp, claims: Mapping[str, Any], client: Client) -> IdJag:
         # ``iss`` is ``idp.issuer``: the provider was found by it in the payload its key signed.

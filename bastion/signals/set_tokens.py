@@ -16,13 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from joserfc import jws
-from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.oauth.client_assertion import jwks_problem
-from bastion.oauth.jwks import signing_key, typ_is
+from bastion.oauth.jwks import SignatureRefused, typ_is, verified_claims
 from bastion.oauth.numeric_date import numeric_date
 
 SET_TYPE = "secevent+jwt"
@@ -113,19 +111,18 @@ def verify_set(
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise SetRefused("invalid_request", "kid must be a string")
-    key = signing_key(keys, kid)
-    if key is None:
-        raise SetRefused("invalid_key", f"no key {kid!r} in the transmitter's JWKS")
     try:
-        obj = jws.deserialize_compact(token, key, algorithms=[alg])
-    except (JoseError, ValueError) as e:
-        raise SetRefused("invalid_key", f"the SET's signature does not verify: {e}") from None
-    try:
-        claims = untrusted_json.loads(obj.payload)
-    except untrusted_json.JsonRefused as e:
-        raise SetRefused("invalid_request", f"the SET's payload is refused: {e}") from None
-    if not isinstance(claims, dict):
-        raise SetRefused("invalid_request", "the SET's payload must be a JSON object")
+        claims = verified_claims(token, keys, kid, alg)
+    except SignatureRefused as refused:
+        if refused.reason == "kid":
+            raise SetRefused("invalid_key", f"no key {kid!r} in the transmitter's JWKS") from None
+        if refused.reason == "signature":
+            raise SetRefused(
+                "invalid_key", f"the SET's signature does not verify: {refused.detail}"
+            ) from None
+        raise SetRefused(
+            "invalid_request", f"the SET's payload is refused: {refused.detail}"
+        ) from None
     if claims.get("iss") != issuer:
         raise SetRefused("invalid_issuer", f"iss must be {issuer!r}")
     aud = claims.get("aud")

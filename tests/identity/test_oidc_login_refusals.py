@@ -38,6 +38,8 @@ SECRETS = {
     "bastion-u": "secret-of-u",
     "bastion-e": "secret-of-e",
     "bastion-n": "secret-of-n",
+    "bastion-r": "secret-of-r",
+    "bastion-s": "secret-of-s",
 }
 
 
@@ -70,6 +72,12 @@ class TestProvider:
         self.key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
         self.stranger = RSAKey.generate_key(2048, parameters={"kid": "k1"})
         self.codes: dict[str, dict] = {}
+        # Per issuer: the keys its JWKS publishes (default: ``key``), how often it was fetched,
+        # and its discovery document's id_token_signing_alg_values_supported (left out when
+        # not named here).
+        self.published: dict[str, list] = {}
+        self.jwks_fetches: dict[str, int] = {}
+        self.announced: dict[str, object] = {}
         self.redeemed: list[str] = []
         self.token_status = 200
         self.userinfo_claims = {"sub": "ada", "groups": ["from-userinfo"]}
@@ -79,7 +87,7 @@ class TestProvider:
                 Route("/{name}/.well-known/openid-configuration", self.discovery),
                 Route("/{name}/token", self.token, methods=["POST"]),
                 Route("/{name}/userinfo", self.userinfo),
-                Route("/jwks", self.jwks),
+                Route("/{name}/jwks", self.jwks),
             ]
         )
 
@@ -93,10 +101,15 @@ class TestProvider:
                 "issuer": self.issuer(name),
                 "authorization_endpoint": f"{self.issuer(name)}/authorize",
                 "token_endpoint": f"{self.issuer(name)}/token",
-                "jwks_uri": f"{self.url}/jwks",
+                "jwks_uri": f"{self.issuer(name)}/jwks",
                 "code_challenge_methods_supported": ["S256"],
                 "authorization_response_iss_parameter_supported": name == "a",
                 "userinfo_endpoint": f"{self.issuer(name)}/userinfo",
+                **(
+                    {"id_token_signing_alg_values_supported": self.announced[name]}
+                    if name in self.announced
+                    else {}
+                ),
             }
         )
 
@@ -106,7 +119,10 @@ class TestProvider:
         return JSONResponse(self.userinfo_claims)
 
     async def jwks(self, request: Request) -> Response:
-        return JSONResponse({"keys": [self.key.as_dict(private=False)]})
+        name = request.path_params["name"]
+        self.jwks_fetches[name] = self.jwks_fetches.get(name, 0) + 1
+        keys = self.published.get(name, [self.key])
+        return JSONResponse({"keys": [k.as_dict(private=False) for k in keys]})
 
     async def token(self, request: Request) -> Response:
         if self.token_status != 200:
@@ -129,9 +145,18 @@ class TestProvider:
             {"access_token": "opaque", "token_type": "Bearer", "id_token": recipe["id_token"]}
         )
 
-    def issue(self, name: str, query: dict[str, str], *, sign: str = "k1", **claims) -> str:
+    def issue(
+        self,
+        name: str,
+        query: dict[str, str],
+        *,
+        sign: str = "k1",
+        signer: tuple[dict, object] | None = None,
+        **claims,
+    ) -> str:
         """A code for the login bastion started with ``query``: its ID token says ``claims``
-        over the right ones (None drops a claim), signed as ``sign`` says."""
+        over the right ones (None drops a claim), signed as ``sign`` says, or with the
+        (header, key) of ``signer``."""
         now = int(time.time())
         body = {
             "iss": self.issuer(name),
@@ -148,7 +173,9 @@ class TestProvider:
         body = {k: v for k, v in body.items() if v is not None}
         # The claims as JSON text escaped to ASCII: a lone surrogate can be sent too.
         payload = json.dumps(body).encode()
-        if sign == "k1":
+        if signer is not None:
+            token = jws.serialize_compact(signer[0], payload, signer[1])
+        elif sign == "k1":
             token = jws.serialize_compact({"alg": "RS256", "kid": "k1"}, payload, self.key)
         elif sign == "stranger":
             token = jws.serialize_compact({"alg": "RS256", "kid": "k1"}, payload, self.stranger)
