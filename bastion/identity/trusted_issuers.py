@@ -259,6 +259,13 @@ def parse_trusted_issuers(
     return issuers
 
 
+def _another_kind(typ: object) -> bool:
+    """Whether a header's ``typ`` names a kind of JWT of its own (``oauth-id-jag+jwt``,
+    ``secevent+jwt``, ``dpop+jwt``, ``logout+jwt``: RFC 8725 §3.11), which is never an access
+    token, whatever ``require_typ`` says; a plain ``JWT`` or none says nothing."""
+    return isinstance(typ, str) and typ.strip(" \t").lower().endswith("+jwt")
+
+
 def unverified_issuer(token: str) -> str | None:
     """The ``iss`` a compact JWS claims, before anything is checked (to route it), or None."""
     if len(token) > MAX_TOKEN_CHARS:
@@ -498,8 +505,9 @@ class TrustedIssuers:
                 f" {list(issuer.algorithms)}",
                 "alg",
             )
-        if issuer.require_typ and not typ_is(header.get("typ"), TOKEN_TYPE):
-            raise InvalidToken(f"typ {header.get('typ')!r} is not {TOKEN_TYPE!r}", "typ")
+        typ = header.get("typ")
+        if (issuer.require_typ or _another_kind(typ)) and not typ_is(typ, TOKEN_TYPE):
+            raise InvalidToken(f"typ {typ!r} is not {TOKEN_TYPE!r}", "typ")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise InvalidToken("the header's kid is not a string", "kid")

@@ -271,9 +271,17 @@ def test_a_critical_header_bastion_does_not_understand_is_refused(issuers, clock
         (False, None, True),
         (False, "JWT", True),
         (False, "at+jwt", True),
+        # Typed as another kind of JWT (RFC 8725 §3.11): an ID-JAG, a SET, a DPoP proof, a
+        # logout token are never access tokens, whatever require_typ says.
+        (False, "oauth-id-jag+jwt", False),
+        (False, "secevent+jwt", False),
+        (False, "application/dpop+jwt", False),
+        (False, "logout+JWT", False),
     ],
 )
-def test_typ_is_checked_only_when_require_typ_is_set(issuers, clock, require, typ, taken):
+def test_typ_is_checked_when_require_typ_is_set_or_names_another_kind(
+    issuers, clock, require, typ, taken
+):
     header = {"alg": "ES256", "kid": "k1", **({"typ": typ} if typ is not None else {})}
     verifier = trusted(issuers, clock, require_typ=require)
     if taken:
