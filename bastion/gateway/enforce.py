@@ -37,6 +37,7 @@ from bastion.decide.contract import (
     explained_principal,
     policy_result,
     remembered_calls,
+    required_scopes,
     same_value,
 )
 from bastion.delegation.labels import (
@@ -269,6 +270,8 @@ class Enforcer:
         self._spelled: Spelled | None = None
         # Alerts the decisions raise (`bastion.signals.alerts.Alerts`); None: none are raised.
         self.alerts: Any = None
+        # server -> (the generation of policy and facts, the scopes it requires to connect).
+        self._connect_scopes: dict[str, tuple[int, tuple[str, ...]]] = {}
         # Without a key of the deployment's, one of this process (digests match within it).
         self.digest = ArgumentDigest(digest_key or secrets.token_bytes(32))
 
@@ -287,6 +290,28 @@ class Enforcer:
         if self.authorizer().reads_context(CONTEXT_FIELD):
             context[CONTEXT_FIELD] = self.labels.view(label_key(caller))
         return context
+
+    def connect_scopes(self, server: str) -> tuple[str, ...]:
+        """The scopes the policy asks of every message to ``server`` (``requires_scope`` on
+        ``connect``), as far as they can be told before any request: asked in a context that
+        names the server only, so a rule that reads more of the request (its time, its client)
+        adds nothing here, and the connect decision still asks it of each message. For the
+        401's ``scope``, which a client asks for first (MCP authorization, Scope Selection
+        Strategy): anything on the unauthenticated path is bounded, so the answer is kept per
+        generation of policy and facts (the same generation, the same answer)."""
+        authz = self.authorizer()
+        generation = authz.settled_generation()
+        known = self._connect_scopes.get(server)
+        if known is not None and generation is not None and known[0] == generation:
+            return known[1]
+        try:
+            with authz.session({"server": server}) as s:
+                scopes = required_scopes(s, "connect", Entity("McpServer", server))
+        except (EvaluationLimit, UndecidedQuestion):
+            scopes = ()  # the connect decision refuses, naming why; the challenge asks nothing
+        if generation is not None:
+            self._connect_scopes[server] = (generation, scopes)
+        return scopes
 
     def suspended(self, caller: Caller) -> Entity | None:
         """The caller's suspended agent, user or session, if any."""

@@ -408,8 +408,21 @@ class Gateway:
         return metadata_url(self.public_url, f"/mcp/{server}")
 
     def challenge_scopes(self, server: str) -> tuple[str, ...]:
+        """The ``scope`` of the 401 challenge, what an MCP client asks for first: the upstream's
+        ``scopes`` (what the operator offers first), and with them any scope the policy requires
+        of every message (``requires_scope`` on ``connect``) that the resource offers; without
+        them the client would be refused its first message and authorize twice. An upstream
+        with no ``scopes`` names none: its clients then ask for all of ``scopes_supported``."""
         upstream = self.config.upstream(server)
-        return upstream.scopes if upstream and upstream.scopes else ()
+        if upstream is None or not upstream.scopes:
+            return ()
+        offered = self.resource_scopes(self.resource(server))
+        more = tuple(
+            scope
+            for scope in self.enforcer.connect_scopes(server)
+            if scope in offered and scope not in upstream.scopes
+        )
+        return upstream.scopes + more if more else upstream.scopes
 
     def metadata(self, server: str) -> ProtectedResourceMetadata:
         return ProtectedResourceMetadata(

@@ -137,7 +137,9 @@ def gateway_from_config(
         # does not offer is invalid_scope at /authorize, for every client. (With trusted
         # issuers for this server, a client may take its token from one of them, whose scopes
         # bastion does not know.)
-        foreign = [s for s in gateway.challenge_scopes(name) if s not in resource.scopes]
+        upstream = gateway_config.upstream(name)
+        configured = upstream.scopes if upstream is not None else ()
+        foreign = [s for s in configured if s not in resource.scopes]
         if foreign and not (gateway.trusted is not None and gateway.trusted.issuers_for(name)):
             raise ConfigError(
                 f"gateway upstream {name!r} asks clients for scopes {foreign} in its 401"
