@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -313,6 +314,15 @@ class Gateway:
         self.tokens = tokens
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)
+        # Where the metadata is asked for (`PREFIXES`): below the well-known prefix, the path of
+        # ``public_url`` then /mcp/ (RFC 9728 §3.1), which a proxy that serves bastion under
+        # that path forwards as it is; and /mcp/ at once, where such a proxy strips the path
+        # (the URL bastion named before 2026-12-07, under the path, arrives so).
+        public_path = urlsplit(self.public_url).path.rstrip("/")
+        self._metadata_prefixes = tuple(
+            dict.fromkeys((WELL_KNOWN + public_path + _MCP, _METADATA))
+        )
+        self.PREFIXES = (_MCP, *self._metadata_prefixes)
         # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
         own = origin_of(self.public_url)
         self.allowed_origins = frozenset(config.allowed_origins or ((own,) if own else ()))
@@ -848,16 +858,19 @@ class Gateway:
 
     # ``/mcp/<server>`` and its RFC 9728 metadata: the server sends every request under these
     # prefixes here, ahead of the API's routing (see `bastion.gateway.mount.GatewayFirst`).
-    PREFIXES = (_MCP, _METADATA)
+    # Per gateway (the metadata's depend on ``public_url``): set in ``__init__``.
+    PREFIXES: tuple[str, ...] = (_MCP, _METADATA)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
         if path.startswith(_MCP):
             await self._endpoint.serve(path[len(_MCP) :], scope, receive, send)
-        elif path.startswith(_METADATA):
-            await self._metadata_endpoint(path[len(_METADATA) :], scope, send)
-        else:
-            await send_json(send, 404, {"error": "not_found"})
+            return
+        for prefix in self._metadata_prefixes:
+            if path.startswith(prefix):
+                await self._metadata_endpoint(path[len(prefix) :], scope, send)
+                return
+        await send_json(send, 404, {"error": "not_found"})
 
     async def _metadata_endpoint(self, server: str, scope: Scope, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):

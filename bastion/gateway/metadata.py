@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +41,12 @@ WELL_KNOWN = "/.well-known/oauth-protected-resource"
 
 
 def metadata_url(public_url: str, path: str) -> str:
-    """RFC 9728 §3.1: the well-known segment goes between the host and the resource's path."""
-    return f"{public_url}{WELL_KNOWN}{path}"
+    """RFC 9728 §3.1: the well-known segment goes between the host and the resource's path,
+    the whole of it: for ``public_url`` ``https://host/bastion``, the resource
+    ``https://host/bastion/mcp/desk`` has its metadata at
+    ``https://host/.well-known/oauth-protected-resource/bastion/mcp/desk``."""
+    parts = urlsplit(public_url)
+    return f"{parts.scheme}://{parts.netloc}{WELL_KNOWN}{parts.path.rstrip('/')}{path}"
 
 
 def _quote(value: str) -> str:

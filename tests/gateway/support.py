@@ -392,21 +392,24 @@ class Running:
         mode: str,
         script,
         registered_scope: str | None = None,
+        url: str | None = None,
         **client_options,
     ) -> dict:
         """Connect with the SDK's OAuthClientProvider as ``username``; run ``script(client, seen)``.
 
         The SDK registers the client itself, unless ``registered_scope`` asks for a client
         registered beforehand with that scope. ``client_options`` go to the SDK's ``Client``
-        (``sampling_callback``, ``elicitation_callback``...).
+        (``sampling_callback``, ``elicitation_callback``...). ``url``: where the client reaches
+        the server (a proxy in front of bastion), if not at `mcp_url`.
         """
+        url = url or self.mcp_url(server)
         seen: dict = {"redirects": []}
         storage = MemoryStorage()
         if registered_scope is not None:
             storage.client_info = self.register(registered_scope)
         provider = sdk_auth(
-            self.mcp_url(server),
-            lambda url: self.log_in_and_consent(url, username),
+            url,
+            lambda to: self.log_in_and_consent(to, username),
             storage,
             seen["redirects"],
             client_name="gateway test agent",
@@ -417,7 +420,7 @@ class Running:
             async with (
                 httpx2.AsyncClient(auth=provider, timeout=20, verify=clients.TRUST) as http,
                 McpClient(
-                    streamable_http_client(self.mcp_url(server), http_client=http),
+                    streamable_http_client(url, http_client=http),
                     mode=mode,
                     **client_options,
                 ) as client,
