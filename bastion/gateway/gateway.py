@@ -317,11 +317,9 @@ class Gateway:
         # Where the metadata is asked for (`PREFIXES`): below the well-known prefix, the path of
         # ``public_url`` then /mcp/ (RFC 9728 §3.1), which a proxy that serves bastion under
         # that path forwards as it is; and /mcp/ at once, where such a proxy strips the path
-        # (the URL bastion named before 2026-12-07, under the path, arrives so).
+        # (the URL bastion named before the evening of 2026-12-06, under the path, arrives so).
         public_path = urlsplit(self.public_url).path.rstrip("/")
-        self._metadata_prefixes = tuple(
-            dict.fromkeys((WELL_KNOWN + public_path + _MCP, _METADATA))
-        )
+        self._metadata_prefixes = tuple(dict.fromkeys((WELL_KNOWN + public_path + _MCP, _METADATA)))
         self.PREFIXES = (_MCP, *self._metadata_prefixes)
         # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
         own = origin_of(self.public_url)

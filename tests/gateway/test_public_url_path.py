@@ -104,7 +104,7 @@ def test_the_401_names_rfc_9728_s_url_for_a_public_url_with_a_path(behind):
     "where",
     [
         f"{WELL_KNOWN}{PREFIX}/mcp/desk",  # RFC 9728 §3.1, as a client builds it
-        f"{PREFIX}{WELL_KNOWN}/mcp/desk",  # what bastion named before 2026-12-07
+        f"{PREFIX}{WELL_KNOWN}/mcp/desk",  # what bastion named before the evening of 2026-12-06
     ],
 )
 def test_the_metadata_is_served_at_rfc_9728_s_url_and_at_the_old_one(behind, where):
