@@ -112,6 +112,12 @@ class BufferedWriter(ABC, Generic[Waiting, Prepared]):
             if len(self._buffer) > self.max_buffer:
                 self._drop_oldest()
 
+    def _add_many(self, records: list[Waiting]) -> None:
+        with self._lock:
+            self._buffer.extend(records)
+            while len(self._buffer) > self.max_buffer:
+                self._drop_oldest()
+
     def restore(self, record: Waiting) -> None:
         """Buffer a record as it waits, recovered from a journal (its line is there already)."""
         self._add(record)

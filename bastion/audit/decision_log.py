@@ -182,6 +182,13 @@ class DecisionStore(BufferedWriter[tuple, tuple]):
             journal.append(row)
         self._add(row)
 
+    def add_many(self, many: list[tuple]) -> None:
+        """`add` each of ``many`` (a batch's decisions), journalled with one write."""
+        rows = list(map(_row, many))
+        if (journal := self.journal) is not None:
+            journal.append_many(rows)
+        self._add_many(rows)
+
     def _write(self, batch: list[tuple]) -> None:
         # Numbered and linked here, on the writer's thread (journal recovery's rows too): one
         # chain with every other writer's on the database (`bastion.audit.chain.append`).

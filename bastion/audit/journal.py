@@ -243,22 +243,36 @@ class DecisionJournal:
             if self._closed:
                 return
             self._waiting[self._decision_id(fields)] = line
-            try:
-                written = os.write(self._fd, line)
-            except OSError as e:
-                self._failed(e)
+            self._write_locked(line)
+
+    def append_many(self, many: list[Any]) -> None:
+        """Journal several decisions (a batch's checks, before its answer leaves) with one
+        ``write``: as `append` each, without a call into the kernel for each."""
+        lines = list(map(self._line, many))
+        with self._lock:
+            if self._closed:
                 return
-            if written < len(line):
-                # The disk filled up mid-line: the part written is taken back (shrinking needs
-                # no room), so that the next line, once there is room, is not glued to it.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-                self._failed(OSError(errno.ENOSPC, f"{written} of {len(line)} bytes written"))
-                return
-            self._size += written
-            if self._failing:
-                self._failing = False
-                log.warning("the decision journal %s is written again", self.path)
+            self._waiting.update(zip(map(self._decision_id, many), lines, strict=True))
+            self._write_locked(b"".join(lines))
+
+    def _write_locked(self, data: bytes) -> None:
+        """Append ``data`` (whole lines), under the lock."""
+        try:
+            written = os.write(self._fd, data)
+        except OSError as e:
+            self._failed(e)
+            return
+        if written < len(data):
+            # The disk filled up mid-line: the part written is taken back (shrinking needs no
+            # room), so that the next line, once there is room, is not glued to it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            self._failed(OSError(errno.ENOSPC, f"{written} of {len(data)} bytes written"))
+            return
+        self._size += written
+        if self._failing:
+            self._failing = False
+            log.warning("the decision journal %s is written again", self.path)
 
     def amend(self, fields: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
         """Journal a decision again when what became of its call (``changed``, the values its

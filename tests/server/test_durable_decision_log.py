@@ -31,8 +31,8 @@ READ_ANVIL = {
 }
 
 
-def _key(admin: httpx.Client, name: str) -> dict:
-    created = admin.post("/v1/keys", json={"name": name, "scopes": ["decide"]})
+def _key(admin: httpx.Client, name: str, scopes: tuple[str, ...] = ("decide",)) -> dict:
+    created = admin.post("/v1/keys", json={"name": name, "scopes": list(scopes)})
     created.raise_for_status()
     return {"authorization": f"Bearer {created.json()['key']}"}
 
@@ -163,6 +163,56 @@ def test_a_process_killed_outright_loses_no_decision_it_answered(database_url, s
     assert f"recovered {len(answered)} /v1 decision records" in b.log.read_text()
     # The dead process's journal is gone: the live one's is all that is left.
     assert len(list((tmp_path / "decisions").glob("*.decision-log"))) == 1
+
+
+def _ids(header: str) -> list[str]:
+    """The ids of an AuthZEN batch's ``X-Bastion-Decision-Ids`` range (``first..last``)."""
+    first, last = header.split("..")
+    prefix, n = first.rsplit("-", 1)
+    return [f"{prefix}-{i}" for i in range(int(n), int(last.rsplit("-", 1)[1]) + 1)]
+
+
+def test_a_batchs_decisions_journalled_in_one_write_are_each_recovered(
+    database_url, serve, tmp_path
+):
+    """A batch's checks (``/v1/authorize/batch``, AuthZEN's evaluations) are journalled together,
+    in one write, before the answer leaves: a process killed once it answered loses none."""
+    a = serve(database_url, **DURABLE)
+    with a.client() as ca:
+        app = _key(ca, "app", ("decide", "authzen"))
+        seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        allowed = {**READ_ANVIL, "at_least": seq.json()["sequence"]}
+        refused = {**READ_ANVIL, "action": "push"}
+        checks = [allowed, refused, allowed, refused, refused]
+        subject = {"type": "User", "id": "alice"}
+        evaluations = {
+            "subject": subject,
+            "resource": {"type": "Repo", "id": "anvil"},
+            "evaluations": [{"action": {"name": "read"}}, {"action": {"name": "push"}}] * 2,
+        }
+        answered = {}
+        with _writes_held(database_url):
+            batch = ca.post("/v1/authorize/batch", json={"checks": checks}, headers=app)
+            assert batch.status_code == 200, batch.text
+            answered |= {r["decision_id"]: r["allowed"] for r in batch.json()["results"]}
+            made = ca.post("/access/v1/evaluations", json=evaluations, headers=app)
+            assert made.status_code == 200, made.text
+            decided = [e["decision"] for e in made.json()["evaluations"]]
+            answered |= dict(
+                zip(_ids(made.headers["x-bastion-decision-ids"]), decided, strict=True)
+            )
+            a.kill()
+    assert _stored(database_url) == 0  # killed before any was written
+    assert list(answered.values()) == [True, False, True, False, False, True, False, True, False]
+
+    b = serve(database_url, **DURABLE)
+    with b.client() as cb:
+        for decision_id, allowed_then in answered.items():
+            found = cb.get(f"/v1/decisions/{decision_id}", headers=app)
+            assert found.status_code == 200, (decision_id, found.text)
+            assert found.json()["result"] is allowed_then
+    assert _stored(database_url) == len(answered)
+    assert f"recovered {len(answered)} /v1 decision records" in b.log.read_text()
 
 
 def test_with_the_default_memory_log_nothing_is_written(sqlite_url, serve):

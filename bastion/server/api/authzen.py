@@ -143,9 +143,16 @@ def _config(request: Request) -> ServerConfig:
     return request.app.state.config
 
 
-def _log(request: Request, key: ApiKey, question: authzen.Evaluation, reply: dict, decision) -> str:
+def _log(
+    request: Request,
+    key: ApiKey,
+    question: authzen.Evaluation,
+    reply: dict,
+    decision,
+    pending: list[tuple] | None = None,
+) -> str:
     """Keep the decision for `/v1/decisions/{id}` (and its explanation), for ``key`` (and
-    admin keys) to read; return its id."""
+    admin keys) to read; return its id. ``pending``: a batch's (`DecisionLog.record`)."""
     req = question.request_json()
     keep_context(request, req, question.context)
     refusal = (
@@ -154,7 +161,14 @@ def _log(request: Request, key: ApiKey, question: authzen.Evaluation, reply: dic
         else None
     )
     return record_decision(
-        request, key, "authorize", req, reply["decision"], refusal=refusal, api=AUTHZEN
+        request,
+        key,
+        "authorize",
+        req,
+        reply["decision"],
+        refusal=refusal,
+        api=AUTHZEN,
+        pending=pending,
     )
 
 
@@ -199,12 +213,16 @@ async def evaluations(request: Request) -> Response:
         authzen.decide_batch, replica.authz, batch, replica.suspensions.holds
     )
     each = (time.perf_counter() - started) / len(answered)
-    ids = []
-    for item, (reply, decision) in zip(batch.items, answered, strict=False):
-        result = "allow" if reply["decision"] else "deny"
-        request.app.state.metrics.decision("authorize", result, each)
-        if isinstance(item, authzen.Evaluation):
-            ids.append(_log(request, key, item, reply, decision))
+    ids, pending = [], []
+    try:
+        for item, (reply, decision) in zip(batch.items, answered, strict=False):
+            result = "allow" if reply["decision"] else "deny"
+            request.app.state.metrics.decision("authorize", result, each)
+            if isinstance(item, authzen.Evaluation):
+                ids.append(_log(request, key, item, reply, decision, pending))
+    finally:
+        # Journalled in one write, before the answer leaves (`DecisionLog.keep`).
+        request.app.state.decisions.keep(pending)
     # The ids are kept one after the other, with no wait between them, so they are one range
     # of this process's log; as a list, 1,000 ids overflowed a proxy's buffer for the head.
     headers = {"X-Bastion-Decision-Ids": f"{ids[0]}..{ids[-1]}"} if ids else None

@@ -169,9 +169,12 @@ class DecisionLog:
         asked_by: str | None = None,
         *,
         api: str,
+        pending: list[tuple] | None = None,
     ) -> str:
         """Keep a decision made now, asked for by the key ``asked_by`` (its id) through ``api``
-        (`V1`, `AUTHZEN`, `OSO_CLOUD`); its new id."""
+        (`V1`, `AUTHZEN`, `OSO_CLOUD`); its new id. With ``pending`` (a batch's), its record
+        waits there for the store until `keep` is given the list: journalled with the batch's
+        others in one write, before the batch's answer leaves."""
         n = next(self._counter)
         decision_id = f"{self._prefix}-{n}"
         if self._keeps:
@@ -196,8 +199,16 @@ class DecisionLog:
                 else:
                     ring[(n - 1) % self.size] = record
             if self.store is not None:
-                self.store.add(record)
+                if pending is None:
+                    self.store.add(record)
+                else:
+                    pending.append(record)
         return decision_id
+
+    def keep(self, pending: list[tuple]) -> None:
+        """Store the records a batch left in ``pending`` (`record`)."""
+        if pending and self.store is not None:
+            self.store.add_many(pending)
 
     def get(self, decision_id: str) -> DecisionRecord | None:
         if not self.made_here(decision_id):
@@ -516,12 +527,22 @@ def record_decision(
     refusal: dict | None = None,
     *,
     api: str,
+    pending: list[tuple] | None = None,
 ) -> str:
     """Keep a decision that ``key`` asked for through ``api`` (`V1`, `AUTHZEN`, `OSO_CLOUD`); its
-    id (only ``key``, and admin keys, read it)."""
+    id (only ``key``, and admin keys, read it). ``pending``: a batch's (`DecisionLog.record`)."""
     state = request.app.state
     return _record(
-        state.decisions, state.replica, kind, req, result, explanation, refusal, key.id, api
+        state.decisions,
+        state.replica,
+        kind,
+        req,
+        result,
+        explanation,
+        refusal,
+        key.id,
+        api,
+        pending,
     )
 
 
@@ -535,6 +556,7 @@ def _record(
     refusal: dict | None,
     asked_by: str,
     api: str = V1,
+    pending: list[tuple] | None = None,
 ) -> str:
     return log.record(
         kind,
@@ -546,6 +568,7 @@ def _record(
         refusal,
         asked_by,
         api=api,
+        pending=pending,
     )
 
 
@@ -711,6 +734,9 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
     record, kept, clock, by = asked.log.record, asked.keeps_context, time.perf_counter, asked.by
     seconds: list[float] = []
     allowed_count = 0
+    # The batch's records, journalled in one write once every check is decided (`keep`, before
+    # the answer leaves; a check that raised leaves those before it kept all the same).
+    pending: list[tuple] = []
     try:
         # One session: one view of the facts, and one evaluation budget for the whole batch, as
         # for one decision. Each check with a budget of its own let one request of a thousand
@@ -735,7 +761,15 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                     _keep_context(req, context, kept)
                     refusal = {k: answer[k] for k in _ANSWER_FIELDS if k in answer} or None
                     decision_id = _record(
-                        asked.log, replica, "authorize", req, decision.allowed, None, refusal, by
+                        asked.log,
+                        replica,
+                        "authorize",
+                        req,
+                        decision.allowed,
+                        None,
+                        refusal,
+                        by,
+                        pending=pending,
                     )
                     results.append(
                         {"allowed": decision.allowed, "decision_id": decision_id, **answer}
@@ -764,12 +798,14 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                     refusal,
                     by,
                     api=V1,
+                    pending=pending,
                 )
                 result = {"allowed": allowed, "decision_id": decision_id}
                 if refusal is not None:
                     result.update(refusal)
                 results.append(result)
     finally:
+        asked.log.keep(pending)
         asked.metrics.decisions("authorize", allowed_count, seconds)
     return {"results": results, "sequence": replica.applied}
 
