@@ -484,11 +484,10 @@ def _signals(config: ServerConfig, db: Database, store: FactStore, oauth, replic
         return None
     if oauth is None:
         raise ConfigError("[signals.ssf] needs an [oauth] table: its events revoke grants")
-    from bastion.signals.settings import SsfSettings
+    from bastion.signals.settings import from_config
     from bastion.signals.ssf import SsfReceiver
 
-    with config.reading("signals.ssf"):
-        settings = SsfSettings.from_table(table, issuer=oauth.settings.issuer)
+    settings = from_config(config, oauth.settings.issuer)
     return SsfReceiver(settings, db, oauth.store, store, lambda: replica.authz)
 
 

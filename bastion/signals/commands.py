@@ -1,5 +1,6 @@
 """CLI: ``bastion signals set|clear|list``, on the deployment's database (docs/signals.md), and
-``bastion signals streams ...`` (`bastion.signals.stream_commands`).
+``bastion signals streams ...`` and ``bastion signals subjects ...``
+(`bastion.signals.stream_commands`).
 
 Like the other admin commands it works on the database directly (``--database``, or the one in
 bastion.toml): the write goes through the change log, so every running replica sees it. A signal
@@ -34,7 +35,7 @@ from bastion.signals.store import (
     new_signal,
     set_signal,
 )
-from bastion.signals.stream_commands import register_streams
+from bastion.signals.stream_commands import register_streams, register_subjects
 
 
 class CommandError(Exception):
@@ -143,6 +144,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     commands = signals.add_subparsers(dest="signals_command", required=True)
     register_streams(commands)
+    register_subjects(commands)
     add_shadow_report(commands)
 
     p = commands.add_parser("set", help="set a signal (replaces the subject's earlier value)")

@@ -26,6 +26,10 @@ poll_interval_seconds = 30
 max_events = 100
 fact_expiry_seconds = 0                      # facts written from events expire (0: never)
 devices = false                              # true: its events set Device facts (an MDM's)
+linked_accounts = ""                         # an [[identity.providers]] id: its accounts
+                                             # linked to users are subjects too (iss_sub)
+subjects_sync_seconds = 60                   # subjects added/removed at the transmitter
+                                             # (add_subject_endpoint) at most this late
 # allow_private_addresses = ["10.1.0.0/16"]  # the non-public addresses the endpoints its
                                              # metadata and stream name may be at (or true,
                                              # false); unset: all if configuration_url is on
@@ -66,6 +70,8 @@ DEFAULT_EFFECTS: dict[str, str] = {
     CAEP + "device-compliance-change": "fact",
     CAEP + "assurance-level-change": "fact",
     CAEP + "token-claims-change": "fact",
+    # CAEP 1.0 §3.8: a user's or device's risk level (LOW, MEDIUM, HIGH), for the policy.
+    CAEP + "risk-level-change": "fact",
     # The same revocations in RISC's and the OAuth event types' words (Google's Cross-Account
     # Protection sends these): recorded and ignored, they left the user's access standing.
     RISC + "sessions-revoked": "revoke",
@@ -74,6 +80,9 @@ DEFAULT_EFFECTS: dict[str, str] = {
     RISC + "account-disabled": "disable",
     RISC + "account-purged": "disable",
     RISC + "credential-compromise": "disable",
+    # RISC 1.0: recorded with the users-table line it would need; no mapping is changed
+    # (`bastion.signals.ssf.SsfReceiver._identifier_changed`).
+    RISC + "identifier-changed": "record",
 }
 # Fact effects exist only for the events that carry a value to record.
 FACT_EVENTS = {e for e, effect in DEFAULT_EFFECTS.items() if effect == "fact"}
@@ -110,6 +119,14 @@ class Transmitter:
     # management, poll) may be reached at (`bastion.egress.private_allowance`); None: all if
     # configuration_url is itself on one, else none (`bastion.egress.metadata_allowance`).
     allow_private_addresses: PrivateAllowance | None = None
+    # An ``[[identity.providers]]`` id: the accounts of that provider linked to users (signed
+    # in) are subjects of this transmitter as ``iss_sub`` of the provider's issuer, added to the
+    # stream and mapped to their users (`linked_issuer` holds that issuer).
+    linked_accounts: str = ""
+    linked_issuer: str = ""
+    # How often the stream's subjects are brought in step (SSF 1.0 §8.1.3): added, removed,
+    # and those that failed tried again.
+    subjects_sync_seconds: float = 60.0
 
     def effect(self, event_type: str) -> str:
         """What an event of this type does: the override, the default, else ``record``."""
@@ -130,9 +147,16 @@ class SsfSettings:
 
     @classmethod
     def from_table(
-        cls, table: dict[str, Any], *, issuer: str = "", env: dict[str, str] | None = None
+        cls,
+        table: dict[str, Any],
+        *,
+        issuer: str = "",
+        env: dict[str, str] | None = None,
+        providers: dict[str, str] | None = None,
     ) -> SsfSettings:
-        """The settings of a ``[signals.ssf]`` table; `SignalsConfigError` names what is wrong."""
+        """The settings of a ``[signals.ssf]`` table; `SignalsConfigError` names what is wrong.
+        ``providers``: the ``[[identity.providers]]`` ids and their issuers, which a
+        transmitter's ``linked_accounts`` may name."""
         env = dict(os.environ if env is None else env)
         if not isinstance(table, dict):
             raise SignalsConfigError("[signals.ssf] must be a table")
@@ -180,7 +204,7 @@ class SsfSettings:
         raw = table.get("transmitters", [])
         if not isinstance(raw, list):
             raise SignalsConfigError("[[signals.ssf.transmitters]] must be an array of tables")
-        transmitters = tuple(_transmitter(i, t, env) for i, t in enumerate(raw))
+        transmitters = tuple(_transmitter(i, t, env, providers or {}) for i, t in enumerate(raw))
         names = [t.name for t in transmitters]
         issuers = [t.issuer for t in transmitters]
         if len(set(names)) != len(names) or len(set(issuers)) != len(issuers):
@@ -231,11 +255,23 @@ def _secret(where: str, key: str, t: dict, env: dict[str, str]) -> str:
 TRANSMITTER_KEYS = frozenset({
     "name", "issuer", "configuration_url", "audience", "delivery", "bearer_env",
     "push_token_env", "poll_interval_seconds", "max_events", "fact_expiry_seconds", "users",
-    "effects", "allow_private_addresses", "devices",
+    "effects", "allow_private_addresses", "devices", "linked_accounts", "subjects_sync_seconds",
 })  # fmt: skip
 
 
-def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
+def from_config(config: Any, issuer: str) -> SsfSettings:
+    """The settings of a `bastion.server.config.ServerConfig`'s ``[signals.ssf]`` table, its
+    ``linked_accounts`` checked against its ``[[identity.providers]]`` (the server's and the
+    commands' one reading)."""
+    providers: dict[str, str] = {}
+    for p in (config.identity or {}).get("providers") or []:
+        if isinstance(p, dict) and isinstance(p.get("id"), str):
+            providers[p["id"]] = str(p.get("issuer", ""))
+    with config.reading("signals.ssf"):
+        return SsfSettings.from_table(config.signals["ssf"], issuer=issuer, providers=providers)
+
+
+def _transmitter(i: int, t: Any, env: dict[str, str], providers: dict[str, str]) -> Transmitter:
     where = f"[[signals.ssf.transmitters]] #{i + 1}"
     if not isinstance(t, dict):
         raise SignalsConfigError(f"{where} must be a table")
@@ -305,6 +341,16 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
             )
         except ValueError as e:
             raise SignalsConfigError(str(e)) from None
+    linked = t.get("linked_accounts", "")
+    if not isinstance(linked, str) or (linked and linked not in providers):
+        raise SignalsConfigError(
+            f"{where}.linked_accounts must name an [[identity.providers]] id"
+            f" ({', '.join(sorted(providers)) or 'none is configured'}), got {linked!r}"
+        )
+    linked_issuer = providers.get(linked, "") if linked else ""
+    if linked and "|" in linked_issuer:
+        # The iss_sub key's first "|" ends the issuer (`bastion.signals.subjects.simple_key`).
+        raise SignalsConfigError(f"{where}.linked_accounts: the provider's issuer holds '|'")
     return Transmitter(
         name=t["name"],
         issuer=issuer,
@@ -326,6 +372,11 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
         effects=dict(effects),
         allow_private_addresses=private,
         devices=devices,
+        linked_accounts=linked,
+        linked_issuer=linked_issuer,
+        subjects_sync_seconds=_positive(
+            f"{where}.subjects_sync_seconds", t.get("subjects_sync_seconds", 60.0), float
+        ),
     )
 
 

@@ -7,7 +7,10 @@ credential revokes every grant of the user (their tokens are refused on the next
 gateway streams end), a disabled, purged or compromised account disables the user, and device
 compliance, assurance level and token claims become facts the policy reads. Every SET received is
 an audit event (``signal.received``); refused ones are ``signal.refused``. Streams are created,
-read and verified through the transmitter's stream management API (SSF 1.0 §8).
+read and verified through the transmitter's stream management API (SSF 1.0 §8): one the
+transmitter already holds for bastion (409 at creation, §8.1.1.1) is read and used when it is
+the stream bastion would create; the stream's subjects (§8.1.3) are the transmitter's ``users``
+table and its linked accounts, added and removed as they change (`sync_subjects`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import anyio
@@ -56,13 +60,21 @@ from bastion.signals.set_tokens import (
 from bastion.signals.settings import (
     CAEP,
     DEFAULT_EFFECTS,
+    RISC,
     STREAM_UPDATED,
     VERIFICATION,
     SsfSettings,
     Transmitter,
 )
-from bastion.signals.ssf_store import SsfStore
-from bastion.signals.subjects import Subject, SubjectError, parse_subject, user_of
+from bastion.signals.ssf_store import SsfStore, StreamSubject
+from bastion.signals.subjects import (
+    MAX_FIELD,
+    Subject,
+    SubjectError,
+    identifier_of,
+    parse_subject,
+    user_of,
+)
 
 log = logging.getLogger("bastion.signals.ssf")
 
@@ -80,10 +92,46 @@ POLL_METHOD = "urn:ietf:rfc:8936"
 MAX_ANSWER_BYTES = 1_048_576
 TRANSMITTERS_TABLE = "[[signals.ssf.transmitters]]"
 ANSWER_SECONDS = 10.0
+# Add and remove subject requests (SSF 1.0 §8.1.3) made in one round of `sync_subjects`: the
+# rest wait for the next round, so that a first round of many thousands neither holds the
+# transmitter's rate limit nor the command for long.
+MAX_SUBJECT_CALLS = 500
+# CAEP 1.0 §3.8's risk levels.
+RISK_LEVELS = ("LOW", "MEDIUM", "HIGH")
+IDENTIFIER_CHANGED = RISC + "identifier-changed"
+# The metadata's endpoints that must be https (SSF 1.0 §7.1) before any is called.
+METADATA_ENDPOINTS = ("jwks_uri", "configuration_endpoint", "status_endpoint",
+                      "verification_endpoint", "add_subject_endpoint",
+                      "remove_subject_endpoint")  # fmt: skip
 
 
 class Replayed(Exception):  # noqa: N818 - a refusal, like SetRefused
     """A SET whose jti was received before: its effects were applied then, not again."""
+
+
+@dataclass(frozen=True)
+class SubjectsSync:
+    """One round of `SsfReceiver.sync_subjects`: what was done, and what was not."""
+
+    added: int = 0
+    removed: int = 0
+    failed: list[str] = field(default_factory=list)  # "<key>: <why>", for the command only
+    note: str = ""  # why no subject was asked about, if none was
+
+    def summary(self, recorded: dict[str, StreamSubject]) -> str:
+        """The line beside the stream's status, shown to anyone (/readyz): counts and the first
+        failure in bastion's words, never a subject."""
+        if self.note:
+            return self.note
+        states = [r.state for r in recorded.values()]
+        text = f"{states.count('added')} added"
+        for state, words in (("add_failed", "not added"), ("remove_failed", "not removed")):
+            if state in states:
+                first = next(r.detail for r in recorded.values() if r.state == state)
+                text += f", {states.count(state)} {words} ({first})"
+        if len(states) > states.count("added"):
+            text += ": bastion signals subjects status"
+        return text
 
 
 @dataclass(frozen=True)
@@ -131,6 +179,39 @@ def event_reasons(body: dict[str, Any]) -> dict[str, Any]:
         if texts:
             found["reason_admin"] = texts
     return found
+
+
+def stream_differences(
+    stream: dict[str, Any], issuer: str, delivery: dict[str, Any], requested: list[str]
+) -> list[str]:
+    """How an existing stream differs from the one bastion would create (SSF 1.0 §8.1.1), in
+    bastion's words: empty when it may be used. Its extra event types are no difference; an
+    ``authorization_header`` it does not show cannot be checked (the verification event, pushed
+    with it, shows it works)."""
+    differs = []
+    if stream.get("iss") != issuer:
+        differs.append(f"its iss is not {issuer}")
+    had = stream.get("delivery") if isinstance(stream.get("delivery"), dict) else {}
+    if had.get("method") != delivery["method"]:
+        differs.append(f"its delivery method is not {delivery['method']}")
+    elif delivery["method"] == PUSH_METHOD:
+        if had.get("endpoint_url") != delivery["endpoint_url"]:
+            differs.append(f"it does not push to {delivery['endpoint_url']}")
+        shown = had.get("authorization_header")
+        if shown is not None and not (
+            isinstance(shown, str) and same(shown, delivery["authorization_header"])
+        ):
+            differs.append("it pushes with another authorization_header (push_token_env)")
+    asked = stream.get("events_requested")
+    asked = {e for e in asked if isinstance(e, str)} if isinstance(asked, list) else set()
+    missing = [e for e in requested if e not in asked]
+    if missing:
+        differs.append(
+            f"its events_requested lacks {len(missing)} of bastion's: "
+            + ", ".join(e.rsplit("/", 1)[-1] for e in missing[:8])
+            + (", ..." if len(missing) > 8 else "")
+        )
+    return differs
 
 
 def _error(status: int, err: str, description: str, **headers: str) -> JSONResponse:
@@ -191,6 +272,11 @@ class SsfReceiver:
         }
         self.discovery = CoalescedFetches(self.limits)
         self._tasks: list[asyncio.Task] = []
+        if any(t.linked_accounts for t in settings.transmitters):
+            from bastion.identity.accounts import MIGRATIONS as IDENTITY_MIGRATIONS
+
+            # Read here (linked accounts) before any sign-in may have made them.
+            db.migrate("identity", IDENTITY_MIGRATIONS)
 
     # -- the transmitter's metadata and keys (on the event loop) -----------------------------
 
@@ -218,8 +304,7 @@ class SsfReceiver:
                     if isinstance(found, dict)
                     else "is not a JSON object"
                 )
-            for key in ("jwks_uri", "configuration_endpoint", "status_endpoint",
-                        "verification_endpoint"):  # fmt: skip
+            for key in METADATA_ENDPOINTS:
                 if key in found:
                     secure_url(found[key], key)
         except ValueError as e:
@@ -329,7 +414,12 @@ class SsfReceiver:
             try:
                 subject = self._subject(verified, body)
                 done["subject"] = subject.describe()
-                user = user_of(subject, t.users)
+                linked = (
+                    self.store.linked_users(t.linked_accounts, t.linked_issuer, subject.user_keys)
+                    if t.linked_accounts
+                    else None
+                )
+                user = user_of(subject, t.users, linked)
             except SubjectError as e:
                 done["result"] = f"ignored: {e}"
                 continue
@@ -349,7 +439,9 @@ class SsfReceiver:
                 # A revocation or a disabling is applied to the whole user (fail closed): more
                 # than the member named, never less.
                 done["critical_not_understood"] = not_understood
-            if effect == "record":
+            if effect == "record" and event_type == IDENTIFIER_CHANGED:
+                done["result"] = self._identifier_changed(subject, body, user)
+            elif effect == "record":
                 done["result"] = "recorded"
             elif effect == "fact":
                 done["result"] = self._facts(
@@ -371,6 +463,27 @@ class SsfReceiver:
                     f", revoked {count} more grant(s)" if count else ""
                 )
         return Outcome(verified.jti, ",".join(sorted(users)) or None, effects)
+
+    @staticmethod
+    def _identifier_changed(subject: Subject, body: dict[str, Any], user: str | None) -> str:
+        """RISC 1.0 identifier-changed: recorded with what the mapping would need, and the
+        mapping left as it is. The users table is the operator's word, and a transmitter that
+        could move a user's identifier could give that user's events to whoever holds the
+        new one; the old identifier keeps naming the user until the operator changes it."""
+        old = subject.user_keys[0] if len(subject.user_keys) == 1 else None
+        fmt = old.partition(":")[0] if old else None
+        if fmt not in ("email", "phone_number"):
+            return "ignored: identifier-changed names one email or phone_number subject (RISC 1.0)"
+        new = body.get("new-value")
+        if not isinstance(new, str) or not new or len(new) > MAX_FIELD:
+            return "recorded: the identifier changed, and the event names no new-value"
+        new_key = f"{fmt}:{new}"
+        if user is None:
+            return f"recorded: {old} changed to {new_key}; it maps to no user"
+        return (
+            f"recorded, not applied: {old} of {user} changed to {new_key}; bastion does not"
+            f' remap on a transmitter\'s word: add "{new_key}" = "{user}" to the users table'
+        )
 
     def _critical_unread(self, t: Transmitter, effect: str, subject: Subject) -> list[str]:
         """The members of the subject named critical by the transmitter's metadata
@@ -467,6 +580,18 @@ class SsfReceiver:
                 if not isinstance(level, str) or not level or len(level) > 128:
                     return "ignored: current_level must be a string"
                 values.append(("assurance_level", entity, level))
+            elif name == "risk-level-change":
+                level, principal = body.get("current_level"), body.get("principal")
+                if level not in RISK_LEVELS:
+                    return "ignored: current_level must be LOW, MEDIUM or HIGH (CAEP 1.0 §3.8)"
+                if principal not in ("USER", "DEVICE"):
+                    # A session's, a tenant's or a group's risk is not its user's.
+                    return (
+                        f"ignored: principal {str(principal)[:32]!r} is not USER or DEVICE: only"
+                        " a user's or a device's risk level is written (CAEP 1.0 §3.8)"
+                    )
+                if entity.type == principal.title():
+                    values.append(("risk_level", entity, level))
             elif name == "token-claims-change":
                 claims = body.get("claims")
                 if not isinstance(claims, dict) or not claims:
@@ -474,6 +599,8 @@ class SsfReceiver:
                 for claim, value in list(claims.items())[:32]:
                     if isinstance(value, (str, bool, int)) and len(str(value)) <= 512:
                         values.append(("token_claim", entity, claim, value))
+        if not values and name == "risk-level-change":
+            return "ignored: the event's principal is not among the subject's user and device"
         authz = self.authz()
         kept = []
         for fact in values:
@@ -583,6 +710,9 @@ class SsfReceiver:
                 log.error("ssf transmitter %s: %s", t.name, message)
                 await self._note(t, "error", message)
                 await asyncio.sleep(t.poll_interval_seconds)
+        self._tasks.append(
+            asyncio.create_task(self._sync_forever(t), name=f"ssf {t.name} subjects")
+        )
         if t.delivery == "poll":
             await self._poll_forever(t, stream)
 
@@ -646,11 +776,16 @@ class SsfReceiver:
                 json_body={"delivery": delivery, "events_requested": requested,
                            "description": "bastion"},
             )  # fmt: skip
-            if code not in (200, 201):
+            if code == 409:
+                # SSF 1.0 §8.1.1.1: the transmitter allows one stream per receiver, and has one
+                # (the database that knew its id was lost or is another replica's).
+                stream = await self._existing_stream(t, endpoint, delivery, requested)
+            elif code not in (200, 201):
                 # Its status alone: the transmitter's words may carry a secret or forge a line
                 # of the log, and the stream's status is shown to anyone (/readyz).
                 raise ValueError(f"creating the stream at {endpoint} answered HTTP {code}")
-            stream = untrusted_json.loads(content)
+            else:
+                stream = untrusted_json.loads(content)
         if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
             raise ValueError(f"{endpoint} answered no stream_id")
         if stream.get("iss") != t.issuer:
@@ -675,14 +810,14 @@ class SsfReceiver:
                 status = said["status"][:32]
         state = secrets.token_urlsafe(16)
         detail = "stream configured; verification requested"
-        if meta.get("default_subjects") == "NONE":
+        if meta.get("default_subjects") == "NONE" and "add_subject_endpoint" not in meta:
             # SSF 1.0 §7.1: such a transmitter sends events only about subjects added to the
-            # stream, and bastion adds none: nothing would come, and nothing said so.
-            detail += (
-                "; the transmitter's default_subjects is NONE and bastion adds no subjects:"
-                " add them at the transmitter, or no events will come"
-            )
-            log.warning("ssf transmitter %s: %s", t.name, detail)
+            # stream, and gives bastion no way to add them (the subjects' status says so too).
+            log.warning(
+                "ssf transmitter %s: its default_subjects is NONE and it has no"
+                " add_subject_endpoint: add the subjects at the transmitter, or no events will"
+                " come", t.name,
+            )  # fmt: skip
         await anyio.to_thread.run_sync(
             lambda: self.store.save_stream(
                 t.name, status, detail, stream_id=stream_id, verification_state=state,
@@ -700,6 +835,183 @@ class SsfReceiver:
                 )
         log.info("ssf transmitter %s: stream %s %s", t.name, stream_id, status)
         return stream
+
+    async def _existing_stream(
+        self, t: Transmitter, endpoint: str, delivery: dict[str, Any], requested: list[str]
+    ) -> dict[str, Any]:
+        """The stream the transmitter holds for bastion (read from its list, SSF 1.0 §8.1.1.2),
+        when it is the one bastion would create: of ``t``'s issuer, its delivery method (and for
+        push, bastion's endpoint and, when the transmitter shows it, bastion's push token), and
+        every event type bastion asks for. Else a ValueError naming what differs, in bastion's
+        words (the transmitter's values are not quoted: the status is shown to anyone)."""
+        code, content = await self._call(t, "GET", endpoint)
+        if code != 200:
+            raise ValueError(
+                f"creating the stream at {endpoint} answered 409 (one stream per receiver, SSF"
+                f" 1.0 §8.1.1.1) and reading the existing one answered HTTP {code}"
+            )
+        found = untrusted_json.loads(content)
+        listed = found if isinstance(found, list) else [found]
+        differences: list[list[str]] = []
+        for stream in listed:
+            if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
+                continue
+            differs = stream_differences(stream, t.issuer, delivery, requested)
+            if not differs:
+                log.info(
+                    "ssf transmitter %s: using the stream it holds for bastion (create answered"
+                    " 409)", t.name,
+                )  # fmt: skip
+                return stream
+            differences.append(differs)
+        if not differences:
+            raise ValueError(
+                f"creating the stream at {endpoint} answered 409 (one stream per receiver, SSF"
+                " 1.0 §8.1.1.1) and its list of streams holds none"
+            )
+        raise ValueError(
+            f"creating the stream at {endpoint} answered 409 (one stream per receiver, SSF 1.0"
+            " §8.1.1.1) and the stream it holds is not the one bastion would create: "
+            + "; ".join(min(differences, key=len))
+            + "; update or delete it at the transmitter, then bastion signals streams configure"
+        )
+
+    # -- subjects (SSF 1.0 §8.1.3), on the event loop ------------------------------------------
+
+    def wanted_subjects(self, t: Transmitter) -> dict[str, str]:
+        """The subjects ``t``'s stream should carry, {key: user}: its users table's and, with
+        ``linked_accounts``, the accounts of that provider linked to users. A worker thread's."""
+        wanted = dict(t.users)
+        if t.linked_accounts:
+            for key, user in self.store.linked_accounts(t.linked_accounts, t.linked_issuer).items():
+                wanted.setdefault(key, user)
+        return wanted
+
+    async def sync_subjects(self, t: Transmitter, actor: str = SERVER) -> SubjectsSync:
+        """Bring the subjects of ``t``'s stream in step with `wanted_subjects`: add each not on
+        it, remove each bastion added that is no longer wanted, and try again those that failed.
+        Only a 2xx answer (404 too for a removal: the subject is not on the stream) changes
+        what is recorded; any other is recorded as the subject's failure, audited, shown in
+        the stream's status, and tried again next round. With ``default_subjects`` "ALL" nothing
+        is added (every subject is sent already)."""
+        meta = await self.metadata(t)
+        known = await anyio.to_thread.run_sync(self.store.stream, t.name)
+        if known is None or not known.stream_id:
+            raise ValueError("the stream is not configured yet")
+        stream_id = known.stream_id
+        add, remove = meta.get("add_subject_endpoint"), meta.get("remove_subject_endpoint")
+        default = meta.get("default_subjects")
+        if default == "ALL":
+            return SubjectsSync(note="default_subjects is ALL: every subject is sent, none added")
+        if not isinstance(add, str):
+            return SubjectsSync(
+                note="the transmitter has no add_subject_endpoint"
+                + (": its default_subjects is NONE, so no events will come"
+                   if default == "NONE" else "")
+            )  # fmt: skip
+        wanted = await anyio.to_thread.run_sync(self.wanted_subjects, t)
+        recorded = await anyio.to_thread.run_sync(self.store.subjects, t.name)
+        done = SubjectsSync()
+        calls = 0
+        for key, user in wanted.items():
+            row = recorded.get(key)
+            if row is not None and row.state == "added" and row.stream_id == stream_id:
+                continue
+            if calls >= MAX_SUBJECT_CALLS:
+                break
+            calls += 1
+            code, why = await self._subject_call(t, add, stream_id, key, verified=True)
+            if code is not None and 200 <= code < 300:
+                state, detail = "added", f"add answered HTTP {code}"
+                done = replace(done, added=done.added + 1)
+            else:
+                state, detail = "add_failed", why
+                done.failed.append(f"{key}: {why}")
+            await anyio.to_thread.run_sync(
+                partial(
+                    self.store.note_subject, t.name, key, username=user, stream_id=stream_id,
+                    state=state, detail=detail, actor=actor,
+                )
+            )  # fmt: skip
+            if code is None or code == 429:
+                break  # unreachable, or asked to slow down: the rest wait for the next round
+        for key, row in recorded.items():
+            if key in wanted:
+                continue
+            if row.state == "add_failed" or row.stream_id != stream_id:
+                # Never on this stream: nothing to ask the transmitter.
+                await anyio.to_thread.run_sync(
+                    partial(
+                        self.store.forget_subject, t.name, key, actor=actor,
+                        detail="no longer a subject; it was not on the stream",
+                    )
+                )  # fmt: skip
+                continue
+            if calls >= MAX_SUBJECT_CALLS:
+                break
+            if not isinstance(remove, str):
+                code, why = None, "the transmitter has no remove_subject_endpoint"
+            else:
+                calls += 1
+                code, why = await self._subject_call(t, remove, stream_id, key)
+            if code is not None and (200 <= code < 300 or code == 404):
+                await anyio.to_thread.run_sync(
+                    partial(
+                        self.store.forget_subject, t.name, key, actor=actor,
+                        detail=f"remove answered HTTP {code}",
+                    )
+                )  # fmt: skip
+                done = replace(done, removed=done.removed + 1)
+                continue
+            done.failed.append(f"{key}: {why}")
+            await anyio.to_thread.run_sync(
+                partial(
+                    self.store.note_subject, t.name, key, username=row.username,
+                    stream_id=stream_id, state="remove_failed", detail=why, actor=actor,
+                )
+            )  # fmt: skip
+        return done
+
+    async def _subject_call(
+        self, t: Transmitter, url: str, stream_id: str, key: str, *, verified: bool = False
+    ) -> tuple[int | None, str]:
+        """POST one subject to the add or remove endpoint: (the HTTP status or None, what to
+        record if it failed, in bastion's words)."""
+        action = "add" if verified else "remove"
+        body: dict[str, Any] = {"stream_id": stream_id, "subject": identifier_of(key)}
+        if verified:
+            # SSF 1.0 §8.1.3.2: the subject is the operator's (the users table) or an account
+            # the provider itself signed in: verified by bastion.
+            body["verified"] = True
+        try:
+            code, _ = await self._call(t, "POST", url, json_body=body)
+        except ValueError as e:
+            return None, f"{action} failed: {e}"[:300]
+        return code, f"{action} answered HTTP {code}"
+
+    async def _sync_forever(self, t: Transmitter) -> None:
+        """`sync_subjects` every ``subjects_sync_seconds``, its outcome in the stream's status
+        detail; a failed round is noted and the next one tries again."""
+        while True:
+            try:
+                done = await self.sync_subjects(t)
+                recorded = await anyio.to_thread.run_sync(self.store.subjects, t.name)
+                await self._note_subjects(t, done.summary(recorded))
+            except Exception as e:  # noqa: BLE001 - any failure is reported and retried
+                message = f"not brought in step: {e}"[:500]
+                log.error("ssf transmitter %s: %s", t.name, message)
+                await self._note_subjects(t, message)
+            await asyncio.sleep(t.subjects_sync_seconds)
+
+    async def _note_subjects(self, t: Transmitter, summary: str) -> None:
+        """Record the subjects' summary beside the stream's status (which it leaves as it is),
+        when it is not what this process recorded last."""
+        if self.store.seen.get(t.name, {}).get("subjects") == summary:
+            return
+        try:
+            await anyio.to_thread.run_sync(self.store.note_subjects, t.name, summary)
+        except Exception as e:  # noqa: BLE001 - noted again next round
+            log.warning("ssf transmitter %s: its subjects could not be recorded: %s", t.name, e)
 
     async def _poll_forever(self, t: Transmitter, stream: dict[str, Any]) -> None:
         delivery = stream.get("delivery") or {}

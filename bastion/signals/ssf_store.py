@@ -2,8 +2,10 @@
 (RFC 8417 §2.2 ``jti``, for replay refusal, kept for a bounded time), each transmitter's stream
 (SSF 1.0 §8: its id, status, and the verification ``state`` asked for), and when the event
 behind each value written as a fact happened (so that an older event delivered late does not
-replace it). Each change of a stream is an ``ssf.stream_changed`` audit event naming its actor,
-written in the changing transaction."""
+replace it), and the subjects bastion added to each stream (SSF 1.0 §8.1.3) or failed to add or
+remove. Each change of a stream is an ``ssf.stream_changed`` audit event naming its actor,
+and each change of a subject's state an ``ssf.subject_*`` one, written in the changing
+transaction."""
 
 from __future__ import annotations
 
@@ -44,7 +46,26 @@ _MIGRATIONS = [
         event_time DOUBLE PRECISION NOT NULL
     );
     """,
+    # The subjects bastion asked a transmitter to send events about (SSF 1.0 §8.1.3): state
+    # "added" (on the stream named), "add_failed" (not on it yet; tried again) or
+    # "remove_failed" (still on it; tried again). A subject removed has no row.
+    """
+    CREATE TABLE ssf_subjects (
+        transmitter TEXT NOT NULL,
+        subject_key TEXT NOT NULL,
+        username TEXT NOT NULL,
+        stream_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (transmitter, subject_key)
+    );
+    """,
+    # What the last round of bringing the stream's subjects in step did (counts, never a
+    # subject): shown beside the stream's status.
+    "ALTER TABLE ssf_streams ADD COLUMN subjects TEXT;",
 ]
+SUBJECT_STATES = ("added", "add_failed", "remove_failed")
 
 
 @dataclass(frozen=True)
@@ -55,6 +76,21 @@ class StreamStatus:
     stream_id: str | None
     status: str
     verified_at: float | None
+    detail: str
+    updated_at: float
+    # The last round of subjects (`note_subjects`), None before the first.
+    subjects: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamSubject:
+    """One subject of a transmitter's stream as recorded (``bastion signals subjects status``)."""
+
+    transmitter: str
+    subject_key: str
+    username: str
+    stream_id: str
+    state: str
     detail: str
     updated_at: float
 
@@ -117,7 +153,11 @@ class SsfStore:
         # and any answer can hold.
         status, detail = writable(status), writable(detail)
         now = time.time()
-        self.seen[transmitter] = {"status": status, "detail": detail}
+        self.seen[transmitter] = {
+            "status": status, "detail": detail,
+            **({"subjects": self.seen[transmitter]["subjects"]}
+               if "subjects" in self.seen.get(transmitter, {}) else {}),
+        }  # fmt: skip
         with self.db.transaction():
             rows = self.db.execute(
                 "SELECT stream_id, status, verification_state FROM ssf_streams"
@@ -186,20 +226,117 @@ class SsfStore:
             " detail = 'verification event received', updated_at = ? WHERE transmitter = ?",
             (time.time(), time.time(), transmitter),
         )
-        self.seen[transmitter] = {"status": "verified", "detail": "verification event received"}
+        self.seen.setdefault(transmitter, {}).update(
+            status="verified", detail="verification event received"
+        )
         return True
+
+    def note_subjects(self, transmitter: str, summary: str) -> None:
+        """What the last round of the stream's subjects did (`SubjectsSync.summary`); the
+        subjects' own changes are audited one by one (`note_subject`)."""
+        summary = writable(summary)
+        self.seen.setdefault(transmitter, {})["subjects"] = summary
+        self.db.execute(
+            "UPDATE ssf_streams SET subjects = ? WHERE transmitter = ?", (summary, transmitter)
+        )
 
     def stream(self, transmitter: str) -> StreamStatus | None:
         rows = self.db.execute(
-            "SELECT transmitter, stream_id, status, verified_at, detail, updated_at"
+            "SELECT transmitter, stream_id, status, verified_at, detail, updated_at, subjects"
             " FROM ssf_streams WHERE transmitter = ?",
             (transmitter,),
         )
         return StreamStatus(*rows[0]) if rows else None
 
+    # -- subjects (SSF 1.0 §8.1.3) -------------------------------------------------------------
+
+    def subjects(self, transmitter: str) -> dict[str, StreamSubject]:
+        rows = self.db.execute(
+            "SELECT transmitter, subject_key, username, stream_id, state, detail, updated_at"
+            " FROM ssf_subjects WHERE transmitter = ? ORDER BY subject_key",
+            (transmitter,),
+        )
+        return {r[1]: StreamSubject(*r) for r in rows}
+
+    def note_subject(
+        self,
+        transmitter: str,
+        key: str,
+        *,
+        username: str,
+        stream_id: str,
+        state: str,
+        detail: str,
+        actor: str,
+    ) -> None:
+        """Record what the transmitter did with ``key``; a change of its state (or of the
+        stream it is on) is audited in the same transaction as ``ssf.subject_added`` or
+        ``ssf.subject_failed``. ``detail`` is bastion's words (an HTTP status), never the
+        transmitter's."""
+        assert state in SUBJECT_STATES, state
+        detail = writable(detail)
+        with self.db.transaction():
+            before = self.db.execute(
+                "SELECT state, stream_id FROM ssf_subjects WHERE transmitter = ? AND"
+                " subject_key = ?",
+                (transmitter, key),
+            )
+            if not before or tuple(before[0]) != (state, stream_id):
+                self.audit.record(
+                    "ssf.subject_added" if state == "added" else "ssf.subject_failed",
+                    subject=username, transmitter=transmitter, subject_key=key,
+                    stream_id=stream_id, state=state, detail=detail, actor=actor,
+                )  # fmt: skip
+            self.db.execute(
+                "INSERT INTO ssf_subjects (transmitter, subject_key, username, stream_id, state,"
+                " detail, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (transmitter, subject_key) DO UPDATE SET"
+                " username = excluded.username, stream_id = excluded.stream_id,"
+                " state = excluded.state, detail = excluded.detail,"
+                " updated_at = excluded.updated_at",
+                (transmitter, key, username, stream_id, state, detail, time.time()),
+            )
+
+    def forget_subject(self, transmitter: str, key: str, *, detail: str, actor: str) -> None:
+        """The subject is off the stream (removed, or never added): its row goes, audited as
+        ``ssf.subject_removed`` when it was on the stream or meant to leave it."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "DELETE FROM ssf_subjects WHERE transmitter = ? AND subject_key = ?"
+                " RETURNING username, stream_id, state",
+                (transmitter, key),
+            )
+            if rows and rows[0][2] != "add_failed":
+                self.audit.record(
+                    "ssf.subject_removed", subject=rows[0][0], transmitter=transmitter,
+                    subject_key=key, stream_id=rows[0][1], detail=writable(detail), actor=actor,
+                )  # fmt: skip
+
+    def linked_accounts(self, provider: str, issuer: str) -> dict[str, str]:
+        """The accounts of login provider ``provider`` (issuer ``issuer``) linked to users, as
+        ``iss_sub`` lookup keys: {key: user}."""
+        rows = self.db.execute(
+            "SELECT subject, username FROM identity_accounts WHERE provider = ?", (provider,)
+        )
+        return {f"iss_sub:{issuer}|{sub}": user for sub, user in rows}
+
+    def linked_users(self, provider: str, issuer: str, keys: tuple[str, ...]) -> dict[str, str]:
+        """Of ``keys``, those naming an account of ``provider`` linked to a user: {key: user}."""
+        prefix = f"iss_sub:{issuer}|"
+        found: dict[str, str] = {}
+        for key in keys:
+            if key.startswith(prefix):
+                rows = self.db.execute(
+                    "SELECT username FROM identity_accounts WHERE provider = ? AND subject = ?",
+                    (provider, key[len(prefix) :]),
+                )
+                if rows:
+                    found[key] = rows[0][0]
+        return found
+
     def streams(self) -> list[StreamStatus]:
         rows = self.db.execute(
-            "SELECT transmitter, stream_id, status, verified_at, detail, updated_at"
+            "SELECT transmitter, stream_id, status, verified_at, detail, updated_at, subjects"
             " FROM ssf_streams ORDER BY transmitter"
         )
         return [StreamStatus(*r) for r in rows]

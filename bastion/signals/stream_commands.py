@@ -1,10 +1,12 @@
-"""CLI: ``bastion signals streams status|configure``: the Shared Signals streams of the
-deployment (docs/signals.md).
+"""CLI: ``bastion signals streams status|configure`` and ``bastion signals subjects
+status|sync``: the Shared Signals streams of the deployment and their subjects (docs/signals.md).
 
-``status`` shows, per configured transmitter, the stream recorded in the database: its id, its
-status, when its verification event arrived, and the last error. ``configure`` reads each
-transmitter's metadata, reads or creates bastion's stream and asks for a verification event, as
-the server does at start.
+``streams status`` shows, per configured transmitter, the stream recorded in the database: its
+id, its status, when its verification event arrived, the last error, and the last round of its
+subjects. ``streams configure`` reads each transmitter's metadata, reads or creates bastion's
+stream and asks for a verification event, as the server does at start. ``subjects status`` lists
+each subject bastion added to a stream or failed to add or remove; ``subjects sync`` adds and
+removes them now, as the server does every ``subjects_sync_seconds``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _receiver(args: argparse.Namespace):
     from bastion import outbound_proxy
     from bastion.facts.store import FactStore
     from bastion.oauth.store import OAuthStore
-    from bastion.signals.settings import SsfSettings
+    from bastion.signals.settings import from_config
     from bastion.signals.ssf import SsfReceiver
 
     config = ServerConfig.load(args.config)
@@ -40,8 +42,7 @@ def _receiver(args: argparse.Namespace):
     table = (config.signals or {}).get("ssf")
     if not table:
         raise ConfigError(f"{config.named} has no [signals.ssf] table: no transmitters to show")
-    with config.reading("signals.ssf"):
-        settings = SsfSettings.from_table(table, issuer=str(config.oauth.get("issuer", "")))
+    settings = from_config(config, str(config.oauth.get("issuer", "")))
     db = Database(command_database(args, config))
     return SsfReceiver(settings, db, OAuthStore(db), FactStore(db), lambda: None)
 
@@ -63,6 +64,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "verified_at": s.verified_at if s else None,
                     "detail": s.detail if s else "the server has not configured this stream yet",
                     "updated_at": s.updated_at if s else None,
+                    "subjects": s.subjects if s else None,
                 }
             )
     finally:
@@ -76,6 +78,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{r['transmitter']}  {r['delivery']}  {r['status']}  stream={r['stream_id'] or '-'}"
                 f"  verified={_when(r['verified_at'])}  updated={_when(r['updated_at'])}"
                 f"\n    {r['issuer']}\n    {r['detail']}"
+                + (f"\n    subjects: {r['subjects']}" if r["subjects"] else "")
             )
     return 0 if all(r["status"] not in ("error", "not configured") for r in rows) else 1
 
@@ -104,6 +107,77 @@ def cmd_configure(args: argparse.Namespace) -> int:
     finally:
         receiver.store.db.close()
     return 1 if failed else 0
+
+
+def cmd_subjects_status(args: argparse.Namespace) -> int:
+    receiver = _receiver(args)
+    try:
+        rows = [
+            {**row.__dict__}
+            for t in receiver.settings.transmitters
+            if not args.transmitter or t.name == args.transmitter
+            for row in receiver.store.subjects(t.name).values()
+        ]
+    finally:
+        receiver.store.db.close()
+    for r in rows:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(
+                f"{r['transmitter']}  {r['state']}  {r['subject_key']}  user={r['username']}"
+                f"  stream={r['stream_id']}  updated={_when(r['updated_at'])}\n    {r['detail']}"
+            )
+    return 0 if all(r["state"] == "added" for r in rows) else 1
+
+
+def cmd_subjects_sync(args: argparse.Namespace) -> int:
+    receiver = _receiver(args)
+    actor = cli_actor()
+    failed = 0
+
+    async def run() -> None:
+        nonlocal failed
+        for t in receiver.settings.transmitters:
+            if args.transmitter and t.name != args.transmitter:
+                continue
+            try:
+                done = await receiver.sync_subjects(t, actor)
+            except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
+                failed += 1
+                print(f"{t.name}: subjects not brought in step: {e}"[:500], file=sys.stderr)
+                continue
+            summary = done.summary(receiver.store.subjects(t.name))
+            receiver.store.note_subjects(t.name, summary)
+            print(f"{t.name}: {done.added} added, {done.removed} removed; {summary}")
+            for failure in done.failed:
+                print(f"{t.name}: {failure}", file=sys.stderr)
+            failed += len(done.failed)
+
+    try:
+        anyio.run(run)
+    finally:
+        receiver.store.db.close()
+    return 1 if failed else 0
+
+
+def register_subjects(commands: argparse._SubParsersAction) -> None:
+    """``subjects status|sync`` under ``bastion signals`` (`bastion.signals.commands`)."""
+    subjects = commands.add_parser(
+        "subjects", help="the subjects bastion adds to its streams (SSF 1.0 §8.1.3)"
+    )
+    actions = subjects.add_subparsers(dest="subjects_command", required=True)
+    for name, func, help_text in (
+        ("status", cmd_subjects_status, "each subject added, or failed to add or remove"),
+        ("sync", cmd_subjects_sync, "add and remove the streams' subjects now"),
+    ):
+        p = actions.add_parser(name, help=help_text)
+        p.add_argument("--config", help="bastion.toml (default: ./bastion.toml or BASTION_CONFIG)")
+        p.add_argument("--database", help="the database (default: the one in bastion.toml)")
+        p.add_argument("--transmitter", help="only this transmitter (its name)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="one JSON object per subject")
+        p.set_defaults(func=func)
 
 
 def register_streams(commands: argparse._SubParsersAction) -> None:

@@ -6,11 +6,16 @@ bastion never guesses a user name from an email address. RFC 9493 ``aliases`` na
 their identifiers map to, never two, and an identifier of a format not read among them is passed
 over; SSF 1.0 §3.3 ``complex`` subjects carry ``user``, ``device`` and ``session`` members (and
 others, which bastion does not read: `Subject.unread` names them). RISC 1.0's Google
-transmitter writes ``subject_type`` for ``format``; it is read so.
+transmitter writes ``subject_type`` for ``format``; it is read so. SSF 1.0 §3.4's ``jwt_id``,
+``saml_assertion_id`` and ``ip-addresses`` identify a token, an assertion or addresses, never a
+user or device bastion knows: checked, and the event about one is recorded with that reason
+(`NotAPrincipal`). `identifier_of` turns a lookup key back into the identifier a stream's
+subjects are added with (§8.1.3).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +37,21 @@ class SubjectError(ValueError):
 class UnreadFormat(SubjectError):
     """A well-formed identifier of a format bastion does not read (SSF 1.0 §3.4 allows
     proprietary ones): passed over among ``aliases``, never a reason to drop the others."""
+
+
+class NotAPrincipal(UnreadFormat):
+    """A well-formed SSF 1.0 §3.4 identifier of a JWT (``jwt_id``), a SAML assertion
+    (``saml_assertion_id``) or IP addresses (``ip-addresses``): none names a user or a device
+    bastion knows (it keeps no record of other issuers' tokens, and an address is not a
+    person), so an event about one alone is recorded with this reason, not applied."""
+
+
+# SSF 1.0 §3.4's formats, each with its required string members, and what it names.
+_NOT_PRINCIPALS = {
+    "jwt_id": (("iss", "jti"), "a JWT"),
+    "saml_assertion_id": (("issuer", "assertion_id"), "a SAML assertion"),
+}
+MAX_ADDRESSES = 32
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,33 @@ def simple_key(sub: Any) -> str:
     if fmt in ONE_MEMBER_FORMATS:
         member = ONE_MEMBER_FORMATS[fmt]
         return f"{fmt}:{_text(sub.get(member), member)}"
+    if fmt in _NOT_PRINCIPALS:
+        members, what = _NOT_PRINCIPALS[fmt]
+        # Malformed or not, it is passed over among aliases and complex members as before.
+        for member in members:
+            try:
+                _text(sub.get(member), f"{fmt} {member}")
+            except SubjectError as e:
+                raise UnreadFormat(str(e)) from None
+        raise NotAPrincipal(
+            f"the subject is {what} ({fmt}, SSF 1.0 §3.4), not a user or device: bastion keeps"
+            " no record of other issuers' tokens or assertions"
+        )
+    if fmt == "ip-addresses":
+        found = sub.get("ip-addresses")
+        if not isinstance(found, list) or not 0 < len(found) <= MAX_ADDRESSES:
+            raise UnreadFormat(
+                f"ip-addresses needs ip-addresses, a list of 1 to {MAX_ADDRESSES} addresses"
+            )
+        for address in found:
+            try:
+                ipaddress.ip_address(address if isinstance(address, str) else "")
+            except ValueError:
+                raise UnreadFormat("ip-addresses holds a value that is not an IP address") from None
+        raise NotAPrincipal(
+            "the subject is IP addresses (ip-addresses, SSF 1.0 §3.4), not a user or device:"
+            " an address names no person"
+        )
     raise UnreadFormat(
         f"subject format {str(fmt)[:64]!r} is not read here; use email, iss_sub,"
         f" {', '.join(ONE_MEMBER_FORMATS)}, aliases or complex"
@@ -142,10 +189,29 @@ def _member(sub: dict, name: str, unread: list[str]) -> str | None:
         return None
 
 
-def user_of(subject: Subject, users: dict[str, str]) -> str | None:
-    """The bastion user ``users`` maps the subject to, or None; `SubjectError` when its
-    identifiers map to more than one (an event about one person never reaches another)."""
+def identifier_of(key: str) -> dict[str, str]:
+    """The RFC 9493 identifier a lookup key (a ``users`` table's, `simple_key`'s) stands for: the
+    subject bastion adds to a stream (SSF 1.0 §8.1.3)."""
+    fmt, _, value = key.partition(":")
+    if fmt == "email":
+        return {"format": "email", "email": value}
+    if fmt == "iss_sub":
+        iss, _, sub = value.partition("|")
+        return {"format": "iss_sub", "iss": iss, "sub": sub}
+    if fmt in ONE_MEMBER_FORMATS:
+        return {"format": fmt, ONE_MEMBER_FORMATS[fmt]: value}
+    raise ValueError(f"{key!r} is not a subject key")
+
+
+def user_of(
+    subject: Subject, users: dict[str, str], linked: dict[str, str] | None = None
+) -> str | None:
+    """The bastion user ``users`` (the transmitter's table) or ``linked`` (its accounts linked to
+    users) maps the subject to, or None; `SubjectError` when its identifiers map to more than
+    one (an event about one person never reaches another)."""
+    linked = linked or {}
     found = {users[k] for k in subject.user_keys if k in users}
+    found |= {linked[k] for k in subject.user_keys if k in linked}
     if len(found) > 1:
         raise SubjectError(
             f"its identifiers name more than one user ({', '.join(sorted(found))}): nothing done"

@@ -509,6 +509,7 @@ def start(
     tasks: dict | None = None,
     more_upstreams: tuple[dict, ...] = (),
     database: str | None = None,
+    identity: dict | None = None,
 ):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
     ``[gateway]`` table, ``oauth`` to the ``[oauth]`` table; ``approvals`` is the
@@ -516,7 +517,8 @@ def start(
     rules go after the test policy; ``replicas`` more apps share the first one's database and
     settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table;
     ``more_upstreams`` are more ``[[gateway.upstreams]]`` (each a resource too); ``database``
-    is a PostgreSQL URL to use instead of a SQLite file in ``tmp_path``."""
+    is a PostgreSQL URL to use instead of a SQLite file in ``tmp_path``; ``identity`` is the
+    ``[identity]`` table."""
     from contextlib import contextmanager
 
     @contextmanager
@@ -567,6 +569,7 @@ def start(
                 approvals={"wait_seconds": 0} if approvals is None else approvals,
                 signals=signals or {},
                 tasks=tasks or {},
+                identity=identity or {},
                 gateway={
                     **(gateway or {}),
                     "max_body_bytes": 65536,

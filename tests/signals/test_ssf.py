@@ -31,6 +31,8 @@ declare device_compliance(User, String);
 declare token_claim(User, String, String);
 declare device_compliance(Device, String);
 deny(user: User, "call", _tool: Tool) if device_compliance(user, "not-compliant");
+declare risk_level(User, String);
+deny(user: User, "call", _tool: Tool) if risk_level(user, "HIGH");
 """
 CALL = {
     "jsonrpc": "2.0",
@@ -66,6 +68,7 @@ def signals(tmp_path_factory):
         "email:rowan@example.com": "rowan",
         "phone_number:+12025550123": "morgan",
         "email:quinn@example.com": "quinn",
+        "email:casey@example.com": "casey",
         # Not users of bastion: the trusted issuer's alone.
         "email:kim@example.com": "kim",
         "email:jo@example.com": "jo",
@@ -121,10 +124,15 @@ def signals(tmp_path_factory):
                 signals=table,
                 gateway={"trusted_issuers": trusted},
             ) as running:
-                for name in ("dana", "lee", "rowan", "morgan", "quinn"):
+                for name in ("dana", "lee", "rowan", "morgan", "quinn", "casey"):
                     create_user(
                         running.app.state.oauth.store, name, PASSWORD, time.time(), actor="test"
                     )
+                # casey works on the support team as sam does (the risk level's test).
+                running.app.state.store.apply(
+                    [parse_fact('has_role(User{"casey"}, "member", Team{"support"})')],
+                    actor="test",
+                )
                 running.pusher, running.poller, running.signals_table = pusher, poller, table
                 running.idp = idp
                 wait_until(lambda: streams(running).get("idp", {}).get("status") == "verified")
@@ -950,3 +958,84 @@ def test_the_events_initiating_entity_and_administrative_reason_are_in_its_audit
     assert effect["initiating_entity"] == "policy"
     assert effect["reason_admin"] == {"en": "Landspeed Policy Violation: C076E82F"}
     assert "reason_user" not in effect
+
+
+# -- events and subjects read since 2026-12-07 -----------------------------------------------------
+
+
+def test_a_users_risk_level_becomes_a_fact_the_policy_reads(signals):
+    """CAEP 1.0 §3.8 risk-level-change: ``risk_level(User{...}, "<LOW|MEDIUM|HIGH>")``, the
+    later event winning; a session's risk, or a level CAEP does not define, changes nothing
+    and says why. It was recorded and ignored."""
+    casey = email("casey@example.com")
+    token = signals.token("casey", "deskhttp")
+    assert "error" not in call(signals, token).json()
+
+    def risk(body: dict) -> dict:
+        event = signals.pusher.set_token(
+            CAEP + "risk-level-change", {"event_timestamp": int(time.time()), **body}, casey
+        )
+        assert signals.pusher.push(event).status_code == 202
+        return received(signals, jti_of(event)).detail["effects"][0]
+
+    effect = risk({"current_level": "HIGH", "principal": "USER", "risk_reason": "breach"})
+    assert effect["effect"] == "fact" and effect["result"].startswith("wrote 1 fact"), effect
+    # deny ... if risk_level(user, "HIGH"), once the replica applied the change
+    wait_until(lambda: "error" in call(signals, token).json())
+    for body, why in (
+        ({"current_level": "LOW", "principal": "SESSION"}, "is not USER or DEVICE"),
+        ({"current_level": "low", "principal": "USER"}, "must be LOW, MEDIUM or HIGH"),
+        ({"current_level": "LOW"}, "is not USER or DEVICE"),
+    ):
+        assert why in risk(body)["result"]
+        assert "error" in call(signals, token).json()  # still HIGH
+    risk({"current_level": "LOW", "principal": "USER", "previous_level": "HIGH"})
+    wait_until(lambda: "error" not in call(signals, token).json())
+    user = parse_fact('x(User{"casey"})')[1]
+    (stored,) = signals.store.get(("risk_level", user, None))
+    assert stored.fact[2] == "LOW"
+
+
+def test_an_identifier_changed_event_is_recorded_with_the_mapping_it_needs_and_remaps_nothing(
+    signals,
+):
+    """RISC 1.0 identifier-changed: the users table stays the operator's word (a transmitter
+    that could move a user's identifier could hand their events to the new holder); the record
+    names the user, the new identifier and the line to add."""
+    event = signals.pusher.set_token(
+        RISC + "identifier-changed", {"new-value": "lee.new@example.com"}, email("lee@example.com")
+    )
+    assert signals.pusher.push(event).status_code == 202
+    effect = received(signals, jti_of(event)).detail["effects"][0]
+    assert effect["user"] == "lee" and effect["result"].startswith("recorded, not applied")
+    assert '"email:lee.new@example.com" = "lee"' in effect["result"], effect
+    revoked = signals.pusher.set_token(CAEP + "session-revoked", {}, email("lee.new@example.com"))
+    assert signals.pusher.push(revoked).status_code == 202
+    assert "maps to no user" in received(signals, jti_of(revoked)).detail["effects"][0]["result"]
+
+
+@pytest.mark.parametrize(
+    "sub_id, why",
+    [
+        ({"format": "jwt_id", "iss": "https://idp.example.com/", "jti": "B70B"}, "is a JWT"),
+        ({"format": "saml_assertion_id", "issuer": "https://idp.example.com/",
+          "assertion_id": "_8e8d"}, "is a SAML assertion"),
+        ({"format": "ip-addresses", "ip-addresses": ["10.29.37.75", "2001:db8::1"]},
+         "is IP addresses"),
+        ({"format": "ip-addresses", "ip-addresses": ["not-an-address"]},
+         "not an IP address"),
+        ({"format": "jwt_id", "iss": "https://idp.example.com/"}, "jwt_id jti must be"),
+    ],
+)  # fmt: skip
+def test_a_subject_naming_a_token_an_assertion_or_addresses_is_recorded_with_why(
+    signals, sub_id, why
+):
+    """SSF 1.0 §3.4's jwt_id, saml_assertion_id and ip-addresses name no user or device bastion
+    knows: the event is recorded, ignored, and says which and why (it said the format was not
+    read)."""
+    token = signals.token("sam", "deskhttp")
+    event = signals.pusher.set_token(CAEP + "session-revoked", {}, sub_id)
+    assert signals.pusher.push(event).status_code == 202
+    effect = received(signals, jti_of(event)).detail["effects"][0]
+    assert effect["result"].startswith("ignored: ") and why in effect["result"], effect
+    assert "error" not in call(signals, token).json()

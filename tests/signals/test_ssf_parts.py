@@ -74,6 +74,8 @@ def test_defaults_and_the_derived_configuration_url():
         ({}, {"users": {"sam": "sam"}}, "must start with"),
         ({}, {"effects": {"x": "explode"}}, "use one of"),
         ({}, {"effects": {"https://example.com/x": "fact"}}, "become facts"),
+        ({}, {"linked_accounts": "corp"}, "linked_accounts must name an"),
+        ({}, {"subjects_sync_seconds": 0}, "positive"),
         ({"jti_retention_seconds": 10, "max_event_age_seconds": 60}, {}, "at least"),
         ({"jti_retention_seconds": 3600, "max_event_age_seconds": 3600}, {}, "clock_skew"),
         ({"max_body_bytes": 0}, {}, "positive"),
@@ -860,13 +862,15 @@ def test_a_stream_whose_iss_is_not_the_transmitters_is_not_used(tmp_path):
                 assert receiver.store.stream(t.name) is None
             state["iss"] = ISSUER
             assert anyio.run(receiver.configure, t)["stream_id"] == "s1"
-            assert "default_subjects" not in receiver.store.stream(t.name).detail
+            assert "NONE" not in anyio.run(receiver.sync_subjects, t).note
             # SSF 1.0 §7.1 default_subjects NONE: no events until subjects are added, which
-            # bastion does not do; its status says so (it said nothing, and nothing came).
+            # a transmitter without add_subject_endpoint gives no way to do; its subjects'
+            # status says so (it said nothing, and nothing came).
             state["default_subjects"] = "NONE"
             receiver._metadata.clear()
             anyio.run(receiver.configure, t)
-            assert "default_subjects is NONE" in receiver.store.stream(t.name).detail
+            note = anyio.run(receiver.sync_subjects, t).note
+            assert "no add_subject_endpoint" in note and "default_subjects is NONE" in note
     finally:
         db.close()
 
@@ -912,5 +916,119 @@ def test_stream_events_count_only_for_the_stream_they_name(published_keys, tmp_p
             sender.set_token(VERIFICATION, {"state": "st1"}, {"format": "opaque", "id": "s1"}),
         )
         assert receiver.store.stream(t.name).status == "verified"
+    finally:
+        db.close()
+
+
+def test_a_stream_the_transmitter_already_holds_is_used_when_it_is_bastions_and_named_if_not(
+    tmp_path,
+):
+    """SSF 1.0 §8.1.1.1: a transmitter that allows one stream per receiver answers a second
+    create 409. bastion (its database lost the stream's id, or another replica made it) reads
+    the stream from the transmitter's list and uses it when it is the one bastion would create;
+    one that pushes elsewhere, with another token, or lacks an event type bastion asks for is
+    an error naming the difference, and nothing is recorded of it. A 409 was an error always."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.settings import CAEP
+    from bastion.signals.ssf import SsfReceiver
+    from tests.signals.transmitter import BEARER, Transmitter
+
+    idp = Transmitter("https://bastion.example.com")
+    idp.one_stream = True
+    env = {"PUSH": "p" * 32, "OTHER_PUSH": "o" * 32, "BEARER": BEARER}
+    dbs = []
+
+    def configured(name: str, push_url: str = "", push_token_env: str = "PUSH"):
+        table = {
+            "transmitters": [
+                transmitter(issuer=idp.url, push_token_env=push_token_env,
+                            configuration_url=f"{idp.url}/.well-known/ssf-configuration")
+            ],
+            **({"push_url": push_url} if push_url else {}),
+        }  # fmt: skip
+        s = SsfSettings.from_table(table, issuer="https://bastion.example.com", env=env)
+        db = Database(str(tmp_path / f"{name}.db"))
+        dbs.append(db)
+        receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+        t = s.transmitters[0]
+        try:
+            return anyio.run(receiver.configure, t), None, receiver.store.stream(t.name)
+        except ValueError as e:
+            return None, str(e), receiver.store.stream(t.name)
+
+    try:
+        with serve(idp.app(), free_socket()) as url:
+            idp.url = url
+            first, _, _ = configured("first")
+            again, problem, recorded = configured("lost")  # the stream's id was lost
+            assert problem is None, problem
+            assert again["stream_id"] == first["stream_id"] == recorded.stream_id
+            assert len(idp.streams) == 1
+            for name, changes, differs in (
+                ("elsewhere", {"push_url": "https://other.example.com/ssf/events"},
+                 "it does not push to https://other.example.com/ssf/events"),
+                ("other-token", {"push_token_env": "OTHER_PUSH"},
+                 "it pushes with another authorization_header"),
+            ):  # fmt: skip
+                stream, problem, recorded = configured(name, **changes)
+                assert stream is None and recorded is None
+                assert "answered 409" in problem and differs in problem, problem
+                assert "p" * 32 not in problem and "o" * 32 not in problem
+            held = idp.stream("urn:ietf:rfc:8935")
+            held["events_requested"].remove(CAEP + "session-revoked")
+            stream, problem, recorded = configured("fewer-events")
+            assert stream is None and recorded is None
+            assert "events_requested lacks 1 of bastion's: session-revoked" in problem, problem
+    finally:
+        for db in dbs:
+            db.close()
+
+
+def test_a_streams_subjects_are_recorded_and_audited_on_each_database(database_url):
+    """What bastion added to a stream (SSF 1.0 §8.1.3), failed to add or to remove: a change of
+    state is audited once, in the transaction that records it (a failure retried with the same
+    words is not a new event), and a subject removed leaves no row; linked accounts are read as
+    ``iss_sub`` keys of the provider's issuer."""
+    from bastion.identity.accounts import MIGRATIONS
+
+    db = Database(database_url)
+    try:
+        db.migrate("identity", MIGRATIONS)
+        store, audit = SsfStore(db), AuditLog(db)
+        key = "email:sam@example.com"
+
+        def events(kind: str) -> list[tuple]:
+            return [(e.detail["subject_key"], e.detail.get("state"), e.detail["actor"])
+                    for e in reversed(audit.events(kind))]  # fmt: skip
+
+        for state, detail in (("add_failed", "add answered HTTP 403"),
+                              ("add_failed", "add answered HTTP 403"),
+                              ("added", "add answered HTTP 200")):  # fmt: skip
+            store.note_subject(
+                "idp", key, username="sam", stream_id="s1", state=state, detail=detail,
+                actor="server",
+            )  # fmt: skip
+        assert events("ssf.subject_failed") == [(key, "add_failed", "server")]
+        assert events("ssf.subject_added") == [(key, "added", "server")]
+        assert store.subjects("idp")[key].state == "added"
+        with pytest.raises(Killed), db.transaction():
+            store.forget_subject("idp", key, detail="remove answered HTTP 204", actor="server")
+            raise Killed
+        assert key in store.subjects("idp") and events("ssf.subject_removed") == []
+        store.forget_subject("idp", key, detail="remove answered HTTP 204", actor="cli:alice")
+        assert store.subjects("idp") == {}
+        assert events("ssf.subject_removed") == [(key, None, "cli:alice")]
+        db.execute(
+            "INSERT INTO identity_accounts (provider, subject, username, facts, last_login_at)"
+            " VALUES ('corp', 'auth0|7', 'dana', '[]', 0)"
+        )
+        accounts = store.linked_accounts("corp", "https://login.example.com")
+        assert accounts == {"iss_sub:https://login.example.com|auth0|7": "dana"}
+        assert (
+            store.linked_users(
+                "corp", "https://login.example.com", (*accounts, "iss_sub:https://other|auth0|7")
+            )
+            == accounts
+        )
     finally:
         db.close()

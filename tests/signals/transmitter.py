@@ -1,10 +1,13 @@
 """A Shared Signals transmitter for the tests: a real Starlette app (served by uvicorn) with SSF 1.0
-configuration metadata, a JWKS, stream management (create, read, status, verify) and an RFC 8936
-poll endpoint. It signs real SETs (RFC 8417) with its own EC key and pushes them (RFC 8935) over
-HTTP to the endpoint bastion gave it."""
+configuration metadata, a JWKS, stream management (create, read, status, verify, add and remove
+subjects) and an RFC 8936 poll endpoint. It signs real SETs (RFC 8417) with its own EC key and
+pushes them (RFC 8935) over HTTP to the endpoint bastion gave it. With ``default_subjects`` "NONE"
+(SSF 1.0 §7.1) `deliver` sends an event only about a subject added to the stream (§8.1.3); with
+``one_stream`` it allows one stream per receiver and answers a second create 409 (§8.1.1.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -40,6 +43,14 @@ class Transmitter:
         self.pushed: list[httpx.Response] = []
         self.lock = threading.Lock()
         self.critical_subject_members: list[str] = []  # SSF 1.0 §7.1, when not empty
+        self.default_subjects: str | None = None  # SSF 1.0 §7.1: "ALL", "NONE" or unsaid
+        self.subject_endpoints = False  # add_subject_endpoint, remove_subject_endpoint
+        self.subjects: dict[str, list[dict]] = {}  # stream id -> the subjects added to it
+        self.subject_calls: list[tuple[str, dict]] = []  # ("add" | "remove", request body)
+        # The status an add or remove answers for a subject (its JSON, sorted keys): 200/204
+        # when not named. Only a 2xx changes the stream's subjects.
+        self.subject_answers: dict[str, int] = {}
+        self.one_stream = False  # a second create answers 409 Conflict
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -110,6 +121,28 @@ class Transmitter:
         self.pushed.append(response)
         return response
 
+    def deliver(self, event_type: str, event: dict | None, sub_id: dict) -> str | None:
+        """Send an event about ``sub_id`` over the newest stream (push, or queued for poll) as a
+        transmitter does: with default_subjects "NONE" only when that subject was added to the
+        stream (SSF 1.0 §8.1.3.1: simple subjects match when identical). The SET, or None when
+        the subject is not on the stream and nothing was sent."""
+        stream = list(self.streams.values())[-1]
+        if self.default_subjects == "NONE" and sub_id not in self.subjects.get(
+            stream["stream_id"], []
+        ):
+            return None
+        token = self.set_token(event_type, event, sub_id)
+        if stream["delivery"]["method"] == "urn:ietf:rfc:8936":
+            self.queue(token)
+        else:
+            response = self.push(token)
+            assert response.status_code == 202, response.text
+        return token
+
+    @staticmethod
+    def subject_key(subject: dict) -> str:
+        return json.dumps(subject, sort_keys=True)
+
     def queue(self, token: str) -> str:
         payload = token.split(".")[1]
         import base64
@@ -140,6 +173,17 @@ class Transmitter:
                         if self.critical_subject_members
                         else {}
                     ),
+                    **(
+                        {"default_subjects": self.default_subjects} if self.default_subjects else {}
+                    ),
+                    **(
+                        {
+                            "add_subject_endpoint": f"{self.url}/ssf/subjects:add",
+                            "remove_subject_endpoint": f"{self.url}/ssf/subjects:remove",
+                        }
+                        if self.subject_endpoints
+                        else {}
+                    ),
                 }
             )
 
@@ -150,8 +194,13 @@ class Transmitter:
             if not authorized(request):
                 return JSONResponse({"error": "unauthorized"}, 401)
             if request.method == "GET":
+                if "stream_id" not in request.query_params:
+                    # SSF 1.0 §8.1.1.2: without a stream_id, the list of the receiver's streams.
+                    return JSONResponse(list(self.streams.values()))
                 found = self.streams.get(request.query_params.get("stream_id", ""))
                 return JSONResponse(found) if found else JSONResponse({}, 404)
+            if self.one_stream and self.streams:
+                return JSONResponse({"error": "a stream exists for this receiver"}, 409)
             body = await request.json()
             stream_id = uuid.uuid4().hex
             delivery = dict(body["delivery"])
@@ -188,19 +237,47 @@ class Transmitter:
                 self.queue(token)
             else:
                 delivery = stream["delivery"]
-                threading.Thread(
-                    target=lambda: httpx.post(
-                        delivery["endpoint_url"],
-                        content=token,
-                        headers={
-                            "content-type": "application/secevent+jwt",
-                            "authorization": delivery["authorization_header"],
-                        },
-                        timeout=20,
-                    ),
-                    daemon=True,
-                ).start()
+
+                def send() -> None:
+                    # A receiver that is not there (a test's made-up push_url) misses it, as
+                    # a transmitter's receiver would.
+                    with contextlib.suppress(httpx.HTTPError):
+                        httpx.post(
+                            delivery["endpoint_url"],
+                            content=token,
+                            headers={
+                                "content-type": "application/secevent+jwt",
+                                "authorization": delivery["authorization_header"],
+                            },
+                            timeout=20,
+                        )
+
+                threading.Thread(target=send, daemon=True).start()
             return Response(status_code=204)
+
+        async def subjects(request: Request):
+            if not authorized(request):
+                return JSONResponse({"error": "unauthorized"}, 401)
+            action = request.path_params["action"]
+            if action not in ("add", "remove"):
+                return JSONResponse({}, 404)
+            body = await request.json()
+            self.subject_calls.append((action, body))
+            added = self.subjects.setdefault(body.get("stream_id"), [])
+            if body.get("stream_id") not in self.streams or not isinstance(
+                body.get("subject"), dict
+            ):
+                return JSONResponse({}, 404 if body.get("stream_id") not in self.streams else 400)
+            answer = self.subject_answers.get(self.subject_key(body["subject"]))
+            if answer is not None and not 200 <= answer < 300:
+                return JSONResponse({"error": "refused"}, answer)
+            if action == "add":
+                if body["subject"] not in added:
+                    added.append(body["subject"])
+                return Response(status_code=answer or 200)
+            if body["subject"] in added:
+                added.remove(body["subject"])
+            return Response(status_code=answer or 204)
 
         async def poll(request: Request):
             if not authorized(request):
@@ -226,5 +303,6 @@ class Transmitter:
                 Route("/ssf/status", status),
                 Route("/ssf/verify", verify, methods=["POST"]),
                 Route("/ssf/poll/{stream_id}", poll, methods=["POST"]),
+                Route("/ssf/subjects:{action:str}", subjects, methods=["POST"]),
             ]
         )
