@@ -960,7 +960,7 @@ def test_the_events_initiating_entity_and_administrative_reason_are_in_its_audit
     assert "reason_user" not in effect
 
 
-# -- events and subjects read since 2026-12-07 -----------------------------------------------------
+# -- events and subjects read since 2026-12-06 -----------------------------------------------------
 
 
 def test_a_users_risk_level_becomes_a_fact_the_policy_reads(signals):
