@@ -10,9 +10,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import Any
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+# redis-py's exceptions (``redis.exceptions``), imported by `connect`: redis-py is loaded at
+# start where a setting names Redis (a server without one never loads it, 126 ms), and never
+# by a coroutine on the event loop.
+_exceptions: ModuleType | None = None
+
+
+def exceptions() -> ModuleType:
+    """``redis.exceptions``, for code that runs on a client `connect` made."""
+    assert _exceptions is not None, "redis_client.connect imports redis-py first"
+    return _exceptions
 
 
 def connect(
@@ -24,10 +36,12 @@ def connect(
     cluster that cannot be reached raises RedisClusterException, not a RedisError).
     ``on_connect`` is awaited with each new connection to one server, once it is ready for
     commands (a cluster's node connections are redis-py's own: not called for them)."""
+    global _exceptions
     import redis.asyncio as redis
-    from redis.exceptions import RedisClusterException
+    from redis import exceptions as redis_exceptions
 
-    errors = (redis.RedisError, RedisClusterException, OSError)
+    _exceptions = redis_exceptions
+    errors = (redis.RedisError, redis_exceptions.RedisClusterException, OSError)
     scheme, sep, rest = url.partition("://")
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if scheme in CLUSTER_SCHEMES:
@@ -51,8 +65,7 @@ async def run_script(
     without it (restarted, or its scripts flushed) having it loaded and the calls it missed sent
     once more; on a cluster, whose pipelines refuse scripts, each call to its own node at once.
     Their results, in order; the first error is raised."""
-    from redis.exceptions import NoScriptError
-
+    no_script = exceptions().NoScriptError
     if cluster:
         return list(await asyncio.gather(*(script(keys=k, args=a) for k, a in calls)))
     results: list[Any] = [None] * len(calls)
@@ -65,7 +78,7 @@ async def run_script(
             answers = await pipe.execute(raise_on_error=False)
         missing = []
         for i, answer in zip(todo, answers, strict=True):
-            if isinstance(answer, NoScriptError):
+            if isinstance(answer, no_script):
                 missing.append(i)
             elif isinstance(answer, Exception):
                 raise answer
@@ -75,4 +88,4 @@ async def run_script(
             return results
         await redis.script_load(script.script)
         todo = missing
-    raise NoScriptError("a script could not be loaded")
+    raise no_script("a script could not be loaded")

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bastion import redis_client
 from bastion.redaction import safe_url
 
 log = logging.getLogger("bastion.redis_state")
@@ -130,12 +131,12 @@ class RedisState:
 
     async def on_connect(self, connection: Any) -> None:
         """Read the server's run_id and eviction policy on a new connection."""
-        from redis.exceptions import ResponseError
-
         try:
             await connection.send_command("INFO")
             info = parse_info(await connection.read_response())
-        except ResponseError as e:  # INFO renamed or refused: the marker alone judges
+        except (
+            redis_client.exceptions().ResponseError
+        ) as e:  # INFO renamed or refused: the marker alone judges
             log.warning("Redis at %s refuses INFO (%s): run_id not checked", self._at(), e)
             return
         address = getattr(connection, "path", None) or f"{connection.host}:{connection.port}"

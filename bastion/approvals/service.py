@@ -32,7 +32,7 @@ from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.decide import Authorizer, Session
 from bastion.decide.contract import approval_grant_agent, path_keys
-from bastion.facts.model import Entity
+from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.names import is_name, readable
 from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
@@ -1205,8 +1205,6 @@ class Approvals:
         )
 
     def _check_grant(self, request: ApprovalRequest) -> None:
-        from bastion.facts.model import FactError
-
         fact = self._grant_fact(request)
         try:
             self.authorizer().facts.validate(fact)

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import anyio
 
+from bastion.connections.errors import ConnectionUnavailable
 from bastion.connections.sealing import Sealer, Unsealable
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import (
@@ -82,11 +83,6 @@ _REVOCATION_SWEEP_LIMIT = 100
 # A revocation the server could not answer is tried again after this, doubling each time up to
 # the second figure (until its upstream's ``revocation_retry_seconds`` has passed).
 _REVOCATION_BACKOFF = (60.0, 3600.0)
-
-
-class ConnectionUnavailable(Exception):
-    """The user's connection exists but cannot be used now (the upstream's authorization server
-    cannot be reached to refresh it): the call fails, nothing is sent upstream."""
 
 
 class FlowRefused(Exception):

@@ -841,7 +841,9 @@ class Gateway:
                 await state.upstream.close()
         if self.tool_pins is not None:
             await anyio.to_thread.run_sync(self.tool_pins.db.close)
-        self.tokens.close()
+        # Its revocation listener's thread is waited for (up to 2 s), and its connection closed:
+        # not on the event loop, which still ends the other connections meanwhile.
+        await anyio.to_thread.run_sync(self.tokens.close)
         with contextlib.suppress(Exception):
             await self.limiter.close()
         if self.follows is not None:
@@ -886,8 +888,6 @@ def route_path(scope: Scope) -> str:
 
 
 def _origin(url: str) -> str:
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 

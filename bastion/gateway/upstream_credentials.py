@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bastion.connections.errors import ConnectionUnavailable
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.jsonrpc import UPSTREAM_UNAVAILABLE, URL_ELICITATION_REQUIRED, RpcError
 from bastion.gateway.upstream import (
@@ -112,8 +113,6 @@ class UserTokenUpstream(HttpUpstream):
         connections = self.connections
         if connections is None:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: no connections service")
-        from bastion.connections.service import ConnectionUnavailable
-
         try:
             token = await connections.access_token(self.user, self.name)
         except ConnectionUnavailable as e:
@@ -168,8 +167,6 @@ class UserTokenUpstream(HttpUpstream):
                 before_acting = e.before_acting
             if refused is None:
                 raise self._refused()
-            from bastion.connections.service import ConnectionUnavailable
-
             try:
                 token = await self.connections.access_token_refused(self.user, self.name, refused)
             except ConnectionUnavailable as e:

@@ -36,18 +36,23 @@ _BROWSER = "browser-cookie"
 
 
 class FormTokens:
-    """Makes and checks the tokens under one secret of the deployment (read on first use)."""
+    """Makes and checks the tokens under one secret of the deployment (`read_secret`: at
+    start in a server, at first use in a command)."""
 
     def __init__(self, secret: Callable[[], bytes], clock: Callable[[], float] = time.time) -> None:
         self._secret = secret
         self._key: bytes | None = None
         self.clock = clock
 
-    def _mac(self, purpose: str, binding: str, issued: str) -> str:
+    def read_secret(self) -> bytes:
+        """The secret, read (made, the first time) unless it was already: a file's I/O."""
         if self._key is None:
             self._key = self._secret()
+        return self._key
+
+    def _mac(self, purpose: str, binding: str, issued: str) -> str:
         message = "\x00".join(("bastion-form", purpose, binding, issued)).encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+        return hmac.new(self.read_secret(), message, hashlib.sha256).hexdigest()
 
     def browser_id(self) -> str:
         """A new value for the browser cookie: random, and marked as bastion's by its MAC."""

@@ -135,7 +135,7 @@ class DPoPProofs:
         nonce_secret: Callable[[], bytes] | None = None,
     ) -> None:
         """``nonce_secret`` gives the deployment's secret nonces are made with (needed with
-        ``require_nonce``; read on first use)."""
+        ``require_nonce``; read by `read_nonce_secret`, at start in a server)."""
         if settings.require_nonce and nonce_secret is None:
             raise ValueError("[oauth.dpop] require_nonce needs a secret to make nonces with")
         self.settings = settings
@@ -257,11 +257,18 @@ class DPoPProofs:
         """The nonce of the current period."""
         return self._nonce_of(int(self.clock() // self.settings.nonce_seconds))
 
-    def _nonce_of(self, period: int) -> str:
+    def read_nonce_secret(self) -> bytes:
+        """The nonces' secret, read (made, the first time) unless it was already: a file's
+        I/O."""
         if self._secret is None:
             assert self._nonce_secret is not None
             self._secret = self._nonce_secret()
-        mac = hmac.new(self._secret, f"dpop-nonce:{period}".encode(), hashlib.sha256).digest()
+        return self._secret
+
+    def _nonce_of(self, period: int) -> str:
+        mac = hmac.new(
+            self.read_nonce_secret(), f"dpop-nonce:{period}".encode(), hashlib.sha256
+        ).digest()
         return f"{period}.{base64.urlsafe_b64encode(mac[:18]).decode()}"
 
     def _nonce_ok(self, value: Any) -> bool:

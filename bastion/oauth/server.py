@@ -215,7 +215,7 @@ class AuthorizationServer:
             nonce_secret=lambda: deployment_secret(settings.key_dir, DPOP_NONCE_KEY),
         )
         # The CSRF tokens of forms no stored request holds a token for (sign-in, approvals),
-        # under a secret of the deployment made on first use.
+        # under a secret of the deployment (read at start: `read_deployment_secrets`).
         self.form_tokens = FormTokens(
             lambda: deployment_secret(settings.key_dir, FORM_TOKEN_KEY), clock
         )
@@ -417,6 +417,17 @@ class AuthorizationServer:
                 except Exception as e:
                     # Kept in memory (`RefusalLog`), written by a later round.
                     log.warning("counted refusals not written (%s); trying again", first_line(e))
+
+    def read_deployment_secrets(self) -> None:
+        """Read the deployment secrets this server's requests will use (each made the first
+        time: `deployment_secret`), at start: read at a first sign-in or DPoP proof instead,
+        their files were read, and written, on the event loop. `OSError` or `ValueError` (the
+        file's path and what to do) for one that cannot be made or read."""
+        self.form_tokens.read_secret()
+        if self.passwords_allowed:
+            self.login_throttle.read_secret()
+        if self.settings.dpop.require_nonce:
+            self.dpop.read_nonce_secret()
 
     def close(self) -> None:
         """At shutdown: write the refusal and introspection counts of windows still open."""

@@ -83,16 +83,23 @@ class LoginThrottle:
         self.store = store
         self.settings = settings
         self.clock = clock
-        self._counter_secret = counter_secret  # read on first use (`deployment_secret`)
+        self._counter_secret = counter_secret  # `read_secret` (`deployment_secret`)
         self._secret: bytes | None = None
+
+    def read_secret(self) -> bytes:
+        """The counters' secret, read (made, the first time) unless it was already: a file's
+        I/O, done at start by a server and at first use by a command."""
+        if self._secret is None:
+            self._secret = self._counter_secret()
+        return self._secret
 
     def user_counter(self, username: str) -> str:
         """The key under which failed sign-ins as ``username`` are counted: bounded, and a name
         that is a password typed in the wrong field is not kept (an HMAC under a deployment
         secret)."""
-        if self._secret is None:
-            self._secret = self._counter_secret()
-        name = hmac.new(self._secret, username.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        name = hmac.new(
+            self.read_secret(), username.encode("utf-8", "surrogatepass"), hashlib.sha256
+        )
         return f"user:{name.hexdigest()}"
 
     def _counters(self, username: str, address: str | None) -> dict[str, str]:

@@ -9,6 +9,7 @@ steps are): an explanation that runs out of it says so, and stops.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -510,8 +511,6 @@ def _touches_missing(lit: Literal, env: dict, interp: _Interpreter) -> bool:
 
 
 def _replace_var(text: str, name: str, value: str) -> str:
-    import re
-
     return re.sub(rf"(?<![\w\"]){re.escape(name)}(?![\w\"])", value, text)
 
 

@@ -9,11 +9,16 @@ import json
 import logging
 import os
 import secrets
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+
+# anyio's asyncio backend, which anyio would import at its first call on the event loop (the
+# replica's first load, 23 ms): imported here, with the application, before the loop runs.
+import anyio._backends._asyncio  # noqa: F401
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -21,9 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from bastion import outbound_proxy
+from bastion import outbound_proxy, tls
 from bastion.audit.buffered import flush_at_stop, flush_forever
 from bastion.audit.checkpoints import keep_chains_forever
+from bastion.audit.journal import open_journal
 from bastion.audit.retention import prune_forever
 from bastion.db import (
     Database,
@@ -33,8 +39,10 @@ from bastion.db import (
     storage_full,
     storage_full_report,
 )
+from bastion.delegation.labels import task_wiper
 from bastion.facts.retention import purge_expired_forever
 from bastion.facts.store import FactStore
+from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
 from bastion.policy.errors import PolicyError
 from bastion.server import api, problems
 from bastion.server.api.decisions import DecisionLog
@@ -107,8 +115,9 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 
 
 async def file_unwritable(request: Request, exc: Exception) -> Response:
-    """A file this request writes (a deployment secret made on first use) refused for want of
-    room: 503 as for the database's storage; any other OSError is the 500 of `internal_error`."""
+    """A file this request writes (the first signing key, made at the first token) refused for
+    want of room: 503 as for the database's storage; any other OSError is the 500 of
+    `internal_error`."""
     assert isinstance(exc, OSError)
     if not storage_full(exc):
         raise exc
@@ -156,8 +165,6 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     detail = FAILED
     gateway = request.app.state.gateway
     if gateway is not None and request.url.path.startswith(gateway.PREFIXES):
-        from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
-
         response = JSONResponse(RpcError(INTERNAL_ERROR, detail).body(None), status_code=500)
     elif api.authzen.serves(request.url.path):
         # AuthZEN's error form: the status and an error message string.
@@ -322,7 +329,25 @@ def _oauth_server(config: ServerConfig, db: Database):
 
         with config.reading("identity"):
             compose(server, config.identity, os.environ)
+    try:  # at start, before the event loop runs (docs/operations.md, "Loaded at start")
+        server.read_deployment_secrets()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"oauth.key_dir: {e}") from None
     return server
+
+
+def _load_trust_stores(oauth) -> None:
+    """The trust stores of every TLS connection bastion makes (`bastion.tls.load_trust_stores`),
+    at start, before the event loop runs: made at a first fetch, each held the loop (tens of
+    milliseconds; up to 218 ms seen under load)."""
+    ca_file = oauth.settings.client_metadata.ca_file if oauth is not None else None
+    try:
+        tls.load_trust_stores([ca_file] if ca_file else [])
+    except (OSError, ssl.SSLError) as e:
+        store = (
+            f"oauth.client_metadata.ca_file {ca_file}" if ca_file else "the system's trust store"
+        )
+        raise ConfigError(f"{store}: cannot be read as PEM CA certificates: {e}") from None
 
 
 # -- MCP gateway (issue 5): mounted when bastion.toml has a [gateway] table ---------------------
@@ -558,8 +583,6 @@ def _decision_log(config: ServerConfig, metrics: Metrics) -> DecisionLog:
 async def _open_decision_journal(config: ServerConfig, store: DecisionStore) -> None:
     """The decision service's journal, before any decision is answered; then the journals of
     its dead processes recovered (`bastion.audit.journal.open_journal`)."""
-    from bastion.audit.journal import open_journal
-
     directory = config.decision_journal_directory()
     await anyio.to_thread.run_sync(open_journal, store, directory, config.decision_journal_fsync)
 
@@ -591,6 +614,7 @@ def create_app(config: ServerConfig) -> Starlette:
 
     signal_settings = _signal_settings(config)
     oauth = _oauth_server(config, db)
+    _load_trust_stores(oauth)
     approvals = _approvals(config, oauth, replica)
     gateway = _gateway(config, oauth, replica, approvals)
     connections = _connections(config, db, oauth, gateway)
@@ -627,8 +651,6 @@ def create_app(config: ServerConfig) -> Starlette:
         await replica.start()
         if gateway is not None:
             await gateway.start()
-            from bastion.delegation.labels import task_wiper
-
             # An ended task's session labels go with it (docs/delegation.md).
             tasks.on_end(task_wiper(gateway.enforcer.labels, asyncio.get_running_loop()))
         if approvals is not None and approvals.webhooks is not None:

@@ -310,8 +310,8 @@ def test_a_registration_on_a_full_disk_is_refused_and_registers_once_there_is_ro
 
 
 def test_a_sign_in_begun_on_a_full_disk_is_refused_and_begins_once_there_is_room(bastion):
-    """Refused whichever write comes first: the sign-in form's key, made on first use, or the
-    authorization request's row, once that key is there."""
+    """Refused at the authorization request's row: the sign-in form's key was made at start
+    (docs/operations.md, "Loaded at start"), and no write is left to a first use."""
     client = bastion.register()
     _, challenge = pkce_pair()
     url = bastion.authorization_url(client, challenge)

@@ -29,7 +29,7 @@ from bastion.server.api.oso_cloud import oso_errors, value_from_oso
 from bastion.server.auth import require
 from bastion.server.problems import bad_request, read_json
 from bastion.server.problems import field as get_field
-from bastion.signals.behavior import scope_keys
+from bastion.signals.behavior import BehaviorUnavailable, scope_keys
 
 # The scope of a key that may report agent events (and nothing else).
 EVENTS = "oso:events"
@@ -124,8 +124,6 @@ async def _alerts(request: Request, event: AgentEvent) -> None:
     behavior = request.app.state.behavior
     view = behavior.view(event.users[0] if event.users else "", event.agent, event.tool or "")
     await behavior.prepare(view)
-    from bastion.signals.behavior import BehaviorUnavailable
-
     try:
         raised = alerts.behavior_alerts(view, event.destructive, person=bool(event.users))
     except BehaviorUnavailable:

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from bastion.cli import count_in
 from bastion.decide import Authorizer
-from bastion.facts.model import Entity, FactError, check_fact
+from bastion.facts.model import Entity, FactError, check_fact, matches
 from bastion.facts.store import FactStore, StoredFact, WriteResult, check_entity_size, fact_key
 from bastion.pdp.oso_cloud import VALUE_TYPES, value_of, value_to_oso
 from bastion.pdp.oso_cloud import authorize as decide_authorize
@@ -49,6 +49,8 @@ from bastion.server.problems import (
     Problem,
     bad_request,
     entity_type,
+    parse_json,
+    read_body,
     read_json,
     unprocessable,
 )
@@ -700,8 +702,6 @@ def _changesets(authz: Authorizer, raw: list) -> tuple[dict[tuple, StoredFact], 
 
 
 def _fits(fact: tuple, pattern: Pattern) -> bool:
-    from bastion.facts.model import matches
-
     return matches(fact, pattern.fact) and pattern.fits(fact)
 
 
@@ -717,8 +717,6 @@ def _pattern_from_json(obj: Any, where: str) -> Pattern:
 
 
 async def _json_array(request: Request) -> list:
-    from bastion.server.problems import parse_json, read_body
-
     body = await read_body(request)
     request.state.body_size = len(body)
     value = parse_json(body or b"null", request.app.state.config.max_json_depth)
