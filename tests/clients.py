@@ -26,3 +26,13 @@ def post(url: str, **options: Any) -> httpx.Response:
     """`httpx.post` without reading the CA bundle again."""
     with client() as http:
         return http.post(url, **options)
+
+
+def ready(base_url: str, verify: Any = TRUST) -> bool:
+    """Whether the bastion at ``base_url`` answers ``/readyz`` with 200 (False while nothing
+    answers there yet)."""
+    try:
+        with client(verify=verify) as http:
+            return http.get(f"{base_url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+# How long a test waits for what another thread or process is to do before calling it stuck: a
+# bound against a hang, never what a passing run waits (a wait ends once the thing is done).
+# Several test runs share the machine's two cores: `bastion serve` takes 0.7 s to be ready alone
+# and 13 s at a load of 14, so a bound of a few seconds asserted a time (and failed under load).
+PATIENCE = 120.0
 
-def eventually(condition: Callable[[], object], within: float = 20.0, every: float = 0.005) -> bool:
+
+def eventually(
+    condition: Callable[[], object], within: float = PATIENCE, every: float = 0.005
+) -> bool:
     """Ask ``condition`` every ``every`` seconds until it holds; False if it never did within
     ``within`` seconds (a deadline, not a timing: the caller asserts)."""
     deadline = time.monotonic() + within
@@ -18,6 +28,23 @@ def eventually(condition: Callable[[], object], within: float = 20.0, every: flo
             return False
         time.sleep(every)
     return True
+
+
+def until_ready(
+    process: subprocess.Popen, ready: Callable[[], bool], log: Path, within: float = PATIENCE
+) -> None:
+    """Until `bastion serve`'s ``process`` is ``ready()`` (asked every 50 ms). Fails, with its
+    ``log``, if it ends first, or is still not ready after ``within`` seconds (stuck)."""
+    deadline = time.monotonic() + within
+    while process.poll() is None:
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"bastion serve did not become ready in {within:.0f} s:\n{log.read_text()}"
+            )
+        time.sleep(0.05)
+    raise AssertionError(f"bastion serve exited:\n{log.read_text()}")
 
 
 @contextlib.contextmanager

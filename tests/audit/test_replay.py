@@ -30,6 +30,7 @@ from bastion.policy.parser import parse_fact
 from bastion.signals.suspensions import resume, suspend, suspension
 from tests.conftest import POSTGRES_URL, require_service
 from tests.gateway import support
+from tests.waits import eventually
 
 # The quickstart's rule that lets a user of a server read its resources (support.test_policy).
 READ_RULE = '"read" if "user" on "server";'
@@ -112,10 +113,8 @@ def _make_calls(gw) -> None:
 
 def _wait_for_replica(gw) -> None:
     seq = gw.store.head()
-    deadline = time.monotonic() + 10
-    while gw.app.state.replica.applied < seq:
-        assert time.monotonic() < deadline, "the replica did not catch up"
-        time.sleep(0.01)
+    caught_up = eventually(lambda: gw.app.state.replica.applied >= seq, every=0.01)
+    assert caught_up, "the replica did not catch up"
 
 
 def replay(capsys, *argv: str) -> tuple[int, str, str]:

@@ -11,7 +11,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from cryptography.x509.oid import NameOID
 
 from bastion.facts.model import fact_to_json
 from bastion.policy.parser import parse_fact
+from tests import clients
 from tests.server.conftest import ADMIN_KEY, free_port
+from tests.waits import PATIENCE, until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "authzen"
@@ -112,7 +113,7 @@ class HttpsServer:
         self.log = tmp / f"serve-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> HttpsServer:
+    def start(self) -> HttpsServer:
         cmd = serve_command(
             self.database,
             self.port,
@@ -127,18 +128,9 @@ class HttpsServer:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=serve_env(**self.env)
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bastion serve exited:\n{self.log.read_text()}")
-            try:
-                with self.client(ADMIN_KEY) as client:
-                    if client.get("/readyz", timeout=1).status_code == 200:
-                        return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"bastion serve did not become ready:\n{self.log.read_text()}")
+        trust = self.certificate.trust()
+        until_ready(self.proc, lambda: clients.ready(self.url, verify=trust), self.log)
+        return self
 
     def client(self, key: str | None = None) -> httpx.Client:
         """A client that trusts this server's certificate (and nothing else)."""
@@ -167,7 +159,7 @@ class HttpsServer:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(PATIENCE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

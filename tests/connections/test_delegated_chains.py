@@ -218,11 +218,10 @@ def facts(lab: Lab, *lines: str, delete: bool = False) -> None:
     parsed = [parse_fact(line) for line in lines]
     store = lab.apps[0].state.store
     seq = (store.apply([], parsed) if delete else store.apply(parsed)).seq
-    deadline = time.monotonic() + 10
-    for app in lab.apps:
-        while app.state.replica.applied < seq:
-            assert time.monotonic() < deadline, "a replica did not catch up"
-            time.sleep(0.01)
+    caught_up = eventually(
+        lambda: all(a.state.replica.applied >= seq for a in lab.apps), every=0.01
+    )
+    assert caught_up, "a replica did not catch up"
 
 
 # -- the parties -----------------------------------------------------------------------------

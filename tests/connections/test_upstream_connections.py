@@ -58,6 +58,7 @@ from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.clock import ManualClock
 from tests.gateway.support import LegacyOnly, Recorder, bastion_serve, stop
 from tests.oauth.support import MemoryStorage, free_socket, log_in_and_consent, sdk_auth, serve
+from tests.waits import eventually
 
 PASSWORD = "connections-test-password"
 REDIRECT_URI = "http://127.0.0.1:9/callback"
@@ -907,14 +908,17 @@ def alice_calls(lab: Lab, server: str) -> bytes:
 def wait_deleted(lab: Lab, session_id: bytes) -> dict:
     """The DELETE that closed ``session_id`` at the ledger (waited for: sessions close in the
     background)."""
-    deadline = time.monotonic() + 15
-    while True:
-        for request in lab.ledger_requests:
-            headers = request["headers"]
-            if request["method"] == "DELETE" and headers.get(b"mcp-session-id") == session_id:
-                return request
-        assert time.monotonic() < deadline, "the upstream session was never closed"
-        time.sleep(0.02)
+
+    def deleted() -> list[dict]:
+        return [
+            request
+            for request in lab.ledger_requests
+            if request["method"] == "DELETE"
+            and request["headers"].get(b"mcp-session-id") == session_id
+        ]
+
+    assert eventually(deleted, every=0.02), "the upstream session was never closed"
+    return deleted()[0]
 
 
 def test_the_upstream_asks_alice_on_her_standing_stream_and_only_her_token_carries_it(lab, ledgers):
@@ -1023,10 +1027,8 @@ def test_a_suspended_person_connects_nothing_and_finishes_no_connection(lab):
 
     def kill_switch(change) -> None:
         seq = change(lab.one.state.store, suspension("user", "held"), "test").seq
-        deadline = time.monotonic() + 10
-        while lab.one.state.replica.applied < seq:
-            assert time.monotonic() < deadline, "the replica did not apply the suspension"
-            time.sleep(0.01)
+        applied = eventually(lambda: lab.one.state.replica.applied >= seq, every=0.01)
+        assert applied, "the replica did not apply the suspension"
 
     with httpx.Client(follow_redirects=False, timeout=10) as browser:
         page = browser.get(f"{lab.one_url}/sign-in", params={"next": "/one/connections"})

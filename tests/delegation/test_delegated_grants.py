@@ -16,6 +16,7 @@ from bastion.oauth.errors import InvalidToken
 from bastion.oauth.token_exchange import DelegationPolicy
 from bastion.oauth.verifier import VerifiedTokens, delegation_chain
 from tests.oauth.support import Bastion, running_bastion
+from tests.waits import eventually
 
 from .support import ACCESS_TOKEN, EXCHANGE, claims
 
@@ -162,10 +163,8 @@ def test_the_gateways_remembered_tokens_forget_every_descendant(database_url, tm
         tokens, delegated = chain_of_three(bastion)
         remembered = VerifiedTokens(bastion.server.verifier, database_url)
         try:
-            deadline = time.monotonic() + 10
-            while not remembered.local:  # PostgreSQL: until the revocation listener listens
-                assert time.monotonic() < deadline, "the revocation listener did not start"
-                time.sleep(0.02)
+            # PostgreSQL: until the revocation listener listens.
+            assert eventually(lambda: remembered.local), "the revocation listener did not start"
             for token in delegated:
                 remembered.verify(token, bastion.resource)
                 assert remembered.remembered(token, bastion.resource) is not None

@@ -7,12 +7,12 @@ rule, no policy version and no facts' sequence: a delegation could not be explai
 from __future__ import annotations
 
 import json
-import time
 
 from bastion.audit.replay import question_of
 from bastion.db import Database
 from bastion.facts.model import Entity
 from bastion.oauth.store import OAuthStore
+from tests.waits import eventually
 
 from .support import claims
 from .test_exchange_rules import cast, error, reissue
@@ -22,14 +22,14 @@ def exchange_records(studio, agent: str, count: int) -> list:
     """The decision records of token exchanges whose chain holds ``agent``, oldest first, once
     ``count`` of them are written (the server writes its records every 0.2 s)."""
     spelled = repr(Entity("Agent", agent))
-    deadline = time.monotonic() + 10
-    while True:
-        found = [
+
+    def found() -> list:
+        return [
             r for r in studio.records() if r.method == "token/exchange" and spelled in r.principals
         ]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+
+    eventually(lambda: len(found()) >= count, every=0.05)
+    return found()
 
 
 def chain(*agents) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from tests.gateway.support import PASSWORD, start
 from tests.gateway.test_shared_rate_limits import ENVELOPE, call_tool
 from tests.oauth.support import free_socket
 from tests.signals.support import latest_agent, running
+from tests.waits import eventually
 
 RULES = """
 # tests/delegation: what an agent was shown decides where it may send mail.
@@ -290,10 +291,7 @@ def test_ending_a_task_wipes_its_label_sets(bastion):
     anyio.run(store.record, outside, ["pii"])
     ended = bastion.http.post(f"{bastion.url}/v1/tasks/{task}/end", headers=_bearer(key), json={})
     assert ended.status_code == 200, ended.text
-    deadline = time.monotonic() + 5
-    while store.current(in_task):
-        assert time.monotonic() < deadline, "the ended task's labels were not wiped"
-        time.sleep(0.02)
+    assert eventually(lambda: not store.current(in_task)), "the ended task's labels were not wiped"
     assert store.current(outside) == ["pii"], "only the task's sets go"
     anyio.run(store.clear, outside)
 

@@ -7,8 +7,6 @@ call, and its open streams at once; suspending the coding agent refuses the sub-
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import httpx2
 from mcp.client.client import Client as McpClient
@@ -18,6 +16,7 @@ from mcp.shared.auth import OAuthClientInformationFull
 from bastion.facts.model import Entity
 from tests.gateway.streams import events, modern_headers, modern_request
 from tests.oauth.support import MemoryStorage, log_in_and_consent, sdk_auth
+from tests.waits import eventually
 
 from .support import ADMIN_KEY, EXCHANGE, PASSWORD, REDIRECT_URI, SCOPES, claims
 
@@ -88,12 +87,8 @@ def refusal(answer: dict) -> tuple:
 
 
 def wait_for_records(studio, count_from: int, at_least: int) -> list:
-    deadline = time.monotonic() + 10
-    while True:
-        found = studio.records(count_from)
-        if len(found) >= at_least or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+    eventually(lambda: len(studio.records(count_from)) >= at_least, every=0.1)
+    return studio.records(count_from)
 
 
 def test_a_sub_agent_gets_svg_write_on_one_folder_and_cannot_exceed_anyone_in_its_chain(studio):
@@ -165,13 +160,12 @@ def test_a_sub_agent_gets_svg_write_on_one_folder_and_cannot_exceed_anyone_in_it
 
     # Records are written in the background, refusals at once and allowed calls once their
     # obligations are known: wait for the three refusals and the allowed call.
-    deadline = time.monotonic() + 10
-    mine = calls_of_the_sub_agent()
-    while [r.result for r in mine].count("deny") < 3 or len(mine) < 4:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    def written() -> bool:
         mine = calls_of_the_sub_agent()
+        return [r.result for r in mine].count("deny") >= 3 and len(mine) >= 4
+
+    eventually(written, every=0.1)
+    mine = calls_of_the_sub_agent()
     assert len(mine) >= 4
     assert all(tuple(r.principals) == chain for r in mine)
     # Every refusal names the principal it turned on.

@@ -45,6 +45,7 @@ from tests.oauth.support import (
     pkce_pair,
     sdk_auth,
 )
+from tests.waits import PATIENCE, until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -663,24 +664,19 @@ def bastion_serve(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-    deadline = time.monotonic() + 30
-    while True:
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise AssertionError(f"bastion serve did not come up:\n{log.read_text()}")
-        try:
-            if clients.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
+    try:
+        until_ready(server, lambda: clients.ready(url), log)
+    except AssertionError:
+        server.kill()
+        raise
+    return server, url
 
 
 def stop(server: subprocess.Popen) -> None:
     """Stop a process started by `bastion_serve` as an operator would (SIGTERM), or kill it."""
     server.send_signal(signal.SIGTERM)
     try:
-        server.wait(10)
+        server.wait(PATIENCE)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()

@@ -9,7 +9,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from tests import clients
 from tests.oauth.support import TricklingHost, free_socket, hidden_fields, pkce_pair
+from tests.waits import until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "a password nobody guesses"
@@ -107,17 +107,11 @@ name = "Customer desk"
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"bastion serve did not come up:\n{log.read_text()}")
-        try:
-            if clients.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
+    try:
+        until_ready(process, lambda: clients.ready(url), log)
+    except AssertionError:
+        process.kill()
+        raise
     return Served(process, url, f"{url}/mcp/desk", database, clients.client(timeout=60))
 
 

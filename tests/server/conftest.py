@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests import clients
 from tests.ports import free_port  # noqa: F401 (re-exported for tests/server)
+from tests.waits import PATIENCE, until_ready
 
 ADMIN_KEY = "test-admin-key-" + "x" * 32
 
@@ -91,7 +91,7 @@ class ServerProcess:
         self.preexec_fn: Callable[[], None] | None = None
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20.0) -> ServerProcess:
+    def start(self) -> ServerProcess:
         env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_CONFIG": "/nonexistent"}
         env.update(self.env)
         cmd = [sys.executable, "-m", "bastion.cli", "serve", "--database", self.database]
@@ -102,17 +102,8 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.preexec_fn
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bastion serve exited:\n{self.log.read_text()}")
-            try:
-                if clients.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"bastion serve did not become ready:\n{self.log.read_text()}")
+        until_ready(self.proc, lambda: clients.ready(self.url), self.log)
+        return self
 
     def client(self) -> httpx.Client:
         return clients.client(
@@ -128,7 +119,7 @@ class ServerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(PATIENCE)
             except subprocess.TimeoutExpired:
                 self.kill()
 

@@ -32,7 +32,7 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
     policy.write_text(POLICY)
     env = {"BASTION_MAX_BODY_BYTES": str(MAX_BODY), "BASTION_BODY_TIMEOUT": "1"}
     env["BASTION_CONSISTENCY_TIMEOUT"] = "0.2"
-    served = ServerProcess(str(tmp / "bastion.db"), tmp, str(policy), env).start(timeout=60)
+    served = ServerProcess(str(tmp / "bastion.db"), tmp, str(policy), env).start()
     with served.client() as http:
         http.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
     yield served
