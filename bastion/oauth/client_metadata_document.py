@@ -7,13 +7,18 @@ and documents per host) and never reach private, loopback or link-local addresse
 ``allow_private_addresses`` allows (all of them, or the networks it lists,
 `bastion.egress.may_connect`): the name is resolved once, its addresses checked, and
 the connection made to a checked address (a name resolved again could lead elsewhere: DNS
-rebinding), with TLS still verifying the certificate for the name. Valid documents are cached, and failures for a short
-while, so a failing URL is not fetched again on every request that names it.
+rebinding), with TLS still verifying the certificate for the name. Valid documents are cached
+as long as their ``Cache-Control`` or ``Expires`` says (the draft: "respecting HTTP cache
+headers"), within ``min_cache_seconds`` and ``cache_seconds`` (`bastion.http_caching`), so a
+redirect URI the client removed is not honoured past that, and a ``no-store`` does not make
+every request a fetch; failures are cached for a short while, so a failing URL is not fetched
+again on every request that names it.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +29,7 @@ import httpx
 
 from bastion import untrusted_json
 from bastion.egress import AddressRefused, pinned, url_syntax_problem
+from bastion.http_caching import freshness_lifetime, kept_seconds
 from bastion.http_fields import is_json_media
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import RemoteDocumentError, read_body
@@ -143,7 +149,8 @@ class ClientMetadataDocuments:
         self._check_host_limits(url, host, now)
         self._fetching[host] = self._fetching.get(host, 0) + 1
         try:
-            client = self._validate(url, await self._fetch(url))
+            document, lifetime = await self._fetch(url)
+            client = self._validate(url, document)
         except ClientMetadataDocumentError as error:
             self._remember(
                 self._failures,
@@ -156,7 +163,9 @@ class ClientMetadataDocuments:
             if not self._fetching[host]:
                 del self._fetching[host]
         self._failures.pop(url, None)
-        expires_at = self.clock() + self.settings.cache_seconds
+        settings = self.settings
+        kept = kept_seconds(lifetime, settings.min_cache_seconds, settings.cache_seconds)
+        expires_at = self.clock() + kept
         self._remember(self._documents, url, _Remembered(expires_at, client))
         if host not in self._per_host and len(self._per_host) >= self.settings.max_cached_documents:
             now = self.clock()
@@ -205,13 +214,14 @@ class ClientMetadataDocuments:
                 del table[next(iter(table))]
         table[url] = entry
 
-    async def _fetch(self, url: str) -> dict[str, Any]:
-        """The document, fetched within one deadline for all of it: httpx's own timeouts bound
-        each read, so a server that trickles its headers or body could hold a fetch for ever."""
+    async def _fetch(self, url: str) -> tuple[dict[str, Any], float | None]:
+        """The document and how long its headers say it may be reused (None: they say nothing),
+        fetched within one deadline for all of it: httpx's own timeouts bound each read, so a
+        server that trickles its headers or body could hold a fetch for ever."""
         seconds = self.settings.timeout_seconds
         try:
             with anyio.fail_after(seconds):
-                body = await self._download(url)
+                body, lifetime = await self._download(url)
         except TimeoutError as exc:
             raise ClientMetadataDocumentError(
                 url, f"could not be fetched within {seconds} s (resolving, connecting and reading)"
@@ -223,9 +233,9 @@ class ClientMetadataDocuments:
             raise ClientMetadataDocumentError(url, f"is not JSON ({exc})") from exc
         if not isinstance(document, dict):
             raise ClientMetadataDocumentError(url, "is not a JSON object")
-        return document
+        return document, lifetime
 
-    async def _download(self, url: str) -> bytes:
+    async def _download(self, url: str) -> tuple[bytes, float | None]:
         target = httpx.URL(url)
         headers = {"Accept": "application/json"}
         extensions: dict[str, Any] = {}
@@ -261,12 +271,13 @@ class ClientMetadataDocuments:
                         f"was served with content type {content_type!r}; a client metadata"
                         " document is application/json (or application/<type>+json)",
                     )
+                lifetime = freshness_lifetime(response.headers, time.time())
                 body = await read_body(response, limit)
         except RemoteDocumentError:
             raise ClientMetadataDocumentError(url, f"is larger than {limit} bytes") from None
         except httpx.HTTPError as exc:
             raise ClientMetadataDocumentError(url, f"could not be fetched ({exc!r})") from exc
-        return body
+        return body, lifetime
 
     def _validate(self, url: str, document: dict[str, Any]) -> Client:
         if document.get("client_id") != url:

@@ -1,8 +1,11 @@
 """Remote JSON Web Key Sets (RFC 7517 §5) and the JSON documents that point to them (RFC 8414,
 OpenID Connect Discovery): fetched off the event loop with one deadline, a size cap and no
-redirects, then kept in a bounded cache. A ``kid`` the cached set lacks (or none, while it holds several
-keys) is a key rotation: the set is fetched again, at most once every ``refetch_seconds`` per URI, so a stream of made-up kids
-cannot turn into a stream of fetches.
+redirects, then kept in a bounded cache as long as its ``Cache-Control`` (or ``Expires``) says,
+within ``refetch_seconds`` and ``cache_seconds`` (`bastion.http_caching`): a key the issuer
+withdrew is not trusted past that. A ``kid`` the cached set lacks (or none, while it holds
+several keys) is a key rotation: the set is fetched again. Either way a URI is fetched at most
+once every ``refetch_seconds``, so neither made-up kids nor a ``no-store`` turn into a stream of
+fetches.
 
 Used by ``private_key_jwt`` client authentication (`bastion.oauth.client_assertion`), the
 verification of trusted issuers' access tokens (`bastion.identity.trusted_issuers`), ID-JAGs
@@ -33,6 +36,7 @@ from bastion.egress import (
     metadata_allowance,
     pinned,
 )
+from bastion.http_caching import freshness_lifetime, kept_seconds
 from bastion.http_fields import media_type
 from bastion.tls import fetching_client
 
@@ -52,6 +56,8 @@ class FetchLimits:
 
     timeout_seconds: float = 5
     max_bytes: int = 65536
+    # A key set is kept as long as its Cache-Control or Expires says, but no longer than
+    # cache_seconds nor shorter than refetch_seconds (`bastion.http_caching.kept_seconds`).
     cache_seconds: float = 300
     refetch_seconds: float = 30
     max_cached: int = 1000
@@ -114,7 +120,18 @@ async def read_body(response: httpx.Response, max_bytes: int, setting: str = "")
     return bytes(body)
 
 
-async def fetch(
+@dataclass(frozen=True)
+class Answer:
+    """What another party answered: its status, its body (empty when the status was not among
+    those read), and how long its headers say it may be reused (`bastion.http_caching`: None
+    when they say nothing)."""
+
+    status: int
+    body: bytes
+    lifetime: float | None
+
+
+async def fetch_answer(
     method: str,
     uri: str,
     limits: FetchLimits,
@@ -122,13 +139,13 @@ async def fetch(
     *,
     only: tuple[int, ...] | None = None,
     **request: Any,
-) -> tuple[int, bytes]:
+) -> Answer:
     """One request to another party (`bastion.tls.fetching_client`: no redirect followed, https
-    or the loopback), its whole answer within ``limits``: (the status, the body; the body left
-    unread, empty, when the status is not among ``only``). `RemoteDocumentError` when it does
-    not answer in time, sends more than the limit, cannot be reached, is plain http beyond the
-    loopback, or its host resolves to a non-public address ``limits.private_addresses`` does
-    not allow. ``request``: httpx's (data, json, params, headers)."""
+    or the loopback), its whole answer within ``limits``; the body left unread, empty, when the
+    status is not among ``only``. `RemoteDocumentError` when it does not answer in time, sends
+    more than the limit, cannot be reached, is plain http beyond the loopback, or its host
+    resolves to a non-public address ``limits.private_addresses`` does not allow. ``request``:
+    httpx's (data, json, params, headers)."""
     extensions: dict[str, Any] = {}
     try:
         target = httpx.URL(uri)
@@ -141,9 +158,11 @@ async def fetch(
                 http.stream(method, target, extensions=extensions, **request) as response,
             ):
                 status = response.status_code
+                lifetime = freshness_lifetime(response.headers, time.time())
                 if only is not None and status not in only:
-                    return status, b""
-                return status, await read_body(response, limits.max_bytes, limits.bytes_setting)
+                    return Answer(status, b"", lifetime)
+                body = await read_body(response, limits.max_bytes, limits.bytes_setting)
+                return Answer(status, body, lifetime)
     except TimeoutError:
         raise RemoteDocumentError(
             f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
@@ -156,25 +175,50 @@ async def fetch(
         raise RemoteDocumentError(f"cannot be fetched: {exc}") from None
 
 
+async def fetch(
+    method: str,
+    uri: str,
+    limits: FetchLimits,
+    transport: httpx.AsyncBaseTransport | None = None,
+    *,
+    only: tuple[int, ...] | None = None,
+    **request: Any,
+) -> tuple[int, bytes]:
+    """`fetch_answer`'s status and body, for a caller that keeps nothing of the answer."""
+    answer = await fetch_answer(method, uri, limits, transport, only=only, **request)
+    return answer.status, answer.body
+
+
+async def fetch_json_answer(
+    uri: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
+) -> tuple[Any, float | None]:
+    """GET ``uri`` and read its body as untrusted JSON, within ``limits``: (the JSON, how long
+    its headers say it may be reused or None). `RemoteDocumentError` on any failure (timeout,
+    HTTP status other than 200, too large, not JSON)."""
+    headers = {"Accept": "application/json"}
+    answer = await fetch_answer("GET", uri, limits, transport, only=(200,), headers=headers)
+    if answer.status != 200:
+        raise RemoteDocumentError(f"answered HTTP {answer.status}")
+    try:
+        return untrusted_json.loads(answer.body), answer.lifetime
+    except untrusted_json.JsonRefused as exc:
+        raise RemoteDocumentError(f"sent no JSON: {exc}") from None
+
+
 async def fetch_json(
     uri: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
 ) -> Any:
-    """GET ``uri`` and read its body as untrusted JSON, within ``limits``; `RemoteDocumentError`
-    on any failure (timeout, HTTP status other than 200, too large, not JSON)."""
-    headers = {"Accept": "application/json"}
-    status, body = await fetch("GET", uri, limits, transport, only=(200,), headers=headers)
-    if status != 200:
-        raise RemoteDocumentError(f"answered HTTP {status}")
-    try:
-        return untrusted_json.loads(body)
-    except untrusted_json.JsonRefused as exc:
-        raise RemoteDocumentError(f"sent no JSON: {exc}") from None
+    """`fetch_json_answer`'s JSON, for a caller that keeps nothing of the answer."""
+    return (await fetch_json_answer(uri, limits, transport))[0]
 
 
 @dataclass
 class _Fetched:
     keys: KeySet
     fetched_at: float
+    # How long it is used (`bastion.http_caching.kept_seconds`): its Cache-Control or Expires,
+    # at least ``refetch_seconds`` and at most ``cache_seconds``.
+    kept_seconds: float
 
 
 def protected_header(compact: CompactSignature) -> dict[str, Any]:
@@ -353,14 +397,15 @@ class RemoteKeySets(CoalescedFetches):
         self._fetched: dict[str, _Fetched] = {}
 
     async def keys(self, uri: str, kid: str | None) -> KeySet:
-        """The key set at ``uri``: cached while young and holding the key a header with ``kid``
+        """The key set at ``uri``: cached while young (as its headers said, within
+        ``refetch_seconds`` and ``cache_seconds``) and holding the key a header with ``kid``
         names (`signing_key`); fetched again when it lacks it (a ``kid`` it does not hold, or
         none while it holds several keys: the issuer rotated its keys) and the last fetch is
         older than ``refetch_seconds``, so made-up kids cost one fetch per that interval."""
         now = self.clock()
         cached = self._fetched.get(uri)
         if cached is not None:
-            young = now - cached.fetched_at < self.limits.cache_seconds
+            young = now - cached.fetched_at < cached.kept_seconds
             known = signing_key(cached.keys, kid) is not None
             may_refetch = now - cached.fetched_at >= self.limits.refetch_seconds
             if young and (known or not may_refetch):
@@ -373,11 +418,13 @@ class RemoteKeySets(CoalescedFetches):
         return await self.once(uri, lambda: self._fetch(uri), fetched_meanwhile)
 
     async def _fetch(self, uri: str) -> KeySet:
-        document = await fetch_json(uri, self.limits, self.transport)
+        document, lifetime = await fetch_json_answer(uri, self.limits, self.transport)
         # Checking the set reads every key in it, as reading it does: CPU work for as many keys
         # as the caller's bound allows, in a worker thread, never on the event loop.
         keys = await anyio.to_thread.run_sync(self._read, document)
-        _remember(self._fetched, uri, _Fetched(keys, self.clock()), self.limits.max_cached)
+        limits = self.limits
+        kept = kept_seconds(lifetime, least=limits.refetch_seconds, most=limits.cache_seconds)
+        _remember(self._fetched, uri, _Fetched(keys, self.clock(), kept), limits.max_cached)
         return keys
 
     def _read(self, document: Any) -> KeySet:

@@ -251,7 +251,8 @@ class AuthorizationServer:
         A document seen for the first time is an open registration, asked for from ``address``:
         its copy is kept within the limits of ``[oauth.open_registration]``. With documents
         turned off, that copy (kept for admins to list and revoke) is no client: it is used
-        only as the document is, fetched again every ``cache_seconds``."""
+        only as the document is, fetched again as its cache headers say (within
+        ``min_cache_seconds`` and ``cache_seconds``: `ClientMetadataDocuments`)."""
         client = await run_in_threadpool(self.store.client, client_id)
         if (
             client is not None

@@ -61,7 +61,11 @@ class ClientMetadataDocumentSettings:
     # One deadline for all of a fetch: resolving, connecting, TLS, headers and body.
     timeout_seconds: float = 5.0
     max_bytes: int = 5120
+    # A valid document is kept as long as its Cache-Control (max-age, no-store, no-cache) or
+    # Expires says, but never longer than cache_seconds, nor shorter than min_cache_seconds:
+    # its host chooses those headers, and no-store must not make every request a fetch.
     cache_seconds: int = 300
+    min_cache_seconds: int = 5
     # A URL whose fetch or document failed is not fetched again for this long.
     failure_cache_seconds: int = 30
     max_concurrent_fetches_per_host: int = 2
@@ -447,13 +451,14 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
     for key in (
         "max_bytes",
         "cache_seconds",
+        "min_cache_seconds",
         "failure_cache_seconds",
         "max_concurrent_fetches_per_host",
         "max_concurrent_fetches",
         "max_documents_per_host",
         "max_cached_documents",
     ):
-        minimum = 0 if key.endswith("_seconds") else 1
+        minimum = 0 if key.endswith("_seconds") and key != "min_cache_seconds" else 1
         _whole(f"oauth.client_metadata.{key}", merged[key], minimum)
     if merged["ca_file"] is not None and not isinstance(merged["ca_file"], str):
         raise SettingsError("oauth.client_metadata.ca_file: a file path")

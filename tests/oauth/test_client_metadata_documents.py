@@ -11,6 +11,7 @@ import threading
 import tracemalloc
 from contextlib import contextmanager
 from dataclasses import replace
+from email.utils import formatdate
 from urllib.parse import urlencode
 
 import anyio
@@ -70,7 +71,7 @@ def host_serving(tmp_path):
         def url(self, path: str) -> str:
             return f"{base}{path}"
 
-        def document(self, path: str, **overrides) -> str:
+        def document(self, path: str, headers: dict | None = None, **overrides) -> str:
             url = self.url(path)
             body = {
                 "client_id": url,
@@ -81,7 +82,7 @@ def host_serving(tmp_path):
             answers[path] = (
                 200,
                 json.dumps({k: v for k, v in body.items() if v is not None}).encode(),
-                {},
+                headers or {},
             )
             return url
 
@@ -559,6 +560,103 @@ def test_a_host_gets_a_bounded_number_of_documents(host):
     assert anyio.run(documents.client, first).client_id == first  # from the cache
     clock.advance(301)
     assert anyio.run(documents.client, third).client_id == third
+
+
+OTHER_REDIRECT = "http://127.0.0.1:9/other-callback"
+
+
+def test_a_changed_document_is_fetched_again_once_its_max_age_has_passed(host):
+    """MCP authorization (2025-11-25, Client ID Metadata Documents): servers "SHOULD cache
+    metadata documents respecting HTTP cache headers". A redirect URI the client removed was
+    honoured for ``cache_seconds`` (300 s) whatever the document's max-age said."""
+    clock = Clock()
+    documents = documents_for(host, clock, cache_seconds=300, min_cache_seconds=5)
+    fresh = {"Cache-Control": "max-age=60"}
+    url = host.document("/agent.json", fresh, redirect_uris=[REDIRECT, OTHER_REDIRECT])
+    host.fetches.clear()
+    assert anyio.run(documents.client, url).redirect_uris == (REDIRECT, OTHER_REDIRECT)
+    host.document("/agent.json", fresh, redirect_uris=[REDIRECT])
+    clock.advance(50)
+    assert anyio.run(documents.client, url).redirect_uris == (REDIRECT, OTHER_REDIRECT)
+    assert host.fetches == ["/agent.json"]
+    clock.advance(11)
+    assert anyio.run(documents.client, url).redirect_uris == (REDIRECT,)
+    assert host.fetches == ["/agent.json", "/agent.json"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Cache-Control": "no-store"},
+        {"Cache-Control": "no-cache"},
+        {"Cache-Control": "max-age=0"},
+        {"Expires": "0"},
+    ],
+)
+def test_a_document_not_to_be_kept_is_still_kept_min_cache_seconds(host, headers):
+    """Whoever serves the document chooses its headers: no-store must not turn every request
+    naming it into a fetch from this server. It is kept ``min_cache_seconds``, and no longer."""
+    clock = Clock()
+    documents = documents_for(host, clock, cache_seconds=300, min_cache_seconds=5)
+    url = host.document("/agent.json", headers)
+    host.fetches.clear()
+    for _ in range(3):
+        anyio.run(documents.client, url)
+    assert host.fetches == ["/agent.json"]
+    clock.advance(6)
+    anyio.run(documents.client, url)
+    assert host.fetches == ["/agent.json", "/agent.json"]
+
+
+def test_a_max_age_past_cache_seconds_is_cut_to_it(host):
+    clock = Clock()
+    documents = documents_for(host, clock, cache_seconds=300, min_cache_seconds=5)
+    url = host.document("/agent.json", {"Cache-Control": "max-age=86400"})
+    host.fetches.clear()
+    anyio.run(documents.client, url)
+    host.document("/agent.json", redirect_uris=[OTHER_REDIRECT])
+    clock.advance(299)
+    assert anyio.run(documents.client, url).redirect_uris == (REDIRECT,)
+    clock.advance(2)
+    assert anyio.run(documents.client, url).redirect_uris == (OTHER_REDIRECT,)
+    assert host.fetches == ["/agent.json", "/agent.json"]
+
+
+def test_a_document_is_kept_until_its_expires_date(host):
+    """``Expires`` less the answer's ``Date`` (uvicorn sends one), without a max-age."""
+    clock = Clock()
+    documents = documents_for(host, clock, cache_seconds=300, min_cache_seconds=5)
+    expires = {"Expires": formatdate(clock() + 60, usegmt=True)}
+    url = host.document("/agent.json", expires)
+    host.fetches.clear()
+    anyio.run(documents.client, url)
+    host.document("/agent.json", expires, redirect_uris=[OTHER_REDIRECT])
+    clock.advance(30)
+    assert anyio.run(documents.client, url).redirect_uris == (REDIRECT,)
+    clock.advance(40)
+    assert anyio.run(documents.client, url).redirect_uris == (OTHER_REDIRECT,)
+    assert host.fetches == ["/agent.json", "/agent.json"]
+
+
+def test_a_redirect_uri_removed_from_the_document_is_refused_at_authorize_after_its_max_age(
+    host, sqlite_url, tmp_path
+):
+    fresh = {"Cache-Control": "max-age=60"}
+    url = host.document("/agent.json", fresh, redirect_uris=[REDIRECT, OTHER_REDIRECT])
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        client = {"client_id": url, "redirect_uris": [OTHER_REDIRECT]}
+        _, challenge = pkce_pair()
+        authorize = (
+            f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+        )
+        assert bastion.http.get(authorize).status_code == 200
+        host.document("/agent.json", fresh, redirect_uris=[REDIRECT])
+        bastion.clock.advance(61)
+        response = bastion.http.get(authorize)
+        assert response.status_code == 400 and "location" not in response.headers
+        assert "redirect_uri" in response.text
+        assert bastion.server.store.client(url).redirect_uris == (REDIRECT,)
 
 
 def test_the_consent_page_shows_the_documents_host_and_calls_the_client_unverified(

@@ -96,3 +96,74 @@ def test_a_fetched_key_set_is_checked_and_read_off_the_event_loop(issuer):
     issuer["down"] = False
     assert anyio.run(sets.keys, issuer["uri"], "k1")
     assert seen == ["worker thread"]
+
+
+OTHER_KEY = ECKey.generate_key("P-256", parameters={"kid": "k2"}).as_dict(private=False)
+
+
+@pytest.fixture
+def rotating():
+    """A key set whose keys and headers the test changes between fetches."""
+    state: dict = {"fetches": 0, "keys": [KEY, OTHER_KEY], "headers": {}}
+
+    async def jwks(request):
+        state["fetches"] += 1
+        return JSONResponse({"keys": state["keys"]}, headers=state["headers"])
+
+    with serve(Starlette(routes=[Route("/jwks", jwks)]), free_socket()) as url:
+        state["uri"] = f"{url}/jwks"
+        yield state
+
+
+def kids(keys) -> list[str]:
+    return sorted(k.kid for k in keys.keys)
+
+
+def test_a_key_removed_from_the_set_is_not_honoured_past_the_sets_max_age(rotating):
+    """A key the issuer withdrew (leaked, rotated out) was trusted for ``cache_seconds`` (300 s)
+    after the set that still held it, whatever that set's Cache-Control said."""
+    clock = ManualClock()
+    sets = RemoteKeySets(
+        FetchLimits(cache_seconds=300, refetch_seconds=5), check=jwks_problem, clock=clock
+    )
+    rotating["headers"] = {"Cache-Control": "max-age=60"}
+    assert kids(anyio.run(sets.keys, rotating["uri"], "k2")) == ["k1", "k2"]
+    rotating["keys"] = [KEY]
+    clock.now += 50
+    assert kids(anyio.run(sets.keys, rotating["uri"], "k2")) == ["k1", "k2"]
+    assert rotating["fetches"] == 1
+    clock.now += 11
+    assert kids(anyio.run(sets.keys, rotating["uri"], "k2")) == ["k1"]
+    assert rotating["fetches"] == 2
+
+
+@pytest.mark.parametrize("cache_control", ["no-store", "no-cache", "max-age=0"])
+def test_a_set_not_to_be_kept_is_still_kept_refetch_seconds(rotating, cache_control):
+    """Whoever serves a ``jwks_uri`` (a registered client's own) chooses its headers: a set
+    sent with no-store is fetched again at most once every ``refetch_seconds``, as a set
+    lacking a kid is, never for every token."""
+    clock = ManualClock()
+    sets = RemoteKeySets(
+        FetchLimits(cache_seconds=300, refetch_seconds=5), check=jwks_problem, clock=clock
+    )
+    rotating["headers"] = {"Cache-Control": cache_control}
+    for _ in range(3):
+        anyio.run(sets.keys, rotating["uri"], "k1")
+    assert rotating["fetches"] == 1
+    rotating["keys"] = [OTHER_KEY]
+    clock.now += 6
+    assert kids(anyio.run(sets.keys, rotating["uri"], "k1")) == ["k2"]
+    assert rotating["fetches"] == 2
+
+
+def test_a_max_age_past_cache_seconds_is_cut_to_it(rotating):
+    clock = ManualClock()
+    sets = RemoteKeySets(
+        FetchLimits(cache_seconds=300, refetch_seconds=5), check=jwks_problem, clock=clock
+    )
+    rotating["headers"] = {"Cache-Control": "max-age=86400"}
+    anyio.run(sets.keys, rotating["uri"], "k2")
+    rotating["keys"] = [KEY]
+    clock.now += 301
+    assert kids(anyio.run(sets.keys, rotating["uri"], "k2")) == ["k1"]
+    assert rotating["fetches"] == 2

@@ -22,6 +22,7 @@ def test_defaults_are_safe():
     assert settings.client_metadata.max_bytes == 5120
     assert settings.client_metadata.timeout_seconds == 5.0
     assert settings.client_metadata.failure_cache_seconds == 30
+    assert settings.client_metadata.min_cache_seconds == 5
     assert settings.client_metadata.max_concurrent_fetches_per_host == 2
     assert settings.client_metadata.max_concurrent_fetches == 16
     assert settings.client_metadata.max_documents_per_host == 20
@@ -91,6 +92,8 @@ def test_defaults_are_safe():
             {"client_metadata": {"failure_cache_seconds": "30"}},
             "oauth.client_metadata.failure_cache_seconds",
         ),
+        # 0 would let a document served with no-store be fetched for every request naming it.
+        ({"client_metadata": {"min_cache_seconds": 0}}, "oauth.client_metadata.min_cache_seconds"),
         (
             {"client_metadata": {"max_documents_per_host": 1e9}},
             "oauth.client_metadata.max_documents_per_host",
