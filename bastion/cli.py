@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from bastion.whole_numbers import count_in
+
 # The module whose ``register(subparsers)`` adds each command (the first word after `bastion`)
 # and sets its ``func``; for a command several modules add to, each of its sub-commands. A
 # command given is parsed with its own module alone: `bastion policy check` need not import the
@@ -40,15 +42,6 @@ COMMANDS = {
     "prompts": "bastion.gateway.tool_commands",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
-
-
-def count_in(text: str, most: int, least: int = 1) -> int | None:
-    """``text`` as a whole number from ``least`` to ``most`` in plain digits (no sign, space,
-    ``_`` or other script's digits, which `int` takes), or None."""
-    if text.isascii() and text.isdigit() and len(text) <= len(str(most)):
-        value = int(text)
-        return value if least <= value <= most else None
-    return None
 
 
 def whole_number(most: int, least: int = 1) -> Callable[[str], int]:

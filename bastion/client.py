@@ -32,6 +32,7 @@ from bastion.egress import cleartext_problem
 from bastion.facts.model import Entity, arg_from_json, arg_to_json, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, epoch
 from bastion.names import readable
+from bastion.whole_numbers import capped
 
 
 class RemoteError(Exception):
@@ -610,7 +611,8 @@ class _Remote:
 
     def _declared_size(self, response: httpx.Response) -> None:
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self._max_answer_bytes:
+        size = capped(declared, self._max_answer_bytes)
+        if size is not None and size > self._max_answer_bytes:
             raise MalformedAnswer(
                 f"larger than {self._max_answer_bytes} bytes (max_answer_bytes): not read",
                 response.status_code,

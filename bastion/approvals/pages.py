@@ -41,6 +41,7 @@ from bastion.names import readable, readable_json
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, signed_in_as
 from bastion.oauth.store import Client
+from bastion.whole_numbers import count_in
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -327,14 +328,15 @@ def _read_answer(form: Any, request: ApprovalRequest) -> _Answer:
     if duration != "minutes":
         raise _Refused("Approve this call only, or for a number of minutes.")
     text = _one(form, "minutes").strip()
-    if not (text.isascii() and text.isdigit() and 0 < int(text) <= request.window_minutes):
+    minutes = count_in(text, request.window_minutes)
+    if minutes is None:
         limit = request.window_minutes
         raise _Refused(
             f"Enter a whole number of minutes from 1 to {limit}."
             if limit
             else "This call may be approved once only, not for a time."
         )
-    return _Answer("approve", int(text), reason=reason)
+    return _Answer("approve", minutes, reason=reason)
 
 
 # -- rendering ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 
 from bastion.db import Database
 from bastion.turns import Turns
+from bastion.whole_numbers import count_in
 
 # The previous hash of a chain's first row when nothing came before it.
 GENESIS = "0" * 64
@@ -173,14 +174,13 @@ class Checkpoint:
     @classmethod
     def parse(cls, text: str) -> Checkpoint:
         seq, _, digest = text.partition(":")
-        if not (seq.isdigit() and int(seq) > 0 and len(digest) == 64) or digest.strip(
-            "0123456789abcdef"
-        ):
+        number = count_in(seq, 2**63 - 1)
+        if not (number and len(digest) == 64) or digest.strip("0123456789abcdef"):
             raise ValueError(
                 f"a checkpoint is SEQ:HASH as the server logs it (audit checkpoint: ...), a"
                 f" sequence number and 64 lower-case hex digits; got {text!r}"
             )
-        return cls(int(seq), digest)
+        return cls(number, digest)
 
     def __str__(self) -> str:
         return f"{self.seq}:{self.hash}"

@@ -57,8 +57,12 @@ from bastion.gateway.mcp_name import NAME_PARAMS
 from bastion.gateway.mcp_name import encode as encode_name
 from bastion.http_fields import media_type
 from bastion.json_encoding import decoder
+from bastion.whole_numbers import capped
 
 log = logging.getLogger("bastion.gateway.upstream")
+# The longest SSE ``retry`` (milliseconds) taken as sent; a longer one, of any number of digits,
+# is read as this. The request's timeout ends the wait before either.
+MAX_RETRY_MS = 86_400_000
 
 UPSTREAM_PROTOCOL_VERSION = "2025-11-25"
 CLIENT_INFO = {"name": "bastion-gateway", "version": "0.1.0"}
@@ -1191,8 +1195,10 @@ async def _events(response: Response, stream: EventStream | None = None):
             value = value.removeprefix(" ")
             if field == "id" and "\0" not in value:
                 event_id = value
-            elif field == "retry" and value.isascii() and value.isdigit() and stream is not None:
-                stream.retry = int(value) / 1000
+            elif field == "retry" and stream is not None:
+                retry = capped(value, MAX_RETRY_MS)
+                if retry is not None:
+                    stream.retry = min(retry, MAX_RETRY_MS) / 1000
             continue
         if stream is not None and event_id is not None:
             # An event without data counts too (SSE's dispatch); an empty id means none.

@@ -89,7 +89,10 @@ def spelling_refused(uri: str, template: bool = False) -> str | None:
         host, port, userinfo = _host(authority)
         if host != host.lower() and _ESCAPE.sub("", host) != _ESCAPE.sub("", host).lower():
             return "has an upper-case host"
-        if port is not None and (not port.isdigit() or str(int(port)) != port):
+        # Compared as text: `int` of a port of thousands of digits raises.
+        if port is not None and not (
+            port.isascii() and port.isdigit() and port == (port.lstrip("0") or "0")
+        ):
             return "has an empty port (:), or one written with leading zeros"
         if userinfo is not None and (not userinfo or userinfo.endswith(":")):
             return "has an empty user name or password"

@@ -52,6 +52,7 @@ from bastion.oauth.store import (
     new_secret,
 )
 from bastion.oauth.throttle import client_address
+from bastion.whole_numbers import count_in
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -78,12 +79,13 @@ def _max_age(value: str | None) -> int | None:
     most seconds since the person typed their password that the client accepts."""
     if value is None:
         return None
-    if not value.isascii() or not value.isdigit() or int(value) > MAX_AGE_LIMIT:
+    seconds = count_in(value, MAX_AGE_LIMIT, least=0)
+    if seconds is None:
         raise OAuthError(
             "invalid_request",
             f"max_age must be a whole number of seconds from 0 to {MAX_AGE_LIMIT}",
         )
-    return int(value)
+    return seconds
 
 
 class _PageError(Exception):

@@ -34,6 +34,7 @@ from bastion.server.api.decisions import (
 )
 from bastion.server.problems import Problem, parse_json
 from bastion.server.request_limits import BodyLimit
+from bastion.whole_numbers import capped
 
 log = logging.getLogger("bastion.server")
 
@@ -88,7 +89,8 @@ class DirectDecisions:
         if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
             return False
         length = headers[names.index(b"content-length")][1]
-        return length.isdigit() and int(length) <= max_bytes
+        declared = capped(length.decode("latin-1"), max_bytes)
+        return declared is not None and declared <= max_bytes
 
     def answer(
         self, route: DirectRoute, headers: list[tuple[bytes, bytes]], body: bytes

@@ -10,7 +10,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from bastion import untrusted_json
-from bastion.cli import count_in
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import (
     MAX_ENTITY_ID,
@@ -20,6 +19,7 @@ from bastion.facts.store import (
     check_string_size,
 )
 from bastion.http_fields import is_json_media
+from bastion.whole_numbers import count_in
 
 PROBLEM_JSON = "application/problem+json"
 # On every error answer: a browser shown one (a 404 quoting the path it was sent to, say) takes

@@ -53,6 +53,7 @@ from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.signals.suspensions import Suspensions, kept, kept_rows
 from bastion.turns import Turns, collector_paused, full_passes_held
+from bastion.whole_numbers import count_in
 
 log = logging.getLogger("bastion.replica")
 
@@ -608,8 +609,9 @@ class Replica:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def _notified(self, payload: str) -> None:
-        if payload.isascii() and payload.isdigit():
-            self.head_seen = max(self.head_seen, int(payload))
+        seq = count_in(payload, 2**63 - 1, least=0)
+        if seq is not None:
+            self.head_seen = max(self.head_seen, seq)
         self.noticed = time.monotonic()
         self.kick()
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.http_fields import media_type
+from bastion.whole_numbers import capped
 
 log = logging.getLogger("bastion.server")
 
@@ -108,9 +109,11 @@ class RequestBodyLimits:
             # as it arrives, whatever this loop makes of the value.
             if name == b"content-length":
                 lengths += 1
-                if value.strip(b" \t").isdigit():
-                    # As the HTTP parser reads it: whitespace around the number is allowed.
-                    declared = int(value)
+                # As the HTTP parser reads it: whitespace around the number is allowed. However
+                # long, a number past the limit is refused as too large.
+                size = capped(value.strip(b" \t").decode("latin-1"), limit.max_bytes)
+                if size is not None:
+                    declared = size
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"expect":

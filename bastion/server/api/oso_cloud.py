@@ -25,7 +25,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bastion.cli import count_in
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError, check_fact, matches
 from bastion.facts.store import FactStore, StoredFact, WriteResult, check_entity_size, fact_key
@@ -58,6 +57,7 @@ from bastion.server.problems import action as action_field
 from bastion.server.problems import field as get_field
 from bastion.signals.suspensions import apply_facts, asks_allow
 from bastion.untrusted_json import MAX_INTEGER
+from bastion.whole_numbers import count_in
 
 # API key scopes (bastion keys create --scope ...): decisions and reads of facts and policy;
 # fact and policy writes. A key may hold both, as an Oso Cloud read-write key does.

@@ -24,6 +24,7 @@ from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
+from bastion.whole_numbers import count_in
 
 
 def policy_problem(e: PolicyError, what: str = "the policy does not load") -> Problem:
@@ -140,8 +141,9 @@ async def get_version(request: Request) -> JSONResponse:
     store: FactStore = request.app.state.store
     found = None
     # Any other spelling (not digits, 0, past the largest) names no stored version either.
-    if spelled.isascii() and spelled.isdigit() and 1 <= int(spelled) <= _LAST_VERSION:
-        found = await anyio.to_thread.run_sync(store.policy, int(spelled))
+    version = count_in(spelled, _LAST_VERSION)
+    if version is not None:
+        found = await anyio.to_thread.run_sync(store.policy, version)
     if found is None:
         raise Problem(
             404,
