@@ -2,7 +2,9 @@
 served bastion answer 5xx, log a traceback, or change its database when it refuses. Every form
 endpoint and page (``/token`` with each grant type, ``/revoke``, ``/introspect``, ``/register``,
 the ``/authorize`` query, its login and consent forms, ``/sign-in``, ``/sign-out``,
-``/bc-authorize``, ``/bc-approve/<id>``, the approval, alert and connection pages, and the
+``/bc-authorize``, ``/bc-approve/<id>``, the approval, alert and connection pages, the forms
+past a session and its CSRF token (a fresh held call's approve and deny form, a fresh alert's
+acknowledgement, a succeeding sign-out: each field, and the id in the path), and the
 gateway's ``/mcp/<server>``) is sent, one place at a time, values drawn by hypothesis from text
 beyond ASCII, Latin-1 bytes, ``%``-escapes of invalid UTF-8 (``%ff``, ``%c3%28``, a lone
 surrogate's ``%ed%a0%80``), ``+`` and ``%2B``, Unicode digits, whitespace, URL-shaped values,
@@ -23,6 +25,7 @@ import json
 import socket
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,11 +36,18 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from bastion import Authorizer, Entity
+from bastion.approvals.service import BINDING_KEY, SEALING_KEY, Approvals, Call
+from bastion.approvals.settings import ApprovalSettings
+from bastion.approvals.store import ApprovalStore
+from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.store import FactStore
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
+from bastion.oauth.keys import deployment_secret
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
+from bastion.signals.alerts import Alerts, AlertSettings, AlertStore
 from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, REDIRECT_URI, Running
@@ -46,6 +56,14 @@ from tests.security.conftest import GATEWAY
 from tests.server.conftest import ADMIN_KEY
 
 INITIAL_ACCESS_TOKEN = "initial-access-token-of-the-fuzz-test"
+# The name under which a hostile value takes the place of the id at the end of the path.
+PATH_ID = "<the path's id>"
+# What the held calls' policy adds: sam confirms his agent's calls of desk/held, for up to 30
+# minutes at a time.
+HELD_POLICY = """
+requires_approval(_user: User, "call", Tool{"desk/held"});
+approval_window(_user: User, "call", Tool{"desk/held"}, 30);
+"""
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 FORM = "application/x-www-form-urlencoded"
@@ -260,6 +278,8 @@ class Bastion:
     public_client: str
     browser: dict[str, str]
     csrf: str
+    approvals: Approvals
+    alerts: Alerts
 
     @property
     def url(self) -> str:
@@ -318,6 +338,36 @@ class Bastion:
 
     def cookie(self) -> str:
         return "; ".join(f"{k}={v}" for k, v in self.browser.items())
+
+    def page_form(self, path: str, cookies: dict[str, str], **fields: str) -> Sent:
+        """The form of the page at ``path`` as ``cookies``' browser gets it (its CSRF token and
+        other hidden fields), with ``fields``, posted back to ``path``."""
+        cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        page = self.http.get(path, headers={"cookie": cookie})
+        assert page.status_code == 200, (path, page.status_code, page.text[-500:])
+        return Sent("POST", path, _bytes({**hidden_fields(page.text), **fields}), cookies=cookies)
+
+    def approval_answer(self, **fields: str) -> Sent:
+        """The answer form of a fresh held call of sam's (sam confirms it: the policy names
+        nobody else), on its page."""
+        arguments = {"n": uuid.uuid4().hex}
+        call = Call(
+            "approval", "sam", self.public_client, "desk", "tools/call", "call",
+            Entity("Tool", "desk/held"), arguments, uuid.uuid4().hex, (),
+        )  # fmt: skip
+        held = self.approvals.hold(call, uuid.uuid4().hex, ("requires_approval(...)",), {})
+        return self.page_form(f"/approvals/{held.id}", self.browser, **fields)
+
+    def alert_form(self) -> Sent:
+        """The acknowledgement form of a fresh alert told to sam, on its page."""
+        alert = self.alerts.raise_alert(f"fuzz-{uuid.uuid4().hex}", "high", Entity("Agent", "x"))
+        return self.page_form(f"/alerts/{alert.id}", self.browser)
+
+    def sign_out_form(self) -> Sent:
+        """The sign-out form of a session of sam's of its own (the form succeeds; a session made
+        as the sign-in page makes it: the fuzz's wrong passwords throttle that page)."""
+        session = OAuthStore(self.db).create_session("sam", time.time(), 3600)
+        return self.page_form("/sign-out", {**self.browser, COOKIES[0]: session})
 
 
 def _bytes(params: dict[str, str]) -> dict[str, bytes]:
@@ -424,6 +474,21 @@ TARGETS: dict[str, Target] = {
         ("action", "csrf_token"),
         lambda b: Sent("POST", "/alerts/a1", _bytes({"csrf_token": b.csrf}), cookies=b.browser),
     ),
+    # Past the session and the CSRF token: a held call's own form, an alert's, sign-out's.
+    "a held call, approved once": (
+        ("answer", "duration", "minutes", "reason", "withheld", "csrf_token", PATH_ID),
+        lambda b: b.approval_answer(answer="approve", duration="once", reason="r"),
+    ),
+    "a held call, approved for minutes": (
+        ("answer", "duration", "minutes", "reason", "withheld", "csrf_token", PATH_ID),
+        lambda b: b.approval_answer(answer="approve", duration="minutes", minutes="5"),
+    ),
+    "a held call, denied": (
+        ("answer", "reason", "csrf_token", PATH_ID),
+        lambda b: b.approval_answer(answer="deny", reason="no"),
+    ),
+    "an alert told to sam": (("csrf_token", "action", PATH_ID), lambda b: b.alert_form()),
+    "sign-out, signed in": (("csrf_token", "next"), lambda b: b.sign_out_form()),
     "connections": (
         ("upstream", "code", "state", "error", "iss"),
         lambda b: Sent("GET", "/connections", {}, cookies=b.browser, in_query=True),
@@ -449,14 +514,17 @@ def send(bastion: Bastion, sent: Sent, where: str, name: str, value: bytes) -> h
     headers = dict(sent.headers)
     cookies = dict(sent.cookies)
     repeated = None
-    if where == "param":
+    path = sent.path
+    if where == "param" and name == PATH_ID:
+        path = sent.path.rsplit("/", 1)[0] + "/" + value.decode("latin-1")
+    elif where == "param":
         if sent.json:
             # A JSON member: the text as a JSON string, written with its escapes.
             text = value.decode("utf-8", "surrogateescape")
             value = json.dumps(text).encode()
         sent.params[name] = value
     elif where == "repeated":
-        repeated = name
+        repeated = None if name == PATH_ID else name
     elif name == "cookie":
         cookie = COOKIES[len(value) % 2]
         cookies.pop(cookie, None)
@@ -478,11 +546,9 @@ def send(bastion: Bastion, sent: Sent, where: str, name: str, value: bytes) -> h
         body = sent.body(repeated)
     try:
         if sent.in_query:
-            return bastion.http.request(
-                sent.method, httpx.URL(sent.path, query=body), headers=headers
-            )
+            return bastion.http.request(sent.method, httpx.URL(path, query=body), headers=headers)
         headers.setdefault("content-type", FORM.encode())
-        return bastion.http.request(sent.method, sent.path, content=body, headers=headers)
+        return bastion.http.request(sent.method, path, content=body, headers=headers)
     except (httpx.LocalProtocolError, httpx.InvalidURL, UnicodeDecodeError):
         # What this client will not send (a header it finds invalid, a query not ASCII)
         # tells nothing of the server.
@@ -536,7 +602,7 @@ def unexpected_changes(before: Rows, after: Rows) -> dict[str, dict[str, list]]:
 @pytest.fixture
 def bastion(database_url, tmp_path, served):
     policy = tmp_path / "policy.polar"
-    policy.write_text(gateway_support.test_policy())
+    policy.write_text(gateway_support.test_policy() + HELD_POLICY)
     config = GATEWAY % (tmp_path / "keys", sys.executable, QUICKSTART / "server.py") + PERSONAL
     config = config.replace(
         "[oauth]\n", f'[oauth]\ninitial_access_tokens = ["{INITIAL_ACCESS_TOKEN}"]\n', 1
@@ -569,10 +635,25 @@ def bastion(database_url, tmp_path, served):
             "/sign-in", data={**fields, "username": "sam", "password": PASSWORD}
         )
         assert signed_in.status_code == 303, signed_in.text
+        # Held calls and alerts, made as the gateway and the signals make them, on the
+        # served bastion's database, keys and policy.
+        keys = tmp_path / "keys"
+        authz = Authorizer(policy.read_text())
+        authz.facts.apply(gateway_support.facts(), [])
+        approvals = Approvals(
+            ApprovalStore(db, deployment_secret(keys, SEALING_KEY)), FactStore(db),
+            lambda: authz, lambda: 1, ApprovalSettings(max_pending_per_agent=100_000),
+            server.url, deployment_secret(keys, BINDING_KEY), AuditLog(db),
+            user_state=OAuthStore(db).user_state,
+        )  # fmt: skip
+        alerts = Alerts(
+            AlertStore(db), AlertSettings(fallback_recipients=('User{"sam"}',)), lambda: authz,
+            server.url,
+        )  # fmt: skip
         yield Bastion(
             server, http, db, token, registered.json()["client_id"],
             registered.json()["client_secret"], public, dict(browser.cookies),
-            fields["csrf_token"],
+            fields["csrf_token"], approvals, alerts,
         )  # fmt: skip
         browser.close()
     db.close()
@@ -652,6 +733,9 @@ def test_a_number_of_thousands_of_digits_is_refused_as_any_bad_number(bastion):
     assert "error=invalid_request" in answer.text, answer.text[-800:]
     answer = bastion.http.get(f"/v1/policy/versions/{long}", headers=admin)
     assert answer.status_code == 404, (answer.status_code, answer.text[:300])
+    sent = bastion.approval_answer(answer="approve", duration="minutes")
+    answer = send(bastion, sent, "param", "minutes", long.encode())
+    assert answer.status_code == 400 and "whole number of minutes" in answer.text, answer.text
     # A declared body size of thousands of digits is a body too large, before any is read.
     with socket.create_connection(("127.0.0.1", bastion.server.port), timeout=10) as sock:
         sock.sendall(
