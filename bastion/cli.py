@@ -31,6 +31,7 @@ COMMANDS = {
     "users": "bastion.oauth.commands",
     "clients": "bastion.oauth.commands",
     "signing-keys": "bastion.oauth.commands",
+    "identity": "bastion.identity.commands",
     "audit": "bastion.audit.commands",
     "approvals": "bastion.approvals.commands",
     "signals": "bastion.signals.commands",

@@ -1,11 +1,14 @@
 """Checking an ID token (OpenID Connect Core 1.0 §3.1.3.7) with joserfc: the ``alg`` among those
 the provider announces and bastion accepts (`signing_algorithms`, step 7), the signature by the
 one key of the provider's key set the header names, then the claims ``iss``, ``aud``, ``azp``,
-``exp``, ``iat``, ``nonce`` and ``sub``; and ``auth_time`` when a recent sign-in was asked for.
-The caller checks the ``alg`` before any key is fetched."""
+``exp``, ``iat``, ``nonce`` and ``sub``; ``auth_time`` when a recent sign-in was asked for; and
+``at_hash`` when the token holds one (§3.1.3.8). The caller checks the ``alg`` before any key is
+fetched."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -139,4 +142,34 @@ def check_auth_time(
             "auth_time",
             f"A sign-in within {max_age} s was asked for, and the provider used one from"
             f" {int(now - value)} s ago: sign in there again.",
+        )
+
+
+# OpenID Connect Core §3.1.3.6: the hash of the alg's own hash function (for EdDSA, SHA-512, the
+# hash of Ed25519 as the OpenID Foundation's implementers use it).
+_HASHES = {"256": hashlib.sha256, "384": hashlib.sha384, "512": hashlib.sha512}
+
+
+def access_token_hash(access_token: str, alg: str) -> str:
+    """``at_hash`` of ``access_token`` for an ID token signed with ``alg`` (Core §3.1.3.6): the
+    left half of its hash, base64url-encoded without padding."""
+    digest = _HASHES["512" if alg == "EdDSA" else alg[-3:]](access_token.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode("ascii")
+
+
+def check_at_hash(claims: Mapping[str, Any], access_token: Any, alg: str) -> None:
+    """OpenID Connect Core §3.1.3.8: in the code flow ``at_hash`` is OPTIONAL and the client MAY
+    check it; bastion does whenever the ID token holds one, since the access token goes on to
+    the UserInfo endpoint: an ID token that names another access token than the one sent with
+    it signs nobody in."""
+    given = claims.get("at_hash")
+    if given is None:
+        return
+    if not isinstance(access_token, str) or not access_token.isascii():
+        raise LoginRefused(
+            "at_hash", "The ID token has an at_hash, and the provider sent no usable access token."
+        )
+    if not isinstance(given, str) or not same(given, access_token_hash(access_token, alg)):
+        raise LoginRefused(
+            "at_hash", "The ID token's at_hash is not that of the access token sent with it."
         )

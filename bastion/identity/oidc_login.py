@@ -6,11 +6,12 @@ sends the browser to it with PKCE S256 (RFC 7636), a ``state`` and a ``nonce``, 
 server under the digest of ``state`` and bound to the browser's cookie, usable once and for a
 few minutes. The answer comes back to the provider's own redirect URI, where ``state`` is spent
 first (a replay finds nothing), the RFC 9207 ``iss`` must name that provider when sent (and must
-be sent when the provider says it sends it: mix-up defence), and the code is exchanged once. The
-ID token is checked as Core §3.1.3.7 says, with joserfc: an asymmetric ``alg`` of the provider's
+be sent when the provider says it sends it: mix-up defence), and the code is exchanged once,
+bastion's client authenticated as the provider announces it takes (its secret, or its own key:
+``private_key_jwt``, `bastion.identity.client_key`). The ID token is checked as Core §3.1.3.7 says, with joserfc: an asymmetric ``alg`` of the provider's
 list that the provider announces in its discovery document (never ``none``, never an HMAC), the signature by the provider's JWKS, ``iss`` exactly,
 ``aud`` holding the client id (and ``azp`` being it when there are several audiences), ``exp``,
-``iat`` and the ``nonce``. The person then resumes what they came for (the MCP client's
+``iat``, the ``nonce``, and ``at_hash`` when it holds one. The person then resumes what they came for (the MCP client's
 authorization request: consent, code, token; or a page of bastion) as after a password login.
 
 Claims map to the user id (namespaced per provider by default) and, by configuration, to facts
@@ -42,8 +43,11 @@ from bastion.constant_time import same
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, check_storable
 from bastion.identity.accounts import MIGRATIONS, account_taken, bound_elsewhere
+from bastion.identity.client_key import METHOD as PRIVATE_KEY_JWT
+from bastion.identity.client_key import client_assertion
 from bastion.identity.id_token import (
     ANNOUNCED,
+    check_at_hash,
     check_auth_time,
     check_claims,
     signed_claims,
@@ -98,6 +102,11 @@ class _Endpoints:
     sends_iss: bool  # authorization_response_iss_parameter_supported (RFC 9207 §3)
     # The provider's ``algorithms`` it announces for ID tokens (`signing_algorithms`).
     algorithms: tuple[str, ...]
+    # How bastion authenticates at the token endpoint (`_client_authentication`), and for
+    # private_key_jwt the alg and aud of its assertions.
+    client_auth: str
+    assertion_alg: str | None
+    assertion_audience: str
 
 
 @dataclass(frozen=True)
@@ -333,7 +342,9 @@ class OpenIDLogin:
         id_token = answer.get("id_token")
         if not isinstance(id_token, str) or len(id_token) > MAX_ID_TOKEN_CHARS:
             raise LoginRefused("id_token", "The provider sent no usable ID token.")
-        claims = await self._verified_claims(provider, endpoints, id_token, login.nonce)
+        claims = await self._verified_claims(
+            provider, endpoints, id_token, login.nonce, answer.get("access_token")
+        )
         check_auth_time(claims, login.max_age, self.clock(), provider.leeway_seconds)
         if provider.userinfo:
             # The ID token's own claims win: UserInfo only adds what it lacks.
@@ -352,20 +363,45 @@ class OpenIDLogin:
             "code_verifier": verifier,
         }
         headers = {"Accept": "application/json"}
-        if provider.token_endpoint_auth_method == "client_secret_basic":
+        if endpoints.client_auth == "client_secret_basic":
             # RFC 6749 §2.3.1: each part form-encoded before the Basic encoding.
             pair = f"{quote(provider.client_id, safe='')}:{quote(provider.client_secret, safe='')}"
             headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         else:
             form["client_id"] = provider.client_id
-            if provider.token_endpoint_auth_method == "client_secret_post":
+            if endpoints.client_auth == "client_secret_post":
                 form["client_secret"] = provider.client_secret
+            elif endpoints.client_auth == PRIVATE_KEY_JWT:
+                # A signature: on a worker thread, as every one bastion makes.
+                form.update(
+                    await anyio.to_thread.run_sync(
+                        client_assertion,
+                        provider.client_key,
+                        provider.client_id,
+                        endpoints.assertion_audience,
+                        endpoints.assertion_alg,
+                        self.clock(),
+                    )
+                )
         status, answer = await self._call(
             provider, "token endpoint", endpoints.token, form, headers
         )
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if status in (400, 401) and error == "invalid_client":
+            # RFC 6749 §5.2: bastion's own credentials are refused. The person can do nothing
+            # about it; the page says what an administrator checks.
+            described = answer.get("error_description")
+            raise LoginRefused(
+                "client_auth",
+                f"{provider.shown_name} refused bastion's own credentials at its token endpoint"
+                f" (invalid_client{': ' + readable(str(described)) if described else ''}):"
+                " nobody can sign in through it until an administrator fixes"
+                f" {_credentials(endpoints.client_auth)}.",
+                502,
+            )
         if status == 400 and isinstance(answer, dict):
             # RFC 6749 §5.2: the code is refused (used, expired, not for this client).
-            raise LoginRefused("code", f"The provider refused the code: {answer.get('error')!r}.")
+            raise LoginRefused("code", f"The provider refused the code: {readable(repr(error))}.")
         if status != 200:
             raise ProviderUnavailable(f"its token endpoint answered HTTP {status}")
         if not isinstance(answer, dict):
@@ -416,9 +452,15 @@ class OpenIDLogin:
             return status, None
 
     async def _verified_claims(
-        self, provider: OpenIDProvider, endpoints: _Endpoints, id_token: str, nonce: str
+        self,
+        provider: OpenIDProvider,
+        endpoints: _Endpoints,
+        id_token: str,
+        nonce: str,
+        access_token: Any,
     ) -> dict[str, Any]:
-        """The ID token's claims once checked as OpenID Connect Core §3.1.3.7 says."""
+        """The ID token's claims once checked as OpenID Connect Core §3.1.3.7 says, and its
+        ``at_hash`` against ``access_token`` when it has one (§3.1.3.8)."""
         try:
             header = protected_header(jws.extract_compact(id_token.encode("ascii")))
         except (JoseError, UnicodeError, ValueError):
@@ -440,6 +482,7 @@ class OpenIDLogin:
             raise ProviderUnavailable(f"its key set {exc}") from None
         claims = await anyio.to_thread.run_sync(signed_claims, id_token, keys, kid, alg)
         check_claims(claims, provider, nonce, self.clock(), self.settings.login_seconds)
+        check_at_hash(claims, access_token, alg)
         return claims
 
     # -- the person, their facts and the session -------------------------------------------
@@ -612,6 +655,10 @@ class OpenIDLogin:
         methods = document.get("code_challenge_methods_supported")
         if isinstance(methods, list) and "S256" not in methods:
             raise RemoteDocumentError("it does not support PKCE S256")
+        client_auth = _client_authentication(provider, document)
+        assertion_alg = None
+        if client_auth == PRIVATE_KEY_JWT:
+            assertion_alg = _assertion_algorithm(provider, document)
         endpoints = _Endpoints(
             found["authorization_endpoint"],
             found["token_endpoint"],
@@ -619,6 +666,13 @@ class OpenIDLogin:
             userinfo,
             document.get("authorization_response_iss_parameter_supported") is True,
             signing_algorithms(document, provider.algorithms),
+            client_auth,
+            assertion_alg,
+            # OpenID Connect Core §9: the aud SHOULD be the token endpoint's URL; the issuer is
+            # what draft-ietf-oauth-rfc7523bis asks for, and what some providers will want.
+            provider.issuer
+            if provider.client_assertion_audience == "issuer"
+            else found["token_endpoint"],
         )
         self._endpoints[provider.id] = endpoints
         return endpoints
@@ -663,12 +717,89 @@ class OpenIDLogin:
         return response
 
 
+AUTH_METHODS_ANNOUNCED = "token_endpoint_auth_methods_supported"
+ASSERTION_ALGS_ANNOUNCED = "token_endpoint_auth_signing_alg_values_supported"
+
+
+def _names(document: Mapping[str, Any], member: str) -> list[str] | None:
+    """The list of names ``member`` of a discovery document holds, None when it is left out;
+    `RemoteDocumentError` when it is not a list of names."""
+    value = document.get(member)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RemoteDocumentError(
+            f"its metadata's {member} is not a list of names: {readable(repr(value))}"
+        )
+    return value
+
+
+def _client_authentication(provider: OpenIDProvider, document: Mapping[str, Any]) -> str:
+    """How bastion authenticates at the provider's token endpoint: its
+    ``token_endpoint_auth_method``, which must be one the provider announces (Discovery 1.0 §3,
+    ``token_endpoint_auth_methods_supported``; when left out, anything configured is tried);
+    unset, client_secret_basic, or client_secret_post where only that is announced.
+    ``none`` is not checked: providers seldom list it, and public clients use it."""
+    announced = _names(document, AUTH_METHODS_ANNOUNCED)
+    method = provider.token_endpoint_auth_method
+    if announced is None or method == "none":
+        return method or "client_secret_basic"
+    if method is None:
+        method = next(
+            (m for m in ("client_secret_basic", "client_secret_post") if m in announced), None
+        )
+        if method is None:
+            raise RemoteDocumentError(
+                f"its token endpoint takes no client secret ({AUTH_METHODS_ANNOUNCED}:"
+                f" {readable(repr(announced[:10]))}): set token_endpoint_auth_method to one of"
+                f" them ({PROVIDERS_TABLE})"
+            )
+        return method
+    if method not in announced:
+        raise RemoteDocumentError(
+            f"its token endpoint does not take {method} ({AUTH_METHODS_ANNOUNCED}:"
+            f" {readable(repr(announced[:10]))}; {PROVIDERS_TABLE} token_endpoint_auth_method)"
+        )
+    return method
+
+
+def _assertion_algorithm(provider: OpenIDProvider, document: Mapping[str, Any]) -> str:
+    """The alg of bastion's client assertions to the provider: the first its key signs with
+    that the provider announces (Discovery 1.0 §3,
+    ``token_endpoint_auth_signing_alg_values_supported``; left out: the key's first)."""
+    key = provider.client_key
+    assert key is not None  # private_key_jwt has one (`bastion.identity.providers`)
+    announced = _names(document, ASSERTION_ALGS_ANNOUNCED)
+    alg = key.algorithm(announced)
+    if alg is None:
+        raise RemoteDocumentError(
+            f"it takes client assertions signed with {readable(repr(announced[:10]))}"
+            f" ({ASSERTION_ALGS_ANNOUNCED}), none of {list(key.algorithms)}, those of the key"
+            f" of {key.file} ({PROVIDERS_TABLE} client_key_file, client_assertion_alg)"
+        )
+    return alg
+
+
+def _credentials(method: str) -> str:
+    """What an administrator checks when the provider refuses bastion's client."""
+    if method == PRIVATE_KEY_JWT:
+        return (
+            f"{PROVIDERS_TABLE} client_id and client_key_file, or the public key registered for"
+            " bastion at the provider (`bastion identity client-jwks` prints it)"
+        )
+    if method == "none":
+        return f"{PROVIDERS_TABLE} client_id, or make bastion's client at the provider public"
+    return f"{PROVIDERS_TABLE} client_id and client_secret ({method})"
+
+
 def compose(server: AuthorizationServer, table: Any, env: Mapping[str, str]) -> OpenIDLogin | None:
     """The provider logins of ``server`` from the ``[identity]`` table, attached to it; None
     when no provider is configured."""
     settings = IdentitySettings.from_mapping(table, env)
     if not settings.providers:
         return None
+    # The private keys of private_key_jwt: read here, at start, before the event loop runs.
+    settings = settings.with_keys()
     login = OpenIDLogin(settings, server)
     server.external_login = login
     return login

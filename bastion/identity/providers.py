@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
 from bastion.facts.model import Entity
 from bastion.http_fields import field_value_problem
+from bastion.identity.client_key import AUDIENCES, ClientKey, ClientKeyError, load_client_key
 from bastion.names import user_prefix_problem
 from bastion.oauth.client_assertion import algorithms_problem, url_problem
 
@@ -32,6 +33,10 @@ _PROVIDER_KEYS = {
     "user_prefix",
     "algorithms",
     "token_endpoint_auth_method",
+    "client_key_file",
+    "client_key_id",
+    "client_assertion_alg",
+    "client_assertion_audience",
     "leeway_seconds",
     "timeout_seconds",
     "max_document_bytes",
@@ -115,7 +120,16 @@ class OpenIDProvider:
     user_claim: str = "sub"
     user_prefix: str = ""
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
-    token_endpoint_auth_method: str = "client_secret_basic"
+    # How bastion authenticates at the token endpoint (`bastion.identity.oidc_login`); None:
+    # client_secret_basic, or client_secret_post for a provider that announces only that.
+    token_endpoint_auth_method: str | None = None
+    # private_key_jwt: the file of the key bastion signs its assertions with, its kid and alg
+    # when set, the assertions' aud; and the key, read at start (`IdentitySettings.with_keys`).
+    client_key_file: str = ""
+    client_key_id: str | None = None
+    client_assertion_alg: str | None = None
+    client_assertion_audience: str = "token_endpoint"
+    client_key: ClientKey | None = field(default=None, repr=False)
     leeway_seconds: int = 30
     timeout_seconds: int = 5
     max_document_bytes: int = 65536
@@ -150,6 +164,27 @@ class IdentitySettings:
 
     def provider(self, provider_id: str) -> OpenIDProvider | None:
         return next((p for p in self.providers if p.id == provider_id), None)
+
+    def with_keys(self) -> IdentitySettings:
+        """These settings with the private key of each provider's ``client_key_file`` read
+        (`bastion.identity.client_key.load_client_key`): at start, before the event loop
+        runs. `IdentityConfigError` names the provider's key and the file at fault."""
+        providers = []
+        for index, provider in enumerate(self.providers):
+            if provider.client_key_file:
+                try:
+                    key = load_client_key(
+                        provider.client_key_file,
+                        provider.client_key_id,
+                        provider.client_assertion_alg,
+                    )
+                except ClientKeyError as e:
+                    raise IdentityConfigError(
+                        f"identity.providers[{index}].client_key_file: {e}"
+                    ) from None
+                provider = replace(provider, client_key=key)
+            providers.append(provider)
+        return replace(self, providers=tuple(providers))
 
     @classmethod
     def from_mapping(cls, table: Any, env: Mapping[str, str]) -> IdentitySettings:
@@ -251,18 +286,7 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
     if problem := algorithms_problem(algorithms):
         raise IdentityConfigError(f"{where}.algorithms: {problem}")
     values["algorithms"] = tuple(algorithms)
-    method = table.get("token_endpoint_auth_method", "client_secret_basic")
-    if method not in ("client_secret_basic", "client_secret_post", "none"):
-        raise IdentityConfigError(
-            f"{where}.token_endpoint_auth_method: client_secret_basic, client_secret_post or"
-            f" none, got {method!r}"
-        )
-    if method != "none" and not values.get("client_secret"):
-        raise IdentityConfigError(
-            f"{where}.client_secret is required with {method} (e.g. client_secret ="
-            ' "${IDP_SECRET}")'
-        )
-    values["token_endpoint_auth_method"] = method
+    values.update(_client_authentication(where, table, values, env))
     for key in (
         "leeway_seconds",
         "timeout_seconds",
@@ -292,6 +316,72 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
         raise IdentityConfigError(f"{where}.facts must be an array of tables")
     values["facts"] = tuple(_fact_mapping(f"{where}.facts[{i}]", m) for i, m in enumerate(raw))
     return OpenIDProvider(**values)
+
+
+_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
+
+
+def _client_authentication(
+    where: str, table: Mapping[str, Any], values: Mapping[str, Any], env: Mapping[str, str]
+) -> dict[str, Any]:
+    """``token_endpoint_auth_method`` and what it needs: a ``client_secret``, or for
+    ``private_key_jwt`` a ``client_key_file`` (read by `IdentitySettings.with_keys`)."""
+    method = table.get("token_endpoint_auth_method")
+    if method is not None and method not in _AUTH_METHODS:
+        raise IdentityConfigError(
+            f"{where}.token_endpoint_auth_method: one of {', '.join(_AUTH_METHODS)}, got {method!r}"
+        )
+    key_keys = [
+        k
+        for k in (
+            "client_key_file",
+            "client_key_id",
+            "client_assertion_alg",
+            "client_assertion_audience",
+        )
+        if k in table
+    ]
+    if method != "private_key_jwt":
+        if key_keys:
+            raise IdentityConfigError(
+                f"{where}.{key_keys[0]} is used only with token_endpoint_auth_method ="
+                ' "private_key_jwt"'
+            )
+        if method != "none" and not values.get("client_secret"):
+            raise IdentityConfigError(
+                f"{where}.client_secret is required with {method or 'client_secret_basic'}"
+                ' (e.g. client_secret = "${IDP_SECRET}"), or set token_endpoint_auth_method ='
+                ' "private_key_jwt" with client_key_file'
+            )
+        return {"token_endpoint_auth_method": method}
+    if values.get("client_secret"):
+        raise IdentityConfigError(
+            f"{where}.client_secret is not used with private_key_jwt: remove it (bastion"
+            " authenticates with client_key_file)"
+        )
+    path = _expand(
+        f"{where}.client_key_file",
+        _text(f"{where}.client_key_file", table.get("client_key_file")),
+        env,
+    )
+    kid = table.get("client_key_id")
+    if kid is not None:
+        kid = _text(f"{where}.client_key_id", kid)
+    alg = table.get("client_assertion_alg")
+    if alg is not None:
+        alg = _text(f"{where}.client_assertion_alg", alg)
+    audience = table.get("client_assertion_audience", "token_endpoint")
+    if audience not in AUDIENCES:
+        raise IdentityConfigError(
+            f"{where}.client_assertion_audience: token_endpoint or issuer, got {audience!r}"
+        )
+    return {
+        "token_endpoint_auth_method": method,
+        "client_key_file": path,
+        "client_key_id": kid,
+        "client_assertion_alg": alg,
+        "client_assertion_audience": audience,
+    }
 
 
 def _fact_mapping(where: str, table: Any) -> FactMapping:

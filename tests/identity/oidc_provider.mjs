@@ -1,6 +1,7 @@
 // A certified OpenID provider for the tests: the npm package oidc-provider (its module path in
 // OIDC_PROVIDER_MODULE), on 127.0.0.1:PORT, with one static confidential client (bastion),
-// PKCE required, and the people of USERS_FILE, a JSON object read at each login:
+// PKCE required (CLIENT_METADATA, a JSON object, overrides its metadata: another
+// token_endpoint_auth_method, the public keys of private_key_jwt), and the people of USERS_FILE, a JSON object read at each login:
 // { "<login>": { "password": "...", "groups": [...], "email": "..." } }. A login that is not
 // there, or a wrong password, is refused at the provider. Prints "ready <issuer>" once listening.
 import { readFileSync } from 'node:fs';
@@ -23,6 +24,7 @@ const provider = new Provider(issuer, {
       grant_types: ['authorization_code'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
+      ...JSON.parse(process.env.CLIENT_METADATA || '{}'),
     },
   ],
   jwks: JSON.parse(process.env.JWKS),

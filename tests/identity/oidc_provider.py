@@ -43,9 +43,11 @@ def oidc_provider(
     redirect_uris: list[str],
     users_file: Path,
     key: RSAKey | None = None,
+    client_metadata: dict | None = None,
 ):
     """oidc-provider on 127.0.0.1:``port``; yields its issuer URL. ``users_file`` is read at
-    each login, so a test can change a person's groups between two logins."""
+    each login, so a test can change a person's groups between two logins. ``client_metadata``
+    overrides bastion's client's (``token_endpoint_auth_method``, ``jwks``)."""
     module = install()
     key = key or RSAKey.generate_key(2048, parameters={"kid": "provider-key", "use": "sig"})
     env = {
@@ -54,6 +56,7 @@ def oidc_provider(
         "PORT": str(port),
         "CLIENT_ID": client_id,
         "CLIENT_SECRET": client_secret,
+        "CLIENT_METADATA": json.dumps(client_metadata or {}),
         "REDIRECT_URIS": " ".join(redirect_uris),
         "USERS_FILE": str(users_file),
         "JWKS": json.dumps({"keys": [key.as_dict(private=True)]}),

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from starlette.applications import Starlette
 
 from bastion.db import Database
@@ -113,11 +114,12 @@ class Person:
         return response.json()
 
 
-def log_in_at_the_provider(
-    tab, authorize_url: str, provider: str, login: str, password: str, user_id: str
-) -> dict[str, list[str]]:
+def sign_in_at_the_provider(
+    tab, authorize_url: str, provider: str, login: str, password: str
+) -> list[str]:
     """The person in chromium: bastion's login page, the provider's sign-in and consent, then
-    bastion's consent. Returns the query the MCP client's redirect URI receives."""
+    back at bastion's callback (its page loaded, whatever it says). Returns the list the URLs
+    the MCP client's redirect URI receives are appended to."""
     page = tab.page
     arrived: list[str] = []
 
@@ -133,8 +135,23 @@ def log_in_at_the_provider(
     page.fill("input[name=login]", login)
     page.fill("input[name=password]", password)
     page.get_by_role("button", name="Sign-in").click()
-    page.get_by_role("button", name="Continue").click()  # the provider's own consent
-    page.wait_for_selector("text=Allow access?")  # back at bastion, signed in
+    with page.expect_response(lambda r: "/login/" in r.url and "/callback?" in r.url):
+        page.get_by_role("button", name="Continue").click()  # the provider's own consent
+    page.wait_for_load_state()
+    return arrived
+
+
+def log_in_at_the_provider(
+    tab, authorize_url: str, provider: str, login: str, password: str, user_id: str
+) -> dict[str, list[str]]:
+    """`sign_in_at_the_provider`, then bastion's consent. Returns the query the MCP client's
+    redirect URI receives."""
+    page = tab.page
+    arrived = sign_in_at_the_provider(tab, authorize_url, provider, login, password)
+    try:
+        page.wait_for_selector("text=Allow access?")  # back at bastion, signed in
+    except PlaywrightTimeout:
+        raise AssertionError(page.inner_text("body")) from None
     assert page.get_by_text(f"Signed in as {user_id}.").count() == 1
     page.get_by_role("button", name="Allow").click()
     page.wait_for_url(f"{REDIRECT_URI}*")

@@ -8,6 +8,7 @@ client is in test_oidc_login.py."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import re
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 from joserfc import jws, jwt
+from joserfc.errors import JoseError
 from joserfc.jwk import OctKey, RSAKey
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,6 +42,7 @@ SECRETS = {
     "bastion-n": "secret-of-n",
     "bastion-r": "secret-of-r",
     "bastion-s": "secret-of-s",
+    "bastion-p": "secret-of-p",
 }
 
 
@@ -78,6 +81,12 @@ class TestProvider:
         self.published: dict[str, list] = {}
         self.jwks_fetches: dict[str, int] = {}
         self.announced: dict[str, object] = {}
+        # Per issuer: more members of its discovery document; the public key its client
+        # authenticates with (private_key_jwt); and each token request's client authentication
+        # (the method and the form).
+        self.metadata: dict[str, dict] = {}
+        self.client_keys: dict[str, object] = {}
+        self.authenticated: list[tuple[str, dict]] = []
         self.redeemed: list[str] = []
         self.token_status = 200
         self.userinfo_claims = {"sub": "ada", "groups": ["from-userinfo"]}
@@ -110,6 +119,7 @@ class TestProvider:
                     if name in self.announced
                     else {}
                 ),
+                **self.metadata.get(name, {}),
             }
         )
 
@@ -129,10 +139,14 @@ class TestProvider:
             return Response("down for maintenance", status_code=self.token_status)
         name = request.path_params["name"]
         client_id = f"bastion-{name}"
-        basic = base64.b64encode(f"{client_id}:{SECRETS[client_id]}".encode()).decode()
-        if request.headers.get("authorization") != f"Basic {basic}":
-            return JSONResponse({"error": "invalid_client"}, status_code=401)
         form = await request.form()
+        method = self._client_authentication(request, name, client_id, form)
+        self.authenticated.append((method, dict(form)))
+        if method == "refused":
+            return JSONResponse(
+                {"error": "invalid_client", "error_description": "who are you?\u202e"},
+                status_code=401,
+            )
         recipe = self.codes.pop(str(form.get("code")), None)  # a code is good once
         if recipe is None or recipe["issuer"] != name:
             return JSONResponse({"error": "invalid_grant"}, status_code=400)
@@ -144,6 +158,25 @@ class TestProvider:
         return JSONResponse(
             {"access_token": "opaque", "token_type": "Bearer", "id_token": recipe["id_token"]}
         )
+
+    def _client_authentication(self, request: Request, name: str, client_id: str, form) -> str:
+        """The method the token request authenticated with, or ``refused``."""
+        basic = base64.b64encode(f"{client_id}:{SECRETS.get(client_id, '')}".encode()).decode()
+        if request.headers.get("authorization") == f"Basic {basic}":
+            return "client_secret_basic"
+        if "client_secret" in form:
+            return (
+                "client_secret_post" if form["client_secret"] == SECRETS[client_id] else "refused"
+            )
+        if "client_assertion" in form and name in self.client_keys:
+            try:
+                jws.deserialize_compact(
+                    str(form["client_assertion"]), self.client_keys[name], algorithms=["PS256"]
+                )
+            except JoseError:
+                return "refused"
+            return "private_key_jwt"
+        return "refused"
 
     def issue(
         self,
@@ -1295,3 +1328,204 @@ def test_an_audience_the_provider_always_adds_is_taken_when_trusted(tmp_path, id
             refused(person.back_from_provider("b", code=code, state=query["state"]), 400, "'y'")
         finally:
             person.close()
+
+
+# -- the ID token's at_hash ----------------------------------------------------------------
+
+
+def _at_hash(access_token: str) -> str:
+    digest = hashlib.sha256(access_token.encode()).digest()
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    ("at_hash", "words"),
+    [
+        (_at_hash("another access token"), "at_hash is not that of the access token"),
+        (_at_hash("opaque")[:-1], "at_hash is not that of the access token"),
+        (12, "at_hash is not that of the access token"),
+    ],
+    ids=["another-token", "cut", "number"],
+)
+def test_an_id_token_whose_at_hash_names_another_access_token_signs_nobody_in(
+    bastion, idp, person, client, at_hash, words
+):
+    # OpenID Connect Core 1.0 §3.1.3.8: in the code flow the client MAY check at_hash; bastion
+    # does whenever it is there (the access token goes on to UserInfo).
+    before = (sessions(bastion), users(bastion))
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query, sub="hashed", at_hash=at_hash)
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 400, words)
+    assert (sessions(bastion), users(bastion)) == before
+
+
+def test_an_id_token_whose_at_hash_is_the_access_tokens_is_taken(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query, sub="hashed", at_hash=_at_hash("opaque"))
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    assert response.status_code == 200 and "Allow access?" in response.text, response.text
+
+
+# -- bastion's client authentication at the token endpoint -----------------------------------
+
+
+def _one_provider(tmp_path, **settings):
+    """bastion with the one provider ``p`` of ``idp``, made with ``settings``."""
+    identity = {"providers": [{"id": "p", "client_id": "bastion-p", **settings}]}
+    return bastion_with_providers(
+        str(tmp_path / "p.db"), str(tmp_path / "keys"), free_socket(), identity
+    )
+
+
+def _log_in_at_p(b, idp) -> httpx.Response:
+    person = Person(b)
+    try:
+        query = person.sent_to_provider(b.register(), "p")
+        return person.back_from_provider("p", code=idp.issue("p", query), state=query["state"])
+    finally:
+        person.close()
+
+
+@pytest.fixture
+def provider_p(idp):
+    """``idp``'s issuer ``p``, with what a test announces and registers there reset after."""
+    yield idp
+    for table in (idp.metadata, idp.client_keys):
+        table.pop("p", None)
+
+
+def test_a_provider_that_takes_only_client_secret_post_gets_it(tmp_path, provider_p):
+    # OpenID Connect Discovery 1.0 §3: token_endpoint_auth_methods_supported; bastion's default
+    # (client_secret_basic) where the provider announces it, else client_secret_post.
+    idp = provider_p
+    idp.metadata["p"] = {"token_endpoint_auth_methods_supported": ["client_secret_post"]}
+    with _one_provider(tmp_path, issuer=idp.issuer("p"), client_secret=SECRETS["bastion-p"]) as b:
+        page = _log_in_at_p(b, idp)
+        assert "Allow access?" in page.text, page.text
+    method, form = idp.authenticated[-1]
+    assert method == "client_secret_post" and form["client_id"] == "bastion-p"
+
+
+@pytest.mark.parametrize(
+    ("announced", "settings", "words"),
+    [
+        (
+            ["client_secret_post", "private_key_jwt"],
+            {"token_endpoint_auth_method": "client_secret_basic"},
+            "its token endpoint does not take client_secret_basic"
+            " (token_endpoint_auth_methods_supported: ['client_secret_post', 'private_key_jwt']",
+        ),
+        (
+            ["private_key_jwt", "tls_client_auth"],
+            {},
+            "its token endpoint takes no client secret (token_endpoint_auth_methods_supported:"
+            " ['private_key_jwt', 'tls_client_auth']): set token_endpoint_auth_method",
+        ),
+        ("client_secret_basic", {}, "is not a list of names"),
+    ],
+    ids=["basic-not-announced", "no-secret-method", "not-a-list"],
+)
+def test_a_method_the_provider_does_not_announce_is_refused_before_the_person_leaves(
+    tmp_path, provider_p, announced, settings, words
+):
+    idp = provider_p
+    idp.metadata["p"] = {"token_endpoint_auth_methods_supported": announced}
+    before = len(idp.authenticated)
+    with _one_provider(
+        tmp_path, issuer=idp.issuer("p"), client_secret=SECRETS["bastion-p"], **settings
+    ) as b:
+        person = Person(b)
+        try:
+            response = person.choose(person.open_authorization(b.register()), "p")
+        finally:
+            person.close()
+    refused(response, 503, words)
+    assert len(idp.authenticated) == before
+
+
+def _key_file(tmp_path, key) -> str:
+    path = tmp_path / "bastion-p.pem"
+    path.write_bytes(key.as_pem(private=True))
+    return str(path)
+
+
+@pytest.mark.parametrize("audience", ["token_endpoint", "issuer"])
+def test_private_key_jwt_sends_a_short_lived_assertion_signed_by_bastions_key(
+    tmp_path, provider_p, audience
+):
+    """OpenID Connect Core 1.0 §9 and RFC 7523 §3: iss and sub the client_id, aud the token
+    endpoint (or the issuer), a jti of its own per request, exp a minute after iat; the alg the
+    first of the key's the provider announces; no secret sent."""
+    idp = provider_p
+    key = RSAKey.generate_key(2048)
+    idp.client_keys["p"] = key
+    idp.metadata["p"] = {
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["HS256", "PS256", "ES256"],
+    }
+    settings = {
+        "issuer": idp.issuer("p"),
+        "token_endpoint_auth_method": "private_key_jwt",
+        "client_key_file": _key_file(tmp_path, key),
+        "client_assertion_audience": audience,
+    }
+    with _one_provider(tmp_path, **settings) as b:
+        for _ in range(2):
+            page = _log_in_at_p(b, idp)
+            assert page.status_code == 200 and "Allow access?" in page.text, page.text
+    (first_method, first), (method, form) = idp.authenticated[-2:]
+    assert first_method == method == "private_key_jwt"
+    assert form["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    assert form["client_id"] == "bastion-p" and "client_secret" not in form
+    token = jws.deserialize_compact(form["client_assertion"], key, algorithms=["PS256"])
+    # A PEM key has no kid: its RFC 7638 thumbprint names it (unless client_key_id does).
+    assert token.protected == {"alg": "PS256", "kid": key.thumbprint(), "typ": "JWT"}
+    claims = json.loads(token.payload)
+    assert claims["iss"] == claims["sub"] == "bastion-p"
+    aud = idp.issuer("p") if audience == "issuer" else f"{idp.issuer('p')}/token"
+    assert claims["aud"] == aud
+    assert claims["exp"] - claims["iat"] == 60
+    earlier = jws.deserialize_compact(first["client_assertion"], key, algorithms=["PS256"])
+    assert claims["jti"] != json.loads(earlier.payload)["jti"]
+
+
+def test_a_key_whose_algorithms_the_provider_does_not_take_is_refused_before_the_login(
+    tmp_path, provider_p
+):
+    idp = provider_p
+    key = RSAKey.generate_key(2048)
+    idp.metadata["p"] = {"token_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA"]}
+    settings = {
+        "issuer": idp.issuer("p"),
+        "token_endpoint_auth_method": "private_key_jwt",
+        "client_key_file": _key_file(tmp_path, key),
+    }
+    with _one_provider(tmp_path, **settings) as b:
+        person = Person(b)
+        try:
+            response = person.choose(person.open_authorization(b.register()), "p")
+        finally:
+            person.close()
+    refused(response, 503, "it takes client assertions signed with ['ES256', 'EdDSA']")
+
+
+def test_a_key_the_provider_refuses_signs_nobody_in_with_a_page_saying_what_to_fix(
+    tmp_path, provider_p
+):
+    idp = provider_p
+    idp.client_keys["p"] = RSAKey.generate_key(2048)  # registered there: not bastion's
+    settings = {
+        "issuer": idp.issuer("p"),
+        "token_endpoint_auth_method": "private_key_jwt",
+        "client_key_file": _key_file(tmp_path, RSAKey.generate_key(2048)),
+    }
+    with _one_provider(tmp_path, **settings) as b:
+        response = _log_in_at_p(b, idp)
+        refused(response, 502, "p refused bastion's own credentials at its token endpoint")
+        text = html.unescape(response.text)
+        assert "(invalid_client: who are you?\\u202e)" in text and "\u202e" not in text
+        assert "`bastion identity client-jwks` prints it" in text
+        assert b.db.execute("SELECT COUNT(*) FROM oauth_sessions")[0][0] == 0
+        assert [u[0] for u in b.server.store.users()] == []
+    assert idp.authenticated[-1][0] == "refused"
