@@ -421,6 +421,9 @@ class Database:
         self.is_postgres = is_postgres(url)
         self._lock = threading.RLock()
         self._depth = 0
+        # Components this object brought to (or found at) a version in a transaction of its own
+        # that committed: `migrate` of them again takes no lock (see there).
+        self._migrated: dict[str, int] = {}
         self._after_commit: list[Callable[[], None]] = []
         self._confirming: set[str] = set()  # channels `confirm_after_commit` waits for
         self._conn: Any = None
@@ -829,7 +832,15 @@ class Database:
         `Database`, nothing is applied: `DatabaseSettingError` unless every one is already.
         """
         if self.read_only:
-            return self._migrated(component, len(migrations))
+            return self._migrated_read_only(component, len(migrations))
+        if self._migrated.get(component) == len(migrations):
+            # Done once by this object: not again, and not under the component's lock, which a
+            # call inside a transaction (`AuditLog(db)` where a connection is revoked, say)
+            # would hold to its end, making every such transaction of every process wait on
+            # one another, and on any process stopped while it held it.
+            return len(migrations)
+        # Inside another transaction (this thread's), the outer one may still roll back.
+        own_transaction = self._depth == 0
         with self.transaction():
             self.lock(f"bastion:{component}")
             self.execute(
@@ -856,9 +867,11 @@ class Database:
                 )
         with _KNOWN_SCHEMA_LOCK:
             _KNOWN_SCHEMA[component] = max(_KNOWN_SCHEMA.get(component, 0), len(migrations))
+        if own_transaction:
+            self._migrated[component] = len(migrations)
         return len(migrations)
 
-    def _migrated(self, component: str, known: int) -> int:
+    def _migrated_read_only(self, component: str, known: int) -> int:
         """`migrate` on a read-only `Database`: the schema version reached, if it is this
         code's (``known``); else `SchemaNewer`, or `DatabaseSettingError` for one not reached
         yet (which only a process that may write can reach)."""

@@ -218,3 +218,30 @@ def test_a_running_replica_stops_deciding_once_a_newer_bastion_migrates(database
         refused = api.post("/v1/authorize", json=question)
         assert refused.status_code == 503
         assert "newer bastion" in refused.text
+
+
+def test_a_component_migrated_once_is_not_migrated_again_under_its_lock(postgres_url):
+    """A transaction that makes an `AuditLog` (a connection revoked, say) takes the audit tables'
+    migration lock no more once its `Database` brought them to this version in a transaction of
+    its own: held to the transaction's end, it made every such transaction of every process wait
+    on one another, and on any process stopped while it held it (seen: lock_timeout, 30 s, past
+    in CI). A first migration still waits for it."""
+    from bastion.audit.log import AuditLog
+    from bastion.db import DatabaseUnavailable
+
+    url = f"{postgres_url}%20-clock_timeout%3D1s"  # a wait refused after a second, not 30
+    db, fresh = Database(url), Database(url)
+    holder = psycopg.connect(POSTGRES_URL)
+    try:
+        AuditLog(db)
+        holder.execute("SELECT pg_advisory_xact_lock(hashtext('bastion:audit'))")
+        with db.transaction():
+            AuditLog(db).record("test.recorded", actor="test")
+        assert [e.kind for e in AuditLog(db).events()] == ["test.recorded"]
+        with pytest.raises(DatabaseUnavailable):
+            AuditLog(fresh)
+    finally:
+        holder.rollback()
+        holder.close()
+        db.close()
+        fresh.close()
