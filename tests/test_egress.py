@@ -25,6 +25,7 @@ from bastion.server.config import ConfigError
 from bastion.signals.settings import SsfSettings
 from bastion.webhooks import DELIVERED, FAILED, Outbox, Webhook, WebhookDelivery
 from tests.conftest import unavailable
+from tests.waits import PATIENCE
 
 SECRET = "0123456789abcdef0123"
 
@@ -113,7 +114,7 @@ def deliver(tmp_path, hook: Webhook) -> str:
         await outbox.start()
         try:
             outbox.enqueue("r1", lambda delivery: {"event": "test", "text": "hello"})
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + PATIENCE  # the state is read on a worker thread
             while (state := await anyio.to_thread.run_sync(final)) not in (DELIVERED, FAILED):
                 assert time.monotonic() < deadline, "the delivery never ended"
                 await anyio.sleep(0.02)

@@ -14,7 +14,7 @@ import pytest
 
 from bastion.db import Database, Listener, ensure_listener_marks
 from tests.conftest import POSTGRES_URL
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 
 class Heard:
@@ -29,7 +29,7 @@ class Heard:
 
     def __call__(self, payload: str) -> None:
         self.entered.set()
-        self.release.wait(20)
+        self.release.wait(PATIENCE)
         self.payloads.append(payload)
 
 
@@ -64,7 +64,7 @@ def test_a_notification_being_handled_is_not_taken_for_handled(channel, notify):
     try:
         heard.release.clear()
         notify("revoked")
-        assert heard.entered.wait(20)
+        assert heard.entered.wait(PATIENCE)
         # Arrived, not handled yet: whoever must not act on the old state is told so.
         assert listener.behind()
         assert listener.caught_up(0.05) is False
@@ -196,7 +196,7 @@ def test_a_listener_that_never_confirms_holds_a_commit_only_up_to_the_bound(
                 ).fetchall()
             )
         )
-    assert marks_db.confirm_heard(channel, timeout=20) is True
+    assert marks_db.confirm_heard(channel, timeout=PATIENCE) is True
 
 
 def test_a_barrier_of_another_schema_confirms_nothing(channel, postgres_url, marks_db):
@@ -230,5 +230,5 @@ def test_a_stopped_listener_ends_at_once_not_at_its_next_heartbeat(channel):
     does not wait out the heartbeat of each of its listeners. The heartbeat here is far beyond
     the stop's bound, so a thread left to wake by itself is still alive when the bound ends."""
     listener = listening(channel, Heard(), heartbeat=600)
-    listener.stop(timeout=10)
+    listener.stop(timeout=PATIENCE)
     assert not listener._thread.is_alive(), "the thread waited for its heartbeat"

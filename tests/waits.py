@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 # How long a test waits for what another thread or process is to do before calling it stuck: a
 # bound against a hang, never what a passing run waits (a wait ends once the thing is done).
 # Several test runs share the machine's two cores: `bastion serve` takes 0.7 s to be ready alone
@@ -27,6 +29,19 @@ def eventually(
         if time.monotonic() > deadline:
             return False
         time.sleep(every)
+    return True
+
+
+async def eventually_async(
+    condition: Callable[[], object], within: float = PATIENCE, every: float = 0.005
+) -> bool:
+    """`eventually` in an event loop (the loop runs on while it sleeps): ``condition`` must be
+    quick and not block, as it is asked in the loop itself."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(every)
     return True
 
 
@@ -48,7 +63,7 @@ def until_ready(
 
 
 @contextlib.contextmanager
-def reads_held(replica: Any, within: float = 30.0) -> Iterator[threading.Event]:
+def reads_held(replica: Any, within: float = PATIENCE) -> Iterator[threading.Event]:
     """A replica's reads of the change log held back, as on a loaded machine, until the event
     this gives is set (or for ``within`` seconds each); set, and the reads put back, at the end."""
     held, read = threading.Event(), replica.store.changes_since

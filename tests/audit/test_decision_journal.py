@@ -4,6 +4,7 @@ writes every journalled decision the database lacks, marked as recovered."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -13,7 +14,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -43,6 +43,7 @@ from bastion.server.api.decisions import DecisionRecord as LoggedRecord
 from bastion.server.config import ConfigError, ServerConfig
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import Running, bastion_serve, serve_quickstart, start, stop
+from tests.waits import PATIENCE, eventually
 
 QUICKSTART_PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
 SEARCH = 'Tool{"desk/search_customers"}'
@@ -84,15 +85,16 @@ def _records(database: Path) -> list[dict]:
     return [json.loads(row[0]) for row in rows]
 
 
-def _traced(trace: Path, query: str, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if trace.exists() and any(
-            json.loads(line).get("query") == query for line in trace.read_text().splitlines()
-        ):
-            return True
-        time.sleep(0.02)
-    return False
+def _traced(trace: Path, query: str) -> bool:
+    return eventually(
+        lambda: (
+            trace.exists()
+            and any(
+                json.loads(line).get("query") == query for line in trace.read_text().splitlines()
+            )
+        ),
+        every=0.02,
+    )
 
 
 def test_a_gateway_killed_outright_loses_no_decision_record(tmp_path):
@@ -137,9 +139,9 @@ def test_a_gateway_killed_outright_loses_no_decision_record(tmp_path):
                     assert "result" in answer, answer
                     answered += 1
                 server.send_signal(signal.SIGKILL)
-                server.wait(10)
+                server.wait(PATIENCE)
             finally:
-                waiting.wait(30)
+                waiting.wait(PATIENCE)
         searches = [r for r in _records(tmp_path / "bastion.db") if r["target"] == SEARCH]
         lost_on_kill = answered + 1 - len(searches)
 
@@ -182,11 +184,10 @@ def test_a_live_gateway_recovers_the_journal_of_a_replica_that_died_beside_it(
         taken = _decision(1)
         dead.append(taken)
         os.close(dead._fd)  # its process is killed
-        deadline = time.monotonic() + 20
         # Removed once its records are stored.
-        while _journals(folder) != [running.records.journal.path]:
-            assert time.monotonic() < deadline, "the live gateway never recovered the journal"
-            time.sleep(0.05)
+        assert eventually(
+            lambda: _journals(folder) == [running.records.journal.path], every=0.05
+        ), "the live gateway never recovered the journal"
         assert running.records.get(taken["id"]).recovered
     # Stopped cleanly with every decision stored: its own journal goes too.
     assert _journals(folder) == []
@@ -426,10 +427,9 @@ def test_a_gateway_forces_its_journal_to_the_disk_by_default_while_calls_are_at_
         # A call let through and still at its upstream: no record waits to be written.
         taken = _decision(1)
         journal.append(taken)
-        deadline = time.monotonic() + 20
-        while _times(forced, inode) == before:
-            assert time.monotonic() < deadline, "the gateway never forced its journal to the disk"
-            time.sleep(0.05)
+        assert eventually(lambda: _times(forced, inode) != before, every=0.05), (
+            "the gateway never forced its journal to the disk"
+        )
         running.records.add(DecisionRecord.of(taken))  # answered
 
 
@@ -623,7 +623,7 @@ def test_two_processes_never_both_recover_the_same_journal(tmp_path, database_ur
     for thread in sweepers:
         thread.start()
     for thread in sweepers:
-        thread.join(60)
+        thread.join(PATIENCE)
     records = DecisionRecords(Database(database_url))
     assert sum(counts) == 100 and len(_stored(records)) == 100
     assert len(AuditLog(records.db).events("decisions.recovered")) == 4
@@ -691,7 +691,7 @@ def test_a_journal_rewritten_while_another_process_recovers_it_loses_no_decision
                 and frame.f_code is journal_module._recover.__code__
             ):
                 opened.set()
-                go_on.wait(60)
+                go_on.wait(PATIENCE)
 
         swept: list[int] = []
 
@@ -706,12 +706,12 @@ def test_a_journal_rewritten_while_another_process_recovers_it_loses_no_decision
         sweeper = threading.Thread(target=sweep)
         sweeper.start()
         try:
-            assert opened.wait(60), "the sweeper never opened the journal"
+            assert opened.wait(PATIENCE), "the sweeper never opened the journal"
             # Thirty-nine answered and stored: the journal, past 4 KiB, is rewritten.
             assert _tell(owner, "answered", answered) != first
         finally:
             go_on.set()
-            sweeper.join(60)
+            sweeper.join(PATIENCE)
         assert swept == [0]
         records = DecisionRecords(Database(database_url))
         assert [r.id for r in _stored(records)] == [fields["id"] for fields in answered]
@@ -763,14 +763,15 @@ def test_a_journal_stays_while_the_database_cannot_take_its_records(tmp_path, ou
         recover_journals(tmp_path / "j", records, database)
     assert _journals(tmp_path / "j") == [journal.path]
     outage.unblock(outage.roles[0])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert recover_journals(tmp_path / "j", records, database) == 1
-            break
-        except DatabaseUnavailable:
-            assert time.monotonic() < deadline, "the database never came back"
-            time.sleep(0.2)
+    recovered: list[int] = []
+
+    def recovers() -> bool:
+        with contextlib.suppress(DatabaseUnavailable):
+            recovered.append(recover_journals(tmp_path / "j", records, database))
+        return bool(recovered)
+
+    assert eventually(recovers, every=0.2), "the database never came back"
+    assert recovered == [1]
     assert [record.recovered for record in _stored(records)] == [True]
     assert _journals(tmp_path / "j") == []
 

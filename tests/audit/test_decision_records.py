@@ -27,6 +27,7 @@ from bastion.audit.decisions import (
 )
 from bastion.db import Database
 from bastion.signals.behavior import LocalBehavior
+from tests.waits import PATIENCE
 
 REFERENCE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 
@@ -153,11 +154,11 @@ def test_a_flush_waits_for_one_under_way_and_returns_with_every_record_written(
     monkeypatch.setattr(turns.time, "sleep", pause)
     writer = threading.Thread(target=records.flush)
     writer.start()
-    assert paused.wait(10)
+    assert paused.wait(PATIENCE)
     threading.Timer(0.2, go.set).start()
     assert records.flush() == 0  # nothing was left for it: the writer had taken all three
     assert [r.id for _, r in records.after(0)] == ["d0", "d1", "d2"]
-    writer.join(10)
+    writer.join(PATIENCE)
 
 
 def test_a_record_whose_rules_cannot_be_worked_out_is_written_saying_why(tmp_path, caplog):

@@ -182,9 +182,9 @@ def test_a_following_export_writes_rows_recorded_after_it_started_and_stops_on_a
         return file.read_text(encoding="utf-8").count("\n") if file.exists() else 0
 
     try:
-        assert eventually(lambda: lines() == 10, within=30), (lines(), process.poll())
+        assert eventually(lambda: lines() == 10), (lines(), process.poll())
         _more(db, 5)
-        assert eventually(lambda: lines() == 15, within=30), lines()
+        assert eventually(lambda: lines() == 15), lines()
         _more(db, 300, start=16)  # and stopped while it may be writing them
         process.send_signal(stop)
         _, err = process.communicate(timeout=30)

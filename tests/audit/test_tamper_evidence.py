@@ -20,6 +20,7 @@ from bastion.audit.log import AuditLog
 from bastion.cli import main
 from bastion.db import Database, DatabaseUnavailable
 from tests.postgres_outage import CommitCut
+from tests.waits import eventually_async
 
 DAY = 86_400.0
 NOW = float(int(time.time()))  # `audit prune --older-than` counts back from the present
@@ -581,13 +582,16 @@ def test_the_server_chains_events_and_logs_checkpoints_verify_takes(sqlite_url, 
 
     async def run() -> str:
         task = asyncio.create_task(checkpoints.keep_chains_forever(db, 0.05))
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "checkpoint" in r.name]
+
         try:
-            for _ in range(200):
-                await asyncio.sleep(0.05)
-                lines = [r.getMessage() for r in caplog.records if "checkpoint" in r.name]
-                if lines and "events=11:" in lines[-1]:
-                    return lines[-1]
-            raise AssertionError(f"no checkpoint line naming event 11: {caplog.text}")
+            logged = await eventually_async(
+                lambda: lines() and "events=11:" in lines()[-1], every=0.05
+            )
+            assert logged, f"no checkpoint line naming event 11: {caplog.text}"
+            return lines()[-1]
         finally:
             task.cancel()
 
@@ -651,7 +655,7 @@ def test_two_servers_on_one_postgresql_chain_events_into_one_chain_and_log_its_h
             )
             return lines[-1] if lines else None
 
-        assert eventually(lambda: all(logged_head(s) for s in servers), within=20)
+        assert eventually(lambda: all(logged_head(s) for s in servers))
         heads = {logged_head(s) for s in servers}
     finally:
         for server in servers:

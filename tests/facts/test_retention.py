@@ -24,7 +24,7 @@ from bastion.facts.store import (
     _rows,
     prune_changes_before,
 )
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 ALICE = Entity("User", "alice")
 BOB = Entity("User", "bob")
@@ -139,11 +139,11 @@ def test_a_fact_written_again_while_the_purge_waits_for_the_writers_lock_is_kept
             )
             purge.start()
             if database_url.startswith("postgresql"):
-                assert eventually(lambda: _writer_waiting(database_url, writer.db), within=10)
+                assert eventually(lambda: _writer_waiting(database_url, writer.db))
             else:
                 time.sleep(0.3)  # SQLite: the purge's BEGIN IMMEDIATE waits for the write lock
             assert purge.is_alive()
-        purge.join(20)
+        purge.join(PATIENCE)
     finally:
         writer.close()
     assert purged == [0]

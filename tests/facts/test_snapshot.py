@@ -23,7 +23,7 @@ from bastion.facts import snapshot
 from bastion.facts.model import Entity
 from bastion.facts.store import SCHEMA_VERSION, FactStore, StoredFact
 from bastion.server.replica import Replica
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually, eventually_async
 
 POLICY = """
 actor User {}
@@ -150,7 +150,7 @@ def test_a_snapshot_waits_for_a_change_in_hand_without_holding_the_event_loop(
             with lock:
                 held.set()
                 # A deadline, not a figure: the loop sets `alive` at once unless it is stuck.
-                seen.append(alive.wait(5))
+                seen.append(alive.wait(PATIENCE))
 
         worker = threading.Thread(target=change_in_hand)
         replica._changing = changing = asyncio.get_running_loop().create_future()
@@ -245,7 +245,7 @@ def test_a_replica_writes_its_snapshot_when_it_stops_and_starts_from_it(store, d
     async def scenario():
         first = await started(database_url, path)
         store.apply([StoredFact(("has_role", USERS[5], "admin", ORGS[1]))])
-        await first.wait_for(store.head(), timeout=10)
+        await first.wait_for(store.head(), PATIENCE)
         await first.stop()
         assert snapshot.read(path).origin.seq == store.head()
         second = await started(database_url, path)
@@ -557,12 +557,12 @@ def test_what_a_start_loads_is_out_of_the_collectors_sight_until_the_replica_let
                 replaced = weakref.ref(replica.authz._active.compiled)
                 assert replica.authz.authorize(USERS[3], "read", REPOS[4])
                 version, _ = store.put_policy(POLICY.replace('"read" if "reader";', ""))
-                await replica.wait_for(store.head(), 10)
+                await replica.wait_for(store.head(), PATIENCE)
                 assert replica.policy_version == version
                 assert not replica.authz.authorize(USERS[3], "read", REPOS[4])
                 assert frozen(replica) and replaced() is None
                 store.put_policy(POLICY)
-                await replica.wait_for(store.head(), 10)
+                await replica.wait_for(store.head(), PATIENCE)
             finally:
                 await replica.stop()
             assert gc.get_freeze_count() == 0
@@ -597,7 +597,7 @@ async def after_a_large_change(store, database_url) -> tuple[Replica, list[Store
     following = await started(database_url)
     inserts, deletes = large_change()
     store.apply(inserts, deletes=deletes)
-    await following.wait_for(store.head(), 10)
+    await following.wait_for(store.head(), PATIENCE)
     return following, inserts
 
 
@@ -642,13 +642,10 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
         inserts, deletes = large_change()
         decoded[:] = []
         store.apply(inserts, deletes=deletes)
-        await following.wait_for(store.head(), 10)
+        await following.wait_for(store.head(), PATIENCE)
         assert len(decoded) == (0 if handed else 1)
-        for _ in range(400):  # let go of at the follower's next turn (a deadline: 20 s)
-            if not following.handed:
-                break
-            await asyncio.sleep(0.05)
-        assert not following.handed
+        # Let go of at the follower's next turn.
+        assert await eventually_async(lambda: not following.handed, every=0.05)
         assert in_turns[-1:] == [True]  # the change went by the worker thread
         assert (following.authz is not before) == aside
         del before
@@ -677,7 +674,7 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
             ).replace('"push" if "maintainer";', '"push" if "maintainer";\n  "read" if "guest";')
         )
         in_turns[:] = []
-        await following.wait_for(store.head(), 10)
+        await following.wait_for(store.head(), PATIENCE)
         assert in_turns == [True]  # the facts held back, checked again on the worker thread
         assert ("has_role", USERS[2], "guest", REPOS[1]) in set(following.authz.facts)
         assert following.authz.authorize(USERS[2], "read", REPOS[1])
@@ -783,7 +780,7 @@ def test_decisions_go_on_from_the_facts_before_a_change_built_aside_until_it_is_
 
     def held_copy(self, turns_):
         building.set()
-        assert resume.wait(20)
+        assert resume.wait(PATIENCE)
         return copy(self, turns_)
 
     monkeypatch.setattr(Authorizer, "copy", held_copy)
@@ -793,12 +790,12 @@ def test_decisions_go_on_from_the_facts_before_a_change_built_aside_until_it_is_
         before, held = decisions(following), set(following.authz.facts)
         inserts, deletes = large_change()
         store.apply(inserts, deletes=deletes)
-        assert await asyncio.to_thread(building.wait, 20)
+        assert await asyncio.to_thread(building.wait, PATIENCE)
         for _ in range(3):
             await asyncio.sleep(0.01)
             assert decisions(following) == before and set(following.authz.facts) == held
         resume.set()
-        await following.wait_for(store.head(), 10)
+        await following.wait_for(store.head(), PATIENCE)
         loaded = await started(database_url)
         assert decisions(following) == decisions(loaded) != before
         await loaded.stop()
@@ -830,7 +827,7 @@ def test_a_large_change_added_in_place_holds_the_decisions_that_wait_for_it_not_
             parts.append(threading.get_ident())
             if len(parts) == 2 and parts[0] != armed[0]:  # off the loop's thread
                 adding.set()  # after the first part, holding the lock
-                assert resume.wait(20)
+                assert resume.wait(PATIENCE)
         return add_all(self, inserts, shared)
 
     monkeypatch.setattr(FactIndex, "add_all", held_add_all)
@@ -841,7 +838,7 @@ def test_a_large_change_added_in_place_holds_the_decisions_that_wait_for_it_not_
         armed.append(threading.get_ident())  # the event loop's thread
         inserts, deletes = large_change()
         store.apply(inserts, deletes=deletes)
-        assert await asyncio.to_thread(adding.wait, 20)
+        assert await asyncio.to_thread(adding.wait, PATIENCE)
         # The loop runs this; part of the change is in, and no one can read the facts now.
         lock = following.authz._index.lock
         assert not await asyncio.to_thread(lock.acquire, timeout=0)
@@ -855,7 +852,7 @@ def test_a_large_change_added_in_place_holds_the_decisions_that_wait_for_it_not_
         after = decisions(following)  # the first decision after the gate: the change whole
         assert await waiting[1] is True
         assert following.in_force() is None
-        await following.wait_for(store.head(), 10)
+        await following.wait_for(store.head(), PATIENCE)
         assert len(parts) > 2 and armed[0] not in parts
         loaded = await started(database_url)
         assert after == decisions(loaded) != before
@@ -900,11 +897,8 @@ def test_a_large_change_added_in_place_is_let_go_of_after_it_is_applied_not_whil
         replicas.append(following)
         inserts, deletes = large_change()
         result = store.apply(inserts, deletes=deletes)
-        await following.wait_for(result.seq, 10)
-        for _ in range(4000):  # until the follower has let go of it (a deadline: 20 s)
-            if emptied:
-                break
-            await asyncio.sleep(0.005)
+        await following.wait_for(result.seq, PATIENCE)
+        await eventually_async(lambda: emptied)  # until the follower has let go of it
         await following.stop()
         return result.seq
 

@@ -8,6 +8,7 @@ import pytest
 from bastion import Authorizer, Entity, PolicyError
 from bastion.facts.model import FactError
 from bastion.policy import load
+from tests.waits import PATIENCE
 
 BASE = """
 actor User {}
@@ -319,7 +320,7 @@ def test_decisions_taken_while_the_policy_changes_each_run_one_policy_whole():
     finally:
         stop.set()
         for t in threads:
-            t.join(30)
+            t.join(PATIENCE)
     assert failures == []
 
 

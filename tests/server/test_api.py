@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from bastion.facts.model import Entity
 from bastion.server.app import create_app
 from bastion.server.openapi import openapi_document
+from tests.waits import PATIENCE
 
 from .conftest import ADMIN_KEY, POLICY, entity, role
 
@@ -281,7 +282,7 @@ def test_a_decision_asked_while_a_large_change_is_added_waits_for_it_and_the_ser
     def held_add_all(self, inserts, shared=False):
         if shared and not adding.is_set():  # the change's facts, their lock held
             adding.set()
-            assert resume.wait(20)
+            assert resume.wait(PATIENCE)
         return add_all(self, inserts, shared)
 
     monkeypatch.setattr(FactIndex, "add_all", held_add_all)
@@ -296,7 +297,7 @@ def test_a_decision_asked_while_a_large_change_is_added_waits_for_it_and_the_ser
 
     facts = [role(f"u{i}", "reader", "Repo", "anvil") for i in range(20)]
     writing = ask("write", "POST", "/v1/facts", json={"facts": facts})
-    assert adding.wait(20)
+    assert adding.wait(PATIENCE)
     check = {"actor": "User:u19", "action": "read", "resource": "Repo:anvil"}
     deciding = ask("decide", "POST", "/v1/authorize", json=check)
     assert api.get("/healthz").status_code == 200  # the event loop goes on
@@ -304,7 +305,7 @@ def test_a_decision_asked_while_a_large_change_is_added_waits_for_it_and_the_ser
     assert deciding.is_alive() and "decide" not in answers  # waiting for the change
     resume.set()
     for asking in (writing, deciding):
-        asking.join(20)
+        asking.join(PATIENCE)
     assert answers["write"].status_code == 200
     decided = answers["decide"]
     assert decided.status_code == 200 and decided.json()["allowed"] is True

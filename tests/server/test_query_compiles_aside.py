@@ -11,6 +11,7 @@ import pytest
 
 from bastion.policy.compile import CompiledPolicy
 from tests.server.conftest import POLICY, entity, role
+from tests.waits import PATIENCE
 
 ALICE, ANVIL = entity("User", "alice"), entity("Repo", "anvil")
 
@@ -46,18 +47,18 @@ def test_a_new_shape_of_question_compiles_while_decisions_go_on(api, monkeypatch
 
     def held(self, text, filename, location):
         compiling.set()
-        released.append(go_on.wait(15))
+        released.append(go_on.wait(PATIENCE))
         return define(self, text, filename, location)
 
     monkeypatch.setattr(CompiledPolicy, "_define", held)
     decision = {"actor": ALICE, "action": "read", "resource": ANVIL}
     with ThreadPoolExecutor(2) as pool:
         asked = pool.submit(api.post, path, json=question)
-        assert compiling.wait(30), "the question compiled nothing"
+        assert compiling.wait(PATIENCE), "the question compiled nothing"
         # On the event loop, the compile would hold this decision until its deadline.
-        decided = pool.submit(api.post, "/v1/authorize", json=decision).result(timeout=60)
+        decided = pool.submit(api.post, "/v1/authorize", json=decision).result(timeout=PATIENCE)
         go_on.set()
-        answer = asked.result(timeout=60)
+        answer = asked.result(timeout=PATIENCE)
     assert decided.status_code == 200 and decided.json()["allowed"] is True
     assert released and all(released), "the decision waited for the compile to time out"
     assert answer.status_code == 200, answer.text

@@ -11,6 +11,7 @@ from bastion.facts.store import FactStore, StoredFact
 from bastion.server import replica as replica_module
 from bastion.server.replica import Replica
 from tests.server.test_replica_probe import POLICY, reader
+from tests.waits import PATIENCE
 
 
 def test_a_wildcard_delete_is_put_in_force_off_the_event_loop(sqlite_url, monkeypatch):
@@ -30,12 +31,12 @@ def test_a_wildcard_delete_is_put_in_force_off_the_event_loop(sqlite_url, monkey
         await replica.start()
         try:
             seq = writer.apply([StoredFact(reader(n)) for n in range(50)]).seq
-            await replica.wait_for(seq, 10)
+            await replica.wait_for(seq, PATIENCE)
             held = len(replica.authz.facts)
             exact = writer.apply([], [reader(0)]).seq  # one fact named whole: on the loop
-            await replica.wait_for(exact, 10)
+            await replica.wait_for(exact, PATIENCE)
             every = writer.apply([], [("has_role", None, "reader", None)]).seq
-            await replica.wait_for(every, 10)
+            await replica.wait_for(every, PATIENCE)
             return held, len(replica.authz.facts)
         finally:
             await replica.stop()
@@ -78,14 +79,14 @@ def test_deletes_are_matched_against_the_unused_facts_once_each(sqlite_url, monk
             facts += [StoredFact(archived(n)) for n in range(300)]
             facts += [StoredFact(("is_public", Entity("Repo", "r0")))]
             seq = writer.apply(facts).seq
-            await replica.wait_for(seq, 10)
+            await replica.wait_for(seq, PATIENCE)
             assert len(replica.unusable) == 301
             tried.clear()
             seq = writer.apply([], [reader(n) for n in range(300)] + [archived(0)]).seq
-            await replica.wait_for(seq, 10)
+            await replica.wait_for(seq, PATIENCE)
             assert len(tried) <= 301  # not 301 x 301
             seq = writer.apply([], [("is_archived", None)]).seq
-            await replica.wait_for(seq, 10)
+            await replica.wait_for(seq, PATIENCE)
             return [f.fact for f in replica.unusable]
         finally:
             await replica.stop()

@@ -13,6 +13,7 @@ from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.server.replica import Replica
 from tests.server.test_replica_probe import POLICY
+from tests.waits import PATIENCE
 
 MANY = 50_000
 
@@ -36,7 +37,7 @@ def test_many_facts_expiring_together_are_dropped_off_the_event_loop(sqlite_url)
             while True:  # the facts written, and in force here, before they expire
                 expires_at = time.time() + lead
                 seq = writer.apply([StoredFact(grant(n), expires_at) for n in range(MANY)]).seq
-                await replica.wait_for(seq, 60)
+                await replica.wait_for(seq, PATIENCE)
                 if time.time() < expires_at - 1:
                     break
                 lead *= 2
@@ -108,13 +109,13 @@ def test_facts_expired_before_a_large_change_are_not_dropped_on_the_event_loop_b
             while True:  # the facts written, and in force here, before they expire
                 expires_at = time.time() + lead
                 facts = [StoredFact(grant(n), expires_at) for n in range(expiring)]
-                await replica.wait_for(writer.apply(facts).seq, 60)
+                await replica.wait_for(writer.apply(facts).seq, PATIENCE)
                 if time.time() < expires_at - 0.2:
                     break
                 lead *= 2
             await asyncio.sleep(expires_at + 0.05 - time.time())
             facts = [StoredFact(grant(n)) for n in range(MANY, MANY + large)]
-            await replica.wait_for(writer.apply(facts).seq, 60)
+            await replica.wait_for(writer.apply(facts).seq, PATIENCE)
             assert "event loop" not in seen, seen
             return await asyncio.to_thread(len, replica.authz.facts)
         finally:

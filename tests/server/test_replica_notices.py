@@ -21,7 +21,7 @@ from bastion.facts.store import FactStore, StoredFact
 from bastion.server import replica as replica_module
 from bastion.server.replica import Replica
 from tests.delayed_relay import DelayedRelay
-from tests.waits import reads_held
+from tests.waits import PATIENCE, eventually_async, reads_held
 
 POLICY = """
 actor User {}
@@ -73,10 +73,8 @@ def with_a_replica(
         try:
             # Its LISTEN in force (a thread of its own makes it): a commit before would go
             # unheard, found by the next poll instead.
-            deadline = time.monotonic() + 30
-            while listening and not replica.listening:
-                assert time.monotonic() < deadline, "the replica never listened"
-                await asyncio.sleep(0.01)
+            heard = await eventually_async(lambda: not listening or replica.listening, every=0.01)
+            assert heard, "the replica never listened"
             await scenario(replica, writer)
         finally:
             await replica.stop()
@@ -102,9 +100,9 @@ def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
     async def scenario(replica: Replica, writer: FactStore) -> None:
         await settled(replica)  # current: nothing to wait for
         # The follower's reads are held back, as on a loaded machine.
-        with reads_held(replica, within=10) as held:
+        with reads_held(replica) as held:
             seq = (await asyncio.to_thread(writer.apply, [StoredFact(READER)])).seq
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + PATIENCE
             while (waiting := replica.heard_not_applied(5)) is None:
                 assert time.monotonic() < deadline, "the commit's notice never came"
                 await asyncio.sleep(0.01)
@@ -152,7 +150,7 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
 
     def slow(replica: Replica, payload: str) -> None:
         arrived.set()
-        release.wait(20)
+        release.wait(PATIENCE)
         notified(replica, payload)
 
     monkeypatch.setattr(Replica, "_notified", slow)
@@ -166,7 +164,7 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
             # runs aside, and what is asked meanwhile is what a message sent while it waits
             # would find.
             writing = asyncio.create_task(asyncio.to_thread(writer.apply, [StoredFact(READER)]))
-            assert await asyncio.to_thread(arrived.wait, 20)
+            assert await asyncio.to_thread(arrived.wait, PATIENCE)
             seq = await asyncio.to_thread(writer.head)
             assert replica.applied < seq and not replica.authz.authorize(ADA, "read", REPO)
             # Not handled within the time given: False (the gateway refuses, as on stale facts),
@@ -179,7 +177,7 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
 
             async def another_message() -> bool:
                 # Handled while it waits: the message is decided on the commit.
-                asked = replica.heard_not_applied(20)
+                asked = replica.heard_not_applied(PATIENCE)
                 assert asked is not None
                 threading.Timer(0.02, release.set).start()
                 return await asked
@@ -205,10 +203,10 @@ def test_a_fact_written_by_another_process_is_decided_on_once_the_write_returns(
         listener = replica._listener
         assert listener is not None
         listener.heartbeat, listener.stale_after = 30.0, 60.0
-        deadline = time.monotonic() + 30
-        while not (listener.healthy and not listener.behind()):
-            assert time.monotonic() < deadline, "the replica's listener never caught up"
-            await asyncio.sleep(0.01)
+        current = await eventually_async(
+            lambda: listener.healthy and not listener.behind(), every=0.01
+        )
+        assert current, "the replica's listener never caught up"
         await settled(replica)
         relay.delay = 0.5  # from here on: the replica's start is not what is tested
         await written_then_decided(

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 from bastion.db import Database
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.server.replica import Replica
+from tests.waits import eventually_async
 
 POLICY = """
 actor User {}
@@ -27,11 +27,8 @@ def reader(n: int) -> tuple:
     return ("has_role", ADA, "reader", Entity("Repo", f"r{n}"))
 
 
-async def until(done, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < deadline, "not within the time given"
-        await asyncio.sleep(0.01)
+async def until(done) -> None:
+    assert await eventually_async(done, every=0.01), "never happened"
 
 
 @contextlib.asynccontextmanager

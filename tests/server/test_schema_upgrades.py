@@ -117,7 +117,7 @@ def test_a_migration_killed_part_way_leaves_the_version_before_whole(database_ur
                 )
         else:
             wal = f"{database_url}-wal"
-            assert eventually(lambda: os.path.getsize(wal) > 8_000_000, within=60)
+            assert eventually(lambda: os.path.getsize(wal) > 8_000_000)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -213,7 +213,7 @@ def test_a_running_replica_stops_deciding_once_a_newer_bastion_migrates(database
             ready = api.get("/readyz")
             return "" if ready.status_code == 200 else ready.json()["reason"]
 
-        assert eventually(lambda: reason().startswith("schema_newer: "), within=10), reason()
+        assert eventually(lambda: reason().startswith("schema_newer: ")), reason()
         assert f"facts version {SCHEMA_VERSION + 1}" in reason()
         refused = api.post("/v1/authorize", json=question)
         assert refused.status_code == 503
