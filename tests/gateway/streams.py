@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
+
+from tests.waits import PATIENCE, eventually
 
 ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -115,15 +116,14 @@ def legacy_session(
     }
 
 
-def traced(bastion, kind: str, tag: str, seconds: float = 15) -> bool:
-    """Whether the lab server notes ``kind`` for ``tag`` (waiting up to ``seconds`` for it)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        if bastion.lab_trace.exists():
-            for line in bastion.lab_trace.read_text().splitlines():
-                entry = json.loads(line)
-                if entry["kind"] == kind and entry.get("tag") == tag:
-                    return True
-        if time.monotonic() > deadline:
+def traced(bastion, kind: str, tag: str, seconds: float = PATIENCE) -> bool:
+    """Whether the lab server notes ``kind`` for ``tag`` (waiting up to ``seconds`` for it; 0
+    for whether it has by now)."""
+
+    def noted() -> bool:
+        if not bastion.lab_trace.exists():
             return False
-        time.sleep(0.02)
+        entries = [json.loads(line) for line in bastion.lab_trace.read_text().splitlines()]
+        return any(e["kind"] == kind and e.get("tag") == tag for e in entries)
+
+    return eventually(noted, within=seconds, every=0.02)

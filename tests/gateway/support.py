@@ -45,7 +45,7 @@ from tests.oauth.support import (
     pkce_pair,
     sdk_auth,
 )
-from tests.waits import PATIENCE, until_ready
+from tests.waits import PATIENCE, eventually, until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -351,10 +351,8 @@ class Running:
     def apply(self, inserts=(), deletes=()) -> None:
         """Write facts through the store, then wait until this server's replica has them."""
         seq = self.store.apply(inserts, deletes, actor="test").seq
-        deadline = time.monotonic() + 10
-        while self.app.state.replica.applied < seq:
-            assert time.monotonic() < deadline, "the replica did not catch up"
-            time.sleep(0.01)
+        caught_up = eventually(lambda: self.app.state.replica.applied >= seq, every=0.01)
+        assert caught_up, "the replica did not catch up"
 
     def flush(self):
         self.records.flush()

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import uuid
 from urllib.parse import urlsplit
 
 import anyio
 import pytest
+
+from tests.waits import PATIENCE, eventually
 
 from .streams import legacy_session, modern_headers, modern_request, traced
 
@@ -77,7 +78,7 @@ def test_notifications_cancelled_from_the_client_cancels_the_upstream_call(basti
     assert traced(bastion, "wait-started", tag)
     assert _cancel(bastion, server, headers, 5) == 202
     assert traced(bastion, "wait-cancelled", tag)
-    answer["thread"].join(15)
+    answer["thread"].join(PATIENCE)
     # The cancelled request is not answered: its stream ends with no JSON-RPC response.
     assert answer["status"] == 200 and answer["type"].startswith("text/event-stream")
     assert "jsonrpc" not in answer["text"]
@@ -97,7 +98,7 @@ def test_no_one_else_can_cancel_a_callers_request(bastion, server):
     assert _cancel(bastion, server, again, 6) == 202
     modern = modern_headers(bastion.token("sam", server), "notifications/cancelled")
     assert _cancel(bastion, server, modern, 6) == 202
-    answer["thread"].join(15)
+    answer["thread"].join(PATIENCE)
     # Still running after a moment, its answer began as an event stream; the result came last.
     data = [line[5:] for line in answer["text"].splitlines() if line.startswith("data:")]
     assert answer["type"].startswith("text/event-stream")
@@ -125,14 +126,14 @@ def _record_of_wait(bastion, tag: str, seconds: float, after: int):
     """The decision record of the ``wait`` call with these arguments, written after ``after``
     (waiting a little for it: the upstream may note the cancellation first)."""
     wanted = bastion.app.state.gateway.enforcer.digest({"seconds": seconds, "tag": tag})
-    deadline = time.monotonic() + 15
-    while True:
+
+    def found() -> list:
         bastion.flush()
-        found = [r for _, r in bastion.records.after(after) if r.arguments_digest == wanted]
-        if found or time.monotonic() > deadline:
-            (record,) = found
-            return record
-        time.sleep(0.02)
+        return [r for _, r in bastion.records.after(after) if r.arguments_digest == wanted]
+
+    eventually(found, every=0.02)
+    (record,) = found()
+    return record
 
 
 @pytest.mark.parametrize("server", ["lab", "labhttp"])
@@ -144,13 +145,13 @@ def test_the_record_of_a_call_its_client_cancelled_says_so(bastion, server):
     assert traced(bastion, "wait-started", cancelled)
     assert _cancel(bastion, server, headers, 8) == 202
     assert traced(bastion, "wait-cancelled", cancelled)
-    answer["thread"].join(15)
+    answer["thread"].join(PATIENCE)
     record = _record_of_wait(bastion, cancelled, 30, seq)
     assert (record.method, record.result) == ("tools/call", "allow")
     assert record.reason == "cancelled by the client"
     # A call left alone is recorded without that reason.
     answer = _post_in_background(bastion, server, headers, _wait_call(9, finished, seconds=0))
-    answer["thread"].join(15)
+    answer["thread"].join(PATIENCE)
     assert traced(bastion, "wait-finished", finished)
     assert _record_of_wait(bastion, finished, 0, seq).reason == ""
 

@@ -16,6 +16,7 @@ from mcp.shared.exceptions import MCPError
 
 from bastion.gateway.client_requests import answer_for_upstream
 from bastion.gateway.masks import compile_paths
+from tests.waits import PATIENCE
 
 from .streams import events, legacy_session
 
@@ -171,7 +172,7 @@ def test_only_the_client_that_was_asked_may_answer(bastion, server):
 
     thread = threading.Thread(target=run)
     thread.start()
-    assert asked.wait(15)
+    assert asked.wait(PATIENCE)
     question = frames[0]
     assert question["method"] == "elicitation/create"
     assert question["params"]["message"] == "What is your name?"
@@ -184,7 +185,7 @@ def test_only_the_client_that_was_asked_may_answer(bastion, server):
     assert _answer(bastion, server, other_session, question["id"], "Mallory") == 400
     assert _answer(bastion, server, sam, "bastion-no-such-request", "Mallory") == 400
     assert _answer(bastion, server, sam, question["id"], "Ada") == 202
-    thread.join(15)
+    thread.join(PATIENCE)
     assert frames[-1]["id"] == 41
     assert frames[-1]["result"]["content"][0]["text"] == "hello Ada"
     assert json.dumps(frames).count("Mallory") == 0

@@ -29,6 +29,7 @@ from bastion.server.commands import connection_limits
 from bastion.server.config import ServerConfig
 from tests.oauth import support as oauth_support
 from tests.security.test_edge import answers_on, head_and_body, status_of
+from tests.waits import eventually
 
 from . import support
 from .streams import events, messages, modern_headers, modern_request, traced
@@ -45,10 +46,8 @@ def uvicorn_serving(app, sock, **options):
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
+    eventually(lambda: server.started or not thread.is_alive(), every=0.01)
+    assert server.started, "uvicorn did not start"
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
@@ -309,10 +308,11 @@ def test_an_unexpected_failure_is_a_500_that_names_no_internals_and_is_logged(ba
                 raw_post(bastion, "desk", token, json.dumps(search()).encode(), "search_customers")
             )
             (answer,) = answers_on(s, 1)
-        for _ in range(100):
-            if any("Exception in ASGI application" in r.message for r in caplog.records):
-                break
-            time.sleep(0.05)
+        # Logged once the answer is out.
+        eventually(
+            lambda: any("Exception in ASGI application" in r.message for r in caplog.records),
+            every=0.05,
+        )
     assert direct_requests(bastion) == before + 1
     assert status_of(answer) == 500
     head, body = head_and_body(answer)

@@ -17,6 +17,7 @@ from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller, Enforcer
 from bastion.gateway.jsonrpc import RpcError
 from bastion.policy.parser import parse_fact
+from tests.waits import eventually
 
 from .streams import legacy_session, messages
 
@@ -136,7 +137,6 @@ def test_the_record_writer_is_woken_only_when_a_record_waits(bastion):
     """The gateway writes its buffered decision records every 0.2 s from a worker thread; with
     none buffered it wakes no thread (an idle server's CPU), and one buffered is written at
     the next round."""
-    import time
 
     from bastion.audit.decisions import DecisionRecord, new_decision_id
 
@@ -155,10 +155,8 @@ def test_the_record_writer_is_woken_only_when_a_record_waits(bastion):
         time.sleep(0.7)  # three rounds or more
         assert 0 not in woken_with, "a thread was woken with no record to write"
         records.add(DecisionRecord(new_decision_id(), 1.0, "desk", "m", "T", (), "allow"))
-        deadline = time.monotonic() + 10
-        while records.waiting or not woken_with:
-            assert time.monotonic() < deadline, "the buffered record was never written"
-            time.sleep(0.05)
+        written = eventually(lambda: not records.waiting and woken_with, every=0.05)
+        assert written, "the buffered record was never written"
         assert 0 not in woken_with
     finally:
         del records.flush
@@ -176,10 +174,7 @@ def test_a_calls_record_names_the_policy_version_and_facts_it_was_decided_on_and
     replica = bastion.app.state.replica
 
     def caught_up(done) -> None:
-        deadline = time.monotonic() + 10
-        while not done():
-            assert time.monotonic() < deadline, "the replica did not catch up"
-            time.sleep(0.01)
+        assert eventually(done, every=0.01), "the replica did not catch up"
 
     # Signing in writes facts (the agent's identity): the first call is decided once they are in.
     head = bastion.store.head()

@@ -17,6 +17,7 @@ from bastion.gateway.enforce import Caller
 from bastion.gateway.sessions import Listener
 from bastion.gateway.transport import _end_at_expiry
 from bastion.policy.parser import parse_fact
+from tests.waits import PATIENCE
 
 from .streams import call_tool, events, first_event, legacy_session, modern_headers, modern_request
 
@@ -122,14 +123,13 @@ def test_an_sdk_client_hears_list_changes_on_its_get_stream(bastion):
             arrived.set()
 
     async def script(client, seen):
-        # The SDK opens its GET stream on its own time: announce until it is heard (see
-        # streams.first_event), at most 15 times.
-        for _ in range(15):
-            await client.call_tool("announce", {"kind": "tools"})
-            with anyio.move_on_after(1):
-                await arrived.wait()
-            if arrived.is_set():
-                break
+        # The SDK opens its GET stream on its own time: announce, a second apart, until it is
+        # heard (see streams.first_event).
+        with anyio.move_on_after(PATIENCE):
+            while not arrived.is_set():
+                await client.call_tool("announce", {"kind": "tools"})
+                with anyio.move_on_after(1):
+                    await arrived.wait()
 
     seen = bastion.sdk("sam", "labold", "legacy", script, message_handler=on_message)
     assert seen["protocol_version"] == "2025-11-25"
@@ -152,7 +152,7 @@ def test_a_stream_ends_when_its_token_expires_even_without_notifications():
         unreadable = _listener("not a token")
         valid = _listener(_token({"exp": 2**40}))
         timers = [_end_at_expiry(x) for x in (expired, unreadable, valid)]
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             ends = [await expired.stream.get(), await unreadable.stream.get()]
         for timer in timers:
             timer.cancel()
@@ -175,7 +175,7 @@ def test_a_get_that_loses_a_race_with_delete_opens_nothing(bastion, monkeypatch)
     async def held(caller, server, method, *args, **kwargs):
         if method == "GET":
             deciding.set()
-            await anyio.to_thread.run_sync(release.wait, 30)
+            await anyio.to_thread.run_sync(release.wait, PATIENCE)
         return await decide(caller, server, method, *args, **kwargs)
 
     monkeypatch.setattr(gateway.enforcer, "decide", held)
@@ -188,13 +188,13 @@ def test_a_get_that_loses_a_race_with_delete_opens_nothing(bastion, monkeypatch)
 
     thread = threading.Thread(target=get, daemon=True)
     thread.start()
-    assert deciding.wait(30)
+    assert deciding.wait(PATIENCE)
     deleted = bastion.http.delete(
         bastion.mcp_url("lab"), headers={k: v for k, v in headers.items() if k != "content-type"}
     )
     assert deleted.status_code == 204
     release.set()
-    thread.join(30)
+    thread.join(PATIENCE)
     assert seen["status"] == 404, seen
     assert b"-32005" in seen["body"]
     assert not [

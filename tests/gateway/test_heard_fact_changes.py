@@ -11,7 +11,7 @@ import time
 from bastion.policy.parser import parse_fact
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
-from tests.waits import reads_held
+from tests.waits import PATIENCE, reads_held
 
 SEARCH = {"name": "search_customers", "arguments": {"query": "a"}}
 
@@ -57,7 +57,7 @@ def test_a_message_waits_for_a_change_being_added_and_the_gateway_goes_on(tmp_pa
     def held_add_all(self, inserts, shared=False):
         if shared and armed.is_set() and not adding.is_set():  # the change's facts
             adding.set()
-            assert resume.wait(20)
+            assert resume.wait(PATIENCE)
         return add_all(self, inserts, shared)
 
     monkeypatch.setattr(FactIndex, "add_all", held_add_all)
@@ -69,7 +69,7 @@ def test_a_message_waits_for_a_change_being_added_and_the_gateway_goes_on(tmp_pa
             parse_fact(f'has_role(User{{"kim{i}"}}, "member", Team{{"support"}})') for i in range(5)
         ]
         bastion.store.apply(members)
-        assert adding.wait(20)
+        assert adding.wait(PATIENCE)
         answers: list[dict] = []
         calling = threading.Thread(target=lambda: answers.append(call(bastion, token)))
         calling.start()
@@ -77,7 +77,7 @@ def test_a_message_waits_for_a_change_being_added_and_the_gateway_goes_on(tmp_pa
         calling.join(0.2)
         assert calling.is_alive() and not answers  # waiting for the change
         resume.set()
-        calling.join(20)
+        calling.join(PATIENCE)
         assert "result" in answers[0], answers
         held = set(bastion.app.state.replica.authz.facts)
         assert all(m in held for m in members)

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from bastion.gateway.http1 import Http1Client, HttpClientError
+from tests.waits import PATIENCE
 
 
 async def serving(answers: list[bytes]):
@@ -231,7 +232,7 @@ def test_a_deadline_that_ends_as_the_connection_opens_is_not_lost():
 
         loop.create_connection = opened_as_the_deadline_ends
         try:
-            async with asyncio.timeout(10) as bound:  # the test's own, should all else fail
+            async with asyncio.timeout(PATIENCE) as bound:  # the test's own, should all else fail
                 with pytest.raises(TimeoutError):
                     async with asyncio.timeout(5) as deadline:
                         response = await client.request("POST", {}, b"{}")

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +25,7 @@ import pytest
 
 from tests.oauth.support import hidden_fields
 from tests.ports import free_port
+from tests.waits import PATIENCE, eventually
 
 from .support import npm_install, serve_quickstart, stop
 
@@ -68,17 +68,17 @@ class Quickstart:
     def recorded(self, method: str, target: str, user: str) -> list[dict]:
         """The decisions on ``method`` of ``target`` for ``user``, once the gateway (which writes
         its records every 0.2 s) has written at least one."""
-        deadline = time.monotonic() + 10
-        while True:
-            found = [
+
+        def found() -> list[dict]:
+            return [
                 r
                 for r in self.decisions()
                 if (r["method"], r["target"]) == (method, target)
                 and r["principals"][0] == f'User{{"{user}"}}'
             ]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.1)
+
+        eventually(found, every=0.1)
+        return found()
 
 
 @pytest.fixture(scope="module")
@@ -198,12 +198,12 @@ def log_in(inspector: Inspector, quickstart: Quickstart, username: str, *args: s
         assert back.startswith(f"{callback}?code=")
         assert httpx.get(back, timeout=10).status_code == 200  # the Inspector's listener
         stdout = process.stdout.read()
-        assert process.wait(60) == 0, stdout + "".join(list(lines.queue))
+        assert process.wait(PATIENCE) == 0, stdout + "".join(list(lines.queue))
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-        reader.join(10)
+        reader.join(PATIENCE)
         os.close(terminal)
     return stdout
 

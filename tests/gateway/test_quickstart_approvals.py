@@ -15,6 +15,7 @@ from tests.approvals.test_pages_gateway import answer_in_browser
 from tests.browser import CHROMIUM
 from tests.conftest import require_program
 from tests.gateway.streams import messages, modern_headers, modern_request
+from tests.waits import PATIENCE
 
 from .support import access_token, bastion_serve, serve_quickstart, stop
 
@@ -54,7 +55,7 @@ def test_averys_delete_waits_for_her_confirmation_across_a_restart(quickstart):
 
         # bastion stops and starts again while the request waits: it is in the database.
         state["server"].send_signal(signal.SIGTERM)
-        state["server"].wait(timeout=20)
+        state["server"].wait(timeout=PATIENCE)
         state["server"], _ = bastion_serve(directory / "bastion.toml", url)
 
         status, who, shown = answer_in_browser(held["url"], "avery", password=PASSWORD)

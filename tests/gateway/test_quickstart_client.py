@@ -28,6 +28,7 @@ import pytest
 
 from tests.oauth.support import hidden_fields
 from tests.ports import free_port, free_socket
+from tests.waits import PATIENCE
 
 from .support import serve_quickstart, stop
 
@@ -147,20 +148,20 @@ class Terminal:
         """Ctrl-C at the terminal (SIGINT): the client must end at once, whatever it waits on."""
         self.process.send_signal(signal.SIGINT)
         try:
-            self.process.wait(10)
+            self.process.wait(PATIENCE)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait(10)
+            self.process.wait(PATIENCE)
             raise AssertionError(
-                "client.py did not end within 10 s of Ctrl-C:\n" + self.process.stderr.read()
+                "client.py did not end on Ctrl-C:\n" + self.process.stderr.read()
             ) from None
         return self.finish()
 
     def finish(self) -> tuple[int, str, str]:
         """Wait for the client to end: its status, all it printed, and its stderr."""
         self.process.stdin.close()
-        status = self.process.wait(30)
-        self._reader.join(10)
+        status = self.process.wait(PATIENCE)
+        self._reader.join(PATIENCE)
         while (line := self._lines.get_nowait()) is not None:
             self.printed.append(line)
         return status, "\n".join(self.printed), self.process.stderr.read()

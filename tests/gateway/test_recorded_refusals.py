@@ -36,6 +36,7 @@ from bastion.cli import main
 from bastion.gateway import handlers, transport
 from bastion.policy.parser import parse_fact
 from bastion.signals.suspensions import suspend, suspension
+from tests.waits import PATIENCE
 
 from .lab_server import REFUSED_CURSORS
 from .streams import legacy_session, messages, modern_headers, modern_request, traced
@@ -216,7 +217,7 @@ def _subscribed_meanwhile(bastion, token):
         finally:
             with bastion.lab_trace.open("a") as trace:
                 trace.write(json.dumps({"kind": "release", "tag": "lab://slow"}) + "\n")
-            waiting.join(30)
+            waiting.join(PATIENCE)
     [response] = answered
     return response
 

@@ -29,6 +29,7 @@ from bastion.gateway.ratelimit import LimitsUnavailable, RedisRateLimiter
 from bastion.signals.behavior import RedisBehavior, scope_keys
 from tests.conftest import require_program
 from tests.ports import free_port, free_socket
+from tests.waits import PATIENCE, eventually
 
 USER, AGENT = Entity("User", "sam"), Entity("Agent", "client-1")
 
@@ -68,19 +69,17 @@ def cluster(tmp_path_factory) -> Iterator[list[int]]:
         for node in nodes:
             node.terminate()
         for node in nodes:
-            node.wait(10)
+            node.wait(PATIENCE)
 
 
 def _wait(command: list[str], expected: str, node: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def printed() -> bool:
         if node is not None and node.poll() is not None:
             raise RuntimeError(f"{' '.join(node.args)} exited with {node.returncode}")
-        done = subprocess.run(command, capture_output=True, text=True)
-        if expected in done.stdout:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{' '.join(command)} never printed {expected!r}")
+        return expected in subprocess.run(command, capture_output=True, text=True).stdout
+
+    if not eventually(printed, every=0.1):
+        raise RuntimeError(f"{' '.join(command)} never printed {expected!r}")
 
 
 def limits(max_calls: int) -> list[RateLimit]:

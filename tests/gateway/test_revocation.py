@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bastion.oauth.verifier import VerifiedTokens
+from tests.waits import PATIENCE
 
 ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -124,13 +125,13 @@ def test_the_event_loop_does_not_wait_for_a_worker_using_the_token_states_connec
         with tokens.db._lock:
             held.set()
             # A deadline, not a figure: let go of at once unless the answer below waited.
-            waited.append(not done.wait(5))
+            waited.append(not done.wait(PATIENCE))
 
     worker = threading.Thread(target=worker_statement)
     try:
         verified = tokens.verify(token, resource)
         worker.start()
-        assert held.wait(5)
+        assert held.wait(PATIENCE)
         answer = tokens.remembered(token, resource, on_loop=True)
         done.set()
         worker.join()

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import json
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from bastion.gateway.follows import FollowLeases
 from tests.conftest import REDIS_URL, drop_redis_keys, require_service
 from tests.ports import free_port
 from tests.private_redis import PrivateRedis
+from tests.waits import eventually
 
 from .streams import events, legacy_session, messages, modern_headers, modern_request
 from .support import start
@@ -121,10 +121,9 @@ def test_a_user_follows_no_more_across_two_replicas_than_on_one(two_replicas):
     # A session ended (DELETE) gives its places back too.
     ended = second.http.delete(second.mcp_url("lab"), headers=on_second)
     assert ended.status_code in (200, 202, 204), ended.text
-    deadline = time.monotonic() + 5
-    while follows_in_redis(prefix, "lab", "avery") != 1:
-        assert time.monotonic() < deadline, "the ended session's follow stayed in Redis"
-        time.sleep(0.02)
+    assert eventually(lambda: follows_in_redis(prefix, "lab", "avery") == 1, every=0.02), (
+        "the ended session's follow stayed in Redis"
+    )
     with listen(second, token, ["lab://secret"]) as response:
         frames = events(response)
         ack = next(frames)

@@ -10,6 +10,8 @@ import threading
 
 import httpx
 
+from tests.waits import PATIENCE
+
 from .streams import legacy_session, modern_headers, modern_request
 from .support import Running, serve_quickstart
 
@@ -71,16 +73,16 @@ def test_sigterm_ends_the_open_streams_cleanly_and_bastion_exits(tmp_path):
                 listen_seen,
                 listen_open,
             )
-            assert get_open.wait(20) and listen_open.wait(20)
+            assert get_open.wait(PATIENCE) and listen_open.wait(PATIENCE)
             assert get_seen.get("end") is None and listen_seen.get("end") is None  # both held
 
             server.send_signal(signal.SIGTERM)
             try:
-                server.wait(20)
+                server.wait(PATIENCE)
             except subprocess.TimeoutExpired:
                 raise AssertionError("bastion serve still waits on the open streams") from None
-            get.join(10)
-            listen.join(10)
+            get.join(PATIENCE)
+            listen.join(PATIENCE)
         assert server.returncode in (0, -signal.SIGTERM)
         # Both streams ended as HTTP allows (their last chunk sent), not cut off.
         assert get_seen["status"] == 200 and get_seen["end"] == "clean"

@@ -14,6 +14,7 @@ from mcp.types import ResourceUpdatedNotification
 from bastion.gateway import handlers
 from bastion.gateway import upstream as upstream_module
 from bastion.policy.parser import parse_fact
+from tests.waits import PATIENCE
 
 from .lab_server import SECRET
 from .streams import (
@@ -279,14 +280,13 @@ def test_an_sdk_client_subscribes_and_hears_the_updates(bastion):
     async def script(client, seen):
         seen["offered"] = client.server_capabilities.resources.subscribe
         await client.subscribe_resource("lab://open")
-        # The SDK opens its GET stream on its own time: announce until it is heard (see
-        # streams.first_event), at most 15 times.
-        for _ in range(15):
-            await client.call_tool("announce", {"kind": "updated", "uri": "lab://open"})
-            with anyio.move_on_after(1):
-                await arrived.wait()
-            if arrived.is_set():
-                break
+        # The SDK opens its GET stream on its own time: announce, a second apart, until it is
+        # heard (see streams.first_event).
+        with anyio.move_on_after(PATIENCE):
+            while not arrived.is_set():
+                await client.call_tool("announce", {"kind": "updated", "uri": "lab://open"})
+                with anyio.move_on_after(1):
+                    await arrived.wait()
 
     seen = bastion.sdk("sam", "labold", "legacy", script, message_handler=on_message)
     assert seen["offered"] is True

@@ -35,6 +35,7 @@ from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
 from tests import clients
 from tests.oauth.support import MemoryStorage, free_socket, sdk_auth, serve
+from tests.waits import PATIENCE, eventually, eventually_async
 
 from .streams import legacy_session, messages, modern_headers, modern_request
 from .support import REDIRECT_URI, LegacyOnly, MemoryEvents, Recorder, fresh_module, start
@@ -178,9 +179,13 @@ async def streams_open(bastion, server: str, count: int) -> None:
     """Wait until ``count`` client sessions on ``server`` have their GET stream open (an SDK
     client opens it in the background after initialize)."""
     table = bastion.app.state.gateway.sessions
-    with anyio.fail_after(15):
-        while sum(1 for s in table._sessions.values() if s.server == server and s.listener) < count:
-            await anyio.sleep(0.02)
+    opened = await eventually_async(
+        lambda: (
+            sum(1 for s in table._sessions.values() if s.server == server and s.listener) >= count
+        ),
+        every=0.02,
+    )
+    assert opened, f"{count} GET streams were never open on {server}"
 
 
 def upstream_deleted(bastion, session_id: str) -> bool:
@@ -384,9 +389,8 @@ def test_each_client_session_has_its_own_upstream_session_closed_with_it(bastion
                 ids = [await text(c, "whoami") for c in (first, second, bob, first)]
                 answer = await text(first, "ask", kind="sample")
             # The first client session ended (the SDK sent DELETE): its upstream session too.
-            with anyio.fail_after(15):
-                while not upstream_deleted(bastion, ids[0]):
-                    await anyio.sleep(0.02)
+            closed = await eventually_async(lambda: upstream_deleted(bastion, ids[0]), every=0.02)
+            assert closed, "the ended session's upstream session was never closed"
             return ids, answer, upstream_deleted(bastion, ids[1])
 
     ids, answer, second_deleted = anyio.run(main)
@@ -450,9 +454,8 @@ def test_an_upstream_session_reaches_no_other_users_call_with_progress(bastion):
                             client.call_tool, "hold", {"tag": held}, progress_callback=noted(who)
                         )
                     )
-                with anyio.fail_after(15):
-                    while not {tag, tag + "2"} <= SERVER.HELD:
-                        await anyio.sleep(0.02)
+                held = await eventually_async(lambda: {tag, tag + "2"} <= SERVER.HELD, every=0.02)
+                assert held, "the calls never reached the upstream"
                 routes = list(bastion.app.state.gateway.progress_routes)
                 assert len(routes) >= 2
                 said = await text(alice, "nudge", tokens=routes, message="alice's session says hi")
@@ -501,10 +504,9 @@ def test_the_cap_closes_the_oldest_idle_session_and_refuses_when_none_is_idle(ba
     )
     thread.start()
     try:
-        deadline = time.monotonic() + 15
-        while "cap" not in SERVER.HELD:
-            assert time.monotonic() < deadline, "the upstream never got bob's call"
-            time.sleep(0.02)
+        assert eventually(lambda: "cap" in SERVER.HELD, every=0.02), (
+            "the upstream never got bob's call"
+        )
         refused = _call(bastion, alice, "capped", "whoami", {})
         assert refused["error"]["code"] == -32000
         assert (
@@ -513,7 +515,7 @@ def test_the_cap_closes_the_oldest_idle_session_and_refuses_when_none_is_idle(ba
         )
     finally:
         SERVER.RELEASED.add("cap")
-        thread.join(15)
+        thread.join(PATIENCE)
     assert held["result"]["content"][0]["text"] == "released cap"
     again = _call(bastion, alice, "capped", "whoami", {})["result"]["content"][0]["text"]
     assert again != first
@@ -522,10 +524,9 @@ def test_the_cap_closes_the_oldest_idle_session_and_refuses_when_none_is_idle(ba
 def test_an_idle_upstream_session_is_closed(bastion):
     alice = legacy_session(bastion, bastion.token("alice", "brief"), "brief")
     first = _call(bastion, alice, "brief", "whoami", {})["result"]["content"][0]["text"]
-    deadline = time.monotonic() + 15
-    while not upstream_deleted(bastion, first):
-        assert time.monotonic() < deadline, "the idle upstream session was never closed"
-        time.sleep(0.05)
+    assert eventually(lambda: upstream_deleted(bastion, first), every=0.05), (
+        "the idle upstream session was never closed"
+    )
     # The client's own session lives on; its next call opens a new upstream session.
     again = _call(bastion, alice, "brief", "whoami", {})["result"]["content"][0]["text"]
     assert again not in (first, "none")
@@ -595,10 +596,9 @@ def _claim(token: str, name: str) -> str:
 
 
 def _closed_upstream(bastion, session_id: str) -> None:
-    deadline = time.monotonic() + 15
-    while not upstream_deleted(bastion, session_id):
-        assert time.monotonic() < deadline, "the upstream session was never closed"
-        time.sleep(0.02)
+    assert eventually(lambda: upstream_deleted(bastion, session_id), every=0.02), (
+        "the upstream session was never closed"
+    )
 
 
 def test_revoking_a_grant_closes_the_upstream_sessions_it_used(bastion):
@@ -777,17 +777,14 @@ def test_a_sub_agent_cannot_cancel_for_one_chain_a_request_it_sent_for_another(b
 
     thread = threading.Thread(target=post)
     thread.start()
-    deadline = time.monotonic() + 15
-    while tag not in SERVER.HELD:
-        assert time.monotonic() < deadline, "the call never reached the upstream"
-        time.sleep(0.02)
+    assert eventually(lambda: tag in SERVER.HELD, every=0.02), "the call never reached the upstream"
     cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 11}}
     headers = modern_headers(second, "notifications/cancelled")
     assert (
         bastion.http.post(bastion.mcp_url("pair"), json=cancel, headers=headers).status_code == 202
     )
     SERVER.RELEASED.add(tag)
-    thread.join(15)
+    thread.join(PATIENCE)
     assert messages(answer["response"])[-1]["result"]["content"][0]["text"] == f"released {tag}"
 
 

@@ -36,6 +36,7 @@ from tests.gateway.support import (
 from tests.gateway.support import stop as stop_bastion
 from tests.gateway.support import test_policy as gateway_test_policy
 from tests.oauth.support import free_socket, serve
+from tests.waits import PATIENCE, eventually
 
 HAPROXY = "/usr/sbin/haproxy"
 ADMIN_KEY = "lb-test-admin-key-" + "x" * 32
@@ -248,24 +249,28 @@ def _lab_app(trace: Path):
 
 def _wait_for_both(http: httpx.Client, url: str, haproxy: subprocess.Popen, log: Path) -> None:
     """Until HAProxy's health checks have found both replicas up (each answered `/readyz`)."""
-    deadline = time.monotonic() + 20
     seen: set[str] = set()
-    while seen != {"a", "b"}:
-        if haproxy.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"HAProxy did not serve both replicas:\n{log.read_text()}")
+
+    def both_seen_or_ended() -> bool:
+        if haproxy.poll() is not None:
+            return True
         try:
             response = http.get(f"{url}/readyz", timeout=1)
             if response.status_code == 200:
                 seen.add(response.headers[REPLICA_HEADER])
         except httpx.HTTPError:
             pass
-        time.sleep(0.05)
+        return seen == {"a", "b"}
+
+    eventually(both_seen_or_ended, every=0.05)
+    if seen != {"a", "b"}:
+        raise AssertionError(f"HAProxy did not serve both replicas:\n{log.read_text()}")
 
 
 def _stop_haproxy(haproxy: subprocess.Popen) -> None:
     haproxy.terminate()
     try:
-        haproxy.wait(10)
+        haproxy.wait(PATIENCE)
     except subprocess.TimeoutExpired:
         haproxy.kill()
         haproxy.wait()

@@ -37,7 +37,7 @@ from tests.identity.test_dpop import SERVER, Holder, bound_tokens, call
 from tests.oauth.support import free_socket
 from tests.oauth.test_access_tokens import claims_of
 from tests.server.conftest import ADMIN_KEY, POLICY
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 CONFIG = """\
 [server]
@@ -154,7 +154,7 @@ def _stop_all(processes: list[subprocess.Popen]) -> None:
         process.send_signal(signal.SIGTERM)
     for process in processes:
         try:
-            process.wait(10)
+            process.wait(PATIENCE)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -290,13 +290,13 @@ def test_a_replica_decides_again_once_its_clock_is_back_within_the_bound(
 
         assert api.post("/v1/authorize", json=question).status_code == 200
         monkeypatch.setattr(time, "time", lambda: machine() - 10)
-        assert eventually(lambda: reason().startswith("clock_skew: "), within=10), reason()
+        assert eventually(lambda: reason().startswith("clock_skew: ")), reason()
         assert "behind the database's" in reason()
         refused = api.post("/v1/authorize", json=question)
         assert refused.status_code == 503, refused.text
         assert "max_clock_skew_seconds" in refused.text
         monkeypatch.setattr(time, "time", machine)
-        assert eventually(lambda: reason() == "", within=10), reason()
+        assert eventually(lambda: reason() == ""), reason()
         assert api.post("/v1/authorize", json=question).status_code == 200
 
 
@@ -345,7 +345,7 @@ def test_a_skewed_replica_refuses_before_it_spends_a_proof_or_an_assertion(
 
         machine = time.time
         monkeypatch.setattr(time, "time", lambda: machine() - 10)
-        assert eventually(lambda: all(r.startswith("clock_skew: ") for r in reasons()), within=10)
+        assert eventually(lambda: all(r.startswith("clock_skew: ") for r in reasons()))
         refused = call(bastion, token, [proof])
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"] == "temporarily_unavailable"
@@ -359,7 +359,7 @@ def test_a_skewed_replica_refuses_before_it_spends_a_proof_or_an_assertion(
         assert (minted.status_code, minted.json()["error"]) == (503, "temporarily_unavailable")
 
         monkeypatch.setattr(time, "time", machine)
-        assert eventually(lambda: reasons() == ["", ""], within=10), reasons()
+        assert eventually(lambda: reasons() == ["", ""]), reasons()
         healthy = bastion.replicas[0]
         retried = call(bastion, token, [proof], url=f"{healthy}/mcp/{SERVER}")
         assert retried.status_code == 200, retried.text

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -27,6 +26,7 @@ from tests.conftest import postgres_schema
 from tests.gateway.streams import messages, modern_headers, modern_request, traced
 from tests.gateway.support import PASSWORD, REDIRECT_URI, access_token
 from tests.oauth.support import MemoryStorage, log_in_and_consent, sdk_auth
+from tests.waits import eventually
 
 from .balancer import REPLICA_HEADER, Deployment, deployment
 
@@ -128,18 +128,18 @@ def decision_records(database: str, agent: Agent, expected: int) -> list[tuple[s
     """The gateway's decision records of ``agent``'s `tools/call` in PostgreSQL (written by
     each replica in the background, so in the order of their time, not of their sequence):
     (target, result, record), once ``expected`` are there."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def records() -> list[tuple[str, str, dict]]:
         with psycopg.connect(database, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT target, result, record FROM audit_decisions"
                 " WHERE method = 'tools/call' ORDER BY at"
             ).fetchall()
-        records = [(t, r, json.loads(record)) for t, r, record in rows]
-        records = [rec for rec in records if agent.principal in rec[2]["principals"]]
-        if len(records) >= expected or time.monotonic() > deadline:
-            return records
-        time.sleep(0.05)
+        found = [(t, r, json.loads(record)) for t, r, record in rows]
+        return [rec for rec in found if agent.principal in rec[2]["principals"]]
+
+    eventually(lambda: len(records()) >= expected, every=0.05)
+    return records()
 
 
 def test_every_call_is_decided_and_recorded_the_same_whichever_replica_answers(lb):

@@ -14,6 +14,7 @@ from tests.conftest import postgres_schema
 from tests.gateway.support import start
 from tests.oauth.test_access_tokens import claims_of
 from tests.signals.test_kill_switch import authorization_code, client_id, confidential_client
+from tests.waits import eventually
 
 ROUNDS = 2
 # A change this large takes a replica a while to put in force; what comes after it waits.
@@ -81,10 +82,8 @@ def test_an_agent_suspended_through_one_replica_gets_no_token_and_is_inactive_on
         suspension("DELETE")
         # A deadline for hearing of the resume (which waits behind the import), not a timing: on
         # a machine loaded by other work the import alone took over 10 s.
-        deadline = time.monotonic() + 60
-        while introspect().get("active") is not True:
-            assert time.monotonic() < deadline, "the other replica never heard of the resume"
-            time.sleep(0.02)
+        heard = eventually(lambda: introspect().get("active") is True, every=0.02)
+        assert heard, "the other replica never heard of the resume"
     # Inactive (or 503 while it catches up) and no token: never active, never a token.
     assert [(active, status) for active, status in seen if active or status == 200] == []
 
