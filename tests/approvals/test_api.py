@@ -20,6 +20,7 @@ from bastion.oauth.users import create_user
 from tests import clients
 from tests.approvals.support import DELETE, REPORT, SEND, Holder, config, store_policy_and_facts
 from tests.server.conftest import ADMIN_KEY, ServerProcess
+from tests.waits import eventually
 
 
 class Bastion:
@@ -523,9 +524,7 @@ def test_a_replica_that_cannot_load_the_policy_in_force_answers_no_approval(bast
             r = admin.put("/v1/policy", json={"text": old + "\n# " + "x" * 8192 + "\n"})
             assert r.status_code == 200, r.text
         with httpx.Client(base_url=other.url, timeout=30) as probe:
-            deadline = time.monotonic() + 10
-            while probe.get("/readyz").status_code == 200 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            eventually(lambda: probe.get("/readyz").status_code != 200, every=0.05)
         headers = {"authorization": f"Bearer {bastion.keys['approvals']}"}
         with httpx.Client(base_url=other.url, headers=headers, timeout=30) as api:
             r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "avery"})

@@ -41,6 +41,7 @@ from tests.gateway.support import (
 from tests.oauth.support import free_socket, serve
 from tests.redis_outage import RedisRelay
 from tests.relays import Relay
+from tests.waits import PATIENCE, eventually
 
 ERAS = ["legacy", "auto"]  # 2025-11-25, 2026-07-28
 
@@ -338,10 +339,10 @@ def test_an_approved_completion_does_not_cover_the_same_argument_in_another_cont
 
 
 def caught_up(bastion) -> None:
-    deadline = time.monotonic() + 10
-    while bastion.app.state.replica.applied < bastion.store.head():
-        assert time.monotonic() < deadline, "the replica did not catch up"
-        time.sleep(0.01)
+    head = bastion.store.head()
+    assert eventually(lambda: bastion.app.state.replica.applied >= head, every=0.01), (
+        "the replica did not catch up"
+    )
 
 
 def test_an_approval_for_minutes_lets_the_tool_run_with_any_arguments_until_revoked(bastion):
@@ -697,26 +698,24 @@ def test_a_waiting_client_gets_the_released_result_of_its_approved_call_in_one_r
     reviewed: list = []
 
     def review_once_held(approval_id: str) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def held() -> list:
             used = approvals(waiting).get(approval_id)
-            held = [
+            return [
                 r
                 for r in approvals(waiting).listed(status="pending")
                 if r.kind == "review" and used.used_by is not None and r.decision_id == used.used_by
             ]
-            if held:
-                reviewed.append(
-                    approvals(waiting).answer(
-                        held[0].id,
-                        "sam",
-                        "approve",
-                        channel="api",
-                        withheld_fields=("customers.*.plan",),
-                    )
+
+        if eventually(held, every=0.05):
+            reviewed.append(
+                approvals(waiting).answer(
+                    held()[0].id,
+                    "sam",
+                    "approve",
+                    channel="api",
+                    withheld_fields=("customers.*.plan",),
                 )
-                return
-            time.sleep(0.05)
+            )
 
     async def elicit(context, params):
         request_id = str(params.url).rsplit("/", 1)[1]
@@ -888,10 +887,7 @@ def release_run(bastion, tag: str) -> None:
 
 
 def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not condition():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.02)
+    assert eventually(condition, every=0.02), f"never: {what}"
 
 
 def approved_run(bastion, token: str, arguments: dict) -> tuple[str, threading.Thread, dict]:
@@ -947,7 +943,7 @@ def test_a_retry_while_the_approved_run_is_upstream_is_told_so_and_finds_its_rev
         named = lab_call(bastion, token, arguments, approval)
     finally:
         release_run(bastion, tag)
-        thread.join(timeout=30)
+        thread.join(timeout=PATIENCE)
     for answer in (here, there, named):
         assert in_progress(answer) == (-32008, "approval_in_progress", approval), answer
     assert "in progress" in here["error"]["message"], here
@@ -980,7 +976,7 @@ def test_a_retry_of_a_call_held_for_approval_only_never_runs_it_again_while_it_r
         there = lab_call(bastion, token, arguments, url=f"{bastion.replicas[0]}/mcp/labhttp")
     finally:
         release_run(bastion, tag)
-        thread.join(timeout=30)
+        thread.join(timeout=PATIENCE)
     for answer in (here, there):
         assert in_progress(answer) == (-32008, "approval_in_progress", approval), answer
     assert f"released {tag}" in json.dumps(ran["answer"].get("result")), ran
@@ -1026,8 +1022,8 @@ def test_a_waiting_retry_waits_for_the_approved_run_then_for_its_review(waiting)
         wait_for(told_in_progress, "the retry was held while the run is upstream")
     finally:
         release_run(waiting, tag)
-        thread.join(timeout=30)
-        retry.join(timeout=30)
+        thread.join(timeout=PATIENCE)
+        retry.join(timeout=PATIENCE)
     review = first["answer"]["error"]["data"]
     assert review["reason"] == "review_pending", first
     answer = retried["answer"]["error"]["data"]
@@ -1537,7 +1533,7 @@ def test_an_approval_whose_per_user_upstream_session_had_no_room_is_not_spent(un
     assert given_back(bastion, approval_id, failed)["error"] == "RpcError"
     with trace.open("a") as out:
         out.write(json.dumps({"kind": "release", "tag": "room"}) + "\n")
-    thread.join(30)
+    thread.join(PATIENCE)
     assert ran["answer"]["result"]["content"][0]["text"] == "released room", ran
     answer = read_on(bastion, "labroom", token)
     assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
@@ -1742,7 +1738,7 @@ def test_an_approval_whose_call_its_client_cancelled_before_it_was_sent_is_not_s
     }
     cancelled = bastion.http.post(bastion.mcp_url("labstop"), json=cancel, headers=session)
     assert cancelled.status_code == 202, cancelled.text
-    thread.join(30)
+    thread.join(PATIENCE)
     assert "jsonrpc" not in answered["response"].text  # a cancelled request is not answered
     given_back_on_cancel(bastion, approval_id)
     unsent.write_program("labstop", LAB_PROGRAM)
@@ -1787,7 +1783,7 @@ def test_an_approved_call_its_client_cancelled_after_it_was_sent_stays_spent_and
         }
         cancelled = bastion.http.post(bastion.mcp_url("labhttp"), json=cancel, headers=session)
         assert cancelled.status_code == 202, cancelled.text
-        thread.join(30)
+        thread.join(PATIENCE)
         spent = approvals(bastion).get(approval)
         assert spent.status == "used" and spent.running_until is not None, spent
         assert approvals(bastion).audit.events(kind="approval.unspent", request_id=approval) == []

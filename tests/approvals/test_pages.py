@@ -35,6 +35,7 @@ from tests import clients
 from tests.approvals.support import POLICY_HEAD
 from tests.browser import ClientSite, Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.oauth.support import Clock, free_socket, hidden_fields, serve
+from tests.waits import PATIENCE, eventually
 
 PASSWORD = "approval-pages-test-password"
 POLICY = (
@@ -131,10 +132,12 @@ def bastion(tmp_path_factory) -> Iterator[Running]:
     app.state.approvals.clock = clock
     app.state.approvals.store.clock = clock
     with serve(app, sock) as url:
-        deadline = time.monotonic() + 10
-        while app.state.replica.applied < seq or app.state.replica.policy_version is None:
-            assert time.monotonic() < deadline, "the replica did not load the policy"
-            time.sleep(0.01)
+        assert eventually(
+            lambda: (
+                app.state.replica.applied >= seq and app.state.replica.policy_version is not None
+            ),
+            every=0.01,
+        ), "the replica did not load the policy"
         yield Running(url, app, clock, agent.client_id)
 
 
@@ -444,10 +447,9 @@ def test_a_suspended_approver_gets_403_no_form_and_their_answer_is_refused(basti
 def facts_now(bastion: Running, inserts=(), deletes=()) -> None:
     """Store a fact change and wait until the server decides on it (its replica applied it)."""
     seq = bastion.app.state.store.apply(inserts, deletes, actor="test").seq
-    deadline = time.monotonic() + 10
-    while bastion.app.state.replica.applied < seq:
-        assert time.monotonic() < deadline, "the replica did not apply the change"
-        time.sleep(0.01)
+    assert eventually(lambda: bastion.app.state.replica.applied >= seq, every=0.01), (
+        "the replica did not apply the change"
+    )
 
 
 def test_an_approver_the_policy_removes_after_the_page_was_shown_has_their_answer_refused(
@@ -499,10 +501,9 @@ def test_a_suspended_person_sees_no_more_of_a_request_than_its_summary(bastion: 
 def kill_switch(bastion: Running, change) -> None:
     """Suspend or resume avery (`suspend`, `resume`), as the API does; this replica has it."""
     seq = change(bastion.app.state.store, suspension("user", "avery"), "test").seq
-    deadline = time.monotonic() + 10
-    while bastion.app.state.replica.applied < seq:
-        assert time.monotonic() < deadline, "the replica did not apply the suspension"
-        time.sleep(0.01)
+    assert eventually(lambda: bastion.app.state.replica.applied >= seq, every=0.01), (
+        "the replica did not apply the suspension"
+    )
 
 
 def test_sam_cannot_approve_his_own_call_where_the_policy_names_avery(bastion: Running, tab: Tab):
@@ -571,10 +572,9 @@ def test_names_that_would_read_as_others_are_shown_escaped_on_the_pages(bastion:
     long = "x" * 400 + "-the-real-one"
     fact = parse_fact(f'manager(User{{"{user}"}}, User{{"avery"}})')
     seq = bastion.app.state.store.apply([fact], actor="test").seq
-    deadline = time.monotonic() + 10
-    while bastion.app.state.replica.applied < seq:
-        assert time.monotonic() < deadline, "the replica did not apply the fact"
-        time.sleep(0.01)
+    assert eventually(lambda: bastion.app.state.replica.applied >= seq, every=0.01), (
+        "the replica did not apply the fact"
+    )
     request = hold(bastion, subject=user, agents=("Trusted Bot\u3164", long, bastion.agent))
     page = tab.page
     page.goto(f"{bastion.url}/approvals")
@@ -603,10 +603,9 @@ def test_a_user_whose_id_reads_as_the_approvers_own_is_shown_escaped(bastion: Ru
     user, boris = "\u0430very", "\u0411\u043e\u0440\u0438\u0441"
     facts = [parse_fact(f'manager(User{{"{u}"}}, User{{"avery"}})') for u in (user, boris)]
     seq = bastion.app.state.store.apply(facts, actor="test").seq
-    deadline = time.monotonic() + 10
-    while bastion.app.state.replica.applied < seq:
-        assert time.monotonic() < deadline, "the replica did not apply the facts"
-        time.sleep(0.01)
+    assert eventually(lambda: bastion.app.state.replica.applied >= seq, every=0.01), (
+        "the replica did not apply the facts"
+    )
     request = hold(bastion, subject=user)
     hold(bastion, subject=boris)
     page = tab.page
@@ -1043,10 +1042,9 @@ def test_the_pages_answer_503_while_the_database_is_unreachable(outage, tmp_path
     create_user(app.state.oauth.store, "avery", PASSWORD, time.time(), actor="test")
     app.state.store.apply([parse_fact(f) for f in FACTS], actor="test")
     with serve(app, sock) as url:
-        deadline = time.monotonic() + 10
-        while app.state.replica.policy_version is None:
-            assert time.monotonic() < deadline, "the replica did not load the policy"
-            time.sleep(0.01)
+        assert eventually(lambda: app.state.replica.policy_version is not None, every=0.01), (
+            "the replica did not load the policy"
+        )
         running = Running(url, app, Clock(), "agent-1")
         request = hold(running)
         with signed_in(running, "avery") as http:
@@ -1067,7 +1065,7 @@ def test_the_pages_answer_503_while_the_database_is_unreachable(outage, tmp_path
                     assert answer.headers["x-frame-options"] == "DENY"
             finally:
                 outage.unblock(role)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + PATIENCE
             while (page := http.get(f"/approvals/{request.id}")).status_code != 200:
                 assert time.monotonic() < deadline, page.text
                 time.sleep(0.1)

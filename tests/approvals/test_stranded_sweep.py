@@ -13,6 +13,7 @@ import pytest
 from tests.approvals.test_agents_acting_as_themselves import call
 from tests.approvals.test_unanswerable import RULES, approver
 from tests.signals.support import running
+from tests.waits import eventually
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,10 @@ def test_a_request_whose_only_approver_is_disabled_is_closed_by_the_sweep_unlook
     assert kept["reason"] == stranded["reason"] == "approval_pending", (kept, stranded)
     bastion.app.state.oauth.store.disable_user("drew", time.time(), actor="test")
     approvals = bastion.app.state.approvals
-    deadline = time.monotonic() + 30
-    while approvals.store.get(stranded["approval_id"]).status == "pending":
-        assert time.monotonic() < deadline, "no sweep closed the request"
-        time.sleep(0.05)
+    swept = eventually(
+        lambda: approvals.store.get(stranded["approval_id"]).status != "pending", every=0.05
+    )
+    assert swept, "no sweep closed the request"
     assert approvals.store.get(stranded["approval_id"]).status == "expired"
     # Two servers sweep it: one closes it, with one audit event.
     (closed,) = approvals.audit.events("approval.expired", request_id=stranded["approval_id"])

@@ -37,7 +37,7 @@ from tests.approvals.test_service import (
 from tests.approvals.test_unanswerable import RULES, TOOL, approver
 from tests.signals.support import running
 from tests.signals.test_kill_switch import client_id
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 GRANTS = ("approval_grant", None, None, None, None)
 
@@ -373,7 +373,7 @@ class Elsewhere:
             )
 
     def result(self):
-        self.thread.join(30)
+        self.thread.join(PATIENCE)
         assert not self.thread.is_alive(), "the other replica never finished"
         return self.outcome[0]
 

@@ -18,6 +18,7 @@ from bastion.oauth.users import create_user
 from bastion.signals.suspensions import suspend, suspension
 from tests.approvals.test_agents_acting_as_themselves import call, recorded
 from tests.signals.support import running
+from tests.waits import eventually
 
 TOOL = 'Tool{"deskhttp/search_customers"}'
 # The user may never approve their own search; whoever signs for its query may.
@@ -163,10 +164,8 @@ def test_a_retry_whose_only_approver_was_suspended_meanwhile_is_refused_no_appro
     data = call(bastion, token, {"query": query})["error"]["data"]
     assert data["reason"] == "approval_pending", data
     seq = suspend(bastion.store, suspension("user", name), "test").seq
-    deadline = time.monotonic() + 10
-    while bastion.app.state.replica.applied < seq:
-        assert time.monotonic() < deadline, "the replica did not apply the suspension"
-        time.sleep(0.01)
+    applied = eventually(lambda: bastion.app.state.replica.applied >= seq, every=0.01)
+    assert applied, "the replica did not apply the suspension"
     refused = call(bastion, token, {"query": query})
     error = refused["error"]
     assert error["data"]["reason"] == "no_approver", refused

@@ -38,7 +38,9 @@ from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
+from tests import waits
 from tests.oauth.support import free_socket, serve
+from tests.waits import PATIENCE
 
 SECRET = b"whsec-the-receivers-own-copy"
 ISSUER = "https://bastion.test"
@@ -213,9 +215,10 @@ def state(notifier: WebhookNotifier, request_id: str) -> dict[str, str]:
     return {urls[label]: value for label, value in notifier.state(request_id).items()}
 
 
-async def eventually(check: Callable[[], object], what: str, seconds: float = 20.0):
-    """Wait until ``check()`` is true (a deadline against hanging, not a timing assertion)."""
-    deadline = time.monotonic() + seconds
+async def eventually(check: Callable[[], object], what: str):
+    """Wait until ``check()``, asked on a worker thread, is true (`tests.waits.PATIENCE`: a
+    deadline against hanging, not a timing assertion)."""
+    deadline = time.monotonic() + PATIENCE
     while True:
         found = await anyio.to_thread.run_sync(check)
         if found:
@@ -928,10 +931,10 @@ def test_a_server_with_webhooks_configured_sends_them_from_start_to_shutdown(
     with serve(app, sock):
         # As the gateway does: the request is made in a worker thread of the server.
         request = approvals.hold(the_call(), "d1", (), {})
-        deadline = time.monotonic() + 20
-        while state(approvals.webhooks, request.id) != {url: DELIVERED}:
-            assert time.monotonic() < deadline, "the server never sent the notification"
-            time.sleep(0.02)
+        sent = waits.eventually(
+            lambda: state(approvals.webhooks, request.id) == {url: DELIVERED}, every=0.02
+        )
+        assert sent, "the server never sent the notification"
     [got] = receiver.got
     assert got.verified
     assert json.loads(got.body)["approval"]["url"] == f"{base}/approvals/{request.id}"
@@ -1000,10 +1003,11 @@ def test_a_delivery_under_way_when_its_process_is_killed_is_sent_once_its_lease_
     request = approvals.hold(the_call(), "d1", (), {})
     sender = subprocess.Popen([sys.executable, "-c", SENDER, sqlite_url, url, SECRET.decode()])
     try:
-        deadline = time.monotonic() + 30
-        while receiver.waiting < 1:  # the killed process's POST is under way
-            assert sender.poll() is None and time.monotonic() < deadline, "it never sent"
-            time.sleep(0.02)
+        # Until the killed process's POST is under way.
+        sending = waits.eventually(
+            lambda: receiver.waiting >= 1 or sender.poll() is not None, every=0.02
+        )
+        assert sending and sender.poll() is None, "it never sent"
     finally:
         sender.send_signal(signal.SIGKILL)
         sender.wait()

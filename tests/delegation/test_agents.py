@@ -18,6 +18,7 @@ from tests.delegation.agent_support import cli, cli_config
 from tests.gateway.streams import call_tool
 from tests.gateway.support import PASSWORD, REDIRECT_URI, start
 from tests.oauth.support import log_in_and_consent, pkce_pair
+from tests.waits import eventually
 
 QUERY = {"query": "a"}
 # Sub-agents may not search customers; anyone's agents otherwise may (the quickstart's rules).
@@ -91,16 +92,18 @@ def call(bastion, token: str, tool: str = "search_customers") -> dict:
     return call_tool(bastion, token, "deskhttp", tool, QUERY)
 
 
-def answer_with(bastion, token: str, key: str, seconds: float = 10) -> dict:
+def answer_with(bastion, token: str, key: str) -> dict:
     """Call until the answer has ``key`` ("result" or "error"): the server hears of the command
     line's write through the change log."""
-    deadline = time.monotonic() + seconds
-    while True:
-        answer = call(bastion, token)
-        if key in answer:
-            return answer
-        assert time.monotonic() < deadline, f"never answered with {key}: {answer}"
-        time.sleep(0.05)
+    answers = [call(bastion, token)]
+
+    def answered() -> bool:
+        if key not in answers[-1]:
+            answers.append(call(bastion, token))
+        return key in answers[-1]
+
+    assert eventually(answered, every=0.05), f"never answered with {key}: {answers[-1]}"
+    return answers[-1]
 
 
 def owner_facts(bastion, client_id: str) -> list[tuple]:

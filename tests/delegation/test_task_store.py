@@ -24,6 +24,7 @@ from bastion.delegation.tasks import (
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.store import Grant, OAuthStore
+from tests.waits import PATIENCE
 
 AGENT, USER = "coder-agent", "sam"
 READ_DOCS = {
@@ -268,10 +269,10 @@ def test_an_ending_that_races_a_binding_waits_for_it_and_revokes_its_grant(datab
             binding.bind(task.id, USER, AGENT, "g1")
             racer.start()
             assert not ended.wait(0.5)  # the ending waits for the binding to commit
-        racer.join(10)
+        racer.join(PATIENCE)
         assert ended.is_set()
         assert revoked(ending.grants, "g1")
     finally:
-        racer.join(10)
+        racer.join(PATIENCE)
         binding_db.close()
         ending_db.close()

@@ -26,6 +26,7 @@ from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, REDIRECT_URI
 from tests.oauth.support import log_in_and_consent, pkce_pair
 from tests.signals.support import running
+from tests.waits import PATIENCE, eventually
 
 MAX_SECONDS = 3600
 # An agent reads the "reports" folder (a search for "reports") only while a task grants it.
@@ -152,13 +153,10 @@ def raw_status(bastion, token: str) -> tuple[int, dict]:
     return response.status_code, body
 
 
-def until(check, seconds: float = 5.0):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
+def until(check, seconds: float = PATIENCE):
+    """``check()`` once it holds, or once ``seconds`` have gone by (then the caller asserts)."""
+    eventually(check, seconds, every=0.05)
+    return check()
 
 
 def test_a_task_grants_its_agent_the_folder_and_ending_it_refuses_the_token_at_once(bastion, keys):

@@ -31,6 +31,7 @@ from tests.approvals.test_webhooks import SECRET, Receiver
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.gateway.support import start
 from tests.oauth.support import free_socket, hidden_fields, serve
+from tests.waits import eventually
 
 RULES = """
 declare manager(User, User);
@@ -143,12 +144,9 @@ def told(receiver, alert_id: str, event: str | None = None) -> list[dict]:
     ]
 
 
-def wait_for(condition, what: str, seconds: float = 10.0):
-    deadline = time.monotonic() + seconds
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
+def wait_for(condition, what: str):
+    assert eventually(condition, every=0.02), f"never: {what}"
+    return condition()
 
 
 def alerts_of(bastion, name: str, principal: str):

@@ -7,7 +7,6 @@ still do once the server has lost its scripts (on a Redis Cluster: tests/gateway
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ from tests.gateway.support import start
 from tests.gateway.test_shared_rate_limits import call_tool
 from tests.oauth.support import free_socket
 from tests.private_redis import PrivateRedis
+from tests.waits import eventually
 
 from .test_behavior import BULK, _reference_figures
 
@@ -61,11 +61,11 @@ def test_two_gateways_count_one_agents_deletes_together(tmp_path):
                 # The count is written after the answer, off the call path: wait until Redis
                 # has it (any replica reads the same figure), so the next call sees it.
                 agent = agent or _agent(bastion)  # the first call went through the first app
-                deadline = time.monotonic() + 5
                 allowed = sum("error" not in o for o in outcomes)
-                while destructive_seen(prefix, agent) < allowed:
-                    assert time.monotonic() < deadline, "the count never reached Redis"
-                    time.sleep(0.02)
+                reached = eventually(
+                    lambda a=agent, n=allowed: destructive_seen(prefix, a) >= n, every=0.02
+                )
+                assert reached, "the count never reached Redis"
             # Each app alone saw at most 2 deletes; together 3: the next ones are held.
             assert ["error" not in o for o in outcomes] == [True, True, True, False, False]
             for held in outcomes[3:]:

@@ -31,6 +31,7 @@ from tests.gateway.streams import (
 from tests.gateway.support import REDIRECT_URI, register_public_client, start
 from tests.oauth.support import hidden_fields, log_in_and_consent, pkce_pair
 from tests.signals.support import ERAS, attempt, latest_agent, running
+from tests.waits import eventually
 
 QUERY = {"query": "a"}
 
@@ -454,11 +455,15 @@ def test_a_suspension_longer_than_ten_years_is_refused_before_anything_is_stored
 def until(call, key: str) -> dict:
     """Call until the answer has ``key``: the server hears of the command line's write through
     the change log (a poll on SQLite), a moment later."""
-    deadline = time.monotonic() + 10
     answer = call()
-    while key not in answer and time.monotonic() < deadline:
-        time.sleep(0.05)
-        answer = call()
+
+    def answered() -> bool:
+        nonlocal answer
+        if key not in answer:
+            answer = call()
+        return key in answer
+
+    eventually(answered, every=0.05)
     return answer
 
 

@@ -21,6 +21,7 @@ from tests.gateway.streams import events, modern_headers, modern_request
 from tests.gateway.support import PASSWORD, start
 from tests.identity.test_trusted_issuers import TestIssuer
 from tests.oauth.support import free_socket, serve
+from tests.waits import eventually
 
 from .transmitter import BEARER, CAEP, RISC, Transmitter
 
@@ -142,11 +143,8 @@ def signals(tmp_path_factory):
         closed.close()
 
 
-def wait_until(condition, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.05)
+def wait_until(condition) -> None:
+    assert eventually(condition, every=0.05), "the condition never held"
 
 
 def streams(bastion) -> dict:

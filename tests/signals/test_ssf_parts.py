@@ -27,6 +27,7 @@ from bastion.signals.settings import SignalsConfigError, SsfSettings
 from bastion.signals.ssf_store import SsfStore
 from bastion.signals.subjects import SubjectError, parse_subject, user_of
 from tests.oauth.support import free_socket, serve
+from tests.waits import PATIENCE
 
 ISSUER = "https://idp.example.com/tenant"
 ENV = {"PUSH": "p" * 32, "BEARER": "b" * 32, "SHORT": "short"}
@@ -516,7 +517,7 @@ def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
                 receiver._client = httpx.AsyncClient(timeout=10)
                 task = asyncio.create_task(receiver._run(t))
                 try:
-                    with anyio.fail_after(20):
+                    with anyio.fail_after(PATIENCE):
                         while state["polls"] < polls:
                             stored = receiver.store.stream(t.name)
                             if stored and stored.detail not in [x["detail"] for x in seen]:

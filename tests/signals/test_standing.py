@@ -23,6 +23,7 @@ from tests.gateway.support import register_public_client
 from tests.oauth.support import hidden_fields, pkce_pair
 from tests.signals.support import running
 from tests.signals.test_kill_switch import authorize_url, confidential_client, token_request
+from tests.waits import eventually
 
 QUERY = {"query": "a"}
 
@@ -39,10 +40,9 @@ def kill_switch(bastion, change, kind: str, id: str) -> None:
 
 
 def wait_for(bastion, seq: int) -> None:
-    deadline = time.monotonic() + 10
-    while bastion.app.state.replica.applied < seq:
-        assert time.monotonic() < deadline, "the replica did not apply the change"
-        time.sleep(0.01)
+    assert eventually(lambda: bastion.app.state.replica.applied >= seq, every=0.01), (
+        "the replica did not apply the change"
+    )
 
 
 def new_user(bastion, name: str) -> str:
