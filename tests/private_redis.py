@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 
 from tests.conftest import require_program
 from tests.ports import free_port
+from tests.waits import PATIENCE, eventually
 
 
 class PrivateRedis:
@@ -45,16 +45,17 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._process.returncode}")
+
+        def answering_or_ended() -> bool:
             try:
-                if self.client().ping():
-                    return
+                return bool(self.client().ping())
             except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not answer within 30 s")
+                return self._process.poll() is not None
+
+        if not eventually(answering_or_ended, every=0.05):
+            raise RuntimeError("redis-server did not answer")
+        if self._process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self._process.returncode}")
 
     def stop(self) -> None:
         """Stop it without saving (what it holds in memory is gone, but for what its
@@ -62,7 +63,7 @@ class PrivateRedis:
         if self._process is None:
             return
         self._process.terminate()  # SIGTERM: no save, with --save ''
-        self._process.wait(10)
+        self._process.wait(PATIENCE)
         self._process = None
 
     def restart(self) -> None:

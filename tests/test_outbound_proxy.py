@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from tests.conftest import unavailable
 from tests.oauth.support import self_signed_certificate, serve
 from tests.ports import free_port
 from tests.test_egress import deliver, own_address
+from tests.waits import PATIENCE, eventually
 
 TINYPROXY = "/usr/bin/tinyproxy"
 HAPROXY = "/usr/sbin/haproxy"
@@ -56,14 +56,17 @@ PASSWORD = "pr0xy-s3cret"
 def _started(command: list[str], port: int, what: str) -> subprocess.Popen:
     """``command`` run quietly, once it accepts connections on ``port``."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def accepting() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
+            return True
         except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, f"{what} did not start"
-            time.sleep(0.05)
+            assert process.poll() is None, f"{what} exited"
+            return False
+
+    assert eventually(accepting, every=0.05), f"{what} did not start"
+    return process
 
 
 class Tinyproxy:
@@ -86,7 +89,7 @@ class Tinyproxy:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(10)
+        self.process.wait(PATIENCE)
 
 
 class _CertificateAuthority:
@@ -167,7 +170,7 @@ class TlsFront:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(10)
+        self.process.wait(PATIENCE)
 
 
 async def _answer(request: Request) -> JSONResponse:

@@ -22,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from tests.waits import PATIENCE
+
 
 def loopback_base(sock: socket.socket) -> str:
     """The http URL of a server on the loopback socket ``sock``."""
@@ -180,7 +182,7 @@ class AuthorizationServer:
         self.token_requests += 1
         if self.holds == "each" or (self.holds == "first" and self.token_requests == 1):
             self.arrived.set()
-            await anyio.to_thread.run_sync(self.release.wait, 30)
+            await anyio.to_thread.run_sync(self.release.wait, PATIENCE)
         elif self.holds == "first":
             self.release.set()  # a second request at once: the race is on
         if self.refusal is not None:
@@ -244,7 +246,7 @@ class AuthorizationServer:
         form = {k: str(v) for k, v in (await request.form()).items()}
         self.posted.append(form)
         self.revocations.append(form)
-        await anyio.to_thread.run_sync(self.revoking.wait, 30)
+        await anyio.to_thread.run_sync(self.revoking.wait, PATIENCE)
         if self.revocation_refusal is not None:
             status, body = self.revocation_refusal
             return JSONResponse(body, status_code=status)
@@ -292,7 +294,7 @@ class ResourceMetadata:
     async def metadata(self, request: Request) -> Response:
         self.reads += 1
         if self.holds:
-            await anyio.to_thread.run_sync(self.release.wait, 30)
+            await anyio.to_thread.run_sync(self.release.wait, PATIENCE)
         if self.down:
             return JSONResponse({}, status_code=503)
         return JSONResponse(

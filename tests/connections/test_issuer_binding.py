@@ -15,7 +15,6 @@ wait for that revocation in the call's event loop, where it goes on (`answered_t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -34,6 +33,7 @@ from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import Servers, free_socket
+from tests.waits import PATIENCE, eventually_async
 
 
 @pytest.fixture
@@ -91,10 +91,7 @@ def answered_then(call: Callable[[], Awaitable[Any]], done: Callable[[], object]
 
     async def answered() -> Any:
         answer = await call()
-        deadline = time.monotonic() + 30
-        while not done():
-            assert time.monotonic() < deadline, "what the call set going never ended"
-            await anyio.sleep(0.01)
+        assert await eventually_async(done, every=0.01), "what the call set going never ended"
         return answer
 
     return anyio.run(answered)
@@ -363,7 +360,7 @@ def test_a_revocation_under_way_at_shutdown_is_waited_for(moved):
                 await anyio.sleep(0.01)
             first.revoking.set()
 
-        with anyio.fail_after(30):  # a deadline, not a timing
+        with anyio.fail_after(PATIENCE):  # a deadline, not a timing
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(released_once_asked)
                 await two.close()

@@ -22,6 +22,7 @@ from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from tests.connections.fakes import AuthorizationServer, loopback_base
 from tests.oauth.support import free_socket, serve
+from tests.waits import PATIENCE
 
 NOW = 1000.0
 
@@ -78,7 +79,7 @@ def test_two_replicas_refreshing_at_once_keep_the_connection(database_url, serve
 
     async def both():
         first = asyncio.create_task(one.access_token("alice", "tracker"))
-        assert await anyio.to_thread.run_sync(server.arrived.wait, 30)
+        assert await anyio.to_thread.run_sync(server.arrived.wait, PATIENCE)
         second = asyncio.create_task(two.access_token("alice", "tracker"))
         while not server.release.is_set() and len(statements) < 5 and not second.done():
             await asyncio.sleep(0.01)

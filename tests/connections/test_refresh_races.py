@@ -21,6 +21,7 @@ from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from tests.connections.fakes import AuthorizationServer, loopback_base
 from tests.oauth.support import free_socket, serve
+from tests.waits import PATIENCE
 
 NOW = 1000.0
 
@@ -72,7 +73,7 @@ async def _while_refreshing(service: Connections, held: AuthorizationServer, mea
     """Start a call whose token needs a refresh, run ``meanwhile`` once the refresh is at the
     token endpoint, then let the endpoint answer; the call's outcome."""
     call = asyncio.create_task(service.access_token("alice", "tracker"))
-    arrived = await anyio.to_thread.run_sync(held.arrived.wait, 30)
+    arrived = await anyio.to_thread.run_sync(held.arrived.wait, PATIENCE)
     assert arrived, "the refresh never reached the token endpoint"
     await meanwhile()
     held.release.set()
@@ -171,13 +172,13 @@ def test_a_read_in_flight_at_a_revocation_leaves_nothing_cached(service):
     def held_read(subject: str, upstream: str):
         row = read(subject, upstream)
         arrived.set()
-        release.wait(30)
+        release.wait(PATIENCE)
         return row
 
     async def scenario():
         service.store.get = held_read
         call = asyncio.create_task(service.access_token("alice", "tracker"))
-        assert await anyio.to_thread.run_sync(arrived.wait, 30)
+        assert await anyio.to_thread.run_sync(arrived.wait, PATIENCE)
         service.store.get = read
         assert await service.revoke("alice", "tracker", actor="test")
         release.set()

@@ -35,6 +35,7 @@ from bastion.gateway.upstream_credentials import CONNECTION_REQUIRED, UserTokenU
 from tests.connections.fakes import McpUpstream, loopback_base
 from tests.connections.test_refresh_races import held  # noqa: F401 (the fixture)
 from tests.oauth.support import free_socket, serve
+from tests.waits import PATIENCE
 
 NOW = 1000.0
 CALL = {"name": "file_issue", "arguments": {"title": "once"}}
@@ -166,8 +167,8 @@ def test_replicas_refused_at_once_refresh_once_and_both_send_again(held, upstrea
         sessions = [await _started(one, upstream, ended), await _started(two, upstream, ended)]
         calls = [asyncio.create_task(_call(session)) for session in sessions]
         # Both replicas' first tries refused, and one refresh held at the token endpoint.
-        assert await anyio.to_thread.run_sync(held.arrived.wait, 30)
-        with anyio.fail_after(30):
+        assert await anyio.to_thread.run_sync(held.arrived.wait, PATIENCE)
+        with anyio.fail_after(PATIENCE):
             while upstream.calls().count("old-access") < 2:
                 await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)  # the other replica waits on the claimed refresh

@@ -26,6 +26,7 @@ from bastion.gateway.upstream import HttpUpstream
 from bastion.gateway.upstream_credentials import UserTokenUpstream
 from tests.connections.fakes import Bystander, McpUpstream, loopback_base
 from tests.oauth.support import Servers, free_socket
+from tests.waits import eventually_async
 
 
 def test_a_token_refused_on_the_standing_stream_ends_the_session_and_is_not_sent_again(
@@ -63,9 +64,7 @@ def test_a_token_refused_on_the_standing_stream_ends_the_session_and_is_not_sent
         session.on_request = ask
         try:
             await session.ensure_started()  # initialize, then the standing stream's GET
-            with anyio.move_on_after(10):
-                while not ended:
-                    await asyncio.sleep(0.02)
+            await eventually_async(lambda: ended, every=0.02)
             await asyncio.sleep(1.5)  # past the second after which a failed stream is reopened
         finally:
             await session.close()

@@ -18,6 +18,7 @@ from bastion.connections.store import (
     StoredFlow,
 )
 from bastion.db import Database
+from tests.waits import PATIENCE
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def _race(first: ConnectionStore, second: ConnectionStore, table: str, work: Cal
             others[0].start()
             # A second replica that waits for a lock the first holds would wait forever here:
             # the first goes on at the join's end, and the second finishes after it.
-            others[0].join(10)
+            others[0].join(PATIENCE)
         return rows
 
     first.db.execute = execute
@@ -51,7 +52,7 @@ def _race(first: ConnectionStore, second: ConnectionStore, table: str, work: Cal
     finally:
         first.db.execute = send
     assert others, f"the first replica sent nothing on {table}"
-    others[0].join(30)
+    others[0].join(PATIENCE)
     return [mine, *theirs]
 
 

@@ -28,6 +28,7 @@ from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import Servers, free_socket
+from tests.waits import PATIENCE
 
 AWAY = (503, {})
 
@@ -150,7 +151,7 @@ def test_a_revocation_under_way_when_its_process_stops_is_completed_by_another(l
     async def revoking_then_stopped() -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(lambda: one.revoke("alice", "tracker", actor="user:alice"))
-            with anyio.fail_after(30):
+            with anyio.fail_after(PATIENCE):
                 while not server.revocations:
                     await anyio.sleep(0.01)
             group.cancel_scope.cancel()  # the process goes away mid-way

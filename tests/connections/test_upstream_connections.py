@@ -58,7 +58,7 @@ from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.clock import ManualClock
 from tests.gateway.support import LegacyOnly, Recorder, bastion_serve, stop
 from tests.oauth.support import MemoryStorage, free_socket, log_in_and_consent, sdk_auth, serve
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 PASSWORD = "connections-test-password"
 REDIRECT_URI = "http://127.0.0.1:9/callback"
@@ -930,7 +930,7 @@ def test_the_upstream_asks_alice_on_her_standing_stream_and_only_her_token_carri
             alice = await ledger_client(lab, stack, "alice", "ledger", asked["alice"])
             bob = await ledger_client(lab, stack, "bob", "ledger", asked["bob"])
             table = lab.one.state.gateway.sessions
-            with anyio.fail_after(15):  # both clients' GET streams open at bastion
+            with anyio.fail_after(PATIENCE):  # both clients' GET streams open at bastion
                 while sum(1 for s in table.sessions_of("ledger", "alice") if s.listener) < 1 or (
                     sum(1 for s in table.sessions_of("ledger", "bob") if s.listener) < 1
                 ):

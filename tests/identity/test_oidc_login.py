@@ -29,6 +29,7 @@ from tests.oauth.support import (
     serve,
 )
 from tests.oauth.test_mcp_sdk import mcp_app
+from tests.waits import PATIENCE
 
 from .oidc_provider import oidc_provider
 from .oidc_support import REDIRECT_URI, bastion_with_providers, log_in_at_the_provider
@@ -143,7 +144,7 @@ def test_mcp_sdk_client_authorizes_with_the_login_done_at_the_provider(world, ta
     authorize_url = urls.get(timeout=60)
     assert authorize_url, seen.get("error")
     answers.put(log_in_at_the_provider(tab, authorize_url, "Acme SSO", "ada", PASSWORD, "corp:ada"))
-    thread.join(60)
+    thread.join(PATIENCE)
     assert "error" not in seen, seen["error"]
     assert seen["tools"] == ["echo"] and seen["echo"] == "hi"
     verified = bastion.server.verifier.verify(storage.tokens.access_token, resource)

@@ -31,6 +31,7 @@ from bastion.identity.providers import IdentityConfigError, IdentitySettings
 from bastion.oauth.pkce import s256
 from bastion.oauth.users import create_user
 from tests.oauth.support import free_socket, hidden_fields, serve
+from tests.waits import PATIENCE, eventually
 
 from .oidc_support import Person, bastion_with_providers, buttons
 
@@ -998,13 +999,11 @@ def test_two_first_logins_at_once_on_two_replicas_bind_the_user_to_one_sub(
                     t.start()
                 with psycopg.connect(postgres_url, autocommit=True) as watcher:
                     me = locker.info.backend_pid
-                    deadline = time.monotonic() + 30
-                    while _blocked_by(watcher, me) < 2 and time.monotonic() < deadline:
-                        time.sleep(0.05)
+                    eventually(lambda: _blocked_by(watcher, me) >= 2, every=0.05)
                     assert _blocked_by(watcher, me) == 2
                 locker.rollback()
             for t in threads:
-                t.join(timeout=30)
+                t.join(timeout=PATIENCE)
         finally:
             for p in people:
                 p.close()

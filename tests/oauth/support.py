@@ -36,6 +36,7 @@ from bastion.oauth import AuthorizationServer, OAuthSettings, registration
 from bastion.oauth.users import create_user
 from tests import clients
 from tests.ports import free_socket  # noqa: F401 (re-exported: many tests import it here)
+from tests.waits import eventually
 
 PASSWORD = "correct horse battery staple"
 # joserfc writes only a string kid; with this registry a test writes any, as an attacker would.
@@ -71,11 +72,10 @@ class Servers:
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         self._running.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        if not eventually(lambda: server.started or not thread.is_alive(), every=0.01):
+            raise RuntimeError("uvicorn did not start")
+        if not server.started:
+            raise RuntimeError("uvicorn ended before it started")
         scheme = "https" if "ssl_certfile" in options else "http"
         return f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
 

@@ -19,6 +19,7 @@ from bastion.oauth import registration
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.users import create_user
 from tests import clients
+from tests.waits import eventually
 
 from .support import (
     PASSWORD,
@@ -762,13 +763,14 @@ def test_with_the_database_out_of_reach_nothing_is_issued_and_no_request_is_lost
         assert_oauth_error(bc_authorize(bastion, client), "temporarily_unavailable", 503)
 
         outage.unblock(role)
-        answered = None
-        for _ in range(100):  # until the database connection is made again
-            answered = browser.post(page_url, data={**form, "decision": "approve"})
-            if answered.status_code != 503:
-                break
-            threading.Event().wait(0.1)
-        assert answered is not None and answered.status_code == 200, answered.text
+        answers: list[httpx.Response] = []
+
+        def answered() -> bool:  # once the database connection is made again
+            answers.append(browser.post(page_url, data={**form, "decision": "approve"}))
+            return answers[-1].status_code != 503
+
+        eventually(answered, every=0.1)
+        assert answers[-1].status_code == 200, answers[-1].text
         response = wait_and_poll(bastion, client, ack["auth_req_id"])
         assert response.status_code == 200, response.text
     db.close()

@@ -27,7 +27,7 @@ from bastion.db import Database
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.store import Grant, GrantRefused, OAuthStore
 from tests.identity.test_id_jag import EnterpriseIdp
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 from .support import (
     PASSWORD,
@@ -102,7 +102,7 @@ def elsewhere_right_after(
             if inside_transaction:
                 assert eventually(lambda: not thread.is_alive() or waits_on_a_lock())
             else:
-                thread.join(30)
+                thread.join(PATIENCE)
                 assert not thread.is_alive(), f"{method}: the other replica never committed"
             acted.set()
         return result
@@ -111,7 +111,7 @@ def elsewhere_right_after(
     yield acted
     monkeypatch.setattr(store, method, real)
     for thread in threads:
-        thread.join(30)
+        thread.join(PATIENCE)
         assert not thread.is_alive(), f"{method}: the other replica never committed"
     if failures:
         raise failures[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -19,6 +18,7 @@ from bastion.oauth import sign_in
 from bastion.oauth.settings import LoginSettings
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.throttle import LoginThrottle
+from tests.waits import PATIENCE, eventually
 
 from .support import PASSWORD, Bastion, Clock, hidden_fields, pkce_pair, running_bastion
 
@@ -124,7 +124,7 @@ def test_password_checks_beyond_the_limit_are_answered_busy(sqlite_url, tmp_path
 
     def slow(store, username, password):
         hashing.set()
-        release.wait(10)
+        release.wait(PATIENCE)
         return real(store, username, password)
 
     monkeypatch.setattr(sign_in, "check_password", slow)
@@ -133,7 +133,7 @@ def test_password_checks_beyond_the_limit_are_answered_busy(sqlite_url, tmp_path
         first, second = LoginForm(bastion), LoginForm(bastion)
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(first.sign_in)
-            assert hashing.wait(10)
+            assert hashing.wait(PATIENCE)
             busy = second.sign_in(password=PASSWORD)
             release.set()
             assert held.result().status_code == 401
@@ -170,7 +170,7 @@ def test_guesses_sent_at_once_cannot_pass_the_limit_together(
 
     def slow(store, username, password):
         started.append(username)
-        release.wait(10)
+        release.wait(PATIENCE)
         return real(store, username, password)
 
     monkeypatch.setattr(sign_in, "check_password", slow)
@@ -179,14 +179,10 @@ def test_guesses_sent_at_once_cannot_pass_the_limit_together(
         first, second = LoginForm(bastion), LoginForm(bastion)
         with ThreadPoolExecutor(2) as pool:
             held = pool.submit(first.sign_in)
-            deadline = time.monotonic() + 10
-            while not started:
-                assert time.monotonic() < deadline, "the first password check never began"
-                time.sleep(0.01)
+            assert eventually(lambda: started, every=0.01), "the first password check never began"
             racing = pool.submit(second.sign_in)
             # Either it is refused at once, or its password check begins beside the first.
-            while not racing.done() and len(started) < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            eventually(lambda: racing.done() or len(started) >= 2, every=0.01)
             release.set()
             assert held.result().status_code == 401
             assert racing.result().status_code == 429

@@ -9,7 +9,6 @@ import contextlib
 import json
 import signal
 import sqlite3
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -20,6 +19,7 @@ from bastion.audit.refusals import RefusalLog
 from bastion.db import Database
 from bastion.oauth import InvalidToken
 from tests.gateway.support import serve_quickstart
+from tests.waits import PATIENCE, eventually
 
 from .support import Bastion, Clock, hidden_fields, pkce_pair
 
@@ -245,13 +245,11 @@ def test_a_process_killed_outright_keeps_the_refusals_counted_until_its_last_wri
                 refuse(n)
             # Waits for the first periodic write (every 5 s by default), far less than the
             # window (60 s) whose close would write the count otherwise.
-            deadline = time.monotonic() + 30
-            while _counted(database, "token.refused") < 40 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            eventually(lambda: _counted(database, "token.refused") >= 40, every=0.2)
             for n in range(40, 50):  # counted after the last write: these may be lost
                 refuse(n)
         server.send_signal(signal.SIGKILL)
-        server.wait(10)
+        server.wait(PATIENCE)
     finally:
         if server.poll() is None:
             server.kill()

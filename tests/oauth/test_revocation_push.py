@@ -23,7 +23,7 @@ from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.oauth.verifier import VerifiedTokens
 from tests.delayed_relay import DelayedRelay
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 from .support import PASSWORD, Bastion, running_bastion
 from .test_access_tokens import claims_of, stolen_key
@@ -139,7 +139,7 @@ def test_a_revocation_by_another_replica_is_refused_on_the_first_use_after_it_re
         tokens.listener.heartbeat, tokens.listener.stale_after = 30.0, 60.0
         b = OAuthStore(Database(postgres_url))
         try:
-            assert eventually(lambda: tokens.local, within=30), "the listener never came up"
+            assert eventually(lambda: tokens.local), "the listener never came up"
             replicas = Replicas(a, tokens, b)
             token, jti, grant_id = replicas.issue()
             assert replicas.remembered(token) is not None
@@ -214,7 +214,7 @@ class SlowNotices:
 
         def slow(tokens: VerifiedTokens, payload: str) -> None:
             self.arrived.set()
-            self.release.wait(20)
+            self.release.wait(PATIENCE)
             notified(tokens, payload)
 
         monkeypatch.setattr(VerifiedTokens, "_notified", slow)
@@ -251,7 +251,7 @@ def test_a_revocation_whose_notice_has_arrived_but_is_not_handled_yet_is_refused
     # runs aside, and what is asked meanwhile is what a call made while it waits would find.
     revoking = threading.Thread(target=replicas.b.revoke_access_token, args=(jti, time.time()))
     revoking.start()
-    assert slow_notices.arrived.wait(20)
+    assert slow_notices.arrived.wait(PATIENCE)
     # The notice is here, its handling is not done: on the event loop nothing is answered (nor
     # waited for, nor read); from a worker thread the token's state is read, not trusted.
     assert not replicas.tokens.local
@@ -260,7 +260,7 @@ def test_a_revocation_whose_notice_has_arrived_but_is_not_handled_yet_is_refused
     assert replicas.remembered(token) is None
     assert reads.count == 1
     slow_notices.release.set()
-    revoking.join(20)
+    revoking.join(PATIENCE)
     slow_notices.release.clear()
 
     # Handled while a call waits for it: the notice refuses, without a read. The wait is bounded
@@ -273,12 +273,12 @@ def test_a_revocation_whose_notice_has_arrived_but_is_not_handled_yet_is_refused
         target=replicas.b.revoke_access_token, args=(waited_jti, time.time())
     )
     revoking.start()
-    assert slow_notices.arrived.wait(20)
+    assert slow_notices.arrived.wait(PATIENCE)
     threading.Timer(0.02, slow_notices.release.set).start()
     before = reads.count
     assert eventually(lambda: replicas.remembered(waited) is None)
     assert reads.count == before
-    revoking.join(20)
+    revoking.join(PATIENCE)
 
 
 def revoke_at_the_endpoint(replicas: Replicas, issued: dict) -> None:
@@ -489,7 +489,7 @@ def test_a_token_recorded_while_another_replica_retires_its_key_is_revoked_with_
             assert a.save_access_token(late, grant_id, time.time() + 300, token + "x", old_kid)
             retired.start()
             assert eventually(lambda: not retired.is_alive() or retirement_waits())
-        retired.join(20)
+        retired.join(PATIENCE)
     assert not retired.is_alive()
     assert a.access_token_state(late).revoked
     # Once retired, the key records no token at all.

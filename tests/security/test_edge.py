@@ -29,7 +29,7 @@ from tests.command_line import bastion_in_process
 from tests.gateway.support import ROOT, serve_quickstart
 from tests.ports import free_socket
 from tests.server.conftest import ServerProcess
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 ADMIN_KEY = "edge-test-admin-key-" + "x" * 32
 GIB = 1 << 30
@@ -66,7 +66,7 @@ class Served:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(10)
+            self.process.wait(PATIENCE)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -507,12 +507,9 @@ def test_connections_beyond_the_limit_are_refused_with_503(tmp_path):
         for s in held:
             s.close()
         held = []
-        for _ in range(100):
-            if httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the server did not answer again once the connections closed")
+        assert eventually(
+            lambda: httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200, every=0.1
+        ), "the server did not answer again once the connections closed"
     finally:
         for s in held:
             s.close()
@@ -524,12 +521,12 @@ def test_connections_beyond_the_limit_are_refused_with_503(tmp_path):
 
 def client_address_seen(served: Served, path: str) -> str:
     """The client address the server logged for its last request to ``path`` (access log)."""
-    for _ in range(50):
-        lines = [line for line in served.log.splitlines() if f'"GET {path} HTTP/1.1"' in line]
-        if lines:
-            return lines[-1].split(" - ")[0].split()[-1].rsplit(":", 1)[0]
-        time.sleep(0.1)
-    raise AssertionError(f"no access log line for {path}:\n{served.log}")
+
+    def lines() -> list[str]:
+        return [line for line in served.log.splitlines() if f'"GET {path} HTTP/1.1"' in line]
+
+    assert eventually(lines, every=0.1), f"no access log line for {path}:\n{served.log}"
+    return lines()[-1].split(" - ")[0].split()[-1].rsplit(":", 1)[0]
 
 
 def test_a_spoofed_forwarded_for_is_ignored_by_default(quickstart):
@@ -580,11 +577,7 @@ def test_an_unexpected_failure_is_a_problem_that_names_no_internals(tmp_path):
         assert oauth.headers["content-type"] == "application/json"
         assert oauth.json()["error"] == "server_error" and oauth.json()["error_description"]
         # The operator sees what happened, with its traceback (logged once the answer is out).
-        for _ in range(100):
-            if served.log.count("Traceback") >= 2:
-                break
-            time.sleep(0.1)
-        assert served.log.count("Traceback") >= 2
+        assert eventually(lambda: served.log.count("Traceback") >= 2, every=0.1)
         assert "no such table: api_keys" in served.log
         assert "no such table: oauth_clients" in served.log
     finally:

@@ -7,7 +7,6 @@ import hashlib
 import json
 import sqlite3
 import stat
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import Running, serve_quickstart
+from tests.waits import PATIENCE, eventually
 
 QUICKSTART_PASSWORD = "quickstart-password"
 
@@ -46,21 +46,22 @@ class Served:
     def digests(self, tool: str, count: int) -> list[str]:
         """The argument digests recorded for calls of ``tool``, oldest first, once there are
         ``count`` (records are written every 200 ms)."""
-        deadline = time.monotonic() + 10
-        while True:
+
+        def recorded() -> list[str]:
             with sqlite3.connect(self.directory / "bastion.db") as db:
                 rows = db.execute(
                     "SELECT arguments_digest FROM audit_decisions WHERE target = ? ORDER BY seq",
                     (f'Tool{{"desk/{tool}"}}',),
                 ).fetchall()
-            if len(rows) >= count or time.monotonic() > deadline:
-                return [row[0] for row in rows]
-            time.sleep(0.05)
+            return [row[0] for row in rows]
+
+        eventually(lambda: len(recorded()) >= count, every=0.05)
+        return recorded()
 
     def stop(self) -> None:
         self.http.close()
         self.process.terminate()
-        self.process.wait(20)
+        self.process.wait(PATIENCE)
 
 
 @pytest.fixture(scope="module")

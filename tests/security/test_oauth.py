@@ -19,7 +19,7 @@ import pytest
 
 from tests import clients
 from tests.oauth.support import TricklingHost, free_socket, hidden_fields, pkce_pair
-from tests.waits import until_ready
+from tests.waits import PATIENCE, until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "a password nobody guesses"
@@ -63,7 +63,7 @@ class Served:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(20)
+                self.process.wait(PATIENCE)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -8,7 +8,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from tests.ports import free_port
 from tests.security.test_edge import Served, start_quickstart
+from tests.waits import eventually
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,12 @@ def served(tmp_path_factory) -> Iterator[Served]:
 
 def logged_line(served: Served, path: str) -> str:
     """The access log line of the last request to ``path`` that had a query string."""
-    for _ in range(50):
-        lines = [line for line in served.log.splitlines() if f'"GET {path}?' in line]
-        if lines:
-            return lines[-1]
-        time.sleep(0.1)
-    raise AssertionError(f"no access log line for {path}:\n{served.log}")
+
+    def lines() -> list[str]:
+        return [line for line in served.log.splitlines() if f'"GET {path}?' in line]
+
+    assert eventually(lines, every=0.1), f"no access log line for {path}:\n{served.log}"
+    return lines()[-1]
 
 
 def test_a_secret_in_a_query_string_is_not_written_to_the_access_log(served):

@@ -35,6 +35,7 @@ from tests.postgres_outage import CommitCut
 from tests.security.conftest import GATEWAY, OAUTH
 from tests.server.conftest import ADMIN_KEY, ServerProcess, role
 from tests.server.test_replicas import eventually
+from tests.waits import PATIENCE
 
 DAY = 86_400.0
 
@@ -155,7 +156,7 @@ def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(t
     _audit_trail(database, [400, 40, 5, 0])
     served(database, BASTION_AUDIT_RETENTION_DAYS="30")
     # No request asks for it: the server prunes on its own, off the request path.
-    assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
+    assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]))
     # The deletion is itself recorded, by the server, after it (so it stays).
     [pruned] = _pruned(database)
     assert pruned["detail"]["actor"] == "server" and pruned["detail"]["days"] == 30
@@ -267,7 +268,7 @@ def test_the_authorization_server_waits_on_its_database_off_the_event_loop(
                 health = [other.get("/healthz").status_code for _ in range(5)]
             assert waiting.is_alive() and "response" not in answered
             blocker.rollback()
-        waiting.join(30)
+        waiting.join(PATIENCE)
     assert health == [200] * 5
     # Then answered: the request lacks its response_type, which a client that registered itself
     # is told on bastion's page (it is not sent to its redirect URI unasked).
@@ -340,19 +341,19 @@ def test_the_gateway_refuses_calls_on_stale_facts_and_records_why(gateway, outag
             answer = call(server, token).json()
             return answer if "error" in answer else None
 
-        assert eventually(lambda: refused() is not None, within=10)
+        assert eventually(lambda: refused() is not None)
         error = refused()["error"]
         assert error["code"] == -32007 and error["data"]["reason"] == "facts_stale"
         ready = httpx.get(f"{server.url}/readyz")
         assert ready.status_code == 503 and ready.json()["reason"].startswith("facts_stale")
         lock.execute("ROLLBACK")
-    assert eventually(lambda: "result" in call(server, token).json(), within=10)
+    assert eventually(lambda: "result" in call(server, token).json())
     decision_id = error["data"]["decision_id"]
 
     def recorded() -> dict | None:
         return next((r for r in records(outage.url()) if r["id"] == decision_id), None)
 
-    assert eventually(lambda: recorded() is not None, within=10)
+    assert eventually(lambda: recorded() is not None)
     record = recorded()
     assert record["result"] == "unavailable" and record["reason"] == "facts_stale"
 
@@ -363,12 +364,12 @@ def test_a_token_whose_revocation_cannot_be_checked_is_refused(gateway, outage):
     outage.block(role)
     # Remembered tokens were trusted only while revocations could be heard; now each use must
     # read its revocation state, and cannot: refused, with 503, never let through.
-    assert eventually(lambda: call(server, token).status_code == 503, within=10)
+    assert eventually(lambda: call(server, token).status_code == 503)
     refused = call(server, token)
     assert refused.status_code == 503
     assert refused.json()["error"] == "temporarily_unavailable"
     outage.unblock(role)
-    assert eventually(lambda: call(server, token).status_code == 200, within=10)
+    assert eventually(lambda: call(server, token).status_code == 200)
     assert "result" in call(server, token).json()
 
 
@@ -381,7 +382,7 @@ def test_decision_records_are_kept_while_they_cannot_be_written(gateway, outage)
         for n in range(5):
             ids.append(call(server, token, n).json())
         # The writer's connection is lost while it waits: its batch must not be.
-        assert eventually(lambda: f"{outage.tag}/bastion-records" in outage.terminate(), within=10)
+        assert eventually(lambda: f"{outage.tag}/bastion-records" in outage.terminate())
         for n in range(5, 10):
             ids.append(call(server, token, n).json())
         lock.execute("ROLLBACK")
@@ -390,7 +391,7 @@ def test_decision_records_are_kept_while_they_cannot_be_written(gateway, outage)
     def written() -> int:
         return sum(r["method"] == "tools/call" for r in records(outage.url()))
 
-    assert eventually(lambda: written() >= 10, within=10)
+    assert eventually(lambda: written() >= 10)
 
 
 def test_past_the_buffer_the_oldest_decision_records_are_dropped_counted_and_logged(outage, caplog):
@@ -405,7 +406,7 @@ def test_past_the_buffer_the_oldest_decision_records_are_dropped_counted_and_log
     assert buffered.dropped == 3 and buffered.waiting == 5
     assert "3 decision records dropped" in caplog.text
     outage.unblock(role)
-    assert eventually(lambda: _flushed(buffered), within=10)
+    assert eventually(lambda: _flushed(buffered))
     ids = [r.id for _, r in buffered.after(0)]
     assert ids == ["d3", "d4", "d5", "d6", "d7"]
     db.close()
@@ -423,7 +424,7 @@ def test_a_batch_whose_commit_was_lost_is_written_once_and_does_not_block_the_ne
     assert relay.cut.is_set() and buffered.waiting == 1
     buffered.add(_decision(time.time(), 2))
     # Written again, it is not written twice; nor does it stop every later record being written.
-    assert eventually(lambda: _flushed(buffered), within=10)
+    assert eventually(lambda: _flushed(buffered))
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         ids = [i for (i,) in conn.execute("SELECT id FROM audit_decisions ORDER BY seq")]
     assert ids == ["d1", "d2"]
