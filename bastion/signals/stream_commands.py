@@ -14,13 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import anyio
 
 from bastion.audit.actor import cli_actor
 from bastion.db import Database
 from bastion.server.config import ConfigError, ServerConfig, command_database
+
+if TYPE_CHECKING:
+    from bastion.signals.settings import Transmitter
+    from bastion.signals.ssf import SsfReceiver
 
 
 def _when(epoch: float | None) -> str:
@@ -83,9 +89,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] not in ("error", "not configured") for r in rows) else 1
 
 
-def cmd_configure(args: argparse.Namespace) -> int:
-    receiver = _receiver(args)
-    actor = cli_actor()
+def _each_transmitter(
+    args: argparse.Namespace,
+    receiver: SsfReceiver,
+    act: Callable[[Transmitter], Awaitable[int]],
+    refused: Callable[[Transmitter, Exception], None],
+) -> int:
+    """``act`` for each transmitter the command names (every one without ``--transmitter``), on
+    one event loop: what it returns, and each one that raised (told to ``refused``, then the
+    next), counts as failures; the exit status, 1 if any."""
     failed = 0
 
     async def run() -> None:
@@ -94,19 +106,33 @@ def cmd_configure(args: argparse.Namespace) -> int:
             if args.transmitter and t.name != args.transmitter:
                 continue
             try:
-                stream = await receiver.configure(t, actor)
-                print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
+                failed += await act(t)
             except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
                 failed += 1
-                message = f"stream not configured: {e}"[:500]
-                receiver.store.save_stream(t.name, "error", message, actor=actor)
-                print(f"{t.name}: {message}", file=sys.stderr)
+                refused(t, e)
 
     try:
         anyio.run(run)
     finally:
         receiver.store.db.close()
     return 1 if failed else 0
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    receiver = _receiver(args)
+    actor = cli_actor()
+
+    async def configure(t: Transmitter) -> int:
+        stream = await receiver.configure(t, actor)
+        print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
+        return 0
+
+    def refused(t: Transmitter, e: Exception) -> None:
+        message = f"stream not configured: {e}"[:500]
+        receiver.store.save_stream(t.name, "error", message, actor=actor)
+        print(f"{t.name}: {message}", file=sys.stderr)
+
+    return _each_transmitter(args, receiver, configure, refused)
 
 
 def cmd_subjects_status(args: argparse.Namespace) -> int:
@@ -134,31 +160,20 @@ def cmd_subjects_status(args: argparse.Namespace) -> int:
 def cmd_subjects_sync(args: argparse.Namespace) -> int:
     receiver = _receiver(args)
     actor = cli_actor()
-    failed = 0
 
-    async def run() -> None:
-        nonlocal failed
-        for t in receiver.settings.transmitters:
-            if args.transmitter and t.name != args.transmitter:
-                continue
-            try:
-                done = await receiver.sync_subjects(t, actor)
-            except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
-                failed += 1
-                print(f"{t.name}: subjects not brought in step: {e}"[:500], file=sys.stderr)
-                continue
-            summary = done.summary(receiver.store.subjects(t.name))
-            receiver.store.note_subjects(t.name, summary)
-            print(f"{t.name}: {done.added} added, {done.removed} removed; {summary}")
-            for failure in done.failed:
-                print(f"{t.name}: {failure}", file=sys.stderr)
-            failed += len(done.failed)
+    async def sync(t: Transmitter) -> int:
+        done = await receiver.sync_subjects(t, actor)
+        summary = done.summary(receiver.store.subjects(t.name))
+        receiver.store.note_subjects(t.name, summary)
+        print(f"{t.name}: {done.added} added, {done.removed} removed; {summary}")
+        for failure in done.failed:
+            print(f"{t.name}: {failure}", file=sys.stderr)
+        return len(done.failed)
 
-    try:
-        anyio.run(run)
-    finally:
-        receiver.store.db.close()
-    return 1 if failed else 0
+    def refused(t: Transmitter, e: Exception) -> None:
+        print(f"{t.name}: subjects not brought in step: {e}"[:500], file=sys.stderr)
+
+    return _each_transmitter(args, receiver, sync, refused)
 
 
 def register_subjects(commands: argparse._SubParsersAction) -> None:
