@@ -250,25 +250,27 @@ def _key_files() -> dict[str, tuple[bytes | None, str]]:
     }
 
 
+def _corp(**settings) -> dict:
+    """The provider table of the settings tests: bastion's client at a provider, by key."""
+    return {
+        "id": "corp",
+        "issuer": "https://login.acme.example",
+        "client_id": "bastion",
+        "token_endpoint_auth_method": "private_key_jwt",
+        **settings,
+    }
+
+
 @pytest.mark.parametrize("case", sorted(_key_files()))
 def test_a_client_key_file_that_is_no_usable_private_key_stops_the_start_naming_it(tmp_path, case):
     content, words = _key_files()[case]
     path = tmp_path / f"{case}.key"
     if content is not None:
         path.write_bytes(content)
-    table = {
-        "providers": [
-            {
-                "id": "corp",
-                "issuer": "https://login.acme.example",
-                "client_id": "bastion",
-                "token_endpoint_auth_method": "private_key_jwt",
-                "client_key_file": str(path),
-            }
-        ]
-    }
     with pytest.raises(IdentityConfigError) as error:
-        IdentitySettings.from_mapping(table, {}).with_keys()
+        IdentitySettings.from_mapping(
+            {"providers": [_corp(client_key_file=str(path))]}, {}
+        ).with_keys()
     message = str(error.value)
     assert message.startswith(f"identity.providers[0].client_key_file: {path}"), message
     assert words in message, message
@@ -298,13 +300,7 @@ def test_a_client_key_file_that_is_no_usable_private_key_stops_the_start_naming_
 def test_private_key_jwt_settings_are_checked_at_start(tmp_path, settings, words):
     key = tmp_path / "bastion.pem"
     key.write_bytes(RSAKey.generate_key(2048).as_pem(private=True))
-    provider = {
-        "id": "corp",
-        "issuer": "https://login.acme.example",
-        "client_id": "bastion",
-        "token_endpoint_auth_method": "private_key_jwt",
-        **{k: str(key) if v == "KEY" else v for k, v in settings.items()},
-    }
+    provider = _corp(**{k: str(key) if v == "KEY" else v for k, v in settings.items()})
     with pytest.raises(IdentityConfigError) as error:
         IdentitySettings.from_mapping({"providers": [provider]}, {}).with_keys()
     assert words in str(error.value)
@@ -315,18 +311,7 @@ def test_the_private_key_is_kept_out_of_every_repr(tmp_path):
     path = tmp_path / "bastion.pem"
     path.write_bytes(key.as_pem(private=True))
     settings = IdentitySettings.from_mapping(
-        {
-            "providers": [
-                {
-                    "id": "corp",
-                    "issuer": "https://login.acme.example",
-                    "client_id": "bastion",
-                    "token_endpoint_auth_method": "private_key_jwt",
-                    "client_key_file": str(path),
-                    "client_assertion_alg": "PS256",
-                }
-            ]
-        },
+        {"providers": [_corp(client_key_file=str(path), client_assertion_alg="PS256")]},
         {},
     ).with_keys()
     provider = settings.providers[0]

@@ -130,38 +130,15 @@ def _writes_held(url: str) -> Iterator[None]:
         conn.close()
 
 
-def test_a_process_killed_outright_loses_no_decision_it_answered(database_url, serve, tmp_path):
-    """Each decision is journalled before its answer leaves the process: one killed outright
-    (SIGKILL, the OOM killer) before its records were written has them written by the next
-    process on the database, each once, as answered."""
-    a = serve(database_url, **DURABLE)
-    with a.client() as ca:
-        app = _key(ca, "app")
-        seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
-        allowed = {**READ_ANVIL, "at_least": seq.json()["sequence"]}
-        refused = {**READ_ANVIL, "action": "push"}
-        answered = {}
-        with _writes_held(database_url):
-            for n in range(12):
-                made = ca.post("/v1/authorize", json=refused if n % 3 else allowed, headers=app)
-                assert made.status_code == 200, made.text
-                answered[made.json()["decision_id"]] = made.json()["allowed"]
-            a.kill()
-    assert _stored(database_url) == 0  # killed before any was written
+def _singles(ca: httpx.Client, app: dict, allowed: dict, refused: dict) -> dict[str, bool]:
+    """Twelve single checks, one in three allowed: {decision id: allowed}."""
+    answered = {}
+    for n in range(12):
+        made = ca.post("/v1/authorize", json=refused if n % 3 else allowed, headers=app)
+        assert made.status_code == 200, made.text
+        answered[made.json()["decision_id"]] = made.json()["allowed"]
     assert set(answered.values()) == {True, False}
-
-    b = serve(database_url, **DURABLE)
-    with b.client() as cb:
-        for decision_id, allowed_then in answered.items():
-            found = cb.get(f"/v1/decisions/{decision_id}", headers=app)
-            assert found.status_code == 200, (decision_id, found.text)
-            assert found.json()["result"] is allowed_then
-            assert found.json()["request"]["actor"] == READ_ANVIL["actor"]
-            assert found.json()["request"]["context"] == READ_ANVIL["context"]
-    assert _stored(database_url) == len(answered)
-    assert f"recovered {len(answered)} /v1 decision records" in b.log.read_text()
-    # The dead process's journal is gone: the live one's is all that is left.
-    assert len(list((tmp_path / "decisions").glob("*.decision-log"))) == 1
+    return answered
 
 
 def _ids(header: str) -> list[str]:
@@ -171,38 +148,46 @@ def _ids(header: str) -> list[str]:
     return [f"{prefix}-{i}" for i in range(int(n), int(last.rsplit("-", 1)[1]) + 1)]
 
 
-def test_a_batchs_decisions_journalled_in_one_write_are_each_recovered(
-    database_url, serve, tmp_path
+def _batches(ca: httpx.Client, app: dict, allowed: dict, refused: dict) -> dict[str, bool]:
+    """A `/v1/authorize/batch` of five checks and AuthZEN's evaluations of four, each batch
+    journalled in one write: {decision id: allowed}."""
+    batch = ca.post(
+        "/v1/authorize/batch",
+        json={"checks": [allowed, refused, allowed, refused, refused]},
+        headers=app,
+    )
+    assert batch.status_code == 200, batch.text
+    answered = {r["decision_id"]: r["allowed"] for r in batch.json()["results"]}
+    evaluations = {
+        "subject": {"type": "User", "id": "alice"},
+        "resource": {"type": "Repo", "id": "anvil"},
+        "evaluations": [{"action": {"name": "read"}}, {"action": {"name": "push"}}] * 2,
+    }
+    made = ca.post("/access/v1/evaluations", json=evaluations, headers=app)
+    assert made.status_code == 200, made.text
+    decided = [e["decision"] for e in made.json()["evaluations"]]
+    answered |= dict(zip(_ids(made.headers["x-bastion-decision-ids"]), decided, strict=True))
+    assert list(answered.values()) == [True, False, True, False, False, True, False, True, False]
+    return answered
+
+
+@pytest.mark.parametrize("ask", [_singles, _batches], ids=["single checks", "batches"])
+def test_a_process_killed_outright_loses_no_decision_it_answered(
+    database_url, serve, tmp_path, ask
 ):
-    """A batch's checks (``/v1/authorize/batch``, AuthZEN's evaluations) are journalled together,
-    in one write, before the answer leaves: a process killed once it answered loses none."""
+    """Each decision is journalled before its answer leaves the process (a batch's together, in
+    one write): one killed outright (SIGKILL, the OOM killer) before its records were written
+    has them written by the next process on the database, each once, as answered."""
     a = serve(database_url, **DURABLE)
     with a.client() as ca:
         app = _key(ca, "app", ("decide", "authzen"))
         seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
         allowed = {**READ_ANVIL, "at_least": seq.json()["sequence"]}
         refused = {**READ_ANVIL, "action": "push"}
-        checks = [allowed, refused, allowed, refused, refused]
-        subject = {"type": "User", "id": "alice"}
-        evaluations = {
-            "subject": subject,
-            "resource": {"type": "Repo", "id": "anvil"},
-            "evaluations": [{"action": {"name": "read"}}, {"action": {"name": "push"}}] * 2,
-        }
-        answered = {}
         with _writes_held(database_url):
-            batch = ca.post("/v1/authorize/batch", json={"checks": checks}, headers=app)
-            assert batch.status_code == 200, batch.text
-            answered |= {r["decision_id"]: r["allowed"] for r in batch.json()["results"]}
-            made = ca.post("/access/v1/evaluations", json=evaluations, headers=app)
-            assert made.status_code == 200, made.text
-            decided = [e["decision"] for e in made.json()["evaluations"]]
-            answered |= dict(
-                zip(_ids(made.headers["x-bastion-decision-ids"]), decided, strict=True)
-            )
+            answered = ask(ca, app, allowed, refused)
             a.kill()
     assert _stored(database_url) == 0  # killed before any was written
-    assert list(answered.values()) == [True, False, True, False, False, True, False, True, False]
 
     b = serve(database_url, **DURABLE)
     with b.client() as cb:
@@ -210,8 +195,13 @@ def test_a_batchs_decisions_journalled_in_one_write_are_each_recovered(
             found = cb.get(f"/v1/decisions/{decision_id}", headers=app)
             assert found.status_code == 200, (decision_id, found.text)
             assert found.json()["result"] is allowed_then
+            if ask is _singles:
+                assert found.json()["request"]["actor"] == READ_ANVIL["actor"]
+                assert found.json()["request"]["context"] == READ_ANVIL["context"]
     assert _stored(database_url) == len(answered)
     assert f"recovered {len(answered)} /v1 decision records" in b.log.read_text()
+    # The dead process's journal is gone: the live one's is all that is left.
+    assert len(list((tmp_path / "decisions").glob("*.decision-log"))) == 1
 
 
 def test_with_the_default_memory_log_nothing_is_written(sqlite_url, serve):
