@@ -16,7 +16,8 @@ at every endpoint that authenticates a client (b64decode's ValueError on text be
 binascii.Error was caught), and ``int`` of thousands of digits after ``str.isdigit()`` alone
 (``max_age``, a policy version: `bastion.whole_numbers`). After each refusal every row of every
 table is compared with what it was, column for column, but for what `MOVING` and `GROWING` allow
-(each with its reason). Derandomized, so a run in CI draws what a run here drew."""
+(`tests.security.rows`, each with its reason). Derandomized, so a run in CI draws what a run here
+drew."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import socket
 import sys
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -53,6 +53,7 @@ from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, REDIRECT_URI, Running
 from tests.oauth.support import hidden_fields, pkce_pair
 from tests.security.conftest import GATEWAY
+from tests.security.rows import snapshot, unexpected_changes
 from tests.server.conftest import ADMIN_KEY
 
 INITIAL_ACCESS_TOKEN = "initial-access-token-of-the-fuzz-test"
@@ -81,24 +82,6 @@ scopes = ["customers:read"]
 [oauth.ciba]
 max_pending_per_client = 100000
 """
-# What a refused request may change in the database, and why: every other column of every table
-# (all of them, read from the schema) must hold the same rows after a refusal as before it.
-# Columns left out of the comparison, as they move behind or on a refused request:
-MOVING = {
-    # The server numbers and chains events within a second of their writing, off the request's
-    # path (`bastion.audit.log`): an event recorded by one request is chained during another.
-    "audit_events": ("seq", "prev_hash", "hash"),
-    # The sign-in throttle counts each wrong password, per username and per address.
-    "oauth_login_failures": ("failures", "last_failure_at"),
-    # A pending authorization request survives `max_failures_per_request` wrong passwords.
-    "oauth_pending_authorizations": ("login_attempts",),
-}
-# Tables a refusal may add rows to (never take one from or change one).
-GROWING = {
-    "audit_events": "refusals are recorded (a wrong password, a refused client, ...)",
-    "oauth_login_failures": "a username's or an address's first wrong password starts its count",
-}
-Rows = dict[str, Counter]
 
 # -- hostile values ----------------------------------------------------------------------------
 
@@ -554,49 +537,6 @@ def send(bastion: Bastion, sent: Sent, where: str, name: str, value: bytes) -> h
         # tells nothing of the server.
         assume(False)
         raise
-
-
-def tables(db: Database) -> dict[str, list[str]]:
-    """Every table of bastion's schema, with the columns compared (`MOVING` left out)."""
-    if db.is_postgres:
-        rows = db.execute(
-            "SELECT c.relname, a.attname FROM pg_class AS c JOIN pg_attribute AS a"
-            " ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
-            " WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace"
-            " ORDER BY c.relname, a.attnum"
-        )
-    else:
-        rows = db.execute(
-            "SELECT m.name, c.name FROM sqlite_master AS m, pragma_table_info(m.name) AS c"
-            " WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' ORDER BY m.name, c.cid"
-        )
-    found: dict[str, list[str]] = {}
-    for table, column in rows:
-        if column not in MOVING.get(table, ()):
-            found.setdefault(table, []).append(column)
-    return found
-
-
-def snapshot(db: Database) -> Rows:
-    """Each table's rows, whole (but for `MOVING`), as a multiset."""
-    return {
-        table: Counter(db.execute(f"SELECT {', '.join(columns)} FROM {table}"))
-        for table, columns in tables(db).items()
-    }
-
-
-def unexpected_changes(before: Rows, after: Rows) -> dict[str, dict[str, list]]:
-    """What changed from ``before`` to ``after`` beyond what `GROWING` allows: per table, the
-    rows gone (or changed, as they were) and the rows new (or changed, as they are)."""
-    changes = {}
-    for table in sorted(before.keys() | after.keys()):
-        old, new = before.get(table, Counter()), after.get(table, Counter())
-        gone, added = old - new, new - old
-        if table in GROWING and not gone:
-            continue
-        if gone or added:
-            changes[table] = {"gone": list(gone)[:5], "new": list(added)[:5]}
-    return changes
 
 
 @pytest.fixture
