@@ -90,6 +90,10 @@ def simple_key(sub: Any) -> str:
     if not isinstance(sub, dict):
         raise SubjectError("a subject identifier must be a JSON object")
     fmt = subject_format(sub)
+    if not isinstance(fmt, str):
+        # A list or an object cannot be looked up among the formats (TypeError): a format not
+        # read, passed over among aliases as any other.
+        raise UnreadFormat(f"subject format must be a string, got {type(fmt).__name__}")
     if fmt == "email":
         return normal_subject_key("email:" + _text(sub.get("email"), "email"))
     if fmt == "iss_sub":

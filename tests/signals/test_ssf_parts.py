@@ -25,7 +25,7 @@ from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.set_tokens import SetRefused
 from bastion.signals.settings import SignalsConfigError, SsfSettings
 from bastion.signals.ssf_store import SsfStore
-from bastion.signals.subjects import SubjectError, parse_subject, user_of
+from bastion.signals.subjects import SubjectError, UnreadFormat, parse_subject, user_of
 from tests.oauth.support import free_socket, serve
 from tests.waits import PATIENCE
 
@@ -139,6 +139,30 @@ def test_subjects_of_every_format():
                 {"format": "complex"}, {"format": "opaque", "id": "x" * 600}):  # fmt: skip
         with pytest.raises(SubjectError):
             parse_subject(bad)
+
+
+@pytest.mark.parametrize("fmt", [["email"], {"email": 1}, 7, None, True])
+def test_a_format_that_is_not_a_string_is_one_not_read_never_a_failure(fmt):
+    """A format that is a list or an object was looked up in the formats' table, and Python
+    cannot look one up: TypeError, a 500 for the push and the SET lost (tests/security/
+    test_hostile_sets.py found it). It is a format not read, alone or as a complex subject's
+    member, and passed over among aliases, as any other format not read."""
+    for sub in ({"format": fmt, "email": "sam@example.com"}, {"subject_type": fmt}):
+        with pytest.raises(UnreadFormat):
+            parse_subject(sub)
+    with pytest.raises(SubjectError, match="needs a user or a device member read here"):
+        parse_subject({"format": "complex", "user": {"format": fmt, "email": "sam@example.com"}})
+    aliases = {
+        "format": "aliases",
+        "identifiers": [{"format": fmt}, {"format": "opaque", "id": "x"}],
+    }
+    assert parse_subject(aliases).user_keys == ("opaque:x",)
+    complex_ = {
+        "format": "complex",
+        "device": {"format": fmt},
+        "user": {"format": "opaque", "id": "x"},
+    }
+    assert parse_subject(complex_).unread == ("device",)
 
 
 @pytest.fixture
