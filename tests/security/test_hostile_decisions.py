@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 
 from bastion.db import Database
 from tests.conftest import postgres_schema
+from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
 from tests.security.hostile_json import VALUES, placed, places
 from tests.security.rows import snapshot, unexpected_changes
-from tests.security.test_hostile_input import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess
 
 # Rules that read the context, so that hostile values in it reach the policy's evaluation.

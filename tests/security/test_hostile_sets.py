@@ -41,9 +41,9 @@ from bastion.signals.ssf_store import SsfStore
 from tests.conftest import postgres_schema
 from tests.oauth.support import free_socket, serve
 from tests.security.conftest import OAUTH as OAUTH_TABLE
+from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
 from tests.security.hostile_json import VALUES, placed, places
 from tests.security.rows import snapshot, unexpected_changes
-from tests.security.test_hostile_input import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
 from tests.server.conftest import POLICY, ServerProcess
 from tests.signals.transmitter import BEARER, CAEP, RISC, Transmitter
 from tests.waits import PATIENCE
