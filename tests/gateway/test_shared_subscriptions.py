@@ -56,8 +56,10 @@ def subscribed(response: httpx.Response) -> bool:
 
 def refused_as_too_many(response: httpx.Response) -> bool:
     error = messages(response)[-1].get("error", {})
+    # A JSON answer's status says the refusal; an event stream has begun with 200 already.
+    streamed = response.headers["content-type"].startswith("text/event-stream")
     return (
-        response.status_code == 400
+        response.status_code == (200 if streamed else 400)
         and error.get("code") == -32602
         and "gateway.max_subscriptions_per_user" in error.get("message", "")
     )
