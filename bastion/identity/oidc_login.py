@@ -8,11 +8,13 @@ few minutes. The answer comes back to the provider's own redirect URI, where ``s
 first (a replay finds nothing), the RFC 9207 ``iss`` must name that provider when sent (and must
 be sent when the provider says it sends it: mix-up defence), and the code is exchanged once,
 bastion's client authenticated as the provider announces it takes (its secret, or its own key:
-``private_key_jwt``, `bastion.identity.client_key`). The ID token is checked as Core §3.1.3.7 says, with joserfc: an asymmetric ``alg`` of the provider's
-list that the provider announces in its discovery document (never ``none``, never an HMAC), the signature by the provider's JWKS, ``iss`` exactly,
-``aud`` holding the client id (and ``azp`` being it when there are several audiences), ``exp``,
-``iat``, the ``nonce``, and ``at_hash`` when it holds one. The person then resumes what they came for (the MCP client's
-authorization request: consent, code, token; or a page of bastion) as after a password login.
+``private_key_jwt``, `bastion.identity.client_key`). The ID token is checked as Core §3.1.3.7
+says, with joserfc: an asymmetric ``alg`` of the provider's list that the provider announces in
+its discovery document (never ``none``, never an HMAC), the signature by the provider's JWKS,
+``iss`` exactly, ``aud`` holding the client id (and ``azp`` being it when there are several
+audiences), ``exp``, ``iat``, the ``nonce``, and ``at_hash`` when it holds one. The person then
+resumes what they came for (the MCP client's authorization request: consent, code, token; or a
+page of bastion) as after a password login.
 
 Claims map to the user id (namespaced per provider by default) and, by configuration, to facts
 (`FactMapping`), which each login puts in step with the claims and which expire when the person
