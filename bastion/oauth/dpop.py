@@ -309,13 +309,20 @@ class DPoPProofs:
 
 def token_key(claims: Mapping[str, Any]) -> str | None:
     """The thumbprint an access token is bound to (``cnf.jkt``, §6.1), None when unbound;
-    `ValueError` for a malformed ``cnf``."""
+    `ValueError` for a malformed ``cnf``, or one that also holds a confirmation bastion cannot
+    check (RFC 8705's certificate, ``x5t#S256``): taken with the DPoP proof alone, that
+    binding would be dropped."""
     cnf = claims.get("cnf")
     if cnf is None:
         return None
     jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
     if not isinstance(jkt, str) or not jkt:
         raise ValueError("claim 'cnf' has no jkt (RFC 9449 §6.1)")
+    if len(cnf) != 1:
+        raise ValueError(
+            "claim 'cnf' holds a confirmation beside the DPoP key's (jkt), which bastion cannot"
+            " check"
+        )
     return jkt
 
 

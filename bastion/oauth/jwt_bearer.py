@@ -494,16 +494,12 @@ class IdentityAssertionGrant:
         None; a ``cnf`` bastion cannot check (another confirmation method, RFC 8705's
         certificate) is refused rather than ignored."""
         try:
-            jkt = token_key(claims)
+            return token_key(claims)
         except ValueError:
-            jkt = None
-        cnf = claims.get("cnf")
-        if cnf is not None and (jkt is None or set(cnf) != {"jkt"}):
             raise InvalidGrant(
                 "the ID-JAG's confirmation (cnf) is not a DPoP key's alone ({\"jkt\": ...}):"
                 " bastion cannot check it"
-            )
-        return jkt
+            ) from None
 
     def _resource(self, form: Mapping[str, str], found: IdJag) -> ProtectedResource:
         """The protected resource the token is for (one: a bastion token has one ``aud``): the

@@ -462,6 +462,10 @@ def test_a_token_whose_claims_bastion_would_drop_is_refused(bastion, idp):
         call(bastion, idp.token("a", authorization_details=details))
     )
     assert "error" not in call(bastion, idp.token("a", authorization_details=[])).json()
+    # A confirmation bastion cannot check beside the DPoP key's (RFC 8705's certificate): taken
+    # with the DPoP proof alone, the certificate binding would be dropped.
+    both = {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I", "x5t#S256": "bwcK0esc3ACC3DB2Y"}
+    assert "cnf" in refused(call(bastion, idp.token("a", cnf=both)))
 
 
 def test_a_remembered_token_is_refused_once_it_expires(idp):
