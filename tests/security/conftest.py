@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.server.conftest import POLICY, ServerProcess
 
@@ -55,3 +56,17 @@ args = ["%s"]
 scopes = ["customers:read"]
 """
 )
+
+
+def fuzzed(examples: int) -> settings:
+    """The settings of the fuzz tests against a real server: ``examples`` draws, the same on
+    every run (derandomized: CI fails on a draw anyone can run again, not on luck), no time
+    limit per draw (a request to a process), no example database, no health check (the
+    strategies are slow and filtered on purpose)."""
+    return settings(
+        derandomize=True,
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )

@@ -24,11 +24,12 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from bastion.db import Database
 from tests.conftest import postgres_schema
+from tests.security.conftest import fuzzed
 from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
 from tests.security.hostile_json import VALUES, placed, places
 from tests.security.rows import snapshot, unexpected_changes
@@ -198,13 +199,7 @@ def test_no_hostile_value_in_a_decision_api_answers_5xx_or_changes_anything(pdp)
     log = pdp.server.log
     examples = 1000 if not pdp.db.is_postgres else 300
 
-    @settings(
-        derandomize=True,
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzed(examples)
     @given(request=requests())
     def probe(request: tuple) -> None:
         name, where, path, value = request

@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from bastion import Authorizer, Entity
@@ -51,7 +51,7 @@ from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, REDIRECT_URI, Running
 from tests.oauth.support import hidden_fields, pkce_pair
-from tests.security.conftest import GATEWAY
+from tests.security.conftest import GATEWAY, fuzzed
 from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES, basic
 from tests.security.rows import snapshot, unexpected_changes
 from tests.server.conftest import ADMIN_KEY
@@ -555,13 +555,7 @@ def test_no_hostile_value_makes_a_page_or_form_answer_5xx_or_change_anything(bas
     log = bastion.server.log
     examples = 300 if database_url.startswith("postgres") else 1200
 
-    @settings(
-        derandomize=True,
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzed(examples)
     @given(request=requests())
     def probe(request: tuple[str, str, str, bytes]) -> None:
         target, *placed = request
@@ -586,13 +580,7 @@ def test_no_hostile_header_makes_the_gateway_answer_5xx(bastion, database_url):
     log = bastion.server.log
     call = json.dumps(modern_request(1, "tools/list", {})).encode()
 
-    @settings(
-        derandomize=True,
-        max_examples=100 if database_url.startswith("postgres") else 400,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzed(100 if database_url.startswith("postgres") else 400)
     @given(
         name=st.sampled_from(sorted({*HEADERS, *GATEWAY_HEADERS})),
         value=st.one_of(*HEADERS.values(), VALUES.filter(lambda b: len(b) < 200)),

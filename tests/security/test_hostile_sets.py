@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from bastion.audit.log import AuditLog
@@ -41,6 +41,7 @@ from bastion.signals.ssf_store import SsfStore
 from tests.conftest import postgres_schema
 from tests.oauth.support import free_socket, serve
 from tests.security.conftest import OAUTH as OAUTH_TABLE
+from tests.security.conftest import fuzzed
 from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
 from tests.security.hostile_json import VALUES, placed, places
 from tests.security.rows import snapshot, unexpected_changes
@@ -383,13 +384,7 @@ def test_no_hostile_push_answers_5xx_or_stores_anything_it_refuses(receiver):
     log = r.server.log
     examples = 500 if not r.db.is_postgres else 150
 
-    @settings(
-        derandomize=True,
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzed(examples)
     @given(push=pushes())
     def probe(push: tuple) -> None:
         body, headers, payload = sent_for(r, push)
