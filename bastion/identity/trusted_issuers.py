@@ -525,18 +525,7 @@ class TrustedIssuers:
         try:
             return verified_claims(token, keys, kid, alg)
         except SignatureRefused as refused:
-            if refused.reason == "kid":
-                raise InvalidToken(
-                    f"kid {kid!r} is not a key of the issuer"
-                    if kid is not None
-                    else "the issuer has several keys: the token's header must name one (kid)",
-                    "kid",
-                ) from None
-            if refused.reason == "signature":
-                raise InvalidToken(
-                    f"signature or encoding is invalid: {refused.detail}", "signature"
-                ) from None
-            raise InvalidToken(f"the claims cannot be taken: {refused.detail}", "claims") from None
+            raise InvalidToken(refused.said_of("the token", "the issuer"), refused.reason) from None
 
     def _read(self, claims: dict[str, Any], issuer: TrustedIssuer, audience: str) -> VerifiedToken:
         # ``iss`` is exactly ``issuer.issuer``: the issuer was looked up by it (string equality)

@@ -257,19 +257,7 @@ class ClientAssertions:
         try:
             return verified_claims(assertion, keys, kid, alg)
         except SignatureRefused as refused:
-            if refused.reason == "kid":
-                raise InvalidClient(
-                    f"no registered key of this client has kid {kid!r}"
-                    if kid is not None
-                    else "the client has several keys: the assertion's header must name one (kid)"
-                ) from None
-            if refused.reason == "signature":
-                raise InvalidClient(
-                    f"the client assertion's signature does not verify: {refused.detail}"
-                ) from None
-            raise InvalidClient(
-                f"the client assertion's claims cannot be taken: {refused.detail}"
-            ) from None
+            raise InvalidClient(refused.said_of("the client assertion", "the client")) from None
 
     def _check_claims(self, claims: Mapping[str, Any]) -> float:
         """The time until which the assertion's jti must be remembered; `InvalidClient` when a

@@ -257,12 +257,24 @@ class SignatureRefused(Exception):
     """A compact JWS `verified_claims` does not take. ``reason``: ``"kid"`` (no single key of
     the set is named), ``"signature"`` (that key does not verify it with the ``alg``) or
     ``"claims"`` (its payload is not a JSON object bastion reads, ``detail`` says why); each
-    caller refuses it with its own error and words."""
+    caller refuses it with its own error, in the words of `said_of`."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, kid: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.kid = kid
+
+    def said_of(self, token: str, signer: str) -> str:
+        """The refusal in words, naming the ``token`` ("the ID-JAG") and whose keys should
+        have signed it ("the identity provider")."""
+        if self.reason == "kid":
+            if self.kid is None:
+                return f"{signer} has several keys: {token}'s header must name one (kid)"
+            return f"kid {self.kid!r} is not a key of {signer}"
+        if self.reason == "signature":
+            return f"{token}'s signature does not verify: {self.detail}"
+        return f"{token}'s claims cannot be taken: {self.detail}"
 
 
 def verified_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[str, Any]:
@@ -278,6 +290,7 @@ def verified_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict
             f"kid {kid!r} is not in the key set"
             if kid is not None
             else "the key set holds several keys and the header names none (kid)",
+            kid,
         )
     try:
         payload = jws.deserialize_compact(token, key, algorithms=[alg]).payload

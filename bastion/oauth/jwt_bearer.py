@@ -397,17 +397,7 @@ class IdentityAssertionGrant:
         try:
             return verified_claims(assertion, keys, kid, header["alg"])
         except SignatureRefused as refused:
-            if refused.reason == "kid":
-                raise InvalidGrant(
-                    f"kid {kid!r} is not a key of the identity provider"
-                    if kid is not None
-                    else "the identity provider has several keys: the ID-JAG must name one (kid)"
-                ) from None
-            if refused.reason == "signature":
-                raise InvalidGrant(
-                    f"the ID-JAG's signature does not verify: {refused.detail}"
-                ) from None
-            raise InvalidGrant(f"the ID-JAG's claims cannot be taken: {refused.detail}") from None
+            raise InvalidGrant(refused.said_of("the ID-JAG", "the identity provider")) from None
 
     def _check(self, idp: TrustedIdp, claims: Mapping[str, Any], client: Client) -> IdJag:
         # ``iss`` is ``idp.issuer``: the provider was found by it in the payload its key signed.

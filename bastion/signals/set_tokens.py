@@ -114,15 +114,9 @@ def verify_set(
     try:
         claims = verified_claims(token, keys, kid, alg)
     except SignatureRefused as refused:
-        if refused.reason == "kid":
-            raise SetRefused("invalid_key", f"no key {kid!r} in the transmitter's JWKS") from None
-        if refused.reason == "signature":
-            raise SetRefused(
-                "invalid_key", f"the SET's signature does not verify: {refused.detail}"
-            ) from None
-        raise SetRefused(
-            "invalid_request", f"the SET's payload is refused: {refused.detail}"
-        ) from None
+        # RFC 8935 §2.3: a key not found or a signature not verified is invalid_key.
+        code = "invalid_request" if refused.reason == "claims" else "invalid_key"
+        raise SetRefused(code, refused.said_of("the SET", "the transmitter")) from None
     if claims.get("iss") != issuer:
         raise SetRefused("invalid_issuer", f"iss must be {issuer!r}")
     aud = claims.get("aud")
