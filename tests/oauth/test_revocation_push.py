@@ -61,13 +61,26 @@ class Replicas:
         return self.tokens.remembered(token, self.a.resource)
 
 
+def listener_state(tokens: VerifiedTokens) -> str:
+    """What a listener that never came up was doing, for the failure's message."""
+    listener = tokens.listener
+    assert listener is not None
+    return (
+        f"connected: {listener._connected}, last answer"
+        f" {time.monotonic() - listener._answered_at:.1f} s ago, parked: {listener._waiting},"
+        f" behind: {listener.behind()}, thread alive: {listener._thread.is_alive()}"
+    )
+
+
 @pytest.fixture
 def replicas(postgres_url, tmp_path) -> Iterator[Replicas]:
     with running_bastion(postgres_url, tmp_path) as a:
         tokens = VerifiedTokens(a.server.verifier, postgres_url)
         b = OAuthStore(Database(postgres_url))
         try:
-            assert eventually(lambda: tokens.local), "the revocation listener never came up"
+            assert eventually(lambda: tokens.local), (
+                f"the revocation listener never came up ({listener_state(tokens)})"
+            )
             yield Replicas(a, tokens, b)
         finally:
             tokens.close()
@@ -139,7 +152,9 @@ def test_a_revocation_by_another_replica_is_refused_on_the_first_use_after_it_re
         tokens.listener.heartbeat, tokens.listener.stale_after = 30.0, 60.0
         b = OAuthStore(Database(postgres_url))
         try:
-            assert eventually(lambda: tokens.local), "the listener never came up"
+            assert eventually(lambda: tokens.local), (
+                f"the listener never came up ({listener_state(tokens)})"
+            )
             replicas = Replicas(a, tokens, b)
             token, jti, grant_id = replicas.issue()
             assert replicas.remembered(token) is not None
