@@ -1,9 +1,9 @@
 """Checking an ID token (OpenID Connect Core 1.0 §3.1.3.7) with joserfc: the ``alg`` among those
 the provider announces and bastion accepts (`signing_algorithms`, step 7), the signature by the
 one key of the provider's key set the header names, then the claims ``iss``, ``aud``, ``azp``,
-``exp``, ``iat``, ``nonce`` and ``sub``; ``auth_time`` when a recent sign-in was asked for; and
-``at_hash`` when the token holds one (§3.1.3.8). The caller checks the ``alg`` before any key is
-fetched."""
+``exp``, ``iat``, ``nonce`` and ``sub``; ``auth_time`` when a recent sign-in was asked for;
+``acr`` when ``required_acr`` is set; and ``at_hash`` when the token holds one (§3.1.3.8). The
+caller checks the ``alg`` before any key is fetched."""
 
 from __future__ import annotations
 
@@ -142,6 +142,25 @@ def check_auth_time(
             "auth_time",
             f"A sign-in within {max_age} s was asked for, and the provider used one from"
             f" {int(now - value)} s ago: sign in there again.",
+        )
+
+
+def check_acr(claims: Mapping[str, Any], required: tuple[str, ...]) -> None:
+    """OpenID Connect Core §3.1.3.7 step 11 ("the Client SHOULD check that the asserted acr
+    Claim Value is appropriate"): with ``required_acr`` set, the ID token's ``acr`` must be one
+    of it. A provider that left it out, or asserts another, signs nobody in: ``acr_values`` is
+    only a request (§5.5.1.1, a voluntary claim), which a provider may answer with less."""
+    if not required:
+        return
+    acr = claims.get("acr")
+    if not isinstance(acr, str) or acr not in required:
+        shown = "none" if acr is None else f"'{readable(str(acr))}'"
+        raise LoginRefused(
+            "acr",
+            f"The provider signed you in with authentication context (acr) {shown}, and this"
+            f" server requires one of {list(required)}: sign in there with a stronger method"
+            " ([[identity.providers]] required_acr).",
+            403,
         )
 
 

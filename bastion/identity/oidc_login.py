@@ -1,9 +1,10 @@
 """Logging in to bastion through the company's OpenID provider: bastion's authorization server as
 an OpenID Connect relying party (OpenID Connect Core 1.0 §3.1, the authorization code flow).
 
-Each provider of ``[[identity.providers]]`` is found by OpenID Connect Discovery 1.0; a login
-sends the browser to it with PKCE S256 (RFC 7636), a ``state`` and a ``nonce``, all kept on the
-server under the digest of ``state`` and bound to the browser's cookie, usable once and for a
+Each provider of ``[[identity.providers]]`` is found by OpenID Connect Discovery 1.0 (read again
+when its lifetime ends: `bastion.oauth.remote_metadata`); a login sends the browser to it with
+its ``acr_values`` when set, and PKCE S256 (RFC 7636), a ``state`` and a ``nonce``, all kept on
+the server under the digest of ``state`` and bound to the browser's cookie, usable once and for a
 few minutes. The answer comes back to the provider's own redirect URI, where ``state`` is spent
 first (a replay finds nothing), the RFC 9207 ``iss`` must name that provider when sent (and must
 be sent when the provider says it sends it: mix-up defence), and the code is exchanged once,
@@ -12,9 +13,9 @@ bastion's client authenticated as the provider announces it takes (its secret, o
 says, with joserfc: an asymmetric ``alg`` of the provider's list that the provider announces in
 its discovery document (never ``none``, never an HMAC), the signature by the provider's JWKS,
 ``iss`` exactly, ``aud`` holding the client id (and ``azp`` being it when there are several
-audiences), ``exp``, ``iat``, the ``nonce``, and ``at_hash`` when it holds one. The person then
-resumes what they came for (the MCP client's authorization request: consent, code, token; or a
-page of bastion) as after a password login.
+audiences), ``exp``, ``iat``, the ``nonce``, ``acr`` among ``required_acr`` when that is set, and
+``at_hash`` when it holds one. The person then resumes what they came for (the MCP client's
+authorization request: consent, code, token; or a page of bastion) as after a password login.
 
 Claims map to the user id (namespaced per provider by default) and, by configuration, to facts
 (`FactMapping`), which each login puts in step with the claims and which expire when the person
@@ -49,6 +50,7 @@ from bastion.identity.client_key import METHOD as PRIVATE_KEY_JWT
 from bastion.identity.client_key import client_assertion
 from bastion.identity.id_token import (
     ANNOUNCED,
+    check_acr,
     check_at_hash,
     check_auth_time,
     check_claims,
@@ -66,14 +68,14 @@ from bastion.names import UNVERIFIED_EMAIL, readable, vouched_for
 from bastion.oauth import pages, pkce
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import (
-    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
     fetch,
-    fetch_json,
+    fetch_json_answer,
     protected_header,
 )
+from bastion.oauth.remote_metadata import RemoteMetadata
 from bastion.oauth.sign_in import (
     CSRF_PURPOSE,
     FORM_SECONDS,
@@ -138,9 +140,15 @@ class OpenIDLogin:
         self.transport = transport
         self.db = server.db
         self.db.migrate("identity", MIGRATIONS)
-        self._endpoints: dict[str, _Endpoints] = {}
-        self._discovery = {
-            p.id: CoalescedFetches(FetchLimits.of_issuer(p, PROVIDERS_TABLE), self.clock)
+        self._metadata = {
+            p.id: RemoteMetadata(
+                FetchLimits.of_issuer(p, PROVIDERS_TABLE),
+                functools.partial(self._discover, p),
+                cache_seconds=p.metadata_cache_seconds,
+                stale_seconds=p.metadata_stale_seconds,
+                table=PROVIDERS_TABLE,
+                clock=self.clock,
+            )
             for p in settings.providers
         }
         # The key set, token and UserInfo endpoints are named by the provider's discovery
@@ -217,6 +225,10 @@ class OpenIDLogin:
             query["max_age"] = str(max_age)
             if max_age == 0:
                 query["prompt"] = "login"
+        if provider.acr_values:
+            # Core §3.1.2.1: a voluntary claim; the ID token's acr is checked when required_acr
+            # is set (`check_acr`), whatever the provider made of this.
+            query["acr_values"] = " ".join(provider.acr_values)
         separator = "&" if "?" in endpoints.authorization else "?"
         return pages.redirect(f"{endpoints.authorization}{separator}{urlencode(query)}")
 
@@ -348,6 +360,7 @@ class OpenIDLogin:
             provider, endpoints, id_token, login.nonce, answer.get("access_token")
         )
         check_auth_time(claims, login.max_age, self.clock(), provider.leeway_seconds)
+        check_acr(claims, provider.required_acr)
         if provider.userinfo:
             # The ID token's own claims win: UserInfo only adds what it lacks.
             claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}
@@ -618,26 +631,23 @@ class OpenIDLogin:
     # -- the provider's metadata -----------------------------------------------------------
 
     async def _provider_endpoints(self, provider: OpenIDProvider) -> _Endpoints:
-        """The provider's endpoints from its OpenID Connect Discovery document: read once per
-        process, one fetch at a time, and a failure not tried again for
-        ``jwks_refetch_seconds`` (`CoalescedFetches`): anyone can press a login button."""
-        known = self._endpoints.get(provider.id)
-        if known is not None:
-            return known
+        """The provider's endpoints from its OpenID Connect Discovery document, read again when
+        its lifetime ends, the last good one kept through a short outage (`RemoteMetadata`):
+        one read at a time, a failure not tried again for ``jwks_refetch_seconds`` (anyone can
+        press a login button)."""
         try:
-            return await self._discovery[provider.id].once(
-                provider.id,
-                functools.partial(self._discover, provider),
-                lambda: self._endpoints.get(provider.id),
-            )
+            return await self._metadata[provider.id].get()
         except RemoteDocumentError as exc:
             raise ProviderUnavailable(str(exc)) from None
 
-    async def _discover(self, provider: OpenIDProvider) -> _Endpoints:
+    async def _discover(self, provider: OpenIDProvider) -> tuple[_Endpoints, float | None]:
+        """The endpoints of the provider's discovery document, each check passed, and the
+        lifetime its headers give; `RemoteDocumentError` for a document that cannot be had or
+        fails a check (it never replaces a good one)."""
         uri = f"{provider.issuer.rstrip('/')}/.well-known/openid-configuration"
         limits = FetchLimits.of_issuer(provider, PROVIDERS_TABLE)
         try:
-            document = await fetch_json(uri, limits, self.transport)
+            document, lifetime = await fetch_json_answer(uri, limits, self.transport)
         except RemoteDocumentError as exc:
             raise RemoteDocumentError(f"its discovery document {uri} {exc}") from None
         # OpenID Connect Discovery §4.3: the document names the very issuer asked.
@@ -676,8 +686,7 @@ class OpenIDLogin:
             if provider.client_assertion_audience == "issuer"
             else found["token_endpoint"],
         )
-        self._endpoints[provider.id] = endpoints
-        return endpoints
+        return endpoints, lifetime
 
     # -- refusals ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from bastion.http_fields import field_value_problem
 from bastion.identity.client_key import AUDIENCES, ClientKey, ClientKeyError, load_client_key
 from bastion.names import user_prefix_problem
 from bastion.oauth.client_assertion import algorithms_problem, url_problem
+from bastion.oauth.remote_metadata import METADATA_CACHE_SECONDS, METADATA_STALE_SECONDS
 
 _PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 # Values of one claim turned into facts at one login; more are refused (a claim this large is a
@@ -42,6 +43,10 @@ _PROVIDER_KEYS = {
     "max_document_bytes",
     "jwks_cache_seconds",
     "jwks_refetch_seconds",
+    "metadata_cache_seconds",
+    "metadata_stale_seconds",
+    "acr_values",
+    "required_acr",
     "userinfo",
     "facts",
     "allow_private_addresses",
@@ -135,6 +140,14 @@ class OpenIDProvider:
     max_document_bytes: int = 65536
     jwks_cache_seconds: int = 300
     jwks_refetch_seconds: int = 30
+    # The discovery document is read again after at most this long (less when its headers say),
+    # and the last good one is used this long past that while a new one cannot be had.
+    metadata_cache_seconds: int = METADATA_CACHE_SECONDS
+    metadata_stale_seconds: int = METADATA_STALE_SECONDS
+    # Authentication context classes asked of the provider (OpenID Connect Core §3.1.2.1
+    # ``acr_values``), and those the ID token's ``acr`` must be one of (§3.1.3.7 step 11); (): none.
+    acr_values: tuple[str, ...] = ()
+    required_acr: tuple[str, ...] = ()
     # Read the UserInfo endpoint too (its claims complete the ID token's).
     userinfo: bool = False
     # Audiences besides client_id an ID token may hold (OpenID Connect Core §3.1.3.7 step 3:
@@ -293,9 +306,15 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
         "max_document_bytes",
         "jwks_cache_seconds",
         "jwks_refetch_seconds",
+        "metadata_cache_seconds",
+        "metadata_stale_seconds",
     ):
         if key in table:
-            values[key] = _whole(f"{where}.{key}", table[key], 0 if key == "leeway_seconds" else 1)
+            least = 0 if key in ("leeway_seconds", "metadata_stale_seconds") else 1
+            values[key] = _whole(f"{where}.{key}", table[key], least)
+    for key in ("acr_values", "required_acr"):
+        if key in table:
+            values[key] = _acr_list(f"{where}.{key}", table[key])
     audiences = table.get("trusted_audiences", [])
     if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
         raise IdentityConfigError(f"{where}.trusted_audiences: a list of audience values")
@@ -316,6 +335,25 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
         raise IdentityConfigError(f"{where}.facts must be an array of tables")
     values["facts"] = tuple(_fact_mapping(f"{where}.facts[{i}]", m) for i, m in enumerate(raw))
     return OpenIDProvider(**values)
+
+
+def _acr_list(where: str, value: Any) -> tuple[str, ...]:
+    """A non-empty list of authentication context class references (OpenID Connect Core §2
+    ``acr``): each a non-empty string of printable characters without spaces (``acr_values``
+    is sent space-separated, §3.1.2.1)."""
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(
+            isinstance(v, str) and v and v.isprintable() and not any(c.isspace() for c in v)
+            for v in value
+        )
+    ):
+        raise IdentityConfigError(
+            f'{where}: a list of acr values without spaces, e.g. ["phr", "urn:example:mfa"]'
+            f" (leave it out for none), got {value!r}"
+        )
+    return tuple(dict.fromkeys(value))
 
 
 _AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")

@@ -4,8 +4,8 @@ identity provider the deployment names, accepted by the gateway next to bastion'
 A token is taken to this module only when its (unverified) ``iss`` is a configured issuer; it is
 then checked against that issuer alone: an asymmetric ``alg`` of the issuer's list (never
 ``none``, never an HMAC), the signature by the issuer's key set (``jwks_uri``, given or found
-through OpenID Connect Discovery / RFC 8414 metadata; a ``kid`` not in the cached set fetches it
-again), ``iss`` exactly, ``aud`` the value configured for the MCP server called, ``exp``,
+through OpenID Connect Discovery / RFC 8414 metadata, read again when its lifetime ends; a
+``kid`` not in the cached set fetches it again), ``iss`` exactly, ``aud`` the value configured for the MCP server called, ``exp``,
 ``nbf`` and ``iat`` with the issuer's leeway, ``typ`` ``at+jwt`` when required, and, where the
 issuer offers it, RFC 7662 introspection (a revoked token is refused once the short cache of its
 answer ends; an introspection endpoint that cannot be reached refuses every token of the issuer:
@@ -48,7 +48,6 @@ from bastion.oauth.client_metadata_document import MAX_CLIENT_ID_URL
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import (
-    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
@@ -60,6 +59,11 @@ from bastion.oauth.jwks import (
     verified_claims,
 )
 from bastion.oauth.numeric_date import numeric_date
+from bastion.oauth.remote_metadata import (
+    METADATA_CACHE_SECONDS,
+    METADATA_STALE_SECONDS,
+    RemoteMetadata,
+)
 from bastion.oauth.store import UserStanding
 from bastion.oauth.verifier import VerifiedToken
 
@@ -89,6 +93,8 @@ _KEYS = {
     "max_document_bytes",
     "jwks_cache_seconds",
     "jwks_refetch_seconds",
+    "metadata_cache_seconds",
+    "metadata_stale_seconds",
     "allow_private_addresses",
 }
 
@@ -127,6 +133,10 @@ class TrustedIssuer:
     max_document_bytes: int = 65536
     jwks_cache_seconds: int = 300
     jwks_refetch_seconds: int = 30
+    # Its metadata is read again after at most this long (less when its headers say), and the
+    # last good one is used this long past that while a new one cannot be had.
+    metadata_cache_seconds: int = METADATA_CACHE_SECONDS
+    metadata_stale_seconds: int = METADATA_STALE_SECONDS
     # The non-public addresses the jwks_uri and introspection endpoint its metadata names may be
     # reached at (`bastion.egress.private_allowance`); None: all if the issuer is itself on one,
     # else none (`bastion.egress.metadata_allowance`). Those configured here are fetched as given.
@@ -218,10 +228,13 @@ class TrustedIssuer:
             "max_document_bytes",
             "jwks_cache_seconds",
             "jwks_refetch_seconds",
+            "metadata_cache_seconds",
+            "metadata_stale_seconds",
         ):
             if name in table:
                 value = table[name]
-                least = 0 if name in ("leeway_seconds", "introspection_cache_seconds") else 1
+                zero = ("leeway_seconds", "introspection_cache_seconds", "metadata_stale_seconds")
+                least = 0 if name in zero else 1
                 if isinstance(value, bool) or not isinstance(value, int) or value < least:
                     raise ValueError(f"{where}.{name} must be a whole number >= {least}")
                 values[name] = value
@@ -257,6 +270,12 @@ def parse_trusted_issuers(
     if len(set(names)) != len(names):
         raise ValueError("[[gateway.trusted_issuers]]: each issuer may appear only once")
     return issuers
+
+
+def _configured(issuer: TrustedIssuer) -> bool:
+    """Whether the settings name every endpoint of ``issuer`` bastion uses: its metadata is
+    then never read."""
+    return bool(issuer.jwks_uri) and bool(issuer.introspection_endpoint or not issuer.introspects)
 
 
 def _another_kind(typ: object) -> bool:
@@ -345,11 +364,19 @@ class TrustedIssuers:
             )
             for i in issuers
         }
-        # issuer -> its jwks_uri and introspection endpoint, from the configuration or metadata
-        self._endpoints: dict[str, tuple[str, str]] = {}
-        self._discovery = {
-            i.issuer: CoalescedFetches(FetchLimits.of_issuer(i, ISSUERS_TABLE), clock)
+        # issuer -> its jwks_uri and introspection endpoint from its metadata, where they are
+        # not both configured
+        self._metadata = {
+            i.issuer: RemoteMetadata(
+                FetchLimits.of_issuer(i, ISSUERS_TABLE),
+                partial(self._find_endpoints, i),
+                cache_seconds=i.metadata_cache_seconds,
+                stale_seconds=i.metadata_stale_seconds,
+                table=ISSUERS_TABLE,
+                clock=clock,
+            )
             for i in issuers
+            if not _configured(i)
         }
         # (token digest, server) -> what verifying it found, until it expires
         self._tokens: dict[tuple[bytes, str], _Remembered] = {}
@@ -632,41 +659,35 @@ class TrustedIssuers:
     # -- the issuer's endpoints ----------------------------------------------------------------
 
     async def _endpoints_of(self, issuer: TrustedIssuer) -> tuple[str, str]:
-        """The issuer's jwks_uri and introspection endpoint: configured, or read once from its
-        OpenID Connect Discovery document, else its RFC 8414 metadata (one fetch at a time, a
-        failure not tried again for ``jwks_refetch_seconds``: `CoalescedFetches`)."""
-        known = self._endpoints.get(issuer.issuer)
-        if known is not None:
-            return known
+        """The issuer's jwks_uri and introspection endpoint: configured, or from its OpenID
+        Connect Discovery document, else its RFC 8414 metadata, read again when its lifetime
+        ends and the last good one kept through a short outage (`RemoteMetadata`: one read at
+        a time, a failure not tried again for ``jwks_refetch_seconds``)."""
+        if _configured(issuer):
+            return issuer.jwks_uri, issuer.introspection_endpoint
         try:
-            return await self._discovery[issuer.issuer].once(
-                issuer.issuer,
-                partial(self._find_endpoints, issuer),
-                lambda: self._endpoints.get(issuer.issuer),
-            )
+            return await self._metadata[issuer.issuer].get()
         except RemoteDocumentError as exc:
             raise IssuerUnavailable(str(exc)) from None
 
-    async def _find_endpoints(self, issuer: TrustedIssuer) -> tuple[str, str]:
-        if issuer.jwks_uri and (issuer.introspection_endpoint or not issuer.introspects):
-            found = (issuer.jwks_uri, issuer.introspection_endpoint)
-        else:
-            limits = FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
-            metadata = await issuer_metadata(issuer.issuer, limits, self.transport)
-            jwks_uri = issuer.jwks_uri or metadata.get("jwks_uri")
-            endpoint = issuer.introspection_endpoint or metadata.get("introspection_endpoint", "")
-            for name, value in (("jwks_uri", jwks_uri), ("introspection_endpoint", endpoint)):
-                if (value or name == "jwks_uri") and url_problem(value):
-                    raise RemoteDocumentError(
-                        f"the metadata of {issuer.issuer} has no usable {name}: {value!r}"
-                    )
-            if issuer.introspects and not endpoint:
+    async def _find_endpoints(self, issuer: TrustedIssuer) -> tuple[tuple[str, str], float | None]:
+        """What the issuer's metadata names (those configured win), each checked, and the
+        lifetime its headers give; `RemoteDocumentError` when it cannot be had or fails a
+        check (it then never replaces a good one)."""
+        limits = FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
+        metadata, lifetime = await issuer_metadata(issuer.issuer, limits, self.transport)
+        jwks_uri = issuer.jwks_uri or metadata.get("jwks_uri")
+        endpoint = issuer.introspection_endpoint or metadata.get("introspection_endpoint", "")
+        for name, value in (("jwks_uri", jwks_uri), ("introspection_endpoint", endpoint)):
+            if (value or name == "jwks_uri") and url_problem(value):
                 raise RemoteDocumentError(
-                    f"{issuer.issuer} offers no introspection_endpoint; configure one"
+                    f"the metadata of {issuer.issuer} has no usable {name}: {value!r}"
                 )
-            found = (jwks_uri, endpoint)
-        self._endpoints[issuer.issuer] = found
-        return found
+        if issuer.introspects and not endpoint:
+            raise RemoteDocumentError(
+                f"{issuer.issuer} offers no introspection_endpoint; configure one"
+            )
+        return (jwks_uri, endpoint), lifetime
 
     async def _introspect(self, issuer: TrustedIssuer, token: str) -> None:
         """RFC 7662: refuse a token its issuer says is not active; `IssuerUnavailable` when the

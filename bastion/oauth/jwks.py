@@ -307,11 +307,11 @@ def verified_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict
 
 async def issuer_metadata(
     issuer: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], float | None]:
     """An issuer's OpenID Connect Discovery document, else its RFC 8414 metadata (§3.1: the
-    well-known prefix before the issuer's path); the document must name ``issuer`` exactly
-    (OpenID Connect Discovery §4.3, RFC 8414 §3.3). `RemoteDocumentError` saying what each
-    place answered."""
+    well-known prefix before the issuer's path), and the lifetime its headers give (None: they
+    say nothing); the document must name ``issuer`` exactly (OpenID Connect Discovery §4.3,
+    RFC 8414 §3.3). `RemoteDocumentError` saying what each place answered."""
     parts = urlsplit(issuer)
     path = parts.path.rstrip("/")
     origin = f"{parts.scheme}://{parts.netloc}"
@@ -322,14 +322,14 @@ async def issuer_metadata(
     problems = []
     for uri in candidates:
         try:
-            document = await fetch_json(uri, limits, transport)
+            document, lifetime = await fetch_json_answer(uri, limits, transport)
         except RemoteDocumentError as exc:
             problems.append(f"{uri} {exc}")
             continue
         if not isinstance(document, dict) or document.get("issuer") != issuer:
             problems.append(f"{uri} is not the metadata of {issuer}")
             continue
-        return document
+        return document, lifetime
     raise RemoteDocumentError("; ".join(problems))
 
 

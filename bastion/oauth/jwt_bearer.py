@@ -58,7 +58,6 @@ from bastion.oauth.client_assertion import (
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.jwks import (
-    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
@@ -69,6 +68,11 @@ from bastion.oauth.jwks import (
     verified_claims,
 )
 from bastion.oauth.numeric_date import numeric_date
+from bastion.oauth.remote_metadata import (
+    METADATA_CACHE_SECONDS,
+    METADATA_STALE_SECONDS,
+    RemoteMetadata,
+)
 from bastion.oauth.settings import ProtectedResource, same_resource
 from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client, Grant
@@ -96,6 +100,8 @@ _ISSUER_KEYS = {
     "max_document_bytes",
     "jwks_cache_seconds",
     "jwks_refetch_seconds",
+    "metadata_cache_seconds",
+    "metadata_stale_seconds",
     "allow_private_addresses",
 }
 
@@ -122,6 +128,10 @@ class TrustedIdp:
     max_document_bytes: int = 65536
     jwks_cache_seconds: int = 300
     jwks_refetch_seconds: int = 30
+    # Its metadata is read again after at most this long (less when its headers say), and the
+    # last good one is used this long past that while a new one cannot be had.
+    metadata_cache_seconds: int = METADATA_CACHE_SECONDS
+    metadata_stale_seconds: int = METADATA_STALE_SECONDS
     # The non-public addresses the jwks_uri its metadata names may be reached at
     # (`bastion.egress.private_allowance`); None: all if the issuer is itself on one, else none
     # (`bastion.egress.metadata_allowance`). A jwks_uri configured here is fetched as given.
@@ -165,11 +175,14 @@ class TrustedIdp:
             "max_document_bytes",
             "jwks_cache_seconds",
             "jwks_refetch_seconds",
+            "metadata_cache_seconds",
+            "metadata_stale_seconds",
         ):
             if name in table:
                 value = table[name]
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{where}.{name} must be a whole number >= 1")
+                least = 0 if name == "metadata_stale_seconds" else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise ValueError(f"{where}.{name} must be a whole number >= {least}")
                 values[name] = value
         if "allow_private_addresses" in table:
             values["allow_private_addresses"] = private_allowance(
@@ -261,10 +274,18 @@ class IdentityAssertionGrant:
             )
             for i in self.id_jag.issuers
         }
-        self._jwks_uris: dict[str, str] = {}
-        self._discovery = {
-            i.issuer: CoalescedFetches(FetchLimits.of_issuer(i, ID_JAG_TABLE), self.clock)
+        # The jwks_uri of each provider that has none configured, from its metadata.
+        self._metadata = {
+            i.issuer: RemoteMetadata(
+                FetchLimits.of_issuer(i, ID_JAG_TABLE),
+                partial(self._find_jwks_uri, i),
+                cache_seconds=i.metadata_cache_seconds,
+                stale_seconds=i.metadata_stale_seconds,
+                table=ID_JAG_TABLE,
+                clock=self.clock,
+            )
             for i in self.id_jag.issuers
+            if not i.jwks_uri
         }
         if any(i.user_claim != i.account_claim for i in self.id_jag.issuers):
             server.db.migrate("identity", IDENTITY_MIGRATIONS)  # `_bound_to_its_account`
@@ -372,23 +393,21 @@ class IdentityAssertionGrant:
             ) from None
 
     async def _jwks_uri(self, idp: TrustedIdp) -> str:
-        """The provider's jwks_uri: configured, or read once from its metadata (one fetch at a
-        time, a failure not tried again for ``jwks_refetch_seconds``: `CoalescedFetches`)."""
-        known = idp.jwks_uri or self._jwks_uris.get(idp.issuer)
-        if known:
-            return known
-        return await self._discovery[idp.issuer].once(
-            idp.issuer, partial(self._find_jwks_uri, idp), lambda: self._jwks_uris.get(idp.issuer)
-        )
+        """The provider's jwks_uri: configured, or from its metadata, read again when its
+        lifetime ends and the last good one kept through a short outage (`RemoteMetadata`: one
+        read at a time, a failure not tried again for ``jwks_refetch_seconds``)."""
+        if idp.jwks_uri:
+            return idp.jwks_uri
+        return await self._metadata[idp.issuer].get()
 
-    async def _find_jwks_uri(self, idp: TrustedIdp) -> str:
+    async def _find_jwks_uri(self, idp: TrustedIdp) -> tuple[str, float | None]:
         limits = FetchLimits.of_issuer(idp, ID_JAG_TABLE)
-        uri = (await issuer_metadata(idp.issuer, limits, self.transport)).get("jwks_uri")
+        metadata, lifetime = await issuer_metadata(idp.issuer, limits, self.transport)
+        uri = metadata.get("jwks_uri")
         problem = jwks_uri_problem(uri)
         if problem:
             raise RemoteDocumentError(f"its metadata has no usable jwks_uri: {problem}")
-        self._jwks_uris[idp.issuer] = uri
-        return uri
+        return uri, lifetime
 
     # -- checks (a worker thread) -------------------------------------------------------------
 

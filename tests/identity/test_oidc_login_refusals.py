@@ -44,6 +44,8 @@ SECRETS = {
     "bastion-r": "secret-of-r",
     "bastion-s": "secret-of-s",
     "bastion-p": "secret-of-p",
+    "bastion-m": "secret-of-m",
+    "bastion-c": "secret-of-c",
 }
 
 
@@ -91,23 +93,46 @@ class TestProvider:
         self.redeemed: list[str] = []
         self.token_status = 200
         self.userinfo_claims = {"sub": "ada", "groups": ["from-userinfo"]}
+        # Per issuer: the status its discovery document answers with (200 when not named) and
+        # the headers it adds; the paths asked for, and those that answer 404 (an endpoint the
+        # provider moved away from: its metadata names ``/<issuer>/moved/token`` and ``/jwks``).
+        self.discovery_status: dict[str, int] = {}
+        self.discovery_headers: dict[str, dict[str, str]] = {}
+        self.asked: list[str] = []
+        self.retired: set[str] = set()
         self.url = ""
-        self.app = Starlette(
+        routes = Starlette(
             routes=[
                 Route("/{name}/.well-known/openid-configuration", self.discovery),
                 Route("/{name}/token", self.token, methods=["POST"]),
+                Route("/{name}/moved/token", self.token, methods=["POST"]),
                 Route("/{name}/userinfo", self.userinfo),
                 Route("/{name}/jwks", self.jwks),
+                Route("/{name}/moved/jwks", self.jwks),
             ]
         )
+
+        async def app(scope, receive, send) -> None:
+            if scope["type"] == "http":
+                self.asked.append(scope["path"])
+                if scope["path"] in self.retired:
+                    await Response("moved away", status_code=404)(scope, receive, send)
+                    return
+            await routes(scope, receive, send)
+
+        self.app = app
 
     def issuer(self, name: str) -> str:
         return f"{self.url}/{name}"
 
     async def discovery(self, request: Request) -> Response:
         name = request.path_params["name"]
+        status = self.discovery_status.get(name, 200)
+        if status != 200:
+            return JSONResponse({"error": "temporarily_unavailable"}, status_code=status)
         return JSONResponse(
-            {
+            headers=self.discovery_headers.get(name),
+            content={
                 "issuer": self.issuer(name),
                 "authorization_endpoint": f"{self.issuer(name)}/authorize",
                 "token_endpoint": f"{self.issuer(name)}/token",
@@ -121,7 +146,7 @@ class TestProvider:
                     else {}
                 ),
                 **self.metadata.get(name, {}),
-            }
+            },
         )
 
     async def userinfo(self, request: Request) -> Response:
@@ -131,6 +156,8 @@ class TestProvider:
 
     async def jwks(self, request: Request) -> Response:
         name = request.path_params["name"]
+        if "/moved/" in request.url.path:
+            name = f"{name}/moved"
         self.jwks_fetches[name] = self.jwks_fetches.get(name, 0) + 1
         keys = self.published.get(name, [self.key])
         return JSONResponse({"keys": [k.as_dict(private=False) for k in keys]})

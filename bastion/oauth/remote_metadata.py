@@ -1,0 +1,104 @@
+"""An issuer's metadata (OpenID Connect Discovery 1.0, RFC 8414) kept while its headers say
+(RFC 9111 through `bastion.http_caching`, within ``jwks_refetch_seconds`` and
+``metadata_cache_seconds``), then read again: an issuer that moves its ``jwks_uri``, token or
+introspection endpoint is followed without a restart.
+
+A read that fails, or brings a document the caller's checks refuse (another ``issuer``, an
+unusable endpoint), never replaces the last good metadata: that stays in use for
+``metadata_stale_seconds`` past its lifetime, so a short outage of the document signs nobody
+out, and is then refused with the failure's reason rather than used for good. Reads are one at a
+time and a failure is tried again at most every ``jwks_refetch_seconds`` (`CoalescedFetches`).
+Used by login providers, trusted issuers and ID-JAG providers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from bastion.http_caching import kept_seconds
+from bastion.oauth.jwks import CoalescedFetches, FetchLimits, RemoteDocumentError
+
+_T = TypeVar("_T")
+
+log = logging.getLogger("bastion.oauth.remote_metadata")
+
+# The defaults of ``metadata_cache_seconds`` and ``metadata_stale_seconds`` wherever an issuer
+# is configured (docs/security.md's limits).
+METADATA_CACHE_SECONDS = 3600
+METADATA_STALE_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class _Read(Generic[_T]):
+    value: _T
+    read_at: float
+    # How long it is used before it is read again (`bastion.http_caching.kept_seconds`).
+    kept_seconds: float
+
+
+class RemoteMetadata(Generic[_T]):
+    """One issuer's metadata, as the caller's ``read()`` makes it from the document: (what is
+    kept, the lifetime the answer's headers gave or None). ``read()`` raises
+    `RemoteDocumentError` for a document that cannot be had or fails its checks."""
+
+    def __init__(
+        self,
+        limits: FetchLimits,
+        read: Callable[[], Awaitable[tuple[_T, float | None]]],
+        *,
+        cache_seconds: float,
+        stale_seconds: float,
+        table: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.limits = limits
+        self.read = read
+        self.cache_seconds = cache_seconds
+        self.stale_seconds = stale_seconds
+        self.table = table
+        self.clock = clock
+        self._fetches = CoalescedFetches(limits, clock)
+        self._good: _Read[_T] | None = None
+
+    async def get(self) -> _T:
+        """The metadata: the last good read while young; else read again, one read at a time
+        (requests that come meanwhile wait for it). When that fails, the last good read within
+        ``stale_seconds`` past its lifetime; `RemoteDocumentError` beyond, or with none."""
+        good = self._good
+        if good is not None and self.clock() - good.read_at < good.kept_seconds:
+            return good.value
+
+        def read_meanwhile() -> _T | None:
+            again = self._good
+            return again.value if again is not None and again is not good else None
+
+        try:
+            return await self._fetches.once("metadata", self._read, read_meanwhile)
+        except RemoteDocumentError as exc:
+            if good is None:
+                raise
+            late = self.clock() - good.read_at - good.kept_seconds
+            if late < self.stale_seconds:
+                log.warning(
+                    "%s metadata could not be read again, the last good one is used (%.0f s past"
+                    " its lifetime, at most %g s: metadata_stale_seconds): %s",
+                    self.table,
+                    late,
+                    self.stale_seconds,
+                    exc,
+                )
+                return good.value
+            raise RemoteDocumentError(
+                f"its last good metadata ended {late:.0f} s ago, past {self.table}"
+                f" metadata_stale_seconds ({self.stale_seconds:g} s), and cannot be read again:"
+                f" {exc}"
+            ) from None
+
+    async def _read(self) -> _T:
+        value, lifetime = await self.read()
+        kept = kept_seconds(lifetime, least=self.limits.refetch_seconds, most=self.cache_seconds)
+        self._good = _Read(value, self.clock(), kept)
+        return value
