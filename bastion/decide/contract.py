@@ -360,7 +360,8 @@ def plainly_allowed(
 ) -> bool:
     """Whether `decide_chain` would allow ``action`` on ``resource`` with nothing to do: every
     principal allowed, every required signal fresh, every required scope granted, no approval
-    still needed, no rate limit. Asks only those questions (the gateway's check of ``connect``
+    still needed, no rate limit, no sign-in age to check (``requires_recent_auth``: the token's
+    ``auth_time`` is the gateway's to weigh). Asks only those questions (the gateway's check of ``connect``
     on every message, which goes through the whole contract when this is False); a spent
     evaluation budget is False too."""
     chain = tuple(principals)
@@ -373,6 +374,8 @@ def plainly_allowed(
             if _stale_signals(s, chain, context) is not None:
                 return False
             if not set(required_scopes(s, action, resource)).issubset(granted_scopes):
+                return False
+            if required_auth_age(s, chain, action, resource) is not None:
                 return False
             approval = False
             for p in chain:

@@ -155,6 +155,7 @@ PLAIN_RULES = {
     "approval": 'requires_approval(_: User, "connect", _: McpServer);',
     "signal": 'requires_signal(_: User, "compliant", 300);',
     "masked": 'mask(_: User, "connect", _: McpServer, "secret");',
+    "recent": 'requires_recent_auth(_: User, "connect", _: McpServer, 300);',
     "budget": (
         'deny(_: User, "connect", _: McpServer) if loop(0);\nloop(n) if step(n, m) and loop(m);'
     ),
@@ -181,11 +182,13 @@ PLAIN_FACTS = [
         ("approval", "limit"),
         ("scope", "signal"),
         ("deny", "budget"),
+        ("recent", "scope"),
     ],
 )
 def test_plainly_allowed_is_decide_chain_allowing_with_nothing_to_do(rules):
     """Every set of facts, chain and scopes: `plainly_allowed` says yes exactly when
-    `decide_chain` allows with no scope missing, no approval pending and no rate limit."""
+    `decide_chain` allows with no scope missing, no approval pending, no rate limit and no
+    sign-in age to check."""
     a = plain_authorizer(frozenset(rules))
     context = {"time": datetime.fromtimestamp(NOW, UTC)}
     for chosen in itertools.product((False, True), repeat=len(PLAIN_FACTS)):
@@ -200,6 +203,7 @@ def test_plainly_allowed_is_decide_chain_allowing_with_nothing_to_do(rules):
                     and not full.missing_scopes
                     and not (duties.requires_approval and not duties.approval_granted)
                     and not duties.rate_limits
+                    and duties.max_auth_age is None
                 )
                 got = plainly_allowed(a, chain, "connect", desk, context, scopes)
                 assert got == expected, (facts, chain, scopes)
