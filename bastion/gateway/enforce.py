@@ -313,6 +313,38 @@ class Enforcer:
             self._connect_scopes[server] = (generation, scopes)
         return scopes
 
+    async def scopes_after(
+        self,
+        caller: Caller,
+        granted: tuple[str, ...],
+        method: str,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+    ) -> tuple[str, ...]:
+        """The scopes a message's own decision (``action`` on ``resource``) would still ask of
+        the caller's token with ``granted`` added, where it would allow the message with them;
+        none where it would refuse it anyway. For a message refused at ``connect`` to step up,
+        whose challenge then names these too (`Gateway.admit`). Asked on that refusal's path
+        only: nothing is allowed, counted or recorded by it, and what it cannot tell (an
+        evaluation that spent its budget, a counter that cannot be read) names nothing."""
+        try:
+            if method in COUNTED_METHODS:
+                context = await self._behavior_context(caller, repr(resource), context)
+            chain = decide_chain(
+                self.authorizer(),
+                caller.principals,
+                action,
+                resource,
+                context,
+                granted_scopes=(*caller.scopes, *granted),
+            )
+        except Exception:
+            # The step-up it was asked for stands, naming what ``connect`` asks.
+            log.exception("the scopes of %s on %s could not be told", action, resource)
+            return ()
+        return chain.missing_scopes
+
     def suspended(self, caller: Caller) -> Entity | None:
         """The caller's suspended agent, user or session, if any."""
         if self.suspensions is None:

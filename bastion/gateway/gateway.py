@@ -199,6 +199,12 @@ class UpstreamState:
                 return {}
         return hints.annotations.get(tool, {})
 
+    def listed_annotations(self, tool: str, connection: Upstream) -> dict[str, Any]:
+        """The tool's annotations as ``connection``'s upstream listed them last, if bastion has
+        heard that list; none otherwise. Reads nothing of the upstream."""
+        hints = self._hints.get(connection)
+        return hints.annotations.get(tool, {}) if hints is not None else {}
+
     def input_schema(self, tool: str, connection: Upstream | None = None) -> dict[str, Any] | None:
         """The ``inputSchema`` the upstream listed last for ``tool`` on ``connection``, if any
         (read with its annotations: `annotations` first)."""
@@ -432,6 +438,12 @@ class Gateway:
         )
         return upstream.scopes + more if more else upstream.scopes
 
+    def offered_scopes(self, server: str) -> tuple[str, ...]:
+        """The scopes ``server``'s resource offers (its metadata's ``scopes_supported``): a
+        challenge names no other, since a client asking for one is refused at /authorize
+        (``invalid_scope``), with every other scope it asked for."""
+        return self.resource_scopes(self.resource(server)) or self.challenge_scopes(server)
+
     def metadata(self, server: str) -> ProtectedResourceMetadata:
         return ProtectedResourceMetadata(
             resource=self.resource(server),
@@ -439,8 +451,7 @@ class Gateway:
                 self.issuer,
                 *(self.trusted.issuers_for(server) if self.trusted is not None else ()),
             ),
-            scopes_supported=self.resource_scopes(self.resource(server))
-            or self.challenge_scopes(server),
+            scopes_supported=self.offered_scopes(server),
             resource_name=server,
             dpop_signing_alg_values=self.dpop.algorithms if self.dpop else (),
         )
@@ -452,7 +463,13 @@ class Gateway:
 
     # -- decisions shared by every handler -------------------------------------------------------
 
-    async def admit(self, ex: Exchange, record: bool = False, passed_through: bool = False) -> None:
+    async def admit(
+        self,
+        ex: Exchange,
+        record: bool = False,
+        passed_through: bool = False,
+        then: tuple[Entity, dict[str, Any]] | None = None,
+    ) -> None:
         """``connect`` on the server, for every principal, on every message (continuous).
 
         Allowed with nothing to do, it stays unrecorded (the message's own decision is). Anything
@@ -461,7 +478,11 @@ class Gateway:
 
         ``passed_through``: the message is forwarded as sent, with no decision of its own
         (``gateway.pass_methods``), and ``context.passed_through`` says so; it is the connect
-        decision that refuses it to a caller downgraded to read-only (`refuses_write`)."""
+        decision that refuses it to a caller downgraded to read-only (`refuses_write`).
+
+        ``then``: the target of the message's own decision, asked next, and what its context
+        adds (a call's tool and arguments): a step-up that ``connect`` sends the client to
+        names the scopes that decision would ask too (`_step_up_for`)."""
         enforcer = self.enforcer
         if (heard := enforcer.facts_heard()) is not None:
             # A fact change this process has heard of is applied before anything is decided
@@ -490,7 +511,38 @@ class Gateway:
             except Held as held:
                 # Approved, the next message connects: a grant for minutes covers a session.
                 raise pending_error(held) from None
+            except StepUp as step_up:
+                if then is None:
+                    raise
+                raise await self._step_up_for(ex, step_up, *then) from None
             enforcer.write(verdict.record)
+
+    async def _step_up_for(
+        self, ex: Exchange, step_up: StepUp, resource: Entity, extra: dict[str, Any]
+    ) -> StepUp:
+        """``step_up``, the refusal of ``connect`` for scopes (or a sign-in), with the scopes the
+        message's own decision on ``resource`` would ask of the token it sends the client for,
+        where the resource offers them: one authorization, not one for ``connect`` and another
+        at once for the message (MCP authorization, Scope Challenge Handling: "the scopes needed
+        to satisfy the current request"). They are only named: the message stays refused, and a
+        decision that would refuse it anyway names none. Nothing is read of the upstream for a
+        caller refused at ``connect``: a tool's annotations are those bastion has already."""
+        context = ex.context(**extra)
+        if resource.type == "Tool":
+            context = {**context, "annotations": ex.known_annotations(extra["tool"])}
+        wanted = await self.enforcer.scopes_after(
+            ex.caller,
+            step_up.scopes,
+            ex.message.method or "",
+            message_action(resource),
+            resource,
+            context,
+        )
+        offered = self.offered_scopes(ex.server)
+        more = tuple(s for s in wanted if s in offered and s not in step_up.scopes)
+        if not more:
+            return step_up
+        return StepUp(step_up.scopes + more, step_up.decision_id, step_up.max_age)
 
     def _connect_needs_deciding(self, caller: Caller, server: Entity, context: dict) -> bool:
         """Whether ``connect`` must go through `Enforcer.decide`: a principal is refused, or the

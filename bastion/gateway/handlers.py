@@ -132,6 +132,26 @@ class Exchange:
         assert self._lease is not None
         return self._lease.upstream
 
+    def known_annotations(self, tool: str) -> dict[str, Any]:
+        """The annotations of the tool ``tool`` as its upstream listed them last on the
+        connection this request would go on, where bastion has heard them; none otherwise. For a
+        message refused at ``connect``: nothing is read of the upstream, and no upstream session
+        opened, for it."""
+        sessions = self.upstream.sessions
+        if sessions is None:
+            connection = self.upstream.upstream
+        elif self._lease is not None:
+            connection = self._lease.upstream
+        else:
+            session_id = self.session.id if self.session is not None else self.opening
+            found = sessions.find(
+                sessions.owner(self.caller.subject, self.caller.chain, session_id)
+            )
+            if found is None:
+                return {}
+            connection = found.upstream
+        return self.upstream.listed_annotations(tool, connection)
+
     def release(self) -> None:
         """This request no longer uses its upstream session."""
         lease, self._lease = self._lease, None
@@ -891,9 +911,11 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
     name = _name(ex, params, "name")
     arguments = _arguments(params)
+    tool = Entity("Tool", f"{ex.server}/{name}")
+    extra: dict[str, Any] = {"tool": name, "arguments": arguments}
     # `connect` first: a caller refused it makes bastion read nothing of the upstream.
-    await ex.gateway.admit(ex)
-    annotations = await ex.upstream.annotations(name, ex.connection)
+    await ex.gateway.admit(ex, then=(tool, extra))
+    extra["annotations"] = await ex.upstream.annotations(name, ex.connection)
     # Arguments the tool would convert to its declared types are refused: decided as sent, they
     # would run as something else (bastion.gateway.input_types).
     refused_type = type_refused(
@@ -911,8 +933,8 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
         unpinned = await pins.now(name, unpinned, ex.connection)
     return await _decide_and_forward(
         ex,
-        Entity("Tool", f"{ex.server}/{name}"),
-        {"tool": name, "arguments": arguments, "annotations": annotations},
+        tool,
+        extra,
         arguments,
         # Asked only for a caller downgraded to read-only (`Enforcer.decide`).
         partial(ex.upstream.annotations, name, ex.connection, fresh=True),
@@ -922,23 +944,20 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
 
 async def read_resource(ex: Exchange) -> dict[str, Any]:
     uri = _uri(ex, ex.message.params.get("uri"))
-    await ex.gateway.admit(ex)
-    return await _decide_and_forward(
-        ex, Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}, None
-    )
+    resource, extra = Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}
+    await ex.gateway.admit(ex, then=(resource, extra))
+    return await _decide_and_forward(ex, resource, extra, None)
 
 
 async def get_prompt(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
     name = _name(ex, params, "name")
     arguments = _arguments(params)
-    await ex.gateway.admit(ex)
+    prompt = Entity("Prompt", f"{ex.server}/{name}")
+    extra = {"prompt": name, "arguments": arguments}
+    await ex.gateway.admit(ex, then=(prompt, extra))
     return await _decide_and_forward(
-        ex,
-        Entity("Prompt", f"{ex.server}/{name}"),
-        {"prompt": name, "arguments": arguments},
-        arguments,
-        unpinned=await _prompt_unpinned(ex, name),
+        ex, prompt, extra, arguments, unpinned=await _prompt_unpinned(ex, name)
     )
 
 
@@ -962,8 +981,8 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     uri = _uri(ex, ex.message.params.get("uri"))
     _room_to_subscribe(ex, session, uri)
     enforcer = ex.gateway.enforcer
-    await ex.gateway.admit(ex)
-    resource = Entity("McpResource", f"{ex.server}/{uri}")
+    resource, extra = Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}
+    await ex.gateway.admit(ex, then=(resource, extra))
     try:
         verdict = await enforcer.decide(
             ex.caller,
@@ -971,7 +990,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
             ex.message.method,
             message_action(resource),
             resource,
-            ex.context(uri=uri),
+            ex.context(**extra),
         )
     except Held as held:
         # Approved, the retry subscribes (2025-11-25: no requestState; found by its binding).
@@ -1094,7 +1113,7 @@ async def complete(ex: Exchange) -> dict[str, Any]:
         uri = _uri(ex, ref.get("uri"), "params.ref.uri", template=True)
         resource = Entity("McpResource", f"{ex.server}/{uri}")
         extra["uri"] = uri
-    await ex.gateway.admit(ex)
+    await ex.gateway.admit(ex, then=(resource, extra))
     # Completing an argument of a prompt not as accepted is refused as getting it is.
     unpinned = await _prompt_unpinned(ex, extra["prompt"]) if "prompt" in extra else None
     # What is bound (to an approval, a review, the record's digest) is all the upstream gets

@@ -509,6 +509,7 @@ def start(
     more_upstreams: tuple[dict, ...] = (),
     database: str | None = None,
     identity: dict | None = None,
+    resource_scopes: tuple[str, ...] = ("customers:read", "customers:write"),
 ):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
     ``[gateway]`` table, ``oauth`` to the ``[oauth]`` table; ``approvals`` is the
@@ -517,7 +518,7 @@ def start(
     settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table;
     ``more_upstreams`` are more ``[[gateway.upstreams]]`` (each a resource too); ``database``
     is a PostgreSQL URL to use instead of a SQLite file in ``tmp_path``; ``identity`` is the
-    ``[identity]`` table."""
+    ``[identity]`` table; ``resource_scopes`` are the scopes each server's resource offers."""
     from contextlib import contextmanager
 
     @contextmanager
@@ -557,7 +558,7 @@ def start(
                     "resources": [
                         {
                             "uri": f"{base}/mcp/{name}",
-                            "scopes": ["customers:read", "customers:write"],
+                            "scopes": list(resource_scopes),
                         }
                         for name in (*SERVERS, *(u["name"] for u in more_upstreams))
                     ],

@@ -3,11 +3,16 @@ the token lacks sends the client to step up, a hold refuses (until approvals exi
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
+import anyio
 import pytest
 
 from bastion.policy.parser import parse_fact
 
-from .streams import call_tool, events, modern_headers, modern_request
+from .streams import call_tool, events, messages, modern_headers, modern_request
+from .support import start
 
 LIST_TOOLS = "tools/list"
 
@@ -123,3 +128,162 @@ def test_an_sdk_client_authorizes_once_for_a_server_whose_policy_requires_a_scop
     assert "ada@example.com" in seen["search"]
     assert len(seen["redirects"]) == 1, seen["redirects"]  # one authorization, not two
     assert set(seen["tokens"].scope.split()) == {"customers:read", "customers:write"}
+
+
+# A server whose policy comes to require a scope of every message (``desk:access``) while its
+# clients hold tokens without it, and whose messages need scopes of their own too.
+ACCESS = "desk:access"
+OWN_SCOPES = (
+    'requires_scope("read", _r: McpResource, "customers:write") if\n'
+    '  context.uri = "customers://plans";\n'
+    'requires_scope("get", _p: Prompt, "customers:write") if context.prompt = "apology";\n'
+    # A scope no resource offers: no token can carry it.
+    'requires_scope("call", _t: Tool, "mail:send") if context.tool = "send_email";\n'
+    # A recent sign-in asked of every message, switched on by a fact.
+    "declare connect_fresh(McpServer);\n"
+    'requires_recent_auth(_user: User, "connect", server: McpServer, 120) if\n'
+    "  connect_fresh(server);\n"
+)
+
+
+@pytest.fixture(scope="module")
+def scoped(tmp_path_factory):
+    with start(
+        tmp_path_factory.mktemp("scoped"),
+        policy_extra=OWN_SCOPES,
+        resource_scopes=("customers:read", "customers:write", ACCESS),
+    ) as running:
+        yield running
+
+
+def post(bastion, token: str, method: str, params: dict, name: str | None = None):
+    return bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json=modern_request(1, method, params),
+        headers=modern_headers(token, method, name),
+    )
+
+
+def scope_of(response) -> set[str]:
+    challenge = response.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge, challenge
+    return set(challenge.split('scope="', 1)[1].split('"', 1)[0].split())
+
+
+@contextmanager
+def access_required(bastion):
+    rule = parse_fact(f'connect_scope(McpServer{{"deskhttp"}}, "{ACCESS}")')
+    bastion.apply(inserts=[rule])
+    try:
+        yield
+    finally:
+        bastion.apply(deletes=[rule])
+
+
+MESSAGES = [
+    ("tools/call", {"name": "delete_customer", "arguments": {"customer_id": "c-100"}}),
+    ("resources/read", {"uri": "customers://plans"}),
+    ("prompts/get", {"name": "apology", "arguments": {"customer_name": "Ada"}}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), MESSAGES, ids=[m for m, _ in MESSAGES])
+def test_a_message_lacking_the_connect_scope_and_its_own_is_sent_to_step_up_for_both(
+    scoped, method, params
+):
+    """MCP authorization, Scope Challenge Handling: the 403 names "the scopes needed to satisfy
+    the current request". Refused at ``connect`` first, the message's own scope was left out,
+    so a client authorized for the challenge was refused again at once, and authorized twice."""
+    name = params.get("name") or params.get("uri")
+    token = scoped.token("avery", "deskhttp")
+    assert post(scoped, token, "tools/list", {}).status_code == 200  # as clients list first
+    before = len(scoped.recorder.requests)
+    with access_required(scoped):
+        refused = post(scoped, token, method, params, name)
+        assert refused.status_code == 403, refused.text
+        assert scope_of(refused) == {"customers:read", "customers:write", ACCESS}
+        assert len(scoped.recorder.requests) == before  # refused: nothing reached the upstream
+        # One authorization for what the challenge names, and the message goes through.
+        enough = scoped.token("avery", "deskhttp", " ".join(sorted(scope_of(refused))))
+        answered = post(scoped, enough, method, params, name)
+        assert answered.status_code == 200 and "result" in messages(answered)[-1], answered.text
+
+
+def test_a_message_its_own_decision_refuses_is_sent_for_the_connect_scope_alone(scoped):
+    """Deny stays deny: sam may not delete customers, so the scope deleting needs is not named
+    (it would buy nothing), and a token holding it is refused all the same."""
+    params = {"name": "delete_customer", "arguments": {"customer_id": "c-100"}}
+    token = scoped.token("sam", "deskhttp")
+    assert post(scoped, token, "tools/list", {}).status_code == 200
+    deleted = scoped.recorder.count("tools/call", name="delete_customer")
+    with access_required(scoped):
+        refused = post(scoped, token, "tools/call", params, "delete_customer")
+        assert refused.status_code == 403, refused.text
+        assert scope_of(refused) == {"customers:read", ACCESS}
+        wider = scoped.token("sam", "deskhttp", f"customers:read customers:write {ACCESS}")
+        answer = messages(post(scoped, wider, "tools/call", params, "delete_customer"))[-1]
+        assert answer["error"]["data"]["reason"] == "not_permitted", answer
+    assert scoped.recorder.count("tools/call", name="delete_customer") == deleted
+
+
+def test_a_scope_the_resource_does_not_offer_is_never_named(scoped):
+    """``send_email`` requires ``mail:send``, which the resource does not offer: a client asking
+    for it would be refused at /authorize (invalid_scope), the connect scope with it."""
+    params = {
+        "name": "send_email",
+        "arguments": {"to": "a@example.com", "subject": "s", "body": "b"},
+    }
+    token = scoped.token("avery", "deskhttp")
+    assert post(scoped, token, "tools/list", {}).status_code == 200
+    with access_required(scoped):
+        refused = post(scoped, token, "tools/call", params, "send_email")
+        assert refused.status_code == 403, refused.text
+        assert scope_of(refused) == {"customers:read", ACCESS}
+
+
+def test_a_sign_in_asked_at_connect_names_the_scope_the_call_needs_too(scoped):
+    """RFC 9470: a sign-in older than ``connect`` accepts is a 401, which MCP clients answer
+    by authorizing anew, for its ``scope``: the scope the call needs is named there too."""
+    oauth = scoped.app.state.oauth
+    oauth.clock = lambda: time.time() - 200  # signed in 200 s ago; connect accepts 120
+    try:
+        token = scoped.token("avery", "deskhttp")
+    finally:
+        oauth.clock = time.time
+    assert post(scoped, token, "tools/list", {}).status_code == 200
+    fresh = parse_fact('connect_fresh(McpServer{"deskhttp"})')
+    params = {"name": "delete_customer", "arguments": {"customer_id": "c-100"}}
+    scoped.apply(inserts=[fresh])
+    try:
+        refused = post(scoped, token, "tools/call", params, "delete_customer")
+    finally:
+        scoped.apply(deletes=[fresh])
+    assert refused.status_code == 401, refused.text
+    challenge = refused.headers["www-authenticate"]
+    assert 'error="insufficient_user_authentication"' in challenge, challenge
+    assert 'scope="customers:read customers:write"' in challenge, challenge
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_an_sdk_client_steps_up_once_for_a_call_lacking_the_connect_scope_and_the_tool_s(
+    scoped, mode
+):
+    """The official SDK client, as it comes: it signs in for ``customers:read``, lists the
+    tools; the policy then requires ``desk:access`` of every message, and the client deletes a
+    customer, which needs ``customers:write`` too. One step-up covers both: the SDK retries a
+    request once after a step-up, so a second 403 would fail the call."""
+
+    async def script(client, seen):
+        await client.list_tools()
+        await anyio.to_thread.run_sync(scoped.apply, [rule])
+        result = await client.call_tool("delete_customer", {"customer_id": "c-100"})
+        seen["delete"] = result.content[0].text
+
+    rule = parse_fact(f'connect_scope(McpServer{{"deskhttp"}}, "{ACCESS}")')
+    try:
+        seen = scoped.sdk("avery", "deskhttp", mode, script)
+    finally:
+        scoped.apply(deletes=[rule])
+    assert seen["delete"] == "deleted c-100"
+    assert len(seen["redirects"]) == 2, seen["redirects"]  # the sign-in, then one step-up
+    assert set(seen["tokens"].scope.split()) == {"customers:read", "customers:write", ACCESS}
