@@ -127,10 +127,14 @@ class Exchange:
         if self.upstream.sessions is None:
             return self.upstream.upstream
         if self._lease is None:
-            session_id = self.session.id if self.session is not None else self.opening
-            self._lease = self.upstream.lease(self.caller, session_id)
+            self._lease = self.upstream.lease(self.caller, self._session_id)
         assert self._lease is not None
         return self._lease.upstream
+
+    @property
+    def _session_id(self) -> str:
+        """The client session whose upstream session this request goes on."""
+        return self.session.id if self.session is not None else self.opening
 
     def known_annotations(self, tool: str) -> dict[str, Any]:
         """The annotations of the tool ``tool`` as its upstream listed them last on the
@@ -143,10 +147,8 @@ class Exchange:
         elif self._lease is not None:
             connection = self._lease.upstream
         else:
-            session_id = self.session.id if self.session is not None else self.opening
-            found = sessions.find(
-                sessions.owner(self.caller.subject, self.caller.chain, session_id)
-            )
+            owner = sessions.owner(self.caller.subject, self.caller.chain, self._session_id)
+            found = sessions.find(owner)
             if found is None:
                 return {}
             connection = found.upstream
