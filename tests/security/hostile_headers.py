@@ -52,6 +52,19 @@ CONTENT_TYPE = [
     b"application/json",
     b"text/plain",
 ]
+# `Content-Type` values near JSON's that are not it, or not as a reader expects it.
+JSON_TYPES = [
+    b"application/json; charset=utf-16",
+    b"application/json; charset=\xe9",
+    b"application/json;;",
+    b"application/json, text/plain",
+    b"application/jsonx",
+    b"text/json",
+    b"application/problem+json",
+    b"APPLICATION/JSON",
+    b"application/json; boundary=x",
+    b"multipart/form-data; boundary=x",
+]
 # A header's value: one of the above, or bytes HTTP lets through (no CR, LF or NUL, nothing
 # around it that HTTP strips).
 HEADER_BYTES = st.binary(min_size=1, max_size=40).filter(

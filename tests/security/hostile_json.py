@@ -4,12 +4,14 @@ surrogates and NUL as escapes, numbers JSON allows and Python reads oddly (thous
 past 64 bits, ``1e999``), ``NaN`` and ``Infinity`` (not JSON, which Python's reader takes),
 nesting past the depth limit, a member named twice, and values of every other type. A value
 takes the place of one member or item of a well-formed body, or is a member of an object of its
-own (a hostile name, when it is a string)."""
+own (a hostile name, when it is a string), or a member of the body is named twice (`twice`). The
+same values go percent-encoded in a URL's path or query, or a form (`URL_VALUES`)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from hypothesis import strategies as st
 
@@ -144,3 +146,39 @@ def placed(node: Any, path: tuple, text: str) -> bytes:
         return json.dumps(copy).replace(PLACE_TEXT, text, 1).encode()
     parent["x" if last == NEW_MEMBER else last] = PLACE
     return json.dumps(copy).replace(PLACE_TEXT, text, 1).encode()
+
+
+def twice(node: Any, path: tuple, text: str) -> bytes:
+    """``node`` as JSON with the member at ``path`` (an object's) named a second time, after
+    the first, holding ``text`` (JSON text, sent as it is)."""
+    copy = json.loads(json.dumps(node))
+    parent = copy
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[PLACE] = 1
+    member = f"{json.dumps(path[-1])}: {text}"
+    return json.dumps(copy).replace(f"{PLACE_TEXT}: 1", member, 1).encode()
+
+
+def members(node: Any, path: tuple = ()) -> list[tuple]:
+    """The paths of every member of every object of ``node``, at any depth (what `twice`
+    names a second time)."""
+    return [p for p in places(node, path) if isinstance(p[-1], str) and p[-1] != NEW_MEMBER]
+
+
+def percent_encoded(text: str) -> str:
+    """``text`` percent-encoded as UTF-8 for a URL's path or query or a form, lone surrogates
+    written as UTF-8 would write them (bytes no UTF-8 reader takes)."""
+    return quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+
+# The strings above, and any text and any bytes, percent-encoded: a path's segment, a query's
+# or a form's value (``%ff``, ``%ed%a0%80`` and the like included).
+URL_VALUES = st.one_of(
+    st.sampled_from([percent_encoded(json.loads(s)) for s in STRINGS]),
+    st.sampled_from(["%", "%zz", "%ff", "%c3%28", "%ed%a0%80", "+", "a+b%2b", "..", "%2e%2e"]),
+    st.text(max_size=12).map(percent_encoded),
+    st.binary(min_size=1, max_size=12).map(lambda b: quote(b, safe="")),
+    st.integers().map(str),
+    st.sampled_from(NUMBERS),
+)

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from bastion.db import Database
 from tests.conftest import postgres_schema
 from tests.security.conftest import fuzzed
-from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
+from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES, JSON_TYPES
 from tests.security.hostile_json import VALUES, placed, places
 from tests.security.rows import snapshot, unexpected_changes
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess
@@ -54,18 +54,6 @@ PARTY = {"type": "User", "id": "sam", "properties": {"department": "sales", "lev
 RESOURCE = {"type": "Repo", "id": "r1", "properties": {"public": False}}
 ACTION = {"name": "read", "properties": {"method": "GET"}}
 AUTHZEN_CONTEXT = {"time": "2026-12-06T10:00:00Z", "door": "open", "n": 4}
-JSON_TYPES = [
-    b"application/json; charset=utf-16",
-    b"application/json; charset=\xe9",
-    b"application/json;;",
-    b"application/json, text/plain",
-    b"application/jsonx",
-    b"text/json",
-    b"application/problem+json",
-    b"APPLICATION/JSON",
-    b"application/json; boundary=x",
-    b"multipart/form-data; boundary=x",
-]
 
 
 @dataclass(frozen=True)
