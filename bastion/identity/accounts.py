@@ -134,13 +134,13 @@ def bound_elsewhere(
     return earlier[0][0] if earlier else None
 
 
-def release_account(db: Database, username: str, *, actor: str) -> int:
+def release_account(db: Database, username: str, *, actor: str) -> list[tuple[str, str]]:
     """Unbind ``username`` from the provider accounts (sub) that signed in to it or used it in
     a trusted issuer's token or an ID-JAG, so that the next account of a provider whose
     ``user_claim`` names it gets it (the one that had it was deleted at the provider, or its
     email or login name given to someone else). The user, their grants and facts stay; the
     facts the login kept in step with the claims are the next login's to put in step. Audited
-    as ``user.unlinked``. Returns how many were unbound."""
+    as ``user.unlinked``. Returns the accounts unbound: (provider, sub) each."""
     db.migrate("identity", MIGRATIONS)
     with db.transaction():
         rows = db.execute(
@@ -159,4 +159,4 @@ def release_account(db: Database, username: str, *, actor: str) -> int:
                 actor=actor,
                 accounts=[{"provider": p, "sub": sub} for p, sub in released],
             )
-    return len(released)
+    return released

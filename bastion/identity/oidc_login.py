@@ -27,7 +27,8 @@ from __future__ import annotations
 import base64
 import functools
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -90,6 +91,8 @@ from bastion.oauth.throttle import client_address
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
 
+log = logging.getLogger("bastion.identity.oidc_login")
+
 # The ID token and the token endpoint's answer: far larger than any real one.
 PROVIDERS_TABLE = "[[identity.providers]]"
 MAX_ID_TOKEN_CHARS = 16_384
@@ -140,6 +143,11 @@ class OpenIDLogin:
         self.transport = transport
         self.db = server.db
         self.db.migrate("identity", MIGRATIONS)
+        # Told (provider id, account sub, user) on the event loop after each sign-in committed;
+        # each must return at once and never raise (the server composes the Shared Signals
+        # receiver's here, which adds the account to its streams: identity/ never calls
+        # signals/).
+        self.on_signed_in: list[Callable[[str, str, str], None]] = []
         self._metadata = {
             p.id: RemoteMetadata(
                 FetchLimits.of_issuer(p, PROVIDERS_TABLE),
@@ -365,6 +373,11 @@ class OpenIDLogin:
             # The ID token's own claims win: UserInfo only adds what it lacks.
             claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}
         username = await run_in_threadpool(self._signed_in, provider, claims, request)
+        for told in self.on_signed_in:
+            try:
+                told(provider.id, claims["sub"], username)
+            except Exception:  # the person is signed in whatever a listener does
+                log.exception("a sign-in's listener failed; the sign-in stands")
         return await self._resume(request, login, username)
 
     async def _redeem(

@@ -117,17 +117,22 @@ def users_enable(args: argparse.Namespace) -> int:
 
 
 def users_unlink(args: argparse.Namespace) -> int:
-    # identity/ builds on oauth/; the command reaches down to it only when it runs.
+    # identity/ and signals/ build on oauth/; the command reaches them only when it runs (the
+    # command line composes the rooms, as the server does).
     from bastion.identity.accounts import release_account
+    from bastion.signals.stream_commands import remove_unlinked
 
-    count = release_account(_database(args), args.username, actor=cli_actor())
-    if not count:
+    released = release_account(_database(args), args.username, actor=cli_actor())
+    if not released:
         raise CommandError(f"{args.username!r} is bound to no account of an identity provider")
     print(
-        f"released {args.username} from {count} provider account(s); the next person of a"
-        " provider whose user_claim names it (signing in, or by a token or an ID-JAG) is bound"
-        " to it"
+        f"released {args.username} from {len(released)} provider account(s); the next person"
+        " of a provider whose user_claim names it (signing in, or by a token or an ID-JAG) is"
+        " bound to it"
     )
+    # Their accounts off the Shared Signals streams now, not at the server's next round.
+    for line in remove_unlinked(args, released):
+        print(line)
     return 0
 
 

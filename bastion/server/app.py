@@ -619,6 +619,9 @@ def create_app(config: ServerConfig) -> Starlette:
     gateway = _gateway(config, oauth, replica, approvals)
     connections = _connections(config, db, oauth, gateway)
     signals = _signals(config, db, store, oauth, replica)
+    if signals is not None and oauth is not None and oauth.external_login is not None:
+        # An account linked by a sign-in is added to the streams at once (docs/signals.md).
+        oauth.external_login.on_signed_in.append(signals.account_signed_in)
     alerts = _alerts(config, oauth, replica, gateway)
     tasks = _tasks(config, db, store, oauth, replica)
     if oauth is not None:

@@ -28,8 +28,8 @@ fact_expiry_seconds = 0                      # facts written from events expire 
 devices = false                              # true: its events set Device facts (an MDM's)
 linked_accounts = ""                         # an [[identity.providers]] id: its accounts
                                              # linked to users are subjects too (iss_sub)
-subjects_sync_seconds = 60                   # subjects added/removed at the transmitter
-                                             # (add_subject_endpoint) at most this late
+subjects_sync_seconds = 60                   # a round of subjects added/removed at the
+                                             # transmitter this often (sign-ins: at once)
 # allow_private_addresses = ["10.1.0.0/16"]  # the non-public addresses the endpoints its
                                              # metadata and stream name may be at (or true,
                                              # false); unset: all if configuration_url is on

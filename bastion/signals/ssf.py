@@ -10,7 +10,9 @@ an audit event (``signal.received``); refused ones are ``signal.refused``. Strea
 read and verified through the transmitter's stream management API (SSF 1.0 §8): one the
 transmitter already holds for bastion (409 at creation, §8.1.1.1) is read and used when it is
 the stream bastion would create; the stream's subjects (§8.1.3) are the transmitter's ``users``
-table and its linked accounts, added and removed as they change (`sync_subjects`).
+table and its linked accounts, added at a sign-in (`account_signed_in`) and removed at an unlink
+(`change_subject`), and brought in step by rounds that one process at a time runs
+(`sync_subjects`, `_hold_round`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -96,6 +98,10 @@ ANSWER_SECONDS = 10.0
 # rest wait for the next round, so that a first round of many thousands neither holds the
 # transmitter's rate limit nor the command for long.
 MAX_SUBJECT_CALLS = 500
+# Subject changes of sign-ins (`SsfReceiver.account_signed_in`) under way at once: past this, a
+# sign-in's is left to the next round, so that a burst of sign-ins does not become a burst of
+# tasks and requests to the transmitter.
+MAX_PENDING_CHANGES = 64
 # CAEP 1.0 §3.8's risk levels.
 RISK_LEVELS = ("LOW", "MEDIUM", "HIGH")
 IDENTIFIER_CHANGED = RISC + "identifier-changed"
@@ -272,6 +278,12 @@ class SsfReceiver:
         }
         self.discovery = CoalescedFetches(self.limits)
         self._tasks: list[asyncio.Task] = []
+        # Rounds of each transmitter's subjects this process went through (run, or skipped
+        # because another process runs them), and the sign-ins' subject changes under way.
+        self.rounds: dict[str, int] = {}
+        self._changes: set[asyncio.Task] = set()
+        # This process, as the holder of the rounds of a stream's subjects (`take_round`).
+        self.owner = secrets.token_hex(8)
         if any(t.linked_accounts for t in settings.transmitters):
             from bastion.identity.accounts import MIGRATIONS as IDENTITY_MIGRATIONS
 
@@ -686,7 +698,7 @@ class SsfReceiver:
         self._tasks.append(asyncio.create_task(self._forget_forever(), name="ssf jti retention"))
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._changes]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -887,90 +899,190 @@ class SsfReceiver:
                 wanted.setdefault(key, user)
         return wanted
 
-    async def sync_subjects(self, t: Transmitter, actor: str = SERVER) -> SubjectsSync:
+    async def _subject_endpoints(self, t: Transmitter) -> tuple[str, str | None, str | None, str]:
+        """(the stream's id, add_subject_endpoint, remove_subject_endpoint, why none is asked):
+        the endpoints are None, and the reason said, with ``default_subjects`` "ALL" or no
+        add endpoint; ValueError before the stream is configured."""
+        meta = await self.metadata(t)
+        known = await anyio.to_thread.run_sync(self.store.stream, t.name)
+        if known is None or not known.stream_id:
+            raise ValueError("the stream is not configured yet")
+        add, remove = meta.get("add_subject_endpoint"), meta.get("remove_subject_endpoint")
+        default = meta.get("default_subjects")
+        note = ""
+        if default == "ALL":
+            note = "default_subjects is ALL: every subject is sent, none added"
+        elif not isinstance(add, str):
+            note = "the transmitter has no add_subject_endpoint" + (
+                ": its default_subjects is NONE, so no events will come"
+                if default == "NONE"
+                else ""
+            )
+        if note:
+            return known.stream_id, None, None, note
+        return known.stream_id, add, remove if isinstance(remove, str) else None, ""
+
+    async def sync_subjects(
+        self,
+        t: Transmitter,
+        actor: str = SERVER,
+        keep: Callable[[], Awaitable[bool]] | None = None,
+    ) -> SubjectsSync:
         """Bring the subjects of ``t``'s stream in step with `wanted_subjects`: add each not on
         it, remove each bastion added that is no longer wanted, and try again those that failed.
         Only a 2xx answer (404 too for a removal: the subject is not on the stream) changes
         what is recorded; any other is recorded as the subject's failure, audited, shown in
         the stream's status, and tried again next round. With ``default_subjects`` "ALL" nothing
-        is added (every subject is sent already)."""
-        meta = await self.metadata(t)
-        known = await anyio.to_thread.run_sync(self.store.stream, t.name)
-        if known is None or not known.stream_id:
-            raise ValueError("the stream is not configured yet")
-        stream_id = known.stream_id
-        add, remove = meta.get("add_subject_endpoint"), meta.get("remove_subject_endpoint")
-        default = meta.get("default_subjects")
-        if default == "ALL":
-            return SubjectsSync(note="default_subjects is ALL: every subject is sent, none added")
-        if not isinstance(add, str):
-            return SubjectsSync(
-                note="the transmitter has no add_subject_endpoint"
-                + (": its default_subjects is NONE, so no events will come"
-                   if default == "NONE" else "")
-            )  # fmt: skip
-        wanted = await anyio.to_thread.run_sync(self.wanted_subjects, t)
+        is added (every subject is sent already). ``keep``, asked before each request, ends the
+        round when it answers False (another process took the rounds over)."""
+        stream_id, add, remove, note = await self._subject_endpoints(t)
+        if add is None:
+            return SubjectsSync(note=note)
+        # What is recorded is read before what is wanted: an account linked in between is then
+        # added again (the same state, nothing audited), where read the other way round the
+        # sign-in's add was taken for one no longer wanted and removed.
         recorded = await anyio.to_thread.run_sync(self.store.subjects, t.name)
+        wanted = await anyio.to_thread.run_sync(self.wanted_subjects, t)
         done = SubjectsSync()
         calls = 0
         for key, user in wanted.items():
             row = recorded.get(key)
             if row is not None and row.state == "added" and row.stream_id == stream_id:
                 continue
-            if calls >= MAX_SUBJECT_CALLS:
-                break
+            if calls >= MAX_SUBJECT_CALLS or (keep is not None and not await keep()):
+                return done
             calls += 1
-            code, why = await self._subject_call(t, add, stream_id, key, verified=True)
+            code, why = await self._add_subject(t, add, stream_id, key, user, actor)
             if code is not None and 200 <= code < 300:
-                state, detail = "added", f"add answered HTTP {code}"
                 done = replace(done, added=done.added + 1)
             else:
-                state, detail = "add_failed", why
                 done.failed.append(f"{key}: {why}")
-            await anyio.to_thread.run_sync(
-                partial(
-                    self.store.note_subject, t.name, key, username=user, stream_id=stream_id,
-                    state=state, detail=detail, actor=actor,
-                )
-            )  # fmt: skip
             if code is None or code == 429:
                 break  # unreachable, or asked to slow down: the rest wait for the next round
         for key, row in recorded.items():
             if key in wanted:
                 continue
-            if row.state == "add_failed" or row.stream_id != stream_id:
-                # Never on this stream: nothing to ask the transmitter.
-                await anyio.to_thread.run_sync(
-                    partial(
-                        self.store.forget_subject, t.name, key, actor=actor,
-                        detail="no longer a subject; it was not on the stream",
-                    )
-                )  # fmt: skip
-                continue
-            if calls >= MAX_SUBJECT_CALLS:
-                break
-            if not isinstance(remove, str):
-                code, why = None, "the transmitter has no remove_subject_endpoint"
-            else:
+            if row.state != "add_failed" and row.stream_id == stream_id:
+                if calls >= MAX_SUBJECT_CALLS or (keep is not None and not await keep()):
+                    return done
                 calls += 1
-                code, why = await self._subject_call(t, remove, stream_id, key)
-            if code is not None and (200 <= code < 300 or code == 404):
-                await anyio.to_thread.run_sync(
-                    partial(
-                        self.store.forget_subject, t.name, key, actor=actor,
-                        detail=f"remove answered HTTP {code}",
-                    )
-                )  # fmt: skip
+            removed, why = await self._remove_subject(t, remove, stream_id, row, actor)
+            if removed:
                 done = replace(done, removed=done.removed + 1)
-                continue
-            done.failed.append(f"{key}: {why}")
+            elif why:
+                done.failed.append(f"{key}: {why}")
+        return done
+
+    async def _add_subject(
+        self, t: Transmitter, url: str, stream_id: str, key: str, user: str, actor: str
+    ) -> tuple[int | None, str]:
+        """Ask the transmitter to add ``key`` and record what it answered: (the HTTP status or
+        None, what was recorded)."""
+        code, why = await self._subject_call(t, url, stream_id, key, verified=True)
+        if code is not None and 200 <= code < 300:
+            state, detail = "added", f"add answered HTTP {code}"
+        else:
+            state, detail = "add_failed", why
+        await anyio.to_thread.run_sync(
+            partial(
+                self.store.note_subject, t.name, key, username=user, stream_id=stream_id,
+                state=state, detail=detail, actor=actor,
+            )
+        )  # fmt: skip
+        return code, detail
+
+    async def _remove_subject(
+        self, t: Transmitter, url: str | None, stream_id: str, row: StreamSubject, actor: str
+    ) -> tuple[bool, str]:
+        """Take ``row``'s subject off the stream, asking the transmitter only when bastion
+        recorded it there, and record what came of it: (removed, why not, if it was not)."""
+        key = row.subject_key
+        if row.state == "add_failed" or row.stream_id != stream_id:
+            # Never on this stream: nothing to ask the transmitter.
             await anyio.to_thread.run_sync(
                 partial(
-                    self.store.note_subject, t.name, key, username=row.username,
-                    stream_id=stream_id, state="remove_failed", detail=why, actor=actor,
+                    self.store.forget_subject, t.name, key, actor=actor,
+                    detail="no longer a subject; it was not on the stream",
                 )
             )  # fmt: skip
-        return done
+            return False, ""
+        if url is None:
+            code, why = None, "the transmitter has no remove_subject_endpoint"
+        else:
+            code, why = await self._subject_call(t, url, stream_id, key)
+        if code is not None and (200 <= code < 300 or code == 404):
+            await anyio.to_thread.run_sync(
+                partial(
+                    self.store.forget_subject, t.name, key, actor=actor,
+                    detail=f"remove answered HTTP {code}",
+                )
+            )  # fmt: skip
+            return True, ""
+        await anyio.to_thread.run_sync(
+            partial(
+                self.store.note_subject, t.name, key, username=row.username,
+                stream_id=stream_id, state="remove_failed", detail=why, actor=actor,
+            )
+        )  # fmt: skip
+        return False, why
+
+    # -- one subject at the moment its account is linked or unlinked ---------------------------
+
+    def account_signed_in(self, provider: str, subject: str, username: str) -> None:
+        """On the event loop, once a sign-in through login provider ``provider`` as its account
+        ``subject`` committed: add the account to the stream of each transmitter whose
+        ``linked_accounts`` names the provider, in a task of its own (`change_subject`), so
+        that the sign-in neither waits for the transmitter nor fails with it. The rounds stay
+        the backstop: a change not made now (too many at once, the transmitter down) is made
+        by the next one."""
+        for t in self.settings.transmitters:
+            if t.linked_accounts != provider:
+                continue
+            if len(self._changes) >= MAX_PENDING_CHANGES:
+                log.warning(
+                    "ssf transmitter %s: %d subject changes pending; this sign-in's is left to"
+                    " the next round", t.name, len(self._changes),
+                )  # fmt: skip
+                return
+            task = asyncio.create_task(
+                self.change_subject(t, f"iss_sub:{t.linked_issuer}|{subject}"),
+                name=f"ssf {t.name} subject",
+            )
+            self._changes.add(task)
+            task.add_done_callback(self._changes.discard)
+
+    async def change_subject(self, t: Transmitter, key: str, actor: str = SERVER) -> str:
+        """Add ``key`` (an account of ``t``'s ``linked_accounts`` provider) to ``t``'s stream
+        if it is wanted and not recorded there, or remove it if it is recorded and no longer
+        wanted, as a round would for this one subject; what was done, in bastion's words. Any
+        failure is recorded (or logged) and left to the next round, never raised."""
+        try:
+            stream_id, add, remove, note = await self._subject_endpoints(t)
+            if add is None:
+                return note
+            row = await anyio.to_thread.run_sync(self.store.subject, t.name, key)
+            user = t.users.get(key)
+            if user is None and t.linked_accounts:
+                linked = await anyio.to_thread.run_sync(
+                    self.store.linked_users, t.linked_accounts, t.linked_issuer, (key,)
+                )
+                user = linked.get(key)
+            if user is not None:
+                if row is not None and row.state == "added" and row.stream_id == stream_id:
+                    return "already on the stream"
+                code, detail = await self._add_subject(t, add, stream_id, key, user, actor)
+                return ("added to" if code is not None and 200 <= code < 300
+                        else "not added to") + f" the stream of {t.name} ({detail})"  # fmt: skip
+            if row is None:
+                return f"not on the stream of {t.name} (bastion recorded no add)"
+            removed, why = await self._remove_subject(t, remove, stream_id, row, actor)
+            if removed or not why:
+                return f"removed from the stream of {t.name}"
+            return f"not removed from the stream of {t.name} ({why}); the next round tries again"
+        except Exception as e:  # noqa: BLE001 - the round is the backstop
+            log.warning("ssf transmitter %s: a subject's change is left to the next round: %s",
+                        t.name, e)  # fmt: skip
+            return f"not changed at {t.name} now ({e}); the next round tries again"[:500]
 
     async def _subject_call(
         self, t: Transmitter, url: str, stream_id: str, key: str, *, verified: bool = False
@@ -991,17 +1103,39 @@ class SsfReceiver:
 
     async def _sync_forever(self, t: Transmitter) -> None:
         """`sync_subjects` every ``subjects_sync_seconds``, its outcome in the stream's status
-        detail; a failed round is noted and the next one tries again."""
+        detail; a failed round is noted and the next one tries again. One process runs the
+        rounds (`_hold_round`): another that finds them held skips its turn."""
         while True:
             try:
-                done = await self.sync_subjects(t)
+                if not await self._hold_round(t):
+                    self.rounds[t.name] = self.rounds.get(t.name, 0) + 1
+                    await asyncio.sleep(t.subjects_sync_seconds)
+                    continue
+                done = await self.sync_subjects(t, keep=partial(self._hold_round, t))
                 recorded = await anyio.to_thread.run_sync(self.store.subjects, t.name)
                 await self._note_subjects(t, done.summary(recorded))
             except Exception as e:  # noqa: BLE001 - any failure is reported and retried
                 message = f"not brought in step: {e}"[:500]
                 log.error("ssf transmitter %s: %s", t.name, message)
                 await self._note_subjects(t, message)
+            self.rounds[t.name] = self.rounds.get(t.name, 0) + 1
             await asyncio.sleep(t.subjects_sync_seconds)
+
+    async def _hold_round(self, t: Transmitter) -> bool:
+        """Hold (or keep holding) the rounds of ``t``'s subjects for this process, until a
+        round's wait and two requests' time from now: renewed at each round and before each
+        request, so they stay this process's while it lives and pass to another within that
+        time once it ended. False when another process holds them, or the database could not
+        say (a round skipped is made by the next)."""
+        now = time.time()
+        until = now + t.subjects_sync_seconds + 2 * ANSWER_SECONDS
+        try:
+            return await anyio.to_thread.run_sync(
+                self.store.take_round, t.name, self.owner, now, until
+            )
+        except Exception as e:  # noqa: BLE001 - the next round asks again
+            log.warning("ssf transmitter %s: the rounds of its subjects not held: %s", t.name, e)
+            return False
 
     async def _note_subjects(self, t: Transmitter, summary: str) -> None:
         """Record the subjects' summary beside the stream's status (which it leaves as it is),

@@ -3,9 +3,9 @@
 (SSF 1.0 §8: its id, status, and the verification ``state`` asked for), and when the event
 behind each value written as a fact happened (so that an older event delivered late does not
 replace it), and the subjects bastion added to each stream (SSF 1.0 §8.1.3) or failed to add or
-remove. Each change of a stream is an ``ssf.stream_changed`` audit event naming its actor,
-and each change of a subject's state an ``ssf.subject_*`` one, written in the changing
-transaction."""
+remove, and which process runs the rounds of a stream's subjects. Each change of a stream is
+an ``ssf.stream_changed`` audit event naming its actor, and each change of a subject's state an
+``ssf.subject_*`` one, written in the changing transaction."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ _MIGRATIONS = [
     # What the last round of bringing the stream's subjects in step did (counts, never a
     # subject): shown beside the stream's status.
     "ALTER TABLE ssf_streams ADD COLUMN subjects TEXT;",
+    # Which process runs the rounds of the stream's subjects, and until when (`take_round`):
+    # one at a time, whatever the number of replicas.
+    """
+    ALTER TABLE ssf_streams ADD COLUMN round_owner TEXT;
+    ALTER TABLE ssf_streams ADD COLUMN round_until DOUBLE PRECISION;
+    """,
 ]
 SUBJECT_STATES = ("added", "add_failed", "remove_failed")
 
@@ -240,6 +246,20 @@ class SsfStore:
             "UPDATE ssf_streams SET subjects = ? WHERE transmitter = ?", (summary, transmitter)
         )
 
+    def take_round(self, transmitter: str, owner: str, now: float, until: float) -> bool:
+        """Hold the rounds of ``transmitter``'s subjects for process ``owner`` until ``until``:
+        True when it held them already or nobody holds them now (the holder's time ran out),
+        False when another process does. The connections' outbox leases its rows the same way:
+        one conditional UPDATE, so of two processes asking at once one gets it, and a process
+        that ended lets go by no longer renewing. False too before the stream is recorded."""
+        rows = self.db.execute(
+            "UPDATE ssf_streams SET round_owner = ?, round_until = ? WHERE transmitter = ?"
+            " AND (round_owner IS NULL OR round_owner = ? OR round_until <= ?)"
+            " RETURNING transmitter",
+            (owner, until, transmitter, owner, now),
+        )
+        return bool(rows)
+
     def stream(self, transmitter: str) -> StreamStatus | None:
         rows = self.db.execute(
             "SELECT transmitter, stream_id, status, verified_at, detail, updated_at, subjects"
@@ -257,6 +277,14 @@ class SsfStore:
             (transmitter,),
         )
         return {r[1]: StreamSubject(*r) for r in rows}
+
+    def subject(self, transmitter: str, key: str) -> StreamSubject | None:
+        rows = self.db.execute(
+            "SELECT transmitter, subject_key, username, stream_id, state, detail, updated_at"
+            " FROM ssf_subjects WHERE transmitter = ? AND subject_key = ?",
+            (transmitter, key),
+        )
+        return StreamSubject(*rows[0]) if rows else None
 
     def note_subject(
         self,
@@ -276,6 +304,9 @@ class SsfStore:
         assert state in SUBJECT_STATES, state
         detail = writable(detail)
         with self.db.transaction():
+            # Two writers of one subject (a sign-in's add and a round, two processes) take
+            # turns, so that the second reads the first's state and audits no change twice.
+            self.db.lock(f"ssf_subject:{transmitter}:{key}")
             before = self.db.execute(
                 "SELECT state, stream_id FROM ssf_subjects WHERE transmitter = ? AND"
                 " subject_key = ?",
@@ -301,6 +332,7 @@ class SsfStore:
         """The subject is off the stream (removed, or never added): its row goes, audited as
         ``ssf.subject_removed`` when it was on the stream or meant to leave it."""
         with self.db.transaction():
+            self.db.lock(f"ssf_subject:{transmitter}:{key}")
             rows = self.db.execute(
                 "DELETE FROM ssf_subjects WHERE transmitter = ? AND subject_key = ?"
                 " RETURNING username, stream_id, state",

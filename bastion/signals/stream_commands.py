@@ -176,6 +176,41 @@ def cmd_subjects_sync(args: argparse.Namespace) -> int:
     return _each_transmitter(args, receiver, sync, refused)
 
 
+def remove_unlinked(args: argparse.Namespace, released: list[tuple[str, str]]) -> list[str]:
+    """After ``bastion users unlink`` released the accounts ``released`` ((provider, sub)):
+    take each off the stream of every transmitter whose ``linked_accounts`` names its provider,
+    now rather than at the server's next round. What was done, a line per account and
+    transmitter, to show; a failure is said and left to the server's rounds, never raised (the
+    unlink stands)."""
+    try:
+        config = ServerConfig.load(args.config)
+        ssf = (config.signals or {}).get("ssf") or {}
+        providers = {
+            t.get("linked_accounts") for t in ssf.get("transmitters", []) if isinstance(t, dict)
+        }
+        if not any(provider in providers for provider, _ in released):
+            return []
+        receiver = _receiver(args)
+    except Exception as e:  # noqa: BLE001 - the server's rounds remove them
+        return [f"signals: the accounts were not taken off the streams now ({e}); the server's"
+                " next round of subjects does it"]  # fmt: skip
+    actor = cli_actor()
+    said: list[str] = []
+
+    async def run() -> None:
+        for provider, sub in released:
+            for t in receiver.settings.transmitters:
+                if t.linked_accounts == provider:
+                    key = f"iss_sub:{t.linked_issuer}|{sub}"
+                    said.append(f"{key}: {await receiver.change_subject(t, key, actor)}")
+
+    try:
+        anyio.run(run)
+    finally:
+        receiver.store.db.close()
+    return said
+
+
 def register_subjects(commands: argparse._SubParsersAction) -> None:
     """``subjects status|sync`` under ``bastion signals`` (`bastion.signals.commands`)."""
     subjects = commands.add_parser(

@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 import httpx
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey
@@ -50,6 +51,9 @@ class Transmitter:
         # The status an add or remove answers for a subject (its JSON, sorted keys): 200/204
         # when not named. Only a 2xx changes the stream's subjects.
         self.subject_answers: dict[str, int] = {}
+        # A subject whose next add or remove waits here until the test sets it (its JSON, as
+        # subject_answers): the request is recorded in subject_calls as it arrives.
+        self.subject_holds: dict[str, threading.Event] = {}
         self.one_stream = False  # a second create answers 409 Conflict
 
     # -- signing -----------------------------------------------------------------------------
@@ -199,9 +203,10 @@ class Transmitter:
                     return JSONResponse(list(self.streams.values()))
                 found = self.streams.get(request.query_params.get("stream_id", ""))
                 return JSONResponse(found) if found else JSONResponse({}, 404)
+            body = await request.json()
+            # Checked after the last await: two replicas creating at once get one stream.
             if self.one_stream and self.streams:
                 return JSONResponse({"error": "a stream exists for this receiver"}, 409)
-            body = await request.json()
             stream_id = uuid.uuid4().hex
             delivery = dict(body["delivery"])
             if delivery["method"] == "urn:ietf:rfc:8936":
@@ -268,6 +273,9 @@ class Transmitter:
                 body.get("subject"), dict
             ):
                 return JSONResponse({}, 404 if body.get("stream_id") not in self.streams else 400)
+            hold = self.subject_holds.pop(self.subject_key(body["subject"]), None)
+            if hold is not None:
+                await anyio.to_thread.run_sync(hold.wait, 60)
             answer = self.subject_answers.get(self.subject_key(body["subject"]))
             if answer is not None and not 200 <= answer < 300:
                 return JSONResponse({"error": "refused"}, answer)
