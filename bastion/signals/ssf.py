@@ -158,6 +158,21 @@ def secure_url(url: Any, what: str) -> str:
     return url
 
 
+def poll_url(stream: dict[str, Any], endpoint: str = "the transmitter") -> str:
+    """The poll endpoint (RFC 8936) of a stream the transmitter answered: its delivery's
+    ``endpoint_url``, https (or http to the loopback); else a ValueError, in bastion's words
+    (the stream's status is shown to anyone: the URL is not quoted)."""
+    delivery = stream.get("delivery")
+    url = delivery.get("endpoint_url") if isinstance(delivery, dict) else None
+    problem = cleartext_problem(url)
+    if problem:
+        raise ValueError(
+            f"{endpoint} answered a stream whose poll endpoint (delivery.endpoint_url) {problem}"
+            " (RFC 8936 §2); it is configured again"
+        )
+    return url
+
+
 def event_time(verified: VerifiedSet, body: dict[str, Any]) -> float:
     """When an event happened, to order it among others: its ``event_timestamp`` (CAEP 1.0
     §2), else the SET's ``iat``; never after the ``iat`` (itself never far ahead), so that no
@@ -806,6 +821,11 @@ class SsfReceiver:
             raise ValueError(
                 f"{endpoint} answered a stream whose iss is not {t.issuer!r} (SSF 1.0 §8.1.1)"
             )
+        if t.delivery == "poll":
+            # Checked before the stream is used: one whose poll endpoint cannot be polled is
+            # refused here, and configured again, where taken it ended the poll loop for good
+            # (no signal came in until a restart).
+            poll_url(stream, endpoint)
         if t.audience not in (
             stream.get("aud") if isinstance(stream.get("aud"), list) else [stream.get("aud")]
         ):
@@ -1148,13 +1168,7 @@ class SsfReceiver:
             log.warning("ssf transmitter %s: its subjects could not be recorded: %s", t.name, e)
 
     async def _poll_forever(self, t: Transmitter, stream: dict[str, Any]) -> None:
-        delivery = stream.get("delivery") or {}
-        url = delivery.get("endpoint_url") if isinstance(delivery, dict) else None
-        try:
-            url = secure_url(url, "the stream's poll endpoint_url")
-        except ValueError as e:
-            await self._note(t, "error", str(e))
-            return
+        url = poll_url(stream)  # `configure` used the stream only if this holds
         ack: list[str] = []
         errs: dict[str, dict[str, str]] = {}
         failing = False

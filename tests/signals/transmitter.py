@@ -3,12 +3,15 @@ configuration metadata, a JWKS, stream management (create, read, status, verify,
 subjects) and an RFC 8936 poll endpoint. It signs real SETs (RFC 8417) with its own EC key and
 pushes them (RFC 8935) over HTTP to the endpoint bastion gave it. With ``default_subjects`` "NONE"
 (SSF 1.0 §7.1) `deliver` sends an event only about a subject added to the stream (§8.1.3); with
-``one_stream`` it allows one stream per receiver and answers a second create 409 (§8.1.1.1)."""
+``one_stream`` it allows one stream per receiver and answers a second create 409 (§8.1.1.1).
+`answer_next` makes an endpoint's next answer one of the test's (any status, type and bytes),
+and `calls` counts the requests each endpoint was sent."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import threading
 import time
 import uuid
@@ -55,6 +58,10 @@ class Transmitter:
         # subject_answers): the request is recorded in subject_calls as it arrives.
         self.subject_holds: dict[str, threading.Event] = {}
         self.one_stream = False  # a second create answers 409 Conflict
+        # Endpoint ("metadata", "jwks", "stream", "status", "verify", "poll", "subjects") ->
+        # the answers it gives next, in turn, instead of its own: (status, content type, body).
+        self.answers: dict[str, list[tuple[int, bytes, bytes]]] = {}
+        self.calls: Counter[str] = Counter()  # requests each endpoint was sent
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -156,6 +163,26 @@ class Transmitter:
             self.queued[jti] = token
         return jti
 
+    def answer_next(self, endpoint: str, status: int, content_type: bytes, body: bytes) -> None:
+        """The next request to ``endpoint`` is answered so, and changes nothing here (its body
+        is not read)."""
+        with self.lock:
+            self.answers.setdefault(endpoint, []).append((status, content_type, body))
+
+    def _counted(self, endpoint: str, handler):
+        async def answer(request: Request):
+            with self.lock:
+                self.calls[endpoint] += 1
+                queued = self.answers.get(endpoint)
+                given = queued.pop(0) if queued else None
+            if given is None:
+                return await handler(request)
+            status, content_type, body = given
+            headers = {"content-type": content_type.decode("latin-1")} if content_type else {}
+            return Response(body, status, headers=headers)
+
+        return answer
+
     # -- the HTTP app --------------------------------------------------------------------------
 
     def app(self) -> Starlette:
@@ -232,7 +259,9 @@ class Transmitter:
             if not authorized(request):
                 return JSONResponse({"error": "unauthorized"}, 401)
             body = await request.json()
-            stream = self.streams[body["stream_id"]]
+            stream = self.streams.get(body.get("stream_id"))
+            if stream is None:
+                return JSONResponse({"error": "no such stream"}, 404)
             token = self.set_token(
                 VERIFICATION,
                 {"state": body.get("state")},
@@ -305,12 +334,16 @@ class Transmitter:
 
         return Starlette(
             routes=[
-                Route("/.well-known/ssf-configuration", metadata),
-                Route("/jwks.json", jwks),
-                Route("/ssf/stream", stream, methods=["GET", "POST"]),
-                Route("/ssf/status", status),
-                Route("/ssf/verify", verify, methods=["POST"]),
-                Route("/ssf/poll/{stream_id}", poll, methods=["POST"]),
-                Route("/ssf/subjects:{action:str}", subjects, methods=["POST"]),
+                Route("/.well-known/ssf-configuration", self._counted("metadata", metadata)),
+                Route("/jwks.json", self._counted("jwks", jwks)),
+                Route("/ssf/stream", self._counted("stream", stream), methods=["GET", "POST"]),
+                Route("/ssf/status", self._counted("status", status)),
+                Route("/ssf/verify", self._counted("verify", verify), methods=["POST"]),
+                Route("/ssf/poll/{stream_id}", self._counted("poll", poll), methods=["POST"]),
+                Route(
+                    "/ssf/subjects:{action:str}",
+                    self._counted("subjects", subjects),
+                    methods=["POST"],
+                ),
             ]
         )
