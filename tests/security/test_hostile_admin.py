@@ -460,3 +460,142 @@ def test_no_hostile_value_in_an_admin_api_or_a_form_answers_5xx_or_changes_anyth
 
     probe()
     assert "Traceback" not in log.read_text()
+
+
+# -- alerts: the /v1/alerts API and the alert's page, with alerts really raised ------------------
+
+ALERTS = """
+[signals.alerts]
+bulk_destructive_count = 1
+escalate_after_seconds = 0.01
+escalation_poll_seconds = 0.02
+"""
+ALERT_RULES = "\ndeclare manager(User, User);\ndeclare has_relation(Agent, String, User);\n"
+
+
+def alert_targets(alert_id: str, token: str) -> dict[str, Target]:
+    return {
+        "alerts, list": Target("GET", "/v1/alerts", query={"state": "open", "limit": "5"}),
+        "alerts, show": Target("GET", "/v1/alerts/{id}", params={"id": alert_id}),
+        "alerts, acknowledge": Target("POST", "/v1/alerts/{id}/acknowledge", {"by": "ops"},
+                                      params={"id": alert_id}),
+        "page, alert": Target("GET", "/alerts/{id}", params={"id": alert_id}, family="page",
+                              key="session"),
+        "page, alert form": Target("POST", "/alerts/{id}", {"csrf_token": token},
+                                   params={"id": alert_id}, family="page", form=True,
+                                   key="session"),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def alerting(tmp_path_factory) -> Iterator[Admin]:
+    """A served bastion (SQLite) whose alerts are configured, with an alert raised by Oso Cloud's
+    agent events (bulk destructive calls) and escalated to sam, its owner's manager."""
+    tmp = tmp_path_factory.mktemp("hostile-alerts")
+    upstream = AuthorizationServer("desk", revocation=False)
+    sock = free_socket()
+    upstream.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with serve(upstream.app(), sock):
+        policy = tmp / "policy.polar"
+        policy.write_text(POLICY + RULES + ALERT_RULES)
+        url = str(tmp / "bastion.db")
+        server = ServerProcess(url, tmp, str(policy))
+        config = OAUTH % (tmp / "keys") + UPSTREAM % {"upstream": upstream.base} + ALERTS
+        (tmp / "bastion.toml").write_text(config.replace("{url}", server.url))
+        server.env["BASTION_CONFIG"] = str(tmp / "bastion.toml")
+        server.start()
+        db = Database(url)
+        try:
+            with server.client() as http:
+                made = http.post("/v1/keys", json={"name": "events", "scopes": ["oso:events"]})
+                assert made.status_code == 201, made.text
+                store = OAuthStore(db)
+                create_user(store, PERSON, "a password of sam's", time.time(), actor="test")
+                session = store.create_session(PERSON, time.time(), 3600)
+                admin = Admin(server, db, http, made.json()["key"], session, {})
+                fresh_alert(admin)
+                yield admin
+        finally:
+            db.close()
+            server.stop()
+
+
+_raised = iter(range(1, 1_000_000))
+
+
+def fresh_alert(admin: Admin) -> None:
+    """Raise a new alert about a new agent of pat's, wait for it to escalate to sam (pat's
+    manager), and aim the alert targets at it, with sam's CSRF token of its page."""
+    agent = f"agent-{next(_raised)}"
+    facts = [
+        {"predicate": "has_relation", "args": [{"type": "Agent", "id": agent}, "owner",
+                                               {"type": "User", "id": "pat"}]},
+        {"predicate": "manager", "args": [{"type": "User", "id": "pat"}, SAM]},
+    ]  # fmt: skip
+    assert admin.http.post("/v1/facts", json={"facts": facts}).status_code == 200
+    event = {"agent_id": agent, "session_id": "s", "tool_name": "delete_all",
+             "tool_parameters": {}, "destructive": True}  # fmt: skip
+    for _ in range(2):  # more than bulk_destructive_count
+        answer = admin.http.post("/api/agents/event/tool_call_request", json=event,
+                                 headers={"authorization": f"Bearer {admin.oso_key}"})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 30
+    while True:
+        found = [a for a in admin.http.get("/v1/alerts").json()["alerts"]
+                 if a["principal"] == f'Agent{{"{agent}"}}']  # fmt: skip
+        if found and found[0]["escalated_to"]:
+            break
+        assert time.monotonic() < deadline, found
+        time.sleep(0.02)
+    assert found[0]["escalated_to"] == ['User{"sam"}'], found
+    with httpx.Client(base_url=admin.server.url, cookies={"bastion_session": admin.session}) as b:
+        page = b.get(f"/alerts/{found[0]['id']}")
+        assert page.status_code == 200, page.text
+        token = hidden_fields(page.text)["csrf_token"]
+    admin.targets = alert_targets(found[0]["id"], token)
+
+
+def test_no_hostile_value_in_the_alerts_api_or_page_answers_5xx_or_changes_anything(alerting):
+    admin = alerting
+    log = admin.server.log
+    shapes = alert_targets("x", "t")
+
+    @fuzzed(400)
+    @given(request=requests(shapes))
+    def probe(request: tuple) -> None:
+        name, change = request
+        alert_id = admin.targets["alerts, show"].params["id"]
+        if admin.http.get(f"/v1/alerts/{alert_id}").json()["state"] != "open":
+            fresh_alert(admin)  # acknowledged by a draw before: each draw may acknowledge
+        target = admin.targets[name]
+        before = snapshot(admin.db)
+        seen = log.stat().st_size
+        try:
+            answer = admin.send(name, change)
+        except (httpx.LocalProtocolError, httpx.InvalidURL, UnicodeError):
+            assume(False)  # a request this client will not send tells nothing of the server
+            raise
+        status = answer.status_code
+        assert status < 500, (request, status, answer.text[:500])
+        with open(log, "rb") as f:
+            f.seek(seen)
+            written = f.read().decode(errors="replace")
+        assert "Traceback" not in written, (request, written[-3000:])
+        if status < 400:
+            if name == "alerts, acknowledge":
+                acked = admin.http.get(f"/v1/alerts/{alert_id}").json()
+                assert acked["acknowledged_by"] == answer.json()["acknowledged_by"], acked
+            return
+        allowed = REFUSED[target.family] | ({401} if change[0] == "authorization" else set())
+        assert status in allowed, (request, status, answer.text[:500])
+        kind = answer.headers.get("content-type", "")
+        if answer.text != INVALID_HTTP and target.family == "v1":
+            assert kind.startswith(PROBLEM), (request, kind, answer.text[:300])
+            assert answer.json()["status"] == status, answer.text
+        elif answer.text != INVALID_HTTP and not kind.startswith("application/"):
+            assert kind.startswith("text/html"), (request, kind, answer.text[:300])
+        changed = unexpected_changes(before, snapshot(admin.db))
+        assert not changed, (request, status, answer.text[:300], changed)
+
+    probe()
+    assert "Traceback" not in log.read_text()

@@ -19,20 +19,20 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bastion import untrusted_json
 from bastion.db import Database
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.signals.settings import SsfSettings
-from bastion.signals.ssf import POLL_METHOD, SsfReceiver, secure_url
+from bastion.signals.ssf import MAX_ANSWER_BYTES, POLL_METHOD, SsfReceiver, secure_url
 from bastion.signals.ssf_store import SsfStore
 from tests.conftest import postgres_schema
 from tests.oauth.support import free_socket, serve
@@ -137,8 +137,12 @@ def poller(request, tmp_path_factory) -> Iterator[Poller]:
         transmitter.url = url
         # The first creation of the stream is answered with a stream whose poll endpoint bastion
         # cannot use (`test_a_stream_whose_poll_endpoint_cannot_be_used_is_configured_again`).
-        unusable = {"stream_id": "s-unusable", "iss": url, "aud": AUDIENCE,
-                    "delivery": {"method": POLL_METHOD, "endpoint_url": "ftp://127.0.0.1/poll"}}
+        unusable = {
+            "stream_id": "s-unusable",
+            "iss": url,
+            "aud": AUDIENCE,
+            "delivery": {"method": POLL_METHOD, "endpoint_url": "ftp://127.0.0.1/poll"},
+        }
         transmitter.answer_next("stream", 201, JSON, json.dumps(unusable).encode())
         policy = tmp / "policy.polar"
         policy.write_text(POLICY + "\ndeclare assurance_level(User, String);\n")
@@ -165,9 +169,7 @@ def poller(request, tmp_path_factory) -> Iterator[Poller]:
 def applied_after(p: Poller, level: str) -> None:
     """Queue a good SET setting sam's assurance level to ``level``: the poll loop takes it,
     applies it and acknowledges it."""
-    token = p.transmitter.set_token(
-        CAEP + "assurance-level-change", {"current_level": level}, SAM
-    )
+    token = p.transmitter.set_token(CAEP + "assurance-level-change", {"current_level": level}, SAM)
     jti = p.transmitter.queue(token)
     wait(lambda: jti in p.transmitter.acked, f"the SET {jti} acknowledged", p.server.log)
     found = FactStore(p.db).get(("assurance_level", Entity("User", "sam"), None))
@@ -188,7 +190,7 @@ def test_no_hostile_poll_answer_ends_the_poll_loop_or_changes_anything(poller):
     p = poller
     t = p.transmitter
     log = p.server.log
-    examples = 120 if not p.db.is_postgres else 40
+    examples = 90 if not p.db.is_postgres else 30
     drawn = [0]
 
     @fuzzed(examples)
@@ -209,10 +211,13 @@ def test_no_hostile_poll_answer_ends_the_poll_loop_or_changes_anything(poller):
             written = f.read().decode(errors="replace")
         assert "Traceback" not in written, (answer[:2], answer[2][:300], written[-3000:])
         try:
-            said = json.loads(answer[2])
-        except (ValueError, RecursionError):
+            said = untrusted_json.loads(answer[2])  # JSON from elsewhere, as bastion reads it
+        except ValueError:
             said = None
         sets = said.get("sets") if isinstance(said, dict) else None
+        if answer[0] == 200 and isinstance(sets, dict) and len(answer[2]) <= MAX_ANSWER_BYTES:
+            # An answer of the protocol's shape is taken, whatever its SETs are.
+            assert "poll failed" not in written, (answer[2][:300], written[-2000:])
         if "poll failed" not in written:
             # Taken: every member of its sets that is not a SET was reported back.
             assert answer[0] == 200 and isinstance(sets, dict), (answer[:2], answer[2][:300])
@@ -277,7 +282,7 @@ def test_no_hostile_answer_to_the_streams_configuration_is_used_or_stored(tmp_pa
         stream = {**configured, "events_delivered": configured["events_requested"][:2]}
         stream.pop("events_requested")
 
-        @fuzzed(150)
+        @fuzzed(120)
         @given(drawn=configuration_answers(stream))
         def probe(drawn: tuple[str, tuple[int, bytes, bytes]]) -> None:
             endpoint, answer = drawn
@@ -312,7 +317,9 @@ def test_no_hostile_answer_to_the_streams_configuration_is_used_or_stored(tmp_pa
             saved = store.stream("idp")
             assert isinstance(used["stream_id"], str) and saved.stream_id == used["stream_id"]
             assert used["iss"] == url, used
-            secure_url(used["delivery"]["endpoint_url"], "the stream's poll endpoint_url")
+            delivery = used.get("delivery")
+            assert isinstance(delivery, dict), used
+            secure_url(delivery.get("endpoint_url"), "the stream's poll endpoint_url")
 
         try:
             probe()

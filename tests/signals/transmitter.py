@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import Counter
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import anyio
