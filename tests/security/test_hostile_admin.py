@@ -1,7 +1,8 @@
 """Hostile values in every field of the admin API, Oso Cloud's API and the connection pages of a
 served bastion, SQLite and PostgreSQL: ``/v1`` keys, agents, approvals, suspensions, signals and
 tasks; ``/api`` (authorize, list, actions, evaluate_query, facts, batch, policy, policy_metadata,
-the agent events); the forms a signed-in person posts at ``/connections/<upstream>/...``. Each
+the agent events); the forms a signed-in person posts at ``/connections/<upstream>/...``; ``/v1/alerts`` and the
+alert's page and form, on a server whose alerts are raised and escalated (`alerting`). Each
 request is a well-formed one (which the route answers 2xx or 3xx) with one member or item of its
 JSON body, at any depth, replaced by a hostile JSON value (`tests.security.hostile_json`), or a
 member of that name added; or one path parameter, query parameter or form field replaced by a
