@@ -154,13 +154,12 @@ def _subcommands(sub: argparse._SubParsersAction, name: str, help: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
     import uvicorn
 
     from bastion.redaction import safe_url
     from bastion.server.access_log import redact_access_log
     from bastion.server.app import create_app
+    from bastion.server.log_lines import configure_logging
     from bastion.server.tls import tls_options
 
     overrides = {
@@ -177,9 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     config = ServerConfig.load(args.config, overrides=overrides)
     tls = tls_options(config)  # a bad certificate stops the start, before anything is opened
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level)
     redact_access_log()
     app = create_app(config)
     if not config.admin_key and not app.state.keys.list():

@@ -235,6 +235,28 @@ def test_no_hostile_poll_answer_ends_the_poll_loop_or_changes_anything(poller):
     assert "Traceback" not in log.read_text()
 
 
+def test_a_poll_answer_forges_no_line_of_the_log(poller):
+    """A SET keyed in the poll answer by a name other than its jti is logged with the name the
+    transmitter chose: a line break there starts no line of the log's own shape (CWE-117;
+    bastion.server.log_lines). Before, the line ``ERROR bastion.signals.ssf: forged ...`` was
+    in the log as if bastion had written it."""
+    p = poller
+    t = p.transmitter
+    token = t.set_token(CAEP + "assurance-level-change", {"current_level": "keyed"}, SAM)
+    forged = "ERROR bastion.signals.ssf: forged by the transmitter"
+    seen = p.server.log.stat().st_size
+    with t.lock:
+        polled = t.calls["poll"]
+    t.answer_next("poll", 200, JSON, json.dumps({"sets": {f"k\r\n{forged}": token}}).encode())
+    wait(lambda: t.calls["poll"] >= polled + 3, "the next polls", p.server.log)
+    with open(p.server.log, "rb") as f:
+        f.seek(seen)
+        written = f.read().decode(errors="replace")
+    assert "carries jti" in written, written[-3000:]
+    assert not [line for line in written.splitlines() if line.startswith(forged)], written
+    assert f"k\\r\\n{forged}" in written, written[-3000:]
+
+
 # -- stream configuration and subjects, in this process ------------------------------------------
 
 
