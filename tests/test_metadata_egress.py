@@ -466,7 +466,7 @@ def _set_token(peer: Peer) -> str:
 
 def _stream_steps(receiver: SsfReceiver, t) -> Callable[[], Any]:
     async def steps() -> None:
-        stream = await receiver.configure(t)
+        stream = (await receiver.configure(t)).stream
         await receiver.poll_once(t, stream["delivery"]["endpoint_url"], [], {})
 
     return steps

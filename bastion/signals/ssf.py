@@ -9,7 +9,8 @@ compliance, assurance level and token claims become facts the policy reads. Ever
 an audit event (``signal.received``); refused ones are ``signal.refused``. Streams are created,
 read and verified through the transmitter's stream management API (SSF 1.0 §8): one the
 transmitter already holds for bastion (409 at creation, §8.1.1.1) is read and used when it is
-the stream bastion would create; the stream's subjects (§8.1.3) are the transmitter's ``users``
+bastion's, and bastion's stream is brought in step by §8.1.1.3's PATCH (the event types bastion
+asks for, its push endpoint and token: `stream_fit`, `_update_stream`); the stream's subjects (§8.1.3) are the transmitter's ``users``
 table and its linked accounts, added at a sign-in (`account_signed_in`) and removed at an unlink
 (`change_subject`), and brought in step by rounds that one process at a time runs
 (`sync_subjects`, `_hold_round`).
@@ -202,37 +203,81 @@ def event_reasons(body: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def stream_differences(
+def _named(types: list[str]) -> str:
+    """Event types by their last part, at most 8 (a status line, not a list)."""
+    return ", ".join(e.rsplit("/", 1)[-1] for e in types[:8]) + (", ..." if len(types) > 8 else "")
+
+
+@dataclass(frozen=True)
+class StreamFit:
+    """How a stream the transmitter holds stands against the one bastion would create (SSF 1.0
+    §8.1.1), in bastion's words (the transmitter's values are not quoted: the status is shown
+    to anyone). ``foreign`` says why it is not bastion's to use or change (another ``iss``,
+    another delivery method); else ``patch`` holds the Receiver-Supplied members that would
+    bring it in step (§8.1.1.3: each replaced whole, those not sent kept), and ``changes`` what
+    each changes. Its extra event types are no difference (they are kept); an
+    ``events_requested`` or ``authorization_header`` it does not show cannot be checked (for the
+    latter, the verification event, pushed with it, shows it works)."""
+
+    foreign: list[str]
+    patch: dict[str, Any]
+    changes: list[str]
+    differences: list[str]
+
+
+def stream_fit(
     stream: dict[str, Any], issuer: str, delivery: dict[str, Any], requested: list[str]
-) -> list[str]:
-    """How an existing stream differs from the one bastion would create (SSF 1.0 §8.1.1), in
-    bastion's words: empty when it may be used. Its extra event types are no difference; an
-    ``authorization_header`` it does not show cannot be checked (the verification event, pushed
-    with it, shows it works)."""
-    differs = []
+) -> StreamFit:
+    foreign: list[str] = []
+    differs: list[str] = []
+    changes: list[str] = []
+    patch: dict[str, Any] = {}
     if stream.get("iss") != issuer:
-        differs.append(f"its iss is not {issuer}")
+        foreign.append(f"its iss is not {issuer}")
     had = stream.get("delivery") if isinstance(stream.get("delivery"), dict) else {}
     if had.get("method") != delivery["method"]:
-        differs.append(f"its delivery method is not {delivery['method']}")
+        foreign.append(f"its delivery method is not {delivery['method']}")
     elif delivery["method"] == PUSH_METHOD:
         if had.get("endpoint_url") != delivery["endpoint_url"]:
             differs.append(f"it does not push to {delivery['endpoint_url']}")
+            changes.append(f"delivery: endpoint_url now {delivery['endpoint_url']}")
         shown = had.get("authorization_header")
         if shown is not None and not (
             isinstance(shown, str) and same(shown, delivery["authorization_header"])
         ):
             differs.append("it pushes with another authorization_header (push_token_env)")
+            changes.append("delivery: authorization_header now bastion's (push_token_env)")
+        if differs:
+            patch["delivery"] = dict(delivery)  # one member: sent whole
     asked = stream.get("events_requested")
-    asked = {e for e in asked if isinstance(e, str)} if isinstance(asked, list) else set()
-    missing = [e for e in requested if e not in asked]
-    if missing:
-        differs.append(
-            f"its events_requested lacks {len(missing)} of bastion's: "
-            + ", ".join(e.rsplit("/", 1)[-1] for e in missing[:8])
-            + (", ..." if len(missing) > 8 else "")
-        )
-    return differs
+    asked = {e for e in asked if isinstance(e, str)} if isinstance(asked, list) else None
+    missing = [e for e in requested if e not in asked] if asked is not None else []
+    if asked is not None and missing:
+        differs.append(f"its events_requested lacks {len(missing)} of bastion's: {_named(missing)}")
+        patch["events_requested"] = sorted(asked | set(requested))
+        changes.append(f"events_requested: added {_named(missing)}")
+    if foreign:
+        return StreamFit(foreign, {}, [], foreign + differs)
+    return StreamFit([], patch, changes, differs)
+
+
+@dataclass(frozen=True)
+class ConfiguredStream:
+    """What `SsfReceiver.configure` did: the stream as the transmitter holds it, and what bastion
+    changed of it there (SSF 1.0 §8.1.1.3), in bastion's words."""
+
+    stream: dict[str, Any]
+    changed: list[str] = field(default_factory=list)
+
+
+class StreamNotUpdated(ValueError):
+    """bastion's own stream lacks event types bastion asks for, and the transmitter did not add
+    them: the stream is used as it is (the events it does deliver, revocations among them, keep
+    coming) and recorded in error with this reason; ``stream`` is it."""
+
+    def __init__(self, message: str, stream: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.stream = stream
 
 
 def _error(status: int, err: str, description: str, **headers: str) -> JSONResponse:
@@ -730,7 +775,10 @@ class SsfReceiver:
         """Configure the stream until it is configured, then (poll delivery) poll for ever."""
         while True:
             try:
-                stream = await self.configure(t)
+                stream = (await self.configure(t)).stream
+                break
+            except StreamNotUpdated as e:
+                stream = e.stream  # used as it is; its error recorded
                 break
             except Exception as e:  # noqa: BLE001 - any failure is reported and retried
                 message = f"stream not configured: {e}"[:500]
@@ -769,14 +817,25 @@ class SsfReceiver:
         except RemoteDocumentError as e:
             raise ValueError(f"{url} {e}") from None
 
-    async def configure(self, t: Transmitter, actor: str = SERVER) -> dict[str, Any]:
-        """Read the transmitter's metadata, read or create bastion's stream, ask it to verify;
-        the change is audited as ``actor``'s (the server's at start, an administrator's from
-        ``bastion signals streams configure``)."""
+    async def configure(self, t: Transmitter, actor: str = SERVER) -> ConfiguredStream:
+        """Read the transmitter's metadata, read or create bastion's stream, bring it in step
+        (`_update_stream`), ask it to verify; the change is audited as ``actor``'s (the server's
+        at start, an administrator's from ``bastion signals streams configure``). A ValueError
+        when no stream can be used; `StreamNotUpdated` when bastion's is used as it is."""
         meta = await self.metadata(t)
         endpoint = meta.get("configuration_endpoint")
         if not isinstance(endpoint, str):
             raise ValueError(f"{t.configuration_url} has no configuration_endpoint")
+        delivery: dict[str, Any] = (
+            {
+                "method": PUSH_METHOD,
+                "endpoint_url": self.settings.push_url,
+                "authorization_header": f"Bearer {t.push_token}",
+            }
+            if t.delivery == "push"
+            else {"method": POLL_METHOD}
+        )
+        requested = sorted({*DEFAULT_EFFECTS, *t.effects})
         known = await anyio.to_thread.run_sync(self.store.stream, t.name)
         stream = None
         if known is not None and known.stream_id:
@@ -786,16 +845,6 @@ class SsfReceiver:
             if code == 200:
                 stream = untrusted_json.loads(content)
         if stream is None:
-            delivery: dict[str, Any] = (
-                {
-                    "method": PUSH_METHOD,
-                    "endpoint_url": self.settings.push_url,
-                    "authorization_header": f"Bearer {t.push_token}",
-                }
-                if t.delivery == "push"
-                else {"method": POLL_METHOD}
-            )
-            requested = sorted({*DEFAULT_EFFECTS, *t.effects})
             code, content = await self._call(
                 t,
                 "POST",
@@ -821,6 +870,31 @@ class SsfReceiver:
             raise ValueError(
                 f"{endpoint} answered a stream whose iss is not {t.issuer!r} (SSF 1.0 §8.1.1)"
             )
+        stream_id = stream["stream_id"]
+        fit = stream_fit(stream, t.issuer, delivery, requested)
+        if fit.foreign:
+            # The stream known by its id, of another delivery method than the one configured:
+            # not turned into another (nor a push stream's endpoint polled).
+            raise ValueError(
+                f"the stream {stream_id} at {endpoint} is not the one bastion would create: "
+                + "; ".join(fit.differences)
+                + "; delete it at the transmitter, then bastion signals streams configure"
+            )
+        changed: list[str] = []
+        refused = ""
+        if fit.patch:
+            stream, changed, refused = await self._update_stream(
+                t, endpoint, stream, fit, delivery, requested, actor
+            )
+        if refused:
+            message = (
+                f"the stream {stream_id} at {endpoint} is not in step: "
+                + "; ".join(fit.differences)
+                + f"; {refused}; update it at the transmitter, then bastion signals streams"
+                " configure"
+            )[:500]
+            if "delivery" in fit.patch:
+                raise ValueError(message)  # its SETs go elsewhere: not used
         if t.delivery == "poll":
             # Checked before the stream is used: one whose poll endpoint cannot be polled is
             # refused here, and configured again, where taken it ended the poll loop for good
@@ -830,7 +904,6 @@ class SsfReceiver:
             stream.get("aud") if isinstance(stream.get("aud"), list) else [stream.get("aud")]
         ):
             log.warning("ssf transmitter %s: the stream's aud does not hold %s", t.name, t.audience)
-        stream_id = stream["stream_id"]
         status = "enabled"
         status_endpoint = meta.get("status_endpoint")
         if isinstance(status_endpoint, str):
@@ -840,8 +913,6 @@ class SsfReceiver:
             said = untrusted_json.loads(content) if code == 200 else None
             if isinstance(said, dict) and isinstance(said.get("status"), str):
                 status = said["status"][:32]
-        state = secrets.token_urlsafe(16)
-        detail = "stream configured; verification requested"
         if meta.get("default_subjects") == "NONE" and "add_subject_endpoint" not in meta:
             # SSF 1.0 §7.1: such a transmitter sends events only about subjects added to the
             # stream, and gives bastion no way to add them (the subjects' status says so too).
@@ -850,6 +921,18 @@ class SsfReceiver:
                 " add_subject_endpoint: add the subjects at the transmitter, or no events will"
                 " come", t.name,
             )  # fmt: skip
+        if refused:
+            # Used as it is, and shown in error until it is in step: no verification asked,
+            # whose event would mark it verified.
+            log.error("ssf transmitter %s: %s", t.name, message)
+            await anyio.to_thread.run_sync(
+                lambda: self.store.save_stream(
+                    t.name, "error", message, stream_id=stream_id, actor=actor
+                )
+            )
+            raise StreamNotUpdated(message, stream)
+        state = secrets.token_urlsafe(16)
+        detail = "stream configured; verification requested"
         await anyio.to_thread.run_sync(
             lambda: self.store.save_stream(
                 t.name, status, detail, stream_id=stream_id, verification_state=state,
@@ -866,16 +949,73 @@ class SsfReceiver:
                     "ssf transmitter %s: verification request answered HTTP %s", t.name, code
                 )
         log.info("ssf transmitter %s: stream %s %s", t.name, stream_id, status)
-        return stream
+        return ConfiguredStream(stream, changed)
+
+    async def _update_stream(
+        self,
+        t: Transmitter,
+        endpoint: str,
+        stream: dict[str, Any],
+        fit: StreamFit,
+        delivery: dict[str, Any],
+        requested: list[str],
+        actor: str,
+    ) -> tuple[dict[str, Any], list[str], str]:
+        """Bring bastion's stream in step by SSF 1.0 §8.1.1.3's PATCH: ``stream_id`` and the
+        members that differ (`StreamFit.patch`), nothing else; the answer must be the whole
+        stream, of ``t``'s issuer ("the Receiver MUST check the response and confirm that the
+        iss value matches"), now the one bastion would create. The change is audited at once
+        (``ssf.stream_changed`` naming it). Returns (the stream as the transmitter holds it,
+        what changed, why it is not in step: empty when it is). SSF 1.0's metadata names no
+        methods of the configuration endpoint: PATCH is asked of every transmitter, and one
+        that has none answers it so (405), which is said as any refusal. No PUT (§8.1.1.4)
+        after it: a replacement drops every member not sent."""
+        stream_id = stream["stream_id"]
+        code, content = await self._call(
+            t, "PATCH", endpoint, json_body={"stream_id": stream_id, **fit.patch}
+        )
+        if code == 202:
+            # §8.1.1.3: accepted, not processed; the same request later has the result.
+            why = f"updating it at {endpoint} answered HTTP 202 (accepted, not applied yet)"
+            return stream, [], why + ": asked again at the next configure"
+        if code != 200:
+            return stream, [], f"updating it at {endpoint} answered HTTP {code}"
+        answer = untrusted_json.loads(content)
+        if not isinstance(answer, dict) or answer.get("stream_id") != stream_id:
+            return stream, [], f"updating it at {endpoint} answered no stream {stream_id}"
+        now = stream_fit(answer, t.issuer, delivery, requested)
+        if now.differences:
+            why = f"updating it at {endpoint} answered a stream that still differs: "
+            return stream, [], why + "; ".join(now.differences)
+        delivered = answer.get("events_delivered")
+        # §8.1.1: events_delivered is what the transmitter sends of those asked for and it
+        # supports; one it does not support no update can bring, so it is said, not an error.
+        not_delivered = (
+            [e for e in requested if e not in delivered] if isinstance(delivered, list) else []
+        )
+        if not_delivered:
+            log.warning(
+                "ssf transmitter %s: the stream does not deliver %d of bastion's event types: %s",
+                t.name, len(not_delivered), _named(not_delivered),
+            )  # fmt: skip
+        await anyio.to_thread.run_sync(
+            partial(
+                self.store.stream_updated, t.name, stream_id, fit.changes,
+                not_delivered=_named(not_delivered) if not_delivered else None, actor=actor,
+            )
+        )  # fmt: skip
+        log.info("ssf transmitter %s: stream %s updated: %s", t.name, stream_id,
+                 "; ".join(fit.changes))  # fmt: skip
+        return answer, fit.changes, ""
 
     async def _existing_stream(
         self, t: Transmitter, endpoint: str, delivery: dict[str, Any], requested: list[str]
     ) -> dict[str, Any]:
-        """The stream the transmitter holds for bastion (read from its list, SSF 1.0 §8.1.1.2),
-        when it is the one bastion would create: of ``t``'s issuer, its delivery method (and for
-        push, bastion's endpoint and, when the transmitter shows it, bastion's push token), and
-        every event type bastion asks for. Else a ValueError naming what differs, in bastion's
-        words (the transmitter's values are not quoted: the status is shown to anyone)."""
+        """The stream the transmitter holds for bastion (read from its list, SSF 1.0 §8.1.1.2):
+        the first that is the one bastion would create, else the first that is bastion's to
+        bring in step (of ``t``'s issuer and its delivery method: `StreamFit`), which
+        `configure` updates. Else a ValueError naming what differs, in bastion's words (the
+        transmitter's values are not quoted: the status is shown to anyone)."""
         code, content = await self._call(t, "GET", endpoint)
         if code != 200:
             raise ValueError(
@@ -885,17 +1025,22 @@ class SsfReceiver:
         found = untrusted_json.loads(content)
         listed = found if isinstance(found, list) else [found]
         differences: list[list[str]] = []
+        ours: dict[str, Any] | None = None
         for stream in listed:
             if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
                 continue
-            differs = stream_differences(stream, t.issuer, delivery, requested)
-            if not differs:
+            fit = stream_fit(stream, t.issuer, delivery, requested)
+            if not fit.differences:
                 log.info(
                     "ssf transmitter %s: using the stream it holds for bastion (create answered"
                     " 409)", t.name,
                 )  # fmt: skip
                 return stream
-            differences.append(differs)
+            if not fit.foreign and ours is None:
+                ours = stream
+            differences.append(fit.differences)
+        if ours is not None:
+            return ours
         if not differences:
             raise ValueError(
                 f"creating the stream at {endpoint} answered 409 (one stream per receiver, SSF"
@@ -903,9 +1048,9 @@ class SsfReceiver:
             )
         raise ValueError(
             f"creating the stream at {endpoint} answered 409 (one stream per receiver, SSF 1.0"
-            " §8.1.1.1) and the stream it holds is not the one bastion would create: "
+            " §8.1.1.1) and the stream it holds is not bastion's to use or change: "
             + "; ".join(min(differences, key=len))
-            + "; update or delete it at the transmitter, then bastion signals streams configure"
+            + "; delete it at the transmitter, then bastion signals streams configure"
         )
 
     # -- subjects (SSF 1.0 §8.1.3), on the event loop ------------------------------------------

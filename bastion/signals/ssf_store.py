@@ -201,6 +201,30 @@ class SsfStore:
                     (transmitter, stream_id, status, verification_state, detail, now),
                 )
 
+    def stream_updated(
+        self,
+        transmitter: str,
+        stream_id: str,
+        changed: list[str],
+        *,
+        not_delivered: str | None,
+        actor: str,
+    ) -> None:
+        """bastion changed its stream at the transmitter (SSF 1.0 §8.1.1.3): an
+        ``ssf.stream_changed`` event naming what changed (``changed``, bastion's words) and the
+        event types the transmitter still does not deliver; the stream's recorded status is
+        `save_stream`'s, left as it is."""
+        rows = self.db.execute(
+            "SELECT status FROM ssf_streams WHERE transmitter = ?", (transmitter,)
+        )
+        status = rows[0][0] if rows else None
+        self._changed(
+            transmitter, stream_id=stream_id, previous=status, status=status,
+            detail="updated at the transmitter (SSF 1.0 §8.1.1.3)", actor=actor,
+            verification_requested=False, changed=changed,
+            **({"not_delivered": not_delivered} if not_delivered else {}),
+        )  # fmt: skip
+
     def _changed(self, transmitter: str, **detail) -> None:
         """Under the changing transaction: the audit event of a stream's change. Never the
         verification state asked for (the transmitter proves itself by sending it back)."""

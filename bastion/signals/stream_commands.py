@@ -4,9 +4,11 @@ status|sync``: the Shared Signals streams of the deployment and their subjects (
 ``streams status`` shows, per configured transmitter, the stream recorded in the database: its
 id, its status, when its verification event arrived, the last error, and the last round of its
 subjects. ``streams configure`` reads each transmitter's metadata, reads or creates bastion's
-stream and asks for a verification event, as the server does at start. ``subjects status`` lists
-each subject bastion added to a stream or failed to add or remove; ``subjects sync`` adds and
-removes them now, as the server does every ``subjects_sync_seconds``.
+stream, brings it in step (SSF 1.0 §8.1.1.3: the event types bastion asks for, its push
+endpoint and token) and says what it changed, and asks for a verification event, as the server
+does at start. ``subjects status`` lists each subject bastion added to a stream or failed to add
+or remove; ``subjects sync`` adds and removes them now, as the server does every
+``subjects_sync_seconds``.
 """
 
 from __future__ import annotations
@@ -123,8 +125,17 @@ def cmd_configure(args: argparse.Namespace) -> int:
     actor = cli_actor()
 
     async def configure(t: Transmitter) -> int:
-        stream = await receiver.configure(t, actor)
-        print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
+        from bastion.signals.ssf import StreamNotUpdated
+
+        try:
+            done = await receiver.configure(t, actor)
+        except StreamNotUpdated as e:
+            # Recorded by configure: the stream is used as it is, and in error.
+            print(f"{t.name}: {e}", file=sys.stderr)
+            return 1
+        print(f"{t.name}: stream {done.stream['stream_id']} configured; verification asked")
+        if done.changed:
+            print(f"{t.name}: updated at the transmitter: " + "; ".join(done.changed))
         return 0
 
     def refused(t: Transmitter, e: Exception) -> None:
@@ -236,7 +247,7 @@ def register_streams(commands: argparse._SubParsersAction) -> None:
     actions = streams.add_subparsers(dest="streams_command", required=True)
     for name, func, help_text in (
         ("status", cmd_status, "each transmitter's stream: id, status, verification, last error"),
-        ("configure", cmd_configure, "read or create each stream and ask for verification"),
+        ("configure", cmd_configure, "read or create each stream, bring it in step, verify it"),
     ):
         p = actions.add_parser(name, help=help_text)
         p.add_argument("--config", help="bastion.toml (default: ./bastion.toml or BASTION_CONFIG)")

@@ -4,6 +4,10 @@ subjects) and an RFC 8936 poll endpoint. It signs real SETs (RFC 8417) with its 
 pushes them (RFC 8935) over HTTP to the endpoint bastion gave it. With ``default_subjects`` "NONE"
 (SSF 1.0 §7.1) `deliver` sends an event only about a subject added to the stream (§8.1.3); with
 ``one_stream`` it allows one stream per receiver and answers a second create 409 (§8.1.1.1).
+A stream's configuration is updated by PATCH (§8.1.1.3: the Receiver-Supplied members sent are
+replaced, the others kept, a Transmitter-Supplied one sent must match), each request recorded
+in ``stream_calls``; `deliver` sends only the event types of the stream's ``events_delivered``
+(§8.1.1: those requested that it supports).
 `answer_next` makes an endpoint's next answer one of the test's (any status, type and bytes),
 and `calls` counts the requests each endpoint was sent."""
 
@@ -62,6 +66,15 @@ class Transmitter:
         # the answers it gives next, in turn, instead of its own: (status, content type, body).
         self.answers: dict[str, list[tuple[int, bytes, bytes]]] = {}
         self.calls: Counter[str] = Counter()  # requests each endpoint was sent
+        # The event types it can send (SSF 1.0 §8.1.1 events_supported): every one when None.
+        self.events_supported: list[str] | None = None
+        # Each POST and PATCH of the configuration endpoint: (method, request body).
+        self.stream_calls: list[tuple[str, dict]] = []
+        # What a PATCH answers instead of updating the stream (405: not implemented), or
+        # "unchanged": 200 with the stream as it was (an update it did not apply).
+        self.patch_answer: int | str | None = None
+        # Each stream's status (SSF 1.0 §8.1.2.1), read at its status endpoint.
+        self.status: dict[str, str] = {}
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -138,6 +151,8 @@ class Transmitter:
         stream (SSF 1.0 §8.1.3.1: simple subjects match when identical). The SET, or None when
         the subject is not on the stream and nothing was sent."""
         stream = list(self.streams.values())[-1]
+        if event_type not in stream.get("events_delivered", []):
+            return None  # not an event type of the stream (SSF 1.0 §8.1.1 events_delivered)
         if self.default_subjects == "NONE" and sub_id not in self.subjects.get(
             stream["stream_id"], []
         ):
@@ -149,6 +164,20 @@ class Transmitter:
             response = self.push(token)
             assert response.status_code == 202, response.text
         return token
+
+    def delivered(self, requested: list) -> list:
+        """SSF 1.0 §8.1.1 events_delivered: the requested event types it supports."""
+        supported = self.events_supported
+        return [e for e in requested if supported is None or e in supported]
+
+    def hold(self, stream_id: str, delivery: dict, requested: list, **more) -> dict:
+        """A stream made before the tests' bastion started (by an earlier version, say)."""
+        self.streams[stream_id] = {
+            "stream_id": stream_id, "iss": self.url, "aud": self.audience,
+            "delivery": delivery, "events_requested": list(requested),
+            "events_delivered": self.delivered(requested), **more,
+        }  # fmt: skip
+        return self.streams[stream_id]
 
     @staticmethod
     def subject_key(subject: dict) -> str:
@@ -231,6 +260,9 @@ class Transmitter:
                 found = self.streams.get(request.query_params.get("stream_id", ""))
                 return JSONResponse(found) if found else JSONResponse({}, 404)
             body = await request.json()
+            self.stream_calls.append((request.method, body))
+            if request.method == "PATCH":
+                return update(body)
             # Checked after the last await: two replicas creating at once get one stream.
             if self.one_stream and self.streams:
                 return JSONResponse({"error": "a stream exists for this receiver"}, 409)
@@ -244,16 +276,37 @@ class Transmitter:
                 "aud": self.audience,
                 "delivery": delivery,
                 "events_requested": body.get("events_requested", []),
-                "events_delivered": body.get("events_requested", []),
+                "events_delivered": self.delivered(body.get("events_requested", [])),
             }
             return JSONResponse(self.streams[stream_id], 201)
+
+        def update(body: dict) -> Response:
+            """SSF 1.0 §8.1.1.3."""
+            if isinstance(self.patch_answer, int):
+                return JSONResponse({"error": "not updated"}, self.patch_answer)
+            found = self.streams.get(body.get("stream_id"))
+            if found is None:
+                return JSONResponse({}, 404 if "stream_id" in body else 400)
+            for member in ("iss", "aud", "events_supported", "events_delivered"):
+                if member in body and body[member] != found.get(member):
+                    return JSONResponse({"error": f"{member} does not match"}, 400)
+            if self.patch_answer == "unchanged":
+                return JSONResponse(found)
+            for member in ("events_requested", "delivery", "description"):
+                if member in body:
+                    found[member] = body[member]
+            found["events_delivered"] = self.delivered(found.get("events_requested", []))
+            return JSONResponse(found)
 
         async def status(request: Request):
             if not authorized(request):
                 return JSONResponse({"error": "unauthorized"}, 401)
             if request.query_params.get("stream_id") not in self.streams:
                 return JSONResponse({}, 404)
-            return JSONResponse({"status": "enabled"})
+            stream_id = request.query_params["stream_id"]
+            return JSONResponse(
+                {"stream_id": stream_id, "status": self.status.get(stream_id, "enabled")}
+            )
 
         async def verify(request: Request):
             if not authorized(request):
@@ -336,7 +389,9 @@ class Transmitter:
             routes=[
                 Route("/.well-known/ssf-configuration", self._counted("metadata", metadata)),
                 Route("/jwks.json", self._counted("jwks", jwks)),
-                Route("/ssf/stream", self._counted("stream", stream), methods=["GET", "POST"]),
+                Route(
+                    "/ssf/stream", self._counted("stream", stream), methods=["GET", "POST", "PATCH"]
+                ),
                 Route("/ssf/status", self._counted("status", status)),
                 Route("/ssf/verify", self._counted("verify", verify), methods=["POST"]),
                 Route("/ssf/poll/{stream_id}", self._counted("poll", poll), methods=["POST"]),
