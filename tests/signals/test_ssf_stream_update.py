@@ -166,6 +166,18 @@ def test_streams_configure_updates_the_stream_and_says_what_it_changed(world, tm
     assert CAEP + "session-revoked" in world.older.streams["older-1"]["events_requested"]
     assert main(argv) == 0
     assert "updated" not in capsys.readouterr().out
+    # A transmitter that refuses: the command fails and says why; the stream is in error.
+    world.older.patch_answer = 405
+    world.older.streams["older-1"]["events_requested"].remove(CAEP + "session-revoked")
+    try:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "lacks 1 of bastion's: session-revoked" in err and "HTTP 405" in err, err
+        assert streams(world)["older"]["status"] == "error"
+    finally:
+        world.older.patch_answer = None
+    assert main(argv) == 0
+    assert "added session-revoked" in capsys.readouterr().out
 
 
 def test_a_set_on_a_stream_the_transmitter_disabled_is_still_applied(world):
