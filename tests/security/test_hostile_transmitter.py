@@ -300,7 +300,7 @@ def test_no_hostile_answer_to_the_streams_configuration_is_used_or_stored(tmp_pa
         t = settings.transmitters[0]
         receiver = SsfReceiver(settings, db, OAuthStore(db), FactStore(db), lambda: None)
         store = receiver.store
-        configured = anyio.run(receiver.configure, t)
+        configured = anyio.run(receiver.configure, t).stream
         stream = {**configured, "events_delivered": configured["events_requested"][:2]}
         stream.pop("events_requested")
 
@@ -326,7 +326,7 @@ def test_no_hostile_answer_to_the_streams_configuration_is_used_or_stored(tmp_pa
                     # Added only on a 2xx (one the connection broke on is not added either).
                     assert row.state == "add_failed" or 200 <= answer[0] < 300, (answer, row)
                     return
-                used = anyio.run(receiver.configure, t)
+                used = anyio.run(receiver.configure, t).stream
             except ValueError as e:  # bastion's refusal: the loop configures again
                 assert "Traceback" not in str(e)
                 changed = unexpected_changes(before, snapshot(db))
