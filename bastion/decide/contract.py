@@ -358,33 +358,47 @@ def plainly_allowed(
     context: dict | None,
     granted_scopes: Iterable[str],
 ) -> bool:
-    """Whether `decide_chain` would allow ``action`` on ``resource`` with nothing to do: every
-    principal allowed, every required signal fresh, every required scope granted, no approval
-    still needed, no rate limit, no sign-in age to check (``requires_recent_auth``: the token's
-    ``auth_time`` is the gateway's to weigh). Asks only those questions (the gateway's check of ``connect``
-    on every message, which goes through the whole contract when this is False); a spent
-    evaluation budget is False too."""
-    chain = tuple(principals)
-    if not chain:
+    """Whether `decide_chain` allows ``action`` on ``resource`` with nothing for the gateway to
+    do (`nothing_to_do`). The gateway's check of ``connect`` on every message, which goes
+    through the whole contract (`Enforcer.decide`, recorded) when this is False.
+
+    It is that decision, every question of the contract asked: a fast path that asked fewer
+    would say yes where one it left out refuses (an obligation that cannot be decided, a rule
+    that spends the evaluation budget, a review nobody can give)."""
+    if not principals:
         return False
-    with authz.session(context) as s:
-        try:
-            if not all(s.allowed(p, action, resource) for p in chain):
-                return False
-            if _stale_signals(s, chain, context) is not None:
-                return False
-            if not set(required_scopes(s, action, resource)).issubset(granted_scopes):
-                return False
-            if required_auth_age(s, chain, action, resource) is not None:
-                return False
-            approval = False
-            for p in chain:
-                if s.rows("rate_limit", "bbbff", p, action, resource):
-                    return False
-                approval = approval or bool(s.rows("requires_approval", "bbb", p, action, resource))
-            return not approval or _approval_granted(s, chain, action, resource)
-        except (EvaluationLimit, UndecidedQuestion):
-            return False
+    decision = decide_chain(authz, principals, action, resource, context, granted_scopes)
+    return nothing_to_do(decision, action, resource, {} if context is None else context)
+
+
+def nothing_to_do(
+    decision: ChainDecision, action: str, resource: Entity, context: Mapping[str, Any]
+) -> bool:
+    """Whether ``decision`` allows with nothing for the gateway to act on beyond letting the
+    message go on, as it acts on ``connect``: every principal allowed, every required signal
+    fresh and scope granted, no approval still needed, no review, no rate limit, no sign-in
+    age to check (the token's ``auth_time`` is the gateway's to weigh), no write refused under
+    a read-only downgrade (``context.passed_through``). What it may carry still: what applies
+    to a result (masks, labels: ``connect`` has none), alerts (raised with the decisions the
+    gateway records), and what is met (the scopes required, an approval granted). Any other
+    obligation, one added to `Obligations` later included, is something to do."""
+    if not decision.allowed:
+        return False
+    o = decision.obligations
+    if o.requires_approval and not o.approval_granted:
+        return False
+    if o.read_only and refuses_write(True, action, resource, context):
+        return False
+    # Every other field of `Obligations` at its default: nothing asked of the gateway.
+    return o == Obligations(
+        masks=o.masks,
+        required_scopes=o.required_scopes,
+        requires_approval=o.requires_approval,
+        approval_granted=o.approval_granted,
+        read_only=o.read_only,
+        alerts=o.alerts,
+        labels=o.labels,
+    )
 
 
 class Remembered(Generic[Answer]):

@@ -492,13 +492,9 @@ class Gateway:
         server = ex.upstream.entity
         # On stale facts `Enforcer.decide` refuses, and records it.
         stale = enforcer.facts_stale()
-        if (
-            record
-            or stale
-            or self._connect_needs_deciding(ex.caller, server, context)
-            # Only for a passed-through method: the usual path asks nothing more.
-            or (passed_through and enforcer.read_only(ex.caller, context))
-        ):
+        # A passed-through message's downgrade to read-only is among what needs deciding
+        # (`nothing_to_do`: ``context.passed_through`` is a write it refuses).
+        if record or stale or self._connect_needs_deciding(ex.caller, server, context):
             try:
                 verdict = await enforcer.decide(
                     ex.caller,
@@ -545,8 +541,10 @@ class Gateway:
         return StepUp(step_up.scopes + more, step_up.decision_id, step_up.max_age)
 
     def _connect_needs_deciding(self, caller: Caller, server: Entity, context: dict) -> bool:
-        """Whether ``connect`` must go through `Enforcer.decide`: a principal is refused, or the
-        policy attaches something to do (a scope the token lacks, an approval, a rate limit)."""
+        """Whether ``connect`` must go through `Enforcer.decide`: the caller is suspended, or the
+        contract's decision is anything but allowed with nothing to do (`plainly_allowed`: a
+        refusal, a scope the token lacks, an approval, a review, a rate limit, a sign-in age, a
+        passed-through write under a read-only downgrade)."""
         if self.enforcer.suspended(caller) is not None:
             return True  # refused (and recorded) by `Enforcer.decide`
         return not self.connects(
@@ -753,7 +751,9 @@ class Gateway:
             return True
         started = time.perf_counter()
         authz = enforcer.authorizer()
-        resource, chain, heard = read_decision(authz, caller, listener.server, uri, context)
+        resource, chain, heard = read_decision(
+            authz, caller, listener.server, uri, context, enforcer.clock
+        )
         if heard == (uri in listener.withheld):
             # The answer changed since the last update (withheld now, or heard again): a
             # decision record says so, once, rather than one per update per stream.

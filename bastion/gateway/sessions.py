@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.decide import Authorizer
-from bastion.decide.contract import ChainDecision, decide_chain
+from bastion.decide.contract import ChainDecision, decide_chain, policy_result
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller
 from bastion.gateway.jsonrpc import (
@@ -57,24 +57,29 @@ MAX_SUBSCRIPTIONS_PER_USER = 2000
 
 
 def read_decision(
-    authz: Authorizer, caller: Caller, server: str, uri: str, context: dict[str, Any]
+    authz: Authorizer,
+    caller: Caller,
+    server: str,
+    uri: str,
+    context: dict[str, Any],
+    clock: Callable[[], float],
 ) -> tuple[Entity, ChainDecision, bool]:
     """The resource ``uri`` names, the policy's answer on its ``read`` (the chain's), and
-    whether ``caller`` may hear of it now: every principal may ``read`` it, the token has every
-    scope that requires, and no person has to approve it or review it (as ``resources/read``
-    would be decided; a notification is not counted by rate limits)."""
+    whether ``caller`` may hear of it now: as ``resources/read`` would be decided
+    (`policy_result`: every principal may ``read`` it, the token has every scope that requires,
+    its sign-in is as recent as that asks, at ``clock``), and no person has to approve it or
+    review it (a notification is not counted by rate limits)."""
     resource = Entity("McpResource", f"{server}/{uri}")
+    asked = {**context, "uri": uri}
     chain = decide_chain(
-        authz,
-        caller.principals,
-        "read",
-        resource,
-        {**context, "uri": uri},
-        granted_scopes=caller.scopes,
+        authz, caller.principals, "read", resource, asked, granted_scopes=caller.scopes
     )
     duties = chain.obligations
     held = (duties.requires_approval and not duties.approval_granted) or duties.requires_review
-    return resource, chain, chain.allowed and not held
+    if held or not chain.allowed:
+        return resource, chain, False
+    result, _ = policy_result(chain, "read", resource, asked, caller.auth_time, clock)
+    return resource, chain, result == "allow"
 
 
 @dataclass(eq=False)

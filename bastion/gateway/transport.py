@@ -984,7 +984,9 @@ class StreamableHttpEndpoint:
         for uri in uris if "resources" in offered else ():
             # Each resource of the filter decided and recorded, as a resources/subscribe is.
             started = time.perf_counter()
-            resource, chain, heard = read_decision(authz, caller, upstream.name, uri, context)
+            resource, chain, heard = read_decision(
+                authz, caller, upstream.name, uri, context, enforcer.clock
+            )
             enforcer.record_heard(
                 authz, position, caller, upstream.name, message.method, resource,
                 {**context, "uri": uri}, chain, heard, started,

@@ -304,6 +304,10 @@ def test_policy() -> str:
         + 'requires_scope("connect", server: McpServer, scope) if connect_scope(server, scope);\n'
         + 'requires_approval(user: User, "connect", server: McpServer) if\n'
         + "  connect_held(server, user);\n"
+        # A mask whose rule cannot be decided (2 / 0): which path is not known, so refused.
+        + "declare connect_divisor(McpServer, Integer);\n"
+        + 'mask(_user: User, "connect", server: McpServer, "secret") if\n'
+        + "  connect_divisor(server, d) and n = 2 / d and n > 1;\n"
     )
 
 

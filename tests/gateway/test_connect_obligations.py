@@ -60,6 +60,26 @@ def test_a_hold_on_connect_refuses_every_message(bastion):
     assert "result" in list_tools(bastion, token).json()
 
 
+def test_a_connect_mask_that_cannot_be_decided_refuses_every_message(bastion):
+    """What the full decision of ``connect`` refuses (`Enforcer.decide`), the check on every
+    message refuses too, not only a session's first message: here a mask whose rule cannot be
+    decided (2 / 0: which path is not known), refused "undecided" rather than let through. The
+    check on each message left masks out (a connect has no result to mask), and said yes."""
+    token = bastion.token("sam", "labhttp")
+    fact = parse_fact('connect_divisor(McpServer{"labhttp"}, 0)')
+    before = len(bastion.recorder.requests)
+    bastion.apply(inserts=[fact])
+    try:
+        refused = list_tools(bastion, token).json()
+        assert "error" in refused, refused
+        assert refused["error"]["data"]["reason"] == "undecided"
+        assert refused["error"]["data"]["decision_id"]
+        assert len(bastion.recorder.requests) == before  # nothing reached the upstream
+    finally:
+        bastion.apply(deletes=[fact])
+    assert "result" in list_tools(bastion, token).json()
+
+
 def test_a_hold_on_connect_cuts_a_listen_stream_off_at_its_next_notification(bastion):
     token = bastion.token("sam", "labhttp")
     held = parse_fact('connect_held(McpServer{"labhttp"}, User{"sam"})')

@@ -158,4 +158,4 @@ def test_a_streams_notification_is_decided_on_the_facts_in_force_after_its_conne
     assert heard is False and recorded == [False] and listener.withheld == {"notes/a"}
     # Before the change it could be heard: what refused it is the change.
     context = enforcer.context(caller, "desk", method)
-    assert read_decision(readable, caller, "desk", "notes/a", context)[2] is True
+    assert read_decision(readable, caller, "desk", "notes/a", context, time.time)[2] is True

@@ -357,3 +357,25 @@ def test_an_update_the_upstream_spells_otherwise_reaches_the_subscription_in_bas
         subscribe(bastion, server, headers, "lab://open")
         event = first_event(frames, lambda: announce(bastion, server, "updated", sent), 5)
         assert event == updated("lab://open")
+
+
+def test_an_update_is_not_heard_with_a_sign_in_older_than_a_read_accepts():
+    """A resource's update goes on a stream only where ``resources/read`` would be allowed now:
+    a ``requires_recent_auth`` on its ``read`` with a sign-in older than that withholds it (the
+    read would send the client to sign in again), as a scope the token lacks does."""
+    import time
+
+    from bastion import Authorizer
+    from bastion.gateway.enforce import Caller
+    from bastion.gateway.sessions import read_decision
+
+    authz = Authorizer(
+        'actor User {}\nactor Agent {}\nresource McpResource {}\nallow(_, "read", _: McpResource);\n'
+        'requires_recent_auth(_: User, "read", _: McpResource, 300);'
+    )
+    now = time.time()
+    context = {"server": "desk"}
+    for signed_in, heard in ((now - 60, True), (now - 3600, False), (None, False)):
+        caller = Caller("sam", "bot", frozenset(), "127.0.0.1", "2025-11-25", auth_time=signed_in)
+        got = read_decision(authz, caller, "desk", "notes/a", context, lambda: now)[2]
+        assert got is heard, signed_in
