@@ -324,7 +324,9 @@ class StreamableHttpEndpoint:
         the protocol version, the session and the posture. Made once for each of these and given
         again: a remembered token's facts, as a posture, are the same object from request to
         request. The entry keeps both objects, so their ids are not another's while it is kept."""
-        posture = self.gateway.posture.read(address, headers, verified.claims)
+        posture = self.gateway.posture.read(
+            address, headers, verified.claims, verified.sign_in.acr, verified.sign_in.amr
+        )
         version = headers.get("mcp-protocol-version", "")
         session_id = headers.get("mcp-session-id", "")
         key = (id(verified), address, version, session_id, id(posture))

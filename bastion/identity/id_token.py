@@ -2,7 +2,8 @@
 the provider announces and bastion accepts (`signing_algorithms`, step 7), the signature by the
 one key of the provider's key set the header names, then the claims ``iss``, ``aud``, ``azp``,
 ``exp``, ``iat``, ``nonce`` and ``sub``; ``auth_time`` when a recent sign-in was asked for;
-``acr`` when ``required_acr`` is set; and ``at_hash`` when the token holds one (§3.1.3.8). The
+``acr`` when ``required_acr`` is set; ``acr`` and ``amr``, when present, well formed
+(`sign_in_context`); and ``at_hash`` when the token holds one (§3.1.3.8). The
 caller checks the ``alg`` before any key is fetched."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from bastion.identity.providers import LoginRefused, OpenIDProvider
 from bastion.names import readable
 from bastion.oauth.jwks import RemoteDocumentError, SignatureRefused, verified_claims
 from bastion.oauth.numeric_date import numeric_date
+from bastion.oauth.sign_in_context import SignInContext, SignInContextError, read_sign_in_context
 
 ANNOUNCED = "id_token_signing_alg_values_supported"
 # OpenID Connect Core §3.1.3.7 step 7: an ID token is signed with RS256 unless the client
@@ -162,6 +164,18 @@ def check_acr(claims: Mapping[str, Any], required: tuple[str, ...]) -> None:
             " ([[identity.providers]] required_acr).",
             403,
         )
+
+
+def sign_in_context(claims: Mapping[str, Any]) -> SignInContext:
+    """How the provider says the person signed in: the ID token's ``acr`` and ``amr`` (Core
+    §2), kept with the session and the grant for the policy (`bastion.oauth.sign_in_context`).
+    A malformed one signs nobody in: a policy would read it as nothing said."""
+    try:
+        return read_sign_in_context(claims)
+    except SignInContextError as e:
+        raise LoginRefused(
+            e.claim, f"The provider's ID token is refused: its {e}. Nobody is signed in."
+        ) from None
 
 
 # OpenID Connect Core §3.1.3.6: the hash of the alg's own hash function (for EdDSA, SHA-512, the

@@ -14,8 +14,10 @@ says, with joserfc: an asymmetric ``alg`` of the provider's list that the provid
 its discovery document (never ``none``, never an HMAC), the signature by the provider's JWKS,
 ``iss`` exactly, ``aud`` holding the client id (and ``azp`` being it when there are several
 audiences), ``exp``, ``iat``, the ``nonce``, ``acr`` among ``required_acr`` when that is set, and
-``at_hash`` when it holds one. The person then resumes what they came for (the MCP client's
-authorization request: consent, code, token; or a page of bastion) as after a password login.
+``at_hash`` when it holds one, and its ``acr`` and ``amr`` well formed when present: how the
+person signed in, kept with the session and the grant (`bastion.oauth.sign_in_context`). The
+person then resumes what they came for (the MCP client's authorization request: consent, code,
+token; or a page of bastion) as after a password login.
 
 Claims map to the user id (namespaced per provider by default) and, by configuration, to facts
 (`FactMapping`), which each login puts in step with the claims and which expire when the person
@@ -55,6 +57,7 @@ from bastion.identity.id_token import (
     check_at_hash,
     check_auth_time,
     check_claims,
+    sign_in_context,
     signed_claims,
     signing_algorithms,
 )
@@ -85,6 +88,7 @@ from bastion.oauth.sign_in import (
     set_session_cookie,
     start_session,
 )
+from bastion.oauth.sign_in_context import SignInContext
 from bastion.oauth.store import digest, new_secret
 from bastion.oauth.throttle import client_address
 
@@ -369,6 +373,9 @@ class OpenIDLogin:
         )
         check_auth_time(claims, login.max_age, self.clock(), provider.leeway_seconds)
         check_acr(claims, provider.required_acr)
+        # The ID token's own, before UserInfo adds anything: an unsigned answer does not say
+        # how the person signed in.
+        sign_in = sign_in_context(claims)
         if provider.userinfo:
             # The ID token's own claims win: UserInfo only adds what it lacks.
             claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}
@@ -378,7 +385,7 @@ class OpenIDLogin:
                 told(provider.id, claims["sub"], username)
             except Exception:  # the person is signed in whatever a listener does
                 log.exception("a sign-in's listener failed; the sign-in stands")
-        return await self._resume(request, login, username)
+        return await self._resume(request, login, username, sign_in)
 
     async def _redeem(
         self, provider: OpenIDProvider, endpoints: _Endpoints, code: str, verifier: str
@@ -612,9 +619,11 @@ class OpenIDLogin:
         )
         return username
 
-    async def _resume(self, request: Request, login: _LoginState, username: str) -> Response:
-        """What the person came for, signed in: the authorization request (consent or code) or
-        the page of bastion."""
+    async def _resume(
+        self, request: Request, login: _LoginState, username: str, sign_in: SignInContext
+    ) -> Response:
+        """What the person came for, signed in (as ``sign_in`` says, kept with the session and
+        the grant): the authorization request (consent or code) or the page of bastion."""
         settings = self.server.settings
         if login.request_id is not None:
             pending = await run_in_threadpool(
@@ -630,14 +639,14 @@ class OpenIDLogin:
             if client is None or client.revoked_at is not None:
                 raise LoginRefused("client", "The application is unknown or revoked.", 403)
             response = await run_in_threadpool(
-                self.server.authorization.resume_signed_in, pending, client, username
+                self.server.authorization.resume_signed_in, pending, client, username, sign_in
             )
         else:
             next_path = local_path(login.next_path or "")
             if next_path is None:  # checked when the login started; checked again here
                 raise LoginRefused("next", "The address to go to is not a page of this server.")
             response = pages.redirect(next_path)
-        session = await run_in_threadpool(start_session, self.server, request, username)
+        session = await run_in_threadpool(start_session, self.server, request, username, sign_in)
         set_session_cookie(response, settings, session)
         return response
 

@@ -65,7 +65,7 @@ from bastion.oauth.remote_metadata import (
     RemoteMetadata,
 )
 from bastion.oauth.store import UserStanding
-from bastion.oauth.verifier import VerifiedToken
+from bastion.oauth.verifier import VerifiedToken, token_sign_in
 
 ISSUERS_TABLE = "[[gateway.trusted_issuers]]"
 MAX_TOKEN_CHARS = 16_384
@@ -643,6 +643,7 @@ class TrustedIssuers:
             jkt = token_key(claims)
         except ValueError as e:
             raise InvalidToken(str(e), "claims") from None
+        sign_in = token_sign_in(claims, None)
         return VerifiedToken(
             subject=user,
             client_id=agent,
@@ -653,6 +654,7 @@ class TrustedIssuers:
             expires_at=int(expires_at),
             grant_id="",
             claims=claims,
+            sign_in=sign_in,
             jkt=jkt,
         )
 

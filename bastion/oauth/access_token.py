@@ -1,7 +1,9 @@
 """RFC 9068 JWT profile for OAuth 2.0 access tokens: minting (``typ: at+jwt``, signed ES256).
 
 ``auth_time`` (RFC 9068 §2.2.1, as OpenID Connect Core 1.0 defines it) is when the person last
-typed their password for the grant; a resource may ask for a fresher one (RFC 9470)."""
+typed their password for the grant; a resource may ask for a fresher one (RFC 9470). ``acr`` and
+``amr`` (§2.2.1 too) say how they signed in for it (`bastion.oauth.sign_in_context`): each token
+of a grant carries the grant's, so neither a refresh nor an exchange ever changes them."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 from joserfc import jwt
 
 from bastion.oauth.keys import ALGORITHM, KeyRing
+from bastion.oauth.sign_in_context import UNKNOWN, SignInContext
 
 TOKEN_TYPE = "at+jwt"
 
@@ -37,6 +40,7 @@ def mint_access_token(
     now: float,
     seconds: int,
     auth_time: float | None = None,
+    sign_in: SignInContext = UNKNOWN,
     extra: Mapping[str, Any] | None = None,
 ) -> IssuedAccessToken:
     """Sign an access token for one resource (``aud``), per RFC 9068 §2.2. ``extra`` claims
@@ -56,6 +60,7 @@ def mint_access_token(
     }
     if auth_time is not None:
         claims["auth_time"] = int(auth_time)
+    claims.update(sign_in.claims())
     for name, value in (extra or {}).items():
         claims.setdefault(name, value)
     header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": signer.kid}

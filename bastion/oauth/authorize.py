@@ -43,6 +43,7 @@ from bastion.oauth.sign_in import (
     set_session_cookie,
     start_session,
 )
+from bastion.oauth.sign_in_context import PASSWORD, UNKNOWN, SignInContext
 from bastion.oauth.store import (
     Client,
     Grant,
@@ -230,11 +231,13 @@ class AuthorizationEndpoint:
         self.store.save_pending(pending)
         login = self.store.session_login(session, self.server.clock()) if session else None
         if login is not None and prompt != "login":
-            username, authenticated_at = login
+            authenticated_at = login.authenticated_at
             if max_age is None or (
                 authenticated_at is not None and self.server.clock() - authenticated_at <= max_age
             ):
-                return self._after_login(pending, client, username, prompt, 302, authenticated_at)
+                return self._after_login(
+                    pending, client, login.username, prompt, 302, authenticated_at, login.sign_in
+                )
         return self._login_page(pending, client)
 
     def _validate(
@@ -303,14 +306,20 @@ class AuthorizationEndpoint:
             return error.response
 
     def resume_signed_in(
-        self, pending: PendingAuthorization, client: Client, username: str
+        self, pending: PendingAuthorization, client: Client, username: str, sign_in: SignInContext
     ) -> Response:
         """In a worker thread (the database): after a login elsewhere (an identity provider,
         `bastion.identity.oidc_login`, which starts the session), consent or the code, exactly
-        as after a password login."""
+        as after a password login; the grant keeps how the person signed in there."""
         try:
             return self._after_login(
-                pending, client, username, prompt=None, status=303, auth_time=self.server.clock()
+                pending,
+                client,
+                username,
+                prompt=None,
+                status=303,
+                auth_time=self.server.clock(),
+                sign_in=sign_in,
             )
         except _PageError as error:
             return error.response
@@ -321,9 +330,15 @@ class AuthorizationEndpoint:
         """In a worker thread (the database): a session for the person (the one the browser
         held ended: `start_session`), then consent or the code."""
         self.server.audit.record("login.succeeded", subject=username, client_id=client.client_id)
-        session = start_session(self.server, request, username)
+        session = start_session(self.server, request, username, PASSWORD)
         response = self._after_login(
-            pending, client, username, prompt=None, status=303, auth_time=self.server.clock()
+            pending,
+            client,
+            username,
+            prompt=None,
+            status=303,
+            auth_time=self.server.clock(),
+            sign_in=PASSWORD,
         )
         set_session_cookie(response, self.settings, session)
         return response
@@ -404,7 +419,7 @@ class AuthorizationEndpoint:
         login = self.store.session_login(session, self.server.clock()) if session else None
         if login is None:
             raise _PageError("access_denied", "you are not signed in; start again", 403)
-        username, auth_time = login
+        username = login.username
         self._refuse_suspended(username)
         if decision not in ("allow", "deny"):
             raise _PageError("invalid_request", "decision must be 'allow' or 'deny'")
@@ -442,7 +457,13 @@ class AuthorizationEndpoint:
             resource=pending.resource,
             scope=pending.scope,
         )
-        return self._issue_code(pending, username, status=303, auth_time=auth_time)
+        return self._issue_code(
+            pending,
+            username,
+            status=303,
+            auth_time=login.authenticated_at,
+            sign_in=login.sign_in,
+        )
 
     # shared steps
 
@@ -499,6 +520,7 @@ class AuthorizationEndpoint:
         prompt: str | None,
         status: int,
         auth_time: float | None = None,
+        sign_in: SignInContext = UNKNOWN,
     ) -> Response:
         self._refuse_suspended(username)
         consented = (
@@ -517,7 +539,9 @@ class AuthorizationEndpoint:
                 raise _PageError(
                     "invalid_request", "this authorization request was already answered"
                 )
-            return self._issue_code(pending, username, status=status, auth_time=auth_time)
+            return self._issue_code(
+                pending, username, status=status, auth_time=auth_time, sign_in=sign_in
+            )
         resource = self.settings.resource(pending.resource)
         return pages.consent_page(
             action=self.settings.endpoint("authorize/consent"),
@@ -575,6 +599,7 @@ class AuthorizationEndpoint:
         username: str,
         status: int,
         auth_time: float | None = None,
+        sign_in: SignInContext = UNKNOWN,
     ) -> Response:
         now = self.server.clock()
         grant = Grant(
@@ -587,6 +612,7 @@ class AuthorizationEndpoint:
             expires_at=now + max(self.settings.refresh_token_seconds, self.settings.code_seconds),
             revoked_at=None,
             auth_time=auth_time,
+            sign_in=sign_in,
         )
         code = new_secret()
         with self.store.db.transaction():

@@ -20,7 +20,9 @@ policy decides every call of the token as for any other. With a ``user_claim`` o
 ``account_claim`` (``sub``; an email, which the provider may give to another person), the user
 stays bound to the first account that got a token for it (`bastion.identity.accounts`). Every refusal is ``invalid_grant``
 (RFC 7521 §5.2) but a request that asks for more than the ID-JAG grants (``invalid_scope``) or
-another resource (``invalid_target``). No refresh token is issued: the
+another resource (``invalid_target``). The ID-JAG's ``acr`` and ``amr``, how the person signed
+in at the provider, are checked as an ID token's are (`bastion.oauth.sign_in_context`: a malformed
+one is refused) and carried by the grant and its token. No refresh token is issued: the
 client asks its provider for a fresh ID-JAG, so the provider stays in charge.
 """
 
@@ -74,6 +76,7 @@ from bastion.oauth.remote_metadata import (
     RemoteMetadata,
 )
 from bastion.oauth.settings import ProtectedResource, same_resource
+from bastion.oauth.sign_in_context import SignInContext, SignInContextError, read_sign_in_context
 from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client, Grant
 
@@ -317,6 +320,7 @@ class IdentityAssertionGrant:
         idp, keys = anyio.from_thread.run(self._keys, header, unverified)
         claims = self._verified(assertion, keys, header)
         found = self._check(idp, claims, client)
+        sign_in = _sign_in(claims)  # before its jti is spent: a refused ID-JAG spends nothing
         if found.jkt is not None and jkt != found.jkt:
             # The draft's "ID-JAG Contains cnf Claim": no proof, or one of another key, is
             # invalid_grant; a thief holding the ID-JAG (and the client's secret) gets nothing.
@@ -343,6 +347,7 @@ class IdentityAssertionGrant:
             expires_at=now + self.settings.access_token_seconds,
             revoked_at=None,
             auth_time=_auth_time(claims),
+            sign_in=sign_in,
         )
         response = issue(grant, authorized_at=float(claims["iat"]), strangers=idp.users == "any")
         # The draft (Access Token Request, Processing Rules): the server "MUST include the
@@ -607,6 +612,15 @@ class IdentityAssertionGrant:
 def _auth_time(claims: Mapping[str, Any]) -> float | None:
     value = numeric_date(claims.get("auth_time"))
     return None if value is None else float(value)
+
+
+def _sign_in(claims: Mapping[str, Any]) -> SignInContext:
+    """How the provider says the person signed in (the ID-JAG's ``acr`` and ``amr``), checked
+    as an ID token's are: a malformed one is refused, never read as nothing said."""
+    try:
+        return read_sign_in_context(claims)
+    except SignInContextError as e:
+        raise InvalidGrant(f"the ID-JAG's {e}") from None
 
 
 def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:

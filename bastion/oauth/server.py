@@ -384,6 +384,7 @@ class AuthorizationServer:
                 now=now,
                 seconds=seconds,
                 auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
+                sign_in=grant.sign_in,  # and how it was made
                 extra=extra,
             )
             if self.store.save_access_token(

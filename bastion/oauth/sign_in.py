@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bastion.oauth import pages
+from bastion.oauth.sign_in_context import PASSWORD, SignInContext
 from bastion.oauth.throttle import client_address
 from bastion.oauth.users import check_password
 
@@ -204,9 +205,11 @@ def clear_cookie(response: Response, settings: OAuthSettings, name: str) -> None
     )
 
 
-def start_session(server: AuthorizationServer, request: Request, username: str) -> str:
-    """In a worker thread (the database): a new session for ``username``, who just signed in,
-    and the end of the session the request's cookie named, whoever's it was. Every sign-in
+def start_session(
+    server: AuthorizationServer, request: Request, username: str, sign_in: SignInContext
+) -> str:
+    """In a worker thread (the database): a new session for ``username``, who just signed in
+    (how: ``sign_in``, `PASSWORD` for a password typed here), and the end of the session the request's cookie named, whoever's it was. Every sign-in
     comes here (this page, an authorization request's login, an identity provider's): a
     session id that was in the browser before the sign-in, planted or copied out of it, is
     never worth anything after it (session fixation, OWASP Session Management Cheat Sheet,
@@ -214,7 +217,9 @@ def start_session(server: AuthorizationServer, request: Request, username: str) 
     previous = read_cookie(request, server.settings, SESSION_COOKIE)
     if previous:
         server.store.end_session(previous)
-    return server.store.create_session(username, server.clock(), server.settings.session_seconds)
+    return server.store.create_session(
+        username, server.clock(), server.settings.session_seconds, sign_in
+    )
 
 
 def set_session_cookie(response: Response, settings: OAuthSettings, session: str) -> None:
@@ -350,7 +355,7 @@ class SignInEndpoint:
     def _signed_in(self, request: Request, username: str) -> str:
         """In a worker thread (the database): the audit record and a new session."""
         self.server.audit.record("login.succeeded", subject=username, page="sign-in")
-        return start_session(self.server, request, username)
+        return start_session(self.server, request, username, PASSWORD)
 
 
 class SignOutEndpoint:

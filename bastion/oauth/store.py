@@ -25,6 +25,7 @@ from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
 from bastion.db import Database, ensure_listener_marks, prune_rows
 from bastion.facts.store import FactStore
+from bastion.oauth.sign_in_context import UNKNOWN, SignInContext
 
 # The payload of each notification is the grant_id whose tokens (all, or one) were revoked, or
 # `USERS_CHANGED` when a user's standing changed: disabled, or all their grants revoked (a grant
@@ -218,6 +219,16 @@ _MIGRATIONS = [
     # The max_age (or prompt=login) of a pending request, asked of the identity provider a
     # person signs in through for it.
     "ALTER TABLE oauth_pending_authorizations ADD COLUMN max_age INTEGER;",
+    # How the person signed in (OpenID Connect ``acr`` and ``amr``, `bastion.oauth.sign_in_context`):
+    # kept with the login session and each grant made from it, as ``auth_time`` is, so access
+    # tokens carry them. ``amr`` as JSON text. NULL in the rows from before: their tokens carry
+    # neither, and a policy sees neither.
+    """
+    ALTER TABLE oauth_sessions ADD COLUMN acr TEXT;
+    ALTER TABLE oauth_sessions ADD COLUMN amr TEXT;
+    ALTER TABLE oauth_grants ADD COLUMN acr TEXT;
+    ALTER TABLE oauth_grants ADD COLUMN amr TEXT;
+    """,
 ]
 
 
@@ -339,6 +350,19 @@ class Grant:
     parent_grant_id: str | None = None
     # The access token (its jti) it was exchanged from: revoking that token revokes this grant.
     parent_jti: str | None = None
+    # How the person signed in for it (``acr``, ``amr``), as ``auth_time``: every token of the
+    # grant, refreshed or exchanged, carries these, never others.
+    sign_in: SignInContext = UNKNOWN
+
+
+@dataclass(frozen=True)
+class SessionLogin:
+    """A live login session: whose, when they signed in (None for a session from before bastion
+    kept it) and how (`SignInContext`; unknown for a session from before bastion kept it)."""
+
+    username: str
+    authenticated_at: float | None
+    sign_in: SignInContext = UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -396,8 +420,12 @@ _BACKCHANNEL_COLUMNS = (
 )
 _GRANT_COLUMNS = (
     "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at, auth_time,"
-    " parent_grant_id, parent_jti"
+    " parent_grant_id, parent_jti, acr, amr"
 )
+
+
+def _grant(row: tuple) -> Grant:
+    return Grant(*row[:11], sign_in=SignInContext.from_stored(row[11], row[12]))
 
 
 def _client(row: tuple) -> Client:
@@ -939,12 +967,15 @@ class OAuthStore:
     def forget_login_failures_before(self, cutoff: float) -> None:
         self.db.execute("DELETE FROM oauth_login_failures WHERE last_failure_at < ?", (cutoff,))
 
-    def create_session(self, username: str, now: float, seconds: int) -> str:
+    def create_session(
+        self, username: str, now: float, seconds: int, sign_in: SignInContext = UNKNOWN
+    ) -> str:
+        """A new session of ``username``, who signed in at ``now`` as ``sign_in`` says."""
         session_id = new_secret()
         self.db.execute(
-            "INSERT INTO oauth_sessions (session_digest, username, expires_at, authenticated_at)"
-            " VALUES (?, ?, ?, ?)",
-            (digest(session_id), username, now + seconds, now),
+            "INSERT INTO oauth_sessions (session_digest, username, expires_at, authenticated_at,"
+            " acr, amr) VALUES (?, ?, ?, ?, ?, ?)",
+            (digest(session_id), username, now + seconds, now, sign_in.acr, sign_in.stored_amr()),
         )
         return session_id
 
@@ -956,15 +987,18 @@ class OAuthStore:
         )
         return rows[0][0] if rows else None
 
-    def session_login(self, session_id: str, now: float) -> tuple[str, float | None] | None:
-        """The person signed in with this session and when they typed their password."""
+    def session_login(self, session_id: str, now: float) -> SessionLogin | None:
+        """The person signed in with this session, when and how they signed in."""
         rows = self.db.execute(
-            "SELECT s.username, s.authenticated_at FROM oauth_sessions s"
+            "SELECT s.username, s.authenticated_at, s.acr, s.amr FROM oauth_sessions s"
             " JOIN oauth_users u ON u.username = s.username"
             " WHERE s.session_digest = ? AND s.expires_at > ? AND u.disabled_at IS NULL",
             (digest(session_id), now),
         )
-        return (rows[0][0], rows[0][1]) if rows else None
+        if not rows:
+            return None
+        username, authenticated_at, acr, amr = rows[0]
+        return SessionLogin(username, authenticated_at, SignInContext.from_stored(acr, amr))
 
     def session_user(self, session_id: str, now: float) -> str | None:
         rows = self.db.execute(
@@ -1127,7 +1161,8 @@ class OAuthStore:
             ):
                 raise GrantRefused("the access token it would be exchanged from is revoked")
             self.db.execute(
-                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     grant.grant_id,
                     grant.client_id,
@@ -1140,6 +1175,8 @@ class OAuthStore:
                     grant.auth_time,
                     grant.parent_grant_id,
                     grant.parent_jti,
+                    grant.sign_in.acr,
+                    grant.sign_in.stored_amr(),
                 ),
             )
 
@@ -1172,7 +1209,7 @@ class OAuthStore:
         rows = self.db.execute(
             f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE grant_id = ?", (grant_id,)
         )
-        return Grant(*rows[0]) if rows else None
+        return _grant(rows[0]) if rows else None
 
     def revoke_grant(self, grant_id: str, now: float, reason: str, *, actor: str) -> bool:
         """Revoke a grant, every grant delegated from it (token exchange, at any depth) and

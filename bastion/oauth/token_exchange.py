@@ -312,6 +312,7 @@ class TokenExchange:
             expires_at=int(now) + seconds,
             revoked_at=None,
             auth_time=parent.auth_time,
+            sign_in=parent.sign_in,  # the subject token's sign-in, never another
             parent_grant_id=parent.grant_id,
             parent_jti=subject.jti,
         )
@@ -480,7 +481,13 @@ class TokenExchange:
                     f"the {min(twice)} header is sent twice: a device header is read as one"
                     " value, set by the trusted proxy"
                 )
-            posture = delegation.posture.read(origin.address, origin.headers, subject.claims)
+            posture = delegation.posture.read(
+                origin.address,
+                origin.headers,
+                subject.claims,
+                subject.sign_in.acr,
+                subject.sign_in.amr,
+            )
             context.update(posture.context(now))
         asked.context = context
         authz = delegation.authorizer()

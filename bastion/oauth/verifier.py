@@ -34,6 +34,12 @@ from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import typ_is
 from bastion.oauth.keys import ALGORITHM, KeyRing
 from bastion.oauth.numeric_date import numeric_date
+from bastion.oauth.sign_in_context import (
+    UNKNOWN,
+    SignInContext,
+    SignInContextError,
+    read_sign_in_context,
+)
 from bastion.oauth.store import (
     REVOCATIONS_CHANNEL,
     USERS_CHANGED,
@@ -61,6 +67,9 @@ class VerifiedToken:
     claims: dict[str, Any]
     # When the person typed their password for this token's grant (``auth_time``), if known.
     auth_time: int | None = None
+    # How the person signed in (``acr``, ``amr``), checked (`token_sign_in`); unknown when the
+    # token says nothing of it.
+    sign_in: SignInContext = UNKNOWN
     # A delegated token's agents (RFC 8693 ``act``), from the first one the user let act to
     # ``client_id``; empty for a token without ``act``.
     agents: tuple[str, ...] = ()
@@ -241,6 +250,7 @@ class TokenVerifier:
             jkt = token_key(claims)
         except ValueError as e:
             raise InvalidToken(str(e), "claims", claims) from None
+        sign_in = token_sign_in(claims, claims)
         scope = claims.get("scope", "")
         return VerifiedToken(
             subject=claims["sub"],
@@ -253,11 +263,22 @@ class TokenVerifier:
             grant_id=state.grant_id,
             claims=dict(claims),
             auth_time=_auth_time(claims),
+            sign_in=sign_in,
             agents=agents,
             task=task,
             labels_task=labels_task,
             jkt=jkt,
         )
+
+
+def token_sign_in(claims: dict[str, Any], recorded: dict[str, Any] | None) -> SignInContext:
+    """A token's ``acr`` and ``amr`` (`bastion.oauth.sign_in_context`); `InvalidToken` for a
+    malformed one, which a policy would otherwise read as nothing said (``recorded``: the claims
+    the refusal's audit row names, None for a token whose issuer is not bastion)."""
+    try:
+        return read_sign_in_context(claims)
+    except SignInContextError as e:
+        raise InvalidToken(f"the token's {e}", "claims", recorded) from None
 
 
 def _as_issued(token: str, expires_at: int, state: AccessTokenState) -> bool:

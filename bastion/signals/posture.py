@@ -9,8 +9,10 @@ What the gateway adds to the ``context`` of every decision (docs/signals.md, fie
   ``posture_header``), honoured only from the ``trusted_proxies`` addresses: anyone else's are
   ignored; ``source`` says which (``token`` or ``proxy``); one of these headers sent twice is
   refused by whoever reads it (`PostureSettings.proxy_headers`);
-- ``context.token``: ``issued_at`` and ``age_seconds`` (the token's ``iat``, RFC 7519 §4.1.6) and
-  ``auth_time`` when the token carries it (OpenID Connect Core §2).
+- ``context.token``: ``issued_at`` and ``age_seconds`` (the token's ``iat``, RFC 7519 §4.1.6),
+  ``auth_time`` when the token carries it (OpenID Connect Core §2), and ``acr`` and ``amr`` (how
+  the person signed in, Core §2, RFC 8176) when it carries them, as the token's verifier read
+  them (a malformed one refused the token there).
 
 The CIDR lists are parsed once, when the settings are read; each request is a few lookups.
 """
@@ -88,6 +90,8 @@ class RequestPosture:
     device_source: str | None = None  # "token" or "proxy"
     issued_at: int | None = None
     auth_time: int | None = None
+    acr: str | None = None
+    amr: tuple[str, ...] | None = None
 
     def context(self, now: float) -> dict[str, Any]:
         """The posture fields of ``context`` at the decision's time ``now``."""
@@ -104,6 +108,10 @@ class RequestPosture:
             token["age_seconds"] = max(0, int(now) - self.issued_at)
         if self.auth_time is not None:
             token["auth_time"] = self.auth_time
+        if self.acr is not None:
+            token["acr"] = self.acr
+        if self.amr is not None:
+            token["amr"] = list(self.amr)  # a list value: `"mfa" in context.token.amr`
         return {"network": {"ip": self.ip, "zone": self.zone}, "device": device, "token": token}
 
 
@@ -184,10 +192,16 @@ class PostureSettings:
         return self.default_zone
 
     def read(
-        self, address: str, headers: Mapping[str, str], claims: Mapping[str, Any]
+        self,
+        address: str,
+        headers: Mapping[str, str],
+        claims: Mapping[str, Any],
+        acr: str | None = None,
+        amr: tuple[str, ...] | None = None,
     ) -> RequestPosture:
         """The posture of a request from ``address`` with these (lower-case) headers, whose
-        verified token carries ``claims``."""
+        verified token carries ``claims``, and says the person signed in as ``acr`` and ``amr``
+        (as its verifier checked them)."""
         seen = self._seen.get(address)
         if seen is None:
             ip = _address(address)
@@ -215,6 +229,8 @@ class PostureSettings:
             source,
             issued_at if type(issued_at) is int else None,
             auth_time if type(auth_time) is int else None,
+            acr,
+            amr,
         )
         found = self._postures.get(fields)
         if found is None:

@@ -512,3 +512,16 @@ def test_an_exchange_waits_for_a_fact_change_its_process_heard_of(sqlite_url, tm
         answer = exchange(bastion, coder, tokens["access_token"], actor)
         assert answer.status_code == 200, answer.text
         assert not heard  # asked, and waited for
+
+
+def test_a_delegated_token_carries_its_subject_tokens_sign_in_never_another(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        tokens, delegated = chain_of_three(bastion)
+        root = claims(tokens["access_token"])
+        assert root["amr"] == ["pwd"] and "acr" not in root  # alice typed her password
+        for token in delegated:
+            # The actors' own tokens (client credentials) say nothing of a sign-in: each
+            # exchange carries the subject's, and a policy sees the person's sign-in all along.
+            assert claims(token)["amr"] == ["pwd"] and "acr" not in claims(token)
+            seen = bastion.server.verifier.verify(token, bastion.resource, audit=False)
+            assert seen.sign_in.amr == ("pwd",)
