@@ -351,7 +351,10 @@ def test_a_jwks_uri_is_fetched_cached_and_fetched_again_for_a_new_kid(
     assert answer.status_code == 200, answer.text
     assert keys.fetches == before + 2
     time.sleep(1.1)
-    refused(token_request(bastion, assertion(first, client_id, bastion.url)), "is not a key of the client")
+    refused(
+        token_request(bastion, assertion(first, client_id, bastion.url)),
+        "is not a key of the client",
+    )
 
 
 def test_a_jwks_uri_that_sends_too_much_is_refused(bastion, config, capsys, tmp_path, published):
