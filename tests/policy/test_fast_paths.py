@@ -15,7 +15,7 @@ import functools
 import time
 from datetime import UTC, datetime
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bastion import Authorizer, Entity
@@ -28,18 +28,7 @@ from bastion.decide.contract import (
     remembered_connects,
 )
 from bastion.policy.limits import PolicyLimits
-
-
-def drawn(examples: int) -> settings:
-    """As `tests.security.conftest.fuzzed`: the same draws on every run, no deadline."""
-    return settings(
-        derandomize=True,
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-
+from tests.draws import fuzzed
 
 NOW = 1_800_000_000
 ann, bob = Entity("User", "ann"), Entity("User", "bob")
@@ -231,7 +220,7 @@ def connect_duties(full: ChainDecision, context: dict) -> list[str]:
     return duties
 
 
-@drawn(800)
+@fuzzed(800)
 @given(rules(), facts, chains, scopes, contexts())
 def test_plainly_allowed_says_yes_only_where_connect_has_nothing_to_do(
     policy, present, chain, granted, context
@@ -279,7 +268,7 @@ def changes(draw) -> list[tuple]:
     return steps
 
 
-@drawn(500)
+@fuzzed(500)
 @given(rules(("connect", "call")), facts, contexts(), changes())
 def test_an_answer_from_memory_is_the_answer_asked_now(policy, present, context, steps):
     """One memory of each kind, as the gateway keeps them (`remembered_connects` for connect,

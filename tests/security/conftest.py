@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 
 from tests.server.conftest import POLICY, ServerProcess
 
@@ -58,15 +57,9 @@ scopes = ["customers:read"]
 )
 
 
-def fuzzed(examples: int) -> settings:
-    """The settings of the fuzz tests against a real server: ``examples`` draws, the same on
-    every run (derandomized: CI fails on a draw anyone can run again, not on luck), no time
-    limit per draw (a request to a process), no example database, no health check (the
-    strategies are slow and filtered on purpose)."""
-    return settings(
-        derandomize=True,
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+def logged_since(log: Path, seen: int) -> str:
+    """What the server wrote to its log ``log`` past its first ``seen`` bytes: one draw's own
+    lines, read as text whatever bytes they hold."""
+    with open(log, "rb") as f:
+        f.seek(seen)
+        return f.read().decode(errors="replace")

@@ -34,8 +34,9 @@ from bastion.oauth.users import create_user
 from tests.approvals.support import REPORT, SEND, Holder
 from tests.conftest import postgres_schema
 from tests.connections.fakes import AuthorizationServer
+from tests.draws import fuzzed
 from tests.oauth.support import free_socket, hidden_fields, serve
-from tests.security.conftest import OAUTH, fuzzed
+from tests.security.conftest import OAUTH, logged_since
 from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES, JSON_TYPES
 from tests.security.hostile_json import (
     NEW_MEMBER,
@@ -430,9 +431,7 @@ def test_no_hostile_value_in_an_admin_api_or_a_form_answers_5xx_or_changes_anyth
             raise
         status = answer.status_code
         assert status < 500, (request, status, answer.text[:500])
-        with open(log, "rb") as f:
-            f.seek(seen)
-            written = f.read().decode(errors="replace")
+        written = logged_since(log, seen)
         assert "Traceback" not in written, (request, written[-3000:])
         if status < 400:
             return
@@ -578,9 +577,7 @@ def test_no_hostile_value_in_the_alerts_api_or_page_answers_5xx_or_changes_anyth
             raise
         status = answer.status_code
         assert status < 500, (request, status, answer.text[:500])
-        with open(log, "rb") as f:
-            f.seek(seen)
-            written = f.read().decode(errors="replace")
+        written = logged_since(log, seen)
         assert "Traceback" not in written, (request, written[-3000:])
         if status < 400:
             if name == "alerts, acknowledge":

@@ -47,11 +47,12 @@ from bastion.oauth.keys import deployment_secret
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.signals.alerts import Alerts, AlertSettings, AlertStore
+from tests.draws import fuzzed
 from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, REDIRECT_URI, Running
 from tests.oauth.support import hidden_fields, pkce_pair
-from tests.security.conftest import GATEWAY, fuzzed
+from tests.security.conftest import GATEWAY, logged_since
 from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES, basic
 from tests.security.rows import snapshot, unexpected_changes
 from tests.server.conftest import ADMIN_KEY
@@ -564,9 +565,7 @@ def test_no_hostile_value_makes_a_page_or_form_answer_5xx_or_change_anything(bas
         seen = log.stat().st_size
         answer = send(bastion, sent, *placed)
         assert answer.status_code < 500, (request, answer.status_code, answer.text[:500])
-        with open(log, "rb") as f:
-            f.seek(seen)
-            written = f.read().decode(errors="replace")
+        written = logged_since(log, seen)
         assert "Traceback" not in written, (request, written[-3000:])
         if answer.status_code >= 400:
             changed = unexpected_changes(before, snapshot(bastion.db))

@@ -39,9 +39,10 @@ from bastion.oauth.users import create_user
 from bastion.signals.settings import OAUTH, SSF
 from bastion.signals.ssf_store import SsfStore
 from tests.conftest import postgres_schema
+from tests.draws import fuzzed
 from tests.oauth.support import free_socket, serve
 from tests.security.conftest import OAUTH as OAUTH_TABLE
-from tests.security.conftest import fuzzed
+from tests.security.conftest import logged_since
 from tests.security.hostile_headers import AUTHORIZATION, CONTENT_TYPE, HEADER_BYTES
 from tests.security.hostile_json import VALUES, placed, places
 from tests.security.rows import snapshot, unexpected_changes
@@ -397,9 +398,7 @@ def test_no_hostile_push_answers_5xx_or_stores_anything_it_refuses(receiver):
             assume(False)  # a header this client will not send tells nothing of the server
             raise
         assert answer.status_code in ANSWERED, (push, answer.status_code, answer.text[:500])
-        with open(log, "rb") as f:
-            f.seek(seen)
-            written = f.read().decode(errors="replace")
+        written = logged_since(log, seen)
         assert "Traceback" not in written, (push, written[-3000:])
         if answer.status_code == 202:
             assert payload is not None, push

@@ -35,9 +35,10 @@ from bastion.signals.settings import SsfSettings
 from bastion.signals.ssf import MAX_ANSWER_BYTES, POLL_METHOD, SsfReceiver, secure_url
 from bastion.signals.ssf_store import SsfStore
 from tests.conftest import postgres_schema
+from tests.draws import fuzzed
 from tests.oauth.support import free_socket, serve
 from tests.security.conftest import OAUTH as OAUTH_TABLE
-from tests.security.conftest import fuzzed
+from tests.security.conftest import logged_since
 from tests.security.hostile_headers import CONTENT_TYPE, JSON_TYPES
 from tests.security.hostile_json import VALUES, deep, members, placed, places, twice
 from tests.security.rows import snapshot, unexpected_changes
@@ -206,9 +207,7 @@ def test_no_hostile_poll_answer_ends_the_poll_loop_or_changes_anything(poller):
         t.answer_next("poll", *answer)
         # Taken, then the next poll answered: bastion is done with the hostile answer.
         wait(lambda: t.calls["poll"] >= polled + 3, "the next polls", log)
-        with open(log, "rb") as f:
-            f.seek(seen)
-            written = f.read().decode(errors="replace")
+        written = logged_since(log, seen)
         assert "Traceback" not in written, (answer[:2], answer[2][:300], written[-3000:])
         try:
             said = untrusted_json.loads(answer[2])  # JSON from elsewhere, as bastion reads it
@@ -249,9 +248,7 @@ def test_a_poll_answer_forges_no_line_of_the_log(poller):
         polled = t.calls["poll"]
     t.answer_next("poll", 200, JSON, json.dumps({"sets": {f"k\r\n{forged}": token}}).encode())
     wait(lambda: t.calls["poll"] >= polled + 3, "the next polls", p.server.log)
-    with open(p.server.log, "rb") as f:
-        f.seek(seen)
-        written = f.read().decode(errors="replace")
+    written = logged_since(p.server.log, seen)
     assert "carries jti" in written, written[-3000:]
     assert not [line for line in written.splitlines() if line.startswith(forged)], written
     assert f"k\\r\\n{forged}" in written, written[-3000:]
