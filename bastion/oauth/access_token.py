@@ -29,6 +29,15 @@ class IssuedAccessToken:
     kid: str  # the key that signed it
 
 
+def sign_in_claims(auth_time: float | None, sign_in: SignInContext) -> dict[str, Any]:
+    """The claims that say when (``auth_time``, whole seconds) and how (``acr``, ``amr``) the
+    person signed in for a grant, those known only: what each of its access tokens carries and
+    what introspection answers of it and of its refresh token (RFC 9470 §3)."""
+    said: dict[str, Any] = {} if auth_time is None else {"auth_time": int(auth_time)}
+    said.update(sign_in.claims())
+    return said
+
+
 def mint_access_token(
     keys: KeyRing,
     *,
@@ -58,9 +67,7 @@ def mint_access_token(
         "iat": issued_at,
         "exp": issued_at + seconds,
     }
-    if auth_time is not None:
-        claims["auth_time"] = int(auth_time)
-    claims.update(sign_in.claims())
+    claims.update(sign_in_claims(auth_time, sign_in))
     for name, value in (extra or {}).items():
         claims.setdefault(name, value)
     header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": signer.kid}

@@ -3,7 +3,10 @@
 Only confidential clients an admin allowed to introspect (``bastion clients create
 --introspection``, typically a resource server) may call it. Revoked, expired, unknown or
 malformed tokens are all simply ``{"active": false}``, and so is the token of a user or agent
-(any agent of its chain) the kill switch holds, for as long as it holds them.
+(any agent of its chain) the kill switch holds, for as long as it holds them. An active access
+token is answered with exactly the claims it carries (§2.2 allows any): when and how the person
+signed in (``auth_time``, ``acr``, ``amr``: RFC 9470 §3), a delegation's ``act`` (RFC 8693
+§4.1), a binding's ``cnf`` (RFC 9449 §6.2); a refresh token with its grant's sign-in.
 
 Every answer is an audit event, ``token.introspected``: who asked, which token (its kind, grant
 and ``jti``, never its text), whose it is, the answer and, for an inactive one, why (§2.2 keeps
@@ -21,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bastion.oauth.access_token import sign_in_claims
 from bastion.oauth.errors import InvalidRequest, InvalidToken, OAuthError
 from bastion.oauth.store import Client
 from bastion.oauth.verifier import delegation_chain
@@ -121,11 +125,19 @@ def _answer(server: AuthorizationServer, token: str) -> Answer:
         "iat": verified.issued_at,
         "jti": verified.jti,
     }
-    # A delegated token's chain (RFC 8693 §4.1 allows ``act`` in the answer) and its task.
+    # When and how the person signed in, as the token carries them (RFC 9470 §3): a resource
+    # server that introspects applies step-up (max_age, acr_values) and MFA rules as one that
+    # verifies the JWT does. Read as the verifier checked them, from the token issued under its
+    # jti (its digest), so from the grant it was minted from.
+    body.update(sign_in_claims(verified.auth_time, verified.sign_in))
+    # A delegated token's chain (RFC 8693 §4.1 allows ``act`` in the answer), its task and the
+    # task whose session labels it keeps (docs/delegation.md).
     if verified.agents:
         body["act"] = claims["act"]
     if verified.task is not None:
         body["task"] = verified.task
+    if verified.labels_task is not None:
+        body["labels_task"] = verified.labels_task
     # A DPoP-bound token says so, with its key's thumbprint (RFC 9449 §6.2).
     if verified.jkt is not None:
         body["token_type"] = "DPoP"
@@ -175,6 +187,8 @@ def _refresh_token_answer(
         "scope": grant.scope,
         "exp": int(expires_at),
         "iss": server.settings.issuer,
+        # The grant's sign-in, which each access token it issues carries (RFC 9470 §3).
+        **sign_in_claims(grant.auth_time, grant.sign_in),
     }
     return Answer(body, None, which, subject, detail)
 

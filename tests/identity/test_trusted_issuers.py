@@ -33,6 +33,7 @@ from starlette.routing import Route
 from bastion.facts.model import Entity
 from bastion.gateway.config import GatewayConfig
 from bastion.identity.trusted_issuers import TrustedIssuers, parse_trusted_issuers
+from bastion.oauth import registration
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
@@ -425,6 +426,33 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
 
 def test_bastions_own_tokens_still_work_next_to_trusted_issuers(bastion):
     assert "error" not in call(bastion, bastion.token("sam", "deskhttp")).json()
+
+
+def test_bastions_introspection_answers_only_for_its_own_tokens(bastion, idp):
+    """RFC 7662 introspection is of the tokens this server issued: a trusted issuer's token the
+    gateway accepts is not one, and is answered inactive (its issuer answers for it)."""
+    oauth = bastion.app.state.oauth
+    values = registration.validate_client_metadata(
+        {
+            "client_name": "resource server",
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["client_credentials"],
+        },
+        oauth.settings,
+    )
+    made = registration.new_client(values, source="admin", now=time.time(), may_introspect=True)
+    oauth.store.save_client(made.client)
+    auth = (made.client.client_id, made.client_secret)
+    theirs = idp.token("a", sub="sam", amr=["mfa"])
+    assert "error" not in call(bastion, theirs).json()  # accepted by the gateway
+
+    def introspect(token: str) -> dict:
+        answer = bastion.http.post(f"{bastion.url}/introspect", data={"token": token}, auth=auth)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    assert introspect(theirs) == {"active": False}
+    assert introspect(bastion.token("sam", "deskhttp"))["active"] is True
 
 
 # -- refused -----------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ def test_each_answer_about_a_known_token_has_a_row_naming_who_asked_and_whose_to
         whose = {"token_client_id": agent["client_id"], "grant_id": grant_id}
 
         active = introspect(bastion, asker, tokens["access_token"])
-        assert active["active"] is True and set(active) == ACTIVE_KEYS | {"iat", "jti"}
+        # A password sign-in: when (auth_time) and how (amr) the token says (RFC 9470 §3).
+        signed_in = {"iat", "jti", "auth_time", "amr"}
+        assert active["active"] is True and set(active) == ACTIVE_KEYS | signed_in
         assert introspect(bastion, asker, tokens["refresh_token"])["active"] is True
         for _ in range(5):  # a resource server asking on every request: counted, not rows
             assert introspect(bastion, asker, tokens["access_token"])["active"] is True
