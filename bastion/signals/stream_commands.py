@@ -121,12 +121,12 @@ def _each_transmitter(
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
+    from bastion.signals.ssf import StreamNotUpdated
+
     receiver = _receiver(args)
     actor = cli_actor()
 
     async def configure(t: Transmitter) -> int:
-        from bastion.signals.ssf import StreamNotUpdated
-
         try:
             done = await receiver.configure(t, actor)
         except StreamNotUpdated as e:
