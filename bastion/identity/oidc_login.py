@@ -159,6 +159,7 @@ class OpenIDLogin:
                 cache_seconds=p.metadata_cache_seconds,
                 stale_seconds=p.metadata_stale_seconds,
                 table=PROVIDERS_TABLE,
+                peer=p.id,
                 clock=self.clock,
             )
             for p in settings.providers

@@ -373,6 +373,7 @@ class TrustedIssuers:
                 cache_seconds=i.metadata_cache_seconds,
                 stale_seconds=i.metadata_stale_seconds,
                 table=ISSUERS_TABLE,
+                peer=i.issuer,
                 clock=clock,
             )
             for i in issuers

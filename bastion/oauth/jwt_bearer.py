@@ -285,6 +285,7 @@ class IdentityAssertionGrant:
                 cache_seconds=i.metadata_cache_seconds,
                 stale_seconds=i.metadata_stale_seconds,
                 table=ID_JAG_TABLE,
+                peer=i.issuer,
                 clock=self.clock,
             )
             for i in self.id_jag.issuers

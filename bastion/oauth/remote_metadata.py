@@ -8,12 +8,16 @@ unusable endpoint), never replaces the last good metadata: that stays in use for
 ``metadata_stale_seconds`` past its lifetime, so a short outage of the document signs nobody
 out, and is then refused with the failure's reason rather than used for good. Reads are one at a
 time and a failure is tried again at most every ``jwks_refetch_seconds`` (`CoalescedFetches`).
-Used by login providers, trusted issuers and ID-JAG providers.
+A caller that doubts the metadata it holds (a grant names another issuer) asks for a read now
+(`read_again`), at most so often, and is never answered with stale metadata.
+Used by login providers, trusted issuers, ID-JAG providers, Shared Signals transmitters (SSF 1.0
+§7) and upstream MCP servers' authorization servers (RFC 9728, RFC 8414).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -40,9 +44,10 @@ class _Read(Generic[_T]):
 
 
 class RemoteMetadata(Generic[_T]):
-    """One issuer's metadata, as the caller's ``read()`` makes it from the document: (what is
+    """One peer's metadata, as the caller's ``read()`` makes it from the document: (what is
     kept, the lifetime the answer's headers gave or None). ``read()`` raises
-    `RemoteDocumentError` for a document that cannot be had or fails its checks."""
+    `RemoteDocumentError` for a document that cannot be had or fails its checks. ``table`` and
+    ``peer`` name the peer's settings for the log and the refusals."""
 
     def __init__(
         self,
@@ -53,15 +58,26 @@ class RemoteMetadata(Generic[_T]):
         stale_seconds: float,
         table: str,
         clock: Callable[[], float],
+        peer: str = "",
     ) -> None:
         self.limits = limits
         self.read = read
         self.cache_seconds = cache_seconds
         self.stale_seconds = stale_seconds
         self.table = table
+        self.peer = peer
         self.clock = clock
         self._fetches = CoalescedFetches(limits, clock)
         self._good: _Read[_T] | None = None
+        # When a read was last started, and why it failed ("" when it did not): `read_again`.
+        self._tried_at = -math.inf
+        self._failure = ""
+
+    @property
+    def last_good(self) -> _T | None:
+        """The last good metadata read, however old; None before one was read. For code that
+        cannot wait for a read (a worker thread) and only refines what a read allowed."""
+        return self._good.value if self._good is not None else None
 
     async def get(self) -> _T:
         """The metadata: the last good read while young; else read again, one read at a time
@@ -83,9 +99,10 @@ class RemoteMetadata(Generic[_T]):
             late = self.clock() - good.read_at - good.kept_seconds
             if late < self.stale_seconds:
                 log.warning(
-                    "%s metadata could not be read again, the last good one is used (%.0f s past"
-                    " its lifetime, at most %g s: metadata_stale_seconds): %s",
+                    "%s%s: its metadata could not be read again, the last good one is used"
+                    " (%.0f s past its lifetime, at most %g s: metadata_stale_seconds): %s",
                     self.table,
+                    f" {self.peer}" if self.peer else "",
                     late,
                     self.stale_seconds,
                     exc,
@@ -97,8 +114,33 @@ class RemoteMetadata(Generic[_T]):
                 f" {exc}"
             ) from None
 
+    async def read_again(self, known: _T, every: float) -> _T:
+        """Metadata read after ``known`` (the caller doubts it: a grant names another issuer
+        than it): the last good read when it is not ``known`` (read meanwhile), else a read now,
+        one at a time. At most one read is started every ``every`` seconds: until then the
+        last good read is the answer, or the failure of the last read. A read that fails raises
+        `RemoteDocumentError`; the stale metadata is never the answer here."""
+
+        def read_lately() -> _T | None:
+            good = self._good
+            if good is not None and good.value is not known:
+                return good.value
+            if self.clock() - self._tried_at >= every:
+                return None
+            if self._failure:
+                raise RemoteDocumentError(f"{self._failure} (read again at most every {every:g} s)")
+            return known
+
+        return await self._fetches.once("metadata", self._read, read_lately)
+
     async def _read(self) -> _T:
-        value, lifetime = await self.read()
+        self._tried_at = self.clock()
+        try:
+            value, lifetime = await self.read()
+        except RemoteDocumentError as exc:
+            self._failure = str(exc)
+            raise
+        self._failure = ""
         kept = kept_seconds(lifetime, least=self.limits.refetch_seconds, most=self.cache_seconds)
         self._good = _Read(value, self.clock(), kept)
         return value

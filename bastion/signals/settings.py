@@ -30,6 +30,10 @@ linked_accounts = ""                         # an [[identity.providers]] id: its
                                              # linked to users are subjects too (iss_sub)
 subjects_sync_seconds = 60                   # a round of subjects added/removed at the
                                              # transmitter this often (sign-ins: at once)
+metadata_cache_seconds = 3600                # its metadata is read again after this (less
+                                             # if its Cache-Control says)
+metadata_stale_seconds = 86400               # the last good one is used this long past that
+                                             # while none can be read (0: not at all)
 # allow_private_addresses = ["10.1.0.0/16"]  # the non-public addresses the endpoints its
                                              # metadata and stream name may be at (or true,
                                              # false); unset: all if configuration_url is on
@@ -55,6 +59,7 @@ from urllib.parse import urlsplit
 
 from bastion.egress import PrivateAllowance, cleartext_problem, private_allowance
 from bastion.http_fields import field_value_problem
+from bastion.oauth.remote_metadata import METADATA_CACHE_SECONDS, METADATA_STALE_SECONDS
 
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 RISC = "https://schemas.openid.net/secevent/risc/event-type/"
@@ -127,6 +132,11 @@ class Transmitter:
     # How often the stream's subjects are brought in step (SSF 1.0 §8.1.3): added, removed,
     # and those that failed tried again.
     subjects_sync_seconds: float = 60.0
+    # Its configuration metadata is read again after at most this long (less when its headers
+    # say), and the last good one is used this long past that while a new one cannot be had
+    # (`bastion.oauth.remote_metadata`).
+    metadata_cache_seconds: float = METADATA_CACHE_SECONDS
+    metadata_stale_seconds: float = METADATA_STALE_SECONDS
 
     def effect(self, event_type: str) -> str:
         """What an event of this type does: the override, the default, else ``record``."""
@@ -233,6 +243,17 @@ def _positive(key: str, value: Any, kind: type) -> Any:
     return number
 
 
+def _at_least_zero(key: str, value: Any) -> float:
+    """A number of seconds that may be 0 (``metadata_stale_seconds``: the last good metadata
+    not used at all past its lifetime)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    try:
+        return _positive(key, value, float)
+    except SignalsConfigError:
+        raise SignalsConfigError(f"{key} must be 0 or a positive number, got {value!r}") from None
+
+
 def _secret(where: str, key: str, t: dict, env: dict[str, str]) -> str:
     var = t.get(key)
     if not var:
@@ -256,6 +277,7 @@ TRANSMITTER_KEYS = frozenset({
     "name", "issuer", "configuration_url", "audience", "delivery", "bearer_env",
     "push_token_env", "poll_interval_seconds", "max_events", "fact_expiry_seconds", "users",
     "effects", "allow_private_addresses", "devices", "linked_accounts", "subjects_sync_seconds",
+    "metadata_cache_seconds", "metadata_stale_seconds",
 })  # fmt: skip
 
 
@@ -376,6 +398,15 @@ def _transmitter(i: int, t: Any, env: dict[str, str], providers: dict[str, str])
         linked_issuer=linked_issuer,
         subjects_sync_seconds=_positive(
             f"{where}.subjects_sync_seconds", t.get("subjects_sync_seconds", 60.0), float
+        ),
+        metadata_cache_seconds=_positive(
+            f"{where}.metadata_cache_seconds",
+            t.get("metadata_cache_seconds", METADATA_CACHE_SECONDS),
+            float,
+        ),
+        metadata_stale_seconds=_at_least_zero(
+            f"{where}.metadata_stale_seconds",
+            t.get("metadata_stale_seconds", METADATA_STALE_SECONDS),
         ),
     )
 

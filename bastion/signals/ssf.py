@@ -45,13 +45,13 @@ from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.http_fields import media_type
 from bastion.oauth.jwks import (
-    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
     fetch,
-    fetch_json,
+    fetch_json_answer,
 )
+from bastion.oauth.remote_metadata import RemoteMetadata
 from bastion.oauth.store import OAuthStore
 from bastion.signals.set_tokens import (
     SetRefused,
@@ -294,6 +294,7 @@ class SsfReceiver:
         oauth_store: OAuthStore,
         facts: FactStore,
         authz: Callable[[], Any],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if oauth_store.db is not db or facts.db is not db:
             # A SET's claim and its effects are one transaction (`receive`).
@@ -305,7 +306,6 @@ class SsfReceiver:
         self.facts = facts
         self.authz = authz
         self.by_issuer = {t.issuer: t for t in settings.transmitters}
-        self._metadata: dict[str, dict[str, Any]] = {}
         # The transmitters' metadata and key sets are fetched as every remote document is
         # (`bastion.oauth.jwks`): one deadline, a size cap, no redirects; an unknown kid fetches
         # the set again at most once every jwks_refresh_seconds, and so does a failed fetch.
@@ -333,10 +333,23 @@ class SsfReceiver:
             t.name: RemoteKeySets(
                 self.peer_limits[t.name],
                 check=lambda document: transmitter_jwks_problem(document, settings.jwks_max_keys),
+                clock=clock,
             )
             for t in settings.transmitters
         }
-        self.discovery = CoalescedFetches(self.limits)
+        # Each transmitter's metadata, read again when its lifetime ends (SSF 1.0 §7).
+        self._metadata = {
+            t.name: RemoteMetadata(
+                self.limits,
+                partial(self._read_metadata, t),
+                cache_seconds=t.metadata_cache_seconds,
+                stale_seconds=t.metadata_stale_seconds,
+                table=TRANSMITTERS_TABLE,
+                peer=t.name,
+                clock=clock,
+            )
+            for t in settings.transmitters
+        }
         self._tasks: list[asyncio.Task] = []
         # Rounds of each transmitter's subjects this process went through (run, or skipped
         # because another process runs them), and the sign-ins' subject changes under way.
@@ -353,22 +366,21 @@ class SsfReceiver:
     # -- the transmitter's metadata and keys (on the event loop) -----------------------------
 
     async def metadata(self, t: Transmitter) -> dict[str, Any]:
-        """The transmitter's configuration metadata (SSF 1.0 §7), read once and checked; fetched
-        as its key set is (`CoalescedFetches`): the SETs that need it meanwhile wait for one
-        fetch, and one that failed is not tried again for jwks_refresh_seconds (each SET pushed
-        fetched it again, as many at once as came)."""
-        found = self._metadata.get(t.name)
-        if found is not None:
-            return found
+        """The transmitter's configuration metadata (SSF 1.0 §7), checked; read again when its
+        lifetime ends, the last good one kept through a short outage or a refused document
+        (`RemoteMetadata`): the SETs that need it meanwhile wait for one read, and one that
+        failed is not tried again for jwks_refresh_seconds (each SET pushed fetched it again,
+        as many at once as came). A ValueError when none can be used."""
         try:
-            return await self.discovery.once(
-                t.name, lambda: self._fetch_metadata(t), lambda: self._metadata.get(t.name)
-            )
+            return await self._metadata[t.name].get()
         except RemoteDocumentError as e:
             raise ValueError(f"{t.configuration_url} {e}") from None
 
-    async def _fetch_metadata(self, t: Transmitter) -> dict[str, Any]:
-        found = await fetch_json(t.configuration_url, self.limits)
+    async def _read_metadata(self, t: Transmitter) -> tuple[dict[str, Any], float | None]:
+        """The transmitter's metadata, each check passed, and the lifetime its headers give;
+        `RemoteDocumentError` for one that cannot be had or fails a check (it never replaces a
+        good one)."""
+        found, lifetime = await fetch_json_answer(t.configuration_url, self.limits)
         try:
             if not isinstance(found, dict) or found.get("issuer") != t.issuer:
                 raise ValueError(
@@ -382,8 +394,7 @@ class SsfReceiver:
         except ValueError as e:
             # A wrong answer is a failure as one not had is: remembered, not asked per SET.
             raise RemoteDocumentError(str(e)) from None
-        self._metadata[t.name] = found
-        return found
+        return found, lifetime
 
     async def keys(self, t: Transmitter, token: str) -> KeySet:
         """The key set of ``t`` holding the SET's kid; `SetRefused` (``invalid_key``) when it
@@ -562,7 +573,7 @@ class SsfReceiver:
         (``critical_subject_members``, SSF 1.0 §7.1) that this effect does not act on: members
         not read, a session for a fact (facts are the user's or the device's), a device for a
         transmitter that does not speak for devices."""
-        critical = self._metadata.get(t.name, {}).get("critical_subject_members")
+        critical = (self._metadata[t.name].last_good or {}).get("critical_subject_members")
         if not isinstance(critical, list) or not critical:
             return []
         unread = set(subject.unread)

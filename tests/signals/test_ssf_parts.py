@@ -53,6 +53,8 @@ def settings(table: dict | None = None, **changes) -> SsfSettings:
 def test_defaults_and_the_derived_configuration_url():
     s = settings()
     t = s.transmitters[0]
+    assert (t.metadata_cache_seconds, t.metadata_stale_seconds) == (3600, 86400)
+    assert settings(metadata_stale_seconds=0).transmitters[0].metadata_stale_seconds == 0
     assert t.configuration_url == "https://idp.example.com/.well-known/ssf-configuration/tenant"
     assert s.push_url == "https://bastion.example.com/ssf/events"
     assert "HS256" not in s.algorithms and "none" not in s.algorithms
@@ -85,6 +87,11 @@ def test_defaults_and_the_derived_configuration_url():
         ({}, {"fact_expiry_seconds": -5}, "positive"),
         ({}, {"fact_expiry_seconds": float("inf")}, "positive"),
         ({}, {"devices": "yes"}, "true or false"),
+        ({}, {"metadata_cache_seconds": 0}, "metadata_cache_seconds must be a positive"),
+        ({}, {"metadata_cache_seconds": True}, "metadata_cache_seconds must be a positive"),
+        ({}, {"metadata_stale_seconds": -1}, "metadata_stale_seconds must be 0 or a positive"),
+        ({}, {"metadata_stale_seconds": "1h"}, "metadata_stale_seconds must be 0 or a positive"),
+        ({}, {"metadata_stale_seconds": float("nan")}, "metadata_stale_seconds must be 0 or"),
     ],
 )
 def test_settings_that_would_weaken_verification_are_refused(table, changes, message):
@@ -189,7 +196,7 @@ def published_keys():
         yield state
 
 
-def receiver_of(published_keys, tmp_path, **table):
+def receiver_of(published_keys, tmp_path, clock=time.time, **table):
     from bastion.facts.store import FactStore
     from bastion.signals.ssf import SsfReceiver
 
@@ -199,7 +206,8 @@ def receiver_of(published_keys, tmp_path, **table):
         configuration_url=f"{published_keys['url']}/.well-known/ssf-configuration",
     )
     db = Database(str(tmp_path / "b.db"))
-    return SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None), s.transmitters[0], db
+    receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None, clock=clock)
+    return receiver, s.transmitters[0], db
 
 
 def set_with_kid(kid: str) -> str:
@@ -815,9 +823,10 @@ def test_a_transmitters_metadata_that_cannot_be_had_is_not_fetched_for_every_set
     key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
     published_keys["keys"] = [key.as_dict(private=False)]
     published_keys["metadata_status"] = 503
-    receiver, t, db = receiver_of(published_keys, tmp_path, jwks_refresh_seconds=60)
     now = [1000.0]
-    receiver.discovery.clock = lambda: now[0]
+    receiver, t, db = receiver_of(
+        published_keys, tmp_path, clock=lambda: now[0], jwks_refresh_seconds=60
+    )
 
     async def many(count: int) -> list:
         results: list = []
@@ -892,7 +901,8 @@ def test_a_stream_whose_iss_is_not_the_transmitters_is_not_used(tmp_path):
             # a transmitter without add_subject_endpoint gives no way to do; its subjects'
             # status says so (it said nothing, and nothing came).
             state["default_subjects"] = "NONE"
-            receiver._metadata.clear()
+            # Read by a receiver started now (one running reads it once its lifetime ends).
+            receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
             anyio.run(receiver.configure, t)
             note = anyio.run(receiver.sync_subjects, t).note
             assert "no add_subject_endpoint" in note and "default_subjects is NONE" in note

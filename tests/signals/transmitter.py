@@ -9,7 +9,10 @@ replaced, the others kept, a Transmitter-Supplied one sent must match), each req
 in ``stream_calls``; `deliver` sends only the event types of the stream's ``events_delivered``
 (§8.1.1: those requested that it supports).
 `answer_next` makes an endpoint's next answer one of the test's (any status, type and bytes),
-and `calls` counts the requests each endpoint was sent."""
+and `calls` counts the requests each endpoint was sent. ``moved`` serves the key set (holding
+``moved_key`` instead) and the subject endpoints under ``/moved``, the metadata naming them there
+and the old places answering 404; ``metadata_down`` answers the metadata 503, and
+``metadata_overrides`` sets members of it to other values (another issuer, an insecure URL)."""
 
 from __future__ import annotations
 
@@ -75,6 +78,12 @@ class Transmitter:
         self.patch_answer: int | str | None = None
         # Each stream's status (SSF 1.0 §8.1.2.1), read at its status endpoint.
         self.status: dict[str, str] = {}
+        # The key set and subject endpoints served under /moved (the old places: 404), the key
+        # set there holding moved_key; the metadata answering 503; members of it set otherwise.
+        self.moved = False
+        self.moved_key = ECKey.generate_key("P-256", parameters={"kid": "k2"})
+        self.metadata_down = False
+        self.metadata_overrides: dict[str, Any] = {}
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -219,11 +228,14 @@ class Transmitter:
             return request.headers.get("authorization") == f"Bearer {BEARER}"
 
         async def metadata(request: Request):
+            if self.metadata_down:
+                return JSONResponse({"error": "down"}, 503)
+            at = f"{self.url}/moved" if self.moved else self.url
             return JSONResponse(
                 {
                     "spec_version": "1_0",
                     "issuer": self.url,
-                    "jwks_uri": f"{self.url}/jwks.json",
+                    "jwks_uri": f"{at}/jwks.json",
                     "delivery_methods_supported": ["urn:ietf:rfc:8935", "urn:ietf:rfc:8936"],
                     "configuration_endpoint": f"{self.url}/ssf/stream",
                     "status_endpoint": f"{self.url}/ssf/status",
@@ -238,17 +250,29 @@ class Transmitter:
                     ),
                     **(
                         {
-                            "add_subject_endpoint": f"{self.url}/ssf/subjects:add",
-                            "remove_subject_endpoint": f"{self.url}/ssf/subjects:remove",
+                            "add_subject_endpoint": f"{at}/ssf/subjects:add",
+                            "remove_subject_endpoint": f"{at}/ssf/subjects:remove",
                         }
                         if self.subject_endpoints
                         else {}
                     ),
+                    **self.metadata_overrides,
                 }
             )
 
+        def where(handler, moved: bool):
+            """``handler`` where it is served now; 404 where it no longer is."""
+
+            async def answer(request: Request):
+                if self.moved != moved:
+                    return JSONResponse({"error": "not here"}, 404)
+                return await handler(request)
+
+            return answer
+
         async def jwks(request: Request):
-            return JSONResponse({"keys": [self.key.as_dict(private=False)]})
+            key = self.moved_key if self.moved else self.key
+            return JSONResponse({"keys": [key.as_dict(private=False)]})
 
         async def stream(request: Request):
             if not authorized(request):
@@ -388,7 +412,8 @@ class Transmitter:
         return Starlette(
             routes=[
                 Route("/.well-known/ssf-configuration", self._counted("metadata", metadata)),
-                Route("/jwks.json", self._counted("jwks", jwks)),
+                Route("/jwks.json", self._counted("jwks", where(jwks, False))),
+                Route("/moved/jwks.json", self._counted("moved jwks", where(jwks, True))),
                 Route(
                     "/ssf/stream", self._counted("stream", stream), methods=["GET", "POST", "PATCH"]
                 ),
@@ -397,7 +422,12 @@ class Transmitter:
                 Route("/ssf/poll/{stream_id}", self._counted("poll", poll), methods=["POST"]),
                 Route(
                     "/ssf/subjects:{action:str}",
-                    self._counted("subjects", subjects),
+                    self._counted("subjects", where(subjects, False)),
+                    methods=["POST"],
+                ),
+                Route(
+                    "/moved/ssf/subjects:{action:str}",
+                    self._counted("moved subjects", where(subjects, True)),
                     methods=["POST"],
                 ),
             ]
