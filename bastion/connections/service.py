@@ -162,7 +162,8 @@ class Connections:
         self.sealer = sealer
         self.settings = {name: oauth for name, (_, oauth) in upstreams.items()}
         self.clients = {
-            name: UpstreamOAuthClient(url, oauth, name) for name, (url, oauth) in upstreams.items()
+            name: UpstreamOAuthClient(url, oauth, name, clock=clock)
+            for name, (url, oauth) in upstreams.items()
         }
         self.issuer = issuer.rstrip("/")
         self.clock = clock

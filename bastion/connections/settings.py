@@ -11,6 +11,7 @@ from typing import Any
 
 from bastion.egress import PrivateAllowance, cleartext_problem, private_allowance
 from bastion.http_fields import field_value_problem
+from bastion.oauth.remote_metadata import METADATA_CACHE_SECONDS, METADATA_STALE_SECONDS
 
 KNOWN = {
     "issuer",
@@ -23,6 +24,8 @@ KNOWN = {
     "cache_seconds",
     "allow_private_addresses",
     "revocation_retry_seconds",
+    "metadata_cache_seconds",
+    "metadata_stale_seconds",
 }
 
 
@@ -53,6 +56,11 @@ class UpstreamOAuth:
     # A user's tokens that the server could not revoke when their connection ended (unreachable,
     # 5xx, no answer) are tried again, with backoff, this long at most (7 days).
     revocation_retry_seconds: float = 604800.0
+    # The upstream's protected-resource metadata and its server's metadata are read again after
+    # at most this long (less when their headers say), and the last good ones are used this
+    # long past that while new ones cannot be had (`bastion.oauth.remote_metadata`).
+    metadata_cache_seconds: float = float(METADATA_CACHE_SECONDS)
+    metadata_stale_seconds: float = float(METADATA_STALE_SECONDS)
     # The loopback, private and other non-public addresses bastion's requests to the
     # authorization server (its metadata, token, registration and revocation endpoints, all
     # named by the upstream's own metadata) may go to: none, all (true), or those of the
@@ -94,6 +102,7 @@ class UpstreamOAuth:
             ("flow_seconds", 600),
             ("timeout_seconds", 10),
             ("revocation_retry_seconds", 604800),
+            ("metadata_cache_seconds", METADATA_CACHE_SECONDS),
         ):
             value = table.get(key, default)
             if (
@@ -103,6 +112,11 @@ class UpstreamOAuth:
             ):
                 raise ConnectionSettingsError(f"{where}.{key} must be a positive number")
             numbers[key] = float(value)
+        stale = table.get("metadata_stale_seconds", METADATA_STALE_SECONDS)
+        if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 <= stale < math.inf:
+            raise ConnectionSettingsError(
+                f"{where}.metadata_stale_seconds must be 0 or a positive number"
+            )
         cache = table.get("cache_seconds", 0)
         if isinstance(cache, bool) or not isinstance(cache, int | float) or not 0 <= cache <= 300:
             raise ConnectionSettingsError(f"{where}.cache_seconds must be between 0 and 300")
@@ -123,4 +137,6 @@ class UpstreamOAuth:
             flow_seconds=numbers["flow_seconds"],
             timeout_seconds=numbers["timeout_seconds"],
             revocation_retry_seconds=numbers["revocation_retry_seconds"],
+            metadata_cache_seconds=numbers["metadata_cache_seconds"],
+            metadata_stale_seconds=float(stale),
         )

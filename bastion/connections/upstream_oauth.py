@@ -6,11 +6,12 @@ registration (RFC 7591) as a public client. The authorization code flow with PKC
 7636), ``state``, and ``resource`` = the upstream's URL (RFC 8707); refresh (RFC 6749 §6);
 revocation (RFC 7009) when the server offers it. Every request has a deadline, a size cap and
 follows no redirect; every refusal is an `UpstreamOAuthError` carrying the server's ``error``.
-A grant (a code and its PKCE verifier, a refresh token, a token to revoke) is sent only to the
-server that issued it (`IssuerChanged`): the metadata read by another process, or after a
-restart, may name another server. A grant of a server other than the one this process read
-makes it read the upstream's metadata again (once per `REREAD_SECONDS`): the upstream may have
-moved since. Tokens of a server the upstream no longer names are revoked at that server, found
+Both documents are read again when their lifetime ends, the last good reading kept through a
+short outage or a refused document (`bastion.oauth.remote_metadata.RemoteMetadata`). A grant (a
+code and its PKCE verifier, a refresh token, a token to revoke) is sent only to the server that
+issued it (`IssuerChanged`): the metadata read by another process, or later, may name another
+server. A grant of a server other than the one this process read makes it read the upstream's
+metadata again at once (at most once per `REREAD_SECONDS`): the upstream may have moved since. Tokens of a server the upstream no longer names are revoked at that server, found
 from its own metadata (`former_server`).
 """
 
@@ -20,6 +21,7 @@ import base64
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -33,8 +35,9 @@ from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
     fetch,
-    fetch_json,
+    fetch_json_answer,
 )
+from bastion.oauth.remote_metadata import RemoteMetadata
 
 _MAX_BYTES = 65536
 
@@ -126,7 +129,13 @@ class UpstreamOAuthClient:
     networks in ``allow_private_addresses`` opens those alone (https, or http to the loopback
     if it is listed); ``true`` opens every non-public address, and plain http to them."""
 
-    def __init__(self, resource: str, settings: UpstreamOAuth, name: str = "") -> None:
+    def __init__(
+        self,
+        resource: str,
+        settings: UpstreamOAuth,
+        name: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.resource = resource  # the upstream's URL: the token's audience
         self.settings = settings
         self.private: PrivateAllowance = metadata_allowance(
@@ -146,19 +155,27 @@ class UpstreamOAuthClient:
             # allowed only some networks, over https (or http to the loopback, if listed).
             allow_http=self.private is True,
         )
-        self._fetches = CoalescedFetches(self._limits)
-        self._metadata: ServerMetadata | None = None
-        # When the upstream's metadata was last read again (`time.monotonic`), and why that
-        # failed ("" if it did not): the calls until `REREAD_SECONDS` later are refused with it.
-        self._reread_at = -REREAD_SECONDS
-        self._reread_failed = ""
+        self.clock = clock
+        # The upstream's metadata and its server's, read again when their lifetime ends.
+        self._metadata = RemoteMetadata(
+            self._limits,
+            self._read_metadata,
+            cache_seconds=settings.metadata_cache_seconds,
+            stale_seconds=settings.metadata_stale_seconds,
+            table="[[gateway.upstreams]] oauth",
+            peer=name or resource,
+            clock=clock,
+        )
+        # Reads of the former servers' metadata (`former_server`).
+        self._fetches = CoalescedFetches(self._limits, clock)
         # issuer -> its metadata: servers the upstream named before (`former_server`).
         self._former: dict[str, ServerMetadata] = {}
 
-    async def _discovered_issuer(self) -> str:
-        """The first authorization server the upstream's protected-resource metadata names."""
+    async def _discovered_issuer(self) -> tuple[str, float | None]:
+        """The first authorization server the upstream's protected-resource metadata names, and
+        the lifetime its headers give."""
         try:
-            found = await fetch_json(
+            found, lifetime = await fetch_json_answer(
                 well_known(self.resource, "oauth-protected-resource"), self._limits
             )
         except RemoteDocumentError as e:
@@ -172,7 +189,7 @@ class UpstreamOAuthClient:
                 f" server (an https URL of at most {MAX_ISSUER} ASCII characters)"
                 f"{': ' + why if why else ''}; set oauth.issuer"
             )
-        return named.rstrip("/")
+        return named.rstrip("/"), lifetime
 
     def _unusable(self, url: Any) -> str:
         """Why bastion may not send requests to ``url``, or "" if it may (its host's addresses
@@ -190,27 +207,35 @@ class UpstreamOAuthClient:
         return ""
 
     async def metadata(self) -> ServerMetadata:
-        """The authorization server's metadata, fetched once per process (one fetch at a time;
-        a failure is remembered for ``timeout_seconds``)."""
-        if self._metadata is not None:
-            return self._metadata
+        """The authorization server's metadata: read again when its lifetime ends, the last
+        good one kept through a short outage or a refused document for
+        ``metadata_stale_seconds`` (`RemoteMetadata`: one read at a time; a failure is tried
+        again after ``timeout_seconds``). `UpstreamOAuthError` ``unavailable`` when none can
+        be used."""
         try:
-            return await self._fetches.once(
-                self.resource, self._fetch_metadata, lambda: self._metadata
-            )
+            return await self._metadata.get()
         except RemoteDocumentError as e:
             raise UpstreamOAuthError("unavailable", str(e)) from None
 
-    async def _fetch_metadata(self) -> ServerMetadata:
-        issuer = self.settings.issuer or await self._discovered_issuer()
-        self._metadata = await self._server_metadata(issuer)
-        return self._metadata
+    async def _read_metadata(self) -> tuple[ServerMetadata, float | None]:
+        """The server's metadata (the configured issuer's, or the one the upstream's
+        protected-resource metadata names), each check passed, and the shorter lifetime the two
+        documents' headers give; `RemoteDocumentError` when either cannot be had or fails a
+        check (it never replaces a good one)."""
+        named_for = None
+        if self.settings.issuer:
+            issuer = self.settings.issuer
+        else:
+            issuer, named_for = await self._discovered_issuer()
+        meta, lifetime = await self._server_metadata(issuer)
+        lifetimes = [t for t in (named_for, lifetime) if t is not None]
+        return meta, min(lifetimes) if lifetimes else None
 
-    async def _server_metadata(self, issuer: str) -> ServerMetadata:
+    async def _server_metadata(self, issuer: str) -> tuple[ServerMetadata, float | None]:
         """``issuer``'s metadata, at its RFC 8414 well-known URL, naming ``issuer`` as its
-        issuer (§3.3), with usable endpoints and PKCE S256."""
+        issuer (§3.3), with usable endpoints and PKCE S256; and the lifetime its headers give."""
         try:
-            document = await fetch_json(
+            document, lifetime = await fetch_json_answer(
                 well_known(issuer, "oauth-authorization-server"), self._limits
             )
         except RemoteDocumentError as e:
@@ -232,7 +257,7 @@ class UpstreamOAuthClient:
             # OAuth 2.1 and MCP: no PKCE S256 advertised, no authorization.
             raise RemoteDocumentError(f"{issuer} does not advertise PKCE S256")
         sends_iss = document.get("authorization_response_iss_parameter_supported") is True
-        return ServerMetadata(issuer=issuer, sends_iss=sends_iss, **endpoints)
+        return ServerMetadata(issuer=issuer, sends_iss=sends_iss, **endpoints), lifetime
 
     async def metadata_of(self, issuer: str | None) -> ServerMetadata:
         """The metadata of the server that issued a grant (``issuer``), to send the grant to;
@@ -248,33 +273,13 @@ class UpstreamOAuthClient:
 
     async def _reread(self, known: ServerMetadata) -> ServerMetadata:
         """The upstream's metadata read again, in place of ``known`` for every use after (the
-        upstream may have moved since this process read it: another replica, restarted, made
-        the grant at the server it names now). One read at a time, and at most one per
-        `REREAD_SECONDS`: until then what was read last decides, or the calls are refused with
-        why the read failed (`UpstreamOAuthError` ``unavailable``; a grant is neither sent nor
-        dropped on a read that failed)."""
-
-        def read_lately() -> ServerMetadata | None:
-            if self._metadata is not known and self._metadata is not None:
-                return self._metadata  # read again by another call meanwhile
-            if time.monotonic() - self._reread_at >= REREAD_SECONDS:
-                return None
-            if self._reread_failed:
-                raise RemoteDocumentError(self._reread_failed)
-            return known
-
-        async def read() -> ServerMetadata:
-            self._reread_at = time.monotonic()
-            try:
-                fresh = await self._fetch_metadata()
-            except RemoteDocumentError as e:
-                self._reread_failed = f"{e} (read again at most every {REREAD_SECONDS:g} s)"
-                raise
-            self._reread_failed = ""
-            return fresh
-
+        upstream may have moved since this process read it: another replica, or this one
+        later, made the grant at the server it names now). One read at a time, and at most one
+        per `REREAD_SECONDS`: until then what was read last decides, or the calls are refused
+        with why the read failed (`UpstreamOAuthError` ``unavailable``; a grant is neither sent
+        nor dropped on a read that failed, and never on the stale metadata's word)."""
         try:
-            return await self._fetches.once(self.resource, read, read_lately)
+            return await self._metadata.read_again(known, REREAD_SECONDS)
         except RemoteDocumentError as e:
             raise UpstreamOAuthError("unavailable", str(e)) from None
 
@@ -292,7 +297,7 @@ class UpstreamOAuthClient:
             raise UpstreamOAuthError("unavailable", why)
 
         async def read() -> ServerMetadata:
-            meta = await self._server_metadata(issuer)
+            meta, _ = await self._server_metadata(issuer)
             if len(self._former) >= _MAX_FORMER:
                 del self._former[next(iter(self._former))]  # the oldest
             self._former[issuer] = meta

@@ -69,9 +69,9 @@ class RemoteMetadata(Generic[_T]):
         self.clock = clock
         self._fetches = CoalescedFetches(limits, clock)
         self._good: _Read[_T] | None = None
-        # When a read was last started, and why it failed ("" when it did not): `read_again`.
-        self._tried_at = -math.inf
-        self._failure = ""
+        # When `read_again` last started a read, and why it failed ("" when it did not).
+        self._again_at = -math.inf
+        self._again_failure = ""
 
     @property
     def last_good(self) -> _T | None:
@@ -117,30 +117,35 @@ class RemoteMetadata(Generic[_T]):
     async def read_again(self, known: _T, every: float) -> _T:
         """Metadata read after ``known`` (the caller doubts it: a grant names another issuer
         than it): the last good read when it is not ``known`` (read meanwhile), else a read now,
-        one at a time. At most one read is started every ``every`` seconds: until then the
-        last good read is the answer, or the failure of the last read. A read that fails raises
-        `RemoteDocumentError`; the stale metadata is never the answer here."""
+        one at a time. At most one such read is started every ``every`` seconds (those of
+        `get` do not count): until then ``known`` is the answer, or the failure of that read. A
+        read that fails raises `RemoteDocumentError`; the stale metadata is never the answer
+        here."""
 
         def read_lately() -> _T | None:
             good = self._good
             if good is not None and good.value is not known:
                 return good.value
-            if self.clock() - self._tried_at >= every:
+            if self.clock() - self._again_at >= every:
                 return None
-            if self._failure:
-                raise RemoteDocumentError(f"{self._failure} (read again at most every {every:g} s)")
+            if self._again_failure:
+                raise RemoteDocumentError(self._again_failure)
             return known
 
-        return await self._fetches.once("metadata", self._read, read_lately)
+        async def read() -> _T:
+            self._again_at = self.clock()
+            try:
+                value = await self._read()
+            except RemoteDocumentError as exc:
+                self._again_failure = f"{exc} (read again at most every {every:g} s)"
+                raise
+            self._again_failure = ""
+            return value
+
+        return await self._fetches.once("metadata", read, read_lately)
 
     async def _read(self) -> _T:
-        self._tried_at = self.clock()
-        try:
-            value, lifetime = await self.read()
-        except RemoteDocumentError as exc:
-            self._failure = str(exc)
-            raise
-        self._failure = ""
+        value, lifetime = await self.read()
         kept = kept_seconds(lifetime, least=self.limits.refetch_seconds, most=self.cache_seconds)
         self._good = _Read(value, self.clock(), kept)
         return value

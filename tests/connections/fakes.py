@@ -60,6 +60,8 @@ class AuthorizationServer:
       grant (RFC 9700 §4.14.2), and ``revoked_grant`` says it happened;
     - ``issues_refresh_tokens``: whether an answer carries a refresh token; ``token_type``: the
       ``token_type`` its answers carry (None: the field is left out);
+    - ``token_paths``: the path each request to its token endpoint came to: ``/token``, or
+      ``/moved/token`` (served too, for a server whose metadata moves it there);
     - ``holds``: the token endpoint sets ``arrived`` and waits for ``release`` before answering
       (``"each"`` request, or only ``"first"``: a second request then lets the first go at once);
     - ``revoking``: the revocation endpoint answers once it is set (it is, unless a test clears
@@ -109,6 +111,7 @@ class AuthorizationServer:
         self.posted: list[dict[str, str]] = []  # every form, token and revocation endpoints
         self.revocations: list[dict[str, str]] = []  # the revocation endpoint's forms
         self.metadata_reads = 0
+        self.token_paths: list[str] = []
         self.token_requests = 0
         self.tokens_issued = 0
         self.live: set[str] = set()  # with rotates: the refresh tokens good now
@@ -179,6 +182,7 @@ class AuthorizationServer:
         """RFC 6749 §3.2: held, refused, or redeemed as the switches say (in that order)."""
         form = {k: str(v) for k, v in (await request.form()).items()}
         self.posted.append(form)
+        self.token_paths.append(request.url.path)
         self.token_requests += 1
         if self.holds == "each" or (self.holds == "first" and self.token_requests == 1):
             self.arrived.set()
@@ -262,6 +266,7 @@ class AuthorizationServer:
             Route("/register", self.register, methods=["POST"]),
             Route("/authorize", self.authorize),
             Route("/token", self.token, methods=["POST"]),
+            Route("/moved/token", self.token, methods=["POST"]),
             Route("/revoke", self.revoke, methods=["POST"]),
         ]
 

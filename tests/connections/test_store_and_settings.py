@@ -93,6 +93,9 @@ def _gateway(**upstream):
             r"oauth.allow_private_addresses: true, false or a list of networks",
         ),
         ({"oauth": {}}, 'only with auth = "per_user"'),
+        ({"auth": "per_user", "oauth": {"metadata_cache_seconds": 0}}, "metadata_cache_seconds"),
+        ({"auth": "per_user", "oauth": {"metadata_stale_seconds": -1}}, "metadata_stale_seconds"),
+        ({"auth": "per_user", "oauth": {"metadata_stale_seconds": True}}, "metadata_stale_sec"),
     ],
 )
 def test_bad_per_user_settings_are_refused_with_the_key_named(upstream, message):
@@ -137,6 +140,9 @@ def test_per_user_settings_have_defaults_and_read_the_secret_from_the_environmen
     oauth = config.upstream("tracker").oauth
     assert oauth.client_secret == "s3" and "s3" not in repr(oauth)
     assert (oauth.refresh_ahead_seconds, oauth.flow_seconds, oauth.issuer) == (60, 600, "")
+    assert (oauth.metadata_cache_seconds, oauth.metadata_stale_seconds) == (3600, 86400)
+    never = _gateway(auth="per_user", oauth={"metadata_stale_seconds": 0}).upstream("tracker")
+    assert never.oauth.metadata_stale_seconds == 0
     assert _gateway().upstream("tracker").auth == "none"
 
 

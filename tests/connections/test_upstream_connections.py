@@ -46,7 +46,7 @@ from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
 from bastion.audit.actor import cli_actor
 from bastion.connections.sealing import Sealer, Unsealable
 from bastion.connections.store import StoredConnection
-from bastion.connections.upstream_oauth import well_known
+from bastion.connections.upstream_oauth import UpstreamOAuthClient, well_known
 from bastion.db import Database
 from bastion.gateway.upstream_sessions import SessionOwner
 from bastion.oauth.store import OAuthStore
@@ -530,16 +530,18 @@ def test_a_connection_whose_authorization_server_is_gone_at_its_end_is_refused_n
     location = run(lambda: lab.connections.start("bob", "tracker", browser="b"))
     state = parse_qs(urlsplit(location).query)["state"][0]
     oauth = lab.connections.clients["tracker"]
-    saved = (oauth._metadata, oauth.resource, oauth.settings)
     dead = free_socket()  # bound, never listening: nothing answers there
-    oauth._metadata = None
-    oauth.resource = f"http://127.0.0.1:{dead.getsockname()[1]}/mcp"
-    oauth.settings = dataclasses.replace(oauth.settings, issuer="")
+    # The client of a process started since, whose upstream's server cannot be reached.
+    lab.connections.clients["tracker"] = UpstreamOAuthClient(
+        f"http://127.0.0.1:{dead.getsockname()[1]}/mcp",
+        dataclasses.replace(oauth.settings, issuer=""),
+        "tracker",
+    )
     try:
         with pytest.raises(FlowRefused) as refused:
             run(lambda: lab.connections.finish("bob", "tracker", state, "any-code", browser="b"))
     finally:
-        oauth._metadata, oauth.resource, oauth.settings = saved
+        lab.connections.clients["tracker"] = oauth
         dead.close()
     assert refused.value.status == 502 and "tracker" in refused.value.message
     assert lab.connections.listed("bob") == []
