@@ -113,7 +113,11 @@ class UpstreamOAuth:
                 raise ConnectionSettingsError(f"{where}.{key} must be a positive number")
             numbers[key] = float(value)
         stale = table.get("metadata_stale_seconds", METADATA_STALE_SECONDS)
-        if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 <= stale < math.inf:
+        if (
+            isinstance(stale, bool)
+            or not isinstance(stale, int | float)
+            or not 0 <= stale < math.inf
+        ):
             raise ConnectionSettingsError(
                 f"{where}.metadata_stale_seconds must be 0 or a positive number"
             )

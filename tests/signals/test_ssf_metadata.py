@@ -19,7 +19,8 @@ from bastion.db import Database
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.signals.set_tokens import SetRefused
-from bastion.signals.settings import SsfSettings, Transmitter as Configured
+from bastion.signals.settings import SsfSettings
+from bastion.signals.settings import Transmitter as Configured
 from bastion.signals.ssf import SsfReceiver
 from tests.clock import ManualClock
 from tests.oauth.support import free_socket, serve
