@@ -11,8 +11,9 @@ short outage or a refused document (`bastion.oauth.remote_metadata.RemoteMetadat
 code and its PKCE verifier, a refresh token, a token to revoke) is sent only to the server that
 issued it (`IssuerChanged`): the metadata read by another process, or later, may name another
 server. A grant of a server other than the one this process read makes it read the upstream's
-metadata again at once (at most once per `REREAD_SECONDS`): the upstream may have moved since. Tokens of a server the upstream no longer names are revoked at that server, found
-from its own metadata (`former_server`).
+metadata again at once (at most once per `REREAD_SECONDS`): the upstream may have moved since.
+Tokens of a server the upstream no longer names are revoked at that server, found from its own
+metadata (`former_server`).
 """
 
 from __future__ import annotations
