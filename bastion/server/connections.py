@@ -111,6 +111,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
+        # The connection is no longer idle. uvicorn stops its keep-alive timer when data
+        # arrives, but an answer given here starts it from inside the parser, which then goes
+        # on to a request behind it in the same read: that request was cut off
+        # keep_alive_timeout later, unanswered.
+        self._unset_keepalive_if_required()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # uvicorn's, but for the 100 Continue check, made once the head is complete.
