@@ -118,8 +118,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # uvicorn's, but for the 100 Continue check, made once the head is complete.
-        self.headers.append((name.lower(), value))
+        # uvicorn's (the value without the whitespace after it, which llhttp keeps and which is
+        # not part of it, RFC 9110 §5.5), but for the 100 Continue check, made once the head is
+        # complete.
+        self.headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

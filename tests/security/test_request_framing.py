@@ -567,6 +567,40 @@ def test_a_request_behind_one_answered_in_the_protocol_is_not_cut_off_while_it_c
     assert not faults, faults
 
 
+@pytest.mark.parametrize("space", ["", " ", "\t "], ids=["plain", "space after", "tab after"])
+def test_expect_100_continue_is_answered_on_every_path(served, space):
+    """A client that waits for 100 Continue before it sends its body gets it, whatever the
+    whitespace after the value (not part of it, RFC 9110 §5.5), as uvicorn answers it."""
+    served.warm()
+
+    def case(route: Route, port: int):
+        whole = route.request(served, "hostile", close=True)
+        head, body = whole.split(b"\r\n\r\n", 1)
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
+            s.sendall(head + f"\r\nExpect: 100-continue{space}\r\n\r\n".encode())
+            interim = s.recv(65536)
+            if not interim.startswith(b"HTTP/1.1 100 "):
+                return interim
+            s.sendall(body)
+            received = b""
+            while data := s.recv(65536):
+                received += data
+        return answers_in(received)
+
+    asked = [(route, port) for route in ROUTES for port in (served.bastion, served.haproxy)]
+    results = together(*(lambda r=r, p=p: case(r, p) for r, p in asked))
+    faults = {}
+    for (route, port), result in zip(asked, results, strict=True):
+        where = f"{route.name} via {'haproxy' if port == served.haproxy else 'bastion'}"
+        if not isinstance(result, tuple):
+            faults[where] = f"no 100 Continue, but {result[:40]!r}"
+            continue
+        answers, left = result
+        if left or [route.whose(served, a) for a in answers] != ["hostile"]:
+            faults[where] = [a.status for a in answers]
+    assert not faults, faults
+
+
 def test_pipelined_requests_on_every_path_each_get_their_own_answer(served):
     """Decisions (two keys, two actors), gateway calls and the ordinary route pipelined on one
     connection, directly and through HAProxy, several such connections at once (through
