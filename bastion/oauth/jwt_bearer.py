@@ -7,27 +7,32 @@ access token for one MCP server with no consent screen (the provider's policy de
 An ID-JAG is accepted only from a configured identity provider (``[[oauth.id_jag.issuers]]``),
 signed with an asymmetric algorithm of its list by a key of its key set (``jwks_uri``, given or
 found through its metadata), with ``typ`` ``oauth-id-jag+jwt``, ``aud`` bastion's issuer alone,
-``client_id`` the client that authenticated at ``/token`` (a confidential one), ``exp``, ``iat``
-(at most ``max_lifetime_seconds`` apart), ``sub`` and a ``jti`` used once (kept per provider in
-the database every replica shares), no ``act`` (an actor bastion's token would drop), and, with a
-``cnf``, a DPoP proof of its key (``jkt``). ``resource`` names bastion's protected resource (of
-several, the one the request's ``resource`` names; absent, the request's own ``resource``), which
-the response names; ``scope`` holds only that resource's scopes. The token
-carries the scopes of the ID-JAG that the request asked for and the client is registered for.
-The user is the provider's ``user_prefix`` then the value of its ``user_claim``: a bastion user
-(a disabled one is refused; never a client's id, which names an agent acting as itself), and the
-policy decides every call of the token as for any other. With a ``user_claim`` other than its
-``account_claim`` (``sub``; an email, which the provider may give to another person), the user
-stays bound to the first account that got a token for it (`bastion.identity.accounts`). Every refusal is ``invalid_grant``
-(RFC 7521 §5.2) but a request that asks for more than the ID-JAG grants (``invalid_scope``) or
-another resource (``invalid_target``). The ID-JAG's ``acr`` and ``amr``, how the person signed
-in at the provider, are checked as an ID token's are (`bastion.oauth.sign_in_context`: a malformed
-one is refused) and carried by the grant and its token. No refresh token is issued: the
-client asks its provider for a fresh ID-JAG, so the provider stays in charge.
+``client_id`` the client that authenticated at ``/token`` (a confidential one), ``exp``, ``iat`` (at
+most ``max_lifetime_seconds`` apart), ``sub`` and a ``jti`` used once (kept per provider in the
+database every replica shares), no ``act`` (an actor bastion's token would drop), and, with a
+``cnf``, a DPoP proof of its key (``jkt``); a ``tenant`` only from a provider that lists it
+(``tenants``: one issuer for many tenants, whose ``sub`` is a person only within its tenant), and an
+``aud_tenant`` only bastion's own at the provider (``aud_tenant``). ``resource`` names bastion's
+protected resource (of several, the one the request's ``resource`` names; absent, the request's own
+``resource``), which the response names; ``scope`` holds only that resource's scopes. The token
+carries the scopes of the ID-JAG that the request asked for and the client is registered for. The
+user is the provider's ``user_prefix`` then the value of its ``user_claim``: a bastion user (a
+disabled one is refused; never a client's id, which names an agent acting as itself), and the policy
+decides every call of the token as for any other. With a ``user_claim`` other than its
+``account_claim`` (``sub``; an email, which the provider may give to another person), the user stays
+bound to the first account that got a token for it (`bastion.identity.accounts`), as every user of a
+provider with ``tenants`` is to its tenant's account. An ``aud_sub``, the user's id at bastion, must
+be that user. Every refusal is ``invalid_grant`` (RFC 7521 §5.2) but a request that asks for more
+than the ID-JAG grants (``invalid_scope``) or another resource (``invalid_target``). The ID-JAG's
+``acr`` and ``amr``, how the person signed in at the provider, are checked as an ID token's are
+(`bastion.oauth.sign_in_context`: a malformed one is refused) and carried by the grant and its
+token. No refresh token is issued: the client asks its provider for a fresh ID-JAG, so the provider
+stays in charge.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,7 +111,11 @@ _ISSUER_KEYS = {
     "metadata_cache_seconds",
     "metadata_stale_seconds",
     "allow_private_addresses",
+    "tenants",
+    "aud_tenant",
 }
+# The longest tenant id taken (as the longest account id: OpenID Connect's bound on sub).
+MAX_TENANT_CHARS = MAX_ACCOUNT_CHARS
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,20 @@ class TrustedIdp:
     # (`bastion.egress.private_allowance`); None: all if the issuer is itself on one, else none
     # (`bastion.egress.metadata_allowance`). A jwks_uri configured here is fetched as given.
     allow_private_addresses: PrivateAllowance | None = None
+    # The provider's tenants whose ID-JAGs are taken (the draft's ``tenant``: one issuer for
+    # many tenants, whose ``sub`` names a person only within its tenant); () : the provider is
+    # one tenant, and an ID-JAG naming a tenant is refused.
+    tenants: tuple[str, ...] = ()
+    # bastion's tenant at the provider (the draft's ``aud_tenant``); None: bastion is none, and
+    # an ID-JAG naming one is refused.
+    aud_tenant: str | None = None
+
+    @property
+    def binds_accounts(self) -> bool:
+        """Whether a user is bound to the first account that named it
+        (`IdentityAssertionGrant._bound_to_its_account`): the ``user_claim`` is not the account's
+        own, or one ``sub`` may be two people (of two tenants)."""
+        return self.user_claim != self.account_claim or bool(self.tenants)
 
     @classmethod
     def from_mapping(cls, where: str, table: Any) -> TrustedIdp:
@@ -191,9 +214,38 @@ class TrustedIdp:
             values["allow_private_addresses"] = private_allowance(
                 table["allow_private_addresses"], f"{where}.allow_private_addresses"
             )
+        if "tenants" in table:
+            tenants = table["tenants"]
+            if (
+                not isinstance(tenants, list)
+                or not tenants
+                or any(_tenant_problem(t) for t in tenants)
+            ):
+                raise ValueError(
+                    f"{where}.tenants must be a list of tenant ids (printable strings of 1 to"
+                    f" {MAX_TENANT_CHARS} characters), the tenants of the issuer taken"
+                )
+            if len(set(tenants)) != len(tenants):
+                raise ValueError(f"{where}.tenants: a tenant appears more than once")
+            values["tenants"] = tuple(tenants)
+        if "aud_tenant" in table:
+            if _tenant_problem(table["aud_tenant"]):
+                raise ValueError(
+                    f"{where}.aud_tenant must be bastion's tenant id at the issuer (a printable"
+                    f" string of 1 to {MAX_TENANT_CHARS} characters)"
+                )
+            values["aud_tenant"] = table["aud_tenant"]
         if "account_claim" not in values:
             values["account_claim"] = default_account_claim(values.get("user_claim", "sub"))
         return cls(**values)
+
+
+def _tenant_problem(value: Any) -> bool:
+    return (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_TENANT_CHARS
+        or not value.isprintable()
+    )
 
 
 @dataclass(frozen=True)
@@ -245,6 +297,8 @@ class IdJag:
     expires_at: float
     # The thumbprint of the DPoP key it is bound to (``cnf.jkt``), or None.
     jkt: str | None = None
+    # The provider's tenant it names (``tenant``), one of the provider's ``tenants``; or None.
+    tenant: str | None = None
     claims: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -291,7 +345,7 @@ class IdentityAssertionGrant:
             for i in self.id_jag.issuers
             if not i.jwks_uri
         }
-        if any(i.user_claim != i.account_claim for i in self.id_jag.issuers):
+        if any(i.binds_accounts for i in self.id_jag.issuers):
             server.db.migrate("identity", IDENTITY_MIGRATIONS)  # `_bound_to_its_account`
 
     # -- the grant (a worker thread: `TokenEndpoint.exchange`) ---------------------------------
@@ -362,6 +416,7 @@ class IdentityAssertionGrant:
             grant_type=JWT_BEARER_GRANT_TYPE,
             idp=idp.issuer,
             idp_subject=claims.get("sub"),
+            idp_tenant=found.tenant,
             resource=grant.resource,
             requested_scope=form.get("scope"),
             scope=grant.scope,
@@ -475,6 +530,7 @@ class IdentityAssertionGrant:
             raise InvalidGrant("the ID-JAG needs sub, the user")
         if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_CHARS:
             raise InvalidGrant(f"the ID-JAG needs jti, a string of 1 to {MAX_JTI_CHARS} characters")
+        tenant = self._tenant(idp, claims)
         if claims.get("client_id") != client.client_id:
             raise InvalidGrant(
                 f"the ID-JAG was issued to client {claims.get('client_id')!r}, not to"
@@ -500,8 +556,58 @@ class IdentityAssertionGrant:
             jti=jti,
             expires_at=float(exp),
             jkt=jkt,
+            tenant=tenant,
             claims=dict(claims),
         )
+
+    @staticmethod
+    def _tenant(idp: TrustedIdp, claims: Mapping[str, Any]) -> str | None:
+        """The provider's tenant the ID-JAG names, one of its ``tenants`` (the draft's
+        "Tenant Relationships": a multi-tenant issuer "MUST include the tenant claim", and its
+        ``sub`` is unique only "scoped with issuer and tenant"); and ``aud_tenant``, the tenant
+        of the resource side it is for, bastion's own at the provider. Each is refused, not
+        ignored, where bastion has not been told of it: the tenant of another company at the
+        same issuer could name any of bastion's users, and an ID-JAG for another tenant of the
+        resource side is not for bastion."""
+        tenant = claims.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise InvalidGrant("the ID-JAG's tenant must be a string")
+        if not idp.tenants:
+            if tenant is not None:
+                raise InvalidGrant(
+                    f"the ID-JAG names tenant {tenant!r} of {idp.issuer}, which takes none: its"
+                    " sub names a person only within that tenant; list the tenants taken in"
+                    f" tenants of its {ID_JAG_TABLE} table"
+                )
+        elif tenant is None:
+            raise InvalidGrant(
+                f"the ID-JAG names no tenant: {idp.issuer} is taken for tenants"
+                f" {list(idp.tenants)} only ({ID_JAG_TABLE} tenants)"
+            )
+        elif tenant not in idp.tenants:
+            raise InvalidGrant(
+                f"the ID-JAG's tenant {tenant!r} is not one of {list(idp.tenants)}, the tenants"
+                f" of {idp.issuer} taken ({ID_JAG_TABLE} tenants)"
+            )
+        aud_tenant = claims.get("aud_tenant")
+        if aud_tenant is not None and not isinstance(aud_tenant, str):
+            raise InvalidGrant("the ID-JAG's aud_tenant must be a string")
+        if aud_tenant != idp.aud_tenant:
+            if aud_tenant is None:
+                raise InvalidGrant(
+                    f"the ID-JAG names no aud_tenant: bastion is tenant {idp.aud_tenant!r} at"
+                    f" {idp.issuer} ({ID_JAG_TABLE} aud_tenant)"
+                )
+            bastions = (
+                "bastion is no tenant at it"
+                if idp.aud_tenant is None
+                else f"bastion is {idp.aud_tenant!r}"
+            )
+            raise InvalidGrant(
+                f"the ID-JAG is for aud_tenant {aud_tenant!r} of the resource side: {bastions}"
+                f" ({ID_JAG_TABLE} aud_tenant)"
+            )
+        return tenant
 
     @staticmethod
     def _bound_key(claims: Mapping[str, Any]) -> str | None:
@@ -580,6 +686,19 @@ class IdentityAssertionGrant:
             raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim names no user")
         if not vouched_for(found.claims, idp.user_claim):
             raise InvalidGrant(UNVERIFIED_EMAIL)
+        if "aud_sub" in found.claims and idp.user_claim != "aud_sub":
+            # The draft's aud_sub is the user's id at bastion: one naming another user than
+            # the user_claim does is a provider contradicting itself, and bastion would pick.
+            aud_sub = found.claims["aud_sub"]
+            if not isinstance(aud_sub, str):
+                raise InvalidGrant(
+                    "the ID-JAG's aud_sub must be a string, the user's id at bastion"
+                )
+            if aud_sub != user:
+                raise InvalidGrant(
+                    f"the ID-JAG's aud_sub {aud_sub!r} is not {user!r}, the user its"
+                    f" {idp.user_claim!r} claim names (with user_prefix {idp.user_prefix!r})"
+                )
         if problem := self.server.store.user_name_problem(user):
             raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim: {problem}")
         state = self.server.store.user_state(user)
@@ -595,9 +714,11 @@ class IdentityAssertionGrant:
         """With a ``user_claim`` other than the ``account_claim`` (an email, a login name, which
         the provider may give to another person: a moved person's old address to a new hire),
         the user is the person's whose account (``sub`` by default) first got a token for it,
-        until an administrator releases it (``bastion users unlink``); another is refused."""
+        until an administrator releases it (``bastion users unlink``); another is refused. Of
+        a provider taken for ``tenants``, the account is the tenant's (a ``sub`` is unique only
+        within its tenant), and every user is bound, even one named by its account."""
         claim = idp.account_claim
-        if idp.user_claim == claim:
+        if not idp.binds_accounts:
             return  # the user's name is its account's: no other account can name it
         account = found.claims.get(claim)
         if not isinstance(account, str) or not account or len(account) > MAX_ACCOUNT_CHARS:
@@ -605,6 +726,9 @@ class IdentityAssertionGrant:
                 f"the ID-JAG's {claim!r} claim names no account of at most {MAX_ACCOUNT_CHARS}"
                 " characters (the user is bound to it)"
             )
+        if idp.tenants:
+            # Unambiguous whatever the two hold (a tenant "a b" and "a", "b c" differ).
+            account = json.dumps([found.tenant, account], ensure_ascii=False)
         provider = id_jag_issuer(idp.issuer)
         if bound_elsewhere(self.server.db, provider, user, account, self.clock()) is not None:
             raise InvalidGrant(account_taken(user, idp.issuer, claim))

@@ -51,7 +51,7 @@ class EnterpriseIdp:
     def __init__(self) -> None:
         self.keys = {
             name: ECKey.generate_key("P-256", parameters={"kid": "k1"})
-            for name in ("acme", "other", "big", "mail", "corp")
+            for name in ("acme", "other", "big", "mail", "corp", "multi")
         }
         self.url = ""
         self.down_asked = 0
@@ -417,6 +417,33 @@ ATTACKS = {
         "email_verified is not true",
     ),
     "a user bastion does not know": (lambda i, b, c: i.id_jag(b, c, sub="zed"), "not a user"),
+    # The draft's tenant claims (§3.1, "Tenant Relationships"): a provider that names a tenant
+    # is a multi-tenant issuer, whose sub names a person only within that tenant; acme lists
+    # none, so it takes none. bastion is no tenant of acme's (no aud_tenant), so an ID-JAG for a
+    # tenant of the resource side is for another; aud_sub, the user's id at bastion, must be
+    # the user the ID-JAG names.
+    "a tenant from a provider that lists none": (
+        lambda i, b, c: i.id_jag(b, c, tenant="acme-co"),
+        "tenant 'acme-co'",
+    ),
+    "an aud_tenant bastion is not": (
+        lambda i, b, c: i.id_jag(b, c, aud_tenant="bastion-1"),
+        "aud_tenant 'bastion-1'",
+    ),
+    "an aud_sub naming another user": (
+        lambda i, b, c: i.id_jag(b, c, aud_sub="admin"),
+        "aud_sub 'admin'",
+    ),
+    "an aud_sub that is not a string": (
+        lambda i, b, c: i.id_jag(b, c, aud_sub=["sam"]),
+        "aud_sub",
+    ),
+    "an aud_sub missing the user_prefix": (
+        lambda i, b, c: i.id_jag(
+            b, c, iss=i.issuer("corp"), signer="corp", sub="rui", aud_sub="rui"
+        ),
+        "aud_sub 'rui'",
+    ),
     "alg HS256": (
         lambda i, b, c: i.id_jag(
             b, c, alg="HS256", key=OctKey.import_key(b"a-shared-secret-of-32-bytes-long")
@@ -432,6 +459,113 @@ def test_an_id_jag_that_must_be_refused_is_refused(bastion, idp, agent, attack):
     before = len(bastion.app.state.oauth.audit.events("token.issued"))
     assert reason in refused(present(bastion, agent, build(idp, bastion, agent["client_id"])))
     assert len(bastion.app.state.oauth.audit.events("token.issued")) == before
+
+
+def test_an_aud_sub_that_is_the_user_is_taken(bastion, idp, agent):
+    jag = idp.id_jag(bastion, agent["client_id"], aud_sub="sam")
+    answer = present(bastion, agent, jag)
+    assert answer.status_code == 200, answer.text
+    assert claims_of(answer.json()["access_token"])["sub"] == "sam"
+
+
+# -- a multi-tenant provider ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tenanted(tmp_path_factory, idp):
+    """A bastion that takes the ID-JAGs of one issuer for many tenants ("multi"), of two of its
+    tenants, and is itself tenant "bastion-1" at it; and of "corp", which lists one tenant and
+    names its users by email."""
+    oauth = {
+        "initial_access_tokens": [INITIAL_TOKEN],
+        "id_jag": {
+            "issuers": [
+                {
+                    "issuer": idp.issuer("multi"),
+                    "jwks_uri": f"{idp.issuer('multi')}/jwks",
+                    "users": "any",
+                    "tenants": ["acme-co", "beta-co"],
+                    "aud_tenant": "bastion-1",
+                },
+                {
+                    "issuer": idp.issuer("corp"),
+                    "jwks_uri": f"{idp.issuer('corp')}/jwks",
+                    "users": "any",
+                    "user_claim": "email",
+                    "tenants": ["corp-co"],
+                },
+            ]
+        },
+    }
+    with start(tmp_path_factory.mktemp("id-jag-tenants"), oauth=oauth) as b:
+        b.agent = register(b)
+        yield b
+
+
+def multi_jag(idp, b, **claims) -> str:
+    claims = {"tenant": "acme-co", "aud_tenant": "bastion-1", **claims}
+    return idp.id_jag(b, b.agent["client_id"], iss=idp.issuer("multi"), signer="multi", **claims)
+
+
+TENANT_ATTACKS = {
+    "a tenant not listed": (lambda i, b: multi_jag(i, b, tenant="evil-co"), "tenant 'evil-co'"),
+    "no tenant": (lambda i, b: multi_jag(i, b, tenant=None), "names no tenant"),
+    "a tenant that is not a string": (
+        lambda i, b: multi_jag(i, b, tenant=["acme-co"]),
+        "tenant must be a string",
+    ),
+    "another aud_tenant": (
+        lambda i, b: multi_jag(i, b, aud_tenant="bastion-2"),
+        "aud_tenant 'bastion-2'",
+    ),
+    "no aud_tenant": (lambda i, b: multi_jag(i, b, aud_tenant=None), "names no aud_tenant"),
+    "an aud_sub naming another user": (
+        lambda i, b: multi_jag(i, b, sub="sam", aud_sub="root"),
+        "aud_sub 'root'",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", TENANT_ATTACKS)
+def test_an_id_jag_of_a_tenant_bastion_does_not_take_is_refused(tenanted, idp, attack):
+    build, reason = TENANT_ATTACKS[attack]
+    before = len(tenanted.app.state.oauth.audit.events("token.issued"))
+    assert reason in refused(present(tenanted, tenanted.agent, build(idp, tenanted)))
+    assert len(tenanted.app.state.oauth.audit.events("token.issued")) == before
+
+
+def test_an_id_jag_of_a_listed_tenant_for_bastions_tenant_gets_a_token(tenanted, idp):
+    answer = present(tenanted, tenanted.agent, multi_jag(idp, tenanted, sub="ana", aud_sub="ana"))
+    assert answer.status_code == 200, answer.text
+    assert claims_of(answer.json()["access_token"])["sub"] == "ana"
+    issued = tenanted.app.state.oauth.audit.events("token.issued")[-1]
+    assert issued.detail["idp_tenant"] == "acme-co"
+
+
+def test_the_same_sub_in_another_tenant_is_another_person(tenanted, idp):
+    """The draft: a multi-tenant issuer's ``sub`` is unique only with its tenant (``iss`` +
+    ``tenant`` + ``sub``). Two tenants' people of one ``sub`` would be one bastion user; the user
+    stays the first one's, as an address given to another person does."""
+    first = present(tenanted, tenanted.agent, multi_jag(idp, tenanted, sub="u-7"))
+    assert first.status_code == 200, first.text
+    said = refused(
+        present(tenanted, tenanted.agent, multi_jag(idp, tenanted, sub="u-7", tenant="beta-co"))
+    )
+    assert "belongs to another account" in said, said
+    again = present(tenanted, tenanted.agent, multi_jag(idp, tenanted, sub="u-7"))
+    assert again.status_code == 200, again.text
+
+
+def test_a_user_named_by_email_binds_to_the_tenant_and_sub(tenanted, idp):
+    def jag(sub: str, tenant: str = "corp-co") -> str:
+        return idp.id_jag(
+            tenanted, tenanted.agent["client_id"], iss=idp.issuer("corp"), signer="corp",
+            sub=sub, tenant=tenant, email="al@corp.test", email_verified=True,
+        )  # fmt: skip
+
+    assert present(tenanted, tenanted.agent, jag("a-1")).status_code == 200
+    assert "belongs to another" in refused(present(tenanted, tenanted.agent, jag("a-2")))
+    assert "tenant 'other-co'" in refused(present(tenanted, tenanted.agent, jag("a-1", "other-co")))
 
 
 def test_an_aud_of_one_element_is_bastions_issuer_alone(bastion, idp, agent):
@@ -648,6 +782,28 @@ def test_the_client_must_authenticate_and_be_confidential(bastion, idp, agent):
         ),
         ({"issuers": [{"issuer": "https://idp.example.com", "account_claim": ""}]}, "account"),
         ({"max_lifetime_seconds": 0}, "max_lifetime_seconds"),
+        (
+            {"issuers": [{"issuer": "https://idp.example.com", "tenants": "acme"}]},
+            "tenants must be",
+        ),
+        ({"issuers": [{"issuer": "https://idp.example.com", "tenants": []}]}, "tenants must be"),
+        (
+            {"issuers": [{"issuer": "https://idp.example.com", "tenants": ["a", "a"]}]},
+            "more than once",
+        ),
+        ({"issuers": [{"issuer": "https://idp.example.com", "tenants": [""]}]}, "tenants must be"),
+        (
+            {"issuers": [{"issuer": "https://idp.example.com", "tenants": ["a\nb"]}]},
+            "tenants must be",
+        ),
+        (
+            {"issuers": [{"issuer": "https://idp.example.com", "aud_tenant": ""}]},
+            "aud_tenant must be",
+        ),
+        (
+            {"issuers": [{"issuer": "https://idp.example.com", "aud_tenant": 7}]},
+            "aud_tenant must be",
+        ),
     ],
 )
 def test_a_wrong_id_jag_setting_names_its_key(tmp_path, table, message):
