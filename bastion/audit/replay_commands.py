@@ -151,10 +151,11 @@ def _candidate(
     authz = Authorizer("", limits=limits)
     try:
         loaded: LoadedPolicy = load(sources, limits, strict=config.policy_strict)
-        authz._swap(loaded)  # compiling finds rules that can never be evaluated
+        # Compiling finds rules that can never be evaluated; the warnings are a push's.
+        warnings = authz._swap(loaded)
     except PolicyError as err:
         raise _Refused(*(str(d) for d in err.diagnostics)) from None
-    for warning in loaded.warnings:
+    for warning in warnings:
         print(warning, file=sys.stderr)
     return authz, sources[0][1] if len(sources) == 1 else None
 

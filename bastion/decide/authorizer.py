@@ -814,10 +814,11 @@ class Authorizer:
         self, text: str, *, source: str = "<policy>", strict: bool = False
     ) -> list[Diagnostic]:
         """Check and compile ``text`` without putting it in force; return its warnings (with
-        ``strict``, they are errors: `PolicyError`)."""
+        ``strict``, the misspelling guard's are errors: `PolicyError`; the decision contract's
+        stay warnings)."""
         loaded = load([(source, text)], self.limits, strict=strict)
         _Active(loaded, FactIndex(), self.limits).compiled.close()
-        return loaded.warnings
+        return policy_warnings(loaded)
 
     def _swap(self, loaded: LoadedPolicy) -> list[Diagnostic]:
         # Compiled fully before it is in force, and beside the decisions made meanwhile: the
@@ -830,7 +831,7 @@ class Authorizer:
             # Every decision takes the policy in force under the lock: none runs this one now.
             if replaced is not None:
                 replaced.compiled.close()
-        return loaded.warnings
+        return policy_warnings(loaded)
 
     @property
     def policy(self) -> LoadedPolicy:
@@ -1141,3 +1142,13 @@ class Authorizer:
                 row[i] = v
             rows.append((predicate, *row))
         return sorted(rows, key=repr)
+
+
+def policy_warnings(loaded: LoadedPolicy) -> list[Diagnostic]:
+    """The warnings of a policy that loads: the language's (`bastion.policy.lower`), then the
+    decision contract's (`bastion.decide.contract_warnings`: a mask path that cannot be read,
+    an obligation the gateway never acts on), each list in the order of the text."""
+    # Imported here: the contract is built on the `Authorizer` this module defines.
+    from bastion.decide.contract_warnings import contract_warnings
+
+    return loaded.warnings + contract_warnings(loaded.program)

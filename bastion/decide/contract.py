@@ -73,9 +73,7 @@ from typing import Any, Generic, TypeVar
 
 from bastion.decide.authorizer import Authorizer, Session
 from bastion.facts.model import Entity
-from bastion.policy.ast import Const
-from bastion.policy.errors import Diagnostic, EvaluationLimit, UndecidedQuestion
-from bastion.policy.program import Program
+from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
 from bastion.policy.runtime import ReadContext
 from bastion.signals.read_only import REASON as READ_ONLY
 from bastion.signals.read_only import read_only_holds, refuses_write
@@ -853,30 +851,3 @@ def path_keys(path: str) -> tuple[str, ...] | None:
     if any(not key or "[" in key or "]" in key for key in keys):
         return None
     return keys
-
-
-def mask_path_warnings(program: Program) -> list[Diagnostic]:
-    """A warning for each ``mask`` rule whose path, written in its head, cannot be read (or is
-    not a string): under it every JSON value of a result is withheld whole, which is safe but
-    surely not what its author meant. Warnings only: such a policy loads as it always did. A
-    path that names a key no result has cannot be told from the policy alone."""
-    found = []
-    for clause in program.clauses.get(("mask", 4), ()):
-        path = clause.head[3]
-        if not isinstance(path, Const):
-            continue
-        if not isinstance(path.value, str):
-            message = (
-                f"a mask path is a string, not {path.value!r}: every JSON value of a result it"
-                " applies to is withheld whole"
-            )
-        elif path_keys(path.value) is None:
-            message = (
-                f"the mask path {path.value!r} cannot be read (keys separated by dots, * for"
-                " every element or key, as customers.*.email): every JSON value of a result it"
-                " applies to is withheld whole"
-            )
-        else:
-            continue
-        found.append(Diagnostic(path.location, message, "warning"))
-    return found

@@ -108,7 +108,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     from bastion.decide import Authorizer
-    from bastion.decide.contract import mask_path_warnings
+    from bastion.decide.contract_warnings import contract_warnings
 
     try:
         Authorizer()._swap(loaded)  # compiling finds rules that can never be evaluated
@@ -116,8 +116,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         for d in err.diagnostics:
             print(d, file=sys.stderr)
         return 1
-    # The decision contract's own (a mask path that cannot be read): warnings, never errors.
-    contract = mask_path_warnings(loaded.program)
+    # The decision contract's own (a mask path that cannot be read, an obligation the gateway
+    # never acts on): warnings, never errors, --strict or not.
+    contract = contract_warnings(loaded.program)
     for w in contract:
         print(w, file=sys.stderr)
     rules = sum(len(c) for c in loaded.program.clauses.values())

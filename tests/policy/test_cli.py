@@ -68,6 +68,38 @@ def test_check_warns_of_a_mask_path_that_cannot_be_read_and_still_loads_the_poli
     assert result.stdout.rstrip().endswith("2 warning(s)")
 
 
+def test_check_warns_of_an_obligation_the_gateway_never_acts_on_and_still_loads_the_policy(
+    tmp_path,
+):
+    """A mask, a review or a label where the gateway has nothing to apply it to: the author
+    hears of it from check, with the rule and its place; a rule that may apply elsewhere too
+    (its action a variable) is not warned of; the policy still loads."""
+    policy = tmp_path / "gateway.polar"
+    policy.write_text(
+        "actor User {}\nresource McpServer {}\nresource Tool {}\n"
+        'mask(_u: User, "connect", McpServer{"desk"}, "ssn");\n'
+        'requires_review(_u: User, "connect", _s: McpServer);\n'
+        'label(McpServer{"desk"}, "secret");\n'
+        'mask(_u: User, _action, _s: McpServer, "ssn");\n'
+        'mask(_u: User, "call", Tool{"desk/report"}, "ssn");\n'
+    )
+    result = bastion("policy", "check", "--strict", str(policy))
+    assert result.returncode == 0, result.stderr
+    assert (
+        f'{policy}:4:1: warning: mask(_u: User, "connect", McpServer{{"desk"}}, "ssn") is never'
+        " applied by the gateway" in result.stderr
+    )
+    assert (
+        f'{policy}:5:1: warning: requires_review(_u: User, "connect", _s: McpServer) is never'
+        " applied by the gateway" in result.stderr
+    )
+    assert f'{policy}:6:1: warning: label(McpServer{{"desk"}}, "secret") is never applied' in (
+        result.stderr
+    )
+    assert result.stderr.count(": warning: ") == 3
+    assert result.stdout.rstrip().endswith("3 warning(s)")
+
+
 def test_explain_one_decision_from_a_facts_file():
     result = bastion(
         "policy",

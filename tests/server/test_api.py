@@ -571,6 +571,36 @@ def test_policy_strict_refuses_every_policy_with_warnings_by_every_way_in(config
         assert api.get("/v1/policy").json()["version"] == 4
 
 
+# A mask and a review where the gateway has no result to apply them to, and a mask it applies.
+UNENFORCED_OBLIGATIONS = (
+    POLICY
+    + """
+resource McpServer {}
+resource Tool {}
+mask(_u: User, "connect", McpServer{"desk"}, "ssn");
+requires_review(_u: User, "connect", _s: McpServer);
+mask(_u: User, "call", Tool{"desk/report"}, "ssn");
+"""
+)
+
+
+def test_validate_and_put_list_the_obligations_the_gateway_never_acts_on_as_warnings(api):
+    """The contract's warnings come with the policy's own, by every way a policy is checked
+    in; warnings only, under strict too: the policy is valid and is put in force."""
+    lines = UNENFORCED_OBLIGATIONS.splitlines()
+    mask_line = lines.index('mask(_u: User, "connect", McpServer{"desk"}, "ssn");') + 1
+    r = api.post("/v1/policy/validate", json={"text": UNENFORCED_OBLIGATIONS, "strict": True})
+    assert r.status_code == 200 and r.json()["valid"] is True
+    found = r.json()["warnings"]
+    assert len(found) == 2, found
+    assert found[0].startswith(f"policy.polar:{mask_line}:1: warning: mask(")
+    assert "a connect has no result to mask" in found[0]
+    assert found[1].startswith(f"policy.polar:{mask_line + 1}:1: warning: requires_review(")
+    r = api.put("/v1/policy", json={"text": UNENFORCED_OBLIGATIONS})
+    assert r.status_code == 200 and r.json()["warnings"] == found
+    assert api.get("/v1/policy").json()["version"] == 2
+
+
 # -- keys and scopes ---------------------------------------------------------------------------
 
 
