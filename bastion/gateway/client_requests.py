@@ -77,6 +77,14 @@ class Unanswered(RpcError):
     """The client did not answer a request bastion relayed to it in time."""
 
 
+# The refusal of a question the policy holds for a person's review (`ClientRequests.decide`).
+REVIEW_REQUIRED = "review_required"
+REVIEW_MEANING = (
+    "the policy holds this request for a person's review, which cannot be waited for while the"
+    " upstream waits for its answer"
+)
+
+
 def relay_outcome(
     sent: dict[str, Any] | None = None, error: BaseException | None = None
 ) -> tuple[str, str]:
@@ -193,8 +201,8 @@ class ClientRequests:
         """May the upstream ``server`` send ``caller``'s client ``method``? Decided as the
         action ``method`` on ``McpServer{server}``: a refusal is recorded and raised; an allowed
         one is recorded by `settle`, once what reached the other side is known (its answer goes
-        back under the masks of `answer_masks`). A hold or a step-up cannot be waited for here:
-        refused."""
+        back under the masks of `answer_masks`). A hold, a review or a step-up cannot be waited
+        for here: refused (the upstream is waiting for the answer, on a call or a stream)."""
         enforcer = self.gateway.enforcer
         context = enforcer.context(caller, server, method)
         resource = Entity("McpServer", server)
@@ -204,6 +212,11 @@ class ClientRequests:
             raise refused(server, e.decision_id, "insufficient_scope") from None
         except Held as held:
             raise refused(server, held.decision_id, held.reason) from None
+        if verdict.review_step is not None:
+            # Allowed with its answer to be held for a reviewer, which no one could then
+            # release to an upstream waiting for it: refused, and recorded so.
+            self.settle(verdict, "deny", REVIEW_REQUIRED)
+            raise refused(server, verdict.decision_id, REVIEW_REQUIRED, REVIEW_MEANING)
         return verdict
 
     def settle(self, verdict: Verdict | None, result: str, reason: str) -> None:

@@ -41,7 +41,7 @@ from .streams import legacy_session, messages, modern_headers, modern_request
 from .support import REDIRECT_URI, LegacyOnly, MemoryEvents, Recorder, fresh_module, start
 
 SERVER = fresh_module("session_server", Path(__file__).parent / "session_server.py")
-NAMES = ["solo", "pair", "together", "capped", "brief", "hushed"]
+NAMES = ["solo", "pair", "together", "capped", "brief", "hushed", "reviewed"]
 # Everyone may do everything on these servers, except that the upstream may not list a client's
 # roots, and a client's elicitation answer goes back with its "secret" field masked.
 POLICY = f"""
@@ -50,6 +50,9 @@ allow(_actor, _action: String, _it: Tool) if context.server in {json.dumps(NAMES
 deny(_user: User, "roots/list", _it: McpServer) if context.server in {json.dumps(NAMES)};
 mask(_user: User, "elicitation/create", _it: McpServer, "content.secret") if
   context.server in {json.dumps(NAMES)};
+# "reviewed": what the client answers the upstream's sampling requests is held for a review.
+requires_review(_user: User, "sampling/createMessage", _it: McpServer) if
+  context.server = "reviewed";
 # "hushed": every call's result is under a mask (the SDK puts a tool's text in "result").
 mask(_user: User, "call", _it: Tool, "result") if context.server = "hushed";
 deny(user: User, "connect", _it: McpServer) if user = User{{"sam"}} and
@@ -86,6 +89,7 @@ def bastion(tmp_path_factory):
             {"name": "mine", "url": f"{lab_url}/mcp", "session": "per_user"},
             {"name": "solo", "url": f"{url}/mcp", "session": "per_user"},
             {"name": "hushed", "url": f"{url}/mcp", "session": "per_user"},
+            {"name": "reviewed", "url": f"{url}/mcp", "session": "per_user"},
             {"name": "pair", "url": f"{url}/mcp", "session": "per_client_session"},
             {"name": "together", "url": f"{url}/mcp"},
             {"name": "capped", "url": f"{url}/mcp", "session": "per_user", "max_sessions": 1},
@@ -283,6 +287,32 @@ def test_a_request_the_policy_denies_is_refused_to_the_upstream(bastion, tool):
     answer = anyio.run(main)
     assert answer.startswith("refused: bastion refused this request (solo): not permitted")
     assert asked == []
+
+
+@pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
+def test_a_request_the_policy_holds_for_review_is_refused_to_the_upstream(bastion, tool):
+    """Nobody can review what the client answers while the upstream waits for it (within a
+    call or on the standing stream): such a request is refused, and recorded so. Before, where
+    someone could review (alice, for her own agent), it was let through with a review to do
+    that nobody did: the client was asked, and its answer went upstream unreviewed."""
+    asked: list = []
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "reviewed", asked)
+            await streams_open(bastion, "reviewed", 1)
+            return await text(alice, tool, kind="sample")
+
+    bastion.flush()
+    after = bastion.records.last_seq()
+    answer = anyio.run(main)
+    assert answer.startswith(
+        "refused: bastion refused this request (reviewed): the policy holds this request for a"
+        " person's review"
+    ), answer
+    assert asked == []
+    [record] = relayed_records(bastion, after, "reviewed", "sampling/createMessage")
+    assert (record.result, record.reason) == ("deny", "review_required")
 
 
 @pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
