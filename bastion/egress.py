@@ -12,7 +12,9 @@ cloud's metadata service (169.254.169.254) and the operator's private network (S
 refusal told what was there. `pinned` resolves the name once, refuses unless every address it
 gave may be reached (`may_connect`: public, or within what the fetch's setting allows), and has
 the connection made to the address it checked (a name resolved again could lead elsewhere: DNS
-rebinding), with the request and TLS still the name's.
+rebinding), with the request and TLS still the name's. A webhook receiver's URL is the
+operator's, but its name is whoever controls its DNS: its deliveries are pinned too
+(`bastion.webhooks.Outbox`).
 
 A setting that allows non-public addresses (``allow_private_addresses``) is read by one function,
 `private_allowance`: ``false`` (none), ``true`` (every one), or a list of networks (only those);

@@ -15,6 +15,13 @@ on the server's event loop claims due rows under a lease, posts them, and record
 memory. A process that stops or dies leaves its rows for the next one (or
 another replica) to take once the lease ends. Receivers dedupe on the delivery id
 (``Bastion-Delivery``, and signed in the body), the same across retries.
+
+A receiver named by a DNS name is reached at public addresses only, its name resolved once at
+each attempt and the connection made to the address checked (`bastion.egress.pinned`), unless
+its ``allow_private_addresses`` allows more; unset, one named by a loopback or private address
+may reach every one (`bastion.egress.metadata_allowance`). A refused address is a failed
+attempt, recorded and retried as any other: whoever controls the receiver's DNS cannot point the
+signed POST into bastion's network.
 """
 
 from __future__ import annotations
@@ -38,7 +45,14 @@ import anyio
 import httpx
 
 from bastion.db import Database, DatabaseUnavailable, first_line, prune_rows
-from bastion.egress import cleartext_problem
+from bastion.egress import (
+    AddressRefused,
+    PrivateAllowance,
+    cleartext_problem,
+    metadata_allowance,
+    pinned,
+    private_allowance,
+)
 from bastion.names import readable
 from bastion.tls import fetching_client
 
@@ -73,10 +87,28 @@ class Webhook:
     allow_http: bool = False
     # While the secret is rotated: the one receivers may still verify with (also signed).
     previous_secret: bytes = field(default=b"", repr=False)
+    # The non-public addresses its name may lead to (``allow_private_addresses``, read by
+    # `bastion.egress.private_allowance`); None: as `bastion.egress.metadata_allowance` says
+    # for its URL (every one if the URL names a loopback or private address, else none).
+    allow_private_addresses: PrivateAllowance | None = None
+    # The table it was configured in (``approvals.webhooks[0]``), for refusals: "" if none.
+    where: str = field(default="", repr=False, compare=False)
 
     @property
     def label(self) -> str:
         return webhook_label(self.url)
+
+    @property
+    def private_addresses(self) -> PrivateAllowance:
+        """The non-public addresses a delivery may connect to (`bastion.egress.pinned`)."""
+        return metadata_allowance(self.url, self.allow_private_addresses)
+
+    @property
+    def private_setting(self) -> str:
+        """The setting that allows more addresses, as a refusal names it."""
+        if self.where:
+            return f"{self.where}.allow_private_addresses"
+        return "allow_private_addresses of this webhook"
 
     def __repr__(self) -> str:
         return f"Webhook({self.label})"
@@ -104,7 +136,9 @@ MIN_SECRET_BYTES = 16
 
 
 # The keys of one ``[[<table>.webhooks]]`` table.
-WEBHOOK_KEYS = frozenset({"url", "url_env", "secret_env", "previous_secret_env", "allow_http"})
+WEBHOOK_KEYS = frozenset(
+    {"url", "url_env", "secret_env", "previous_secret_env", "allow_http", "allow_private_addresses"}
+)
 
 
 def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webhook]) -> Webhook:
@@ -153,6 +187,14 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
             f"{named} ({webhook_label(url)}) {problem}; a receiver on a network trusted with"
             f" what is sent may be named over plain http with {where}.allow_http = true"
         )
+    private: PrivateAllowance | None = None
+    if "allow_private_addresses" in hook:
+        try:
+            private = private_allowance(
+                hook["allow_private_addresses"], f"{where}.allow_private_addresses"
+            )
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
     if any(known.url == url for known in before):
         raise SettingsError(f"{named} names the same URL as an earlier webhook")
     secret = _secret(where, "secret_env", hook, env)
@@ -165,7 +207,14 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
                 " secret is rotated, secret_env holds the new one and previous_secret_env the"
                 " old one"
             )
-    return Webhook(url, secret, allow_http, previous_secret=previous)
+    return Webhook(
+        url,
+        secret,
+        allow_http,
+        previous_secret=previous,
+        allow_private_addresses=private,
+        where=where,
+    )
 
 
 def _secret(where: str, key: str, hook: dict, env: dict[str, str]) -> bytes:
@@ -634,17 +683,38 @@ class Outbox:
             DELIVERY_HEADER: delivery.id,
             EVENT_HEADER: delivery.event,
         }
+        target, extensions = httpx.URL(hook.url), {}
         try:
             async with asyncio.timeout(self.settings.webhook_timeout_seconds):
+                private = hook.private_addresses
+                if private is not True:
+                    # Resolved once, each address checked, and the connection made to the one
+                    # checked: a name pointed into bastion's network after the check (DNS
+                    # rebinding) cannot lead the signed POST there.
+                    target, named, extensions = await pinned(target, private)
+                    headers.update(named)
                 # The answer's body is not read: a receiver cannot make bastion hold it.
                 async with client.stream(
-                    "POST", hook.url, content=body, headers=headers
+                    "POST", target, content=body, headers=headers, extensions=extensions
                 ) as response:
                     return response.status_code, ""
         except TimeoutError:
             return None, f"no answer within {self.settings.webhook_timeout_seconds:g} s"
+        except AddressRefused as e:
+            error = f"{e} ({hook.private_setting})"[:_ERROR_CHARS]
+            log.warning(
+                "webhook delivery %s of %s to %s refused: %s",
+                delivery.id,
+                delivery.request_id,
+                delivery.webhook,
+                error,
+            )
+            return None, error
         except httpx.HTTPError as e:
+            # Neither the URL nor the address it was pinned to, path and all: the path is a
+            # credential (`webhook_label`).
             error = f"{type(e).__name__}: {e}".replace(hook.url, hook.label)
+            error = error.replace(str(target), hook.label)
             return None, error[:_ERROR_CHARS]
 
     # -- the outbox: database work, in worker threads --------------------------------------------

@@ -41,7 +41,7 @@ from bastion.gateway.http1 import Http1Client, HttpConnectError
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json
 from bastion.outbound_proxy import parse_outbound_proxy
 from bastion.server.config import ConfigError, ServerConfig
-from bastion.webhooks import DELIVERED, Webhook
+from bastion.webhooks import DELIVERED, FAILED, Webhook
 from tests.conftest import unavailable
 from tests.oauth.support import self_signed_certificate, serve
 from tests.ports import free_port
@@ -294,6 +294,25 @@ def test_a_webhook_is_delivered_through_the_proxy(world, tmp_path, caplog):
     assert deliver(tmp_path / "outbox", hook) == DELIVERED
     assert world["proxy"].connects() == [world["numbered"].removeprefix("https://") + " HTTP/1.1"]
     assert PASSWORD not in caplog.text
+
+
+def test_a_webhook_by_name_goes_through_the_proxy_to_the_address_bastion_checked(world, tmp_path):
+    """A webhook named by a DNS name is resolved and checked by bastion, and the proxy asked for
+    the address checked: one whose name resolves to the metadata service is refused before the
+    proxy is asked; one on the private network it lists is delivered, TLS the name's."""
+    _use(world["proxy"].url)
+    secret = b"0123456789abcdef0123"
+    port = world["peer"].rsplit(":", 1)[1]
+    metadata = Webhook(url=f"https://metadata.test:{port}/hook", secret=secret)
+    assert deliver(tmp_path / "refused", metadata) == FAILED
+    listed = world["limits"].private_addresses
+    hook = Webhook(url=world["peer"] + "/hook", secret=secret, allow_private_addresses=listed)
+    assert deliver(tmp_path / "listed", hook) == DELIVERED
+    assert world["proxy"].connects() == [f"{world['own']}:{port} HTTP/1.1"]
+    # Without the setting the private address it resolves to is refused, the proxy not asked.
+    unlisted = Webhook(url=world["peer"] + "/hook", secret=secret)
+    assert deliver(tmp_path / "unlisted", unlisted) == FAILED
+    assert len(world["proxy"].connects()) == 1
 
 
 def test_an_upstream_is_reached_through_the_proxy(world):

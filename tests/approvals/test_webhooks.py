@@ -11,8 +11,10 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +40,7 @@ from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
+from bastion.signals.alerts import AlertSettings
 from tests import waits
 from tests.oauth.support import free_socket, serve
 from tests.waits import PATIENCE
@@ -1171,3 +1174,147 @@ def test_a_receiver_that_keeps_failing_cannot_fill_the_queue_with_its_retries(
     assert [state(notifier, r.id)[failing_url] for r in held] == [PENDING] * 8
     assert len(receiver.got) == 8 and len(failing.got) == 8
     approvals.store.db.close()
+
+
+# -- where a delivery may go: the address rule (`bastion.egress.pinned`) ----------------------
+
+
+@pytest.fixture
+def hooks_test(monkeypatch) -> Callable[[str], str]:
+    """``hooks.test``, a name that is not the loopback's, resolves to 127.0.0.1, as a receiver's
+    DNS name pointed into bastion's own network would: ``named(url)`` is a receiver's URL by it."""
+    real = socket.getaddrinfo
+
+    def resolving(host, port, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name == "hooks.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolving)
+    return lambda url: url.replace("//127.0.0.1:", "//hooks.test:", 1)
+
+
+def test_a_webhook_whose_name_resolves_to_a_private_address_is_refused_and_the_next_delivered(
+    sqlite_url, receivers, hooks_test, caplog
+):
+    """Whoever controls a receiver's DNS name could point the signed POST anywhere in bastion's
+    network: a name that is not itself private is reached at public addresses only. The refusal
+    is a failed attempt, recorded with its reason and retried as any other; the other webhook's
+    deliveries, and the next request's, go on."""
+    caplog.set_level(logging.WARNING, logger="bastion.webhooks")
+    pointed, receiver = Receiver(), Receiver()
+    named = hooks_test(receivers(pointed))
+    url = receivers(receiver)  # by its address: 127.0.0.1, allowed its own kind
+    hooks = (Webhook(named, SECRET, allow_http=True), Webhook(url, SECRET))
+    chosen = dataclasses.replace(settings(webhook_attempts=2), webhooks=hooks)
+    approvals = approvals_on(sqlite_url, chosen)
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            first = await hold(approvals)
+            ended = {named: FAILED, url: DELIVERED}
+            await eventually(lambda: state(notifier, first.id) == ended, "first answered")
+            second = await hold(approvals, the_call({"n": 2}))
+            await eventually(lambda: state(notifier, second.id) == ended, "second answered")
+        finally:
+            await notifier.close()
+        return first, second
+
+    first, second = anyio.run(scenario)
+    assert pointed.got == []
+    assert len(receiver.got) == 2 and all(r.verified for r in receiver.got)
+    refusal = (
+        "hooks.test resolves to non-public address 127.0.0.1; refused"
+        " (allow_private_addresses of this webhook)"
+    )
+    for request in (first, second):
+        tried = [a for a in notifier.attempts(request.id) if a.webhook == webhook_label(named)]
+        assert [(a.attempt, a.status_code, a.error) for a in tried] == [
+            (1, None, refusal),
+            (2, None, refusal),
+        ]
+    logged = [r.getMessage() for r in caplog.records if webhook_label(named) in r.getMessage()]
+    assert any(refusal in line for line in logged), logged
+    approvals.store.db.close()
+
+
+def test_a_webhook_whose_name_resolves_to_a_private_address_is_delivered_once_allowed(
+    tmp_path, receivers, hooks_test
+):
+    """``allow_private_addresses`` of the webhook, read as every other peer's: true, or the
+    networks it lists; the request keeps the name (``Host``) while it goes to the address
+    checked. Explicitly false, it refuses even a URL that names the loopback by its address."""
+    receiver = Receiver()
+    url = receivers(receiver)
+    named = hooks_test(url)
+
+    databases = iter(range(10))
+
+    def delivered(hook: dict) -> tuple[str, str]:
+        """One request told to the webhook ``hook`` configures (by a server of its own): its
+        delivery's end, and the error of its one attempt."""
+        database = str(tmp_path / f"bastion-{next(databases)}.db")
+        table = {"webhooks": [{"secret_env": "S", **hook}], "webhook_attempts": 1}
+        chosen = ApprovalSettings.from_mapping(table, env={"S": SECRET.decode()})
+        approvals = approvals_on(database, chosen)
+        notifier = approvals.webhooks
+
+        async def scenario():
+            await notifier.start()
+            try:
+                request = await hold(approvals)
+                ended = lambda: state(notifier, request.id)[hook["url"]]  # noqa: E731
+                await eventually(lambda: ended() != PENDING, "answered")
+                return ended(), notifier.attempts(request.id)
+            finally:
+                await notifier.close()
+
+        try:
+            ended, [attempt] = anyio.run(scenario)
+        finally:
+            approvals.store.db.close()
+        return ended, attempt.error
+
+    by_name = {"url": named, "allow_http": True}
+    for allowed in (["127.0.0.0/8"], True):
+        assert delivered({**by_name, "allow_private_addresses": allowed}) == (
+            DELIVERED,
+            "",
+        )
+    assert len(receiver.got) == 2 and all(r.verified for r in receiver.got)
+    assert {r.headers["host"] for r in receiver.got} == {named.split("/")[2]}
+    # A list that does not hold the address, and false, refuse it.
+    ended, error = delivered({**by_name, "allow_private_addresses": ["10.0.0.0/8"]})
+    assert ended == FAILED and "127.0.0.1 outside the networks allowed" in error
+    assert "approvals.webhooks[0].allow_private_addresses" in error
+    ended, error = delivered({"url": url, "allow_private_addresses": False})
+    assert ended == FAILED
+    assert error.startswith("127.0.0.1 resolves to non-public address 127.0.0.1; refused")
+    assert len(receiver.got) == 2
+
+
+@pytest.mark.parametrize("prefix", ["approvals", "signals.alerts"])
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("yes", r"true, false or a list of networks"),
+        (["10.1.2.3/16"], r"did you mean 10.1.0.0/16"),
+        ([7], r"each network is a string"),
+    ],
+)
+def test_a_webhooks_allow_private_addresses_that_cannot_be_used_is_refused_at_start(
+    prefix, value, said
+):
+    hook = {"url": "https://hooks.example/h", "secret_env": "S", "allow_private_addresses": value}
+    env = {"S": SECRET.decode()}
+    read = ApprovalSettings.from_mapping if prefix == "approvals" else AlertSettings.from_mapping
+    with pytest.raises(
+        ValueError, match=rf"{prefix}.webhooks\[0\].allow_private_addresses.*{said}"
+    ):
+        read({"webhooks": [hook]}, env=env)
+    listed = {**hook, "allow_private_addresses": ["10.1.0.0/16"]}
+    [chosen] = read({"webhooks": [listed]}, env=env).webhooks
+    assert [str(n) for n in chosen.allow_private_addresses] == ["10.1.0.0/16"]
