@@ -238,8 +238,10 @@ async def pinned(
 ) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
     """``url`` with its host replaced by the one address to connect to, and the headers and
     request extensions that keep the request and TLS the name's (``Host``, SNI and the
-    certificate's name). `AddressRefused` unless every address the name resolves to may be
-    reached (`may_connect`: public, or non-public and allowed by ``private``)."""
+    certificate's name; over plain http the name too, by which the outbound proxy's
+    ``egress_no_proxy`` is matched: `bastion.outbound_proxy.RoutedTransport`). `AddressRefused`
+    unless every address the name resolves to may be reached (`may_connect`: public, or
+    non-public and allowed by ``private``)."""
     name = url.raw_host.decode("ascii")
     default_port = 443 if url.scheme == "https" else 80
     try:
@@ -256,5 +258,7 @@ async def pinned(
                 f"{name} resolves to non-public address {address}{outside}; refused"
             )
     headers = {"Host": url.netloc.decode("ascii")}
-    extensions: dict[str, Any] = {"sni_hostname": name} if url.scheme == "https" else {}
+    # httpcore reads it for TLS only; over plain http it still names the request's name (without
+    # it a pinned http request was matched against egress_no_proxy by its address alone).
+    extensions: dict[str, Any] = {"sni_hostname": name}
     return url.copy_with(host=str(addresses[0])), headers, extensions

@@ -315,6 +315,21 @@ def test_a_webhook_by_name_goes_through_the_proxy_to_the_address_bastion_checked
     assert len(world["proxy"].connects()) == 1
 
 
+def test_a_plain_http_webhook_by_a_name_in_egress_no_proxy_is_reached_directly(world, tmp_path):
+    """The name a pinned request is for decides whether it goes direct, over plain http as over
+    https: the connection is made to the address checked, not to the name."""
+    _use(world["proxy"].url, "peer.test")
+    port = world["plain"].rsplit(":", 1)[1]
+    hook = Webhook(
+        url=f"http://peer.test:{port}/hook",
+        secret=b"0123456789abcdef0123",
+        allow_http=True,
+        allow_private_addresses=world["limits"].private_addresses,
+    )
+    assert deliver(tmp_path / "outbox", hook) == DELIVERED
+    assert world["proxy"].connects() == []
+
+
 def test_an_upstream_is_reached_through_the_proxy(world):
     _use(world["proxy"].url)
     assert b'"path":"/mcp"' in anyio.run(_post_upstream, world["numbered"] + "/mcp")
