@@ -683,7 +683,8 @@ class Outbox:
             DELIVERY_HEADER: delivery.id,
             EVENT_HEADER: delivery.event,
         }
-        target, extensions = httpx.URL(hook.url), {}
+        target = httpx.URL(hook.url)
+        extensions: dict[str, Any] = {}
         try:
             async with asyncio.timeout(self.settings.webhook_timeout_seconds):
                 private = hook.private_addresses
