@@ -92,12 +92,18 @@ STATUSES = [201, 202, 204, 206, 301, 302, 304, 400, 401, 404, 429, 500, 503]
 @st.composite
 def poll_answers(draw: st.DrawFn) -> tuple[int, bytes, bytes]:
     """(status, content type, body) of one poll answer."""
+    return hostile_answer(draw, POLL_ANSWER)
+
+
+def hostile_answer(draw: st.DrawFn, template: dict) -> tuple[int, bytes, bytes]:
+    """(status, content type, body) of an answer like ``template`` with one thing wrong: a
+    hostile value in one place, a member named twice, a raw body, a content type, a status."""
     where = draw(st.sampled_from(["place"] * 8 + ["twice", "raw", "type", "status"]))
-    status, kind, body = 200, JSON, json.dumps(POLL_ANSWER).encode()
+    status, kind, body = 200, JSON, json.dumps(template).encode()
     if where == "place":
-        body = placed(POLL_ANSWER, draw(st.sampled_from(places(POLL_ANSWER))), draw(VALUES))
+        body = placed(template, draw(st.sampled_from(places(template))), draw(VALUES))
     elif where == "twice":
-        body = twice(POLL_ANSWER, draw(st.sampled_from(members(POLL_ANSWER))), draw(VALUES))
+        body = twice(template, draw(st.sampled_from(members(template))), draw(VALUES))
     elif where == "raw":
         body = draw(st.sampled_from(RAW))
     elif where == "type":
@@ -271,19 +277,7 @@ def configuration_answers(draw: st.DrawFn, stream: dict) -> tuple[str, tuple[int
     verification, or a subject's addition."""
     endpoint = draw(st.sampled_from(["stream"] * 6 + ["read", "status", "verify", "subjects"]))
     template = {"status": "enabled"} if endpoint == "status" else stream
-    where = draw(st.sampled_from(["place"] * 8 + ["twice", "raw", "type", "status"]))
-    status, kind, body = 200, JSON, json.dumps(template).encode()
-    if where == "place":
-        body = placed(template, draw(st.sampled_from(places(template))), draw(VALUES))
-    elif where == "twice":
-        body = twice(template, draw(st.sampled_from(members(template))), draw(VALUES))
-    elif where == "raw":
-        body = draw(st.sampled_from(RAW))
-    elif where == "type":
-        kind = draw(st.sampled_from([*JSON_TYPES, *CONTENT_TYPE, b"text/html", b""]))
-    else:
-        status = draw(st.sampled_from(STATUSES))
-    return endpoint, (status, kind, b"" if status in (204, 304) else body)
+    return endpoint, hostile_answer(draw, template)
 
 
 def test_no_hostile_answer_to_the_streams_configuration_is_used_or_stored(tmp_path):
