@@ -322,7 +322,6 @@ class ClientMetadataDocuments:
             token_endpoint_auth_method="none",
             scope=scope,
             source="metadata_document",
-            may_introspect=False,
             metadata={},
             created_at=self.clock(),
             revoked_at=None,

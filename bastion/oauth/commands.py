@@ -20,7 +20,7 @@ from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.settings import OAuthSettings, SettingsError
-from bastion.oauth.store import KeyRetirementRefused, OAuthStore
+from bastion.oauth.store import Client, KeyRetirementRefused, OAuthStore
 from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
 from bastion.oauth.users import UserError, change_password, create_user, validate_new_user
 
@@ -151,6 +151,31 @@ def _key_source(args: argparse.Namespace) -> dict:
     return {}
 
 
+def _introspection_resources(
+    given: list[str | None] | None, settings: OAuthSettings
+) -> tuple[str, ...]:
+    """The resources ``--introspection`` names (each given once per flag), checked; () when
+    the flag is not given. A bare ``--introspection`` is refused: a resource server is bound to
+    the resources whose tokens it may be told of (docs/oauth.md, "Token introspection")."""
+    from bastion.oauth.introspection import (
+        IntrospectionResourcesRefused,
+        introspection_resources,
+    )
+
+    if given is None:
+        return ()
+    if None in given:
+        raise CommandError(
+            "--introspection needs the protected resource whose tokens the client may"
+            " introspect: --introspection <resource URI> (repeat for several), or"
+            " --introspection '*' for every resource"
+        )
+    try:
+        return introspection_resources([uri for uri in given if uri is not None], settings)
+    except IntrospectionResourcesRefused as refused:
+        raise CommandError(f"--introspection: {refused}") from None
+
+
 def clients_create(args: argparse.Namespace) -> int:
     from bastion.agents import identity
     from bastion.agents.registry import purpose_problem
@@ -193,10 +218,11 @@ def clients_create(args: argparse.Namespace) -> int:
     values = registration.validate_client_metadata(metadata, settings)
     if args.purpose:
         values["metadata"]["purpose"] = args.purpose
+    introspection = _introspection_resources(args.introspection, settings)
     registered = registration.new_client(
-        values, source="admin", now=time.time(), may_introspect=args.introspection
+        values, source="admin", now=time.time(), introspection_resources=introspection
     )
-    if args.introspection and registered.client.is_public:
+    if introspection and registered.client.is_public:
         raise CommandError("--introspection needs --confidential, --jwks-file or --jwks-uri")
     db = _database(args)
     store, facts = OAuthStore(db), FactStore(db)
@@ -218,21 +244,7 @@ def clients_create(args: argparse.Namespace) -> int:
 def clients_list(args: argparse.Namespace) -> int:
     clients = OAuthStore(_database(args)).clients()
     if args.json:
-        rows = [
-            {
-                "client_id": c.client_id,
-                "client_name": c.client_name,
-                "source": c.source,
-                "token_endpoint_auth_method": c.token_endpoint_auth_method,
-                "grant_types": list(c.grant_types),
-                "redirect_uris": list(c.redirect_uris),
-                "scope": c.scope,
-                "may_introspect": c.may_introspect,
-                "created_at": c.created_at,
-                "revoked_at": c.revoked_at,
-            }
-            for c in clients
-        ]
+        rows = [_client_json(c) for c in clients]
         print(json.dumps(rows, indent=2))
         return 0
     for c in clients:
@@ -240,6 +252,86 @@ def clients_list(args: argparse.Namespace) -> int:
         print(
             f"{c.client_id}\t{c.client_name}\t{c.source}\t{c.token_endpoint_auth_method}\t{state}"
         )
+    return 0
+
+
+def _client_json(c: Client) -> dict:
+    return {
+        "client_id": c.client_id,
+        "client_name": c.client_name,
+        "source": c.source,
+        "token_endpoint_auth_method": c.token_endpoint_auth_method,
+        "grant_types": list(c.grant_types),
+        "redirect_uris": list(c.redirect_uris),
+        "scope": c.scope,
+        "may_introspect": c.may_introspect,
+        "introspection_resources": list(c.introspection_resources),
+        "introspection_kept_at_upgrade": c.introspection_kept_at_upgrade,
+        "created_at": c.created_at,
+        "revoked_at": c.revoked_at,
+    }
+
+
+def _introspection_line(c: Client) -> str:
+    from bastion.oauth.introspection import ALL_RESOURCES
+
+    if not c.introspection_resources:
+        return "no"
+    if c.introspection_resources == (ALL_RESOURCES,):
+        line = f"{ALL_RESOURCES} (every resource's tokens)"
+        if c.introspection_kept_at_upgrade:
+            line += (
+                ": kept from before the upgrade that bound each introspecting client to its"
+                " resources; narrow it to the resources this resource server serves: bastion"
+                f" clients update {c.client_id} --introspection <resource URI>"
+            )
+        return line
+    return " ".join(c.introspection_resources)
+
+
+def clients_show(args: argparse.Namespace) -> int:
+    c = OAuthStore(_database(args)).client(args.client_id)
+    if c is None:
+        raise CommandError(f"no client {args.client_id!r}")
+    if args.json:
+        print(json.dumps(_client_json(c), indent=2))
+        return 0
+    state = f"revoked {_when(c.revoked_at)}" if c.revoked_at else "active"
+    for name, value in (
+        ("client_id", c.client_id),
+        ("name", c.client_name),
+        ("source", c.source),
+        ("auth_method", c.token_endpoint_auth_method),
+        ("grant_types", " ".join(c.grant_types)),
+        ("redirect_uris", " ".join(c.redirect_uris) or "-"),
+        ("scope", c.scope or "-"),
+        ("introspection", _introspection_line(c)),
+        ("created", _when(c.created_at)),
+        ("state", state),
+    ):
+        print(f"{name}\t{value}")
+    return 0
+
+
+def clients_update(args: argparse.Namespace) -> int:
+    if args.no_introspection and args.introspection is not None:
+        raise CommandError("give --introspection or --no-introspection, not both")
+    if not args.no_introspection and args.introspection is None:
+        raise CommandError("nothing to change: give --introspection or --no-introspection")
+    store = OAuthStore(_database(args))
+    client = store.client(args.client_id)
+    if client is None or client.revoked_at is not None:
+        raise CommandError(f"no active client {args.client_id!r}")
+    resources = () if args.no_introspection else None
+    if resources is None:
+        resources = _introspection_resources(args.introspection, _settings(args))
+        if client.is_public:
+            raise CommandError(
+                f"{args.client_id} is a public client: only a confidential one may introspect"
+            )
+    if not store.bind_introspection(args.client_id, resources, actor=cli_actor()):
+        raise CommandError(f"no active client {args.client_id!r}")
+    print(f"{args.client_id}\tintrospection\t{_introspection_line(store.client(args.client_id))}")
     return 0
 
 
@@ -314,6 +406,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="bastion.toml (default: ./bastion.toml if present)")
 
 
+def _introspection_argument(parser: argparse.ArgumentParser) -> None:
+    # nargs="?": a bare --introspection (its meaning before resources were bound) is refused
+    # with a message that says what to give, not argparse's "expected one argument".
+    parser.add_argument(
+        "--introspection",
+        action="append",
+        nargs="?",
+        metavar="RESOURCE",
+        help="may call /introspect about the tokens of this protected resource (its URI as"
+        " [[oauth.resources]] names it; repeat for several), or of every one: '*'",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     users = sub.add_parser("users", help="people who log in at the authorization server")
     users_sub = users.add_subparsers(dest="users_command", required=True)
@@ -383,13 +488,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent", help="the client id of the agent this sub-agent acts under")
     p.add_argument("--purpose", help="what the agent is for, in a sentence")
     p.add_argument("--scope", help="space-separated scopes the client may receive")
-    p.add_argument("--introspection", action="store_true", help="may call /introspect")
+    _introspection_argument(p)
     _common(p)
     p.set_defaults(func=_guarded(clients_create))
     p = clients_sub.add_parser("list", help="list clients (never their secrets)")
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=_guarded(clients_list))
+    p = clients_sub.add_parser("show", help="one client: what it is and may do (never its secret)")
+    p.add_argument("client_id")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=_guarded(clients_show))
+    p = clients_sub.add_parser(
+        "update", help="change the protected resources whose tokens a client may introspect"
+    )
+    p.add_argument("client_id")
+    _introspection_argument(p)
+    p.add_argument(
+        "--no-introspection", action="store_true", help="the client may no longer call /introspect"
+    )
+    _common(p)
+    p.set_defaults(func=_guarded(clients_update))
     p = clients_sub.add_parser("revoke", help="revoke a client and every grant it holds")
     p.add_argument("client_id")
     _common(p)

@@ -1,12 +1,16 @@
 """RFC 7662 OAuth 2.0 Token Introspection.
 
 Only confidential clients an admin allowed to introspect (``bastion clients create
---introspection``, typically a resource server) may call it. Revoked, expired, unknown or
-malformed tokens are all simply ``{"active": false}``, and so is the token of a user or agent
-(any agent of its chain) the kill switch holds, for as long as it holds them. An active access
-token is answered with exactly the claims it carries (§2.2 allows any): when and how the person
-signed in (``auth_time``, ``acr``, ``amr``: RFC 9470 §3), a delegation's ``act`` (RFC 8693
-§4.1), a binding's ``cnf`` (RFC 9449 §6.2); a refresh token with its grant's sign-in.
+--introspection URI``, typically a resource server) may call it, each about the tokens of the
+protected resources it was bound to (or of every one, ``*``): a token meant for none of them is
+answered as an unknown one, so a resource server learns nothing of another's tokens (§4: the
+server "MUST determine whether or not the token can be used at the resource server making the
+introspection call"). Revoked, expired, unknown or malformed tokens are all simply
+``{"active": false}``, and so is the token of a user or agent (any agent of its chain) the kill
+switch holds, for as long as it holds them. An active access token is answered with exactly the
+claims it carries (§2.2 allows any): when and how the person signed in (``auth_time``, ``acr``,
+``amr``: RFC 9470 §3), a delegation's ``act`` (RFC 8693 §4.1), a binding's ``cnf`` (RFC 9449
+§6.2); a refresh token with its grant's sign-in.
 
 Every answer is an audit event, ``token.introspected``: who asked, which token (its kind, grant
 and ``jti``, never its text), whose it is, the answer and, for an inactive one, why (§2.2 keeps
@@ -20,12 +24,13 @@ shares a key with its like per asker and reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.oauth.access_token import sign_in_claims
 from bastion.oauth.errors import InvalidRequest, InvalidToken, OAuthError
+from bastion.oauth.settings import OAuthSettings, same_resource
 from bastion.oauth.store import Client
 from bastion.oauth.verifier import delegation_chain
 
@@ -34,6 +39,59 @@ if TYPE_CHECKING:
 
 INACTIVE = {"active": False}
 EVENT = "token.introspected"
+# An introspecting client bound to every protected resource, alone in its list.
+ALL_RESOURCES = "*"
+
+
+class IntrospectionResourcesRefused(ValueError):
+    """Resources a client may not be bound to (nothing was changed): the message says why."""
+
+
+def introspection_resources(given: Sequence[str], settings: OAuthSettings) -> tuple[str, ...]:
+    """The resources a client is to introspect for, from what an administrator gave: each a
+    protected resource of ``settings`` (kept as configured), or `ALL_RESOURCES` alone; at least
+    one. Else `IntrospectionResourcesRefused`."""
+    if not given:
+        raise IntrospectionResourcesRefused(
+            "name the resources whose tokens the client may introspect"
+        )
+    if ALL_RESOURCES in given:
+        if any(uri != ALL_RESOURCES for uri in given):
+            raise IntrospectionResourcesRefused(
+                f"'{ALL_RESOURCES}' already means every protected resource: give it alone, or"
+                " only resource URIs"
+            )
+        return (ALL_RESOURCES,)
+    bound: dict[str, None] = {}
+    for uri in given:
+        resource = settings.resource(uri)
+        if resource is None:
+            configured = ", ".join(r.uri for r in settings.resources)
+            raise IntrospectionResourcesRefused(
+                f"{uri!r} is not a protected resource of this server ([[oauth.resources]]:"
+                f" {configured}); or give '{ALL_RESOURCES}' for every one"
+            )
+        bound[resource.uri] = None
+    return tuple(bound)
+
+
+def introspects_for(client: Client, audience: object) -> bool:
+    """Whether ``client`` may be told of a token for ``audience`` (its ``aud``, a grant's
+    resource): one of them is a resource the client is bound to, or it is bound to every one."""
+    resources = client.introspection_resources
+    if ALL_RESOURCES in resources:
+        return True
+    audiences = audience if isinstance(audience, list) else [audience]
+    return any(
+        isinstance(aud, str) and same_resource(aud, uri) for aud in audiences for uri in resources
+    )
+
+
+def _not_its_resource(client: Client, audience: object) -> str:
+    return (
+        f"the token is for {audience!r}; this client introspects for"
+        f" {list(client.introspection_resources)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -64,13 +122,13 @@ def introspect(
         raise OAuthError(
             "unauthorized_client",
             "this client may not introspect tokens; an admin allows it with"
-            " `bastion clients create --introspection`",
+            " `bastion clients update <client_id> --introspection <resource URI>`",
             status=403,
         )
     token = form.get("token")
     if not token:
         raise InvalidRequest("token is required")
-    answer = _answer(server, token)
+    answer = _answer(server, client, token)
     active = answer.body["active"]
     # A resource server asking about the same token on every request writes a row per window
     # and a count; a changed answer is another key, so its row is written at once.
@@ -86,10 +144,10 @@ def introspect(
     return answer.body
 
 
-def _answer(server: AuthorizationServer, token: str) -> Answer:
+def _answer(server: AuthorizationServer, client: Client, token: str) -> Answer:
     found = server.store.refresh_token(token)
     if found is not None:
-        return _refresh_token_answer(server, *found)
+        return _refresh_token_answer(server, client, *found)
     try:
         verified = server.verifier.verify(token, resource=None, audit=False)
     except InvalidToken as refused:
@@ -109,6 +167,10 @@ def _answer(server: AuthorizationServer, token: str) -> Answer:
         "scope": claims.get("scope", ""),
         "exp": verified.expires_at,
     }
+    # Not meant for the asker: the answer a token nobody issued gets, the row says why.
+    if not introspects_for(client, claims["aud"]):
+        detail["description"] = _not_its_resource(client, claims["aud"])
+        return Answer(INACTIVE, "aud", which, verified.subject, detail)
     suspended = server.suspended(verified.subject, agents)
     if suspended is not None:
         detail["suspended"] = repr(suspended)
@@ -146,7 +208,11 @@ def _answer(server: AuthorizationServer, token: str) -> Answer:
 
 
 def _refresh_token_answer(
-    server: AuthorizationServer, grant_id: str, expires_at: float, used_at: float | None
+    server: AuthorizationServer,
+    client: Client,
+    grant_id: str,
+    expires_at: float,
+    used_at: float | None,
 ) -> Answer:
     grant = server.store.grant(grant_id)
     which: dict[str, str | None] = {
@@ -171,6 +237,10 @@ def _refresh_token_answer(
         reason = "refresh_token_used"  # rotated out (RFC 9700 §4.14.2)
     elif expires_at <= server.clock():
         reason = "expired"
+    elif not introspects_for(client, grant.resource):
+        # Its grant is for a resource the asker does not introspect for.
+        reason = "aud"
+        detail["description"] = _not_its_resource(client, grant.resource)
     else:
         suspended = server.suspended(subject, (grant.client_id,))
         if suspended is not None:

@@ -294,9 +294,15 @@ def open_registration_refused(
 
 
 def new_client(
-    values: Mapping[str, Any], *, source: str, now: float, may_introspect: bool = False
+    values: Mapping[str, Any],
+    *,
+    source: str,
+    now: float,
+    introspection_resources: tuple[str, ...] = (),
 ) -> Registration:
-    """Create (not store) a client from validated metadata, with a secret when confidential."""
+    """Create (not store) a client from validated metadata, with a secret when confidential;
+    ``introspection_resources``: the resources it may introspect for, as
+    `bastion.oauth.introspection.introspection_resources` checked them (none: it may not)."""
     secret = new_secret() if values["token_endpoint_auth_method"] in SECRET_METHODS else None
     client = Client(
         client_id=uuid.uuid4().hex,
@@ -306,11 +312,11 @@ def new_client(
         token_endpoint_auth_method=values["token_endpoint_auth_method"],
         scope=values["scope"],
         source=source,
-        may_introspect=may_introspect,
         metadata=dict(values["metadata"]),
         created_at=now,
         revoked_at=None,
         secret_digest=digest(secret) if secret else None,
+        introspection_resources=introspection_resources,
     )
     return Registration(client, secret)
 

@@ -229,6 +229,16 @@ _MIGRATIONS = [
     ALTER TABLE oauth_grants ADD COLUMN acr TEXT;
     ALTER TABLE oauth_grants ADD COLUMN amr TEXT;
     """,
+    # The protected resources an introspecting client (a resource server) introspects for, as
+    # JSON (`Client.introspection_resources`; NULL: it may not introspect): a token meant for
+    # none of them is answered as an unknown one (RFC 7662 §4). The clients allowed before
+    # keep every resource ("*"), marked so that `bastion clients show` tells to narrow them.
+    """
+    ALTER TABLE oauth_clients ADD COLUMN introspection_resources TEXT;
+    ALTER TABLE oauth_clients ADD COLUMN introspection_kept_at_upgrade INTEGER NOT NULL DEFAULT 0;
+    UPDATE oauth_clients SET introspection_resources = '["*"]', introspection_kept_at_upgrade = 1
+        WHERE may_introspect = 1;
+    """,
 ]
 
 
@@ -260,15 +270,24 @@ class Client:
     token_endpoint_auth_method: str
     scope: str | None
     source: str  # "dynamic" (RFC 7591), "metadata_document", or "admin"
-    may_introspect: bool
     metadata: dict
     created_at: float
     revoked_at: float | None
     secret_digest: str | None = None
+    # The protected resources (their configured URIs, or `ALL_RESOURCES` alone) whose tokens
+    # this client may introspect (`bastion.oauth.introspection`); none: it may not introspect.
+    introspection_resources: tuple[str, ...] = ()
+    # Allowed to introspect before the binding existed, and so given every resource by the
+    # upgrade rather than by an administrator (`bastion clients show` says to narrow it).
+    introspection_kept_at_upgrade: bool = False
 
     @property
     def is_public(self) -> bool:
         return self.token_endpoint_auth_method == "none"
+
+    @property
+    def may_introspect(self) -> bool:
+        return bool(self.introspection_resources)
 
     @property
     def vouched_for(self) -> bool:
@@ -412,7 +431,8 @@ def _named_like_a_client(username: str) -> str:
 
 _CLIENT_COLUMNS = (
     "client_id, client_name, redirect_uris, grant_types, token_endpoint_auth_method, scope,"
-    " source, may_introspect, metadata, created_at, revoked_at, secret_digest"
+    " source, may_introspect, metadata, created_at, revoked_at, secret_digest,"
+    " introspection_resources, introspection_kept_at_upgrade"
 )
 _BACKCHANNEL_COLUMNS = (
     "request_id, client_id, username, resource, scope, binding_message, created_at, expires_at,"
@@ -437,12 +457,19 @@ def _client(row: tuple) -> Client:
         token_endpoint_auth_method=row[4],
         scope=row[5],
         source=row[6],
-        may_introspect=bool(row[7]),
+        # row[7], may_introspect, is kept equal to bool(introspection_resources), as before
+        # the binding; the binding alone decides.
         metadata=json.loads(row[8]),
         created_at=row[9],
         revoked_at=row[10],
         secret_digest=row[11],
+        introspection_resources=tuple(json.loads(row[12])) if row[12] else (),
+        introspection_kept_at_upgrade=bool(row[13]),
     )
+
+
+def _introspection_json(resources: tuple[str, ...]) -> str | None:
+    return json.dumps(list(resources)) if resources else None
 
 
 def prune_grants(db: Database, before: float) -> dict[str, int]:
@@ -531,7 +558,7 @@ class OAuthStore:
             )
             self.db.execute(
                 f"INSERT INTO oauth_clients ({_CLIENT_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     client.client_id,
                     client.client_name,
@@ -545,6 +572,8 @@ class OAuthStore:
                     client.created_at,
                     client.revoked_at,
                     client.secret_digest,
+                    _introspection_json(client.introspection_resources),
+                    int(client.introspection_kept_at_upgrade),
                 ),
             )
 
@@ -657,6 +686,35 @@ class OAuthStore:
                     client_id=client_id,
                     old={field: old[field] for field in changed},
                     new={field: new[field] for field in changed},
+                    actor=actor,
+                )
+            return True
+
+    def bind_introspection(self, client_id: str, resources: tuple[str, ...], *, actor: str) -> bool:
+        """Set the protected resources whose tokens an active client may introspect (none: it
+        may not introspect), recorded (``client.updated``, the old and new resources; nothing
+        when nothing changed); False when there is no such active client. ``resources`` are
+        checked by the caller (`bastion.oauth.introspection.introspection_resources`)."""
+        with self.db.transaction():
+            client = self.client(client_id)
+            if client is None or client.revoked_at is not None:
+                return False
+            self.db.execute(
+                "UPDATE oauth_clients SET introspection_resources = ?, may_introspect = ?,"
+                " introspection_kept_at_upgrade = 0 WHERE client_id = ?",
+                (_introspection_json(resources), int(bool(resources)), client_id),
+            )
+            if resources != client.introspection_resources or client.introspection_kept_at_upgrade:
+                old: dict[str, object] = {
+                    "introspection_resources": list(client.introspection_resources)
+                }
+                if client.introspection_kept_at_upgrade:
+                    old["introspection_kept_at_upgrade"] = True
+                self.audit.record(
+                    "client.updated",
+                    client_id=client_id,
+                    old=old,
+                    new={"introspection_resources": list(resources)},
                     actor=actor,
                 )
             return True

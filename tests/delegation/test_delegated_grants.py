@@ -15,7 +15,7 @@ from bastion.facts.store import FactStore
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.token_exchange import DelegationPolicy
 from bastion.oauth.verifier import VerifiedTokens, delegation_chain
-from tests.oauth.support import Bastion, running_bastion
+from tests.oauth.support import Bastion, allow_introspection, running_bastion
 from tests.waits import eventually
 
 from .support import ACCESS_TOKEN, EXCHANGE, claims
@@ -360,10 +360,7 @@ def test_without_a_policy_to_decide_every_exchange_is_refused(sqlite_url, tmp_pa
 def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_url, tmp_path):
     with running_bastion(database_url, tmp_path) as bastion:
         resource_server = sub_agent(bastion)
-        bastion.db.execute(
-            "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?",
-            (resource_server["client_id"],),
-        )
+        allow_introspection(bastion, resource_server["client_id"])
         tokens, delegated = chain_of_three(bastion)
 
         def introspect(token: str) -> dict:

@@ -209,7 +209,7 @@ def test_no_agent_of_a_chain_may_be_suspended_for_a_token_to_be_exchanged_or_int
     coder, sub = cast(studio, "kill-switch")
     resource_server = studio.register(
         "--name", "kill-switch-rs", "--confidential",
-        "--grant-type", "client_credentials", "--introspection",
+        "--grant-type", "client_credentials", "--introspection", "*",
     )  # fmt: skip
     rs = (resource_server["client_id"], resource_server["client_secret"])
 

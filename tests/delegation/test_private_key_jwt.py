@@ -499,7 +499,6 @@ def dynamic_key_client(client_id: str, jwks_uri: str) -> Client:
         token_endpoint_auth_method="private_key_jwt",
         scope=SCOPE,
         source="dynamic",
-        may_introspect=False,
         metadata={"jwks_uri": jwks_uri},
         created_at=time.time(),
         revoked_at=None,

@@ -607,7 +607,9 @@ def test_introspection_reports_the_binding(bastion, bound):
         },
         oauth.settings,
     )
-    made = registration.new_client(values, source="admin", now=time.time(), may_introspect=True)
+    made = registration.new_client(
+        values, source="admin", now=time.time(), introspection_resources=("*",)
+    )
     oauth.store.save_client(made.client)
     auth = (made.client.client_id, made.client_secret)
     answer = bastion.http.post(f"{bastion.url}/introspect", data={"token": token}, auth=auth)

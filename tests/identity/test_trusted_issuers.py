@@ -440,7 +440,9 @@ def test_bastions_introspection_answers_only_for_its_own_tokens(bastion, idp):
         },
         oauth.settings,
     )
-    made = registration.new_client(values, source="admin", now=time.time(), may_introspect=True)
+    made = registration.new_client(
+        values, source="admin", now=time.time(), introspection_resources=("*",)
+    )
     oauth.store.save_client(made.client)
     auth = (made.client.client_id, made.client_secret)
     theirs = idp.token("a", sub="sam", amr=["mfa"])

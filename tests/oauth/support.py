@@ -467,3 +467,9 @@ def self_signed_certificate(
             )
         )
     return cert_path, key_path
+
+
+def allow_introspection(bastion: Bastion, client_id: str, *resources: str) -> None:
+    """Let ``client_id`` introspect the tokens of ``resources`` (default: every resource's), as
+    `bastion clients update --introspection` does."""
+    assert bastion.server.store.bind_introspection(client_id, resources or ("*",), actor="test")

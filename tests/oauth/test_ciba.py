@@ -132,7 +132,9 @@ def introspecting_client(bastion: Bastion) -> dict:
         },
         bastion.server.settings,
     )
-    made = registration.new_client(values, source="admin", now=bastion.clock(), may_introspect=True)
+    made = registration.new_client(
+        values, source="admin", now=bastion.clock(), introspection_resources=("*",)
+    )
     bastion.server.store.save_client(made.client)
     return made.response()
 

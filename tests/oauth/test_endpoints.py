@@ -10,7 +10,7 @@ import pytest
 
 from bastion.oauth import InvalidToken
 
-from .support import Bastion, running_bastion
+from .support import Bastion, allow_introspection, running_bastion
 
 IAT = {"Authorization": "Bearer initial-access-token-for-tests"}
 
@@ -453,10 +453,7 @@ def test_revocation_bad_requests(bastion: Bastion):
 
 def test_introspection(bastion: Bastion):
     resource_server = confidential(bastion, grant_types=["client_credentials"])
-    bastion.db.execute(
-        "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?",
-        (resource_server["client_id"],),
-    )
+    allow_introspection(bastion, resource_server["client_id"])
     client = bastion.register()
     tokens = bastion.tokens_for(client)
     url = f"{bastion.url}/introspect"
@@ -482,10 +479,7 @@ def test_introspection(bastion: Bastion):
 
 def test_introspection_reports_a_used_expired_or_revoked_refresh_token_inactive(bastion: Bastion):
     resource_server = confidential(bastion)
-    bastion.db.execute(
-        "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?",
-        (resource_server["client_id"],),
-    )
+    allow_introspection(bastion, resource_server["client_id"])
     introspect = lambda token: bastion.http.post(  # noqa: E731
         f"{bastion.url}/introspect", data={"token": token}, headers=basic(resource_server)
     ).json()

@@ -12,7 +12,7 @@ import pytest
 
 from bastion.audit import AuditEvent
 
-from .support import Bastion, running_bastion
+from .support import Bastion, allow_introspection, running_bastion
 from .test_endpoints import basic, confidential
 
 ACTIVE_KEYS = {"active", "token_type", "client_id", "sub", "aud", "scope", "exp", "iss"}
@@ -20,10 +20,7 @@ ACTIVE_KEYS = {"active", "token_type", "client_id", "sub", "aud", "scope", "exp"
 
 def resource_server(bastion: Bastion) -> dict:
     allowed = confidential(bastion)
-    bastion.db.execute(
-        "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?",
-        (allowed["client_id"],),
-    )
+    allow_introspection(bastion, allowed["client_id"])
     return allowed
 
 

@@ -215,8 +215,9 @@ def test_an_inactive_token_says_nothing_of_its_sign_in(bastion: Bastion, idp: En
 def test_only_a_client_an_admin_allowed_may_introspect_and_then_any_clients_token(
     bastion: Bastion,
 ):
-    """The rule as it stands: a confidential client allowed to introspect (a resource server)
-    may ask about any token this server issued, whoever it was issued to; any other client may
+    """A confidential client allowed to introspect (a resource server) may ask about any token
+    this server issued for the resources it is bound to (here every one: the binding itself is
+    tests/oauth/test_introspection_audience.py), whoever it was issued to; any other client may
     ask about none, its own included, and learns nothing of it."""
     asker, agent = resource_server(bastion), confidential(bastion)
     own = bastion.http.post(

@@ -21,7 +21,7 @@ from bastion.oauth import InvalidToken
 from tests.gateway.support import serve_quickstart
 from tests.waits import PATIENCE, eventually
 
-from .support import Bastion, Clock, hidden_fields, pkce_pair
+from .support import Bastion, Clock, allow_introspection, hidden_fields, pkce_pair
 
 IAT = {"Authorization": "Bearer initial-access-token-for-tests"}
 
@@ -303,9 +303,7 @@ def test_refused_introspections_are_audited_apart_from_answers(bastion: Bastion)
     aggregated); an allowed client's answers, active or not, leave none of those (they are
     ``token.introspected``: tests/oauth/test_introspection_audit.py)."""
     allowed, allowed_auth = _confidential(bastion)
-    bastion.db.execute(
-        "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?", (allowed["client_id"],)
-    )
+    allow_introspection(bastion, allowed["client_id"])
     other, other_auth = _confidential(bastion)
     tokens = bastion.tokens_for(bastion.register())
     url = f"{bastion.url}/introspect"

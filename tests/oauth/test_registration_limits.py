@@ -76,7 +76,6 @@ def test_housekeeping_deletes_self_registered_clients_that_never_got_a_grant(bas
         token_endpoint_auth_method="none",
         scope=None,
         source="metadata_document",
-        may_introspect=False,
         metadata={},
         created_at=now,
         revoked_at=None,

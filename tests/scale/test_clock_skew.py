@@ -120,7 +120,7 @@ class Cluster:
         config = _config(root, "right", port, database, self.issuer)
         made = subprocess.run(
             [sys.executable, "-m", "bastion.cli", "clients", "create", "--name", "nightly agent"]
-            + ["--confidential", "--introspection", "--scope", "customers:read"]
+            + ["--confidential", "--introspection", "*", "--scope", "customers:read"]
             + ["--config", str(config)],
             capture_output=True,
             text=True,

@@ -46,7 +46,9 @@ def test_an_agent_suspended_through_one_replica_gets_no_token_and_is_inactive_on
     key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
     admin = {"authorization": f"Bearer {key}"}
     agent = confidential_client(bastion, "nightly agent")
-    resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+    resource_server = confidential_client(
+        bastion, "resource server", introspection_resources=("*",)
+    )
     other = bastion.replicas[0]
     form = {"grant_type": "client_credentials", "resource": bastion.mcp_url("deskhttp")}
     issued = bastion.http.post(f"{bastion.url}/token", data=form, auth=agent)
@@ -94,7 +96,9 @@ def test_a_replica_past_its_staleness_bound_issues_no_token_and_introspects_noth
     with start(tmp_path) as bastion:
         oauth = bastion.app.state.oauth
         agent = confidential_client(bastion, "nightly agent")
-        resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+        resource_server = confidential_client(
+            bastion, "resource server", introspection_resources=("*",)
+        )
         form = {"grant_type": "client_credentials", "resource": bastion.mcp_url("deskhttp")}
         token = bastion.http.post(f"{bastion.url}/token", data=form, auth=agent).json()
 
@@ -161,7 +165,9 @@ def test_a_signing_key_retired_by_another_process_signs_no_token_on_either_repli
 
     bastion = two_replicas
     agent = confidential_client(bastion, "nightly agent")
-    resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+    resource_server = confidential_client(
+        bastion, "resource server", introspection_resources=("*",)
+    )
     urls = [bastion.url, bastion.replicas[0]]
     form = {"grant_type": "client_credentials", "resource": bastion.mcp_url("deskhttp")}
 

@@ -850,7 +850,7 @@ def test_a_token_whose_header_nests_deeply_is_refused_as_a_token(quickstart):
     )
     assert r.status_code == 401, r.text
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
-    credentials = confidential_client(quickstart, "introspecting", "--introspection")
+    credentials = confidential_client(quickstart, "introspecting", "--introspection", "*")
     r = httpx.post(
         f"{quickstart.url}/introspect",
         data={"token": token},

@@ -253,7 +253,9 @@ def refused_while_suspended(answer, principal: str) -> None:
 
 
 def test_a_suspended_user_is_issued_no_token_and_their_tokens_introspect_inactive(bastion, key):
-    resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+    resource_server = confidential_client(
+        bastion, "resource server", introspection_resources=("*",)
+    )
     issued = token_request(bastion, authorization_code(bastion, "sam")).json()
     refresh = {
         "grant_type": "refresh_token",

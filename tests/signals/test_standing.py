@@ -179,7 +179,9 @@ def gateway_call(bastion, token: str) -> tuple[int, dict]:
 
 
 def introspect(bastion, token: str) -> dict:
-    resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+    resource_server = confidential_client(
+        bastion, "resource server", introspection_resources=("*",)
+    )
     url = f"{bastion.url}/introspect"
     return bastion.http.post(url, data={"token": token}, auth=resource_server).json()
 
