@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -17,6 +17,8 @@ import anyio
 # Several test runs share the machine's two cores: `bastion serve` takes 0.7 s to be ready alone
 # and 13 s at a load of 14, so a bound of a few seconds asserted a time (and failed under load).
 PATIENCE = 120.0
+
+T = TypeVar("T")
 
 
 def eventually(
@@ -43,6 +45,32 @@ async def eventually_async(
             return False
         await anyio.sleep(every)
     return True
+
+
+def before_expiry(arrange: Callable[[float], T], lead: float) -> tuple[T, float]:
+    """What ``arrange(at)`` made to expire at ``at``, ``lead`` seconds ahead, and checked before
+    then, with that ``at``, still ahead once it was done. On a machine too busy for that, made
+    again ``lead`` twice as long (an assertion of ``arrange`` that failed past ``at`` is not
+    taken: it was not asked before the expiry): a test of what happens at an expiry, not of
+    how fast a busy machine arranges it."""
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        at = time.time() + lead
+        try:
+            made = arrange(at)
+        except AssertionError:
+            if time.time() < at or time.monotonic() > deadline:
+                raise
+        else:
+            if time.time() < at:
+                return made, at
+        lead *= 2
+
+
+def past(at: float) -> None:
+    """Sleep until the clock (``time.time``) is past ``at``: an expiry, crossed."""
+    while (left := at - time.time()) >= 0:
+        time.sleep(left + 0.001)
 
 
 def until_ready(

@@ -15,6 +15,7 @@ import pytest
 from bastion import Authorizer, Entity
 from bastion.facts.index import FactIndex, Many
 from bastion.turns import Turns
+from tests.waits import before_expiry, past
 
 USERS = [Entity("User", f"u{i}") for i in range(12)]
 REPOS = [Entity("Repo", f"r{i}") for i in range(12)]
@@ -131,24 +132,18 @@ def loaded_before_expiry(
 ) -> tuple[Authorizer, float]:
     """An `Authorizer` of `POLICY` holding ``expiring``, to expire together ``margin`` seconds
     after the load began, and ``kept``, with no expiry, and ``before`` (what the test asserts
-    of it before the expiry) done; and that expiry, still ahead once both were done. On a
-    machine too busy for that, made again with a margin twice as long (an assertion of
-    ``before`` that failed past the expiry is not taken: it was not asked before it): the test
-    is of what happens at the expiry, not of how fast facts load."""
-    while True:
+    of it before the expiry) done; and that expiry, still ahead once both were done
+    (`tests.waits.before_expiry`: the test is of what happens at the expiry, not of how fast
+    facts load)."""
+
+    def loaded(at: float) -> Authorizer:
         authz = Authorizer(POLICY)
-        at = time.time() + margin
         authz.facts.load([(fact, at) for fact in expiring] + [(fact, None) for fact in kept])
-        try:
-            if before is not None:
-                before(authz)
-        except AssertionError:
-            if time.time() < at:
-                raise
-        else:
-            if time.time() < at:
-                return authz, at
-        margin *= 2
+        if before is not None:
+            before(authz)
+        return authz
+
+    return before_expiry(loaded, margin)
 
 
 @pytest.mark.parametrize("kept", [10_000, 40_000])
@@ -165,7 +160,7 @@ def test_no_decision_after_many_facts_expire_together_uses_one(kept):
         assert len(authz.list(user, "read", "Repo")) == 50_000 + kept
 
     authz, at = loaded_before_expiry(expiring, others, 5, before)
-    time.sleep(max(0.0, at - time.time()))
+    past(at)
     assert not authz.authorize(user, "read", Entity("Repo", "e0"))
     assert not authz.authorize(user, "read", Entity("Repo", "e49999"))
     assert authz.authorize(user, "read", Entity("Repo", "k0"))

@@ -7,7 +7,6 @@ gets the remembered rules. These tests try to make it answer with rules that no 
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
 from bastion.decide import Authorizer
@@ -15,6 +14,7 @@ from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller, Enforcer, Explained
 from bastion.policy.limits import PolicyLimits
+from tests.waits import before_expiry, past
 
 POLICY = """
 actor User {}
@@ -93,14 +93,15 @@ def test_a_fact_change_forgets_and_the_new_rules_are_the_ones_that_decided() -> 
 
 
 def test_a_fact_that_expires_forgets() -> None:
-    authz, explained = setup()
-    authz.facts.insert(
-        ("has_role", SAM, "admin", SEARCH), expires_at=datetime.now(UTC).timestamp() + 0.05
-    )
-    ctx = context()
-    assert ADMIN_RULE in explained.explain(authz, QUESTION, ctx)
-    remembered = generation(authz, ctx)
-    time.sleep(0.1)
+    def explained_before_expiry(at: float):
+        authz, explained = setup()
+        authz.facts.insert(("has_role", SAM, "admin", SEARCH), expires_at=at)
+        ctx = context()
+        assert ADMIN_RULE in explained.explain(authz, QUESTION, ctx)
+        return authz, explained, ctx, generation(authz, ctx)
+
+    (authz, explained, ctx, remembered), at = before_expiry(explained_before_expiry, 0.05)
+    past(at)
     assert generation(authz, ctx) != remembered  # the expiry is a change of the facts
     assert explained.get(generation(authz, ctx), QUESTION, ctx) is None
     assert ADMIN_RULE not in explained.explain(authz, QUESTION, ctx)

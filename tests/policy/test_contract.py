@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -20,6 +19,7 @@ from bastion.decide.contract import (
     remembered_connects,
 )
 from bastion.policy.limits import PolicyLimits
+from tests.waits import before_expiry, past
 
 POLICY = """
 actor User {}
@@ -287,12 +287,16 @@ def test_a_remembered_connect_is_refused_when_its_time_runs_out():
 
 
 def test_a_remembered_connect_is_refused_once_a_fact_it_stood_on_expires():
-    a = Authorizer(PLAIN_BASE)
-    a.facts.apply([("member", bot, desk)], [])
-    a.facts.insert(("member", ann, desk), expires_at=time.time() + 0.3)
-    remembered = remembered_connects()
-    assert remembered(a, (ann, bot), "connect", desk, {}, frozenset())
-    time.sleep(0.4)  # nothing written meanwhile: only the expiry changed the facts
+    def remembered_before_expiry(at: float):
+        a = Authorizer(PLAIN_BASE)
+        a.facts.apply([("member", bot, desk)], [])
+        a.facts.insert(("member", ann, desk), expires_at=at)
+        remembered = remembered_connects()
+        assert remembered(a, (ann, bot), "connect", desk, {}, frozenset())
+        return a, remembered
+
+    (a, remembered), at = before_expiry(remembered_before_expiry, 0.1)
+    past(at)  # nothing written meanwhile: only the expiry changed the facts
     assert not remembered(a, (ann, bot), "connect", desk, {}, frozenset())
 
 

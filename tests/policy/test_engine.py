@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bastion import Authorizer, Entity, FactError, Variable
+from tests.waits import before_expiry, past
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 User, Org, Repo, Issue = (
@@ -281,12 +282,17 @@ allow(_u: User, "write", _d: Doc) if context.level in [3, 4];"""
 
 
 def test_a_grant_with_an_expiry_stops_matching_at_that_instant():
-    authz = Authorizer.from_files(EXAMPLES / "gitclub.polar")
     fact = ("has_role", User("temp"), "admin", Org("acme"))
-    authz.facts.insert(fact, expires_at=time.time() + 0.3)
-    assert authz.authorize(User("temp"), "manage_members", Org("acme"))
-    assert authz.facts.expiry(fact) is not None
-    time.sleep(0.4)
+
+    def granted_before_expiry(at: float) -> Authorizer:
+        authz = Authorizer.from_files(EXAMPLES / "gitclub.polar")
+        authz.facts.insert(fact, expires_at=at)
+        assert authz.authorize(User("temp"), "manage_members", Org("acme"))
+        assert authz.facts.expiry(fact) == at
+        return authz
+
+    authz, at = before_expiry(granted_before_expiry, 0.1)
+    past(at)
     assert not authz.authorize(User("temp"), "manage_members", Org("acme"))
     assert authz.facts.get(("has_role", User("temp"), None, None)) == []
 

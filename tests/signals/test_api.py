@@ -4,7 +4,9 @@ refusal (scope, bad body, a signal the policy cannot hold, TTL bounds) changes n
 
 from __future__ import annotations
 
+import math
 import time
+import uuid
 
 import httpx
 import pytest
@@ -13,6 +15,7 @@ from bastion.facts.store import FactStore
 from tests import clients
 from tests.server.conftest import ADMIN_KEY, ServerProcess
 from tests.signals.conftest import set_signal
+from tests.waits import before_expiry, past
 
 POLICY = """
 actor User {}
@@ -146,15 +149,22 @@ def test_a_signal_without_a_ttl_lives_the_default_and_lists_by_name(bastion):
 
 def test_an_expired_signal_no_longer_counts(bastion):
     with client(bastion) as c:
-        r = c.post(
-            "/v1/signals",
-            json={**COMPLIANT, "subject": {"type": "User", "id": "kim"}, "ttl_seconds": 1},
-        )
-        assert r.status_code == 200, r.text
-        assert allowed(bastion, "kim")
-        time.sleep(1.5)
-        assert not allowed(bastion, "kim")
-        assert c.get("/v1/signals", params={"subject": "User:kim"}).json()["signals"] == []
+
+        def counted_before_expiry(at: float) -> tuple[str, float]:
+            """A signal, of a new person each time, set to live until ``at`` at least (its
+            ttl, whole seconds, counts from the post's arrival), that allows that person."""
+            kim = f"kim-{uuid.uuid4().hex[:8]}"
+            ttl = math.ceil(at - time.time())
+            subject = {"type": "User", "id": kim}
+            r = c.post("/v1/signals", json={**COMPLIANT, "subject": subject, "ttl_seconds": ttl})
+            assert r.status_code == 200, r.text
+            assert allowed(bastion, kim)
+            return kim, r.json()["signal"]["expires_at"]
+
+        (kim, expires_at), _ = before_expiry(counted_before_expiry, 1)
+        past(expires_at)
+        assert not allowed(bastion, kim)
+        assert c.get("/v1/signals", params={"subject": f"User:{kim}"}).json()["signals"] == []
 
 
 def test_without_the_signals_scope_nothing_is_set(bastion):
