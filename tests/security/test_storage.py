@@ -242,7 +242,14 @@ def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_i
         assert refused[2].status_code == 503
         assert refused[2].headers["content-type"] == "application/problem+json"
         outage.unblock(role)
-        assert eventually(lambda: http.post("/register", json=client).status_code == 201, 10)
+        assert eventually(lambda: http.post("/register", json=client).status_code == 201)
+
+
+def _blocked_by(database_url: str, pid: int) -> bool:
+    """Whether a connection of PostgreSQL's waits on a lock the connection ``pid`` holds."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        found = "SELECT 1 FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        return bool(conn.execute(found, (pid,)).fetchall())
 
 
 def test_the_authorization_server_waits_on_its_database_off_the_event_loop(
@@ -263,7 +270,9 @@ def test_the_authorization_server_waits_on_its_database_off_the_event_loop(
             blocker.execute("LOCK TABLE oauth_clients IN ACCESS EXCLUSIVE MODE")
             waiting = threading.Thread(target=authorize)
             waiting.start()
-            time.sleep(0.5)  # the authorization request is waiting on the lock
+            # Until the authorization request waits on the lock (the blocker's, no one else's:
+            # other tests share the database).
+            assert eventually(lambda: _blocked_by(postgres_url, blocker.info.backend_pid))
             with httpx.Client(base_url=server.url, timeout=5) as other:
                 health = [other.get("/healthz").status_code for _ in range(5)]
             assert waiting.is_alive() and "response" not in answered
