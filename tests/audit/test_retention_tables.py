@@ -195,7 +195,7 @@ def test_expired_grants_go_after_the_retention_and_then_their_self_registered_cl
         return grant_id
 
     client = Client("dyn-1", "c", ("http://127.0.0.1/cb",), ("authorization_code",), "none",
-                    None, "dynamic", False, {}, OLD - 2 * DAY, None)  # fmt: skip
+                    None, "dynamic", {}, OLD - 2 * DAY, None)  # fmt: skip
     db.execute(
         "INSERT INTO oauth_open_registrations (client_id, address, registered_at) VALUES (?, ?, ?)",
         ("dyn-1", "192.0.2.1", OLD - 2 * DAY),

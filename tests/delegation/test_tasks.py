@@ -450,7 +450,6 @@ def test_the_task_parameter_at_client_credentials_binds_an_agent_acting_as_itsel
         "client_secret_post",
         "customers:read",
         "admin",
-        False,
         {},
         time.time(),
         None,
