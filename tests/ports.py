@@ -26,6 +26,9 @@ _FIRST = 10000
 _LAST = 32767  # Linux's ephemeral range starts at 32768
 _RANGE = range(_FIRST, _LAST + 1)
 _KEPT = 1000
+# Ports in the range that browsers refuse to open (Chromium's and Firefox's "unsafe ports": 10080
+# is Amanda's); a server on one is unreachable from the browser tests (net::ERR_UNSAFE_PORT).
+_BROWSERS_REFUSE = frozenset({10080})
 _LOCK_FILE = os.path.join(tempfile.gettempdir(), "bastion-test-ports.lock")
 
 
@@ -65,6 +68,8 @@ def free_socket() -> socket.socket:
     for _ in range(len(_RANGE)):
         port = _RANGE[_next % len(_RANGE)]
         _next += 1
+        if port in _BROWSERS_REFUSE:
+            continue
         if port in _held:  # this process's own, perhaps a server of its still starting
             continue
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

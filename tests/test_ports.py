@@ -48,3 +48,26 @@ def test_two_runs_at_once_never_pick_the_same_port():
     everything = [port for ports in picked for port in ports]
     assert all(len(ports) == 20 for ports in picked)
     assert len(set(everything)) == len(everything), picked
+
+
+def test_a_port_browsers_refuse_is_never_picked():
+    # Chromium refuses to open 10080 (net::ERR_UNSAFE_PORT): a page served there cannot be
+    # tested in the browser. A process whose next port is just below it goes past it.
+    picker = """
+import json
+import tests.ports
+tests.ports._next = 10075 - tests.ports._FIRST
+print(json.dumps([tests.ports.free_port() for _ in range(10)]))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", picker],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ports = json.loads(done.stdout)
+    assert len(ports) == 10 and min(ports) < 10080 < max(ports), ports
+    assert 10080 not in ports
