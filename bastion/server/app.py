@@ -46,7 +46,7 @@ from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
 from bastion.policy.errors import PolicyError
 from bastion.server import api, problems
 from bastion.server.api.decisions import DecisionLog
-from bastion.server.api.policy import validate_policy
+from bastion.server.api.policy import log_policy_warnings, validate_policy
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.server.keys import KeyStore
 from bastion.server.metrics import Metrics, metrics_endpoint
@@ -288,12 +288,14 @@ def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
     except OSError as e:
         raise ConfigError(f"policy_file {path}: {e}") from None
     try:
-        validate_policy(text, str(path), config.policy_limits(), config.policy_strict)
+        warnings = validate_policy(text, str(path), config.policy_limits(), config.policy_strict)
     except PolicyError as e:
         raise ConfigError(f"policy_file {path} does not load:\n{e}") from None
-    store.put_policy(
+    stored = store.put_policy(
         text, source=path.name, actor="bastion.toml", note="policy_file at start", only_if_none=True
     )
+    if stored is not None:
+        log_policy_warnings("policy_file", warnings)
 
 
 def _oauth_server(config: ServerConfig, db: Database):

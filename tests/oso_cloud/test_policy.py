@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from oso_cloud import OsoException, Value
+from oso_cloud.api import Policy
 
 from tests.oso_cloud.conftest import admin, start
 
@@ -53,6 +54,21 @@ def test_a_policy_uploaded_is_in_force_for_the_next_question(running):
         versions = client.get("/v1/policy/versions").json()["versions"]
     assert len(versions) == 2
     assert versions[-1]["version"] == 2
+
+
+def test_a_policy_with_a_warning_is_in_force_and_its_warning_told(running):
+    # The SDK's answer has a message alone: the warning that `PUT /v1/policy` lists is in it, and
+    # in the server's log, not lost.
+    oso = running.oso("oso:read", "oso:write")
+    warned = NEW + 'mask(_u: User, "view", _d: Doc, "$..email");\n'
+    answer = oso.api.post_policy(Policy("policy.polar", warned))
+    assert answer.message.startswith("policy version 2 in force with 1 warning(s):\n")
+    assert "policy.polar:16:33: warning: the mask path '$..email' cannot be read" in answer.message
+    assert oso.api.get_policy().policy["src"] == warned
+    log = running.server.log.read_text()
+    assert "policy version 2 (oso-cloud SDK): policy.polar:16:33: warning: the mask path" in log
+    # A policy without a warning says only that it is in force.
+    assert oso.api.post_policy(Policy("policy.polar", NEW)).message == "policy version 3 in force"
 
 
 def test_a_policy_with_an_error_changes_nothing(running):

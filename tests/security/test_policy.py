@@ -232,6 +232,27 @@ def test_a_policy_file_that_would_grow_without_end_stops_the_server_at_start(tmp
     process.stop()
 
 
+def test_a_policy_file_with_a_warning_is_served_and_its_warning_logged_once(tmp_path):
+    # policy_file answers nobody: its warnings (a mask path that withholds whole results) go to
+    # the log when it is stored, as `PUT /v1/policy` lists them.
+    policy = tmp_path / "warned.polar"
+    policy.write_text(POLICY + 'mask(_u: User, "read", _r: Repo, "$..email");\n')
+    warning = f"policy_file: {policy}:"
+    server = ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy)).start()
+    try:
+        with server.client() as admin:
+            assert admin.get("/v1/policy").json()["version"] == 1
+        assert "warning: the mask path '$..email' cannot be read" in server.log.read_text()
+        assert server.log.read_text().count(warning) == 1
+    finally:
+        server.stop()
+    # Started again on the same store, the policy is stored already: nothing stored, nothing told.
+    again = ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy)).start()
+    again.stop()
+    assert again.log != server.log
+    assert warning not in again.log.read_text()
+
+
 CHAIN = """
 actor User {}
 resource Hop {

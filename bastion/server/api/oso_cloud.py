@@ -41,7 +41,12 @@ from bastion.server.api.decisions import (
     record_decision,
     require_compiled,
 )
-from bastion.server.api.policy import await_applied, policy_problem, policy_warnings
+from bastion.server.api.policy import (
+    await_applied,
+    log_policy_warnings,
+    policy_problem,
+    policy_warnings,
+)
 from bastion.server.auth import require, require_for_facts
 from bastion.server.keys import ApiKey
 from bastion.server.problems import (
@@ -744,14 +749,20 @@ async def post_policy(request: Request) -> Response:
     body = await read_json(request)
     text = get_field(body, "src", str)
     source = get_field(body, "filename", str, required=False) or "policy.polar"
-    await policy_warnings(request, text, source, writing=True)
+    warnings = await policy_warnings(request, text, source, writing=True)
     store: FactStore = request.app.state.store
     version, seq = await anyio.to_thread.run_sync(
         lambda: store.put_policy(text, source=source, actor=key.principal, note="oso-cloud SDK")
     )
     request.app.state.metrics.writes.labels("policy").inc()
     await await_applied(request, seq)
-    return _json({"message": f"policy version {version} in force"}, offset=seq)
+    # The SDK reads the answer as {"message"} alone (a field more fails it): the warnings, which
+    # `PUT /v1/policy` answers as a list, are told in the message, and logged as at start.
+    message = f"policy version {version} in force"
+    if warnings:
+        log_policy_warnings(f"policy version {version} (oso-cloud SDK)", warnings)
+        message += f" with {len(warnings)} warning(s):\n" + "\n".join(warnings)
+    return _json({"message": message}, offset=seq)
 
 
 @oso_errors

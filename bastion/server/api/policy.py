@@ -10,6 +10,7 @@ validations queued by a read-only key never hold up a write.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import anyio
 from starlette.requests import Request
@@ -25,6 +26,8 @@ from bastion.server.problems import Problem, bad_request, read_json, unprocessab
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.whole_numbers import count_in
+
+log = logging.getLogger("bastion.policy")
 
 
 def policy_problem(e: PolicyError, what: str = "the policy does not load") -> Problem:
@@ -50,6 +53,13 @@ def validate_policy(
     warning too). Checked on a fresh engine."""
     authz = Authorizer("", limits=limits)
     return [str(w) for w in authz.check_policy(text, source=source, strict=strict)]
+
+
+def log_policy_warnings(what: str, warnings: list[str]) -> None:
+    """Warn in the server's log of a policy stored by a way that answers no list of warnings
+    (`policy_file` at start, Oso Cloud's `POST /api/policy`)."""
+    for warning in warnings:
+        log.warning("%s: %s", what, warning)
 
 
 async def policy_warnings(
