@@ -230,7 +230,21 @@ class CleartextRefused(httpx.TransportError):
 
 
 class AddressRefused(Exception):
-    """The URL's host cannot be resolved, or resolves to an address that may not be reached."""
+    """The URL's host resolves to an address that may not be reached (`NameNotResolved`: to
+    none at all)."""
+
+    def naming(self, setting: str) -> str:
+        """The refusal, naming ``setting`` (the ``allow_private_addresses`` that would change
+        it), if any."""
+        return f"{self} ({setting})" if setting else str(self)
+
+
+class NameNotResolved(AddressRefused):
+    """The URL's host cannot be resolved: no setting would change that (a name misspelt, or
+    the resolver down), so none is named."""
+
+    def naming(self, setting: str) -> str:
+        return str(self)
 
 
 async def pinned(
@@ -246,11 +260,12 @@ async def pinned(
     default_port = 443 if url.scheme == "https" else 80
     try:
         infos = await anyio.getaddrinfo(name, url.port or default_port, type=socket.SOCK_STREAM)
-    except OSError:
-        raise AddressRefused(f"cannot resolve {name}") from None
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise NameNotResolved(f"cannot resolve {name}: {reason}") from None
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     if not addresses:
-        raise AddressRefused(f"cannot resolve {name}")
+        raise NameNotResolved(f"cannot resolve {name}: no address")
     for address in addresses:
         if not may_connect(address, private):
             outside = "" if private is False else " outside the networks allowed"

@@ -47,6 +47,7 @@ import httpx
 from bastion.db import Database, DatabaseUnavailable, first_line, prune_rows
 from bastion.egress import (
     AddressRefused,
+    NameNotResolved,
     PrivateAllowance,
     cleartext_problem,
     metadata_allowance,
@@ -702,12 +703,13 @@ class Outbox:
         except TimeoutError:
             return None, f"no answer within {self.settings.webhook_timeout_seconds:g} s"
         except AddressRefused as e:
-            error = f"{e} ({hook.private_setting})"[:_ERROR_CHARS]
+            error = e.naming(hook.private_setting)[:_ERROR_CHARS]
             log.warning(
-                "webhook delivery %s of %s to %s refused: %s",
+                "webhook delivery %s of %s to %s %s: %s",
                 delivery.id,
                 delivery.request_id,
                 delivery.webhook,
+                "not sent" if isinstance(e, NameNotResolved) else "refused",
                 error,
             )
             return None, error

@@ -246,7 +246,7 @@ class ClientMetadataDocuments:
             try:
                 target, named, extensions = await pinned(target, private)
             except AddressRefused as exc:
-                raise ClientMetadataDocumentError(url, f"{exc} ({PRIVATE_SETTING})") from None
+                raise ClientMetadataDocumentError(url, exc.naming(PRIVATE_SETTING)) from None
             headers.update(named)
         ca_file = self.settings.ca_file
         verify = file_context(ca_file) if ca_file else None

@@ -168,7 +168,7 @@ async def fetch_answer(
             f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
         ) from None
     except AddressRefused as exc:
-        raise RemoteDocumentError(f"{exc}" + _named(limits.private_setting)) from None
+        raise RemoteDocumentError(exc.naming(limits.private_setting)) from None
     except CleartextRefused as exc:
         raise RemoteDocumentError(f"{exc}" + _named(limits.private_setting)) from None
     except httpx.HTTPError as exc:

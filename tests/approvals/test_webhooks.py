@@ -1241,6 +1241,39 @@ def test_a_webhook_whose_name_resolves_to_a_private_address_is_refused_and_the_n
     approvals.store.db.close()
 
 
+def test_a_webhook_whose_name_does_not_resolve_is_retried_and_names_no_setting(sqlite_url, caplog):
+    """A name that cannot be resolved (misspelt: `.invalid` never resolves, RFC 6761 §6.4) is
+    a failed attempt as any other, retried; its error says so, and names no
+    ``allow_private_addresses``, which would not change it (it did, as if an address had been
+    refused)."""
+    caplog.set_level(logging.WARNING, logger="bastion.webhooks")
+    url = "https://hooks.invalid/notify"
+    chosen = dataclasses.replace(settings(webhook_attempts=2), webhooks=(Webhook(url, SECRET),))
+    approvals = approvals_on(sqlite_url, chosen)
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: state(notifier, request.id) == {url: FAILED}, "failed")
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    tried = notifier.attempts(request.id)
+    assert [(a.attempt, a.status_code) for a in tried] == [(1, None), (2, None)]
+    for attempt in tried:
+        assert attempt.error.startswith("cannot resolve hooks.invalid: "), attempt.error
+        assert "allow_private_addresses" not in attempt.error
+    logged = [r.getMessage() for r in caplog.records if webhook_label(url) in r.getMessage()]
+    not_sent = [line for line in logged if "not sent: cannot resolve hooks.invalid: " in line]
+    assert len(not_sent) == 2, logged
+    assert not any("allow_private_addresses" in line for line in logged), logged
+    approvals.store.db.close()
+
+
 def test_a_webhook_whose_name_resolves_to_a_private_address_is_delivered_once_allowed(
     tmp_path, receivers, hooks_test
 ):
