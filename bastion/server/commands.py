@@ -216,7 +216,11 @@ def connection_limits(config: ServerConfig, app: Any = None) -> dict[str, Any]:
     )
     return {
         "http": bounded_http_protocol(
-            config.header_timeout, config.max_header_bytes, direct, gateway
+            config.header_timeout,
+            config.max_header_bytes,
+            direct,
+            gateway,
+            app.state.body_limits if app is not None else None,
         ),
         "limit_concurrency": config.max_connections,
         "timeout_keep_alive": config.keep_alive_timeout,

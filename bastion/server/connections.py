@@ -17,6 +17,15 @@ With a `bastion.server.direct_gateway.DirectGateway`, a gateway ``POST /mcp/<ser
 the same way, then run by the gateway's transport on uvicorn's request-response cycle (with a
 short way for its common answer, `bastion.server.gateway_cycle`), past the application's
 middleware (but uvicorn's proxy headers middleware, when on).
+
+Every request's authority is checked once its head is complete
+(`bastion.server.request_authority`, RFC 9112 §3.2): one without a single valid ``Host`` (HTTP/1.1),
+or whose absolute target names another authority than its ``Host``, is refused 400 in its route
+family's form (``refusals``, the application's body limits) and the connection closed, before
+anything is decided, held or handed to the application. A refusal here, and bytes that begin no
+request (uvicorn's 400), are answered in turn: after the answers of the requests before them on
+the connection, which go on (uvicorn closed the connection at once, and the answer of a request
+still under way, a gateway call that may have run upstream, was lost); nothing after them is read.
 """
 
 from __future__ import annotations
@@ -28,12 +37,19 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
+from bastion.server import problems
 from bastion.server.direct import DirectDecisions, DirectRoute
 from bastion.server.direct_gateway import DirectGateway, GatewayRoute
 from bastion.server.gateway_cycle import GatewayCycle
-from bastion.server.request_limits import TOO_SLOW
+from bastion.server.request_authority import authority_problem
+from bastion.server.request_limits import TOO_SLOW, BodyLimits
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -46,11 +62,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         max_header_bytes: int,
         direct: DirectDecisions | None = None,
         gateway: DirectGateway | None = None,
+        refusals: BodyLimits | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.direct = direct
         self.gateway = gateway
+        # The form of a refusal on each path (the application's body limits' table).
+        self.refusals = refusals
         # The gateway as this server runs the application (behind uvicorn's proxy headers
         # middleware when that is on).
         self._gateway_app = gateway.app(self.config) if gateway is not None else None
@@ -72,6 +91,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_deadline: asyncio.TimerHandle | None = None
         # A head that arrived whole but too large: nothing more of this connection is served.
         self._oversized = False
+        # A request refused in turn (`_refuse_in_turn`): nothing after it is read or served.
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -84,8 +105,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered once the answers before it are; then the connection closes
         in_head = self._in_head
         super().data_received(data)
+        if self._refused:
+            return
         if self._held is not None and self._held_deadline is None:
             # The body is still coming: it has body_timeout to arrive, as through the application.
             source = self.gateway if self._held.__class__ is GatewayRoute else self.direct
@@ -127,7 +152,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         if self._head_deadline is not None:
             self._disarm()
-        if self._oversized:
+        if self._oversized or self._refused:
             return
         # A head that came whole within one read was never counted while incomplete: its size
         # is its parts' (request target, names and values, each line's separators).
@@ -137,19 +162,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._oversized = True  # answered by data_received, once the parser returns
             return
         names = [*map(_NAME, headers)]
+        version = self.parser.get_http_version()
+        problem = authority_problem(headers, names, self.url, version)
+        if problem is not None:
+            self._refuse_authority(problem, version)
+            return
         if b"expect" in names:
             # uvicorn asks this of each header as it comes (on_header): here, of the whole head.
             self.expect_100_continue = any(
                 value.lower() == b"100-continue" for name, value in headers if name == b"expect"
             )
-        if self._routes and self._may_answer_directly(names):
+        if self._routes and self._may_answer_directly(names, version):
             return  # the body is held until the message is complete (on_message_complete)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         if self._held is not None:
             self._held_body.append(body)
-        elif not self._oversized:
+        elif not (self._oversized or self._refused):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -167,13 +197,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 self._respond(content)
                 return
             self._hand_over()
-        if not self._oversized:
+        if not (self._oversized or self._refused):
             super().on_message_complete()
 
-    def _may_answer_directly(self, names: list[bytes]) -> bool:
-        """Whether this request, its head complete (its header ``names`` in order), is one the
-        protocol may answer itself (then its body is held): as uvicorn would start it, with
-        nothing else under way."""
+    def _may_answer_directly(self, names: list[bytes], version: str) -> bool:
+        """Whether this request, its head complete (its header ``names`` in order, its HTTP
+        ``version``), is one the protocol may answer itself (then its body is held): as uvicorn
+        would start it, with nothing else under way."""
         route = self._routes.get(self.url) if self.parser.get_method() == b"POST" else None
         if route is None:
             return False
@@ -181,7 +211,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if (
             self.access_log  # uvicorn writes the access log line
             or self.root_path
-            or self.parser.get_http_version() != "1.1"
+            or version != "1.1"
             or not self.parser.should_keep_alive()
             or (self.cycle is not None and not self.cycle.response_complete)
             or self.pipeline
@@ -218,6 +248,91 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         )
         self.cycle = cycle
         self._start_asgi_task(cycle, self._gateway_app)
+
+    def _should_upgrade(self) -> bool:
+        # A refused request is not upgraded either (uvicorn asks once the parser stops at it).
+        return not self._refused and super()._should_upgrade()
+
+    def _refuse_authority(self, problem: str, version: str) -> None:
+        """Refuse the request whose head is complete for its authority (`authority_problem`):
+        400 in its route family's form, in turn."""
+        try:
+            parsed = httptools.parse_url(self.url)
+            raw_path, query = parsed.path, parsed.query or b""
+        except httptools.HttpParserInvalidURLError:
+            raw_path, query = b"/", b""
+        path = raw_path.decode("latin-1")
+        refusal = self.refusals.for_path(path).refusal if self.refusals else problems.refusal
+        content_type, body = refusal(400, problem)
+        scope = self.scope
+        scope["method"] = self.parser.get_method().decode("ascii")
+        scope["http_version"] = version
+        scope.update(path=path, raw_path=raw_path, query_string=query)
+        self._refuse_in_turn(scope, _Refusal(content_type.encode(), body), self.access_log)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that begin no request (or break the request they are
+        in), given after the answers of the requests before them (uvicorn's closed the
+        connection at once, losing any still under way)."""
+        if self._refused:
+            return  # behind a request refused already: never read
+        self._release()
+        cycle = self.cycle
+        under_way = cycle is not None and not cycle.response_complete
+        if under_way and cycle.more_body:
+            # The bytes broke the framing of this request, whose body is still coming: it is
+            # the one refused, and never run if it waits its turn.
+            waiting = [entry for entry in self.pipeline if entry[0] is cycle]
+            if waiting:
+                self.pipeline.remove(waiting[0])
+            else:
+                under_way = False
+                if cycle.response_started:  # no 400 in the middle of its answer
+                    self.transport.close()
+                    return
+        if not under_way:
+            super().send_400_response(msg)
+            return
+        scope = {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": self.root_path,
+            "method": "",
+            "path": "",
+            "raw_path": b"",
+            "query_string": b"",
+            "headers": [],
+        }
+        self._refuse_in_turn(scope, _Refusal(b"text/plain; charset=utf-8", msg.encode()), False)
+
+    def _refuse_in_turn(self, scope: Any, refusal: _Refusal, access_log: bool) -> None:
+        """Answer ``refusal`` once the requests before it on this connection are answered (at
+        once if none is under way), then close the connection; nothing after it is read."""
+        self._refused = True
+        self._disarm()
+        cycle = RequestResponseCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=False,
+            on_response=self.on_response_complete,
+        )
+        before = self.cycle
+        self.cycle = cycle
+        if before is None or before.response_complete:
+            self._start_asgi_task(cycle, refusal)
+        else:
+            self.pipeline.appendleft((cycle, refusal))
 
     def _hand_over(self) -> None:
         """Give the held request to uvicorn as the parser gave it: its head, then its body."""
@@ -292,6 +407,23 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class _Refusal:
+    """An ASGI application that answers 400 with ``body`` and closes the connection."""
+
+    def __init__(self, content_type: bytes, body: bytes) -> None:
+        self.headers = [
+            (b"content-type", content_type),
+            (b"content-length", b"%d" % len(body)),
+            (b"cache-control", b"no-store"),
+            (b"connection", b"close"),
+        ]
+        self.body = body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 400, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 _NAME = itemgetter(0)
 _PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _TOO_LARGE = "the request head is larger than max_header_bytes"
@@ -302,6 +434,7 @@ def bounded_http_protocol(
     max_header_bytes: int,
     direct: DirectDecisions | None = None,
     gateway: DirectGateway | None = None,
+    refusals: BodyLimits | None = None,
 ) -> Callable[..., Any]:
     """The protocol factory to pass to uvicorn as ``http=``."""
     return functools.partial(
@@ -310,4 +443,5 @@ def bounded_http_protocol(
         max_header_bytes=max_header_bytes,
         direct=direct,
         gateway=gateway,
+        refusals=refusals,
     )

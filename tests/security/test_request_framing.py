@@ -20,8 +20,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -102,15 +103,22 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
+    with serving(tmp_path_factory.mktemp("framing")) as running:
+        yield running
+
+
+@contextmanager
+def serving(tmp: Path, replace: dict[str, str] | None = None) -> Iterator[Served]:
+    """The quickstart's `bastion serve` (its configuration's text changed by ``replace``), and
+    HAProxy in front of it."""
     require_program("HAProxy (Debian package haproxy)", HAPROXY)
-    tmp = tmp_path_factory.mktemp("framing")
     env = {
         "BASTION_ADMIN_KEY": ADMIN_KEY,
         "BASTION_BODY_TIMEOUT": str(BODY_TIMEOUT),
         "BASTION_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE_TIMEOUT),
     }
     with ExitStack() as stack:
-        server, url = serve_quickstart(tmp, env=env)
+        server, url = serve_quickstart(tmp, env=env, replace=replace)
         stack.callback(stop_bastion, server)
         bastion = int(url.rsplit(":", 1)[1])
         port = free_port()
