@@ -39,9 +39,12 @@ PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
 ADMIN_KEY = "framing-admin-key-" + "x" * 32
 BODY_TIMEOUT = 2.0
 KEEP_ALIVE_TIMEOUT = 0.5
-# The most a connection may stay silent: a body that stops coming is answered 408 at
-# body_timeout, by the protocol's own timer or by the middleware's sweep once a second after it.
-HANG = BODY_TIMEOUT + 4
+# How long a connection may stay silent before it is taken as hung: a body that stops coming is
+# answered 408 at body_timeout (by the protocol's own timer or by the middleware's sweep once a
+# second after it), well within it; no passing exchange waits for it, so it is generous: on a
+# loaded machine an answer can take seconds (6 s was seen cut short under load, with every
+# framing's connection open at once).
+HANG = BODY_TIMEOUT + 28
 
 HAPROXY_CONFIG = """\
 global
@@ -287,9 +290,11 @@ def exchange(port: int, *sends: bytes, pause: float = 0, proxy: bool = False):
             s.sendall(data)
         received, ending = b"", "closed"
         while True:
-            answers, _ = answers_in(received)
+            answers, partial = answers_in(received)
             wait = deadline - time.monotonic()
-            if proxy and answers and 400 <= answers[-1].status < 500:
+            # Quiet only with nothing of another answer begun (under load, the rest of an answer
+            # whose head came may take more than a second).
+            if proxy and answers and not partial and 400 <= answers[-1].status < 500:
                 wait = min(wait, 1.0)
                 ending = "quiet"
             s.settimeout(max(wait, 0.01))
