@@ -154,7 +154,9 @@ async def fetch_answer(
                 target, named, extensions = await pinned(target, limits.private_addresses)
                 request["headers"] = {**request.get("headers", {}), **named}
             async with (
-                fetching_client(transport, allow_http=limits.allow_http) as http,
+                fetching_client(
+                    transport, allow_http=limits.allow_http, timeout=limits.timeout_seconds
+                ) as http,
                 http.stream(method, target, extensions=extensions, **request) as response,
             ):
                 status = response.status_code
