@@ -6,11 +6,17 @@ Read for the documents bastion fetches and keeps: client ID metadata documents, 
 headers are the document host's choice: a lifetime is never longer than the operator's
 ``cache_seconds`` nor shorter than a least time, so ``no-store`` cannot turn every request into
 a fetch. Whatever cannot be read is stale (the least time), never the longer configured one.
+
+A document read again is asked for conditionally (RFC 9111 §4.3.1: ``If-None-Match`` with its
+``ETag``, ``If-Modified-Since`` with its ``Last-Modified``, RFC 9110 §13.1), so an unchanged one
+costs a ``304 Not Modified``, which renews the kept answer (`KeptAnswers`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
@@ -44,8 +50,8 @@ def _directives(headers: httpx.Headers) -> list[tuple[str, str | None]]:
 
 def freshness_lifetime(headers: httpx.Headers | Mapping[str, str], now: float) -> float | None:
     """The seconds from ``now`` an answer with ``headers`` may be reused (0: not at all), or
-    None when its headers say nothing of it. ``no-store`` and ``no-cache`` are 0 (bastion does
-    not revalidate: a document is fetched whole again); of several max-ages or an unreadable
+    None when its headers say nothing of it. ``no-store`` and ``no-cache`` are 0 (kept the least
+    time, then asked for again: conditionally, `KeptAnswers`); of several max-ages or an unreadable
     one, the shortest, an unreadable one being 0; ``s-maxage`` is for shared caches, not read;
     an ``Expires`` that is no date, or given twice, is in the past (§5.3)."""
     headers = httpx.Headers(headers)
@@ -84,3 +90,69 @@ def kept_seconds(lifetime: float | None, least: float, most: float) -> float:
     (the operator's ``cache_seconds``) wins over ``least``: 0 keeps nothing, as it always did."""
     said = most if lifetime is None else lifetime
     return min(most, max(least, said))
+
+
+# RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, etagc = %x21 / %x23-7E / obs-text
+# (obs-text left out: sent back in a header field, only visible ASCII is). A longer one is not
+# kept: nothing a document host needs, and each is sent back on every read.
+_ENTITY_TAG = re.compile(r'(W/)?"[\x21\x23-\x7e]{0,256}"')
+
+
+@dataclass(frozen=True)
+class KeptAnswer:
+    """A document's body as last answered with 200, the validators its headers gave, and the
+    lifetime they gave (None: they said nothing)."""
+
+    body: bytes
+    etag: str
+    last_modified: str
+    lifetime: float | None
+
+
+def validators(headers: httpx.Headers) -> tuple[str, str]:
+    """The ``ETag`` (an entity-tag, RFC 9110 §8.8.3) and ``Last-Modified`` (an HTTP-date,
+    §8.8.2) of an answer's ``headers`` that may be sent back in a conditional request; "" for
+    one absent, given twice, or not of its form."""
+    etags = headers.get_list("etag")
+    etag = etags[0].strip() if len(etags) == 1 else ""
+    if not _ENTITY_TAG.fullmatch(etag):
+        etag = ""
+    modified = headers.get_list("last-modified")
+    last_modified = modified[0].strip() if _date(modified) is not None else ""
+    return etag, last_modified
+
+
+class KeptAnswers:
+    """The last 200 answer of each of a few URIs that gave a validator, to ask for them again
+    conditionally (RFC 9111 §4.3.1) and take a ``304 Not Modified`` as that answer renewed
+    (§4.3.4: the 304's lifetime, else the kept one's). One per peer (its metadata, its key
+    set), at most ``most`` URIs, the oldest making room."""
+
+    def __init__(self, most: int = 4) -> None:
+        self.most = most
+        self._answers: dict[str, KeptAnswer] = {}
+
+    def conditions(self, uri: str) -> dict[str, str]:
+        """The request header fields that ask for ``uri`` only if it changed; none when no
+        answer of it is kept."""
+        kept = self._answers.get(uri)
+        if kept is None:
+            return {}
+        fields = {}
+        if kept.etag:
+            fields["If-None-Match"] = kept.etag
+        if kept.last_modified:
+            fields["If-Modified-Since"] = kept.last_modified
+        return fields
+
+    def get(self, uri: str) -> KeptAnswer | None:
+        return self._answers.get(uri)
+
+    def keep(self, uri: str, answer: KeptAnswer) -> None:
+        """Keep ``answer`` of ``uri`` (forget it when it gave no validator)."""
+        self._answers.pop(uri, None)
+        if not (answer.etag or answer.last_modified):
+            return
+        if len(self._answers) >= self.most:
+            self._answers.pop(next(iter(self._answers)))
+        self._answers[uri] = answer

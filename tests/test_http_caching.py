@@ -9,7 +9,13 @@ from email.utils import formatdate
 import httpx
 import pytest
 
-from bastion.http_caching import freshness_lifetime, kept_seconds
+from bastion.http_caching import (
+    KeptAnswer,
+    KeptAnswers,
+    freshness_lifetime,
+    kept_seconds,
+    validators,
+)
 
 NOW = 1_800_000_000.0
 
@@ -36,7 +42,7 @@ def http_date(at: float) -> str:
         ([("Cache-Control", "s-maxage=5, max-age=60")], 60),
         ([("Cache-Control", "no-store")], 0),
         ([("Cache-Control", "max-age=60, no-store")], 0),
-        ([("Cache-Control", "no-cache")], 0),  # bastion never revalidates: fetched again
+        ([("Cache-Control", "no-cache")], 0),  # kept the least time, then asked for again
         ([("Cache-Control", 'no-cache="set-cookie", max-age=60')], 0),
         # Two answers at once: the shorter (RFC 9111 §4.2.1 allows taking it as stale).
         ([("Cache-Control", "max-age=600"), ("Cache-Control", "max-age=60")], 60),
@@ -74,3 +80,41 @@ def test_the_configured_most_wins_over_the_least():
     """``cache_seconds`` below the least (0: nothing kept) is the operator's choice, kept."""
     assert kept_seconds(0, least=5, most=0) == 0
     assert kept_seconds(None, least=5, most=2) == 2
+
+
+# -- validators sent back in a conditional request (RFC 9110 §8.8, §13.1) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ([], ("", "")),
+        ([("ETag", '"v1"')], ('"v1"', "")),
+        ([("ETag", 'W/"v1"')], ('W/"v1"', "")),
+        ([("ETag", "v1")], ("", "")),  # not quoted: no entity-tag
+        ([("ETag", '"a"b"')], ("", "")),
+        ([("ETag", '"' + "x" * 257 + '"')], ("", "")),  # longer than bastion sends back
+        ([("ETag", '"v1"'), ("ETag", '"v2"')], ("", "")),  # which one?
+        (
+            [("Last-Modified", "Wed, 01 Jan 2025 00:00:00 GMT")],
+            ("", "Wed, 01 Jan 2025 00:00:00 GMT"),
+        ),
+        ([("Last-Modified", "yesterday")], ("", "")),
+    ],
+)
+def test_only_well_formed_validators_are_sent_back(fields, expected):
+    assert validators(httpx.Headers(fields)) == expected
+
+
+def test_kept_answers_ask_conditionally_and_keep_only_answers_with_a_validator():
+    kept = KeptAnswers(most=2)
+    kept.keep("https://a/", KeptAnswer(b"{}", "", "", 60))
+    assert kept.conditions("https://a/") == {}  # no validator: nothing to ask with
+    kept.keep("https://a/", KeptAnswer(b"{}", '"v1"', "Wed, 01 Jan 2025 00:00:00 GMT", 60))
+    assert kept.conditions("https://a/") == {
+        "If-None-Match": '"v1"',
+        "If-Modified-Since": "Wed, 01 Jan 2025 00:00:00 GMT",
+    }
+    kept.keep("https://b/", KeptAnswer(b"{}", '"b"', "", None))
+    kept.keep("https://c/", KeptAnswer(b"{}", '"c"', "", None))  # the oldest makes room
+    assert kept.get("https://a/") is None and kept.conditions("https://c/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import threading
@@ -106,3 +107,19 @@ def reads_held(replica: Any, within: float = PATIENCE) -> Iterator[threading.Eve
     finally:
         held.set()
         replica.store.changes_since = read
+
+
+def run_settled(func: Callable[..., Any], *args: Any) -> Any:
+    """``anyio.run(func, *args)``, then until the tasks it left running in that loop (a read
+    in the background: `bastion.oauth.jwks.CoalescedFetches.in_background`) have ended, so the
+    next run sees what they found (a loop that ends cancels them)."""
+
+    async def run() -> Any:
+        try:
+            return await func(*args)
+        finally:
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            if others:
+                await asyncio.wait(others)
+
+    return anyio.run(run)

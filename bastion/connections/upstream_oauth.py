@@ -30,6 +30,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
 from bastion.egress import PrivateAllowance, cleartext_problem, metadata_allowance
+from bastion.http_caching import KeptAnswers
 from bastion.names import readable
 from bastion.oauth.jwks import (
     CoalescedFetches,
@@ -158,11 +159,10 @@ class UpstreamOAuthClient:
         )
         self.clock = clock
         # The upstream's metadata and its server's, read again when their lifetime ends.
-        self._metadata = RemoteMetadata(
+        self._metadata = RemoteMetadata.of(
+            settings,
             self._limits,
             self._read_metadata,
-            cache_seconds=settings.metadata_cache_seconds,
-            stale_seconds=settings.metadata_stale_seconds,
             table="[[gateway.upstreams]] oauth",
             peer=name or resource,
             clock=clock,
@@ -172,12 +172,12 @@ class UpstreamOAuthClient:
         # issuer -> its metadata: servers the upstream named before (`former_server`).
         self._former: dict[str, ServerMetadata] = {}
 
-    async def _discovered_issuer(self) -> tuple[str, float | None]:
+    async def _discovered_issuer(self, answers: KeptAnswers) -> tuple[str, float | None]:
         """The first authorization server the upstream's protected-resource metadata names, and
         the lifetime its headers give."""
         try:
             found, lifetime = await fetch_json_answer(
-                well_known(self.resource, "oauth-protected-resource"), self._limits
+                well_known(self.resource, "oauth-protected-resource"), self._limits, None, answers
             )
         except RemoteDocumentError as e:
             raise RemoteDocumentError(f"metadata of {self.resource}: {e}") from None
@@ -218,7 +218,7 @@ class UpstreamOAuthClient:
         except RemoteDocumentError as e:
             raise UpstreamOAuthError("unavailable", str(e)) from None
 
-    async def _read_metadata(self) -> tuple[ServerMetadata, float | None]:
+    async def _read_metadata(self, answers: KeptAnswers) -> tuple[ServerMetadata, float | None]:
         """The server's metadata (the configured issuer's, or the one the upstream's
         protected-resource metadata names), each check passed, and the shorter lifetime the two
         documents' headers give; `RemoteDocumentError` when either cannot be had or fails a
@@ -227,17 +227,19 @@ class UpstreamOAuthClient:
         if self.settings.issuer:
             issuer = self.settings.issuer
         else:
-            issuer, named_for = await self._discovered_issuer()
-        meta, lifetime = await self._server_metadata(issuer)
+            issuer, named_for = await self._discovered_issuer(answers)
+        meta, lifetime = await self._server_metadata(issuer, answers)
         lifetimes = [t for t in (named_for, lifetime) if t is not None]
         return meta, min(lifetimes) if lifetimes else None
 
-    async def _server_metadata(self, issuer: str) -> tuple[ServerMetadata, float | None]:
+    async def _server_metadata(
+        self, issuer: str, answers: KeptAnswers | None = None
+    ) -> tuple[ServerMetadata, float | None]:
         """``issuer``'s metadata, at its RFC 8414 well-known URL, naming ``issuer`` as its
         issuer (§3.3), with usable endpoints and PKCE S256; and the lifetime its headers give."""
         try:
             document, lifetime = await fetch_json_answer(
-                well_known(issuer, "oauth-authorization-server"), self._limits
+                well_known(issuer, "oauth-authorization-server"), self._limits, None, answers
             )
         except RemoteDocumentError as e:
             raise RemoteDocumentError(f"metadata of {issuer}: {e}") from None

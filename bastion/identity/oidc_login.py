@@ -48,6 +48,7 @@ from bastion import untrusted_json
 from bastion.constant_time import same
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, check_storable
+from bastion.http_caching import KeptAnswers
 from bastion.identity.accounts import MIGRATIONS, account_taken, bound_elsewhere
 from bastion.identity.client_key import METHOD as PRIVATE_KEY_JWT
 from bastion.identity.client_key import client_assertion
@@ -153,11 +154,10 @@ class OpenIDLogin:
         # signals/).
         self.on_signed_in: list[Callable[[str, str, str], None]] = []
         self._metadata = {
-            p.id: RemoteMetadata(
+            p.id: RemoteMetadata.of(
+                p,
                 FetchLimits.of_issuer(p, PROVIDERS_TABLE),
                 functools.partial(self._discover, p),
-                cache_seconds=p.metadata_cache_seconds,
-                stale_seconds=p.metadata_stale_seconds,
                 table=PROVIDERS_TABLE,
                 peer=p.id,
                 clock=self.clock,
@@ -663,14 +663,16 @@ class OpenIDLogin:
         except RemoteDocumentError as exc:
             raise ProviderUnavailable(str(exc)) from None
 
-    async def _discover(self, provider: OpenIDProvider) -> tuple[_Endpoints, float | None]:
+    async def _discover(
+        self, provider: OpenIDProvider, answers: KeptAnswers
+    ) -> tuple[_Endpoints, float | None]:
         """The endpoints of the provider's discovery document, each check passed, and the
         lifetime its headers give; `RemoteDocumentError` for a document that cannot be had or
         fails a check (it never replaces a good one)."""
         uri = f"{provider.issuer.rstrip('/')}/.well-known/openid-configuration"
         limits = FetchLimits.of_issuer(provider, PROVIDERS_TABLE)
         try:
-            document, lifetime = await fetch_json_answer(uri, limits, self.transport)
+            document, lifetime = await fetch_json_answer(uri, limits, self.transport, answers)
         except RemoteDocumentError as exc:
             raise RemoteDocumentError(f"its discovery document {uri} {exc}") from None
         # OpenID Connect Discovery §4.3: the document names the very issuer asked.

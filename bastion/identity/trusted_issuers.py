@@ -34,6 +34,7 @@ from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
 from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
+from bastion.http_caching import KeptAnswers
 from bastion.http_fields import field_value_problem
 from bastion.identity.accounts import (
     MAX_ACCOUNT_CHARS,
@@ -367,11 +368,10 @@ class TrustedIssuers:
         # issuer -> its jwks_uri and introspection endpoint from its metadata, where they are
         # not both configured
         self._metadata = {
-            i.issuer: RemoteMetadata(
+            i.issuer: RemoteMetadata.of(
+                i,
                 FetchLimits.of_issuer(i, ISSUERS_TABLE),
                 partial(self._find_endpoints, i),
-                cache_seconds=i.metadata_cache_seconds,
-                stale_seconds=i.metadata_stale_seconds,
                 table=ISSUERS_TABLE,
                 peer=i.issuer,
                 clock=clock,
@@ -673,12 +673,14 @@ class TrustedIssuers:
         except RemoteDocumentError as exc:
             raise IssuerUnavailable(str(exc)) from None
 
-    async def _find_endpoints(self, issuer: TrustedIssuer) -> tuple[tuple[str, str], float | None]:
+    async def _find_endpoints(
+        self, issuer: TrustedIssuer, answers: KeptAnswers
+    ) -> tuple[tuple[str, str], float | None]:
         """What the issuer's metadata names (those configured win), each checked, and the
         lifetime its headers give; `RemoteDocumentError` when it cannot be had or fails a
         check (it then never replaces a good one)."""
         limits = FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
-        metadata, lifetime = await issuer_metadata(issuer.issuer, limits, self.transport)
+        metadata, lifetime = await issuer_metadata(issuer.issuer, limits, self.transport, answers)
         jwks_uri = issuer.jwks_uri or metadata.get("jwks_uri")
         endpoint = issuer.introspection_endpoint or metadata.get("introspection_endpoint", "")
         for name, value in (("jwks_uri", jwks_uri), ("introspection_endpoint", endpoint)):

@@ -15,6 +15,7 @@ verification of trusted issuers' access tokens (`bastion.identity.trusted_issuer
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -36,11 +37,19 @@ from bastion.egress import (
     metadata_allowance,
     pinned,
 )
-from bastion.http_caching import freshness_lifetime, kept_seconds
+from bastion.http_caching import (
+    KeptAnswer,
+    KeptAnswers,
+    freshness_lifetime,
+    kept_seconds,
+    validators,
+)
 from bastion.http_fields import media_type
 from bastion.tls import fetching_client
 
 _T = TypeVar("_T")
+
+log = logging.getLogger("bastion.oauth.jwks")
 
 
 class RemoteDocumentError(Exception):
@@ -123,12 +132,15 @@ async def read_body(response: httpx.Response, max_bytes: int, setting: str = "")
 @dataclass(frozen=True)
 class Answer:
     """What another party answered: its status, its body (empty when the status was not among
-    those read), and how long its headers say it may be reused (`bastion.http_caching`: None
-    when they say nothing)."""
+    those read), how long its headers say it may be reused (`bastion.http_caching`: None
+    when they say nothing), and the validators they give to ask for it again conditionally
+    (`bastion.http_caching.validators`: "" when none)."""
 
     status: int
     body: bytes
     lifetime: float | None
+    etag: str = ""
+    last_modified: str = ""
 
 
 async def fetch_answer(
@@ -161,10 +173,11 @@ async def fetch_answer(
             ):
                 status = response.status_code
                 lifetime = freshness_lifetime(response.headers, time.time())
+                etag, last_modified = validators(response.headers)
                 if only is not None and status not in only:
-                    return Answer(status, b"", lifetime)
+                    return Answer(status, b"", lifetime, etag, last_modified)
                 body = await read_body(response, limits.max_bytes, limits.bytes_setting)
-                return Answer(status, body, lifetime)
+                return Answer(status, body, lifetime, etag, last_modified)
     except TimeoutError:
         raise RemoteDocumentError(
             f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
@@ -192,19 +205,44 @@ async def fetch(
 
 
 async def fetch_json_answer(
-    uri: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
+    uri: str,
+    limits: FetchLimits,
+    transport: httpx.AsyncBaseTransport | None = None,
+    answers: KeptAnswers | None = None,
 ) -> tuple[Any, float | None]:
     """GET ``uri`` and read its body as untrusted JSON, within ``limits``: (the JSON, how long
     its headers say it may be reused or None). `RemoteDocumentError` on any failure (timeout,
-    HTTP status other than 200, too large, not JSON)."""
+    HTTP status other than 200, too large, not JSON). With ``answers``, asked for
+    conditionally when an answer of ``uri`` is kept there (RFC 9111 §4.3.1): a ``304`` is that
+    answer again, renewed (§4.3.4), read afresh as it was; a 200 is kept there for the next
+    time."""
     headers = {"Accept": "application/json"}
+    kept = answers.get(uri) if answers is not None else None
+    if answers is not None:
+        headers.update(answers.conditions(uri))
     answer = await fetch_answer("GET", uri, limits, transport, only=(200,), headers=headers)
-    if answer.status != 200:
+    if answer.status == 304 and kept is not None:
+        body = kept.body
+        lifetime = kept.lifetime if answer.lifetime is None else answer.lifetime
+        # §4.3.4: the 304's validators, where it gives them, describe the kept answer now.
+        answer = Answer(
+            200,
+            body,
+            lifetime,
+            answer.etag or kept.etag,
+            answer.last_modified or kept.last_modified,
+        )
+    elif answer.status != 200:
         raise RemoteDocumentError(f"answered HTTP {answer.status}")
     try:
-        return untrusted_json.loads(answer.body), answer.lifetime
+        document = untrusted_json.loads(answer.body)
     except untrusted_json.JsonRefused as exc:
         raise RemoteDocumentError(f"sent no JSON: {exc}") from None
+    if answers is not None:
+        answers.keep(
+            uri, KeptAnswer(answer.body, answer.etag, answer.last_modified, answer.lifetime)
+        )
+    return document, answer.lifetime
 
 
 async def fetch_json(
@@ -308,12 +346,16 @@ def verified_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict
 
 
 async def issuer_metadata(
-    issuer: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
+    issuer: str,
+    limits: FetchLimits,
+    transport: httpx.AsyncBaseTransport | None = None,
+    answers: KeptAnswers | None = None,
 ) -> tuple[dict[str, Any], float | None]:
     """An issuer's OpenID Connect Discovery document, else its RFC 8414 metadata (§3.1: the
     well-known prefix before the issuer's path), and the lifetime its headers give (None: they
     say nothing); the document must name ``issuer`` exactly (OpenID Connect Discovery §4.3,
-    RFC 8414 §3.3). `RemoteDocumentError` saying what each place answered."""
+    RFC 8414 §3.3). `RemoteDocumentError` saying what each place answered. ``answers``: as
+    `fetch_json_answer`'s."""
     parts = urlsplit(issuer)
     path = parts.path.rstrip("/")
     origin = f"{parts.scheme}://{parts.netloc}"
@@ -324,7 +366,7 @@ async def issuer_metadata(
     problems = []
     for uri in candidates:
         try:
-            document, lifetime = await fetch_json_answer(uri, limits, transport)
+            document, lifetime = await fetch_json_answer(uri, limits, transport, answers)
         except RemoteDocumentError as exc:
             problems.append(f"{uri} {exc}")
             continue
@@ -344,6 +386,9 @@ class CoalescedFetches:
     bastion need a remote document (a token naming a trusted issuer, a login button, a client
     assertion), so without this an issuer that is down or slow was asked once per request, each
     held up to ``timeout_seconds``. What a fetch found is the caller's to keep.
+
+    A caller that still holds a usable document starts the fetch in the background instead
+    (`in_background`): the request is answered at once, and the fetch is the same single one.
     """
 
     def __init__(self, limits: FetchLimits, clock: Callable[[], float] = time.time) -> None:
@@ -352,6 +397,8 @@ class CoalescedFetches:
         self._fetching: dict[str, asyncio.Lock] = {}
         # key -> (when its last fetch failed, why)
         self._failed: dict[str, tuple[float, str]] = {}
+        # key -> the fetch under way in the background (`in_background`)
+        self._background: dict[str, asyncio.Task[None]] = {}
 
     async def once(
         self, key: str, fetch: Callable[[], Awaitable[_T]], kept: Callable[[], _T | None]
@@ -379,6 +426,42 @@ class CoalescedFetches:
             if not lock.locked() and self._fetching.get(key) is lock:
                 del self._fetching[key]
 
+    def in_background(
+        self, key: str, fetch: Callable[[], Awaitable[object]], kept: Callable[[], object]
+    ) -> None:
+        """Start ``once(key, fetch, kept)`` as a task of the running loop and return at once:
+        not when one is under way for ``key`` already, nor within ``refetch_seconds`` of a
+        failed fetch of it (a fetch that fails is not tried again on every request). Its failure
+        is remembered as `once`'s is, and ``fetch`` may log it; nobody waits for it."""
+        loop = asyncio.get_running_loop()
+        task = self._background.get(key)
+        # A task of a loop that has ended (a command's run) is not under way any more.
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._background.pop(key, None)
+        failed = self._failed.get(key)
+        if failed is not None and self.clock() - failed[0] < self.limits.refetch_seconds:
+            return
+
+        async def run() -> None:
+            try:
+                await self.once(key, fetch, kept)
+            except RemoteDocumentError:
+                pass  # remembered by `once`; the caller's ``fetch`` said why
+            except Exception:
+                # Nobody awaits this task: a fault of bastion's own is logged, not lost.
+                log.exception("the background fetch of %s failed", key)
+            finally:
+                if self._background.get(key) is asyncio.current_task():
+                    del self._background[key]
+
+        self._background[key] = loop.create_task(run(), name=f"fetch {key}")
+
+    def under_way(self, key: str) -> bool:
+        """Whether a fetch of ``key`` started by `in_background` is under way."""
+        task = self._background.get(key)
+        return task is not None and not task.done()
+
     def _refuse_if_failed_lately(self, key: str) -> None:
         failed = self._failed.get(key)
         if failed is None:
@@ -397,6 +480,9 @@ class RemoteKeySets(CoalescedFetches):
     ``check(document)`` returns why a fetched document is not an acceptable key set, or None.
     Fetches are coalesced and failures remembered (`CoalescedFetches`): a poll's batch of SETs,
     or every token of an issuer that is down, waits on one fetch or is refused with its reason.
+    A set in use is fetched again in the background once past half its lifetime, so nobody
+    waits for it while the issuer answers; never used past its lifetime (a withdrawn key is
+    not trusted longer than its headers said), and asked for conditionally (`KeptAnswers`).
     """
 
     def __init__(
@@ -410,30 +496,40 @@ class RemoteKeySets(CoalescedFetches):
         self.check = check
         self.transport = transport
         self._fetched: dict[str, _Fetched] = {}
+        self._answers = KeptAnswers(limits.max_cached)
 
     async def keys(self, uri: str, kid: str | None) -> KeySet:
         """The key set at ``uri``: cached while young (as its headers said, within
         ``refetch_seconds`` and ``cache_seconds``) and holding the key a header with ``kid``
         names (`signing_key`); fetched again when it lacks it (a ``kid`` it does not hold, or
         none while it holds several keys: the issuer rotated its keys) and the last fetch is
-        older than ``refetch_seconds``, so made-up kids cost one fetch per that interval."""
+        older than ``refetch_seconds``, so made-up kids cost one fetch per that interval. Past
+        half its lifetime (and ``refetch_seconds``), a set that holds the key is the answer and
+        is fetched again in the background (`CoalescedFetches.in_background`); past its
+        lifetime, the request waits for the fetch."""
         now = self.clock()
         cached = self._fetched.get(uri)
-        if cached is not None:
-            young = now - cached.fetched_at < cached.kept_seconds
-            known = signing_key(cached.keys, kid) is not None
-            may_refetch = now - cached.fetched_at >= self.limits.refetch_seconds
-            if young and (known or not may_refetch):
-                return cached.keys
 
         def fetched_meanwhile() -> KeySet | None:
             again = self._fetched.get(uri)
             return again.keys if again is not None and again is not cached else None
 
+        if cached is not None:
+            age = now - cached.fetched_at
+            young = age < cached.kept_seconds
+            known = signing_key(cached.keys, kid) is not None
+            may_refetch = age >= self.limits.refetch_seconds
+            if young and (known or not may_refetch):
+                if known and may_refetch and age >= cached.kept_seconds / 2:
+                    self.in_background(uri, lambda: self._fetch(uri), fetched_meanwhile)
+                return cached.keys
+
         return await self.once(uri, lambda: self._fetch(uri), fetched_meanwhile)
 
     async def _fetch(self, uri: str) -> KeySet:
-        document, lifetime = await fetch_json_answer(uri, self.limits, self.transport)
+        document, lifetime = await fetch_json_answer(
+            uri, self.limits, self.transport, self._answers
+        )
         # Checking the set reads every key in it, as reading it does: CPU work for as many keys
         # as the caller's bound allows, in a worker thread, never on the event loop.
         keys = await anyio.to_thread.run_sync(self._read, document)

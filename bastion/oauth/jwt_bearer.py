@@ -47,6 +47,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.egress import PrivateAllowance, private_allowance
+from bastion.http_caching import KeptAnswers
 from bastion.identity.accounts import (
     MAX_ACCOUNT_CHARS,
     account_taken,
@@ -333,11 +334,10 @@ class IdentityAssertionGrant:
         }
         # The jwks_uri of each provider that has none configured, from its metadata.
         self._metadata = {
-            i.issuer: RemoteMetadata(
+            i.issuer: RemoteMetadata.of(
+                i,
                 FetchLimits.of_issuer(i, ID_JAG_TABLE),
                 partial(self._find_jwks_uri, i),
-                cache_seconds=i.metadata_cache_seconds,
-                stale_seconds=i.metadata_stale_seconds,
                 table=ID_JAG_TABLE,
                 peer=i.issuer,
                 clock=self.clock,
@@ -461,9 +461,11 @@ class IdentityAssertionGrant:
             return idp.jwks_uri
         return await self._metadata[idp.issuer].get()
 
-    async def _find_jwks_uri(self, idp: TrustedIdp) -> tuple[str, float | None]:
+    async def _find_jwks_uri(
+        self, idp: TrustedIdp, answers: KeptAnswers
+    ) -> tuple[str, float | None]:
         limits = FetchLimits.of_issuer(idp, ID_JAG_TABLE)
-        metadata, lifetime = await issuer_metadata(idp.issuer, limits, self.transport)
+        metadata, lifetime = await issuer_metadata(idp.issuer, limits, self.transport, answers)
         uri = metadata.get("jwks_uri")
         problem = jwks_uri_problem(uri)
         if problem:

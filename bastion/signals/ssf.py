@@ -43,6 +43,7 @@ from bastion.db import Database
 from bastion.egress import cleartext_problem, metadata_allowance
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
+from bastion.http_caching import KeptAnswers
 from bastion.http_fields import media_type
 from bastion.oauth.jwks import (
     FetchLimits,
@@ -339,11 +340,10 @@ class SsfReceiver:
         }
         # Each transmitter's metadata, read again when its lifetime ends (SSF 1.0 §7).
         self._metadata = {
-            t.name: RemoteMetadata(
+            t.name: RemoteMetadata.of(
+                t,
                 self.limits,
                 partial(self._read_metadata, t),
-                cache_seconds=t.metadata_cache_seconds,
-                stale_seconds=t.metadata_stale_seconds,
                 table=TRANSMITTERS_TABLE,
                 peer=t.name,
                 clock=clock,
@@ -376,11 +376,13 @@ class SsfReceiver:
         except RemoteDocumentError as e:
             raise ValueError(f"{t.configuration_url} {e}") from None
 
-    async def _read_metadata(self, t: Transmitter) -> tuple[dict[str, Any], float | None]:
+    async def _read_metadata(
+        self, t: Transmitter, answers: KeptAnswers
+    ) -> tuple[dict[str, Any], float | None]:
         """The transmitter's metadata, each check passed, and the lifetime its headers give;
         `RemoteDocumentError` for one that cannot be had or fails a check (it never replaces a
         good one)."""
-        found, lifetime = await fetch_json_answer(t.configuration_url, self.limits)
+        found, lifetime = await fetch_json_answer(t.configuration_url, self.limits, None, answers)
         try:
             if not isinstance(found, dict) or found.get("issuer") != t.issuer:
                 raise ValueError(

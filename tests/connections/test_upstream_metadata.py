@@ -1,7 +1,8 @@
 """An upstream's authorization metadata for per-user credentials (its protected-resource
 metadata, RFC 9728, and its authorization server's, RFC 8414) is read again when its lifetime
-ends (their headers, within ``timeout_seconds`` and ``metadata_cache_seconds``), not once per
-process: a server that moves its token endpoint, or an upstream that names another server, is
+ends (their headers, within ``timeout_seconds`` and ``metadata_cache_seconds``), in the
+background while the kept one still answers (each step waits for that read: `run_settled`), not
+once per process: a server that moves its token endpoint, or an upstream that names another server, is
 followed without a restart. A read that fails, or brings a document failing the checks the first
 one passed (the server's metadata naming another issuer), keeps the last good metadata in use
 for ``metadata_stale_seconds`` past its lifetime; after that the calls that need it fail with the
@@ -14,19 +15,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-import anyio
 import httpx
 import pytest
 from cryptography.fernet import Fernet
 
 from bastion.connections.sealing import Sealer
-from bastion.connections.service import Connections, ConnectionUnavailable
+from bastion.connections.service import Connections, ConnectionUnavailable, FlowRefused
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore
 from bastion.db import Database
 from tests.clock import ManualClock
 from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import Servers, free_socket
+from tests.waits import run_settled
 
 
 @dataclass
@@ -71,11 +72,11 @@ def upstream(tmp_path, request) -> Iterator[Upstream]:
 def connect(connections: Connections, subject: str) -> str:
     """``subject`` connects to the upstream (the server authorizes at once); the server's base
     URL their browser was sent to."""
-    link = anyio.run(lambda: connections.start(subject, "tracker", browser="b"))
+    link = run_settled(lambda: connections.start(subject, "tracker", browser="b"))
     with httpx.Client(timeout=10) as browser:
         location = browser.get(link).headers["location"]
     query = parse_qs(urlsplit(location).query)
-    anyio.run(
+    run_settled(
         lambda: connections.finish(
             subject, "tracker", query["state"][0], query["code"][0], browser="b"
         )
@@ -86,8 +87,8 @@ def connect(connections: Connections, subject: str) -> str:
 
 def refreshed(connections: Connections, subject: str = "alice") -> str | None:
     """The upstream refused ``subject``'s token (401): bastion refreshes it; the new token."""
-    token = anyio.run(connections.access_token, subject, "tracker")
-    return anyio.run(connections.access_token_refused, subject, "tracker", token)
+    token = run_settled(connections.access_token, subject, "tracker")
+    return run_settled(connections.access_token_refused, subject, "tracker", token)
 
 
 LIFETIME = {"metadata_cache_seconds": 60, "metadata_stale_seconds": 120}
@@ -100,8 +101,11 @@ def test_a_server_that_moves_its_token_endpoint_is_followed_once_its_metadata_ex
     upstream.clock.now += 30  # still in its lifetime: the endpoint read is used
     assert refreshed(upstream.connections).startswith("access-of-first-")
     upstream.clock.now += 31
+    # Past its lifetime: this refresh goes where the kept metadata says, while it is read again
+    # in the background; the next, where the metadata read says.
     assert refreshed(upstream.connections).startswith("access-of-first-")
-    assert upstream.first.token_paths == ["/token", "/token", "/moved/token"]
+    assert refreshed(upstream.connections).startswith("access-of-first-")
+    assert upstream.first.token_paths == ["/token", "/token", "/token", "/moved/token"]
 
 
 @pytest.mark.parametrize("upstream", [{"metadata_cache_seconds": 60}], indirect=True)
@@ -112,6 +116,10 @@ def test_an_upstream_naming_another_server_is_followed_by_new_connections(upstre
     upstream.clock.now += 30
     assert connect(upstream.connections, "bob") == upstream.first.base
     upstream.clock.now += 31
+    # Past its lifetime: dave is sent to the server the kept metadata names, while it is read
+    # again; by the time he comes back the upstream names another, so nothing is connected.
+    with pytest.raises(FlowRefused, match="now names another"):
+        connect(upstream.connections, "dave")
     assert connect(upstream.connections, "carol") == upstream.second.base
     # alice's grant is the first server's: it goes back there only, and she connects again.
     assert refreshed(upstream.connections) is None

@@ -16,6 +16,7 @@ import time
 import uuid
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import anyio
 import httpx
 import pytest
 from joserfc import jws, jwt
@@ -100,6 +101,10 @@ class TestProvider:
         self.discovery_headers: dict[str, dict[str, str]] = {}
         self.asked: list[str] = []
         self.retired: set[str] = set()
+        # Issuers whose discovery document hangs (answers only once taken out of the set), and
+        # how many discovery requests are hanging now.
+        self.hung: set[str] = set()
+        self.hanging = 0
         self.url = ""
         routes = Starlette(
             routes=[
@@ -127,6 +132,13 @@ class TestProvider:
 
     async def discovery(self, request: Request) -> Response:
         name = request.path_params["name"]
+        if name in self.hung:
+            self.hanging += 1
+            try:
+                while name in self.hung:
+                    await anyio.sleep(0.01)
+            finally:
+                self.hanging -= 1
         status = self.discovery_status.get(name, 200)
         if status != 200:
             return JSONResponse({"error": "temporarily_unavailable"}, status_code=status)

@@ -1,6 +1,7 @@
 """A provider's OpenID Connect Discovery metadata is read again when its lifetime ends (its
-``Cache-Control`` or ``Expires``, within ``jwks_refetch_seconds`` and ``metadata_cache_seconds``):
-a provider that moves its token endpoint or ``jwks_uri`` is followed without a restart. A refetch
+``Cache-Control`` or ``Expires``, within ``jwks_refetch_seconds`` and ``metadata_cache_seconds``),
+in the background while the kept one still answers (`read_again` waits for that read): a provider
+that moves its token endpoint or ``jwks_uri`` is followed without a restart. A refetch
 that fails, or brings a document that fails the checks the first one passed (another issuer),
 keeps the last good metadata in use for ``metadata_stale_seconds`` past its lifetime, then signs
 nobody in until a good one is read. The provider is the real HTTP server of
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 
-import anyio
 import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
@@ -27,6 +27,7 @@ from bastion.identity.trusted_issuers import (
 from bastion.oauth.errors import InvalidToken
 from tests.clock import ManualClock
 from tests.oauth.support import ANY_KID, free_socket, serve
+from tests.waits import eventually, run_settled
 
 from .test_oidc_id_token_keys import log_in, provider_login, signed_in
 from .test_oidc_login_refusals import TestProvider, refused
@@ -59,6 +60,14 @@ def move(idp: TestProvider, name: str) -> None:
     idp.retired |= {f"/{name}/token", f"/{name}/jwks"}
 
 
+def read_again(b, person, client, name: str) -> None:
+    """A login pressed past the metadata's lifetime is sent on with the metadata kept, and has
+    it read again in the background: until that read has ended."""
+    assert press(person, client, name).status_code == 303
+    metadata = b.server.external_login._metadata[name]
+    assert eventually(lambda: not metadata.reading)
+
+
 def test_a_provider_that_moves_its_endpoints_is_followed_once_its_metadata_expires(tmp_path, idp):
     with provider_login(tmp_path, idp, "m", metadata_cache_seconds=60) as (b, client, person):
         assert signed_in(log_in(idp, person, client, "m"))
@@ -66,6 +75,7 @@ def test_a_provider_that_moves_its_endpoints_is_followed_once_its_metadata_expir
         b.clock.advance(30)  # the metadata read is still in its lifetime: the old endpoints
         refused(log_in(idp, person, client, "m", signer=MOVED), 503, "answered HTTP 404")
         b.clock.advance(31)
+        read_again(b, person, client, "m")
         response = log_in(idp, person, client, "m", signer=MOVED)
         assert signed_in(response), response.text
         assert {"/m/moved/token", "/m/moved/jwks"} <= set(idp.asked)
@@ -76,7 +86,10 @@ def test_the_lifetime_the_discovery_documents_headers_give_is_kept(tmp_path, idp
     with provider_login(tmp_path, idp, "m") as (b, client, person):  # 3600 s at most
         assert signed_in(log_in(idp, person, client, "m"))
         move(idp, "m")
-        b.clock.advance(46)
+        b.clock.advance(44)
+        refused(log_in(idp, person, client, "m", signer=MOVED), 503, "answered HTTP 404")
+        b.clock.advance(2)
+        read_again(b, person, client, "m")
         response = log_in(idp, person, client, "m", signer=MOVED)
         assert signed_in(response), response.text
 
@@ -90,6 +103,8 @@ def test_a_discovery_that_fails_keeps_the_last_good_metadata_for_a_bounded_time(
         b.clock.advance(61)
         # A short outage of the discovery document: people still sign in, and it was asked.
         assert signed_in(log_in(idp, person, client, "m"))
+        metadata = b.server.external_login._metadata["m"]
+        assert eventually(lambda: not metadata.reading)
         assert idp.asked.count("/m/.well-known/openid-configuration") == asked + 1
         b.clock.advance(120)  # 181 s: past its lifetime and the 120 s after it
         response = press(person, client, "m")
@@ -171,7 +186,7 @@ def _verify(trusted: TrustedIssuers, issuer: str, key, clock: ManualClock) -> st
     }
     token = jwt.encode({"alg": "ES256", "kid": key.kid}, claims, key, registry=ANY_KID)
     try:
-        return anyio.run(trusted.verify, token, "desk").subject
+        return run_settled(trusted.verify, token, "desk").subject
     except (IssuerUnavailable, InvalidToken) as e:
         return str(e)
 
@@ -188,6 +203,9 @@ def test_a_trusted_issuer_that_moves_its_jwks_uri_is_followed_and_an_outage_is_b
     assert _verify(trusted, issuer["url"], OLD_KEY, clock) == "sam"
     issuer["jwks"] = "/new-jwks"
     clock.now += 61
+    # The token that finds the metadata past its lifetime is checked with it (the old key set),
+    # while it is read again; the next, with the jwks_uri read.
+    assert "kid 'new'" in _verify(trusted, issuer["url"], NEW_KEY, clock)
     assert _verify(trusted, issuer["url"], NEW_KEY, clock) == "sam"
     # Metadata naming another issuer, then none at all: the last good one is kept for a while.
     issuer["issuer"] = "https://evil.example"

@@ -1,6 +1,7 @@
 """A transmitter's configuration metadata (SSF 1.0 §7) is read again when its lifetime ends (its
 ``Cache-Control`` or ``Expires``, within ``[signals.ssf] jwks_refresh_seconds`` and the
-transmitter's ``metadata_cache_seconds``): one that moves its ``jwks_uri`` or its subject
+transmitter's ``metadata_cache_seconds``), in the background, the kept one answering meanwhile
+(each test's run waits for that read before the next: `run_settled`): one that moves its ``jwks_uri`` or its subject
 endpoints is followed without a restart. A read that fails, or brings a document that fails the
 checks the first one passed (another ``issuer``, an endpoint that is not https), keeps the last
 good metadata in use for ``metadata_stale_seconds`` past its lifetime; after that the SETs and
@@ -24,6 +25,7 @@ from bastion.signals.settings import Transmitter as Configured
 from bastion.signals.ssf import SsfReceiver
 from tests.clock import ManualClock
 from tests.oauth.support import free_socket, serve
+from tests.waits import run_settled
 
 from .transmitter import BEARER, CAEP, Transmitter
 
@@ -76,7 +78,7 @@ def receiving(
         )
         t = settings.transmitters[0]
         anyio.run(receiver.configure, t)
-        first = anyio.run(receiver.sync_subjects, t)
+        first = run_settled(receiver.sync_subjects, t)
         assert (first.added, len(first.failed)) == (1, 1), first
         yield receiver, t
     finally:
@@ -86,7 +88,7 @@ def receiving(
 def keys_for(receiver: SsfReceiver, t: Configured, token: str) -> str:
     """The kid of the key ``receiver`` found for ``token``, or why it was refused."""
     try:
-        keys = anyio.run(receiver.keys, t, token)
+        keys = run_settled(receiver.keys, t, token)
     except SetRefused as e:
         return e.description
     return ",".join(k.kid for k in keys.keys)
@@ -108,12 +110,13 @@ def test_a_transmitter_that_moves_its_key_set_and_subject_endpoints_is_followed(
         idp.subject_answers.clear()  # lee may be added
         clock.now += 60  # the metadata is still in its lifetime: the old places are asked
         assert "answered HTTP 404" in keys_for(receiver, t, signed(idp, moved=True))
-        round_ = anyio.run(receiver.sync_subjects, t)
+        round_ = run_settled(receiver.sync_subjects, t)
         assert round_.added == 0 and "404" in round_.failed[0], round_
         assert idp.calls["moved subjects"] == 0
-        clock.now += 61  # past its 120 s: read again, and the new places are used
-        assert keys_for(receiver, t, signed(idp, moved=True)) == "k2"
-        assert anyio.run(receiver.sync_subjects, t).added == 1
+        clock.now += 61  # past its 120 s: this SET is checked with it, while it is read again
+        assert "answered HTTP 404" in keys_for(receiver, t, signed(idp, moved=True))
+        assert keys_for(receiver, t, signed(idp, moved=True)) == "k2"  # the new places
+        assert run_settled(receiver.sync_subjects, t).added == 1
         assert idp.calls["moved subjects"] == 1 and idp.calls["moved jwks"] == 1
         assert LEE in idp.subjects[idp.stream("urn:ietf:rfc:8936")["stream_id"]]
 
@@ -129,12 +132,12 @@ def test_metadata_that_cannot_be_read_again_is_used_for_a_bounded_time(idp, tmp_
         assert keys_for(receiver, t, signed(idp)) == "k1"
         assert idp.calls["metadata"] == asked + 1
         idp.subject_answers.clear()
-        assert anyio.run(receiver.sync_subjects, t).added == 1  # the last good add endpoint
+        assert run_settled(receiver.sync_subjects, t).added == 1  # the last good add endpoint
         clock.now += 120  # 181 s: past its lifetime and the 120 s after it
         refusal = keys_for(receiver, t, signed(idp))
         assert "answered HTTP 503" in refusal and "metadata_stale_seconds" in refusal, refusal
         with pytest.raises(ValueError, match="metadata_stale_seconds"):
-            anyio.run(receiver.sync_subjects, t)
+            run_settled(receiver.sync_subjects, t)
         idp.metadata_down = False
         clock.now += 31  # past jwks_refresh_seconds since the last failed read
         assert keys_for(receiver, t, signed(idp)) == "k1"
@@ -161,10 +164,10 @@ def test_a_refetched_document_failing_the_first_ones_checks_never_replaces_it(
         }
         idp.subject_answers.clear()
         clock.now += 61
-        assert anyio.run(receiver.sync_subjects, t).added == 1  # at the good one's endpoint
+        assert run_settled(receiver.sync_subjects, t).added == 1  # at the good one's endpoint
         assert idp.calls["moved subjects"] == 0
         clock.now += 120
         with pytest.raises(ValueError, match=reason):
-            anyio.run(receiver.sync_subjects, t)
+            run_settled(receiver.sync_subjects, t)
         assert "metadata_stale_seconds" in keys_for(receiver, t, signed(idp))
         assert idp.calls["moved subjects"] == 0
