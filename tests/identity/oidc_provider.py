@@ -46,10 +46,14 @@ def oidc_provider(
     users_file: Path,
     key: RSAKey | None = None,
     client_metadata: dict | None = None,
+    tenants: list[str] | None = None,
+    tenant_file: Path | None = None,
 ):
     """oidc-provider on 127.0.0.1:``port``; yields its issuer URL. ``users_file`` is read at
     each login, so a test can change a person's groups between two logins. ``client_metadata``
-    overrides bastion's client's (``token_endpoint_auth_method``, ``jwks``)."""
+    overrides bastion's client's (``token_endpoint_auth_method``, ``jwks``). With ``tenants``,
+    a multi-tenant provider as Entra ID is (`oidc_provider.mjs`): it yields the issuer of its
+    ``/organizations/v2.0``, which answers for the tenant ``tenant_file`` names at the time."""
     module = install()
     key = key or RSAKey.generate_key(2048, parameters={"kid": "provider-key", "use": "sig"})
     env = {
@@ -63,6 +67,8 @@ def oidc_provider(
         "USERS_FILE": str(users_file),
         "JWKS": json.dumps({"keys": [key.as_dict(private=True)]}),
         "NODE_ENV": "production",
+        "TENANTS": " ".join(tenants or []),
+        "TENANT_FILE": str(tenant_file or ""),
     }
     process = subprocess.Popen(
         ["node", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
