@@ -4,7 +4,9 @@ one key of the provider's key set the header names, then the claims ``iss``, ``a
 ``exp``, ``iat``, ``nonce`` and ``sub``; ``auth_time`` when a recent sign-in was asked for;
 ``acr`` when ``required_acr`` is set; ``acr`` and ``amr``, when present, well formed
 (`sign_in_context`); and ``at_hash`` when the token holds one (§3.1.3.8). The
-caller checks the ``alg`` before any key is fetched."""
+caller checks the ``alg`` before any key is fetched. Of a multi-tenant provider (Entra ID's
+``/organizations``, whose metadata names an issuer template), ``iss`` must be the template with
+the token's ``tid``, one of the provider's ``tenants`` (`tenant_issuer`)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 from joserfc.jwk import KeySet
 
 from bastion.constant_time import same
-from bastion.identity.providers import LoginRefused, OpenIDProvider
+from bastion.identity.providers import TENANT_TEMPLATE, LoginRefused, OpenIDProvider
 from bastion.names import readable
 from bastion.oauth.jwks import RemoteDocumentError, SignatureRefused, verified_claims
 from bastion.oauth.numeric_date import numeric_date
@@ -80,12 +82,52 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
     return value
 
 
+def tenant_issuer(
+    claims: Mapping[str, Any], provider: OpenIDProvider, template: str | None
+) -> tuple[str, str | None]:
+    """The issuer the ID token must name (OpenID Connect Core §3.1.3.7 step 2: "MUST exactly
+    match"), and the tenant it is of: the provider's own issuer, and none; or, where the
+    provider's metadata names the ``template`` of a multi-tenant provider, the template with
+    the token's ``tid`` put for ``{tenantid}``, that ``tid`` being one of the provider's
+    ``tenants`` (a ``sub`` names a person only within its tenant, and another company's tenant
+    at the same provider is anyone). The tid is read before the signature is checked only to
+    know which issuer to expect: every claim is checked after it."""
+    if template is None:
+        return provider.issuer, None
+    tid = claims.get("tid")
+    if not isinstance(tid, str) or not tid:
+        raise LoginRefused(
+            "tenant",
+            f"The ID token names no tenant (tid): {provider.shown_name} signs in people of the"
+            " tenants this server lists only ([[identity.providers]] tenants).",
+            403,
+        )
+    if tid not in provider.tenants:
+        raise LoginRefused(
+            "tenant",
+            f"The ID token is from tenant '{readable(tid)}', which is not one of the tenants"
+            f" this server takes through {provider.shown_name} ([[identity.providers]] tenants).",
+            403,
+        )
+    # A listed tenant: letters, digits and '-._~' only (`bastion.identity.providers`).
+    return template.replace(TENANT_TEMPLATE, tid), tid
+
+
 def check_claims(
-    claims: dict[str, Any], provider: OpenIDProvider, nonce: str, now: float, login_seconds: int
+    claims: dict[str, Any],
+    provider: OpenIDProvider,
+    nonce: str,
+    now: float,
+    login_seconds: int,
+    issuer: str | None = None,
 ) -> None:
-    """OpenID Connect Core §3.1.3.7, steps 2 to 11 that apply to the code flow."""
-    if claims.get("iss") != provider.issuer:
-        raise LoginRefused("iss", f"The ID token is from {claims.get('iss')!r}, not the provider.")
+    """OpenID Connect Core §3.1.3.7, steps 2 to 11 that apply to the code flow; ``iss`` must be
+    ``issuer`` (`tenant_issuer`), by default the provider's."""
+    expected = issuer or provider.issuer
+    if claims.get("iss") != expected:
+        told = "the provider" if expected == provider.issuer else f"its tenant's, {expected}"
+        shown = readable(repr(claims.get("iss")))
+        raise LoginRefused("iss", f"The ID token is from {shown}, not {told}.")
     aud = claims.get("aud")
     audiences = aud if isinstance(aud, list) else [aud]
     if provider.client_id not in audiences:

@@ -15,7 +15,11 @@ its discovery document (never ``none``, never an HMAC), the signature by the pro
 ``iss`` exactly, ``aud`` holding the client id (and ``azp`` being it when there are several
 audiences), ``exp``, ``iat``, the ``nonce``, ``acr`` among ``required_acr`` when that is set, and
 ``at_hash`` when it holds one, and its ``acr`` and ``amr`` well formed when present: how the
-person signed in, kept with the session and the grant (`bastion.oauth.sign_in_context`). The
+person signed in, kept with the session and the grant (`bastion.oauth.sign_in_context`). A
+multi-tenant provider (Entra ID's ``/organizations``: its discovery document's ``issuer`` is a
+template holding ``{tenantid}``) is taken only with ``tenants`` listed: an ID token's ``tid`` must
+be one of them and its ``iss`` the template with that ``tid``, and the person's account is
+(provider, tenant, sub), a ``sub`` being unique only within its tenant. The
 person then resumes what they came for (the MCP client's authorization request: consent, code,
 token; or a page of bastion) as after a password login.
 
@@ -33,7 +37,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import anyio
 import httpx
@@ -61,8 +65,10 @@ from bastion.identity.id_token import (
     sign_in_context,
     signed_claims,
     signing_algorithms,
+    tenant_issuer,
 )
 from bastion.identity.providers import (
+    TENANT_TEMPLATE,
     IdentitySettings,
     LoginRefused,
     OpenIDProvider,
@@ -119,6 +125,16 @@ class _Endpoints:
     client_auth: str
     assertion_alg: str | None
     assertion_audience: str
+    # A multi-tenant provider's issuer template (its metadata's issuer, holding {tenantid});
+    # None: the provider's issuer is its own (`tenant_issuer`).
+    issuer_template: str | None = None
+
+    def answer_issuers(self, provider: OpenIDProvider) -> frozenset[str]:
+        """The RFC 9207 ``iss`` an authorization response of ``provider`` may name: its issuer,
+        or each listed tenant's."""
+        if self.issuer_template is None:
+            return frozenset((provider.issuer,))
+        return frozenset(self.issuer_template.replace(TENANT_TEMPLATE, t) for t in provider.tenants)
 
 
 @dataclass(frozen=True)
@@ -346,9 +362,13 @@ class OpenIDLogin:
             )
         endpoints = await self._provider_endpoints(provider)
         iss = query.get("iss")
-        if iss is not None and iss != provider.issuer:
+        if iss is not None and iss not in endpoints.answer_issuers(provider):
             raise LoginRefused(
-                "mix_up", f"The answer comes from {readable(iss)}, not {provider.issuer}."
+                "mix_up",
+                f"The answer comes from {readable(iss)}, not {provider.issuer}."
+                if endpoints.issuer_template is None
+                else f"The answer comes from {readable(iss)}, the issuer of none of the tenants"
+                f" taken ({PROVIDERS_TABLE} tenants).",
             )
         if iss is None and endpoints.sends_iss:
             raise LoginRefused("mix_up", "The answer lacks the iss its provider always sends.")
@@ -369,9 +389,16 @@ class OpenIDLogin:
         id_token = answer.get("id_token")
         if not isinstance(id_token, str) or len(id_token) > MAX_ID_TOKEN_CHARS:
             raise LoginRefused("id_token", "The provider sent no usable ID token.")
-        claims = await self._verified_claims(
+        claims, tenant = await self._verified_claims(
             provider, endpoints, id_token, login.nonce, answer.get("access_token")
         )
+        if iss is not None and iss != claims["iss"]:
+            # A multi-tenant provider's answer names one tenant's issuer, its ID token another's.
+            raise LoginRefused(
+                "mix_up",
+                f"The answer comes from {readable(iss)}, and its ID token from"
+                f" {readable(claims['iss'])}.",
+            )
         check_auth_time(claims, login.max_age, self.clock(), provider.leeway_seconds)
         check_acr(claims, provider.required_acr)
         # The ID token's own, before UserInfo adds anything: an unsigned answer does not say
@@ -380,10 +407,13 @@ class OpenIDLogin:
         if provider.userinfo:
             # The ID token's own claims win: UserInfo only adds what it lacks.
             claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}
-        username = await run_in_threadpool(self._signed_in, provider, claims, request)
+        account = _account(claims["sub"], tenant)
+        username = await run_in_threadpool(
+            self._signed_in, provider, claims, request, tenant, account
+        )
         for told in self.on_signed_in:
             try:
-                told(provider.id, claims["sub"], username)
+                told(provider.id, account, username)
             except Exception:  # the person is signed in whatever a listener does
                 log.exception("a sign-in's listener failed; the sign-in stands")
         return await self._resume(request, login, username, sign_in)
@@ -494,9 +524,10 @@ class OpenIDLogin:
         id_token: str,
         nonce: str,
         access_token: Any,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str | None]:
         """The ID token's claims once checked as OpenID Connect Core §3.1.3.7 says, and its
-        ``at_hash`` against ``access_token`` when it has one (§3.1.3.8)."""
+        ``at_hash`` against ``access_token`` when it has one (§3.1.3.8); and its tenant, of a
+        multi-tenant provider (`tenant_issuer`), else None."""
         try:
             header = protected_header(jws.extract_compact(id_token.encode("ascii")))
         except (JoseError, UnicodeError, ValueError):
@@ -517,15 +548,24 @@ class OpenIDLogin:
         except RemoteDocumentError as exc:
             raise ProviderUnavailable(f"its key set {exc}") from None
         claims = await anyio.to_thread.run_sync(signed_claims, id_token, keys, kid, alg)
-        check_claims(claims, provider, nonce, self.clock(), self.settings.login_seconds)
+        issuer, tenant = tenant_issuer(claims, provider, endpoints.issuer_template)
+        check_claims(claims, provider, nonce, self.clock(), self.settings.login_seconds, issuer)
         check_at_hash(claims, access_token, alg)
-        return claims
+        return claims, tenant
 
     # -- the person, their facts and the session -------------------------------------------
 
-    def _signed_in(self, provider: OpenIDProvider, claims: dict[str, Any], request: Request) -> str:
+    def _signed_in(
+        self,
+        provider: OpenIDProvider,
+        claims: dict[str, Any],
+        request: Request,
+        tenant: str | None,
+        account: str,
+    ) -> str:
         """In a worker thread (the database): the user (created on first login), the facts of
-        the claims put in step, the audit record. Returns the username."""
+        the claims put in step, the audit record. ``account`` is the person's at the provider
+        (`_account`). Returns the username."""
         value = claims.get(provider.user_claim)
         if not isinstance(value, str) or not value:
             raise LoginRefused(
@@ -533,7 +573,7 @@ class OpenIDLogin:
             )
         if not vouched_for(claims, provider.user_claim):
             raise LoginRefused("claims", UNVERIFIED_EMAIL)
-        username = f"{provider.user_prefix}{value}"
+        username = provider.user_name(value, tenant)
         if len(username) > MAX_USER_ID or not username.isprintable():
             raise LoginRefused("claims", "The user id from the provider is not a usable name.")
         if problem := self.server.store.user_name_problem(username):
@@ -558,7 +598,7 @@ class OpenIDLogin:
             # and upstream connections. It stays theirs when they sign in under another name
             # (their address changed, and the old one may be given to someone else). Released
             # only by an administrator (`release_account`).
-            if bound_elsewhere(self.db, provider.id, username, claims["sub"], now) is not None:
+            if bound_elsewhere(self.db, provider.id, username, account, now) is not None:
                 raise LoginRefused(
                     "account_taken", account_taken(username, provider.shown_name), 403
                 )
@@ -580,7 +620,7 @@ class OpenIDLogin:
                 raise LoginRefused("suspended", suspended, 403)
             rows = self.db.execute(
                 "SELECT facts FROM identity_accounts WHERE provider = ? AND subject = ?",
-                (provider.id, claims["sub"]),
+                (provider.id, account),
             )
             before = [fact_from_json(f) for f in json.loads(rows[0][0])] if rows else []
             # A fact an administrator wrote (it never expires) and this provider did not is
@@ -597,7 +637,7 @@ class OpenIDLogin:
                 " last_login_at = excluded.last_login_at",
                 (
                     provider.id,
-                    claims["sub"],
+                    account,
                     username,
                     json.dumps([fact_to_json(f) for f in wanted]),
                     now,
@@ -617,6 +657,7 @@ class OpenIDLogin:
             address=client_address(request),
             facts=len(wanted),
             facts_removed=len(gone),
+            **({} if tenant is None else {"tenant": tenant}),
         )
         return username
 
@@ -675,9 +716,9 @@ class OpenIDLogin:
             document, lifetime = await fetch_json_answer(uri, limits, self.transport, answers)
         except RemoteDocumentError as exc:
             raise RemoteDocumentError(f"its discovery document {uri} {exc}") from None
-        # OpenID Connect Discovery §4.3: the document names the very issuer asked.
-        if not isinstance(document, dict) or document.get("issuer") != provider.issuer:
+        if not isinstance(document, dict):
             raise RemoteDocumentError(f"{uri} is not the metadata of {provider.issuer}")
+        template = _issuer_template(provider, uri, document.get("issuer"))
         found = {}
         for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             problem = url_problem(document.get(name))
@@ -710,6 +751,7 @@ class OpenIDLogin:
             provider.issuer
             if provider.client_assertion_audience == "issuer"
             else found["token_endpoint"],
+            template,
         )
         return endpoints, lifetime
 
@@ -751,6 +793,48 @@ class OpenIDLogin:
         )
         response.headers["Retry-After"] = "5"
         return response
+
+
+def _account(sub: str, tenant: str | None) -> str:
+    """The person's account at the provider, as bound and kept (`bastion.identity.accounts`):
+    the ``sub``; of a multi-tenant provider, its tenant and ``sub``, unambiguous whatever the
+    two hold, as an ID-JAG's (`bastion.oauth.jwt_bearer`)."""
+    return sub if tenant is None else json.dumps([tenant, sub], ensure_ascii=False)
+
+
+def _issuer_template(provider: OpenIDProvider, uri: str, issuer: Any) -> str | None:
+    """The issuer template of a multi-tenant provider's metadata (Entra ID's ``/common`` and
+    ``/organizations`` name ``https://login.microsoftonline.com/{tenantid}/v2.0``), taken only
+    for a provider with ``tenants``, once, on the issuer's own origin; else None, the document
+    naming the very issuer asked (OpenID Connect Discovery 1.0 §4.3). `RemoteDocumentError`
+    for any other issuer, and for one issuer where ``tenants`` are listed (a mistake of the
+    configuration, told rather than ignored)."""
+    if isinstance(issuer, str) and TENANT_TEMPLATE in issuer:
+        if not provider.tenants:
+            raise RemoteDocumentError(
+                f"{uri} names the issuer {readable(issuer)}, a template for many tenants"
+                f" ({TENANT_TEMPLATE}): list the tenants whose people sign in in tenants"
+                f" ({PROVIDERS_TABLE}), or use a tenant's own issuer"
+            )
+        origin = urlsplit(provider.issuer)[:2]
+        if issuer.count(TENANT_TEMPLATE) != 1 or any(
+            url_problem(each) or urlsplit(each)[:2] != origin
+            for each in (issuer.replace(TENANT_TEMPLATE, t) for t in provider.tenants)
+        ):
+            raise RemoteDocumentError(
+                f"{uri} names the issuer template {readable(issuer)}, which is not one URL per"
+                f" tenant at {provider.issuer}'s own origin"
+            )
+        return issuer
+    if issuer != provider.issuer:
+        raise RemoteDocumentError(f"{uri} is not the metadata of {provider.issuer}")
+    if provider.tenants:
+        raise RemoteDocumentError(
+            f"{uri} names one issuer, {provider.issuer}, not a template for many tenants"
+            f" ({TENANT_TEMPLATE}): remove tenants ({PROVIDERS_TABLE}), or set issuer to the"
+            " provider's endpoint for many tenants"
+        )
+    return None
 
 
 AUTH_METHODS_ANNOUNCED = "token_endpoint_auth_methods_supported"

@@ -286,11 +286,24 @@ def from_config(config: Any, issuer: str) -> SsfSettings:
     ``linked_accounts`` checked against its ``[[identity.providers]]`` (the server's and the
     commands' one reading)."""
     providers: dict[str, str] = {}
+    many_tenants: set[str] = set()
     for p in (config.identity or {}).get("providers") or []:
         if isinstance(p, dict) and isinstance(p.get("id"), str):
             providers[p["id"]] = str(p.get("issuer", ""))
+            if "tenants" in p:
+                many_tenants.add(p["id"])
     with config.reading("signals.ssf"):
-        return SsfSettings.from_table(config.signals["ssf"], issuer=issuer, providers=providers)
+        settings = SsfSettings.from_table(config.signals["ssf"], issuer=issuer, providers=providers)
+        for t in settings.transmitters:
+            if t.linked_accounts in many_tenants:
+                # Its accounts are (tenant, sub) and each tenant is its own issuer: no one
+                # iss_sub subject names them (not built).
+                raise SignalsConfigError(
+                    f"transmitter {t.name}: linked_accounts cannot name {t.linked_accounts}, a"
+                    " provider with tenants (each tenant is its own issuer); list its people in"
+                    " users instead"
+                )
+        return settings
 
 
 def _transmitter(i: int, t: Any, env: dict[str, str], providers: dict[str, str]) -> Transmitter:

@@ -23,7 +23,7 @@ from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.set_tokens import SetRefused
-from bastion.signals.settings import SignalsConfigError, SsfSettings
+from bastion.signals.settings import SignalsConfigError, SsfSettings, from_config
 from bastion.signals.ssf_store import SsfStore
 from bastion.signals.subjects import SubjectError, UnreadFormat, parse_subject, user_of
 from tests.oauth.support import free_socket, serve
@@ -97,6 +97,30 @@ def test_defaults_and_the_derived_configuration_url():
 def test_settings_that_would_weaken_verification_are_refused(table, changes, message):
     with pytest.raises(SignalsConfigError, match=message):
         settings(table, **{k: v for k, v in changes.items()})
+
+
+def test_linked_accounts_of_a_provider_with_tenants_are_refused_at_start(tmp_path, monkeypatch):
+    """A multi-tenant login provider's accounts are (tenant, sub), each tenant its own issuer:
+    no one ``iss_sub`` subject names them, so they are not linked (not built)."""
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    provider = {
+        "id": "entra",
+        "issuer": "https://login.microsoftonline.com/organizations/v2.0",
+        "client_id": "c",
+        "client_secret": "s3cr3t-value",
+    }
+    for tenants, refused in (({}, False), ({"tenants": ["t1"]}, True)):
+        config = ServerConfig(
+            database=str(tmp_path / "b.db"),
+            identity={"providers": [{**provider, **tenants}]},
+            signals={"ssf": {"transmitters": [transmitter(linked_accounts="entra")]}},
+        )
+        if not refused:
+            from_config(config, "https://bastion.example.com")
+            continue
+        with pytest.raises(ConfigError, match="cannot name entra, a provider with tenants"):
+            from_config(config, "https://bastion.example.com")
 
 
 def test_a_signals_table_without_oauth_is_refused_at_start(tmp_path):
