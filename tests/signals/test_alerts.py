@@ -24,7 +24,7 @@ from bastion.facts.model import Entity
 from bastion.server.config import ConfigError
 from bastion.signals.alerts import AlertError, AlertNotFound, Alerts, AlertSettings, severity_of
 from bastion.signals.behavior import LocalBehavior
-from bastion.webhooks import SettingsError
+from bastion.webhooks import PENDING, SettingsError
 from tests import clients
 from tests.approvals.test_pages import csrf_of, press
 from tests.approvals.test_webhooks import SECRET, Receiver
@@ -144,6 +144,14 @@ def told(receiver, alert_id: str, event: str | None = None) -> list[dict]:
     ]
 
 
+def all_sent(bastion, alert_id: str) -> bool:
+    """Whether every notification of ``alert_id`` in the outbox has been answered (none left
+    pending). A notification is queued in the transaction that writes what it tells of, so once
+    that is seen written, the receiver then holds all it will ever be told of it."""
+    deliveries = bastion.app.state.alerts.webhooks.deliveries(alert_id)
+    return all(d.state != PENDING for d in deliveries)
+
+
 def wait_for(condition, what: str):
     assert eventually(condition, every=0.02), f"never: {what}"
     return condition()
@@ -202,7 +210,8 @@ def test_a_policy_alert_reaches_the_owner_signed_once_within_the_cooldown(bastio
     for decision_id in alert.decision_ids:
         record = bastion.records.get(decision_id)
         assert record is not None and record.result == "allow"
-    time.sleep(0.3)  # a second notification would have arrived by now; none may
+    # The second raising is written (above): a notification of it would be in the outbox.
+    wait_for(lambda: all_sent(bastion, alert.id), "every notification of the alert answered")
     assert len(told(receiver, alert.id)) == 1
 
 
@@ -238,7 +247,8 @@ def test_an_acknowledged_alert_does_not_escalate(bastion, receiver, clock):
     assert response.json()["acknowledged_channel"] == "api"
     clock[0] = ESCALATE_AFTER * 10
     bastion.app.state.alerts.escalate_due()  # as the background task does
-    time.sleep(0.3)
+    # An escalation is queued in its own transaction: any would be in the outbox by now.
+    wait_for(lambda: all_sent(bastion, alert.id), "every notification of the alert answered")
     assert not told(receiver, alert.id, "alert.escalated")
     assert bastion.app.state.alerts.store.get(alert.id).state == "acknowledged"
 
