@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import anyio
 import pytest
@@ -150,9 +149,20 @@ def test_the_record_writer_is_woken_only_when_a_record_waits(bastion):
         woken_with.append(records.waiting or ("journal" if unsynced else 0))
         flush()
 
+    # Each round asks the upstream errors' clock once (twice in a round that logs their counts,
+    # at most once a second) before it decides whether to wake a thread: rounds are counted so.
+    upstream_errors = bastion.app.state.gateway.refusals.upstream_errors
+    asked, clock = [], upstream_errors.clock
+
+    def counted_clock() -> float:
+        asked.append(None)
+        return clock()
+
     records.flush = counted
+    upstream_errors.clock = counted_clock
     try:
-        time.sleep(0.7)  # three rounds or more
+        # Three rounds decided or more, however long a busy machine makes them take.
+        assert eventually(lambda: len(asked) >= 8, every=0.05), "the record writer never ran"
         assert 0 not in woken_with, "a thread was woken with no record to write"
         records.add(DecisionRecord(new_decision_id(), 1.0, "desk", "m", "T", (), "allow"))
         written = eventually(lambda: not records.waiting and woken_with, every=0.05)
@@ -160,6 +170,7 @@ def test_the_record_writer_is_woken_only_when_a_record_waits(bastion):
         assert 0 not in woken_with
     finally:
         del records.flush
+        upstream_errors.clock = clock
 
 
 def test_a_calls_record_names_the_policy_version_and_facts_it_was_decided_on_and_its_grant(
