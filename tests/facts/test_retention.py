@@ -130,6 +130,9 @@ def test_a_fact_written_again_while_the_purge_waits_for_the_writers_lock_is_kept
     writer = FactStore.open(database_url)
     purged: list[int] = []
     purge = threading.Thread(target=lambda: purged.append(store.purge_expired(HOUR)))
+    begun: list[str] = []  # SQLite: the statements the purge's connection has begun to run
+    if not database_url.startswith("postgresql"):
+        store.db._conn.set_trace_callback(begun.append)
     try:
         with writer.db.transaction():
             # A writer holds the writers' lock, the facts rewritten, uncommitted: one with no
@@ -141,11 +144,14 @@ def test_a_fact_written_again_while_the_purge_waits_for_the_writers_lock_is_kept
             if database_url.startswith("postgresql"):
                 assert eventually(lambda: _writer_waiting(database_url, writer.db))
             else:
-                time.sleep(0.3)  # SQLite: the purge's BEGIN IMMEDIATE waits for the write lock
+                # SQLite: the purge's BEGIN IMMEDIATE has begun, and waits for the write lock.
+                assert eventually(lambda: "BEGIN IMMEDIATE" in begun)
             assert purge.is_alive()
         purge.join(PATIENCE)
     finally:
         writer.close()
+        if not database_url.startswith("postgresql"):
+            store.db._conn.set_trace_callback(None)
     assert purged == [0]
     assert rows(store) == {reader(ALICE, ANVIL): None, reader(BOB, ANVIL): now + HOUR}
 
