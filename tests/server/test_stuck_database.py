@@ -10,16 +10,19 @@ PostgreSQL table locked by another session.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from tests.server.conftest import role
+from tests.waits import eventually
 
 STUCK_WRITES = 16  # requests queued on the connection behind the first stuck one
 HELD = 6.0  # seconds the lock is held at most: each stuck write waits 1 s
@@ -65,6 +68,25 @@ def locked_database(request):
     return _postgres(request.getfixturevalue("postgres_url"))
 
 
+def _accepted(server) -> int:
+    """The client connections the server process has accepted and holds open (Linux: its
+    sockets, matched in /proc/<pid>/net/tcp, that are established on its port)."""
+    pid = server.proc.pid
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
+    port = f":{server.port:04X}"
+    established = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(port) and fields[3] == "01" and fields[9] in sockets:
+            established += 1
+    return established
+
+
 def _write(client, user: str):
     return client.post("/v1/facts", json={"facts": [role(user, "member", "Org", "acme")]})
 
@@ -107,7 +129,9 @@ def test_requests_queued_behind_a_stuck_write_are_answered_while_the_lock_is_sti
             writers = [threading.Thread(target=write, args=(f"w{n}",)) for n in range(STUCK_WRITES)]
             for writer in writers:
                 writer.start()
-            time.sleep(0.5)  # the writes queue on the connection first
+            # The writes queue on the connection first: the server has taken every one in (or
+            # answered one, past its wait for the lock: those asked with it are in by then).
+            assert eventually(lambda: writes or _accepted(server) >= STUCK_WRITES), "never sent"
             reader = threading.Thread(target=read_facts)
             reader.start()
             answered.wait(HELD)
