@@ -487,9 +487,10 @@ def test_validations_queued_by_a_read_only_key_do_not_hold_up_a_policy_write(ser
     # Compiles are one at a time, so that a flood of validations cannot take every thread; but
     # a key that may only read policies must not be able to keep a writer waiting behind them.
     finished: dict[str, float] = {}
+    keys = [key_for(server, "policy:read") for _ in range(3)]  # made first: asked at once
 
     def validate(n: int) -> None:
-        with key_for(server, "policy:read") as reader:
+        with keys[n] as reader:
             response = reader.post("/v1/policy/validate", json={"text": wide(1000, rules=4)})
             assert response.status_code == 200, response.text
         finished[f"validate{n}"] = time.monotonic()
@@ -498,7 +499,10 @@ def test_validations_queued_by_a_read_only_key_do_not_hold_up_a_policy_write(ser
     with server.client() as admin:
         for reader in readers:
             reader.start()
-        time.sleep(1.0)  # the validations are compiling, or waiting their turn
+        # One validation has had its compile (seconds long; one at a time): the other two,
+        # asked with it, are compiling or waiting their turn.
+        assert eventually(lambda: finished or not all(r.is_alive() for r in readers))
+        assert finished, "a validation failed (see its thread's error above)"
         written = admin.put("/v1/policy", json={"text": POLICY + "# a small change\n"})
         finished["put"] = time.monotonic()
         assert written.status_code == 200, written.text
