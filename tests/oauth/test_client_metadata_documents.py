@@ -27,6 +27,7 @@ from bastion.oauth import AuthorizationServer
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import ClientMetadataDocumentSettings
+from tests.waits import eventually_async
 
 from .support import (
     PASSWORD,
@@ -500,8 +501,9 @@ def _while_one_fetch_trickles(host, documents, second: str) -> str:
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(first)
-            while host.accepted < 1:
-                await anyio.sleep(0.01)
+            assert await eventually_async(lambda: host.accepted >= 1, every=0.01), (
+                "the first fetch never reached the host"
+            )
             try:
                 await documents.client(second)
             except OAuthError as error:
