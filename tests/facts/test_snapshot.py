@@ -155,8 +155,7 @@ def test_a_snapshot_waits_for_a_change_in_hand_without_holding_the_event_loop(
         worker = threading.Thread(target=change_in_hand)
         replica._changing = changing = asyncio.get_running_loop().create_future()
         worker.start()
-        while not held.is_set():
-            await asyncio.sleep(0.001)
+        assert await eventually_async(held.is_set, every=0.001), "the change never took the lock"
         replica.snapshot_path = path
         writing = asyncio.create_task(replica.write_snapshot())
         for _ in range(3):
