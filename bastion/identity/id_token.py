@@ -6,7 +6,7 @@ one key of the provider's key set the header names, then the claims ``iss``, ``a
 (`sign_in_context`); and ``at_hash`` when the token holds one (§3.1.3.8). The
 caller checks the ``alg`` before any key is fetched. Of a multi-tenant provider (Entra ID's
 ``/organizations``, whose metadata names an issuer template), ``iss`` must be the template with
-the token's ``tid``, one of the provider's ``tenants`` (`tenant_issuer`)."""
+the token's ``tid``, one of the provider's ``tenants`` (`expected_issuer`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Any
 from joserfc.jwk import KeySet
 
 from bastion.constant_time import same
-from bastion.identity.providers import TENANT_TEMPLATE, LoginRefused, OpenIDProvider
+from bastion.identity.providers import PROVIDERS_TABLE, LoginRefused, OpenIDProvider
+from bastion.identity.tenants import TenantRefused, tenant_issuer, token_tenant
 from bastion.names import readable
 from bastion.oauth.jwks import RemoteDocumentError, SignatureRefused, verified_claims
 from bastion.oauth.numeric_date import numeric_date
@@ -82,7 +83,7 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
     return value
 
 
-def tenant_issuer(
+def expected_issuer(
     claims: Mapping[str, Any], provider: OpenIDProvider, template: str | None
 ) -> tuple[str, str | None]:
     """The issuer the ID token must name (OpenID Connect Core §3.1.3.7 step 2: "MUST exactly
@@ -94,23 +95,13 @@ def tenant_issuer(
     know which issuer to expect: every claim is checked after it."""
     if template is None:
         return provider.issuer, None
-    tid = claims.get("tid")
-    if not isinstance(tid, str) or not tid:
-        raise LoginRefused(
-            "tenant",
-            f"The ID token names no tenant (tid): {provider.shown_name} signs in people of the"
-            " tenants this server lists only ([[identity.providers]] tenants).",
-            403,
+    try:
+        tid = token_tenant(
+            claims, provider.tenants, "The ID token", provider.shown_name, PROVIDERS_TABLE
         )
-    if tid not in provider.tenants:
-        raise LoginRefused(
-            "tenant",
-            f"The ID token is from tenant '{readable(tid)}', which is not one of the tenants"
-            f" this server takes through {provider.shown_name} ([[identity.providers]] tenants).",
-            403,
-        )
-    # A listed tenant: letters, digits and '-._~' only (`bastion.identity.providers`).
-    return template.replace(TENANT_TEMPLATE, tid), tid
+    except TenantRefused as refused:
+        raise LoginRefused("tenant", f"{refused.reason}.", 403) from None
+    return tenant_issuer(template, tid), tid
 
 
 def check_claims(
@@ -122,7 +113,7 @@ def check_claims(
     issuer: str | None = None,
 ) -> None:
     """OpenID Connect Core §3.1.3.7, steps 2 to 11 that apply to the code flow; ``iss`` must be
-    ``issuer`` (`tenant_issuer`), by default the provider's."""
+    ``issuer`` (`expected_issuer`), by default the provider's."""
     expected = issuer or provider.issuer
     if claims.get("iss") != expected:
         told = "the provider" if expected == provider.issuer else f"its tenant's, {expected}"

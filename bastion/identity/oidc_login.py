@@ -37,7 +37,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 import anyio
 import httpx
@@ -62,19 +62,20 @@ from bastion.identity.id_token import (
     check_at_hash,
     check_auth_time,
     check_claims,
+    expected_issuer,
     sign_in_context,
     signed_claims,
     signing_algorithms,
-    tenant_issuer,
 )
 from bastion.identity.providers import (
-    TENANT_TEMPLATE,
+    PROVIDERS_TABLE,
     IdentitySettings,
     LoginRefused,
     OpenIDProvider,
     ProviderUnavailable,
     url_problem,
 )
+from bastion.identity.tenants import issuer_template, tenant_account, tenant_issuer
 from bastion.names import UNVERIFIED_EMAIL, readable, vouched_for
 from bastion.oauth import pages, pkce
 from bastion.oauth.client_assertion import jwks_problem
@@ -105,7 +106,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bastion.identity.oidc_login")
 
 # The ID token and the token endpoint's answer: far larger than any real one.
-PROVIDERS_TABLE = "[[identity.providers]]"
 MAX_ID_TOKEN_CHARS = 16_384
 # The longest user id made from a claim (a bastion username is at most 128 characters).
 MAX_USER_ID = 128
@@ -126,7 +126,7 @@ class _Endpoints:
     assertion_alg: str | None
     assertion_audience: str
     # A multi-tenant provider's issuer template (its metadata's issuer, holding {tenantid});
-    # None: the provider's issuer is its own (`tenant_issuer`).
+    # None: the provider's issuer is its own (`expected_issuer`).
     issuer_template: str | None = None
 
     def answer_issuers(self, provider: OpenIDProvider) -> frozenset[str]:
@@ -134,7 +134,7 @@ class _Endpoints:
         or each listed tenant's."""
         if self.issuer_template is None:
             return frozenset((provider.issuer,))
-        return frozenset(self.issuer_template.replace(TENANT_TEMPLATE, t) for t in provider.tenants)
+        return frozenset(tenant_issuer(self.issuer_template, t) for t in provider.tenants)
 
 
 @dataclass(frozen=True)
@@ -407,7 +407,7 @@ class OpenIDLogin:
         if provider.userinfo:
             # The ID token's own claims win: UserInfo only adds what it lacks.
             claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}
-        account = _account(claims["sub"], tenant)
+        account = tenant_account(claims["sub"], tenant)
         username = await run_in_threadpool(
             self._signed_in, provider, claims, request, tenant, account
         )
@@ -527,7 +527,7 @@ class OpenIDLogin:
     ) -> tuple[dict[str, Any], str | None]:
         """The ID token's claims once checked as OpenID Connect Core §3.1.3.7 says, and its
         ``at_hash`` against ``access_token`` when it has one (§3.1.3.8); and its tenant, of a
-        multi-tenant provider (`tenant_issuer`), else None."""
+        multi-tenant provider (`expected_issuer`), else None."""
         try:
             header = protected_header(jws.extract_compact(id_token.encode("ascii")))
         except (JoseError, UnicodeError, ValueError):
@@ -548,7 +548,7 @@ class OpenIDLogin:
         except RemoteDocumentError as exc:
             raise ProviderUnavailable(f"its key set {exc}") from None
         claims = await anyio.to_thread.run_sync(signed_claims, id_token, keys, kid, alg)
-        issuer, tenant = tenant_issuer(claims, provider, endpoints.issuer_template)
+        issuer, tenant = expected_issuer(claims, provider, endpoints.issuer_template)
         check_claims(claims, provider, nonce, self.clock(), self.settings.login_seconds, issuer)
         check_at_hash(claims, access_token, alg)
         return claims, tenant
@@ -565,7 +565,7 @@ class OpenIDLogin:
     ) -> str:
         """In a worker thread (the database): the user (created on first login), the facts of
         the claims put in step, the audit record. ``account`` is the person's at the provider
-        (`_account`). Returns the username."""
+        (`bastion.identity.tenants.tenant_account`). Returns the username."""
         value = claims.get(provider.user_claim)
         if not isinstance(value, str) or not value:
             raise LoginRefused(
@@ -718,7 +718,9 @@ class OpenIDLogin:
             raise RemoteDocumentError(f"its discovery document {uri} {exc}") from None
         if not isinstance(document, dict):
             raise RemoteDocumentError(f"{uri} is not the metadata of {provider.issuer}")
-        template = _issuer_template(provider, uri, document.get("issuer"))
+        template = issuer_template(
+            provider.issuer, provider.tenants, uri, document.get("issuer"), PROVIDERS_TABLE
+        )
         found = {}
         for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             problem = url_problem(document.get(name))
@@ -793,48 +795,6 @@ class OpenIDLogin:
         )
         response.headers["Retry-After"] = "5"
         return response
-
-
-def _account(sub: str, tenant: str | None) -> str:
-    """The person's account at the provider, as bound and kept (`bastion.identity.accounts`):
-    the ``sub``; of a multi-tenant provider, its tenant and ``sub``, unambiguous whatever the
-    two hold, as an ID-JAG's (`bastion.oauth.jwt_bearer`)."""
-    return sub if tenant is None else json.dumps([tenant, sub], ensure_ascii=False)
-
-
-def _issuer_template(provider: OpenIDProvider, uri: str, issuer: Any) -> str | None:
-    """The issuer template of a multi-tenant provider's metadata (Entra ID's ``/common`` and
-    ``/organizations`` name ``https://login.microsoftonline.com/{tenantid}/v2.0``), taken only
-    for a provider with ``tenants``, once, on the issuer's own origin; else None, the document
-    naming the very issuer asked (OpenID Connect Discovery 1.0 §4.3). `RemoteDocumentError`
-    for any other issuer, and for one issuer where ``tenants`` are listed (a mistake of the
-    configuration, told rather than ignored)."""
-    if isinstance(issuer, str) and TENANT_TEMPLATE in issuer:
-        if not provider.tenants:
-            raise RemoteDocumentError(
-                f"{uri} names the issuer {readable(issuer)}, a template for many tenants"
-                f" ({TENANT_TEMPLATE}): list the tenants whose people sign in in tenants"
-                f" ({PROVIDERS_TABLE}), or use a tenant's own issuer"
-            )
-        origin = urlsplit(provider.issuer)[:2]
-        if issuer.count(TENANT_TEMPLATE) != 1 or any(
-            url_problem(each) or urlsplit(each)[:2] != origin
-            for each in (issuer.replace(TENANT_TEMPLATE, t) for t in provider.tenants)
-        ):
-            raise RemoteDocumentError(
-                f"{uri} names the issuer template {readable(issuer)}, which is not one URL per"
-                f" tenant at {provider.issuer}'s own origin"
-            )
-        return issuer
-    if issuer != provider.issuer:
-        raise RemoteDocumentError(f"{uri} is not the metadata of {provider.issuer}")
-    if provider.tenants:
-        raise RemoteDocumentError(
-            f"{uri} names one issuer, {provider.issuer}, not a template for many tenants"
-            f" ({TENANT_TEMPLATE}): remove tenants ({PROVIDERS_TABLE}), or set issuer to the"
-            " provider's endpoint for many tenants"
-        )
-    return None
 
 
 AUTH_METHODS_ANNOUNCED = "token_endpoint_auth_methods_supported"

@@ -14,20 +14,13 @@ from bastion.environment import expand
 from bastion.facts.model import Entity
 from bastion.http_fields import field_value_problem
 from bastion.identity.client_key import AUDIENCES, ClientKey, ClientKeyError, load_client_key
+from bastion.identity.tenants import TENANT_IN_PREFIX, tenant_settings, user_name
 from bastion.names import user_prefix_problem
 from bastion.oauth.client_assertion import algorithms_problem, url_problem
 from bastion.oauth.remote_metadata import METADATA_CACHE_SECONDS, METADATA_STALE_SECONDS
 
+PROVIDERS_TABLE = "[[identity.providers]]"
 _PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
-# A tenant id of a multi-tenant provider (Entra ID's tid, a GUID): it is put into the template
-# of the provider's issuer (a URL's path) and into user names, so only a URL's unreserved
-# characters (RFC 3986 §2.3).
-MAX_TENANT_CHARS = 128
-_TENANT = re.compile(rf"[A-Za-z0-9._~-]{{1,{MAX_TENANT_CHARS}}}")
-# What stands for the tenant in the ``issuer`` of a multi-tenant provider's discovery document
-# (Entra ID's ``/common``, ``/organizations``), and in a ``user_prefix``.
-TENANT_TEMPLATE = "{tenantid}"
-TENANT_IN_PREFIX = "{tenant}"
 # Values of one claim turned into facts at one login; more are refused (a claim this large is a
 # mistake of the mapping or of the provider).
 MAX_FACT_VALUES = 500
@@ -172,7 +165,7 @@ class OpenIDProvider:
     # The tenants of a multi-tenant provider (Entra ID's /organizations) whose people sign in:
     # its discovery document's issuer is a template holding {tenantid}, and an ID token is taken
     # only when its tid is one of these and its iss the template with that tid
-    # (`bastion.identity.id_token.tenant_issuer`). (): one tenant, the issuer as configured.
+    # (`bastion.identity.id_token.expected_issuer`). (): one tenant, the issuer as configured.
     tenants: tuple[str, ...] = ()
 
     @property
@@ -182,7 +175,7 @@ class OpenIDProvider:
     def user_name(self, value: str, tenant: str | None) -> str:
         """The bastion user a person named ``value`` by its ``user_claim`` signs in as: the
         ``user_prefix`` (its ``{tenant}`` the person's tenant) then ``value``."""
-        return self.user_prefix.replace(TENANT_IN_PREFIX, tenant or "") + value
+        return user_name(self.user_prefix, tenant, value)
 
 
 @dataclass(frozen=True)
@@ -286,13 +279,7 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
     problem = url_problem(issuer)
     if problem:
         raise IdentityConfigError(f"{where}.issuer: {problem}")
-    tenants = _tenants(where, table)
-    if tenants and ("{" in issuer or "}" in issuer):
-        raise IdentityConfigError(
-            f"{where}.issuer: the URL its discovery document is read from (Entra ID's for many"
-            " tenants: https://login.microsoftonline.com/organizations/v2.0), not the template"
-            f" its metadata names, got {issuer!r}"
-        )
+    tenants = tenant_settings(where, table, IdentityConfigError)
     values: dict[str, Any] = {
         "id": provider_id,
         "issuer": issuer,
@@ -312,13 +299,6 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
     if "user_prefix" in table:
         if problem := user_prefix_problem(table["user_prefix"]):
             raise IdentityConfigError(f"{where}.user_prefix: {problem}")
-        count = table["user_prefix"].count(TENANT_IN_PREFIX)
-        if count and not tenants:
-            raise IdentityConfigError(
-                f"{where}.user_prefix: {TENANT_IN_PREFIX} is only for a provider with tenants"
-            )
-        if count > 1:
-            raise IdentityConfigError(f"{where}.user_prefix: {TENANT_IN_PREFIX} at most once")
         values["user_prefix"] = table["user_prefix"]
     scopes = table.get("scopes", ["openid"])
     if (
@@ -370,29 +350,6 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
         raise IdentityConfigError(f"{where}.facts must be an array of tables")
     values["facts"] = tuple(_fact_mapping(f"{where}.facts[{i}]", m) for i, m in enumerate(raw))
     return OpenIDProvider(**values)
-
-
-def _tenants(where: str, table: Mapping[str, Any]) -> tuple[str, ...]:
-    """``tenants``: the tenant ids of a multi-tenant provider whose people sign in, each listed
-    (never "any tenant": a sub names a person only within its tenant, and another company's
-    tenant at the same provider is anyone). Without it, a provider whose metadata names an
-    issuer template is refused at its first read (`bastion.identity.oidc_login`), as any other
-    issuer than its own always was: a configuration that starts today still starts."""
-    if "tenants" not in table:
-        return ()
-    tenants = table["tenants"]
-    if (
-        not isinstance(tenants, list)
-        or not tenants
-        or not all(isinstance(t, str) and _TENANT.fullmatch(t) for t in tenants)
-    ):
-        raise IdentityConfigError(
-            f"{where}.tenants: a list of 1 to {MAX_TENANT_CHARS} letters, digits, '-', '.',"
-            f" '_' or '~' each, the ids of the tenants taken, got {tenants!r}"
-        )
-    if len(set(tenants)) != len(tenants):
-        raise IdentityConfigError(f"{where}.tenants: a tenant appears more than once")
-    return tuple(tenants)
 
 
 def _acr_list(where: str, value: Any) -> tuple[str, ...]:

@@ -32,7 +32,6 @@ stays in charge.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from bastion.identity.accounts import (
     id_jag_issuer,
 )
 from bastion.identity.accounts import MIGRATIONS as IDENTITY_MIGRATIONS
+from bastion.identity.tenants import tenant_account
 from bastion.names import MAX_NAME_LENGTH, UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.client_assertion import (
     algorithms_problem,
@@ -729,8 +729,7 @@ class IdentityAssertionGrant:
                 " characters (the user is bound to it)"
             )
         if idp.tenants:
-            # Unambiguous whatever the two hold (a tenant "a b" and "a", "b c" differ).
-            account = json.dumps([found.tenant, account], ensure_ascii=False)
+            account = tenant_account(account, found.tenant)
         provider = id_jag_issuer(idp.issuer)
         if bound_elsewhere(self.server.db, provider, user, account, self.clock()) is not None:
             raise InvalidGrant(account_taken(user, idp.issuer, claim))

@@ -326,7 +326,10 @@ def test_a_provider_listing_tenants_whose_metadata_names_one_issuer_is_refused(t
             {"issuer": "https://login.example/{tenantid}/v2.0", "tenants": [TENANT_A]},
             "issuer: the URL its discovery document is read from",
         ),
-        ({"user_prefix": "corp:{tenant}:"}, "user_prefix: {tenant} is only for a provider"),
+        (
+            {"user_prefix": "corp:{tenant}:"},
+            "user_prefix: {tenant} is only for a table with tenants",
+        ),
         (
             {"tenants": [TENANT_A], "user_prefix": "{tenant}{tenant}"},
             "user_prefix: {tenant} at most once",
