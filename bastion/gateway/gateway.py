@@ -703,8 +703,8 @@ class Gateway:
     ) -> VerifiedToken:
         """The facts of ``token`` for a message to ``server``: bastion's own tokens first (a
         token seen before is checked in memory, revocations included; a new one in full off the
-        event loop), then a token whose ``iss`` is a trusted issuer, checked against that issuer
-        alone. Raises `InvalidToken`, `DatabaseUnavailable` or `IssuerUnavailable`."""
+        event loop), then a token whose ``iss`` is a trusted issuer (or one of its tenants'),
+        checked against that issuer alone. Raises `InvalidToken`, `DatabaseUnavailable` or `IssuerUnavailable`."""
         tokens, resource = self.tokens, self.resource(server)
         verified = tokens.remembered(token, resource, on_loop=True)
         if verified == "off_loop":

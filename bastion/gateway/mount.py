@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -77,6 +78,13 @@ def gateway_from_config(
             raise ConfigError(
                 f"gateway.trusted_issuers names {trusted.issuer}, bastion's own issuer: its"
                 " tokens are checked by bastion's own keys and revocation state only"
+            )
+        if trusted.tenants and urlsplit(trusted.issuer)[:2] == urlsplit(settings.issuer)[:2]:
+            # A token of an iss at its origin is taken as one of its tenants' (their issuers
+            # are its template's): bastion's own would all be refused.
+            raise ConfigError(
+                f"gateway.trusted_issuers names {trusted.issuer}, with tenants, at the origin of"
+                " bastion's own issuer: its tenants' issuers would be taken for bastion's"
             )
     try:
         digest_key = deployment_secret(settings.key_dir, ARGUMENT_DIGEST_KEY)
@@ -154,11 +162,11 @@ def subject_bindings(
     db: Database, gateway_config: GatewayConfig
 ) -> Callable[[str, str, str], str | None] | None:
     """(provider, user, account) -> the account another person bound the user to, or None, for
-    trusted issuers that name users by a claim other than their account_claim
-    (`bastion.identity.accounts`), on ``db``
+    trusted issuers that name users by a claim other than their account_claim, or of many
+    tenants (`bastion.identity.accounts`), on ``db``
     (the tokens' connection, which also reads users' standing off the event loop, and is closed
     with them), once per token verified. None where no issuer names users so."""
-    if all(i.user_claim == i.account_claim for i in gateway_config.trusted_issuers):
+    if not any(i.binds_accounts for i in gateway_config.trusted_issuers):
         return None
     db.migrate("identity", IDENTITY_MIGRATIONS)
 

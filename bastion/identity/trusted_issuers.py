@@ -12,6 +12,13 @@ answer ends; an introspection endpoint that cannot be reached refuses every toke
 fail closed). Claims map to the user, the agent and the scopes the policy sees. Where a claim
 other than ``account_claim`` (``sub``) names the user, the user stays bound to the first account
 that named it (`bastion.identity.accounts`), checked once per token verified, never per call.
+
+An issuer of many tenants (Entra ID's ``/organizations``: its metadata's ``issuer`` a template
+holding ``{tenantid}``) is taken only with ``tenants`` listed (`bastion.identity.tenants`): a token
+whose ``iss`` is not a configured issuer is routed to such an issuer at the same origin, and taken
+only when its ``tid`` is listed and its ``iss`` is exactly the template with that ``tid``; its
+person's account is (tenant, ``sub``), every user bound to one, and its user is named per tenant
+(``user_prefix`` ``{tenant}:`` by default), so that one ``sub`` of two tenants is two users.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -42,7 +50,17 @@ from bastion.identity.accounts import (
     default_account_claim,
     gateway_issuer,
 )
-from bastion.names import UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
+from bastion.identity.tenants import (
+    TENANT_IN_PREFIX,
+    TenantRefused,
+    issuer_template,
+    tenant_account,
+    tenant_issuer,
+    tenant_settings,
+    token_tenant,
+    user_name,
+)
+from bastion.names import UNVERIFIED_EMAIL, readable, user_prefix_problem, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
 from bastion.oauth.client_metadata_document import MAX_CLIENT_ID_URL
@@ -97,6 +115,7 @@ _KEYS = {
     "metadata_cache_seconds",
     "metadata_stale_seconds",
     "allow_private_addresses",
+    "tenants",
 }
 
 
@@ -142,10 +161,21 @@ class TrustedIssuer:
     # reached at (`bastion.egress.private_allowance`); None: all if the issuer is itself on one,
     # else none (`bastion.egress.metadata_allowance`). Those configured here are fetched as given.
     allow_private_addresses: PrivateAllowance | None = None
+    # The tenants of an issuer of many tenants (Entra ID's /organizations) whose tokens are
+    # taken: its metadata's issuer is a template holding {tenantid}, and a token is taken only
+    # when its tid is one of these and its iss the template with that tid
+    # (`bastion.identity.tenants`). (): one tenant, the issuer as configured.
+    tenants: tuple[str, ...] = ()
 
     @property
     def introspects(self) -> bool:
         return bool(self.introspection_client_id)
+
+    @property
+    def binds_accounts(self) -> bool:
+        """Whether a user is bound to the first account that named it: where the user's name
+        is not its account's own, or one ``sub`` may be two people (of two tenants)."""
+        return self.user_claim != self.account_claim or bool(self.tenants)
 
     @classmethod
     def from_mapping(
@@ -178,7 +208,12 @@ class TrustedIssuer:
         strangers = sorted(set(audiences) - servers)
         if strangers:
             raise ValueError(f"{where}.audiences names {strangers[0]!r}, not a gateway upstream")
+        tenants = tenant_settings(where, table)
         values: dict[str, Any] = {"issuer": issuer, "audiences": dict(audiences)}
+        if tenants:
+            values["tenants"] = tenants
+            # One sub of two tenants is two users (`bastion.identity.tenants.user_name`).
+            values["user_prefix"] = f"{TENANT_IN_PREFIX}:"
         for name in ("jwks_uri", "introspection_endpoint"):
             if name in table:
                 problem = url_problem(table[name])
@@ -275,8 +310,30 @@ def parse_trusted_issuers(
 
 def _configured(issuer: TrustedIssuer) -> bool:
     """Whether the settings name every endpoint of ``issuer`` bastion uses: its metadata is
-    then never read."""
-    return bool(issuer.jwks_uri) and bool(issuer.introspection_endpoint or not issuer.introspects)
+    then never read. That of an issuer of many tenants always is: it names the template."""
+    return (
+        bool(issuer.jwks_uri)
+        and bool(issuer.introspection_endpoint or not issuer.introspects)
+        and not issuer.tenants
+    )
+
+
+@dataclass(frozen=True)
+class _Endpoints:
+    """What an issuer's settings and metadata name: its key set, its introspection endpoint
+    ("": none), and the issuer template of an issuer of many tenants (None: one tenant)."""
+
+    jwks_uri: str
+    introspection_endpoint: str
+    template: str | None = None
+
+
+def _origin(url: str) -> tuple[str, str] | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return parts.scheme, parts.netloc
 
 
 def _another_kind(typ: object) -> bool:
@@ -286,16 +343,21 @@ def _another_kind(typ: object) -> bool:
     return isinstance(typ, str) and typ.strip(" \t").lower().endswith("+jwt")
 
 
-def unverified_issuer(token: str) -> str | None:
-    """The ``iss`` a compact JWS claims, before anything is checked (to route it), or None."""
+def _unverified_claims(token: str) -> dict[str, Any]:
+    """The claims a compact JWS holds, before anything is checked (to route it), or none."""
     if len(token) > MAX_TOKEN_CHARS:
-        return None
+        return {}
     try:
         compact = jws.extract_compact(token.encode("ascii"))
         claims = untrusted_json.loads(compact.payload)
     except (JoseError, UnicodeError, ValueError):
-        return None
-    issuer = claims.get("iss") if isinstance(claims, dict) else None
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a compact JWS claims, before anything is checked (to route it), or None."""
+    issuer = _unverified_claims(token).get("iss")
     return issuer if isinstance(issuer, str) else None
 
 
@@ -303,6 +365,7 @@ def unverified_issuer(token: str) -> str | None:
 class _Remembered:
     verified: VerifiedToken
     introspected_at: float
+    issuer: TrustedIssuer
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -331,16 +394,23 @@ class TrustedIssuers:
         bound_elsewhere: Callable[[str, str, str], str | None] | None = None,
     ) -> None:
         self.issuers = {i.issuer: i for i in issuers}
+        # origin -> the issuers of many tenants there, in the order configured: a token whose
+        # iss is no configured issuer may be of one of their tenants (`_issuer_of`).
+        self._many_tenants: dict[tuple[str, str] | None, tuple[TrustedIssuer, ...]] = {}
+        for i in issuers:
+            if i.tenants:
+                origin = _origin(i.issuer)
+                self._many_tenants[origin] = (*self._many_tenants.get(origin, ()), i)
         # (provider, username, account) -> None when the user is that account's (bound now if
         # it was nobody's), else the account it belongs to (`bastion.identity.accounts.
         # bound_elsewhere`, a database read: in a worker thread). Needed by an issuer whose
         # user_claim is not its account_claim: without it, a name the issuer gives to another
         # person would be theirs.
         self.bound_elsewhere = bound_elsewhere
-        if bound_elsewhere is None and any(i.user_claim != i.account_claim for i in issuers):
+        if bound_elsewhere is None and any(i.binds_accounts for i in issuers):
             raise ValueError(
-                "a trusted issuer naming users by a claim other than its account_claim needs"
-                " bound_elsewhere"
+                "a trusted issuer naming users by a claim other than its account_claim, or of"
+                " many tenants, needs bound_elsewhere"
             )
         self.refusals = refusals
         # (username, on_loop) -> whether bastion has disabled the user, and when it last revoked
@@ -388,8 +458,19 @@ class TrustedIssuers:
         return tuple(i.issuer for i in self.issuers.values() if server in i.audiences)
 
     def claims_issuer(self, token: str) -> bool:
-        """Whether ``token`` says it comes from one of the trusted issuers (unverified)."""
-        return unverified_issuer(token) in self.issuers
+        """Whether ``token`` says it comes from one of the trusted issuers (unverified): its
+        ``iss`` is one, or at the origin of one of many tenants."""
+        return bool(self._candidates(unverified_issuer(token)))
+
+    def _candidates(self, claimed: str | None) -> tuple[TrustedIssuer, ...]:
+        """The issuers a token claiming ``claimed`` (its ``iss``) may be of: the one configured
+        as exactly that, else those of many tenants at its origin (each tenant its own issuer)."""
+        if claimed is None:
+            return ()
+        exact = self.issuers.get(claimed)
+        if exact is not None:
+            return (exact,)
+        return self._many_tenants.get(_origin(claimed), ()) if self._many_tenants else ()
 
     async def verify(self, token: str, server: str, address: str | None = None) -> VerifiedToken:
         """The token's facts for a call to ``server``; `InvalidToken` saying why it is refused,
@@ -464,17 +545,20 @@ class TrustedIssuers:
         (``bastion users unlink``). A token of another account is refused; so is every later
         use of it, as it is not remembered."""
         claim = issuer.account_claim
-        if issuer.user_claim == claim or self.bound_elsewhere is None:
+        if not issuer.binds_accounts or self.bound_elsewhere is None:
             return  # the user's name is its account's: no other account can name it
+        # Of an issuer of many tenants, the account is the tenant's (`_read` checked its tid).
+        tenant = verified.claims["tid"] if issuer.tenants else None
         check = partial(
             self.bound_elsewhere,
             gateway_issuer(issuer.issuer),
             verified.subject,
-            verified.claims[claim],
+            tenant_account(verified.claims[claim], tenant),
         )
         if await anyio.to_thread.run_sync(check) is not None:
+            told = f"tid and {claim}" if issuer.tenants else claim
             raise InvalidToken(
-                account_taken(verified.subject, issuer.issuer, claim), "account_taken"
+                account_taken(verified.subject, issuer.issuer, told), "account_taken"
             )
 
     async def _verify(self, token: str, server: str) -> VerifiedToken:
@@ -482,7 +566,7 @@ class TrustedIssuers:
         now = self.clock()
         remembered = self._tokens.get(key)
         if remembered is not None:
-            issuer = self.issuers[remembered.verified.claims["iss"]]
+            issuer = remembered.issuer
             if now > remembered.verified.expires_at + issuer.leeway_seconds:
                 with self._lock:
                     self._tokens.pop(key, None)
@@ -506,7 +590,7 @@ class TrustedIssuers:
         with self._lock:
             if len(self._tokens) >= self.max_tokens:
                 self._tokens.pop(next(iter(self._tokens)))
-            self._tokens[key] = _Remembered(verified, self.clock())
+            self._tokens[key] = _Remembered(verified, self.clock(), issuer)
         return verified
 
     async def _check(self, token: str, server: str) -> tuple[VerifiedToken, TrustedIssuer]:
@@ -517,10 +601,12 @@ class TrustedIssuers:
             header = protected_header(compact)
         except (JoseError, UnicodeError, ValueError):
             raise InvalidToken("not a compact JWS", "format") from None
-        claimed = unverified_issuer(token)
-        issuer = self.issuers.get(claimed or "")
-        if issuer is None:
+        unverified = _unverified_claims(token)
+        claimed = unverified.get("iss")
+        candidates = self._candidates(claimed if isinstance(claimed, str) else None)
+        if not candidates:
             raise InvalidToken(f"iss {claimed!r} is not a trusted issuer", "iss")
+        issuer, tenant, iss = await self._issuer_of(candidates, unverified, server)
         audience = issuer.audiences.get(server)
         if audience is None:
             raise InvalidToken(
@@ -539,13 +625,50 @@ class TrustedIssuers:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise InvalidToken("the header's kid is not a string", "kid")
-        jwks_uri, _ = await self._endpoints_of(issuer)
+        jwks_uri = (await self._endpoints_of(issuer)).jwks_uri
         try:
             keys = await self._key_sets[issuer.issuer].keys(jwks_uri, kid)
         except RemoteDocumentError as exc:
             raise IssuerUnavailable(f"the key set of {issuer.issuer} {exc}") from None
         claims = await anyio.to_thread.run_sync(self._signed_claims, token, keys, kid, alg)
-        return self._read(claims, issuer, audience), issuer
+        return self._read(claims, issuer, audience, iss, tenant), issuer
+
+    async def _issuer_of(
+        self, candidates: tuple[TrustedIssuer, ...], claims: Mapping[str, Any], server: str
+    ) -> tuple[TrustedIssuer, str | None, str]:
+        """Of the ``candidates`` for the unverified ``claims``, the issuer the token is of, its
+        tenant (None: an issuer of one tenant) and the ``iss`` it must name: exactly the
+        configured issuer's; or, of an issuer of many tenants, the template its metadata names
+        with the token's ``tid`` put for ``{tenantid}``, that ``tid`` one of its ``tenants`` (a
+        ``sub`` names a person only within its tenant, and another company's tenant at the same
+        issuer is anyone). Of several issuers of many tenants taking that tenant's issuer, the
+        first for ``server``. The tid is read before the signature is checked only to know
+        which issuer and keys to take: the claims are checked again after it (`_read`)."""
+        first = candidates[0]
+        if not first.tenants:
+            return first, None, first.issuer
+        taken = tuple(t for i in candidates for t in i.tenants)
+        try:
+            tid = token_tenant(claims, taken, "the token", first.issuer, ISSUERS_TABLE)
+        except TenantRefused as refused:
+            raise InvalidToken(refused.reason, "tenant") from None
+        listing = [i for i in candidates if tid in i.tenants]
+        claimed = claims.get("iss")
+        taking = []
+        for each in listing:
+            template = (await self._endpoints_of(each)).template
+            if template is not None and claimed == tenant_issuer(template, tid):
+                taking.append(each)
+        if not taking:
+            template = (await self._endpoints_of(listing[0])).template
+            expected = tenant_issuer(template, tid) if template is not None else listing[0].issuer
+            raise InvalidToken(
+                f"iss {readable(repr(claimed))} is not the issuer of tenant '{tid}' at"
+                f" {listing[0].issuer}, {expected}",
+                "iss",
+            )
+        issuer = next((i for i in taking if server in i.audiences), taking[0])
+        return issuer, tid, claimed
 
     def _signed_claims(self, token: str, keys: KeySet, kid: str | None, alg: str) -> dict:
         """In a worker thread: the claims once the signature is checked with the one key the
@@ -555,9 +678,18 @@ class TrustedIssuers:
         except SignatureRefused as refused:
             raise InvalidToken(refused.said_of("the token", "the issuer"), refused.reason) from None
 
-    def _read(self, claims: dict[str, Any], issuer: TrustedIssuer, audience: str) -> VerifiedToken:
-        # ``iss`` is exactly ``issuer.issuer``: the issuer was looked up by it (string equality)
-        # in the very payload whose signature its keys have just verified.
+    def _read(
+        self,
+        claims: dict[str, Any],
+        issuer: TrustedIssuer,
+        audience: str,
+        iss: str,
+        tenant: str | None,
+    ) -> VerifiedToken:
+        # The issuer was found by ``iss`` (and ``tid``) in this very payload, whose signature
+        # its keys have just verified: checked again, so that no other reading can differ.
+        if claims.get("iss") != iss or (tenant is not None and claims.get("tid") != tenant):
+            raise InvalidToken(f"the token is not of {iss}", "iss")
         aud = claims.get("aud")
         audiences = tuple(aud) if isinstance(aud, list) else (aud,)
         if audience not in audiences:
@@ -596,7 +728,7 @@ class TrustedIssuers:
         if not vouched_for(claims, issuer.user_claim):
             raise InvalidToken(UNVERIFIED_EMAIL, "claims")
         account = claims.get(issuer.account_claim)
-        if issuer.user_claim != issuer.account_claim and (
+        if issuer.binds_accounts and (
             not isinstance(account, str) or not account or len(account) > MAX_ACCOUNT_CHARS
         ):
             # The user is bound to the account (`_refuse_another_person`): with none, the
@@ -621,7 +753,7 @@ class TrustedIssuers:
             # A person: in the issuer's namespace. An agent acting as itself (its client
             # credentials token names its own client id) stays its agent's name, as bastion's
             # own client credentials tokens do, so that its owners bound it.
-            user = issuer.user_prefix + user
+            user = user_name(issuer.user_prefix, tenant, user)
         if len(user) > MAX_USER_CHARS:
             raise InvalidToken(
                 f"claim {issuer.user_claim!r} (the user) is longer than {MAX_USER_CHARS}"
@@ -661,13 +793,14 @@ class TrustedIssuers:
 
     # -- the issuer's endpoints ----------------------------------------------------------------
 
-    async def _endpoints_of(self, issuer: TrustedIssuer) -> tuple[str, str]:
-        """The issuer's jwks_uri and introspection endpoint: configured, or from its OpenID
-        Connect Discovery document, else its RFC 8414 metadata, read again when its lifetime
-        ends and the last good one kept through a short outage (`RemoteMetadata`: one read at
-        a time, a failure not tried again for ``jwks_refetch_seconds``)."""
+    async def _endpoints_of(self, issuer: TrustedIssuer) -> _Endpoints:
+        """The issuer's jwks_uri and introspection endpoint, and the template of an issuer of
+        many tenants: configured, or from its OpenID Connect Discovery document, else its RFC
+        8414 metadata, read again when its lifetime ends and the last good one kept through a
+        short outage (`RemoteMetadata`: one read at a time, a failure not tried again for
+        ``jwks_refetch_seconds``)."""
         if _configured(issuer):
-            return issuer.jwks_uri, issuer.introspection_endpoint
+            return _Endpoints(issuer.jwks_uri, issuer.introspection_endpoint)
         try:
             return await self._metadata[issuer.issuer].get()
         except RemoteDocumentError as exc:
@@ -675,12 +808,16 @@ class TrustedIssuers:
 
     async def _find_endpoints(
         self, issuer: TrustedIssuer, answers: KeptAnswers
-    ) -> tuple[tuple[str, str], float | None]:
+    ) -> tuple[_Endpoints, float | None]:
         """What the issuer's metadata names (those configured win), each checked, and the
         lifetime its headers give; `RemoteDocumentError` when it cannot be had or fails a
-        check (it then never replaces a good one)."""
+        check (it then never replaces a good one). Its ``issuer`` is the configured one, or,
+        for an issuer with ``tenants`` and only then, a template (`issuer_template`)."""
         limits = FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
-        metadata, lifetime = await issuer_metadata(issuer.issuer, limits, self.transport, answers)
+        names_issuer = partial(issuer_template, issuer.issuer, issuer.tenants, table=ISSUERS_TABLE)
+        metadata, lifetime = await issuer_metadata(
+            issuer.issuer, limits, self.transport, answers, names_issuer
+        )
         jwks_uri = issuer.jwks_uri or metadata.get("jwks_uri")
         endpoint = issuer.introspection_endpoint or metadata.get("introspection_endpoint", "")
         for name, value in (("jwks_uri", jwks_uri), ("introspection_endpoint", endpoint)):
@@ -692,12 +829,14 @@ class TrustedIssuers:
             raise RemoteDocumentError(
                 f"{issuer.issuer} offers no introspection_endpoint; configure one"
             )
-        return (jwks_uri, endpoint), lifetime
+        # `issuer_template` took it: the template where tenants are listed, else the issuer.
+        template = metadata["issuer"] if issuer.tenants else None
+        return _Endpoints(jwks_uri, endpoint, template), lifetime
 
     async def _introspect(self, issuer: TrustedIssuer, token: str) -> None:
         """RFC 7662: refuse a token its issuer says is not active; `IssuerUnavailable` when the
         answer cannot be had (fail closed)."""
-        _, endpoint = await self._endpoints_of(issuer)
+        endpoint = (await self._endpoints_of(issuer)).introspection_endpoint
         limits = (
             FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
             if issuer.introspection_endpoint  # configured: fetched as given

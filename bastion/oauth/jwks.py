@@ -350,12 +350,15 @@ async def issuer_metadata(
     limits: FetchLimits,
     transport: httpx.AsyncBaseTransport | None = None,
     answers: KeptAnswers | None = None,
+    names_issuer: Callable[[str, Any], object] | None = None,
 ) -> tuple[dict[str, Any], float | None]:
     """An issuer's OpenID Connect Discovery document, else its RFC 8414 metadata (§3.1: the
     well-known prefix before the issuer's path), and the lifetime its headers give (None: they
     say nothing); the document must name ``issuer`` exactly (OpenID Connect Discovery §4.3,
-    RFC 8414 §3.3). `RemoteDocumentError` saying what each place answered. ``answers``: as
-    `fetch_json_answer`'s."""
+    RFC 8414 §3.3), or, given ``names_issuer(uri, its issuer)``, be what that takes (it raises
+    `RemoteDocumentError` for any other: a multi-tenant issuer's template,
+    `bastion.identity.tenants.issuer_template`). `RemoteDocumentError` saying what each place
+    answered. ``answers``: as `fetch_json_answer`'s."""
     parts = urlsplit(issuer)
     path = parts.path.rstrip("/")
     origin = f"{parts.scheme}://{parts.netloc}"
@@ -370,9 +373,17 @@ async def issuer_metadata(
         except RemoteDocumentError as exc:
             problems.append(f"{uri} {exc}")
             continue
-        if not isinstance(document, dict) or document.get("issuer") != issuer:
+        if not isinstance(document, dict) or (
+            names_issuer is None and document.get("issuer") != issuer
+        ):
             problems.append(f"{uri} is not the metadata of {issuer}")
             continue
+        if names_issuer is not None:
+            try:
+                names_issuer(uri, document.get("issuer"))
+            except RemoteDocumentError as exc:
+                problems.append(str(exc))
+                continue
         return document, lifetime
     raise RemoteDocumentError("; ".join(problems))
 
