@@ -9,6 +9,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mcp.shared.exceptions import MCPError
 
 from bastion.signals.behavior import BehaviorSettings, LocalBehavior, scope_keys
@@ -397,3 +399,50 @@ def test_a_lazy_view_that_cannot_make_its_entries_is_refused_when_defined():
 
         class Nothing(_Lazy):  # no way to make an entry: never a view that answers nothing
             pass
+
+
+def _figure_as_rounded(current, previous, baseline, covered):
+    # The figure as it was computed with `round` on every value (before its short ways).
+    count = math.ceil(current + previous * covered - 1e-9)
+    base = round(baseline, 3)
+    return {"count": count, "baseline": base, "ratio": round(count / max(base, 1.0), 3)}
+
+
+_BASELINES = [
+    0.0,
+    -0.0,
+    0,
+    1,
+    1.0,
+    0.9995,
+    0.99949,
+    1.0004,
+    1.0015,
+    1.25,
+    1.3337,
+    2.5,
+    1e-9,
+    7,
+    1e17,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    current=st.integers(0, 10**12),
+    previous=st.integers(0, 10**12),
+    baseline=st.one_of(
+        st.sampled_from(_BASELINES),
+        st.floats(0, 1e15, allow_nan=False),
+        st.integers(0, 10**9),
+    ),
+    covered=st.floats(0, 1),
+)
+def test_a_figure_is_the_rounded_figure_value_and_type_alike(current, previous, baseline, covered):
+    from bastion.signals.behavior import figure
+
+    made = figure(current, previous, baseline, covered)
+    wanted = _figure_as_rounded(current, previous, baseline, covered)
+    assert json.dumps(made) == json.dumps(wanted)
+    assert [type(v) for v in made.values()] == [type(v) for v in wanted.values()]
+    assert math.copysign(1, made["baseline"]) == math.copysign(1, wanted["baseline"])
