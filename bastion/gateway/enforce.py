@@ -171,7 +171,11 @@ class ArgumentDigest:
     each call, which in the gateway cost more (docs/benchmarks.md, the fifth session)."""
 
     def __init__(self, key: bytes) -> None:
-        self._keyed = hmac.new(key, digestmod="sha256")
+        keyed = hmac.new(key, digestmod="sha256")
+        # Where OpenSSL has SHA-256 (always, in practice), `hmac.HMAC` holds OpenSSL's HMAC
+        # state as ``_hmac`` and hands each copy, update and hexdigest to it through Python of
+        # its own: that state is used at once, the same calls without the wrapper around each.
+        self._keyed = getattr(keyed, "_hmac", None) or keyed
 
     def __call__(self, arguments: Any) -> str:
         if arguments is None:
