@@ -491,6 +491,45 @@ class AlertStore:
         return [_alert(r) for r in rows]
 
 
+# `Alerts.behavior_alerts`: the scopes whose figures are looked at, in order, and what raises
+# its two alerts (module functions, not closures made on every call).
+_AGENT_SCOPE = ("agent",)
+_PERSON_SCOPES = ("agent", "user")
+
+
+def _many_destructive(minute: dict, settings: AlertSettings) -> bool:
+    return minute["count"] + 1 > settings.bulk_destructive_count
+
+
+def _spiking(calls: dict, settings: AlertSettings) -> bool:
+    # Without history (baseline 0) there is nothing to be far above yet.
+    return (
+        calls["baseline"] > 0
+        and calls["count"] >= settings.spike_min_calls
+        and calls["ratio"] > settings.spike_ratio
+    )
+
+
+def _first(
+    behavior: BehaviorView,
+    scopes: tuple[str, ...],
+    counter: str,
+    window: str,
+    raises: Callable[[dict, AlertSettings], bool],
+    settings: AlertSettings,
+) -> tuple | None:
+    """The first of ``scopes`` whose figures raise the alert, with them (read through the view,
+    so recorded: the user's are looked at first without being kept, `BehaviorView.peek`), or
+    None."""
+    for scope in scopes:
+        if scope == "user" and not raises(behavior.peek(scope, counter, window), settings):
+            continue
+        figures = behavior[scope][counter][window]
+        if raises(figures, settings):
+            return scope, figures
+    return None
+
+
 class Alerts:
     """Raising, escalating and acknowledging alerts.
 
@@ -839,32 +878,10 @@ class Alerts:
         (`BehaviorView.peek`: read on every call and kept in every record, they cost 5 % of a
         gateway call's instructions). A `BehaviorUnavailable` propagates."""
         settings = self.settings
-
-        def many_destructive(minute: dict) -> bool:
-            return minute["count"] + 1 > settings.bulk_destructive_count
-
-        def spiking(calls: dict) -> bool:
-            # Without history (baseline 0) there is nothing to be far above yet.
-            return (
-                calls["baseline"] > 0
-                and calls["count"] >= settings.spike_min_calls
-                and calls["ratio"] > settings.spike_ratio
-            )
-
-        def first(counter: str, window: str, raises: Callable[[dict], bool]) -> tuple | None:
-            """The first scope whose figures raise the alert, with them (read through the
-            view, so recorded), or None."""
-            for scope in ("agent", "user") if person else ("agent",):
-                if scope == "user" and not raises(behavior.peek(scope, counter, window)):
-                    continue
-                figures = behavior[scope][counter][window]
-                if raises(figures):
-                    return scope, figures
-            return None
-
+        scopes = _PERSON_SCOPES if person else _AGENT_SCOPE
         raised = []
         if destructive and settings.bulk_destructive_count > 0:
-            found = first("destructive", "minute", many_destructive)
+            found = _first(behavior, scopes, "destructive", "minute", _many_destructive, settings)
             if found is not None:
                 scope, minute = found
                 detail = {
@@ -874,7 +891,7 @@ class Alerts:
                 }
                 raised.append((scope, BULK_DESTRUCTIVE, settings.bulk_destructive_severity, detail))
         if settings.spike_ratio > 0 and settings.spike_min_calls > 0:
-            found = first("calls", "ten_minutes", spiking)
+            found = _first(behavior, scopes, "calls", "ten_minutes", _spiking, settings)
             if found is not None:
                 scope, calls = found
                 detail = {
