@@ -179,12 +179,14 @@ def test_a_body_read_as_it_arrives_is_whole_and_bounded():
     """A body that is still arriving when it is read (not all there yet, unlike the answers
     above) is read to its end, and refused past the limit."""
 
+    rest = asyncio.Queue()  # the rest of a body is sent once the client has begun to read it
+
     async def handle(reader, writer):
         for _ in range(2):
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n" + b"x" * 10)
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await rest.get()
             writer.write(b"y" * 30)
             await writer.drain()
         writer.close()
@@ -195,10 +197,12 @@ def test_a_body_read_as_it_arrives_is_whole_and_bounded():
         try:
             response = await client.request("POST", {}, b"")
             assert not response._connection.complete  # read while it arrives
+            rest.put_nowait(None)
             assert await response.read() == b"x" * 10 + b"y" * 30
             response.close()
             response = await client.request("POST", {}, b"")
             assert not response._connection.complete
+            rest.put_nowait(None)
             with pytest.raises(HttpClientError, match="larger than 16 bytes"):
                 await response.read(limit=16)
             response.abort()
