@@ -11,7 +11,7 @@ import time
 from bastion.policy.parser import parse_fact
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
-from tests.waits import PATIENCE, reads_held
+from tests.waits import PATIENCE, eventually_async, reads_held
 
 SEARCH = {"name": "search_customers", "arguments": {"query": "a"}}
 
@@ -100,10 +100,17 @@ def test_a_decision_and_a_list_filter_wait_for_a_change_being_put_in_force():
 
     async def scenario() -> str:
         change = asyncio.get_running_loop().create_future()
+        awaited: list[None] = []  # once for each caller that waits for the change
+
+        class Change:
+            """The change being put in force, noted as it is waited for."""
+
+            def __await__(self):
+                awaited.append(None)  # in the step that suspends on it
+                return (yield from asyncio.shield(change).__await__())
+
         enforcer = Enforcer(
-            lambda: authz,
-            None,
-            facts_in_force=lambda: None if change.done() else asyncio.shield(change),
+            lambda: authz, None, facts_in_force=lambda: None if change.done() else Change()
         )
         context = enforcer.context(caller, "desk", "tools/call")
         tool = Entity("Tool", "desk/search")
@@ -111,7 +118,10 @@ def test_a_decision_and_a_list_filter_wait_for_a_change_being_put_in_force():
             enforcer.decide(caller, "desk", "tools/call", "call", tool, context, {})
         )
         settling = asyncio.ensure_future(enforcer.settled())
-        await asyncio.sleep(0.05)
+        # Both wait for the change, or one has gone on without it (then it ends, and is seen).
+        assert await eventually_async(
+            lambda: deciding.done() or settling.done() or len(awaited) == 2
+        ), "neither waited for the change nor ended"
         assert not deciding.done() and not settling.done()
         change.set_result(None)
         await settling
