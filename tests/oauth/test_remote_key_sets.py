@@ -15,20 +15,33 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.oauth.client_assertion import jwks_problem
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets
+from bastion.oauth.jwks import CoalescedFetches, FetchLimits, RemoteDocumentError, RemoteKeySets
 from tests.clock import ManualClock
 from tests.oauth.support import free_socket, serve
+from tests.waits import PATIENCE
 
 KEY = ECKey.generate_key("P-256", parameters={"kid": "k1"}).as_dict(private=False)
 
 
 @pytest.fixture
-def issuer():
-    state = {"fetches": 0, "down": True}
+def issuer(monkeypatch):
+    """A ``jwks_uri`` that answers once ``state["together"]`` requests have asked for a key set
+    (`CoalescedFetches.once`, entered on the event loop before it waits for a fetch under way):
+    requests that came together then all overlap, however busy the machine."""
+    state = {"fetches": 0, "down": True, "entered": 0, "together": 1}
+    once = CoalescedFetches.once
+
+    async def counted(self, key, fetch, kept):
+        state["entered"] += 1
+        return await once(self, key, fetch, kept)
+
+    monkeypatch.setattr(CoalescedFetches, "once", counted)
 
     async def jwks(request):
         state["fetches"] += 1
-        await anyio.sleep(0.05)  # long enough for requests that came together to wait on it
+        with anyio.fail_after(PATIENCE):  # a deadline, not a timing
+            while state["entered"] < state["together"]:
+                await anyio.sleep(0.01)
         if state["down"]:
             return JSONResponse({"error": "down"}, status_code=503)
         return JSONResponse({"keys": [KEY]})
@@ -42,6 +55,7 @@ def test_a_failed_fetch_is_not_tried_again_until_refetch_seconds(issuer):
     clock = ManualClock()
     limits = FetchLimits(refetch_seconds=30, refetch_setting="[t] jwks_refetch_seconds")
     sets = RemoteKeySets(limits, check=jwks_problem, clock=clock)
+    issuer["together"] = 5
 
     async def scenario() -> list:
         outcomes: list = []
