@@ -24,21 +24,34 @@ from bastion.identity.trusted_issuers import (
     TrustedIssuers,
     parse_trusted_issuers,
 )
+from bastion.oauth.jwks import CoalescedFetches
 from tests.clock import ManualClock
 from tests.oauth.support import ANY_KID, free_socket, hidden_fields, serve
+from tests.waits import PATIENCE
 
 KEY = ECKey.generate_key("P-256", parameters={"kid": "k1"})
 
 
 @pytest.fixture
-def down():
-    """An issuer whose metadata answers 503, slowly enough for requests that came together to
-    overlap; it counts the requests it gets."""
-    state = {"asked": 0}
+def down(monkeypatch):
+    """An issuer whose metadata answers 503 once ``state["together"]`` requests have asked
+    bastion for it (`CoalescedFetches.once`, entered on the event loop before it waits for a
+    fetch under way): requests that came together then all overlap, however busy the machine.
+    It counts the requests it gets."""
+    state = {"asked": 0, "entered": 0, "together": 1}
+    once = CoalescedFetches.once
+
+    async def counted(self, key, fetch, kept):
+        state["entered"] += 1
+        return await once(self, key, fetch, kept)
+
+    monkeypatch.setattr(CoalescedFetches, "once", counted)
 
     async def metadata(request):
         state["asked"] += 1
-        await anyio.sleep(0.2)
+        with anyio.fail_after(PATIENCE):  # a deadline, not a timing
+            while state["entered"] < state["together"]:
+                await anyio.sleep(0.01)
         return JSONResponse({"error": "down"}, status_code=503)
 
     app = Starlette(routes=[Route("/{path:path}", metadata)])
@@ -55,6 +68,8 @@ def test_a_trusted_issuers_metadata_is_fetched_once_for_tokens_that_come_togethe
     now = int(time.time())
     claims = {"iss": issuer, "sub": "sam", "aud": "api://desk", "iat": now, "exp": now + 300}
     token = jwt.encode({"alg": "ES256", "kid": "k1"}, claims, KEY, registry=ANY_KID)
+
+    down["together"] = 10
 
     async def scenario() -> list[str]:
         outcomes: list[str] = []
@@ -107,6 +122,7 @@ def test_a_login_providers_discovery_is_fetched_once_for_logins_that_come_togeth
             async with httpx.AsyncClient(cookies=b.http.cookies, timeout=20) as http:
                 return list(await asyncio.gather(*(press(http) for _ in range(10))))
 
+        down["together"] = 10
         answers = anyio.run(scenario)
         assert [a.status_code for a in answers] == [503] * 10
         assert down["asked"] == 1
