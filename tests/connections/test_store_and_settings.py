@@ -23,9 +23,11 @@ from bastion.connections.upstream_oauth import (
 )
 from bastion.db import Database
 from bastion.gateway.config import GatewayConfig
+from bastion.oauth.jwks import CoalescedFetches
 from bastion.server.config import ConfigError
 from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import free_socket, serve
+from tests.waits import eventually_async
 
 
 @pytest.fixture
@@ -304,7 +306,9 @@ def test_a_token_that_is_not_a_bearer_token_is_refused():
             assert tokens.access_token == f"access-of-as-{server.tokens_issued}"
 
 
-def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failure_is_kept():
+def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failure_is_kept(
+    monkeypatch,
+):
     """Every call of a user whose token needs refreshing needs the authorization server's
     metadata until it has been fetched once: each started its own fetches (each held up to
     timeout_seconds by a slow server), and a server that was down was asked again by each."""
@@ -315,6 +319,15 @@ def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failu
     resource.down = True
     server = AuthorizationServer(base=base)
     app = Starlette(routes=[*resource.routes(), *server.routes()])
+    # The calls that have asked for the metadata (entered `CoalescedFetches.once`, on the event
+    # loop, before it waits for a read under way).
+    entered, once = [], CoalescedFetches.once
+
+    async def counted(self, key, fetch, kept):
+        entered.append(key)
+        return await once(self, key, fetch, kept)
+
+    monkeypatch.setattr(CoalescedFetches, "once", counted)
 
     async def at_once(client, n):
         async def one():
@@ -323,11 +336,13 @@ def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failu
             except UpstreamOAuthError as e:
                 return e
 
-        before = resource.reads
+        before, asked = resource.reads, len(entered)
         tasks = [asyncio.create_task(one()) for _ in range(n)]
-        while resource.reads == before:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # the others are waiting by now, or would have asked too
+        # Released once every call waits for the one read (or has read on its own, and been
+        # counted by the upstream), not after a moment in which a busy machine may start none.
+        assert await eventually_async(
+            lambda: resource.reads > before and len(entered) >= asked + n
+        ), "the calls never all asked for the metadata"
         resource.release.set()
         return await asyncio.gather(*tasks)
 
