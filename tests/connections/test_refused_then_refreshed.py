@@ -35,7 +35,7 @@ from bastion.gateway.upstream_credentials import CONNECTION_REQUIRED, UserTokenU
 from tests.connections.fakes import McpUpstream, loopback_base
 from tests.connections.test_refresh_races import held  # noqa: F401 (the fixture)
 from tests.oauth.support import free_socket, serve
-from tests.waits import PATIENCE
+from tests.waits import PATIENCE, eventually_async
 
 NOW = 1000.0
 CALL = {"name": "file_issue", "arguments": {"title": "once"}}
@@ -162,6 +162,15 @@ def test_a_refused_refresh_asks_to_connect_and_sends_the_call_once(held, upstrea
 def test_replicas_refused_at_once_refresh_once_and_both_send_again(held, upstream, replicas):  # noqa: F811
     one, two = replicas(), replicas()
     ended: list[str] = []
+    # The claims of the connection's refresh each replica made (the two share the store): one
+    # refused is a replica waiting on the refresh the other claimed.
+    claimed, claim = [], one.store.claim_refresh
+
+    def noted_claim(*args):
+        claimed.append(claim(*args))
+        return claimed[-1]
+
+    one.store.claim_refresh = noted_claim
 
     async def scenario():
         sessions = [await _started(one, upstream, ended), await _started(two, upstream, ended)]
@@ -171,7 +180,9 @@ def test_replicas_refused_at_once_refresh_once_and_both_send_again(held, upstrea
         with anyio.fail_after(PATIENCE):
             while upstream.calls().count("old-access") < 2:
                 await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)  # the other replica waits on the claimed refresh
+        # The other replica waits on the claimed refresh (not 0.2 s, after which a busy machine
+        # may have had it ask for none: it would then find the refreshed token, untested).
+        assert await eventually_async(lambda: False in claimed), "no replica waited"
         held.release.set()
         return await asyncio.gather(*calls)
 
