@@ -290,7 +290,13 @@ def test_replicas_recover_when_every_database_connection_of_theirs_is_terminated
             return r.status_code == 503 or not r.json()["allowed"]
 
         assert eventually(b_refuses, within=BOUND + 1)
-        time.sleep(0.5)  # traffic goes on after the recovery
+
+        # Traffic goes on after the recovery: a write and a decision sent since are answered
+        # (not 0.5 s more of it, in which a busy machine may have sent none).
+        def answered_since(name: str) -> bool:
+            return any(s == 200 and sent > deleted_at for sent, s, _ in traffic.answers[name])
+
+        assert eventually(lambda: answered_since("writes") and answered_since("decisions"))
         traffic.stop()
         writer.close()
         decider.close()
@@ -298,11 +304,15 @@ def test_replicas_recover_when_every_database_connection_of_theirs_is_terminated
         # The follower caught up: B has applied every write A made.
         writes = [body["sequence"] for _, s, body in traffic.answers["writes"] if s == 200]
         last_write = max(*writes, *deleted)
-        assert eventually(lambda: cb.get("/readyz").json()["sequence"] >= last_write)
-        ready = cb.get("/readyz")
-        assert (
-            ready.status_code == 200 and ready.json()["facts"] == ca.get("/readyz").json()["facts"]
-        )
+
+        # Ready again too: its notification connection is back (it reconnects on its own time,
+        # which a busy machine makes longer; 503 `not_listening` until then).
+        def caught_up() -> bool:
+            ready = cb.get("/readyz")
+            return ready.status_code == 200 and ready.json()["sequence"] >= last_write
+
+        assert eventually(caught_up), cb.get("/readyz").text
+        assert cb.get("/readyz").json()["facts"] == ca.get("/readyz").json()["facts"]
 
     # Nothing failed with a 500: a request that needed the lost connection got 503, and
     # writes went on after it.
