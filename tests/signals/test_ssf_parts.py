@@ -566,6 +566,20 @@ def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
             )
             receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
             t = s.transmitters[0]
+            # Each status as it was stored, read back by the write that stored it (sampled
+            # every 10 ms before, a busy machine could miss one that stood for a moment).
+            store = receiver.store
+            for name in ("save_stream", "verified"):
+                write = getattr(store, name)
+
+                def noted(*args, write=write, **kwargs):
+                    written = write(*args, **kwargs)
+                    stored = store.stream(t.name)
+                    if stored and stored.detail not in [x["detail"] for x in seen]:
+                        seen.append({"status": stored.status, "detail": stored.detail})
+                    return written
+
+                setattr(store, name, noted)
 
             async def scenario():
                 import httpx
@@ -575,9 +589,6 @@ def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
                 try:
                     with anyio.fail_after(PATIENCE):
                         while state["polls"] < polls:
-                            stored = receiver.store.stream(t.name)
-                            if stored and stored.detail not in [x["detail"] for x in seen]:
-                                seen.append({"status": stored.status, "detail": stored.detail})
                             await asyncio.sleep(0.01)
                     assert not task.done(), task
                 finally:
