@@ -48,10 +48,12 @@ from tests.waits import PATIENCE, eventually
 QUICKSTART_PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
 SEARCH = 'Tool{"desk/search_customers"}'
 
-# The quickstart's upstream, but a search for "slow" waits (after noting it was asked) for a
-# minute: a call still at its upstream when bastion dies.
+# The quickstart's upstream, but a search for "slow" waits (after noting it was asked) until
+# bastion, its parent, has died (at most 120 s: `tests.waits.PATIENCE`): a call still at its
+# upstream when bastion dies, however long a busy machine takes to get there (a wait of 20 s
+# could end first, and the call be recorded as any other).
 SLOW_DESK = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {folder!r})
 import server as desk
 
@@ -60,7 +62,9 @@ noted = desk.trace
 def trace(kind, **detail):
     noted(kind, **detail)
     if detail.get("query") == "slow":
-        time.sleep(20)
+        parent, deadline = os.getppid(), time.monotonic() + 120
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 desk.trace = trace
 desk.main()
