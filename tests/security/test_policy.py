@@ -122,12 +122,14 @@ def decide_until_applied(server: ServerProcess, version: int) -> tuple[list, flo
     """Ask `CHECK` (and `/healthz`) every 50 ms until ``version`` is in force; the answers
     before then, with when each came, and when it was seen in force."""
     answers = []
+    deadline = time.monotonic() + PATIENCE  # a bound against a hang (it looped for ever)
     with httpx.Client(base_url=server.url, timeout=120) as anyone, server.client() as admin:
         while True:
             assert anyone.get("/healthz").status_code == 200
             decided = admin.post("/v1/authorize", json=CHECK)
-            if admin.get("/v1/policy").json()["applied"] == version:
+            if (applied := admin.get("/v1/policy").json()["applied"]) == version:
                 return answers, time.monotonic()
+            assert time.monotonic() < deadline, f"version {version} never applied ({applied})"
             answers.append((time.monotonic(), decided))
             time.sleep(0.05)
 
