@@ -52,6 +52,7 @@ from tests.security.hostile_json import (
 )
 from tests.security.rows import snapshot, unexpected_changes
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess
+from tests.waits import PATIENCE
 
 RULES = """
 actor Agent {}
@@ -549,7 +550,7 @@ def fresh_alert(admin: Admin) -> None:
         answer = admin.http.post("/api/agents/event/tool_call_request", json=event,
                                  headers={"authorization": f"Bearer {admin.oso_key}"})  # fmt: skip
         assert answer.status_code == 200, answer.text
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + PATIENCE
     while True:
         found = [a for a in admin.http.get("/v1/alerts").json()["alerts"]
                  if a["principal"] == f'Agent{{"{agent}"}}']  # fmt: skip
