@@ -451,9 +451,10 @@ class StreamableHttpEndpoint:
             raise await self._refused(refusal, caller, upstream.name, None, None)
         raw = await self._body(headers, receive)
         try:
-            # Integers are passed on as sent: only their nesting and finiteness are checked.
+            # Integers are passed on as sent: only their nesting and finiteness are checked. A
+            # member named twice is refused as by every other reader of bastion's.
             value = untrusted_json.loads(
-                raw, max_depth=gateway.max_json_depth, bounded_numbers=False
+                raw, max_depth=gateway.max_json_depth, bounded_numbers=False, unique_keys=True
             )
         except untrusted_json.JsonRefused as e:
             refusal = RpcError(PARSE_ERROR, f"the body is refused: {e}", http_status=400)

@@ -157,6 +157,52 @@ CASES = {
     ),
 }
 
+# A member named twice, each body taken by a reader that keeps the last value (Python's, most
+# upstreams') as a harmless call, and by one that keeps the first (a proxy, a log) as another.
+TWICE = {
+    "an argument": (
+        b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name":'
+        b' "search_customers", "arguments": {"query": "everyone", "query": "ada"}}}',
+        "query",
+    ),
+    "the tool's name": (
+        b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "delete_customer",'
+        b' "name": "search_customers", "arguments": {}}}',
+        "name",
+    ),
+    "the method": (
+        b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "method": "tools/list",'
+        b' "params": {}}',
+        "method",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TWICE))
+@pytest.mark.parametrize("era", ["2025-11-25", "2026-07-28"])
+def test_a_member_named_twice_is_refused_whole_in_either_era_and_nothing_is_forwarded(
+    bastion, token, era, case
+):
+    """Refused with the parse error, never read as its last value: a proxy or firewall in front
+    that keeps the first (`delete_customer`, `everyone`) would judge another call than bastion
+    decides (I-JSON, RFC 7493 §2.3). Before, the gateway alone of bastion's readers took it."""
+    content, member = TWICE[case]
+    if era == "2025-11-25":
+        headers = legacy_session(bastion, token, "deskhttp")
+    else:
+        headers = {"authorization": f"Bearer {token}", "content-type": "application/json", **MODERN}
+    before = len(bastion.recorder.requests)
+    response = bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        content=content,
+        headers={**headers, "accept": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32700
+    assert f"names the member '{member}' twice" in error["message"], error
+    assert len(bastion.recorder.requests) == before  # the upstream saw nothing
+
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gets_a_clear_error_and_nothing_is_forwarded(bastion, token, case):
