@@ -1,10 +1,11 @@
 """A JSON object that names a member twice (``{"actor": ..., "actor": ...}``), in any body the
-server's APIs read (`/v1`, Oso Cloud's `/api`, AuthZEN, `/register`; the gateway's, in tests/gateway/test_bad_input.py) and in the JSON its
-commands read (`facts import`, `policy explain --context`): refused whole with a 400 (exit 2 for
-a command) that names the member, never read as its last value, and nothing is written. A body
-built by pasting text (``'{"actor": "' + name + '", ...}'``) could otherwise have a second
-``actor`` slipped in that overrides the first, and a proxy or a log reading the first value sees
-another request than bastion decides (I-JSON, RFC 7493 §2.3)."""
+server's APIs read (`/v1`, Oso Cloud's `/api`, AuthZEN, `/register`; the gateway's, in
+tests/gateway/test_bad_input.py) and in the JSON its commands read (`facts import`, `policy
+explain --context`): refused whole with a 400 (exit 2 for a command) that names the member,
+never read as its last value, and nothing is written. A body built by pasting text (``'{"actor":
+"' + name + '", ...}'``) could otherwise have a second ``actor`` slipped in that overrides the
+first, and a proxy or a log reading the first value sees another request than bastion decides
+(I-JSON, RFC 7493 §2.3)."""
 
 from __future__ import annotations
 
