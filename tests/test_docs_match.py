@@ -540,3 +540,175 @@ def test_every_make_target_the_docs_name_is_one_the_makefile_has():
     assert not wrong, (
         f"make targets the Makefile does not have (it has {sorted(targets)}):\n" + "\n".join(wrong)
     )
+
+
+# -- settings tables' defaults -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    file: str
+    line: int
+    key: str  # as the first cell writes it, without its backticks
+    default: str  # the second cell, as written
+
+
+def _settings_tables() -> Iterator[tuple[str, int, list[SettingRow]]]:
+    """(file, line, rows) of each table of settings and their defaults in docs/: its header's
+    second cell is `default`, the first cell of its first row a `key` in code."""
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        name = str(path.relative_to(ROOT))
+        for n, line in enumerate(lines):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            if not line.startswith("|") or len(cells) < 3 or cells[1] != "default":
+                continue
+            rows = []
+            for m in range(n + 2, len(lines)):
+                if not lines[m].startswith("|"):
+                    break
+                row = [c.strip() for c in lines[m].split("|")[1:-1]]
+                rows.append(SettingRow(name, m + 1, row[0], row[1]))
+            if rows and rows[0].key.startswith("`"):
+                yield name, n + 1, rows
+
+
+def _settings_read(tmp: Path) -> dict[str, Callable[[str], object]]:
+    """What each settings table documents, by its file and first key: the function that gives
+    the value bastion uses for a key of it that bastion.toml leaves out, as `bastion serve`
+    reads the table (an upstream, a provider, a webhook given only what they require)."""
+    from bastion.approvals.settings import ApprovalSettings
+    from bastion.connections.settings import UpstreamOAuth
+    from bastion.gateway.config import GatewayConfig
+    from bastion.identity.providers import IdentitySettings
+    from bastion.oauth.settings import OAuthSettings
+    from bastion.server.config import ServerConfig
+    from bastion.signals.behavior import BehaviorSettings
+
+    file = tmp / "empty.toml"
+    file.write_text("", encoding="utf-8")
+    server = ServerConfig.load(file, env={})
+    gateway = GatewayConfig.from_mapping({"upstreams": _BASE_UPSTREAMS[:1]}, {})
+    oauth = OAuthSettings.from_mapping(_BASE_OAUTH)
+    env = {"SECRET": "s" * 32}
+    hook = {"url": "https://hooks.example.com/a", "secret_env": "SECRET"}
+    approvals = ApprovalSettings.from_mapping({"webhooks": [hook]}, env)
+    provider = {
+        "id": "corp",
+        "issuer": "https://idp.example.com",
+        "client_id": "bastion",
+        "client_secret": "${SECRET}",
+    }
+    identity = IdentitySettings.from_mapping({"providers": [provider]}, env)
+
+    def of(*owners: tuple[str, object]) -> Callable[[str], object]:
+        """A key's value: of the first owner whose prefix the key starts with (`identity.`,
+        `[oauth.login] `, `webhooks[].`; "" for any), by the key's name (a `*_env` key by
+        what it reads: `previous_secret_env` is `previous_secret`)."""
+
+        def value(key: str) -> object:
+            for prefix, owner in owners:
+                if key.startswith(prefix):
+                    name = key.removeprefix(prefix)
+                    if not hasattr(owner, name):
+                        name = name.removesuffix("_env")
+                    return getattr(owner, name)
+            raise AttributeError(key)
+
+        return value
+
+    login_tables = [
+        (f"[oauth.{name}] ", getattr(oauth, name))
+        for name in (
+            "login",
+            "open_registration",
+            "client_metadata",
+            "ciba",
+            "client_assertion",
+            "dpop",
+            "refusal_audit",
+        )
+    ]
+    return {
+        "docs/operations.md host": of(("", server)),
+        "docs/authzen.md authzen_max_evaluations": of(("", server)),
+        "docs/oso-cloud.md oso_api_max_results": of(("", server)),
+        "docs/policy-language.md policy_max_bytes": of(("", server)),
+        "docs/gateway.md public_url": of(("", gateway)),
+        "docs/gateway.md name": of(("", gateway.upstreams[0])),
+        "docs/delegation.md label_ttl_seconds": of(("", gateway)),
+        "docs/delegation.md max_seconds": of(("", server.task_settings())),
+        "docs/approvals.md expiry_seconds": of(("", approvals)),
+        "docs/approvals.md webhooks[].url": of(
+            ("webhooks[].", approvals.webhooks[0]), ("", approvals)
+        ),
+        "docs/approvals.md request_seconds": of(("", oauth.ciba)),
+        "docs/identity.md identity.local_passwords": of(
+            ("identity.", identity), ("", identity.providers[0])
+        ),
+        "docs/identity.md max_age_seconds": of(("", oauth.dpop)),
+        "docs/identity.md issuer": of(("", UpstreamOAuth.from_mapping({}, "oauth"))),
+        "docs/oauth.md [oauth.login] max_failures_per_user": of(*login_tables),
+        "docs/signals.md baseline_weight": of(("", BehaviorSettings.from_table({}))),
+    }
+
+
+# A default that says the setting holds nothing: (none), none, unset, {}, [].
+_NOTHING = re.compile(r"\(?(?:none|unset)\b\)?.*|\{\}|\[\]")
+_WHOLE_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _default_mismatch(written: str, value: object) -> str | None:
+    """How the value bastion uses differs from the default a table's cell writes; None when it
+    is the same, or when the cell says it in words (`the issuer's origin`, `required`), which
+    only a reader can check. The cell's first part counts: what follows in parentheses, or
+    after a `;`, explains it."""
+    cell = re.split(r"\s\(|;", written, maxsplit=1)[0].strip()
+    literal = cell.strip("`")
+    if _NOTHING.fullmatch(literal):
+        same = not value and value is not False and value != 0
+    elif literal in ("true", "false"):
+        same = value is (literal == "true")
+    elif re.fullmatch(_WHOLE_NUMBER.pattern + r"(?:\s.*)?", literal) and not re.match(
+        r"\d+\.\d+\.", literal
+    ):
+        number = float(_WHOLE_NUMBER.match(literal).group().replace(",", ""))
+        same = isinstance(value, int | float) and not isinstance(value, bool) and value == number
+    elif isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+        items = literal.strip("[]").replace('"', "").replace("`", "").split(",")
+        same = [i.strip() for i in items] == list(value)
+    elif cell.startswith("`") and re.fullmatch(r'"?[\w./:-]+"?', literal):
+        same = value == literal.strip('"')
+    else:
+        return None
+    return None if same else f"the code's default is {value!r}"
+
+
+def test_every_default_a_settings_table_gives_is_the_one_bastion_uses(tmp_path):
+    reading = _settings_read(tmp_path)
+    wrong = []
+    checked = 0
+    for file, line, rows in _settings_tables():
+        table = f"{file} {rows[0].key.split('`')[1]}"
+        if table not in reading:
+            wrong.append(
+                f"{file}:{line}: a settings table (first key {rows[0].key}) this test does not"
+                " read: add it to _settings_read"
+            )
+            continue
+        for row in rows:
+            key = row.key.strip("`")
+            if not re.fullmatch(r"(?:\[[\w.]+\] |[\w.]+\.|\w+\[\]\.)?\w+", key):
+                continue  # several keys in one row (`client_id`, `client_secret`)
+            try:
+                value = reading[table](key)
+            except AttributeError:
+                wrong.append(f"{row.file}:{row.line}: {key}: no such setting")
+                continue
+            checked += 1
+            if (mismatch := _default_mismatch(row.default, value)) is not None:
+                wrong.append(
+                    f"{row.file}:{row.line}: {key}: the docs say {row.default!r}, {mismatch}"
+                )
+    assert checked > 100, f"only {checked} defaults checked: are the tables read?"
+    assert not wrong, "defaults the docs give that bastion does not use:\n" + "\n".join(wrong)
