@@ -45,6 +45,7 @@ from bastion.gateway.jsonrpc import (
     error_parts,
     notification,
 )
+from bastion.gateway.large_messages import LargeMessage
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.tool_pins import PROMPT, TOOL, PinChange
 from bastion.gateway.upstream import (
@@ -118,6 +119,9 @@ class Exchange:
     # during the call (progress, log messages, questions) or the error it answers with.
     labels_due: Verdict | None = None
     _labelling: asyncio.Future | None = None
+    # Whether the upstream's answer was large, read off the loop (a `LargeMessage`): masked and
+    # written off the loop too (`bastion.gateway.large_messages`).
+    large: bool = False
 
     @property
     def connection(self) -> Upstream:
@@ -208,8 +212,12 @@ class Exchange:
                 return
         else:
             return
+        large = message.__class__ is LargeMessage
         if self.masks:
-            masked = mask_notification(method, params, self.masks)
+            if large:
+                masked = await asyncio.to_thread(mask_notification, method, params, self.masks)
+            else:
+                masked = mask_notification(method, params, self.masks)
             if masked is None:
                 return
             params = masked
@@ -217,7 +225,9 @@ class Exchange:
             await self.labelled()
         except RpcError:
             return  # withheld: its labels cannot be kept (the result will be too)
-        await self.progress(notification(method, params))
+        relayed = notification(method, params)
+        # Written off the loop by the transport, as it was read.
+        await self.progress(LargeMessage(relayed) if large else relayed)
 
     async def labelled(self) -> None:
         """Put the labels of the target of `labels_due` in the caller's label set, once per
@@ -286,14 +296,20 @@ class Exchange:
         if masked:
             connection.masked_calls += 1
         try:
-            result = _result(await request(params))
+            response = await request(params)
+            if response.__class__ is LargeMessage:
+                self.large = True
+            result = _result(response)
             asking = result.get("resultType") in INPUT_REQUIRED
             rounds = 0
             while asking and not modern and rounds < _MAX_INPUT_ROUNDS:
                 # A 2025-11-25 client: ask it each question, then retry for it.
                 rounds += 1
                 params = {**params, **await self._answers(result)}
-                result = _result(await request(params))
+                response = await request(params)
+                if response.__class__ is LargeMessage:
+                    self.large = True
+                result = _result(response)
                 asking = result.get("resultType") in INPUT_REQUIRED
         finally:
             if masked:
@@ -887,7 +903,10 @@ async def _release(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: 
     """The result as the client receives it: masked, counted and recorded. Its target's labels
     are in the caller's label set already (withheld if they cannot be): `_forward` records them
     once the upstream has answered, `_released` before the held result is spent."""
-    result, masked = mask_result(result, ex.masks, uri)
+    if ex.large and ex.masks:
+        result, masked = await asyncio.to_thread(mask_result, result, ex.masks, uri)
+    else:
+        result, masked = mask_result(result, ex.masks, uri)
     ex.returned_keys = scope_keys(ex.caller.subject, ex.caller.client_id, verdict.record["target"])
     obligations = dict(verdict.record["obligations"])
     obligations["masked_fields"] = masked

@@ -53,6 +53,7 @@ from bastion.gateway.jsonrpc import (
     parse_message,
     result,
 )
+from bastion.gateway.large_messages import LargeMessage, written
 from bastion.gateway.mcp_name import NAME_PARAMS
 from bastion.gateway.mcp_name import decode as decode_name
 from bastion.gateway.metadata import challenge
@@ -157,11 +158,21 @@ def _check_routing(message: Message, headers: dict[str, str], required: bool) ->
 
 
 async def send_json(
-    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    body: Any,
+    headers: dict[str, str] | None = None,
+    large: bool = False,
 ) -> int:
     """A whole HTTP response: ``body`` as compact JSON (none if None), with ``headers``; returns
-    the length of the body sent."""
-    data = b"" if body is None else encode(body).encode()
+    the length of the body sent. ``large``: ``body`` is made of a large upstream message, and
+    is written off the loop (`bastion.gateway.large_messages`)."""
+    if body is None:
+        data = b""
+    elif large:
+        data = await asyncio.to_thread(written, body)
+    else:
+        data = encode(body).encode()
     if body is not None and not headers:
         # The direct gateway's cycle writes such an answer at once (`GatewayCycle.send_whole_json`).
         whole = getattr(getattr(send, "__self__", None), "send_whole_json", None)
@@ -184,6 +195,11 @@ def _counted(ex: Exchange, size: int) -> None:
 
 def _event(message: dict[str, Any]) -> bytes:
     return b"event: message\ndata: " + encode(message).encode() + b"\n\n"
+
+
+def _large_event(message: dict[str, Any]) -> bytes:
+    """`_event`, on a worker thread, for a message made of a large upstream message."""
+    return b"event: message\ndata: " + written(message) + b"\n\n"
 
 
 async def _start_events(send: Send, headers: dict[str, str] | None = None) -> None:
@@ -610,7 +626,7 @@ class StreamableHttpEndpoint:
             if gateway.in_flight.get(key) is flight:
                 del gateway.in_flight[key]
         if flight.sending is not None:
-            _counted(exchange, await flight.end(send, body))
+            _counted(exchange, await flight.end(send, body, exchange.large))
             return
         if method == "initialize" and "error" not in body:
             opened = gateway.sessions.open(
@@ -622,7 +638,8 @@ class StreamableHttpEndpoint:
                 session_id=exchange.opening,
             )
             extra["mcp-session-id"] = opened.id
-        _counted(exchange, await send_json(send, status, body, {**response_headers, **extra}))
+        sent = await send_json(send, status, body, {**response_headers, **extra}, exchange.large)
+        _counted(exchange, sent)
 
     async def _refused(
         self,
@@ -744,9 +761,12 @@ class StreamableHttpEndpoint:
             if not started:
                 await _start_events(send, headers)
                 started = True
-            await send(
-                {"type": "http.response.body", "body": _event(getter.result()), "more_body": True}
-            )
+            message = getter.result()
+            if message.__class__ is LargeMessage:
+                event = await asyncio.to_thread(_large_event, message)
+            else:
+                event = _event(message)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
         if task.cancelled() and flight.reason is not None:
             if flight.reason == "cancelled":
                 if not started:
@@ -755,17 +775,16 @@ class StreamableHttpEndpoint:
             return
         body, status, extra = task.result()  # re-raises HttpError (403) before any event
         if not started:
-            _counted(ex, await send_json(send, status, body, {**headers, **extra}))
+            _counted(ex, await send_json(send, status, body, {**headers, **extra}, ex.large))
             return
         while not queue.empty():
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": _event(queue.get_nowait()),
-                    "more_body": True,
-                }
-            )
-        event = _event(body)
+            message = queue.get_nowait()
+            if message.__class__ is LargeMessage:
+                event = await asyncio.to_thread(_large_event, message)
+            else:
+                event = _event(message)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        event = await asyncio.to_thread(_large_event, body) if ex.large else _event(body)
         await send({"type": "http.response.body", "body": event, "more_body": False})
         _counted(ex, len(event))
 
@@ -1152,19 +1171,30 @@ class InFlight:
         """Put ``message`` on the answer's event stream, beginning it if need be."""
         if self.sending is None:
             self.sending = asyncio.Lock()
+        # Written before the lock is taken: the request's own task emits one message at a time.
+        if message.__class__ is LargeMessage:
+            event = await asyncio.to_thread(_large_event, message)
+        else:
+            event = _event(message)
         async with self.sending:
             await self._begin(send, headers)
-            await send({"type": "http.response.body", "body": _event(message), "more_body": True})
+            await send({"type": "http.response.body", "body": event, "more_body": True})
 
     def finish(self) -> None:
         self.task = None
         if self.watcher is not None and not (self.sending and self.sending.locked()):
             self.watcher.cancel()
 
-    async def end(self, send: Send, answer: dict[str, Any] | None) -> int:
-        """Finish the answer as an event stream: ``answer``, or nothing for a request the client
-        cancelled (a cancelled request is not answered); returns the length of what was sent."""
-        body = b"" if answer is None else _event(answer)
+    async def end(self, send: Send, answer: dict[str, Any] | None, large: bool = False) -> int:
+        """Finish the answer as an event stream: ``answer`` (written off the loop if ``large``:
+        made of a large upstream message), or nothing for a request the client cancelled (a
+        cancelled request is not answered); returns the length of what was sent."""
+        if answer is None:
+            body = b""
+        elif large:
+            body = await asyncio.to_thread(_large_event, answer)
+        else:
+            body = _event(answer)
         if self.sending is None:
             await _start_events(send)
             await send({"type": "http.response.body", "body": body, "more_body": False})

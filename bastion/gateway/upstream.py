@@ -53,10 +53,12 @@ from bastion.gateway.jsonrpc import (
     encode,
     error_parts,
 )
+from bastion.gateway.large_messages import OFF_LOOP_BYTES, LargeMessage, object_hook
 from bastion.gateway.mcp_name import NAME_PARAMS
 from bastion.gateway.mcp_name import encode as encode_name
 from bastion.http_fields import media_type
 from bastion.json_encoding import decoder
+from bastion.turns import Turns, full_passes_held
 from bastion.whole_numbers import capped
 
 log = logging.getLogger("bastion.gateway.upstream")
@@ -566,7 +568,11 @@ class StdioUpstream(Upstream):
         try:
             while line := await process.stdout.readline():
                 try:
-                    message = _message(line)
+                    # Read before the next line is: messages keep their order, large or not.
+                    if len(line) < OFF_LOOP_BYTES:
+                        message = _message(line)
+                    else:
+                        message = await asyncio.to_thread(_large_message, line)
                 except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
                     log.warning("upstream %s wrote a line that is not JSON", self.name)
                     continue
@@ -883,7 +889,11 @@ class HttpUpstream(Upstream):
                     # Refused on the stream of a request the upstream took (an answer bastion
                     # sent there, the stream resumed): the request itself was not refused.
                     raise UpstreamUnauthorized(e.code, e.message) from None
-            data = _message(await response.read())
+            body = await response.read()
+            if len(body) < OFF_LOOP_BYTES:
+                data = _message(body)
+            else:
+                data = await asyncio.to_thread(_large_message, body)
             if not isinstance(data, dict):
                 raise UpstreamFailure(
                     UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object"
@@ -1172,6 +1182,26 @@ def _message(data: bytes | str) -> Any:
     return _decode_message(data)
 
 
+def _large_message(data: bytes | str) -> Any:
+    """`_message` of a message of `OFF_LOOP_BYTES` or more, on a worker thread: the same value
+    or the same error, read in turns (a tick after each object; the collector's full passes
+    held meanwhile: `bastion.gateway.large_messages`); an object comes back as a
+    `LargeMessage`."""
+    hooks = {
+        "object_hook": object_hook(Turns()),
+        "parse_constant": _not_json,
+        "parse_float": _finite,
+    }
+    with full_passes_held():
+        if data.__class__ is not str:
+            if data[:1] != b"{" or data[1:2] == b"\0":
+                message = json.loads(data, **hooks)
+                return LargeMessage(message) if message.__class__ is dict else message
+            data = data.decode("utf-8", "surrogatepass")
+        message = decoder(json.JSONDecoder(**hooks))(data)
+    return LargeMessage(message) if message.__class__ is dict else message
+
+
 async def _events(response: Response, stream: EventStream | None = None):
     """The JSON-RPC messages of a text/event-stream body (objects only); an event larger than
     `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped (with a warning). An
@@ -1209,7 +1239,11 @@ async def _events(response: Response, stream: EventStream | None = None):
         if not text.strip():
             continue
         try:
-            message = _message(text)
+            # Read before the next event is: messages keep their order, large or not.
+            if len(text) < OFF_LOOP_BYTES:
+                message = _message(text)
+            else:
+                message = await asyncio.to_thread(_large_message, text)
         except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             log.warning("an upstream sent an event that is not JSON")
             continue
