@@ -6,8 +6,10 @@ routes the application answers.
 A request without one valid ``Host`` (none in HTTP/1.1, two, an invalid value), or whose
 absolute target names another authority than its ``Host``, is refused ``400`` and its connection
 closed, before anything is decided, recorded or sent upstream; what bastion builds from the
-request's authority names the one the client sent. Bytes that are no request behind requests
-still being answered wait for their answers, then are refused ``400``.
+request's authority names the one the client sent; a DPoP proof (RFC 9449) must name the URL
+bastion is configured with for what the target's path reaches, whatever authority the target
+names. Bytes that are no request behind requests still being answered wait for their answers,
+then are refused ``400``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ from __future__ import annotations
 import json
 import select
 import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
 from tests.gateway.streams import modern_headers, modern_request
+from tests.gateway.support import REDIRECT_URI, register_public_client
+from tests.identity.test_dpop import Holder
+from tests.oauth.support import log_in_and_consent, pkce_pair
 from tests.security.test_request_framing import (
     ADMIN_KEY,
     HANG,
+    PASSWORD,
     Answer,
     Served,
     answers_in,
@@ -260,6 +267,103 @@ def test_what_bastion_checks_and_advertises_is_its_configured_authority_whatever
                     faults[where] = f"names {OTHER}: {answers[0].head} {answers[0].body[:300]!r}"
                 elif own not in answers[0].head + answers[0].body.decode():
                     faults[where] = f"names not {own}: {answers[0].head} {answers[0].body[:300]!r}"
+    assert not faults, faults
+
+
+def _dpop_request(method: str, target: str, host: str, headers: dict, body: bytes) -> bytes:
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (
+        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{lines}"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def test_a_dpop_proof_must_name_the_resource_an_absolute_target_is_for(served):
+    """RFC 9449 §4.3: a proof names the URL of the request it goes with (``htu``). A request in
+    absolute form (``POST http://host/mcp/desk HTTP/1.1``, RFC 9112 §3.2.2) is for what bastion
+    serves at that path, at its configured URL: at the token endpoint and at the gateway (in
+    bastion's protocol and in the application), a proof made for the URL the request line names
+    when that is another authority, or for another path, is refused, nothing sent upstream; a
+    proof for the configured URL is taken, whatever authority the target names."""
+    own = urlsplit(served.url).netloc
+    holder = Holder()
+    token_url = f"{served.url}/token"
+    client_id = register_public_client(served.http, served.url)
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": REDIRECT_URI,
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": f"{served.url}/mcp/desk",
+        "scope": "customers:read",
+    }
+    redirect = log_in_and_consent(
+        served.url, f"{served.url}/authorize?{urlencode(params)}", "sam", PASSWORD
+    )
+    form = urlencode(
+        {
+            "grant_type": "authorization_code",
+            "code": parse_qs(urlsplit(redirect.headers["location"]).query)["code"][0],
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+            "client_id": client_id,
+        }
+    ).encode()
+
+    def at_token(target: str, host: str, htu: str) -> Answer:
+        headers = {
+            "content-type": "application/x-www-form-urlencoded",
+            "dpop": holder.proof("POST", htu),
+        }
+        answers, _, _ = exchange(served.bastion, _dpop_request("POST", target, host, headers, form))
+        assert len(answers) == 1, _shown(answers)
+        return answers[0]
+
+    # The target names another authority (Host agreeing), the proof the URL it names: refused
+    # before the code is redeemed; the configured URL's proof redeems it, bound to the key.
+    refused = at_token(f"http://{OTHER}/token", OTHER, f"http://{OTHER}/token")
+    assert refused.status == 400, _shown([refused])
+    assert json.loads(refused.body)["error"] == "invalid_dpop_proof", refused.body
+    assert "htu" in json.loads(refused.body)["error_description"], refused.body
+    issued = at_token(f"http://{OTHER}/token", OTHER, token_url)
+    assert issued.status == 200, _shown([issued])
+    token = json.loads(issued.body)["access_token"]
+    assert json.loads(issued.body)["token_type"] == "DPoP"
+
+    resource = f"{served.url}/mcp/desk"
+    faults = {}
+    for path in ("/mcp/desk", "/mcp/desk?through=application"):
+        for authority, htu, allowed in (
+            (own, resource, True),
+            (OTHER, resource, True),
+            (OTHER, f"http://{OTHER}/mcp/desk", False),
+            (own, f"{served.url}/mcp/other", False),
+            (own, token_url, False),
+        ):
+            query = f"dpop-{uuid.uuid4().hex[:12]}"
+            headers = modern_headers(token, "tools/call", "search_customers")
+            headers["authorization"] = f"DPoP {token}"
+            headers["dpop"] = holder.proof("POST", htu, token)
+            asked = {"name": "search_customers", "arguments": {"query": query}}
+            body = json.dumps(modern_request(query, "tools/call", asked)).encode()
+            sent = _dpop_request("POST", f"http://{authority}{path}", authority, headers, body)
+            answers, _, _ = exchange(served.bastion, sent)
+            where = f"{path} as http://{authority}, proof for {htu}"
+            reached = query in served.queries()
+            if allowed:
+                answered = [a.status for a in answers] == [200] and reached
+            else:
+                answered = (
+                    [a.status for a in answers] != [401]
+                    or b"invalid_dpop_proof" not in answers[0].body
+                    or b"htu" not in answers[0].body
+                    or reached
+                )
+            if answered != allowed:
+                faults[where] = _shown(answers)
     assert not faults, faults
 
 
