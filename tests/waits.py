@@ -68,9 +68,10 @@ def before_expiry(arrange: Callable[[float], T], lead: float) -> tuple[T, float]
         lead *= 2
 
 
-def past(at: float) -> None:
-    """Sleep until the clock (``time.time``) is past ``at``: an expiry, crossed."""
-    while (left := at - time.time()) >= 0:
+def past(at: float, clock: Callable[[], float] = time.time) -> None:
+    """Sleep until ``clock`` (``time.time``, or ``time.monotonic`` for a bound another process
+    measures with it) is past ``at``: an expiry, or a bound, crossed."""
+    while (left := at - clock()) >= 0:
         time.sleep(left + 0.001)
 
 

@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.waits import PATIENCE, eventually
+from tests.waits import PATIENCE, eventually, past
 
 from .conftest import entity, role
 
@@ -50,12 +50,14 @@ def test_a_role_deleted_through_one_replica_is_enforced_by_the_other_within_a_se
         created = ca.post("/v1/keys", json={"name": "app", "scopes": ["decide"]}).json()
         app_key = {"authorization": f"Bearer {created['key']}"}
         assert cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key).status_code == 200
+        # B verified the key for that decision, and remembers it for a second at most (the key
+        # cache's): a decision asked after that is checked against the database. Measured from
+        # when B could last have verified it, not from a later moment a busy machine reaches.
+        forgotten = time.monotonic() + 1.0
         ca.delete(f"/v1/keys/{created['id']}").raise_for_status()
-
-        def refused() -> bool:
-            return cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key).status_code == 401
-
-        assert eventually(refused, within=2.0)  # each process remembers a key for one second
+        past(forgotten, time.monotonic)
+        r = cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key)
+        assert r.status_code == 401 and "revoked" in r.text, r.text
 
 
 def test_a_consistency_token_from_one_replica_is_honoured_by_the_other(postgres_url, serve):
@@ -284,12 +286,12 @@ def test_replicas_recover_when_every_database_connection_of_theirs_is_terminated
         assert eventually(delete_alice)
         deleted_at = time.monotonic()
 
-        # ...and B refuses it within the staleness bound.
-        def b_refuses() -> bool:
-            r = cb.post("/v1/authorize", json=READ_ANVIL)
-            return r.status_code == 503 or not r.json()["allowed"]
-
-        assert eventually(b_refuses, within=BOUND + 1)
+        # ...and B refuses it within the staleness bound: a decision asked once the bound has
+        # passed since the deletion committed is made on facts that have it, or refused as
+        # stale (503), however slowly B's answers came meanwhile.
+        past(deleted_at + BOUND, time.monotonic)
+        r = cb.post("/v1/authorize", json=READ_ANVIL)
+        assert r.status_code == 503 or not r.json()["allowed"], r.text
 
         # Traffic goes on after the recovery: a write and a decision sent since are answered
         # (not 0.5 s more of it, in which a busy machine may have sent none).
@@ -352,7 +354,9 @@ def test_a_replica_cut_off_from_the_database_stops_deciding_within_the_bound_the
         deleted_at = time.monotonic()
         delete_seq = deleted.json()["sequence"]
 
-        # B goes on deciding until its facts are older than the bound, never after.
+        # B goes on deciding until its facts are older than the bound, never after: no decision
+        # asked past the bound allowed (what is asserted; how soon a busy machine's B answers
+        # the 503 is not).
         answers = []
 
         def refused_as_stale() -> bool:
@@ -361,7 +365,7 @@ def test_a_replica_cut_off_from_the_database_stops_deciding_within_the_bound_the
             answers.append((sent, r))
             return r.status_code == 503
 
-        assert eventually(refused_as_stale, within=BOUND + 3)
+        assert eventually(refused_as_stale)
         for sent, r in answers[:-1]:
             assert r.status_code == 200, r.text
             assert not r.json()["allowed"] or sent < deleted_at + BOUND
