@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import anyio
 import pytest
 
 from bastion.audit import AuditLog
@@ -24,7 +25,7 @@ from bastion.delegation.tasks import (
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.store import Grant, OAuthStore
-from tests.waits import PATIENCE
+from tests.waits import PATIENCE, eventually_async
 
 AGENT, USER = "coder-agent", "sam"
 READ_DOCS = {
@@ -130,6 +131,36 @@ def test_an_expired_task_grants_nothing_before_the_sweep_and_is_cleaned_by_it(pa
     assert ended == [task.id]
     assert tasks.end(task.id, "test")[1] is False  # ending it now changes nothing
     assert len(audit.events("task.ended")) == 1
+
+
+def test_the_sweeper_wakes_at_the_expiry_it_knows_of(database_url):
+    """A replica's sweeper that looks for expired tasks once an hour (``sweep_seconds``) ends a
+    task opened while it runs at the task's expiry: the opening wakes it, and it sleeps only
+    until that expiry, not the hour (which would outlast PATIENCE many times over)."""
+    db = Database(database_url)
+    tasks = Tasks(
+        FactStore(db), OAuthStore(db), AuditLog(db), TaskSettings(3600, sweep_seconds=3600)
+    )
+    ended: list[str] = []
+    tasks.on_end(ended.append)
+
+    async def run() -> str:
+        async with anyio.create_task_group() as group:
+            group.start_soon(tasks.sweep_forever)
+            assert await eventually_async(lambda: tasks._wake is not None)  # it has started
+            task = await anyio.to_thread.run_sync(
+                lambda: tasks.open(USER, AGENT, "a short job", time.time() + 1, [READ_DOCS], "t")
+            )
+            assert await eventually_async(lambda: ended == [task.id])
+            group.cancel_scope.cancel()
+        return task.id
+
+    try:
+        task_id = anyio.run(run)
+        swept = tasks.get(task_id)
+        assert (swept.end_reason, swept.ended_by) == ("expired", "expiry")
+    finally:
+        db.close()
 
 
 def test_binding_refuses_what_is_not_the_tasks(parts):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import anyio
@@ -26,7 +27,7 @@ from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, REDIRECT_URI
 from tests.oauth.support import log_in_and_consent, pkce_pair
 from tests.signals.support import running
-from tests.waits import PATIENCE, eventually
+from tests.waits import PATIENCE, before_expiry, eventually, past
 
 MAX_SECONDS = 3600
 # An agent reads the "reports" folder (a search for "reports") only while a task grants it.
@@ -201,16 +202,32 @@ def test_a_task_grants_its_agent_the_folder_and_ending_it_refuses_the_token_at_o
     assert raw_status(bastion, fresh)[0] == 200  # refused to bind: not revoked by the task
 
 
-def test_at_its_expiry_a_task_grants_nothing_and_its_tokens_are_refused(bastion, keys):
-    token = bastion.token("sam", "deskhttp")
-    agent, grant_id = agent_and_grant(bastion, token)
-    task = open_task(bastion, keys["orchestrator"], agent, expires_in=2)
-    bastion.app.state.tasks.bind(task["id"], "sam", agent, grant_id)
-    [first] = sdk_calls(bastion, token)
-    assert first[0] == "ok", first
+def bound(bastion, task: dict, agent: str, grant_id: str) -> None:
+    """The grant bound to the task; refused as an assertion (see `before_expiry`) if the task
+    had ended first."""
+    try:
+        bastion.app.state.tasks.bind(task["id"], "sam", agent, grant_id)
+    except TaskClosed as e:
+        raise AssertionError(f"the task ended before its grant was bound: {e}") from None
 
-    # The sweeper wakes at the expiry: no sleeping longer than the task lasts, and a little.
-    assert until(lambda: raw_status(bastion, token)[0] == 401, 5)
+
+def test_at_its_expiry_a_task_grants_nothing_and_its_tokens_are_refused(bastion, keys):
+    def granted_before_expiry(at: float) -> tuple[str, str, dict]:
+        # A task that expires at ``at``, and a call it granted before then (a machine too busy
+        # for that makes one that lives longer: `before_expiry`).
+        token = bastion.token("sam", "deskhttp")
+        agent, grant_id = agent_and_grant(bastion, token)
+        task = open_task(bastion, keys["orchestrator"], agent, expires_at=at)
+        bound(bastion, task, agent, grant_id)
+        [first] = sdk_calls(bastion, token)
+        assert first[0] == "ok", first
+        return token, agent, task
+
+    (token, agent, task), _ = before_expiry(granted_before_expiry, 2)
+    # Past the expiry the sweeper takes the grant away (it wakes at the expiry: no sleeping
+    # longer than the task lasts; `test_the_sweeper_wakes_at_the_expiry_it_knows_of`).
+    past(task["expires_at"])
+    assert until(lambda: raw_status(bastion, token)[0] == 401)
     [late] = sdk_calls(bastion, token)
     assert late[0] == "refused"
     shown = api(bastion, keys["orchestrator"], "GET", f"/{task['id']}").json()["task"]
@@ -415,26 +432,36 @@ def claims_of(token: str) -> dict:
 
 
 def test_tokens_of_a_task_name_it_and_do_not_outlive_it(bastion, keys):
-    client_id, code, verifier = code_for(bastion, "sam")
-    task = open_task(bastion, keys["orchestrator"], client_id, expires_in=3)
-    issued = redeem(bastion, client_id, code, verifier, task=task["id"]).json()
-    claims = claims_of(issued["access_token"])
-    # The token names its task (the gateway keys the caller's labels by it) and expires with it.
-    assert claims["task"] == task["id"]
-    assert issued["expires_in"] <= 3 and claims["exp"] <= task["expires_at"]
-
-    def refresh(token: str):
+    def refresh(client_id: str, token: str):
         return bastion.http.post(
             f"{bastion.url}/token",
             data={"grant_type": "refresh_token", "refresh_token": token, "client_id": client_id},
         )
 
-    refreshed = refresh(issued["refresh_token"]).json()
-    assert claims_of(refreshed["access_token"])["task"] == task["id"]
-    assert refreshed["expires_in"] <= 3
+    def issued_before_expiry(at: float) -> tuple[dict, str, dict]:
+        # A task that expires at ``at``, its grant's tokens issued and refreshed before then (a
+        # machine too busy for that makes one that lives longer: `before_expiry`).
+        client_id, code, verifier = code_for(bastion, "sam")
+        task = open_task(bastion, keys["orchestrator"], client_id, expires_at=at)
+        asked = time.time()  # no token issued from here on may outlive the task
+        issued = redeem(bastion, client_id, code, verifier, task=task["id"])
+        assert issued.status_code == 200, issued.text
+        claims = claims_of(issued.json()["access_token"])
+        # The token names its task (the gateway keys the caller's labels by it) and expires
+        # with it.
+        assert claims["task"] == task["id"]
+        assert issued.json()["expires_in"] <= task["expires_at"] - asked
+        assert claims["exp"] <= task["expires_at"]
+        refreshed = refresh(client_id, issued.json()["refresh_token"])
+        assert refreshed.status_code == 200, refreshed.text
+        assert claims_of(refreshed.json()["access_token"])["task"] == task["id"]
+        assert refreshed.json()["expires_in"] <= task["expires_at"] - asked
+        return task, client_id, refreshed.json()
+
+    (task, client_id, refreshed), _ = before_expiry(issued_before_expiry, 3)
     # Past the task's expiry no token is issued for the grant, swept yet or not.
-    time.sleep(max(0.0, task["expires_at"] - time.time()) + 0.2)
-    late = refresh(refreshed["refresh_token"])
+    past(task["expires_at"])
+    late = refresh(client_id, refreshed["refresh_token"])
     assert late.status_code == 400 and late.json()["error"] == "invalid_grant", late.text
 
 
@@ -499,23 +526,31 @@ def test_a_real_bastion_serve_ends_an_expired_task_by_itself(tmp_path, database_
     policy.write_text(POLICY + "\nactor Agent {}\n")
     server = ServerProcess(database_url, tmp_path, str(policy)).start()
     repo = {"type": "Repo", "id": "r1"}
-    agent = {"type": "Agent", "id": "builder"}
     try:
         with server.client() as http:
-            opened = http.post(
-                "/v1/tasks",
-                json={
-                    "user": "sam",
-                    "agent": "builder",
-                    "purpose": "build r1",
-                    "expires_in": 1.5,
-                    "facts": [{"predicate": "has_role", "args": [agent, "reader", repo]}],
-                },
-            )
-            assert opened.status_code == 201, opened.text
-            task = opened.json()["task"]
+
+            def granted_before_expiry(at: float) -> tuple[dict, dict]:
+                # A task that expires at ``at``, and a decision it granted before then (a
+                # machine too busy for that makes one that lives longer: `before_expiry`); an
+                # agent of its own, whatever the sweeper does with one made before.
+                agent = {"type": "Agent", "id": f"builder-{uuid.uuid4().hex[:8]}"}
+                opened = http.post(
+                    "/v1/tasks",
+                    json={
+                        "user": "sam",
+                        "agent": agent["id"],
+                        "purpose": "build r1",
+                        "expires_at": at,
+                        "facts": [{"predicate": "has_role", "args": [agent, "reader", repo]}],
+                    },
+                )
+                assert opened.status_code == 201, opened.text
+                question = {"actor": agent, "action": "read", "resource": repo}
+                assert http.post("/v1/authorize", json=question).json()["allowed"] is True
+                return opened.json()["task"], agent
+
+            (task, agent), _ = before_expiry(granted_before_expiry, 1.5)
             question = {"actor": agent, "action": "read", "resource": repo}
-            assert http.post("/v1/authorize", json=question).json()["allowed"] is True
             assert until(lambda: http.get(f"/v1/tasks/{task['id']}").json()["task"]["ended_at"])
             assert http.post("/v1/authorize", json=question).json()["allowed"] is False
             shown = http.get(f"/v1/tasks/{task['id']}").json()["task"]
