@@ -106,6 +106,7 @@ class Deployment:
     lab_trace: Path | None  # what the lab's server noted (None when the upstream was given)
     admin: httpx.Client
     pids: dict[str, int]  # each replica's process and HAProxy's ("haproxy")
+    redis_prefix: str  # the replicas' [gateway] redis_prefix: the keys they share in Redis
 
     def mcp_url(self, server: str = "deskhttp") -> str:
         return f"{self.url}/mcp/{server}"
@@ -234,7 +235,9 @@ def deployment(
         )
         _wait_for_both(admin, public, haproxy, tmp_path / "haproxy.log")
         try:
-            yield Deployment(public, replicas, postgres_url, recorder, lab_trace, admin, pids)
+            yield Deployment(
+                public, replicas, postgres_url, recorder, lab_trace, admin, pids, prefix
+            )
         finally:
             drop_redis_keys(prefix)
 
