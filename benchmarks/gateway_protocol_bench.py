@@ -131,6 +131,8 @@ def main() -> None:
             _loop=loop,
             header_timeout=30,
             max_header_bytes=65536,
+            linger_timeout=config.linger_timeout,
+            max_linger_bytes=config.max_linger_bytes,
             gateway=gateway,
         )
         transport = MemoryTransport()

@@ -179,6 +179,14 @@ class ServerConfig:
     identity: dict[str, Any] = field(default_factory=dict)
     # Not a setting: the file these were read from ("" when none was), which messages name.
     file: str = field(default="", compare=False)
+    # A connection closed while the client may still be sending (a refused body, a refused
+    # head) is shut for writing, then what still comes is read and dropped for at most this
+    # many seconds and bytes before it is closed, so that the client reads the answer rather
+    # than a reset (bastion.server.lingering_close). 0 seconds: closed at once. nginx lingers
+    # up to 5 s; 2 s is ample to read an answer of a few hundred bytes, and 1 MiB lets a client
+    # that sends a body of twice its limit, or a small one behind a refused head, finish it.
+    linger_timeout: float = 2.0
+    max_linger_bytes: int = 1_048_576
 
     @classmethod
     def load(
@@ -370,6 +378,7 @@ _POSITIVE = (
     "header_timeout",
     "body_timeout",
     "max_header_bytes",
+    "max_linger_bytes",
     "max_connections",
     "keep_alive_timeout",
     "max_staleness_seconds",
@@ -450,6 +459,10 @@ def _check_value(key: str, value: Any) -> None:
         raise ConfigError(f"decision_log must be one of {', '.join(DECISION_LOGS)}, got {value!r}")
     if key == "decision_log_size" and value < 0:
         raise ConfigError(f"decision_log_size must be 0 (keep none) or more, got {value}")
+    if key == "linger_timeout" and value < 0:
+        raise ConfigError(
+            f"linger_timeout must be 0 (close at once) or more seconds, got {value!r}"
+        )
     if key == "fact_expired_grace_seconds" and value < 0:
         raise ConfigError(f"fact_expired_grace_seconds must be 0 or more seconds, got {value!r}")
     if key == "audit_retention_days" and value < 0:

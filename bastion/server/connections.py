@@ -25,7 +25,14 @@ family's form (``refusals``, the application's body limits) and the connection c
 anything is decided, held or handed to the application. A refusal here, and bytes that begin no
 request (uvicorn's 400), are answered in turn: after the answers of the requests before them on
 the connection, which go on (uvicorn closed the connection at once, and the answer of a request
-still under way, a gateway call that may have run upstream, was lost); nothing after them is read.
+still under way, a gateway call that may have run upstream, was lost); nothing after them is parsed.
+
+Every close of a connection, uvicorn's and this protocol's, goes through its transport's
+`bastion.server.lingering_close.LingeringTransport`: while bytes of the client's may be unread (a
+request not whole, a refusal, requests behind the one that closes), the connection is shut for
+writing once its answer is written, and what still comes is read and dropped within
+``linger_timeout`` and ``max_linger_bytes`` before it closes, so that a client still sending
+reads the answer rather than a reset; between requests it is closed at once.
 """
 
 from __future__ import annotations
@@ -48,18 +55,22 @@ from bastion.server import problems
 from bastion.server.direct import DirectDecisions, DirectRoute
 from bastion.server.direct_gateway import DirectGateway, GatewayRoute
 from bastion.server.gateway_cycle import GatewayCycle
+from bastion.server.lingering_close import LingeringTransport
 from bastion.server.request_authority import authority_problem
 from bastion.server.request_limits import TOO_SLOW, BodyLimits
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """`HttpToolsProtocol` whose request heads have a deadline and a size limit."""
+    """`HttpToolsProtocol` whose request heads have a deadline and a size limit, and whose
+    closes linger while the client may still be sending."""
 
     def __init__(
         self,
         *args: Any,
         header_timeout: float,
         max_header_bytes: int,
+        linger_timeout: float,
+        max_linger_bytes: int,
         direct: DirectDecisions | None = None,
         gateway: DirectGateway | None = None,
         refusals: BodyLimits | None = None,
@@ -91,22 +102,37 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_deadline: asyncio.TimerHandle | None = None
         # A head that arrived whole but too large: nothing more of this connection is served.
         self._oversized = False
-        # A request refused in turn (`_refuse_in_turn`): nothing after it is read or served.
+        # A request refused in turn (`_refuse_in_turn`), or a connection closing while bytes of
+        # the client's may be unread (`_lingers`): nothing after it is read or served.
         self._refused = False
+        # Between a request's first byte and its end, as the parser reads it.
+        self._in_message = False
+        self.linger_timeout = linger_timeout
+        self.max_linger_bytes = max_linger_bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Every close of the connection, uvicorn's and this protocol's, lingers while bytes of
+        # the client's may be unread (`bastion.server.lingering_close`).
+        self._linger = LingeringTransport(
+            transport, self.loop, self._lingers, self.linger_timeout, self.max_linger_bytes
+        )
+        self.transport = self._linger  # type: ignore[assignment]
         # Counted from the connection, so a client that connects and says nothing is closed too.
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._linger.ended()
         self._disarm()
         self._release()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # answered once the answers before it are; then the connection closes
+            # Answered once the answers before it are, then the connection closes (read and
+            # dropped meanwhile; counted once the close lingers).
+            self._linger.drop(data)
+            return
         in_head = self._in_head
         super().data_received(data)
         if self._refused:
@@ -134,7 +160,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
+        self._in_head = self._in_message = True
         self._head_bytes = 0
         # The connection is no longer idle. uvicorn stops its keep-alive timer when data
         # arrives, but an answer given here starts it from inside the parser, which then goes
@@ -183,6 +209,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         held = self._held
         if held.__class__ is GatewayRoute:
             body = b"".join(self._held_body)
@@ -276,6 +303,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         connection at once, losing any still under way)."""
         if self._refused:
             return  # behind a request refused already: never read
+        self._refused = True  # nothing after these bytes is read either
         self._release()
         cycle = self.cycle
         under_way = cycle is not None and not cycle.response_complete
@@ -311,7 +339,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _refuse_in_turn(self, scope: Any, refusal: _Refusal, access_log: bool) -> None:
         """Answer ``refusal`` once the requests before it on this connection are answered (at
-        once if none is under way), then close the connection; nothing after it is read."""
+        once if none is under way), then close the connection (lingering); nothing after it is
+        parsed."""
         self._refused = True
         self._disarm()
         cycle = RequestResponseCycle(
@@ -333,6 +362,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, refusal)
         else:
             self.pipeline.appendleft((cycle, refusal))
+
+    def _lingers(self) -> bool:
+        """At a close: whether bytes of the client's may be unread (a request begun and not
+        whole, a refusal, requests behind the one that closes), so that the close lingers. If
+        so, nothing more of the connection is parsed or served, and what comes is read (to be
+        dropped)."""
+        if not (self._refused or self._in_message or self.pipeline or self.flow.read_paused):
+            return False
+        self._refused = True
+        self._disarm()
+        self._release()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Its answer cannot be given any more, as when the connection is lost.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.flow.resume_reading()
+        return True
 
     def _hand_over(self) -> None:
         """Give the held request to uvicorn as the parser gave it: its head, then its body."""
@@ -435,6 +482,9 @@ def bounded_http_protocol(
     direct: DirectDecisions | None = None,
     gateway: DirectGateway | None = None,
     refusals: BodyLimits | None = None,
+    *,
+    linger_timeout: float,
+    max_linger_bytes: int,
 ) -> Callable[..., Any]:
     """The protocol factory to pass to uvicorn as ``http=``."""
     return functools.partial(
@@ -444,4 +494,6 @@ def bounded_http_protocol(
         direct=direct,
         gateway=gateway,
         refusals=refusals,
+        linger_timeout=linger_timeout,
+        max_linger_bytes=max_linger_bytes,
     )

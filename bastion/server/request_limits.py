@@ -6,7 +6,8 @@ or with a length this module reads otherwise than the HTTP parser) and answered 
 it passes the limit. A body that is not complete within the deadline is answered 408. Each
 answer is in the form of the route family that was asked (problem details on ``/v1``, an OAuth
 error on the OAuth endpoints, a JSON-RPC error on the gateway), and closes the connection, so
-the rest of the body is never read.
+the rest of the body is never used (what still comes is read and dropped for a bounded time
+first, so that the client reads the answer: `bastion.server.lingering_close`).
 
 No request may carry the character U+0000 (NUL) where the application reads text: in its path,
 its query string or a form body (as ``%00``, or as it is; a JSON body is read by

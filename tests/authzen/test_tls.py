@@ -4,6 +4,7 @@ names the HTTPS URLs, or `public_url` when it is set."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.authzen.conftest import EXAMPLE, HttpsServer, self_signed, serve_command, serve_env
 from tests.server.conftest import free_port
+from tests.waits import PATIENCE
 
 
 def start_error(tmp_path, *flags: str, **env: str) -> str:
@@ -154,3 +156,23 @@ def test_a_public_url_with_a_path_has_its_metadata_where_the_spec_derives_it(tmp
         assert response.status_code == 404
         assert response.headers["content-type"].startswith("text/plain")
         assert "/.well-known/authzen-configuration/tenant1" in response.text
+
+
+def test_a_body_past_its_limit_over_tls_gets_its_413_and_the_connection_ends(
+    tls_server, certificate
+):
+    """TLS has no half-close: the close lingers without one (docs/security.md, "Lingering
+    close"), and the client reads the 413 by its length, then the end of the connection."""
+    context = ssl.create_default_context(cafile=str(certificate.cert))
+    raw = socket.create_connection(("127.0.0.1", tls_server.port), timeout=PATIENCE)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(
+            b"POST /v1/authorize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 67108864\r\n\r\n" + b" " * (1 << 20)
+        )
+        received = b""
+        while data := s.recv(65536):
+            received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and b"\r\nconnection: close" in head, received
+    assert b"max_body_bytes" in body

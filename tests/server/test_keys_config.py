@@ -224,6 +224,8 @@ def test_remembered_keys_are_bounded_in_characters_as_well_as_in_number(remember
         ("header_timeout", "inf"),  # no slowloris defence
         ("body_timeout", "inf"),
         ("keep_alive_timeout", "inf"),
+        ("linger_timeout", "-1"),
+        ("linger_timeout", "inf"),  # a refused client held for ever
         ("fact_snapshot_interval", "inf"),
         ("fact_expired_grace_seconds", "-1"),  # a fact's row deleted before it expired
         ("fact_expired_grace_seconds", "inf"),
