@@ -223,6 +223,7 @@ def connection_limits(config: ServerConfig, app: Any = None) -> dict[str, Any]:
             app.state.body_limits if app is not None else None,
             linger_timeout=config.linger_timeout,
             max_linger_bytes=config.max_linger_bytes,
+            allowed_hosts=config.host_allowlist(),
         ),
         "limit_concurrency": config.max_connections,
         "timeout_keep_alive": config.keep_alive_timeout,

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from bastion.http_fields import field_value_problem
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
+from bastion.server.request_authority import AllowedHosts
 
 if TYPE_CHECKING:
     from bastion.delegation.tasks import TaskSettings
@@ -187,6 +188,10 @@ class ServerConfig:
     # that sends a body of twice its limit, or a small one behind a refused head, finish it.
     linger_timeout: float = 2.0
     max_linger_bytes: int = 1_048_576
+    # The host names and addresses (each with a port, or any port) requests may name in Host,
+    # else 421 (bastion.server.request_authority.AllowedHosts, docs/operations.md, "The names
+    # bastion answers to"). Empty: every host, as before the setting.
+    allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def load(
@@ -305,6 +310,19 @@ class ServerConfig:
             )
         if self.public_url:
             _check_public_url(self.public_url)
+        allowed = self.host_allowlist()
+        if allowed is not None:
+            for key, url in (
+                ("public_url", self.public_url),
+                ("[oauth] issuer", self.oauth.get("issuer")),
+                ("[gateway] public_url", self.gateway.get("public_url")),
+            ):
+                authority = _url_authority(url)
+                if authority is not None and not allowed.admits(authority):
+                    raise ConfigError(
+                        f"{key} {url!r} is at {authority.decode()}, which allowed_hosts does not"
+                        " list: add it, or every request at that URL is refused (421)"
+                    )
         self.outbound_proxy()
         try:
             self.policy_limits()
@@ -315,6 +333,16 @@ class ServerConfig:
         with self.reading("signals.behavior"):
             BehaviorSettings.from_table(self.signals.get("behavior", {}))
         self.task_settings()
+
+    def host_allowlist(self) -> AllowedHosts | None:
+        """``allowed_hosts`` prepared for the HTTP protocol, or None when it is empty (every
+        host is answered; nothing is looked up)."""
+        if not self.allowed_hosts:
+            return None
+        try:
+            return AllowedHosts(self.allowed_hosts)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def outbound_proxy(self) -> OutboundProxy | None:
         """The proxy ``egress_proxy`` and ``egress_no_proxy`` name (`ConfigError` for one that
@@ -443,6 +471,22 @@ def _check_public_url(url: str) -> None:
         raise ConfigError(f"public_url: {url!r} must be a URL with a host, no query or fragment")
 
 
+def _url_authority(url: object) -> bytes | None:
+    """The authority a client sends as Host for ``url`` (host and port as given), or None for
+    a URL that has none (its own reader refuses it)."""
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return (host if port is None else f"{host}:{port}").encode()
+
+
 def _check_value(key: str, value: Any) -> None:
     """Refuse a value of ``key`` that is out of its range: a limit that would let nothing
     through, or everything (an infinite header_timeout is no slowloris defence; a poll_interval
@@ -467,6 +511,11 @@ def _check_value(key: str, value: Any) -> None:
         raise ConfigError(f"fact_expired_grace_seconds must be 0 or more seconds, got {value!r}")
     if key == "audit_retention_days" and value < 0:
         raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
+    if key == "allowed_hosts" and value:
+        try:
+            AllowedHosts(value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if key == "admin_key" and (problem := field_value_problem(value)):
         # Compared with the key a client sends in Authorization, which cannot hold it.
         raise ConfigError(f"admin_key {problem}")
@@ -485,6 +534,12 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"[{key}] must be a table")
         return value
+    if kind is tuple:
+        # A list in the file; comma-separated in the environment.
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list | tuple) and all(isinstance(item, str) for item in items):
+            return tuple(item.strip() for item in items)
+        raise ConfigError(f"{key} must be a list of strings, got {value!r}")
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -22,7 +22,9 @@ Every request's authority is checked once its head is complete
 (`bastion.server.request_authority`, RFC 9112 §3.2): one without a single valid ``Host`` (HTTP/1.1),
 or whose absolute target names another authority than its ``Host``, is refused 400 in its route
 family's form (``refusals``, the application's body limits) and the connection closed, before
-anything is decided, held or handed to the application. A refusal here, and bytes that begin no
+anything is decided, held or handed to the application; with ``[server] allowed_hosts``
+(`bastion.server.request_authority.AllowedHosts`), one whose ``Host`` is none of the names
+listed is refused 421 the same way. A refusal here, and bytes that begin no
 request (uvicorn's 400), are answered in turn: after the answers of the requests before them on
 the connection, which go on (uvicorn closed the connection at once, and the answer of a request
 still under way, a gateway call that may have run upstream, was lost); nothing after them is parsed.
@@ -56,7 +58,7 @@ from bastion.server.direct import DirectDecisions, DirectRoute
 from bastion.server.direct_gateway import DirectGateway, GatewayRoute
 from bastion.server.gateway_cycle import GatewayCycle
 from bastion.server.lingering_close import LingeringTransport
-from bastion.server.request_authority import authority_problem
+from bastion.server.request_authority import AllowedHosts, authority_problem
 from bastion.server.request_limits import TOO_SLOW, BodyLimits
 
 
@@ -74,6 +76,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         direct: DirectDecisions | None = None,
         gateway: DirectGateway | None = None,
         refusals: BodyLimits | None = None,
+        allowed_hosts: AllowedHosts | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -81,6 +84,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.gateway = gateway
         # The form of a refusal on each path (the application's body limits' table).
         self.refusals = refusals
+        # The names requests may be for (None: any, and nothing is looked up).
+        self.allowed_hosts = allowed_hosts
         # The gateway as this server runs the application (behind uvicorn's proxy headers
         # middleware when that is on).
         self._gateway_app = gateway.app(self.config) if gateway is not None else None
@@ -191,8 +196,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         version = self.parser.get_http_version()
         problem = authority_problem(headers, names, self.url, version)
         if problem is not None:
-            self._refuse_authority(problem, version)
+            self._refuse_authority(400, problem, version)
             return
+        allowed = self.allowed_hosts
+        if allowed is not None:
+            problem = allowed.refusal(headers, names, self.url)
+            if problem is not None:
+                self._refuse_authority(421, problem, version)
+                return
         if b"expect" in names:
             # uvicorn asks this of each header as it comes (on_header): here, of the whole head.
             self.expect_100_continue = any(
@@ -280,9 +291,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # A refused request is not upgraded either (uvicorn asks once the parser stops at it).
         return not self._refused and super()._should_upgrade()
 
-    def _refuse_authority(self, problem: str, version: str) -> None:
-        """Refuse the request whose head is complete for its authority (`authority_problem`):
-        400 in its route family's form, in turn."""
+    def _refuse_authority(self, status: int, problem: str, version: str) -> None:
+        """Refuse the request whose head is complete for its authority: ``status`` (400 for
+        `authority_problem`, 421 for a host not allowed) in its route family's form, in turn."""
         try:
             parsed = httptools.parse_url(self.url)
             raw_path, query = parsed.path, parsed.query or b""
@@ -290,12 +301,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             raw_path, query = b"/", b""
         path = raw_path.decode("latin-1")
         refusal = self.refusals.for_path(path).refusal if self.refusals else problems.refusal
-        content_type, body = refusal(400, problem)
+        content_type, body = refusal(status, problem)
         scope = self.scope
         scope["method"] = self.parser.get_method().decode("ascii")
         scope["http_version"] = version
         scope.update(path=path, raw_path=raw_path, query_string=query)
-        self._refuse_in_turn(scope, _Refusal(content_type.encode(), body), self.access_log)
+        self._refuse_in_turn(scope, _Refusal(content_type.encode(), body, status), self.access_log)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that begin no request (or break the request they are
@@ -455,9 +466,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
 
 class _Refusal:
-    """An ASGI application that answers 400 with ``body`` and closes the connection."""
+    """An ASGI application that answers ``status`` (400) with ``body`` and closes the
+    connection."""
 
-    def __init__(self, content_type: bytes, body: bytes) -> None:
+    def __init__(self, content_type: bytes, body: bytes, status: int = 400) -> None:
+        self.status = status
         self.headers = [
             (b"content-type", content_type),
             (b"content-length", b"%d" % len(body)),
@@ -467,7 +480,7 @@ class _Refusal:
         self.body = body
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 400, "headers": self.headers})
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body})
 
 
@@ -485,6 +498,7 @@ def bounded_http_protocol(
     *,
     linger_timeout: float,
     max_linger_bytes: int,
+    allowed_hosts: AllowedHosts | None = None,
 ) -> Callable[..., Any]:
     """The protocol factory to pass to uvicorn as ``http=``."""
     return functools.partial(
@@ -496,4 +510,5 @@ def bounded_http_protocol(
         refusals=refusals,
         linger_timeout=linger_timeout,
         max_linger_bytes=max_linger_bytes,
+        allowed_hosts=allowed_hosts,
     )

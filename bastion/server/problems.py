@@ -128,6 +128,7 @@ _TITLES = {
     408: "Request timeout",
     413: "Content too large",
     415: "Unsupported media type",
+    421: "Misdirected request",
     500: "Internal server error",
 }
 

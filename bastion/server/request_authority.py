@@ -10,6 +10,11 @@ bastion refuses the two when they differ, so that every URL it builds from the r
 metadata without ``[server] public_url``, Starlette's ``request.url``) names the one authority
 the client sent in both places. A request in HTTP/1.0 may leave ``Host`` out (then bastion builds
 from its own address), as HTTP/1.0 clients did.
+
+`AllowedHosts` is ``[server] allowed_hosts``: the names bastion answers to. A request for another
+host (a page that reached a bastion on a loopback or private address by DNS rebinding names its
+own) is refused 421 Misdirected Request (RFC 9110 §15.5.20: "the server is unwilling to produce
+an authoritative response for the target URI").
 """
 
 from __future__ import annotations
@@ -30,6 +35,21 @@ _HOST = re.compile(
 _ABSOLUTE = re.compile(rb"(?P<scheme>[A-Za-z][A-Za-z0-9+\-.]*)://(?P<authority>[^/?#]*)")
 # HTTP versions whose requests need not carry Host (before HTTP/1.1).
 _BEFORE_HOST = frozenset({"1.0", "0.9"})
+
+# Answered whatever the Host: load balancers' and Kubernetes' probes name the address they reach.
+PROBES = frozenset({b"/healthz", b"/readyz"})
+# Ports a Host may leave out (RFC 9110 §4.2.1, §4.2.2): an entry of one also admits no port, since
+# behind a proxy that ends TLS bastion cannot tell which scheme the client used.
+DEFAULT_PORTS = frozenset({80, 443})
+# An entry: a DNS name (letters, digits, "-" and "_" in labels of 1 to 63), an IPv4 address or an
+# IPv6 address in brackets; then a port.
+_ENTRY = re.compile(
+    r"(?:\[(?P<literal>[0-9a-f:.]+)\]|(?P<name>[0-9a-z_](?:[0-9a-z_-]{0,61}[0-9a-z_])?"
+    r"(?:\.[0-9a-z_](?:[0-9a-z_-]{0,61}[0-9a-z_])?)*)\.?)(?::(?P<port>[0-9]{1,5}))?"
+)
+_IPV4_LIKE = re.compile(r"[0-9.]+")
+# The ports of a name no entry gives: none.
+_UNLISTED: frozenset[bytes] = frozenset()
 
 MISSING = "the request has no Host header (RFC 9112 §3.2: every HTTP/1.1 request names its host)"
 TWICE = "the request has more than one Host header (RFC 9112 §3.2 allows one)"
@@ -85,3 +105,102 @@ def _ip_literal(text: bytes) -> bool:
 
 def _shown(value: bytes) -> str:
     return repr(value[:100].decode("latin-1"))
+
+
+class AllowedHosts:
+    """The host names and addresses bastion answers to (``[server] allowed_hosts``), each with
+    the ports it is answered on (any, when its entry gives none): a request's ``Host`` is looked
+    up once, by its name, compared without regard to case and without a final dot."""
+
+    def __init__(self, entries: tuple[str, ...] | list[str]) -> None:
+        """``entries`` as written (`ValueError` naming the first that is no host and port)."""
+        hosts: dict[bytes, frozenset[bytes] | None] = {}
+        for entry in entries:
+            name, port = _entry(entry)
+            known = hosts.get(name, _UNLISTED)
+            if port is None or known is None:
+                hosts[name] = None  # any port
+                continue
+            # A Host without a port (b"", or b"" after "name:") is for the scheme's default port.
+            ports = {b"%d" % port, *([b""] if port in DEFAULT_PORTS else [])}
+            hosts[name] = known | ports
+        self._hosts = hosts
+
+    def admits(self, host: bytes) -> bool:
+        """Whether ``host`` (a Host header's value, valid by `authority_problem`) names one of
+        them."""
+        host = host.lower()
+        if host[-1:] == b"]":
+            name, port = host, b""
+        else:
+            name, _, port = host.rpartition(b":")
+            if not name:
+                name, port = host, b""
+        if name[-1:] == b".":
+            name = name[:-1]
+        elif name[:1] == b"[":  # an IPv6 address has more than one spelling: its shortest
+            try:
+                name = b"[%s]" % ipaddress.IPv6Address(name[1:-1].decode()).compressed.encode()
+            except ValueError:
+                return False
+        ports = self._hosts.get(name, _UNLISTED)
+        return ports is None or port in ports
+
+    def refusal(
+        self, headers: list[tuple[bytes, bytes]], names: list[bytes], target: bytes
+    ) -> str | None:
+        """Why this request, its authority valid (`authority_problem`), is refused 421, or None:
+        its ``Host`` (which an absolute target's authority agrees with) is none of the names
+        bastion answers to. A request without ``Host`` (HTTP/1.0) names no host: bastion builds
+        from its own address. `PROBES` answer whatever the Host."""
+        if b"host" not in names:
+            return None
+        host = headers[names.index(b"host")][1]
+        if self.admits(host) or target in PROBES:
+            return None
+        return (
+            f"this server does not answer to the host {_shown(host)}: it is not in its"
+            " [server] allowed_hosts"
+        )
+
+
+def _entry(entry: object) -> tuple[bytes, int | None]:
+    """An entry of ``allowed_hosts``: its name as `AllowedHosts.admits` compares it, and its
+    port (None: any)."""
+    if not isinstance(entry, str):
+        raise ValueError(f"allowed_hosts holds host names as strings, got {entry!r}")
+    text = entry.strip().lower()
+    match = _ENTRY.fullmatch(text)
+    problem = None
+    if "*" in text:
+        problem = (
+            "has a wildcard: list each name bastion is reached at (leave allowed_hosts empty"
+            " to answer to every host)"
+        )
+    elif "/" in text or "@" in text:
+        problem = "is a URL or has a path or userinfo: write a host name or address, and a port"
+    elif text.count(":") > 1 and not text.startswith("["):
+        problem = "is an IPv6 address without brackets: write it as [::1], or [::1]:8000"
+    elif match is None:
+        problem = (
+            "is not a host name (ASCII letters, digits, '-' and '_' in labels; a name of other"
+            " letters in its xn-- form), an IPv4 address or an IPv6 address in brackets,"
+            " optionally followed by :port"
+        )
+    elif match["port"] is not None and not 0 < int(match["port"]) <= 65535:
+        problem = "has a port outside 1 to 65535"
+    elif match["literal"] is not None and not _ip_literal(match["literal"].encode()):
+        problem = "has brackets around something that is no IPv6 address"
+    elif match["name"] is not None and _IPV4_LIKE.fullmatch(match["name"]):
+        try:
+            ipaddress.IPv4Address(match["name"])
+        except ValueError:
+            problem = "is not an IPv4 address (four numbers of 0 to 255, without leading zeros)"
+    if problem is not None:
+        raise ValueError(f"allowed_hosts: {entry!r} {problem}")
+    assert match is not None
+    if match["literal"] is not None:
+        name = f"[{ipaddress.IPv6Address(match['literal']).compressed}]"
+    else:
+        name = match["name"]
+    return name.encode(), None if match["port"] is None else int(match["port"])

@@ -213,6 +213,24 @@ def test_http_1_0_without_host_is_served(served, version):
     assert not faults, faults
 
 
+def test_without_allowed_hosts_a_request_for_any_host_is_served(served):
+    """The quickstart leaves ``[server] allowed_hosts`` empty (its default): a valid Host of any
+    name is served on every route, as before the setting (tests/security/test_allowed_hosts.py
+    has it set)."""
+    faults = {}
+    for route in ROUTES:
+        for host in (OTHER, "10.9.8.7:1234", "[::2]"):
+            tag = f"any-{route}-{host}".replace(" ", "-").replace(":", "-")
+            answers, _, _ = exchange(
+                served.bastion, request(served, route, tag, f"Host: {host}\r\n")
+            )
+            if [a.status for a in answers] != [200]:
+                faults[f"{route} for {host}"] = _shown(answers)
+            elif "gateway" in route and tag not in served.queries():
+                faults[f"{route} for {host}"] = "the call did not reach the upstream"
+    assert not faults, faults
+
+
 def test_an_absolute_target_cannot_make_bastion_advertise_another_authority(served):
     """AuthZEN's metadata (no ``[server] public_url`` in the quickstart) is built from the
     request's authority: a document that names another authority than the target's, which
