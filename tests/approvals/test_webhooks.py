@@ -41,7 +41,9 @@ from bastion.facts.store import FactStore
 from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.alerts import AlertSettings
+from bastion.webhooks import Attempt
 from tests import waits
+from tests.clock import ManualClock
 from tests.oauth.support import free_socket, serve
 from tests.waits import PATIENCE
 
@@ -531,10 +533,13 @@ def test_a_request_whose_announcement_cannot_be_queued_is_not_made_either(
 def test_a_restart_resumes_an_unfinished_delivery(database_url, receivers):
     receiver = Receiver(answers=[503])
     url = receivers(receiver)
-    # A long backoff: the second attempt is due only after the restart.
+    # A backoff longer than the sweeps: the retry waits in the outbox. The first process's clock
+    # stands still, so the retry is due only after the restart, however long the first process
+    # takes to stop (on a busy machine its sweeps took the retry up and sent it before).
     chosen = settings(url, webhook_backoff_seconds=0.5)
     approvals = approvals_on(database_url, chosen)
     first = approvals.webhooks
+    first.clock = ManualClock(time.time())
 
     async def before():
         await first.start()
@@ -604,15 +609,23 @@ def test_a_restart_with_fewer_attempts_or_without_the_webhook_ends_what_it_left(
 ):
     kept, dropped = Receiver(otherwise=503), Receiver(otherwise=503)
     kept_url, dropped_url = receivers(kept), receivers(dropped)
-    # The third attempts would be due 3 s after the first, long after the test stops them.
+    # The first process's clock moves only when the test moves it: past the first backoff
+    # (1 s), never to the third attempts (due 3 s after the first), which a busy machine reached
+    # before the test stopped the process.
     before = settings(kept_url, dropped_url, webhook_attempts=5, webhook_backoff_seconds=1.0)
     approvals = approvals_on(sqlite_url, before)
     first = approvals.webhooks
+    clock = first.clock = ManualClock(time.time())
 
     async def until_two_attempts_each():
         await first.start()
         try:
             request = await hold(approvals)
+            await eventually(
+                lambda: sorted(a.attempt for a in first.attempts(request.id)) == [1, 1],
+                "one attempt each",
+            )
+            clock.now += before.webhook_backoff_seconds
             await eventually(
                 lambda: sorted(a.attempt for a in first.attempts(request.id)) == [1, 1, 2, 2],
                 "two attempts each",
@@ -1053,9 +1066,20 @@ def test_a_database_outage_while_a_delivery_is_under_way_loses_nothing(outage, r
     role = outage.role()
     chosen = settings(url, webhook_backoff_seconds=0.5)
     # Sweeps further apart than the backoff: the second attempt waits for its time in memory,
-    # and is sent while the database is away.
+    # and is sent while the database is away, which goes as soon as the first attempt is
+    # recorded (taken away by the test once it saw that record, it was still there when a busy
+    # machine sent the second).
     approvals = approvals_on(outage.url(role), chosen, sweep_seconds=1.0)
     notifier = approvals.webhooks
+    record = notifier._record
+
+    def recorded_then_the_database_goes(attempt: Attempt, state: str, delay: float) -> bool:
+        kept = record(attempt, state, delay)
+        if attempt.attempt == 1:
+            outage.block(role)
+        return kept
+
+    notifier._record = recorded_then_the_database_goes
 
     def failed_to_record() -> bool:
         return any("could not record attempt 2" in r.getMessage() for r in caplog.records)
@@ -1064,9 +1088,6 @@ def test_a_database_outage_while_a_delivery_is_under_way_loses_nothing(outage, r
         await notifier.start()
         try:
             request = await hold(approvals)
-            await eventually(lambda: len(notifier.attempts(request.id)) == 1, "first attempt")
-            # The database goes away before the second attempt can be recorded.
-            await anyio.to_thread.run_sync(outage.block, role)
             await eventually(lambda: len(receiver.got) == 2, "second attempt sent")
             await eventually(failed_to_record, "the record of it refused")
             await anyio.to_thread.run_sync(outage.unblock, role)
