@@ -10,6 +10,7 @@ refresh in the database, and the other waits for what it brings back and uses it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -47,14 +48,20 @@ def server():
         rotating.release.set()
 
 
-def _replica(url: str, server: AuthorizationServer, key: bytes) -> Connections:
-    oauth = UpstreamOAuth(issuer=server.base, client_id="bastion")
+def _replica(
+    url: str,
+    server: AuthorizationServer,
+    key: bytes,
+    clock: Callable[[], float] = lambda: NOW,
+    timeout_seconds: float = UpstreamOAuth.timeout_seconds,
+) -> Connections:
+    oauth = UpstreamOAuth(issuer=server.base, client_id="bastion", timeout_seconds=timeout_seconds)
     return Connections(
         ConnectionStore(Database(url)),
         Sealer([key]),
         {"tracker": (f"{server.base}/mcp", oauth)},
         "https://b",
-        lambda: NOW,
+        clock,
     )
 
 
@@ -105,29 +112,29 @@ def test_two_replicas_refreshing_at_once_keep_the_connection(database_url, serve
 def test_a_claim_left_by_a_process_that_died_holds_calls_until_it_expires(database_url, server):
     server.release.set()
     now = [NOW]
-    oauth = UpstreamOAuth(issuer=server.base, client_id="bastion", timeout_seconds=0.1)
-    replica = Connections(
-        ConnectionStore(Database(database_url)),
-        Sealer([Fernet.generate_key()]),
-        {"tracker": (f"{server.base}/mcp", oauth)},
-        "https://b",
-        lambda: now[0],
-    )
-    sealed = replica.sealer.seal(
+    key = Fernet.generate_key()
+    # One replica gives up waiting for another's refresh soon (after four times its
+    # timeout_seconds of 0.1 s); the other refreshes with the default timeout_seconds, which a
+    # busy machine's refresh (the server's metadata and token endpoint, over HTTP) cannot
+    # overrun as it could 0.1 s.
+    waiting = _replica(database_url, server, key, lambda: now[0], timeout_seconds=0.1)
+    refreshing = _replica(database_url, server, key, lambda: now[0])
+    sealed = waiting.sealer.seal(
         "alice", "tracker", {"access_token": "access-1", "refresh_token": "refresh-1"}
     )
     row = StoredConnection("alice", "tracker", sealed, "", NOW, 0.0, 0.0)
-    replica.store.put(row)
+    waiting.store.put(row)
     try:
         # A replica claimed the refresh for 30 s, then died.
-        assert replica.store.claim_refresh(row, NOW, NOW + 30)
-        assert not replica.store.claim_refresh(row, NOW + 1, NOW + 31)
+        assert waiting.store.claim_refresh(row, NOW, NOW + 30)
+        assert not waiting.store.claim_refresh(row, NOW + 1, NOW + 31)
         now[0] = NOW + 1
         with pytest.raises(ConnectionUnavailable, match="being refreshed by another process"):
-            anyio.run(replica.access_token, "alice", "tracker")
+            anyio.run(waiting.access_token, "alice", "tracker")
         assert server.token_requests == 0
-        now[0] = NOW + 30  # the claim has expired: this replica refreshes
-        assert anyio.run(replica.access_token, "alice", "tracker") == "access-of-rotating-1"
+        now[0] = NOW + 30  # the claim has expired: a replica refreshes
+        assert anyio.run(refreshing.access_token, "alice", "tracker") == "access-of-rotating-1"
         assert server.token_requests == 1 and not server.revoked_grant
     finally:
-        replica.store.db.close()
+        waiting.store.db.close()
+        refreshing.store.db.close()
