@@ -24,7 +24,7 @@ from bastion.gateway.follows import FollowLeases
 from tests.conftest import REDIS_URL, drop_redis_keys, require_service
 from tests.ports import free_port
 from tests.private_redis import PrivateRedis
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 from .streams import events, legacy_session, messages, modern_headers, modern_request
 from .support import start
@@ -168,7 +168,10 @@ def test_a_follow_redis_cannot_count_is_refused_and_an_unsubscribe_still_ends_it
     folder = tmp_path / "redis"
     folder.mkdir()
     own = PrivateRedis(folder)  # this test's own, which it stops (never the shared one)
-    settings = {"redis_url": own.url, "redis_timeout_seconds": 0.5}
+    # A bound against a hang, not what refuses the follow (a stopped Redis refuses connections
+    # at once): one of 0.5 s failed the first follow, counted while Redis was up, on a machine
+    # that did not run Redis for that long.
+    settings = {"redis_url": own.url, "redis_timeout_seconds": PATIENCE}
     with own, start(tmp_path, gateway=settings) as bastion:
         at = Replica(bastion.url, bastion.http)
         token = bastion.token("avery", "lab")
