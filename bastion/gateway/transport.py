@@ -202,6 +202,14 @@ def _large_event(message: dict[str, Any]) -> bytes:
     return b"event: message\ndata: " + written(message) + b"\n\n"
 
 
+async def _event_of(message: dict[str, Any], large: bool = False) -> bytes:
+    """`_event`, written off the loop when ``message`` is made of a large upstream message
+    (a `LargeMessage`, or ``large``)."""
+    if large or message.__class__ is LargeMessage:
+        return await asyncio.to_thread(_large_event, message)
+    return _event(message)
+
+
 async def _start_events(send: Send, headers: dict[str, str] | None = None) -> None:
     raw = [
         (b"content-type", b"text/event-stream"),
@@ -761,11 +769,7 @@ class StreamableHttpEndpoint:
             if not started:
                 await _start_events(send, headers)
                 started = True
-            message = getter.result()
-            if message.__class__ is LargeMessage:
-                event = await asyncio.to_thread(_large_event, message)
-            else:
-                event = _event(message)
+            event = await _event_of(getter.result())
             await send({"type": "http.response.body", "body": event, "more_body": True})
         if task.cancelled() and flight.reason is not None:
             if flight.reason == "cancelled":
@@ -778,13 +782,9 @@ class StreamableHttpEndpoint:
             _counted(ex, await send_json(send, status, body, {**headers, **extra}, ex.large))
             return
         while not queue.empty():
-            message = queue.get_nowait()
-            if message.__class__ is LargeMessage:
-                event = await asyncio.to_thread(_large_event, message)
-            else:
-                event = _event(message)
+            event = await _event_of(queue.get_nowait())
             await send({"type": "http.response.body", "body": event, "more_body": True})
-        event = await asyncio.to_thread(_large_event, body) if ex.large else _event(body)
+        event = await _event_of(body, ex.large)
         await send({"type": "http.response.body", "body": event, "more_body": False})
         _counted(ex, len(event))
 
@@ -1172,10 +1172,7 @@ class InFlight:
         if self.sending is None:
             self.sending = asyncio.Lock()
         # Written before the lock is taken: the request's own task emits one message at a time.
-        if message.__class__ is LargeMessage:
-            event = await asyncio.to_thread(_large_event, message)
-        else:
-            event = _event(message)
+        event = await _event_of(message)
         async with self.sending:
             await self._begin(send, headers)
             await send({"type": "http.response.body", "body": event, "more_body": True})
@@ -1189,12 +1186,7 @@ class InFlight:
         """Finish the answer as an event stream: ``answer`` (written off the loop if ``large``:
         made of a large upstream message), or nothing for a request the client cancelled (a
         cancelled request is not answered); returns the length of what was sent."""
-        if answer is None:
-            body = b""
-        elif large:
-            body = await asyncio.to_thread(_large_event, answer)
-        else:
-            body = _event(answer)
+        body = b"" if answer is None else await _event_of(answer, large)
         if self.sending is None:
             await _start_events(send)
             await send({"type": "http.response.body", "body": body, "more_body": False})
