@@ -3,8 +3,8 @@
 ```toml
 [gateway]
 public_url = "https://mcp.example.com"   # where clients reach bastion; default: the OAuth issuer
-allowed_origins = ["https://app.example.com"]   # browser pages that may call /mcp/ (default:
-                                          # the origin of public_url only)
+allowed_origins = ["https://app.example.com"]   # browser pages that may call /mcp/, with CORS
+                                          # (default: the origin of public_url only)
 redis_url = "redis://127.0.0.1:6379/0"    # rate-limit counters shared by processes (optional;
                                           # redis+cluster://host:port for a Redis Cluster)
 
@@ -127,7 +127,8 @@ class GatewayConfig:
     # How long one Redis command (or connection attempt) may take before what needs it is
     # refused (fail closed): a Redis that hangs holds each call at most this long.
     redis_timeout_seconds: float = 1.0
-    # Origins (scheme://host[:port]) whose pages may send requests to /mcp/; empty: only the
+    # Origins (scheme://host[:port]) whose pages may send requests to /mcp/, answered with CORS
+    # there and at the OAuth endpoints a browser client calls (bastion.cors); empty: only the
     # origin of the gateway's own public URL. A request with no Origin header is not a page's.
     allowed_origins: tuple[str, ...] = ()
     # Session labels (bastion.delegation.labels): a label set is forgotten this many seconds

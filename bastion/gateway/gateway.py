@@ -24,6 +24,7 @@ from bastion.audit.buffered import flush_at_stop, flush_forever
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.journal import open_journal
 from bastion.audit.refusals import RefusalLog
+from bastion.cors import CrossOriginRoutes, oauth_cross_origin
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.decide.contract import remembered_connects
@@ -49,7 +50,7 @@ from bastion.gateway.sessions import (
     read_decision,
 )
 from bastion.gateway.tool_pins import PROMPT, TOOL, ToolPins
-from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
+from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, cross_origin, send_json
 from bastion.gateway.upstream import (
     Hear,
     HttpUpstream,
@@ -64,7 +65,8 @@ from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
 from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
-from bastion.origins import normalized_origin, origin_of
+from bastion.origins import origin_of
+from bastion.route_paths import route_path
 from bastion.signals.posture import PostureSettings
 from bastion.signals.read_only import PASSED_THROUGH
 from bastion.signals.suspensions import Suspensions, token_principals
@@ -330,6 +332,11 @@ class Gateway:
         # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
         own = origin_of(self.public_url)
         self.allowed_origins = frozenset(config.allowed_origins or ((own,) if own else ()))
+        # CORS for those pages (`bastion.cors`): /mcp/'s, and the OAuth endpoints' (the RFC 9728
+        # metadata here, the authorization server's routes in the application).
+        self.cors = cross_origin(self.allowed_origins, self.posture)
+        self.oauth_cors = oauth_cross_origin(self.allowed_origins)
+        self._metadata = CrossOriginRoutes(self._metadata_endpoint, self.oauth_cors)
         self.records = records
         # Clients' requests refused before any decision, audited aggregated (the OAuth side's
         # `RefusalLog`); None audits none.
@@ -455,11 +462,6 @@ class Gateway:
             resource_name=server,
             dpop_signing_alg_values=self.dpop.algorithms if self.dpop else (),
         )
-
-    def allows_origin(self, origin: str) -> bool:
-        """Whether a page of ``origin`` (an ``Origin`` header) may call ``/mcp/``."""
-        normalized = normalized_origin(origin)
-        return normalized is not None and normalized in self.allowed_origins
 
     # -- decisions shared by every handler -------------------------------------------------------
 
@@ -918,14 +920,17 @@ class Gateway:
         if path.startswith(_MCP):
             await self._endpoint.serve(path[len(_MCP) :], scope, receive, send)
             return
-        for prefix in self._metadata_prefixes:
-            if path.startswith(prefix):
-                await self._metadata_endpoint(path[len(prefix) :], scope, send)
-                return
-        await send_json(send, 404, {"error": "not_found"})
+        await self._metadata(scope, receive, send)
 
-    async def _metadata_endpoint(self, server: str, scope: Scope, send: Send) -> None:
-        if scope["method"] not in ("GET", "HEAD"):
+    async def _metadata_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The RFC 9728 metadata of each upstream (an ASGI application: `_metadata` is it with
+        CORS)."""
+        path = route_path(scope)
+        prefix = next((p for p in self._metadata_prefixes if path.startswith(p)), None)
+        server = path[len(prefix) :] if prefix is not None else None
+        if server is None:
+            await send_json(send, 404, {"error": "not_found"})
+        elif scope["method"] not in ("GET", "HEAD"):
             await send_json(send, 405, None, {"allow": "GET"})
         elif server not in self.upstreams:
             await send_json(send, 404, {"error": "not_found"})
@@ -933,15 +938,9 @@ class Gateway:
             await send_json(send, 200, self.metadata(server).to_dict())
 
 
-def route_path(scope: Scope) -> str:
-    """The request's path below the application's root path (as Starlette's router reads it)."""
-    path, root = scope["path"], scope.get("root_path")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 
 
-__all__ = ["Gateway", "refused", "route_path"]
+__all__ = ["Gateway", "refused"]

@@ -13,13 +13,14 @@ from bastion.audit.decisions import DecisionRecords
 from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.gateway.config import GatewayConfig
-from bastion.gateway.gateway import Gateway, route_path
+from bastion.gateway.gateway import Gateway
 from bastion.gateway.tool_pins import ToolPins
 from bastion.identity.accounts import MIGRATIONS as IDENTITY_MIGRATIONS
 from bastion.identity.accounts import bound_elsewhere
 from bastion.identity.trusted_issuers import TrustedIssuers
 from bastion.oauth.keys import ARGUMENT_DIGEST_KEY, deployment_secret
 from bastion.oauth.verifier import VerifiedTokens
+from bastion.route_paths import route_path
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.posture import PostureSettings
 

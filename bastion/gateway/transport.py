@@ -24,6 +24,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
+from bastion.cors import CrossOrigin
 from bastion.db import DatabaseUnavailable
 from bastion.decide.mcp import message_action
 from bastion.gateway.client_requests import kept_capabilities
@@ -69,7 +70,7 @@ from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway
     from bastion.oauth.verifier import VerifiedToken
-    from bastion.signals.posture import RequestPosture
+    from bastion.signals.posture import PostureSettings, RequestPosture
 
 log = logging.getLogger("bastion.gateway")
 
@@ -95,6 +96,29 @@ _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 # and posture headers of a trusted proxy (`PostureSettings.proxy_headers`), whose copy and the
 # client's could not be told apart.
 _BEFORE_TOKEN = frozenset({"authorization", "origin"})
+# CORS (`bastion.cors`) for the pages of the allowed origins: the methods taken here, every
+# header bastion reads of a request (and ``Accept``, whose value a browser may not send
+# unasked), and the headers of its answers a client must read (the session a 2025-11-25
+# ``initialize`` opens, the era, a 401's challenge, a 503's or 429's wait, a DPoP nonce).
+_CORS_METHODS = ("GET", "POST", "DELETE")
+_CORS_REQUEST_HEADERS = (
+    "authorization",
+    "content-type",
+    "accept",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "last-event-id",
+    "mcp-method",
+    "mcp-name",
+    "dpop",
+)
+_CORS_EXPOSED = (
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "www-authenticate",
+    "retry-after",
+    "dpop-nonce",
+)
 _READ_ONCE = _BEFORE_TOKEN | {
     "content-type",
     "mcp-protocol-version",
@@ -102,6 +126,17 @@ _READ_ONCE = _BEFORE_TOKEN | {
     "mcp-method",
     "mcp-name",
 }
+
+
+def cross_origin(origins: frozenset[str], posture: PostureSettings) -> CrossOrigin:
+    """The CORS answers of ``/mcp/<server>`` to pages of ``origins``; the device and posture
+    headers of ``posture`` (a trusted proxy's) are among what may be sent."""
+    return CrossOrigin(
+        origins,
+        _CORS_METHODS,
+        (*_CORS_REQUEST_HEADERS, *sorted(posture.proxy_headers)),
+        _CORS_EXPOSED,
+    )
 
 
 class HttpError(Exception):
@@ -247,16 +282,25 @@ class StreamableHttpEndpoint:
             if twice and not _BEFORE_TOKEN.isdisjoint(twice):
                 raise HttpError(400, _twice(min(_BEFORE_TOKEN & set(twice))).body(None))
             origin = headers.get("origin")
-            if origin is not None and not self.gateway.allows_origin(origin):
-                # MCP's transport: a page of another origin (DNS rebinding) gets 403, whatever
-                # it sends; a request without Origin does not come from a page.
-                raise HttpError(
-                    403,
-                    RpcError(
-                        INVALID_REQUEST,
-                        f"requests from the origin {origin[:100]!r} are not allowed",
-                    ).body(None),
-                )
+            if origin is not None:
+                # A request without Origin does not come from a page, and pays nothing more.
+                cors = self.gateway.cors
+                if not cors.allows(origin):
+                    # MCP's transport: a page of another origin (DNS rebinding) gets 403,
+                    # whatever it sends, and no CORS headers (its preflight as well).
+                    raise HttpError(
+                        403,
+                        RpcError(
+                            INVALID_REQUEST,
+                            f"requests from the origin {origin[:100]!r} are not allowed: list"
+                            " it in [gateway] allowed_origins",
+                        ).body(None),
+                    )
+                if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                    # A preflight carries no token: answered before one is asked for.
+                    await cors.answer_preflight(origin, send)
+                    return
+                send = cors.sending(origin, send)
             if upstream is None:
                 raise HttpError(404, {"error": f"no MCP server named {server!r} behind bastion"})
             caller = await self._authenticate(server, headers, scope)

@@ -504,6 +504,19 @@ class AuthorizationServer:
             Route(f"{prefix}/introspect", self._introspect, methods=["POST"]),
         ]
 
+    def cross_origin_paths(self) -> frozenset[str]:
+        """The endpoints a browser-based client fetches during discovery and authorization,
+        which answer the pages of the allowed origins with CORS (`bastion.cors`): the metadata,
+        the keys, /register, /token and /revoke. Not the pages (a person navigates to them),
+        nor /introspect and /bc-authorize (called by servers)."""
+        prefix = self.settings.issuer_path
+        return frozenset(
+            (
+                metadata_path(self.settings),
+                *(f"{prefix}/{name}" for name in ("jwks.json", "register", "token", "revoke")),
+            )
+        )
+
     async def _metadata(self, request: Request) -> Response:
         return JSONResponse(authorization_server_metadata(self.settings))
 

@@ -31,6 +31,7 @@ from bastion.audit.buffered import flush_at_stop, flush_forever
 from bastion.audit.checkpoints import keep_chains_forever
 from bastion.audit.journal import open_journal
 from bastion.audit.retention import prune_forever
+from bastion.cors import CrossOriginRoutes
 from bastion.db import (
     Database,
     DatabaseUnavailable,
@@ -770,6 +771,11 @@ def create_app(config: ServerConfig) -> Starlette:
 
         # /mcp/<server> and its RFC 9728 metadata go to the gateway ahead of the API's routes.
         middleware.append(Middleware(GatewayFirst, gateway=gateway))
+        # The OAuth endpoints a browser-based client calls answer the pages the gateway allows
+        # (inside GatewayFirst: the gateway's requests never pass here).
+        middleware.append(
+            Middleware(CrossOriginRoutes, cors=gateway.oauth_cors, paths=oauth.cross_origin_paths())
+        )
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -159,6 +159,31 @@ def test_refusals_are_the_applications(bastion):
     assert direct_requests(bastion) == before + 3
 
 
+def test_answers_to_an_allowed_page_carry_cors_as_through_the_application(bastion):
+    # The gateway's own origin is allowed by default (docs/gateway.md, Origin).
+    token = bastion.token("sam", "desk")
+    url = bastion.mcp_url("desk")
+    page = {"origin": bastion.url}
+    before = direct_requests(bastion)
+    unauthenticated = bastion.http.post(url, json=search(), headers=page)
+    served = bastion.http.post(
+        url,
+        json=search(),
+        headers={**modern_headers(token, "tools/call", "search_customers"), **page},
+    )
+    assert direct_requests(bastion) == before + 2
+    assert (unauthenticated.status_code, served.status_code) == (401, 200)
+    for answer in (unauthenticated, served):
+        assert answer.headers["access-control-allow-origin"] == bastion.url
+        assert "www-authenticate" in answer.headers["access-control-expose-headers"]
+        assert answer.headers["vary"] == "Origin"
+    plain = bastion.http.post(
+        url, json=search(), headers=modern_headers(token, "tools/call", "search_customers")
+    )
+    assert plain.status_code == 200
+    assert "access-control-allow-origin" not in plain.headers and "vary" not in plain.headers
+
+
 def test_a_kept_alive_connection_carries_two_calls(bastion):
     token = bastion.token("sam", "desk")
     before = direct_requests(bastion)

@@ -89,13 +89,13 @@ def test_origins_are_compared_as_browsers_send_them():
     assert normalized_origin("http://example.com:99999") is None
 
 
-def test_a_preflight_gets_no_cors_and_a_foreign_one_is_refused(bastion):
-    # bastion does no CORS (docs/gateway.md, Origin): a proxy in front answers preflights.
+def test_a_preflight_from_the_gateways_own_origin_is_answered_and_a_foreign_one_refused(bastion):
+    # CORS for the origins allowed (by default the gateway's own): tests/gateway/test_cors.py.
     url = bastion.mcp_url("deskhttp")
     preflight = {"access-control-request-method": "POST"}
     foreign = bastion.http.options(url, headers={**preflight, "origin": EVIL})
     assert foreign.status_code == 403
+    assert not any(h.lower().startswith("access-control-") for h in foreign.headers)
     own = bastion.http.options(url, headers={**preflight, "origin": bastion.url})
-    assert own.status_code == 401
-    for answer in (foreign, own):
-        assert not any(h.lower().startswith("access-control-") for h in answer.headers)
+    assert own.status_code == 204
+    assert own.headers["access-control-allow-origin"] == bastion.url

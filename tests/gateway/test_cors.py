@@ -1,0 +1,295 @@
+"""CORS (the Fetch standard's CORS protocol) for the web origins ``[gateway] allowed_origins``
+lists, over raw HTTP: a browser-based MCP client on another origin (the MCP Inspector's web UI, a
+company's agent console) reaches ``/mcp/<server>`` and the OAuth endpoints it calls during
+discovery and authorization without a proxy. A preflight from a listed origin is answered before
+any token is read; a preflight from any other origin gets no CORS headers; answers to a listed
+origin carry them whatever their status; a request without ``Origin`` (every non-browser client)
+gets none (docs/gateway.md, Origin; docs/oauth.md, Browser-based clients)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.oauth.support import pkce_pair
+
+from .streams import legacy_session, modern_headers, modern_request
+from .support import start
+
+# The MCP Inspector's web UI: the page of another origin the operator lists.
+APP = "http://localhost:6274"
+EVIL = "http://evil.example.com"
+MCP_REQUEST_HEADERS = (
+    "authorization",
+    "content-type",
+    "accept",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "last-event-id",
+    "mcp-method",
+    "mcp-name",
+    "dpop",
+)
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    with start(tmp_path_factory.mktemp("cors"), gateway={"allowed_origins": [APP]}) as running:
+        yield running
+
+
+def listed(value: str | None) -> set[str]:
+    """The names of a comma-separated header value, in lower case."""
+    return {v.strip().lower() for v in (value or "").split(",") if v.strip()}
+
+
+def cors_headers(response) -> dict[str, str]:
+    return {k.lower(): v for k, v in response.headers.items() if k.lower().startswith("access-")}
+
+
+def preflight(bastion, url: str, origin: str, method: str = "POST", headers=MCP_REQUEST_HEADERS):
+    return bastion.http.options(
+        url,
+        headers={
+            "origin": origin,
+            "access-control-request-method": method,
+            "access-control-request-headers": ",".join(headers),
+        },
+    )
+
+
+def answered_to(response, origin: str, exposed: set[str]) -> None:
+    """``response`` carries what a browser needs to let a page of ``origin`` read it."""
+    assert response.headers["access-control-allow-origin"] == origin
+    assert "origin" in listed(response.headers.get("vary"))
+    assert exposed <= listed(response.headers.get("access-control-expose-headers"))
+    # Bearer tokens, not cookies: a browser must send no credentials of the user's.
+    assert "access-control-allow-credentials" not in response.headers
+
+
+def test_a_preflight_from_a_listed_origin_is_answered_before_any_token(bastion):
+    before = len(bastion.recorder.requests)
+    for server in ("deskhttp", "desk", "no-such-server"):
+        for method in ("POST", "GET", "DELETE"):
+            answer = preflight(bastion, bastion.mcp_url(server), APP, method)
+            assert answer.status_code == 204, answer.text
+            assert answer.content == b""
+            assert answer.headers["access-control-allow-origin"] == APP
+            assert {"get", "post", "delete"} <= listed(
+                answer.headers["access-control-allow-methods"]
+            )
+            assert set(MCP_REQUEST_HEADERS) <= listed(
+                answer.headers["access-control-allow-headers"]
+            )
+            assert int(answer.headers["access-control-max-age"]) > 0
+            assert "origin" in listed(answer.headers.get("vary"))
+            assert "access-control-allow-credentials" not in answer.headers
+            assert "www-authenticate" not in answer.headers
+    # The spelling a browser sends is echoed as sent, never "*".
+    answer = preflight(bastion, bastion.mcp_url("deskhttp"), "http://LOCALHOST:6274")
+    assert answer.status_code == 204
+    assert answer.headers["access-control-allow-origin"] == "http://LOCALHOST:6274"
+    assert len(bastion.recorder.requests) == before
+
+
+def test_a_preflight_from_another_origin_is_refused_with_no_cors(bastion):
+    for origin in (EVIL, "null", bastion.url, "http://localhost:6275"):
+        answer = preflight(bastion, bastion.mcp_url("deskhttp"), origin)
+        assert answer.status_code == 403, origin
+        assert answer.json()["error"]["code"] == -32600
+        assert "[gateway] allowed_origins" in answer.json()["error"]["message"]
+        assert cors_headers(answer) == {}, origin
+
+
+def test_an_options_request_that_is_no_preflight_is_not_answered_as_one(bastion):
+    # Without Access-Control-Request-Method it is a plain OPTIONS: a token first, as before.
+    plain = bastion.http.options(bastion.mcp_url("deskhttp"), headers={"origin": APP})
+    assert plain.status_code == 401
+    answered_to(plain, APP, {"www-authenticate"})
+    assert "access-control-allow-methods" not in plain.headers
+
+
+def test_every_answer_to_a_listed_origin_carries_cors(bastion):
+    url = bastion.mcp_url("deskhttp")
+    page = {"origin": APP}
+    call = modern_request(1, "tools/list", {})
+    # 401 and its challenge, which the client must read to find the metadata.
+    challenged = bastion.http.post(url, json=call, headers=page)
+    assert challenged.status_code == 401
+    assert "resource_metadata=" in challenged.headers["www-authenticate"]
+    answered_to(challenged, APP, {"www-authenticate"})
+    token = bastion.token("sam", "deskhttp")
+    wrong = bastion.http.post(url, json=call, headers={**page, "authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    answered_to(wrong, APP, {"www-authenticate"})
+    # 2026-07-28: a call, and a refusal of a bad one.
+    listed_tools = bastion.http.post(
+        url, json=call, headers={**modern_headers(token, "tools/list"), **page}
+    )
+    assert listed_tools.status_code == 200
+    answered_to(listed_tools, APP, {"mcp-session-id", "mcp-protocol-version"})
+    mismatch = bastion.http.post(
+        url, json=call, headers={**modern_headers(token, "tools/call"), **page}
+    )
+    assert mismatch.status_code == 400
+    answered_to(mismatch, APP, set())
+    # 2025-11-25: initialize's Mcp-Session-Id, the GET stream, DELETE.
+    opened = bastion.http.post(
+        url,
+        json={
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "page", "version": "1"},
+            },
+        },
+        headers={**page, "authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"},
+    )
+    assert opened.status_code == 200 and opened.headers["mcp-session-id"]
+    answered_to(opened, APP, {"mcp-session-id"})
+    session = {
+        "authorization": f"Bearer {token}",
+        "accept": "text/event-stream",
+        "mcp-protocol-version": "2025-11-25",
+        "mcp-session-id": opened.headers["mcp-session-id"],
+        **page,
+    }
+    with bastion.http.stream("GET", url, headers=session) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        answered_to(stream, APP, {"mcp-session-id"})
+    ended = bastion.http.delete(url, headers=session)
+    assert ended.status_code == 204
+    answered_to(ended, APP, set())
+    unknown = bastion.http.post(bastion.mcp_url("no-such-server"), json=call, headers=page)
+    assert unknown.status_code == 404
+    answered_to(unknown, APP, set())
+
+
+def test_requests_without_origin_get_no_cors(bastion):
+    url = bastion.mcp_url("deskhttp")
+    call = modern_request(1, "tools/list", {})
+    token = bastion.token("sam", "deskhttp")
+    session = legacy_session(bastion, token, "deskhttp")
+    answers = [
+        bastion.http.post(url, json=call),
+        bastion.http.post(url, json=call, headers=modern_headers(token, "tools/list")),
+        bastion.http.options(url, headers={"access-control-request-method": "POST"}),
+        bastion.http.delete(url, headers=session),
+    ]
+    assert [a.status_code for a in answers] == [401, 200, 401, 204]
+    for answer in answers:
+        assert cors_headers(answer) == {}
+        assert "origin" not in listed(answer.headers.get("vary"))
+
+
+# -- the OAuth endpoints a browser client calls -----------------------------------------------
+
+
+def oauth_urls(bastion) -> dict[str, str]:
+    return {
+        "protected resource metadata": (
+            f"{bastion.url}/.well-known/oauth-protected-resource/mcp/deskhttp"
+        ),
+        "authorization server metadata": f"{bastion.url}/.well-known/oauth-authorization-server",
+        "jwks": f"{bastion.url}/jwks.json",
+        "register": f"{bastion.url}/register",
+        "token": f"{bastion.url}/token",
+        "revoke": f"{bastion.url}/revoke",
+    }
+
+
+def test_the_oauth_endpoints_answer_a_listed_origins_preflight(bastion):
+    for name, url in oauth_urls(bastion).items():
+        method = "GET" if "metadata" in name or name == "jwks" else "POST"
+        # What the MCP SDK's browser client sends: its protocol version to the metadata, a
+        # JSON body to /register, Basic client credentials or a DPoP proof to /token.
+        asked = ("mcp-protocol-version",) if method == "GET" else ("content-type", "authorization")
+        answer = preflight(bastion, url, APP, method, (*asked, "dpop"))
+        assert answer.status_code == 204, name
+        assert answer.headers["access-control-allow-origin"] == APP, name
+        assert method.lower() in listed(answer.headers["access-control-allow-methods"]), name
+        assert {*asked, "dpop"} <= listed(answer.headers["access-control-allow-headers"]), name
+        assert "origin" in listed(answer.headers.get("vary")), name
+        assert "access-control-allow-credentials" not in answer.headers
+        foreign = preflight(bastion, url, EVIL, method, asked)
+        assert foreign.status_code == 403, name
+        assert "[gateway] allowed_origins" in foreign.json()["error_description"], name
+        assert cors_headers(foreign) == {}, name
+
+
+def test_the_oauth_endpoints_answers_to_a_listed_origin_carry_cors(bastion):
+    urls = oauth_urls(bastion)
+    page = {"origin": APP}
+    for name in ("protected resource metadata", "authorization server metadata", "jwks"):
+        answer = bastion.http.get(urls[name], headers=page)
+        assert answer.status_code == 200, name
+        answered_to(answer, APP, set())
+    registered = bastion.http.post(
+        urls["register"],
+        json={
+            "client_name": "page",
+            "redirect_uris": [f"{APP}/oauth/callback"],
+            "token_endpoint_auth_method": "none",
+        },
+        headers=page,
+    )
+    assert registered.status_code == 201, registered.text
+    answered_to(registered, APP, set())
+    refused = bastion.http.post(
+        urls["token"],
+        data={
+            "grant_type": "authorization_code",
+            "code": "not-a-code",
+            "code_verifier": pkce_pair()[0],
+            "client_id": registered.json()["client_id"],
+            "redirect_uri": f"{APP}/oauth/callback",
+        },
+        headers=page,
+    )
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
+    answered_to(refused, APP, {"www-authenticate", "retry-after", "dpop-nonce"})
+    revoked = bastion.http.post(
+        urls["revoke"],
+        data={"token": "x", "client_id": registered.json()["client_id"]},
+        headers=page,
+    )
+    assert revoked.status_code == 200
+    answered_to(revoked, APP, set())
+    # Another origin's page is answered as before, with nothing that lets it read the answer.
+    foreign = bastion.http.get(urls["authorization server metadata"], headers={"origin": EVIL})
+    assert foreign.status_code == 200 and cors_headers(foreign) == {}
+    # No Origin, no CORS; the answers that caches may keep still vary by Origin.
+    for name in ("protected resource metadata", "authorization server metadata", "jwks"):
+        answer = bastion.http.get(urls[name])
+        assert answer.status_code == 200 and cors_headers(answer) == {}, name
+        assert "origin" in listed(answer.headers.get("vary")), name
+
+
+def test_the_pages_and_the_other_apis_do_no_cors(bastion):
+    # The login and consent pages are navigations, not fetches; /introspect is for resource
+    # servers; /v1 is the decision API.
+    for path in ("/authorize", "/authorize/login", "/sign-in", "/introspect", "/v1/decide"):
+        answer = preflight(bastion, f"{bastion.url}{path}", APP, "POST", ("content-type",))
+        assert answer.status_code != 204, path
+        assert cors_headers(answer) == {}, path
+        posted = bastion.http.post(f"{bastion.url}{path}", headers={"origin": APP})
+        assert cors_headers(posted) == {}, path
+
+
+def test_the_posture_headers_bastion_reads_are_allowed(tmp_path):
+    signals = {
+        "posture": {
+            "trusted_proxies": ["192.0.2.10/32"],
+            "device_header": "X-Device-Id",
+            "posture_header": "X-Device-Posture",
+        }
+    }
+    with start(tmp_path, gateway={"allowed_origins": [APP]}, signals=signals) as running:
+        answer = preflight(running, running.mcp_url("deskhttp"), APP, "POST", ("x-device-id",))
+        assert answer.status_code == 204
+        assert {"x-device-id", "x-device-posture", *MCP_REQUEST_HEADERS} <= listed(
+            answer.headers["access-control-allow-headers"]
+        )
