@@ -36,7 +36,7 @@ from tests.gateway.support import PASSWORD, start
 from tests.gateway.test_shared_rate_limits import ENVELOPE, call_tool
 from tests.oauth.support import free_socket
 from tests.signals.support import latest_agent, running
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 RULES = """
 # tests/delegation: what an agent was shown decides where it may send mail.
@@ -464,8 +464,8 @@ def test_redis_store_records_reads_clears_and_wipes_tasks():
     prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
 
     async def main():
-        store = RedisLabels(REDIS_URL, prefix, LabelSettings(max_labels=2))
-        other = RedisLabels(REDIS_URL, prefix)  # another process
+        store = RedisLabels(REDIS_URL, prefix, LabelSettings(max_labels=2), PATIENCE)
+        other = RedisLabels(REDIS_URL, prefix, timeout=PATIENCE)  # another process
         try:
             a, b = LabelKey("sam", "planner", "t-1"), LabelKey("avery", "planner", "t-1")
             plain = LabelKey("sam", "planner")

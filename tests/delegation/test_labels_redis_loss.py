@@ -28,6 +28,7 @@ from tests.delegation.test_labels import INSIDE, OUTSIDE, RULES, new_user, read_
 from tests.gateway.support import start
 from tests.gateway.test_shared_rate_limits import call_tool
 from tests.private_redis import PrivateRedis
+from tests.waits import PATIENCE
 
 KEY = LabelKey("sam", "planner", "t-1")
 
@@ -43,7 +44,7 @@ def private(tmp_path):
 def _store(private, audit=None, clock=None, ttl=86_400) -> RedisLabels:
     kwargs = {"clock": clock} if clock is not None else {}
     return RedisLabels(
-        private.url, "bastion", LabelSettings(ttl_seconds=ttl), 2.0, audit=audit, **kwargs
+        private.url, "bastion", LabelSettings(ttl_seconds=ttl), PATIENCE, audit=audit, **kwargs
     )
 
 
@@ -243,7 +244,7 @@ def test_prefixes_are_separate_deployments(private):
 
     async def main():
         ours = _store(private)
-        theirs = RedisLabels(private.url, f"other-{uuid.uuid4().hex[:6]}", None, 2.0)
+        theirs = RedisLabels(private.url, f"other-{uuid.uuid4().hex[:6]}", None, PATIENCE)
         try:
             await ours.record(KEY, ["pii"])
             await theirs.record(KEY, ["secret"])

@@ -522,7 +522,8 @@ def start(
     settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table;
     ``more_upstreams`` are more ``[[gateway.upstreams]]`` (each a resource too); ``database``
     is a PostgreSQL URL to use instead of a SQLite file in ``tmp_path``; ``identity`` is the
-    ``[identity]`` table; ``resource_scopes`` are the scopes each server's resource offers."""
+    ``[identity]`` table; ``resource_scopes`` are the scopes each server's resource offers.
+    Redis's ``redis_timeout_seconds`` is PATIENCE unless ``gateway`` gives it."""
     from contextlib import contextmanager
 
     @contextmanager
@@ -575,6 +576,10 @@ def start(
                 tasks=tasks or {},
                 identity=identity or {},
                 gateway={
+                    # A bound against a hang, not bastion's 1 s: a machine that does not run
+                    # Redis or bastion for a second would refuse a call that must be counted
+                    # ("unavailable"). A test of the timeout gives its own.
+                    "redis_timeout_seconds": PATIENCE,
                     **(gateway or {}),
                     "max_body_bytes": 65536,
                     "upstreams": [

@@ -93,8 +93,8 @@ def test_two_limiters_count_one_window_across_principals(cluster):
 
     async def scenario() -> list[float | None]:
         # Two bastion processes: each its own client, one entering by another node.
-        first = RedisRateLimiter(url, prefix)
-        second = RedisRateLimiter(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix)
+        first = RedisRateLimiter(url, prefix, PATIENCE)
+        second = RedisRateLimiter(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix, PATIENCE)
         try:
             return [
                 await limiter.admit(limits(3), "call", tool)
@@ -137,13 +137,19 @@ def test_two_gateways_behaviour_counts_reach_the_cluster(cluster):
 
     async def scenario() -> tuple[int, int, int]:
         # Two bastion processes entering by different nodes; the count script is on no node yet.
-        first = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix, clock=clock)
-        second = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[1]}", prefix, clock=clock)
+        first = RedisBehavior(
+            f"redis+cluster://127.0.0.1:{cluster[0]}", prefix, clock=clock, timeout=PATIENCE
+        )
+        second = RedisBehavior(
+            f"redis+cluster://127.0.0.1:{cluster[1]}", prefix, clock=clock, timeout=PATIENCE
+        )
         try:
             for counters in (first, second, first):
                 counters.observe(keys, False, True, 'Tool{"desk/delete_customer"}', "digest")
                 await asyncio.wait(set(counters._pending))
-            reader = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix, clock=clock)
+            reader = RedisBehavior(
+                f"redis+cluster://127.0.0.1:{cluster[2]}", prefix, clock=clock, timeout=PATIENCE
+            )
             try:
                 view = reader.view("sam", "client-1", 'Tool{"desk/delete_customer"}')
                 await reader.prepare(view)
@@ -173,8 +179,8 @@ def test_labels_shared_through_the_cluster_and_their_loss_noticed(cluster):
     key = LabelKey("sam", "planner", "t-1")
 
     async def scenario() -> None:
-        first = RedisLabels(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix)
-        second = RedisLabels(f"redis+cluster://127.0.0.1:{cluster[1]}", prefix)
+        first = RedisLabels(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix, timeout=PATIENCE)
+        second = RedisLabels(f"redis+cluster://127.0.0.1:{cluster[1]}", prefix, timeout=PATIENCE)
         try:
             await first.record(key, ["pii"])
             assert await second.labels(key) == ["pii"]
@@ -196,8 +202,8 @@ def test_two_gateways_count_a_users_follows_through_the_cluster(cluster):
     prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
 
     async def scenario() -> list:
-        first = FollowLeases(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix)
-        second = FollowLeases(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix)
+        first = FollowLeases(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix, PATIENCE)
+        second = FollowLeases(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix, PATIENCE)
         held = {("lab", f"user{n}", "s1", "lab://open") for n in range(6)}
         held.add(("lab", "user5", "s1", "lab://lost"))  # held here, missing in Redis
         try:

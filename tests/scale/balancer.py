@@ -152,6 +152,7 @@ scopes = ["customers:read", "customers:write"]
 public_url = "{public}"
 redis_url = "{REDIS_URL}"
 redis_prefix = "{prefix}"
+redis_timeout_seconds = {PATIENCE}
 {gateway}
 [[gateway.upstreams]]
 name = "deskhttp"

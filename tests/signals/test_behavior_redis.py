@@ -19,7 +19,7 @@ from tests.gateway.support import start
 from tests.gateway.test_shared_rate_limits import call_tool
 from tests.oauth.support import free_socket
 from tests.private_redis import PrivateRedis
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 from .test_behavior import BULK, _reference_figures
 
@@ -30,7 +30,7 @@ def destructive_seen(prefix: str, agent: str) -> int:
     """The agent's destructive count for the minute, as any replica reads it from Redis."""
 
     async def read() -> int:
-        counters = RedisBehavior(REDIS_URL, prefix)
+        counters = RedisBehavior(REDIS_URL, prefix, timeout=PATIENCE)
         try:
             view = counters.view("avery", agent, "T")
             await counters.prepare(view)
@@ -158,7 +158,9 @@ def test_shared_counts_and_baselines_agree_with_their_definition(seed):
     keys = scope_keys("sam", "agent-1", 'Tool{"desk/search"}')
 
     async def scenario() -> None:
-        counters = RedisBehavior(REDIS_URL, prefix, settings, clock=lambda: now[0])
+        counters = RedisBehavior(
+            REDIS_URL, prefix, settings, clock=lambda: now[0], timeout=PATIENCE
+        )
         events = []
         try:
             for _ in range(60):
@@ -217,7 +219,7 @@ def _counted(url: str, flush_between: bool) -> tuple[int, int, dict[str, int]]:
         await asyncio.wait(set(counters._pending))
 
     async def scenario() -> tuple[int, int, dict[str, int]]:
-        counters = RedisBehavior(url, prefix)
+        counters = RedisBehavior(url, prefix, timeout=PATIENCE)
         try:
             await write(counters)
             before = _calls(url)
