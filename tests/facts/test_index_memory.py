@@ -5,9 +5,8 @@ of the process: a busy application made memory grow without end."""
 
 from __future__ import annotations
 
-import time
-
 from bastion import Authorizer, Entity
+from tests.waits import before_expiry, past
 
 POLICY = """
 actor User {}
@@ -51,17 +50,23 @@ def test_entities_of_deleted_facts_are_let_go_of():
 
 
 def test_entities_of_expired_facts_are_let_go_of():
-    authz = authorizer()
-    before = held(authz)
-    soon = time.time() + 0.2
-    for n in range(200):
-        authz.facts.insert(
-            ("has_role", Entity("User", f"u{n}"), "reader", Entity("Repo", f"r{n}")), soon
-        )
-    # Deleted before they expire, some: their expiry is still waiting when they go.
-    for n in range(100):
-        authz.facts.delete(("has_role", Entity("User", f"u{n}"), None, None))
-    time.sleep(0.3)  # past the expiry (the wait sets up the case; nothing is asserted of time)
+    def arrange(at: float) -> tuple[Authorizer, int]:
+        authz = authorizer()
+        before = held(authz)
+        for n in range(200):
+            authz.facts.insert(
+                ("has_role", Entity("User", f"u{n}"), "reader", Entity("Repo", f"r{n}")), at
+            )
+        # Deleted before they expire, some: their expiry is still waiting when they go.
+        for n in range(100):
+            authz.facts.delete(("has_role", Entity("User", f"u{n}"), None, None))
+        # None was inserted past its expiry (an insert then is dropped: nothing to let go of).
+        assert len(authz.facts) == 1 + 100
+        return authz, before
+
+    # Arranged before the expiry whatever the machine's speed (made again, later, if not).
+    (authz, before), at = before_expiry(arrange, 0.2)
+    past(at)
     assert not authz.authorize(Entity("User", "u150"), "read", Entity("Repo", "r150"))
     assert held(authz) == before
 
