@@ -45,6 +45,8 @@ class Scripted(Upstream):
 def test_an_answer_within_the_timeout_leaves_no_timer_and_no_cancellation():
     async def scenario():
         upstream = Scripted(timeout=0.2, delay=0)
+        # In time however slow the machine: the answer's step is queued before the deadline's
+        # timer can be (asyncio runs what is ready before the timers that came due meanwhile).
         answer = await upstream.request("tools/list", {})
         await asyncio.sleep(0.3)  # past the timeout: a timer left behind would cancel this
         return answer, asyncio.current_task().cancelling(), upstream.abandoned
