@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.http_fields import media_type
+from bastion.route_paths import route_path
 from bastion.whole_numbers import capped
 
 log = logging.getLogger("bastion.server")
@@ -99,8 +100,8 @@ class RequestBodyLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, root = scope["path"], scope.get("root_path", "")
-        limit = self.limits.for_path(path[len(root) :] if root and path.startswith(root) else path)
+        path = scope["path"]
+        limit = self.limits.for_path(route_path(scope))
         if "\x00" in path or b"%00" in scope["query_string"]:
             await _answer(send, limit, 400, NUL)
             return

@@ -26,6 +26,7 @@ from bastion.db import DatabaseUnavailable
 from bastion.http_fields import media_type
 from bastion.pdp import authzen
 from bastion.policy.errors import EvaluationLimit, PolicyError
+from bastion.route_paths import route_path
 from bastion.server.api.decisions import (
     AUTHZEN,
     fresh,
@@ -86,9 +87,7 @@ class EchoRequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, root = scope["path"], scope.get("root_path")
-        path = path[len(root) :] if root and path.startswith(root) else path
-        echoed = request_id(scope["headers"]) if serves(path) else None
+        echoed = request_id(scope["headers"]) if serves(route_path(scope)) else None
         if echoed is None:
             await self.app(scope, receive, send)
             return
