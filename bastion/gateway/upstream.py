@@ -478,11 +478,11 @@ class _Child:
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.connect_write_pipe(
-                asyncio.streams.FlowControlMixin, popen.stdin
+                asyncio.streams.FlowControlMixin, _for_transport(loop, popen.stdin, "wb")
             )
             child = cls(popen, asyncio.StreamWriter(transport, protocol, None, loop))
-            child.stdout = await _reading(loop, popen.stdout, limit)
-            child.stderr = await _reading(loop, popen.stderr, limit)
+            child.stdout = await _reading(loop, _for_transport(loop, popen.stdout, "rb"), limit)
+            child.stderr = await _reading(loop, _for_transport(loop, popen.stderr, "rb"), limit)
         except BaseException:
             popen.kill()
             raise
@@ -525,6 +525,21 @@ class _Child:
 
     async def wait(self) -> int:
         return await asyncio.shield(self._ended)
+
+
+def _for_transport(loop: asyncio.AbstractEventLoop, pipe: Any, mode: str) -> Any:
+    """``pipe`` (a child's stdin, stdout or stderr) as the loop's pipe transport must be given it
+    so that its descriptor is closed once. uvloop's transports have libuv close the descriptor,
+    and later close the file object as well: a second close of that number, which closes
+    another thread's file if it was given the number in between (a worker starting the next
+    child: `[Errno 9] Bad file descriptor`). So under uvloop the transport gets a descriptor of
+    its own, in an object that never closes it, and the child's object is closed here; asyncio's
+    own transports close the object they are given, once."""
+    if not loop.__class__.__module__.startswith("uvloop"):
+        return pipe
+    fd = os.dup(pipe.fileno())
+    pipe.close()
+    return open(fd, mode, buffering=0, closefd=False)  # noqa: SIM115 - libuv closes it
 
 
 async def _reading(loop: asyncio.AbstractEventLoop, pipe: Any, limit: int) -> asyncio.StreamReader:
