@@ -297,8 +297,6 @@ class Exchange:
             connection.masked_calls += 1
         try:
             response = await request(params)
-            if response.__class__ is LargeMessage:
-                self.large = True
             result = _result(response)
             asking = result.get("resultType") in INPUT_REQUIRED
             rounds = 0
@@ -307,10 +305,10 @@ class Exchange:
                 rounds += 1
                 params = {**params, **await self._answers(result)}
                 response = await request(params)
-                if response.__class__ is LargeMessage:
-                    self.large = True
                 result = _result(response)
                 asking = result.get("resultType") in INPUT_REQUIRED
+            # Of the answers, the last is the one the client is given.
+            self.large = response.__class__ is LargeMessage
         finally:
             if masked:
                 connection.masked_calls -= 1
