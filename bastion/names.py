@@ -12,6 +12,8 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from bastion.turns import Turns
+
 # The longest name (characters): a username or a key's name.
 MAX_NAME_LENGTH = 128
 # A name is shown whole up to this many characters (escapes counted at their length); past it,
@@ -230,14 +232,19 @@ def readable(
     return "".join(shown)
 
 
-def readable_json(value: Any) -> str:
+def readable_json(value: Any, turns: Turns | None = None) -> str:
     """``value`` (a held call's arguments, a held result) as indented JSON for people to read,
     with every character `readable` would escape in a name written as its JSON escape: one
     that does not show as itself (a right-to-left override, a zero-width or line separator, a
     Hangul filler, half of a surrogate pair) and the non-ASCII letters of a word that could
     read as another (``p\\u0430ypal.com``). Other text beyond ASCII reads as it is. The text is
-    JSON that reads back as ``value``, so what a person approves is what runs."""
-    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+    JSON that reads back as ``value``, so what a person approves is what runs. With ``turns``
+    (a large held result, on a worker thread), written in them: the same text."""
+    if turns is None:
+        text = _READABLE.encode(value)
+    else:
+        # Joined a chunk at a time: a million pieces are one join of tens of milliseconds.
+        text = "".join(["".join(part) for part in turns.chunks(_READABLE.iterencode(value))])
     if text.isascii():
         return text
     lookalikes = _lookalikes(text)
@@ -247,6 +254,11 @@ def readable_json(value: Any) -> str:
         char if char == "\n" or (visible(char) and i not in lookalikes) else _json_escape(char)
         for i, char in enumerate(text)
     )
+
+
+# json.dumps(value, indent=2, ...): indented, json writes in Python (its C writer does not
+# indent), between whose values `readable_json` may tick.
+_READABLE = json.JSONEncoder(indent=2, ensure_ascii=False, sort_keys=True, default=str)
 
 
 def _json_escape(char: str) -> str:

@@ -37,10 +37,12 @@ from bastion.approvals.store import OPEN, ApprovalRequest
 from bastion.db import DatabaseUnavailable
 from bastion.decide.mcp import DECIDED_AS
 from bastion.facts.model import Entity
+from bastion.large_json import LargeMessage
 from bastion.names import readable, readable_json
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, signed_in_as
 from bastion.oauth.store import Client
+from bastion.turns import PIECE, Turns
 from bastion.whole_numbers import count_in
 
 if TYPE_CHECKING:
@@ -359,8 +361,14 @@ def _status(request: ApprovalRequest, now: float) -> str:
 
 def _json(value: Any) -> str:
     """``value`` as JSON to read on a page (`bastion.names.readable_json`: what would read as
-    something else, or as nothing, as its escape), then escaped as any text."""
-    return escape(readable_json(value))
+    something else, or as nothing, as its escape), then escaped as any text; a large held
+    result (a `LargeMessage`: the page is made on a worker thread) in turns, a `PIECE` of it
+    escaped at a time (escaping maps each character alone: the same text)."""
+    if value.__class__ is not LargeMessage:
+        return escape(readable_json(value))
+    turns = Turns()
+    text = readable_json(value, turns)
+    return "".join(escape(text[at : at + PIECE]) for at in turns.each(range(0, len(text), PIECE)))
 
 
 def _agent(request: ApprovalRequest, client: Client | None) -> str:

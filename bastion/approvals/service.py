@@ -34,6 +34,7 @@ from bastion.decide import Authorizer, Session
 from bastion.decide.contract import approval_grant_agent, path_keys
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
+from bastion.large_json import LargeMessage
 from bastion.names import is_name, readable
 from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
 from bastion.signals.suspensions import (
@@ -696,7 +697,8 @@ class Approvals:
         if request.method == "resources/read":
             uri = Entity.parse(request.target).id.partition("/")[2]
         masked, _ = mask_result(result, paths, uri)
-        return masked
+        # Still large (`LargeMessage`): shown in turns (`bastion.approvals.pages`).
+        return LargeMessage(masked) if result.__class__ is LargeMessage else masked
 
     def unmatched_fields(
         self, request: ApprovalRequest, person: str, withheld_fields: tuple[str, ...]

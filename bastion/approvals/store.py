@@ -22,11 +22,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers import (
+    AEADDecryptionContext,
+    AEADEncryptionContext,
+    Cipher,
+    algorithms,
+    modes,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bastion.db import Database, prune_rows
 from bastion.ids import typed_id
+from bastion.large_json import OFF_LOOP_BYTES, LargeMessage, read, written
 from bastion.signals.suspensions import has_person, token_principals
+from bastion.turns import PIECE, Turns
+
+# The length of an AES-GCM tag, written after the ciphertext.
+_TAG = 16
 
 _MIGRATIONS = [
     """
@@ -295,13 +307,22 @@ def resolve_request(
 class Sealed:
     """AES-GCM under a key of the deployment, for what a request holds that is data (arguments,
     a held result): a reader of the database alone does not see it. The request id is the
-    associated data, so a sealed value cannot be moved to another request."""
+    associated data, so a sealed value cannot be moved to another request.
+
+    A large held result (a `LargeMessage`; sealed text of `OFF_LOOP_BYTES` or more, opened) is
+    encoded, encrypted, decrypted and decoded in turns (`bastion.large_json`), not in one C
+    call each that would keep the GIL, and so the event loop, for as long as it runs: what is
+    sealed is the same either way (GCM is a stream cipher, its tag written last), and what is
+    opened is the same value."""
 
     def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key[:32])
+        self._key = key[:32]
+        self._aead = AESGCM(self._key)
 
     def seal(self, request_id: str, value: Any) -> bytes:
         nonce = secrets.token_bytes(12)
+        if value.__class__ is LargeMessage:
+            return nonce + self._in_turns(self._gcm(nonce).encryptor(), request_id, written(value))
         data = json.dumps(value, separators=(",", ":")).encode()
         return nonce + self._aead.encrypt(nonce, data, request_id.encode())
 
@@ -309,7 +330,33 @@ class Sealed:
         if blob is None:
             return None
         blob = bytes(blob)
-        return json.loads(self._aead.decrypt(blob[:12], blob[12:], request_id.encode()))
+        if len(blob) < OFF_LOOP_BYTES:
+            return json.loads(self._aead.decrypt(blob[:12], blob[12:], request_id.encode()))
+        # A tag that does not match raises `InvalidTag` at the end, as the one-shot does.
+        decryptor = self._gcm(blob[:12], blob[-_TAG:]).decryptor()
+        return read(self._in_turns(decryptor, request_id, memoryview(blob)[12:-_TAG]))
+
+    def _gcm(self, nonce: bytes, tag: bytes | None = None) -> Cipher:
+        return Cipher(algorithms.AES(self._key), modes.GCM(nonce, tag))
+
+    @staticmethod
+    def _in_turns(
+        context: AEADEncryptionContext | AEADDecryptionContext,
+        request_id: str,
+        data: bytes | memoryview,
+    ) -> bytes:
+        """``data`` through ``context`` a `PIECE` at a time, a tick after each; with the tag
+        after it when encrypting (`AESGCM.encrypt`'s layout)."""
+        turns = Turns()
+        context.authenticate_additional_data(request_id.encode())
+        pieces = []
+        for start in range(0, len(data), PIECE):
+            pieces.append(context.update(data[start : start + PIECE]))
+            turns.tick()
+        pieces.append(context.finalize())
+        if isinstance(context, AEADEncryptionContext):
+            pieces.append(context.tag)
+        return b"".join(pieces)
 
 
 class TooManyPending(Exception):

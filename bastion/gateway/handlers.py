@@ -45,7 +45,6 @@ from bastion.gateway.jsonrpc import (
     error_parts,
     notification,
 )
-from bastion.gateway.large_messages import LargeMessage
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.tool_pins import PROMPT, TOOL, PinChange
 from bastion.gateway.upstream import (
@@ -56,6 +55,7 @@ from bastion.gateway.upstream import (
     UpstreamUnreachable,
 )
 from bastion.gateway.uris import plain_name, resource_uri, spelling_refused, tool_or_prompt_name
+from bastion.large_json import LargeMessage
 from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
 
@@ -120,7 +120,7 @@ class Exchange:
     labels_due: Verdict | None = None
     _labelling: asyncio.Future | None = None
     # Whether the upstream's answer was large, read off the loop (a `LargeMessage`): masked and
-    # written off the loop too (`bastion.gateway.large_messages`).
+    # written off the loop too (`bastion.large_json`).
     large: bool = False
 
     @property
@@ -712,6 +712,8 @@ async def _held_for_review(
     """The upstream answered; a reviewer releases the answer, or not: the result held, and
     recorded so."""
     enforcer = ex.gateway.enforcer
+    if ex.large:  # sealed in turns on its worker thread (`bastion.approvals.store.Sealed`)
+        result = LargeMessage(result)
     try:
         held = await enforcer.hold_result(verdict, result, context)
     except NoApprover as why:  # nobody could review it any more (owner changed, reviewer disabled)
@@ -892,6 +894,9 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
             raise refused(verdict.call.resource.id, verdict.decision_id, refusal)
         withheld = verdict.review.withheld_fields
         ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
+        # Opened in turns when large: masked and written off the loop, as a large upstream
+        # answer is.
+        ex.large = result.__class__ is LargeMessage
         return await _release(ex, verdict, result, uri)
     except (Exception, asyncio.CancelledError) as e:
         raise _ended(ex, verdict, e) from None

@@ -35,9 +35,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from bastion import large_json
 from bastion.decide.contract import path_keys
 from bastion.gateway.jsonrpc import LOG_LEVELS
 from bastion.json_encoding import decode, encoder
+from bastion.large_json import OFF_LOOP_BYTES
 
 log = logging.getLogger("bastion.gateway.masks")
 
@@ -231,8 +233,12 @@ def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
     """Text that holds a JSON object or list, masked; any other text withheld."""
     if not isinstance(text, str):
         return WITHHELD, 1
+    # A large text is in a large message, masked on a worker thread: read and written in
+    # turns there (`bastion.large_json`), the same value and text, so that the loop is not
+    # held for all of it.
+    large = len(text) >= OFF_LOOP_BYTES
     try:
-        data = decode(text)
+        data = large_json.loads(text) if large else decode(text)
     except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
         return WITHHELD, 1
     if not isinstance(data, dict | list):
@@ -242,7 +248,7 @@ def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
         return WITHHELD, 1
     # Written back as bastion read it, changed or not: the text as it came can say more than
     # its value (a key given twice, of which the parser keeps the last while a model reads both).
-    return _dumps(data), count
+    return large_json.dumps(data) if large else _dumps(data), count
 
 
 def _rebuild(

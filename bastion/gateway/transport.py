@@ -54,7 +54,6 @@ from bastion.gateway.jsonrpc import (
     parse_message,
     result,
 )
-from bastion.gateway.large_messages import LargeMessage, written
 from bastion.gateway.mcp_name import NAME_PARAMS
 from bastion.gateway.mcp_name import decode as decode_name
 from bastion.gateway.metadata import challenge
@@ -63,6 +62,7 @@ from bastion.gateway.upstream_credentials import client_declared
 from bastion.gateway.uris import resource_uri
 from bastion.http_fields import accepts, media_type
 from bastion.identity.trusted_issuers import IssuerUnavailable
+from bastion.large_json import LargeMessage, written
 from bastion.oauth.dpop import NONCE_HEADER, InvalidDPoPProof, UseDPoPNonce, one_proof
 from bastion.oauth.errors import InvalidToken
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
@@ -201,7 +201,7 @@ async def send_json(
 ) -> int:
     """A whole HTTP response: ``body`` as compact JSON (none if None), with ``headers``; returns
     the length of the body sent. ``large``: ``body`` is made of a large upstream message, and
-    is written off the loop (`bastion.gateway.large_messages`)."""
+    is written off the loop (`bastion.large_json`)."""
     if body is None:
         data = b""
     elif large:

@@ -53,11 +53,11 @@ from bastion.gateway.jsonrpc import (
     encode,
     error_parts,
 )
-from bastion.gateway.large_messages import OFF_LOOP_BYTES, LargeMessage, object_hook
 from bastion.gateway.mcp_name import NAME_PARAMS
 from bastion.gateway.mcp_name import encode as encode_name
 from bastion.http_fields import media_type
 from bastion.json_encoding import decoder
+from bastion.large_json import OFF_LOOP_BYTES, LargeMessage, object_hook
 from bastion.turns import Turns, full_passes_held
 from bastion.whole_numbers import capped
 
@@ -1200,7 +1200,7 @@ def _message(data: bytes | str) -> Any:
 def _large_message(data: bytes | str) -> Any:
     """`_message` of a message of `OFF_LOOP_BYTES` or more, on a worker thread: the same value
     or the same error, read in turns (a tick after each object; the collector's full passes
-    held meanwhile: `bastion.gateway.large_messages`); an object comes back as a
+    held meanwhile: `bastion.large_json`); an object comes back as a
     `LargeMessage`."""
     hooks = {
         "object_hook": object_hook(Turns()),

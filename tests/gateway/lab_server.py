@@ -281,14 +281,15 @@ async def leak(ctx: Context) -> CallToolResult:
 
 
 @server.tool(annotations=READ_ONLY)
-async def leak_much(count: int, ctx: Context) -> CallToolResult:
-    """``count`` customers, each with SECRET, as structured content and as JSON text: a few
-    MB for the tests of large answers (the tests' policy masks ``customers.*.email``)."""
+async def leak_much(count: int, ctx: Context, as_text: bool = True) -> CallToolResult:
+    """``count`` customers, each with SECRET, as structured content and (``as_text``) as JSON
+    text: a few MB for the tests of large answers (the tests' policy masks
+    ``customers.*.email``)."""
     await ctx.report_progress(1, 2, "gathering")
     customers = {"customers": [{"name": f"Ada {i}", "email": SECRET} for i in range(count)]}
+    text = json.dumps(customers) if as_text else "customers"
     return CallToolResult(
-        content=[TextContent(type="text", text=json.dumps(customers))],
-        structured_content=customers,
+        content=[TextContent(type="text", text=text)], structured_content=customers
     )
 
 
