@@ -4,7 +4,6 @@ quickstart's MCP server as upstream twice: over stdio (a child process) and over
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import importlib.util
 import json
@@ -341,8 +340,6 @@ class Running:
     # More bastion processes' worth of app on the same database and configuration (same issuer,
     # same resources), each on its own port: what replicas behind a load balancer would be.
     replicas: list[str] = field(default_factory=list)
-    # The event loop the app runs on (`tests.loop.longest_pause`).
-    loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def store(self) -> FactStore:
@@ -618,16 +615,7 @@ def start(
             with clients.client(timeout=20) as http:
                 url = servers.serve(app, sock)
                 others = [servers.serve(create_app(config), free_socket()) for _ in range(replicas)]
-                yield Running(
-                    url,
-                    app,
-                    recorder,
-                    trace,
-                    http,
-                    lab_trace,
-                    replicas=others,
-                    loop=servers.loop(url),
-                )
+                yield Running(url, app, recorder, trace, http, lab_trace, replicas=others)
 
     return running()
 

@@ -6,24 +6,24 @@ bodies, answered to the client as JSON and as an event stream, masks applied."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import math
-import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.approvals import store
+from bastion import large_json
+from bastion.approvals import pages, store
 from bastion.gateway import handlers, masks, transport, upstream
 from bastion.gateway.jsonrpc import encode
 from bastion.gateway.masks import compile_paths, mask_result
 from bastion.gateway.upstream import _large_message, _message
 from bastion.large_json import OFF_LOOP_BYTES, LargeMessage, written
+from bastion.names import readable_json
+from bastion.turns import Turns
 from tests import clients
-from tests.loop import longest_pause, noting_where
+from tests.loop import noting_where
 from tests.oauth.support import Servers, hidden_fields
 from tests.ports import free_socket
 
@@ -46,10 +46,6 @@ requires_review(_user: User, "call", Tool{{"lab/leak_much"}}) if
   context.arguments.count = {REVIEWED};
 approver(User{{"avery"}}, _user: User, "call", Tool{{"lab/leak_much"}});
 """
-# Longer than the loop waits for a worker thread's step in turns, or for the interpreter to
-# switch threads (5 ms), with room for a busy machine; shorter than the ~10 MB of the reviewed
-# result read or written in one C call (100 ms and more), during which the loop stops.
-LONGEST_PAUSE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -124,31 +120,22 @@ def test_a_large_answer_is_read_masked_and_written_off_the_loop(
     assert large["read"] == large["written"] == ["worker thread"]  # not called again
 
 
-def held_and_released(bastion, pauses: dict[str, list[float]] | None = None):
+def held_and_released(bastion):
     """``leak_much`` of REVIEWED customers as sam: held for review, shown to avery on the
     review page, released by her, and called again for the released result, which is
-    returned; with ``pauses``, the loop's longest pause at each step (`longest_pause`)."""
-
-    def step(name: str):
-        if pauses is None:
-            return contextlib.nullcontext()
-        return longest_pause(bastion.loop, pauses.setdefault(name, []))
-
-    with step("held"):
-        held = messages(call(bastion, "lab", "json", REVIEWED))[-1]["error"]["data"]
+    returned."""
+    held = messages(call(bastion, "lab", "json", REVIEWED))[-1]["error"]["data"]
     assert held["reason"] == "review_pending"
     with clients.client(base_url=bastion.url, follow_redirects=False, timeout=20) as browser:
         form = browser.get("/sign-in", params={"next": "/approvals"})
         fields = {**hidden_fields(form.text), "username": "avery", "password": bastion.password}
         assert browser.post("/sign-in", data=fields).status_code == 303
-        with step("shown"):
-            page = browser.get(f"/approvals/{held['approval_id']}")
+        page = browser.get(f"/approvals/{held['approval_id']}")
     assert page.status_code == 200
     assert page.text.count("Ada ") == REVIEWED
     approvals = bastion.app.state.approvals
     approvals.answer(held["approval_id"], "avery", "approve", channel="api")
-    with step("released"):
-        released = call(bastion, "lab", "json", REVIEWED)
+    released = call(bastion, "lab", "json", REVIEWED)
     assert approvals.get(held["approval_id"]).status == "delivered"
     return released
 
@@ -156,54 +143,60 @@ def held_and_released(bastion, pauses: dict[str, list[float]] | None = None):
 def test_a_large_result_held_for_review_is_kept_shown_and_released_off_the_loop(
     bastion, monkeypatch
 ):
-    """A result of some MB held for review is encrypted and stored, shown to its reviewer, read
-    back, masked and written to the client with the event loop never stopped for long (it
-    stops 100 ms and more where one C call reads or writes it whole), and the client gets the
-    bytes it gets when all of it is on the loop."""
-    pauses: dict[str, list[float]] = {}
-    released = held_and_released(bastion, pauses)
+    """A result of some MB held for review is sealed and stored, opened, shown to its
+    reviewer, masked and written to the client on worker threads, in turns (json's C reader
+    and writer would keep the GIL, and so the loop, for all of it), and the client gets the
+    bytes it gets when all of it is done on the loop."""
+    large = {"sealed": [], "opened": [], "shown": [], "masked": [], "written": []}
+    monkeypatch.setattr(store, "written", noting_where(written, large["sealed"]))
+    monkeypatch.setattr(store, "read", noting_where(large_json.read, large["opened"]))
+    monkeypatch.setattr(pages, "readable_json", noting_where(readable_json, large["shown"]))
+    monkeypatch.setattr(handlers, "mask_result", noting_where(mask_result, large["masked"]))
+    monkeypatch.setattr(transport, "written", noting_where(written, large["written"]))
+    released = held_and_released(bastion)
     assert SECRET not in released.text
     customers = messages(released)[-1]["result"]["structuredContent"]["customers"]
     assert len(customers) == REVIEWED and {c["email"] for c in customers} == {"[masked]"}
-    assert {name: pause[0] for name, pause in pauses.items()} == {
-        name: min(pause[0], LONGEST_PAUSE) for name, pause in pauses.items()
-    }
+    assert all(large.values()), large
+    assert {where for seen in large.values() for where in seen} == {"worker thread"}, large
 
+    # Below the threshold: sealed, opened and written in one C call each (the page and the
+    # mask are made where they were), and the same bytes.
     monkeypatch.setattr(upstream, "OFF_LOOP_BYTES", math.inf)
     monkeypatch.setattr(store, "OFF_LOOP_BYTES", math.inf)
+    small = {key: len(seen) for key, seen in large.items()}
     assert held_and_released(bastion).content == released.content
+    assert [len(large[key]) - small[key] for key in ("sealed", "opened", "written")] == [0, 0, 0]
 
 
-@pytest.fixture
-def loop():
-    """An event loop running in a thread of its own, as bastion's runs beside the tests."""
-    running = asyncio.new_event_loop()
-    thread = threading.Thread(target=running.run_forever, daemon=True)
-    thread.start()
-    yield running
-    running.call_soon_threadsafe(running.stop)
-    thread.join()
-    running.close()
-
-
-def test_the_json_of_a_large_text_block_is_masked_in_turns(loop, monkeypatch):
-    """The JSON of one text block of some MB, masked on a worker thread (as a large answer
-    is), is read and written back in turns: the loop is never stopped for long (read or
-    written in one C call, 100 ms and more), and the block is masked as when it is small."""
+def test_the_json_of_a_large_text_block_is_masked_in_turns(monkeypatch):
+    """The JSON of one text block of some MB (masked on a worker thread, as a large answer
+    is) is read and written back in turns, the loop given the GIL between them, where one C
+    call each would keep it throughout; the block is masked as when it is small."""
     customers = {"customers": [{"name": f"Ada {i}", "email": SECRET} for i in range(4 * COUNT)]}
     text = json.dumps(customers)
+    assert len(text) > OFF_LOOP_BYTES
     paths = compile_paths(("customers.*.email",))
+    steps = []
+    tick = Turns.tick
+
+    def counted(turns: Turns) -> None:
+        steps.append(None)
+        tick(turns)
+
+    monkeypatch.setattr(Turns, "tick", counted)
 
     def masked() -> tuple[dict, int]:
         return mask_result({"content": [{"type": "text", "text": text}]}, paths)
 
-    pause: list[float] = []
-    with longest_pause(loop, pause):
-        large = asyncio.run_coroutine_threadsafe(asyncio.to_thread(masked), loop).result()
-    assert pause[0] <= LONGEST_PAUSE, pause
+    large = masked()
     assert SECRET not in large[0]["content"][0]["text"]
+    in_turns = len(steps)
+    assert in_turns > 4 * COUNT  # a tick after each object read, and each chunk written
+
     monkeypatch.setattr(masks, "OFF_LOOP_BYTES", math.inf)
     assert masked() == large
+    assert len(steps) == in_turns  # the small path: no turns
 
 
 json_values = st.recursive(

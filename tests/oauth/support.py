@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -79,14 +78,6 @@ class Servers:
             raise RuntimeError("uvicorn ended before it started")
         scheme = "https" if "ssl_certfile" in options else "http"
         return f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
-
-    def loop(self, url: str) -> asyncio.AbstractEventLoop:
-        """The event loop of the app served at ``url`` (`serve`)."""
-        port = int(url.rpartition(":")[2])
-        for server, _thread in self._running:
-            if any(s.sockets[0].getsockname()[1] == port for s in server.servers):
-                return server.servers[0].get_loop()
-        raise LookupError(url)
 
     def __enter__(self) -> Servers:
         return self
