@@ -1,5 +1,7 @@
 """JSON sent by someone else: the one reader for request bodies of the `/v1` API, OAuth dynamic
-registration and the MCP gateway, with a limit on nesting and on what numbers may be.
+registration and the MCP gateway, and for what other parties sign or answer (JWTs and their JOSE
+headers, DPoP proofs, SETs, discovery documents, key sets, token endpoints' answers), with a limit
+on nesting and on what numbers may be, and no member named twice.
 
 `json.loads` recurses once per level (a body of ten thousand ``[`` is a `RecursionError`, a
 500), turns ``1e999`` into infinity and accepts ``NaN`` and ``Infinity``, which are not JSON and
@@ -8,7 +10,10 @@ So is a string holding half of a UTF-16 surrogate pair (``"\\ud800"``, which JSO
 and `json.loads` keeps): it is not Unicode text, and fails wherever it is written as UTF-8 (a
 database, a log, an answer), long after it was taken in. And so is a string holding U+0000
 (``"\\u0000"``): PostgreSQL stores no NUL in text, and in a name or an identifier it is the
-classic way to make two programs read one string as two (one of them stops at the NUL).
+classic way to make two programs read one string as two (one of them stops at the NUL). And so
+is an object that names a member twice (``{"sub": "alice", "sub": "admin"}``), which parsers read
+differently (the first, the last, an error): I-JSON (RFC 7493 §2.3) forbids it, and JWS and JWT
+(RFC 7515 §5.2, RFC 7519 §4) let a reader refuse it, the safe choice.
 """
 
 from __future__ import annotations
@@ -156,16 +161,16 @@ def loads(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     bounded_numbers: bool = True,
-    unique_keys: bool = False,
+    unique_keys: bool = True,
 ) -> Any:
     """``data`` as JSON, or `JsonRefused`.
 
     Refused: text that is not JSON (or not UTF-8), objects and arrays nested deeper than
     ``max_depth``, ``NaN``, ``Infinity``, a number too large to be finite, (with
     ``bounded_numbers``) a number outside the range of a 64-bit signed integer, a string
-    (or key) holding a lone surrogate or a NUL, and (with ``unique_keys``) an object that
-    names a member twice, which JSON parsers read differently (the first, the last, an error;
-    I-JSON, RFC 7493 §2.3, asks for unique names).
+    (or key) holding a lone surrogate or a NUL, and (with ``unique_keys``, the default) an
+    object that names a member twice, which JSON parsers read differently (the first, the last,
+    an error; I-JSON, RFC 7493 §2.3, asks for unique names).
     """
     try:
         text = data.decode("utf-8") if isinstance(data, _BINARY) else data

@@ -451,10 +451,11 @@ class UpstreamOAuthClient:
             )
         except RemoteDocumentError as e:
             raise UpstreamOAuthError("unavailable", f"{shown} {e}") from None
+        refused: untrusted_json.JsonRefused | None = None
         try:
             answer = untrusted_json.loads(body) if body else {}
-        except untrusted_json.JsonRefused:
-            answer = None
+        except untrusted_json.JsonRefused as e:
+            answer, refused = None, e
         if status not in expect:
             error = answer.get("error") if isinstance(answer, dict) else None
             description = answer.get("error_description") if isinstance(answer, dict) else None
@@ -464,6 +465,10 @@ class UpstreamOAuthClient:
             raise UpstreamOAuthError(
                 readable(error) if isinstance(error, str) and status < 500 else "unavailable",
                 readable(str(description)) if description else f"{shown} answered HTTP {status}",
+            )
+        if refused is not None:
+            raise UpstreamOAuthError(
+                "unavailable", f"{shown} sent no JSON: {readable(str(refused))}"
             )
         if not isinstance(answer, dict):
             raise UpstreamOAuthError("unavailable", f"{shown} sent no JSON object")

@@ -11,7 +11,6 @@ content, and the dataclasses that carry it leave it out of their ``repr``.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, OKPKey, RSAKey, SecurityWarning
 
+from bastion import untrusted_json
 from bastion.oauth.client_assertion import ASSERTION_TYPE
 from bastion.oauth.store import new_secret
 
@@ -111,9 +111,10 @@ def _private_key(path: str, data: bytes) -> tuple[Any, str | None]:
     text = data.lstrip()
     if text.startswith(b"{"):
         try:
-            document = json.loads(text)
-        except ValueError:
-            raise ClientKeyError(f"{path} cannot be read as a JWK: not JSON") from None
+            document = untrusted_json.loads(text)
+        except untrusted_json.JsonRefused as e:
+            # The reason alone names a member (a "d" given twice), never a value of the key.
+            raise ClientKeyError(f"{path} cannot be read as a JWK: {e.reason}") from None
         kty = document.get("kty") if isinstance(document, Mapping) else None
         if kty not in ("RSA", "EC", "OKP"):
             shown = kty if isinstance(kty, str) and kty.isalnum() and len(kty) < 10 else "?"

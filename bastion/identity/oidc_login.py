@@ -81,6 +81,7 @@ from bastion.oauth import pages, pkce
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import (
     FetchLimits,
+    HeaderRefused,
     RemoteDocumentError,
     RemoteKeySets,
     fetch,
@@ -514,7 +515,9 @@ class OpenIDLogin:
             raise ProviderUnavailable(f"its {what} {exc}") from None
         try:
             return status, untrusted_json.loads(body)
-        except untrusted_json.JsonRefused:
+        except untrusted_json.JsonRefused as exc:
+            if status == 200:
+                raise ProviderUnavailable(f"its {what} sent no JSON: {exc}") from None
             return status, None
 
     async def _verified_claims(
@@ -530,6 +533,8 @@ class OpenIDLogin:
         multi-tenant provider (`expected_issuer`), else None."""
         try:
             header = protected_header(jws.extract_compact(id_token.encode("ascii")))
+        except HeaderRefused as e:
+            raise LoginRefused("id_token", f"The ID token's {readable(str(e))}") from None
         except (JoseError, UnicodeError, ValueError):
             raise LoginRefused("id_token", "The ID token is not a signed JWT.") from None
         alg = header.get("alg")

@@ -68,6 +68,7 @@ from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import (
     FetchLimits,
+    HeaderRefused,
     RemoteDocumentError,
     RemoteKeySets,
     SignatureRefused,
@@ -343,22 +344,20 @@ def _another_kind(typ: object) -> bool:
     return isinstance(typ, str) and typ.strip(" \t").lower().endswith("+jwt")
 
 
-def _unverified_claims(token: str) -> dict[str, Any]:
-    """The claims a compact JWS holds, before anything is checked (to route it), or none."""
+def _unverified_claims(token: str) -> dict[str, Any] | None:
+    """The claims a compact JWS holds, before anything is checked (to route it): none (``{}``)
+    when it is no compact JWS of a JSON object, None when its claims are JSON no reader may take
+    (`bastion.untrusted_json`: a claim named twice...)."""
     if len(token) > MAX_TOKEN_CHARS:
         return {}
     try:
         compact = jws.extract_compact(token.encode("ascii"))
         claims = untrusted_json.loads(compact.payload)
+    except untrusted_json.JsonRefused:
+        return None
     except (JoseError, UnicodeError, ValueError):
         return {}
     return claims if isinstance(claims, dict) else {}
-
-
-def unverified_issuer(token: str) -> str | None:
-    """The ``iss`` a compact JWS claims, before anything is checked (to route it), or None."""
-    issuer = _unverified_claims(token).get("iss")
-    return issuer if isinstance(issuer, str) else None
 
 
 @dataclass
@@ -460,7 +459,13 @@ class TrustedIssuers:
     def claims_issuer(self, token: str) -> bool:
         """Whether ``token`` says it comes from one of the trusted issuers (unverified): its
         ``iss`` is one, or at the origin of one of many tenants."""
-        return bool(self._candidates(unverified_issuer(token)))
+        claims = _unverified_claims(token)
+        if claims is None:
+            # Claims no reader may take are no token of bastion's (it writes none): `verify`
+            # refuses them, saying why, where bastion's own verifier could only name the kid.
+            return bool(self.issuers)
+        issuer = claims.get("iss")
+        return bool(self._candidates(issuer if isinstance(issuer, str) else None))
 
     def _candidates(self, claimed: str | None) -> tuple[TrustedIssuer, ...]:
         """The issuers a token claiming ``claimed`` (its ``iss``) may be of: the one configured
@@ -599,9 +604,15 @@ class TrustedIssuers:
         try:
             compact = jws.extract_compact(token.encode("ascii"))
             header = protected_header(compact)
+            unverified = untrusted_json.loads(compact.payload)
+        except HeaderRefused as exc:
+            raise InvalidToken(f"the token's {exc}", "format") from None
+        except untrusted_json.JsonRefused as exc:
+            raise InvalidToken(f"the token's claims are refused: {exc}", "claims") from None
         except (JoseError, UnicodeError, ValueError):
             raise InvalidToken("not a compact JWS", "format") from None
-        unverified = _unverified_claims(token)
+        if not isinstance(unverified, dict):
+            unverified = {}
         claimed = unverified.get("iss")
         candidates = self._candidates(claimed if isinstance(claimed, str) else None)
         if not candidates:
@@ -863,9 +874,9 @@ class TrustedIssuers:
             )
         try:
             answer = untrusted_json.loads(content)
-        except untrusted_json.JsonRefused:
+        except untrusted_json.JsonRefused as exc:
             raise IssuerUnavailable(
-                f"the introspection endpoint of {issuer.issuer} sent no JSON"
+                f"the introspection endpoint of {issuer.issuer} sent no JSON: {exc}"
             ) from None
         if not isinstance(answer, dict) or answer.get("active") is not True:
             raise InvalidToken("the issuer says the token is not active (revoked)", "revoked")

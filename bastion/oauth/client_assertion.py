@@ -36,6 +36,7 @@ from bastion.egress import cleartext_problem
 from bastion.oauth.errors import InvalidClient, InvalidClientMetadata, InvalidRequest
 from bastion.oauth.jwks import (
     FetchLimits,
+    HeaderRefused,
     RemoteDocumentError,
     RemoteKeySets,
     SignatureRefused,
@@ -311,6 +312,8 @@ def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
         compact = jws.extract_compact(assertion.encode("ascii"))
         header = protected_header(compact)
         claims = untrusted_json.loads(compact.payload)
+    except HeaderRefused as e:
+        raise InvalidClient(f"the client assertion's {e}") from None
     except untrusted_json.JsonRefused as e:
         raise InvalidClient(f"the client assertion's claims are refused: {e}") from None
     except (JoseError, UnicodeError, ValueError):

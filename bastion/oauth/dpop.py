@@ -41,7 +41,7 @@ from bastion import untrusted_json
 from bastion.constant_time import same
 from bastion.db import Database
 from bastion.oauth.errors import OAuthError
-from bastion.oauth.jwks import protected_header
+from bastion.oauth.jwks import HeaderRefused, protected_header
 from bastion.oauth.numeric_date import numeric_date
 from bastion.oauth.settings import DPoPSettings
 from bastion.oauth.spent_jtis import SpentJtis
@@ -190,6 +190,8 @@ class DPoPProofs:
         try:
             compact = jws.extract_compact(proof.encode("ascii"), registry=self._registry)
             header = protected_header(compact)
+        except HeaderRefused as e:
+            raise InvalidDPoPProof(f"the DPoP proof's {e}") from None
         except (JoseError, UnicodeError, ValueError):
             raise InvalidDPoPProof("the DPoP proof is not a signed JWT (compact form)") from None
         if header.get("typ") != PROOF_TYPE:

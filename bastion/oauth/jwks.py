@@ -15,6 +15,7 @@ verification of trusted issuers' access tokens (`bastion.identity.trusted_issuer
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -261,14 +262,31 @@ class _Fetched:
     kept_seconds: float
 
 
+class HeaderRefused(ValueError):
+    """A JOSE header that is JSON no reader may take (`bastion.untrusted_json`): a member named
+    twice, a NUL... The message begins "JOSE header", for a caller to name the token before it
+    ("the DPoP proof's JOSE header ...")."""
+
+
 def protected_header(compact: CompactSignature) -> dict[str, Any]:
-    """The protected header of a compact JWS, before anything is verified; `ValueError` unless
-    it is a JSON object (joserfc takes any JSON that holds "alg": a list or a string did, and
-    made a 500 wherever it was read as an object)."""
-    header = compact.headers()
+    """The protected header of a compact JWS, before anything is verified, read as all JSON from
+    elsewhere is (`bastion.untrusted_json`): `HeaderRefused` for a member named twice
+    (``{"kid": "a", "kid": "b"}``: joserfc keeps the last, as Python's json does, so its reading
+    and bastion's, or another reader's, could differ; RFC 7515 §5.2 lets a parser refuse it);
+    `ValueError` unless it is a JSON object (joserfc takes any JSON that holds "alg": a list or
+    a string did, and made a 500 wherever it was read as an object). Every JWS bastion takes
+    from another party has its header read here (or, a SET's and an access token's, by
+    `bastion.untrusted_json` as strictly) before joserfc reads it again to verify it."""
+    segment = compact.segments["header"]
+    try:
+        header = untrusted_json.loads(
+            base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+        )
+    except untrusted_json.JsonRefused as exc:
+        raise HeaderRefused(f"JOSE header is refused: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError("the JWS header is not a JSON object")
-    return dict(header)
+    return header
 
 
 def typ_is(typ: Any, expected: str) -> bool:
@@ -322,7 +340,9 @@ def verified_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict
     with the key `signing_key` chooses and the ``alg`` the caller accepted from its header;
     the payload read as every JSON from elsewhere is (`bastion.untrusted_json`: no NUL, no
     lone surrogate, no number past 64 bits). One way for every JWT bastion takes from another
-    party: ID tokens, trusted issuers' access tokens, ID-JAGs, SETs, client assertions."""
+    party: ID tokens, trusted issuers' access tokens, ID-JAGs, SETs, client assertions. The
+    caller read ``kid`` and ``alg`` with `protected_header` (a SET's with
+    `bastion.signals.set_tokens`), so a header that names a member twice never gets here."""
     key = signing_key(keys, kid)
     if key is None:
         raise SignatureRefused(

@@ -67,6 +67,7 @@ from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.jwks import (
     FetchLimits,
+    HeaderRefused,
     RemoteDocumentError,
     RemoteKeySets,
     SignatureRefused,
@@ -758,6 +759,8 @@ def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
         compact = jws.extract_compact(assertion.encode("ascii"))
         header = protected_header(compact)
         claims = untrusted_json.loads(compact.payload)
+    except HeaderRefused as e:
+        raise InvalidGrant(f"the assertion's {e}") from None
     except untrusted_json.JsonRefused as e:
         raise InvalidGrant(f"the assertion's claims are refused: {e}") from None
     except (JoseError, UnicodeError, ValueError):

@@ -75,7 +75,9 @@ def _header(token: str) -> dict[str, Any]:
         header = untrusted_json.loads(
             base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4))
         )
-    except ValueError:  # JsonRefused too
+    except untrusted_json.JsonRefused as e:
+        raise SetRefused("invalid_request", f"the SET's JOSE header is refused: {e}") from None
+    except ValueError:
         raise SetRefused("invalid_request", "the SET's JOSE header is not base64url JSON") from None
     if not isinstance(header, dict):
         raise SetRefused("invalid_request", "the SET's JOSE header must be a JSON object")

@@ -56,6 +56,7 @@ class AuthorizationServer:
       to); by default any code is taken;
     - ``grant_types``: the grants its token endpoint takes (others: ``unsupported_grant_type``);
     - ``refusal``: ``(status, body)`` the token endpoint answers to everything (`refuse`);
+      ``answer_text``: the JSON text (bytes, as they are) it answers with 200 instead;
     - ``rotates``: each refresh token is good once; a used one coming back revokes the whole
       grant (RFC 9700 §4.14.2), and ``revoked_grant`` says it happened;
     - ``issues_refresh_tokens``: whether an answer carries a refresh token; ``token_type``: the
@@ -104,6 +105,7 @@ class AuthorizationServer:
         assert holds in (None, "each", "first"), holds
         self.holds = holds
         self.refusal: tuple[int, dict] | None = None
+        self.answer_text: bytes | None = None
         self.revocation_refusal: tuple[int, dict] | None = None
         self.clients: dict[str, list[str]] = {}  # client_id -> its redirect URIs
         self.codes: dict[str, dict] = {}  # with checks_codes: what each code was issued for
@@ -192,6 +194,8 @@ class AuthorizationServer:
         if self.refusal is not None:
             status, body = self.refusal
             return JSONResponse(body, status_code=status)
+        if self.answer_text is not None:
+            return Response(self.answer_text, media_type="application/json")
         grant_type = form.get("grant_type", "")
         if grant_type not in self.grant_types:
             return _invalid("unsupported_grant_type")

@@ -88,6 +88,22 @@ def test_a_refusal_that_is_not_invalid_grant_keeps_the_connection(service, serve
     assert anyio.run(service.access_token, "alice", "tracker") == "access-of-refusing-1"
 
 
+def test_an_answer_that_names_a_member_twice_is_refused_and_keeps_the_connection(service, server):
+    """A token endpoint's answer with ``access_token`` twice: which token a parser keeps is
+    its own choice (I-JSON, RFC 7493 §2.3). Refused, naming the member, as an answer that is
+    not JSON is; the connection is kept as it was, and refreshes once the server is fixed."""
+    server.answer_text = (
+        b'{"access_token": "access-one", "token_type": "Bearer", "expires_in": 3600,'
+        b' "access_token": "access-two"}'
+    )
+    before = service.store.get("alice", "tracker")
+    with pytest.raises(ConnectionUnavailable, match="'access_token' twice"):
+        anyio.run(service.access_token, "alice", "tracker")
+    assert service.store.get("alice", "tracker") == before
+    server.answer_text = None
+    assert anyio.run(service.access_token, "alice", "tracker") == "access-of-refusing-1"
+
+
 def test_invalid_grant_deletes_the_connection_and_the_user_connects_again(service, server):
     server.refusal = (400, {"error": "invalid_grant"})
     assert anyio.run(service.access_token, "alice", "tracker") is None

@@ -26,7 +26,7 @@ from tests.delegation.support import PASSWORD as STUDIO_PASSWORD
 from tests.delegation.support import REDIRECT_URI as STUDIO_REDIRECT
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import PASSWORD, REDIRECT_URI, start
-from tests.oauth.support import log_in_and_consent, pkce_pair
+from tests.oauth.support import log_in_and_consent, pkce_pair, signed_text
 
 SERVER = "deskhttp"
 TOOL = "search_customers"
@@ -653,6 +653,32 @@ def test_a_proof_whose_iat_is_not_a_number_is_refused_and_spends_nothing(databas
     # Signed as it is: the holder's own key signs whatever claims it likes.
     proof = jws.serialize_compact(head, claims.encode(), holder.key, algorithms=["ES256"])
     with pytest.raises(InvalidDPoPProof, match=r"claims are refused: iat"):
+        proofs.use(proof, "POST", url)
+    # Nothing was spent: the same jti in a good proof is still new.
+    assert proofs.use(holder.proof("POST", url, jti=jti), "POST", url).jti == jti
+
+
+@pytest.mark.parametrize("where", ["claims", "header"])
+def test_a_proof_that_names_a_member_twice_is_refused_and_spends_nothing(database_url, where):
+    """A proof whose ``htu`` (or header ``jwk``) is given twice, signed by its holder: one
+    reader takes the first value, another the last (the key and URL a proxy or a log saw are
+    not those checked). RFC 7515 §5.2 and RFC 7519 §4 let a parser refuse it: refused as it
+    is read, naming the member, before a key is taken from it or a jti is spent."""
+    proofs = DPoPProofs(DPoPSettings(), Database(database_url), leeway_seconds=30)
+    holder, url, jti = Holder(), "https://bastion.example/token", uuid.uuid4().hex
+    jwk = json.dumps(holder.key.as_dict(private=False))
+    other = json.dumps(Holder().key.as_dict(private=False))
+    claims = f'{{"jti": "{jti}", "htm": "POST", "htu": "{url}", "iat": {int(time.time())}'
+    if where == "claims":
+        header = f'{{"typ": "dpop+jwt", "alg": "ES256", "jwk": {jwk}}}'
+        claims += ', "htu": "https://elsewhere.example/token"}'
+        member = "htu"
+    else:
+        header = f'{{"typ": "dpop+jwt", "alg": "ES256", "jwk": {other}, "jwk": {jwk}}}'
+        claims += "}"
+        member = "jwk"
+    proof = signed_text(holder.key, header, claims)
+    with pytest.raises(InvalidDPoPProof, match=f"'{member}' twice"):
         proofs.use(proof, "POST", url)
     # Nothing was spent: the same jti in a good proof is still new.
     assert proofs.use(holder.proof("POST", url, jti=jti), "POST", url).jti == jti

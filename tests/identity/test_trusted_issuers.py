@@ -39,7 +39,7 @@ from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
 from tests.clock import ManualClock
 from tests.gateway.support import PASSWORD, start
-from tests.oauth.support import ANY_KID, free_socket, serve
+from tests.oauth.support import ANY_KID, free_socket, serve, signed_text
 from tests.waits import PATIENCE
 
 INTROSPECTION_ID, INTROSPECTION_SECRET = "bastion-rs", "s3cret-for-tests"
@@ -81,6 +81,8 @@ class TestIssuer:
                 Route("/.well-known/oauth-authorization-server/b", self.rfc8414),
                 # Issuer f's discovery document names another issuer: not its metadata.
                 Route("/f/.well-known/openid-configuration", self.discovery),
+                # Issuer m's discovery document names jwks_uri twice.
+                Route("/m/.well-known/openid-configuration", self.discovery_naming_twice),
                 Route("/jwks", self.jwks),
                 Route("/big-jwks", self.big_jwks),
                 Route("/introspect", self.introspect, methods=["POST"]),
@@ -93,6 +95,15 @@ class TestIssuer:
 
     async def discovery(self, request: Request) -> Response:
         return JSONResponse({"issuer": self.issuer("a"), "jwks_uri": f"{self.url}/jwks"})
+
+    async def discovery_naming_twice(self, request: Request) -> Response:
+        # A reader that keeps the first value fetches the first key set, one that keeps the
+        # last the second: which keys verify the issuer's tokens depends on the parser.
+        text = (
+            f'{{"issuer": "{self.issuer("m")}", "jwks_uri": "{self.url}/elsewhere",'
+            f' "jwks_uri": "{self.url}/jwks"}}'
+        )
+        return Response(text, media_type="application/json")
 
     async def rfc8414(self, request: Request) -> Response:
         return JSONResponse(
@@ -222,6 +233,7 @@ def bastion(tmp_path_factory, idp, dead_url):
         },
         {"issuer": f"{dead_url}/d", "audiences": {"deskhttp": "api://desk-d"}},
         {"issuer": idp.issuer("f"), "audiences": {"deskhttp": "api://desk-f"}},
+        {"issuer": idp.issuer("m"), "audiences": {"deskhttp": "api://desk-m"}},
         {
             "issuer": idp.issuer("h"),
             "jwks_uri": f"{idp.url}/jwks",
@@ -415,6 +427,7 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
         idp.issuer("g"),
         f"{dead_url}/d",
         idp.issuer("f"),
+        idp.issuer("m"),
         idp.issuer("h"),
         idp.issuer("o"),
         idp.issuer("p"),
@@ -476,12 +489,43 @@ def test_an_expired_or_not_yet_valid_token_is_refused(bastion, idp):
     assert "future" in refused(call(bastion, idp.token("a", iat=now + 600)))
     assert "exp" in refused(call(bastion, idp.token("a", exp=None)))
     # Not numbers, though Python's own reader takes them as such: an exp of NaN is never past,
-    # true is 1. A payload holding NaN is not JSON: no issuer can be read from it, so it is
-    # refused as a token of none (refused() checks the 401 and invalid_token).
-    refused(call(bastion, idp.token("a", exp=float("nan"))))
-    refused(call(bastion, idp.token("a", exp=float("inf"))))
+    # true is 1. A payload holding NaN is not JSON: refused as the claims are read, naming the
+    # place (refused() checks the 401 and invalid_token).
+    assert "exp: NaN" in refused(call(bastion, idp.token("a", exp=float("nan"))))
+    assert "exp: Infinity" in refused(call(bastion, idp.token("a", exp=float("inf"))))
     assert "nbf" in refused(call(bastion, idp.token("a", nbf=True)))
     assert "exp" in refused(call(bastion, idp.token("a", exp=True)))
+
+
+def _claims_text(idp, **claims) -> str:
+    """The JSON text of a token's claims as `TestIssuer.token` makes them, without the braces."""
+    return json.dumps(json.loads(_b64decode(idp.token("a", **claims).split(".")[1])))[1:-1]
+
+
+def test_a_token_that_names_a_claim_twice_is_refused(bastion, idp):
+    """``{"sub": "sam", ..., "sub": "avery"}``, signed by the issuer: a reader that keeps the
+    first value (a proxy, a log, the issuer's own) sees sam, one that keeps the last avery, an
+    admin. RFC 7519 §4 lets a JWT parser refuse it, and bastion does, naming the claim."""
+    header = '{"alg": "ES256", "kid": "k1", "typ": "at+jwt"}'
+    token = signed_text(idp.keys["k1"], header, "{" + _claims_text(idp) + ', "sub": "avery"}')
+    described = refused(call(bastion, token))
+    assert "'sub' twice" in described, described
+
+
+@pytest.mark.parametrize(
+    ("header", "member"),
+    [
+        ('{"alg": "ES256", "kid": "k1", "typ": "at+jwt", "kid": "k-unpublished"}', "kid"),
+        ('{"alg": "none", "kid": "k1", "typ": "at+jwt", "alg": "ES256"}', "alg"),
+        ('{"alg": "ES256", "kid": "k1", "typ": "JWT", "typ": "at+jwt"}', "typ"),
+    ],
+)
+def test_a_token_whose_header_names_a_member_twice_is_refused(bastion, idp, header, member):
+    """A JOSE header read one way by bastion and another by joserfc (or by whoever else reads
+    the token) is refused before any key is looked up (RFC 7515 §5.2)."""
+    token = signed_text(idp.keys["k1"], header, "{" + _claims_text(idp) + "}")
+    described = refused(call(bastion, token))
+    assert f"'{member}' twice" in described and "header" in described, described
 
 
 def test_a_token_whose_claims_bastion_would_drop_is_refused(bastion, idp):
@@ -847,6 +891,15 @@ def test_metadata_naming_another_issuer_is_not_used(bastion, idp):
     response = call(bastion, idp.token("f"))
     assert response.status_code == 503, response.text
     assert "is not the metadata of" in response.json()["error_description"]
+
+
+def test_metadata_naming_a_member_twice_is_not_used(bastion, idp):
+    """Which key set verifies the issuer's tokens may not depend on which of two ``jwks_uri``
+    a parser keeps (I-JSON, RFC 7493 §2.3): the document is refused whole."""
+    response = call(bastion, idp.token("m", aud="api://desk-m"))
+    assert response.status_code == 503, response.text
+    described = response.json()["error_description"]
+    assert "'jwks_uri' twice" in described, described
 
 
 def test_a_key_set_larger_than_its_cap_is_not_read(bastion, idp):

@@ -58,11 +58,11 @@ def test_one_deep_branch_among_many_shallow_ones_is_found(opening):
 
 
 def test_with_unique_keys_a_name_twice_in_any_object_is_refused_and_otherwise_nothing_changes():
-    # AuthZEN asks for it (bastion.server.api.authzen); every other reader keeps json's last.
+    # I-JSON and AuthZEN ask for it: the default, for every reader of another party's JSON.
     for text in ('{"a": 1, "a": 2}', '{"x": [{"b": 1, "c": {"d": 1, "d": 1}}]}'):
-        assert isinstance(untrusted_json.loads(text), dict)
+        assert isinstance(untrusted_json.loads(text, unique_keys=False), dict)
         with pytest.raises(untrusted_json.JsonRefused, match="twice"):
-            untrusted_json.loads(text, unique_keys=True)
+            untrusted_json.loads(text)
     # A refused number and a repeated name in one body: refused either way, never a crash.
     for text in ('{"n": 1e999, "a": 1, "a": 2}', '{"a": 1, "a": 2, "n": NaN}'):
         with pytest.raises(untrusted_json.JsonRefused):

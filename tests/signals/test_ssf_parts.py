@@ -26,7 +26,7 @@ from bastion.signals.set_tokens import SetRefused
 from bastion.signals.settings import SignalsConfigError, SsfSettings, from_config
 from bastion.signals.ssf_store import SsfStore
 from bastion.signals.subjects import SubjectError, UnreadFormat, parse_subject, user_of
-from tests.oauth.support import free_socket, serve
+from tests.oauth.support import free_socket, serve, signed_text
 from tests.waits import PATIENCE
 
 ISSUER = "https://idp.example.com/tenant"
@@ -285,6 +285,44 @@ def test_a_signed_set_holding_text_that_is_not_unicode_is_refused(published_keys
     try:
         token = sender.set_token(CAEP + "session-revoked", {}, {"format": "opaque", "id": "\udc00"})
         with pytest.raises(SetRefused, match="half of a UTF-16 surrogate pair") as refused:
+            verify_set_with(receiver, t, token)
+        assert refused.value.err == "invalid_request"
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("where", ["claims", "header"])
+def test_a_signed_set_that_names_a_member_twice_is_refused(published_keys, tmp_path, where):
+    """A SET whose ``events`` (or header ``typ``) is given twice, signed by the transmitter: a
+    reader that keeps the first value sees a credential change, one that keeps the last a
+    revoked session. Refused as it is read (RFC 7515 §5.2, RFC 7519 §4), naming the member,
+    with RFC 8935's invalid_request, before any event takes effect."""
+    from tests.signals.transmitter import CAEP, Transmitter
+
+    sender = Transmitter("https://bastion.example.com")
+    sender.url = ISSUER
+    published_keys["keys"] = [sender.key.as_dict(private=False)]
+    receiver, t, db = receiver_of(published_keys, tmp_path)
+    try:
+        claims = json.dumps(
+            {
+                "iss": ISSUER,
+                "aud": "https://bastion.example.com",
+                "iat": int(time.time()),
+                "jti": "j-twice",
+                "events": {CAEP + "credential-change": {"change_type": "update"}},
+                "sub_id": {"format": "opaque", "id": "x"},
+            }
+        )
+        header = '{"alg": "ES256", "typ": "secevent+jwt", "kid": "k1"}'
+        if where == "claims":
+            member = "events"
+            claims = claims[:-1] + f', "events": {{"{CAEP}session-revoked": {{}}}}}}'
+        else:
+            member = "typ"
+            header = '{"alg": "ES256", "typ": "JWT", "kid": "k1", "typ": "secevent+jwt"}'
+        token = signed_text(sender.key, header, claims)
+        with pytest.raises(SetRefused, match=f"'{member}' twice") as refused:
             verify_set_with(receiver, t, token)
         assert refused.value.err == "invalid_request"
     finally:
