@@ -456,35 +456,58 @@ class _Child:
     of its own where there is none). Under uvloop, `asyncio.create_subprocess_exec` forks the
     whole process on the loop: 35 to 110 ms of a 600 MB bastion that every other request waited
     out, at each stdio upstream's start. The parts of `asyncio.subprocess.Process` an upstream
-    uses: ``pid``, ``stdin``, ``stdout``, ``stderr``, ``returncode``, `kill`, `terminate`, `wait`."""
+    uses: ``pid``, ``stdin``, ``stdout``, ``stderr``, ``returncode``, `kill`, `terminate`, `wait`;
+    and `stop`, for a child its upstream lets go of."""
 
-    def __init__(self, popen: subprocess.Popen, stdin: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen,
+        stdin: asyncio.StreamWriter,
+        transports: list[asyncio.BaseTransport],
+    ) -> None:
         self._popen = popen
         self.pid = popen.pid
         self.stdin = stdin
         self.stdout: asyncio.StreamReader | None = None
         self.stderr: asyncio.StreamReader | None = None
+        self._transports = transports
         self._ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def start(
         cls, argv: list[str], env: dict[str, str], cwd: str | None, limit: int
     ) -> _Child:
-        """Start ``argv``; `OSError` if it cannot be."""
+        """Start ``argv``; `OSError` if it cannot be. A start given up (cancelled) or failed
+        after the process was made leaves none behind: it is killed, its pipes closed, and
+        waited for in a worker thread (`_Launch`, `_stop`)."""
         pipe = subprocess.PIPE
-        popen = await asyncio.to_thread(
-            subprocess.Popen, argv, stdin=pipe, stdout=pipe, stderr=pipe, env=env, cwd=cwd
-        )
+        launch = _Launch()
+        try:
+            popen = await asyncio.to_thread(
+                launch.run, argv, stdin=pipe, stdout=pipe, stderr=pipe, env=env, cwd=cwd
+            )
+        except BaseException:
+            if (made := launch.give_up()) is not None:  # made, but its handing over cancelled
+                _stop_elsewhere(made)
+            raise
         loop = asyncio.get_running_loop()
+        transports: list[asyncio.BaseTransport] = []
         try:
             transport, protocol = await loop.connect_write_pipe(
                 asyncio.streams.FlowControlMixin, _for_transport(loop, popen.stdin, "wb")
             )
-            child = cls(popen, asyncio.StreamWriter(transport, protocol, None, loop))
-            child.stdout = await _reading(loop, _for_transport(loop, popen.stdout, "rb"), limit)
-            child.stderr = await _reading(loop, _for_transport(loop, popen.stderr, "rb"), limit)
+            transports.append(transport)
+            child = cls(popen, asyncio.StreamWriter(transport, protocol, None, loop), transports)
+            child.stdout = await _reading(
+                loop, _for_transport(loop, popen.stdout, "rb"), limit, transports
+            )
+            child.stderr = await _reading(
+                loop, _for_transport(loop, popen.stderr, "rb"), limit, transports
+            )
         except BaseException:
-            popen.kill()
+            for transport in transports:
+                transport.close()
+            _stop_elsewhere(popen)
             raise
         child._watch(loop)
         return child
@@ -523,6 +546,13 @@ class _Child:
     def terminate(self) -> None:
         self._popen.terminate()
 
+    def stop(self) -> None:
+        """Kill it and close its pipes, at once; its end is waited for by `_watch` (no
+        zombie), as the loop runs on."""
+        for transport in self._transports:
+            transport.close()
+        self._popen.kill()  # nothing if it was waited for already
+
     async def wait(self) -> int:
         return await asyncio.shield(self._ended)
 
@@ -542,11 +572,69 @@ def _for_transport(loop: asyncio.AbstractEventLoop, pipe: Any, mode: str) -> Any
     return open(fd, mode, buffering=0, closefd=False)  # noqa: SIM115 - libuv closes it
 
 
-async def _reading(loop: asyncio.AbstractEventLoop, pipe: Any, limit: int) -> asyncio.StreamReader:
-    """A stream the loop reads ``pipe`` (a child's stdout or stderr) into."""
+async def _reading(
+    loop: asyncio.AbstractEventLoop, pipe: Any, limit: int, transports: list[asyncio.BaseTransport]
+) -> asyncio.StreamReader:
+    """A stream the loop reads ``pipe`` (a child's stdout or stderr) into; its transport is
+    added to ``transports``."""
     reader = asyncio.StreamReader(limit=limit, loop=loop)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe
+    )
+    transports.append(transport)
     return reader
+
+
+class _Launch:
+    """One `subprocess.Popen` in a worker thread, for a start that may be given up meanwhile
+    (cancelled: its client went away, its call's deadline or the upstream's start timeout
+    passed, the server is stopping). `asyncio.to_thread` runs on after its caller is cancelled,
+    and the process it then makes would have no owner: running on, its pipes open. So the
+    thread hands the process over only while the start still waits for it, and otherwise
+    stops it itself (`_stop`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._given_up = False
+        self._made: subprocess.Popen | None = None
+
+    def run(self, argv: list[str], **options: Any) -> subprocess.Popen | None:
+        """The process started; None only to a start given up, which never reads it."""
+        popen = subprocess.Popen(argv, **options)
+        with self._lock:
+            if not self._given_up:
+                self._made = popen
+                return popen
+        _stop(popen)
+        return None
+
+    def give_up(self) -> subprocess.Popen | None:
+        """No one takes the process any more; the process if the thread handed it over
+        already (the start was cancelled as it was being given it): the caller stops it."""
+        with self._lock:
+            self._given_up = True
+            return self._made
+
+
+def _stop(popen: subprocess.Popen) -> None:
+    """Kill a child nobody owns, close its pipes and wait for its end (no zombie): in a worker
+    thread, as the wait blocks. A child that never got a message has nothing to finish."""
+    popen.kill()  # nothing if it was waited for already
+    for pipe in (popen.stdin, popen.stdout, popen.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+    popen.wait()
+
+
+def _stop_elsewhere(popen: subprocess.Popen) -> None:
+    """`_stop` ``popen`` in a worker thread of the loop's (which its end waits for), or in a
+    thread of its own once the loop no longer takes work."""
+    popen.kill()
+    try:
+        asyncio.get_running_loop().run_in_executor(None, _stop, popen)
+    except RuntimeError:  # the loop's executor is shut down: the loop is ending
+        threading.Thread(target=_stop, args=(popen,), daemon=True).start()
 
 
 class StdioUpstream(Upstream):
@@ -558,11 +646,14 @@ class StdioUpstream(Upstream):
         self._pending: dict[Any, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        # Set by `close`: no process is started again, and one a start made meanwhile is stopped.
+        self._closed = False
 
     async def _connect(self) -> None:
+        self._refuse_if_closed()
         env = {**os.environ, **self.config.env}
         try:
-            self._process = await _Child.start(
+            process = await _Child.start(
                 [self.config.command, *self.config.args], env, self.config.cwd or None, _MAX_LINE
             )
         except OSError as e:
@@ -571,12 +662,20 @@ class StdioUpstream(Upstream):
                 f"upstream {self.name}: cannot start {self.config.command}: {e}",
                 cause=type(e).__name__,
             ) from None
+        if self._closed:  # while it started: nobody else would stop it
+            process.stop()
+            self._refuse_if_closed()
+        self._process = process
         self._tasks = [
             asyncio.create_task(self._read(self._process)),
             asyncio.create_task(self._drain_stderr(self._process)),
         ]
         await self._handshake()
         await self._subscribe_again()
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name} is closed")
 
     async def _read(self, process: _Child) -> None:
         assert process.stdout is not None
@@ -597,10 +696,8 @@ class StdioUpstream(Upstream):
             log.warning("upstream %s: stdout unreadable: %s", self.name, e)
         finally:
             self._lost(f"upstream {self.name} exited")
-            if process.returncode is None:
-                # Nothing reads it any more: stop it, or the next start would leave it running.
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+            # Nothing reads it any more: stop it, or the next start would leave it running.
+            process.stop()
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
         request_id = message.get("id")
@@ -688,35 +785,46 @@ class StdioUpstream(Upstream):
     def _discard_start(self) -> None:
         # The process may hang in its handshake: it is killed, not asked to stop.
         process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+        if process is not None:
+            process.stop()
         for task in self._tasks:
             task.cancel()
         self._tasks = []
 
     async def close(self) -> None:
+        """Stop the process: its stdin closed, then SIGTERM after 2 s, SIGKILL after 2 more.
+        Stopped at once if this is cancelled meanwhile; a start under way stops its own."""
         process, self._process = self._process, None
         self._started = False
-        if process is not None and process.returncode is None:
-            if process.stdin is not None:
-                process.stdin.close()
+        self._closed = True
+        if process is not None:
             try:
-                async with asyncio.timeout(2):
-                    await process.wait()
-            except TimeoutError:
-                process.terminate()
-                try:
-                    async with asyncio.timeout(2):
-                        await process.wait()
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+                await self._ask_to_end(process)
+            finally:
+                process.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+    @staticmethod
+    async def _ask_to_end(process: _Child) -> None:
+        if process.returncode is not None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            async with asyncio.timeout(2):
+                await process.wait()
+        except TimeoutError:
+            process.terminate()
+            try:
+                async with asyncio.timeout(2):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 class HttpUpstream(Upstream):

@@ -1,0 +1,280 @@
+"""A stdio upstream's child process always has an owner: a start given up after the process was
+made (its call cancelled, its client gone, its deadline or the upstream's start timeout passed,
+the server stopping), a start whose pipes cannot be handed to the event loop, and an upstream
+closed while it starts each leave no process running and none unreaped (a zombie), under
+uvloop (what `bastion serve` runs) and asyncio's own loop.
+
+The moment is made certain: `subprocess.Popen`, in its worker thread, holds on to the process it
+started until the test says go. The child sleeps and never reads its stdin, so one nobody stops
+runs on. Each test checks after its loop has closed, and so after its worker threads ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import uvloop
+
+from bastion.gateway import upstream
+from bastion.gateway.config import UpstreamConfig
+from bastion.gateway.jsonrpc import RpcError
+from bastion.gateway.upstream import StdioUpstream
+from tests.waits import PATIENCE, eventually_async
+
+LOOPS = pytest.mark.parametrize(
+    "loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"]
+)
+# A child that outlives whoever forgets it: it never reads its stdin, so no pipe closing ends it.
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+def left(pid: int) -> str | None:
+    """What is left of process ``pid``: "running", "a zombie" (ended, never waited for), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+    return "a zombie" if state == "Z" else "running"
+
+
+def open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+class HeldStart:
+    """`subprocess.Popen` that holds its worker thread, the process made, until `go`."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+        self.made = threading.Event()
+        self.go = threading.Event()
+        self._popen = subprocess.Popen
+
+    def __call__(self, *args, **kwargs) -> subprocess.Popen:
+        child = self._popen(*args, **kwargs)
+        self.pids.append(child.pid)
+        self.made.set()
+        self.go.wait(PATIENCE)
+        return child
+
+    async def until_made(self) -> None:
+        assert await asyncio.to_thread(self.made.wait, PATIENCE)
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """Popen held (`HeldStart`); whatever a failing test left running is ended after it."""
+    hold = HeldStart()
+    monkeypatch.setattr(upstream.subprocess, "Popen", hold)
+    yield hold
+    hold.go.set()
+    for pid in hold.pids:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def run(loop_factory, scenario):
+    """Run ``scenario()`` to its end, then close the loop: its worker threads are waited for."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(scenario())
+
+
+def sleeper_upstream(timeout: float = 10) -> StdioUpstream:
+    command, *args = SLEEPER
+    return StdioUpstream(
+        UpstreamConfig(name="sleeper", command=command, args=tuple(args), timeout=timeout)
+    )
+
+
+@LOOPS
+def test_a_start_cancelled_while_its_process_is_made_leaves_no_child(held, loop_factory):
+    """The call that started the process was cancelled (its client went away, the server is
+    stopping) while `Popen` ran in the worker thread: the process it made is ended and waited
+    for, not left to run with nobody to stop it."""
+
+    async def scenario() -> None:
+        start = asyncio.ensure_future(
+            upstream._Child.start(SLEEPER, dict(os.environ), None, 1 << 16)
+        )
+        await held.until_made()
+        start.cancel()
+        held.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+
+    run(loop_factory, scenario)
+    assert [left(pid) for pid in held.pids] == [None]
+
+
+@LOOPS
+def test_a_start_out_of_time_while_its_process_is_made_leaves_no_child(held, loop_factory):
+    """The upstream's start timeout passed while `Popen` ran: the call fails as it did (`did
+    not start within`), and the process made meanwhile is ended and waited for."""
+
+    async def scenario() -> str:
+        connection = sleeper_upstream(timeout=0.01)
+        try:
+            with pytest.raises(RpcError) as failed:
+                await connection.ensure_started()
+            held.go.set()
+            return failed.value.message
+        finally:
+            await connection.close()
+
+    assert run(loop_factory, scenario) == "upstream sleeper did not start within 0.01s"
+    assert [left(pid) for pid in held.pids] == [None]
+
+
+@LOOPS
+def test_a_start_whose_pipes_cannot_be_handed_over_leaves_no_child_nor_pipe(
+    monkeypatch, loop_factory
+):
+    """The process was made but its pipes could not be handed to the event loop (here its
+    stderr's): the start fails, the process is ended and waited for, and every pipe of it is
+    closed, those already handed to the loop included."""
+    made: list[int] = []
+    popen = subprocess.Popen
+
+    def noting(*args, **kwargs):
+        child = popen(*args, **kwargs)
+        made.append(child.pid)
+        return child
+
+    reading = upstream._reading
+    handed: list[str] = []
+
+    async def stderr_refused(*args):
+        reader = await reading(*args)
+        handed.append("pipe")
+        if len(handed) == 2:  # stdout's and stderr's transports made, then a failure
+            raise OSError("no more pipes")
+        return reader
+
+    monkeypatch.setattr(upstream.subprocess, "Popen", noting)
+    monkeypatch.setattr(upstream, "_reading", stderr_refused)
+
+    async def scenario() -> None:
+        with pytest.raises(OSError, match="no more pipes"):
+            await upstream._Child.start(SLEEPER, dict(os.environ), None, 1 << 16)
+
+    before = open_descriptors()
+    try:
+        run(loop_factory, scenario)
+        assert [left(pid) for pid in made] == [None]
+        assert open_descriptors() - before == set()
+    finally:
+        for pid in made:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+@LOOPS
+def test_an_upstream_closed_while_it_starts_leaves_no_child_and_starts_none_again(
+    held, loop_factory
+):
+    """The upstream was closed (the server stopping, its upstream session closed) while a call
+    started its process: the call fails, the process made meanwhile is ended and waited for, and
+    a later call starts none."""
+
+    async def scenario() -> tuple[str, str]:
+        connection = sleeper_upstream()
+        call = asyncio.ensure_future(connection.ensure_started())
+        await held.until_made()
+        await connection.close()
+        held.go.set()
+        with pytest.raises(RpcError) as failed:
+            await call
+        with pytest.raises(RpcError) as again:
+            await connection.ensure_started()
+        # Killed at once, waited for as the loop runs on.
+        assert await eventually_async(lambda: left(held.pids[0]) is None), left(held.pids[0])
+        return failed.value.message, again.value.message
+
+    assert run(loop_factory, scenario) == ("upstream sleeper is closed",) * 2
+    assert [left(pid) for pid in held.pids] == [None]
+
+
+@LOOPS
+def test_a_start_out_of_time_in_its_handshake_leaves_no_child(monkeypatch, loop_factory):
+    """A process that never answers its handshake: the call fails within the timeout, and the
+    process is killed and waited for while bastion runs on (no zombie left)."""
+
+    async def scenario() -> int:
+        connection = sleeper_upstream(timeout=0.2)
+        pids: list[int] = []
+        real = upstream._Child.start
+
+        async def noting(*args, **kwargs):
+            child = await real(*args, **kwargs)
+            pids.append(child.pid)
+            return child
+
+        monkeypatch.setattr(upstream._Child, "start", noting)
+        with pytest.raises(RpcError, match="did not start within"):
+            await connection.ensure_started()
+        assert await eventually_async(lambda: left(pids[0]) is None), left(pids[0])
+        await connection.close()
+        return pids[0]
+
+    assert left(run(loop_factory, scenario)) is None
+
+
+# A server that answers its handshake and then neither ends at its stdin's end nor at SIGTERM.
+STUBBORN = textwrap.dedent(
+    """
+    import json, signal, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("method") == "initialize":
+            result = {"protocolVersion": "2025-11-25", "capabilities": {},
+                      "serverInfo": {"name": "stubborn", "version": "1"}}
+            print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}),
+                  flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@LOOPS
+def test_a_close_cancelled_while_it_waits_for_the_process_stops_it_at_once(tmp_path, loop_factory):
+    """Closing asks the process to end (stdin closed, then SIGTERM, then SIGKILL, 2 s apart);
+    a close cancelled meanwhile (a server stopping, cut short) kills it at once rather than
+    leave it running."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+
+    pids: list[int] = []
+
+    async def scenario() -> None:
+        connection = StdioUpstream(
+            UpstreamConfig(name="stubborn", command=sys.executable, args=(str(script),))
+        )
+        await connection.ensure_started()
+        process = connection._process
+        pids.append(process.pid)
+        closing = asyncio.ensure_future(connection.close())
+        assert await eventually_async(process.stdin.is_closing)  # waiting for it to end
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert await eventually_async(lambda: left(process.pid) is None), left(process.pid)
+
+    try:
+        run(loop_factory, scenario)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
