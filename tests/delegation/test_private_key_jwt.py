@@ -43,7 +43,7 @@ from tests.delegation.agent_support import (
 )
 from tests.gateway.streams import call_tool, modern_headers, modern_request
 from tests.gateway.support import start
-from tests.oauth.support import MemoryStorage, free_socket, serve
+from tests.oauth.support import MemoryStorage, free_socket, serve, signed_text
 from tests.waits import PATIENCE
 
 SCOPE = "customers:read"
@@ -316,6 +316,34 @@ def test_alg_none_and_hmac_with_the_public_key_are_refused(bastion, config, caps
     # Its own algorithm works.
     good = assertion(key, client_id, bastion.url, header={"alg": "RS256", "kid": "rsa"})
     assert token_request(bastion, good).status_code == 200
+
+
+@pytest.mark.parametrize("member", ["sub", "aud", "kid"])
+def test_an_assertion_that_names_a_member_twice_is_refused_and_spends_nothing(
+    bastion, config, capsys, tmp_path, member
+):
+    """A client assertion signed by the client whose ``sub`` or ``aud`` (or header ``kid``) is
+    given twice: a reader that keeps the first value sees one refused (another subject,
+    another server, a key the client lacks), one that keeps the last (Python's json, joserfc)
+    one taken. RFC 7515 §5.2 and RFC 7519 §4 let a reader refuse it: invalid_client naming the
+    member, nothing issued, and its jti not spent."""
+    key = new_key(f"twice-{member}")
+    client_id = register(capsys, config, tmp_path, key)
+    claims = _claims(client_id, bastion.url)
+    header = f'{{"alg": "ES256", "kid": "{key.kid}"}}'
+    if member == "kid":
+        header = f'{{"alg": "ES256", "kid": "not-a-key-of-the-client", "kid": "{key.kid}"}}'
+        text = json.dumps(claims)
+    else:
+        first = {"sub": "someone-else", "aud": "https://elsewhere.example.com"}[member]
+        text = json.dumps({**claims, member: first})[:-1] + f", {json.dumps(member)}: "
+        text += json.dumps(claims[member]) + "}"
+    issued = len(bastion.app.state.oauth.audit.events("token.issued"))
+    refused(token_request(bastion, signed_text(key, header, text)), f"member '{member}' twice")
+    assert len(bastion.app.state.oauth.audit.events("token.issued")) == issued
+    # Its jti was not spent: an assertion of the same jti, each member once, is taken.
+    again = assertion(key, client_id, bastion.url, jti=claims["jti"])
+    assert token_request(bastion, again).status_code == 200
 
 
 def test_a_key_client_cannot_authenticate_another_way(bastion, config, capsys, tmp_path):

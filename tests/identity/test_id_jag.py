@@ -34,7 +34,7 @@ from bastion.oauth.metadata import authorization_server_metadata
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from tests.gateway.support import start
 from tests.identity.test_dpop import Holder, claims_of
-from tests.oauth.support import ANY_KID, free_socket, serve
+from tests.oauth.support import ANY_KID, free_socket, serve, signed_text
 
 INITIAL_TOKEN = "initial-access-token-for-id-jag-tests"
 SCOPES = "customers:read customers:write"
@@ -459,6 +459,49 @@ def test_an_id_jag_that_must_be_refused_is_refused(bastion, idp, agent, attack):
     before = len(bastion.app.state.oauth.audit.events("token.issued"))
     assert reason in refused(present(bastion, agent, build(idp, bastion, agent["client_id"])))
     assert len(bastion.app.state.oauth.audit.events("token.issued")) == before
+
+
+def _claims_text(jag: str) -> str:
+    """The JSON text of an ID-JAG's claims, its closing brace left off (for members to follow)."""
+    payload = jag.split(".")[1]
+    return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).decode().rstrip()[:-1]
+
+
+HEADER = '{"alg": "ES256", "kid": "k1", "typ": "oauth-id-jag+jwt"}'
+# Per member named twice: the keywords of `EnterpriseIdp.id_jag`, the JSON text appended to its
+# claims (ISSUER and DESK: bastion's issuer and the desk server's URL) and the JSON text of its
+# header. A reader that keeps the first value sees an ID-JAG bastion refuses, one that keeps
+# the last (Python's json, joserfc) an ID-JAG it takes.
+TWICE = {
+    "sub": ({"sub": "zed"}, ', "sub": "sam"', HEADER),
+    "aud": ({"aud": "https://other-as.example.com"}, ', "aud": "ISSUER"', HEADER),
+    "resource": ({"resource": "https://mcp.elsewhere.example/mcp"}, ', "resource": "DESK"', HEADER),
+    "kid": ({}, "", '{"alg": "ES256", "kid": "k9", "typ": "oauth-id-jag+jwt", "kid": "k1"}'),
+    "alg": ({}, "", '{"alg": "none", "kid": "k1", "typ": "oauth-id-jag+jwt", "alg": "ES256"}'),
+    "typ": ({}, "", '{"alg": "ES256", "kid": "k1", "typ": "JWT", "typ": "oauth-id-jag+jwt"}'),
+}
+
+
+@pytest.mark.parametrize("member", TWICE)
+def test_an_id_jag_that_names_a_member_twice_is_refused_and_spends_nothing(
+    bastion, idp, agent, member
+):
+    """An ID-JAG signed by its provider whose claims (``sub``, ``aud``, ``resource``) or JOSE
+    header (``kid``, ``alg``, ``typ``) name a member twice: which user, audience or key it
+    means depends on the parser (RFC 7515 §5.2, RFC 7519 §4 let a reader refuse it). Refused
+    with invalid_grant naming the member, nothing issued, and its jti not spent."""
+    overrides, more, header = TWICE[member]
+    more = more.replace("ISSUER", bastion.url).replace("DESK", bastion.mcp_url("deskhttp"))
+    jti = uuid.uuid4().hex
+    claims = _claims_text(idp.id_jag(bastion, agent["client_id"], jti=jti, **overrides))
+    jag = signed_text(idp.keys["acme"], header, claims + more + "}")
+    before = len(bastion.app.state.oauth.audit.events("token.issued"))
+    described = refused(present(bastion, agent, jag))
+    assert f"member '{member}' twice" in described, described
+    assert len(bastion.app.state.oauth.audit.events("token.issued")) == before
+    # Its jti was not spent: an ID-JAG of the same jti, each member once, is taken.
+    answer = present(bastion, agent, idp.id_jag(bastion, agent["client_id"], jti=jti))
+    assert answer.status_code == 200, answer.text
 
 
 def test_an_aud_sub_that_is_the_user_is_taken(bastion, idp, agent):
