@@ -69,6 +69,15 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def _again(document: dict, members: dict) -> bytes:
+    """The JSON text of ``document`` with ``members`` written again after its own: an object
+    naming a member twice, which no JSON encoder writes."""
+    text = json.dumps(document)[:-1]
+    for name, value in members.items():
+        text += f", {json.dumps(name)}: {json.dumps(value)}"
+    return (text + "}").encode()
+
+
 class TestProvider:
     """Two issuers on one server: ``a`` says it sends RFC 9207 ``iss`` in its answers, ``b``
     does not. Codes are made by the tests (`issue`), each with the ID token it redeems for."""
@@ -94,6 +103,7 @@ class TestProvider:
         self.redeemed: list[str] = []
         self.token_status = 200
         self.userinfo_claims = {"sub": "ada", "groups": ["from-userinfo"]}
+        self.userinfo_text: bytes | None = None  # sent as it is instead, when set
         # Per issuer: the status its discovery document answers with (200 when not named) and
         # the headers it adds; the paths asked for, and those that answer 404 (an endpoint the
         # provider moved away from: its metadata names ``/<issuer>/moved/token`` and ``/jwks``).
@@ -164,6 +174,8 @@ class TestProvider:
     async def userinfo(self, request: Request) -> Response:
         if request.headers.get("authorization") != "Bearer opaque":
             return JSONResponse({"error": "invalid_token"}, status_code=401)
+        if self.userinfo_text is not None:
+            return Response(self.userinfo_text, media_type="application/json")
         return JSONResponse(self.userinfo_claims)
 
     async def jwks(self, request: Request) -> Response:
@@ -195,9 +207,10 @@ class TestProvider:
         if form.get("redirect_uri") != recipe["redirect_uri"]:
             return JSONResponse({"error": "invalid_grant"}, status_code=400)
         self.redeemed.append(str(form.get("code")))
-        return JSONResponse(
-            {"access_token": "opaque", "token_type": "Bearer", "id_token": recipe["id_token"]}
-        )
+        answer = {"access_token": "opaque", "token_type": "Bearer", "id_token": recipe["id_token"]}
+        if recipe["answer_again"]:
+            return Response(_again(answer, recipe["answer_again"]), media_type="application/json")
+        return JSONResponse(answer)
 
     def _client_authentication(self, request: Request, name: str, client_id: str, form) -> str:
         """The method the token request authenticated with, or ``refused``."""
@@ -225,11 +238,14 @@ class TestProvider:
         *,
         sign: str = "k1",
         signer: tuple[dict, object] | None = None,
+        again: dict | None = None,
+        answer_again: dict | None = None,
         **claims,
     ) -> str:
         """A code for the login bastion started with ``query``: its ID token says ``claims``
-        over the right ones (None drops a claim), signed as ``sign`` says, or with the
-        (header, key) of ``signer``."""
+        over the right ones (None drops a claim), then the claims of ``again`` a second time,
+        signed as ``sign`` says, or with the (header, key) of ``signer``; the token endpoint's
+        answer names the members of ``answer_again`` a second time."""
         now = int(time.time())
         body = {
             "iss": self.issuer(name),
@@ -245,7 +261,7 @@ class TestProvider:
         }
         body = {k: v for k, v in body.items() if v is not None}
         # The claims as JSON text escaped to ASCII: a lone surrogate can be sent too.
-        payload = json.dumps(body).encode()
+        payload = _again(body, again) if again else json.dumps(body).encode()
         if signer is not None:
             token = jws.serialize_compact(signer[0], payload, signer[1])
         elif sign == "k1":
@@ -267,6 +283,7 @@ class TestProvider:
             "challenge": query["code_challenge"],
             "redirect_uri": query["redirect_uri"],
             "id_token": token,
+            "answer_again": answer_again,
         }
         return code
 
@@ -373,6 +390,14 @@ def sessions(bastion) -> int:
 
 def users(bastion) -> list[str]:
     return [u[0] for u in bastion.server.store.users()]
+
+
+def linked(bastion) -> list:
+    """Every provider's account bound to a user of bastion (`bastion.identity.accounts`)."""
+    return bastion.db.execute(
+        "SELECT provider, subject, username FROM identity_accounts UNION ALL"
+        " SELECT provider, subject, username FROM identity_user_bindings ORDER BY 1, 2, 3"
+    )
 
 
 def refused(response: httpx.Response, status: int, words: str) -> None:
@@ -506,6 +531,33 @@ def test_claims_no_store_can_hold_refuse_the_login_and_write_nothing(
     assert (sessions(bastion), users(bastion), bastion.server.facts.head()) == before
 
 
+@pytest.mark.parametrize("where", ["id token", "token endpoint"])
+def test_a_provider_naming_a_member_twice_signs_nobody_in_and_links_nothing(
+    bastion, idp, person, client, where
+):
+    """An ID token signed by the provider that names ``sub`` twice, or a token endpoint
+    answer that names ``id_token`` twice (ada's, then mallory's): a reader that keeps the first
+    value signs ada in, one that keeps the last (Python's json) mallory. RFC 7519 §4 and
+    I-JSON (RFC 7493 §2.3) let a reader refuse it: the login is refused naming the member,
+    nobody is signed in, no user made and no account linked."""
+    before = (sessions(bastion), users(bastion), linked(bastion), bastion.server.facts.head())
+    query = person.sent_to_provider(client, "a")
+    if where == "id token":
+        code = idp.issue("a", query, again={"sub": "mallory"})
+        status, words = 400, "The ID token's claims cannot be taken"
+    else:
+        other = idp.codes.pop(idp.issue("a", query, sub="mallory"))["id_token"]
+        code = idp.issue("a", query, answer_again={"id_token": other})
+        status, words = 503, "its token endpoint sent no JSON"
+    member = "sub" if where == "id token" else "id_token"
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, status, words)
+    refused(response, status, f"member '{member}' twice")
+    after = (sessions(bastion), users(bastion), linked(bastion), bastion.server.facts.head())
+    assert after == before
+    assert "a:mallory" not in users(bastion)
+
+
 def test_sign_in_page_offers_providers_and_goes_back_to_the_local_page(bastion, idp, person):
     page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
     assert "name=password" not in page.text
@@ -554,6 +606,27 @@ def test_userinfo_about_someone_else_is_refused(bastion, idp, person, client):
     response = person.back_from_provider("u", code=code, state=query["state"])
     refused(response, 400, "about someone else")
     assert "u:kim" not in users(bastion) and "u:mallory" not in users(bastion)
+
+
+def test_userinfo_naming_a_member_twice_signs_nobody_in_and_links_nothing(
+    bastion, idp, person, client
+):
+    """UserInfo answering ``groups`` twice (support, then admins): which roles the person gets
+    may not depend on the parser. Refused whole, naming the member: nobody signed in, no user,
+    no fact, no account linked."""
+    before = (sessions(bastion), users(bastion), linked(bastion), bastion.server.facts.head())
+    query = person.sent_to_provider(client, "u")
+    code = idp.issue("u", query, sub="noor", groups=None)
+    idp.userinfo_text = _again({"sub": "noor", "groups": ["support"]}, {"groups": ["admins"]})
+    try:
+        response = person.back_from_provider("u", code=code, state=query["state"])
+    finally:
+        idp.userinfo_text = None
+    refused(response, 503, "its userinfo endpoint sent no JSON")
+    refused(response, 503, "member 'groups' twice")
+    after = (sessions(bastion), users(bastion), linked(bastion), bastion.server.facts.head())
+    assert after == before
+    assert "u:noor" not in users(bastion)
 
 
 # -- what must be refused -----------------------------------------------------------------------

@@ -306,6 +306,26 @@ def test_private_key_jwt_settings_are_checked_at_start(tmp_path, settings, words
     assert words in str(error.value)
 
 
+def test_a_client_key_file_naming_d_twice_stops_the_start_naming_the_member_not_the_key(tmp_path):
+    """A JWK file whose private ``d`` is given twice (a key pasted over another): which key
+    bastion would sign with depends on the parser, and a message quoting either would publish
+    it. The start stops naming the file and the member, never a value of the key."""
+    key = ECKey.generate_key("P-256", private=True).as_dict(private=True)
+    pasted = ECKey.generate_key("P-256", private=True).as_dict(private=True)["d"]
+    text = json.dumps({**key, "d": pasted})[:-1] + f', "d": {json.dumps(key["d"])}}}'
+    path = tmp_path / "twice.jwk"
+    path.write_text(text)
+    with pytest.raises(IdentityConfigError) as error:
+        IdentitySettings.from_mapping(
+            {"providers": [_corp(client_key_file=str(path))]}, {}
+        ).with_keys()
+    message = str(error.value)
+    assert message.startswith(f"identity.providers[0].client_key_file: {path}"), message
+    assert "member 'd' twice" in message, message
+    for value in (key["d"], pasted, key["x"], key["y"]):
+        assert value not in message
+
+
 def test_the_private_key_is_kept_out_of_every_repr(tmp_path):
     key = RSAKey.generate_key(2048)
     path = tmp_path / "bastion.pem"
