@@ -72,7 +72,8 @@ class TestIssuer:
         self.keys = {"k1": ECKey.generate_key("P-256", parameters={"kid": "k1"})}
         self.published = ["k1"]
         self.inactive: set[str] = set()  # jtis introspection reports as not active
-        self.answers: dict[str, object] = {}  # jti -> the introspection answer, as it is sent
+        # jti -> the introspection answer, as it is sent (bytes: its JSON text as they are)
+        self.answers: dict[str, object] = {}
         self.introspections = 0
         self.url = ""
         self.app = Starlette(
@@ -139,7 +140,10 @@ class TestIssuer:
         token = (await request.form())["token"]
         claims = json.loads(_b64decode(token.split(".")[1]))
         if claims["jti"] in self.answers:
-            return JSONResponse(self.answers[claims["jti"]])
+            answer = self.answers[claims["jti"]]
+            if isinstance(answer, bytes):
+                return Response(answer, media_type="application/json")
+            return JSONResponse(answer)
         return JSONResponse({"active": claims["jti"] not in self.inactive})
 
     def token(
@@ -861,6 +865,21 @@ def test_introspection_must_answer_active_true_exactly(bastion, idp, answer):
     token = idp.token("b")
     idp.answers[json.loads(_b64decode(token.split(".")[1]))["jti"]] = answer
     assert "not active" in refused(call(bastion, token))
+
+
+def test_an_introspection_answer_naming_a_member_twice_fails_closed(bastion, idp):
+    """``{"active": false, "active": true}``: a revoked token to a reader that keeps the first
+    value, an active one to a reader that keeps the last (Python's json). Whether a revoked
+    token is served may not depend on the parser (I-JSON, RFC 7493 §2.3): the answer is
+    refused, naming the member, and the call is not served."""
+    token = idp.token("b")
+    idp.answers[json.loads(_b64decode(token.split(".")[1]))["jti"]] = (
+        b'{"active": false, "active": true}'
+    )
+    response = call(bastion, token)
+    assert response.status_code == 503, response.text
+    described = response.json()["error_description"]
+    assert "introspection endpoint" in described and "'active' twice" in described, described
 
 
 def test_an_unreachable_introspection_endpoint_fails_closed(bastion, idp):

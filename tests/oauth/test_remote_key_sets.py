@@ -6,12 +6,13 @@ are refused at once with its reason, and one fetch serves requests that came tog
 from __future__ import annotations
 
 import asyncio
+import json
 
 import anyio
 import pytest
 from joserfc.jwk import ECKey
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion.oauth.client_assertion import jwks_problem
@@ -117,11 +118,14 @@ OTHER_KEY = ECKey.generate_key("P-256", parameters={"kid": "k2"}).as_dict(privat
 
 @pytest.fixture
 def rotating():
-    """A key set whose keys and headers the test changes between fetches."""
-    state: dict = {"fetches": 0, "keys": [KEY, OTHER_KEY], "headers": {}}
+    """A key set whose keys and headers the test changes between fetches, or (``text``) the
+    JSON text it sends as it is."""
+    state: dict = {"fetches": 0, "keys": [KEY, OTHER_KEY], "headers": {}, "text": None}
 
     async def jwks(request):
         state["fetches"] += 1
+        if state["text"] is not None:
+            return Response(state["text"], media_type="application/json")
         return JSONResponse({"keys": state["keys"]}, headers=state["headers"])
 
     with serve(Starlette(routes=[Route("/jwks", jwks)]), free_socket()) as url:
@@ -181,3 +185,14 @@ def test_a_max_age_past_cache_seconds_is_cut_to_it(rotating):
     clock.now += 301
     assert kids(anyio.run(sets.keys, rotating["uri"], "k2")) == ["k1"]
     assert rotating["fetches"] == 2
+
+
+def test_a_key_set_naming_a_member_twice_is_refused(rotating):
+    """A key whose ``x`` is given twice (another key's, then k1's): which public key verifies
+    the tokens may not depend on the parser (I-JSON, RFC 7493 §2.3). The set is refused,
+    naming the member, and no key of it is used."""
+    sets = RemoteKeySets(FetchLimits(), check=jwks_problem, clock=ManualClock())
+    text = json.dumps({**KEY, "x": OTHER_KEY["x"]})[:-1] + f', "x": {json.dumps(KEY["x"])}}}'
+    rotating["text"] = '{"keys": [' + text + "]}"
+    with pytest.raises(RemoteDocumentError, match="member 'x' twice"):
+        anyio.run(sets.keys, rotating["uri"], "k1")
