@@ -1,7 +1,8 @@
 """CORS, the Fetch standard's CORS protocol (fetch.spec.whatwg.org, "CORS protocol"), for the
-web origins the operator allows (``[gateway] allowed_origins``): what lets a browser-based MCP
-client on another origin call ``/mcp/<server>`` and the OAuth endpoints it discovers and
-authorizes with, without a proxy in front.
+web origins the operator allows (``[gateway] allowed_origins``, and ``[oauth] allowed_origins``
+on the OAuth endpoints): what lets a browser-based MCP client on another origin call
+``/mcp/<server>`` and the OAuth endpoints it discovers and authorizes with, without a proxy in
+front.
 
 A preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from an allowed origin is
 answered 204 with what may be sent; every other answer to such an origin names the origin in
@@ -29,6 +30,8 @@ from bastion.route_paths import route_path
 MAX_AGE = 7200
 _PREFLIGHT = b"access-control-request-method"
 _VARY = (b"vary", b"Origin")
+# The headers that frame a request body.
+_BODY = (b"content-length", b"transfer-encoding")
 # What a browser-based client sends to the OAuth endpoints it calls (the RFC 9728 and RFC 8414
 # metadata, the keys, /register, /token, /revoke; the MCP SDK's browser client among them): its
 # MCP protocol version to the metadata, a JSON body to /register (with an initial access token
@@ -104,56 +107,98 @@ def oauth_cross_origin(origins: frozenset[str]) -> CrossOrigin:
 
 
 class CrossOriginRoutes:
-    """ASGI middleware: CORS (`CrossOrigin`) for the requests to ``paths``; every other request
-    goes to ``app`` as it came. Their answers say ``Vary: Origin`` whoever asks, since one kept
-    by a cache (the metadata, the keys) must not be given to a page it was not made for."""
+    """ASGI middleware: CORS (`CrossOrigin`) for the requests to ``paths`` and below
+    ``prefixes``; every other request goes to ``app`` as it came. Their answers say ``Vary:
+    Origin`` whoever asks, since one kept by a cache (the metadata, the keys) must not be given
+    to a page it was not made for.
+
+    Outermost: whichever layer answers (a route, the body limits' 413, Starlette's 500 for a
+    fault; bastion's HTTP protocol's refusals through `outside`), a page of an allowed origin
+    reads the answer, and can tell a fault from a refusal."""
 
     def __init__(
         self,
         app: ASGIApp,
         cors: CrossOrigin,
         paths: frozenset[str] | None = None,
+        prefixes: tuple[str, ...] = (),
+        setting: str = "[oauth] allowed_origins",
     ) -> None:
-        """``paths``: below the application's root path, exactly; None for every request."""
+        """``paths``: below the application's root path, exactly, and with ``prefixes`` (the
+        start of a path); None for every request. ``setting`` lists the origins, and a refused
+        preflight names it."""
         self.app = app
         self.cors = cors
         self.paths = paths
+        self.prefixes = prefixes
+        self.setting = setting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            self.paths is not None and route_path(scope) not in self.paths
-        ):
+        if scope["type"] != "http" or not self._covers(scope):
             await self.app(scope, receive, send)
             return
-        origins = [v for k, v in scope["headers"] if k == b"origin"]
-        origin = origins[0].decode("latin-1") if len(origins) == 1 else None
-        preflight = scope["method"] == "OPTIONS" and any(
-            k == _PREFLIGHT for k, _ in scope["headers"]
-        )
-        if origin is not None and self.cors.allows(origin):
-            if preflight:
+        headers = scope["headers"]
+        # A preflight has no body (the Fetch standard's CORS-preflight request): an OPTIONS
+        # with one goes on, through the body limits, as any other request.
+        if (
+            scope["method"] == "OPTIONS"
+            and any(k == _PREFLIGHT for k, _ in headers)
+            and not any(k in _BODY for k, v in headers if v.strip() != b"0")
+        ):
+            origin = _origin(scope)
+            if origin is not None and self.cors.allows(origin):
                 await self.cors.answer_preflight(origin, send)
                 return
-            await self.app(scope, receive, self.cors.sending(origin, send))
-        elif preflight and origins:
-            await _refuse(send, origin or "null")
-        else:
-            await self.app(scope, receive, _varying(send))
+            if any(k == b"origin" for k, _ in headers):
+                await _refuse(send, origin or "null", self.setting)
+                return
+        await self.app(scope, receive, self._sending(scope, send))
+
+    def outside(self, app: ASGIApp) -> ASGIApp:
+        """``app``, an answer made without the application (a refusal of bastion's HTTP
+        protocol, `bastion.server.connections`), with the CORS headers the application's
+        answer would have on these routes. A preflight gets ``app``'s answer as well: it is
+        refused there, not answered 204."""
+
+        async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+            covered = scope["type"] == "http" and self._covers(scope)
+            await app(scope, receive, self._sending(scope, send) if covered else send)
+
+        return answer
+
+    def _covers(self, scope: Scope) -> bool:
+        if self.paths is None:
+            return True
+        path = route_path(scope)
+        return path in self.paths or (bool(self.prefixes) and path.startswith(self.prefixes))
+
+    def _sending(self, scope: Scope, send: Send) -> Send:
+        origin = _origin(scope)
+        if origin is not None and self.cors.allows(origin):
+            return self.cors.sending(origin, send)
+        return _varying(send)
 
 
-def refusal_body(origin: str) -> str:
-    """What a refused preflight's 403 says, as an OAuth error (the gateway's is JSON-RPC's)."""
+def _origin(scope: Scope) -> str | None:
+    """The request's ``Origin``, if it sent one alone."""
+    origins = [v for k, v in scope["headers"] if k == b"origin"]
+    return origins[0].decode("latin-1") if len(origins) == 1 else None
+
+
+def refusal_body(origin: str, setting: str) -> str:
+    """What a refused preflight's 403 says, as an OAuth error (the gateway's is JSON-RPC's):
+    the ``setting`` that would allow ``origin``."""
     return json.dumps(
         {
             "error": "invalid_request",
             "error_description": f"requests from the origin {origin[:100]!r} are not allowed:"
-            " list it in [gateway] allowed_origins",
+            f" list it in {setting}",
         }
     )
 
 
-async def _refuse(send: Send, origin: str) -> None:
-    data = refusal_body(origin).encode()
+async def _refuse(send: Send, origin: str, setting: str) -> None:
+    data = refusal_body(origin, setting).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
     await send({"type": "http.response.start", "status": 403, "headers": headers})
     await send({"type": "http.response.body", "body": data})

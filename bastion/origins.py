@@ -38,3 +38,17 @@ def origin_of(url: str) -> str | None:
     except ValueError:
         return None
     return normalized_origin(f"{parts.scheme}://{parts.netloc}")
+
+
+def listed_origins(value: object, setting: str) -> tuple[str, ...]:
+    """A setting's list of web origins (``setting`` names it: ``gateway.allowed_origins``), each
+    as browsers send it, in lower case; ValueError naming the setting if ``value`` is not such a
+    list (a path, a default port, ``*``: each page's origin is listed, never all of them)."""
+    if not isinstance(value, list) or not all(
+        isinstance(o, str) and normalized_origin(o) == o.lower() for o in value
+    ):
+        raise ValueError(
+            f'{setting} must be a list of origins such as "https://app.example.com" (scheme,'
+            f" host and port only; no path, no default port, no *), got {value!r}"
+        )
+    return tuple(o.lower() for o in value)

@@ -52,7 +52,7 @@ from bastion.gateway.sessions import MAX_SUBSCRIPTIONS_PER_USER
 from bastion.gateway.tool_pins import PIN_MODES
 from bastion.http_fields import field_name_problem, field_value_problem
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
-from bastion.origins import normalized_origin
+from bastion.origins import listed_origins
 from bastion.redaction import safe_url
 from bastion.redis_client import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
@@ -216,15 +216,10 @@ class GatewayConfig:
         redis_prefix = table.get("redis_prefix", "bastion")
         if not isinstance(redis_prefix, str) or not _NAME.fullmatch(redis_prefix):
             raise ConfigError("gateway.redis_prefix: letters, digits, '.', '_' or '-'")
-        origins = table.get("allowed_origins", [])
-        if not isinstance(origins, list) or not all(
-            isinstance(o, str) and normalized_origin(o) == o.lower() for o in origins
-        ):
-            raise ConfigError(
-                "gateway.allowed_origins must be a list of origins such as"
-                ' "https://app.example.com" (scheme, host and port only; no path, no default'
-                f" port), got {origins!r}"
-            )
+        try:
+            origins = listed_origins(table.get("allowed_origins", []), "gateway.allowed_origins")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         try:
             trusted = parse_trusted_issuers(table.get("trusted_issuers", []), set(names), env)
         except ValueError as e:
@@ -232,7 +227,7 @@ class GatewayConfig:
         return cls(
             upstreams=upstreams,
             trusted_issuers=trusted,
-            allowed_origins=tuple(o.lower() for o in origins),
+            allowed_origins=origins,
             redis_url=redis_url,
             redis_prefix=redis_prefix,
             redis_timeout_seconds=_seconds(table, "redis_timeout_seconds", 1.0, "gateway"),

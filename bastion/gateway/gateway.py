@@ -24,7 +24,6 @@ from bastion.audit.buffered import flush_at_stop, flush_forever
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.journal import open_journal
 from bastion.audit.refusals import RefusalLog
-from bastion.cors import CrossOriginRoutes, oauth_cross_origin
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.decide.contract import remembered_connects
@@ -327,16 +326,14 @@ class Gateway:
         # that path forwards as it is; and /mcp/ at once, where such a proxy strips the path
         # (the URL bastion named before the evening of 2026-12-06, under the path, arrives so).
         public_path = urlsplit(self.public_url).path.rstrip("/")
-        self._metadata_prefixes = tuple(dict.fromkeys((WELL_KNOWN + public_path + _MCP, _METADATA)))
-        self.PREFIXES = (_MCP, *self._metadata_prefixes)
+        self.metadata_prefixes = tuple(dict.fromkeys((WELL_KNOWN + public_path + _MCP, _METADATA)))
+        self.PREFIXES = (_MCP, *self.metadata_prefixes)
         # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
         own = origin_of(self.public_url)
         self.allowed_origins = frozenset(config.allowed_origins or ((own,) if own else ()))
-        # CORS for those pages (`bastion.cors`): /mcp/'s, and the OAuth endpoints' (the RFC 9728
-        # metadata here, the authorization server's routes in the application).
+        # CORS for those pages (`bastion.cors`): /mcp/'s here; the OAuth endpoints' (the RFC
+        # 9728 metadata among them) around the whole application (`bastion.server.app`).
         self.cors = cross_origin(self.allowed_origins, self.posture)
-        self.oauth_cors = oauth_cross_origin(self.allowed_origins)
-        self._metadata = CrossOriginRoutes(self._metadata_endpoint, self.oauth_cors)
         self.records = records
         # Clients' requests refused before any decision, audited aggregated (the OAuth side's
         # `RefusalLog`); None audits none.
@@ -922,11 +919,10 @@ class Gateway:
             return
         await self._metadata(scope, receive, send)
 
-    async def _metadata_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The RFC 9728 metadata of each upstream (an ASGI application: `_metadata` is it with
-        CORS)."""
+    async def _metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The RFC 9728 metadata of each upstream (an ASGI application)."""
         path = route_path(scope)
-        prefix = next((p for p in self._metadata_prefixes if path.startswith(p)), None)
+        prefix = next((p for p in self.metadata_prefixes if path.startswith(p)), None)
         server = path[len(prefix) :] if prefix is not None else None
         if server is None:
             await send_json(send, 404, {"error": "not_found"})

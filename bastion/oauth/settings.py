@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from bastion.egress import PrivateAllowance, private_allowance, url_syntax_problem
 from bastion.oauth.errors import InvalidTarget
+from bastion.origins import listed_origins
 
 REGISTRATION_POLICIES = ("open", "initial_access_token", "closed")
 
@@ -213,6 +214,9 @@ class OAuthSettings:
     # Enterprise-managed authorization (ID-JAG, `bastion/oauth/jwt_bearer.py`): the identity
     # providers whose ID-JAGs the jwt-bearer grant takes; none: the grant is not offered.
     id_jag: Any = None  # IdJagSettings
+    # The web origins whose pages may call the endpoints a browser-based client calls, with
+    # CORS (`bastion.cors`); those of ``[gateway] allowed_origins`` may too.
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.id_jag is None:
@@ -281,6 +285,7 @@ class OAuthSettings:
             "exchanged_token_seconds",
             "max_delegation_depth",
             "id_jag",
+            "allowed_origins",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -350,6 +355,10 @@ class OAuthSettings:
                 f" oauth.access_token_seconds ({numbers['access_token_seconds']}): an access token"
                 " would outlive what the person approved"
             )
+        try:
+            origins = listed_origins(table.get("allowed_origins", []), "oauth.allowed_origins")
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
         return cls(
             issuer=issuer,
             resources=resources,
@@ -368,6 +377,7 @@ class OAuthSettings:
             client_assertion=_client_assertion(table.get("client_assertion", {})),
             dpop=_dpop(table.get("dpop", {})),
             id_jag=_id_jag(table.get("id_jag", {})),
+            allowed_origins=origins,
             **numbers,
         )
 

@@ -31,7 +31,7 @@ from bastion.audit.buffered import flush_at_stop, flush_forever
 from bastion.audit.checkpoints import keep_chains_forever
 from bastion.audit.journal import open_journal
 from bastion.audit.retention import prune_forever
-from bastion.cors import CrossOriginRoutes
+from bastion.cors import CrossOriginRoutes, oauth_cross_origin
 from bastion.db import (
     Database,
     DatabaseUnavailable,
@@ -771,11 +771,6 @@ def create_app(config: ServerConfig) -> Starlette:
 
         # /mcp/<server> and its RFC 9728 metadata go to the gateway ahead of the API's routes.
         middleware.append(Middleware(GatewayFirst, gateway=gateway))
-        # The OAuth endpoints a browser-based client calls answer the pages the gateway allows
-        # (inside GatewayFirst: the gateway's requests never pass here).
-        middleware.append(
-            Middleware(CrossOriginRoutes, cors=gateway.oauth_cors, paths=oauth.cross_origin_paths())
-        )
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -793,6 +788,26 @@ def create_app(config: ServerConfig) -> Starlette:
     # sends no forwarded headers), and a client that follows a 307 sends its key and its body
     # again, there, in the clear.
     app.router.redirect_slashes = False
+    # The OAuth endpoints a browser-based client calls (the RFC 9728 metadata among them) answer
+    # the pages of [oauth] allowed_origins and of the gateway's with CORS, around the whole
+    # stack, Starlette's ServerErrorMiddleware and the body limits too: whichever layer answers
+    # (a fault's 500, a 413), the page reads the answer, not "Failed to fetch". Starlette puts
+    # its ServerErrorMiddleware outside every middleware it is given: the stack is built here,
+    # and wrapped.
+    origins = frozenset(oauth.settings.allowed_origins) if oauth is not None else frozenset()
+    if gateway is not None:
+        origins |= gateway.allowed_origins
+    cross_origin = None
+    if origins:
+        cross_origin = CrossOriginRoutes(
+            app.build_middleware_stack(),
+            oauth_cross_origin(origins),
+            oauth.cross_origin_paths(),
+            gateway.metadata_prefixes if gateway is not None else (),
+        )
+        app.middleware_stack = cross_origin
+    # What bastion's HTTP protocol gives its own refusals (`bastion.server.connections`).
+    app.state.cross_origin = cross_origin
     app.state.config = config
     app.state.body_limits = limits
     app.state.store = store

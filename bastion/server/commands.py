@@ -224,6 +224,7 @@ def connection_limits(config: ServerConfig, app: Any = None) -> dict[str, Any]:
             linger_timeout=config.linger_timeout,
             max_linger_bytes=config.max_linger_bytes,
             allowed_hosts=config.host_allowlist(),
+            cross_origin=app.state.cross_origin if app is not None else None,
         ),
         "limit_concurrency": config.max_connections,
         "timeout_keep_alive": config.keep_alive_timeout,

@@ -47,12 +47,15 @@ from operator import itemgetter
 from typing import Any
 
 import httptools
+from starlette.types import ASGIApp
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
 )
 
+from bastion.cors import CrossOriginRoutes
 from bastion.server import problems
 from bastion.server.direct import DirectDecisions, DirectRoute
 from bastion.server.direct_gateway import DirectGateway, GatewayRoute
@@ -77,6 +80,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         gateway: DirectGateway | None = None,
         refusals: BodyLimits | None = None,
         allowed_hosts: AllowedHosts | None = None,
+        cross_origin: CrossOriginRoutes | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -86,6 +90,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.refusals = refusals
         # The names requests may be for (None: any, and nothing is looked up).
         self.allowed_hosts = allowed_hosts
+        # The application's outermost CORS (its OAuth endpoints'), which this protocol's own
+        # answers on its routes carry as the application's do.
+        self.cross_origin = cross_origin
         # The gateway as this server runs the application (behind uvicorn's proxy headers
         # middleware when that is on).
         self._gateway_app = gateway.app(self.config) if gateway is not None else None
@@ -306,7 +313,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         scope["method"] = self.parser.get_method().decode("ascii")
         scope["http_version"] = version
         scope.update(path=path, raw_path=raw_path, query_string=query)
-        self._refuse_in_turn(scope, _Refusal(content_type.encode(), body, status), self.access_log)
+        refusal: ASGIApp = _Refusal(content_type.encode(), body, status)
+        if self.cross_origin is not None:
+            refusal = self.cross_origin.outside(refusal)
+        self._refuse_in_turn(scope, refusal, self.access_log)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that begin no request (or break the request they are
@@ -348,7 +358,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         }
         self._refuse_in_turn(scope, _Refusal(b"text/plain; charset=utf-8", msg.encode()), False)
 
-    def _refuse_in_turn(self, scope: Any, refusal: _Refusal, access_log: bool) -> None:
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if app is service_unavailable and self.cross_origin is not None:
+            # uvicorn's 503 past limit_concurrency (max_connections), with CORS as any answer.
+            app = self.cross_origin.outside(app)
+        super()._start_asgi_task(cycle, app)
+
+    def _refuse_in_turn(self, scope: Any, refusal: ASGIApp, access_log: bool) -> None:
         """Answer ``refusal`` once the requests before it on this connection are answered (at
         once if none is under way), then close the connection (lingering); nothing after it is
         parsed."""
@@ -499,6 +515,7 @@ def bounded_http_protocol(
     linger_timeout: float,
     max_linger_bytes: int,
     allowed_hosts: AllowedHosts | None = None,
+    cross_origin: CrossOriginRoutes | None = None,
 ) -> Callable[..., Any]:
     """The protocol factory to pass to uvicorn as ``http=``."""
     return functools.partial(
@@ -511,4 +528,5 @@ def bounded_http_protocol(
         linger_timeout=linger_timeout,
         max_linger_bytes=max_linger_bytes,
         allowed_hosts=allowed_hosts,
+        cross_origin=cross_origin,
     )

@@ -216,7 +216,7 @@ def test_the_oauth_endpoints_answer_a_listed_origins_preflight(bastion):
         assert "access-control-allow-credentials" not in answer.headers
         foreign = preflight(bastion, url, EVIL, method, asked)
         assert foreign.status_code == 403, name
-        assert "[gateway] allowed_origins" in foreign.json()["error_description"], name
+        assert "[oauth] allowed_origins" in foreign.json()["error_description"], name
         assert cors_headers(foreign) == {}, name
 
 
@@ -293,3 +293,67 @@ def test_the_posture_headers_bastion_reads_are_allowed(tmp_path):
         assert {"x-device-id", "x-device-posture", *MCP_REQUEST_HEADERS} <= listed(
             answer.headers["access-control-allow-headers"]
         )
+
+
+# -- answers made outside the routes: a fault, the body limits ---------------------------------
+
+
+def failing(*args, **kwargs):
+    raise RuntimeError("a fault of the test's")
+
+
+def test_a_fault_on_an_oauth_endpoint_is_answered_to_a_listed_origin_with_cors(
+    bastion, monkeypatch
+):
+    """An unexpected exception is answered 500 by Starlette's ServerErrorMiddleware, outside
+    every middleware of bastion's: the page reads the server's error, not "Failed to fetch"."""
+    urls = oauth_urls(bastion)
+    monkeypatch.setattr(bastion.app.state.oauth.keys, "jwks", failing)
+    monkeypatch.setattr(bastion.app.state.gateway, "metadata", failing)
+    for name in ("jwks", "protected resource metadata"):
+        failed = bastion.http.get(urls[name], headers={"origin": APP})
+        assert failed.status_code == 500, name
+        answered_to(failed, APP, set())
+        foreign = bastion.http.get(urls[name], headers={"origin": EVIL})
+        assert foreign.status_code == 500 and cors_headers(foreign) == {}, name
+        assert "origin" in listed(foreign.headers.get("vary")), name
+    assert bastion.http.get(urls["jwks"], headers={"origin": APP}).json()["error"] == "server_error"
+
+
+def test_a_body_over_the_limit_is_refused_to_a_listed_origin_with_cors(bastion):
+    """RequestBodyLimits answers 413 before the route is reached (max_oauth_body_bytes)."""
+    large = {"grant_type": "authorization_code", "code": "x" * (65 * 1024)}
+    for name in ("token", "register", "revoke"):
+        url = oauth_urls(bastion)[name]
+        refused = bastion.http.post(url, data=large, headers={"origin": APP})
+        assert refused.status_code == 413, name
+        assert "max_oauth_body_bytes" in refused.json()["error_description"], name
+        answered_to(refused, APP, {"www-authenticate", "retry-after", "dpop-nonce"})
+        foreign = bastion.http.post(url, data=large, headers={"origin": EVIL})
+        assert foreign.status_code == 413 and cors_headers(foreign) == {}, name
+    # Nor does a page's preflight with a body skip the limits: no browser sends one.
+    with_body = bastion.http.request(
+        "OPTIONS",
+        oauth_urls(bastion)["token"],
+        content=b"x" * (65 * 1024),
+        headers={"origin": APP, "access-control-request-method": "POST"},
+    )
+    assert with_body.status_code == 413
+
+
+def test_oauth_allowed_origins_add_pages_to_the_oauth_endpoints_not_to_mcp(tmp_path):
+    """With both lists, the OAuth endpoints answer the pages of either (a page that calls /mcp/
+    signs in there too); /mcp/ only the gateway's."""
+    spa = "https://spa.example.com"
+    with start(
+        tmp_path, gateway={"allowed_origins": [APP]}, oauth={"allowed_origins": [spa]}
+    ) as running:
+        for name, url in oauth_urls(running).items():
+            method = "GET" if "metadata" in name or name == "jwks" else "POST"
+            for origin in (APP, spa):
+                answer = preflight(running, url, origin, method, ("content-type",))
+                assert answer.status_code == 204, (name, origin)
+                assert answer.headers["access-control-allow-origin"] == origin, (name, origin)
+        assert preflight(running, running.mcp_url("deskhttp"), APP).status_code == 204
+        refused = preflight(running, running.mcp_url("deskhttp"), spa)
+        assert refused.status_code == 403 and cors_headers(refused) == {}

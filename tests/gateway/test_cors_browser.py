@@ -193,3 +193,22 @@ def test_a_page_of_another_origin_is_stopped_by_the_browser_and_nothing_is_decid
     bastion.flush()
     assert list(bastion.records.after(seq)) == []
     assert len(bastion.recorder.requests) == before
+
+
+def test_a_page_of_a_listed_origin_reads_a_fault_and_a_refusal_of_its_body(
+    bastion, sites, tab: Tab, monkeypatch
+):
+    """Answered outside the routes (Starlette's 500, the body limits' 413), each is read by the
+    page, not "Failed to fetch": it can tell a fault of the server's from a refusal."""
+    listed, _ = sites
+
+    def failing():
+        raise RuntimeError("a fault of the test's")
+
+    monkeypatch.setattr(bastion.app.state.oauth.keys, "jwks", failing)
+    tab.page.goto(f"{listed.url}/plain")
+    fault = tab.page.evaluate(ATTEMPT, [f"{bastion.url}/jwks.json", {}])
+    large = {"method": "POST", "body": "grant_type=x&code=" + "x" * (65 * 1024)}
+    large["headers"] = {"content-type": "application/x-www-form-urlencoded"}
+    refused = tab.page.evaluate(ATTEMPT, [f"{bastion.url}/token", large])
+    assert (fault, refused) == ("answered 500", "answered 413")

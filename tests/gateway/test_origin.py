@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.gateway.config import GatewayConfig, normalized_origin
+from bastion.gateway.config import GatewayConfig
+from bastion.origins import normalized_origin
 from bastion.server.config import ConfigError
 
 from .streams import legacy_session, modern_headers, modern_request

@@ -76,7 +76,12 @@ def served(tmp_path_factory) -> Iterator[Held]:
     trace = tmp / "upstream.jsonl"
     args = f"args = [{json.dumps(str(HELD_DESK))}, {json.dumps(str(trace))}]"
     listed = f"[server]\nallowed_hosts = {json.dumps(ALLOWED)}\n"
-    replace = {'args = ["examples/quickstart/server.py"]': args, "[server]\n": listed}
+    pages = f"[gateway]\nallowed_origins = {json.dumps([PAGE])}\n"
+    replace = {
+        'args = ["examples/quickstart/server.py"]': args,
+        "[server]\n": listed,
+        "[gateway]\n": pages,
+    }
     with serving(tmp, replace=replace) as running:
         yield Held(**vars(running), trace=trace)
 
@@ -95,6 +100,8 @@ ROUTES = {
     "sign-in page": ("GET", "/sign-in"),
     "metrics": ("GET", "/metrics"),
 }
+# A page bastion's CORS answers ([gateway] allowed_origins).
+PAGE = "http://localhost:6274"
 # After each refused request, on its connection: never answered.
 AFTER = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
@@ -174,6 +181,33 @@ def test_a_request_for_a_host_not_allowed_is_refused_on_every_route(served):
     assert not faults, faults
     reached = [tag for tag in tags if tag in served.queries()]
     assert not reached, f"sent upstream: {reached}"
+
+
+def test_a_listed_pages_request_for_a_host_not_allowed_is_refused_with_cors(served):
+    """The 421 is made by bastion's HTTP protocol, before the application and its CORS: a page
+    of an origin listed reads it (its OAuth endpoints', whose CORS it is given), and its
+    preflight is refused as well, never answered 204; another page's gets no CORS."""
+    faults = {}
+    for route in ("OAuth metadata", "resource metadata", "token endpoint"):
+        method, path = ROUTES[route]
+        for origin in (PAGE, "http://evil.example"):
+            sent = request(served, route, f"page-{route}".replace(" ", "-"), "other.example")
+            sent = sent.replace(b"\r\n", f"\r\nOrigin: {origin}\r\n".encode(), 1)
+            answers, _, ending = exchange(served.bastion, sent)
+            cors = [line for line in answers[0].head.split("\r\n") if "access-control" in line]
+            expected = [f"access-control-allow-origin: {origin}"] if origin == PAGE else []
+            if not _refused(answers, ending) or cors[:1] != expected:
+                faults[f"{route} from {origin}"] = (ending, answers[0].head)
+            elif origin == PAGE and "\r\nvary: origin" not in answers[0].head:
+                faults[f"{route} from {origin}, Vary"] = answers[0].head
+        preflight = (
+            f"OPTIONS {path} HTTP/1.1\r\nHost: other.example\r\nOrigin: {PAGE}\r\n"
+            f"Access-Control-Request-Method: {method}\r\n\r\n"
+        )
+        answers, _, ending = exchange(served.bastion, preflight.encode())
+        if not _refused(answers, ending):
+            faults[f"{route} preflight"] = (ending, _shown(answers))
+    assert not faults, faults
 
 
 def test_every_spelling_of_an_allowed_host_is_served(served):
