@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable
@@ -457,7 +458,13 @@ class _Child:
     whole process on the loop: 35 to 110 ms of a 600 MB bastion that every other request waited
     out, at each stdio upstream's start. The parts of `asyncio.subprocess.Process` an upstream
     uses: ``pid``, ``stdin``, ``stdout``, ``stderr``, ``returncode``, `kill`, `terminate`, `wait`;
-    and `stop`, for a child its upstream lets go of."""
+    and `stop`, for a child its upstream lets go of.
+
+    Each child leads a process group of its own, and its signals go to the whole group
+    (`_signal_group`): a launcher (``npx``, ``uvx``, ``sh -c``) is stopped with the server it
+    started, and the group is killed as its leader ends, before that is waited for, so a server
+    its launcher left behind never runs on orphaned. Being out of bastion's group, the children
+    get no SIGINT from a terminal's Ctrl-C: bastion's own close stops them."""
 
     def __init__(
         self,
@@ -472,6 +479,9 @@ class _Child:
         self.stderr: asyncio.StreamReader | None = None
         self._transports = transports
         self._ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Held to signal the group and to wait for its leader: the thread of `_wait` must not
+        # let the group's id go (free for another) between the loop's check and its signal.
+        self._signalling = threading.Lock()
 
     @classmethod
     async def start(
@@ -484,7 +494,14 @@ class _Child:
         launch = _Launch()
         try:
             popen = await asyncio.to_thread(
-                launch.run, argv, stdin=pipe, stdout=pipe, stderr=pipe, env=env, cwd=cwd
+                launch.run,
+                argv,
+                stdin=pipe,
+                stdout=pipe,
+                stderr=pipe,
+                env=env,
+                cwd=cwd,
+                process_group=0,  # a group of its own: `_signal_group`
             )
         except BaseException:
             if (made := launch.give_up()) is not None:  # made, but its handing over cancelled
@@ -519,7 +536,8 @@ class _Child:
             threading.Thread(target=self._wait, args=(loop,), daemon=True).start()
             return
 
-        def readable() -> None:
+        def readable() -> None:  # it ended (a pidfd is readable only then); not waited for yet
+            _signal_group(self._popen, signal.SIGKILL)  # whatever it left of its group
             if self._popen.poll() is not None:  # reaps it, without waiting
                 loop.remove_reader(fd)
                 os.close(fd)
@@ -528,7 +546,11 @@ class _Child:
         loop.add_reader(fd, readable)
 
     def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._popen.wait()
+        with contextlib.suppress(ChildProcessError):  # its end, not waited for yet
+            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        with self._signalling:
+            _signal_group(self._popen, signal.SIGKILL)  # whatever it left of its group
+            self._popen.wait()
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._end)
 
@@ -541,17 +563,21 @@ class _Child:
         return self._popen.returncode
 
     def kill(self) -> None:
-        self._popen.kill()
+        self._signal(signal.SIGKILL)
 
     def terminate(self) -> None:
-        self._popen.terminate()
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, number: int) -> None:
+        with self._signalling:
+            _signal_group(self._popen, number)
 
     def stop(self) -> None:
-        """Kill it and close its pipes, at once; its end is waited for by `_watch` (no
-        zombie), as the loop runs on."""
+        """Kill it, its group with it, and close its pipes, at once; its end is waited for by
+        `_watch` (no zombie), as the loop runs on."""
         for transport in self._transports:
             transport.close()
-        self._popen.kill()  # nothing if it was waited for already
+        self.kill()  # nothing if it was waited for already
 
     async def wait(self) -> int:
         return await asyncio.shield(self._ended)
@@ -616,10 +642,22 @@ class _Launch:
             return self._made
 
 
+def _signal_group(popen: subprocess.Popen, number: int) -> None:
+    """Send signal ``number`` to the process group ``popen`` leads (`_Child.start` starts each
+    child in a group of its own): the child and whatever it started that stayed in its group.
+    Only until the child is waited for: till then its pid, the group's id, is no one else's;
+    after, with the group empty, another process may take it. Never to bastion's own group."""
+    if popen.returncode is not None or popen.pid == os.getpgrp():
+        return
+    with contextlib.suppress(ProcessLookupError):  # the whole group ended meanwhile
+        os.killpg(popen.pid, number)
+
+
 def _stop(popen: subprocess.Popen) -> None:
-    """Kill a child nobody owns, close its pipes and wait for its end (no zombie): in a worker
-    thread, as the wait blocks. A child that never got a message has nothing to finish."""
-    popen.kill()  # nothing if it was waited for already
+    """Kill a child nobody owns, its group with it, close its pipes and wait for its end (no
+    zombie): in a worker thread, as the wait blocks. A child that never got a message has
+    nothing to finish."""
+    _signal_group(popen, signal.SIGKILL)  # nothing if it was waited for already
     for pipe in (popen.stdin, popen.stdout, popen.stderr):
         if pipe is not None:
             with contextlib.suppress(OSError):
@@ -630,7 +668,7 @@ def _stop(popen: subprocess.Popen) -> None:
 def _stop_elsewhere(popen: subprocess.Popen) -> None:
     """`_stop` ``popen`` in a worker thread of the loop's (which its end waits for), or in a
     thread of its own once the loop no longer takes work."""
-    popen.kill()
+    _signal_group(popen, signal.SIGKILL)
     try:
         asyncio.get_running_loop().run_in_executor(None, _stop, popen)
     except RuntimeError:  # the loop's executor is shut down: the loop is ending

@@ -626,6 +626,7 @@ def serve_quickstart(
     replace: dict[str, str] | None = None,
     port: int | None = None,
     prepare: Callable[[Path], None] | None = None,
+    process_group: int | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`bastion serve` of examples/quickstart/bastion.toml in a process of its own, as `make run`
     starts it, but on a free port with a fresh database in ``directory`` (set up by the
@@ -633,6 +634,7 @@ def serve_quickstart(
     ``replace`` changes more of the configuration's text; ``prepare``, given the configuration's
     path, adds to the database before bastion starts. Returns the process and its URL once it
     is ready; the caller stops it. ``port``: a port chosen before (else a free one).
+    ``process_group``: as `subprocess.Popen`'s (0: a group of its own, as a terminal's job).
     """
     port = port or free_socket().getsockname()[1]
     config = (QUICKSTART / "bastion.toml").read_text()
@@ -654,15 +656,16 @@ def serve_quickstart(
     )
     if prepare is not None:
         prepare(path)
-    return bastion_serve(path, f"http://127.0.0.1:{port}", env)
+    return bastion_serve(path, f"http://127.0.0.1:{port}", env, process_group)
 
 
 def bastion_serve(
-    config: Path, url: str, env: dict[str, str] | None = None
+    config: Path, url: str, env: dict[str, str] | None = None, process_group: int | None = None
 ) -> tuple[subprocess.Popen, str]:
     """`bastion serve --config config` in a process of its own, its output in ``serve.log`` next
-    to the configuration, with ``env`` added to its environment. Returns the process and ``url``
-    once `/readyz` answers there; the caller stops it."""
+    to the configuration, with ``env`` added to its environment (and in the process group
+    ``process_group`` says, as `subprocess.Popen`'s). Returns the process and ``url`` once
+    `/readyz` answers there; the caller stops it."""
     log = config.parent / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
@@ -671,6 +674,7 @@ def bastion_serve(
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            process_group=process_group,
         )
     try:
         until_ready(server, lambda: clients.ready(url), log)

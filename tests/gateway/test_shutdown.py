@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import threading
 
 import httpx
 
-from tests.waits import PATIENCE
+from tests.waits import PATIENCE, eventually
 
 from .streams import legacy_session, modern_headers, modern_request
-from .support import Running, serve_quickstart
+from .support import QUICKSTART, Running, serve_quickstart
 
 QUICKSTART_PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
 
@@ -96,3 +98,84 @@ def test_sigterm_ends_the_open_streams_cleanly_and_bastion_exits(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+# A stdio upstream's launcher (`npx`, `uvx`, `sh -c`): it starts a child of its own that ignores
+# SIGINT, SIGTERM and its stdin (noting that child's pid), then runs the quickstart's server in
+# itself, which ends at its stdin's end. It notes how it ended: "SIGINT", or "stdin closed".
+CTRL_C_LAUNCHER = """
+import os, runpy, signal, subprocess, sys
+log, pids, server = sys.argv[1:4]
+STRAY = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)")
+
+def note(what):
+    with open(log, "a") as out:
+        out.write(what + "\\n")
+
+def interrupted(number, frame):
+    note("SIGINT")
+    os._exit(130)
+
+signal.signal(signal.SIGINT, interrupted)
+child = subprocess.Popen([sys.executable, "-c", STRAY], stdin=subprocess.DEVNULL)
+with open(pids, "a") as out:
+    out.write(f"{child.pid}\\n")
+sys.argv = [server]
+try:
+    runpy.run_path(server, run_name="__main__")
+except SystemExit:  # its sys.exit(main())
+    pass
+note("stdin closed")
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_ctrl_c_closes_a_stdio_upstream_in_order_and_stops_what_it_started(tmp_path):
+    """Ctrl-C in a terminal signals its foreground process group: `bastion serve`, and until
+    2026-12-07 its stdio upstreams too, which died on it at once, before bastion's orderly close,
+    leaving what they had started (here a child that ignores SIGINT) running. Each upstream now
+    has a group of its own: it gets no SIGINT, bastion's shutdown closes its stdin (its server
+    ends there), and what it started is stopped with it."""
+    launcher, log, pids = tmp_path / "launcher.py", tmp_path / "ended", tmp_path / "pids"
+    launcher.write_text(CTRL_C_LAUNCHER)
+    args = [str(launcher), str(log), str(pids), str(QUICKSTART / "server.py")]
+    server, url = serve_quickstart(
+        tmp_path,
+        replace={'args = ["examples/quickstart/server.py"]': f"args = {json.dumps(args)}"},
+        process_group=0,  # a terminal's job: bastion leads its foreground group
+    )
+    started: list[int] = []
+    try:
+        with httpx.Client(timeout=httpx.Timeout(10, read=60)) as http:
+            running = Running(url, None, None, None, http, None, password=QUICKSTART_PASSWORD)
+            session = legacy_session(running, running.token("sam", "desk"), "desk")
+            listed = http.post(
+                running.mcp_url("desk"),
+                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                headers=session,
+            )
+            assert listed.status_code == 200 and "search_customers" in listed.text, listed.text
+        assert eventually(pids.exists)
+        started = [int(pid) for pid in pids.read_text().split()]
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the terminal signals its foreground group
+        try:
+            server.wait(PATIENCE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("bastion serve did not stop at SIGINT") from None
+        assert log.read_text().split("\n")[:-1] == ["stdin closed"]
+        assert eventually(lambda: not any(map(_running, started))), started
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

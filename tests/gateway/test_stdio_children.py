@@ -2,7 +2,8 @@
 made (its call cancelled, its client gone, its deadline or the upstream's start timeout passed,
 the server stopping), a start whose pipes cannot be handed to the event loop, and an upstream
 closed while it starts each leave no process running and none unreaped (a zombie), under
-uvloop (what `bastion serve` runs) and asyncio's own loop.
+uvloop (what `bastion serve` runs) and asyncio's own loop. Nor does any of these, a close, or a
+process ending by itself leave running what that process started (a launcher's server).
 
 The moment is made certain: `subprocess.Popen`, in its worker thread, holds on to the process it
 started until the test says go. The child sleeps and never reads its stdin, so one nobody stops
@@ -27,7 +28,7 @@ from bastion.gateway import upstream
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.upstream import StdioUpstream
-from tests.waits import PATIENCE, eventually_async
+from tests.waits import PATIENCE, eventually, eventually_async
 
 LOOPS = pytest.mark.parametrize(
     "loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"]
@@ -278,3 +279,162 @@ def test_a_close_cancelled_while_it_waits_for_the_process_stops_it_at_once(tmp_p
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+
+
+# What a launcher (`npx -y server`, `uvx`, `sh -c`, `docker run -i`) starts: the real work, which
+# here neither reads its stdin nor ends at SIGTERM or SIGINT, on the launcher's stdio.
+STRAY = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
+)
+# A launcher: it starts `STRAY` as a child of its own and notes that child's pid in the file its
+# first argument names, then answers MCP (its handshake, `{}` to any other request; `quit` ends
+# it), or hangs before its handshake when its second argument says so. It ends at its stdin's
+# end and at SIGTERM without stopping its child, as many do.
+LAUNCHER = textwrap.dedent(
+    f"""
+    import json, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", {STRAY!r}])
+    with open(sys.argv[1], "a") as pids:
+        pids.write(f"{{child.pid}}\\n")
+    if sys.argv[2:] == ["hang"]:
+        time.sleep(600)
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("method") == "quit":
+            sys.exit(0)
+        if "id" not in message:
+            continue
+        result = {{}}
+        if message["method"] == "initialize":
+            result = {{"protocolVersion": "2025-11-25", "capabilities": {{}},
+                      "serverInfo": {{"name": "launcher", "version": "1"}}}}
+        print(json.dumps({{"jsonrpc": "2.0", "id": message["id"], "result": result}}), flush=True)
+    """
+)
+
+
+class Launched:
+    """The launcher's script and the pids of the children it started (`LAUNCHER`). Those are not
+    bastion's children: once their launcher is gone the system reaps them (or, where its first
+    process reaps nothing, as in some containers, they stay zombies): what counts is that none
+    runs on. Whatever a failing test left running is killed after it."""
+
+    def __init__(self, directory) -> None:
+        self.script = directory / "launcher.py"
+        self.script.write_text(LAUNCHER)
+        self.pid_file = directory / "pids"
+
+    def argv(self, *more: str) -> list[str]:
+        return [sys.executable, str(self.script), str(self.pid_file), *more]
+
+    def upstream(self, timeout: float = 10, *more: str) -> StdioUpstream:
+        command, *args = self.argv(*more)
+        return StdioUpstream(
+            UpstreamConfig(name="launcher", command=command, args=tuple(args), timeout=timeout)
+        )
+
+    def pids(self) -> list[int]:
+        if not self.pid_file.exists():
+            return []
+        return [int(line) for line in self.pid_file.read_text().split()]
+
+    def running(self) -> list[int]:
+        """The launchers' children still running (not ended, nor zombies)."""
+        return [pid for pid in self.pids() if left(pid) == "running"]
+
+    def kill_left(self) -> None:
+        for pid in self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def launched(tmp_path):
+    launcher = Launched(tmp_path)
+    yield launcher
+    launcher.kill_left()
+
+
+@LOOPS
+def test_a_closed_upstream_leaves_nothing_its_process_started_running(launched, loop_factory):
+    """Closing an upstream (bastion stopping, its upstream session closed) stops what its
+    process started too: the launcher ends at its stdin's end, and the server it started, which
+    does not, is stopped with it."""
+
+    async def scenario() -> None:
+        connection = launched.upstream()
+        await connection.ensure_started()
+        await connection.close()
+        assert await eventually_async(lambda: not launched.running()), launched.running()
+
+    run(loop_factory, scenario)
+    assert len(launched.pids()) == 1 and launched.running() == []
+
+
+@LOOPS
+def test_a_start_out_of_time_in_its_handshake_leaves_nothing_it_started_running(
+    launched, loop_factory
+):
+    """A launcher that never answers its handshake is killed, and what it started with it."""
+
+    async def scenario() -> None:
+        connection = launched.upstream(0.5, "hang")
+        with pytest.raises(RpcError, match="did not start within"):
+            await connection.ensure_started()
+        assert await eventually_async(lambda: launched.pids() and not launched.running()), (
+            launched.pids(),
+            launched.running(),
+        )
+        await connection.close()
+
+    run(loop_factory, scenario)
+    assert len(launched.pids()) == 1 and launched.running() == []
+
+
+@LOOPS
+def test_a_process_that_ended_by_itself_takes_what_it_started_and_is_started_again(
+    launched, loop_factory
+):
+    """A launcher that ends by itself leaves its server orphaned, holding the launcher's stdout
+    open, so that bastion never read its end: the call in flight failed only at its timeout, and
+    every later one "is not running", the upstream never started again. What it started is
+    stopped when it ends: the call fails at once, the next starts the upstream again."""
+
+    async def scenario() -> tuple[str, dict]:
+        connection = launched.upstream()
+        await connection.ensure_started()
+        with pytest.raises(RpcError) as failed:
+            await connection.request("quit", None)
+        again = await connection.request("ping", None)
+        await connection.close()
+        return failed.value.message, again
+
+    lost, again = run(loop_factory, scenario)
+    assert lost == "upstream launcher exited"
+    assert again["result"] == {}
+    assert len(launched.pids()) == 2
+    assert eventually(lambda: not launched.running()), launched.running()
+
+
+@LOOPS
+def test_a_start_cancelled_while_its_process_is_made_leaves_nothing_it_started_running(
+    held, launched, loop_factory
+):
+    """A start given up while `Popen` ran in its worker thread: the thread kills what the
+    launcher started as well as the launcher."""
+
+    async def scenario() -> None:
+        start = asyncio.ensure_future(
+            upstream._Child.start(launched.argv(), dict(os.environ), None, 1 << 16)
+        )
+        await held.until_made()
+        assert await eventually_async(launched.pids)  # the launcher started its child
+        start.cancel()
+        held.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+
+    run(loop_factory, scenario)
+    assert [left(pid) for pid in held.pids] == [None]
+    assert eventually(lambda: not launched.running()), launched.running()
