@@ -10,13 +10,14 @@ bytes made before the run (`UPSTREAM`), so that the upstream spends next to noth
 call and what the small calls wait for is bastion. The small call is the quickstart's
 ``search_customers`` (a few hundred bytes, masked); the large one, ``export_customers``,
 answers ``--customers`` customers as structured content and as the JSON text of a text block
-(7.6 MB from the upstream at 40,000, its text block 3.6 MB), both masked: read, masked and written on a worker thread in turns
-where bastion does so (`bastion.large_json`), in one C call each on the event loop where it
-does not. Each round runs ``--calls`` small calls one at a time, alone, then again while one
-client calls ``export_customers`` over and over on a connection of its own. Prints the small
-calls' median, p99 and longest latency in each phase, the large call's median latency, and
-bastion's CPU per large call (from /proc, the phase's CPU less the small calls' share measured
-alone). Compare trees by running it in each, interleaved (docs/benchmarks.md).
+(7.6 MB from the upstream at 40,000, its text block 3.6 MB), both masked: read, masked and
+written on a worker thread in turns where bastion does so (`bastion.large_json`), in one C
+call each on the event loop where it does not. Each round runs ``--calls`` small calls one at
+a time, alone, then again while one client calls ``export_customers`` over and over on a
+connection of its own. Prints the small calls' median, p99 and longest latency in each phase,
+the large call's median latency, and bastion's CPU per large call (from /proc, the phase's CPU
+less the small calls' share measured alone). Compare trees by running it in each, interleaved
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
