@@ -7,6 +7,8 @@ test_oidc_login_refusals.py, and a trusted issuer written here that can hang."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import anyio
 import pytest
 from joserfc import jwt
@@ -24,13 +26,18 @@ from bastion.identity.trusted_issuers import (
 from bastion.oauth.errors import InvalidToken
 from tests.clock import ManualClock
 from tests.oauth.support import ANY_KID, free_socket, serve
-from tests.waits import eventually, eventually_async
+from tests.waits import PATIENCE, eventually, eventually_async
 
 from .test_oidc_id_token_keys import log_in, provider_login, signed_in
 from .test_oidc_login_refusals import TestProvider
 
 OLD_KEY = ECKey.generate_key("P-256", parameters={"kid": "old"})
 NEW_KEY = ECKey.generate_key("P-256", parameters={"kid": "new"})
+
+# A fetch that must succeed is bounded against a hang only: with the default 5 s (or 1 s), a
+# machine that did not run the issuer's server that long refused a token or a login (seen with
+# 1 s: 'did not answer within 1 s' for a first fetch that was to succeed).
+SETTLED = int(PATIENCE)
 
 
 @pytest.fixture
@@ -62,7 +69,11 @@ def test_a_login_past_the_metadata_lifetime_completes_while_the_provider_hangs(t
 
 
 def test_past_the_stale_window_a_login_waits_for_the_read_and_is_refused(tmp_path, idp):
-    settings = {"metadata_cache_seconds": 60, "metadata_stale_seconds": 120}
+    settings = {
+        "metadata_cache_seconds": 60,
+        "metadata_stale_seconds": 120,
+        "timeout_seconds": SETTLED,  # refused for the provider's 503, not for its time
+    }
     with provider_login(tmp_path, idp, "m", **settings) as (b, client, person):
         assert signed_in(log_in(idp, person, client, "m"))
         metadata = b.server.external_login._metadata["m"]
@@ -99,8 +110,9 @@ def issuer():
     }
 
     async def hang(name: str) -> None:
-        while name in state["hung"]:
-            await anyio.sleep(0.01)
+        with anyio.move_on_after(PATIENCE):  # a bound against a hang of the test itself
+            while name in state["hung"]:
+                await anyio.sleep(0.01)
 
     async def discovery(request: Request) -> Response:
         state["asked"].append("metadata")
@@ -134,7 +146,12 @@ def issuer():
 
 
 def _trusted(issuer: dict, clock: ManualClock, **settings) -> TrustedIssuers:
-    table = {"issuer": issuer["url"], "audiences": {"desk": "api://desk"}, **settings}
+    table = {
+        "issuer": issuer["url"],
+        "audiences": {"desk": "api://desk"},
+        "timeout_seconds": SETTLED,
+        **settings,
+    }
     return TrustedIssuers(parse_trusted_issuers([table], {"desk"}, {}), clock=clock)
 
 
@@ -247,12 +264,15 @@ def test_a_key_removed_from_the_set_is_refused_once_the_set_is_read_again(issuer
 
 def test_a_key_set_past_its_lifetime_is_never_used_while_the_issuer_is_down(issuer):
     clock = ManualClock()
-    trusted = _trusted(issuer, clock, jwks_cache_seconds=60, timeout_seconds=1)
+    trusted = _trusted(issuer, clock, jwks_cache_seconds=60)
     key_set = trusted._key_sets[issuer["url"]]
     jwks_uri = issuer["url"] + "/jwks"
 
     async def scenario() -> None:
         assert await _verify(trusted, issuer, OLD_KEY, clock) == "sam"
+        # The set's fetches bounded at 1 s once it is in use: the first, which must succeed,
+        # waited out a hang only. The issuer then hangs until the refusal is seen.
+        key_set.limits = replace(key_set.limits, timeout_seconds=1)
         issuer["hung"].add("jwks")
         clock.now += 31
         assert await _verify(trusted, issuer, OLD_KEY, clock) == "sam"
