@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from starlette.routing import Route
 from bastion import Entity
 from bastion.client import AsyncClient, Client, RemoteError
 from tests.oauth.support import Servers, free_socket, self_signed_certificate
+from tests.waits import PATIENCE
 
 KEY = "pep-key-" + "k" * 32
 SAM, DOC = Entity("User", "sam"), Entity("Doc", "plan")
@@ -221,11 +223,16 @@ def test_a_huge_answer_is_refused_once_past_the_bound_not_read_whole(impostor):
 
 
 def test_an_answer_dripped_out_slower_than_the_timeout_is_refused(impostor):
-    """Each byte comes within the timeout, the whole answer does not: refused as unanswered."""
+    """Each byte comes within the timeout, the whole answer does not: refused as unanswered.
+    The drip goes on until both clients have refused, however slow the machine (a drip of 3 s
+    was a margin a late deadline could overrun): a client that waited for the whole is given
+    a yes, after PATIENCE."""
+    refusals_seen = threading.Event()
 
     async def dripped(request: Request) -> Response:
         async def drip():
-            for _ in range(12):
+            deadline = asyncio.get_running_loop().time() + PATIENCE
+            while not refusals_seen.is_set() and asyncio.get_running_loop().time() < deadline:
                 yield b" "
                 await asyncio.sleep(0.25)
             yield json.dumps(YES).encode()
@@ -233,17 +240,29 @@ def test_an_answer_dripped_out_slower_than_the_timeout_is_refused(impostor):
         return StreamingResponse(drip(), media_type="application/json")
 
     impostor.answer = dripped
-    for error in refused(both_clients(impostor.url, DECISIONS["authorize"], timeout=1)):
+    try:
+        outcomes = both_clients(impostor.url, DECISIONS["authorize"], timeout=1)
+    finally:
+        refusals_seen.set()
+    for error in refused(outcomes):
         assert error.status == 0 and "within 1 s" in error.detail, error.detail
 
 
 def test_no_answer_or_no_server_is_a_remote_error_naming_the_server(impostor):
+    # The answer is held back until both clients have refused, not for 5 s, which a late
+    # timeout could overrun: a client that waited for it is given a yes, after PATIENCE.
+    refusals_seen = threading.Event()
+
     async def silent(request: Request) -> Response:
-        await asyncio.sleep(5)
+        await asyncio.to_thread(refusals_seen.wait, PATIENCE)
         return json_answer(YES)(request)
 
     impostor.answer = silent
-    for error in refused(both_clients(impostor.url, DECISIONS["authorize"], timeout=0.5)):
+    try:
+        outcomes = both_clients(impostor.url, DECISIONS["authorize"], timeout=0.5)
+    finally:
+        refusals_seen.set()
+    for error in refused(outcomes):
         assert error.status == 0 and impostor.url in error.detail, error.detail
     closed = free_socket()
     nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"
