@@ -36,7 +36,7 @@ from bastion.oauth import AuthorizationServer, OAuthSettings, registration
 from bastion.oauth.users import create_user
 from tests import clients
 from tests.ports import free_socket  # noqa: F401 (re-exported: many tests import it here)
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 PASSWORD = "correct horse battery staple"
 # joserfc writes only a string kid; with this registry a test writes any, as an attacker would.
@@ -375,14 +375,17 @@ def running_bastion(
 class TricklingHost:
     """An https server on a real socket that answers each request with a status line, then the
     bytes of a header one at a time (``pad`` of them, ``interval`` seconds apart), then a valid
-    document: every read gets a byte well within any per-read timeout."""
+    document: every read gets a byte well within any per-read timeout. ``pad`` None: bytes for
+    PATIENCE, so the document is held back until the client gives up (or the host is closed),
+    however slow the machine."""
 
-    def __init__(self, directory, pad: int, interval: float, redirect_uri: str) -> None:
+    def __init__(self, directory, pad: int | None, interval: float, redirect_uri: str) -> None:
         cert, key = self_signed_certificate(directory)
         self.ca_file = cert
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(cert, key)
-        self.pad, self.interval, self.redirect_uri = pad, interval, redirect_uri
+        self.pad = int(PATIENCE / interval) if pad is None else pad
+        self.interval, self.redirect_uri = interval, redirect_uri
         self.accepted = 0
         self.stopped = threading.Event()
         self.listener = free_socket()
