@@ -30,6 +30,7 @@ from bastion.route_paths import route_path
 MAX_AGE = 7200
 _PREFLIGHT = b"access-control-request-method"
 _VARY = (b"vary", b"Origin")
+_ALLOW_ORIGIN = b"access-control-allow-origin"
 # The headers that frame a request body.
 _BODY = (b"content-length", b"transfer-encoding")
 # What a browser-based client sends to the OAuth endpoints it calls (the RFC 9728 and RFC 8414
@@ -87,15 +88,35 @@ class CrossOrigin:
         await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
+    def headers(self, origin: str) -> list[tuple[bytes, bytes]]:
+        """What an answer to a page of ``origin`` (allowed) adds to its head: the origin, the
+        headers the page may read, ``Vary: Origin``."""
+        return [(_ALLOW_ORIGIN, origin.encode("latin-1")), *self._actual]
+
     def sending(self, origin: str, send: Send) -> Send:
         """``send``, for an answer to a page of ``origin`` (allowed): whatever the answer and
         its status (a 401 and its challenge, an event stream), its head names the origin and
         the headers the page may read."""
-        added = [(b"access-control-allow-origin", origin.encode("latin-1")), *self._actual]
+        added = self.headers(origin)
 
         async def send_to_page(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), *added]}
+            await send(message)
+
+        return send_to_page
+
+    def completing(self, origin: str, send: Send) -> Send:
+        """`sending`, around routes that answer CORS themselves (`sending`, inside): an answer
+        whose head names an origin already goes as it is (a browser refuses an answer that
+        names two), any other (made before those routes, or by a fault) gets the headers."""
+        added = self.headers(origin)
+
+        async def send_to_page(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", ())
+                if not any(name.lower() == _ALLOW_ORIGIN for name, _ in headers):
+                    message = {**message, "headers": [*headers, *added]}
             await send(message)
 
         return send_to_page
@@ -108,13 +129,16 @@ def oauth_cross_origin(origins: frozenset[str]) -> CrossOrigin:
 
 class CrossOriginRoutes:
     """ASGI middleware: CORS (`CrossOrigin`) for the requests to ``paths`` and below
-    ``prefixes``; every other request goes to ``app`` as it came. Their answers say ``Vary:
-    Origin`` whoever asks, since one kept by a cache (the metadata, the keys) must not be given
-    to a page it was not made for.
+    ``prefixes``; and below ``own_prefix``, whose routes answer CORS themselves (``own``: the
+    gateway's ``/mcp/``, `bastion.gateway.transport`), the same headers on the answers those
+    routes do not make. Every other request goes to ``app`` as it came. The answers of
+    ``paths`` and ``prefixes`` say ``Vary: Origin`` whoever asks, since one kept by a cache (the
+    metadata, the keys) must not be given to a page it was not made for.
 
     Outermost: whichever layer answers (a route, the body limits' 413, Starlette's 500 for a
-    fault; bastion's HTTP protocol's refusals through `outside`), a page of an allowed origin
-    reads the answer, and can tell a fault from a refusal."""
+    fault; bastion's HTTP protocol's refusals through `outside`, its direct gateway path
+    through `sending` and `headers`), a page of an allowed origin reads the answer, and can
+    tell a fault from a refusal."""
 
     def __init__(
         self,
@@ -123,18 +147,33 @@ class CrossOriginRoutes:
         paths: frozenset[str] | None = None,
         prefixes: tuple[str, ...] = (),
         setting: str = "[oauth] allowed_origins",
+        own: CrossOrigin | None = None,
+        own_prefix: str = "",
     ) -> None:
         """``paths``: below the application's root path, exactly, and with ``prefixes`` (the
         start of a path); None for every request. ``setting`` lists the origins, and a refused
-        preflight names it."""
+        preflight names it. Below ``own_prefix`` (when ``own`` is given) only the origins
+        ``own`` allows are answered, with its headers, and every request goes on to ``app``,
+        preflights too (answered, or refused, there); one without ``Origin`` untouched."""
         self.app = app
         self.cors = cors
         self.paths = paths
         self.prefixes = prefixes
         self.setting = setting
+        self.own = own
+        self.own_prefix = own_prefix if own is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._covers(scope):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if self.own_prefix is not None and path.startswith(self.own_prefix):
+            # The gateway's call path: a request without Origin (every non-browser client)
+            # costs one look through its header names, and nothing is wrapped.
+            await self.app(scope, receive, self._own_sending(scope, send))
+            return
+        if not self._covers(path):
             await self.app(scope, receive, send)
             return
         headers = scope["headers"]
@@ -161,15 +200,37 @@ class CrossOriginRoutes:
         refused there, not answered 204."""
 
         async def answer(scope: Scope, receive: Receive, send: Send) -> None:
-            covered = scope["type"] == "http" and self._covers(scope)
-            await app(scope, receive, self._sending(scope, send) if covered else send)
+            await app(scope, receive, self.sending(scope, send))
 
         return answer
 
-    def _covers(self, scope: Scope) -> bool:
+    def sending(self, scope: Scope, send: Send) -> Send:
+        """``send``, for an answer to ``scope`` made without the application and its CORS (a
+        refusal of bastion's HTTP protocol, the direct gateway path's 500): with the CORS
+        headers an answer of the application would have there."""
+        if scope["type"] != "http":
+            return send
+        path = route_path(scope)
+        if self.own_prefix is not None and path.startswith(self.own_prefix):
+            return self._own_sending(scope, send)
+        return self._sending(scope, send) if self._covers(path) else send
+
+    def headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The CORS headers of an answer to ``scope`` that bastion's HTTP protocol writes whole
+        itself (the direct gateway path's 408), as `sending` would add them."""
+        path = route_path(scope)
+        if self.own_prefix is not None and path.startswith(self.own_prefix):
+            assert self.own is not None
+            origin = _origin(scope)
+            return self.own.headers(origin) if origin and self.own.allows(origin) else []
+        if not self._covers(path):
+            return []
+        origin = _origin(scope)
+        return self.cors.headers(origin) if origin and self.cors.allows(origin) else [_VARY]
+
+    def _covers(self, path: str) -> bool:
         if self.paths is None:
             return True
-        path = route_path(scope)
         return path in self.paths or (bool(self.prefixes) and path.startswith(self.prefixes))
 
     def _sending(self, scope: Scope, send: Send) -> Send:
@@ -178,11 +239,25 @@ class CrossOriginRoutes:
             return self.cors.sending(origin, send)
         return _varying(send)
 
+    def _own_sending(self, scope: Scope, send: Send) -> Send:
+        # No Vary for the others: these answers are made for a bearer token, not kept by caches.
+        assert self.own is not None
+        origin = _origin(scope)
+        if origin is None or not self.own.allows(origin):
+            return send
+        return self.own.completing(origin, send)
+
 
 def _origin(scope: Scope) -> str | None:
     """The request's ``Origin``, if it sent one alone."""
-    origins = [v for k, v in scope["headers"] if k == b"origin"]
-    return origins[0].decode("latin-1") if len(origins) == 1 else None
+    # A loop, not a list: on /mcp/ this is asked of every request that reaches the application.
+    found = None
+    for name, value in scope["headers"]:
+        if name == b"origin":
+            if found is not None:
+                return None
+            found = value
+    return found.decode("latin-1") if found is not None else None
 
 
 def refusal_body(origin: str, setting: str) -> str:

@@ -911,6 +911,8 @@ class Gateway:
     # prefixes here, ahead of the API's routing (see `bastion.gateway.mount.GatewayFirst`).
     # Per gateway (the metadata's depend on ``public_url``): set in ``__init__``.
     PREFIXES: tuple[str, ...] = (_MCP, _METADATA)
+    # ``/mcp/<server>`` alone (the application's CORS completes its answers there).
+    MCP_PREFIX = _MCP
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)

@@ -279,8 +279,8 @@ class StreamableHttpEndpoint:
                 # A name came more than once (the dict kept the last): looked at only then.
                 twice = _sent_twice(scope, self._read_once)
                 _join_accept(scope, headers)
-            if twice and not _BEFORE_TOKEN.isdisjoint(twice):
-                raise HttpError(400, _twice(min(_BEFORE_TOKEN & set(twice))).body(None))
+            if twice and "origin" in twice:
+                raise HttpError(400, _twice("origin").body(None))
             origin = headers.get("origin")
             if origin is not None:
                 # A request without Origin does not come from a page, and pays nothing more.
@@ -301,6 +301,9 @@ class StreamableHttpEndpoint:
                     await cors.answer_preflight(origin, send)
                     return
                 send = cors.sending(origin, send)
+            if twice and "authorization" in twice:
+                # Refused before the token is read (whose would it be?), a page's with CORS.
+                raise HttpError(400, _twice("authorization").body(None))
             if upstream is None:
                 raise HttpError(404, {"error": f"no MCP server named {server!r} behind bastion"})
             caller = await self._authenticate(server, headers, scope)

@@ -789,11 +789,13 @@ def create_app(config: ServerConfig) -> Starlette:
     # again, there, in the clear.
     app.router.redirect_slashes = False
     # The OAuth endpoints a browser-based client calls (the RFC 9728 metadata among them) answer
-    # the pages of [oauth] allowed_origins and of the gateway's with CORS, around the whole
-    # stack, Starlette's ServerErrorMiddleware and the body limits too: whichever layer answers
-    # (a fault's 500, a 413), the page reads the answer, not "Failed to fetch". Starlette puts
-    # its ServerErrorMiddleware outside every middleware it is given: the stack is built here,
-    # and wrapped.
+    # the pages of [oauth] allowed_origins and of the gateway's with CORS, and /mcp/ those of
+    # the gateway's alone, around the whole stack, Starlette's ServerErrorMiddleware and the
+    # body limits too: whichever layer answers (a fault's 500, a 413), the page reads the
+    # answer, not "Failed to fetch". On /mcp/ the gateway's transport answers CORS itself (its
+    # preflights, its answers), and this layer gives its headers to the answers made before it.
+    # Starlette puts its ServerErrorMiddleware outside every middleware it is given: the stack
+    # is built here, and wrapped.
     origins = frozenset(oauth.settings.allowed_origins) if oauth is not None else frozenset()
     if gateway is not None:
         origins |= gateway.allowed_origins
@@ -804,6 +806,8 @@ def create_app(config: ServerConfig) -> Starlette:
             oauth_cross_origin(origins),
             oauth.cross_origin_paths(),
             gateway.metadata_prefixes if gateway is not None else (),
+            own=gateway.cors if gateway is not None else None,
+            own_prefix=gateway.MCP_PREFIX if gateway is not None else "",
         )
         app.middleware_stack = cross_origin
     # What bastion's HTTP protocol gives its own refusals (`bastion.server.connections`).

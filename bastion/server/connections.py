@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import chain
 from operator import itemgetter
 from typing import Any
@@ -90,8 +90,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.refusals = refusals
         # The names requests may be for (None: any, and nothing is looked up).
         self.allowed_hosts = allowed_hosts
-        # The application's outermost CORS (its OAuth endpoints'), which this protocol's own
-        # answers on its routes carry as the application's do.
+        # The application's outermost CORS (its OAuth endpoints', and /mcp/'s beyond the
+        # gateway's own), which this protocol's own answers on its routes carry as the
+        # application's do.
         self.cross_origin = cross_origin
         # The gateway as this server runs the application (behind uvicorn's proxy headers
         # middleware when that is on).
@@ -433,7 +434,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if route is None or self.transport.is_closing():
             return
         content_type, body = route.limit.refusal(408, TOO_SLOW)
-        self._write(408, content_type.encode(), body, close=True)
+        cors: list[tuple[bytes, bytes]] = []
+        if self.cross_origin is not None:
+            # What the application's answer would carry there (a page reads the 408 of /mcp/).
+            scope = {**self.scope, "path": self.url.decode("ascii")}
+            cors = self.cross_origin.headers(scope)
+        self._write(408, content_type.encode(), body, close=True, extra=cors)
         self.transport.close()
 
     def _respond(self, content: bytes) -> None:
@@ -441,10 +447,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # What uvicorn does once an answer is sent: count it, and time the idle connection.
         self.on_response_complete()
 
-    def _write(self, status: int, content_type: bytes, body: bytes, close: bool = False) -> None:
-        """An answer with the headers uvicorn gives every answer (date, server)."""
+    def _write(
+        self,
+        status: int,
+        content_type: bytes,
+        body: bytes,
+        close: bool = False,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """An answer with the headers uvicorn gives every answer (date, server), and ``extra``."""
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        for name, value in extra:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"content-length: %d\r\ncontent-type: %s\r\n" % (len(body), content_type))
         if status != 200:

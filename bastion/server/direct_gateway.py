@@ -11,7 +11,8 @@ gateway call paid for layers that do nothing for it. Here
 (`bastion.server.gateway_cycle`: uvicorn's, with a short way for an answer of one known length),
 which writes the answer (keep-alive, pipelining, flow control, chunked event streams, the
 client's disconnect). An unexpected exception is answered and logged as the application's error
-handler and uvicorn answer and log it.
+handler and uvicorn answer and log it, with the application's CORS (`bastion.cors`) for a page
+of an allowed origin.
 
 With ``proxy_headers`` on, the request goes through uvicorn's own proxy headers middleware first,
 as through the application: the client's address and scheme are those the trusted proxies
@@ -60,6 +61,9 @@ class DirectGateway:
             if (path := f"/mcp/{name}").isascii()
         }
         self._failure = RpcError(INTERNAL_ERROR, FAILED).body(None)
+        # The application's outermost CORS (`bastion.cors.CrossOriginRoutes`), for the answers
+        # made here, past the transport's own: a page of an allowed origin reads a fault's 500.
+        self.cross_origin = state.cross_origin
         # uvicorn's proxy headers middleware in front of `serve`, by the proxies it trusts.
         self._behind_proxies: dict[str, ProxyHeadersMiddleware] = {}
 
@@ -85,5 +89,7 @@ class DirectGateway:
             # As Starlette's ServerErrorMiddleware with the application's handler: a JSON-RPC
             # 500 naming no internals, the connection closed; then uvicorn logs the exception.
             if not send.__self__.response_started:
+                if self.cross_origin is not None:
+                    send = self.cross_origin.sending(scope, send)
                 await send_json(send, 500, self._failure, {"connection": "close"})
             raise

@@ -3,15 +3,28 @@ lists, over raw HTTP: a browser-based MCP client on another origin (the MCP Insp
 company's agent console) reaches ``/mcp/<server>`` and the OAuth endpoints it calls during
 discovery and authorization without a proxy. A preflight from a listed origin is answered before
 any token is read; a preflight from any other origin gets no CORS headers; answers to a listed
-origin carry them whatever their status; a request without ``Origin`` (every non-browser client)
-gets none (docs/gateway.md, Origin; docs/oauth.md, Browser-based clients)."""
+origin carry them whatever their status and whichever layer makes them (the body limits, a
+fault, bastion's HTTP protocol and its direct call path), once; a request without ``Origin``
+(every non-browser client) gets none (docs/gateway.md, Origin; docs/oauth.md, Browser-based
+clients)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import socket
+from unittest import mock
+from urllib.parse import urlsplit
+
 import pytest
 
+from bastion.gateway.transport import StreamableHttpEndpoint
+from bastion.server.config import ServerConfig
 from tests.oauth.support import pkce_pair
+from tests.security.test_edge import answers_on, status_of
 
+from . import support
 from .streams import legacy_session, modern_headers, modern_request
 from .support import start
 
@@ -302,6 +315,10 @@ def failing(*args, **kwargs):
     raise RuntimeError("a fault of the test's")
 
 
+async def failing_coroutine(*args, **kwargs):
+    raise RuntimeError("a fault of the test's")
+
+
 def test_a_fault_on_an_oauth_endpoint_is_answered_to_a_listed_origin_with_cors(
     bastion, monkeypatch
 ):
@@ -357,3 +374,129 @@ def test_oauth_allowed_origins_add_pages_to_the_oauth_endpoints_not_to_mcp(tmp_p
         assert preflight(running, running.mcp_url("deskhttp"), APP).status_code == 204
         refused = preflight(running, running.mcp_url("deskhttp"), spa)
         assert refused.status_code == 403 and cors_headers(refused) == {}
+
+
+# -- /mcp/: answers made before the gateway's own CORS ------------------------------------------
+
+# A page of an origin only [oauth] allowed_origins lists: it may sign in, never call /mcp/.
+SPA = "https://spa.example.com"
+BODY_TIMEOUT = 1
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """This module's bastion as `bastion serve` serves it (bastion's HTTP protocol, whose direct
+    path runs an exact ``POST /mcp/<server>`` past Starlette), with a page of [oauth]
+    allowed_origins too."""
+    from tests.gateway.test_direct_gateway import ServedLikeBastionServe
+
+    def config(**settings):
+        return ServerConfig(**settings, body_timeout=BODY_TIMEOUT)
+
+    # As `bastion serve` without access_log (whose lines the protocol leaves to the
+    # application), whatever handlers pytest's log capture puts on the access logger.
+    quiet = mock.patch.object(logging.getLogger("uvicorn.access"), "hasHandlers", lambda: False)
+    with (
+        mock.patch.object(support, "ServerConfig", config),
+        mock.patch.object(support, "Servers", ServedLikeBastionServe),
+        start(
+            tmp_path_factory.mktemp("cors-served"),
+            gateway={"allowed_origins": [APP]},
+            oauth={"allowed_origins": [SPA]},
+        ) as running,
+        quiet,
+    ):
+        yield running
+
+
+def direct_requests(bastion) -> int:
+    text = bastion.http.get(f"{bastion.url}/metrics").text
+    found = re.search(r"^bastion_direct_gateway_requests_total (\S+)$", text, re.M)
+    return int(float(found[1])) if found else 0
+
+
+def answered_once_to(response, origin: str) -> None:
+    """`answered_to`, with one ``Access-Control-Allow-Origin`` (a browser refuses two) and the
+    gateway's exposed headers, whichever layer answered."""
+    assert response.headers.get_list("access-control-allow-origin") == [origin], response.headers
+    answered_to(response, origin, {"mcp-session-id", "www-authenticate", "retry-after"})
+
+
+def test_a_body_over_the_limit_on_mcp_is_refused_to_a_listed_page_with_cors(bastion, served):
+    """The body limits' 413 ([gateway] max_body_bytes), made before the gateway is reached, on
+    the application's path (uvicorn's own protocol) and on bastion serve's (which hands a body
+    over the limit to the application): the page reads the refusal, not "Failed to fetch"."""
+    large = json.dumps(modern_request(1, "tools/list", {"pad": "x" * 65536})).encode()
+    for running in (bastion, served):
+        url = running.mcp_url("deskhttp")
+        sent = {"content-type": "application/json"}
+        refused = running.http.post(url, content=large, headers={**sent, "origin": APP})
+        assert refused.status_code == 413, refused.text
+        assert "gateway.max_body_bytes" in refused.json()["error"]["message"]
+        answered_once_to(refused, APP)
+        for other in (EVIL, SPA):
+            foreign = running.http.post(url, content=large, headers={**sent, "origin": other})
+            assert foreign.status_code == 413 and cors_headers(foreign) == {}, other
+        plain = running.http.post(url, content=large, headers=sent)
+        assert plain.status_code == 413 and cors_headers(plain) == {}
+        assert "origin" not in listed(plain.headers.get("vary"))
+
+
+def test_a_fault_on_mcp_is_answered_to_a_listed_page_with_cors(bastion, served, monkeypatch):
+    """An unexpected exception past the gateway's Origin check: Starlette's 500 on the
+    application's path, the direct path's own 500 on bastion serve's; a page reads either."""
+    monkeypatch.setattr(StreamableHttpEndpoint, "_authenticate", failing_coroutine)
+    call = modern_request(1, "tools/list", {})
+    for running in (bastion, served):
+        url = running.mcp_url("deskhttp")
+        before = direct_requests(running)
+        failed = running.http.post(url, json=call, headers={"origin": APP})
+        assert failed.status_code == 500, failed.text
+        assert failed.json()["error"]["code"] == -32603
+        answered_once_to(failed, APP)
+        streamed = running.http.get(url, headers={"origin": APP})  # never the direct path
+        assert streamed.status_code == 500
+        answered_once_to(streamed, APP)
+        assert direct_requests(running) == before + (running is served)
+        for other in (EVIL, SPA):
+            # Refused 403 by the Origin check before the fault, with no CORS, as before.
+            foreign = running.http.post(url, json=call, headers={"origin": other})
+            assert foreign.status_code == 403 and cors_headers(foreign) == {}, other
+        plain = running.http.post(url, json=call)
+        assert plain.status_code == 500 and cors_headers(plain) == {}
+        assert "origin" not in listed(plain.headers.get("vary"))
+
+
+def test_a_body_that_stops_coming_on_the_direct_path_is_refused_to_a_listed_page_with_cors(
+    served,
+):
+    """The direct path's own 408 (body_timeout), written by bastion's HTTP protocol."""
+    url = urlsplit(served.mcp_url("deskhttp"))
+    body = json.dumps(modern_request(1, "tools/list", {})).encode()
+    for origin, expected in ((APP, [f"access-control-allow-origin: {APP}"]), (SPA, [])):
+        head = (
+            f"POST {url.path} HTTP/1.1\r\nhost: {url.netloc}\r\norigin: {origin}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+            s.sendall(head.encode() + body[:-5])
+            (answer,) = answers_on(s, 1, wait=BODY_TIMEOUT + 10)
+        assert status_of(answer) == 408, answer
+        lines = answer.partition(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
+        assert [line for line in lines if line.startswith("access-control-allow-origin")] == (
+            expected
+        ), lines
+        if expected:
+            assert "vary: origin" in lines, lines
+
+
+def test_a_token_sent_twice_by_a_listed_page_is_refused_with_cors(bastion, served):
+    """Refused before any token is read, by the transport, on either path: with CORS, once."""
+    call = modern_request(1, "tools/list", {})
+    for running in (bastion, served):
+        token = running.token("sam", "deskhttp")
+        twice = [("origin", APP), ("authorization", f"Bearer {token}")]
+        twice.append(("authorization", "Bearer another"))
+        refused = running.http.post(running.mcp_url("deskhttp"), json=call, headers=twice)
+        assert refused.status_code == 400 and "sent twice" in refused.text
+        answered_once_to(refused, APP)

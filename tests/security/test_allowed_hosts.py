@@ -185,18 +185,24 @@ def test_a_request_for_a_host_not_allowed_is_refused_on_every_route(served):
 
 def test_a_listed_pages_request_for_a_host_not_allowed_is_refused_with_cors(served):
     """The 421 is made by bastion's HTTP protocol, before the application and its CORS: a page
-    of an origin listed reads it (its OAuth endpoints', whose CORS it is given), and its
+    of an origin listed reads it (the OAuth endpoints' CORS, and on /mcp/, the direct path's
+    and the application's, the gateway's), with one Access-Control-Allow-Origin, and its
     preflight is refused as well, never answered 204; another page's gets no CORS."""
     faults = {}
-    for route in ("OAuth metadata", "resource metadata", "token endpoint"):
+    routes = ("OAuth metadata", "resource metadata", "token endpoint")
+    for route in (*routes, "gateway", "ordinary gateway"):
         method, path = ROUTES[route]
         for origin in (PAGE, "http://evil.example"):
             sent = request(served, route, f"page-{route}".replace(" ", "-"), "other.example")
             sent = sent.replace(b"\r\n", f"\r\nOrigin: {origin}\r\n".encode(), 1)
             answers, _, ending = exchange(served.bastion, sent)
-            cors = [line for line in answers[0].head.split("\r\n") if "access-control" in line]
+            cors = [
+                line
+                for line in answers[0].head.split("\r\n")
+                if line.startswith("access-control-allow-origin")
+            ]
             expected = [f"access-control-allow-origin: {origin}"] if origin == PAGE else []
-            if not _refused(answers, ending) or cors[:1] != expected:
+            if not _refused(answers, ending) or cors != expected:
                 faults[f"{route} from {origin}"] = (ending, answers[0].head)
             elif origin == PAGE and "\r\nvary: origin" not in answers[0].head:
                 faults[f"{route} from {origin}, Vary"] = answers[0].head
