@@ -68,6 +68,20 @@ def before_expiry(arrange: Callable[[float], T], lead: float) -> tuple[T, float]
         lead *= 2
 
 
+def time_enough(attempt: Callable[[float], T | None], seconds: float) -> tuple[T, float]:
+    """What ``attempt(seconds)`` made of a bound of ``seconds`` (a timeout that must run out)
+    within which other steps must succeed first, and that bound. ``attempt`` gives None when
+    they had not (on a machine too busy for them in that time): it is made again with the bound
+    twice as long, until they have. A test of what happens at the bound, not of how much a busy
+    machine does before it; fails once PATIENCE has passed."""
+    deadline = time.monotonic() + PATIENCE
+    while (made := attempt(seconds)) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"what must succeed within the bound did not, up to {seconds:g} s")
+        seconds *= 2
+    return made, seconds
+
+
 def past(at: float, clock: Callable[[], float] = time.time) -> None:
     """Sleep until ``clock`` (``time.time``, or ``time.monotonic`` for a bound another process
     measures with it) is past ``at``: an expiry, or a bound, crossed."""
