@@ -101,7 +101,11 @@ def own_address() -> str:
 
 def deliver(tmp_path, hook: Webhook) -> str:
     """Send one notification to ``hook`` through a real outbox; its final state."""
-    settings = WebhookDelivery(webhooks=(hook,), webhook_attempts=1, webhook_timeout_seconds=5)
+    # A delivery that must be answered is bounded against a hang only (PATIENCE), not by a
+    # time a loaded machine could overrun; a refused one fails before anything is sent.
+    settings = WebhookDelivery(
+        webhooks=(hook,), webhook_attempts=1, webhook_timeout_seconds=PATIENCE
+    )
     tmp_path.mkdir(exist_ok=True)
     db = Database(str(tmp_path / "outbox.db"))
     outbox = Outbox("egress_test", settings, db, sweep_seconds=0.05)
