@@ -161,26 +161,20 @@ class CrossOriginRoutes:
         self.prefixes = prefixes
         self.setting = setting
         self.own = own
-        self.own_prefix = own_prefix if own is not None else None
+        self.own_prefix = own_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = route_path(scope)
-        if self.own_prefix is not None and path.startswith(self.own_prefix):
-            # The gateway's call path: a request without Origin (every non-browser client)
-            # costs one look through its header names, and nothing is wrapped.
-            await self.app(scope, receive, self._own_sending(scope, send))
-            return
-        if not self._covers(path):
-            await self.app(scope, receive, send)
-            return
+        answering = self._answering(route_path(scope))
         headers = scope["headers"]
         # A preflight has no body (the Fetch standard's CORS-preflight request): an OPTIONS
-        # with one goes on, through the body limits, as any other request.
+        # with one goes on, through the body limits, as any other request. Below `own_prefix`
+        # the routes answer preflights themselves.
         if (
-            scope["method"] == "OPTIONS"
+            answering is self.cors
+            and scope["method"] == "OPTIONS"
             and any(k == _PREFLIGHT for k, _ in headers)
             and not any(k in _BODY for k, v in headers if v.strip() != b"0")
         ):
@@ -191,7 +185,7 @@ class CrossOriginRoutes:
             if any(k == b"origin" for k, _ in headers):
                 await _refuse(send, origin or "null", self.setting)
                 return
-        await self.app(scope, receive, self._sending(scope, send))
+        await self.app(scope, receive, self._sending(answering, scope, send))
 
     def outside(self, app: ASGIApp) -> ASGIApp:
         """``app``, an answer made without the application (a refusal of bastion's HTTP
@@ -210,42 +204,42 @@ class CrossOriginRoutes:
         headers an answer of the application would have there."""
         if scope["type"] != "http":
             return send
-        path = route_path(scope)
-        if self.own_prefix is not None and path.startswith(self.own_prefix):
-            return self._own_sending(scope, send)
-        return self._sending(scope, send) if self._covers(path) else send
+        return self._sending(self._answering(route_path(scope)), scope, send)
 
     def headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The CORS headers of an answer to ``scope`` that bastion's HTTP protocol writes whole
         itself (the direct gateway path's 408), as `sending` would add them."""
-        path = route_path(scope)
-        if self.own_prefix is not None and path.startswith(self.own_prefix):
-            assert self.own is not None
-            origin = _origin(scope)
-            return self.own.headers(origin) if origin and self.own.allows(origin) else []
-        if not self._covers(path):
+        answering = self._answering(route_path(scope))
+        if answering is None:
             return []
         origin = _origin(scope)
-        return self.cors.headers(origin) if origin and self.cors.allows(origin) else [_VARY]
+        if origin is not None and answering.allows(origin):
+            return answering.headers(origin)
+        return [] if answering is self.own else [_VARY]
 
-    def _covers(self, path: str) -> bool:
-        if self.paths is None:
-            return True
-        return path in self.paths or (bool(self.prefixes) and path.startswith(self.prefixes))
+    def _answering(self, path: str) -> CrossOrigin | None:
+        """The CORS of the answers to ``path``: ``own`` below ``own_prefix``, whose routes
+        answer CORS themselves; ``cors`` on ``paths`` and below ``prefixes``; else none."""
+        if self.own is not None and path.startswith(self.own_prefix):
+            return self.own
+        if self.paths is None or path in self.paths:
+            return self.cors
+        return self.cors if self.prefixes and path.startswith(self.prefixes) else None
 
-    def _sending(self, scope: Scope, send: Send) -> Send:
-        origin = _origin(scope)
-        if origin is not None and self.cors.allows(origin):
-            return self.cors.sending(origin, send)
-        return _varying(send)
-
-    def _own_sending(self, scope: Scope, send: Send) -> Send:
-        # No Vary for the others: these answers are made for a bearer token, not kept by caches.
-        assert self.own is not None
-        origin = _origin(scope)
-        if origin is None or not self.own.allows(origin):
+    def _sending(self, answering: CrossOrigin | None, scope: Scope, send: Send) -> Send:
+        """``send`` with the headers of ``answering`` (`_answering`) for ``scope``'s origin.
+        Below `own_prefix` a request without an allowed Origin (every non-browser client on
+        the gateway's call path) costs one look through its header names, and nothing is
+        wrapped: no Vary there, its answers are made for a bearer token, not kept by caches;
+        elsewhere the others' answers say ``Vary: Origin``."""
+        if answering is None:
             return send
-        return self.own.completing(origin, send)
+        origin = _origin(scope)
+        if origin is not None and answering.allows(origin):
+            if answering is self.own:
+                return answering.completing(origin, send)
+            return answering.sending(origin, send)
+        return send if answering is self.own else _varying(send)
 
 
 def _origin(scope: Scope) -> str | None:
