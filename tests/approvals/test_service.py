@@ -1925,3 +1925,74 @@ def test_a_term_given_as_no_number_refuses_the_hold_never_widens_it(world, given
     with pytest.raises(NoApprover, match=f"{rule} rule for it cannot be decided") as refused:
         approvals.hold(call(terms, {"to": repr(given)}), "d1", (), given)
     assert refused.value.reason == "undecided"
+
+
+def test_an_approval_raced_for_by_two_replicas_on_either_database_lets_one_call_through(
+    database_url,
+):
+    """Two retries of an approved call reach two replicas at the same moment, on SQLite (two
+    connections to one file) as on PostgreSQL: one spends the approval, the other finds it
+    spent, and the call is held anew after."""
+    clock = Clock()
+    dbs = [Database(database_url) for _ in range(2)]
+    try:
+        replicas = [approvals_on(db, clock)[0] for db in dbs]
+        for round_ in range(10):
+            c = call(send, {"to": f"race{round_}@example.com"})
+            request = held(replicas[0], c)
+            replicas[0].answer(request.id, "avery", "approve", channel="api")
+
+            def retry(replica, n, c=c):
+                outcome = replica.check(c)
+                return outcome.state == "approved" and replica.use(outcome.request, f"d{n}")
+
+            spent = at_once(lambda: retry(replicas[0], 1), lambda: retry(replicas[1], 2))
+            assert sorted(spent) == [False, True], (round_, spent)
+            assert replicas[1].check(c).state == "hold"
+            kinds = [e.kind for e in replicas[0].audit.events(request_id=request.id)]
+            assert kinds.count("approval.used") == 1, (round_, kinds)
+    finally:
+        for db in dbs:
+            db.close()
+
+
+def test_a_released_result_raced_for_by_two_replicas_is_delivered_once(database_url):
+    """A reviewer released a result; two retries of its call reach two replicas at the same
+    moment: one is delivered the result, the other gets nothing of it, and the held result is
+    deleted once delivered."""
+    clock = Clock()
+    dbs = [Database(database_url) for _ in range(2)]
+    try:
+        replicas = [approvals_on(db, clock)[0] for db in dbs]
+        for round_ in range(10):
+            review = dataclasses.replace(
+                call(send, {"to": f"released{round_}@example.com"}), kind="review"
+            )
+            request = replicas[0].hold(
+                review,
+                f"run{round_}",
+                ("requires_review(...)",),
+                {},
+                {"structuredContent": {"round": round_}},
+            )
+            replicas[0].answer(request.id, "avery", "approve", channel="api")
+
+            def retry(replica, n, review=review):
+                outcome = replica.check(review)
+                if outcome.state != "released":
+                    return None
+                result = replica.held_result(outcome.request)
+                return result if replica.use(outcome.request, f"d{n}") else None
+
+            delivered = at_once(lambda: retry(replicas[0], 1), lambda: retry(replicas[1], 2))
+            assert sorted(delivered, key=repr) == [
+                None,
+                {"structuredContent": {"round": round_}},
+            ], (round_, delivered)
+            after = replicas[1].get(request.id)
+            assert after.status == "delivered" and replicas[1].held_result(after) is None
+            kinds = [e.kind for e in replicas[0].audit.events(request_id=request.id)]
+            assert kinds.count("review.delivered") == 1, (round_, kinds)
+    finally:
+        for db in dbs:
+            db.close()
