@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,7 @@ from bastion.gateway.client_requests import (
     check_client_request,
     relay_outcome,
 )
-from bastion.gateway.enforce import Caller, Held, Verdict, refused
+from bastion.gateway.enforce import Caller, Enforcer, Held, Verdict, refused
 from bastion.gateway.input_types import type_refused
 from bastion.gateway.jsonrpc import (
     INTERNAL_ERROR,
@@ -46,6 +46,7 @@ from bastion.gateway.jsonrpc import (
     notification,
 )
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
+from bastion.gateway.sessions import read_decision
 from bastion.gateway.tool_pins import PROMPT, TOOL, PinChange
 from bastion.gateway.upstream import (
     LOG_LEVEL,
@@ -929,6 +930,29 @@ WITHHELD_SUBSCRIBE_ERROR = (
     "the upstream refused the subscription; its reason is withheld by bastion because a field of"
     " this resource is masked"
 )
+
+
+def refusal_to_follow(
+    enforcer: Enforcer,
+    caller: Caller,
+    server: str,
+    uris: Iterable[str],
+    context: dict[str, Any],
+    error: RpcError,
+) -> RpcError:
+    """``error``, raised as the upstream was asked for the updates of ``uris`` (`Upstream.watch`:
+    a listen filter's resources, a GET stream's subscriptions), as the client gets it: an
+    upstream's refusal names one of them with its reason, the upstream's free text, which is
+    withheld, as a refused ``resources/subscribe``'s is, when reading any of them is masked for
+    the caller, or refused now (`read_decision`, decided only when the upstream refused)."""
+    if not isinstance(error, UpstreamError):
+        return error
+    authz = enforcer.authorizer()
+    for uri in uris:
+        _, chain, heard = read_decision(authz, caller, server, uri, context, enforcer.clock)
+        if not heard or chain.obligations.masks:
+            return RpcError(error.code, WITHHELD_SUBSCRIBE_ERROR, None, error.http_status)
+    return error
 
 
 async def call_tool(ex: Exchange) -> dict[str, Any]:

@@ -29,7 +29,13 @@ from bastion.db import DatabaseUnavailable
 from bastion.decide.mcp import message_action
 from bastion.gateway.client_requests import kept_capabilities
 from bastion.gateway.enforce import Caller, Held, StepUp
-from bastion.gateway.handlers import Exchange, admit_and_start, handler_for, refuse_suspended
+from bastion.gateway.handlers import (
+    Exchange,
+    admit_and_start,
+    handler_for,
+    refusal_to_follow,
+    refuse_suspended,
+)
 from bastion.gateway.holds import pending_error
 from bastion.gateway.jsonrpc import (
     APPROVAL_PENDING,
@@ -982,11 +988,13 @@ class StreamableHttpEndpoint:
         session.listener = listener
         expiry = _end_at_expiry(listener)
         try:
+            following = frozenset(session.subscriptions)
             try:
                 with upstream.connection(caller, session.id) as connection:
-                    await connection.watch(frozenset(session.subscriptions))
+                    await connection.watch(following)
             except RpcError as e:
-                raise HttpError(502, e.body(None)) from None
+                refusal = refusal_to_follow(gateway.enforcer, caller, server, following, context, e)
+                raise HttpError(502, refusal.body(None)) from None
             await _start_events(send)
             await send(
                 {"type": "http.response.body", "body": b": stream open\n\n", "more_body": True}
@@ -1086,7 +1094,8 @@ class StreamableHttpEndpoint:
                 with upstream.connection(caller, "") as connection:
                     await connection.watch(readable)
             except RpcError as e:
-                raise HttpError(e.http_status, e.body(message.id)) from None
+                refusal = refusal_to_follow(enforcer, caller, upstream.name, readable, context, e)
+                raise HttpError(refusal.http_status, refusal.body(message.id)) from None
             await _start_events(send)
             acknowledged = notification(
                 "notifications/subscriptions/acknowledged",

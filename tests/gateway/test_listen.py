@@ -12,6 +12,7 @@ from mcp.client.subscriptions import PromptsListChanged, ResourceUpdated, ToolsL
 
 from bastion.policy.parser import parse_fact
 
+from .lab_server import SECRET
 from .streams import call_tool, events, legacy_session, modern_headers, modern_request
 
 LISTS = dict(tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True)
@@ -188,3 +189,16 @@ def test_a_2025_client_cannot_listen(bastion):
         headers=headers,
     )
     assert response.json()["error"]["code"] == -32601
+
+
+@pytest.mark.parametrize("server", ["lab", "labold"])  # upstreams that take resources/subscribe
+def test_an_upstreams_refusal_to_follow_a_masked_resource_comes_without_its_text(bastion, server):
+    # Reading lab://leaky is masked (customers.*.email), and the upstream refuses to subscribe
+    # to it naming the address: a listen filter that asks for it gets that refusal without the
+    # upstream's text, as resources/subscribe does (test_subscriptions).
+    token = bastion.token("sam", server)
+    wanted = {"resourceSubscriptions": ["lab://leaky"]}
+    with _open_listen(bastion, token, server, wanted) as response:
+        response.read()
+    assert SECRET not in response.text, response.text
+    assert "withheld by bastion" in response.json()["error"]["message"], response.text
