@@ -123,6 +123,11 @@ class Exchange:
     # Whether the upstream's answer was large, read off the loop (a `LargeMessage`): masked and
     # written off the loop too (`bastion.large_json`).
     large: bool = False
+    # Checks the request's token again (`StreamableHttpEndpoint._verified`), raising the 401
+    # (or 503) its arrival would have got: asked while the request waits for people and before
+    # it goes on after them, so that a token revoked meanwhile (by its client, by a Shared
+    # Signals event, its user disabled) sends nothing upstream and is delivered nothing.
+    still_valid: Callable[[], Awaitable[Any]] | None = None
 
     @property
     def connection(self) -> Upstream:

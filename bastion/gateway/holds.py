@@ -177,6 +177,8 @@ async def answer_held(ex: Exchange, held: Held, retry: bool) -> dict[str, Any] |
         if asked is not None:
             asked.cancel()
     if answered:
+        # Decided again next, and run: only for a token still valid now.
+        await _token_still_valid(ex)
         if asked is not None and ex.emit is not None:
             await ex.emit(
                 notification(
@@ -243,9 +245,11 @@ async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
             else request.status != "pending" or request.expires_at <= now
         ):
             return True
-        if not running and time.monotonic() >= look:
+        if time.monotonic() >= look:
             look = time.monotonic() + LOOK_SECONDS
-            if await _stranded(approvals, request):
+            # A token revoked meanwhile ends the wait, refused as at the request's arrival.
+            await _token_still_valid(ex)
+            if not running and await _stranded(approvals, request):
                 return True  # decided again: the retry closes it and is refused
         if token is not None and ex.progress is not None and time.monotonic() >= beat:
             beats += 1
@@ -260,6 +264,14 @@ async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
             return False
         await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     return False
+
+
+async def _token_still_valid(ex: Exchange) -> None:
+    """Check the request's token again (`Exchange.still_valid`): a token revoked since the
+    request arrived (by its client, a Shared Signals event, its user disabled) raises the 401
+    its arrival would have got now."""
+    if ex.still_valid is not None:
+        await ex.still_valid()
 
 
 async def _stranded(approvals: Approvals, request: ApprovalRequest) -> bool:

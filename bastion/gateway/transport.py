@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -339,10 +340,35 @@ class StreamableHttpEndpoint:
     # -- authentication (RFC 6750, RFC 9728) -----------------------------------------------------
 
     async def _authenticate(self, server: str, headers: dict[str, str], scope: Scope) -> Caller:
+        kind, token, _ = _bearer(headers)
+        address = (scope.get("client") or ("", 0))[0] or ""
+        verified = await self._verified(server, headers, address)
+        caller = self._caller(verified, address, headers)
+        if verified.jkt is not None or kind == "dpop":
+            try:
+                await self._check_dpop(server, kind, token, verified.jkt, scope)
+            except HttpError as e:
+                # A verified token without a proof of its key (not a nonce to retry with, nor
+                # a database that is down), or a replica that decides nothing now: audited as
+                # other refused requests are.
+                body = e.body or {}
+                error = _Undecided.REASON if isinstance(e, _Undecided) else body.get("error")
+                if error in _AUDITED_DPOP_REFUSALS:
+                    description = body.get("error_description", "")
+                    await self.gateway.refusals.record(
+                        error, caller, server, None, None, description
+                    )
+                raise
+        return caller
+
+    async def _verified(self, server: str, headers: dict[str, str], address: str) -> VerifiedToken:
+        """The facts of the request's access token; `HttpError` 401 (``invalid_token``, with the
+        challenge to authorize anew) for none, or one not valid now (expired, revoked, of a
+        disabled user...), 503 while its state cannot be read. Asked when a request arrives,
+        and again while a request waits for people, and before it goes on
+        (`Exchange.still_valid`)."""
         gateway = self.gateway
-        authorization = headers.get("authorization", "")
-        scheme, _, token = authorization.partition(" ")
-        kind, presented = scheme.lower(), token.strip()
+        kind, _, presented = _bearer(headers)
         if kind not in ("bearer", "dpop") or not presented:
             raise HttpError(
                 401,
@@ -356,7 +382,6 @@ class StreamableHttpEndpoint:
                     )
                 },
             )
-        address = (scope.get("client") or ("", 0))[0] or ""
         try:
             verified = await gateway.verify_token(presented, server, address or None)
         except InvalidToken as e:
@@ -380,21 +405,7 @@ class StreamableHttpEndpoint:
                 {"error": "temporarily_unavailable", "error_description": f"{e}"},
                 {"retry-after": "1"},
             ) from None
-        caller = self._caller(verified, address, headers)
-        if verified.jkt is not None or kind == "dpop":
-            try:
-                await self._check_dpop(server, kind, token, verified.jkt, scope)
-            except HttpError as e:
-                # A verified token without a proof of its key (not a nonce to retry with, nor
-                # a database that is down), or a replica that decides nothing now: audited as
-                # other refused requests are.
-                body = e.body or {}
-                error = _Undecided.REASON if isinstance(e, _Undecided) else body.get("error")
-                if error in _AUDITED_DPOP_REFUSALS:
-                    description = body.get("error_description", "")
-                    await gateway.refusals.record(error, caller, server, None, None, description)
-                raise
-        return caller
+        return verified
 
     def _caller(self, verified: VerifiedToken, address: str, headers: dict[str, str]) -> Caller:
         """Who sends the request: a `Caller` (frozen) of the token's verified facts, the address,
@@ -626,6 +637,8 @@ class StreamableHttpEndpoint:
             capabilities=declared if declared is not None else {},
             owner=owner,
             session=session,
+            # A request that waits for people has its token checked again before it goes on.
+            still_valid=partial(self._verified, upstream.name, headers, caller.address),
         )
         if method == "initialize":
             # 2025-11-25 only (`_check_modern`). Chosen now: a session's own upstream session is
@@ -744,6 +757,8 @@ class StreamableHttpEndpoint:
             return result(ex.message.id, body), 200, {}
         except StepUp as e:
             raise self._step_up(e, ex.caller, ex.server) from None
+        except HttpError:
+            raise  # a token revoked while the request waited for people (`Exchange.still_valid`)
         except RpcError as e:
             refused = await self._refused(e, ex.caller, ex.server, ex.message.method, ex.message.id)
             return refused.body, e.http_status, {}
@@ -830,7 +845,13 @@ class StreamableHttpEndpoint:
                     await _start_events(send, headers)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        body, status, extra = task.result()  # re-raises HttpError (403) before any event
+        try:
+            body, status, extra = task.result()
+        except HttpError as e:
+            if not started:
+                raise  # answered as HTTP (401, 403), before any event
+            # The answer has begun as events: a refusal can only be a JSON-RPC error now.
+            body, status, extra = _late_refusal(e).body(ex.message.id), 200, {}
         if not started:
             _counted(ex, await send_json(send, status, body, {**headers, **extra}, ex.large))
             return
@@ -1278,13 +1299,21 @@ def _end_at_expiry(listener: Listener) -> asyncio.TimerHandle:
     return asyncio.get_running_loop().call_later(max(left, 0.0), listener.close, True)
 
 
+def _bearer(headers: dict[str, str]) -> tuple[str, str, str]:
+    """The Authorization header's scheme (lower case), credentials as sent, and credentials
+    stripped (the token presented)."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return scheme.lower(), token, token.strip()
+
+
 def _late_refusal(error: HttpError) -> RpcError:
-    """An HTTP refusal (a step-up) as the JSON-RPC error of an answer begun as events, naming
-    the decision that refused it as the HTTP answer would have."""
+    """An HTTP refusal (a step-up, a token revoked while the request waited for people) as the
+    JSON-RPC error of an answer begun as events: its ``error`` as the ``reason``, and the
+    decision that refused it, where one did, as the HTTP answer would have named them."""
     body = error.body or {}
     text = f"bastion refused this request: {body.get('error_description') or body.get('error')}"
     decided = body.get("decision_id")
-    data = {"decision_id": decided, "reason": body.get("error")} if decided else None
+    data = {"reason": body.get("error"), **({"decision_id": decided} if decided else {})}
     return RpcError(INVALID_REQUEST, text, data)
 
 
