@@ -434,6 +434,13 @@ _CLIENT_COLUMNS = (
     " source, may_introspect, metadata, created_at, revoked_at, secret_digest,"
     " introspection_resources, introspection_kept_at_upgrade"
 )
+# The live grants delegated, at any depth, from a grant (through revoked ones too).
+_LIVE_DELEGATIONS = (
+    "WITH RECURSIVE tree (grant_id) AS (SELECT grant_id FROM oauth_grants"
+    " WHERE parent_grant_id = ? UNION SELECT g.grant_id FROM oauth_grants g"
+    " JOIN tree t ON g.parent_grant_id = t.grant_id) SELECT t.grant_id FROM tree t"
+    " JOIN oauth_grants g ON g.grant_id = t.grant_id WHERE g.revoked_at IS NULL"
+)
 _BACKCHANNEL_COLUMNS = (
     "request_id, client_id, username, resource, scope, binding_message, created_at, expires_at,"
     " interval_seconds, status, answered_at, grant_id"
@@ -1284,20 +1291,19 @@ class OAuthStore:
             )
             self._revoke_issued(grant_id, now)
             delegated = 0
-            for (child,) in self.db.execute(
-                "WITH RECURSIVE tree (grant_id) AS (SELECT grant_id FROM oauth_grants"
-                " WHERE parent_grant_id = ? UNION SELECT g.grant_id FROM oauth_grants g"
-                " JOIN tree t ON g.parent_grant_id = t.grant_id) SELECT grant_id FROM tree",
-                (grant_id,),
-            ):
-                delegated += len(
-                    self.db.execute(
-                        "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
-                        " WHERE grant_id = ? AND revoked_at IS NULL RETURNING grant_id",
-                        (now, f"parent grant revoked: {reason}", child),
+            # Read again until none is live: on PostgreSQL an exchange under a grant of the
+            # tree (not this one) may have written its grant, uncommitted, as the tree was
+            # read; revoking that parent waits for its commit, and the next read finds it.
+            while live := self.db.execute(_LIVE_DELEGATIONS, (grant_id,)):
+                for (child,) in live:
+                    delegated += len(
+                        self.db.execute(
+                            "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
+                            " WHERE grant_id = ? AND revoked_at IS NULL RETURNING grant_id",
+                            (now, f"parent grant revoked: {reason}", child),
+                        )
                     )
-                )
-                self._revoke_issued(child, now)
+                    self._revoke_issued(child, now)
             if not rows:
                 return False
             username, client_id = rows[0]

@@ -16,6 +16,7 @@ from bastion.oauth.errors import InvalidToken
 from bastion.oauth.token_exchange import DelegationPolicy
 from bastion.oauth.verifier import VerifiedTokens, delegation_chain
 from tests.oauth.support import Bastion, allow_introspection, running_bastion
+from tests.oauth.test_grants_of_disabled_users import elsewhere_right_after
 from tests.waits import eventually
 
 from .support import ACCESS_TOKEN, EXCHANGE, claims
@@ -463,6 +464,49 @@ def test_an_exchange_racing_the_revocation_of_its_subject_token_saves_nothing(
         assert "revoked" in answer.json()["error_description"]
         rows = bastion.db.execute("SELECT COUNT(*) FROM oauth_grants WHERE parent_jti = ?", (jti,))
         assert rows[0][0] == 0
+
+
+def test_a_delegation_racing_the_revocation_of_a_grant_above_its_parent_is_revoked_with_it(
+    postgres_url, tmp_path, monkeypatch
+):
+    """alice's coding agent -> first -> second: the coding agent's grant is revoked (by another
+    replica) while first delegates to second, after the new grant is written and before it
+    commits. The revocation reads the grants below the coding agent's and waits for the row of
+    first's grant, which the exchange holds; whatever it read before that wait, the new grant
+    is revoked with the rest once the exchange commits. (On SQLite the exchange holds the one
+    write lock: nothing to force there.)"""
+    with running_bastion(postgres_url, tmp_path) as bastion:
+        coder, first, second = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [first["client_id"], second["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        one = exchange(bastion, coder, tokens["access_token"], own_token(bastion, first))
+        assert one.status_code == 200, one.text
+        root = bastion.server.store.access_token_state(
+            claims(tokens["access_token"])["jti"]
+        ).grant_id
+        actor = own_token(bastion, second)
+
+        def revoke_the_coding_agents_grant(store) -> None:
+            assert store.revoke_grant(root, time.time(), "test", actor="test")
+
+        with elsewhere_right_after(
+            monkeypatch,
+            bastion,
+            "create_grant",
+            revoke_the_coding_agents_grant,
+            inside_transaction=True,
+        ):
+            two = exchange(bastion, first, one.json()["access_token"], actor)
+        live = bastion.db.execute(
+            "WITH RECURSIVE tree (grant_id) AS (SELECT grant_id FROM oauth_grants"
+            " WHERE parent_grant_id = ? UNION SELECT g.grant_id FROM oauth_grants g"
+            " JOIN tree t ON g.parent_grant_id = t.grant_id) SELECT t.grant_id FROM tree t"
+            " JOIN oauth_grants g ON g.grant_id = t.grant_id WHERE g.revoked_at IS NULL",
+            (root,),
+        )
+        assert live == [], "a delegation outlived the grant it descends from"
+        if two.status_code == 200:
+            assert refused(bastion, two.json()["access_token"])
 
 
 def test_a_refused_exchange_changes_nothing(sqlite_url, tmp_path):
