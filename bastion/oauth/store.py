@@ -1206,10 +1206,18 @@ class OAuthStore:
         A user's grant: the user must be one of bastion's (any name with ``strangers``: an
         identity provider's users) and not disabled, and ``authorized_at`` (when they signed in,
         approved, or their provider vouched for them; None: not known) must come after the
-        last revocation of all their grants. A delegated grant: its parent grant, and the access
-        token it is exchanged from, must be live (their rows locked on PostgreSQL, so that no
-        delegation outlives either)."""
+        last revocation of all their grants. Its client must not be revoked (its row shared-
+        locked on PostgreSQL, so that `revoke_client` either comes first or finds the grant). A
+        delegated grant: its parent grant, and the access token it is exchanged from, must be
+        live (their rows locked on PostgreSQL, so that no delegation outlives either)."""
         with self.db.transaction():
+            lock = " FOR SHARE" if self.db.is_postgres else ""
+            client = self.db.execute(
+                f"SELECT revoked_at FROM oauth_clients WHERE client_id = ?{lock}",
+                (grant.client_id,),
+            )
+            if client and client[0][0] is not None:
+                raise GrantRefused(f"client {grant.client_id!r} has been revoked")
             if grant.username is not None:
                 self._lock_user(grant.username, shared=True)
                 refusal = self._user_refusal(grant.username, authorized_at, strangers)

@@ -509,6 +509,35 @@ def test_a_delegation_racing_the_revocation_of_a_grant_above_its_parent_is_revok
             assert refused(bastion, two.json()["access_token"])
 
 
+def test_a_delegation_to_a_client_revoked_meanwhile_is_revoked_with_it(
+    postgres_url, tmp_path, monkeypatch
+):
+    """The sub-agent's client is revoked (by another replica) after the exchange checked its
+    actor token and wrote the new grant, before it commits: the revocation either waits for
+    the grant and revokes it, or the exchange finds the client revoked and saves nothing. No
+    grant of a revoked client is left live. (On SQLite the exchange holds the one write lock.)"""
+    with running_bastion(postgres_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        actor = own_token(bastion, sub)
+
+        def revoke_the_sub_agent(store) -> None:
+            assert store.revoke_client(sub["client_id"], time.time(), actor="test")
+
+        with elsewhere_right_after(
+            monkeypatch, bastion, "create_grant", revoke_the_sub_agent, inside_transaction=True
+        ):
+            answer = exchange(bastion, coder, tokens["access_token"], actor)
+        live = bastion.db.execute(
+            "SELECT grant_id FROM oauth_grants WHERE client_id = ? AND revoked_at IS NULL",
+            (sub["client_id"],),
+        )
+        assert live == [], "a grant of a revoked client is live"
+        if answer.status_code == 200:
+            assert refused(bastion, answer.json()["access_token"])
+
+
 def test_a_refused_exchange_changes_nothing(sqlite_url, tmp_path):
     with running_bastion(sqlite_url, tmp_path) as bastion:
         coder, sub, stranger = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
