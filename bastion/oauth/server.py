@@ -323,12 +323,13 @@ class AuthorizationServer:
         """`InvalidGrant` when no person is in the chain (an agent acting as itself, or what it
         delegated) and the owner of one of its agents is disabled: an agent never outlasts the
         person who owns it. Disabling revokes such an agent's grants (`OAuthStore.disable_user`);
-        this refuses new ones until the owner is enabled again."""
+        this refuses new ones until the owner is enabled again, read in the transaction that
+        makes the grant (`OAuthStore.owner_disabled`), so that a disable racing it finds it."""
         if subject not in agents:
             return  # a person's chain: bounded by that person
         for agent in dict.fromkeys(agents):
             for owner in owners(self.facts, agent):
-                if self.store.user_state(owner) == "disabled":
+                if self.store.owner_disabled(owner):
                     raise InvalidGrant(
                         f"user {owner!r}, the owner of agent {agent!r} (which acts as itself),"
                         " is disabled: no token is issued until the owner is enabled again"

@@ -795,6 +795,19 @@ class OAuthStore:
             return None
         return "enabled" if rows[0][0] is None else "disabled"
 
+    def owner_disabled(self, username: str) -> bool:
+        """Whether ``username``, who owns an agent acting as itself, is disabled: read inside the
+        transaction that issues the agent's token (or one of its own), after the owner's shared
+        lock, so that `disable_user` either commits first and is seen here, or waits for that
+        transaction and then finds the grant it made, and revokes it."""
+        with self.db.transaction():
+            self._lock_user(username, shared=True)
+            lock = " FOR SHARE" if self.db.is_postgres else ""
+            rows = self.db.execute(
+                f"SELECT disabled_at FROM oauth_users WHERE username = ?{lock}", (username,)
+            )
+        return bool(rows) and rows[0][0] is not None
+
     def user_standing(self, username: str) -> UserStanding:
         """Whether ``username`` is disabled, when all their grants were last revoked, whether
         it is a client's id, and whether it is one of bastion's users."""

@@ -22,11 +22,13 @@ import httpx
 import psycopg
 import pytest
 
+from bastion.agents.identity import owner_fact
 from bastion.cli import main
 from bastion.db import Database
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.store import Grant, GrantRefused, OAuthStore
 from tests.identity.test_id_jag import EnterpriseIdp
+from tests.signals.test_ssf import jti_of
 from tests.waits import PATIENCE, eventually
 
 from .support import (
@@ -343,3 +345,40 @@ def test_a_user_enabled_again_is_refused_everything_issued_before_the_disable(
         # A fresh sign-in (and consent: the disable forgot the old one) works.
         assert bastion.tokens_for(client)["access_token"]
         assert len(live_grants(bastion)) == 1
+
+
+def test_an_agent_whose_owner_is_disabled_as_it_gets_a_token_keeps_no_grant(
+    postgres_url, tmp_path, monkeypatch
+):
+    """An agent acting as itself (client credentials) asks for a token as its owner is disabled
+    through another replica, right after the token endpoint read the owner's state: the disable
+    either waits for the grant and revokes it, or the token endpoint finds the owner disabled
+    and saves nothing. No grant of an agent whose owner is disabled is left live. (On SQLite the
+    token endpoint's transaction holds the one write lock: nothing to force there.)"""
+    with running_bastion(postgres_url, tmp_path) as bastion:
+        agent = bastion.register_as_admin(
+            client_name="alice's build agent",
+            token_endpoint_auth_method="client_secret_basic",
+            grant_types=["client_credentials"],
+            redirect_uris=[],
+            scope="tools:read",
+        )
+        bastion.server.facts.apply([owner_fact(agent["client_id"], "alice")], (), actor="test")
+        form = {"grant_type": "client_credentials", "resource": bastion.resource}
+        credentials = (agent["client_id"], agent["client_secret"])
+        with elsewhere_right_after(
+            monkeypatch, bastion, "owner_disabled", disable_alice, inside_transaction=True
+        ) as acted:
+            answer = bastion.http.post(f"{bastion.url}/token", data=form, auth=credentials)
+        assert acted.is_set()
+        live = bastion.db.execute(
+            "SELECT grant_id FROM oauth_grants WHERE client_id = ? AND revoked_at IS NULL",
+            (agent["client_id"],),
+        )
+        assert live == [], "a grant of an agent whose owner is disabled is live"
+        if answer.status_code == 200:
+            token = answer.json()["access_token"]
+            state = bastion.server.store.access_token_state(jti_of(token))
+            assert state is not None and state.revoked
+        else:
+            assert answer.json()["error"] == "invalid_grant", answer.text
