@@ -204,3 +204,33 @@ def test_localhost_is_registered_and_matched_exactly(bastion: Bastion):
     assert response.status_code == 400 and "location" not in response.headers
     response, _ = _authorize(bastion, client, "http://localhost:7777/callback")
     assert response.headers["location"].startswith("http://localhost:7777/callback?code=")
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [
+        "https://app.example.com/cb/",  # a trailing slash
+        "https://APP.example.com/cb",  # the host in another case
+        "https://app.example.com:443/cb",  # the default port spelt out
+        "https://app.example.com./cb",  # the host with its trailing dot
+        "https://u@app.example.com/cb",  # user information
+        "https://app.example.com@evil.example/cb",  # user information, another host
+        "https://app.example.com/cb#x",  # a fragment
+        "https://app.example.com/cb?x=1",  # a query
+        "https://app.example.com/%63b",  # a percent-encoded unreserved character
+        "https://app.example.com/cb%2F",  # a percent-encoded slash
+        "https://app.example.com:8443/cb",  # another port: only a loopback IP literal's may vary
+    ],
+)
+def test_an_https_redirect_uri_matches_character_for_character(bastion: Bastion, presented):
+    """Each of these names, to some browser or server, the registered URI or another one of
+    the same host: none is the registered string, so none is honoured (RFC 9700 §4.1.3), and
+    the refusal is a page of bastion's, not a redirect."""
+    client = bastion.register(redirect_uris=["https://app.example.com/cb"])
+    _, challenge = pkce_pair()
+    params = bastion.authorize_params(client, challenge, redirect_uri=presented)
+    response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+    assert response.status_code == 400 and "location" not in response.headers
+    assert "does not exactly match" in response.text
+    exact = bastion.authorize_params(client, challenge, redirect_uri="https://app.example.com/cb")
+    assert bastion.http.get(f"{bastion.url}/authorize?{urlencode(exact)}").status_code == 200
