@@ -23,6 +23,7 @@ any process, until the server has answered or ``revocation_retry_seconds`` has p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -730,8 +731,10 @@ class Connections:
         return ("revoked" if offered else "not offered"), False
 
     def rekey(self) -> int:
-        """Blocking: seal every connection, and every revocation still to make, again under the
-        first key; return how many connections."""
+        """Blocking: seal every stored value again under the first key (the connections, the
+        revocations still to make, bastion's registrations at the authorization servers and
+        the connections being made), so that a key removed afterwards opens nothing still
+        needed; return how many connections."""
         done = 0
         for row in self.store.listed(limit=10**9):
             try:
@@ -749,6 +752,17 @@ class Connections:
                     pending.subject,
                     pending.upstream,
                 )
+        for upstream, issuer, sealed in self.store.clients():
+            # Left under a key then removed, it would fail every refresh and new connection of
+            # the upstream ("cannot be opened"): nothing registers again in its place.
+            try:
+                self.store.add_client(upstream, issuer, self.sealer.rotate(sealed), sealed)
+            except Unsealable:
+                log.warning("bastion's registration with %s cannot be re-sealed", issuer)
+        for flow in self.store.flows():
+            # One no key opens cannot be finished either way: its person starts again.
+            with contextlib.suppress(Unsealable):
+                self.store.reseal_flow(flow, self.sealer.rotate(flow.sealed))
         return done
 
     # -- bastion's client at each upstream ------------------------------------------------------

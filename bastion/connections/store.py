@@ -419,6 +419,26 @@ class ConnectionStore:
                 (flow.state, flow.subject, flow.upstream, flow.sealed, flow.created_at),
             )
 
+    def flows(self) -> list[StoredFlow]:
+        """The connections being made (those nobody finished included, until the next start
+        forgets them)."""
+        rows = self.db.execute(
+            "SELECT state, subject, upstream, sealed, created_at FROM upstream_connection_flows"
+            " ORDER BY created_at, state"
+        )
+        return [StoredFlow(*row) for row in rows]
+
+    def reseal_flow(self, flow: StoredFlow, sealed: str) -> bool:
+        """Put ``sealed`` (the same value sealed again) in place of ``flow``'s, if the flow is
+        still there with it (not taken meanwhile)."""
+        return bool(
+            self.db.execute(
+                "UPDATE upstream_connection_flows SET sealed = ? WHERE state = ? AND sealed = ?"
+                " RETURNING state",
+                (sealed, flow.state, flow.sealed),
+            )
+        )
+
     def take_flow(self, state: str) -> StoredFlow | None:
         """The flow of ``state``, removed as it is read: a state is used once, and of two
         replicas taking it at once exactly one gets it."""
@@ -438,6 +458,13 @@ class ConnectionStore:
             (upstream, issuer),
         )
         return rows[0][0] if rows else None
+
+    def clients(self) -> list[tuple[str, str, str]]:
+        """Every registration kept: (upstream, issuer, sealed)."""
+        rows = self.db.execute(
+            "SELECT upstream, issuer, sealed FROM upstream_oauth_clients ORDER BY upstream, issuer"
+        )
+        return [(upstream, issuer, sealed) for upstream, issuer, sealed in rows]
 
     def add_client(
         self, upstream: str, issuer: str, sealed: str, replacing: str | None = None
