@@ -63,6 +63,21 @@ def client_declared(capabilities: dict[str, Any] | None) -> None:
     _url_elicitation.set(isinstance(declared, dict) and "url" in declared)
 
 
+def _of_the_upstream(described: dict[str, Any]) -> dict[str, Any]:
+    """What an upstream said at the initialize of one user's session that may be told to
+    another user: its protocol version, its capabilities (the features it has) and its name and
+    version. Not its ``instructions``, nor the rest of its ``serverInfo``: free text it wrote
+    for the user whose token asked (their account, their workspace)."""
+    info = described.get("serverInfo") or {}
+    told: dict[str, Any] = {
+        key: described[key] for key in ("protocolVersion", "capabilities") if key in described
+    }
+    told["serverInfo"] = {
+        key: info[key] for key in ("name", "version") if isinstance(info.get(key), str)
+    }
+    return told
+
+
 class UserTokenUpstream(HttpUpstream):
     """One upstream session of ``user``, sending that user's upstream access token."""
 
@@ -92,16 +107,18 @@ class UserTokenUpstream(HttpUpstream):
         """What the upstream said at this session's initialize; until it has said it (the user
         is not connected), what it said last to any user's session in this process, read now
         (a session lives `session_idle_seconds`: a copy made when it opened would say what was
-        known then); before any, ``tools`` only."""
-        return (
-            self._own_init_result
-            or self._last_known.init_result
-            or {
-                "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
-                "capabilities": {"tools": {}},
-                "serverInfo": {"name": self.name, "version": ""},
-            }
-        )
+        known then), less what it wrote for that user (`_of_the_upstream`); before any,
+        ``tools`` only."""
+        if self._own_init_result:
+            return self._own_init_result
+        known = self._last_known.init_result
+        if known:
+            return _of_the_upstream(known)
+        return {
+            "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": self.name, "version": ""},
+        }
 
     @init_result.setter
     def init_result(self, value: dict[str, Any]) -> None:

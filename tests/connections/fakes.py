@@ -323,7 +323,9 @@ class McpUpstream:
     request (``requests``: HTTP method, JSON-RPC method, Authorization header).
 
     ``refuses_streams``: the GET of the standing stream is refused (401) whatever the token;
-    ``resource_metadata``: the URL its refusals name (RFC 9728 §5.1), if any. Its tool ``slow``
+    ``resource_metadata``: the URL its refusals name (RFC 9728 §5.1), if any; ``greeting``: the
+    ``instructions`` its ``initialize`` answers, ``{token}`` in it the token asked with (an
+    upstream that tells each user something of their own). Its tool ``slow``
     takes the call, stops taking the token it came with, and ends its stream before answering:
     the answer is to come on the stream's resumption (SEP-1699); any other tool answers
     ``done with <token>``. A GET it takes is answered 405 (it offers no standing stream)."""
@@ -333,6 +335,7 @@ class McpUpstream:
         self.accepted: set[str] = set()
         self.refuses_streams = refuses_streams
         self.resource_metadata = ""
+        self.greeting = ""
         self.requests: list[tuple[str, str, str]] = []
 
     def calls(self) -> list[str]:
@@ -360,6 +363,8 @@ class McpUpstream:
                 "capabilities": {"tools": {}},
                 "serverInfo": {"name": "tracker", "version": "1"},
             }
+            if self.greeting:
+                result["instructions"] = self.greeting.format(token=token)
             answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
             return JSONResponse(answer, headers={"mcp-session-id": "s-1"})
         if message["method"] != "tools/call":
