@@ -68,7 +68,9 @@ def _of_the_upstream(described: dict[str, Any]) -> dict[str, Any]:
     another user: its protocol version, its capabilities (the features it has) and its name and
     version. Not its ``instructions``, nor the rest of its ``serverInfo``: free text it wrote
     for the user whose token asked (their account, their workspace)."""
-    info = described.get("serverInfo") or {}
+    info = described.get("serverInfo")
+    if not isinstance(info, dict):
+        info = {}
     told: dict[str, Any] = {
         key: described[key] for key in ("protocolVersion", "capabilities") if key in described
     }
