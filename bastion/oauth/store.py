@@ -261,6 +261,10 @@ class GrantRefused(Exception):
     authorization it rests on, or the grant it would be delegated from is revoked."""
 
 
+class ClientRevoked(GrantRefused):
+    """A grant refused because its client is revoked (in a token exchange: the actor's)."""
+
+
 @dataclass(frozen=True)
 class Client:
     client_id: str
@@ -1230,7 +1234,7 @@ class OAuthStore:
                 (grant.client_id,),
             )
             if client and client[0][0] is not None:
-                raise GrantRefused(f"client {grant.client_id!r} has been revoked")
+                raise ClientRevoked(f"client {grant.client_id!r} has been revoked")
             if grant.username is not None:
                 self._lock_user(grant.username, shared=True)
                 refusal = self._user_refusal(grant.username, authorized_at, strangers)

@@ -48,7 +48,7 @@ from bastion.oauth.errors import (
     OAuthError,
 )
 from bastion.oauth.settings import same_resource
-from bastion.oauth.store import Client, Grant, GrantRefused
+from bastion.oauth.store import Client, ClientRevoked, Grant, GrantRefused
 from bastion.oauth.verifier import VerifiedToken
 
 if TYPE_CHECKING:
@@ -330,7 +330,9 @@ class TokenExchange:
                 # Its user is checked too: disabled, or every grant revoked since the parent.
                 self.store.create_grant(grant, authorized_at=parent.created_at, strangers=True)
             except GrantRefused as refused:
-                raise InvalidRequest(f"subject_token: {refused}") from None
+                # The grant is the actor's client's: its revocation is the actor token's fault.
+                which = "actor_token" if isinstance(refused, ClientRevoked) else "subject_token"
+                raise InvalidRequest(f"{which}: {refused}") from None
             if task is not None:
                 try:
                     task_expires = self.server.tasks.bind(

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 
+from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.delegation.tasks import Tasks
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.errors import InvalidToken
+from bastion.oauth.store import OAuthStore
 from bastion.oauth.token_exchange import DelegationPolicy
 from bastion.oauth.verifier import VerifiedTokens, delegation_chain
 from tests.oauth.support import Bastion, allow_introspection, running_bastion
@@ -536,6 +538,42 @@ def test_a_delegation_to_a_client_revoked_meanwhile_is_revoked_with_it(
         assert live == [], "a grant of a revoked client is live"
         if answer.status_code == 200:
             assert refused(bastion, answer.json()["access_token"])
+
+
+def test_an_exchange_whose_actor_client_is_revoked_just_before_its_grant_blames_the_actor(
+    postgres_url, tmp_path, monkeypatch
+):
+    """The sub-agent's client is revoked (by another replica, committed) after its actor token
+    was checked and before the delegated grant is written: the exchange is refused, naming the
+    actor token, not the subject token (the coding agent's token is as good as before), and
+    nothing is saved. (On SQLite the exchange holds the one write lock from its first write.)"""
+    with running_bastion(postgres_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        actor = own_token(bastion, sub)
+        store = bastion.server.store
+        create_grant = store.create_grant
+
+        def revoked_first(*args, **kwargs):
+            other = Database(bastion.db.url)
+            try:
+                assert OAuthStore(other).revoke_client(sub["client_id"], time.time(), actor="t")
+            finally:
+                other.close()
+            return create_grant(*args, **kwargs)
+
+        monkeypatch.setattr(store, "create_grant", revoked_first)
+        answer = exchange(bastion, coder, tokens["access_token"], actor)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "invalid_request"
+        description = answer.json()["error_description"]
+        assert description.startswith("actor_token: ") and "revoked" in description, description
+        delegated = bastion.db.execute(
+            "SELECT grant_id FROM oauth_grants WHERE client_id = ? AND parent_grant_id IS NOT NULL",
+            (sub["client_id"],),
+        )
+        assert delegated == [], "a delegated grant was saved for the revoked actor"
 
 
 def test_a_refused_exchange_changes_nothing(sqlite_url, tmp_path):
