@@ -1,10 +1,10 @@
 """Checking an ID token (OpenID Connect Core 1.0 §3.1.3.7) with joserfc: the ``alg`` among those
 the provider announces and bastion accepts (`signing_algorithms`, step 7), the signature by the
 one key of the provider's key set the header names, then the claims ``iss``, ``aud``, ``azp``,
-``exp``, ``iat``, ``nonce`` and ``sub``; ``auth_time`` when a recent sign-in was asked for;
-``acr`` when ``required_acr`` is set; ``acr`` and ``amr``, when present, well formed
-(`sign_in_context`); and ``at_hash`` when the token holds one (§3.1.3.8). The
-caller checks the ``alg`` before any key is fetched. Of a multi-tenant provider (Entra ID's
+``exp``, ``iat``, ``nbf`` when present (RFC 7519 §4.1.5), ``nonce`` and ``sub``; ``auth_time``
+when a recent sign-in was asked for; ``acr`` when ``required_acr`` is set; ``acr`` and ``amr``,
+when present, well formed (`sign_in_context`); and ``at_hash`` when the token holds one
+(§3.1.3.8). The caller checks the ``alg`` before any key is fetched. Of a multi-tenant provider (Entra ID's
 ``/organizations``, whose metadata names an issuer template), ``iss`` must be the template with
 the token's ``tid``, one of the provider's ``tenants`` (`expected_issuer`)."""
 
@@ -143,6 +143,10 @@ def check_claims(
     issued_at = _number(claims, "iat")
     if issued_at > now + leeway or issued_at < now - login_seconds - leeway:
         raise LoginRefused("iat", "The ID token was not issued during this login (iat).")
+    # RFC 7519 §4.1.5: a JWT "MUST NOT be accepted for processing" before its nbf (OPTIONAL in
+    # an ID token, and Entra ID sends it), as a trusted issuer's access token or an ID-JAG is not.
+    if "nbf" in claims and _number(claims, "nbf") > now + leeway:
+        raise LoginRefused("nbf", "The ID token is not valid yet (nbf).")
     got = claims.get("nonce")
     if not isinstance(got, str) or not same(got, nonce):
         raise LoginRefused("nonce", "The ID token's nonce is not this login's.")

@@ -654,6 +654,10 @@ def test_userinfo_naming_a_member_twice_signs_nobody_in_and_links_nothing(
         ({"nonce": None}, "nonce is not this login"),
         ({"sub": None}, "no usable sub"),
         ({"sub": "s" * 256}, "no usable sub"),
+        # RFC 7519 §4.1.5: a JWT "MUST NOT be accepted for processing" before its nbf, as a
+        # trusted issuer's access token and an ID-JAG are not.
+        ({"nbf": int(time.time()) + 3600}, "not valid yet (nbf)"),
+        ({"nbf": "soon"}, "'nbf' is missing or not a number"),
     ],
     # Names that do not hold the times: every process of a parallel run collects the same tests.
     ids=lambda v: ",".join(sorted(v)) if isinstance(v, dict) else str(v)[:40],
