@@ -344,6 +344,26 @@ def _another_kind(typ: object) -> bool:
     return isinstance(typ, str) and typ.strip(" \t").lower().endswith("+jwt")
 
 
+# Claims only an ID token holds (OpenID Connect Core §3.1.3.6, §3.3.2.11; FAPI 1.0 §5.1's s_hash):
+# the hashes of the access token, code and state issued beside it.
+_ID_TOKEN_HASHES = ("at_hash", "c_hash", "s_hash")
+
+
+def _id_token_mark(claims: Mapping[str, Any]) -> str | None:
+    """What shows ``claims`` to be an ID token's, whatever its header's ``typ``: a hash of what
+    was issued beside it, or Keycloak's ``typ`` claim ``ID`` (its access tokens say ``Bearer``);
+    None when nothing does. An ID token is for the client that signed the person in (its
+    ``aud``), never a credential for a server (RFC 8725 §3.11), though its issuer signs it with
+    the keys of its access tokens, typed plain ``JWT``."""
+    held = next((c for c in _ID_TOKEN_HASHES if c in claims), None)
+    if held is not None:
+        return f"it holds {held}"
+    typ = claims.get("typ")
+    if isinstance(typ, str) and typ.strip().lower() == "id":
+        return f"its typ claim is {typ!r}"
+    return None
+
+
 def _unverified_claims(token: str) -> dict[str, Any] | None:
     """The claims a compact JWS holds, before anything is checked (to route it): none (``{}``)
     when it is no compact JWS of a JSON object, None when its claims are JSON no reader may take
@@ -717,6 +737,12 @@ class TrustedIssuers:
         not_before = _number(claims, "nbf")
         if not_before is not None and not_before > now + leeway:
             raise InvalidToken("the token is not valid yet (nbf)", "nbf")
+        if (mark := _id_token_mark(claims)) is not None:
+            raise InvalidToken(
+                f"the token is an ID token ({mark}), for the client that signed its person in:"
+                " not an access token for this server",
+                "typ",
+            )
         if "act" in claims:
             # Every call is decided for the user through the agent the token names: the actor
             # would be left out of that chain (delegation chains come from bastion's exchange).

@@ -288,3 +288,52 @@ def test_typ_is_checked_when_require_typ_is_set_or_names_another_kind(
         assert verify(verifier, issuers.token(header=header)).subject == "sam"
     else:
         refused(verifier, issuers.token(header=header), "typ")
+
+
+# An ID token is for the client that signed the person in, not an access token for a server
+# (OpenID Connect Core §2, RFC 9068 §1, RFC 8725 §3.11): signed by the same issuer with the same
+# keys and typed plain JWT, it is told apart by what only an ID token holds. Keycloak's has
+# azp (an agent claim), its client's id as aud (the audience where an audience mapper names
+# that client), typ "ID" in its payload and at_hash.
+KEYCLOAK_ID_TOKEN = {
+    "typ": "ID",
+    "azp": "helpdesk-agent",
+    "client_id": None,
+    "nonce": "n-0S6_WzA2Mj",
+    "at_hash": "77QmUPtjPfzWtF2AnpK9RQ",
+    "preferred_username": "sam",
+}
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        KEYCLOAK_ID_TOKEN,
+        {**KEYCLOAK_ID_TOKEN, "typ": None},
+        {**KEYCLOAK_ID_TOKEN, "at_hash": None},
+        {**KEYCLOAK_ID_TOKEN, "at_hash": None, "typ": "id"},
+        {"at_hash": "77QmUPtjPfzWtF2AnpK9RQ"},
+        {"c_hash": "LDktKdoQak3Pk0cnXxCltA"},
+        {"s_hash": "x3j6YTRaWcFCZlTZ9rqmOA"},
+    ],
+    ids=[
+        "keycloak",
+        "no-typ-claim",
+        "no-at-hash",
+        "typ-claim-other-case",
+        "at-hash",
+        "c-hash",
+        "s-hash",
+    ],
+)
+@pytest.mark.parametrize("header_typ", [None, "JWT"])
+def test_an_id_token_is_not_taken_as_an_access_token(issuers, clock, claims, header_typ):
+    header = {"alg": "ES256", "kid": "k1", **({"typ": header_typ} if header_typ else {})}
+    refused(trusted(issuers, clock), issuers.token(header=header, **claims), "an ID token")
+
+
+@pytest.mark.parametrize("typ", ["Bearer", "bearer", 7])
+def test_an_access_token_typed_bearer_in_its_claims_is_taken(issuers, clock, typ):
+    # Keycloak's access tokens say typ "Bearer" in their payload; a claim that is no string says
+    # nothing of the kind.
+    assert verify(trusted(issuers, clock), issuers.token(typ=typ)).subject == "sam"
