@@ -31,7 +31,7 @@ from bastion.facts.model import Entity
 from bastion.identity.providers import IdentityConfigError, IdentitySettings
 from bastion.oauth.pkce import s256
 from bastion.oauth.users import create_user
-from tests.oauth.support import free_socket, hidden_fields, serve
+from tests.oauth.support import free_socket, hidden_fields, serve, signed_text
 from tests.waits import PATIENCE, eventually
 
 from .oidc_support import Person, bastion_with_providers, buttons
@@ -240,12 +240,14 @@ class TestProvider:
         signer: tuple[dict, object] | None = None,
         again: dict | None = None,
         answer_again: dict | None = None,
+        header: str | None = None,
         **claims,
     ) -> str:
         """A code for the login bastion started with ``query``: its ID token says ``claims``
         over the right ones (None drops a claim), then the claims of ``again`` a second time,
-        signed as ``sign`` says, or with the (header, key) of ``signer``; the token endpoint's
-        answer names the members of ``answer_again`` a second time."""
+        signed as ``sign`` says, or with the (header, key) of ``signer``, or with ``key`` under
+        the JSON text ``header`` as it is; the token endpoint's answer names the members of
+        ``answer_again`` a second time."""
         now = int(time.time())
         body = {
             "iss": self.issuer(name),
@@ -262,7 +264,9 @@ class TestProvider:
         body = {k: v for k, v in body.items() if v is not None}
         # The claims as JSON text escaped to ASCII: a lone surrogate can be sent too.
         payload = _again(body, again) if again else json.dumps(body).encode()
-        if signer is not None:
+        if header is not None:
+            token = signed_text(self.key, header, payload.decode(), "RS256")
+        elif signer is not None:
             token = jws.serialize_compact(signer[0], payload, signer[1])
         elif sign == "k1":
             token = jws.serialize_compact({"alg": "RS256", "kid": "k1"}, payload, self.key)
@@ -556,6 +560,34 @@ def test_a_provider_naming_a_member_twice_signs_nobody_in_and_links_nothing(
     after = (sessions(bastion), users(bastion), linked(bastion), bastion.server.facts.head())
     assert after == before
     assert "a:mallory" not in users(bastion)
+
+
+@pytest.mark.parametrize(
+    ("header", "member"),
+    [
+        ('{"alg": "none", "kid": "k1", "alg": "RS256"}', "alg"),
+        ('{"alg": "RS256", "kid": "k-unpublished", "kid": "k1"}', "kid"),
+    ],
+)
+def test_an_id_token_whose_header_names_a_member_twice_signs_nobody_in(
+    bastion, idp, person, client, header, member
+):
+    """An ID token signed by the provider whose JOSE header names ``alg`` or ``kid`` twice: a
+    reader that keeps the first value sees an alg or a key bastion refuses, one that keeps the
+    last (Python's json, joserfc) a token it takes. RFC 7515 §5.2 lets a reader refuse it: the
+    login is refused naming the member, before any key is looked up; nobody is signed in, no
+    user made and no account linked."""
+    before = (sessions(bastion), users(bastion), linked(bastion), bastion.server.facts.head())
+    fetches = idp.jwks_fetches.get("a", 0)
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query, header=header, sub="mallory")
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 400, "The ID token's JOSE header is refused")
+    refused(response, 400, f"member '{member}' twice")
+    after = (sessions(bastion), users(bastion), linked(bastion), bastion.server.facts.head())
+    assert after == before
+    assert "a:mallory" not in users(bastion)
+    assert idp.jwks_fetches.get("a", 0) == fetches
 
 
 def test_sign_in_page_offers_providers_and_goes_back_to_the_local_page(bastion, idp, person):

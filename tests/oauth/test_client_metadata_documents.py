@@ -4,6 +4,7 @@ they lie about themselves or live on an address the server must not reach."""
 from __future__ import annotations
 
 import gzip
+import html
 import ipaddress
 import json
 import socket
@@ -318,6 +319,40 @@ def test_a_document_without_a_client_name_is_refused_and_changes_nothing(
         assert "invalid_client" in response.text and "client_name is required" in response.text
         assert bastion.rows() == before
     refused(host, host.document("/blank.json", client_name="  "), "client_name is required")
+
+
+def test_a_document_naming_a_member_twice_is_refused_and_changes_nothing(
+    host, sqlite_url, tmp_path
+):
+    """A document that names ``client_id`` (another client's URL, then its own) or
+    ``redirect_uris`` (an attacker's, then the client's) twice: which client it describes, or
+    where a code goes, depends on the parser that reads it (I-JSON, RFC 7493 §2.3). Refused at
+    /authorize as invalid_client naming the member, with an error page and nothing stored."""
+    first = {
+        "client_id": host.url("/someone-else.json"),
+        "redirect_uris": ["https://evil.example/cb"],
+    }
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        for member, value in first.items():
+            path = f"/twice-{member}.json"
+            url = host.url(path)
+            document = {"client_id": url, "client_name": "Doc agent", "redirect_uris": [REDIRECT]}
+            # The member with ``value``, then again with the document's own: a reader that
+            # keeps the last (Python's json) takes the document as the client's.
+            written = json.dumps({**document, member: value})[:-1]
+            again = f", {json.dumps(member)}: {json.dumps(document[member])}}}"
+            host.raw(path, 200, (written + again).encode())
+            before = bastion.rows()
+            _, challenge = pkce_pair()
+            params = bastion.authorize_params(
+                {"client_id": url, "redirect_uris": [REDIRECT]}, challenge
+            )
+            response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+            assert response.status_code == 400 and "location" not in response.headers, member
+            text = html.unescape(response.text)
+            assert "invalid_client" in text and f"member '{member}' twice" in text, text
+            assert bastion.rows() == before
 
 
 def test_an_error_for_a_document_client_is_shown_not_redirected(host, sqlite_url, tmp_path):
