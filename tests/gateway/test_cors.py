@@ -23,6 +23,7 @@ from bastion.gateway.transport import StreamableHttpEndpoint
 from bastion.server.config import ServerConfig
 from tests.oauth.support import pkce_pair
 from tests.security.test_edge import answers_on, status_of
+from tests.waits import PATIENCE
 
 from . import support
 from .streams import legacy_session, modern_headers, modern_request
@@ -500,3 +501,74 @@ def test_a_token_sent_twice_by_a_listed_page_is_refused_with_cors(bastion, serve
         refused = running.http.post(running.mcp_url("deskhttp"), json=call, headers=twice)
         assert refused.status_code == 400 and "sent twice" in refused.text
         answered_once_to(refused, APP)
+
+
+# Connections the crowded bastion takes (its [server] max_connections); one more is answered 503.
+CROWD = 8
+
+
+@pytest.fixture
+def crowded(tmp_path):
+    """`served`, as `bastion serve` serves it, taking `CROWD` connections at once, whose held
+    connections are not cut off for their unfinished heads while a test lasts."""
+    from tests.gateway.test_direct_gateway import ServedLikeBastionServe
+
+    def config(**settings):
+        return ServerConfig(**settings, max_connections=CROWD, header_timeout=PATIENCE)
+
+    quiet = mock.patch.object(logging.getLogger("uvicorn.access"), "hasHandlers", lambda: False)
+    with (
+        mock.patch.object(support, "ServerConfig", config),
+        mock.patch.object(support, "Servers", ServedLikeBastionServe),
+        start(
+            tmp_path, gateway={"allowed_origins": [APP]}, oauth={"allowed_origins": [SPA]}
+        ) as running,
+        quiet,
+    ):
+        yield running
+
+
+def test_the_503_past_max_connections_is_answered_to_a_listed_page_with_cors(crowded):
+    """uvicorn's 503 past max_connections, made before the application and its CORS: a page
+    of an origin listed for the route reads it (on /mcp/ the gateway's origins, with the
+    headers it exposes, Retry-After among them; on the OAuth endpoints those and [oauth]
+    allowed_origins'), with one Access-Control-Allow-Origin; another page's, and a request
+    without Origin, get none."""
+    url = urlsplit(crowded.url)
+    requests = {
+        "gateway": ("POST", urlsplit(crowded.mcp_url("deskhttp")).path, (APP,)),
+        "token endpoint": ("POST", "/token", (APP, SPA)),
+        "OAuth metadata": ("GET", "/.well-known/oauth-authorization-server", (APP, SPA)),
+    }
+    held = []
+    faults = {}
+    try:
+        # Connections whose heads never end: each counts until it closes.
+        for _ in range(CROWD):
+            s = socket.create_connection((url.hostname, url.port), timeout=PATIENCE)
+            s.sendall(f"GET /healthz HTTP/1.1\r\nhost: {url.netloc}\r\n".encode())
+            held.append(s)
+        for route, (method, path, listed_origins) in requests.items():
+            for origin in (APP, SPA, EVIL, None):
+                sent = f"{method} {path} HTTP/1.1\r\nhost: {url.netloc}\r\ncontent-length: 0\r\n"
+                if origin is not None:
+                    sent += f"origin: {origin}\r\n"
+                with socket.create_connection((url.hostname, url.port), timeout=PATIENCE) as s:
+                    s.sendall(f"{sent}\r\n".encode())
+                    (answer,) = answers_on(s, 1, wait=PATIENCE)
+                lines = answer.partition(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
+                cors = [line for line in lines if line.startswith("access-control-allow-origin")]
+                expected = []
+                if origin in listed_origins:
+                    expected = [f"access-control-allow-origin: {origin.lower()}"]
+                exposed = [line for line in lines if line.startswith("access-control-expose")]
+                if status_of(answer) != 503 or cors != expected:
+                    faults[f"{route} from {origin}"] = lines
+                elif expected and not (
+                    "vary: origin" in lines and exposed and "retry-after" in exposed[0]
+                ):
+                    faults[f"{route} from {origin}: Vary, exposed"] = lines
+    finally:
+        for s in held:
+            s.close()
+    assert not faults, faults
