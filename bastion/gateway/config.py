@@ -106,6 +106,10 @@ class UpstreamConfig:
     # Under pins, a call naming a tool (prompt) the last list of its upstream session lacked
     # reads the list again, at most once per this many seconds per upstream session.
     pin_relist_seconds: float = 5.0
+    # A stdio upstream's processes are given this long to end at each step of their stop: its
+    # own, at its stdin's end and then at SIGTERM, before SIGKILL; and what it leaves of its
+    # process group when it ends, between that group's SIGTERM and SIGKILL.
+    stop_grace_seconds: float = 2.0
 
     @property
     def transport(self) -> str:
@@ -331,6 +335,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             "pin_tools",
             "pin_prompts",
             "pin_relist_seconds",
+            "stop_grace_seconds",
         },
         where,
     )
@@ -410,6 +415,11 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             f"{where} ({name}): session = {session!r} needs a Streamable HTTP upstream (url); a"
             " stdio upstream is one process, shared by every client"
         )
+    if url and "stop_grace_seconds" in value:
+        raise ConfigError(
+            f"{where}.stop_grace_seconds is read only for a stdio upstream (command): bastion"
+            " starts no process for a url"
+        )
     pin_tools = _pin_mode(value, "pin_tools", "off", where)
     pin_prompts = _pin_mode(value, "pin_prompts", pin_tools, where)
     return UpstreamConfig(
@@ -431,6 +441,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         pin_tools=pin_tools,
         pin_prompts=pin_prompts,
         pin_relist_seconds=_seconds(value, "pin_relist_seconds", 5, where),
+        stop_grace_seconds=_seconds(value, "stop_grace_seconds", 2, where),
     )
 
 

@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -462,15 +463,20 @@ class _Child:
 
     Each child leads a process group of its own, and its signals go to the whole group
     (`_signal_group`): a launcher (``npx``, ``uvx``, ``sh -c``) is stopped with the server it
-    started, and the group is killed as its leader ends, before that is waited for, so a server
-    its launcher left behind never runs on orphaned. Being out of bastion's group, the children
-    get no SIGINT from a terminal's Ctrl-C: bastion's own close stops them."""
+    started. When the child ends, by itself or asked to, what is left of its group is asked to
+    end (SIGTERM) and killed ``grace`` seconds later (SIGKILL): sooner once nothing else is
+    left of it, at once if the group was killed already or `kill` is called meanwhile. Only
+    then is the child waited for, so that the group's id stays its own while it is signalled;
+    a server its launcher left behind never runs on orphaned. `wait` and ``returncode`` tell
+    the child's end as soon as it is seen. Being out of bastion's group, the children get no
+    SIGINT from a terminal's Ctrl-C: bastion's own close stops them."""
 
     def __init__(
         self,
         popen: subprocess.Popen,
         stdin: asyncio.StreamWriter,
         transports: list[asyncio.BaseTransport],
+        grace: float,
     ) -> None:
         self._popen = popen
         self.pid = popen.pid
@@ -478,18 +484,27 @@ class _Child:
         self.stdout: asyncio.StreamReader | None = None
         self.stderr: asyncio.StreamReader | None = None
         self._transports = transports
-        self._ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        # Held to signal the group and to wait for its leader: the thread of `_wait` must not
-        # let the group's id go (free for another) between the loop's check and its signal.
+        self._grace = grace
+        self._loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[int] = self._loop.create_future()
+        # Held to signal the group and to wait for its leader: the group's end (`_end_group`,
+        # in a thread) must not let the group's id go (free for another) between a check and
+        # a signal of the loop's.
         self._signalling = threading.Lock()
+        # Under `_signalling`: the child's end was seen (its group's end is under way); the
+        # group was sent SIGTERM. Set: the group was sent SIGKILL (its grace is over).
+        self._gone = False
+        self._terminated = False
+        self._killed = threading.Event()
 
     @classmethod
     async def start(
-        cls, argv: list[str], env: dict[str, str], cwd: str | None, limit: int
+        cls, argv: list[str], env: dict[str, str], cwd: str | None, limit: int, grace: float
     ) -> _Child:
         """Start ``argv``; `OSError` if it cannot be. A start given up (cancelled) or failed
         after the process was made leaves none behind: it is killed, its pipes closed, and
-        waited for in a worker thread (`_Launch`, `_stop`)."""
+        waited for in a worker thread (`_Launch`, `_stop`). ``grace``: how long what the
+        process leaves of its group when it ends has between SIGTERM and SIGKILL."""
         pipe = subprocess.PIPE
         launch = _Launch()
         try:
@@ -514,7 +529,8 @@ class _Child:
                 asyncio.streams.FlowControlMixin, _for_transport(loop, popen.stdin, "wb")
             )
             transports.append(transport)
-            child = cls(popen, asyncio.StreamWriter(transport, protocol, None, loop), transports)
+            writer = asyncio.StreamWriter(transport, protocol, None, loop)
+            child = cls(popen, writer, transports, grace)
             child.stdout = await _reading(
                 loop, _for_transport(loop, popen.stdout, "rb"), limit, transports
             )
@@ -526,58 +542,96 @@ class _Child:
                 transport.close()
             _stop_elsewhere(popen)
             raise
-        child._watch(loop)
+        child._watch()
         return child
 
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _watch(self) -> None:
         try:
             fd = os.pidfd_open(self.pid)
         except OSError:  # a kernel before 5.3
-            threading.Thread(target=self._wait, args=(loop,), daemon=True).start()
+            threading.Thread(target=self._wait, daemon=True).start()
             return
 
-        def readable() -> None:  # it ended (a pidfd is readable only then); not waited for yet
-            _signal_group(self._popen, signal.SIGKILL)  # whatever it left of its group
-            if self._popen.poll() is not None:  # reaps it, without waiting
-                loop.remove_reader(fd)
+        def readable() -> None:  # it ended (a pidfd is readable only then)
+            if self._seen_ended():
+                self._loop.remove_reader(fd)
                 os.close(fd)
-                self._end()
 
-        loop.add_reader(fd, readable)
+        self._loop.add_reader(fd, readable)
 
-    def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _wait(self) -> None:
         with contextlib.suppress(ChildProcessError):  # its end, not waited for yet
             os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
-        with self._signalling:
-            _signal_group(self._popen, signal.SIGKILL)  # whatever it left of its group
-            self._popen.wait()
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._end)
+        self._seen_ended()
 
-    def _end(self) -> None:
+    def _seen_ended(self) -> bool:
+        """Whether the child has ended; if so, and for the first time, its end told to `wait`
+        and its group's end begun: SIGTERM (unless the group was sent one, or SIGKILL,
+        already), then `_end_group` in a thread of its own, which outlives the loop if it
+        must. The child is not waited for here (WNOWAIT): the group's id stays its own."""
+        with self._signalling:
+            if self._gone:
+                return True
+            try:
+                seen = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # waited for by someone else: as `Popen.poll` reads it
+                code = self._popen.poll()
+            else:
+                if seen is None:
+                    return False
+                code = seen.si_status if seen.si_code == os.CLD_EXITED else -seen.si_status
+            self._gone = True
+            if not (self._terminated or self._killed.is_set()):
+                self._terminated = True
+                _signal_group(self._popen, signal.SIGTERM)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(self._end, code)
+        threading.Thread(target=self._end_group).start()
+        return True
+
+    def _end_group(self) -> None:
+        """In a thread: once ``grace`` has passed, `kill` was called, or nothing but the child is
+        left of its group, SIGKILL to what is left of the group, then the child waited for (no
+        zombie)."""
+        deadline = time.monotonic() + self._grace
+        while _others_in_group(self.pid):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._killed.wait(min(left, _GROUP_LOOK_SECONDS)):
+                break
+        with self._signalling:
+            self._killed.set()
+            _signal_group(self._popen, signal.SIGKILL)
+            self._popen.wait()
+
+    def _end(self, code: int) -> None:
         if not self._ended.done():
-            self._ended.set_result(self._popen.returncode)
+            self._ended.set_result(code)
 
     @property
     def returncode(self) -> int | None:
+        if self._popen.returncode is None and self._ended.done():
+            return self._ended.result()
         return self._popen.returncode
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
+        """SIGKILL to the group, at once; a grace under way (`_seen_ended`) ends with it."""
+        with self._signalling:
+            self._killed.set()
+            _signal_group(self._popen, signal.SIGKILL)
 
     def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def _signal(self, number: int) -> None:
         with self._signalling:
-            _signal_group(self._popen, number)
+            self._terminated = True
+            _signal_group(self._popen, signal.SIGTERM)
 
     def stop(self) -> None:
-        """Kill it, its group with it, and close its pipes, at once; its end is waited for by
-        `_watch` (no zombie), as the loop runs on."""
+        """Close its pipes, and kill it, its group with it, at once; or, if it has ended, let
+        what it left of its group have its grace. Its end is waited for by `_watch` (no
+        zombie), as the loop runs on."""
         for transport in self._transports:
             transport.close()
-        self.kill()  # nothing if it was waited for already
+        if not self._seen_ended():
+            self.kill()
 
     async def wait(self) -> int:
         return await asyncio.shield(self._ended)
@@ -642,6 +696,31 @@ class _Launch:
             return self._made
 
 
+# How often the group's end (`_Child._end_group`) looks whether anything is left of the group.
+_GROUP_LOOK_SECONDS = 0.05
+
+
+def _others_in_group(pgid: int) -> bool:
+    """Whether a process other than ``pgid`` itself runs in process group ``pgid`` (a zombie
+    does not run); True where /proc cannot tell."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == pgid:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                # After the command's closing parenthesis: state, ppid, pgrp.
+                state, _, group = stat.read().rpartition(b")")[2].split(None, 3)[:3]
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if int(group) == pgid and state != b"Z":
+            return True
+    return False
+
+
 def _signal_group(popen: subprocess.Popen, number: int) -> None:
     """Send signal ``number`` to the process group ``popen`` leads (`_Child.start` starts each
     child in a group of its own): the child and whatever it started that stayed in its group.
@@ -692,7 +771,11 @@ class StdioUpstream(Upstream):
         env = {**os.environ, **self.config.env}
         try:
             process = await _Child.start(
-                [self.config.command, *self.config.args], env, self.config.cwd or None, _MAX_LINE
+                [self.config.command, *self.config.args],
+                env,
+                self.config.cwd or None,
+                _MAX_LINE,
+                self.config.stop_grace_seconds,
             )
         except OSError as e:
             raise UpstreamUnreachable(
@@ -830,14 +913,15 @@ class StdioUpstream(Upstream):
         self._tasks = []
 
     async def close(self) -> None:
-        """Stop the process: its stdin closed, then SIGTERM after 2 s, SIGKILL after 2 more.
+        """Stop the process: its stdin closed, then SIGTERM after ``stop_grace_seconds``, SIGKILL
+        after as long again (what it leaves of its group then has its own grace: `_Child`).
         Stopped at once if this is cancelled meanwhile; a start under way stops its own."""
         process, self._process = self._process, None
         self._started = False
         self._closed = True
         if process is not None:
             try:
-                await self._ask_to_end(process)
+                await self._ask_to_end(process, self.config.stop_grace_seconds)
             finally:
                 process.stop()
         for task in self._tasks:
@@ -847,18 +931,18 @@ class StdioUpstream(Upstream):
         self._tasks = []
 
     @staticmethod
-    async def _ask_to_end(process: _Child) -> None:
+    async def _ask_to_end(process: _Child, grace: float) -> None:
         if process.returncode is not None:
             return
         if process.stdin is not None:
             process.stdin.close()
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(grace):
                 await process.wait()
         except TimeoutError:
             process.terminate()
             try:
-                async with asyncio.timeout(2):
+                async with asyncio.timeout(grace):
                     await process.wait()
             except TimeoutError:
                 process.kill()

@@ -25,9 +25,10 @@ import pytest
 import uvloop
 
 from bastion.gateway import upstream
-from bastion.gateway.config import UpstreamConfig
+from bastion.gateway.config import GatewayConfig, UpstreamConfig
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.upstream import StdioUpstream
+from bastion.server.config import ConfigError
 from tests.waits import PATIENCE, eventually, eventually_async
 
 LOOPS = pytest.mark.parametrize(
@@ -35,6 +36,10 @@ LOOPS = pytest.mark.parametrize(
 )
 # A child that outlives whoever forgets it: it never reads its stdin, so no pipe closing ends it.
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+# What a process leaves of its group has this long between SIGTERM and SIGKILL (the upstreams'
+# stop_grace_seconds here): long enough for a loaded machine to run a SIGTERM handler that
+# writes a file.
+GRACE = 5.0
 
 
 def left(pid: int) -> str | None:
@@ -105,7 +110,7 @@ def test_a_start_cancelled_while_its_process_is_made_leaves_no_child(held, loop_
 
     async def scenario() -> None:
         start = asyncio.ensure_future(
-            upstream._Child.start(SLEEPER, dict(os.environ), None, 1 << 16)
+            upstream._Child.start(SLEEPER, dict(os.environ), None, 1 << 16, GRACE)
         )
         await held.until_made()
         start.cancel()
@@ -166,7 +171,7 @@ def test_a_start_whose_pipes_cannot_be_handed_over_leaves_no_child_nor_pipe(
 
     async def scenario() -> None:
         with pytest.raises(OSError, match="no more pipes"):
-            await upstream._Child.start(SLEEPER, dict(os.environ), None, 1 << 16)
+            await upstream._Child.start(SLEEPER, dict(os.environ), None, 1 << 16, GRACE)
 
     before = open_descriptors()
     try:
@@ -399,7 +404,8 @@ def test_a_process_that_ended_by_itself_takes_what_it_started_and_is_started_aga
     """A launcher that ends by itself leaves its server orphaned, holding the launcher's stdout
     open, so that bastion never read its end: the call in flight failed only at its timeout, and
     every later one "is not running", the upstream never started again. What it started is
-    stopped when it ends: the call fails at once, the next starts the upstream again."""
+    stopped when it ends (asked, then killed after the grace): the call fails then, not at its
+    timeout, and the next starts the upstream again."""
 
     async def scenario() -> tuple[str, dict]:
         connection = launched.upstream()
@@ -426,7 +432,7 @@ def test_a_start_cancelled_while_its_process_is_made_leaves_nothing_it_started_r
 
     async def scenario() -> None:
         start = asyncio.ensure_future(
-            upstream._Child.start(launched.argv(), dict(os.environ), None, 1 << 16)
+            upstream._Child.start(launched.argv(), dict(os.environ), None, 1 << 16, GRACE)
         )
         await held.until_made()
         assert await eventually_async(launched.pids)  # the launcher started its child
@@ -438,3 +444,200 @@ def test_a_start_cancelled_while_its_process_is_made_leaves_nothing_it_started_r
     run(loop_factory, scenario)
     assert [left(pid) for pid in held.pids] == [None]
     assert eventually(lambda: not launched.running()), launched.running()
+
+
+# What a launcher leaves of its group when it ends, each noting its pid and that it is ready (its
+# SIGTERM handler set) in the directory its argument names: a server that, asked to end
+# (SIGTERM), writes down that it was and ends; and one that writes it down and runs on.
+POLITE = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    folder = sys.argv[1]
+    def bye(*_):
+        with open(os.path.join(folder, "polite-bye"), "w") as note:
+            note.write("asked, and ended")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    with open(os.path.join(folder, "polite"), "w") as note:
+        note.write(str(os.getpid()))
+    time.sleep(600)
+    """
+)
+HEEDLESS = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    folder = sys.argv[1]
+    def asked(*_):
+        with open(os.path.join(folder, "heedless-asked"), "w") as note:
+            note.write("asked, and ran on")
+    signal.signal(signal.SIGTERM, asked)
+    with open(os.path.join(folder, "heedless"), "w") as note:
+        note.write(str(os.getpid()))
+    time.sleep(600)
+    """
+)
+# A launcher of both, on its stdio (they hold its stdout open), answering MCP as `LAUNCHER`.
+LEAVING = textwrap.dedent(
+    f"""
+    import json, subprocess, sys
+    for server in ({POLITE!r}, {HEEDLESS!r}):
+        subprocess.Popen([sys.executable, "-c", server, sys.argv[1]])
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("method") == "quit":
+            sys.exit(0)
+        if "id" not in message:
+            continue
+        result = {{}}
+        if message["method"] == "initialize":
+            result = {{"protocolVersion": "2025-11-25", "capabilities": {{}},
+                      "serverInfo": {{"name": "leaving", "version": "1"}}}}
+        print(json.dumps({{"jsonrpc": "2.0", "id": message["id"], "result": result}}), flush=True)
+    """
+)
+
+
+class Left:
+    """The servers `LEAVING` started, by what they wrote in ``folder``."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.script = folder / "leaving.py"
+        self.script.write_text(LEAVING)
+
+    def upstream(self) -> StdioUpstream:
+        return StdioUpstream(
+            UpstreamConfig(
+                name="leaving",
+                command=sys.executable,
+                args=(str(self.script), str(self.folder)),
+                stop_grace_seconds=GRACE,
+            )
+        )
+
+    def pid(self, name: str) -> int | None:
+        path = self.folder / name
+        return int(path.read_text()) if path.exists() and path.read_text() else None
+
+    def ready(self) -> bool:
+        return self.pid("polite") is not None and self.pid("heedless") is not None
+
+    def running(self, name: str) -> bool:
+        pid = self.pid(name)
+        return pid is not None and left(pid) == "running"
+
+    def noted(self, name: str) -> bool:
+        return (self.folder / name).exists()
+
+    def heedless_in_its_grace(self) -> bool:
+        """The polite server ended as asked, and the heedless one, asked too, runs on."""
+        return (
+            self.noted("polite-bye")
+            and not self.running("polite")
+            and self.noted("heedless-asked")
+            and self.running("heedless")
+        )
+
+    def kill_left(self) -> None:
+        for name in ("polite", "heedless"):
+            if self.running(name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid(name), signal.SIGKILL)
+
+
+@pytest.fixture
+def leaving(tmp_path):
+    servers = Left(tmp_path)
+    yield servers
+    servers.kill_left()
+
+
+def no_pidfd(pid: int) -> int:
+    raise OSError("no pidfd here")
+
+
+@LOOPS
+@pytest.mark.parametrize("watch", ["pidfd", "thread"])
+def test_what_a_process_that_ends_by_itself_leaves_is_asked_to_end_before_it_is_killed(
+    leaving, loop_factory, watch, monkeypatch
+):
+    """A launcher ends by itself: what it leaves of its group is sent SIGTERM first, and
+    SIGKILL only ``stop_grace_seconds`` later. The server that ends when asked writes its
+    note and ends; the one that runs on is killed at the grace's end. Meanwhile the event loop
+    runs on (it sees the heedless server, asked, still running); the call in flight fails
+    once nothing holds the process's stdout, and the next starts the upstream again. Its end
+    is seen through a pidfd, or (a kernel before 5.3) by a thread."""
+    if watch == "thread":
+        monkeypatch.setattr(upstream.os, "pidfd_open", no_pidfd)
+
+    async def scenario() -> tuple[str, dict]:
+        connection = leaving.upstream()
+        await connection.ensure_started()
+        assert await eventually_async(leaving.ready)
+        quitting = asyncio.ensure_future(connection.request("quit", None))
+        assert await eventually_async(leaving.heedless_in_its_grace), sorted(
+            p.name for p in leaving.folder.iterdir()
+        )
+        with pytest.raises(RpcError) as failed:
+            await quitting
+        assert await eventually_async(lambda: not leaving.running("heedless"))
+        again = await connection.request("ping", None)
+        await connection.close()
+        return failed.value.message, again
+
+    lost, again = run(loop_factory, scenario)
+    assert lost == "upstream leaving exited"
+    assert again["result"] == {}
+
+
+@LOOPS
+def test_what_a_closed_upstream_leaves_is_asked_to_end_before_it_is_killed(leaving, loop_factory):
+    """Closing an upstream whose launcher ends at its stdin's end: what it leaves of its group
+    is asked to end (SIGTERM) and killed only ``stop_grace_seconds`` later, as above."""
+
+    async def scenario() -> None:
+        connection = leaving.upstream()
+        await connection.ensure_started()
+        assert await eventually_async(leaving.ready)
+        await connection.close()
+
+    run(loop_factory, scenario)
+    assert eventually(lambda: leaving.noted("polite-bye") and leaving.noted("heedless-asked")), (
+        sorted(p.name for p in leaving.folder.iterdir())
+    )
+    assert eventually(lambda: not leaving.running("polite") and not leaving.running("heedless"))
+
+
+def test_stop_grace_seconds_is_a_stdio_upstreams_positive_number_of_seconds():
+    """Read for a stdio upstream (2 s unless set), refused unless a positive number, and
+    refused for a url, where bastion starts no process."""
+
+    def read(**settings):
+        table = {"name": "x", "command": sys.executable, **settings}
+        return GatewayConfig.from_mapping({"upstreams": [table]}).upstreams[0]
+
+    assert read().stop_grace_seconds == 2
+    assert read(stop_grace_seconds=0.5).stop_grace_seconds == 0.5
+    for wrong in (0, -1, "5", True, float("inf")):
+        with pytest.raises(ConfigError, match="stop_grace_seconds must be a positive number"):
+            read(stop_grace_seconds=wrong)
+    with pytest.raises(ConfigError, match="stop_grace_seconds is read only for a stdio"):
+        read(command="", url="http://127.0.0.1:1/mcp", stop_grace_seconds=1)
+
+
+@LOOPS
+def test_a_process_that_leaves_nothing_of_its_group_is_waited_for_without_its_grace(loop_factory):
+    """Nothing but the process itself was in its group: it is waited for (no zombie) as soon
+    as that is seen, however long the grace (here longer than the test waits)."""
+
+    async def scenario() -> None:
+        child = await upstream._Child.start(
+            [sys.executable, "-c", "pass"], dict(os.environ), None, 1 << 16, 10 * PATIENCE
+        )
+        try:
+            assert await child.wait() == 0
+            assert await eventually_async(lambda: left(child.pid) is None), left(child.pid)
+        finally:
+            child.kill()  # a grace that did not end early ends here
+
+    run(loop_factory, scenario)

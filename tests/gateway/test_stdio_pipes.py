@@ -54,7 +54,7 @@ def test_a_childs_pipes_are_closed_once_so_no_other_file_is_closed(monkeypatch, 
 
     async def run() -> None:
         child = await upstream._Child.start(
-            [sys.executable, "-c", "print('bye')"], dict(os.environ), None, 1 << 16
+            [sys.executable, "-c", "print('bye')"], dict(os.environ), None, 1 << 16, 2.0
         )
         assert await child.stdout.read() == b"bye\n"  # to its end: the transport closes
         await child.wait()

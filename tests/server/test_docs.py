@@ -328,6 +328,7 @@ _NOT_LIMITS = {
     "bastion.gateway.holds.LOOK_SECONDS": "how often a held request reads the database",
     "bastion.gateway.http1._IDLE_SECONDS": "an idle pooled upstream connection is closed",
     "bastion.gateway.http1._DRAIN_SECONDS": "an unread answer drained to keep its connection",
+    "bastion.gateway.upstream._GROUP_LOOK_SECONDS": "how often a stopping process group is looked at",
     "bastion.oauth.keys._SECRET_BYTES": "the size of a key bastion makes, not a bound",
     "bastion.policy.compile._MAX_DEPTH": "how generated code is split (not the policy's text)",
     "bastion.policy.lexer._MAX_DIGITS": "a 64-bit integer's digits: the bound is its range",
