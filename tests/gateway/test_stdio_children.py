@@ -296,26 +296,36 @@ STRAY = (
 # first argument names, then answers MCP (its handshake, `{}` to any other request; `quit` ends
 # it), or hangs before its handshake when its second argument says so. It ends at its stdin's
 # end and at SIGTERM without stopping its child, as many do.
-LAUNCHER = textwrap.dedent(
-    f"""
-    import json, subprocess, sys, time
-    child = subprocess.Popen([sys.executable, "-c", {STRAY!r}])
-    with open(sys.argv[1], "a") as pids:
-        pids.write(f"{{child.pid}}\\n")
-    if sys.argv[2:] == ["hang"]:
-        time.sleep(600)
+# What a launcher does once it has started what it starts: answer MCP (its handshake, `{}` to
+# any other request; `quit` ends it) until its stdin ends.
+ANSWERING = textwrap.dedent(
+    """
+    import json, sys
     for line in sys.stdin:
         message = json.loads(line)
         if message.get("method") == "quit":
             sys.exit(0)
         if "id" not in message:
             continue
-        result = {{}}
+        result = {}
         if message["method"] == "initialize":
-            result = {{"protocolVersion": "2025-11-25", "capabilities": {{}},
-                      "serverInfo": {{"name": "launcher", "version": "1"}}}}
-        print(json.dumps({{"jsonrpc": "2.0", "id": message["id"], "result": result}}), flush=True)
+            result = {"protocolVersion": "2025-11-25", "capabilities": {},
+                      "serverInfo": {"name": "launcher", "version": "1"}}
+        print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
     """
+)
+LAUNCHER = (
+    textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", {STRAY!r}])
+        with open(sys.argv[1], "a") as pids:
+            pids.write(f"{{child.pid}}\\n")
+        if sys.argv[2:] == ["hang"]:
+            time.sleep(600)
+        """
+    )
+    + ANSWERING
 )
 
 
@@ -477,23 +487,15 @@ HEEDLESS = textwrap.dedent(
     """
 )
 # A launcher of both, on its stdio (they hold its stdout open), answering MCP as `LAUNCHER`.
-LEAVING = textwrap.dedent(
-    f"""
-    import json, subprocess, sys
-    for server in ({POLITE!r}, {HEEDLESS!r}):
-        subprocess.Popen([sys.executable, "-c", server, sys.argv[1]])
-    for line in sys.stdin:
-        message = json.loads(line)
-        if message.get("method") == "quit":
-            sys.exit(0)
-        if "id" not in message:
-            continue
-        result = {{}}
-        if message["method"] == "initialize":
-            result = {{"protocolVersion": "2025-11-25", "capabilities": {{}},
-                      "serverInfo": {{"name": "leaving", "version": "1"}}}}
-        print(json.dumps({{"jsonrpc": "2.0", "id": message["id"], "result": result}}), flush=True)
-    """
+LEAVING = (
+    textwrap.dedent(
+        f"""
+        import subprocess, sys
+        for server in ({POLITE!r}, {HEEDLESS!r}):
+            subprocess.Popen([sys.executable, "-c", server, sys.argv[1]])
+        """
+    )
+    + ANSWERING
 )
 
 
@@ -517,7 +519,8 @@ class Left:
 
     def pid(self, name: str) -> int | None:
         path = self.folder / name
-        return int(path.read_text()) if path.exists() and path.read_text() else None
+        written = path.read_text() if path.exists() else ""
+        return int(written) if written else None
 
     def ready(self) -> bool:
         return self.pid("polite") is not None and self.pid("heedless") is not None
