@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bastion import untrusted_json
 from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, decide_chain, decide_chain_in, refusing_writes
 from bastion.facts.model import Entity, FactError
@@ -596,10 +597,13 @@ def _token(after: str | None, digest: str, limit: int) -> str:
 def _position(token: str, digest: str, limit: int | None, max_page: int) -> tuple[str | None, int]:
     """Where ``token`` says the previous page ended, and the search's page size: the token's, or
     ``limit`` if the follow-up sends one, which must be the same. A token of another request,
-    or one not issued here, is refused (the spec asks for the same request on every page)."""
+    or one not issued here, is refused (the spec asks for the same request on every page). The
+    token is the client's: what it decodes to is anyone's JSON, read as a body is (nesting
+    bounded, each name once), never a RecursionError."""
     try:
         padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        # JsonRefused is a ValueError.
+        data = untrusted_json.loads(base64.urlsafe_b64decode(padded.encode()), max_depth=1)
         after, issued_for, size = data["a"], data["q"], data["n"]
     except (ValueError, binascii.Error, KeyError, TypeError):
         raise StaleToken(

@@ -318,6 +318,25 @@ def test_a_page_token_is_bound_to_its_search(pep):
         assert pep.post("/access/v1/search/subject", json=other).status_code == 422
 
 
+@pytest.mark.parametrize("kind", ["subject", "resource", "action"])
+def test_a_page_token_of_hostile_json_is_refused_not_a_server_error(pep, kind):
+    # The token is the client's to send: what it decodes to is anyone's JSON, read as the body
+    # is (bounded nesting, each name once), so a token of JSON nested thousands deep is the 422
+    # of a token not issued here, not a RecursionError's 500.
+    body = {
+        "subject": {"type": "user"} if kind == "subject" else ALICE,
+        "action": READ,
+        "resource": {"type": "record"} if kind == "resource" else RECORD_1,
+    }
+    if kind == "action":
+        del body["action"]
+    for decoded in ("[" * 100_000, '{"a": null, "q": "x", "n": 1, "n": 2}', '{"a": "\\ud800"}'):
+        token = base64.urlsafe_b64encode(decoded.encode()).decode().rstrip("=")
+        response = pep.post(f"/access/v1/search/{kind}", json={**body, "page": {"token": token}})
+        assert response.status_code == 422, (decoded[:40], response.status_code, response.text)
+        assert "not a token this server issued" in response.text
+
+
 def test_a_page_limit_of_0_answers_the_count_and_ends_the_search(pep):
     # A PEP follows next_token until it is "": a page of 0 results that handed back a token
     # would be asked for again, forever, with nothing to show for it.
