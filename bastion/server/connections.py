@@ -463,7 +463,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             head += [name, b": ", value, b"\r\n"]
         head.append(b"content-length: %d\r\ncontent-type: %s\r\n" % (len(body), content_type))
         if status != 200:
-            head.append(b"cache-control: no-store\r\n")
+            head.append(b"cache-control: no-store\r\nx-content-type-options: nosniff\r\n")
         if close:
             head.append(b"connection: close\r\n")
         self.transport.write(b"".join([*head, b"\r\n", body]))
@@ -506,6 +506,8 @@ class _Refusal:
             (b"content-type", content_type),
             (b"content-length", b"%d" % len(body)),
             (b"cache-control", b"no-store"),
+            # A refusal may quote what was sent (its Host, its target): never sniffed as a page.
+            (b"x-content-type-options", b"nosniff"),
             (b"connection", b"close"),
         ]
         self.body = body

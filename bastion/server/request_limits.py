@@ -319,6 +319,8 @@ async def _answer(send: Send, limit: BodyLimit, status: int, detail: str) -> Non
         (b"content-type", content_type.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
+        # Some refusals quote what was sent: never sniffed as a page (`problems.NOT_A_PAGE`).
+        (b"x-content-type-options", b"nosniff"),
         _CLOSE,
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -146,6 +146,29 @@ def test_an_answer_made_before_the_route_echoes_x_request_id_as_an_error_string(
         assert response.text
 
 
+def test_every_error_string_is_text_a_browser_never_reads_as_a_page(pep, fixture_pdp):
+    # An error string quotes what it was sent: the path of a link a browser was sent to
+    # included. It is text/plain, and says so with nosniff, as every other route family's
+    # error answer does (`bastion.server.problems.NOT_A_PAGE`).
+    markup = "%3Cscript%3Ealert(1)%3C%2Fscript%3E"
+    bad_action = {**ALLOWED, "action": {"name": "read", "properties": "<b>x</b>"}}
+    multipart = {"content-type": "multipart/form-data; boundary=x"}
+    with fixture_pdp.client(None) as anonymous:
+        answers = {
+            400: pep.post(EVALUATION, json=bad_action),
+            401: anonymous.post(EVALUATION, json=ALLOWED),
+            404: pep.get(f"/access/v1/{markup}"),
+            405: pep.get(EVALUATION),
+            413: pep.post(EVALUATION, json={**ALLOWED, "context": {"pad": "x" * 1_100_000}}),
+            415: pep.post(EVALUATION, content=b"--x--", headers=multipart),
+        }
+    assert "<script>" in answers[404].text
+    for status, response in answers.items():
+        assert response.status_code == status, (status, response.text)
+        assert response.headers["content-type"].startswith("text/plain"), status
+        assert response.headers.get("x-content-type-options") == "nosniff", (status, response.text)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_an_endpoint_with_a_trailing_slash_is_404_never_a_redirect(pep, path):
     # §10.1: the request URL MUST be the endpoint's. A redirect to it would have the PEP send

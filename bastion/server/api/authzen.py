@@ -37,7 +37,7 @@ from bastion.server.api.decisions import (
 from bastion.server.auth import require
 from bastion.server.config import ServerConfig
 from bastion.server.keys import ApiKey
-from bastion.server.problems import Problem, read_json
+from bastion.server.problems import NOT_A_PAGE, Problem, read_json
 
 SCOPE = "authzen"
 PREFIX = "/access/v1/"
@@ -53,8 +53,10 @@ def serves(path: str) -> bool:
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    """An AuthZEN error: the status, and an error message string (spec, "Error Responses")."""
-    return PlainTextResponse(message, status_code=status, headers=headers)
+    """An AuthZEN error: the status, and an error message string (spec, "Error Responses").
+    It quotes what it was sent (a path a link named, a value), so it is never sniffed as a
+    page (`NOT_A_PAGE`), as no other route family's error is."""
+    return PlainTextResponse(message, status_code=status, headers={**NOT_A_PAGE, **(headers or {})})
 
 
 def request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
