@@ -109,7 +109,7 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
         response.headers.update(retry)
         return response
     if api.oso_cloud.serves(request.url.path):
-        return api.oso_cloud.error(503, detail, {**retry, **problems.NOT_A_PAGE})
+        return api.oso_cloud.error(503, detail, retry)
     body = {"error": "temporarily_unavailable", "error_description": detail}
     headers = {**retry, **problems.NOT_A_PAGE, "Cache-Control": "no-store"}
     return JSONResponse(body, status_code=503, headers=headers)
@@ -145,7 +145,7 @@ async def http_problem(request: Request, exc: Exception) -> Response:
     if api.authzen.serves(request.url.path):
         response = api.authzen.error(exc.status_code, detail)
     elif api.oso_cloud.serves(request.url.path):
-        response = api.oso_cloud.error(exc.status_code, detail, problems.NOT_A_PAGE)
+        response = api.oso_cloud.error(exc.status_code, detail)
     else:
         response = Problem(exc.status_code, str(exc.detail), detail).response()
     # The Allow header of a 405, among others.

@@ -251,6 +251,32 @@ def test_every_refusal_under_api_is_osos_shape(bastion):
         assert "NUL" in r.json()["message"]
 
 
+def test_every_error_under_api_says_nosniff(bastion):
+    # An error quotes what it was sent; a browser shown one never reads it as anything but the
+    # JSON it is, whoever made it (a handler's refusal included), as under /v1.
+    key = bastion.oso("oso:read", "oso:write").api.token
+    markup = {"actor_type": "<script>", "actor_id": "x", "action": "read"}
+    with httpx.Client(base_url=bastion.url, timeout=30) as client:
+        answers = {
+            401: client.post("/api/authorize", json=markup),
+            400: client.post(
+                "/api/authorize",
+                json={**markup, "resource_type": "Repo", "resource_id": 7},
+                headers={"authorization": f"Bearer {key}"},
+            ),
+            403: client.post(
+                "/api/policy",
+                json={"src": "x"},
+                headers={"authorization": f"Bearer {bastion.oso('oso:read').api.token}"},
+            ),
+            404: client.get("/api/%3Cscript%3E"),
+        }
+    for status, r in answers.items():
+        assert r.status_code == status, (status, r.text)
+        assert "message" in r.json()
+        assert r.headers.get("x-content-type-options") == "nosniff", (status, r.text)
+
+
 def test_a_write_while_the_database_is_away_is_osos_503(outage, tmp_path):
     """The SDK retries a 503 and then raises it; it was the OAuth error shape
     (``temporarily_unavailable``) on /api."""

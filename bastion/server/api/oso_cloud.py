@@ -50,6 +50,7 @@ from bastion.server.api.policy import (
 from bastion.server.auth import require, require_for_facts
 from bastion.server.keys import ApiKey
 from bastion.server.problems import (
+    NOT_A_PAGE,
     Problem,
     bad_request,
     entity_type,
@@ -88,7 +89,9 @@ def serves(path: str) -> bool:
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """Oso Cloud's error, ``{"message": ...}`` with the status: the SDK raises it as
-    ``OsoException``, whose text carries it."""
+    ``OsoException``, whose text carries it. It may quote what it was sent: never sniffed as
+    a page (`NOT_A_PAGE`), as no other route family's error is."""
+    headers = {**NOT_A_PAGE, **(headers or {})}
     return JSONResponse({"message": message}, status_code=status, headers=headers)
 
 
