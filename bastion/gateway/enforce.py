@@ -413,6 +413,7 @@ class Enforcer:
         annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         unpinned: PinChange | None = None,
         runs_for: float = 0.0,
+        counted: bool = True,
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
@@ -428,7 +429,12 @@ class Enforcer:
 
         ``runs_for``: the longest the message's run upstream may take, for a message that is
         forwarded once decided: an approval it spends marks the run in progress that long, or
-        until `run_ended` (`Verdict.spent`). 0: nothing is marked (``connect``)."""
+        until `run_ended` (`Verdict.spent`). 0: nothing is marked (``connect``).
+
+        ``counted``: the message is one its client sent, counted under its rate limits. False
+        for what bastion sends a client unasked (a stream's notification, an upstream's request
+        on it: `Gateway.may_hear`), decided again but never counted: else whoever makes an
+        upstream speak would spend a listener's limits, and have its own messages refused."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         # Refusals made before the policy is asked: recorded, with what they noted. The kill
@@ -475,7 +481,9 @@ class Enforcer:
         nobody: NoApprover | None = None  # why nobody could answer the hold, where nobody could
         unheld = ""  # the kind of that hold ("approval" or "review")
         if result == "allow" and (
-            obligations.requires_approval or obligations.requires_review or obligations.rate_limits
+            obligations.requires_approval
+            or obligations.requires_review
+            or (obligations.rate_limits and counted)
         ):
             # Decided again, with the approval, when one was given: ``chain`` is that decision.
             (
@@ -501,6 +509,7 @@ class Enforcer:
                 chain,
                 retried,
                 runs_for,
+                counted,
             )
             # Refused before the call runs (a request nobody may answer any more is ``linked``).
             unheld = "review" if nobody is not None else ""
@@ -609,6 +618,7 @@ class Enforcer:
         chain: ChainDecision,
         retried: str | None,
         runs_for: float,
+        counted: bool,
     ) -> tuple[
         ChainDecision,
         str,
@@ -625,7 +635,8 @@ class Enforcer:
         and retry delay, the hold to place (call, outcome), the review it is under, the
         approval request it is linked to, the approval it spent (marked in progress for
         ``runs_for``), and why nobody could review its result, where nobody could (or answer
-        its pending request any more: `Approvals.check` closed it)."""
+        its pending request any more: `Approvals.check` closed it). Rate limits count it only
+        if it is ``counted`` (`decide`)."""
         result, reason, retry_after = "allow", "", None
         nobody: NoApprover | None = None
         held: tuple[Call, Outcome] | None = None
@@ -696,7 +707,7 @@ class Enforcer:
                 held = (call, outcome)
             elif outcome.state == "refused":
                 result, reason, nobody = "deny", outcome.reason, outcome.nobody
-        if result == "allow" and chain.obligations.rate_limits:
+        if result == "allow" and counted and chain.obligations.rate_limits:
             try:
                 retry_after = await self.limiter.admit(
                     chain.obligations.rate_limits, action, resource

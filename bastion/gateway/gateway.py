@@ -735,10 +735,17 @@ class Gateway:
         context = enforcer.context(caller, listener.server, method)
         server = Entity("McpServer", listener.server)
         if enforcer.facts_stale() or self._connect_needs_deciding(caller, server, context):
-            # Decided again in full, so that a refusal is recorded (with its rules).
+            # Decided again in full, so that a refusal is recorded (with its rules); not
+            # counted under the caller's rate limits: its client sent nothing.
             try:
                 verdict = await enforcer.decide(
-                    caller, listener.server, method, message_action(server), server, context
+                    caller,
+                    listener.server,
+                    method,
+                    message_action(server),
+                    server,
+                    context,
+                    counted=False,
                 )
             except (RpcError, StepUp, Held):
                 listener.close(refused=True)
