@@ -250,3 +250,42 @@ def test_another_users_session_id_serves_nothing_and_ends_nothing(bastion):
     assert bastion.http.delete(url, headers=sams).status_code == 204
     after = [bastion.http.post(url, json=call, headers=h) for h in (sams, theirs)]
     assert [r.status_code for r in after] == [404, 404]
+
+
+def test_a_session_id_serves_only_the_server_it_was_opened_on(bastion):
+    """Two servers behind one gateway share the table of sessions, never a session: sam's
+    session of ``lab``, named on ``labhttp`` with sam's token for ``labhttp`` (the same user,
+    the same agent), is unknown there on every method, and goes on where it was opened."""
+    from .support import register_public_client
+
+    agent = register_public_client(bastion.http, bastion.url)
+    on_lab = legacy_session(bastion, bastion.token("sam", "lab", client_id=agent), "lab")
+    elsewhere = {
+        **on_lab,
+        "authorization": f"Bearer {bastion.token('sam', 'labhttp', client_id=agent)}",
+    }
+    listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    url = bastion.mcp_url("labhttp")
+    attempts = [
+        bastion.http.post(url, json=listing, headers=elsewhere),
+        bastion.http.get(url, headers={**elsewhere, "accept": "text/event-stream"}, timeout=5),
+        bastion.http.delete(url, headers=elsewhere),
+    ]
+    assert [r.status_code for r in attempts] == [404, 404, 404]
+    assert all(r.json()["error"]["code"] == SESSION_NOT_FOUND for r in attempts)
+    served = bastion.http.post(bastion.mcp_url("lab"), json=listing, headers=on_lab)
+    assert served.status_code == 200 and "result" in messages(served)[-1]
+
+
+def test_a_2026_listen_request_naming_a_session_is_refused_and_opens_nothing(bastion):
+    """2026-07-28 has no sessions: a ``subscriptions/listen`` that smuggles sam's own session
+    id is refused before any stream opens (it would otherwise be read by a proxy keeping
+    sessions on their replica as that session's)."""
+    token = bastion.token("sam", "lab")
+    session = legacy_session(bastion, token, "lab")["mcp-session-id"]
+    request = modern_request("w", "subscriptions/listen", {"notifications": {}})
+    headers = {**modern_headers(token, "subscriptions/listen"), "mcp-session-id": session}
+    refused = bastion.http.post(bastion.mcp_url("lab"), json=request, headers=headers)
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/json"
+    assert "no sessions" in refused.json()["error"]["message"]
