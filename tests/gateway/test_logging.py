@@ -14,6 +14,7 @@ import pytest
 
 from bastion.policy.parser import parse_fact
 
+from .lab_server import SECRET
 from .streams import ENVELOPE, legacy_session, messages, modern_headers
 
 # The SDK marks logging deprecated as of 2026-07-28; it is still MCP in both eras.
@@ -173,6 +174,33 @@ def test_completions_are_decided_as_get_of_the_prompt_or_read_of_the_resource(ba
         "completion/complete",
         f'Prompt{{"{server}/unlisted"}}',
     )
+
+
+def test_a_completion_asks_the_scope_and_the_approval_reading_the_resource_asks(bastion):
+    """A token without the scope a resource's ``read`` requires gets no values of it through a
+    completion: the same step-up (403 ``insufficient_scope`` naming the scope) that
+    resources/read gets; a resource held for approval holds its completion too. The lab
+    completes anything but its greeting with a secret, which never comes out."""
+    token = bastion.token("sam", "labhttp")  # customers:read only
+    body = {
+        "jsonrpc": "2.0",
+        "id": 9,
+        "method": "completion/complete",
+        "params": {
+            "ref": {"type": "ref/resource", "uri": "lab://guarded"},
+            "argument": {"name": "name", "value": ""},
+            "_meta": ENVELOPE,
+        },
+    }
+    headers = modern_headers(token, "completion/complete")
+    stepped = bastion.http.post(bastion.mcp_url("labhttp"), json=body, headers=headers)
+    assert stepped.status_code == 403, stepped.text
+    assert 'error="insufficient_scope"' in stepped.headers["www-authenticate"]
+    assert "customers:write" in stepped.headers["www-authenticate"]
+    assert SECRET not in stepped.text
+    held = complete(bastion, "labhttp", token, {"type": "ref/resource", "uri": "lab://held"})
+    assert held["error"]["data"]["reason"] == "approval_pending", held
+    assert SECRET not in json.dumps(held)
 
 
 def test_a_malformed_completion_is_refused_before_the_upstream(bastion):
