@@ -4,8 +4,11 @@ A target (tool, resource, prompt) carries labels through ``label(<target>, "<lab
 rules. When the gateway releases a result of that target to a caller, it first adds the
 target's labels to the caller's **label set**, keyed by (user, first agent of the chain, task):
 a sub-agent the first agent delegated to shares its set (no laundering through a sub-agent),
-and each task has its own. The policy reads the set as ``context.session.labels`` (a sorted
-list of strings) on every decision, e.g. to refuse a sink once ``"pii"`` was seen.
+and each task has its own. They go, in the same write, into the **own set** of every agent of
+the chain too (user and first agent: the agent's client id, no task), the set it reads when it
+acts as itself: no laundering through its own token. The policy reads the set as
+``context.session.labels`` (a sorted list of strings) on every decision, e.g. to refuse a sink
+once ``"pii"`` was seen.
 
 `LocalLabels` keeps the sets in this process (the default); `RedisLabels` shares them through
 the gateway's Redis (``gateway.redis_url``). Labels are written before the result leaves: a
@@ -26,14 +29,14 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
 from bastion.policy.errors import EvaluationLimit
 from bastion.redaction import safe_url
-from bastion.redis_client import connect
+from bastion.redis_client import CLUSTER_SCHEMES, connect, run_script
 from bastion.redis_state import RedisState
 
 log = logging.getLogger("bastion.delegation.labels")
@@ -53,6 +56,12 @@ class LabelKey(NamedTuple):
     @classmethod
     def of(cls, subject: str, agents: tuple[str, ...], client_id: str, task: str) -> LabelKey:
         return cls(subject, agents[0] if agents else client_id, task)
+
+    @classmethod
+    def own(cls, agent: str) -> LabelKey:
+        """The set of ``agent`` acting as itself (client_credentials: the agent is its token's
+        subject), in no task: what it was shown in any chain it took part in."""
+        return cls(agent, agent)
 
     def digest(self) -> str:
         text = json.dumps([self.user, self.agent, self.task], separators=(",", ":"))
@@ -161,24 +170,34 @@ class LocalLabels:
     async def prepare(self, view: SessionView) -> None:
         """Nothing to fetch: the sets are in this process."""
 
-    async def record(self, key: LabelKey, labels: Iterable[str]) -> None:
-        """Add ``labels`` to ``key``'s set (and keep it another ``ttl_seconds``); `LabelsFull`
-        or `LabelsUnavailable` (no room for another set) when they cannot all be kept."""
+    async def record(self, keys: Sequence[LabelKey], labels: Iterable[str]) -> None:
+        """Add ``labels`` to the set of each of ``keys`` (distinct), and keep each another
+        ``ttl_seconds``; `LabelsFull` or `LabelsUnavailable` (no room for another set) when
+        they cannot all be kept, and then no set changes."""
         new = frozenset(labels)
         if not new:
             return
         now = self.clock()
-        found = self._sets.get(key)
-        current = found[0] if found is not None and found[1] > now else frozenset()
-        merged = current | new if not new <= current else current
-        if len(merged) > self.settings.max_labels:
-            raise LabelsFull()
-        if key not in self._sets and len(self._sets) >= self.settings.max_sets:
+        merged: list[tuple[LabelKey, frozenset[str]]] = []
+        fresh = 0
+        for key in keys:
+            found = self._sets.get(key)
+            current = found[0] if found is not None and found[1] > now else frozenset()
+            union = current | new if not new <= current else current
+            if len(union) > self.settings.max_labels:
+                raise LabelsFull()
+            merged.append((key, union))
+            fresh += found is None
+        max_sets = self.settings.max_sets
+        if fresh and len(self._sets) + fresh > max_sets:
             self._purge(now)
-            if len(self._sets) >= self.settings.max_sets:
-                raise LabelsUnavailable(f"{self.settings.max_sets} label sets already kept")
-        self._sets.pop(key, None)
-        self._sets[key] = (merged, now + self.settings.ttl_seconds)
+            fresh = sum(key not in self._sets for key in keys)
+            if len(self._sets) + fresh > max_sets:
+                raise LabelsUnavailable(f"{max_sets} label sets already kept")
+        until = now + self.settings.ttl_seconds
+        for key, union in merged:
+            self._sets.pop(key, None)
+            self._sets[key] = (union, until)
 
     async def clear(self, key: LabelKey) -> bool:
         """Forget ``key``'s set; whether there was one."""
@@ -201,21 +220,26 @@ class LocalLabels:
         pass
 
 
-# KEYS: the label set, then its task's index (the sets of one task, in the same slot).
-# ARGV: time to live (s), max labels, then the labels to add. Returns 1 when the set would go
-# over max labels (nothing added), else 0.
+# KEYS: label sets of one task (one hash slot), then that task's index. ARGV: time to live (s),
+# max labels, then the labels to add. Returns 1 when any of the sets would go over max labels
+# (nothing added), else 0.
 _RECORD = """
 local ttl = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
-local new = 0
-for i = 3, #ARGV do
-  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then new = new + 1 end
+local index = KEYS[#KEYS]
+for k = 1, #KEYS - 1 do
+  local new = 0
+  for i = 3, #ARGV do
+    if redis.call('SISMEMBER', KEYS[k], ARGV[i]) == 0 then new = new + 1 end
+  end
+  if new > 0 and redis.call('SCARD', KEYS[k]) + new > max then return 1 end
 end
-if new > 0 and redis.call('SCARD', KEYS[1]) + new > max then return 1 end
-for i = 3, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('SADD', KEYS[2], KEYS[1])
-redis.call('EXPIRE', KEYS[2], ttl)
+for k = 1, #KEYS - 1 do
+  for i = 3, #ARGV do redis.call('SADD', KEYS[k], ARGV[i]) end
+  redis.call('EXPIRE', KEYS[k], ttl)
+  redis.call('SADD', index, KEYS[k])
+end
+redis.call('EXPIRE', index, ttl)
 return 0
 """
 
@@ -255,6 +279,7 @@ class RedisLabels:
         state.append(self.state)
         self._record = self._redis.register_script(_RECORD)
         self._wipe = self._redis.register_script(_WIPE)
+        self._cluster = url.partition("://")[0] in CLUSTER_SCHEMES
 
     def _task_base(self, task: str) -> str:
         tag = hashlib.sha256(task.encode()).hexdigest()[:16]
@@ -297,23 +322,32 @@ class RedisLabels:
         await self.prepare(view)
         return view["labels"]
 
-    async def record(self, key: LabelKey, labels: Iterable[str]) -> None:
+    async def record(self, keys: Sequence[LabelKey], labels: Iterable[str]) -> None:
+        """Add ``labels`` to the set of each of ``keys`` (distinct) in one round trip: one
+        script per task among them (a hash slot each), checking all its sets before it adds to
+        any. Sets of two tasks (a chain's set in a task, its agents' own sets in none) are two
+        scripts: when one refuses (`LabelsFull`) the other may have added the labels, which
+        only ever labels more than was released (the safe side)."""
         new = sorted(set(labels))
         if not new:
             return
         s = self.settings
+        by_task: dict[str, list[str]] = {}
+        for key in keys:
+            set_key, index = self._keys(key)
+            by_task.setdefault(index, []).append(set_key)
+        args = [s.ttl_seconds, s.max_labels, *new]
+        calls = [([*sets, index], args) for index, sets in by_task.items()]
         try:
             await self.state.start()  # marked before the first label: its loss is seen
-            full = await self._record(
-                keys=list(self._keys(key)), args=[s.ttl_seconds, s.max_labels, *new]
-            )
+            full = await run_script(self._redis, self._record, calls, self._cluster)
         except self._errors as e:
             log.error("session labels cannot be written: Redis at %s: %s", safe_url(self.url), e)
             raise LabelsUnavailable() from None
         except Exception as e:  # the database, asked once whether Redis was marked
             log.error("session labels cannot be written yet: %s", e)
             raise LabelsUnavailable("the database cannot be read") from None
-        if int(full):
+        if any(int(f) for f in full):
             raise LabelsFull()
 
     async def clear(self, key: LabelKey) -> bool:

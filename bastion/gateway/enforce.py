@@ -1320,14 +1320,15 @@ class Enforcer:
             self.behavior.observe_decision(record, context)
 
     async def record_labels(self, caller: Caller, verdict: Verdict) -> None:
-        """Add the labels of the target of ``verdict`` to ``caller``'s label set, before its
-        result is released; when they cannot be kept, the result is withheld: the refusal is
-        recorded and raised (`LabelsUnavailable`, `LabelsFull`)."""
+        """Add the labels of the target of ``verdict`` to ``caller``'s label set and to the
+        own set of each agent of its chain (`label_keys`), before its result is released; when
+        they cannot be kept, the result is withheld: the refusal is recorded and raised
+        (`LabelsUnavailable`, `LabelsFull`)."""
         labels = verdict.obligations.labels
         if not labels:
             return
         try:
-            await self.labels.record(label_key(caller), labels)
+            await self.labels.record(label_keys(caller), labels)
         except (LabelsUnavailable, LabelsFull) as e:
             self.write(verdict.record, result="deny", reason=e.reason)
             target = Entity.parse(verdict.record["target"]).id
@@ -1440,6 +1441,19 @@ def label_key(caller: Caller) -> LabelKey:
     token its chain began with (a delegation into a task keeps its subject's set)."""
     task = caller.task if caller.labels_task is None else caller.labels_task
     return LabelKey.of(caller.subject, caller.agents, caller.client_id, task)
+
+
+def label_keys(caller: Caller) -> tuple[LabelKey, ...]:
+    """The label sets a result released to ``caller`` is recorded in: its chain's set
+    (`label_key`), then the own set of each agent of its chain (`LabelKey.own`, once each), so
+    that no agent launders what it was shown through its own token. An agent acting as itself
+    in no task has one: its chain's set is its own."""
+    keys = [label_key(caller)]
+    for agent in caller.chain:
+        own = LabelKey.own(agent)
+        if own not in keys:
+            keys.append(own)
+    return tuple(keys)
 
 
 def _without_arguments(context: dict[str, Any]) -> dict[str, Any]:

@@ -140,7 +140,8 @@ class Studio:
         return Agent(created["client_id"], created["client_secret"])
 
     def user_token(self, agent: Agent, username: str, scope: str = " ".join(SCOPES)) -> dict:
-        """The person signs in and consents; ``agent`` redeems the code (PKCE)."""
+        """The person signs in and consents; ``agent`` redeems the code (PKCE), with its
+        secret if it has one."""
         verifier, challenge = pkce_pair()
         params = {
             "response_type": "code",
@@ -163,8 +164,9 @@ class Studio:
                 "code": code,
                 "redirect_uri": REDIRECT_URI,
                 "code_verifier": verifier,
-                "client_id": agent.client_id,
+                **({} if agent.secret else {"client_id": agent.client_id}),
             },
+            auth=agent.auth,
         )
         assert answer.status_code == 200, answer.text
         return answer.json()

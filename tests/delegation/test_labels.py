@@ -8,6 +8,7 @@ test_labels_chain.py."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
@@ -28,7 +29,7 @@ from bastion.delegation.labels import (
     LocalLabels,
     RedisLabels,
 )
-from bastion.gateway.enforce import Caller, Enforcer
+from bastion.gateway.enforce import Caller, Enforcer, label_keys
 from bastion.gateway.jsonrpc import RpcError
 from bastion.oauth.users import create_user
 from tests.conftest import REDIS_URL, require_service
@@ -287,8 +288,8 @@ def test_ending_a_task_wipes_its_label_sets(bastion):
     task = opened.json()["task"]["id"]
     store = bastion.app.state.gateway.enforcer.labels
     in_task, outside = LabelKey("sam", "planner", task), LabelKey("sam", "planner")
-    anyio.run(store.record, in_task, ["pii"])
-    anyio.run(store.record, outside, ["pii"])
+    anyio.run(store.record, [in_task], ["pii"])
+    anyio.run(store.record, [outside], ["pii"])
     ended = bastion.http.post(f"{bastion.url}/v1/tasks/{task}/end", headers=_bearer(key), json={})
     assert ended.status_code == 200, ended.text
     assert eventually(lambda: not store.current(in_task)), "the ended task's labels were not wiped"
@@ -405,6 +406,128 @@ def test_a_delegation_into_a_task_shares_the_set_of_the_token_it_came_from():
     anyio.run(main)
 
 
+@contextlib.asynccontextmanager
+async def _store(kind: str, settings: LabelSettings | None = None):
+    """A label store of ``kind``: this process's, or Redis's under a prefix of its own."""
+    if kind == "local":
+        yield LocalLabels(settings)
+        return
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    store = RedisLabels(REDIS_URL, prefix, settings, PATIENCE)
+    try:
+        yield store
+    finally:
+        await _drop(prefix)
+        await store.close()
+
+
+def _as_itself(agent: str, task: str = "") -> Caller:
+    """An agent acting as itself (client_credentials): the agent is its token's subject."""
+    return Caller(agent, agent, frozenset(), "127.0.0.1", "2026-07-28", task=task)
+
+
+OUT = {"to": "x@out.example"}
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_an_agent_shown_pii_in_a_chain_is_refused_the_sink_acting_as_itself(kind):
+    """Every agent of a chain a labelled result was released to has it in its own set too (user
+    and first agent: its client id, no task): its own token launders nothing. An agent outside
+    the chain, and an agent's task (which starts clean), keep clean sets."""
+    if kind == "redis":
+        require_service("Redis", "127.0.0.1", 6379)
+
+    async def main():
+        async with _store(kind) as store:
+            enforcer = _enforcer(store)
+            chain = _caller("avery", "coder", "mailer", "formatter")
+            assert await _call(enforcer, _as_itself("mailer"), "send_email", OUT) == "ok"
+            assert await _call(enforcer, chain, "search", {}) == "ok"
+            for agent in ("coder", "mailer", "formatter"):
+                refused = await _call(enforcer, _as_itself(agent), "send_email", OUT)
+                assert refused == "not_permitted", agent
+                assert await store.labels(LabelKey(agent, agent)) == ["pii"]
+            assert await _call(enforcer, _as_itself("helper"), "send_email", OUT) == "ok"
+            in_task = _as_itself("mailer", task="t-1")
+            assert await _call(enforcer, in_task, "send_email", OUT) == "ok"
+            # The agent's own set is cleared as any other; the chain's stays.
+            assert await store.clear(LabelKey("mailer", "mailer")) is True
+            assert await _call(enforcer, _as_itself("mailer"), "send_email", OUT) == "ok"
+            assert await _call(enforcer, chain, "send_email", OUT) == "not_permitted"
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_what_an_agent_reads_in_a_task_reaches_its_own_set_outside_the_task(kind):
+    """A task starts clean, but what a chain reads in one reaches its agents' own sets (no
+    task): an agent cannot launder it through its own token outside the task."""
+    if kind == "redis":
+        require_service("Redis", "127.0.0.1", 6379)
+
+    async def main():
+        async with _store(kind) as store:
+            enforcer = _enforcer(store)
+            assert await _call(enforcer, _caller("avery", "coder", task="t-2"), "search", {}) == (
+                "ok"
+            )
+            assert await store.labels(LabelKey("avery", "coder", "t-2")) == ["pii"]
+            assert await _call(enforcer, _as_itself("coder"), "send_email", OUT) == (
+                "not_permitted"
+            )
+            assert await store.labels(LabelKey("avery", "coder")) == [], "the chain's, untouched"
+            assert await _call(enforcer, _as_itself("coder", task="t-3"), "send_email", OUT) == (
+                "ok"
+            )
+
+    anyio.run(main)
+
+
+def test_a_result_is_recorded_in_the_chains_set_and_each_agents_own_set_once():
+    def keys(caller: Caller) -> list[tuple[str, str, str]]:
+        return [tuple(k) for k in label_keys(caller)]
+
+    assert keys(_caller("avery", "coder", "mailer")) == [
+        ("avery", "coder", ""),
+        ("coder", "coder", ""),
+        ("mailer", "mailer", ""),
+    ]
+    # Acting as itself with no task, its chain's set is its own set: recorded once.
+    assert keys(_as_itself("job")) == [("job", "job", "")]
+    assert keys(_as_itself("job", task="t")) == [("job", "job", "t"), ("job", "job", "")]
+    # A delegation from an agent acting as itself: the chain's set is the first agent's own.
+    child = Caller(
+        "job", "mailer", frozenset(), "127.0.0.1", "2026-07-28", agents=("job", "mailer")
+    )
+    assert keys(child) == [("job", "job", ""), ("mailer", "mailer", "")]
+    # An agent named twice in a chain (a cycle the exchange allowed) has one own set.
+    assert keys(_caller("avery", "coder", "mailer", "coder")) == [
+        ("avery", "coder", ""),
+        ("coder", "coder", ""),
+        ("mailer", "mailer", ""),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_a_result_that_would_overflow_an_agents_own_set_is_withheld_and_recorded_nowhere(kind):
+    """Fail closed as for the chain's set: ``labels_full`` when any set of the release would go
+    over ``label_max``, and no set gains a label for a result that was not released."""
+    if kind == "redis":
+        require_service("Redis", "127.0.0.1", 6379)
+
+    async def main():
+        async with _store(kind, LabelSettings(max_labels=1)) as store:
+            enforcer = _enforcer(store)
+            assert await _call(enforcer, _as_itself("mailer"), "notes", {}) == "ok"
+            chain = _caller("sam", "planner", "mailer")
+            assert await _call(enforcer, chain, "search", {}) == "labels_full"
+            assert await store.labels(LabelKey("sam", "planner")) == []
+            assert await store.labels(LabelKey("planner", "planner")) == []
+            assert await store.labels(LabelKey("mailer", "mailer")) == ["confidential"]
+
+    anyio.run(main)
+
+
 def test_a_full_label_set_withholds_the_result_that_would_overflow_it():
     async def main():
         enforcer = _enforcer(LocalLabels(LabelSettings(max_labels=1)))
@@ -423,10 +546,10 @@ def test_a_label_set_is_forgotten_after_its_time_to_live():
     key = LabelKey("sam", "planner")
 
     async def main():
-        await store.record(key, ["pii"])
+        await store.record([key], ["pii"])
         now[0] += 59
         assert store.current(key) == ["pii"]
-        await store.record(key, ["pii"])  # recorded again: kept another 60 s
+        await store.record([key], ["pii"])  # recorded again: kept another 60 s
         now[0] += 59
         assert store.current(key) == ["pii"]
         now[0] += 2
@@ -439,10 +562,10 @@ def test_the_local_store_refuses_a_new_set_beyond_its_cap_and_keeps_the_old_ones
     store = LocalLabels(LabelSettings(max_sets=2))
 
     async def main():
-        await store.record(LabelKey("a", "x"), ["pii"])
-        await store.record(LabelKey("b", "x"), ["pii"])
+        await store.record([LabelKey("a", "x")], ["pii"])
+        await store.record([LabelKey("b", "x")], ["pii"])
         with pytest.raises(LabelsUnavailable):
-            await store.record(LabelKey("c", "x"), ["pii"])
+            await store.record([LabelKey("c", "x")], ["pii"])
         assert store.current(LabelKey("a", "x")) == ["pii"]
 
     anyio.run(main)
@@ -469,13 +592,13 @@ def test_redis_store_records_reads_clears_and_wipes_tasks():
         try:
             a, b = LabelKey("sam", "planner", "t-1"), LabelKey("avery", "planner", "t-1")
             plain = LabelKey("sam", "planner")
-            await store.record(a, ["pii"])
-            await store.record(b, ["secret"])
-            await store.record(plain, ["pii"])
+            await store.record([a], ["pii"])
+            await store.record([b], ["secret"])
+            await store.record([plain], ["pii"])
             assert await other.labels(a) == ["pii"] and await other.labels(b) == ["secret"]
-            await store.record(a, ["pii", "hr"])
+            await store.record([a], ["pii", "hr"])
             with pytest.raises(LabelsFull):
-                await store.record(a, ["finance"])
+                await store.record([a], ["finance"])
             assert await other.labels(a) == ["hr", "pii"]
             assert await other.wipe_task("t-1") == 2
             assert await store.labels(a) == [] and await store.labels(b) == []

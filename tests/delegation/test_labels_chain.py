@@ -1,13 +1,28 @@
 """Session labels through a chain of agents, end to end: a real `bastion serve`, token exchange
 (RFC 8693) and the official MCP SDK client. What a sub-agent reads with its delegated token is
 recorded in the label set of the first agent of its chain (the coding agent the person signed
-in), so the coding agent cannot publish it: data does not launder through a sub-agent."""
+in), so the coding agent cannot publish it: data does not launder through a sub-agent. It is
+recorded in the own set of every agent of the chain too, so no agent launders it through its own
+identity (its client_credentials token). Each test runs with the sets in bastion's process and in
+Redis."""
 
 from __future__ import annotations
 
+import uuid
+
+import anyio
 import pytest
 
-from tests.delegation.support import ADMIN_KEY, POLICY, SCOPES, start_studio
+from tests.conftest import REDIS_URL, require_service
+from tests.delegation.support import (
+    ADMIN_KEY,
+    EXCHANGE,
+    POLICY,
+    REDIRECT_URI,
+    SCOPES,
+    Agent,
+    start_studio,
+)
 from tests.delegation.test_mission import refusal, sub_agent_call
 from tests.delegation.test_tasks import claims
 
@@ -18,17 +33,25 @@ deny(_actor, "call", Tool{"studio/publish"}) if "confidential" in context.sessio
 """
 
 
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("labels-chain")
+@pytest.fixture(scope="module", params=["local", "redis"])
+def studio(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"labels-chain-{request.param}")
     policy = directory / "policy.polar"
     policy.write_text(POLICY.read_text() + LABELS)
-    with start_studio(directory, policy=policy) as running:
-        running.facts(
-            ("has_role", "User:sam", "publisher", "McpServer:studio"),
-            ("label", "Tool:studio/read_file", "confidential"),
-        )
-        yield running
+    settings, prefix = "", f"bastion-test-{uuid.uuid4().hex[:12]}"
+    if request.param == "redis":
+        require_service("Redis", "127.0.0.1", 6379)
+        settings = f'[gateway]\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"\n'
+    try:
+        with start_studio(directory, policy=policy, settings=settings) as running:
+            running.facts(
+                ("has_role", "User:sam", "publisher", "McpServer:studio"),
+                ("label", "Tool:studio/read_file", "confidential"),
+            )
+            yield running
+    finally:
+        if request.param == "redis":
+            anyio.run(_drop, prefix)
 
 
 def coding_agent_of_sam(studio, name: str):
@@ -106,3 +129,91 @@ def test_a_delegation_into_a_task_keeps_the_labels_of_the_token_it_came_from(stu
 
     assert sub_agent_call(studio, delegated, "read_file", {"folder": "icons", "name": "logo.svg"})
     assert refusal(studio.call(token, "publish", **publish)) == ("refused", "not_permitted")
+
+
+# -- no laundering through an agent's own identity -------------------------------------------------
+
+
+def acting_as_itself(studio, agent: Agent, role: str) -> str:
+    """``agent``'s own token (client_credentials): its user is the agent (``User{<client id>}``),
+    here one who may publish, and the agent has ``role``."""
+    studio.facts(
+        ("has_role", f"User:{agent.client_id}", "publisher", "McpServer:studio"),
+        ("has_role", f"Agent:{agent.client_id}", role, "McpServer:studio"),
+        ("may_use_folder", f"Agent:{agent.client_id}", "icons"),
+    )
+    return studio.own_token(agent)
+
+
+def clear(studio, user: str, agent: str) -> dict:
+    response = studio.http.post(
+        f"{studio.url}/v1/labels/clear",
+        json={"user": user, "agent": agent},
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_sub_agent_shown_confidential_data_for_a_person_cannot_publish_acting_as_itself(studio):
+    """The sub-agent read a confidential file with the token its coding agent delegated to it
+    for sam; its own token (the one it showed as actor token) names a set of its own, but that
+    set holds what it read for sam too: publishing as itself is refused."""
+    coder, token = coding_agent_of_sam(studio, "self-coder")
+    svgbot = studio.sub_agent("self-svgbot")
+    bystander = studio.sub_agent("self-bystander")
+    own = acting_as_itself(studio, svgbot, "illustrator")
+    other_own = acting_as_itself(studio, bystander, "illustrator")
+    publish = {"folder": "icons", "name": "logo.svg"}
+    assert refusal(studio.call(own, "publish", **publish)) == ("ok",)  # nothing read yet
+    answer = studio.exchange(coder, token, own, scope="files:read")
+    assert answer.status_code == 200, answer.text
+
+    read = {"folder": "icons", "name": "logo.svg"}
+    assert sub_agent_call(studio, answer.json()["access_token"], "read_file", read)
+    published = list(studio.upstream.written)
+    assert refusal(studio.call(own, "publish", **publish)) == ("refused", "not_permitted")
+    # A fresh token of its own reads the same set (it is the agent's, not the token's).
+    fresh = studio.own_token(svgbot)
+    assert refusal(studio.call(fresh, "publish", **publish)) == ("refused", "not_permitted")
+    assert studio.upstream.written == published, "a refused publish never reaches the studio"
+    # An agent that took no part in the chain keeps a clean set of its own.
+    assert refusal(studio.call(other_own, "publish", **publish)) == ("ok",)
+    # The agent's own set is cleared as any other: user and agent are its client id.
+    assert clear(studio, svgbot.client_id, svgbot.client_id) == {"cleared": 1}
+    assert refusal(studio.call(own, "publish", **publish)) == ("ok",)
+    # The chain's set is another: the coding agent, acting for sam, still may not publish.
+    assert refusal(studio.call(token, "publish", **publish)) == ("refused", "not_permitted")
+
+
+def test_a_coding_agent_shown_confidential_data_for_a_person_cannot_publish_acting_as_itself(
+    studio,
+):
+    """The same for the first agent of the chain: a confidential coding agent that signs sam in
+    and also holds a client_credentials token of its own."""
+    created = studio.register(
+        "--name", "self-confidential-coder", "--confidential", "--redirect-uri", REDIRECT_URI,
+        "--grant-type", "authorization_code", "--grant-type", "refresh_token",
+        "--grant-type", "client_credentials", "--grant-type", EXCHANGE,
+        "--scope", " ".join(SCOPES),
+    )  # fmt: skip
+    coder = Agent(created["client_id"], created["client_secret"])
+    own = acting_as_itself(studio, coder, "coder")
+    token = studio.user_token(coder, "sam")["access_token"]
+    publish = {"folder": "icons", "name": "logo.svg"}
+    assert refusal(studio.call(own, "publish", **publish)) == ("ok",)  # nothing read yet
+    read = studio.call(token, "read_file", folder="icons", name="logo.svg")
+    assert refusal(read) == ("ok",)
+    assert refusal(studio.call(own, "publish", **publish)) == ("refused", "not_permitted")
+    assert clear(studio, coder.client_id, coder.client_id) == {"cleared": 1}
+    assert refusal(studio.call(own, "publish", **publish)) == ("ok",)
+
+
+async def _drop(prefix: str) -> None:
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()

@@ -93,7 +93,7 @@ def test_a_redis_restarted_without_persistence_is_noticed(private):
     async def main():
         store = _store(private)
         try:
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             assert await store.labels(KEY) == ["pii"]
             private.restart()
             assert "lost" in await _lost_after_restart(store)
@@ -115,7 +115,7 @@ def test_a_redis_back_from_an_older_snapshot_is_noticed(private):
         try:
             assert await store.labels(KEY) == []  # connected: the marker is written
             private.client().save()  # the snapshot has the marker, not the label
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             private.restart()
             assert private.client().exists("bastion:state") == 1, "the marker came back"
             assert "another run" in await _lost_after_restart(store)
@@ -132,12 +132,12 @@ def test_a_restart_of_a_redis_that_keeps_an_append_only_file_is_not_a_loss(tmp_p
     async def main(server: PrivateRedis):
         store = _store(server)
         try:
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             server.restart()
             with pytest.raises(LabelsUnavailable):  # the connection it was made on is gone
                 await store.labels(KEY)
             assert await store.labels(KEY) == ["pii"]
-            await store.record(KEY, ["secret"])
+            await store.record([KEY], ["secret"])
             assert await store.labels(KEY) == ["pii", "secret"]
         finally:
             await store.close()
@@ -156,7 +156,7 @@ def test_a_redis_that_may_evict_is_refused_before_it_evicts_a_label_set(private)
     async def main():
         store = _store(private)
         try:
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             # The label set goes as Redis makes room (allkeys-lru evicts keys with a TTL too).
             filler = "x" * 10_000
             for i in range(2_000):
@@ -176,7 +176,7 @@ def test_a_redis_that_lost_everything_while_no_bastion_ran_is_noticed(private, s
 
     async def main():
         first = _store(private, audit)
-        await first.record(KEY, ["pii"])
+        await first.record([KEY], ["pii"])
         await first.close()
         private.restart()
         second = _store(private, audit)
@@ -199,7 +199,7 @@ def test_a_new_deployments_empty_redis_is_not_a_loss(private, sqlite_url):
         store, other = _store(private, audit), _store(private, audit)
         try:
             assert await store.labels(KEY) == []
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             assert await other.labels(KEY) == ["pii"]
         finally:
             await store.close()
@@ -216,7 +216,7 @@ def test_every_process_refuses_until_the_label_time_to_live_has_passed(private):
         one = _store(private, clock=lambda: now[0], ttl=600)
         two = _store(private, clock=lambda: now[0], ttl=600)
         try:
-            await one.record(KEY, ["pii"])
+            await one.record([KEY], ["pii"])
             assert await two.labels(KEY) == ["pii"]
             private.client().flushall()
             await _lost(one)  # noticed here: refused for 600 s from now
@@ -230,7 +230,7 @@ def test_every_process_refuses_until_the_label_time_to_live_has_passed(private):
                 await fresh.close()
             now[0] += 2
             assert await one.labels(KEY) == [] and await two.labels(KEY) == []
-            await one.record(KEY, ["pii"])
+            await one.record([KEY], ["pii"])
             assert await two.labels(KEY) == ["pii"]
         finally:
             await one.close()
@@ -246,8 +246,8 @@ def test_prefixes_are_separate_deployments(private):
         ours = _store(private)
         theirs = RedisLabels(private.url, f"other-{uuid.uuid4().hex[:6]}", None, PATIENCE)
         try:
-            await ours.record(KEY, ["pii"])
-            await theirs.record(KEY, ["secret"])
+            await ours.record([KEY], ["pii"])
+            await theirs.record([KEY], ["secret"])
             assert await theirs.labels(KEY) == ["secret"]
             assert await ours.labels(KEY) == ["pii"]
         finally:
@@ -261,7 +261,7 @@ def test_an_operator_lifts_the_refusal_by_writing_a_marker_that_refuses_nothing(
     async def main():
         one, two = _store(private), _store(private)
         try:
-            await one.record(KEY, ["pii"])
+            await one.record([KEY], ["pii"])
             assert await two.labels(KEY) == ["pii"]
             private.client().flushall()
             await _lost(one)
@@ -284,7 +284,7 @@ def test_fixing_the_eviction_policy_lifts_the_refusal_unless_keys_were_evicted(p
     async def main():
         store = _store(private, clock=lambda: now[0], ttl=600)
         try:
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             assert "volatile-lru" in await _lost(store)
             client.config_set("maxmemory-policy", "noeviction")
             now[0] += 11  # the policy is read again (only while it refuses)
@@ -315,7 +315,7 @@ def test_a_loss_that_cannot_be_marked_in_a_full_redis_is_audited_once(private, s
     async def main():
         store = _store(private, audit)
         try:
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             client.flushall()
             client.config_set("maxmemory", "1")  # below what it uses: every write refused
             for _ in range(3):
@@ -336,7 +336,7 @@ def test_calls_that_find_the_loss_at_once_record_it_once(private, sqlite_url):
     async def main():
         store = _store(private, audit)
         try:
-            await store.record(KEY, ["pii"])
+            await store.record([KEY], ["pii"])
             read = []
             async with anyio.create_task_group() as tg:  # twenty connections, ready
                 for _ in range(20):

@@ -103,7 +103,7 @@ def test_a_token_bound_to_a_task_gets_the_tasks_label_set_not_its_agents_untaske
     assert label_key(untasked) == LabelKey("sam", "agent-1")
     # What the agent was shown under the task is not in its untasked set.
     labels = LocalLabels()
-    anyio.run(labels.record, label_key(tasked), ["pii"])
+    anyio.run(labels.record, [label_key(tasked)], ["pii"])
     assert labels.current(label_key(untasked)) == []
     assert labels.current(label_key(tasked)) == ["pii"]
 
