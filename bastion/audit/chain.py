@@ -75,12 +75,18 @@ def link_rows(rows: Iterable[Sequence[Any]], seq: int, prev_hash: str) -> list[t
 class Chain:
     """A chained table: its name, the stored columns hashed (``seq`` first, then ``id``, its
     key, and ``at``, when the row was made, in epoch seconds), what its rows are called
-    (``noun``), and the lock its writers take turns under."""
+    (``noun``), and the lock its writers take turns under. Where its writers put a row outside
+    the chain: at seq 0, written before the chain began (``zero_before_chain``: an event, a
+    decision of the decision service; a decision record of then kept its number), and with no
+    seq, to be chained by a running server (``chained_later``: an event). A row anywhere else
+    outside the walk (a seq below 0, say) was put there by hand: `verify` refuses it."""
 
     table: str
     columns: tuple[str, ...]
     noun: str
     lock: str
+    zero_before_chain: bool = True
+    chained_later: bool = False
 
 
 def head(db: Database, chain: Chain) -> tuple[int, str | None] | None:
@@ -199,7 +205,7 @@ class Verdict:
     last_hash: str = ""
     before: int = 0  # rows written before the chain began (not covered)
     waiting: int = 0  # rows not chained yet (events, chained by a running server)
-    broken_at: int | None = None
+    broken_at: int | None = None  # None where that row has no seq (see `problem`)
     problem: str = ""
     checked: list[Checkpoint] = field(default_factory=list)
 
@@ -217,8 +223,12 @@ def verify(db: Database, chain: Chain, checkpoints: Sequence[Checkpoint] = ()) -
     columns = ", ".join(chain.columns)
     wanted = {c.seq: c for c in checkpoints}
     with db.transaction(read_only=True):
-        found.before = db.execute(f"SELECT COUNT(*) FROM {chain.table} WHERE seq = 0")[0][0]
-        found.waiting = db.execute(f"SELECT COUNT(*) FROM {chain.table} WHERE seq IS NULL")[0][0]
+        if chain.zero_before_chain:
+            found.before = db.execute(f"SELECT COUNT(*) FROM {chain.table} WHERE seq = 0")[0][0]
+        if chain.chained_later:
+            found.waiting = db.execute(f"SELECT COUNT(*) FROM {chain.table} WHERE seq IS NULL")[0][
+                0
+            ]
         after = 0
         while not found.problem:
             page = db.execute(
@@ -233,8 +243,35 @@ def verify(db: Database, chain: Chain, checkpoints: Sequence[Checkpoint] = ()) -
                 break
             after = page[-1][0]
         if not found.problem:
+            _outside(db, found)
+        if not found.problem:
             _beyond(found, wanted)
     return found
+
+
+def _outside(db: Database, found: Verdict) -> None:
+    """Rows where the chain's writers never put one (`Chain`): read as records by everything
+    but the walk, so a row inserted there would pass for one, unchained and uncounted."""
+    chain = found.chain
+    where = ["seq < 0"]
+    if not chain.zero_before_chain:
+        where.append("seq = 0")
+    if not chain.chained_later:
+        where.append("seq IS NULL")
+    condition = " OR ".join(where)
+    count = db.execute(f"SELECT COUNT(*) FROM {chain.table} WHERE {condition}")[0][0]
+    if not count:
+        return
+    seq, row_id = db.execute(
+        f"SELECT seq, id FROM {chain.table} WHERE {condition} ORDER BY seq LIMIT 1"
+    )[0]
+    more = f" and {count - 1} more" if count > 1 else ""
+    _broken(
+        found,
+        seq,
+        f"a row outside the chain, seq {'NULL' if seq is None else seq} (id {row_id!r}){more}:"
+        f" no bastion numbers {chain.noun} so; it was inserted by hand",
+    )
 
 
 def _step(
@@ -331,6 +368,6 @@ def _beyond(found: Verdict, wanted: dict[int, Checkpoint]) -> None:
         return
 
 
-def _broken(found: Verdict, seq: int, problem: str) -> bool:
+def _broken(found: Verdict, seq: int | None, problem: str) -> bool:
     found.broken_at, found.problem = seq, problem
     return False

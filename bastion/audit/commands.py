@@ -338,7 +338,8 @@ def _verdict(found: Verdict) -> str:
     chain = found.chain
     if not found.ok:
         checked = f" (whole up to seq {found.last})" if found.last is not None else ""
-        return f"{chain.table}: BROKEN at seq {found.broken_at}: {found.problem}{checked}"
+        at = "NULL" if found.broken_at is None else found.broken_at
+        return f"{chain.table}: BROKEN at seq {at}: {found.problem}{checked}"
     if found.first is None:
         lines = [f"{chain.table}: OK, no chained {chain.noun}"]
     else:

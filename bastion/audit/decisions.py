@@ -67,6 +67,8 @@ CHAIN = Chain(
     ),
     "decision records",
     "bastion:audit_decisions",
+    # Every record is numbered as it is written, those from before the chain too.
+    zero_before_chain=False,
 )
 # Records kept in memory while they cannot be written (`[server] decision_records_buffer`).
 BUFFER_RECORDS = 100_000

@@ -50,6 +50,7 @@ CHAIN = Chain(
     ("seq", "id", "at", "kind", "subject", "client_id", "detail"),
     "audit events",
     "bastion:audit_events",
+    chained_later=True,
 )
 # Events numbered and chained per transaction.
 CHAIN_BATCH = 5000

@@ -665,3 +665,52 @@ def test_two_servers_on_one_postgresql_chain_events_into_one_chain_and_log_its_h
     assert code == 0, err
     assert "audit_events: OK, seq 1 to 30 (30 audit events," in out
     assert "checkpoint 30:" in out
+
+
+def _insert_outside(db: Database, table: chain.Chain, seq: int | None) -> None:
+    """A row copied from seq 3 under a new id and ``seq``, its hashes kept or dropped: what
+    someone who writes to the database adds so that `audit show`, `audit events` and replay
+    read it while the walk of the chain (``seq > 0``) never meets it."""
+    columns = ", ".join(c for c in table.columns if c not in ("seq", "id"))
+    db.execute(
+        f"INSERT INTO {table.table} (seq, id, {columns}, prev_hash, hash)"
+        f" SELECT ?, 'forged', {columns}, prev_hash, hash FROM {table.table} WHERE seq = 3",
+        (seq,),
+    )
+
+
+# Where each table's writers never put a row: a seq below 0 anywhere; 0 and NULL in
+# audit_decisions, whose rows are numbered as they are written (before the chain too).
+OUTSIDE = [
+    ("decisions", -1),
+    ("decisions", 0),
+    ("decisions", None),  # SQLite lets a BIGINT PRIMARY KEY hold NULL
+    ("events", -7),
+    ("decision_log", -1),
+]
+
+
+@pytest.mark.parametrize(("table", "seq"), OUTSIDE)
+def test_a_row_inserted_outside_the_chains_numbering_is_refused(database_url, capsys, table, seq):
+    """A forged row with a seq no bastion writes is read as a record (``audit show``, replay,
+    ``audit events``): verify must not pass it over, nor count it as written before the chain
+    began or as waiting to be chained."""
+    chained = TABLES[table]
+    db = _trail(database_url)
+    try:
+        if seq is None and database_url.startswith("postgresql"):
+            with pytest.raises(Exception, match="not-null"):  # PostgreSQL's key holds no NULL
+                _insert_outside(db, chained, seq)
+            return
+        _insert_outside(db, chained, seq)
+        assert db.execute(f"SELECT COUNT(*) FROM {chained.table} WHERE id = 'forged'")[0][0] == 1
+    finally:
+        db.close()
+    code, out, err = verify(capsys, database_url)
+    assert code == 1, out
+    line = next(line for line in err.splitlines() if line.startswith(chained.table))
+    at = "NULL" if seq is None else seq
+    assert line.startswith(f"{chained.table}: BROKEN at seq {at}: a row outside the chain"), line
+    assert "(id 'forged')" in line and "inserted by hand" in line, line
+    for other in TABLES.keys() - {table}:
+        assert f"{TABLES[other].table}: OK" in out
