@@ -285,9 +285,13 @@ def _step(
     """Check one row against the chain so far; False (and the problem said) if it breaks it."""
     seq = values[0]
     if found.first is None:
-        if stored is None and prev_hash is None:
-            found.before += 1  # written before the chain began
+        if stored is None and prev_hash is None and not found.chain.zero_before_chain:
+            found.before += 1  # a decision record written before the chain began
             return True
+        if stored is None and prev_hash is None:
+            return _broken(
+                found, seq, f"it has no hash: {found.chain.noun} from before the chain have seq 0"
+            )
         if stored is None:
             return _broken(found, seq, "its hash was removed (its previous hash is still there)")
         if found.before and prev_hash != GENESIS:
