@@ -36,13 +36,26 @@ async def require(request: Request, scope: str) -> ApiKey:
         key = await anyio.to_thread.run_sync(keys.verify, token)
     if key is None:
         raise Problem(401, "Unauthorized", "the API key is unknown, expired or revoked")
-    if not key.allows(scope):
-        raise Problem(
-            403,
-            "Forbidden",
-            f"this key lacks the scope {scope!r}; create a key with it (bastion keys create)",
-        )
+    require_scope(key, scope)
     return key
+
+
+def require_scope(key: ApiKey, scope: str, needed_for: str = "") -> None:
+    """403 unless ``key`` grants ``scope``: a route's own, or (``needed_for``) one that a part
+    of what the route answers needs besides it."""
+    if not key.allows(scope):
+        raise lacking(scope, needed_for)
+
+
+def lacking(scope: str, needed_for: str = "") -> Problem:
+    """The 403 of a key without ``scope``, saying what needs it (``needed_for``) when that is
+    not the route itself."""
+    why = f" ({needed_for})" if needed_for else ""
+    return Problem(
+        403,
+        "Forbidden",
+        f"this key lacks the scope {scope!r}{why}; create a key with it (bastion keys create)",
+    )
 
 
 def require_for_facts(key: ApiKey, facts: Iterable[tuple]) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from bastion.http_fields import is_json_media
 from bastion.server.api.decisions import (
+    EXPLAIN_SCOPE,
     Asked,
     answerable_now,
     authorize_answer,
@@ -124,7 +125,8 @@ class DirectDecisions:
             parsed = parse_json(body, self.max_json_depth) if body else None
             if parsed.__class__ is not dict or not answerable_now(replica, parsed):
                 return None
-            out = route.answer(Asked(self.log, self.metrics, len(body), key.id), parsed, replica)
+            asked = Asked(self.log, self.metrics, len(body), key.id, key.allows(EXPLAIN_SCOPE))
+            out = route.answer(asked, parsed, replica)
         except Problem:
             return None
         except Exception:

@@ -572,7 +572,10 @@ def _op(
     params: list | None = None,
     problems: tuple[int, ...] = (),
     links: dict | None = None,
+    also: tuple[str, ...] = (),
 ) -> dict:
+    """One operation; ``scope``, the one its key needs (``x-scope``), and ``also``, the scopes
+    it needs besides (``x-also-scopes``)."""
     statuses = set(problems) | {500}
     if scope:
         # A key is checked against the database: while it is away, 503.
@@ -595,6 +598,8 @@ def _op(
     if scope:
         op["security"] = [{"apiKey": []}]
         op["x-scope"] = scope
+    if also:
+        op["x-also-scopes"] = list(also)
     if body is not None:
         op["requestBody"] = {"required": True, "content": {body_type: {"schema": body}}}
     if params:
@@ -686,7 +691,12 @@ PATHS: dict[str, Any] = {
                         "properties": {
                             **SCHEMAS[kind]["properties"],
                             "at_least": _AT_LEAST,
-                            "explain": _nullable(_BOOL),
+                            "explain": {
+                                **_nullable(_BOOL),
+                                "description": "answer with the explanation too; it shows the"
+                                " stored facts its proofs rest on, so the key needs facts:read"
+                                " too (403 before anything is decided otherwise)",
+                            },
                         },
                     }
                     for kind in ("Check", "ChainCheck")
@@ -828,7 +838,8 @@ PATHS: dict[str, Any] = {
     "/v1/decisions/{decision_id}/explanation": {
         "get": _op(
             "Why an authorize decision this key asked for came out as it did (404: unknown, or"
-            " another key's; an admin key reads every one)",
+            " another key's; an admin key reads every one); it shows the stored facts its proofs"
+            " rest on, so the key needs facts:read too",
             "decide",
             {
                 "allOf": [
@@ -844,6 +855,7 @@ PATHS: dict[str, Any] = {
             },
             problems=(404, 409),
             params=[_path("decision_id", "the decision_id of an authorize answer")],
+            also=("facts:read",),
         ),
     },
     "/v1/facts": {

@@ -108,8 +108,8 @@ def unknown(http: httpx.Client, decision_id: str, path: str = "") -> tuple[int, 
 
 def test_a_key_cannot_read_or_explain_another_keys_decisions_by_id_or_by_walking_the_ids(server):
     with (
-        key(server, "pep-a", "decide", "authzen", "oso:read") as a,
-        key(server, "pep-b", "decide") as b,
+        key(server, "pep-a", "decide", "facts:read", "authzen", "oso:read") as a,
+        key(server, "pep-b", "decide", "facts:read") as b,
     ):
         theirs = decide_everywhere(a)
         assert len(set(theirs)) == len(theirs) == 11
@@ -137,7 +137,7 @@ def test_a_key_cannot_read_or_explain_another_keys_decisions_by_id_or_by_walking
 
 def test_a_key_reads_and_explains_its_own_decisions_and_admin_reads_every_one(server):
     with (
-        key(server, "pep-a", "decide", "authzen", "oso:read") as a,
+        key(server, "pep-a", "decide", "facts:read", "authzen", "oso:read") as a,
         key(server, "pep-b", "decide") as b,
         server.client() as admin,
     ):
@@ -174,7 +174,7 @@ def test_a_decision_that_rested_on_context_facts_is_not_explained_without_them(s
     """Oso Cloud's context facts hold for their one question and the record keeps only how many
     there were: explained again later without them, an allow that rested on one would read as a
     refusal called exact. Such a record is answered 409, saying why."""
-    with key(server, "pep", "decide", "oso:read") as pep:
+    with key(server, "pep", "decide", "facts:read", "oso:read") as pep:
         own = pep.post("/v1/authorize", json=ALLOWED).json()["decision_id"]
         prefix, count = own.rsplit("-", 1)
         bob = {"type": "User", "id": "bob"}
@@ -196,3 +196,43 @@ def test_a_decision_that_rested_on_context_facts_is_not_explained_without_them(s
         explained = pep.get(f"/v1/decisions/{decision_id}/explanation")
         assert explained.status_code == 409, explained.text
         assert "context facts" in explained.json()["detail"]
+
+
+def test_an_explanation_needs_facts_read_besides_decide(server):
+    """An explanation shows the stored facts its proofs rest on (here alice's role ``reader``
+    on the repository), which a key reads only with ``facts:read``, as ``/v1/query`` of a fact
+    predicate and the facts routes keep them. A key with ``decide`` alone that asks for one (``"explain":
+    true``, one actor or a chain, through the application or in the protocol; or the
+    explanation of a decision of its own, asked through any API) is refused 403 naming the
+    scope, before anything is decided or recorded; with ``facts:read`` too it is explained."""
+    chain = {"principals": ["User:alice"], "action": "read", "resource": "Repo:anvil"}
+    with (
+        key(server, "pep", "decide", "authzen", "oso:read") as pep,
+        key(server, "auditor", "decide", "facts:read") as auditor,
+        server.client() as admin,
+    ):
+        mine = decide_everywhere(pep)
+        # What an explanation would show: the stored fact the allow rests on.
+        shown = admin.get(f"/v1/decisions/{mine[0]}/explanation")
+        assert shown.status_code == 200 and "reader" in shown.text, shown.text
+        first = pep.post("/v1/authorize", json=ALLOWED).json()["decision_id"]
+        for body in (ALLOWED, chain, ALLOWED, chain):  # the key is known: the protocol tries too
+            refused = pep.post("/v1/authorize", json={**body, "explain": True})
+            assert refused.status_code == 403, (body, refused.status_code, refused.text)
+            assert "'facts:read'" in refused.json()["detail"], refused.text
+            assert "reader" not in refused.text and "explanation" not in refused.json()
+        last = pep.post("/v1/authorize", json=ALLOWED).json()["decision_id"]
+        prefix, count = first.rsplit("-", 1)
+        assert last == f"{prefix}-{int(count) + 1}", "a refused request was decided and recorded"
+        for decision_id in (mine[0], mine[1], mine[3], mine[7], mine[-1], last):
+            refused = pep.get(f"/v1/decisions/{decision_id}/explanation")
+            assert refused.status_code == 403, (decision_id, refused.status_code, refused.text)
+            assert "'facts:read'" in refused.json()["detail"], refused.text
+            assert "reader" not in refused.text
+        for body in (ALLOWED, chain):
+            answer = auditor.post("/v1/authorize", json={**body, "explain": True})
+            assert answer.status_code == 200, answer.text
+            assert "reader" in answer.json()["explanation"]["text"], answer.text
+            explained = auditor.get(f"/v1/decisions/{answer.json()['decision_id']}/explanation")
+            assert explained.status_code == 200, explained.text
+            assert explained.json()["explanation"] == answer.json()["explanation"]

@@ -470,7 +470,7 @@ def test_a_list_or_object_in_the_context_is_an_answer_not_a_server_error(server)
     )
     with server.client() as admin:
         put(admin, policy, [])
-        with key_for(server, "decide") as decider:
+        with key_for(server, "decide", "facts:read") as decider:  # an explanation shows facts
             for roles in ([["admin"]], [{"role": "admin"}], ["member", ["admin"]]):
                 check = {
                     "actor": entity("User", "ann"),

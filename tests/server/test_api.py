@@ -677,9 +677,11 @@ def _filled(path: str) -> str:
 
 
 def test_every_route_refuses_every_key_without_the_scope_its_document_names(api):
-    """Each operation of the OpenAPI document names one scope (``x-scope``); a key holding any
-    other single scope is refused with a 403 that names it, whatever the route would do with
-    the request, and a key of that scope (or ``admin``) is let past the check."""
+    """Each operation of the OpenAPI document names one scope (``x-scope``), and any it needs
+    besides (``x-also-scopes``: an explanation shows facts, so it needs ``facts:read`` too); a
+    key holding any other single scope is refused with a 403 that names the scope, whatever the
+    route would do with the request, as is a key of ``x-scope`` alone for the scopes it needs
+    besides; a key of them all (or ``admin``) is let past the check."""
     from bastion.server.keys import SCOPES
 
     keys = {
@@ -687,7 +689,7 @@ def test_every_route_refuses_every_key_without_the_scope_its_document_names(api)
         for i, scope in enumerate(SCOPES)
     }
     operations = [
-        (method.upper(), path, op["x-scope"])
+        (method.upper(), path, op["x-scope"], op.get("x-also-scopes", []))
         for path, ops in openapi_document()["paths"].items()
         for method, op in ops.items()
         if "x-scope" in op
@@ -701,16 +703,23 @@ def test_every_route_refuses_every_key_without_the_scope_its_document_names(api)
     ]
     assert unscoped == []
     assert len(operations) > 70
-    for method, path, needed in operations:
-        for scope, key in keys.items():
+    assert ("GET", "/v1/decisions/{decision_id}/explanation", "decide", ["facts:read"]) in (
+        operations
+    )
+    for method, path, needed, also in operations:
+        every = [needed, *also]
+        both = {"name": f"all-{method}-{path}"[:128], "scopes": every}
+        held = {**keys, "+".join(every): api.post("/v1/keys", json=both).json()["key"]}
+        for scope, key in held.items():
             h = {"authorization": f"Bearer {key}"}
             r = api.request(method, _filled(path), json={}, headers=h)
-            if scope in (needed, "admin"):
+            if scope in ("+".join(every), "admin"):
                 let_past = r.status_code != 401 and "lacks the scope" not in r.text
                 assert let_past, (method, path, scope, r.text)
             else:
+                lacked = needed if scope != needed else also[0]
                 assert r.status_code == 403, (method, path, scope, r.status_code, r.text)
-                assert repr(needed) in r.text, (method, path, scope, r.text)
+                assert repr(lacked) in r.text, (method, path, scope, r.text)
                 if method == "GET":  # HEAD is answered by the GET route
                     assert api.head(_filled(path), headers=h).status_code == 403, (path, scope)
         r = api.request(method, _filled(path), json={}, headers={"authorization": ""})

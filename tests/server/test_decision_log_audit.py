@@ -19,8 +19,9 @@ from .test_durable_decision_log import DURABLE, READ_ANVIL
 
 
 def _key(admin: httpx.Client, name: str) -> tuple[str, dict]:
-    """A new ``decide`` key: its id, and the headers that ask with it."""
-    created = admin.post("/v1/keys", json={"name": name, "scopes": ["decide"]})
+    """A new ``decide`` key, which reads facts too (it asks for explanations): its id, and the
+    headers that ask with it."""
+    created = admin.post("/v1/keys", json={"name": name, "scopes": ["decide", "facts:read"]})
     created.raise_for_status()
     return created.json()["id"], {"authorization": f"Bearer {created.json()['key']}"}
 

@@ -53,7 +53,9 @@ def test_a_decision_is_read_and_explained_by_another_process_and_after_a_restart
 ):
     a, b = serve(database_url, **DURABLE), serve(database_url, **DURABLE)
     with a.client() as ca, b.client() as cb:
-        app, other = _key(ca, "app"), _key(ca, "other")
+        # facts:read too: an explanation shows the facts its proofs rest on.
+        readers = ("decide", "facts:read")
+        app, other = _key(ca, "app", readers), _key(ca, "other", readers)
         seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
         body = {**READ_ANVIL, "at_least": seq.json()["sequence"]}
         made = ca.post("/v1/authorize", json=body, headers=app)

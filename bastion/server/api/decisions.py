@@ -19,6 +19,11 @@ A decision record is read (``/v1/decisions/{id}`` and its explanation) by the ke
 for it, whichever API it asked through, and by an ``admin`` key; another key's record is
 answered as an id no record holds (`_find`): services sharing one bastion do not read each
 other's questions, nor their contexts.
+
+An explanation (``"explain": true``, or ``/v1/decisions/{id}/explanation``) shows the stored facts
+its proofs rest on (a role, a relation, a signal's value): data, which a key reads only with
+``facts:read`` (as through ``/v1/facts`` and ``/v1/query``). A key with ``decide`` alone that asks
+for one is refused 403 before anything is decided or recorded.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from bastion.decide.contract import (
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
 from bastion.policy.errors import CompilerBusy, EvaluationLimit, PolicyError
 from bastion.server.api.policy import policy_problem
-from bastion.server.auth import require
+from bastion.server.auth import lacking, require, require_scope
 from bastion.server.keys import ApiKey
 from bastion.server.metrics import Metrics
 from bastion.server.problems import (
@@ -89,6 +94,10 @@ MAX_CHAIN = 8
 MAX_PAGE = 1000
 # Contexts of requests larger than this are not kept in the decision log.
 KEEP_CONTEXT_BYTES = 64 * 1024
+# What an explanation needs besides ``decide``, and why (said in the 403 of a key without it).
+EXPLAIN_SCOPE = "facts:read"
+_EXPLAINING = "an explanation shows the stored facts its proofs rest on, which this scope reads"
+_ASKED_TO_EXPLAIN = f'{_EXPLAINING}; ask without "explain" for the decision alone'
 # The APIs a decision is asked through (`DecisionRecord.api`), each deciding by a contract of
 # its own: /v1's, AuthZEN's (`bastion.pdp.authzen`) and Oso Cloud's (`bastion.pdp.oso_cloud`).
 V1, AUTHZEN, OSO_CLOUD = "v1", "authzen", "oso_cloud"
@@ -488,6 +497,8 @@ def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
     context = _context(body)
     scopes = _scopes(body)
     explain = get_field(body, "explain", bool, required=False)
+    if explain and not asked.explains:
+        raise lacking(EXPLAIN_SCOPE, _ASKED_TO_EXPLAIN)
     started = time.perf_counter()
     held = replica.suspensions.held(chain)
     decision, answer = _decide_or_held(
@@ -575,20 +586,22 @@ def _record(
 @dataclass(frozen=True, slots=True)
 class Asked:
     """What answering a decision request needs besides its body: where the process records and
-    counts its decisions, the body's size (`keep_context`), and the id of the key that asked
-    (whose records they are). Taken from the application's state by the routes, or given by
+    counts its decisions, the body's size (`keep_context`), the id of the key that asked
+    (whose records they are), and whether that key may be given an explanation
+    (`EXPLAIN_SCOPE`). Taken from the application's state by the routes, or given by
     `bastion.server.direct`."""
 
     log: DecisionLog
     metrics: Metrics
     body_size: int
     by: str
+    explains: bool
 
     @classmethod
     def of(cls, request: Request, key: ApiKey) -> Asked:
         state = request.app.state
         size = getattr(request.state, "body_size", 0)
-        return cls(state.decisions, state.metrics, size, key.id)
+        return cls(state.decisions, state.metrics, size, key.id, key.allows(EXPLAIN_SCOPE))
 
     @property
     def keeps_context(self) -> bool:
@@ -655,6 +668,8 @@ def authorize_answer(asked: Asked, body: dict, replica: Replica) -> dict:
     # The fields left out, the common case, first: they are on every decision's path.
     context = None if body.get("context") is None else _context(body)
     explain = body.get("explain") is not None and get_field(body, "explain", bool)
+    if explain and not asked.explains:
+        raise lacking(EXPLAIN_SCOPE, _ASKED_TO_EXPLAIN)
     started = time.perf_counter()
     explanation = refusal = None
     held = replica.suspensions.held((actor,))
@@ -978,6 +993,7 @@ async def get_decision(request: Request) -> JSONResponse:
 async def explain(request: Request) -> JSONResponse:
     """The explanation of an authorize decision: kept if asked for, otherwise evaluated again."""
     key = await require(request, "decide")
+    require_scope(key, EXPLAIN_SCOPE, _EXPLAINING)
     record = await _find(request, key)
     if record.kind != "authorize":
         raise Problem(
