@@ -11,7 +11,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
@@ -389,6 +389,7 @@ class FactStore:
         deletes: Iterable[tuple] = (),
         *,
         actor: str = "system",
+        found: Callable[[], Iterable[tuple]] | None = None,
     ) -> WriteResult:
         """Delete every fact matching the patterns, then insert the facts: all or nothing.
 
@@ -396,6 +397,11 @@ class FactStore:
         change (the consistency token) and the counts. A write that inserts nothing and whose
         patterns match nothing changes nothing: it adds no entry to the change log, and its
         sequence is the latest one's.
+
+        ``found``: more facts (or patterns) to delete, looked for in this store by the caller
+        once the write holds the writers' lock, in its transaction, so that a fact another
+        write commits first is among them (as Oso Cloud's typed wildcards, which the store
+        cannot match by value); what it raises rolls the write back.
         """
         # Checked and encoded before taking the writers' lock, so that it is held only for the
         # database work; in turns, since an import's hundreds of thousands of facts are written
@@ -409,11 +415,14 @@ class FactStore:
         ]
         dels = [check_fact(p, pattern=True) for p in deletes]
         rows = _rows(turns.each(ins))
-        payload = _facts_payload(turns.each(rows), dels)
+        payload = None if found is not None else _facts_payload(turns.each(rows), dels)
         handed, seq = self.handed, None
         try:
             with self.db.transaction():
                 seq = self._begin_write()
+                if found is not None:
+                    dels += [check_fact(p, pattern=True) for p in found()]
+                    payload = _facts_payload(turns.each(rows), dels)
                 deleted = sum(self._delete_matching(p) for p in dels)
                 if not ins and not deleted:
                     return WriteResult(seq - 1, inserted=0, deleted=0)

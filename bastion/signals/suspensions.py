@@ -172,21 +172,26 @@ def suspend(store: FactStore, s: Suspension, actor: str) -> WriteResult:
 
 
 def apply_facts(
-    store: FactStore, inserts: Sequence[StoredFact], deletes: Sequence[tuple], actor: str
+    store: FactStore,
+    inserts: Sequence[StoredFact],
+    deletes: Sequence[tuple],
+    actor: str,
+    found: Callable[[], Iterable[tuple]] | None = None,
 ) -> WriteResult:
     """`FactStore.apply` for the fact APIs (``/v1/facts``, Oso Cloud's, ``bastion facts``): a
     write that inserts suspensions takes back, in its transaction, what `suspend` takes back
-    (the approvals they cover), so that no way of suspending leaves them to outlive it."""
+    (the approvals they cover), so that no way of suspending leaves them to outlive it.
+    ``found``: more facts to delete, looked for under the write's locks (`FactStore.apply`)."""
     held = [  # in turns: an import writes hundreds of thousands of facts (`bastion.turns`)
         f.fact[1]
         for f in Turns().each(inserts)
         if f.fact[0] == PREDICATE and len(f.fact) == 2 and isinstance(f.fact[1], Entity)
     ]
     if not held:
-        return store.apply(inserts, deletes, actor=actor)
+        return store.apply(inserts, deletes, actor=actor, found=found)
     with store.db.transaction():
         lock_suspensions(store.db)
-        result = store.apply(inserts, deletes, actor=actor)
+        result = store.apply(inserts, deletes, actor=actor, found=found)
         _take_back(store, held, actor)
     return result
 

@@ -662,14 +662,17 @@ async def batch(request: Request) -> Response:
         for p in patterns:
             if (refused := _unused(authz, store, p)) is not None:
                 raise refused
-        deletes = []
-        for p in patterns:
-            if p.typed:
-                # The store matches values only: a typed wildcard deletes the facts found.
-                deletes += [f.fact for f in _matching(store, p, most)]
-            else:
-                deletes.append(p.fact)
-        return apply_facts(store, list(inserts.values()), deletes, key.principal)
+        typed = [p for p in patterns if p.typed]
+
+        def found() -> list[tuple]:
+            # The store matches values only: a typed wildcard deletes the facts found, looked
+            # for under the write's lock, so that none committed before the batch is missed.
+            return [f.fact for p in typed for f in _matching(store, p, most)]
+
+        deletes = [p.fact for p in patterns if not p.typed]
+        return apply_facts(
+            store, list(inserts.values()), deletes, key.principal, found if typed else None
+        )
 
     try:
         result = await anyio.to_thread.run_sync(write)
