@@ -97,8 +97,18 @@ class BehaviorUnavailable(EvaluationLimit):
 
 
 def scope_keys(subject: str, agent: str, target: str) -> tuple[str, str, str]:
-    """The counter keys of one message: its user, its agent, its agent on its target."""
-    return (f"user|{subject}", f"agent|{agent}", f"tool|{agent}|{target}")
+    """The counter keys of one message: its user, its agent, its agent on its target.
+
+    The agent's name in the last is escaped (`\\` and `|` after a `\\`), so the first bare `|`
+    after ``tool|`` ends it: agent ``a|b`` on ``c`` and agent ``a`` on ``b|c`` are counted
+    apart, where they shared a key and a baseline. A target is the rest of its key, and each
+    other key holds one name after its scope: those need no escaping. A key whose names hold
+    neither character is spelt as before, so the baselines learned under it carry over an
+    upgrade, in memory and in Redis alike."""
+    named = agent
+    if "|" in agent or "\\" in agent:
+        named = agent.replace("\\", "\\\\").replace("|", "\\|")
+    return (f"user|{subject}", f"agent|{agent}", f"tool|{named}|{target}")
 
 
 class _Counted:
