@@ -264,6 +264,66 @@ def test_a_time_is_at_most_64_characters():
     assert _parse_iso.cache_info().currsize == held
 
 
+def test_an_address_or_a_window_is_at_most_64_characters_and_long_texts_are_not_kept():
+    """What cidr_contains and in_time_window parse is remembered, as a time is: a request's long
+    text is not an address, days, a time of day or a zone, and is not kept, so a caller sending
+    large strings where a policy reads one cannot make the process hold thousands of them."""
+    from bastion.policy.builtins import cidr, time_window
+
+    policy = (
+        'actor User {}\nresource Tool {}\nallow(_u: User, "call", _t: Tool) if'
+        " cidr_contains(context.arguments.net, context.arguments.host);\n"
+        'allow(_u: User, "read", _t: Tool) if in_time_window("2026-11-30T10:00:00Z",'
+        " context.days, context.start, context.end, context.zone);"
+    )
+    authz = Authorizer(policy)
+    u, t = User("a"), Entity("Tool", "x")
+    net = {"net": "10.0.0.0/8", "host": "10.1.2.3"}
+    window = {"days": "Mon-Fri", "start": "09:00", "end": "17:00", "zone": "Europe/Paris"}
+    assert authz.authorize(u, "call", t, {"arguments": net})
+    assert authz.authorize(u, "read", t, window)
+    caches = (
+        cidr._network,
+        cidr._address,
+        *(getattr(time_window, f) for f in ("_days", "_minutes", "_zone")),
+    )
+    held = [cache.cache_info().currsize for cache in caches]
+    for n in range(10):
+        pad = " " * (100_000 + n)
+        for field in ("net", "host"):
+            assert not authz.authorize(
+                u, "call", t, {"arguments": {**net, field: net[field] + pad}}
+            )
+        for field in window:
+            assert not authz.authorize(u, "read", t, {**window, field: window[field] + pad})
+    assert [cache.cache_info().currsize for cache in caches] == held
+
+
+@pytest.mark.parametrize(
+    "mapped", ["::ffff:203.0.113.5", "::ffff:cb00:7105", "0:0:0:0:0:ffff:203.0.113.5"]
+)
+def test_an_ipv4_client_seen_through_a_dual_stack_socket_is_its_ipv4_address(mapped):
+    """A server listening on IPv6 sees an IPv4 client as an IPv4-mapped address: it is the same
+    host, inside the IPv4 networks a rule names (a guardrail on them cannot be walked around)."""
+    policy = """actor User {}
+resource Tool {}
+allow(_u: User, _a: String, _t: Tool);
+deny(_u: User, "call", _t: Tool) if cidr_contains("203.0.113.0/24", context.client.ip);
+allow(_u: User, "read", _t: Tool) if cidr_contains("203.0.113.0/24", context.client.ip);
+deny(_u: User, "list", _t: Tool) if not cidr_contains("203.0.113.0/24", context.client.ip);
+"""
+    authz = Authorizer(policy)
+    u, t = User("a"), Entity("Tool", "x")
+    for ip in ("203.0.113.5", mapped):
+        client = {"client": {"ip": ip}}
+        assert not authz.authorize(u, "call", t, client), ip
+        assert authz.authorize(u, "read", t, client) and authz.authorize(u, "list", t, client)
+    for ip in ("198.51.100.7", "::ffff:198.51.100.7", "2001:db8::cb00:7105"):
+        client = {"client": {"ip": ip}}
+        assert authz.authorize(u, "call", t, client), ip
+        assert not authz.authorize(u, "list", t, client), ip
+
+
 def test_in_over_lists_and_cidr_matching():
     policy = """actor User {}\nresource Doc {}
 allow(_u: User, "read", _d: Doc) if "support" in context.groups and cidr_contains("192.168.0.0/16", context.ip);

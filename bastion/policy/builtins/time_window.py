@@ -4,7 +4,8 @@ A time is an ISO 8601 string with an offset (``2026-11-30T10:00:00Z``), a naive 
 as UTC), or epoch seconds. ``context.time`` is always present: the decision fills it with the
 current time when the caller does not. A time is within the calendar of years 1 to 9999 (seen in
 UTC and in the zone of a window) and written in at most `MAX_TIME_CHARS` characters; anything else
-is not a time, and a builtin given it is false, as for any value of the wrong kind.
+is not a time, and a builtin given it is false, as for any value of the wrong kind. So are a
+window's days, times of day and zone: each at most `MAX_TIME_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -77,19 +78,27 @@ def _zone(name: str) -> ZoneInfo | None:
         return None
 
 
+def _window(
+    days: object, start: object, end: object, zone: object
+) -> tuple[frozenset[int], int, int, ZoneInfo] | None:
+    """The window the four texts name, or None when one is not a text of at most
+    `MAX_TIME_CHARS` characters that parses (parsed texts are remembered: a longer one is not
+    kept)."""
+    for text in (days, start, end, zone):
+        if text.__class__ is not str or len(text) > MAX_TIME_CHARS:  # type: ignore[arg-type]
+            return None
+    weekdays, lo, hi, tz = _days(days), _minutes(start), _minutes(end), _zone(zone)  # type: ignore[arg-type]
+    if weekdays is None or lo is None or hi is None or tz is None:
+        return None
+    return weekdays, lo, hi, tz
+
+
 def in_time_window(time: object, days: object, start: object, end: object, zone: object) -> bool:
     """True when ``time``, seen in ``zone``, falls on one of ``days`` within [start, end)."""
-    if not all(isinstance(x, str) for x in (days, start, end, zone)):
+    window, moment = _window(days, start, end, zone), to_datetime(time)
+    if window is None or moment is None:
         return False
-    moment, weekdays, lo, hi, tz = (
-        to_datetime(time),
-        _days(days),
-        _minutes(start),
-        _minutes(end),
-        _zone(zone),
-    )
-    if moment is None or weekdays is None or lo is None or hi is None or tz is None:
-        return False
+    weekdays, lo, hi, tz = window
     try:
         local = moment.astimezone(tz)
     except (OverflowError, ValueError):  # an instant the zone moves past year 1 or 9999
@@ -109,11 +118,11 @@ def window_literal(position: int, value: object) -> str | None:
     cannot be read makes the builtin false on every request, so a guardrail over it never fires."""
     if position == 0:
         return instant_literal(position, value)
-    if position == 1 and (not isinstance(value, str) or _days(value) is None):
+    if position == 1 and _window(value, "00:00", "24:00", "UTC") is None:
         return f'{value!r} is not a set of days ("Mon-Fri", "Sat,Sun", "Mon-Wed,Fri" or "*")'
-    if position in (2, 3) and (not isinstance(value, str) or _minutes(value) is None):
+    if position in (2, 3) and _window("*", value, "24:00", "UTC") is None:
         return f'{value!r} is not a time of day ("HH:MM", from "00:00" to "24:00")'
-    if position == 4 and (not isinstance(value, str) or _zone(value) is None):
+    if position == 4 and _window("*", "00:00", "24:00", value) is None:
         return f'{value!r} is not an IANA time zone ("Europe/Paris", "America/New_York", "UTC")'
     return None
 
@@ -144,11 +153,4 @@ def times(*values: object) -> bool:
 
 def window_decidable(time: object, days: object, start: object, end: object, zone: object) -> bool:
     """Whether `in_time_window` can be decided: a time, and a window that parses."""
-    return (
-        to_datetime(time) is not None
-        and all(isinstance(x, str) for x in (days, start, end, zone))
-        and _days(days) is not None  # type: ignore[arg-type]
-        and _minutes(start) is not None  # type: ignore[arg-type]
-        and _minutes(end) is not None  # type: ignore[arg-type]
-        and _zone(zone) is not None  # type: ignore[arg-type]
-    )
+    return to_datetime(time) is not None and _window(days, start, end, zone) is not None
