@@ -248,11 +248,12 @@ class CompiledPolicy:
             "_entity_of": entity_of,
         }
         for (name, arity), builtin in BUILTINS.items():
-            self.namespace[f"B_{name}_{arity}"] = builtin.function
-            self.namespace[f"S_{name}_{arity}"] = builtin.strict
+            self.namespace[f"B_{name}_{arity}"] = builtin.compiled(builtin.function, arity)
+            self.namespace[f"S_{name}_{arity}"] = builtin.compiled(builtin.strict, arity)
             if builtin.produce is not None:
-                self.namespace[f"P_{name}_{arity}"] = builtin.produce
-                self.namespace[f"SP_{name}_{arity}"] = builtin.strict_produce
+                produce, strict_produce = builtin.produce, builtin.strict_produce
+                self.namespace[f"P_{name}_{arity}"] = builtin.compiled(produce, arity - 1)
+                self.namespace[f"SP_{name}_{arity}"] = builtin.compiled(strict_produce, arity - 1)
         self._names: dict[Node, str] = {}
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
@@ -1159,9 +1160,11 @@ class CompiledPolicy:
         key = (lit.name, len(lit.args))
         lookups: list[tuple[str, tuple, str]] = []
         if key in BUILTINS:
+            # One that reads texts is called with the query, to spend on them (`Builtin.reads`).
+            paid = ["q"] if BUILTINS[key].reads is not None else []
             last = lit.args[-1]
             if isinstance(last, Var) and last.name not in env:  # planned: a builtin's output
-                args = [self._expr(a, env, lookups) for a in lit.args[:-1]]
+                args = paid + [self._expr(a, env, lookups) for a in lit.args[:-1]]
                 depth = self._guard(out, lookups, depth)
                 var = self._bind(last.name, env)
                 # In strict code, inputs it cannot read raise `Undecided` (`strict_produce`).
@@ -1169,7 +1172,7 @@ class CompiledPolicy:
                 call = f"{kind}_{lit.name}_{len(lit.args)}({', '.join(args)})"
                 out.emit(depth, f"for {var} in {call}:")
                 return depth + 1
-            args = [self._expr(a, env, lookups) for a in lit.args]
+            args = paid + [self._expr(a, env, lookups) for a in lit.args]
             depth = self._guard(out, lookups, depth)
             # In strict code, what cannot be decided of its arguments holds (`Builtin.strict`).
             kind = "S" if self._strict else "B"

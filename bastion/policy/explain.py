@@ -16,7 +16,7 @@ from typing import Any
 from bastion.facts.index import FactIndex
 from bastion.facts.model import format_arg, format_fact
 from bastion.policy.ast import Arith, Const, ContextPath, EntityOf, Var
-from bastion.policy.builtins import BUILTINS
+from bastion.policy.builtins import BUILTINS, spend_on_texts
 from bastion.policy.builtins.arithmetic import arith
 from bastion.policy.builtins.entities import entity_of
 from bastion.policy.errors import EvaluationLimit
@@ -356,6 +356,8 @@ class _Interpreter:
             inputs = tuple(self.value(a, env) for a in lit.args[:-1])
             if any(a is MISSING for a in inputs):
                 return
+            if builtin.reads is not None:
+                spend_on_texts(self.q, builtin.reads(*inputs))
             # Planned: it produces. In strict code, inputs it cannot read raise `Undecided`.
             produce = builtin.strict_produce if self.strict else builtin.produce
             for value in produce(*inputs):  # type: ignore[misc]
@@ -368,6 +370,8 @@ class _Interpreter:
         if any(a is MISSING for a in args):
             return
         if builtin is not None:
+            if builtin.reads is not None:
+                spend_on_texts(self.q, builtin.reads(*args))
             if builtin.function(*args):
                 yield env, Step(_goal(lit.name, args), True, "builtin")
             elif self.strict and not builtin.decidable(*args):  # as `Builtin.strict`

@@ -512,6 +512,35 @@ def test_going_through_a_list_of_lists_spends_a_step_per_value_of_each():
     assert not authz.authorize(User("ann"), "read", Doc("d"), {"lists": [[1], [1]]})
 
 
+@pytest.mark.parametrize(
+    "condition",
+    [
+        'contains(x, "w")',
+        "starts_with(x, context.text)",
+        "ends_with(x, context.text)",
+        'lower(x, "w")',
+        'lower(x, t) and t = "w"',
+        "contains(context.text, x)",
+    ],
+)
+def test_a_string_builtin_spends_steps_by_the_size_of_the_texts_it_is_given(condition):
+    # 100 rounds, each given a text of 100,000 characters from the request: ten million
+    # characters read, however few rounds the loop takes (a request of under 1 MB held the event
+    # loop for seconds before: the steps counted the rounds, not the text).
+    authz = sized(f'allow(_u: User, "read", _d: Doc) if x in context.texts and {condition};')
+    text = "A" * 100_000
+    texts = [text] * 100 if not condition.startswith("contains(context") else ["x"] * 100
+    long = {"texts": texts, "text": "A" * 99_999 + "B"}  # as long, and never found
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "read", Doc("d"), long)
+    assert err.value.limit == "evaluation_max_steps"
+    assert authz.decide(User("ann"), "read", Doc("d"), long).reason == "evaluation_limit"
+    # Short texts are read within the budget, and decide as before.
+    short = {"texts": ["B" * 60] * 100, "text": "A" * 60}
+    assert not authz.authorize(User("ann"), "read", Doc("d"), short)
+    assert authz.authorize(User("ann"), "read", Doc("d"), {"texts": ["w"] * 100, "text": "w"})
+
+
 def test_questions_through_query_cannot_spend_the_compile_budget_decisions_need():
     # The obligations every decision asks for (requires_scope, mask, rate_limit,
     # requires_approval) are compiled with the policy. New shapes of question through `query`

@@ -5,7 +5,8 @@ both are strings and ``text`` begins with, ends with or includes the other (case
 ``lower(text, lowered)`` holds when ``lowered`` is ``text`` in lower case; with ``lowered`` an
 unbound variable it binds it, so ``lower(context.arguments.to, to) and ends_with(to, "@acme.example")``
 compares without regard to case. A value that is not a string makes each of them false (a
-literal of another type is refused when the policy loads).
+literal of another type is refused when the policy loads). Each says how many characters it
+reads (`text_read`, `affix_read`): the evaluation budget is spent on them.
 """
 
 from __future__ import annotations
@@ -39,3 +40,16 @@ def lowered(text: object) -> tuple[str, ...]:
 def texts(*values: object) -> bool:
     """Whether a string builtin can be decided of ``values``: all of them strings."""
     return all(value.__class__ is str for value in values)
+
+
+def text_read(*values: object) -> int:
+    """Characters ``contains`` and ``lower`` read: every string given, whole."""
+    return sum(len(value) for value in values if value.__class__ is str)  # type: ignore[arg-type]
+
+
+def affix_read(text: object, affix: object) -> int:
+    """Characters ``starts_with`` and ``ends_with`` read: the prefix or suffix, compared with as
+    much of the text (none when it is the longer)."""
+    if text.__class__ is str and affix.__class__ is str and len(affix) <= len(text):  # type: ignore[arg-type]
+        return len(affix)  # type: ignore[arg-type]
+    return 0
