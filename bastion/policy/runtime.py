@@ -515,9 +515,11 @@ def proved_or_undecided(strict: Any, q: Query, *args: Any) -> bool:
 
 
 def orderable(left: Any, right: Any) -> bool:
-    """Whether ``<`` and the like can order the two: two numbers (not booleans), or two
-    strings."""
+    """Whether ``<`` and the like can order the two: two numbers (not booleans, not NaN, which
+    is in no order with anything), or two strings."""
     lcls, rcls = left.__class__, right.__class__
+    if lcls is float and left != left or rcls is float and right != right:
+        return False  # NaN
     return (
         (lcls is int or lcls is float) and (rcls is int or rcls is float) or (lcls is rcls is str)
     )
@@ -534,6 +536,8 @@ def compare_strict(op: str, left: Any, right: Any) -> bool:
         (lcls is int or lcls is float) and (rcls is int or rcls is float) or lcls is rcls is str
     ):
         return True  # not `orderable` (written out: this is a deny rule's hot path)
+    if lcls is float and left != left or rcls is float and right != right:
+        return True  # NaN, in no order with anything: it cannot be decided either
     if op == "<":
         return left < right
     if op == "<=":

@@ -370,8 +370,9 @@ class Reference:
             }.get(lit.op)
             if ok is None:
                 numbers = all(
-                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)
-                )
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+                    for x in (a, b)
+                )  # NaN (x != x) is in no order with anything
                 if not (numbers or type(a) is type(b) is str):
                     if strict:
                         yield env

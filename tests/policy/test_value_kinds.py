@@ -241,6 +241,25 @@ def test_a_deny_rule_that_cannot_be_decided_refuses(deny, context, facts):
     assert not answers(rules, context, facts)
 
 
+@pytest.mark.parametrize("nan", [float("nan"), -float("nan")])
+def test_a_number_that_is_not_a_number_cannot_be_ordered_and_fails_closed(nan):
+    """NaN (Python's ``float("nan")`` reads it from the text "nan", so an application that
+    turns a request's field into a float may pass one in) is in no order with anything: every
+    ordering of it is false, so a guardrail over it did not fire and a 'not' over it held."""
+    for condition in ("context.amount > 1000", "context.amount >= 0", "1000 < context.amount"):
+        assert not answers(
+            GUARDED + f'deny(_u: User, "read", _r: Repo) if {condition};', {"amount": nan}
+        )
+        assert not answers(
+            f'allow(_u: User, "read", _r: Repo) if not {condition};', {"amount": nan}
+        )
+        # Read where it allows, it is false, as before: no order holds.
+        assert not answers(f'allow(_u: User, "read", _r: Repo) if {condition};', {"amount": nan})
+    assert answers(
+        GUARDED + 'deny(_u: User, "read", _r: Repo) if context.amount > 1000;', {"amount": 5.0}
+    )
+
+
 def test_a_deny_rule_that_could_not_have_held_or_lacks_its_field_does_not_refuse():
     """Undecided is not "true": a deny rule with another condition decided false, or reading a
     field the request leaves out (the rule does not apply), lets the allow stand."""
