@@ -345,6 +345,10 @@ class Replica:
         self.applied = 0
         self.head_seen = 0
         self.policy_version: int | None = None
+        # The version of the policy in force as of `applied`, loaded here or not (`policy_refused`):
+        # what a snapshot of `applied` says it was taken under (`write_snapshot`), so that a
+        # replica started from it never decides under the policy that was in force before.
+        self.policy_in_force: int | None = None
         # Stored facts the policy in force has no use for; offered again on a policy change.
         self.unusable: list[StoredFact] = []
         # The kill switch's view, fed with every fact change whatever the policy uses.
@@ -410,7 +414,7 @@ class Replica:
         self.suspensions.reset(
             StoredFact((g.name, *v), g.expiries.get(v)) for g in snap.groups for v in g.rows
         )
-        self.policy_version = policy.version if policy else None
+        self.policy_version = self.policy_in_force = policy.version if policy else None
         self.applied = self.snapshot_seq = snap.origin.seq
         self.head_seen = max(self.head_seen, self.applied)
         loaded, count = time.perf_counter() - started, len(authz.facts)
@@ -429,7 +433,9 @@ class Replica:
         return True
 
     async def write_snapshot(self) -> int | None:
-        """Write this replica's facts to `snapshot_path` as of the sequence applied; return the
+        """Write this replica's facts to `snapshot_path` as of the sequence applied, under the
+        policy in force then (`policy_in_force`, which a replica with smaller limits may not have
+        loaded: its facts are those held and those unusable, checked again by the reader); return the
         file's size (None when there is nothing to write, or the log no longer holds that
         sequence). Only the copy of the facts runs on the event loop (a C call per predicate,
         and one for the expiries)."""
@@ -438,7 +444,7 @@ class Replica:
             # or `rows` would wait for the lock on the event loop.
             while (changing := self.in_force()) is not None:
                 await changing
-            seq, version = self.applied, self.policy_version
+            seq, version = self.applied, self.policy_in_force
             rows = self.authz.facts.rows()
             unusable = list(self.unusable)
             started = time.perf_counter()
@@ -501,7 +507,7 @@ class Replica:
             self._replace(authz)
         self.unusable = unusable
         self.suspensions.reset(suspended)
-        self.policy_version = policy.version if policy else None
+        self.policy_version = self.policy_in_force = policy.version if policy else None
         self.applied = seq
         self.head_seen = max(self.head_seen, seq)
         self.confirmed_at = asked_at
@@ -981,6 +987,7 @@ class Replica:
                         " replicas"
                     )
                     log.error("%s", self.policy_refused)
+                self.policy_in_force = policy.version
                 if self.unusable:
                     self.unusable = await self._load_change(self.unusable, ())
 

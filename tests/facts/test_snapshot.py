@@ -22,6 +22,8 @@ from bastion.db import Database
 from bastion.facts import snapshot
 from bastion.facts.model import Entity
 from bastion.facts.store import SCHEMA_VERSION, FactStore, StoredFact
+from bastion.policy.errors import PolicyError
+from bastion.policy.limits import PolicyLimits
 from bastion.server.replica import Replica
 from tests.waits import PATIENCE, eventually, eventually_async
 
@@ -251,6 +253,43 @@ def test_a_replica_writes_its_snapshot_when_it_stops_and_starts_from_it(store, d
         assert second.snapshot_seq == store.head()
         assert second.authz.authorize(USERS[5], "manage", ORGS[1])
         await second.stop()
+
+    run(scenario())
+
+
+def test_a_snapshot_taken_while_the_policy_in_force_does_not_load_never_restores_the_one_before(
+    store, database_url, path
+):
+    """A replica that cannot load the policy in force (stored by one with larger limits) decides
+    nothing; the snapshot it writes meanwhile must not bring back the policy it held before: a
+    replica started from it decides under the policy in force, or not at all."""
+    small = PolicyLimits(policy_max_bytes=len(POLICY) + 100)
+    # Maintainers no longer push; larger than ``small`` allows.
+    revoking = POLICY.replace('"push" if "maintainer";', "") + "\n# " + "x" * 200 + "\n"
+
+    async def scenario():
+        held = Replica(database_url, snapshot_path=path, snapshot_interval=3600, limits=small)
+        await held.start()
+        assert held.authz.authorize(USERS[2], "push", REPOS[3])
+        version, seq = store.put_policy(revoking)
+        await held.wait_for(seq, PATIENCE)
+        assert held.stale and held.policy_refused is not None
+        await held.stop()  # writes its snapshot, at ``seq``
+        assert snapshot.read(path).origin.seq == seq
+        # Started with limits that load it: under the policy in force, not the one before.
+        larger = await started(database_url, path)
+        assert (larger.policy_version, larger.stale) == (version, False)
+        assert not larger.authz.authorize(USERS[2], "push", REPOS[3])
+        await larger.stop()
+        # Started again as it was: it refuses to start, as it does from the store, rather than
+        # decide under the policy before.
+        for start_from in (path, ""):
+            again = Replica(
+                database_url, snapshot_path=start_from, snapshot_interval=3600, limits=small
+            )
+            with pytest.raises(PolicyError, match="policy_max_bytes"):
+                await again.start()
+            await again.stop()
 
     run(scenario())
 
