@@ -666,6 +666,18 @@ class Replica:
                 self.noticed = time.monotonic()
         return self._heard_of(timeout)
 
+    def heard_all(self) -> bool:
+        """Whether `heard_not_applied` would have nothing to wait for, asked without waiting and
+        without noting anything (the decision service's answer in the protocol, `direct`): no
+        change being put in force, a listener that hears every commit and has handled what
+        reached it, and every commit heard of applied."""
+        if self._changing is not None:
+            return False
+        listener = self._listener
+        if listener is not None and (not listener.healthy or listener.behind()):
+            return False
+        return self.noticed <= self.confirmed_at
+
     def _heard_of(self, timeout: float) -> Awaitable[bool] | None:
         noticed = self.noticed
         if noticed <= self.confirmed_at:

@@ -267,17 +267,30 @@ def _current(request: Request) -> Replica:
 
 async def fresh(request: Request, body: dict) -> Replica:
     """The replica, once it reflects ``at_least`` (if given), and only if its facts are not
-    stale; and once a change it is putting in force is (`Replica.in_force`)."""
+    stale; and once a change it is putting in force is (`Replica.in_force`), and every change
+    it has heard of is applied (`Replica.heard_not_applied`: a write another replica took
+    returns once this one has heard of it, and is then decided on here, as the gateway and the
+    token endpoint do), or 503 when that takes longer than ``consistency_timeout``."""
     replica = _current(request)
-    if (changing := replica.in_force()) is not None:
-        await changing
+    timeout = request.app.state.config.consistency_timeout
+    if (heard := replica.heard_not_applied(timeout)) is not None:
+        if not await heard:
+            _current(request)  # gone stale meanwhile (the database away): said so
+            raise Problem(
+                503,
+                "Not yet consistent",
+                f"this replica has heard of a change it has not applied within {timeout:g} s"
+                f" (consistency_timeout; applied up to {replica.applied}), and decides nothing"
+                " on the facts before it; retry, or ask another replica",
+                sequence=replica.applied,
+            )
         _current(request)  # it may have gone stale while it waited
     at_least = get_field(body, "at_least", int, required=False)
     if at_least is not None and at_least < 0:
         raise bad_request("at_least must be a sequence a write returned (0 or more)")
     if at_least:
         try:
-            await replica.wait_for(at_least, request.app.state.config.consistency_timeout)
+            await replica.wait_for(at_least, timeout)
         except ConsistencyTimeout as e:
             store = request.app.state.store
             head = await anyio.to_thread.run_sync(store.head)
@@ -334,9 +347,9 @@ async def compiled_first(
 
 def answerable_now(replica: Replica, body: dict) -> bool:
     """Whether `fresh` would return at once, with nothing to wait for or refuse: the facts are
-    not stale, no change is being put in force, and ``at_least`` (if given, and well formed) is
-    applied already."""
-    if replica.stale or replica.in_force() is not None:
+    not stale, no change is being put in force nor heard of and not applied
+    (`Replica.heard_all`), and ``at_least`` (if given, and well formed) is applied already."""
+    if replica.stale or not replica.heard_all():
         return False
     at_least = body.get("at_least")
     if at_least is None:
