@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from bastion.ip_addresses import read_address
 from bastion.oauth.settings import LoginSettings
 from bastion.oauth.store import OAuthStore
 
@@ -49,14 +50,11 @@ def counted_address(address: str | None) -> str:
     bytes)."""
     if not address:
         return "unknown"
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = read_address(address)
+    if ip is None:
         if len(address) <= MAX_NAME:
             return address
         return "sha256:" + hashlib.sha256(address.encode("utf-8", "surrogatepass")).hexdigest()
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
     if ip.version == 6:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.ip_addresses import read_address
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # What is taken of a header or a claim: a device id or posture is short and printable.
 MAX_VALUE = 256
@@ -67,16 +69,6 @@ def _text(value: Any) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= MAX_VALUE and value.isprintable():
         return value
     return None
-
-
-def _address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +196,7 @@ class PostureSettings:
         (as its verifier checked them)."""
         seen = self._seen.get(address)
         if seen is None:
-            ip = _address(address)
+            ip = read_address(address)
             seen = (str(ip) if ip is not None else "", self.zone(ip), self._trusted(ip))
             if len(self._seen) >= _REMEMBERED:
                 self._seen.clear()

@@ -13,13 +13,14 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 
+from bastion.ip_addresses import Address, read_address
+
 # The longest text read as an address or a network: ``ffff:...:ffff/128`` is 43 characters, an
 # IPv6 address with a zone (``fe80::1%eth0``) a few more.
 MAX_ADDRESS_CHARS = 64
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @lru_cache(maxsize=1024)
@@ -34,15 +35,7 @@ def _network(cidr: str) -> Network | None:
     return network
 
 
-@lru_cache(maxsize=4096)
-def _address(ip: str) -> Address | None:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return address.ipv4_mapped  # type: ignore[union-attr]
-    return address
+_address = lru_cache(maxsize=4096)(read_address)
 
 
 def _read(cidr: object, ip: object) -> tuple[Network, Address] | None:
