@@ -41,6 +41,11 @@ _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
 _TEREDO = ipaddress.IPv6Network("2001::/32")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+# The only global unicast space (RFC 4291 §2.4, IANA's IPv6 address space): an address outside
+# it that Python calls global (fec0::/10 site-local, deprecated by RFC 3879 but still routed in
+# some networks; ::ffff:0:0:0/96, RFC 2765's IPv4-translated form; 5f00::/16, RFC 9602's SRv6
+# identifiers; the unassigned rest) reaches no one on the internet and may reach the local one.
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Which non-public addresses a fetch may reach besides the public ones: every one (True), none
@@ -65,13 +70,16 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address
 
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether a fetch may connect to ``address``: globally reachable, and not a private,
-    loopback, link-local, shared (CGNAT), reserved or multicast address, even wrapped in IPv6."""
+    loopback, link-local, shared (CGNAT), reserved or multicast address, even wrapped in IPv6;
+    an IPv6 address that carries no IPv4 one only within global unicast (2000::/3)."""
     if isinstance(address, ipaddress.IPv6Address):
         if address in _NAT64_LOCAL:
             return False
         inner = embedded_ipv4(address)
         if inner is not None:
             return all(is_public_address(v4) for v4 in inner)
+        if address not in _GLOBAL_UNICAST:
+            return False
     return address.is_global and not address.is_multicast
 
 

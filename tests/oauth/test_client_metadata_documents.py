@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion import egress
-from bastion.egress import is_public_address
+from bastion.egress import is_public_address, may_connect
 from bastion.oauth import AuthorizationServer
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments
 from bastion.oauth.errors import OAuthError
@@ -482,6 +482,24 @@ def test_a_public_ipv4_address_stays_public_when_wrapped(form):
 )
 def test_the_local_use_nat64_prefix_and_ipv6_specials_are_not_public(address):
     assert not is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "fec0::1",  # site-local (RFC 3879: deprecated, still routed inside some networks)
+        "::ffff:0:a9fe:a9fe",  # IPv4-translated (RFC 2765 SIIT): 169.254.169.254
+        "::ffff:0:7f00:1",  # the same for 127.0.0.1
+        "5f00::1",  # SRv6 segment identifiers (RFC 9602)
+        "4000::1",  # unassigned
+    ],
+)
+def test_an_ipv6_address_outside_global_unicast_is_not_public(address):
+    """Only 2000::/3 is global unicast (RFC 4291 §2.4; IANA's IPv6 address space): an
+    address elsewhere reaches no one on the internet, and may reach the operator's network."""
+    assert not is_public_address(ipaddress.ip_address(address))
+    assert not may_connect(ipaddress.ip_address(address))
+    assert is_public_address(ipaddress.ip_address("2606:4700::1111"))
 
 
 @pytest.mark.parametrize("form", ["ipv4-mapped", "nat64", "6to4", "teredo-client"])
