@@ -34,6 +34,10 @@ _HEADS = 256
 
 # The most bastion reads of one response body, or of one line of an event stream.
 MAX_MESSAGE = 64 * 1024 * 1024
+# The most bastion reads of a response's head (its status line and headers): a head without end
+# was kept whole until the call's deadline (127 MiB in 4 s over the loopback), copied again by the
+# parser at each read.
+MAX_HEAD = 64 * 1024
 
 
 def _text(line: bytearray) -> str:
@@ -59,6 +63,10 @@ class HttpConnectError(HttpClientError):
         self.cause = cause
 
 
+def _head_too_large() -> HttpClientError:
+    return HttpClientError(f"the response's head is larger than {MAX_HEAD} bytes")
+
+
 def _check_header(name: str, value: str) -> None:
     # A CR, LF or NUL in a header would let a value start a new header or request upstream.
     problem = field_name_problem(name) or field_value_problem(value)
@@ -78,6 +86,11 @@ class _Connection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._headers: dict[str, str] = {}
         self._head: asyncio.Future[None] | None = None
+        # The bytes of the head received so far while it is not complete, and the size of the
+        # headers it held (`MAX_HEAD`).
+        self._reading_head = False
+        self._head_bytes = 0
+        self._header_bytes = 0
         self._chunks: collections.deque[bytes] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self.complete = False
@@ -96,6 +109,11 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(HttpClientError(f"unreadable HTTP response: {e}"))
+            return
+        if self._reading_head:  # all of ``data`` was the head's
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(_head_too_large())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -106,9 +124,15 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted here too: a head that ends within one read is over the limit all the same.
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CR LF
+        if self._header_bytes > MAX_HEAD:
+            self._fail(_head_too_large())
+            raise HttpClientError("stop parsing")  # feed_data raises; the error above is kept
         self._headers[name.lower().decode("latin-1")] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._reading_head = False
         # Asked now: once the message is complete the parser has moved on to the next one.
         self._keep_alive = self._parser.should_keep_alive()  # type: ignore[union-attr]
         if self._head is not None and not self._head.done():
@@ -141,6 +165,8 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._parser = httptools.HttpResponseParser(self)
         self._headers = {}
+        self._reading_head = True
+        self._head_bytes = self._header_bytes = 0
         self._chunks.clear()
         self.complete = False
         self._keep_alive = False

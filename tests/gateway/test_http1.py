@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from bastion.gateway.http1 import Http1Client, HttpClientError
+from bastion.gateway.http1 import MAX_HEAD, Http1Client, HttpClientError
 from tests.waits import PATIENCE
 
 
@@ -127,6 +127,36 @@ def test_lines_split_across_chunks_and_the_limits_on_lines_and_bodies():
             with pytest.raises(HttpClientError, match="larger than 16 bytes"):
                 await response.read(limit=16)
             response.abort()
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_a_response_head_past_its_limit_is_refused_not_kept():
+    """The status line and headers are read up to `MAX_HEAD` bytes: an upstream that sends a
+    header without end made bastion keep all of it (127 MiB in 4 s on the loopback, copied
+    again at each read) until the call's deadline."""
+
+    async def main():
+        huge = b"x-padding: " + b"a" * (2 * MAX_HEAD) + b"\r\n"
+        many = b"".join(b"x-%d: v\r\n" % i for i in range(MAX_HEAD // 8))
+        small = b"x-padding: " + b"a" * (MAX_HEAD // 2) + b"\r\n"
+        answers = [
+            b"HTTP/1.1 200 OK\r\n" + huge + b"content-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\n" + many + b"content-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\n" + small + b"content-length: 2\r\n\r\n{}",
+        ]
+        server, url, _ = await serving(answers)
+        client = Http1Client(url)
+        try:
+            for _ in range(2):
+                with pytest.raises(HttpClientError, match=f"head is larger than {MAX_HEAD} bytes"):
+                    await client.request("POST", {}, b"{}")
+            response = await client.request("POST", {}, b"{}")  # a new connection: within it
+            assert (response.status_code, await response.read()) == (200, b"{}")
+            response.close()
         finally:
             await client.aclose()
             server.close()
