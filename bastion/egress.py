@@ -24,12 +24,15 @@ unset on a peer, `metadata_allowance` says what its metadata may lead to.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 import anyio
 import httpx
+
+log = logging.getLogger("bastion.egress")
 
 # IPv6 forms that carry an IPv4 address the packets end up at: NAT64 (RFC 6052), 6to4 (RFC 3056),
 # Teredo (RFC 4380) and IPv4-compatible addresses (RFC 4291 §2.5.5.1, deprecated but routable by
@@ -239,7 +242,14 @@ class CleartextRefused(httpx.TransportError):
 
 class AddressRefused(Exception):
     """The URL's host resolves to an address that may not be reached (`NameNotResolved`: to
-    none at all)."""
+    none at all). Its text names the host, never the address (``address``, and bastion's log,
+    have it): the refusal reaches whoever chose the URL (a client's own metadata document, its
+    ``jwks_uri``, a provider's metadata), who may be anyone, and the address would map the
+    networks behind bastion for them."""
+
+    def __init__(self, text: str, address: str = "") -> None:
+        super().__init__(text)
+        self.address = address
 
     def naming(self, setting: str) -> str:
         """The refusal, naming ``setting`` (the ``allow_private_addresses`` that would change
@@ -277,8 +287,9 @@ async def pinned(
     for address in addresses:
         if not may_connect(address, private):
             outside = "" if private is False else " outside the networks allowed"
+            log.info("refused: %s resolves to non-public address %s%s", name, address, outside)
             raise AddressRefused(
-                f"{name} resolves to non-public address {address}{outside}; refused"
+                f"{name} resolves to a non-public address{outside}; refused", str(address)
             )
     headers = {"Host": url.netloc.decode("ascii")}
     # httpcore reads it for TLS only; over plain http it still names the request's name (without

@@ -703,7 +703,9 @@ class Outbox:
         except TimeoutError:
             return None, f"no answer within {self.settings.webhook_timeout_seconds:g} s"
         except AddressRefused as e:
-            error = e.naming(hook.private_setting)[:_ERROR_CHARS]
+            # The deployment's own URL: its error, read by the deployment, names the address.
+            found = f" ({e.address})" if e.address else ""
+            error = (e.naming(hook.private_setting) + found)[:_ERROR_CHARS]
             log.warning(
                 "webhook delivery %s of %s to %s %s: %s",
                 delivery.id,

@@ -506,7 +506,9 @@ def test_a_jwks_uri_registered_at_register_is_not_fetched_from_a_private_address
     client_id = register_jwks_uri(bastion, f"{origin}:{port}/jwks.json?{origin}")
     before = keys.fetches
     answer = token_request(bastion, assertion(key, client_id, bastion.url))
-    refused(answer, "resolves to non-public address")
+    refused(answer, "resolves to a non-public address")
+    # Whoever registered the jwks_uri learns nothing of the network behind bastion.
+    assert "127.0.0.1" not in answer.json()["error_description"].partition("resolves")[2]
     assert "[oauth.client_assertion] allow_private_addresses" in answer.json()["error_description"]
     assert keys.fetches == before  # nothing was asked of it
 
