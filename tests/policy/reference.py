@@ -101,6 +101,18 @@ def _both_text(a: Any, b: Any) -> bool:
     return type(a) is str and type(b) is str
 
 
+def lower_text(text: str) -> str:
+    """``lower``'s definition: each character in Unicode lower case on its own (Σ is σ wherever
+    it stands), but one that is not ASCII and whose lower case holds ASCII (the Kelvin sign is
+    "k", İ is "i" and a dot above) stays as it is: no letter becomes ASCII that was not."""
+    out = []
+    for c in text:
+        low = c.lower()
+        keep = ord(c) > 127 and any(ord(x) <= 127 for x in low)
+        out.append(c if keep else low)
+    return "".join(out)
+
+
 # The string builtins, written out by the definition rather than with the engine's functions.
 _STRINGS = {
     ("starts_with", 2): lambda t, p: _both_text(t, p) and t[: len(p)] == p,
@@ -108,7 +120,7 @@ _STRINGS = {
     ("contains", 2): lambda t, p: (
         _both_text(t, p) and any(t[i : i + len(p)] == p for i in range(len(t) - len(p) + 1))
     ),
-    ("lower", 2): lambda t, low: _both_text(t, low) and "".join(c.lower() for c in t) == low,
+    ("lower", 2): lambda t, low: _both_text(t, low) and lower_text(t) == low,
 }
 
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bastion import Authorizer, Entity
-from tests.policy.reference import Reference
+from tests.policy.reference import Reference, lower_text
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -197,10 +197,20 @@ allow(_u: User, "send", _t: Tool) if
 allow(_u: User, "read", _t: Tool) if starts_with(context.uri, "a") or lower(context.uri, "ab");
 allow(_u: User, "list", _t: Tool) if contains(context.to, context.uri);
 """
-texts = st.one_of(st.text(alphabet="aAbB@+.", max_size=5), st.integers(0, 2), st.booleans())
+# With letters whose lower case is ASCII though they are not (the Kelvin sign, İ), others
+# lowered as usual (É), and Σ, whose lower case str.lower gives by what follows it.
+texts = st.one_of(
+    st.text(alphabet="aAbB@+.kK\u212aiI\u0130\u0307\u00c9\u00e9\u03a3\u03c3", max_size=5),
+    st.integers(0, 2),
+    st.booleans(),
+)
 
 
 @SETTINGS
+@example(context={"to": "a@ban\u212a", "domain": "@bank"})
+@example(context={"to": "\u0130", "domain": "i"})
+@example(context={"to": "a\u03a3", "domain": "\u03c3"})
+@example(context={"to": "\u00c9", "domain": "\u00e9"})
 @given(
     context=st.fixed_dictionaries(
         {}, optional={"to": texts, "domain": texts, "uri": texts, "unused": texts}
@@ -210,7 +220,7 @@ def test_string_builtins_agree(context):
     authz = Authorizer(STRINGS_POLICY)
     tool, actor = Entity("Tool", "t"), Entity("User", "u")
     # The reference lets lower's unbound output range over the domain: give it every candidate.
-    lowered = [v.lower() for v in context.values() if isinstance(v, str)]
+    lowered = [lower_text(v) for v in context.values() if isinstance(v, str)]
     ref = Reference(authz.policy.program, [], context, [actor, tool, *lowered])
     for action in ("send", "read", "list"):
         assert authz.authorize(actor, action, tool, context) == ref.allowed(actor, action, tool)
@@ -404,7 +414,7 @@ def test_lowering_in_deny_rules_and_under_a_not_fails_closed_as_the_reference(co
     authz = Authorizer(LOWERED_POLICY)
     tool, actor = Entity("Tool", "t"), Entity("User", "u")
     given = [v if not isinstance(v, list) else tuple(v) for v in context.values()]
-    lowered = [v.lower() for v in given if isinstance(v, str)]
+    lowered = [lower_text(v) for v in given if isinstance(v, str)]
     actions = ["call", "read", "list", "get"]
     ref = Reference(
         authz.policy.program, [], context, [actor, tool, "rm", *actions, *given, *lowered]

@@ -4,12 +4,19 @@
 both are strings and ``text`` begins with, ends with or includes the other (case-sensitive).
 ``lower(text, lowered)`` holds when ``lowered`` is ``text`` in lower case; with ``lowered`` an
 unbound variable it binds it, so ``lower(context.arguments.to, to) and ends_with(to, "@acme.example")``
-compares without regard to case. A value that is not a string makes each of them false (a
+compares without regard to case. Lower case is Unicode's, each character on its own (É is é,
+Σ is σ wherever it stands), but no character becomes ASCII that was not: the Kelvin sign and İ,
+which ``str.lower`` makes "k" and "i" with a dot above, stay as they are, as a mail system or
+DNS (which fold ASCII only) keep them apart from "k" and "i". A value that is not a string makes each of them false (a
 literal of another type is refused when the policy loads). Each says how many characters it
 reads (`text_read`, `affix_read`): the evaluation budget is spent on them.
 """
 
 from __future__ import annotations
+
+# The characters, not ASCII, whose lower case holds ASCII (tests/policy/test_string_case.py
+# checks every code point): U+0130 (İ, "i" and U+0307) and U+212A (the Kelvin sign, "k").
+_KEPT = frozenset("\u0130\u212a")
 
 
 def starts_with(text: object, prefix: object) -> bool:
@@ -27,14 +34,22 @@ def contains(text: object, part: object) -> bool:
     return text.__class__ is str and part.__class__ is str and part in text  # type: ignore[operator]
 
 
+def lower_case(text: str) -> str:
+    """``text`` in lower case as ``lower`` reads it: each character on its own, those of
+    `_KEPT` as they are."""
+    if text.isascii():
+        return text.lower()
+    return "".join(c if c in _KEPT else c.lower() for c in text)
+
+
 def lower(text: object, lowered: object) -> bool:
-    """True when ``lowered`` is the string ``text`` in lower case."""
-    return text.__class__ is str and lowered.__class__ is str and text.lower() == lowered  # type: ignore[attr-defined]
+    """True when ``lowered`` is the string ``text`` in lower case (`lower_case`)."""
+    return text.__class__ is str and lowered.__class__ is str and lower_case(text) == lowered  # type: ignore[arg-type]
 
 
 def lowered(text: object) -> tuple[str, ...]:
     """``lower`` with its last argument unbound: the one value it binds, or none."""
-    return (text.lower(),) if text.__class__ is str else ()  # type: ignore[attr-defined]
+    return (lower_case(text),) if text.__class__ is str else ()  # type: ignore[arg-type]
 
 
 def texts(*values: object) -> bool:
