@@ -23,9 +23,11 @@ def resource_key(uri: str) -> str:
     """``uri`` as resource indicators are compared (RFC 8707 §2): scheme and host without case
     (RFC 3986 §6.2.2.1), as the MCP authorization specification's "Canonical Server URI" asks
     ("implementations SHOULD accept uppercase scheme and host components"); the path, query and
-    anything with user information exactly."""
+    anything with user information exactly. Case is ASCII's alone, as in a URI: a host spelt
+    with another character (the Kelvin sign, which ``str.lower`` makes a "k") is compared
+    exactly, never taken for the ASCII host it lowers to."""
     head = _SCHEME_AND_HOST.match(uri)
-    if head is None or "@" in head[0]:
+    if head is None or "@" in head[0] or not head[0].isascii():
         return uri
     return head[0].lower() + uri[head.end() :]
 

@@ -684,6 +684,40 @@ def test_housekeeping_forgets_expired_codes_tokens_and_sessions_but_keeps_grants
     assert len(rows["oauth_grants"]) == 1
 
 
+def test_a_resource_spelled_with_a_letter_that_is_not_ascii_is_another_resource(
+    sqlite_url, tmp_path
+):
+    """Case is ignored in ASCII alone (RFC 3986 §6.2.2.1; a URI holds no other character): a
+    host spelt with the Kelvin sign (U+212A), which str.lower makes a "k", or with İ, names
+    no configured resource, at the authorization endpoint, the token endpoint or a refresh.
+    Another party that signed for that spelling (an ID-JAG's resource) did not sign for this one."""
+    canonical = "http://mcp.bank.localhost:9/mcp"
+    spellings = ("http://mcp.ban\u212a.localhost:9/mcp", "HTTP://MCP.BAN\u212a.LOCALHOST:9/mcp")
+    with running_bastion(sqlite_url, tmp_path, resource=canonical) as bastion:
+        client = bastion.register()
+        _, challenge = pkce_pair()
+        for spelt in spellings:
+            params = bastion.authorize_params(client, challenge, resource=spelt)
+            assert shown_error(authorize(bastion, params))["error"] == "invalid_target", spelt
+        code, verifier = bastion.code_for(client, resource=canonical)
+        before = bastion.rows()
+        assert_oauth_error(
+            exchange(bastion, client, code, verifier, resource=spellings[0]), "invalid_target"
+        )
+        assert bastion.rows() == before
+        response = exchange(
+            bastion, client, code, verifier, resource="HTTP://MCP.BANK.localhost:9/mcp"
+        )
+        assert response.status_code == 200, response.text
+        refresh = {
+            "grant_type": "refresh_token",
+            "client_id": client["client_id"],
+            "refresh_token": response.json()["refresh_token"],
+        }
+        for spelt in spellings:
+            assert_oauth_error(bastion.token(**refresh, resource=spelt), "invalid_target")
+
+
 def test_a_resource_spelled_with_an_uppercase_scheme_or_host_is_the_same_resource(
     sqlite_url, tmp_path
 ):
