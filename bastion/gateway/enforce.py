@@ -434,7 +434,8 @@ class Enforcer:
         ``counted``: the message is one its client sent, counted under its rate limits. False
         for what bastion sends a client unasked (a stream's notification, an upstream's request
         on it: `Gateway.may_hear`), decided again but never counted: else whoever makes an
-        upstream speak would spend a listener's limits, and have its own messages refused."""
+        upstream speak would spend a listener's limits, and have its own messages refused. Its
+        record lists the rate limits apart (`_record`)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         # Refusals made before the policy is asked: recorded, with what they noted. The kill
@@ -563,6 +564,7 @@ class Enforcer:
                 if unheld
                 else None
             ),
+            counted=counted,
         )
         # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
         # towards a refusal burst: without any, nothing to raise.
@@ -1212,10 +1214,12 @@ class Enforcer:
         started: float,
         position: tuple[int | None, int | None],
         approval: dict[str, str] | None = None,
+        counted: bool = True,
     ) -> dict[str, Any]:
         """The decision record of ``chain`` (``shown``: ``resource`` as records spell it),
         counted and written if it is a refusal; an allowed one is written once its obligations
-        are applied."""
+        are applied. Not ``counted`` (what bastion sends a client unasked), the rate limits the
+        policy named are listed as ``rate_limits_not_counted``, and none as applied."""
         question = (explained_principal(chain), action, resource)
         rules = self.explained.get(chain.generation, question, context)
         if (
@@ -1230,6 +1234,11 @@ class Enforcer:
         if spelled is None or spelled.chain is not chain:
             spelled = self._spelled = Spelled(chain)
         obligations = dict(spelled.obligations)
+        if not counted and obligations["rate_limits"]:
+            # A record says what was done: read months later, a limit listed as applied would
+            # say this message was counted under it.
+            obligations["rate_limits_not_counted"] = obligations["rate_limits"]
+            obligations["rate_limits"] = []
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval
@@ -1289,7 +1298,7 @@ class Enforcer:
         shown = repr(resource)
         record = self._record(
             authz, new_decision_id(), caller, server, method, "read", resource, shown,
-            context, None, chain, result, reason, started, position,
+            context, None, chain, result, reason, started, position, counted=False,
         )  # fmt: skip
         if heard:
             self.write(record)
