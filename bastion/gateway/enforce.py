@@ -413,7 +413,7 @@ class Enforcer:
         annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         unpinned: PinChange | None = None,
         runs_for: float = 0.0,
-        counted: bool = True,
+        from_client: bool = True,
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
@@ -431,11 +431,14 @@ class Enforcer:
         forwarded once decided: an approval it spends marks the run in progress that long, or
         until `run_ended` (`Verdict.spent`). 0: nothing is marked (``connect``).
 
-        ``counted``: the message is one its client sent, counted under its rate limits. False
-        for what bastion sends a client unasked (a stream's notification, an upstream's request
-        on it: `Gateway.may_hear`), decided again but never counted: else whoever makes an
-        upstream speak would spend a listener's limits, and have its own messages refused. Its
-        record lists the rate limits apart (`_record`)."""
+        ``from_client``: the message is one its client sent, counted under its rate limits and
+        held for a person where the policy says so. False for what bastion sends a client
+        unasked (a stream's notification, an upstream's request on it: `Gateway.may_hear`),
+        decided again but never counted (else whoever makes an upstream speak would spend a
+        listener's limits, and have its own messages refused), and never held: an approval it
+        needs and no approval for minutes covers refuses it (``requires_approval``), with no
+        request filed and no approval spent (else a person would be asked to approve what no
+        client asked for). Its record lists the rate limits apart (`_record`)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         # Refusals made before the policy is asked: recorded, with what they noted. The kill
@@ -484,7 +487,7 @@ class Enforcer:
         if result == "allow" and (
             obligations.requires_approval
             or obligations.requires_review
-            or (obligations.rate_limits and counted)
+            or (obligations.rate_limits and from_client)
         ):
             # Decided again, with the approval, when one was given: ``chain`` is that decision.
             (
@@ -510,7 +513,7 @@ class Enforcer:
                 chain,
                 retried,
                 runs_for,
-                counted,
+                from_client,
             )
             # Refused before the call runs (a request nobody may answer any more is ``linked``).
             unheld = "review" if nobody is not None else ""
@@ -564,7 +567,7 @@ class Enforcer:
                 if unheld
                 else None
             ),
-            counted=counted,
+            counted=from_client,
         )
         # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
         # towards a refusal burst: without any, nothing to raise.
@@ -620,7 +623,7 @@ class Enforcer:
         chain: ChainDecision,
         retried: str | None,
         runs_for: float,
-        counted: bool,
+        from_client: bool,
     ) -> tuple[
         ChainDecision,
         str,
@@ -637,8 +640,9 @@ class Enforcer:
         and retry delay, the hold to place (call, outcome), the review it is under, the
         approval request it is linked to, the approval it spent (marked in progress for
         ``runs_for``), and why nobody could review its result, where nobody could (or answer
-        its pending request any more: `Approvals.check` closed it). Rate limits count it only
-        if it is ``counted`` (`decide`)."""
+        its pending request any more: `Approvals.check` closed it). A message not
+        ``from_client`` (`decide`) is counted under no rate limit, and an approval it needs
+        refuses it: no request is looked up, filed or spent for it."""
         result, reason, retry_after = "allow", "", None
         nobody: NoApprover | None = None
         held: tuple[Call, Outcome] | None = None
@@ -647,9 +651,11 @@ class Enforcer:
         spend: ApprovalRequest | None = None
         # The review holding the result of the run this call's approval was spent on.
         under_review: ApprovalRequest | None = None
-        if result == "allow" and (
-            chain.obligations.requires_approval and not chain.obligations.approval_granted
-        ):
+        if chain.obligations.requires_approval and not chain.obligations.approval_granted:
+            if not from_client:
+                # Nobody asked for it: a person would be asked to approve what no client sent,
+                # and an approval given for the client's next message must stay its own.
+                return chain, "deny", "requires_approval", None, None, None, None, None, None
             call = self._call("approval", caller, server, method, action, resource, arguments)
             outcome = await self._where(call, retried)
             linked = outcome.request
@@ -709,7 +715,7 @@ class Enforcer:
                 held = (call, outcome)
             elif outcome.state == "refused":
                 result, reason, nobody = "deny", outcome.reason, outcome.nobody
-        if result == "allow" and counted and chain.obligations.rate_limits:
+        if result == "allow" and from_client and chain.obligations.rate_limits:
             try:
                 retry_after = await self.limiter.admit(
                     chain.obligations.rate_limits, action, resource

@@ -718,7 +718,8 @@ class Gateway:
     async def may_hear(self, listener: Listener, method: str, uri: str | None = None) -> bool:
         """Decided again for each notification of a stream (a listen stream, a session's GET
         stream): the token that opened it must still be valid and every principal may still
-        ``connect`` (else the stream ends, and a refused ``connect`` is recorded), and for a
+        ``connect`` (else the stream ends, and a refused ``connect`` is recorded; so too where
+        ``connect`` needs an approval that no approval for minutes covers), and for a
         resource's update, ``read`` it (else that notification is not sent): recorded when the
         answer for that resource differs from the stream's last one (`Listener.withheld`)."""
         try:
@@ -735,8 +736,9 @@ class Gateway:
         context = enforcer.context(caller, listener.server, method)
         server = Entity("McpServer", listener.server)
         if enforcer.facts_stale() or self._connect_needs_deciding(caller, server, context):
-            # Decided again in full, so that a refusal is recorded (with its rules); not
-            # counted under the caller's rate limits: its client sent nothing.
+            # Decided again in full, so that a refusal is recorded (with its rules); neither
+            # counted under the caller's rate limits nor held for a person's approval (refused
+            # instead, no request filed): its client sent nothing.
             try:
                 verdict = await enforcer.decide(
                     caller,
@@ -745,7 +747,7 @@ class Gateway:
                     message_action(server),
                     server,
                     context,
-                    counted=False,
+                    from_client=False,
                 )
             except (RpcError, StepUp, Held):
                 listener.close(refused=True)
