@@ -51,6 +51,7 @@ from bastion.facts.store import (
 )
 from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
+from bastion.retries import Backoff
 from bastion.signals.suspensions import Suspensions, kept, kept_rows
 from bastion.turns import Turns, collector_paused, full_passes_held
 from bastion.whole_numbers import count_in
@@ -67,8 +68,14 @@ _PG_POLL_INTERVAL = 1.0
 # deciding within this long of the newer one's start, a replica whose clock jumps within this
 # long of the jump.
 _SCHEMA_CHECK_INTERVAL = 1.0
-# After a failed read of the change log, try again this soon.
+# After a failed read of the change log, try again this soon: while the database cannot be
+# reached the read fails at once (`Database` itself connects again at most every 0.5 s).
 _RETRY_INTERVAL = 0.25
+# After a failure to put the log in force (a reload of every fact, a change applied), the wait
+# starts at `_RETRY_INTERVAL` and doubles with each further failure in a row, up to this: a
+# reload that fails every time (the policy in force does not load here, a statement_timeout
+# shorter than the load) would otherwise read every fact four times a second.
+_RETRY_LONGEST = 30.0
 # `_given_up`'s notice when what ran out was the wait for the listener itself (`Listener.behind`).
 _BEHIND = -1.0
 # A change with more facts is checked against the policy on a worker thread (`_load_change`).
@@ -80,6 +87,12 @@ _BUILT_ASIDE = 10_000
 # expiry, on the event loop, as in any `Authorizer`.
 _PURGED_ON_LOOP = 1000
 _PURGE_AHEAD = 0.02
+
+
+async def _pause(seconds: float) -> None:
+    """The wait after a failure, of the follower and of the snapshot writer (the one place a
+    test's clock replaces)."""
+    await asyncio.sleep(seconds)
 
 
 def _small(inserts: int, deletes: list[tuple]) -> bool:
@@ -320,6 +333,11 @@ class Replica:
         self._given_up: tuple[float, asyncio.Task | None] = (0.0, None)
         # Why the last read of the change log failed (None while it is being followed).
         self.follow_error: str | None = None
+        # Whether `_catch_up` has read the log and is putting what it read in force (a reload,
+        # changes): a failure then did that work for nothing, and is tried again after
+        # `_retries`' wait, not `_RETRY_INTERVAL`'s.
+        self._putting_in_force = False
+        self._retries = Backoff(_RETRY_INTERVAL, _RETRY_LONGEST)
         # Why the policy in force does not load here (None while the one in force is loaded).
         self.policy_refused: str | None = None
         # Why this process's code must no longer use the database: a newer bastion migrated it
@@ -508,6 +526,8 @@ class Replica:
         self.unusable = unusable
         self.suspensions.reset(suspended)
         self.policy_version = self.policy_in_force = policy.version if policy else None
+        # Loaded (`_from_store` raises when it does not): one refused before no longer counts.
+        self.policy_refused = None
         self.applied = seq
         self.head_seen = max(self.head_seen, seq)
         self.confirmed_at = asked_at
@@ -723,8 +743,14 @@ class Replica:
                 if self.follow_error is None:
                     log.warning("cannot read the change log (%s); retrying", first_line(e))
                 self.follow_error = first_line(e)
-                await asyncio.sleep(_RETRY_INTERVAL)
+                # A read that failed cost next to nothing, and is tried again soon: the
+                # database back, the replica follows it again within `_RETRY_INTERVAL`. One
+                # that failed putting what it read in force (every fact loaded again, say) may
+                # fail alike the next time, and backs off.
+                costly = self._putting_in_force
+                await _pause(self._retries.after_failure() if costly else _RETRY_INTERVAL)
                 continue
+            self._retries.succeeded()
             if self.follow_error is not None:
                 log.warning("following the change log again from sequence %d", self.applied)
                 self.follow_error = None
@@ -795,6 +821,7 @@ class Replica:
         as of the read's start: sequence order is commit order, so it holds every change
         committed before then."""
         assert self._advanced is not None
+        self._putting_in_force = False
         if self.handed:
             # Those applied are let go of (the keys taken whole: a writer's thread may add one
             # meanwhile). A large one taken was let go of once applied; one not taken (written
@@ -818,6 +845,7 @@ class Replica:
             changes = await anyio.to_thread.run_sync(
                 lambda: self.store.changes_since(self.applied, limit=_PAGE, handed=self.handed)
             )
+            self._putting_in_force = True
             if changes and changes[0].seq != self.applied + 1:
                 # The entries this replica needs were pruned: start again from a snapshot.
                 log.warning(
