@@ -76,6 +76,9 @@ _RETRY_INTERVAL = 0.25
 # reload that fails every time (the policy in force does not load here, a statement_timeout
 # shorter than the load) would otherwise read every fact four times a second.
 _RETRY_LONGEST = 30.0
+# A fact snapshot not written is tried again after `snapshot_interval`, doubled at each further
+# failure in a row up to this (or the interval, if longer).
+_SNAPSHOT_RETRY_LONGEST = 3600.0
 # `_given_up`'s notice when what ran out was the wait for the listener itself (`Listener.behind`).
 _BEHIND = -1.0
 # A change with more facts is checked against the policy on a worker thread (`_load_change`).
@@ -500,14 +503,25 @@ class Replica:
 
     async def _write_snapshots(self) -> None:
         """A snapshot now if none fits the facts loaded, then one per interval while the facts
-        change."""
+        change. One not written (a full disk, a folder not writable, the log pruned past the
+        facts held) copied every fact for nothing: the next attempt waits the interval, then
+        twice as long at each further failure in a row, up to `_SNAPSHOT_RETRY_LONGEST`."""
+        retries = Backoff(
+            self.snapshot_interval, max(self.snapshot_interval, _SNAPSHOT_RETRY_LONGEST)
+        )
         while True:
+            wait = self.snapshot_interval
             if self.snapshot_seq != self.applied:
+                written = None
                 try:
-                    await self.write_snapshot()
+                    written = await self.write_snapshot()
                 except Exception as e:  # a full disk must not stop the replica
                     log.warning("cannot write the fact snapshot %s: %s", self.snapshot_path, e)
-            await asyncio.sleep(self.snapshot_interval)
+                if written is None:
+                    wait = retries.after_failure()
+                else:
+                    retries.succeeded()
+            await _pause(wait)
 
     async def _resync(self) -> None:
         """Load a snapshot into a new `Authorizer`, then swap it in (decisions go on meanwhile)."""

@@ -148,3 +148,35 @@ def test_a_replica_reloaded_under_a_policy_that_loads_decides_again(store, datab
             await replica.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_fact_snapshot_that_cannot_be_written_is_tried_again_less_and_less_often(
+    store, database_url, clock, caplog, tmp_path
+):
+    """Each attempt copies every fact held; one that fails every time (a folder that is not
+    there, a full disk) must not do so every `fact_snapshot_interval` for ever."""
+    missing = str(tmp_path / "not-there" / "facts.snapshot")
+
+    def attempts() -> int:
+        return sum("cannot write the fact snapshot" in r.getMessage() for r in caplog.records)
+
+    async def scenario():
+        interval = 0.05
+        replica = Replica(database_url, snapshot_path=missing, snapshot_interval=interval)
+        with caplog.at_level(logging.WARNING, logger="bastion.replica"):
+            await replica.start()
+            try:
+                span = 3600.0  # a fixed interval would try 72,000 times
+                assert await eventually_async(
+                    lambda: clock.now >= span or attempts() >= 40, every=0.001
+                )
+                tried = attempts()
+                assert clock.now >= span, f"{tried} attempts in {clock.now:.2f} s of waits"
+                # Doubling from 0.05 s up to an hour, each wait at least half of that.
+                assert tried <= 20, f"{tried} attempts in {clock.now:.2f} s of waits"
+                assert clock.waits[0] <= interval
+            finally:
+                replica.snapshot_path = ""
+                await replica.stop()
+
+    asyncio.run(scenario())
