@@ -37,7 +37,14 @@ from bastion.oauth.errors import (
     UnauthorizedClient,
 )
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, signed_in_as
-from bastion.oauth.store import BackchannelRequest, Client, Grant, GrantRefused, new_secret
+from bastion.oauth.store import (
+    BackchannelRequest,
+    Client,
+    Grant,
+    GrantRefused,
+    SessionLogin,
+    new_secret,
+)
 from bastion.oauth.throttle import client_address
 from bastion.oauth.users import UserError, validate_username
 
@@ -288,6 +295,9 @@ class BackchannelAuthentication:
             created_at=now,
             expires_at=now + self.limits.grant_seconds,
             revoked_at=None,
+            # The sign-in of the session the person answered from, as a consent's grant has.
+            auth_time=found.auth_time,
+            sign_in=found.sign_in,
         )
         with self.store.db.transaction():
             spent = self.store.spend_backchannel_request(
@@ -295,9 +305,11 @@ class BackchannelAuthentication:
             )
             if spent:
                 try:
-                    # Refused if, since the person approved, they were disabled or all their
-                    # grants revoked: the request is then left unspent, and refused again.
-                    self.store.create_grant(grant, authorized_at=found.answered_at)
+                    # Refused if the person was disabled since approving, or all their grants
+                    # were revoked since the sign-in they approved from (that ended the
+                    # session; an answer from it, given meanwhile, counts no more than a
+                    # consent would): the request is then left unspent, and refused again.
+                    self.store.create_grant(grant, authorized_at=found.auth_time)
                 except GrantRefused as refused:
                     raise OAuthError("access_denied", f"{refused}; make a new request") from None
                 response = issue(grant, client, grant.scope, True)
@@ -337,8 +349,8 @@ class BackchannelAuthentication:
         self, request_id: str, session: str | None, form: dict[str, str] | None, address: str | None
     ) -> Response:
         now = self.server.clock()
-        username = self.store.session_user(session, now) if session else None
-        if username is None or session is None:
+        login = self.store.session_login(session, now) if session else None
+        if login is None or session is None:
             here = f"{self.settings.issuer_path}/bc-approve/{request_id}"
             sign_in = f"{self.settings.issuer_path}/sign-in?{urlencode({'next': here})}"
             return pages.message_page(
@@ -348,6 +360,7 @@ class BackchannelAuthentication:
                 200 if form is None else 403,
                 link=(sign_in, "Sign in"),
             )
+        username = login.username
         suspended = self.server.refuse_person(username)
         if suspended is not None:
             # Signed in, but the kill switch holds them: they see and answer nothing.
@@ -387,7 +400,7 @@ class BackchannelAuthentication:
                 "Request withdrawn", "The application that asked has been revoked.", 410
             )
         if form is not None:
-            return self._answer(found, client, session, username, form, address, now)
+            return self._answer(found, client, session, login, form, address, now)
         if found.status != "pending":
             return pages.message_page("Already answered", self._state(found, client), 409)
         if found.expires_at <= now:
@@ -401,11 +414,12 @@ class BackchannelAuthentication:
         found: BackchannelRequest,
         client: Client,
         session: str,
-        username: str,
+        login: SessionLogin,
         form: dict[str, str],
         address: str | None,
         now: float,
     ) -> Response:
+        username = login.username
         if not self.server.form_tokens.valid(
             form.get("csrf_token", ""),
             answer_purpose(found.request_id),
@@ -425,7 +439,7 @@ class BackchannelAuthentication:
         if decision not in ("approve", "deny"):
             return pages.message_page("Answer refused", "The answer must be approve or deny.", 400)
         status = "approved" if decision == "approve" else "denied"
-        if not self.store.answer_backchannel_request(found.request_id, username, status, now):
+        if not self.store.answer_backchannel_request(found.request_id, login, status, now):
             again = self.store.backchannel_request_by_id(found.request_id) or found
             if again.status == "pending":
                 return pages.message_page(

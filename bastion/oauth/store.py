@@ -239,6 +239,15 @@ _MIGRATIONS = [
     UPDATE oauth_clients SET introspection_resources = '["*"]', introspection_kept_at_upgrade = 1
         WHERE may_introspect = 1;
     """,
+    # OpenID CIBA: when and how the person who answered a request signed in (the login session
+    # they answered from), so that its grant rests on that sign-in, as a consent's does, and
+    # its tokens carry it. NULL in the rows answered before: as a legacy session, older than any
+    # revocation of all the user's grants, and their tokens carry none of it.
+    """
+    ALTER TABLE oauth_backchannel_requests ADD COLUMN auth_time DOUBLE PRECISION;
+    ALTER TABLE oauth_backchannel_requests ADD COLUMN acr TEXT;
+    ALTER TABLE oauth_backchannel_requests ADD COLUMN amr TEXT;
+    """,
 ]
 
 
@@ -351,6 +360,11 @@ class BackchannelRequest:
     status: str
     answered_at: float | None
     grant_id: str | None
+    # When and how the person who answered signed in (the login session they answered from;
+    # None and unknown until answered, or for a session from before bastion kept them): the
+    # grant rests on that sign-in, as one made at the consent page does, and its tokens say so.
+    auth_time: float | None = None
+    sign_in: SignInContext = UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -447,7 +461,7 @@ _LIVE_DELEGATIONS = (
 )
 _BACKCHANNEL_COLUMNS = (
     "request_id, client_id, username, resource, scope, binding_message, created_at, expires_at,"
-    " interval_seconds, status, answered_at, grant_id"
+    " interval_seconds, status, answered_at, grant_id, auth_time, acr, amr"
 )
 _GRANT_COLUMNS = (
     "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at, auth_time,"
@@ -457,6 +471,10 @@ _GRANT_COLUMNS = (
 
 def _grant(row: tuple) -> Grant:
     return Grant(*row[:11], sign_in=SignInContext.from_stored(row[11], row[12]))
+
+
+def _backchannel(row: tuple) -> BackchannelRequest:
+    return BackchannelRequest(*row[:13], sign_in=SignInContext.from_stored(row[13], row[14]))
 
 
 def _client(row: tuple) -> Client:
@@ -1109,7 +1127,7 @@ class OAuthStore:
                 return False
             self.db.execute(
                 "INSERT INTO oauth_backchannel_requests (auth_req_digest, last_polled_at,"
-                f" {_BACKCHANNEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f" {_BACKCHANNEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     digest(auth_req_id),
                     request.created_at,
@@ -1125,6 +1143,9 @@ class OAuthStore:
                     request.status,
                     request.answered_at,
                     request.grant_id,
+                    request.auth_time,
+                    request.sign_in.acr,
+                    request.sign_in.stored_amr(),
                 ),
             )
             return True
@@ -1136,7 +1157,7 @@ class OAuthStore:
             " WHERE auth_req_digest = ?",
             (digest(auth_req_id),),
         )
-        return BackchannelRequest(*rows[0]) if rows else None
+        return _backchannel(rows[0]) if rows else None
 
     def backchannel_request_by_id(self, request_id: str) -> BackchannelRequest | None:
         """The request shown on the page ``request_id`` names."""
@@ -1144,7 +1165,7 @@ class OAuthStore:
             f"SELECT {_BACKCHANNEL_COLUMNS} FROM oauth_backchannel_requests WHERE request_id = ?",
             (request_id,),
         )
-        return BackchannelRequest(*rows[0]) if rows else None
+        return _backchannel(rows[0]) if rows else None
 
     def pending_backchannel_requests(self, username: str, now: float) -> list[BackchannelRequest]:
         """The requests waiting for ``username``'s answer, oldest first."""
@@ -1154,7 +1175,7 @@ class OAuthStore:
             " ORDER BY created_at, request_id",
             (username, now),
         )
-        return [BackchannelRequest(*row) for row in rows]
+        return [_backchannel(row) for row in rows]
 
     def poll_backchannel_request(self, auth_req_id: str, now: float, step: int) -> int | None:
         """Count one poll of the token endpoint. None when it came at least the request's
@@ -1178,15 +1199,26 @@ class OAuthStore:
             return rows[0][0] if rows else None
 
     def answer_backchannel_request(
-        self, request_id: str, username: str, status: str, now: float
+        self, request_id: str, login: SessionLogin, status: str, now: float
     ) -> bool:
-        """Record the person's answer ("approved" or "denied"); False unless the request is
+        """Record the person's answer ("approved" or "denied"), given from the login session
+        ``login`` (when and how they signed in is kept with it); False unless the request is
         theirs, still pending and not expired (exactly one answer ever counts)."""
         rows = self.db.execute(
-            "UPDATE oauth_backchannel_requests SET status = ?, answered_at = ?"
+            "UPDATE oauth_backchannel_requests SET status = ?, answered_at = ?, auth_time = ?,"
+            " acr = ?, amr = ?"
             " WHERE request_id = ? AND username = ? AND status = 'pending' AND expires_at > ?"
             " RETURNING request_id",
-            (status, now, request_id, username, now),
+            (
+                status,
+                now,
+                login.authenticated_at,
+                login.sign_in.acr,
+                login.sign_in.stored_amr(),
+                request_id,
+                login.username,
+                now,
+            ),
         )
         return bool(rows)
 
@@ -1221,9 +1253,10 @@ class OAuthStore:
         first and is seen here, or waits for this commit and then finds the grant.
 
         A user's grant: the user must be one of bastion's (any name with ``strangers``: an
-        identity provider's users) and not disabled, and ``authorized_at`` (when they signed in,
-        approved, or their provider vouched for them; None: not known) must come after the
-        last revocation of all their grants. Its client must not be revoked (its row shared-
+        identity provider's users) and not disabled, and ``authorized_at`` (when they signed in:
+        for a consent or a CIBA approval, to the session they answered from; or when their
+        provider vouched for them; None: not known) must come after the last revocation of all
+        their grants. Its client must not be revoked (its row shared-
         locked on PostgreSQL, so that `revoke_client` either comes first or finds the grant). A
         delegated grant: its parent grant, and the access token it is exchanged from, must be
         live (their rows locked on PostgreSQL, so that no delegation outlives either)."""

@@ -14,9 +14,12 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import pytest
 
+from bastion.db import Database
 from bastion.facts.model import Entity
-from bastion.oauth import registration
+from bastion.oauth import registration, store
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
+from bastion.oauth.sign_in_context import SignInContext
+from bastion.oauth.store import digest
 from bastion.oauth.users import create_user
 from tests import clients
 from tests.waits import eventually
@@ -30,6 +33,7 @@ from .support import (
     running_bastion,
 )
 from .test_commands import run, write_config
+from .test_introspection_audit import claims
 
 IAT = {"Authorization": "Bearer initial-access-token-for-tests"}
 INTERVAL = 5
@@ -413,6 +417,116 @@ def test_a_poll_naming_another_resource_than_the_one_approved_is_refused(bastion
     response = poll(bastion, client, ack["auth_req_id"], resource=bastion.resource)
     assert response.status_code == 200, response.text
     bastion.server.verifier.verify(response.json()["access_token"], resource=bastion.resource)
+
+
+# When and how the person who approved signed in
+
+
+def authenticated_at(bastion: Bastion, browser: httpx.Client) -> int:
+    """When the browser's login session signed in (OpenID Connect ``auth_time``), as stored."""
+    (row,) = bastion.db.execute(
+        "SELECT authenticated_at FROM oauth_sessions WHERE session_digest = ?",
+        (digest(browser.cookies["bastion_session"]),),
+    )
+    return int(row[0])
+
+
+def test_the_token_says_when_and_how_the_person_who_approved_signed_in(any_database: Bastion):
+    bastion = any_database
+    client = ciba_client(bastion, grant_types=[CIBA_GRANT_TYPE, "refresh_token"])
+    browser = signed_in(bastion, "alice")
+    # The approval comes long after the sign-in, from the same session: the sign-in is what
+    # the token says, as a consent's token does (a policy's requires_recent_auth reads it).
+    bastion.clock.advance(3600)
+    ack = requested(bastion, client)
+    answer(browser, only_pending_url(bastion), "approve")
+    tokens = wait_and_poll(bastion, client, ack["auth_req_id"]).json()
+    said = {"auth_time": authenticated_at(bastion, browser), "amr": ["pwd"]}
+    carried = claims(tokens["access_token"])
+    assert {k: carried.get(k) for k in ("auth_time", "amr", "acr")} == {**said, "acr": None}
+    refreshed = bastion.http.post(
+        f"{bastion.url}/token",
+        data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+        headers=basic(client),
+    )
+    assert refreshed.status_code == 200, refreshed.text
+    assert {k: claims(refreshed.json()["access_token"]).get(k) for k in said} == said
+    asker = introspecting_client(bastion)
+    answered = bastion.http.post(
+        f"{bastion.url}/introspect", data={"token": tokens["access_token"]}, headers=basic(asker)
+    ).json()
+    assert {k: answered.get(k) for k in said} == said
+
+
+def test_an_identity_providers_acr_and_amr_reach_the_token_through_the_approval(bastion: Bastion):
+    """A session made by a sign-in at the company's provider keeps its ``acr`` and ``amr``
+    (`bastion.identity.oidc_login` makes it as here); approving from it, the token says so."""
+    session = bastion.server.store.create_session(
+        "alice", bastion.clock(), 3600, SignInContext("phr", ("hwk", "mfa"))
+    )
+    browser = clients.client(follow_redirects=False, timeout=10)
+    browser.cookies.set("bastion_session", session)
+    client = ciba_client(bastion)
+    ack = requested(bastion, client)
+    answer(browser, only_pending_url(bastion), "approve")
+    carried = claims(wait_and_poll(bastion, client, ack["auth_req_id"]).json()["access_token"])
+    assert (carried["acr"], carried["amr"]) == ("phr", ["hwk", "mfa"])
+    assert carried["auth_time"] == authenticated_at(bastion, browser)
+
+
+def test_an_approval_counts_no_more_than_a_consent_from_the_same_session(bastion: Bastion):
+    """Every grant of alice revoked as of a time after her sign-in and before her answer: a
+    revocation that read its clock before she approved and committed after (or ran on a replica
+    a second behind). It ended her session; the approval she gave from it is refused, as a
+    consent from it is: both rest on the sign-in, not on the click."""
+    client = ciba_client(bastion)
+    browser = signed_in(bastion, "alice")
+    since = bastion.clock()
+    ack = requested(bastion, client)
+    bastion.clock.advance(60)
+    answer(browser, only_pending_url(bastion), "approve")
+    bastion.server.store.revoke_user_grants("alice", since + 30, "test", actor="test")
+    response = wait_and_poll(bastion, client, ack["auth_req_id"])
+    assert_oauth_error(response, "access_denied")
+    assert "revoked after the sign-in" in response.json()["error_description"]
+    assert not bastion.db.execute(
+        "SELECT * FROM oauth_grants WHERE client_id = ?", (client["client_id"],)
+    )
+
+
+def test_a_request_approved_before_the_upgrade_rests_on_no_known_sign_in(database_url, tmp_path):
+    """Rows answered by the release before kept no sign-in: such an approval is redeemed with
+    a token that says nothing of it while no revocation of all the person's grants was ever
+    recorded, and refused once one was, as a legacy session is."""
+    added = next(i for i, m in enumerate(store._MIGRATIONS) if "backchannel_requests ADD" in m)
+    db = Database(database_url)
+    db.migrate("oauth", store._MIGRATIONS[:added])  # the schema of the release before
+    db.execute(
+        "INSERT INTO oauth_clients (client_id, secret_digest, client_name, redirect_uris,"
+        " grant_types, token_endpoint_auth_method, scope, source, may_introspect, metadata,"
+        " created_at) VALUES ('night-agent', ?, 'Night agent', '[]', ?,"
+        " 'client_secret_basic', 'tools:read', 'admin', 0, '{}', 0)",
+        (digest("night-agent-secret"), json.dumps([CIBA_GRANT_TYPE])),
+    )
+    with running_bastion(database_url, tmp_path) as bastion:
+        now = bastion.clock()
+        for auth_req_id in ("answered-before-1", "answered-before-2"):
+            bastion.db.execute(
+                "INSERT INTO oauth_backchannel_requests (auth_req_digest, last_polled_at,"
+                " request_id, client_id, username, resource, scope, binding_message,"
+                " created_at, expires_at, interval_seconds, status, answered_at, grant_id)"
+                " VALUES (?, ?, ?, 'night-agent', 'alice', ?, 'tools:read', NULL, ?, ?, 5,"
+                " 'approved', ?, NULL)",
+                (digest(auth_req_id), now - 60, auth_req_id, bastion.resource, now - 60,
+                 now + 600, now - 30),
+            )  # fmt: skip
+        client = {"client_id": "night-agent", "client_secret": "night-agent-secret"}
+        tokens = poll(bastion, client, "answered-before-1")
+        assert tokens.status_code == 200, tokens.text
+        assert not {"auth_time", "acr", "amr"} & claims(tokens.json()["access_token"]).keys()
+        bastion.server.store.revoke_user_grants("alice", now - 300, "test", actor="test")
+        assert_oauth_error(poll(bastion, client, "answered-before-2"), "access_denied")
+    db.close()
 
 
 # Single use
