@@ -34,10 +34,13 @@ SECURITY_HEADERS = {
 }
 
 _STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem}"
+    # Text others chose (a binding message, a client's name) may be one long word: it wraps
+    # inside the page, never runs off the side of a phone's screen where nobody reads it.
+    "body{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem;"
+    "overflow-wrap:anywhere}"
     "label{display:block;margin:.75rem 0 .25rem}"
     "input{width:100%;padding:.4rem;box-sizing:border-box}"
-    "button{margin:1rem .5rem 0 0;padding:.5rem 1rem}.error{color:#a00}code{overflow-wrap:anywhere}"
+    "button{margin:1rem .5rem 0 0;padding:.5rem 1rem}.error{color:#a00}"
     ".unverified{border:2px solid #b45309;background:#fff7ed;padding:0 .75rem;margin:1rem 0}"
     ".host{font-family:monospace;font-size:1.15em}.verified{color:#166534}"
     "details{margin-top:1.5rem;color:#555}"

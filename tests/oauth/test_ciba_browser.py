@@ -1,6 +1,7 @@
 """The OpenID CIBA approval page in a real browser (Debian's chromium, driven by Playwright, as in
 test_browser.py): a person signs in, reads the request and approves it while the client polls
-over real HTTP; the page cannot be framed, and a form posted by another page is refused."""
+over real HTTP; the page cannot be framed, a form posted by another page is refused, and on a
+phone's screen the whole binding message is in view."""
 
 # The browser fixtures come from tests/browser.py; tests name them as parameters.
 # ruff: noqa: F811
@@ -119,3 +120,25 @@ def test_a_form_posted_by_another_page_is_refused(
     assert page.get_by_role("heading", name="Form refused").is_visible()
     assert_oauth_error(wait_and_poll(bastion, agent, ack["auth_req_id"]), "authorization_pending")
     assert CIBA_GRANT_TYPE in agent["grant_types"]
+
+
+def test_a_long_binding_message_and_name_are_read_whole_on_a_phone(
+    bastion: Bastion, client: dict, tab: Tab
+):
+    """The person compares the binding message with what the agent shows, often on a phone: a
+    message or a client name of one long word wraps inside the page, none of it off to the side
+    where the person would have to scroll to read it."""
+    message = "Refund-order-4711-" + "x" * 60 + "-and-close-account"
+    agent = ciba_client(bastion, client_name="Night" + "-agent" * 30)
+    requested(bastion, agent, binding_message=message)
+    sign_in_at_authorize(tab, bastion, client)
+    page = tab.page
+    page.set_viewport_size({"width": 360, "height": 740})
+    page.goto(only_pending_url(bastion))
+    assert page.get_by_role("heading", name="Approve access?").is_visible()
+    assert page.locator("blockquote.binding").inner_text() == message
+    width = page.evaluate("window.innerWidth")
+    for shown in (page.locator("blockquote.binding strong"), page.locator(".unverified p")):
+        box = shown.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
