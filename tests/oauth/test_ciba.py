@@ -576,6 +576,59 @@ def test_two_polls_at_once_get_one_token(bastion: Bastion):
     )
 
 
+def test_polls_at_once_on_two_replicas_get_one_token(postgres_url, tmp_path):
+    """Two replicas (two servers, each with its own connections, one PostgreSQL) polled for
+    one approved request at the same moment: one token between them, one grant."""
+    from starlette.applications import Starlette
+
+    from bastion.oauth import AuthorizationServer
+
+    from .support import free_socket, serve
+
+    with running_bastion(postgres_url, tmp_path) as bastion:
+        db = Database(postgres_url)
+        replica = AuthorizationServer(bastion.server.settings, db, clock=bastion.clock)
+        sock = free_socket()
+        with serve(Starlette(routes=replica.routes()), sock) as other:
+            client = ciba_client(bastion)
+            ack = requested(bastion, client)
+            answer(signed_in(bastion, "alice"), only_pending_url(bastion), "approve")
+            bastion.clock.advance(INTERVAL)
+            start = threading.Barrier(8)
+            answers: list[httpx.Response] = []
+
+            def one(url: str) -> None:
+                with httpx.Client(timeout=10) as http:
+                    start.wait()
+                    answers.append(
+                        http.post(
+                            f"{url}/token",
+                            data={"grant_type": CIBA_GRANT_TYPE, "auth_req_id": ack["auth_req_id"]},
+                            headers=basic(client),
+                        )
+                    )
+
+            threads = [threading.Thread(target=one, args=(u,)) for u in [bastion.url, other] * 4]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            issued = [r for r in answers if r.status_code == 200]
+            assert len(answers) == 8 and len(issued) == 1, [r.text for r in answers]
+            assert {r.json()["error"] for r in answers if r.status_code != 200} <= {
+                "invalid_grant",
+                "slow_down",
+            }
+            grants = db.execute(
+                "SELECT grant_id FROM oauth_grants WHERE client_id = ?", (client["client_id"],)
+            )
+            assert len(grants) == 1
+            token = issued[0].json()["access_token"]
+            for server in (bastion.server, replica):
+                assert server.verifier.verify(token, bastion.resource).subject == "alice"
+        db.close()
+
+
 def test_refresh_token_only_with_that_grant_and_it_ends_with_what_was_approved(bastion: Bastion):
     client = ciba_client(bastion, grant_types=[CIBA_GRANT_TYPE, "refresh_token"])
     ack = requested(bastion, client)
