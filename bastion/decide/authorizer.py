@@ -137,6 +137,18 @@ class _Active:
         # the facts; later shapes are compiled by decisions, which hold it already.
         self.compiled = CompiledPolicy(loaded.program, index, limits, index_lock)
         defines = self.compiled.defines
+        asked = [_shape_key(name, mask) for name, mask in CONTRACT_SHAPES]
+        asked += [_shape_key(name, mask, True) for name, mask in STRICT_TOO]
+        # What compiling the shapes below certainly spends, counted first: a policy over the
+        # budget is refused before seconds of compiling find it so.
+        shapes = []
+        if defines("allow", 3):
+            shapes += [("allow", 3, mask, False) for mask in ("bbb", "bbf", "bfb")]
+        if defines("deny", 3):
+            shapes.append(("deny", 3, "bbb", True))
+        shapes += [(name, n, "b" * n, strict(name, n)) for name, n in loaded.program.clauses]
+        shapes += [(name, len(mask), mask, is_strict) for name, mask, is_strict in asked]
+        self.compiled.refuse_over_budget(shapes)
         self.allow = self.compiled.function("allow", 3, "bbb") if defines("allow", 3) else None
         # Strict (`Node.strict`): a deny rule whose body may hold but cannot be decided holds.
         # Every caller asks it through `proved_or_undecided` (or catches `Undecided`).
@@ -150,8 +162,6 @@ class _Active:
             self.compiled.function("allow", 3, "bfb")
         for name, arity in loaded.program.clauses:
             self.compiled.function(name, arity, "b" * arity, strict(name, arity))
-        asked = [_shape_key(name, mask) for name, mask in CONTRACT_SHAPES]
-        asked += [_shape_key(name, mask, True) for name, mask in STRICT_TOO]
         for key in asked:
             name, mask, is_strict = key
             if defines(name, len(mask)):

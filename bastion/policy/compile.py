@@ -25,8 +25,9 @@ length compiles within CPython's limits (100 indentation levels, 20 nested loops
 evaluation budget (see `runtime.py`) is spent where work can pile up: when a rule fetches the
 facts, entities or list items it will iterate over, in recursive calls, and at the entry of a
 shape whose one call makes more than `_FANOUT` calls of uncounted shapes. Compiling spends
-`PolicyLimits.policy_max_compiled_literals`; a compile that fails for any reason is a
-`PolicyError` naming the rule.
+`PolicyLimits.policy_max_compiled_literals`, a shape's rules all at once before any is generated;
+a load counts first what its shapes will certainly spend (`refuse_over_budget`). A compile that
+fails for any reason is a `PolicyError` naming the rule.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import itertools
 import re
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,6 +297,36 @@ class CompiledPolicy:
 
     # -- entry points -----------------------------------------------------------------------
 
+    @property
+    def literals(self) -> int:
+        """What compiling has spent of `PolicyLimits.policy_max_compiled_literals` so far."""
+        return self._literals
+
+    def refuse_over_budget(self, shapes: Iterable[tuple[str, int, str, bool]]) -> None:
+        """Refuse, before compiling any of them, shapes of question (predicate, arity, mask of
+        "b" and "f", strict) whose own rules need more literals than the compile budget holds.
+
+        A shape with no constant and no known type compiles every rule of its predicate at
+        least once: in its own function, or in a function specialised to the constant or the
+        type its dispatch routes the rule to (`_candidates` leaves out no rule for it, nor for
+        those the rules routed there). Two such shapes share none of those functions, so the
+        sum over distinct shapes of their rules' literals is at most what compiling them
+        spends (the rules they call come on top, and are counted as they are compiled). A
+        policy over it is refused as compiling it would be, without the seconds compiling
+        takes to get there: an 'and' of 13 'or's is 8,192 rules, compiled for each shape of
+        allow.
+        """
+        limit = self.limits.policy_max_compiled_literals
+        spent = self._literals
+        for name, arity, mask, _strict in dict.fromkeys(shapes):
+            if "c" in mask:  # a constant leaves rules out: not counted so
+                raise ValueError(f"a shape counted before compiling has no constant, got {mask}")
+            for clause in self.program.clauses.get((name, arity), ()):
+                spent += len(clause.body) + 1
+                if spent > limit:
+                    refused = _OverBudget(clause.location, limit)
+                    raise PolicyError([Diagnostic(clause.location, str(refused))])
+
     def function(self, name: str, arity: int, mask: str, strict: bool = False) -> Any:
         """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument);
         ``strict``, as a ``deny`` rule is asked (`Node.strict`: it may raise `Undecided`, which
@@ -535,6 +566,9 @@ class CompiledPolicy:
         clauses = self._candidates(node)
         clauses = self._dispatch_on_constant(out, node, clauses, args, is_bool)
         clauses = self._dispatch_on_type(out, node, clauses, is_bool)
+        # Spent for the whole shape before any of its rules is generated: a shape the budget
+        # cannot hold is refused without the seconds its thousands of rules would take.
+        self._spend(clauses)
         for clause in clauses:
             try:
                 self._clause(out, clause, node, args, is_bool)
@@ -578,6 +612,14 @@ class CompiledPolicy:
         if best is None:
             return list(clauses)
         return [clauses[i] for i in sorted(best)]
+
+    def _spend(self, clauses: Any) -> None:
+        """Charge ``clauses``, each with its literals and its head, to the compile budget."""
+        limit = self.limits.policy_max_compiled_literals
+        for clause in clauses:
+            self._literals += len(clause.body) + 1
+            if self._literals > limit:
+                raise _OverBudget(clause.location, limit)
 
     def _heads_at(self, key: tuple, clauses: Any, pos: int) -> _Heads:
         heads = self._heads.get((key, pos))
@@ -753,9 +795,6 @@ class CompiledPolicy:
             out.emit(2, f"yield from {call}")
 
     def _clause(self, out: _Emitter, clause: Clause, node: Node, args: list, is_bool: bool) -> None:
-        self._literals += len(clause.body) + 1
-        if self._literals > self.limits.policy_max_compiled_literals:
-            raise _OverBudget(clause.location, self.limits.policy_max_compiled_literals)
         env: dict[str, str] = {}
         statics: dict[str, Any] = {}  # variables bound to compile-time constants
         self._vtypes = {}

@@ -6,14 +6,17 @@ hang or a crash."""
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
 from bastion import Authorizer, Entity, PolicyError
 from bastion.decide import Variable
 from bastion.decide.contract import decide_chain
+from bastion.policy.compile import CompiledPolicy
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.limits import PolicyLimits
+from bastion.policy.loader import load
 from bastion.policy.runtime import STEP_CHUNK
 from bastion.server.config import ConfigError, ServerConfig
 
@@ -25,6 +28,7 @@ User, Doc, Hop = (
 
 
 DEFAULTS = PolicyLimits()
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
 def refused(text: str, limits: PolicyLimits = DEFAULTS) -> str:
@@ -135,6 +139,77 @@ def test_specialising_rules_cannot_multiply_the_compile_work_without_bound():
     text = "\n".join(rules) + "\nallow(a, b, c) if g1(a) and b = c;"
     message = refused(text, PolicyLimits(policy_max_compiled_literals=20_000))
     assert "policy_max_compiled_literals = 20000" in message
+
+
+def or_pairs(n: int) -> str:
+    """An 'and' of ``n`` 'or's: 2^n rules once distributed, each of n + 2 conditions."""
+    pairs = " and ".join(f"(context.x{i} = 1 or context.y{i} = 1)" for i in range(n))
+    return f"allow(a, b, c) if {pairs} and a = b and b = c;"
+
+
+@pytest.fixture
+def compiled_rules(monkeypatch):
+    """The rules the compiler generates code for, as (shape, rule) pairs, in order."""
+    seen: list[tuple] = []
+    generate = CompiledPolicy._clause
+
+    def counted(self, out, clause, node, args, is_bool):
+        seen.append((node, clause))
+        return generate(self, out, clause, node, args, is_bool)
+
+    monkeypatch.setattr(CompiledPolicy, "_clause", counted)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("pairs", "limits"),
+    [
+        (13, DEFAULTS),  # 8,192 rules, each compiled for 3 shapes of allow: seconds to refuse
+        (8, PolicyLimits(policy_max_compiled_literals=5_000)),
+    ],
+)
+def test_a_policy_whose_rules_alone_overrun_the_compile_budget_is_refused_before_compiling(
+    compiled_rules, pairs, limits
+):
+    # allow is compiled for authorize, list and actions at load, every one of its rules each
+    # time: counted from the rules, the budget is overrun before a line of code is generated.
+    limit = limits.policy_max_compiled_literals
+    message = refused(or_pairs(pairs), limits)
+    assert f"the limit is policy_max_compiled_literals = {limit}" in message
+    assert "<policy>:1:1" in message
+    assert compiled_rules == []
+
+
+def test_a_shape_over_the_compile_budget_is_refused_before_any_of_its_rules_is_compiled(
+    compiled_rules,
+):
+    # The rules of choose are reached through allow only, so the count before compiling
+    # sees them once (for the all-bound shape every rule gets); the shapes list and actions
+    # ask of them come on top, and overrun the budget: that shape compiles none of them.
+    text = or_pairs(8).replace("allow(a, b, c)", "choose(a, b, c)")
+    text += "\nallow(a, b, c) if choose(a, b, c);"
+    message = refused(text, PolicyLimits(policy_max_compiled_literals=5_000))
+    assert "the limit is policy_max_compiled_literals = 5000" in message
+    per_shape: dict = {}
+    for node, clause in compiled_rules:
+        per_shape.setdefault(node, []).append(clause)
+    rules = len(load([("<policy>", text)]).program.clauses[("choose", 3)])
+    assert rules == 256
+    assert {node.mask: len(done) for node, done in per_shape.items() if node.name == "choose"} == {
+        "bbb": rules
+    }
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("**/*.polar")), ids=lambda p: p.name)
+def test_a_policy_that_compiles_within_the_budget_is_not_refused_by_counting_first(path):
+    # The count before compiling is what compiling the load's shapes certainly spends, never
+    # more: a budget of exactly what the policy spends loads it, one less refuses it.
+    text = path.read_text()
+    spent = Authorizer(text)._active.compiled.literals
+    assert spent > 0
+    assert Authorizer(text, limits=PolicyLimits(policy_max_compiled_literals=spent))
+    message = refused(text, PolicyLimits(policy_max_compiled_literals=spent - 1))
+    assert f"policy_max_compiled_literals = {spent - 1}" in message
 
 
 def test_a_resource_with_many_permissions_loads_within_the_compile_budget():
