@@ -570,19 +570,21 @@ def compare(op: str, left: Any, right: Any) -> bool:
 
 def contains(q: Query, container: Any, item: Any) -> bool:
     """``item in container``, each item compared by `same`; searching a list spends a step per
-    item (a set is searched by hash, for nothing, unless a boolean may have been taken for a
-    number there: then a step per item)."""
+    item, and, for an ``item`` that is a list or an object, a step per value it holds for each
+    item compared with it (the comparison walks it: a search of 100 lists of 1,500 values for
+    another such list is 150,000 values compared, not 100); a set is searched by hash, for
+    nothing, unless a boolean may have been taken for a number there: then a step per item."""
     cls = container.__class__
     if cls is PolicyList or cls is list or cls is tuple:
         if item is MISSING:
             return False
-        q.steps -= len(container)
+        q.steps -= len(container) * _compared(item)
         if q.steps < 0:
             exhausted(q)
     elif item is MISSING or not isinstance(container, (list, tuple, set, frozenset)):
         return False
     elif isinstance(container, (list, tuple)):  # a subclass
-        q.steps -= len(container)
+        q.steps -= len(container) * _compared(item)
         if q.steps < 0:
             exhausted(q)
     if item not in container:  # at C speed: what `same` finds, == finds too
@@ -601,6 +603,12 @@ def contains(q: Query, container: Any, item: Any) -> bool:
     if kind is int or kind is float:
         return any(member == item and member.__class__ is not bool for member in container)
     return any(same(item, member) for member in container)
+
+
+def _compared(item: Any) -> int:
+    """The steps of comparing ``item`` with one value: 1, or the values a list or an object
+    holds (`size_of`), which a comparison with its like walks."""
+    return 1 if item.__class__ not in _NESTED_TYPES else size_of(item)
 
 
 def members(container: Any) -> Any:
