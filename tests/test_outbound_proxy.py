@@ -280,10 +280,17 @@ def test_a_host_in_egress_no_proxy_is_reached_directly(world):
     assert world["proxy"].connects() == []
 
 
-def test_a_name_resolving_to_the_metadata_service_is_refused_before_the_proxy_is_asked(world):
+def test_a_name_resolving_to_the_metadata_service_is_refused_before_the_proxy_is_asked(
+    world, caplog
+):
     _use(world["proxy"].url)
-    with pytest.raises(RemoteDocumentError, match="non-public address 169.254.169.254"):
+    with (
+        caplog.at_level(logging.INFO, logger="bastion.egress"),
+        pytest.raises(RemoteDocumentError, match="metadata.test resolves to a non-public address"),
+    ):
         anyio.run(fetch_json, "https://metadata.test/latest/meta-data/", world["limits"])
+    # The address is bastion's log's to name, not the refusal's (whoever chose the URL reads it).
+    assert "metadata.test resolves to non-public address 169.254.169.254" in caplog.text
     assert world["proxy"].connects() == []
 
 
@@ -576,11 +583,15 @@ def test_a_proxy_whose_certificate_is_untrusted_or_for_another_name_is_refused(w
 
 
 def test_a_name_resolving_to_the_metadata_service_is_refused_before_an_https_proxy_is_asked(
-    world, tls_front
+    world, tls_front, caplog
 ):
     _use(tls_front("p").url)
-    with pytest.raises(RemoteDocumentError, match="non-public address 169.254.169.254"):
+    with (
+        caplog.at_level(logging.INFO, logger="bastion.egress"),
+        pytest.raises(RemoteDocumentError, match="metadata.test resolves to a non-public address"),
+    ):
         anyio.run(fetch_json, "https://metadata.test/latest/meta-data/", world["limits"])
+    assert "metadata.test resolves to non-public address 169.254.169.254" in caplog.text
     assert world["proxy"].connects() == []
 
 
