@@ -192,8 +192,11 @@ def test_a_token_past_the_metadata_lifetime_is_checked_while_the_issuer_hangs(is
                 tasks.start_soon(check, done)
             # Every check ends while the one read of the metadata hangs.
             assert await eventually_async(lambda: all(d.is_set() for d in checks))
-            assert issuer["asked"].count("metadata") == 2
             assert metadata.reading
+            # The read began in the background; its request reaches the issuer when it does
+            # (after the checks, on a busy machine), and is the only one.
+            assert await eventually_async(lambda: issuer["asked"].count("metadata") >= 2)
+            assert issuer["asked"].count("metadata") == 2
             issuer["hung"].clear()
         assert await eventually_async(lambda: not metadata.reading)
 
