@@ -63,9 +63,10 @@ def spend_on_texts(q: Query, size: int) -> None:
 def _paid(
     function: Callable[..., Any], reads: Callable[..., int], count: int
 ) -> Callable[..., Any]:
-    """``function`` called by compiled code, with the query first: it spends on its texts. Only a
-    text of `CHARACTERS_PER_STEP` characters or more spends (so `reads` is asked only then): the
-    usual check, of short texts, pays one class and length test per argument."""
+    """``function`` of ``count`` arguments, called by compiled code with the query first: it
+    spends on its texts. Only a text of `CHARACTERS_PER_STEP` characters or more spends (so
+    `reads` is asked only then): the usual check, of short texts, pays one class and length test
+    per argument. Chosen by ``count``: the strict forms take ``*args``."""
     unit = CHARACTERS_PER_STEP
 
     def paid1(q: Query, a: Any) -> Any:
@@ -83,13 +84,7 @@ def _paid(
             spend_on_texts(q, reads(*args))
         return function(*args)
 
-    return (
-        paid1
-        if function.__code__.co_argcount == 1
-        else paid2
-        if function.__code__.co_argcount == 2
-        else paid
-    )
+    return paid1 if count == 1 else paid2 if count == 2 else paid
 
 
 @dataclass(frozen=True, slots=True)
