@@ -9,7 +9,9 @@ bytes: an id is not confirmed). Only those it was told to see the form; an ackno
 by anyone else is refused. With ``owner_may_acknowledge = false`` nobody the alert is about (its
 agent's owner, the user it acted for: `Alerts.acknowledgement_refusal`) sees the form: the page
 says why, and their acknowledgement is refused (403, saying why). The form carries a CSRF token
-bound to the session and the alert (`bastion.oauth.csrf`). Rendered with every value escaped, no scripts (`bastion.oauth.pages`).
+bound to the session and the alert (`bastion.oauth.csrf`). Rendered with every value escaped, no scripts (`bastion.oauth.pages`);
+the names in it, the alert's own among them (a rule may bind it to what an agent sent), as
+`bastion.names.readable` shows them.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class AlertPages:
 
     def _page(self, alert: Alert, person: str, session: str, refusal: str | None) -> Response:
         rows = [
-            ("Alert", alert.name),
+            ("Alert", readable(alert.name)),
             ("Severity", alert.severity),
             ("About", readable(alert.principal)),
             ("State", alert.state),
@@ -168,7 +170,7 @@ class AlertPages:
                 f"<input type=hidden name=csrf_token value='{token}'>"
                 "<button type=submit id=acknowledge>Acknowledge</button></form>"
             )
-        return pages.page(f"Alert: {alert.name}", f"<table>{table}</table>{form}")
+        return pages.page(f"Alert: {readable(alert.name)}", f"<table>{table}</table>{form}")
 
 
 def _when(epoch: float | None) -> str:

@@ -39,6 +39,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.ids import typed_id
+from bastion.names import readable
 from bastion.signals.behavior import BehaviorView
 from bastion.webhooks import (
     SettingsError,
@@ -97,6 +98,8 @@ _MIGRATIONS = [
 # The most bytes (UTF-8) of a principal as an alert names it: (name, principal) is indexed, and
 # PostgreSQL indexes no entry over 2,704 bytes (a name is at most 200 characters).
 MAX_PRINCIPAL_BYTES = 1500
+# The most characters of an alert's name (`alert_name`).
+MAX_NAME = 200
 # The most alerts one listing returns, through the API or the command line.
 MAX_LIST = 500
 # The most principals of the raising chains an alert keeps (`Alert.about`). One that holds this
@@ -116,6 +119,19 @@ def principal_text(principal: Entity | str) -> str:
         return who
     start = whole[: MAX_PRINCIPAL_BYTES - 100].decode("utf-8", "ignore")
     return f"{start}... sha256:{hashlib.sha256(whole).hexdigest()}"
+
+
+def alert_name(name: str) -> str:
+    """How an alert is named: as its rule names it up to `MAX_NAME` characters, else its start
+    and the SHA-256 digest of the whole; an empty name as ``""``. A rule may name its alert with
+    a value of the request (the tool called, an argument), and an alert refused for its name
+    was never raised: an agent chose not to be seen by sending a long or empty one."""
+    if not name:
+        return '""'
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{name[: MAX_NAME - 80]}... sha256:{digest}"
 
 
 class AlertError(ValueError):
@@ -583,7 +599,7 @@ class Alerts:
         settings = self.settings
         if settings.repeat_write_seconds <= 0:
             return False
-        key = (name, principal_text(principal))
+        key = (alert_name(name), principal_text(principal))
         now = self.clock()
         with self._lock:
             known = self._known.get(key)
@@ -757,8 +773,9 @@ class Alerts:
         the same alert again and tells nobody. ``chain``: the principals of the decision's
         chain (the user, the agents), whom it is about too (`Alert.about`). Does I/O: call
         from a worker thread."""
-        if not isinstance(name, str) or not name or len(name) > 200:
-            raise AlertError("an alert's name must be text of 1 to 200 characters")
+        if not isinstance(name, str):
+            raise AlertError(f"an alert's name must be text, not {type(name).__name__}")
+        name = alert_name(name)
         severity = severity_of(severity, name)
         whole = principal if isinstance(principal, str) else repr(principal)
         who = principal_text(principal)
@@ -982,7 +999,9 @@ class Alerts:
                 )
                 return alert
         alert = self.store.get(alert_id)  # AlertNotFound if there is none
-        raise AlertError(f"alert {alert_id} was acknowledged already, by {alert.acknowledged_by}")
+        raise AlertError(
+            f"alert {alert_id} was acknowledged already, by {readable(alert.acknowledged_by)}"
+        )
 
     def may_acknowledge(self, alert: Alert, person: str) -> bool:
         """Whether the signed-in user ``person`` is someone the alert was told to (its owner,

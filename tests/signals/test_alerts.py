@@ -654,6 +654,33 @@ def test_the_owner_acknowledges_on_the_page_and_nobody_else_can(bastion, tab, cl
     assert tab.console_errors == [] and tab.failed_requests == []
 
 
+def test_names_an_attacker_chose_read_as_themselves_on_the_alerts_page(bastion, tab):
+    """An alert's name may be bound by a rule to what the agent sent (a tool name, an
+    argument), and its principal is a client id anyone registers: on the page they are text,
+    never markup, and a character that does not show as itself (a right-to-left override, a
+    line break) reads as its escape, as in the webhook's text and on the command line (the
+    name was shown as it came: "gnp.exe" read as "exe.png")."""
+    from bastion.names import readable
+
+    name = "<img src=x onerror=alert(1)>\u202egnp.exe\nfine"
+    agent = Entity("Agent", "<script>alert(2)</script>\u202ecod.exe")
+    bastion.apply(inserts=[("has_relation", agent, "owner", Entity("User", "avery"))])
+    alert = bastion.app.state.alerts.raise_alert(name, "high", agent, "d-names")
+    dialogs = []
+    page = tab.page
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(f"{bastion.url}/alerts/{alert.id}")
+    sign_in(tab, "avery", bastion.password)
+    assert page.locator("#alert").inner_text() == readable(name)
+    assert "\\u202e" in page.locator("#alert").inner_text()
+    assert page.locator("#about").inner_text() == readable(repr(agent))
+    assert page.locator("h1").inner_text() == f"Alert: {readable(name)}"
+    assert page.title() == f"Alert: {readable(name)}"
+    assert page.locator("img").count() == 0 and page.locator("script").count() == 0
+    assert press(tab, "Acknowledge") == 200
+    assert dialogs == [] and tab.console_errors == []
+
+
 def test_an_alerts_page_is_there_only_for_whom_it_was_told(bastion, clock):
     """The page shows what was raised, about whom and by which decisions: only to those it was
     told to (owner, recipients, the managers it escalated to) and whoever acknowledged it. To
@@ -826,8 +853,8 @@ def test_the_store_dedupes_escalates_once_and_keeps_the_latest_decisions(databas
         assert alerts.acknowledge(later.id, "pat", "api").state == "acknowledged"
         now[0] += 10_000
         assert alerts.escalate_due() == []  # acknowledged: never escalated
-        with pytest.raises(AlertError):
-            alerts.raise_alert("", "low", agent)
+        with pytest.raises(AlertError, match="must be text"):
+            alerts.raise_alert(None, "low", agent)  # the policy's names are made text before
     finally:
         store.db.close()
 
@@ -1282,6 +1309,48 @@ def test_an_alert_about_an_entity_of_any_length_is_stored_and_counted_again(data
         assert short.principal == 'Tool{"desk/x"}'
     finally:
         db.close()
+
+
+def test_an_alert_whose_rule_names_it_with_what_an_agent_sent_is_raised_whatever_its_length(
+    database_url,
+):
+    """A rule may name its alert with a value of the request (the tool called, an argument):
+    past 200 characters, or empty, the alert was refused (logged) and never raised, so an agent
+    chose not to be seen by sending a long name. Past 200 characters it is named by its start
+    and the SHA-256 digest of the whole; empty, as ``""``; each is the same alert when raised
+    again, counted in memory too."""
+    from bastion import Authorizer
+    from bastion.decide.contract import decide_chain
+    from bastion.signals.alerts import MAX_NAME
+
+    authz = Authorizer(
+        """
+        actor User {}
+        actor Agent {}
+        resource Tool {}
+        alert(_a: Agent, name, "critical") if name = context.tool;
+        """
+    )
+    agent = Entity("Agent", "a")
+    now, told = [1000.0], []
+    with alerts_on(database_url, now, told) as alerts:
+        for tool in ("x" * 5000, "x" * 5000 + "y", ""):
+            chain = decide_chain(authz, [agent], "call", Entity("Tool", "t"), {"tool": tool})
+            [(principal, name, severity)] = chain.obligations.alerts
+            assert name == tool
+            first = alerts.raise_alert(name, severity, principal, "d1")
+            assert alerts.count_again(name, severity, principal, "d2")
+            assert alerts.write_repeats() == 1
+            again = alerts.raise_alert(name, severity, principal, "d3")
+            assert again.id == first.id and again.count == 3
+            assert 0 < len(first.name) <= MAX_NAME
+        long, longer, empty = sorted(alerts.store.list(), key=lambda a: a.first_at)
+        assert long.name.startswith("x" * 100) and "sha256:" in long.name
+        assert longer.name != long.name
+        assert empty.name == '""'
+        assert len(told) == 3
+        short = alerts.raise_alert("x" * MAX_NAME, "low", agent)
+        assert short.name == "x" * MAX_NAME
 
 
 def test_a_suspended_owner_cannot_acknowledge_an_alert_on_its_page(bastion):
