@@ -10,7 +10,7 @@ is refused (§5, ``invalid_dpop_proof``). A resource (the gateway) then takes th
 A proof (§4.2, checked per §4.3) is a JWT with ``typ: dpop+jwt``, an asymmetric ``alg`` of
 ``[oauth.dpop].algorithms``, the public key in ``jwk`` (never a private or symmetric one), and
 the claims ``jti``, ``htm`` (the request's method), ``htu`` (its URL without query and fragment,
-compared normalised), ``iat`` (at most ``max_age_seconds`` old, not in the future beyond the
+compared normalised: ASCII, its scheme and host without ASCII case), ``iat`` (at most ``max_age_seconds`` old, not in the future beyond the
 leeway) and, with an access token, ``ath`` (its SHA-256, base64url). Each ``jti`` is used once
 per key, remembered in the database every replica shares (`bastion.oauth.spent_jtis`).
 
@@ -96,7 +96,11 @@ class DPoPProof:
 
 def normalised_url(url: str) -> str:
     """``url`` as compared with ``htu`` (§4.3 item 9, RFC 3986 §6.2.2 and §6.2.3): the scheme
-    and host lowercased, a default port dropped, an empty path as ``/``; no query, no fragment."""
+    and host lowercased, a default port dropped, an empty path as ``/``; no query, no fragment.
+    "" for text that is no URL, or not in ASCII as every URI is (RFC 3986 §2): Python lowers
+    the host as ``str.lower``, which makes the Kelvin sign (U+212A) a "k"."""
+    if not url.isascii():
+        return ""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -222,11 +226,15 @@ class DPoPProofs:
             )
         if claims.get("htm") != method:
             raise InvalidDPoPProof(f"the DPoP proof's htm must be {method!r}, this request's")
-        htu = claims.get("htu")
-        if not isinstance(htu, str) or normalised_url(htu) != normalised_url(url):
+        htu, expected = claims.get("htu"), normalised_url(url)
+        if isinstance(htu, str) and not htu.isascii():
             raise InvalidDPoPProof(
-                f"the DPoP proof's htu must be {normalised_url(url)!r}, this request's URL"
+                "the DPoP proof's htu must be a URL in ASCII (RFC 3986; an international host"
+                f" in its A-label form), {expected!r}, this request's URL"
             )
+        # Text that is no URL is no request's URL, even another such text.
+        if not isinstance(htu, str) or not expected or normalised_url(htu) != expected:
+            raise InvalidDPoPProof(f"the DPoP proof's htu must be {expected!r}, this request's URL")
         iat = numeric_date(claims.get("iat"))
         if iat is None:
             raise InvalidDPoPProof("the DPoP proof needs iat, a time in seconds")

@@ -703,3 +703,25 @@ def test_a_bound_token_used_without_its_key_at_the_gateway_is_audited(bastion):
     oauth.refusals.flush(everything=True)
     rows = [e for e in oauth.audit.events("mcp.refused") if e.client_id == client["client_id"]]
     assert sum(e.detail.get("repeats", 1) for e in rows) == 3
+
+
+@pytest.mark.parametrize(
+    "htu",
+    ["https://bastion.\u212aelvin.test/token", "https://bastion.kelv\u0130n.test/token"],
+    ids=["kelvin-sign", "capital-i-with-dot"],
+)
+def test_a_proof_for_a_host_spelt_with_a_letter_that_is_not_ascii_is_for_another_url(
+    database_url, htu
+):
+    """``htu`` is compared with the scheme and host without case (§4.3, RFC 3986 §6.2.2.1), and
+    case is ASCII's alone: a URI is ASCII. Python's ``str.lower`` (and so ``urlsplit``'s
+    ``hostname``) makes the Kelvin sign (U+212A) a ``k``, so a proof its holder made for
+    another host would be taken for this one's. Refused, naming what is wrong, spending
+    nothing."""
+    proofs = DPoPProofs(DPoPSettings(), Database(database_url), leeway_seconds=30)
+    holder, url, jti = Holder(), "https://bastion.kelvin.test/token", uuid.uuid4().hex
+    with pytest.raises(InvalidDPoPProof, match="htu must be a URL in ASCII"):
+        proofs.use(holder.proof("POST", htu, jti=jti), "POST", url)
+    # ASCII case is still no difference, and the refused proof spent nothing.
+    same_url = "HTTPS://BASTION.KELVIN.TEST/token"
+    assert proofs.use(holder.proof("POST", same_url, jti=jti), "POST", url).jti == jti
