@@ -9,7 +9,11 @@ from urllib.parse import urlsplit
 def normalized_origin(value: str) -> str | None:
     """An HTTP(S) origin as browsers send it (RFC 6454: lowercase scheme and host, the port only
     if it is not the scheme's default), or None if ``value`` is no such origin (``null``, a path,
-    credentials...)."""
+    credentials, text that is not ASCII...). An origin is ASCII (§6.2: an international host in
+    its A-label form); Python lowers the host as ``str.lower``, which makes the Kelvin sign
+    (U+212A) a "k", so such text must not be lowered into the ASCII origin it is not."""
+    if not value.isascii():
+        return None
     try:
         parts = urlsplit(value.strip())
         port = parts.port

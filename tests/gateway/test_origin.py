@@ -64,13 +64,16 @@ def test_requests_without_origin_or_from_the_gateways_own_origin_are_served(bast
 
 
 def test_configured_origins_replace_the_default(tmp_path):
-    app = "https://app.example.com"
+    app = "https://kiosk.example.com"
     with start(tmp_path, gateway={"allowed_origins": [app]}) as bastion:
         token = bastion.token("sam", "deskhttp")
         assert _modern_call(bastion, token, app).status_code == 200
-        assert _modern_call(bastion, token, "https://app.example.com:443").status_code == 200
+        assert _modern_call(bastion, token, "https://KIOSK.example.com:443").status_code == 200
         assert _modern_call(bastion, token, bastion.url).status_code == 403
         assert _modern_call(bastion, token, EVIL).status_code == 403
+        # The Kelvin sign (U+212A), which Python lowers to "k", in UTF-8: another origin.
+        kelvin = "https://\u212aiosk.example.com".encode()
+        assert _modern_call(bastion, token, kelvin).status_code == 403
 
 
 @pytest.mark.parametrize(
@@ -80,6 +83,17 @@ def test_configured_origins_replace_the_default(tmp_path):
 def test_allowed_origins_must_be_origins(value):
     with pytest.raises(ConfigError, match="allowed_origins"):
         GatewayConfig.from_mapping({"allowed_origins": value})
+
+
+@pytest.mark.parametrize("letter", ["\u212a", "\u0130"], ids=["kelvin-sign", "capital-i-with-dot"])
+def test_an_origin_spelt_with_a_letter_that_is_not_ascii_is_no_origin(letter):
+    """A serialised origin is ASCII (RFC 6454 §6.2: an international host in its A-label form),
+    and Python lowers the Kelvin sign (U+212A) to "k": such text is no origin, never the ASCII
+    one it lowers to, in a request's ``Origin`` or in ``allowed_origins``."""
+    spelt = f"https://{letter}iosk.example.com"
+    assert normalized_origin(spelt) is None
+    with pytest.raises(ConfigError, match="allowed_origins"):
+        GatewayConfig.from_mapping({"allowed_origins": [spelt]})
 
 
 def test_origins_are_compared_as_browsers_send_them():
