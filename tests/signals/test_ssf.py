@@ -602,6 +602,11 @@ def _refusals(t: Transmitter):
         "aud nested in a list": (
             t.set_token(revoke, {}, sam, aud=[[AUDIENCE]]), {}, "invalid_audience"
         ),
+        # Compared exactly: the long s (U+017F) is "s" to str.casefold and "S" to str.upper.
+        "aud in another case or letter": (
+            t.set_token(revoke, {}, sam, aud=AUDIENCE.upper().replace("SSF", "\u017fsf")), {},
+            "invalid_audience",
+        ),
         "wrong typ": (t.set_token(revoke, {}, sam, header={"typ": "JWT"}), {}, "invalid_request"),
         "alg none": (unsigned, {}, "invalid_request"),
         "alg HS256": (hs, {}, "invalid_request"),
@@ -633,7 +638,7 @@ def _refusals(t: Transmitter):
 
 CASES = [
     "bad signature", "wrong iss", "wrong aud", "no aud", "aud of others only",
-    "aud nested in a list", "wrong typ", "alg none", "alg HS256", "stale iat",
+    "aud nested in a list", "aud in another case or letter", "wrong typ", "alg none", "alg HS256", "stale iat",
     "future iat", "no bearer", "wrong bearer", "wrong content type", "oversized body", "no jti",
     "empty jti", "a jti that is a number", "an exp claim", "a sub claim",
 ]  # fmt: skip
