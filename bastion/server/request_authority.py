@@ -170,7 +170,8 @@ def _entry(entry: object) -> tuple[bytes, int | None]:
     if not isinstance(entry, str):
         raise ValueError(f"allowed_hosts holds host names as strings, got {entry!r}")
     text = entry.strip().lower()
-    match = _ENTRY.fullmatch(text)
+    # Matched only as ASCII: str.lower makes the Kelvin sign (U+212A) a "k", a name it is not.
+    match = _ENTRY.fullmatch(text) if entry.isascii() else None
     problem = None
     if "*" in text:
         problem = (

@@ -328,6 +328,8 @@ def _load(tmp_path: Path, server: str, env: dict[str, str] | None = None) -> Ser
         "",
         "bastion example.com",
         "bücher.example",
+        # The Kelvin sign (U+212A), which str.lower makes a "k": not kiosk.example.com.
+        "\u212aiosk.example.com",
         "-bastion.example.com",
         "bastion..example.com",
         "300.1.1.1",
