@@ -34,6 +34,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from bastion.redaction import safe_url, without_url_secrets
+from bastion.retries import Backoff
 
 log = logging.getLogger("bastion.db")
 
@@ -366,6 +367,13 @@ _UNCONFIRMED = """
 # stops trusting it (`Listener.healthy`).
 _HEARTBEAT = 0.5
 _STALE_AFTER = 2.0
+# A `Listener` whose connection is lost tries again after `_LISTEN_RETRY_FIRST` seconds, doubled
+# at each further failure in a row up to `_LISTEN_RETRY_LONGEST` (each drawn between half and the
+# whole: `Backoff`). A database down for an hour is not tried by every replica twice a second at
+# the same moments; once it is back, a replica listens again (and catches up) within the longest
+# wait, and meanwhile reads the log or the database instead of trusting what it has heard.
+_LISTEN_RETRY_FIRST = 0.5
+_LISTEN_RETRY_LONGEST = 5.0
 # How long `Database.confirm_heard` waits. A listener that has handled no barrier by then has
 # answered nothing for `_STALE_AFTER` (so it reads the database instead of its memory), or has the
 # barrier waiting on its socket (`Listener.behind`), unless its owner set other bounds.
@@ -1129,7 +1137,10 @@ class Listener:
     up there on whatever was committed while it was not listening. `healthy` is true only while
     the connection is up and has answered within ``stale_after`` seconds (it is asked every
     ``heartbeat`` seconds), so a connection that hangs without an error is not trusted either.
-    ``name`` names the thread and the connection (see `application_name`).
+    ``name`` names the thread and the connection (see `application_name`). Attempts to connect
+    again back off (``retries``; by default from `_LISTEN_RETRY_FIRST` up to
+    `_LISTEN_RETRY_LONGEST` seconds), and an outage is logged once, when it begins and when it
+    ends, not at every attempt.
 
     A notification can reach this process before its thread has handled it (the thread waits
     for the GIL while a request is decided): `behind` tells, so that a caller who must not act
@@ -1156,8 +1167,10 @@ class Listener:
         heartbeat: float = _HEARTBEAT,
         stale_after: float = _STALE_AFTER,
         confirms: bool = False,
+        retries: Backoff | None = None,
     ) -> None:
         self.url = url
+        self.retries = retries or Backoff(_LISTEN_RETRY_FIRST, _LISTEN_RETRY_LONGEST)
         self.confirms = confirms
         self.mark = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:12]}"  # its row of listener_marks
         self._schema = ""  # the schema of its connection (`_register`): its barriers name it
@@ -1227,6 +1240,7 @@ class Listener:
                 os.close(fd)
 
     def _run(self) -> None:
+        down = False  # since the connection was lost, until the LISTEN is in force again
         while not self._stopping.is_set():
             try:
                 with connect(self.url, self.name) as conn:
@@ -1240,6 +1254,10 @@ class Listener:
                         self._confirm(conn, barrier)
                     self._answered_at = time.monotonic()
                     self._fd = conn.fileno()
+                    self.retries.succeeded()
+                    if down:
+                        log.warning("%s: listening on %s again", self.name, self.channel)
+                        down = False
                     self._connected = True
                     self._follow(conn)
                     if self.confirms:
@@ -1247,13 +1265,15 @@ class Listener:
             except Exception as e:  # a dropped connection: reconnect, then catch up
                 self._lost()
                 if not self._stopping.is_set():
-                    log.warning(
+                    # Said once per outage, not at every attempt.
+                    (log.debug if down else log.warning)(
                         "%s: notifications on %s lost (%s); reconnecting",
                         self.name,
                         self.channel,
-                        e,
+                        first_line(e),
                     )
-                    self._stopping.wait(0.5)
+                    down = True
+                    self._stopping.wait(self.retries.after_failure())
         self._lost()
 
     def _lost(self) -> None:

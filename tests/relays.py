@@ -32,6 +32,7 @@ class Relay:
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.accepted = 0  # connections made to the relay, whatever became of them
         threading.Thread(target=self._accept, name="relay", daemon=True).start()
 
     @property
@@ -78,6 +79,7 @@ class Relay:
                 return
             with self._lock:
                 mode = self._mode
+                self.accepted += 1
             if mode == "drop":
                 threading.Thread(target=_read_then_end, args=(client,), daemon=True).start()
                 continue

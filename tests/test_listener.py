@@ -4,16 +4,20 @@ query. Real PostgreSQL; each test listens on a channel of its own."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import psycopg
 import pytest
 
 from bastion.db import Database, Listener, ensure_listener_marks
+from bastion.retries import Backoff
 from tests.conftest import POSTGRES_URL
+from tests.relays import Relay
 from tests.waits import PATIENCE, eventually
 
 
@@ -232,3 +236,117 @@ def test_a_stopped_listener_ends_at_once_not_at_its_next_heartbeat(channel):
     listener = listening(channel, Heard(), heartbeat=600)
     listener.stop(timeout=PATIENCE)
     assert not listener._thread.is_alive(), "the thread waited for its heartbeat"
+
+
+# An outage of the listener's database, local to one test: it reaches PostgreSQL through a relay
+# of its own, which the test cuts (its connection ends, every new one is closed at once) and
+# restores. The shared server is never stopped.
+
+
+@dataclass
+class Waits(Backoff):
+    """The listener's real `Backoff`, noting each wait it chose."""
+
+    chosen: list[float] = field(default_factory=list)
+
+    def after_failure(self) -> float:
+        wait = super().after_failure()
+        self.chosen.append(wait)
+        return wait
+
+
+def said(caplog, channel: str) -> list[str]:
+    """The warnings of `bastion.db` about the listener on ``channel``."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bastion.db" and r.levelno >= logging.WARNING and channel in r.getMessage()
+    ]
+
+
+def relayed(relay: Relay) -> str:
+    return POSTGRES_URL.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+
+
+def test_an_outage_is_said_once_not_at_every_attempt_and_its_end_once(channel, notify, caplog):
+    """While the database cannot be reached the listener tries again and again; it says the
+    connection is lost once, not at each attempt (every half second, per process, was a flood
+    for as long as the outage lasted), and once that it listens again, having caught up."""
+    caplog.set_level(logging.DEBUG, logger="bastion.db")
+    heard = Heard()
+    caught_up: list[bool] = []  # at each `on_listening`: whether the listener said it was healthy
+    with Relay(("127.0.0.1", 5432)) as relay:
+        listener = Listener(
+            relayed(relay),
+            channel,
+            on_notify=heard,
+            on_listening=lambda: caught_up.append(listener.healthy),
+            name="test-listener",
+            retries=Backoff(0.01, 0.05),  # many attempts soon
+        )
+        listener.start()
+        try:
+            assert eventually(lambda: listener.healthy and not listener.behind())
+            relay.cut()
+            before = relay.accepted
+            # Several attempts refused: the outage lasts.
+            assert eventually(lambda: relay.accepted >= before + 8)
+            assert not listener.healthy
+            notify("while down")  # not heard: what ``on_listening`` catches up on
+            assert len(said(caplog, channel)) == 1, said(caplog, channel)
+            relay.restore()
+            assert eventually(lambda: listener.healthy and listener.caught_up(0))
+            notify("after")
+            assert eventually(lambda: heard.payloads == ["after"])
+            # Caught up once at the start and once back, each time before it said it was healthy.
+            assert caught_up == [False, False]
+            lines = said(caplog, channel)
+            assert len(lines) == 2 and "again" in lines[1], lines
+        finally:
+            listener.stop()
+
+
+def test_the_attempts_of_an_outage_back_off_up_to_the_longest_wait_then_start_again(
+    channel, caplog
+):
+    """Each failed attempt is followed by the wait its `Backoff` chose, doubling up to the
+    longest (jittered: replicas do not all try a recovering database at one moment); nothing is
+    tried without such a wait; once listening, the next outage starts from the first wait."""
+    caplog.set_level(logging.DEBUG, logger="bastion.db")
+    waits = Waits(0.02, 0.16)  # ceilings 0.02, 0.04, 0.08, then 0.16
+    with Relay(("127.0.0.1", 5432)) as relay:
+        listener = Listener(
+            relayed(relay),
+            channel,
+            on_notify=Heard(),
+            on_listening=lambda: None,
+            name="test-listener",
+            retries=waits,
+        )
+        listener.start()
+        try:
+            assert eventually(lambda: listener.healthy and not listener.behind())
+            relay.cut()
+            before = relay.accepted
+            assert eventually(lambda: len(waits.chosen) >= 8)
+            attempts = relay.accepted - before
+            # Every attempt came after a wait the backoff chose (the loss, then each refusal).
+            assert attempts <= len(waits.chosen), (attempts, waits.chosen)
+            # Doubled up to the longest: from the fourth on, at least half the longest.
+            assert all(0.08 <= w <= 0.16 for w in waits.chosen[3:8]), waits.chosen
+            assert all(w <= 0.02 for w in waits.chosen[:1]), waits.chosen
+            relay.restore()
+            assert eventually(lambda: listener.healthy)
+            assert waits.failures == 0
+            # A second outage waits the first wait again, and is said once too.
+            waits.chosen.clear()
+            relay.cut()
+            assert eventually(lambda: len(waits.chosen) >= 3)
+            assert waits.chosen[0] <= 0.02, waits.chosen
+            relay.restore()
+            assert eventually(lambda: listener.healthy)
+            lines = said(caplog, channel)
+            assert len(lines) == 4, lines
+            assert ["again" in line for line in lines] == [False, True, False, True], lines
+        finally:
+            listener.stop()
