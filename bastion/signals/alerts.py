@@ -739,7 +739,8 @@ class Alerts:
 
     async def write_repeats_forever(self) -> None:
         """The background task: `write_repeats` every ``repeat_write_seconds`` (at shutdown the
-        server calls it once more)."""
+        server calls it once more). A database away is said once, not at every round."""
+        failing = False
         while True:
             await asyncio.sleep(self.settings.repeat_write_seconds or 1.0)
             if not (self._repeats or self._known):
@@ -747,9 +748,14 @@ class Alerts:
             try:
                 await anyio.to_thread.run_sync(self.write_repeats)
             except Exception as e:
-                log.warning(
+                (log.debug if failing else log.warning)(
                     "alerts: repeated raisings not written (%s); trying again", first_line(e)
                 )
+                failing = True
+            else:
+                if failing:
+                    log.warning("alerts: repeated raisings are written again")
+                failing = False
 
     def _remember(self, name: str, who: str, alert_id: str, now: float) -> None:
         with self._lock:
@@ -950,12 +956,21 @@ class Alerts:
         return done
 
     async def escalate_forever(self) -> None:
-        """The background task: escalate what is due, every ``escalation_poll_seconds``."""
+        """The background task: escalate what is due, every ``escalation_poll_seconds``. A
+        database away is said once, not at every round."""
+        failing = False
         while True:
             try:
                 await anyio.to_thread.run_sync(self.escalate_due)
             except Exception as e:
-                log.warning("alerts: could not escalate (%s); trying again", first_line(e))
+                (log.debug if failing else log.warning)(
+                    "alerts: could not escalate (%s); trying again", first_line(e)
+                )
+                failing = True
+            else:
+                if failing:
+                    log.warning("alerts: escalating again")
+                failing = False
             await asyncio.sleep(self.settings.escalation_poll_seconds or 1.0)
 
     # -- acknowledging ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import threading
 import time
@@ -31,7 +32,8 @@ from tests.approvals.test_webhooks import SECRET, Receiver
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.gateway.support import start
 from tests.oauth.support import free_socket, hidden_fields, serve
-from tests.waits import eventually
+from tests.relays import Relay
+from tests.waits import PATIENCE, eventually
 
 RULES = """
 declare manager(User, User);
@@ -1126,6 +1128,59 @@ def test_two_replicas_count_into_the_same_alert(database_url):
         [alert] = one.store.list()
         assert alert.count == 6 and len(told) == 1
         assert sorted(alert.decision_ids) == [f"d{i}" for i in range(6)]
+
+
+def test_a_database_outage_is_logged_once_by_each_background_round_not_at_every_round(
+    postgres_url, caplog
+):
+    """The rounds that write the raisings counted in memory (every ``repeat_write_seconds``,
+    1 s by default) and escalate what is due go on while the database is away, and say so once
+    each, not at every round; once it is back, once each that they work again, and what was
+    counted meanwhile is written. The outage is the test's own: it reaches PostgreSQL through a
+    relay it cuts."""
+    alerts_log = "bastion.signals.alerts"
+    caplog.set_level(logging.WARNING, logger=alerts_log)
+    now, told = [1000.0], []
+    agent = Entity("Agent", "c1")
+    with Relay(("127.0.0.1", 5432)) as relay:
+        url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+        with alerts_on(
+            url, now, told, repeat_write_seconds=0.01, escalation_poll_seconds=0.01
+        ) as alerts:
+            first = alerts.raise_alert("spike", "low", agent, "d0")
+            caplog.clear()
+
+            def said() -> list[str]:
+                return [r.getMessage() for r in caplog.records if r.name == alerts_log]
+
+            async def rounds() -> None:
+                tasks = [
+                    asyncio.create_task(alerts.write_repeats_forever()),
+                    asyncio.create_task(alerts.escalate_forever()),
+                ]
+                try:
+                    relay.cut()
+                    assert alerts.count_again("spike", "low", agent, "d1")
+                    before = relay.accepted
+                    # The database reconnected at most every 0.5 s meanwhile: many rounds each.
+                    while relay.accepted < before + 3:
+                        await asyncio.sleep(0.05)
+                    assert len(said()) == 2, said()
+                    relay.restore()
+                    async with asyncio.timeout(PATIENCE):
+                        while len(said()) < 4:
+                            await asyncio.sleep(0.05)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+
+            # In a thread of its own: the page tests of this module leave Playwright's loop
+            # running here.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, rounds()).result()
+            assert len(said()) == 4 and all("again" in line for line in said()[2:]), said()
+            assert alerts.store.get(first.id).count == 2
 
 
 def at_once(*works) -> list:
