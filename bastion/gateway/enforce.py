@@ -484,6 +484,7 @@ class Enforcer:
         spent: ApprovalRequest | None = None
         nobody: NoApprover | None = None  # why nobody could answer the hold, where nobody could
         unheld = ""  # the kind of that hold ("approval" or "review")
+        counted = False  # whether the rate limits' counters were asked about this message
         if result == "allow" and (
             obligations.requires_approval
             or obligations.requires_review
@@ -500,6 +501,7 @@ class Enforcer:
                 linked,
                 spent,
                 nobody,
+                counted,
             ) = await self._obligations(
                 authz,
                 decision_id,
@@ -567,7 +569,7 @@ class Enforcer:
                 if unheld
                 else None
             ),
-            counted=from_client,
+            counted=counted,
         )
         # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
         # towards a refusal burst: without any, nothing to raise.
@@ -634,13 +636,15 @@ class Enforcer:
         ApprovalRequest | None,
         ApprovalRequest | None,
         NoApprover | None,
+        bool,
     ]:
         """What an allowed message's approval, review and rate limits make of it: the decision
         (decided again with the approval in the context when one was given), its result, reason
         and retry delay, the hold to place (call, outcome), the review it is under, the
         approval request it is linked to, the approval it spent (marked in progress for
-        ``runs_for``), and why nobody could review its result, where nobody could (or answer
-        its pending request any more: `Approvals.check` closed it). A message not
+        ``runs_for``), why nobody could review its result, where nobody could (or answer
+        its pending request any more: `Approvals.check` closed it), and whether its rate limits'
+        counters were asked (none are for a message held or refused before them). A message not
         ``from_client`` (`decide`) is counted under no rate limit, and an approval it needs
         refuses it: no request is looked up, filed or spent for it."""
         result, reason, retry_after = "allow", "", None
@@ -655,7 +659,7 @@ class Enforcer:
             if not from_client:
                 # Nobody asked for it: a person would be asked to approve what no client sent,
                 # and an approval given for the client's next message must stay its own.
-                return chain, "deny", "requires_approval", None, None, None, None, None, None
+                return chain, "deny", "requires_approval", None, None, None, None, None, None, False
             call = self._call("approval", caller, server, method, action, resource, arguments)
             outcome = await self._where(call, retried)
             linked = outcome.request
@@ -715,7 +719,8 @@ class Enforcer:
                 held = (call, outcome)
             elif outcome.state == "refused":
                 result, reason, nobody = "deny", outcome.reason, outcome.nobody
-        if result == "allow" and from_client and chain.obligations.rate_limits:
+        counted = result == "allow" and from_client and bool(chain.obligations.rate_limits)
+        if counted:
             try:
                 retry_after = await self.limiter.admit(
                     chain.obligations.rate_limits, action, resource
@@ -734,7 +739,7 @@ class Enforcer:
         ):
             result, reason = "deny", refusal
         spent = spend if result == "allow" else None
-        return chain, result, reason, retry_after, held, review, linked, spent, nobody
+        return chain, result, reason, retry_after, held, review, linked, spent, nobody, counted
 
     def _refuse(
         self,
@@ -1220,12 +1225,15 @@ class Enforcer:
         started: float,
         position: tuple[int | None, int | None],
         approval: dict[str, str] | None = None,
-        counted: bool = True,
+        counted: bool = False,
     ) -> dict[str, Any]:
         """The decision record of ``chain`` (``shown``: ``resource`` as records spell it),
         counted and written if it is a refusal; an allowed one is written once its obligations
-        are applied. Not ``counted`` (what bastion sends a client unasked), the rate limits the
-        policy named are listed as ``rate_limits_not_counted``, and none as applied."""
+        are applied. ``counted``: the rate limits' counters were asked about the message (it
+        was counted under its limits, or refused by them: its result says which). Not (what
+        bastion sends a client unasked; a message held, or refused before the counters), the
+        rate limits the policy named are listed as ``rate_limits_not_counted``, and none as
+        applied."""
         question = (explained_principal(chain), action, resource)
         rules = self.explained.get(chain.generation, question, context)
         if (

@@ -28,9 +28,12 @@ from .support import start
 # and read its secret 4 times an hour.
 LIMIT = 4
 SECRET = 'McpResource{"lab/lab://secret"}'
+# Read only with a person's approval (the tests' policy), and limited too.
+HELD = 'McpResource{"lab/lab://held"}'
 POLICY = (
     f'\nrate_limit(_agent: Agent, "connect", McpServer{{"lab"}}, {LIMIT}, 3600);\n'
     f'rate_limit(_agent: Agent, "read", {SECRET}, {LIMIT}, 3600);\n'
+    f'rate_limit(_agent: Agent, "read", {HELD}, {LIMIT}, 3600);\n'
 )
 TOOLS_CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
 
@@ -188,3 +191,29 @@ def test_the_record_of_an_update_heard_again_says_its_rate_limit_was_not_counted
     limit = {"principal": again.principals[-1], "max": LIMIT, "seconds": 3600}
     assert again.obligations["rate_limits"] == [], again.obligations
     assert again.obligations["rate_limits_not_counted"] == [limit], again.obligations
+
+
+def test_the_record_of_a_call_held_before_it_was_counted_says_its_rate_limit_was_not_counted(
+    bastion,
+):
+    """A client's message is counted under its rate limits only once nothing else stops it
+    first: held for a person's approval, it was not counted, and its record (as a
+    notification's) lists the policy's limits apart, never among the limits applied. The
+    ``connect`` it was decided under first, counted, lists its own as applied."""
+    bastion.flush()
+    seq = bastion.records.last_seq()
+    headers = legacy_session(bastion, bastion.token("sam", "lab"), "lab")
+    body = {"jsonrpc": "2.0", "id": 3, "method": "resources/read"}
+    body["params"] = {"uri": "lab://held"}
+    answer = bastion.http.post(bastion.mcp_url("lab"), json=body, headers=headers).json()
+    assert answer["error"]["data"]["reason"] == "approval_pending", answer
+    bastion.flush()
+    [held] = [
+        r
+        for _, r in bastion.records.after(seq)
+        if r.target == HELD and 'User{"sam"}' in r.principals
+    ]
+    assert (held.result, held.reason) == ("held", "approval_pending")
+    limit = {"principal": held.principals[-1], "max": LIMIT, "seconds": 3600}
+    assert held.obligations["rate_limits"] == [], held.obligations
+    assert held.obligations["rate_limits_not_counted"] == [limit], held.obligations
