@@ -71,7 +71,8 @@ NOT_REPLAYABLE = {
     "refused_before_decision": "refused before any policy was asked (the kill switch, a tool"
     " or prompt not as pinned)",
     "rate_limit": "decided by a rate limit's counters",
-    "approval": "decided by people (an approval or a review) or the approval store",
+    "approval": "decided by what people answered (an approval or a review given, refused or"
+    " in use) or by the approval store, once the policy had asked for them",
     "session_labels": "decided by the session label store",
     "not_decided_by_policy": "its result or reason is not the policy's alone",
     "action_not_recorded": "written before records named their action, and another action"
@@ -100,11 +101,16 @@ _APPROVAL_REASONS = frozenset(
         "approval_limit",
         "approval_unavailable",
         "approval_used",
-        "approval_pending",
         "approval_in_progress",
-        "review_pending",
     }
 )
+# A call held for a person nobody has answered yet: the hold is the policy's (its
+# ``requires_approval`` or ``requires_review``), replayed as the policy's (`_held`).
+_HELD_BY_POLICY = frozenset({"approval_pending", "review_pending"})
+# Refused because the policy would hold it for a person, where the gateway holds nothing (what
+# it sends a client unasked, a listen filter's resource, an upstream's request to the client):
+# the policy's too, its hold replayed as that refusal (`Question.refuses_holds`).
+_HOLD_REFUSALS = frozenset({"requires_approval", "requires_review", "review_required"})
 _LABEL_REASONS = frozenset({"labels_unavailable", "labels_lost", "labels_full"})
 # Context fields the gateway works out only where a rule reads them: what the policy in force
 # then did not read is not in the record, and a candidate's answer on it would be a guess.
@@ -160,6 +166,10 @@ class Question:
     # Whether a field the API works out beside the caller's context (Oso Cloud's behaviour
     # figures, `_WORKED_OUT`) may have been given to the policy without being kept.
     worked_out: bool = False
+    # A gateway's message that is refused where the policy would hold it for a person (nobody
+    # waits on it: a notification, a listen filter's resource, an upstream's request to the
+    # client): a hold is replayed as that refusal (`_held`).
+    refuses_holds: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,12 +305,17 @@ def question_of(record: Recorded) -> Question:
     if record.result == "rate_limited" or reason == "rate_limit_unavailable":
         raise NotReplayable("rate_limit")
     obligations = record.obligations if isinstance(record.obligations, dict) else {}
-    if record.result == "held" or reason in _APPROVAL_REASONS or obligations.get("approval"):
-        raise NotReplayable("approval")
+    held_by_policy = record.result == "held" and reason in _HELD_BY_POLICY
+    refuses_holds = record.result == "deny" and reason in _HOLD_REFUSALS
+    if not (held_by_policy or refuses_holds) and (
+        record.result == "held" or reason in _APPROVAL_REASONS or obligations.get("approval")
+    ):
+        raise NotReplayable("approval")  # a person's answer, or the store's, decided it
     if reason in _LABEL_REASONS:
         raise NotReplayable("session_labels")
-    if record.result not in _POLICY_RESULTS or (
-        record.result == "deny" and reason not in _POLICY_REFUSALS
+    if not (held_by_policy or refuses_holds) and (
+        record.result not in _POLICY_RESULTS
+        or (record.result == "deny" and reason not in _POLICY_REFUSALS)
     ):
         raise NotReplayable("not_decided_by_policy")
     context = _context_at(record)
@@ -321,6 +336,7 @@ def question_of(record: Recorded) -> Question:
         else frozenset(),
         auth_time if type(auth_time) is int else None,
         record.at,
+        refuses_holds=refuses_holds or record.method.startswith("notifications/"),
     )
 
 
@@ -645,7 +661,7 @@ def _decide(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> 
         lambda: question.at,
     )
     if result == "allow":
-        result, reason = _held(chain)
+        result, reason = _held(chain, question.refuses_holds)
     return _Answer(result, reason, chain)
 
 
@@ -720,14 +736,16 @@ def _at(value: Any, path: tuple) -> Any:
     return value
 
 
-def _held(chain: ChainDecision) -> tuple[str, str]:
+def _held(chain: ChainDecision, refused: bool = False) -> tuple[str, str]:
     """An allowed answer that a person must approve, or whose result a person must review, is
-    held (as the gateway holds it): a record allowed without either was not."""
+    held (as the gateway holds it): a record allowed without either was not. ``refused``: of a
+    message the gateway holds nothing of (`Question.refuses_holds`), refused instead, with the
+    obligation as its reason, as the gateway refuses it."""
     obligations = chain.obligations
     if obligations.requires_approval and not obligations.approval_granted:
-        return "held", "approval_required"
+        return ("deny", "requires_approval") if refused else ("held", "approval_required")
     if obligations.requires_review:
-        return "held", "review_required"
+        return ("deny", "requires_review") if refused else ("held", "review_required")
     return "allow", ""
 
 
@@ -742,9 +760,10 @@ def _rules(
     asked = (question.action, question.resource)
     try:
         with authz.session(question.context) as s:
-            if result != "held":
+            if result != "held" and reason not in _HOLD_REFUSALS:
                 return tuple(s.explain(explained_principal(chain), *asked).rules())
-            held = "requires_approval" if reason == "approval_required" else "requires_review"
+            approval = reason in ("approval_required", "requires_approval")
+            held = "requires_approval" if approval else "requires_review"
             rules: list[str] = []
             for principal in question.principals:
                 rules += (r for r in s.prove(held, principal, *asked).rules() if r not in rules)
