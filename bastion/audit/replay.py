@@ -68,8 +68,10 @@ NOT_REPLAYABLE = {
     " those that passed",
     "no_context": "its context, or the time in it, was not recorded",
     "facts_stale": "refused because the facts were too old to decide on",
-    "refused_before_decision": "refused before any policy was asked (the kill switch, a tool"
-    " or prompt not as pinned)",
+    "refused_before_decision": "refused before any policy was asked (a tool or prompt not as"
+    " pinned)",
+    "suspended": "refused by the kill switch (a suspended agent, user or session), before the"
+    " policy was asked or when what it let through was to be held for people",
     "rate_limit": "decided by a rate limit's counters",
     "approval": "decided by what people answered (an approval or a review given, refused or"
     " in use) or by the approval store, once the policy had asked for them",
@@ -299,6 +301,9 @@ def question_of(record: Recorded) -> Question:
         raise NotReplayable("facts_stale")
     if record.method == DELEGATION_METHOD:
         return _exchange_question(record)
+    if record.reason == "suspended":
+        # Wherever it found the suspension: at the door, or at the hold the policy asked for.
+        raise NotReplayable("suspended")
     if not record.deciding_principal:  # only the refusals made before any policy name none
         raise NotReplayable("refused_before_decision")
     reason = record.reason
@@ -354,7 +359,7 @@ def _service_question(record: LoggedDecision) -> Question:
     if request.get("context_facts"):
         raise NotReplayable("context_facts_not_kept")
     if record.reason == "suspended":
-        raise NotReplayable("refused_before_decision")
+        raise NotReplayable("suspended")
     if record.result not in ("allow", "deny"):
         raise NotReplayable("not_decided_by_policy")
     api, worked_out = api_of(record)

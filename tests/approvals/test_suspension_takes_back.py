@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from bastion.approvals.service import NoApprover, NotAllowed
+from bastion.audit.replay import NotReplayable, question_of
 from bastion.db import Database
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
@@ -237,6 +238,14 @@ def lagging(bastion, monkeypatch) -> None:
     monkeypatch.setattr(bastion.app.state.gateway.enforcer, "suspensions", Suspensions())
 
 
+def replayed_as(bastion, answer: dict) -> str:
+    """Why ``bastion audit replay`` does not replay the record of the refusal ``answer``."""
+    record = bastion.records.get(answer["error"]["data"]["decision_id"])
+    with pytest.raises(NotReplayable) as why:
+        question_of(record)
+    return why.value.reason
+
+
 def refusal(bastion, answer: dict) -> tuple:
     """What a refusal of the kill switch's shows: the agent's error (what it says the refusal
     means, its data but the decision id), the record's result, reason, who it notes suspended,
@@ -277,11 +286,16 @@ def test_a_call_a_lagging_gateway_passes_to_be_held_is_refused_as_the_kill_switc
     lagging(bastion, monkeypatch)
     suspend(bastion.store, suspension("agent", agent), "test")
     try:
-        at_hold = refusal(bastion, call_tool(bastion, token, {"query": query}))
+        answer = call_tool(bastion, token, {"query": query})
+        at_hold = refusal(bastion, answer)
+        # Replay says the kill switch refused it (the policy had asked for the hold).
+        assert replayed_as(bastion, answer) == "suspended"
         monkeypatch.undo()  # heard: refused at the door, before the policy is asked
         heard = bastion.app.state.gateway.enforcer.suspensions
         assert eventually(lambda: heard.first((Entity("Agent", agent),)) is not None)
-        at_door = refusal(bastion, call_tool(bastion, token, {"query": query}))
+        answer = call_tool(bastion, token, {"query": query})
+        at_door = refusal(bastion, answer)
+        assert replayed_as(bastion, answer) == "suspended"
     finally:
         assert resume(bastion.store, suspension("agent", agent), "test").deleted == 1
     refused_so = (
@@ -331,6 +345,8 @@ def test_a_result_a_lagging_gateway_would_hold_for_review_is_withheld_as_the_kil
     assert (result, reason, noted) == ("deny", "suspended", f'Agent{{"{agent}"}}')
     assert obligations["approval"] == {"kind": "review"}
     assert raised == [("suspended_still_calling", "high", f'Agent{{"{agent}"}}')]
+    # The kill switch's refusal, not what people answered: replay says so.
+    assert replayed_as(bastion, answer) == "suspended"
     pending = bastion.app.state.approvals.listed(status="pending", limit=200)
     assert [r.id for r in pending if r.client_id == agent] == []  # nothing kept
 
