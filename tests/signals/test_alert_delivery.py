@@ -72,8 +72,8 @@ def deliver(webhooks: AlertWebhooks, alert_id: str) -> None:
 
 def test_a_receiver_refuses_an_alert_replayed_altered_or_reordered_and_no_secret_shows(
     sqlite_url,
-    receivers,
-    caplog,  # noqa: F811 (the fixture)
+    receivers,  # noqa: F811 (the fixture)
+    caplog,
 ):
     """The notification of an alert verifies once, as sent; posted again by whoever captured it
     more than 5 minutes later, with a byte of its body changed, with its keys in another order
