@@ -8,7 +8,9 @@ than it: then it is open again and told again. A new alert is told to the princi
 within ``escalate_after_seconds``, it is told again naming the owner's manager (a stored fact
 ``manager(User{...}, User{...})``). The state lives in the database (``alerts`` table), so an
 escalation survives a restart. Notifications go through the shared signed-webhook outbox
-(`bastion.webhooks`, HMAC-SHA256 as RFC 2104).
+(`bastion.webhooks`, HMAC-SHA256 as RFC 2104); past ``notify_limit_count`` of them in a window
+of ``notify_limit_seconds`` (the deployment's, counted in the database) the rest are folded into
+one summary per window (`Alerts.tell_folded`), every alert stored all the same.
 
 Entry points: `Alerts.raise_alert` (any thread; does I/O), for alerts bastion raises itself and
 the ``alert(actor, name, severity)`` rules of the decision contract; `Alerts.count_again` (no I/O)
@@ -22,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -39,7 +42,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.ids import typed_id
-from bastion.names import readable
+from bastion.names import MAX_NAME_LENGTH, readable
 from bastion.signals.behavior import BehaviorView
 from bastion.webhooks import (
     SettingsError,
@@ -92,6 +95,20 @@ _MIGRATIONS = [
     """
     ALTER TABLE alerts ADD COLUMN about TEXT NOT NULL DEFAULT '[]';
     """,
+    # The notifications asked for in each window of ``notify_limit_seconds``, whichever replica
+    # asked (`Alerts._folds`): past ``most``, folded into the window's one summary, queued
+    # (``summed_at``) once the window is over (`Alerts.tell_folded`).
+    """
+    CREATE TABLE alert_notification_windows (
+        start DOUBLE PRECISION PRIMARY KEY,
+        seconds DOUBLE PRECISION NOT NULL,
+        most INTEGER NOT NULL,
+        asked INTEGER NOT NULL,
+        escalations_folded INTEGER NOT NULL,
+        summed_at DOUBLE PRECISION
+    );
+    CREATE INDEX alert_notification_windows_due ON alert_notification_windows (summed_at);
+    """,
 ]
 
 
@@ -106,6 +123,13 @@ MAX_LIST = 500
 # many may be about more, whom it cannot name: with ``owner_may_acknowledge = false`` nobody can
 # be shown not to be one of them, and it is not acknowledged (`Alerts.acknowledgement_refusal`).
 MAX_ABOUT = 200
+# The most decision ids an alert keeps (``max_decisions``, checked at start): each is in the
+# alert's row, rewritten at each raising, and in its escalation's webhook body.
+MAX_DECISIONS = 1000
+# The most notifications ``notify_limit_count`` lets through a window, and the longest window
+# (``notify_limit_seconds``): the summary of a window is sent when it ends.
+MAX_NOTIFY_LIMIT_COUNT = 10_000_000
+MAX_NOTIFY_LIMIT_SECONDS = 86_400.0
 
 
 def principal_text(principal: Entity | str) -> str:
@@ -179,6 +203,12 @@ class AlertSettings(WebhookDelivery):
     # How often raisings of an alert this process knows is within its cooldown, counted in
     # memory (`Alerts.count_again`), are written to its row.
     repeat_write_seconds: float = 1.0
+    # At most ``notify_limit_count`` notifications (new alerts, alerts open again, escalations)
+    # are sent one by one in each window of ``notify_limit_seconds``, counted in the database
+    # for every replica; the rest are folded into one critical summary sent when the window
+    # ends (`Alerts.tell_folded`). Every alert is stored all the same.
+    notify_limit_count: int = 100
+    notify_limit_seconds: float = 600.0
     # Where alerts are told (`bastion.webhooks`: signed, retried): the keys of `WebhookDelivery`,
     # with [[signals.alerts.webhooks]].
 
@@ -208,6 +238,15 @@ class AlertSettings(WebhookDelivery):
         ):
             if key in table:
                 values[key] = positive_seconds(f"signals.alerts.{key}", table[key], True)
+        if "notify_limit_seconds" in table:
+            key = "signals.alerts.notify_limit_seconds"
+            v = positive_seconds(key, table["notify_limit_seconds"])
+            if v > MAX_NOTIFY_LIMIT_SECONDS:
+                raise SettingsError(
+                    f"{key} must be at most {MAX_NOTIFY_LIMIT_SECONDS:.0f} (a day), got {v!r}:"
+                    " the summary of what a window folds is sent when the window ends"
+                )
+            values["notify_limit_seconds"] = v
         if "spike_ratio" in table:
             v = table["spike_ratio"]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
@@ -241,14 +280,31 @@ class AlertSettings(WebhookDelivery):
             values["owner_may_acknowledge"] = v
         if "fallback_recipients" in table:
             v = table["fallback_recipients"]
-            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            if not isinstance(v, list) or not all(
+                isinstance(x, str) and 0 < len(x) <= MAX_NAME_LENGTH for x in v
+            ):
                 raise SettingsError(
                     "signals.alerts.fallback_recipients must be a list of user names"
-                    ' (e.g. ["oncall"])'
+                    f' of 1 to {MAX_NAME_LENGTH} characters (e.g. ["oncall"])'
                 )
             values["fallback_recipients"] = tuple(repr(Entity("User", x)) for x in v)
-        if values.get("max_decisions", 1) < 1:
-            raise SettingsError("signals.alerts.max_decisions must be at least 1")
+        if not 1 <= values.get("max_decisions", 1) <= MAX_DECISIONS:
+            raise SettingsError(
+                f"signals.alerts.max_decisions must be 1 to {MAX_DECISIONS},"
+                f" not {values['max_decisions']!r}"
+            )
+        if "notify_limit_count" in table:
+            v = table["notify_limit_count"]
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int)
+                or not 1 <= v <= MAX_NOTIFY_LIMIT_COUNT
+            ):
+                raise SettingsError(
+                    "signals.alerts.notify_limit_count must be a whole number of 1 to"
+                    f" {MAX_NOTIFY_LIMIT_COUNT:,}, not {v!r}"
+                )
+            values["notify_limit_count"] = v
         return cls(**values)
 
 
@@ -298,6 +354,20 @@ class Alert:
             "acknowledged_at": self.acknowledged_at,
             "acknowledged_channel": self.acknowledged_channel or None,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedWindow:
+    """A window of ``notify_limit_seconds`` that asked for more notifications than its limit:
+    what its one summary tells (`Alerts.tell_folded`)."""
+
+    start: float
+    end: float
+    limit: int  # the notifications it sent one by one
+    folded: int  # the notifications it did not send one by one
+    escalations: int  # of those, escalations (the others: new alerts, or alerts open again)
+    recipients: tuple[str, ...]  # whom the summary names: the fallback recipients
+    url: str  # where the alerts are listed (`GET /v1/alerts?state=open`)
 
 
 _COLUMNS = (
@@ -463,8 +533,9 @@ class _Refusals:
 def prune_alerts(db: Database, before: float) -> dict[str, int]:
     """Delete the alerts last raised, acknowledged and escalated before ``before``, and due to
     escalate no later (the audit retention, `bastion.audit.retention`): an alert is kept as
-    long as the audit trail, acknowledged or not."""
-    return prune_rows(
+    long as the audit trail, acknowledged or not. So do the counts of the notification windows
+    over before it, once summed up or with nothing to sum up."""
+    pruned = prune_rows(
         db,
         "signals_alerts",
         "alerts",
@@ -473,6 +544,15 @@ def prune_alerts(db: Database, before: float) -> dict[str, int]:
         " AND COALESCE(escalate_at, 0) < ?",
         (before, before, before, before),
     )
+    windows = prune_rows(
+        db,
+        "signals_alerts",
+        "alert_notification_windows",
+        "start",
+        "start + seconds < ? AND (summed_at IS NOT NULL OR asked <= most)",
+        (before,),
+    )
+    return {**pruned, **windows}
 
 
 class AlertStore:
@@ -552,7 +632,10 @@ class Alerts:
     ``notify(alert, stage, recipients)`` tells people (stage "raised" or "escalated"); it is
     called in the transaction that stores the new alert or its escalation, so that what it
     writes on the alerts' database (the webhook outbox's rows) is written with it or not at all,
-    and one that fails undoes it. It must not wait on a receiver (the outbox only inserts)."""
+    and one that fails undoes it. It must not wait on a receiver (the outbox only inserts).
+    With ``notify_folded`` too, at most ``notify_limit_count`` notifications a window are sent
+    one by one, whichever replica asks (`_folds`); the rest are folded into the window's one
+    summary, ``notify_folded(window)``, queued when the window ends (`tell_folded`)."""
 
     def __init__(
         self,
@@ -562,6 +645,7 @@ class Alerts:
         issuer: str,
         notify: Callable[[Alert, str, tuple[str, ...]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        notify_folded: Callable[[FoldedWindow], None] | None = None,
     ) -> None:
         self.store = store
         self._fact_store: FactStore | None = None
@@ -569,6 +653,8 @@ class Alerts:
         self.authorizer = authorizer
         self.issuer = issuer.rstrip("/")
         self.notify = notify
+        # Tells a window's summary (`tell_folded`); None: no limit, each notification is sent.
+        self.notify_folded = notify_folded
         self.webhooks: Any = None  # the signed webhooks that `notify` queues for, if any
         self.clock = clock
         self._refusals: dict[str, _Refusals] = {}
@@ -581,6 +667,11 @@ class Alerts:
 
     def url(self, alert_id: str) -> str:
         return f"{self.issuer}/alerts/{alert_id}"
+
+    @property
+    def list_url(self) -> str:
+        """Where the open alerts are listed (the API), as a window's summary names it."""
+        return f"{self.issuer}/v1/alerts?state=open"
 
     # -- raising ---------------------------------------------------------------------------------
 
@@ -652,6 +743,7 @@ class Alerts:
         gone = set()
         try:
             with db.transaction():
+                reopened = []
                 # Each row read under its lock (as `raise_alert` reads it), taken in one order
                 # by every replica: neither writes over what the other added since it read.
                 for alert_id, repeats in sorted(taken.items()):
@@ -663,14 +755,21 @@ class Alerts:
                     if not rows:
                         gone.add(alert_id)
                         continue
-                    self._count_into(
-                        _alert(rows[0]),
+                    alert = _alert(rows[0])
+                    if self._count_into(
+                        alert,
                         repeats.count,
                         repeats.decisions,
                         repeats.last_at,
                         repeats.severity,
                         repeats.about,
-                    )
+                    ):
+                        reopened.append(alert)
+                # Told once every row is written: the window's row (`_folds`) is the last lock
+                # each transaction takes, so that none waits for a row another holds while
+                # holding the window's.
+                for alert in reopened:
+                    self._tell(self.store.get(alert.id), "raised", alert.recipients)
         except Exception:
             with self._lock:
                 for alert_id, repeats in taken.items():
@@ -692,10 +791,11 @@ class Alerts:
         last_at: float,
         severity: str,
         chain: Iterable[Entity | str] = (),
-    ) -> None:
+    ) -> bool:
         """Under the transaction that read ``alert``'s row under its lock: add ``count``
         raisings of it (their decision ids, the latest of their times, their most severe
-        severity, the principals of their chains), as `raise_alert` and `write_repeats` do."""
+        severity, the principals of their chains), as `raise_alert` and `write_repeats` do.
+        Whether that opened it again (the caller tells it, `_tell`)."""
         kept = alert.decision_ids
         kept = (*kept, *(d for d in decisions if d and d not in kept))[
             -self.settings.max_decisions :
@@ -721,8 +821,7 @@ class Alerts:
                 alert.id,
             ),
         )
-        if reopens:
-            self._tell(self.store.get(alert.id), "raised", alert.recipients)
+        return reopens
 
     def _forget_quiet(self) -> None:
         """Forget the alerts past their cooldown, which `count_again` no longer counts (looked
@@ -802,7 +901,8 @@ class Alerts:
             )
             if rows:
                 alert = _alert(rows[0])
-                self._count_into(alert, 1, (decision_id,), now, severity, chain)
+                if self._count_into(alert, 1, (decision_id,), now, severity, chain):
+                    self._tell(self.store.get(alert.id), "raised", alert.recipients)
                 self._remember(name, who, alert.id, now)
                 return self.store.get(alert.id)
             owner = self._owner(facts, whole)
@@ -955,13 +1055,18 @@ class Alerts:
             done.append(alert)
         return done
 
+    def _escalation_round(self) -> None:
+        self.escalate_due()
+        self.tell_folded()
+
     async def escalate_forever(self) -> None:
-        """The background task: escalate what is due, every ``escalation_poll_seconds``. A
-        database away is said once, not at every round."""
+        """The background task: escalate what is due, and sum up the windows over that folded
+        notifications (`tell_folded`), every ``escalation_poll_seconds``. A database away is
+        said once, not at every round."""
         failing = False
         while True:
             try:
-                await anyio.to_thread.run_sync(self.escalate_due)
+                await anyio.to_thread.run_sync(self._escalation_round)
             except Exception as e:
                 (log.debug if failing else log.warning)(
                     "alerts: could not escalate (%s); trying again", first_line(e)
@@ -1081,9 +1186,88 @@ class Alerts:
         return tuple(sorted(repr(f.fact[2]) for f in rows if isinstance(f.fact[2], Entity)))
 
     def _tell(self, alert: Alert, stage: str, recipients: tuple[str, ...]) -> None:
-        """Inside the transaction that stores what is told of: a failure undoes it."""
-        if self.notify is not None:
-            self.notify(alert, stage, recipients)
+        """Inside the transaction that stores what is told of: a failure undoes it. Past the
+        window's limit (`_folds`) it is not sent, but counted for the window's summary: the
+        alert, or its escalation, is stored all the same."""
+        if self.notify is None:
+            return
+        if self.notify_folded is not None and self._folds(stage):
+            log.info(
+                "alert %s %r: %s, not told (past notify_limit_count)", alert.id, alert.name, stage
+            )
+            return
+        self.notify(alert, stage, recipients)
+
+    # -- the notification limit ------------------------------------------------------------------
+
+    def _folds(self, stage: str) -> bool:
+        """Count a notification asked for (``stage``) in the window of ``notify_limit_seconds``
+        it falls in: whether it is past the window's limit, to be folded into its summary.
+        Counted in the database, one row per window whichever replica asks, in the transaction
+        that stores what it tells of: the row stays locked until it commits, so replicas count
+        one after the other, and an alert that is not stored is not counted. One asked for once
+        the window's summary is queued (a replica whose clock is behind) is sent: the summary
+        cannot name it any more."""
+        settings = self.settings
+        seconds = settings.notify_limit_seconds
+        start = math.floor(self.clock() / seconds) * seconds
+        db = self.store.db
+        db.execute(
+            "INSERT INTO alert_notification_windows"
+            " (start, seconds, most, asked, escalations_folded, summed_at)"
+            " VALUES (?, ?, ?, 0, 0, NULL) ON CONFLICT (start) DO NOTHING",
+            (start, seconds, settings.notify_limit_count),
+        )
+        [(asked, most, summed_at)] = db.execute(
+            "UPDATE alert_notification_windows SET asked = asked + 1,"
+            " escalations_folded = escalations_folded"
+            " + CASE WHEN asked >= most AND summed_at IS NULL THEN ? ELSE 0 END"
+            " WHERE start = ? RETURNING asked, most, summed_at",
+            (int(stage == "escalated"), start),
+        )
+        return asked > most and summed_at is None
+
+    def tell_folded(self) -> list[FoldedWindow]:
+        """Queue the one summary (`notify_folded`) of each window over, by this clock, that
+        folded notifications: marked summed up and told in one transaction, by a conditional
+        update, so that of replicas looking at once one tells it, once; one that cannot be
+        told is tried again at the next round. Does I/O."""
+        if self.notify_folded is None:
+            return []
+        now = self.clock()
+        db = self.store.db
+        told = []
+        with db.transaction():
+            rows = db.execute(
+                "UPDATE alert_notification_windows SET summed_at = ?"
+                " WHERE summed_at IS NULL AND start + seconds <= ?"
+                " RETURNING start, seconds, most, asked, escalations_folded",
+                (now, now),
+            )
+            for start, seconds, most, asked, escalations in sorted(rows):
+                if asked <= most:
+                    continue  # nothing folded: nothing to sum up
+                window = FoldedWindow(
+                    start,
+                    start + seconds,
+                    most,
+                    asked - most,
+                    escalations,
+                    self.settings.fallback_recipients,
+                    self.list_url,
+                )
+                self.notify_folded(window)
+                told.append(window)
+        for window in told:
+            log.warning(
+                "alerts: %d notifications (%d escalations) past the %d of the window from %s"
+                " were folded; its summary is told",
+                window.folded,
+                window.escalations,
+                window.limit,
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(window.start)),
+            )
+        return told
 
 
 def about_people(facts: FactStore, alert: Alert) -> dict[str, str]:
@@ -1132,4 +1316,5 @@ def alerts_from_config(
 
         alerts.webhooks = AlertWebhooks(settings, db, alerts.url)
         alerts.notify = alerts.webhooks.notify
+        alerts.notify_folded = alerts.webhooks.notify_folded
     return alerts

@@ -153,6 +153,37 @@ def test_alerts_go_once_raised_acknowledged_and_escalated_before_the_retention(d
     assert pruned_rows(db) == {"alerts": 2}
 
 
+def test_notification_windows_go_once_over_and_summed_up_before_the_retention(db):
+    """The count of each window of ``notify_limit_seconds`` (`Alerts._folds`) goes with the
+    alerts, once summed up or with nothing folded; one whose summary is not told yet stays."""
+    at = [OLD]
+    authz = Authorizer("actor User {}")
+    summed = []
+    alerts = Alerts(
+        AlertStore(db),
+        AlertSettings(notify_limit_count=1, notify_limit_seconds=600),
+        lambda: authz,
+        "https://b",
+        notify=lambda alert, stage, to: None,
+        clock=lambda: at[0],
+        notify_folded=summed.append,
+    )
+    for name in ("a", "b"):  # the second folded
+        alerts.raise_alert(name, "high", 'Agent{"a"}')
+    at[0] += 1200
+    [window] = alerts.tell_folded()
+    assert window.folded == 1
+    for name in ("c", "d"):  # folded, its summary not told yet
+        alerts.raise_alert(name, "high", 'Agent{"a"}')
+    unsummed = db.execute("SELECT start FROM alert_notification_windows WHERE summed_at IS NULL")
+    at[0] = NEW
+    alerts.raise_alert("e", "high", 'Agent{"a"}')
+    prune(db, 30, NOW, actor="test")
+    kept = db.execute("SELECT start FROM alert_notification_windows ORDER BY start")
+    assert kept == [*unsummed, (NEW // 600 * 600,)]
+    assert pruned_rows(db) == {"alerts": 4, "alert_notification_windows": 1}
+
+
 # -- tasks ----------------------------------------------------------------------------------------
 
 

@@ -340,6 +340,8 @@ class Running:
     # More bastion processes' worth of app on the same database and configuration (same issuer,
     # same resources), each on its own port: what replicas behind a load balancer would be.
     replicas: list[str] = field(default_factory=list)
+    # Their apps, in the same order (their state: `app.state.alerts`...).
+    replica_apps: list = field(default_factory=list)
 
     @property
     def store(self) -> FactStore:
@@ -614,8 +616,11 @@ def start(
             app.state.store.apply(facts(), actor="test")
             with clients.client(timeout=20) as http:
                 url = servers.serve(app, sock)
-                others = [servers.serve(create_app(config), free_socket()) for _ in range(replicas)]
-                yield Running(url, app, recorder, trace, http, lab_trace, replicas=others)
+                apps = [create_app(config) for _ in range(replicas)]
+                others = [servers.serve(other, free_socket()) for other in apps]
+                yield Running(
+                    url, app, recorder, trace, http, lab_trace, replicas=others, replica_apps=apps
+                )
 
     return running()
 

@@ -49,6 +49,7 @@ def alerts_with_webhooks(database: str, url: str, **values) -> Alerts:
     alerts = Alerts(AlertStore(db), settings, lambda: Authorizer(""), "https://bastion.test")
     alerts.webhooks = AlertWebhooks(settings, db, alerts.url, sweep_seconds=0.05)
     alerts.notify = alerts.webhooks.notify
+    alerts.notify_folded = alerts.webhooks.notify_folded
     return alerts
 
 
