@@ -34,7 +34,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from bastion.redaction import safe_url, without_url_secrets
-from bastion.retries import Backoff
+from bastion.retries import Backoff, Outage
 
 log = logging.getLogger("bastion.db")
 
@@ -1240,7 +1240,8 @@ class Listener:
                 os.close(fd)
 
     def _run(self) -> None:
-        down = False  # since the connection was lost, until the LISTEN is in force again
+        # From the connection's loss until the LISTEN is in force again: said once.
+        outage = Outage(log)
         while not self._stopping.is_set():
             try:
                 with connect(self.url, self.name) as conn:
@@ -1255,9 +1256,7 @@ class Listener:
                     self._answered_at = time.monotonic()
                     self._fd = conn.fileno()
                     self.retries.succeeded()
-                    if down:
-                        log.warning("%s: listening on %s again", self.name, self.channel)
-                        down = False
+                    outage.ended("%s: listening on %s again", self.name, self.channel)
                     self._connected = True
                     self._follow(conn)
                     if self.confirms:
@@ -1265,14 +1264,12 @@ class Listener:
             except Exception as e:  # a dropped connection: reconnect, then catch up
                 self._lost()
                 if not self._stopping.is_set():
-                    # Said once per outage, not at every attempt.
-                    (log.debug if down else log.warning)(
+                    outage.failed(
                         "%s: notifications on %s lost (%s); reconnecting",
                         self.name,
                         self.channel,
                         first_line(e),
                     )
-                    down = True
                     self._stopping.wait(self.retries.after_failure())
         self._lost()
 

@@ -1,13 +1,17 @@
-"""The waits between attempts at a step that keeps failing: exponential, capped, with jitter.
+"""A step that keeps failing: the waits between attempts (exponential, capped, with jitter), and
+what the log says of it (once when it begins to fail, once when it works again).
 
 A loop that tries an expensive step again (a replica's reload of every fact, a fact snapshot, a
 listener's registration) waits `Backoff.after_failure` seconds after each failure and calls
 `Backoff.succeeded` when it works; the first wait is the loop's ordinary one, so a step that
-fails once (a database blip) is tried again as soon as before.
+fails once (a database blip) is tried again as soon as before. A loop that runs for as long as
+the process does (a background round, a stream opened again) tells its `Outage` of each failure
+and success: a database away for an hour is one warning and one "again", not one a round.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
@@ -34,3 +38,53 @@ class Backoff:
     def succeeded(self) -> None:
         """The step worked: the next failure waits ``first`` again."""
         self.failures = 0
+
+
+class Outage:
+    """What ``log`` says of a step run again and again: its first failure (at ``level``, or
+    WARNING), the failures after it at DEBUG while they are of the same ``kind``, and once that
+    the step works again. A failure of another kind (`kind_of`: another error) is said again."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        # The kind of the failures under way; None while the step works.
+        self.failure: str | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.failure is not None
+
+    def failed(
+        self,
+        message: str,
+        *args: object,
+        kind: str = "",
+        level: int = logging.WARNING,
+        exc_info: bool = False,
+    ) -> bool:
+        """Note a failure and log ``message % args``: at ``level`` if it begins an outage or is
+        of another ``kind`` than the one before, else at DEBUG. True if it was said at
+        ``level``."""
+        first = self.failure != kind
+        self.failure = kind
+        # Attributed to the caller's line, not this one.
+        self.log.log(
+            level if first else logging.DEBUG, message, *args, exc_info=exc_info, stacklevel=2
+        )
+        return first
+
+    def ended(self, message: str, *args: object) -> bool:
+        """Note that the step worked; if it was failing, log ``message % args`` (a warning, as
+        its failure was). True if it was failing."""
+        if self.failure is None:
+            return False
+        self.failure = None
+        self.log.warning(message, *args, stacklevel=2)
+        return True
+
+
+def kind_of(error: BaseException) -> str:
+    """An error's class and the first line of its message: two failures of one kind are the
+    same failure again (`Outage`)."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__qualname__}: {line}"

@@ -17,6 +17,7 @@ from bastion.audit.chain import head
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.log import AuditLog
 from bastion.db import Database, first_line
+from bastion.retries import Outage
 
 # Its own logger, at INFO whatever the server's log_level: a checkpoint is evidence, not chatter.
 checkpoint_log = logging.getLogger("bastion.audit.checkpoint")
@@ -65,7 +66,7 @@ async def keep_chains_forever(db: Database, checkpoint_seconds: float) -> None:
     events: AuditLog | None = None
     logged: str | None = None
     due = 0.0
-    failing = False
+    outage = Outage(_log)
     while True:
         try:
             if events is None:
@@ -76,11 +77,7 @@ async def keep_chains_forever(db: Database, checkpoint_seconds: float) -> None:
             else:
                 await anyio.to_thread.run_sync(events.chain)
         except Exception as e:
-            if not failing:
-                _log.warning("chaining the audit trail failed (%s); trying again", first_line(e))
-            failing = True
+            outage.failed("chaining the audit trail failed (%s); trying again", first_line(e))
         else:
-            if failing:
-                _log.warning("the audit trail is chained again")
-            failing = False
+            outage.ended("the audit trail is chained again")
         await asyncio.sleep(CHAIN_INTERVAL)

@@ -26,6 +26,7 @@ from typing import Any
 from bastion.gateway.jsonrpc import RATE_LIMIT_UNAVAILABLE, RpcError
 from bastion.redaction import safe_url
 from bastion.redis_client import CLUSTER_SCHEMES, connect, run_script
+from bastion.retries import Outage
 
 log = logging.getLogger("bastion.gateway.follows")
 
@@ -127,7 +128,8 @@ class FollowLeases:
         self._take = self._redis.register_script(_TAKE)
         self._renew = self._redis.register_script(_RENEW)
         self._pending: set[asyncio.Task] = set()
-        self._failing = False
+        # Redis away, said once while renewals fail, and once that they work again.
+        self._outage = Outage(log)
 
     def key(self, server: str, subject: str) -> str:
         # The hash tag (in braces): a check's one key, on one node of a cluster.
@@ -211,18 +213,15 @@ class FollowLeases:
             if calls:
                 await self._run(calls)
         except self._errors as e:
-            if not self._failing:
-                log.error(
-                    "subscriptions cannot be renewed: Redis at %s: %s; they lapse after"
-                    " gateway.subscription_lease_seconds unless it answers again",
-                    safe_url(self.url),
-                    e,
-                )
-            self._failing = True
+            self._outage.failed(
+                "subscriptions cannot be renewed: Redis at %s: %s; they lapse after"
+                " gateway.subscription_lease_seconds unless it answers again",
+                safe_url(self.url),
+                e,
+                level=logging.ERROR,
+            )
             return 0
-        if self._failing:
-            log.warning("subscriptions are renewed in Redis again")
-            self._failing = False
+        self._outage.ended("subscriptions are renewed in Redis again")
         restored = sum(len(members) for _, _, members in calls)
         if restored:
             log.warning(

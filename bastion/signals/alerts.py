@@ -43,6 +43,7 @@ from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.ids import typed_id
 from bastion.names import MAX_NAME_LENGTH, readable
+from bastion.retries import Outage
 from bastion.signals.behavior import BehaviorView
 from bastion.webhooks import (
     SettingsError,
@@ -839,7 +840,7 @@ class Alerts:
     async def write_repeats_forever(self) -> None:
         """The background task: `write_repeats` every ``repeat_write_seconds`` (at shutdown the
         server calls it once more). A database away is said once, not at every round."""
-        failing = False
+        outage = Outage(log)
         while True:
             await asyncio.sleep(self.settings.repeat_write_seconds or 1.0)
             if not (self._repeats or self._known):
@@ -847,14 +848,11 @@ class Alerts:
             try:
                 await anyio.to_thread.run_sync(self.write_repeats)
             except Exception as e:
-                (log.debug if failing else log.warning)(
+                outage.failed(
                     "alerts: repeated raisings not written (%s); trying again", first_line(e)
                 )
-                failing = True
             else:
-                if failing:
-                    log.warning("alerts: repeated raisings are written again")
-                failing = False
+                outage.ended("alerts: repeated raisings are written again")
 
     def _remember(self, name: str, who: str, alert_id: str, now: float) -> None:
         with self._lock:
@@ -1063,19 +1061,14 @@ class Alerts:
         """The background task: escalate what is due, and sum up the windows over that folded
         notifications (`tell_folded`), every ``escalation_poll_seconds``. A database away is
         said once, not at every round."""
-        failing = False
+        outage = Outage(log)
         while True:
             try:
                 await anyio.to_thread.run_sync(self._escalation_round)
             except Exception as e:
-                (log.debug if failing else log.warning)(
-                    "alerts: could not escalate (%s); trying again", first_line(e)
-                )
-                failing = True
+                outage.failed("alerts: could not escalate (%s); trying again", first_line(e))
             else:
-                if failing:
-                    log.warning("alerts: escalating again")
-                failing = False
+                outage.ended("alerts: escalating again")
             await asyncio.sleep(self.settings.escalation_poll_seconds or 1.0)
 
     # -- acknowledging ---------------------------------------------------------------------------

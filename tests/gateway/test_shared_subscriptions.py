@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import threading
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from bastion.gateway.follows import FollowLeases
 from tests.conftest import REDIS_URL, drop_redis_keys, require_service
 from tests.ports import free_port
 from tests.private_redis import PrivateRedis
+from tests.relays import Relay
 from tests.waits import PATIENCE, eventually
 
 from .streams import events, legacy_session, messages, modern_headers, modern_request
@@ -247,5 +249,44 @@ def test_entries_redis_lost_are_counted_again_by_the_process_that_holds_them():
         assert (restored, counted) == (1, 2)
         assert follows_in_redis(prefix, "lab", "avery") == 1
         assert refused == 1  # 1 + 5 > 5: nothing added
+    finally:
+        drop_redis_keys(prefix)
+
+
+def test_a_redis_outage_is_logged_once_by_the_renewals_and_once_again(caplog):
+    """Every renewal while Redis cannot be reached fails (the gateway renews every third of the
+    lease); it is said once, not at each renewal, and once that renewals work again. The outage
+    is the test's own: a relay to Redis it cuts."""
+    require_service("Redis", "127.0.0.1", 6379)
+    caplog.set_level(logging.DEBUG, logger="bastion.gateway.follows")
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    held = {("lab", "avery", "session-1", "lab://open")}
+
+    def said(level: int = logging.DEBUG) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "bastion.gateway.follows" and r.levelno >= level
+        ]
+
+    async def scenario() -> None:
+        with Relay(("127.0.0.1", 6379)) as relay:
+            follows = FollowLeases(f"redis://127.0.0.1:{relay.port}/0", prefix, PATIENCE, 30)
+            try:
+                assert await follows.take("lab", "avery", "session-1", ["lab://open"], 5) is None
+                relay.cut()
+                for _ in range(5):
+                    assert await follows.renew(lambda: held) == 0
+                assert len(said(logging.WARNING)) == 1, said()
+                relay.restore()
+                assert await follows.renew(lambda: held) == 0
+            finally:
+                await follows.close()
+
+    try:
+        asyncio.run(scenario())
+        lines = said(logging.WARNING)
+        assert len(lines) == 2 and "cannot be renewed" in lines[0], lines
+        assert "renewed in Redis again" in lines[1], lines
     finally:
         drop_redis_keys(prefix)
