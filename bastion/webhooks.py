@@ -55,6 +55,7 @@ from bastion.egress import (
     private_allowance,
 )
 from bastion.names import readable
+from bastion.retries import Outage
 from bastion.tls import fetching_client
 
 log = logging.getLogger("bastion.webhooks")
@@ -463,6 +464,9 @@ class Outbox:
         self._runner: asyncio.Task | None = None
         self._active: dict[str, asyncio.Task] = {}
         self._full = False  # the last sweep filled the queue: more may wait in the outbox
+        # What the log says of the database away: once for the sweeps, once for the records.
+        self._outbox_outage = Outage(log)
+        self._record_outage = Outage(log)
         self.sweeps = 0  # times the sender looked for work
         # One client per webhook, by label (`bastion.tls.fetching_client`): each its own
         # connection pool, so a receiver that holds its connections open holds only its own.
@@ -558,7 +562,11 @@ class Outbox:
                 await self._sweep()
             except Exception as e:
                 # The database is away, most likely: no traceback every few seconds for that.
-                log.warning("webhooks: could not read the outbox (%s); trying again", first_line(e))
+                self._outbox_outage.failed(
+                    "webhooks: could not read the outbox (%s); trying again", first_line(e)
+                )
+            else:
+                self._outbox_outage.ended("webhooks: the outbox is read again")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.sweep_seconds):
                     await self._wake.wait()
@@ -661,18 +669,23 @@ class Outbox:
 
     async def _keep(self, attempt: Attempt, state: str, delay: float) -> bool:
         """Record an attempt, waiting out a database outage (sending again instead would
-        notify twice): False if another process took the delivery over meanwhile."""
+        notify twice): False if another process took the delivery over meanwhile. The outage
+        is logged once for every delivery waiting it out, and once that attempts are recorded
+        again."""
         while True:
             try:
-                return await anyio.to_thread.run_sync(self._record, attempt, state, delay)
+                kept = await anyio.to_thread.run_sync(self._record, attempt, state, delay)
             except (DatabaseUnavailable, sqlite3.OperationalError) as e:
-                log.warning(
+                self._record_outage.failed(
                     "webhooks: could not record attempt %d of delivery %s (%s); trying again",
                     attempt.attempt,
                     attempt.delivery_id,
                     first_line(e),
                 )
                 await asyncio.sleep(self.sweep_seconds)
+                continue
+            self._record_outage.ended("webhooks: attempts are recorded again")
+            return kept
 
     async def _post(self, delivery: Delivery, hook: Webhook) -> tuple[int | None, str]:
         """One attempt: the status code, or None and what went wrong."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from bastion.audit import journal as journals
 from bastion.db import Database, DatabaseUnavailable, first_line, unstorable
+from bastion.retries import Outage, kind_of
 
 if TYPE_CHECKING:
     from bastion.audit.journal import DecisionJournal, Journalled
@@ -236,8 +237,10 @@ async def flush_forever(
     """Write ``writer``'s buffered records every ``every`` seconds on a worker thread. While
     the database is unavailable they stay buffered (bounded) and every round tries again. With
     a journal, every `SWEEP_SECONDS` the journals of processes that died meanwhile (replicas
-    sharing its directory) are recovered. ``each_round``: run on the event loop first."""
-    failing = False
+    sharing its directory) are recovered. ``each_round``: run on the event loop first. A
+    failure is logged once for as long as it stays the same (a database outage, or an error
+    with its traceback), and once that records are written again."""
+    outage = Outage(log)
     loop = asyncio.get_running_loop()
     sweep = loop.time() + journals.SWEEP_SECONDS
     while True:
@@ -256,15 +259,17 @@ async def flush_forever(
         try:
             await asyncio.to_thread(writer.flush)
         except DatabaseUnavailable as e:
-            if not failing:
-                log.warning("%s wait in memory (%s); will retry", writer.noun, e)
-            failing = True
-        except Exception:
-            log.exception("writing %s failed; will retry", writer.noun)
+            outage.failed("%s wait in memory (%s); will retry", writer.noun, e, kind="unavailable")
+        except Exception as e:
+            outage.failed(
+                "writing %s failed; will retry",
+                writer.noun,
+                kind=kind_of(e),
+                level=logging.ERROR,
+                exc_info=True,
+            )
         else:
-            if failing:
-                log.warning("%s are written again", writer.noun)
-            failing = False
+            outage.ended("%s are written again", writer.noun)
 
 
 async def flush_at_stop(writer: BufferedWriter) -> None:

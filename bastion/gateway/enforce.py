@@ -29,6 +29,7 @@ from bastion.audit.decisions import (
     canonical_json,
     new_decision_id,
 )
+from bastion.db import DatabaseUnavailable, first_line
 from bastion.decide import Authorizer
 from bastion.decide.contract import (
     ChainDecision,
@@ -61,6 +62,7 @@ from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateL
 from bastion.gateway.tool_pins import PinChange
 from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
 from bastion.policy.runtime import context_value
+from bastion.retries import Outage, kind_of
 from bastion.signals.behavior import (
     COUNTED_METHODS,
     BehaviorUnavailable,
@@ -945,18 +947,27 @@ class Enforcer:
     async def _renew_run(self, request_id: str, decision_id: str, runs_for: float) -> None:
         assert self.approvals is not None
         every = runs_for / 3
+        # The approval store away is said once per run, not at every renewal.
+        outage = Outage(log)
         while True:
             await asyncio.sleep(every)
             try:
                 marked = await anyio.to_thread.run_sync(
                     self.approvals.renew_run, request_id, decision_id, runs_for
                 )
-            except Exception:
-                log.exception(
-                    "the mark of an approved run in flight cannot be renewed: tried again in %gs",
+            except Exception as e:
+                outage.failed(
+                    "the mark of an approved run in flight (%s) cannot be renewed: %s;"
+                    " tried once more %gs later",
+                    request_id,
+                    first_line(e),
                     every,
+                    kind=kind_of(e),
+                    level=logging.ERROR,
+                    exc_info=not isinstance(e, DatabaseUnavailable),
                 )
                 continue
+            outage.ended("the mark of an approved run in flight (%s) is renewed again", request_id)
             if not marked:
                 return  # ended, or given back: nothing is marked any more
 

@@ -65,6 +65,7 @@ from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
 from bastion.origins import origin_of
+from bastion.retries import Outage, kind_of
 from bastion.route_paths import route_path
 from bastion.signals.posture import PostureSettings
 from bastion.signals.read_only import PASSED_THROUGH
@@ -813,15 +814,25 @@ class Gateway:
             )
 
     async def _renew_follows_forever(self) -> None:
-        """Renew this process's follows in Redis every third of their lease."""
+        """Renew this process's follows in Redis every third of their lease. Redis away is
+        logged by `FollowLeases.renew` (once); any other failure once for as long as it stays
+        the same, with its traceback."""
         follows = self.follows
         assert follows is not None
+        outage = Outage(log)
         while True:
             await asyncio.sleep(follows.lease_seconds / 3)
             try:
                 await follows.renew(self.sessions.followed)
-            except Exception:
-                log.exception("renewing subscriptions in Redis failed; will retry")
+            except Exception as e:
+                outage.failed(
+                    "renewing subscriptions in Redis failed; will retry",
+                    kind=kind_of(e),
+                    level=logging.ERROR,
+                    exc_info=True,
+                )
+            else:
+                outage.ended("subscriptions are renewed again")
 
     # -- lifecycle and routes --------------------------------------------------------------------
 

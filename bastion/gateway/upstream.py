@@ -60,6 +60,7 @@ from bastion.gateway.mcp_name import encode as encode_name
 from bastion.http_fields import media_type
 from bastion.json_encoding import decoder
 from bastion.large_json import OFF_LOOP_BYTES, LargeMessage, object_hook
+from bastion.retries import Backoff, Outage
 from bastion.turns import Turns, full_passes_held
 from bastion.whole_numbers import capped
 
@@ -100,6 +101,13 @@ _LIST_FLAGS = ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
 _ACKNOWLEDGED = "notifications/subscriptions/acknowledged"
 # How long `HttpUpstream.watch` waits for its stream to open before it lets the client go on.
 _OPEN_WAIT = 5.0
+# An HTTP upstream's notification stream that ends or cannot be opened is opened again after
+# `STREAM_RETRY_FIRST` seconds, doubled at each failure in a row up to `STREAM_RETRY_LONGEST`
+# (each drawn between half and the whole: `Backoff`). An upstream that is down is not asked by
+# every upstream connection of every replica once a second for as long as it is down; once it
+# is back, its notifications flow again within the longest wait.
+STREAM_RETRY_FIRST = 1.0
+STREAM_RETRY_LONGEST = 30.0
 
 
 class UpstreamFailure(RpcError):
@@ -964,6 +972,9 @@ class HttpUpstream(Upstream):
         self._watcher: asyncio.Task | None = None
         # Set once the current notification stream is open (or the upstream has none).
         self._opened = asyncio.Event()
+        # The waits before the stream is opened again, after it ended or could not be opened.
+        self.stream_retries = Backoff(STREAM_RETRY_FIRST, STREAM_RETRY_LONGEST)
+        self._stream_outage = Outage(log)
         self._chores: set[asyncio.Task] = set()  # notifications/cancelled being sent
         # The access token of the one user this upstream session serves (per-user credentials,
         # `bastion.gateway.upstream_credentials`); None: only the configured headers.
@@ -1283,18 +1294,29 @@ class HttpUpstream(Upstream):
             self._watched |= new
 
     async def _watch_forever(self, uris: frozenset[str], opened: asyncio.Event) -> None:
-        """Keep a stream of notifications open from the upstream; open it again a second after
-        it ends or fails, unless the upstream has no such stream."""
+        """Keep a stream of notifications open from the upstream; open it again after it ends
+        or fails, unless the upstream has no such stream. The waits back off while it cannot be
+        opened (`stream_retries`), and that is logged once, and once that it is open again."""
         while True:
             try:
                 if not await self._watch_once(uris, opened):
                     opened.set()  # none to wait for
                     return
             except (HttpClientError, RpcError, ValueError) as e:
-                log.warning("upstream %s: notification stream: %s", self.name, e)
-            await asyncio.sleep(1.0)
+                why = e.message if isinstance(e, RpcError) else str(e)
+                self._stream_outage.failed(
+                    "upstream %s: notification stream: %s; retrying, at longer and longer waits",
+                    self.name,
+                    why,
+                )
+            await asyncio.sleep(self.stream_retries.after_failure())
             with contextlib.suppress(RpcError):
                 await self.ensure_started()
+
+    def _stream_open(self, opened: asyncio.Event) -> None:
+        opened.set()
+        self.stream_retries.succeeded()
+        self._stream_outage.ended("upstream %s: notification stream open again", self.name)
 
     async def _watch_once(self, uris: frozenset[str], opened: asyncio.Event) -> bool:
         """One stream: ``subscriptions/listen`` in 2026-07-28 (every list change and the updates
@@ -1324,10 +1346,10 @@ class HttpUpstream(Upstream):
                     f"upstream {self.name} answered HTTP {response.status_code} to its stream",
                 )
             if not self._modern:
-                opened.set()
+                self._stream_open(opened)
             async for message in _events(response):
                 if message.get("method") == _ACKNOWLEDGED:
-                    opened.set()
+                    self._stream_open(opened)
                 elif "method" in message:
                     await self._from_server(message)
             return True

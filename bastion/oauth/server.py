@@ -57,6 +57,7 @@ from bastion.oauth.token_exchange import (
 )
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
+from bastion.retries import Outage
 from bastion.signals.suspensions import Suspensions, describe, token_principals
 
 if TYPE_CHECKING:
@@ -409,17 +410,21 @@ class AuthorizationServer:
     async def write_counts_forever(self) -> None:
         """The background task: every ``[oauth.refusal_audit] repeat_write_seconds``, write
         the refusal and introspection counts of windows still open (`RefusalLog.write_progress`,
-        in a worker thread), so a process killed outright loses at most that long of them."""
+        in a worker thread), so a process killed outright loses at most that long of them. A
+        database away is said once, not at every round, and once that counts are written again."""
+        rounds = [(self.refusals, Outage(log)), (self.introspections, Outage(log))]
         while True:
             await asyncio.sleep(self.settings.refusal_audit.repeat_write_seconds)
-            for counts in (self.refusals, self.introspections):
+            for counts, outage in rounds:
                 if not counts.counting:
                     continue  # idle: no thread woken for nothing
                 try:
                     await run_in_threadpool(counts.write_progress)
                 except Exception as e:
                     # Kept in memory (`RefusalLog`), written by a later round.
-                    log.warning("counted refusals not written (%s); trying again", first_line(e))
+                    outage.failed("counted refusals not written (%s); trying again", first_line(e))
+                else:
+                    outage.ended("counted refusals are written again")
 
     def read_deployment_secrets(self) -> None:
         """Read the deployment secrets this server's requests will use (each made the first

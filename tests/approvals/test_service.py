@@ -3,7 +3,9 @@ the exact call, used once, expire, and a time-bounded approval is an expiring fa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import threading
 
 import pytest
@@ -17,12 +19,15 @@ from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.decide.contract import decide_chain, plainly_allowed
 from bastion.facts.store import FactStore, StoredFact
+from bastion.gateway.enforce import Enforcer
 from bastion.oauth.store import OAuthStore
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.limits import PolicyLimits
 from bastion.server.config import ConfigError
 from bastion.signals.suspensions import Suspensions
 from tests.approvals.support import POLICY_HEAD
+from tests.relays import Relay
+from tests.waits import PATIENCE
 
 POLICY = (
     POLICY_HEAD
@@ -1478,6 +1483,58 @@ def test_a_run_still_in_flight_renews_its_mark_and_only_its_own_and_only_while_m
     assert not approvals.renew_run(request.id, "d-unsent", 120)
     back = approvals.get(request.id)
     assert (back.status, back.used_by, back.running_until) == ("approved", None, None)
+
+
+def test_a_mark_that_cannot_be_renewed_is_logged_once_per_outage_not_at_every_round(
+    postgres_url, caplog
+):
+    """The gateway renews the mark of an approved run in flight every third of its bound; while
+    the approval store cannot be written it tries again at each round and says so once, not
+    with a traceback at every round, and once that the mark is renewed again. The outage is the
+    test's own: a relay to PostgreSQL it cuts."""
+    caplog.set_level(logging.DEBUG, logger="bastion.gateway")
+    with Relay(("127.0.0.1", 5432)) as relay:
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        try:
+            approvals, authz = approvals_on(db, Clock())
+            c = call(send, {"to": "renewed-through-an-outage@example.com"})
+            request = held(approvals, c)
+            approvals.answer(request.id, "avery", "approve", channel="api")
+            assert approvals.use(approvals.check(c).request, "d-run", runs_for=120)
+            enforcer = Enforcer(lambda: authz, None, approvals=approvals)
+
+            def said(level: int = logging.DEBUG) -> list[logging.LogRecord]:
+                return [
+                    r
+                    for r in caplog.records
+                    if r.name == "bastion.gateway"
+                    and r.levelno >= level
+                    and "approved run" in r.getMessage()
+                ]
+
+            async def scenario() -> None:
+                renewing = asyncio.create_task(enforcer._renew_run(request.id, "d-run", 0.03))
+                try:
+                    relay.cut()
+                    async with asyncio.timeout(PATIENCE):
+                        while len(said()) < 6:  # rounds that failed
+                            await asyncio.sleep(0.01)
+                    assert len(said(logging.WARNING)) == 1, [r.getMessage() for r in said()]
+                    relay.restore()
+                    async with asyncio.timeout(PATIENCE):
+                        while len(said(logging.WARNING)) < 2:
+                            await asyncio.sleep(0.01)
+                    assert not renewing.done()  # still marked: it goes on
+                finally:
+                    renewing.cancel()
+                    await asyncio.gather(renewing, return_exceptions=True)
+
+            asyncio.run(scenario())
+            loud = said(logging.WARNING)
+            assert "again" in loud[1].getMessage() and "again" not in loud[0].getMessage()
+            assert approvals.check(c).state == "in_progress"
+        finally:
+            db.close()
 
 
 def test_a_run_ends_before_its_result_is_held_for_review_never_between(world):

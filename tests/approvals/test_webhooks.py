@@ -45,6 +45,7 @@ from bastion.webhooks import Attempt
 from tests import waits
 from tests.clock import ManualClock
 from tests.oauth.support import free_socket, serve
+from tests.relays import Relay
 from tests.waits import PATIENCE
 
 SECRET = b"whsec-the-receivers-own-copy"
@@ -1115,6 +1116,74 @@ def test_a_database_outage_while_a_delivery_is_under_way_loses_nothing(outage, r
     # The sender waited for the database rather than send the delivered notification again.
     assert [r.verified for r in receiver.got] == [True, True]
     approvals.store.db.close()
+
+
+def test_a_database_outage_is_logged_once_by_the_sender_not_at_every_retry(
+    postgres_url, receivers, caplog
+):
+    """A sender that cannot record an attempt (the database is away) tries again every sweep,
+    and looks for work in the outbox every sweep: each failing step is logged once per outage,
+    not at each retry (a warning per delivery every 5 s for as long as it lasted), and once
+    that it works again. The outage is the test's own: a relay to PostgreSQL it cuts."""
+    caplog.set_level(logging.DEBUG, logger="bastion.webhooks")
+    receiver = Receiver(answers=[503])
+    url = receivers(receiver)
+    with Relay(("127.0.0.1", 5432)) as relay:
+        relayed = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+        # A backoff within a sweep: the second attempt waits for its time in memory.
+        chosen = settings(url, webhook_backoff_seconds=0.005)
+        approvals = approvals_on(relayed, chosen, sweep_seconds=0.01)
+        notifier = approvals.webhooks
+        record = notifier._record
+
+        def recorded_then_the_database_goes(attempt: Attempt, state: str, delay: float) -> bool:
+            kept = record(attempt, state, delay)
+            if attempt.attempt == 1:
+                relay.cut()
+            return kept
+
+        notifier._record = recorded_then_the_database_goes
+
+        def said(about: str, level: int = logging.DEBUG) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "bastion.webhooks" and r.levelno >= level and about in r.getMessage()
+            ]
+
+        async def scenario():
+            await notifier.start()
+            try:
+                request = await hold(approvals)
+                # The second attempt is sent, and its record refused round after round.
+                await eventually(lambda: len(said("attempt 2")) >= 6, "retries")
+                assert len(said("attempt 2", logging.WARNING)) == 1, said("attempt 2")
+                assert len(said("outbox", logging.WARNING)) <= 1, said("outbox")
+                relay.restore()
+
+                def delivered() -> bool:
+                    try:
+                        return state(notifier, request.id) == {url: DELIVERED}
+                    except DatabaseUnavailable:
+                        return False  # not back yet
+
+                await eventually(delivered, "recorded")
+            finally:
+                await notifier.close()
+            return request
+
+        try:
+            request = anyio.run(scenario)
+            assert [(a.attempt, a.status_code) for a in notifier.attempts(request.id)] == [
+                (1, 503),
+                (2, 200),
+            ]
+        finally:
+            approvals.store.db.close()
+    loud = said("", logging.WARNING)
+    recorded = [line for line in loud if "record" in line]
+    assert len(recorded) == 2 and "again" in recorded[1], loud
+    assert len([line for line in loud if "outbox" in line]) in (0, 2), loud
 
 
 def test_a_receiver_that_never_answers_cannot_hold_up_another_webhooks_deliveries(

@@ -4,7 +4,9 @@ library's encoder writes; decision ids are UUIDs version 7 in hex: the time, the
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 from bastion import turns
 from bastion.audit import decisions
+from bastion.audit.buffered import flush_forever
 from bastion.audit.commands import _line
 from bastion.audit.decisions import (
     DecisionRecord,
@@ -379,3 +382,48 @@ def test_a_row_holds_the_canonical_json_of_its_own_record_whatever_came_before(w
         row = decisions._row(record)
         assert row[5] == REFERENCE(list(record.principals))
         assert row[8] == REFERENCE(record.to_dict())
+
+
+def test_a_flush_that_keeps_failing_the_same_way_is_logged_once_and_once_again(tmp_path, caplog):
+    """The rounds that write buffered records (every 0.2 s) said a database outage once, but
+    any other failure with a traceback at every round. Here the table is taken away (renamed
+    by another connection: an operator's mistake) and given back: the failure is logged once,
+    with its traceback, for as long as it stays the same, and once that records are written
+    again; the rounds between at DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="bastion.audit")
+    database = str(tmp_path / "records.db")
+    records = DecisionRecords(Database(database))
+    records.add(_record(0))
+    assert records.flush() == 1
+    other = sqlite3.connect(database, isolation_level=None)
+
+    def said(level: int = logging.DEBUG) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.name == "bastion.audit" and r.levelno >= level and "records" in r.getMessage()
+        ]
+
+    async def scenario() -> None:
+        rounds = asyncio.create_task(flush_forever(records, every=0.01))
+        try:
+            other.execute("ALTER TABLE audit_decisions RENAME TO audit_decisions_away")
+            records.add(_record(1))
+            async with asyncio.timeout(PATIENCE):
+                while len(said()) < 6:  # rounds that failed
+                    await asyncio.sleep(0.01)
+            other.execute("ALTER TABLE audit_decisions_away RENAME TO audit_decisions")
+            async with asyncio.timeout(PATIENCE):
+                while records.waiting:
+                    await asyncio.sleep(0.01)
+        finally:
+            rounds.cancel()
+            await asyncio.gather(rounds, return_exceptions=True)
+
+    asyncio.run(scenario())
+    other.close()
+    loud = said(logging.WARNING)
+    assert len(loud) == 2, [r.getMessage() for r in loud]
+    assert loud[0].exc_info and "no such table" in str(loud[0].exc_info[1])
+    assert "again" in loud[1].getMessage()
+    assert [r.id for _, r in records.after(0)] == ["d0", "d1"]

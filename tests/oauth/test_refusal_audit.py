@@ -4,11 +4,15 @@ confidential client that proved its secret, a token this server signed) keeps it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
+import logging
 import signal
 import sqlite3
+import tempfile
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -18,10 +22,21 @@ from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database
 from bastion.oauth import InvalidToken
+from bastion.oauth.server import AuthorizationServer
 from tests.gateway.support import serve_quickstart
+from tests.relays import Relay
 from tests.waits import PATIENCE, eventually
 
-from .support import Bastion, Clock, allow_introspection, hidden_fields, pkce_pair
+from .support import (
+    Bastion,
+    Clock,
+    allow_introspection,
+    hidden_fields,
+    make_settings,
+    pkce_pair,
+)
+
+SERVER_LOG = "bastion.oauth.server"
 
 IAT = {"Authorization": "Bearer initial-access-token-for-tests"}
 
@@ -369,3 +384,57 @@ def test_a_revocation_of_another_clients_token_is_answered_alike_and_audited(bas
     assert all(tokens[t] not in str(events[0].detail) for t in ("access_token", "refresh_token"))
     bastion.server.refusals.flush(everything=True)
     assert count(bastion.server.audit.events("revocation.refused")) == 2
+
+
+def test_a_database_outage_is_logged_once_by_the_round_writing_counts(postgres_url, caplog):
+    """The round that writes the counts of open windows (every ``repeat_write_seconds``) goes on
+    while the database is away, and says so once, not at every round; once it is back, once
+    that the counts are written again, and none was lost. The outage is the test's own: it
+    reaches PostgreSQL through a relay it cuts."""
+    caplog.set_level(logging.DEBUG, logger=SERVER_LOG)
+    with Relay(("127.0.0.1", 5432)) as relay, tempfile.TemporaryDirectory() as keys:
+        url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+        issuer = "http://127.0.0.1:9"
+        settings = make_settings(issuer, f"{issuer}/mcp", f"{issuer}/other", keys)
+        db = Database(url)
+        server = AuthorizationServer(settings, db, clock=Clock())
+        fast = dataclasses.replace(settings.refusal_audit, repeat_write_seconds=0.01)
+        server.settings = dataclasses.replace(settings, refusal_audit=fast)
+
+        def refused() -> None:
+            server.refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+
+        def said(level: int = logging.DEBUG) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == SERVER_LOG and r.levelno >= level and "refusals" in r.getMessage()
+            ]
+
+        async def rounds() -> None:
+            task = asyncio.create_task(server.write_counts_forever())
+            try:
+                refused()  # its row written at once
+                relay.cut()
+                for _ in range(4):
+                    refused()  # counted in memory
+                async with asyncio.timeout(PATIENCE):
+                    while len(said()) < 6:  # rounds that failed
+                        await asyncio.sleep(0.01)
+                assert len(said(logging.WARNING)) == 1, said(logging.WARNING)
+                relay.restore()
+                async with asyncio.timeout(PATIENCE):
+                    while len(said(logging.WARNING)) < 2:
+                        await asyncio.sleep(0.01)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        try:
+            asyncio.run(rounds())
+            lines = said(logging.WARNING)
+            assert len(lines) == 2 and "again" in lines[1], lines
+            server.refusals.flush(everything=True)
+            assert count(server.audit.events("login.failed")) == 5
+        finally:
+            db.close()
