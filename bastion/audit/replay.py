@@ -51,7 +51,7 @@ from bastion.decide.contract import (
     explained_principal,
     policy_result,
 )
-from bastion.decide.mcp import recorded_action
+from bastion.decide.mcp import CLIENT_REQUESTS, recorded_action
 from bastion.delegation.labels import CONTEXT_FIELD
 from bastion.facts.model import Entity, arg_from_json
 from bastion.pdp import authzen, oso_cloud
@@ -74,7 +74,8 @@ NOT_REPLAYABLE = {
     " policy was asked or when what it let through was to be held for people",
     "rate_limit": "decided by a rate limit's counters",
     "approval": "decided by what people answered (an approval or a review given, refused or"
-    " in use) or by the approval store, once the policy had asked for them",
+    " in use; the review of a run an approval let through) or by the approval store, once the"
+    " policy had asked for them",
     "session_labels": "decided by the session label store",
     "not_decided_by_policy": "its result or reason is not the policy's alone",
     "action_not_recorded": "written before records named their action, and another action"
@@ -310,10 +311,17 @@ def question_of(record: Recorded) -> Question:
     if record.result == "rate_limited" or reason == "rate_limit_unavailable":
         raise NotReplayable("rate_limit")
     obligations = record.obligations if isinstance(record.obligations, dict) else {}
-    held_by_policy = record.result == "held" and reason in _HELD_BY_POLICY
+    approval = obligations.get("approval")
+    # A review holding the result of a run a person's approval let through is there because
+    # that person approved (`approval_id`: the approval the run used), not for the policy.
+    held_by_policy = (
+        record.result == "held"
+        and reason in _HELD_BY_POLICY
+        and not (isinstance(approval, dict) and approval.get("approval_id"))
+    )
     refuses_holds = record.result == "deny" and reason in _HOLD_REFUSALS
     if not (held_by_policy or refuses_holds) and (
-        record.result == "held" or reason in _APPROVAL_REASONS or obligations.get("approval")
+        record.result == "held" or reason in _APPROVAL_REASONS or approval
     ):
         raise NotReplayable("approval")  # a person's answer, or the store's, decided it
     if reason in _LABEL_REASONS:
@@ -341,8 +349,15 @@ def question_of(record: Recorded) -> Question:
         else frozenset(),
         auth_time if type(auth_time) is int else None,
         record.at,
-        refuses_holds=refuses_holds or record.method.startswith("notifications/"),
+        refuses_holds=refuses_holds or _unheld(record.method),
     )
+
+
+def _unheld(method: str) -> bool:
+    """Whether the gateway holds nothing of a message of ``method`` for a person: a stream's
+    notification, and an upstream's request to a client and the ``connect`` it reaches the
+    client under, which are recorded under its method (nobody waits on them)."""
+    return method.startswith("notifications/") or method in CLIENT_REQUESTS
 
 
 def _service_question(record: LoggedDecision) -> Question:
@@ -666,7 +681,7 @@ def _decide(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> 
         lambda: question.at,
     )
     if result == "allow":
-        result, reason = _held(chain, question.refuses_holds)
+        result, reason = _held(chain, question.action, question.refuses_holds)
     return _Answer(result, reason, chain)
 
 
@@ -741,15 +756,17 @@ def _at(value: Any, path: tuple) -> Any:
     return value
 
 
-def _held(chain: ChainDecision, refused: bool = False) -> tuple[str, str]:
+def _held(chain: ChainDecision, action: str, refused: bool = False) -> tuple[str, str]:
     """An allowed answer that a person must approve, or whose result a person must review, is
     held (as the gateway holds it): a record allowed without either was not. ``refused``: of a
     message the gateway holds nothing of (`Question.refuses_holds`), refused instead, with the
-    obligation as its reason, as the gateway refuses it."""
+    obligation as its reason, as the gateway refuses it. A review of a ``connect`` holds
+    nothing (it has no result): allowed, as the gateway lets it through (refusing it only where
+    nobody may review, which is the approvers' to say, not replayed)."""
     obligations = chain.obligations
     if obligations.requires_approval and not obligations.approval_granted:
         return ("deny", "requires_approval") if refused else ("held", "approval_required")
-    if obligations.requires_review:
+    if obligations.requires_review and action != "connect":
         return ("deny", "requires_review") if refused else ("held", "review_required")
     return "allow", ""
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.decide.mcp import CLIENT_REQUESTS
 from bastion.facts.model import Entity
-from bastion.gateway.enforce import Caller, Held, StepUp, Verdict, refused
+from bastion.gateway.enforce import Caller, StepUp, Verdict, refused
 from bastion.gateway.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -75,14 +75,6 @@ WITHHELD_ANSWER = (
 
 class Unanswered(RpcError):
     """The client did not answer a request bastion relayed to it in time."""
-
-
-# The refusal of a question the policy holds for a person's review (`ClientRequests.decide`).
-REVIEW_REQUIRED = "review_required"
-REVIEW_MEANING = (
-    "the policy holds this request for a person's review, which cannot be waited for while the"
-    " upstream waits for its answer"
-)
 
 
 def relay_outcome(
@@ -201,23 +193,19 @@ class ClientRequests:
         """May the upstream ``server`` send ``caller``'s client ``method``? Decided as the
         action ``method`` on ``McpServer{server}``: a refusal is recorded and raised; an allowed
         one is recorded by `settle`, once what reached the other side is known (its answer goes
-        back under the masks of `answer_masks`). A hold, a review or a step-up cannot be waited
-        for here: refused (the upstream is waiting for the answer, on a call or a stream)."""
+        back under the masks of `answer_masks`). An approval, a review or a step-up cannot be
+        waited for here (the upstream is waiting for the answer, on a call or a stream):
+        refused, recorded so (``requires_approval``, ``review_required``), and no person is
+        asked (``holds=False``: no approval request filed, looked up or spent)."""
         enforcer = self.gateway.enforcer
         context = enforcer.context(caller, server, method)
         resource = Entity("McpServer", server)
         try:
-            verdict = await enforcer.decide(caller, server, method, method, resource, context)
+            return await enforcer.decide(
+                caller, server, method, method, resource, context, holds=False
+            )
         except StepUp as e:
             raise refused(server, e.decision_id, "insufficient_scope") from None
-        except Held as held:
-            raise refused(server, held.decision_id, held.reason) from None
-        if verdict.review_step is not None:
-            # Allowed with its answer to be held for a reviewer, which no one could then
-            # release to an upstream waiting for it: refused, and recorded so.
-            self.settle(verdict, "deny", REVIEW_REQUIRED)
-            raise refused(server, verdict.decision_id, REVIEW_REQUIRED, REVIEW_MEANING)
-        return verdict
 
     def settle(self, verdict: Verdict | None, result: str, reason: str) -> None:
         """Write the record of an allowed request (`decide`; None: not decided, no record)

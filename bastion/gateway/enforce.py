@@ -200,6 +200,12 @@ _MEANINGS = {
     "prompt_not_reviewed": "this prompt is new and is refused until an operator accepts it"
     " (bastion prompts show)",
     "prompt_not_listed": "the upstream does not list this prompt now",
+    # Of a message nobody waits on (`Enforcer.decide` ``holds``): an upstream's request to a
+    # client, which the upstream waits for.
+    "requires_approval": "the policy holds this request for a person's approval, which cannot"
+    " be waited for here",
+    "review_required": "the policy holds this request for a person's review, which cannot be"
+    " waited for while the upstream waits for its answer",
 }
 
 
@@ -416,6 +422,7 @@ class Enforcer:
         unpinned: PinChange | None = None,
         runs_for: float = 0.0,
         from_client: bool = True,
+        holds: bool = True,
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
@@ -433,16 +440,24 @@ class Enforcer:
         forwarded once decided: an approval it spends marks the run in progress that long, or
         until `run_ended` (`Verdict.spent`). 0: nothing is marked (``connect``).
 
-        ``from_client``: the message is one its client sent, counted under its rate limits and
-        held for a person where the policy says so. False for what bastion sends a client
-        unasked (a stream's notification, an upstream's request on it: `Gateway.may_hear`),
+        ``from_client``: the message is one its client sent, counted under its rate limits.
+        False for what bastion sends a client unasked (a stream's notification, the
+        ``connect`` an upstream's request on it reaches the client under: `Gateway.may_hear`),
         decided again but never counted (else whoever makes an upstream speak would spend a
-        listener's limits, and have its own messages refused), and never held: an approval it
-        needs and no approval for minutes covers refuses it (``requires_approval``), with no
-        request filed and no approval spent (else a person would be asked to approve what no
-        client asked for). Its record lists the rate limits apart (`_record`)."""
+        listener's limits, and have its own messages refused); its record lists the rate limits
+        apart (`_record`). Such a message is never held either (``holds``).
+
+        ``holds``: the message can wait for people. False for one nobody waits on (what bastion
+        sends a client unasked; an upstream's request to a client, which the upstream waits
+        for: `ClientRequests.decide`): the approval store is neither read nor written for it.
+        An approval it needs and no approval for minutes covers refuses it
+        (``requires_approval``), with no request filed and no approval spent (else a person
+        would be asked to approve what can never run: approved, it would let through a later
+        message nobody saw); a review refuses it (``review_required``), but on ``connect``,
+        which has no result to hold (its record: allowed, no approval)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
+        holds = holds and from_client
         # Refusals made before the policy is asked: recorded, with what they noted. The kill
         # switch's refusal of a hold is recorded so too, noting what it was given (`given`).
         asked = (decision_id, caller, server, method, action, resource, arguments)
@@ -487,6 +502,7 @@ class Enforcer:
         nobody: NoApprover | None = None  # why nobody could answer the hold, where nobody could
         unheld = ""  # the kind of that hold ("approval" or "review")
         counted = False  # whether the rate limits' counters were asked about this message
+        approved: ApprovalRequest | None = None  # the approval a run under review used
         if result == "allow" and (
             obligations.requires_approval
             or obligations.requires_review
@@ -504,6 +520,7 @@ class Enforcer:
                 spent,
                 nobody,
                 counted,
+                approved,
             ) = await self._obligations(
                 authz,
                 decision_id,
@@ -518,6 +535,7 @@ class Enforcer:
                 retried,
                 runs_for,
                 from_client,
+                holds,
             )
             # Refused before the call runs (a request nobody may answer any more is ``linked``).
             unheld = "review" if nobody is not None else ""
@@ -562,7 +580,7 @@ class Enforcer:
             started,
             position,
             approval=(
-                {"id": linked.id, "kind": linked.kind}
+                _linked(linked, approved)
                 if linked is not None
                 # A hold nobody could answer, refused: no request, but the hold's refusal, not
                 # the decision's (`bastion.audit.replay` does not replay an ``evaluation_limit``
@@ -628,6 +646,7 @@ class Enforcer:
         retried: str | None,
         runs_for: float,
         from_client: bool,
+        holds: bool,
     ) -> tuple[
         ChainDecision,
         str,
@@ -639,16 +658,20 @@ class Enforcer:
         ApprovalRequest | None,
         NoApprover | None,
         bool,
+        ApprovalRequest | None,
     ]:
         """What an allowed message's approval, review and rate limits make of it: the decision
         (decided again with the approval in the context when one was given), its result, reason
         and retry delay, the hold to place (call, outcome), the review it is under, the
         approval request it is linked to, the approval it spent (marked in progress for
         ``runs_for``), why nobody could review its result, where nobody could (or answer
-        its pending request any more: `Approvals.check` closed it), and whether its rate limits'
-        counters were asked (none are for a message held or refused before them). A message not
-        ``from_client`` (`decide`) is counted under no rate limit, and an approval it needs
-        refuses it: no request is looked up, filed or spent for it."""
+        its pending request any more: `Approvals.check` closed it), whether its rate limits'
+        counters were asked and it stays counted (none are for a message held or refused before
+        them; one refused after them is given back), and the approval the run whose result is
+        under review used, where the request linked is that review. A message not
+        ``from_client`` (`decide`) is counted under no rate limit; for one that does not
+        ``holds``, no request is looked up, filed or spent: an approval it needs refuses it, and
+        a review, but on ``connect``."""
         result, reason, retry_after = "allow", "", None
         nobody: NoApprover | None = None
         held: tuple[Call, Outcome] | None = None
@@ -657,11 +680,14 @@ class Enforcer:
         spend: ApprovalRequest | None = None
         # The review holding the result of the run this call's approval was spent on.
         under_review: ApprovalRequest | None = None
+        # The approval the run whose result is under review used.
+        approved: ApprovalRequest | None = None
         if chain.obligations.requires_approval and not chain.obligations.approval_granted:
-            if not from_client:
-                # Nobody asked for it: a person would be asked to approve what no client sent,
+            if not holds:
+                # Nobody waits on it: a person would be asked to approve what can never run,
                 # and an approval given for the client's next message must stay its own.
-                return chain, "deny", "requires_approval", None, None, None, None, None, None, False
+                refusal = ("deny", "requires_approval", None, None, None, None, None, None)
+                return chain, *refusal, False, None
             call = self._call("approval", caller, server, method, action, resource, arguments)
             outcome = await self._where(call, retried)
             linked = outcome.request
@@ -689,7 +715,7 @@ class Enforcer:
                 elif outcome.state == "approved":
                     spend = outcome.request  # once everything else has let it through
                 else:
-                    under_review = outcome.review
+                    under_review, approved = outcome.review, outcome.request
             elif outcome.state in ("hold", "pending"):
                 result, reason = "held", "approval_pending"
                 held = (call, outcome)
@@ -701,7 +727,11 @@ class Enforcer:
                 result, reason, nobody = "deny", outcome.reason, outcome.nobody
         # A result under review is the reviewer's to release, whatever the policy says of
         # reviews now: its call, approved once, never runs again without a new approval.
-        if result == "allow" and (chain.obligations.requires_review or under_review is not None):
+        if not holds:
+            if result == "allow" and chain.obligations.requires_review and action != "connect":
+                # Its answer would be held for a person nobody waits on; a connect has none.
+                result, reason = "deny", "review_required"
+        elif result == "allow" and (chain.obligations.requires_review or under_review is not None):
             call = self._call("review", caller, server, method, action, resource, arguments)
             if spend is not None:
                 # A run an approval was given for: its result gets a review of its own, never
@@ -725,7 +755,7 @@ class Enforcer:
         if counted:
             try:
                 retry_after = await self.limiter.admit(
-                    chain.obligations.rate_limits, action, resource
+                    chain.obligations.rate_limits, action, resource, decision_id
                 )
             except LimitsUnavailable:
                 # Fail closed: a limit that cannot be counted is not a limit that let it pass.
@@ -740,8 +770,36 @@ class Enforcer:
             and (refusal := await self._spend(spend, decision_id, runs_for)) is not None
         ):
             result, reason = "deny", refusal
+            if counted:
+                # A refused call is counted under none of its limits (docs/gateway.md).
+                counted = not await self._give_back(chain, action, resource, decision_id)
         spent = spend if result == "allow" else None
-        return chain, result, reason, retry_after, held, review, linked, spent, nobody, counted
+        return (
+            chain,
+            result,
+            reason,
+            retry_after,
+            held,
+            review,
+            linked,
+            spent,
+            nobody,
+            counted,
+            approved,
+        )
+
+    async def _give_back(
+        self, chain: ChainDecision, action: str, resource: Entity, decision_id: str
+    ) -> bool:
+        """Take the call ``decision_id``, counted under ``chain``'s rate limits and then
+        refused, out of their counters; False where it stays counted (the shared counters
+        cannot be reached: the record then lists the limits as applied)."""
+        limits = chain.obligations.rate_limits
+        try:
+            return await self.limiter.give_back(limits, action, resource, decision_id)
+        except Exception:
+            log.exception("a refused call's count cannot be given back: it stays counted")
+            return False
 
     def _refuse(
         self,
@@ -1496,6 +1554,17 @@ def _without_arguments(context: dict[str, Any]) -> dict[str, Any]:
     seen = dict(context)
     seen.pop("arguments", None)
     return seen
+
+
+def _linked(request: ApprovalRequest, approved: ApprovalRequest | None) -> dict[str, str]:
+    """What a decision record says of the approval request a message is linked to: its id and
+    kind, and for a review of a run a person's approval let through, that approval
+    (``approval_id``): the review is there because the person approved, whatever the policy
+    says of reviews (`bastion.audit.replay` does not replay it as the policy's)."""
+    linked = {"id": request.id, "kind": request.kind}
+    if approved is not None and approved is not request:
+        linked["approval_id"] = approved.id
+    return linked
 
 
 def _approval_context(request: ApprovalRequest) -> dict[str, Any]:

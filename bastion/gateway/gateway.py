@@ -738,8 +738,9 @@ class Gateway:
         server = Entity("McpServer", listener.server)
         if enforcer.facts_stale() or self._connect_needs_deciding(caller, server, context):
             # Decided again in full, so that a refusal is recorded (with its rules); neither
-            # counted under the caller's rate limits nor held for a person's approval (refused
-            # instead, no request filed): its client sent nothing.
+            # counted under the caller's rate limits nor held for a person (an approval refuses
+            # it, no request filed; a review of a connect holds nothing, and is not looked up):
+            # its client sent nothing.
             try:
                 verdict = await enforcer.decide(
                     caller,

@@ -724,7 +724,7 @@ async def _held_for_review(
         held = await enforcer.hold_result(verdict, result, context)
     except NoApprover as why:  # nobody could review it any more (owner changed, reviewer disabled)
         record = verdict.record
-        unheld = {**record["obligations"], "approval": {"kind": "review"}}
+        unheld = {**record["obligations"], "approval": _review_of(verdict)}
         if why.suspended is not None:
             # Stored, though this replica's view had not heard of it yet: withheld as the kill
             # switch refuses where it has (its reason, who it notes suspended, its alert).
@@ -748,10 +748,19 @@ async def _held_for_review(
         reason="review_pending",
         obligations={
             **verdict.record["obligations"],
-            "approval": {"id": held.request.id, "kind": "review"},
+            "approval": {"id": held.request.id, **_review_of(verdict)},
         },
     )
     return held
+
+
+def _review_of(verdict: Verdict) -> dict[str, str]:
+    """What the record of a result held for review (or that nobody could review) says of the
+    hold: a review, and the approval its run spent, where a person's approval let it run
+    (``approval_id``: the review is there because that person approved)."""
+    if verdict.spent is None:
+        return {"kind": "review"}
+    return {"kind": "review", "approval_id": verdict.spent.id}
 
 
 async def _forward(

@@ -6,6 +6,9 @@ key), so replicas behind a load balancer each count on their own. With ``gateway
 Lua script checks and counts all the limits of a call atomically, on Redis's clock. If Redis
 cannot be reached, calls that carry a rate limit are refused (fail closed), never let through.
 
+A call counted and then refused for another reason (an approval another run spent meanwhile) is
+given back (`give_back`): its entry, named by the call, leaves every window it was counted in.
+
 A ``redis+cluster://`` (or ``rediss+cluster://``) URL names any node of a Redis Cluster. A
 script may only touch keys of one hash slot, so every key of a call carries the same hash tag,
 made from the call's target: the limits of one call (the user's, the agent's) are counted on
@@ -41,17 +44,19 @@ SWEEP_AT = 4096
 
 class RateLimiter:
     """In-process counters (the default). A window whose calls have all left it is forgotten
-    (`SWEEP_AT`): memory holds the windows with a call in them, as Redis's expiring keys do."""
+    (`SWEEP_AT`): memory holds the windows with a call in them, as Redis's expiring keys do.
+    Each entry is a call's time and the name it was counted under (for `give_back`)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._calls: dict[tuple, deque[float]] = {}
+        self._calls: dict[tuple, deque[tuple[float, str]]] = {}
         self._sweep_at = SWEEP_AT
 
     async def admit(
-        self, limits: Sequence[RateLimit], action: str, resource: Entity
+        self, limits: Sequence[RateLimit], action: str, resource: Entity, call: str = ""
     ) -> float | None:
         """Count one call against every limit; return None if admitted, else seconds to wait.
+        ``call``: a name of this call alone (its decision id), to give it back by.
 
         A refused call is not counted.
         """
@@ -63,23 +68,40 @@ class RateLimiter:
         windows = []
         wait = 0.0
         for limit in limits:
-            key = (limit.principal, action, resource, limit.max, limit.seconds)
-            window = self._calls.setdefault(key, deque())
-            while window and window[0] <= now - limit.seconds:
+            window = self._calls.setdefault(_key(limit, action, resource), deque())
+            while window and window[0][0] <= now - limit.seconds:
                 window.popleft()
             if len(window) >= limit.max:
-                wait = max(wait, window[0] + limit.seconds - now) if window else limit.seconds
+                wait = max(wait, window[0][0] + limit.seconds - now) if window else limit.seconds
             windows.append(window)
         if wait > 0 or any(limit.max <= 0 for limit in limits):
             return max(wait, 0.001)
         for window in windows:
-            window.append(now)
+            window.append((now, call))
         return None
+
+    async def give_back(
+        self, limits: Sequence[RateLimit], action: str, resource: Entity, call: str
+    ) -> bool:
+        """Take the call admitted as ``call`` out of every window it was counted in (refused
+        after it was counted); True once it is out of all of them."""
+        for limit in limits:
+            window = self._calls.get(_key(limit, action, resource), ())
+            # Newest last: a call given back was counted a moment ago.
+            for i in range(len(window) - 1, -1, -1):
+                if window[i][1] == call:
+                    del window[i]
+                    break
+        return True
 
     def _sweep(self, now: float) -> None:
         """Forget the windows whose last call is older than the window (key: ..., seconds)."""
-        self._calls = {k: w for k, w in self._calls.items() if w and w[-1] > now - k[4]}
+        self._calls = {k: w for k, w in self._calls.items() if w and w[-1][0] > now - k[4]}
         self._sweep_at = max(SWEEP_AT, 2 * len(self._calls))
+
+
+def _key(limit: RateLimit, action: str, resource: Entity) -> tuple:
+    return (limit.principal, action, resource, limit.max, limit.seconds)
 
     async def close(self) -> None:
         pass
@@ -112,6 +134,13 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+# KEYS: the sorted sets a call was counted in; ARGV: the member it was counted as.
+_GIVE_BACK = """
+for _, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[1])
+end
+return 0
+"""
 
 
 class RedisRateLimiter:
@@ -122,6 +151,7 @@ class RedisRateLimiter:
         self.prefix = prefix
         self._redis, self._errors = connect(url, timeout)
         self._script = self._redis.register_script(_SLIDING_WINDOW)
+        self._give_back = self._redis.register_script(_GIVE_BACK)
 
     def key(self, limit: RateLimit, action: str, resource: Entity) -> str:
         # The hash tag (in braces) is the target's digest: all keys of one call share a slot.
@@ -133,13 +163,14 @@ class RedisRateLimiter:
         )
 
     async def admit(
-        self, limits: Sequence[RateLimit], action: str, resource: Entity
+        self, limits: Sequence[RateLimit], action: str, resource: Entity, call: str = ""
     ) -> float | None:
-        """As `RateLimiter.admit`, across processes; `LimitsUnavailable` if Redis is not there."""
+        """As `RateLimiter.admit`, across processes; `LimitsUnavailable` if Redis is not there.
+        The call is counted as ``call`` (a decision id, unique), or a random name."""
         if not limits:
             return None
         keys = [self.key(limit, action, resource) for limit in limits]
-        args: list[object] = [secrets.token_hex(8)]
+        args: list[object] = [call or secrets.token_hex(8)]
         for limit in limits:
             args += [limit.max, max(1, int(limit.seconds * 1000))]
         try:
@@ -148,6 +179,24 @@ class RedisRateLimiter:
             log.error("rate limits cannot be checked: Redis at %s: %s", safe_url(self.url), e)
             raise LimitsUnavailable() from None
         return None if int(wait_ms) == 0 else int(wait_ms) / 1000
+
+    async def give_back(
+        self, limits: Sequence[RateLimit], action: str, resource: Entity, call: str
+    ) -> bool:
+        """As `RateLimiter.give_back`, in Redis (the keys of one call share a slot: one
+        script). False if Redis cannot be reached: the call stays counted (at most one call
+        fewer in the window than allowed, never one more)."""
+        keys = [self.key(limit, action, resource) for limit in limits]
+        try:
+            await self._give_back(keys=keys, args=[call])
+        except self._errors as e:
+            log.error(
+                "a refused call's count cannot be given back: Redis at %s: %s",
+                safe_url(self.url),
+                e,
+            )
+            return False
+        return True
 
     async def close(self) -> None:
         await self._redis.aclose()

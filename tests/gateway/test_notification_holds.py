@@ -7,12 +7,15 @@ through nothing the client sends. The client's next message is held as usual."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from bastion.cli import main
 from bastion.policy.parser import parse_fact
 
 from .streams import call_tool, events, first_event, legacy_session, modern_headers, modern_request
-from .support import register_public_client, start
+from .support import register_public_client, start, test_policy
 
 TOOLS_CHANGED = "notifications/tools/list_changed"
 # An approval of sam's connect may be given for minutes: an ``approval_grant`` fact (the test
@@ -20,6 +23,10 @@ TOOLS_CHANGED = "notifications/tools/list_changed"
 POLICY = """
 declare approval_grant(User, Agent, String, McpServer);
 approval_window(_user: User, "connect", _server: McpServer, 30);
+declare connect_reviewed(McpServer, User);
+requires_review(user: User, "connect", server: McpServer) if connect_reviewed(server, user);
+self_approval_forbidden(user: User, "connect", server: McpServer) if
+  connect_reviewed(server, user);
 """
 
 
@@ -135,3 +142,57 @@ def test_a_hold_put_on_connect_ends_a_listen_stream_and_asks_nobody(bastion):
             assert filed_since(bastion, "labhttp", asked_before) == [("tools/list", "pending")]
         finally:
             bastion.apply(deletes=[held])
+
+
+def test_a_review_put_on_connect_asks_nobody_about_a_notification(bastion, tmp_path, capsys):
+    """A review on ``connect`` holds nothing (a connect has no result), and a notification asks
+    no person anything: it goes on, recorded as allowed, with no approval of any kind, whether
+    or not anyone could review (here nobody may: sam is forbidden to answer for himself, and no
+    approver rule names anyone). Before, the notification looked its review up in the approval
+    store, was refused ``no_approver`` with an approval of kind ``review`` in its record (a hold
+    it never had), and ended the stream. sam's own messages are still refused, as documented
+    (docs/gateway.md: a review on connect that nobody may answer)."""
+    client = register_public_client(bastion.http, bastion.url)
+    token = bastion.token("sam", "labhttp", client_id=client)
+    reviewed = parse_fact('connect_reviewed(McpServer{"labhttp"}, User{"sam"})')
+    with bastion.http.stream(
+        "POST",
+        bastion.mcp_url("labhttp"),
+        json=modern_request(
+            "w", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+        ),
+        headers=modern_headers(token, "subscriptions/listen"),
+    ) as response:
+        frames = events(response)
+        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        asked_before = requests_of(bastion, "sam", "labhttp")
+        bastion.flush()
+        seq = bastion.records.last_seq()
+        bastion.apply(inserts=[reviewed])
+        try:
+            heard = first_event(frames, lambda: announce_tools(bastion, "labhttp"))
+            decided = records_of(bastion, seq, client, TOOLS_CHANGED)
+            assert decided, "the notification's connect was not recorded"
+            for record in decided:
+                assert "approval" not in record.obligations, record.obligations
+                assert (record.action, record.result, record.reason) == ("connect", "allow", "")
+            assert heard is not None and heard["method"] == TOOLS_CHANGED, heard
+            assert filed_since(bastion, "labhttp", asked_before) == []
+            # sam's client sends something: refused, nobody may review his connect.
+            again = bastion.http.post(
+                bastion.mcp_url("labhttp"),
+                json=modern_request(2, "tools/list", {}),
+                headers=modern_headers(token, "tools/list"),
+            ).json()
+            assert again["error"]["data"]["reason"] == "no_approver", again
+            # Replayed by the same policy (the review put on again), the notification is let
+            # through again: a review of a connect holds nothing.
+            candidate = tmp_path / "same.polar"
+            candidate.write_text(test_policy() + POLICY)
+            database = bastion.app.state.config.database
+            argv = ["audit", "replay", "--policy", str(candidate), "--database", database]
+            assert main([*argv, "--json"]) in (0, 1)
+            changed = {c["id"]: c for c in json.loads(capsys.readouterr().out)["changed"]}
+            assert not {r.id for r in decided} & set(changed), list(changed.values())
+        finally:
+            bastion.apply(deletes=[reviewed])

@@ -26,6 +26,7 @@ from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from bastion.cli import main as cli
 from bastion.gateway.client_requests import ASKED_STATE
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.upstream_sessions import SessionOwner
@@ -39,9 +40,10 @@ from tests.waits import PATIENCE, eventually, eventually_async
 
 from .streams import legacy_session, messages, modern_headers, modern_request
 from .support import REDIRECT_URI, LegacyOnly, MemoryEvents, Recorder, fresh_module, start
+from .support import test_policy as quickstart_policy
 
 SERVER = fresh_module("session_server", Path(__file__).parent / "session_server.py")
-NAMES = ["solo", "pair", "together", "capped", "brief", "hushed", "reviewed"]
+NAMES = ["solo", "pair", "together", "capped", "brief", "hushed", "reviewed", "approved"]
 # Everyone may do everything on these servers, except that the upstream may not list a client's
 # roots, and a client's elicitation answer goes back with its "secret" field masked.
 POLICY = f"""
@@ -53,6 +55,9 @@ mask(_user: User, "elicitation/create", _it: McpServer, "content.secret") if
 # "reviewed": what the client answers the upstream's sampling requests is held for a review.
 requires_review(_user: User, "sampling/createMessage", _it: McpServer) if
   context.server = "reviewed";
+# "approved": the upstream's sampling requests need a person's approval.
+requires_approval(_user: User, "sampling/createMessage", _it: McpServer) if
+  context.server = "approved";
 # "hushed": every call's result is under a mask (the SDK puts a tool's text in "result").
 mask(_user: User, "call", _it: Tool, "result") if context.server = "hushed";
 deny(user: User, "connect", _it: McpServer) if user = User{{"sam"}} and
@@ -90,6 +95,7 @@ def bastion(tmp_path_factory):
             {"name": "solo", "url": f"{url}/mcp", "session": "per_user"},
             {"name": "hushed", "url": f"{url}/mcp", "session": "per_user"},
             {"name": "reviewed", "url": f"{url}/mcp", "session": "per_user"},
+            {"name": "approved", "url": f"{url}/mcp", "session": "per_user"},
             {"name": "pair", "url": f"{url}/mcp", "session": "per_client_session"},
             {"name": "together", "url": f"{url}/mcp"},
             {"name": "capped", "url": f"{url}/mcp", "session": "per_user", "max_sessions": 1},
@@ -190,6 +196,11 @@ async def streams_open(bastion, server: str, count: int) -> None:
         every=0.02,
     )
     assert opened, f"{count} GET streams were never open on {server}"
+
+
+def support_policy() -> str:
+    """The policy these tests' bastion runs: the tests' own, then this module's."""
+    return quickstart_policy() + POLICY
 
 
 def upstream_deleted(bastion, session_id: str) -> bool:
@@ -316,6 +327,37 @@ def test_a_request_the_policy_holds_for_review_is_refused_to_the_upstream(bastio
 
 
 @pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
+def test_a_request_the_policy_holds_for_approval_is_refused_and_asks_nobody(bastion, tool):
+    """Nobody can approve an upstream's request while the upstream waits for its answer: it is
+    refused (``requires_approval``), recorded so, and no person is asked (no approval request
+    is filed: approved, it would let through a later request of the upstream's, whatever it
+    carries, that nobody saw). Before, it filed a request and was recorded ``held``
+    (``approval_pending``) while the upstream was told it was refused."""
+    asked: list = []
+    approvals = bastion.app.state.approvals.store
+
+    def filed() -> list:
+        return [r.id for r in approvals.listed(limit=1000) if r.server == "approved"]
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "approved", asked)
+            await streams_open(bastion, "approved", 1)
+            return await text(alice, tool, kind="sample")
+
+    before = filed()
+    bastion.flush()
+    after = bastion.records.last_seq()
+    answer = anyio.run(main)
+    [record] = relayed_records(bastion, after, "approved", "sampling/createMessage")
+    assert (record.result, record.reason) == ("deny", "requires_approval")
+    assert "approval" not in record.obligations, record.obligations
+    assert filed() == before
+    assert answer.startswith("refused: bastion refused this request (approved): "), answer
+    assert asked == []
+
+
+@pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
 @pytest.mark.parametrize("kind", ["elicit", "sample"])
 def test_an_upstream_cannot_ask_the_client_about_what_a_masked_call_holds_on_any_stream(
     bastion, tool, kind
@@ -404,6 +446,42 @@ def test_a_relayed_request_answered_in_full_is_recorded_as_allowed(bastion):
     assert anyio.run(main) == "answer: alice's model"
     [record] = relayed_records(bastion, after, "solo", "sampling/createMessage")
     assert (record.result, record.reason) == ("allow", "")
+
+
+def test_a_candidate_that_holds_a_relayed_request_is_replayed_as_refusing_it(
+    bastion, tmp_path, capsys
+):
+    """``bastion audit replay`` asks an upstream's request again as the gateway decides it: a
+    candidate that would have a person approve (or review) it refuses it, as the gateway would
+    (nobody waits on it), and is reported so, not as a hold."""
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", [])
+            await streams_open(bastion, "solo", 1)
+            return await text(alice, "ask", kind="sample")
+
+    bastion.flush()
+    after = bastion.records.last_seq()
+    assert anyio.run(main) == "answer: alice's model"
+    [allowed] = relayed_records(bastion, after, "solo", "sampling/createMessage")
+    assert allowed.result == "allow"
+    for hold, reason in (("requires_approval", "requires_approval"), ("requires_review", None)):
+        candidate = tmp_path / f"{hold}.polar"
+        candidate.write_text(
+            support_policy()
+            + f'\n{hold}(_user: User, "sampling/createMessage", _it: McpServer) if'
+            + ' context.server = "solo";\n'
+        )
+        database = bastion.app.state.config.database
+        code = cli(
+            ["audit", "replay", "--policy", str(candidate), "--database", database, "--json"]
+        )
+        out = capsys.readouterr()
+        assert code == 1, out.err
+        changed = {c["id"]: c for c in json.loads(out.out)["changed"]}
+        assert changed[allowed.id]["new"]["result"] == "deny", changed[allowed.id]
+        assert changed[allowed.id]["new"]["reason"] == (reason or "requires_review")
 
 
 def test_each_client_session_has_its_own_upstream_session_closed_with_it(bastion):
