@@ -99,12 +99,13 @@ class RateLimiter:
         self._calls = {k: w for k, w in self._calls.items() if w and w[-1][0] > now - k[4]}
         self._sweep_at = max(SWEEP_AT, 2 * len(self._calls))
 
-
-def _key(limit: RateLimit, action: str, resource: Entity) -> tuple:
-    return (limit.principal, action, resource, limit.max, limit.seconds)
-
     async def close(self) -> None:
         pass
+
+
+def _key(limit: RateLimit, action: str, resource: Entity) -> tuple:
+    """The window of ``limit`` for one call's action and target, in process."""
+    return (limit.principal, action, resource, limit.max, limit.seconds)
 
 
 # KEYS: one sorted set per limit (members: calls, scores: their times in ms).

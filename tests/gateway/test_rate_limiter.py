@@ -4,9 +4,12 @@ without bound, and never forgets a window that still holds a call."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
-from bastion.gateway.ratelimit import SWEEP_AT, RateLimiter
+from bastion.gateway.ratelimit import SWEEP_AT, RateLimiter, RedisRateLimiter
 from tests.clock import ManualClock
 
 SAM = Entity("User", "sam")
@@ -42,3 +45,17 @@ def test_a_window_that_still_holds_a_call_is_never_forgotten():
     assert admit(limiter, slow, "report") is not None
     clock.now += 3600
     assert admit(limiter, slow, "report") is None
+
+
+def test_the_in_process_limiter_answers_every_method_the_redis_one_does():
+    """The gateway calls either limiter alike (`admit`, `give_back`, `close` at shutdown, whose
+    errors it suppresses: a method lost would go unseen there)."""
+    public = {n for n, f in inspect.getmembers(RedisRateLimiter, inspect.isfunction)}
+    public = {n for n in public if not n.startswith("_")} - {"key"}
+    assert public <= {n for n in dir(RateLimiter) if callable(getattr(RateLimiter, n))}
+    limiter = RateLimiter(ManualClock())
+    limit = RateLimit(SAM, 1, 60)
+    assert admit(limiter, limit, "doc") is None
+    assert asyncio.run(limiter.give_back([limit], "read", Entity("Doc", "doc"), "")) is True
+    assert admit(limiter, limit, "doc") is None  # given back: the window had room again
+    asyncio.run(limiter.close())
