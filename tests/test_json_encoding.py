@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import namedtuple
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from json.encoder import JSONEncoder
 
 import pytest
@@ -14,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion import json_encoding
-from bastion.json_encoding import decode, decoder, encoder
+from bastion.json_encoding import compact, decode, decoder, encoder
 
 CONFIGURATIONS = [
     {},
@@ -196,3 +199,113 @@ def test_a_kept_text_is_the_text_of_the_values_asked(tuples):
     kept = json_encoding.kept(encode, size=3)
     for values in tuples + tuples:
         assert kept(values) == encode(values)
+
+
+# `compact`'s configurations: with the options json is given alike.
+COMPACT = [{}, {"sort_keys": True, "default": str}, {"default": repr}]
+# Floats of every size, those Python writes with an exponent (below 1e-4, from 1e16) among them.
+floats = st.one_of(
+    st.floats(),
+    st.builds(lambda m, e: m * 10.0**e, st.floats(-10, 10), st.integers(-12, 20)),
+)
+compact_scalars = st.one_of(scalars, floats, st.integers(-(2**65), 2**65))
+compact_values = st.recursive(
+    compact_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(keys, inner, max_size=4)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+def json_bytes(options):
+    public = JSONEncoder(separators=(",", ":"), **options).encode
+    return lambda value: public(value).encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=compact_values)
+@pytest.mark.parametrize("options", COMPACT)
+def test_compact_writes_json_encoders_text_byte_for_byte(options, value):
+    assert outcome(compact(**options), value) == outcome(json_bytes(options), value)
+
+
+Point = namedtuple("Point", "x y")
+
+
+class Amount(float):
+    def __str__(self) -> str:
+        return "an amount"
+
+
+@dataclass
+class Made:
+    name: str
+
+
+# Values orjson writes otherwise than json, or refuses: each written by json, as json writes it.
+NOT_LIKE_JSON = [
+    {"name": "Jos\u00e9"},
+    ["\u2028"],
+    {"del": "\x7f"},
+    {"small": 1e-05},
+    {"smaller": 1.5e-09},
+    {"nan": math.nan},
+    [math.inf, -math.inf],
+    {"big": 2**64},
+    ["\ud800"],
+    {1: "a key that is a number"},
+    Point(1, 2),
+    {"amount": Amount(1.5)},
+]
+# Values orjson writes as json does: not written by json.
+LIKE_JSON = [
+    {"b": [1, 2.5, -0.0, 1e16, 0.0001, True, False], "a": {"c": 'text " \\ \n \x01'}},
+    [1796648035.7695863, 2**63 - 1, -(2**63), (1, "two")],
+    {"id": "4e24a99f0e15", "note": "one-time re-run", "at": "10.000", "n": "nullable"[1:]},
+    "plain",
+    {"when": datetime(2026, 12, 7, tzinfo=UTC), "made": Made("x")},  # through ``default``
+]
+
+
+@pytest.mark.parametrize("options", COMPACT)
+@pytest.mark.parametrize("value", NOT_LIKE_JSON + LIKE_JSON)
+def test_compact_writes_json_encoders_text_for_what_orjson_writes_otherwise(options, value):
+    assert outcome(compact(**options), value) == outcome(json_bytes(options), value)
+
+
+def test_compact_uses_json_only_where_orjson_would_write_another_text(monkeypatch):
+    """Each value orjson would write otherwise goes to json's encoder; the others never do."""
+    asked = []
+
+    def noted(**options):
+        made = encoder(**options)
+
+        def encode(value):
+            asked.append(value)
+            return made(value)
+
+        return encode
+
+    monkeypatch.setattr(json_encoding, "encoder", noted)
+    encode = compact(sort_keys=True, default=str)
+    for value in LIKE_JSON:
+        encode(value)
+    assert asked == []
+    for value in NOT_LIKE_JSON:
+        encode(value)
+    assert asked == NOT_LIKE_JSON
+
+
+def test_compact_refuses_what_json_refuses():
+    loop: list = []
+    loop.append(loop)
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    for options in COMPACT:
+        for value in [loop, {"x": object()}, {"a": {1, 2}}, deep]:
+            assert outcome(compact(**options), value) == outcome(json_bytes(options), value)
