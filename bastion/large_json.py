@@ -59,7 +59,7 @@ _STEPWISE = JSONEncoder(separators=(",", ":"))
 
 
 def written(value: Any) -> bytes:
-    """``encode(value).encode()``, on a worker thread, in turns. (What it makes is text, which
+    """``encode(value)``, on a worker thread, in turns. (What it makes is text, which
     the garbage collector does not follow: its passes are left alone.)"""
     pieces = Turns().chunks(_STEPWISE.iterencode(value))
     return b"".join(["".join(piece).encode() for piece in pieces])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bastion.json_encoding import encoder
+from bastion.json_encoding import compact
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -41,8 +41,8 @@ RequestId = str | int
 # MCP's log levels (RFC 5424 severities), least severe first.
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
-# Compact JSON for every message bastion writes, with json's C encoder made once.
-encode = encoder(separators=(",", ":"))
+# Compact JSON, in bytes, for every message bastion writes: json's text, by orjson (`compact`).
+encode = compact()
 
 
 @dataclass(slots=True, eq=False)

@@ -214,7 +214,7 @@ async def send_json(
     elif large:
         data = await asyncio.to_thread(written, body)
     else:
-        data = encode(body).encode()
+        data = encode(body)
     if body is not None and not headers:
         # The direct gateway's cycle writes such an answer at once (`GatewayCycle.send_whole_json`).
         whole = getattr(getattr(send, "__self__", None), "send_whole_json", None)
@@ -236,7 +236,7 @@ def _counted(ex: Exchange, size: int) -> None:
 
 
 def _event(message: dict[str, Any]) -> bytes:
-    return b"event: message\ndata: " + encode(message).encode() + b"\n\n"
+    return b"event: message\ndata: " + encode(message) + b"\n\n"
 
 
 def _large_event(message: dict[str, Any]) -> bytes:

@@ -865,7 +865,7 @@ class StdioUpstream(Upstream):
         process = self._process
         if process is None or process.stdin is None or process.returncode is not None:
             raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not running")
-        data = encode(message).encode() + b"\n"
+        data = encode(message) + b"\n"
         async with self._write_lock:
             if process.stdin.is_closing():  # a write now would be dropped: not sent
                 raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name} closed stdin")
@@ -909,7 +909,7 @@ class StdioUpstream(Upstream):
         if process is None or process.stdin is None or process.returncode is not None:
             return
         # One write of a whole line: it cannot land inside another message (no await between).
-        process.stdin.write(encode(_cancelled(request_id, reason)).encode() + b"\n")
+        process.stdin.write(encode(_cancelled(request_id, reason)) + b"\n")
 
     def _discard_start(self) -> None:
         # The process may hang in its handshake: it is killed, not asked to stop.
@@ -1100,7 +1100,7 @@ class HttpUpstream(Upstream):
                 head = self._post_head(method, name if isinstance(name, str) else None)
             else:
                 head = self._post_head()
-            return await self._http.send(head, encode(message).encode(), sent)
+            return await self._http.send(head, encode(message), sent)
         except HttpConnectError as e:  # nothing of the message was written
             raise UpstreamUnreachable(
                 UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}", cause=e.cause
