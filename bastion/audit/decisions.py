@@ -24,7 +24,7 @@ from bastion.audit.buffered import BufferedWriter
 from bastion.audit.chain import Chain, append, prune_oldest
 from bastion.audit.journal import GATEWAY
 from bastion.db import Database
-from bastion.json_encoding import encoder, kept
+from bastion.json_encoding import compact, encoder, kept
 from bastion.turns import in_turns
 
 log = logging.getLogger("bastion.audit")
@@ -197,11 +197,14 @@ _FACTORIES = tuple(
 
 # Canonical JSON (sorted keys, no spaces; times and other non-JSON values as text): a record as
 # stored, and the arguments a decision digests (`bastion.gateway.enforce.ArgumentDigest`). One
-# encoder per thread (`bastion.json_encoding`): this one for the event loop's digests, the other
-# for the record writer's thread.
+# encoder per thread (`bastion.json_encoding`): these for the event loop (a tool's pin, the
+# arguments digested, in bytes), the others for the record writer's thread. Those made by
+# `compact` write the same text by orjson, where it writes the same.
 _CANONICAL = {"sort_keys": True, "separators": (",", ":"), "default": str}
 canonical_json = encoder(**_CANONICAL)
+canonical_bytes = compact(sort_keys=True, default=str)
 _encode = encoder(**_CANONICAL)
+_own = compact(sort_keys=True, default=str)  # a record's own fields
 
 
 def _explained(pending: tuple[DecisionRecord, Callable | None]) -> DecisionRecord:
@@ -226,7 +229,7 @@ def _row(r: DecisionRecord) -> tuple:
     target...), kept (an eighth less to encode)."""
     values = vars(r)
     if len(values) == len(_FIELDS):
-        own = _encode(
+        own = _own(
             {
                 "action": r.action,
                 "arguments_digest": r.arguments_digest,
@@ -234,7 +237,7 @@ def _row(r: DecisionRecord) -> tuple:
                 "context": r.context,
             }
         )
-        own_too = _encode(
+        own_too = _own(
             {
                 "id": r.id,
                 "latency_us": r.latency_us,
@@ -247,6 +250,8 @@ def _row(r: DecisionRecord) -> tuple:
         shared_too = _shared_tail(
             (*_tail(values), type(r.policy_version), type(r.recovered), type(r.sequence))
         )
+        # ASCII (json's text escapes the rest), as bytes.
+        own, own_too = own.decode("ascii"), own_too.decode("ascii")
         record = f"{own[:-1]},{shared[1:-1]},{own_too[1:-1]},{shared_too[1:]}"
     else:  # fields a later version wrote (`from_dict`)
         record = _encode(values)

@@ -26,7 +26,7 @@ from bastion.approvals.store import ApprovalRequest
 from bastion.audit.decisions import (
     DecisionRecord,
     DecisionRecords,
-    canonical_json,
+    canonical_bytes,
     new_decision_id,
 )
 from bastion.db import DatabaseUnavailable, first_line
@@ -183,7 +183,7 @@ class ArgumentDigest:
         if arguments is None:
             return ""
         mac = self._keyed.copy()
-        mac.update(canonical_json(arguments).encode())
+        mac.update(canonical_bytes(arguments))
         return "hmac-sha256:" + mac.hexdigest()
 
 

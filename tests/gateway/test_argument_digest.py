@@ -34,7 +34,13 @@ def test_a_digest_is_hmac_sha256_of_the_canonical_arguments(size):
     """RFC 2104 over SHA-256, as the standard library's `hmac` computes it, for keys shorter
     than, as long as and longer than SHA-256's block (a longer key is hashed first)."""
     key = os.urandom(size)
-    for arguments in (ARGUMENTS, {"query": "a" * 300, "n": [1, 2.5, True, None]}, "", []):
+    for arguments in (
+        ARGUMENTS,
+        {"query": "a" * 300, "n": [1, 2.5, True, None]},
+        "",
+        [],
+        {"name": "Jos\u00e9", "small": 1e-05, "big": 2**70, "line": "\u2028\x7f"},
+    ):
         text = canonical_json(arguments).encode()
         expected = hmac.new(key, text, hashlib.sha256).hexdigest()
         assert ArgumentDigest(key)(arguments) == "hmac-sha256:" + expected
