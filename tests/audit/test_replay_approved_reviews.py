@@ -6,13 +6,11 @@ not replayed as the policy's. Records are written by a real gateway from real MC
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from bastion.audit.decisions import DecisionRecords
-from bastion.cli import main
 from bastion.db import Database
+from tests.audit.test_replay_holds import replayed
 from tests.gateway import support
 from tests.gateway.streams import messages, modern_headers, modern_request
 
@@ -64,16 +62,6 @@ def _records(gw) -> list:
         db.close()
 
 
-def _replay(capsys, gw, policy: str, tmp_path) -> dict:
-    path = tmp_path / "candidate.polar"
-    path.write_text(policy)
-    database = gw.app.state.config.database
-    code = main(["audit", "replay", "--policy", str(path), "--database", database, "--json"])
-    out = capsys.readouterr()
-    assert code in (0, 1), out.err
-    return json.loads(out.out)
-
-
 def test_a_review_of_an_approved_run_names_the_approval_it_ran_with(gateway):
     approval, review = gateway.ids
     outcomes = [(r.result, r.reason, r.obligations.get("approval")) for r in _records(gateway)]
@@ -88,10 +76,10 @@ def test_a_review_of_an_approved_run_is_not_replayed_as_the_policys(gateway, tmp
     """A candidate without either hold changes the approval hold (the policy's), and leaves the
     reviews of the approved run alone: they are the approver's doing."""
     policy = support.test_policy() + HOLDS
-    same = _replay(capsys, gateway, policy, tmp_path)
+    _, same = replayed(capsys, gateway, policy, tmp_path)
     assert same["changed"] == []
     assert same["not_replayable"].get("approval") == 2, same["not_replayable"]
-    report = _replay(capsys, gateway, support.test_policy(), tmp_path)
+    _, report = replayed(capsys, gateway, support.test_policy(), tmp_path)
     [first] = [r for r in _records(gateway) if r.reason == "approval_pending"]
     assert [c["id"] for c in report["changed"]] == [first.id]
     assert report["not_replayable"].get("approval") == 2, report["not_replayable"]

@@ -69,7 +69,8 @@ def _records(gw) -> dict[tuple[str, str], object]:
     return by_outcome
 
 
-def _replay(capsys, gw, policy: str, tmp_path) -> tuple[int, dict]:
+def replayed(capsys, gw, policy: str, tmp_path) -> tuple[int, dict]:
+    """`bastion audit replay --json` of ``gw``'s records under ``policy``: its exit code and report."""
     path = tmp_path / "candidate.polar"
     path.write_text(policy)
     database = gw.app.state.config.database
@@ -88,7 +89,7 @@ def test_a_hold_the_policy_decided_is_replayed_and_the_policy_in_force_agrees(
         ("allow", "upstream error -32602"),  # the approved read (lab has no such resource)
         ("deny", "requires_approval"),  # the listen filter's
     }
-    code, report = _replay(capsys, gateway, support.test_policy(), tmp_path)
+    code, report = replayed(capsys, gateway, support.test_policy(), tmp_path)
     assert code == 0
     assert report["changed"] == []
     assert report["replayed"] == report["same"]
@@ -102,7 +103,7 @@ def test_a_candidate_without_the_hold_changes_the_held_call_and_the_refused_filt
 ):
     policy = support.test_policy()
     assert policy.count(HOLD_RULE) == 1
-    code, report = _replay(capsys, gateway, policy.replace(HOLD_RULE, ""), tmp_path)
+    code, report = replayed(capsys, gateway, policy.replace(HOLD_RULE, ""), tmp_path)
     assert code == 1
     records = _records(gateway)
     changed = {c["id"]: c for c in report["changed"]}
@@ -125,7 +126,7 @@ def test_a_candidate_that_holds_what_the_gateway_refused_instead_agrees_with_the
 ):
     """A listen filter's resource is refused where the policy would hold it (nobody can wait on
     a stream): replayed by the same policy it is refused again, not reported as a hold."""
-    code, report = _replay(capsys, gateway, support.test_policy(), tmp_path)
+    code, report = replayed(capsys, gateway, support.test_policy(), tmp_path)
     refused = _records(gateway)[("deny", "requires_approval")]
     assert refused.id not in {c["id"] for c in report["changed"]}
     assert code == 0
