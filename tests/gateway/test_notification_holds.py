@@ -7,6 +7,7 @@ through nothing the client sends. The client's next message is held as usual."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -107,10 +108,10 @@ def test_a_connect_approval_for_minutes_that_lapses_ends_a_get_stream_and_asks_n
         bastion.apply(deletes=[held, grant])
 
 
-def test_a_hold_put_on_connect_ends_a_listen_stream_and_asks_nobody(bastion):
-    client = register_public_client(bastion.http, bastion.url)
-    token = bastion.token("sam", "labhttp", client_id=client)
-    held = parse_fact('connect_held(McpServer{"labhttp"}, User{"sam"})')
+@contextlib.contextmanager
+def listening_to_tools(bastion, token: str):
+    """A 2026-07-28 listen stream on labhttp for its tool list's changes, acknowledged: its
+    frames to come."""
     with bastion.http.stream(
         "POST",
         bastion.mcp_url("labhttp"),
@@ -121,6 +122,14 @@ def test_a_hold_put_on_connect_ends_a_listen_stream_and_asks_nobody(bastion):
     ) as response:
         frames = events(response)
         assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        yield frames
+
+
+def test_a_hold_put_on_connect_ends_a_listen_stream_and_asks_nobody(bastion):
+    client = register_public_client(bastion.http, bastion.url)
+    token = bastion.token("sam", "labhttp", client_id=client)
+    held = parse_fact('connect_held(McpServer{"labhttp"}, User{"sam"})')
+    with listening_to_tools(bastion, token) as frames:
         asked_before = requests_of(bastion, "sam", "labhttp")
         bastion.flush()
         seq = bastion.records.last_seq()
@@ -155,16 +164,7 @@ def test_a_review_put_on_connect_asks_nobody_about_a_notification(bastion, tmp_p
     client = register_public_client(bastion.http, bastion.url)
     token = bastion.token("sam", "labhttp", client_id=client)
     reviewed = parse_fact('connect_reviewed(McpServer{"labhttp"}, User{"sam"})')
-    with bastion.http.stream(
-        "POST",
-        bastion.mcp_url("labhttp"),
-        json=modern_request(
-            "w", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
-        ),
-        headers=modern_headers(token, "subscriptions/listen"),
-    ) as response:
-        frames = events(response)
-        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+    with listening_to_tools(bastion, token) as frames:
         asked_before = requests_of(bastion, "sam", "labhttp")
         bastion.flush()
         seq = bastion.records.last_seq()
