@@ -117,12 +117,14 @@ def compact(
             text = dumps(value, handed, option)
         except orjson.JSONEncodeError:
             return slow(value).encode()
+        # ``find``, not ``in``: ``bytes in bytes`` first tries its operand as an integer and
+        # raises (and formats) a TypeError it then clears, a few thousand instructions each.
         if (
             not text.isascii()
-            or b"\x7f" in text
-            or b"null" in text
-            or b"0.0000" in text
-            or (b"e-" in text and search(text))
+            or text.find(b"\x7f") != -1
+            or text.find(b"null") != -1
+            or text.find(b"0.0000") != -1
+            or (text.find(b"e-") != -1 and search(text))
         ):
             return slow(value).encode()
         return text
