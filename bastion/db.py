@@ -34,7 +34,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from bastion.redaction import safe_url, without_url_secrets
-from bastion.retries import Backoff, Outage
+from bastion.retries import Backoff, Outage, kind_of
 
 log = logging.getLogger("bastion.db")
 
@@ -1004,6 +1004,27 @@ def _newer_message(ahead: list[tuple[str, int, int]]) -> str:
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (psycopg's run to several), for logs and answers."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def round_failed(outage: Outage, error: BaseException, message: str) -> bool:
+    """Tell ``outage`` (a background round's, run again and again) that the round failed with
+    ``error``: "``message`` (its first line); trying again", the database away
+    (`DatabaseUnavailable`) as a warning, once for as long as it is away; another error at
+    ERROR with its traceback, once for as long as it stays the same (`kind_of`). True if it
+    was said (not at DEBUG)."""
+    if isinstance(error, DatabaseUnavailable):
+        return outage.failed(
+            "%s (%s); trying again", message, first_line(error), kind="unavailable", stacklevel=2
+        )
+    return outage.failed(
+        "%s (%s); trying again",
+        message,
+        first_line(error),
+        kind=kind_of(error),
+        level=logging.ERROR,
+        exc_info=True,
+        stacklevel=2,
+    )
 
 
 def _create_private(path: str) -> None:

@@ -61,15 +61,21 @@ class Outage:
         kind: str = "",
         level: int = logging.WARNING,
         exc_info: bool = False,
+        stacklevel: int = 1,
     ) -> bool:
         """Note a failure and log ``message % args``: at ``level`` if it begins an outage or is
         of another ``kind`` than the one before, else at DEBUG. True if it was said at
-        ``level``."""
+        ``level``. The record names the caller's line (``stacklevel`` 1), or its caller's (2:
+        a helper saying the failures of several rounds, `bastion.db.round_failed`)."""
         first = self.failure != kind
         self.failure = kind
         # Attributed to the caller's line, not this one.
         self.log.log(
-            level if first else logging.DEBUG, message, *args, exc_info=exc_info, stacklevel=2
+            level if first else logging.DEBUG,
+            message,
+            *args,
+            exc_info=exc_info,
+            stacklevel=stacklevel + 1,
         )
         return first
 

@@ -4,7 +4,9 @@ says of it."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 
+from bastion.db import DatabaseUnavailable, round_failed
 from bastion.retries import Backoff, Outage, kind_of
 
 
@@ -45,4 +47,27 @@ def test_an_outage_is_said_once_again_when_its_error_changes_and_once_when_it_en
         ("WARNING", "step failed: refused"),
     ]
     # Each record names the line that failed, not the helper's.
+    assert {r.filename for r in caplog.records} == {"test_retries.py"}
+
+
+def test_a_round_says_the_database_away_once_without_a_traceback_and_another_error_with_one(
+    caplog,
+):
+    """`round_failed`, what background rounds say of a failure: the database away is one
+    warning naming why for as long as it lasts, whatever each attempt's message; another error
+    is said at ERROR with its traceback, once per kind; each record names the round's line."""
+    caplog.set_level(logging.DEBUG, logger="tests.outage")
+    outage = Outage(logging.getLogger("tests.outage"))
+    lost = DatabaseUnavailable("the database connection was lost (terminated); retry")
+    away = DatabaseUnavailable("the database is unavailable (connection refused); retry")
+    missing = sqlite3.OperationalError("no such table: tasks")
+    said = [
+        round_failed(outage, e, "sweeping failed") for e in (lost, away, away, missing, missing)
+    ]
+    assert said == [True, False, False, True, False]
+    loud = [r for r in caplog.records if r.levelno > logging.DEBUG]
+    assert [(r.levelname, r.getMessage(), bool(r.exc_info)) for r in loud] == [
+        ("WARNING", f"sweeping failed ({lost}); trying again", False),
+        ("ERROR", "sweeping failed (no such table: tasks); trying again", True),
+    ]
     assert {r.filename for r in caplog.records} == {"test_retries.py"}

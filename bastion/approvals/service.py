@@ -30,6 +30,7 @@ from bastion.agents import identity
 from bastion.approvals.settings import MAX_WINDOW_MINUTES, ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore, TooManyPending
 from bastion.audit.log import AuditLog
+from bastion.db import round_failed
 from bastion.decide import Authorizer, Session
 from bastion.decide.contract import approval_grant_agent, path_keys
 from bastion.facts.model import Entity, FactError
@@ -37,6 +38,7 @@ from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.large_json import LargeMessage
 from bastion.names import is_name, readable
 from bastion.policy.errors import EvaluationLimit, UndecidedQuestion
+from bastion.retries import Outage
 from bastion.signals.suspensions import (
     Suspensions,
     describe,
@@ -624,12 +626,17 @@ class Approvals:
         return self.store.held_result(request.id)
 
     async def drop_expired_results_forever(self, seconds: float = 60.0) -> None:
-        """Delete held results once their request expires, every ``seconds``, until cancelled."""
+        """Delete held results once their request expires, every ``seconds``, until cancelled.
+        A failure is logged once for as long as it stays the same (`round_failed`), and once
+        that the round works again."""
+        outage = Outage(log)
         while True:
             try:
                 await anyio.to_thread.run_sync(self.store.drop_expired_results)
-            except Exception:  # the database is away: the next round tries again
-                log.warning("approvals: expired results could not be deleted", exc_info=True)
+            except Exception as e:  # the database is away: the next round tries again
+                round_failed(outage, e, "approvals: expired results could not be deleted")
+            else:
+                outage.ended("approvals: expired results are deleted again")
             await anyio.sleep(seconds)
 
     def sweep_stranded(self) -> int:
@@ -655,14 +662,17 @@ class Approvals:
         """`sweep_stranded` every ``stranded_sweep_seconds``, once this replica has the changes
         it has heard of (`current`), until cancelled. Where the policy cannot be read here
         (`Unavailable`), the pass waits for the next."""
+        outage = Outage(log)
         while True:
             try:
                 await self.current()
                 await anyio.to_thread.run_sync(self.sweep_stranded)
             except Unavailable as e:
                 log.debug("approvals: no sweep of stranded requests on this replica now: %s", e)
-            except Exception:  # the database is away: the next pass tries again
-                log.warning("approvals: stranded requests could not be swept", exc_info=True)
+            except Exception as e:  # the database is away: the next pass tries again
+                round_failed(outage, e, "approvals: stranded requests could not be swept")
+            else:
+                outage.ended("approvals: stranded requests are swept again")
             await anyio.sleep(self.settings.stranded_sweep_seconds)
 
     def reviewer_masks(self, request: ApprovalRequest, person: str) -> tuple[str, ...]:

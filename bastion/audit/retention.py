@@ -22,10 +22,11 @@ from bastion.audit.actor import SERVER
 from bastion.audit.decision_log import prune_decision_log
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.log import AuditLog
-from bastion.db import Database, first_line
+from bastion.db import Database, round_failed
 from bastion.delegation.tasks import prune_tasks
 from bastion.facts.store import prune_changes_before
 from bastion.oauth.store import prune_grants
+from bastion.retries import Outage
 from bastion.signals import alert_webhooks
 from bastion.signals.alerts import prune_alerts
 
@@ -89,17 +90,20 @@ def pruned_text(pruned: Pruned) -> str:
 
 async def prune_forever(db: Database, days: float, interval: float = PRUNE_INTERVAL) -> None:
     """Prune now, then every ``interval`` seconds, on a worker thread. A failure (the database is
-    unavailable) is logged and tried again at the next round. ``days`` 0 keeps everything."""
+    unavailable) is tried again at the next round, and logged once for as long as it stays the
+    same (`round_failed`), and once that the round works again. ``days`` 0 keeps everything."""
     if days <= 0:
         return
+    outage = Outage(log)
     while True:
         try:
             pruned = await anyio.to_thread.run_sync(
                 functools.partial(prune, db, days, actor=SERVER)
             )
         except Exception as e:
-            log.warning("pruning the audit trail failed (%s); trying again later", first_line(e))
+            round_failed(outage, e, "pruning the audit trail failed")
         else:
+            outage.ended("the audit trail is pruned again")
             if pruned.events or pruned.decisions or pruned.rows:
                 log.info(
                     "audit retention (%g days): deleted %s",

@@ -52,8 +52,9 @@ from bastion.connections.upstream_oauth import (
     pkce_pair,
 )
 from bastion.constant_time import same
-from bastion.db import first_line
+from bastion.db import first_line, round_failed
 from bastion.names import readable
+from bastion.retries import Outage
 
 log = logging.getLogger("bastion.connections")
 
@@ -642,16 +643,19 @@ class Connections:
             await asyncio.wait([self._revoke_later(pending) for pending in claimed])
         return len(claimed)
 
-    async def sweep_revocations_forever(self) -> None:
-        """`sweep_revocations` every `REVOCATION_SWEEP_SECONDS`, until cancelled."""
+    async def sweep_revocations_forever(self, every: float = REVOCATION_SWEEP_SECONDS) -> None:
+        """`sweep_revocations` every ``every`` seconds, until cancelled. A failure (the database
+        away, most likely: the next pass tries) is logged once for as long as it stays the same
+        (`round_failed`), and once that the outbox is swept again."""
+        outage = Outage(log)
         while True:
             try:
                 await self.sweep_revocations()
-            except Exception as e:  # the database is away, most likely: the next pass tries
-                log.warning(
-                    "connections: the revocations' outbox could not be swept: %s", first_line(e)
-                )
-            await asyncio.sleep(REVOCATION_SWEEP_SECONDS)
+            except Exception as e:
+                round_failed(outage, e, "connections: the revocations' outbox could not be swept")
+            else:
+                outage.ended("connections: the revocations' outbox is swept again")
+            await asyncio.sleep(every)
 
     async def _revoke_recorded(self, pending: PendingRevocation) -> None:
         """Make one attempt at ``pending``, which this process holds (`_revoke_upstream`, at

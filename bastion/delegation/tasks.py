@@ -27,10 +27,11 @@ import anyio
 
 from bastion.audit import AuditLog
 from bastion.audit.actor import SERVER
-from bastion.db import Database, prune_rows
+from bastion.db import Database, prune_rows, round_failed
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.oauth.store import Grant, OAuthStore
+from bastion.retries import Outage
 
 log = logging.getLogger("bastion.delegation.tasks")
 
@@ -635,16 +636,21 @@ class Tasks:
         return 1
 
     async def sweep_forever(self) -> None:
-        """On a replica: sweep every ``sweep_seconds``, and at the next expiry it knows of."""
+        """On a replica: sweep every ``sweep_seconds``, and at the next expiry it knows of. A
+        failure is logged once for as long as it stays the same (`round_failed`), and once that
+        tasks are swept again."""
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        outage = Outage(log)
         while True:
             try:
                 await anyio.to_thread.run_sync(self.sweep)
                 nearest = await anyio.to_thread.run_sync(self.store.next_expiry)
-            except Exception:
-                log.exception("sweeping expired tasks failed; trying again")
+            except Exception as e:
+                round_failed(outage, e, "sweeping expired tasks failed")
                 nearest = None
+            else:
+                outage.ended("expired tasks are swept again")
             wait = self.settings.sweep_seconds
             if nearest is not None:
                 wait = min(wait, max(0.0, nearest - self.clock()) + 0.01)

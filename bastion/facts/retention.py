@@ -10,8 +10,9 @@ import logging
 
 import anyio
 
-from bastion.db import first_line
+from bastion.db import round_failed
 from bastion.facts.store import FactStore
+from bastion.retries import Outage
 
 log = logging.getLogger("bastion.facts")
 
@@ -23,13 +24,16 @@ async def purge_expired_forever(
     store: FactStore, grace: float, interval: float = PURGE_INTERVAL
 ) -> None:
     """`FactStore.purge_expired` now, then every ``interval`` seconds, on a worker thread. A
-    failure (the database is unavailable) is logged and tried again at the next round."""
+    failure (the database is unavailable) is tried again at the next round, and logged once for
+    as long as it stays the same (`round_failed`), and once that the round works again."""
+    outage = Outage(log)
     while True:
         try:
             purged = await anyio.to_thread.run_sync(store.purge_expired, grace)
         except Exception as e:
-            log.warning("deleting expired facts failed (%s); trying again later", first_line(e))
+            round_failed(outage, e, "deleting expired facts failed")
         else:
+            outage.ended("expired facts are deleted again")
             if purged:
                 log.info("deleted %d facts that expired more than %g seconds ago", purged, grace)
         await asyncio.sleep(interval)

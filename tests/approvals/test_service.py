@@ -1537,6 +1537,60 @@ def test_a_mark_that_cannot_be_renewed_is_logged_once_per_outage_not_at_every_ro
             db.close()
 
 
+@pytest.mark.parametrize("round_of", ["stranded", "results"])
+def test_a_database_outage_is_logged_once_by_the_approvals_rounds_not_at_every_round(
+    postgres_url, caplog, round_of
+):
+    """Each server sweeps stranded pending requests (every ``stranded_sweep_seconds``, 30 s)
+    and deletes held results that expired (every 60 s); while the database is away each round
+    fails, and that is said once (a warning with a traceback at every round, before), then once
+    that the round works again. The outage is the test's own: a relay to PostgreSQL it cuts."""
+    caplog.set_level(logging.DEBUG, logger="bastion.approvals")
+    with Relay(("127.0.0.1", 5432)) as relay:
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        try:
+            approvals, _ = approvals_on(db, Clock())
+            approvals.settings = dataclasses.replace(
+                approvals.settings, stranded_sweep_seconds=0.01
+            )
+            about = "stranded" if round_of == "stranded" else "expired results"
+
+            def said(level: int = logging.DEBUG) -> list[str]:
+                return [
+                    r.getMessage()
+                    for r in caplog.records
+                    if r.name == "bastion.approvals"
+                    and r.levelno >= level
+                    and about in r.getMessage()
+                ]
+
+            async def scenario() -> None:
+                rounds = asyncio.create_task(
+                    approvals.sweep_stranded_forever()
+                    if round_of == "stranded"
+                    else approvals.drop_expired_results_forever(0.01)
+                )
+                try:
+                    relay.cut()
+                    async with asyncio.timeout(PATIENCE):
+                        while len(said()) < 6:  # rounds that failed
+                            await asyncio.sleep(0.01)
+                    assert len(said(logging.WARNING)) == 1, said()
+                    relay.restore()
+                    async with asyncio.timeout(PATIENCE):
+                        while len(said(logging.WARNING)) < 2:
+                            await asyncio.sleep(0.01)
+                finally:
+                    rounds.cancel()
+                    await asyncio.gather(rounds, return_exceptions=True)
+
+            asyncio.run(scenario())
+            loud = said(logging.WARNING)
+            assert len(loud) == 2 and "could not" in loud[0] and loud[1].endswith(" again"), loud
+        finally:
+            db.close()
+
+
 def test_a_run_ends_before_its_result_is_held_for_review_never_between(world):
     """For a call held for approval and review the run's end is written after its result is held
     (`Approvals.hold` of the review): a retry finds the run in progress, then its review, never

@@ -7,6 +7,8 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 
@@ -15,12 +17,14 @@ import pytest
 from bastion import Authorizer
 from bastion.approvals.store import Answer, ApprovalStore
 from bastion.audit import AuditLog
-from bastion.audit.retention import prune
+from bastion.audit.retention import prune, prune_forever
 from bastion.db import Database
 from bastion.delegation.tasks import Task, TaskStore
 from bastion.oauth.store import Client, Grant, OAuthStore
 from bastion.signals.alerts import Alerts, AlertSettings, AlertStore
 from bastion.webhooks import DELIVERED, FAILED, Attempt, Outbox, Webhook, WebhookDelivery
+from tests.relays import Relay
+from tests.waits import PATIENCE
 
 DAY = 86_400.0
 NOW = time.time()
@@ -261,3 +265,46 @@ def test_a_prune_that_deletes_nothing_besides_the_trail_records_no_rows(db):
     pruned = prune(db, 30, NOW, actor="test")
     assert pruned.events == 1 and pruned.rows == {}
     assert pruned_rows(db) == {}
+
+
+def test_a_database_outage_is_logged_once_by_the_hourly_prune_not_at_every_round(
+    postgres_url, caplog
+):
+    """The server's prune of the audit trail runs hourly; while the database is away each round
+    fails, and that is said once (a warning at every round, before), then once that the round
+    works again. Here the rounds are made quick (``interval``); the outage is the test's own: a
+    relay to PostgreSQL it cuts."""
+    caplog.set_level(logging.DEBUG, logger="bastion.audit")
+    with Relay(("127.0.0.1", 5432)) as relay:
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        AuditLog(db).record("test.event", actor="test")
+
+        def said(level: int = logging.DEBUG) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "bastion.audit" and r.levelno >= level and "prun" in r.getMessage()
+            ]
+
+        async def scenario() -> None:
+            rounds = asyncio.create_task(prune_forever(db, 30, interval=0.01))
+            try:
+                relay.cut()
+                async with asyncio.timeout(PATIENCE):
+                    while len(said()) < 6:  # rounds that failed
+                        await asyncio.sleep(0.01)
+                assert len(said(logging.WARNING)) == 1, said()
+                relay.restore()
+                async with asyncio.timeout(PATIENCE):
+                    while len(said(logging.WARNING)) < 2:
+                        await asyncio.sleep(0.01)
+            finally:
+                rounds.cancel()
+                await asyncio.gather(rounds, return_exceptions=True)
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            db.close()
+    loud = said(logging.WARNING)
+    assert len(loud) == 2 and "failed" in loud[0] and loud[1].endswith(" again"), loud

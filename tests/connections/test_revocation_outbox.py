@@ -13,6 +13,8 @@ PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -28,6 +30,7 @@ from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import Servers, free_socket
+from tests.relays import Relay
 from tests.waits import PATIENCE
 
 AWAY = (503, {})
@@ -301,3 +304,50 @@ def test_a_database_from_before_the_outbox_is_upgraded(database_url):
         assert store.revocations() == []
     finally:
         db.close()
+
+
+def test_a_database_outage_is_logged_once_by_the_sweep_not_at_every_round(postgres_url, caplog):
+    """Every process sweeps the revocations' outbox (every 30 s); while the database is away each
+    sweep fails, and that is said once (a warning at every sweep, before), then once that the
+    outbox is swept again. The outage is the test's own: a relay to PostgreSQL it cuts."""
+    caplog.set_level(logging.DEBUG, logger="bastion.connections")
+    with Relay(("127.0.0.1", 5432)) as relay:
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        connections = Connections(
+            ConnectionStore(db),
+            Sealer([Fernet.generate_key()]),
+            {"tracker": ("http://127.0.0.1:9/mcp", UpstreamOAuth())},
+            "https://bastion.example",
+        )
+
+        def said(level: int = logging.DEBUG) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "bastion.connections"
+                and r.levelno >= level
+                and "outbox" in r.getMessage()
+            ]
+
+        async def scenario() -> None:
+            sweeps = asyncio.create_task(connections.sweep_revocations_forever(every=0.01))
+            try:
+                relay.cut()
+                async with asyncio.timeout(PATIENCE):
+                    while len(said()) < 6:  # sweeps that failed
+                        await asyncio.sleep(0.01)
+                assert len(said(logging.WARNING)) == 1, said()
+                relay.restore()
+                async with asyncio.timeout(PATIENCE):
+                    while len(said(logging.WARNING)) < 2:
+                        await asyncio.sleep(0.01)
+            finally:
+                sweeps.cancel()
+                await asyncio.gather(sweeps, return_exceptions=True)
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            db.close()
+    loud = said(logging.WARNING)
+    assert len(loud) == 2 and "could not" in loud[0] and loud[1].endswith(" again"), loud

@@ -6,6 +6,7 @@ once, however often it is asked."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import anyio
@@ -25,9 +26,11 @@ from bastion.delegation.tasks import (
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.store import Grant, OAuthStore
+from tests.relays import Relay
 from tests.waits import PATIENCE, eventually_async
 
 AGENT, USER = "coder-agent", "sam"
+TASKS_LOG = "bastion.delegation.tasks"
 READ_DOCS = {
     "predicate": "has_role",
     "args": [{"type": "Agent", "id": AGENT}, "reader", {"type": "Folder", "id": "docs"}],
@@ -307,3 +310,48 @@ def test_an_ending_that_races_a_binding_waits_for_it_and_revokes_its_grant(datab
         racer.join(PATIENCE)
         binding_db.close()
         ending_db.close()
+
+
+def test_a_database_outage_is_logged_once_by_the_sweeper_not_at_every_round(postgres_url, caplog):
+    """A replica's sweeper goes on while the database is away, and says so once (a traceback
+    every ``sweep_seconds``, 5 s, before), then once that it sweeps again; the task that expired
+    meanwhile is ended once the database is back. The outage is the test's own: it reaches
+    PostgreSQL through a relay it cuts."""
+    caplog.set_level(logging.DEBUG, logger=TASKS_LOG)
+    with Relay(("127.0.0.1", 5432)) as relay:
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        clock = Clock()
+        settings = TaskSettings(3600, sweep_seconds=0.01)
+        tasks = Tasks(FactStore(db), OAuthStore(db), AuditLog(db), settings, clock=clock)
+        ended: list[str] = []
+        tasks.on_end(ended.append)
+
+        def said(level: int = logging.DEBUG) -> list[str]:
+            return [
+                r.getMessage() for r in caplog.records if r.name == TASKS_LOG and r.levelno >= level
+            ]
+
+        async def run() -> str:
+            task = await anyio.to_thread.run_sync(
+                lambda: tasks.open(USER, AGENT, "a short job", clock.now + 600, [READ_DOCS], "t")
+            )
+            async with anyio.create_task_group() as group:
+                group.start_soon(tasks.sweep_forever)
+                relay.cut()
+                clock.now += 601  # it expires while the database is away
+                assert await eventually_async(lambda: len(said()) >= 6)  # rounds that failed
+                assert len(said(logging.WARNING)) == 1, said(logging.WARNING)
+                relay.restore()
+                assert await eventually_async(lambda: ended == [task.id])
+                assert await eventually_async(
+                    lambda: said(logging.WARNING)[-1].endswith("swept again")
+                )
+                group.cancel_scope.cancel()
+            return task.id
+
+        try:
+            anyio.run(run)
+        finally:
+            db.close()
+    loud = said(logging.WARNING)
+    assert len(loud) == 2 and "failed" in loud[0] and loud[1].endswith("swept again"), loud

@@ -6,6 +6,8 @@ real SQLite file and a real PostgreSQL schema."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 
@@ -16,6 +18,7 @@ from bastion.audit.retention import prune
 from bastion.db import Database
 from bastion.facts import snapshot
 from bastion.facts.model import Entity
+from bastion.facts.retention import purge_expired_forever
 from bastion.facts.store import (
     _MIGRATIONS,
     SCHEMA_VERSION,
@@ -24,6 +27,7 @@ from bastion.facts.store import (
     _rows,
     prune_changes_before,
 )
+from tests.relays import Relay
 from tests.waits import PATIENCE, eventually
 
 ALICE = Entity("User", "alice")
@@ -250,3 +254,45 @@ def test_a_store_behind_the_pruned_change_log_sees_the_gap(database_url, store):
         }
     finally:
         follower.close()
+
+
+def test_a_database_outage_is_logged_once_by_the_hourly_purge_not_at_every_round(
+    postgres_url, caplog
+):
+    """The server's purge of expired facts runs hourly; while the database is away each round
+    fails, and that is said once (a warning at every round, before), then once that the round
+    works again. Here the rounds are made quick (``interval``); the outage is the test's own: a
+    relay to PostgreSQL it cuts."""
+    caplog.set_level(logging.DEBUG, logger="bastion.facts")
+    with Relay(("127.0.0.1", 5432)) as relay:
+        store = FactStore.open(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+
+        def said(level: int = logging.DEBUG) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "bastion.facts" and r.levelno >= level and "facts" in r.getMessage()
+            ]
+
+        async def scenario() -> None:
+            rounds = asyncio.create_task(purge_expired_forever(store, HOUR, interval=0.01))
+            try:
+                relay.cut()
+                async with asyncio.timeout(PATIENCE):
+                    while len(said()) < 6:  # rounds that failed
+                        await asyncio.sleep(0.01)
+                assert len(said(logging.WARNING)) == 1, said()
+                relay.restore()
+                async with asyncio.timeout(PATIENCE):
+                    while len(said(logging.WARNING)) < 2:
+                        await asyncio.sleep(0.01)
+            finally:
+                rounds.cancel()
+                await asyncio.gather(rounds, return_exceptions=True)
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            store.close()
+    loud = said(logging.WARNING)
+    assert len(loud) == 2 and "failed" in loud[0] and loud[1].endswith(" again"), loud
