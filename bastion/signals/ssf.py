@@ -39,7 +39,7 @@ from bastion import untrusted_json
 from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
 from bastion.constant_time import same
-from bastion.db import Database
+from bastion.db import Database, round_failed
 from bastion.egress import cleartext_problem, metadata_allowance
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
@@ -54,6 +54,7 @@ from bastion.oauth.jwks import (
 )
 from bastion.oauth.remote_metadata import RemoteMetadata
 from bastion.oauth.store import OAuthStore
+from bastion.retries import Outage, kind_of
 from bastion.signals.set_tokens import (
     SetRefused,
     VerifiedSet,
@@ -355,6 +356,8 @@ class SsfReceiver:
         # because another process runs them), and the sign-ins' subject changes under way.
         self.rounds: dict[str, int] = {}
         self._changes: set[asyncio.Task] = set()
+        # What the log says of a step of a transmitter's that keeps failing (`_outage`).
+        self._outages: dict[tuple[str, str], Outage] = {}
         # This process, as the holder of the rounds of a stream's subjects (`take_round`).
         self.owner = secrets.token_hex(8)
         if any(t.linked_accounts for t in settings.transmitters):
@@ -784,8 +787,16 @@ class SsfReceiver:
                 await anyio.to_thread.run_sync(self.store.forget_before, cutoff)
             await asyncio.sleep(min(3600.0, self.settings.jti_retention_seconds / 10))
 
+    def _outage(self, t: Transmitter, step: str) -> Outage:
+        """What the log says of ``step`` of ``t``'s failing again and again: one `Outage` per
+        transmitter and step, whichever round or command takes the step."""
+        return self._outages.setdefault((t.name, step), Outage(log))
+
     async def _run(self, t: Transmitter) -> None:
-        """Configure the stream until it is configured, then (poll delivery) poll for ever."""
+        """Configure the stream until it is configured, then (poll delivery) poll for ever. A
+        failure is noted in the stream's status at every attempt, and logged once for as long
+        as it stays the same, and once that the stream is configured."""
+        outage = Outage(log)
         while True:
             try:
                 stream = (await self.configure(t)).stream
@@ -795,9 +806,12 @@ class SsfReceiver:
                 break
             except Exception as e:  # noqa: BLE001 - any failure is reported and retried
                 message = f"stream not configured: {e}"[:500]
-                log.error("ssf transmitter %s: %s", t.name, message)
+                outage.failed(
+                    "ssf transmitter %s: %s", t.name, message, kind=kind_of(e), level=logging.ERROR
+                )
                 await self._note(t, "error", message)
                 await asyncio.sleep(t.poll_interval_seconds)
+        outage.ended("ssf transmitter %s: stream configured again", t.name)
         self._tasks.append(
             asyncio.create_task(self._sync_forever(t), name=f"ssf {t.name} subjects")
         )
@@ -805,14 +819,18 @@ class SsfReceiver:
             await self._poll_forever(t, stream)
 
     async def _note(self, t: Transmitter, status: str, detail: str) -> None:
-        """Record the stream's status; a database that cannot take it now is logged, and the
-        stream's task goes on (it stopped for good before, and no signal came in after)."""
+        """Record the stream's status; a database that cannot take it now is logged (once for
+        as long as it cannot: `round_failed`), and the stream's task goes on (it stopped for
+        good before, and no signal came in after)."""
+        outage = self._outage(t, "status")
         try:
             await anyio.to_thread.run_sync(
                 lambda: self.store.save_stream(t.name, status, detail, actor=SERVER)
             )
         except Exception as e:  # noqa: BLE001 - the status is noted again at the next change
-            log.warning("ssf transmitter %s: its status could not be recorded: %s", t.name, e)
+            round_failed(outage, e, f"ssf transmitter {t.name}: its status could not be recorded")
+        else:
+            outage.ended("ssf transmitter %s: its status is recorded again", t.name)
 
     async def _call(
         self, t: Transmitter, method: str, url: str, *, json_body: Any = None, params=None
@@ -1282,7 +1300,9 @@ class SsfReceiver:
     async def _sync_forever(self, t: Transmitter) -> None:
         """`sync_subjects` every ``subjects_sync_seconds``, its outcome in the stream's status
         detail; a failed round is noted and the next one tries again. One process runs the
-        rounds (`_hold_round`): another that finds them held skips its turn."""
+        rounds (`_hold_round`): another that finds them held skips its turn. A failed round
+        is logged once for as long as it fails the same way, and once that a round works."""
+        outage = Outage(log)
         while True:
             try:
                 if not await self._hold_round(t):
@@ -1294,8 +1314,12 @@ class SsfReceiver:
                 await self._note_subjects(t, done.summary(recorded))
             except Exception as e:  # noqa: BLE001 - any failure is reported and retried
                 message = f"not brought in step: {e}"[:500]
-                log.error("ssf transmitter %s: %s", t.name, message)
+                outage.failed(
+                    "ssf transmitter %s: %s", t.name, message, kind=kind_of(e), level=logging.ERROR
+                )
                 await self._note_subjects(t, message)
+            else:
+                outage.ended("ssf transmitter %s: subjects are brought in step again", t.name)
             self.rounds[t.name] = self.rounds.get(t.name, 0) + 1
             await asyncio.sleep(t.subjects_sync_seconds)
 
@@ -1307,42 +1331,53 @@ class SsfReceiver:
         say (a round skipped is made by the next)."""
         now = time.time()
         until = now + t.subjects_sync_seconds + 2 * ANSWER_SECONDS
+        outage = self._outage(t, "rounds")
         try:
-            return await anyio.to_thread.run_sync(
+            held = await anyio.to_thread.run_sync(
                 self.store.take_round, t.name, self.owner, now, until
             )
         except Exception as e:  # noqa: BLE001 - the next round asks again
-            log.warning("ssf transmitter %s: the rounds of its subjects not held: %s", t.name, e)
+            round_failed(
+                outage, e, f"ssf transmitter {t.name}: the rounds of its subjects not held"
+            )
             return False
+        outage.ended("ssf transmitter %s: the rounds of its subjects are held again", t.name)
+        return held
 
     async def _note_subjects(self, t: Transmitter, summary: str) -> None:
         """Record the subjects' summary beside the stream's status (which it leaves as it is),
         when it is not what this process recorded last."""
         if self.store.seen.get(t.name, {}).get("subjects") == summary:
             return
+        outage = self._outage(t, "subjects")
         try:
             await anyio.to_thread.run_sync(self.store.note_subjects, t.name, summary)
         except Exception as e:  # noqa: BLE001 - noted again next round
-            log.warning("ssf transmitter %s: its subjects could not be recorded: %s", t.name, e)
+            round_failed(outage, e, f"ssf transmitter {t.name}: its subjects could not be recorded")
+        else:
+            outage.ended("ssf transmitter %s: its subjects are recorded again", t.name)
 
     async def _poll_forever(self, t: Transmitter, stream: dict[str, Any]) -> None:
+        """Poll every ``poll_interval_seconds`` (at once while more is available). A failure
+        is logged and noted in the stream's status once for as long as it stays the same, and
+        once that a poll is answered again."""
         url = poll_url(stream)  # `configure` used the stream only if this holds
         ack: list[str] = []
         errs: dict[str, dict[str, str]] = {}
-        failing = False
+        outage = Outage(log)
         while True:
             try:
                 more, ack, errs = await self.poll_once(t, url, ack, errs)
             except Exception as e:  # noqa: BLE001 - reported, retried; acks are sent again
                 message = f"poll failed: {e}"[:500]
-                log.error("ssf transmitter %s: %s", t.name, message)
-                if not failing:
+                said = outage.failed(
+                    "ssf transmitter %s: %s", t.name, message, kind=kind_of(e), level=logging.ERROR
+                )
+                if said:
                     await self._note(t, "error", message)
-                failing = True
                 await asyncio.sleep(t.poll_interval_seconds)
                 continue
-            if failing:
-                failing = False
+            if outage.ended("ssf transmitter %s: poll answered again", t.name):
                 await self._note(t, "polling", "poll answered again")
             if not more and not ack and not errs:
                 await asyncio.sleep(t.poll_interval_seconds)

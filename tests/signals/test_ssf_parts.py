@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import anyio
@@ -27,9 +28,11 @@ from bastion.signals.settings import SignalsConfigError, SsfSettings, from_confi
 from bastion.signals.ssf_store import SsfStore
 from bastion.signals.subjects import SubjectError, UnreadFormat, parse_subject, user_of
 from tests.oauth.support import free_socket, serve, signed_text
+from tests.relays import Relay
 from tests.waits import PATIENCE
 
 ISSUER = "https://idp.example.com/tenant"
+SSF_LOG = "bastion.signals.ssf"
 ENV = {"PUSH": "p" * 32, "BEARER": "b" * 32, "SHORT": "short"}
 
 
@@ -701,6 +704,117 @@ def test_a_transmitters_error_answer_is_not_echoed_into_the_streams_status_or_th
     for said in refused + logged:
         for echoed in ("denied", "forged", "\x1b", "\n", "sk-hostile-secret"):
             assert echoed not in said, said
+
+
+def test_a_transmitter_that_keeps_failing_is_logged_once_not_at_every_attempt(sqlite_url, caplog):
+    """A stream that cannot be configured is tried again every ``poll_interval_seconds``, and a
+    poll that fails at the next one: each was logged at ERROR at every attempt for as long as
+    the transmitter failed. Now once, then once that it works again; the attempts between at
+    DEBUG. The stream's status still says each failure (and that the poll answers again)."""
+
+    async def stream(request, state):
+        if state["creates"] <= 6:
+            return Response(b"down", status_code=503)
+        return created(state)
+
+    async def poll(request, state):
+        if state["polls"] <= 6:
+            return Response(b"down", status_code=503)
+        return Response(b'{"sets": {}}', media_type="application/json")
+
+    caplog.set_level(logging.DEBUG, logger=SSF_LOG)
+    seen, state = streamed(sqlite_url, stream, poll, polls=8)
+
+    def said(about: str, level: int = logging.DEBUG) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == SSF_LOG and r.levelno >= level and about in r.getMessage()
+        ]
+
+    assert len(said("stream not configured")) == 6 and len(said("poll failed")) == 6
+    loud = said("ssf transmitter idp", logging.WARNING)
+    assert [line.split(": ", 1)[1][:21] for line in loud] == [
+        "stream not configured",
+        "stream configured aga",
+        "poll failed: http://1",
+        "poll answered again",
+    ], loud
+    details = [x["detail"] for x in seen]
+    assert any("poll failed" in d for d in details) and "poll answered again" in details, seen
+
+
+@pytest.mark.parametrize("cause", ["round", "database"])
+def test_a_subjects_round_that_keeps_failing_is_logged_once_not_at_every_round(
+    postgres_url, caplog, cause
+):
+    """The rounds bringing a stream's subjects in step (every ``subjects_sync_seconds``): one
+    that fails (here the stream's id not known yet) was logged at ERROR at every round, and
+    with the database away each round's hold of the rounds was a warning. Now each once, then
+    once that it works again. The outage is the test's own: a relay to PostgreSQL it cuts."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+
+    caplog.set_level(logging.DEBUG, logger=SSF_LOG)
+
+    async def metadata(request):
+        return JSONResponse(
+            {"issuer": ISSUER, "jwks_uri": "http://127.0.0.1:9/jwks",
+             "configuration_endpoint": "http://127.0.0.1:9/stream"}
+        )  # fmt: skip
+
+    def said(level: int = logging.DEBUG) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == SSF_LOG and r.levelno >= level and r.getMessage().startswith("ssf")
+        ]
+
+    app = Starlette(routes=[Route("/.well-known/ssf-configuration", metadata)])
+    with Relay(("127.0.0.1", 5432)) as relay, serve(app, free_socket()) as url:
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        try:
+            s = settings(
+                delivery="poll",
+                subjects_sync_seconds=0.01,
+                configuration_url=f"{url}/.well-known/ssf-configuration",
+            )
+            receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+            t = s.transmitters[0]
+
+            def configured() -> None:
+                receiver.store.save_stream(t.name, "enabled", "ok", stream_id="s1", actor="test")
+
+            if cause == "database":
+                configured()
+            else:  # recorded with no id yet: each round refuses to go on
+                receiver.store.save_stream(t.name, "error", "not yet", actor="test")
+
+            async def scenario() -> None:
+                task = asyncio.create_task(receiver._sync_forever(t))
+                try:
+                    if cause == "database":
+                        relay.cut()
+                    async with asyncio.timeout(PATIENCE):
+                        while len(said()) < 6:  # rounds that failed
+                            await asyncio.sleep(0.01)
+                    assert len(said(logging.WARNING)) == 1, said()
+                    if cause == "database":
+                        relay.restore()
+                    else:
+                        await anyio.to_thread.run_sync(configured)
+                    async with asyncio.timeout(PATIENCE):
+                        while len(said(logging.WARNING)) < 2:
+                            await asyncio.sleep(0.01)
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+            anyio.run(scenario)
+        finally:
+            db.close()
+    loud = said(logging.WARNING)
+    assert len(loud) == 2 and loud[1].endswith(" again"), loud
 
 
 def test_a_transmitters_answer_too_large_or_too_slow_is_not_read_and_its_stream_tried_again(
