@@ -438,7 +438,9 @@ class Database:
         self._sqlite_path: str | None = None  # the SQLite file written, for `storage_full`
         self._retry_at = 0.0
         self._failure = ""
-        self._down = False  # between a lost connection and the next one that opens
+        # From a lost connection (or a first one that cannot open) to the next one that opens:
+        # said once when it begins, once when it ends.
+        self._outage = Outage(log)
         self._wait = -1.0  # seconds a thread waits for the connection (-1: without end)
         if self.is_postgres:
             self._connection()
@@ -508,24 +510,21 @@ class Database:
             self._conn = conn
         except psycopg.Error as e:
             # Said once per outage, not at every attempt.
-            (log.debug if self._down else log.warning)(
-                "%s: cannot connect to PostgreSQL: %s", self.role, first_line(e)
-            )
-            self._down = True
+            self._outage.failed("%s: cannot connect to PostgreSQL: %s", self.role, first_line(e))
             self._retry_at = time.monotonic() + _RECONNECT_INTERVAL
             self._failure = f"the database is unavailable ({first_line(e)}); retry"
             raise DatabaseUnavailable(self._failure) from e
-        if self._down:
-            log.warning("%s: connected to PostgreSQL again", self.role)
-        self._retry_at, self._failure, self._down = 0.0, "", False
+        self._outage.ended("%s: connected to PostgreSQL again", self.role)
+        self._retry_at, self._failure = 0.0, ""
         return self._conn
 
     def _drop(self, why: str) -> None:
         """Under the lock: forget a connection that is gone (closing what is left of it)."""
         conn, self._conn = self._conn, None
-        self._down = True
         self._failure = f"the database connection was lost ({why}); retry"
-        log.warning("%s: PostgreSQL connection lost (%s); reconnecting on next use", self.role, why)
+        self._outage.failed(
+            "%s: PostgreSQL connection lost (%s); reconnecting on next use", self.role, why
+        )
         if conn is not None:
             with suppress(psycopg.Error):
                 conn.close()

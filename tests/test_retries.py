@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 
-from bastion.db import DatabaseUnavailable, round_failed
+from bastion.db import Database, DatabaseUnavailable, round_failed
 from bastion.retries import Backoff, Outage, kind_of
+from tests.relays import Relay
+from tests.waits import eventually
 
 
 def test_the_waits_double_up_to_the_longest_each_between_half_and_the_whole_then_start_again():
@@ -71,3 +73,42 @@ def test_a_round_says_the_database_away_once_without_a_traceback_and_another_err
         ("ERROR", "sweeping failed (no such table: tasks); trying again", True),
     ]
     assert {r.filename for r in caplog.records} == {"test_retries.py"}
+
+
+def test_a_database_connection_says_its_loss_once_and_once_that_it_connected_again(
+    postgres_url, caplog
+):
+    """`Database`: a connection lost is a warning, the attempts to connect while the database
+    is away are DEBUG (a warning at each, every half second a statement asked, would flood),
+    and one that opens again is a warning. The outage is the test's own: a relay it cuts."""
+    caplog.set_level(logging.DEBUG, logger="bastion.db")
+    with Relay(("127.0.0.1", 5432)) as relay:
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        try:
+            assert db.execute("SELECT 1") == [(1,)]
+            relay.cut()
+
+            def tried() -> int:
+                refused = 0
+                try:
+                    db.execute("SELECT 1")
+                except DatabaseUnavailable:
+                    refused = 1
+                assert refused
+                return sum("cannot connect" in r.getMessage() for r in caplog.records)
+
+            assert eventually(lambda: tried() >= 3)  # attempts to connect that failed
+            relay.restore()
+            assert eventually(lambda: _answers(db))
+        finally:
+            db.close()
+    loud = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
+    assert len(loud) == 2, loud
+    assert "connection lost" in loud[0] and loud[1].endswith("connected to PostgreSQL again")
+
+
+def _answers(db: Database) -> bool:
+    try:
+        return db.execute("SELECT 1") == [(1,)]
+    except DatabaseUnavailable:
+        return False

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bastion.json_encoding import encoder, kept
+from bastion.retries import Outage
 
 if TYPE_CHECKING:
     from bastion.audit.buffered import BufferedWriter
@@ -203,8 +204,11 @@ class DecisionJournal:
         self._epoch = 0
         self._rewriting = False  # a rewrite is writing its new file, outside the lock
         self.failed = 0  # appends the disk refused (full, say), logged
-        self._failing = False  # since an append failed, until one goes in
-        self._sync_failing = False  # since a sync failed, until one succeeds
+        # Since an append failed, until one goes in: by hand, not an `Outage`, for the reminder
+        # every 10,000 refused appends (`_failed`), and no record per decision between.
+        self._failing = False
+        # Since a sync failed, until one succeeds.
+        self._sync_outage = Outage(log)
         self._closed = False
 
     def _begin_file(self, content: bytes) -> tuple[int, Path]:
@@ -398,23 +402,20 @@ class DecisionJournal:
             return
         finally:
             os.close(fd)
-        if self._sync_failing:
-            self._sync_failing = False
-            log.warning("the decision journal %s is forced to the disk again", self.path)
+        self._sync_outage.ended("the decision journal %s is forced to the disk again", self.path)
         with self._lock:
             if self._epoch == epoch:  # neither emptied nor replaced meanwhile
                 self._synced = max(self._synced, size)
                 self._named = False
 
     def _sync_failed(self, error: OSError) -> None:
-        if not self._sync_failing:
-            self._sync_failing = True
-            log.error(
-                "the decision journal %s cannot be forced to the disk (%s): a power loss or an"
-                " operating system crash now may lose the decisions in it",
-                self.path,
-                error,
-            )
+        self._sync_outage.failed(
+            "the decision journal %s cannot be forced to the disk (%s): a power loss or an"
+            " operating system crash now may lose the decisions in it",
+            self.path,
+            error,
+            level=logging.ERROR,
+        )
 
     @property
     def waiting(self) -> int:
