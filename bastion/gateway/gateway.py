@@ -740,7 +740,8 @@ class Gateway:
             # Decided again in full, so that a refusal is recorded (with its rules); neither
             # counted under the caller's rate limits nor held for a person (an approval refuses
             # it, no request filed; a review of a connect holds nothing, and is not looked up):
-            # its client sent nothing.
+            # its client sent nothing. So it never raises `Held` (``from_client=False``: no
+            # hold is placed).
             try:
                 verdict = await enforcer.decide(
                     caller,
@@ -751,7 +752,7 @@ class Gateway:
                     context,
                     from_client=False,
                 )
-            except (RpcError, StepUp, Held):
+            except (RpcError, StepUp):
                 listener.close(refused=True)
                 return False
             enforcer.write(verdict.record)  # allowed after all: the facts changed meanwhile
