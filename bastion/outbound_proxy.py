@@ -139,6 +139,13 @@ def _no_proxy_entries(items: Iterable[str]) -> tuple[str | Network, ...]:
     for item in (i.strip() for i in items):
         if not item:
             continue
+        if not item.isascii():
+            # Lowered below with str.lower, which makes the Kelvin sign (U+212A) a "k": such an
+            # entry would exempt kiosk.example.com, a name it is not.
+            raise ValueError(
+                f"egress_no_proxy: {item!r} is not ASCII: write a host name of other letters in"
+                " its A-label form (xn--...)"
+            )
         try:
             entries.append(ipaddress.ip_network(item.strip("[]"), strict=True))
             continue

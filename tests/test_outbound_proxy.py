@@ -444,6 +444,9 @@ def test_a_proxy_that_echoes_its_credentials_in_its_refusal_has_them_hidden():
         (f"http://bastion:{PASSWORD}@proxy.example:99999", "", "is not a URL"),
         (f"http://bastion:{PASSWORD}@proxy.example:3128/path", "", "nothing more"),
         ("http://proxy.example:3128", "example.com/x", "neither a host name"),
+        # The Kelvin sign (U+212A), which str.lower makes a "k": not kiosk.example.com.
+        ("http://proxy.example:3128", "corp.example, \u212aiosk.example.com", "egress_no_proxy"),
+        ("http://proxy.example:3128", "bücher.example", "egress_no_proxy: .* ASCII"),
     ],
 )
 def test_a_proxy_setting_that_cannot_be_used_is_refused_at_start(proxy, no_proxy, said):
