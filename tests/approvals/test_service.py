@@ -26,6 +26,7 @@ from bastion.policy.limits import PolicyLimits
 from bastion.server.config import ConfigError
 from bastion.signals.suspensions import Suspensions
 from tests.approvals.support import POLICY_HEAD
+from tests.outage_rounds import logged, through_a_cut
 from tests.relays import Relay
 from tests.waits import PATIENCE
 
@@ -1555,36 +1556,13 @@ def test_a_database_outage_is_logged_once_by_the_approvals_rounds_not_at_every_r
             )
             about = "stranded" if round_of == "stranded" else "expired results"
 
-            def said(level: int = logging.DEBUG) -> list[str]:
-                return [
-                    r.getMessage()
-                    for r in caplog.records
-                    if r.name == "bastion.approvals"
-                    and r.levelno >= level
-                    and about in r.getMessage()
-                ]
-
-            async def scenario() -> None:
-                rounds = asyncio.create_task(
-                    approvals.sweep_stranded_forever()
-                    if round_of == "stranded"
-                    else approvals.drop_expired_results_forever(0.01)
-                )
-                try:
-                    relay.cut()
-                    async with asyncio.timeout(PATIENCE):
-                        while len(said()) < 6:  # rounds that failed
-                            await asyncio.sleep(0.01)
-                    assert len(said(logging.WARNING)) == 1, said()
-                    relay.restore()
-                    async with asyncio.timeout(PATIENCE):
-                        while len(said(logging.WARNING)) < 2:
-                            await asyncio.sleep(0.01)
-                finally:
-                    rounds.cancel()
-                    await asyncio.gather(rounds, return_exceptions=True)
-
-            asyncio.run(scenario())
+            rounds = (
+                approvals.sweep_stranded_forever
+                if round_of == "stranded"
+                else lambda: approvals.drop_expired_results_forever(0.01)
+            )
+            said = logged(caplog, "bastion.approvals", about)
+            through_a_cut(relay, rounds, said)
             loud = said(logging.WARNING)
             assert len(loud) == 2 and "could not" in loud[0] and loud[1].endswith(" again"), loud
         finally:

@@ -7,7 +7,6 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -23,8 +22,8 @@ from bastion.delegation.tasks import Task, TaskStore
 from bastion.oauth.store import Client, Grant, OAuthStore
 from bastion.signals.alerts import Alerts, AlertSettings, AlertStore
 from bastion.webhooks import DELIVERED, FAILED, Attempt, Outbox, Webhook, WebhookDelivery
+from tests.outage_rounds import logged, through_a_cut
 from tests.relays import Relay
-from tests.waits import PATIENCE
 
 DAY = 86_400.0
 NOW = time.time()
@@ -279,31 +278,9 @@ def test_a_database_outage_is_logged_once_by_the_hourly_prune_not_at_every_round
         db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
         AuditLog(db).record("test.event", actor="test")
 
-        def said(level: int = logging.DEBUG) -> list[str]:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.name == "bastion.audit" and r.levelno >= level and "prun" in r.getMessage()
-            ]
-
-        async def scenario() -> None:
-            rounds = asyncio.create_task(prune_forever(db, 30, interval=0.01))
-            try:
-                relay.cut()
-                async with asyncio.timeout(PATIENCE):
-                    while len(said()) < 6:  # rounds that failed
-                        await asyncio.sleep(0.01)
-                assert len(said(logging.WARNING)) == 1, said()
-                relay.restore()
-                async with asyncio.timeout(PATIENCE):
-                    while len(said(logging.WARNING)) < 2:
-                        await asyncio.sleep(0.01)
-            finally:
-                rounds.cancel()
-                await asyncio.gather(rounds, return_exceptions=True)
-
+        said = logged(caplog, "bastion.audit", "prun")
         try:
-            asyncio.run(scenario())
+            through_a_cut(relay, lambda: prune_forever(db, 30, interval=0.01), said)
         finally:
             db.close()
     loud = said(logging.WARNING)

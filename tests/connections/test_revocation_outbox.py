@@ -13,7 +13,6 @@ PostgreSQL.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,6 +29,7 @@ from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
 from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import Servers, free_socket
+from tests.outage_rounds import logged, through_a_cut
 from tests.relays import Relay
 from tests.waits import PATIENCE
 
@@ -320,33 +320,9 @@ def test_a_database_outage_is_logged_once_by_the_sweep_not_at_every_round(postgr
             "https://bastion.example",
         )
 
-        def said(level: int = logging.DEBUG) -> list[str]:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.name == "bastion.connections"
-                and r.levelno >= level
-                and "outbox" in r.getMessage()
-            ]
-
-        async def scenario() -> None:
-            sweeps = asyncio.create_task(connections.sweep_revocations_forever(every=0.01))
-            try:
-                relay.cut()
-                async with asyncio.timeout(PATIENCE):
-                    while len(said()) < 6:  # sweeps that failed
-                        await asyncio.sleep(0.01)
-                assert len(said(logging.WARNING)) == 1, said()
-                relay.restore()
-                async with asyncio.timeout(PATIENCE):
-                    while len(said(logging.WARNING)) < 2:
-                        await asyncio.sleep(0.01)
-            finally:
-                sweeps.cancel()
-                await asyncio.gather(sweeps, return_exceptions=True)
-
+        said = logged(caplog, "bastion.connections", "outbox")
         try:
-            asyncio.run(scenario())
+            through_a_cut(relay, lambda: connections.sweep_revocations_forever(every=0.01), said)
         finally:
             db.close()
     loud = said(logging.WARNING)

@@ -6,7 +6,6 @@ real SQLite file and a real PostgreSQL schema."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -27,6 +26,7 @@ from bastion.facts.store import (
     _rows,
     prune_changes_before,
 )
+from tests.outage_rounds import logged, through_a_cut
 from tests.relays import Relay
 from tests.waits import PATIENCE, eventually
 
@@ -267,31 +267,9 @@ def test_a_database_outage_is_logged_once_by_the_hourly_purge_not_at_every_round
     with Relay(("127.0.0.1", 5432)) as relay:
         store = FactStore.open(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
 
-        def said(level: int = logging.DEBUG) -> list[str]:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.name == "bastion.facts" and r.levelno >= level and "facts" in r.getMessage()
-            ]
-
-        async def scenario() -> None:
-            rounds = asyncio.create_task(purge_expired_forever(store, HOUR, interval=0.01))
-            try:
-                relay.cut()
-                async with asyncio.timeout(PATIENCE):
-                    while len(said()) < 6:  # rounds that failed
-                        await asyncio.sleep(0.01)
-                assert len(said(logging.WARNING)) == 1, said()
-                relay.restore()
-                async with asyncio.timeout(PATIENCE):
-                    while len(said(logging.WARNING)) < 2:
-                        await asyncio.sleep(0.01)
-            finally:
-                rounds.cancel()
-                await asyncio.gather(rounds, return_exceptions=True)
-
+        said = logged(caplog, "bastion.facts", "facts")
         try:
-            asyncio.run(scenario())
+            through_a_cut(relay, lambda: purge_expired_forever(store, HOUR, interval=0.01), said)
         finally:
             store.close()
     loud = said(logging.WARNING)
