@@ -31,16 +31,20 @@ def logged(caplog, logger: str, about: str) -> Callable[..., list[str]]:
 
 
 def through_a_cut(
-    relay: Relay, rounds: Callable[[], Awaitable[None]], said: Callable[..., list[str]]
+    relay: Relay,
+    rounds: Callable[[], Awaitable[None]],
+    said: Callable[..., list[str]],
+    meanwhile: Callable[[], None] = lambda: None,
 ) -> None:
     """Run ``rounds`` (a background loop) while ``relay`` is cut for `FAILED_ROUNDS` failed
     rounds, which must have said one warning, then restored until a second one (that it works
-    again)."""
+    again). ``meanwhile`` runs once the relay is cut (what the rounds are to write later)."""
 
     async def scenario() -> None:
         task = asyncio.ensure_future(rounds())
         try:
             relay.cut()
+            meanwhile()
             async with asyncio.timeout(PATIENCE):
                 while len(said()) < FAILED_ROUNDS:
                     await asyncio.sleep(0.01)

@@ -4,7 +4,6 @@ confidential client that proved its secret, a token this server signed) keeps it
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -24,6 +23,7 @@ from bastion.db import Database
 from bastion.oauth import InvalidToken
 from bastion.oauth.server import AuthorizationServer
 from tests.gateway.support import serve_quickstart
+from tests.outage_rounds import logged, through_a_cut
 from tests.relays import Relay
 from tests.waits import PATIENCE, eventually
 
@@ -404,34 +404,16 @@ def test_a_database_outage_is_logged_once_by_the_round_writing_counts(postgres_u
         def refused() -> None:
             server.refusals.record("login.failed", address="192.0.2.9", reason="no_password")
 
-        def said(level: int = logging.DEBUG) -> list[str]:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.name == SERVER_LOG and r.levelno >= level and "refusals" in r.getMessage()
-            ]
-
-        async def rounds() -> None:
-            task = asyncio.create_task(server.write_counts_forever())
-            try:
-                refused()  # its row written at once
-                relay.cut()
-                for _ in range(4):
-                    refused()  # counted in memory
-                async with asyncio.timeout(PATIENCE):
-                    while len(said()) < 6:  # rounds that failed
-                        await asyncio.sleep(0.01)
-                assert len(said(logging.WARNING)) == 1, said(logging.WARNING)
-                relay.restore()
-                async with asyncio.timeout(PATIENCE):
-                    while len(said(logging.WARNING)) < 2:
-                        await asyncio.sleep(0.01)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
+        said = logged(caplog, SERVER_LOG, "refusals")
         try:
-            asyncio.run(rounds())
+            refused()  # its row written at once
+            # Four more counted in memory while the database is away.
+            through_a_cut(
+                relay,
+                server.write_counts_forever,
+                said,
+                meanwhile=lambda: [refused() for _ in range(4)],
+            )
             lines = said(logging.WARNING)
             assert len(lines) == 2 and "again" in lines[1], lines
             server.refusals.flush(everything=True)
