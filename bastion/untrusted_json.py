@@ -183,14 +183,16 @@ def loads(
         raise _too_deep(max_depth) from None
     except _RepeatedKey as e:
         raise _repeated(e.key) from None
-    except _RefusedNumber:
+    except _RefusedNumber as refused:
         # Decoded again, with the refused numbers kept in place, to say where the first one is.
         try:
             value = _MARKING[mode].decode(text)
         except _RepeatedKey as e:
             raise _repeated(e.key) from None
         _walk(value, max_depth)
-        raise AssertionError("a refused number was not found again") from None
+        # Not found: it was the value of a member named again (without ``unique_keys``), which
+        # the later one replaced. Refused all the same, without a place.
+        raise JsonRefused(refused.args[0]) from None
     except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python reads
         raise JsonRefused(f"not valid JSON: {e}") from None
     # Fewer brackets than the limit cannot nest deeper: most bodies skip the depth check.

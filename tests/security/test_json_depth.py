@@ -69,3 +69,15 @@ def test_with_unique_keys_a_name_twice_in_any_object_is_refused_and_otherwise_no
             untrusted_json.loads(text, unique_keys=True)
     body = '{"a": {"b": [1, 2.5, "c"]}, "d": null}'
     assert untrusted_json.loads(body, unique_keys=True) == json.loads(body)
+
+
+def test_a_refused_number_in_a_member_named_again_is_refused_without_unique_keys():
+    # The later member replaces the refused number, so its place is gone: refused all the
+    # same, with its reason (it was an AssertionError from the reader, found by
+    # tests/security/test_json_read_by_orjson.py).
+    for text, reason in (
+        ('{"n": 1e999, "n": 1}', "too large"),
+        ('{"a": {"n": NaN}, "a": 2}', "not a JSON number"),
+    ):
+        with pytest.raises(untrusted_json.JsonRefused, match=reason):
+            untrusted_json.loads(text, unique_keys=False)
