@@ -1,6 +1,7 @@
 """JSON encoders made once per configuration: `json.JSONEncoder.encode` without its per-call
 Python, and `compact`, the same text by orjson where it writes the same; and decoders (`decode`:
-`json.loads` of a text) without the two around json's scanner.
+`json.loads` of a text) without the two around json's scanner, and `read`, json's value by
+orjson where orjson reads the same.
 
 `json.JSONEncoder.encode` runs two Python methods and builds json's C encoder again on every call;
 on the gateway's path, which encodes a few messages per call, that was more Python than the
@@ -175,5 +176,46 @@ def decoder(public: JSONDecoder, slow: Callable[[str], Any] | None = None) -> Ca
     return decode
 
 
+# Each digit as "0", "e" and "E" as "e", any other byte as " ": what a number may be is then
+# a `bytes.find` or two in the text so translated, instead of a walk of the value read.
+_NUMERALS = bytes(48 if 48 <= b <= 57 else 101 if b in b"eE" else 32 for b in range(256))
+# 19 digits in a row: perhaps an integer past 64 bits, which orjson reads as a float.
+_LONG_RUN = b"0" * 19
+# `read`'s answer where orjson might read the text otherwise than json, or not at all.
+NOT_READ = object()
+
+
+def read(data: bytes, *, exponents: bool = True) -> Any:
+    """The value ``json.loads(data)`` gives, read by orjson (several times quicker than json's
+    scanner), or `NOT_READ` where orjson might read it otherwise: the caller then reads it with
+    json, for json's value or json's error.
+
+    orjson refuses what json takes that is not JSON or not text (``NaN``, ``Infinity``, a number
+    past a float's range, which json reads as an infinity, half of a surrogate pair, a byte
+    order mark, bytes that are not UTF-8, which json may read in another encoding, nesting
+    past 1,024 levels), and reads an integer past 64 bits as a float, where json reads an
+    integer: text with 19 digits in a row is `NOT_READ`. Anything else it reads to the same
+    value, float for float (tests/test_json_encoding.py). Without ``exponents``, a digit
+    followed by an exponent (a float perhaps past a bound the caller checks) is `NOT_READ`
+    too; so may be text that merely holds such characters in a string."""
+    shape = data.translate(_NUMERALS)
+    if shape.find(_LONG_RUN) != -1 or (not exponents and shape.find(b"0e") != -1):
+        return NOT_READ
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return NOT_READ
+
+
 # ``json.loads(text)`` for a str (json.loads also names a byte order mark in its error).
-decode = decoder(JSONDecoder(), json.loads)
+_decode = decoder(JSONDecoder(), json.loads)
+
+
+def decode(text: str) -> Any:
+    """``json.loads(text)`` for a str: the same value, or the same error; read by orjson where
+    it reads the same (`read`)."""
+    try:
+        value = read(text.encode())
+    except UnicodeEncodeError:  # half of a surrogate pair, which json keeps
+        return _decode(text)
+    return _decode(text) if value is NOT_READ else value

@@ -164,6 +164,8 @@ def test_decode_reads_text_as_json_loads_does(before, text, after):
     # around the value, no value, a second value, text that is not JSON.
     whole = before + text + after
     assert _read(decode, whole) == _read(json.loads, whole)
+    if _read(json.loads, whole)[0] == "ok":  # read by orjson or not, the same types and bits
+        assert same(decode(whole), json.loads(whole))
 
 
 def test_decode_refuses_what_json_loads_refuses():
@@ -309,3 +311,156 @@ def test_compact_refuses_what_json_refuses():
     for options in COMPACT:
         for value in [loop, {"x": object()}, {"a": {1, 2}}, deep]:
             assert outcome(compact(**options), value) == outcome(json_bytes(options), value)
+
+
+# `read`: json's value, by orjson where orjson reads the same.
+
+
+def same(a, b) -> bool:
+    """Whether two decoded values are the same: types at every depth (``1`` is not ``1.0``
+    nor ``True``), floats bit for bit (``-0.0`` is not ``0.0``), members in the same order."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a.hex() == b.hex()
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def read_as_json(data: bytes) -> None:
+    """`read` gives json's value, or leaves ``data`` to json (which may read it or refuse it)."""
+    value = json_encoding.read(data)
+    if value is not json_encoding.NOT_READ:
+        assert same(value, json.loads(data)), data
+    bounded = json_encoding.read(data, exponents=False)
+    assert bounded is json_encoding.NOT_READ or same(bounded, value), data
+
+
+digits = st.text("0123456789", min_size=1, max_size=26)
+# Numbers as text: any count of digits, a fraction, an exponent of any size (past a float's
+# range either way, halfway cases, subnormals), as a client or an upstream writes them.
+number_texts = st.builds(
+    lambda sign, whole, fraction, exponent: sign + whole + fraction + exponent,
+    st.sampled_from(["", "-"]),
+    digits.map(lambda d: d.lstrip("0") or "0"),
+    st.sampled_from([""]) | digits.map(lambda d: "." + d),
+    st.sampled_from([""])
+    | st.builds(
+        lambda e, sign, n: f"{e}{sign}{n}",
+        st.sampled_from("eE"),
+        st.sampled_from(["", "+", "-"]),
+        st.integers(0, 400),
+    ),
+)
+HARD_NUMBERS = [
+    "2.4703282292062328e-324",  # just above half the smallest subnormal
+    "2.4703282292062327e-324",  # just below: 0.0
+    "4.9e-324",
+    "2.2250738585072011e-308",
+    "2.2250738585072012e-308",
+    "1.7976931348623157e308",
+    "1.7976931348623158e308",  # rounds to the largest float
+    "1.7976931348623159e308",  # past it: infinity for json, refused by orjson
+    "9007199254740993.0",  # halfway between two floats: to the even one
+    "9007199254740993",
+    "0.1",
+    "1e23",
+    "-0",
+    "-0.0",
+    "-1e-400",
+    "9223372036854775807",
+    "9223372036854775808",
+    "18446744073709551615",
+    "18446744073709551616",  # past 64 bits: orjson reads a float
+    "-9223372036854775809",
+    "123456789012345678901234567890",
+]
+
+
+@pytest.mark.parametrize("number", HARD_NUMBERS)
+def test_read_gives_jsons_number_or_leaves_it_to_json(number):
+    for text in (number, f"[{number}]", f'{{"n":{number}}}'):
+        read_as_json(text.encode())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(number=number_texts)
+def test_read_gives_jsons_float_bit_for_bit(number):
+    read_as_json(number.encode())
+    read_as_json(f'{{"a":[{number},1]}}'.encode())
+
+
+readable_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | floats | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=25,
+)
+WRITINGS = [
+    json.dumps,
+    lambda v: json.dumps(v, separators=(",", ":")),
+    lambda v: json.dumps(v, ensure_ascii=False, indent=1),
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=readable_values, writing=st.sampled_from(WRITINGS))
+def test_read_gives_json_loads_value(value, writing):
+    # ``surrogatepass``: half of a surrogate pair written as it is (no UTF-8), which json reads.
+    read_as_json(writing(value).encode("utf-8", "surrogatepass"))
+
+
+# Text that is JSON, or nearly, or not at all: members named twice, escapes, constants,
+# whitespace of every kind, a byte order mark, and bytes that are not UTF-8.
+json_alphabet = st.sampled_from(
+    list('{}[]",:0123456789.eE+-')
+    + ["true", "false", "null", "NaN", "Infinity", '"a"']
+    + [" ", "\t", "\n", "\r", "\x0c", "\x00", "\\u0041", "\\ud800", "\\u0000", "\xa0", "\ufeff"]
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    text=st.lists(json_alphabet, max_size=24).map("".join),
+    tail=st.sampled_from([b"", b"\xff", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80"]),
+)
+def test_read_never_takes_what_json_refuses_nor_reads_it_otherwise(text, tail):
+    data = text.encode("utf-8", "surrogatepass") + tail
+    value = json_encoding.read(data)
+    try:
+        expected = json.loads(data)
+    except (ValueError, RecursionError):
+        assert value is json_encoding.NOT_READ, data
+        return
+    assert value is json_encoding.NOT_READ or same(value, expected), data
+
+
+def test_read_reads_the_gateways_messages_itself():
+    # What the SDK and the benchmark send and answer: never left to json.
+    for message in (
+        b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search",'
+        b'"arguments":{"query":"a","limit":10,"ratio":0.25}}}',
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "result": {
+                    "content": [
+                        {
+                            "type": "text",
+                            "text": json.dumps(
+                                {"customers": [{"name": "Ada", "since": 1815}]}, indent=2
+                            ),
+                        }
+                    ]
+                },
+            }
+        ).encode(),
+        '{"name": "Zoë", "n": -12.5e-3}'.encode(),
+    ):
+        assert same(json_encoding.read(message), json.loads(message))
+    assert json_encoding.read(b"[1e5]", exponents=False) is json_encoding.NOT_READ
