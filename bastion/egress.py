@@ -51,6 +51,72 @@ _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# IANA's IPv4 and IPv6 Special-Purpose Address Registries (RFC 6890, RFC 8190) with each block's
+# "Globally Reachable". Python's ``is_global`` reads an older copy that differs by patch release
+# (3.11.7 calls 3fff::1 and 192.0.0.8 global, 2001:30::1 not; later ones changed 192.0.0.0/24
+# and 2001::/23), so bastion keeps its own: the most specific block holding an address decides,
+# and an address in none is judged by ``is_global``. A block whose use ended (a termination
+# date, N/A) is refused.
+# Absent: the IPv6 forms that carry an IPv4 address (::ffff:0:0/96, 64:ff9b::/96, Teredo
+# 2001::/32, 6to4 2002::/16), judged by the IPv4 one (`embedded_ipv4`). Check it against the
+# registries when they change: tests/security/test_special_addresses.py holds a row for each.
+_SPECIAL_PURPOSE_BLOCKS: tuple[tuple[str, bool], ...] = (
+    ("0.0.0.0/8", False),  # "this network": RFC 791 §3.2, RFC 1122 §3.2.1.3
+    ("10.0.0.0/8", False),  # private-use: RFC 1918
+    ("100.64.0.0/10", False),  # shared address space (CGNAT): RFC 6598
+    ("127.0.0.0/8", False),  # loopback: RFC 1122 §3.2.1.3
+    ("169.254.0.0/16", False),  # link local (cloud metadata services): RFC 3927
+    ("172.16.0.0/12", False),  # private-use: RFC 1918
+    ("192.0.0.0/24", False),  # IETF protocol assignments: RFC 6890 §2.1
+    ("192.0.0.0/29", False),  # IPv4 service continuity prefix (DS-Lite): RFC 7335
+    ("192.0.0.8/32", False),  # IPv4 dummy address: RFC 7600
+    ("192.0.0.9/32", True),  # Port Control Protocol anycast: RFC 7723
+    ("192.0.0.10/32", True),  # TURN anycast: RFC 8155
+    ("192.0.0.170/32", False),  # NAT64/DNS64 discovery: RFC 8880, RFC 7050
+    ("192.0.0.171/32", False),  # NAT64/DNS64 discovery: RFC 8880, RFC 7050
+    ("192.0.2.0/24", False),  # documentation (TEST-NET-1): RFC 5737
+    ("192.31.196.0/24", True),  # AS112-v4: RFC 7535
+    ("192.52.193.0/24", True),  # AMT: RFC 7450
+    ("192.88.99.0/24", False),  # 6to4 relay anycast, deprecated (terminated 2015-03): RFC 7526
+    ("192.88.99.2/32", False),  # 6a44 relay anycast: RFC 6751
+    ("192.168.0.0/16", False),  # private-use: RFC 1918
+    ("192.175.48.0/24", True),  # direct delegation AS112 service: RFC 7534
+    ("198.18.0.0/15", False),  # benchmarking: RFC 2544
+    ("198.51.100.0/24", False),  # documentation (TEST-NET-2): RFC 5737
+    ("203.0.113.0/24", False),  # documentation (TEST-NET-3): RFC 5737
+    ("240.0.0.0/4", False),  # reserved: RFC 1112 §4
+    ("255.255.255.255/32", False),  # limited broadcast: RFC 8190, RFC 919 §7
+    ("::1/128", False),  # loopback: RFC 4291
+    ("::/128", False),  # unspecified: RFC 4291
+    ("64:ff9b:1::/48", False),  # local-use IPv4/IPv6 translation: RFC 8215
+    ("100::/64", False),  # discard-only: RFC 6666
+    ("100:0:0:1::/64", False),  # dummy IPv6 prefix: RFC 9780
+    ("2001::/23", False),  # IETF protocol assignments: RFC 2928
+    ("2001:1::1/128", True),  # Port Control Protocol anycast: RFC 7723
+    ("2001:1::2/128", True),  # TURN anycast: RFC 8155
+    ("2001:1::3/128", True),  # DNS-SD service registration protocol anycast: RFC 9665
+    ("2001:2::/48", False),  # benchmarking: RFC 5180
+    ("2001:3::/32", True),  # AMT: RFC 7450
+    ("2001:4:112::/48", True),  # AS112-v6: RFC 7535
+    ("2001:10::/28", False),  # ORCHID, deprecated (terminated 2014-03): RFC 4843
+    ("2001:20::/28", True),  # ORCHIDv2: RFC 7343
+    ("2001:30::/28", True),  # drone remote ID protocol entity tags (DETs): RFC 9374
+    ("2001:db8::/32", False),  # documentation: RFC 3849
+    ("2620:4f:8000::/48", True),  # direct delegation AS112 service: RFC 7534
+    ("3fff::/20", False),  # documentation: RFC 9637
+    ("5f00::/16", False),  # segment routing (SRv6) SIDs: RFC 9602
+    ("fc00::/7", False),  # unique-local: RFC 4193, RFC 8190
+    ("fe80::/10", False),  # link-local unicast: RFC 4291
+)
+# Most specific first, so the first block that holds an address is the one that decides.
+_SPECIAL_PURPOSE: tuple[tuple[Network, bool], ...] = tuple(
+    sorted(
+        ((ipaddress.ip_network(block), reachable) for block, reachable in _SPECIAL_PURPOSE_BLOCKS),
+        key=lambda row: -row[0].prefixlen,
+    )
+)
+
 # Which non-public addresses a fetch may reach besides the public ones: every one (True), none
 # (False), or those of the networks listed (never empty: an empty list is False).
 PrivateAllowance: TypeAlias = bool | tuple[Network, ...]
@@ -71,10 +137,21 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address
     return None
 
 
+def _globally_reachable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """What IANA's special-purpose registries say of ``address`` (the most specific block that
+    holds it, `_SPECIAL_PURPOSE`), or, for an address in none of their blocks, ``is_global``."""
+    for network, reachable in _SPECIAL_PURPOSE:
+        if address in network:
+            return reachable
+    return address.is_global
+
+
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether a fetch may connect to ``address``: globally reachable, and not a private,
-    loopback, link-local, shared (CGNAT), reserved or multicast address, even wrapped in IPv6;
-    an IPv6 address that carries no IPv4 one only within global unicast (2000::/3)."""
+    """Whether a fetch may connect to ``address``: globally reachable (`_globally_reachable`:
+    not a private, loopback, link-local, shared (CGNAT), documentation, benchmarking or reserved
+    address, nor another block IANA's registries call not globally reachable) and not multicast,
+    even wrapped in IPv6; an IPv6 address that carries no IPv4 one only within global unicast
+    (2000::/3)."""
     if isinstance(address, ipaddress.IPv6Address):
         if address in _NAT64_LOCAL:
             return False
@@ -83,7 +160,7 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
             return all(is_public_address(v4) for v4 in inner)
         if address not in _GLOBAL_UNICAST:
             return False
-    return address.is_global and not address.is_multicast
+    return _globally_reachable(address) and not address.is_multicast
 
 
 def may_connect(
