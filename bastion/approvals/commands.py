@@ -142,12 +142,13 @@ def _line(request: ApprovalRequest) -> str:
         f"{readable(request.confirmer)} (confirms)" if request.confirmer else "nobody"
     )
     agents = " > ".join(map(readable, request.agents)) or readable(request.client_id)
+    task = f" in task {readable(request.task)}" if request.task else ""
     return "\t".join(
         (
             readable(request.id),
             request.kind,
             request.status,
-            f"{readable(request.subject)} via {agents}",
+            f"{readable(request.subject)} via {agents}{task}",
             f"{readable(request.server)} {readable(request.method)} {readable(request.target)}",
             f"expires {_when(request.expires_at)}",
             f"approvers {approvers}",
@@ -203,6 +204,7 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
     print(
         f" (through {', '.join(map(readable, s['agents'][:-1]))})" if len(s["agents"]) > 1 else ""
     )
+    print(f"  task {s['task']}" if s["task"] else "  task: none (the token is for no task)")
     print(f"  {s['server']} {s['method']} {s['target']} (action {s['action']})")
     print("  arguments:")
     for text in json.dumps(s["arguments"], indent=2, sort_keys=True).splitlines():

@@ -429,6 +429,15 @@ def _request_page(
         summary.insert(3, ("Agent", _agent(request, shown.client)))
         if request.agents:
             summary.insert(4, ("For agents", _chain(request)))
+        summary.insert(
+            5 if request.agents else 4,
+            (
+                "Task",
+                f"<code id=task>{pages.shown(request.task)}</code>"
+                if request.task
+                else "<span id=task>none (the token is for no task)</span>",
+            ),
+        )
     parts.append(f"<p>bastion {what}.</p>{_rows(summary)}")
     if shown.involved:
         parts.append(
@@ -533,15 +542,18 @@ def _answer_form(
 def _granted(request: ApprovalRequest) -> str:
     """What an approval for minutes lets through, as the grant says it (`approval_grant(user,
     agent, action, target)`): the action and target as the policy sees them, for this user
-    through this agent (a delegated call's: this chain of agents), with any arguments, and the MCP
-    requests decided so."""
+    through this agent (a delegated call's: this chain of agents), under this task (or none),
+    with any arguments, and the MCP requests decided so."""
     resource = Entity.parse(request.target)
     requests = DECIDED_AS.get(resource.type)
     through = "this chain of agents" if request.agents else "this agent"
+    task = (
+        f"under task <code>{pages.shown(request.task)}</code>" if request.task else "under no task"
+    )
     return (
         f"any <code>{pages.shown(request.action)}</code> of <code>{pages.shown(request.target)}"
-        f"</code> by <strong>{pages.shown(request.subject)}</strong> through {through}, with"
-        " any arguments" + (f" ({escape(requests)})" if requests else "")
+        f"</code> by <strong>{pages.shown(request.subject)}</strong> through {through} {task},"
+        " with any arguments" + (f" ({escape(requests)})" if requests else "")
     )
 
 

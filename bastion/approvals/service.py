@@ -3,12 +3,13 @@ and tell the enforcement point, when the call comes again, whether it may go on.
 
 The policy stays authoritative. A held call is decided again in full when it comes back; an
 approval only satisfies ``requires_approval`` for the exact call it was given for (same user,
-agent, chain of agents for a delegated token, server, method, target and arguments, same policy
-version), once, before it expires; a reviewed result is delivered only to that very call.
+agent, chain of agents for a delegated token, task the token is for, server, method, target and
+arguments, same policy version), once, before it expires; a reviewed result is delivered only to
+that very call.
 Who may answer is policy too (the contract's ``approver``, ``approvals_required``,
 ``approval_expires``, ``approval_window`` and ``self_approval_forbidden`` rules, see
 docs/approvals.md). An approval for N minutes is a fact, ``approval_grant(user, agent, action,
-resource)``, stored with an expiry: the policy sees it and it is revoked like any fact.
+resource)`` (its agent naming the chain and task, `approval_grant_agent`), stored with an expiry: the policy sees it and it is revoked like any fact.
 """
 
 from __future__ import annotations
@@ -274,6 +275,7 @@ class Call:
     arguments_digest: str
     # A delegated token's agents, first to calling (`Caller.agents`); empty for a direct grant.
     agents: tuple[str, ...] = ()
+    task: str = ""  # the task the token is for (`Caller.task`); "" for none
 
     @property
     def chain(self) -> tuple[str, ...]:
@@ -394,6 +396,12 @@ class Approvals:
             # for one chain is not the other's. (A direct grant's binding is as it always was,
             # so requests pending across an upgrade are still found.)
             parts.append(list(call.agents))
+        if call.task:
+            # The task a token is for is part of who calls: what is approved or released for
+            # a call under one task is not the same call's under another, nor under none. (A
+            # call under no task is bound as it always was: requests pending across an upgrade
+            # are still found by calls under no task.)
+            parts.append({"task": call.task})
         mac.update(json.dumps(parts, separators=(",", ":")).encode())
         return mac.hexdigest()
 
@@ -562,6 +570,7 @@ class Approvals:
                     agents=call.agents,
                     confirmer=confirmer,
                     max_pending=most,
+                    task=call.task,
                 )
                 if made:
                     self._event(request, f"{call.kind}.requested", decision_id=decision_id)
@@ -1211,7 +1220,7 @@ class Approvals:
         return (
             GRANT,
             Entity("User", request.subject),
-            approval_grant_agent(request.chain),
+            approval_grant_agent(request.chain, request.task),
             request.action,
             Entity.parse(request.target),
         )
@@ -1247,6 +1256,7 @@ class Approvals:
             subject=request.subject,
             client_id=request.client_id,
             **({"agents": list(request.agents)} if request.agents else {}),
+            **({"task": request.task} if request.task else {}),
             request_id=request.id,
             server=request.server,
             method=request.method,

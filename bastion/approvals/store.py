@@ -2,8 +2,8 @@
 
 A request is one held call (kind ``approval``: waits for a person before it runs) or one held
 result (kind ``review``: the upstream answered; a person releases the answer or withholds it). It
-is bound to the exact call by ``binding`` (a keyed digest of the user, agent, server, method,
-target and arguments), carries the policy version it was held under and an expiry, and moves
+is bound to the exact call by ``binding`` (a keyed digest of the user, agent, chain of agents,
+task, server, method, target and arguments), carries the policy version it was held under and an expiry, and moves
 ``pending`` -> ``approved`` | ``denied`` | ``expired``, then ``approved`` -> ``used`` once the call
 it unlocked runs (single use; ``running_until`` while that run may still be upstream, renewed
 while it is in flight; back to ``approved`` if that run never reached the upstream). A review
@@ -99,6 +99,10 @@ _MIGRATIONS = [
     "ALTER TABLE approval_answers ADD COLUMN withheld_fields TEXT NOT NULL DEFAULT '[]'",
     # The approvals one user's agent has waiting, counted at each new one (`max_pending`).
     "CREATE INDEX approval_requests_agent ON approval_requests (subject, client_id, status)",
+    # The task the call's token was for (a task grant, docs/delegation.md); '' for none, as in
+    # a row made before it was kept, whose binding named no task: such a request is for the
+    # call made under no task.
+    "ALTER TABLE approval_requests ADD COLUMN task TEXT NOT NULL DEFAULT ''",
 ]
 
 KINDS = ("approval", "review")
@@ -127,7 +131,7 @@ _COLUMNS = (
     "id, kind, status, binding, subject, client_id, server, method, action, target,"
     " arguments_digest, arguments, policy_version, decision_id, rules, approvers, required,"
     " self_forbidden, window_minutes, created_at, expires_at, resolved_at, used_at, used_by,"
-    " result, withheld_fields, agents, confirmer, running_until"
+    " result, withheld_fields, agents, confirmer, running_until, task"
 )
 
 
@@ -180,6 +184,8 @@ class ApprovalRequest:
     # Of a used approval: until when the run it unlocked may still be upstream (None: ended).
     running_until: float | None = None
     answers: tuple[Answer, ...] = field(default=())
+    # The task the call's token was for (docs/delegation.md); "" for none.
+    task: str = ""
 
     @property
     def approvals(self) -> tuple[Answer, ...]:
@@ -217,6 +223,7 @@ class ApprovalRequest:
             "confirmer": self.confirmer,
             "agent": self.client_id,
             "agents": list(self.agents),
+            "task": self.task,
             "server": self.server,
             "method": self.method,
             "action": self.action,
@@ -407,6 +414,7 @@ class ApprovalStore:
         agents: tuple[str, ...] = (),
         confirmer: str | None = None,
         max_pending: int | None = None,
+        task: str = "",
     ) -> tuple[ApprovalRequest, bool]:
         """The pending request of this kind bound to ``binding``, made if there is none; and
         whether it was made now. Identical pending calls share one request; a review holds the
@@ -434,7 +442,7 @@ class ApprovalStore:
             self.db.execute(
                 f"INSERT INTO approval_requests ({_COLUMNS}) VALUES"
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL,"
-                " NULL, ?, ?, ?, ?, NULL)",
+                " NULL, ?, ?, ?, ?, NULL, ?)",
                 (
                     request_id,
                     kind,
@@ -461,6 +469,7 @@ class ApprovalStore:
                     "[]",
                     json.dumps(list(agents)),
                     confirmer or "",
+                    task,
                 ),
             )
             made = self.get(request_id)
@@ -736,6 +745,7 @@ class ApprovalStore:
             confirmer=row[27] or None,
             running_until=row[28],
             answers=self._answers(request_id),
+            task=row[29],
         )
         if row[27] is None and request.person:  # kept before confirmers were
             request = replace(request, confirmer=request.subject)

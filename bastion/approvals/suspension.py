@@ -76,11 +76,11 @@ def take_back(store: FactStore, suspended: Entity, actor: str) -> int:
         if suspended.type == USER:
             rows = db.execute(
                 "SELECT a.request_id, a.minutes, a.at, r.subject, r.client_id, r.agents,"
-                " r.action, r.target FROM approval_answers a JOIN approval_requests r"
+                " r.action, r.target, r.task FROM approval_answers a JOIN approval_requests r"
                 " ON r.id = a.request_id WHERE a.approver = ? AND a.answer = 'approve'",
                 (suspended.id,),
             )
-            for request_id, minutes, at, subject, client_id, agents, action, target in rows:
+            for request_id, minutes, at, subject, client_id, agents, action, target, task in rows:
                 approved.add(request_id)
                 if minutes and at + minutes * 60 > now:  # the grant they gave may still hold
                     chain = tuple(json.loads(agents)) or (client_id,)
@@ -88,7 +88,7 @@ def take_back(store: FactStore, suspended: Entity, actor: str) -> int:
                         (
                             GRANT,
                             Entity(USER, subject),
-                            approval_grant_agent(chain),
+                            approval_grant_agent(chain, task),
                             action,
                             Entity.parse(target),
                         )
@@ -96,7 +96,8 @@ def take_back(store: FactStore, suspended: Entity, actor: str) -> int:
         audit = AuditLog(db)
         rows = db.execute(
             "SELECT id, kind, status, subject, client_id, agents, server, method, target,"
-            " decision_id FROM approval_requests WHERE status IN (?, ?, ?) AND expires_at > ?",
+            " decision_id, task FROM approval_requests WHERE status IN (?, ?, ?)"
+            " AND expires_at > ?",
             (*_LIVE, now),
         )
         for (
@@ -110,6 +111,7 @@ def take_back(store: FactStore, suspended: Entity, actor: str) -> int:
             method,
             target,
             decision,
+            task,
         ) in rows:
             chain = tuple(json.loads(agents))
             if request_id not in approved and not covers(subject, chain or (client_id,)):
@@ -122,6 +124,7 @@ def take_back(store: FactStore, suspended: Entity, actor: str) -> int:
                 subject=subject,
                 client_id=client_id,
                 **({"agents": list(chain)} if chain else {}),
+                **({"task": task} if task else {}),
                 request_id=request_id,
                 server=server,
                 method=method,
@@ -137,13 +140,16 @@ def take_back(store: FactStore, suspended: Entity, actor: str) -> int:
 
 
 def _grant_chain(agent: object) -> tuple[str, ...]:
-    """The chain of agents an ``approval_grant``'s agent names (`approval_grant_agent`)."""
+    """The chain of agents an ``approval_grant``'s agent names (`approval_grant_agent`), under
+    a task or none."""
     if not isinstance(agent, Entity):
         return ()
-    if agent.id.startswith("["):
+    if agent.id.startswith(("[", "{")):
         try:
             chain = json.loads(agent.id)
         except ValueError:
             return (agent.id,)
+        if isinstance(chain, dict):  # a grant given under a task
+            chain = chain.get("agents")
         return tuple(a for a in chain if isinstance(a, str)) if isinstance(chain, list) else ()
     return (agent.id,)

@@ -54,6 +54,7 @@ def payload(request: ApprovalRequest, url: str, delivery_id: str) -> dict:
             "user": request.subject,
             "agent": request.client_id,
             "agents": list(request.agents),
+            "task": request.task,
             "server": request.server,
             "method": request.method,
             "target": request.target,

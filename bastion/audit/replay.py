@@ -173,6 +173,9 @@ class Question:
     # waits on it: a notification, a listen filter's resource, an upstream's request to the
     # client): a hold is replayed as that refusal (`_held`).
     refuses_holds: bool = False
+    # The task the gateway's caller's token was for ("" for none): an approval for minutes
+    # counts only under the task it was given under (`approval_grant_agent`).
+    task: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +353,7 @@ def question_of(record: Recorded) -> Question:
         auth_time if type(auth_time) is int else None,
         record.at,
         refuses_holds=refuses_holds or _unheld(record.method),
+        task=record.task,
     )
 
 
@@ -670,6 +674,7 @@ def _decide(authz: Authorizer, question: Question, recorded: dict[str, Any]) -> 
         question.resource,
         reading,
         question.scopes,
+        question.task,
     )
     _check_reads(reading, recorded)
     result, reason = policy_result(

@@ -43,9 +43,11 @@ Alerts are asked of every principal on every decision, allowed or refused (``con
 what happened); they never change the answer.
 
 An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
-with an expiry) satisfies ``requires_approval`` for that user and chain of agents: the chain whose
-call was held (`approval_grant_agent` names it), no shorter, longer or other one. The rules about who may approve (``approver`` and its companions) are asked by
-`bastion.approvals.service`.
+with an expiry) satisfies ``requires_approval`` for that user and chain of agents, under the task
+the call's token is for: the chain and task whose call was held (`approval_grant_agent` names
+them), no shorter, longer or other chain, and no other task (nor none, for a task's grant; nor
+a task, for a grant given under none). The rules about who may approve (``approver`` and its
+companions) are asked by `bastion.approvals.service`.
 
 The obligations whose holding restricts are asked as strict code
 (`bastion.decide.authorizer.STRICT`): a rule of theirs whose condition cannot be decided
@@ -154,6 +156,7 @@ def decide_chain(
     resource: Entity,
     context: dict | None = None,
     granted_scopes: Iterable[str] | None = None,
+    task: str = "",
 ) -> ChainDecision:
     """Decide ``action`` on ``resource`` for every principal of the chain, with obligations.
 
@@ -164,11 +167,14 @@ def decide_chain(
     ``granted_scopes`` are the token's scopes; when given, a scope that ``requires_scope``
     demands and the token lacks refuses the request with ``missing_scopes`` set. All of it is
     asked in one `Authorizer.session`: one view of the facts.
+
+    ``task``: the task the call's token is for ("" for none): an approval for minutes counts
+    only for calls under the task it was given under (`approval_grant_agent`).
     """
     if not principals:
         return ChainDecision(False, tuple(principals))
     with authz.session(context) as s:
-        return decide_chain_in(s, principals, action, resource, context, granted_scopes)
+        return decide_chain_in(s, principals, action, resource, context, granted_scopes, task)
 
 
 def decide_chain_in(
@@ -178,6 +184,7 @@ def decide_chain_in(
     resource: Entity,
     context: dict | None = None,
     granted_scopes: Iterable[str] | None = None,
+    task: str = "",
 ) -> ChainDecision:
     """`decide_chain` within the session ``s``, in ``context``: several decisions asked in one
     session see one view of the facts and spend one evaluation budget together (a batch is
@@ -187,7 +194,7 @@ def decide_chain_in(
         return ChainDecision(False, chain)
     s.use_context(context)
     try:
-        return _decide_chain(s, chain, action, resource, context, granted_scopes)
+        return _decide_chain(s, chain, action, resource, context, granted_scopes, task)
     except EvaluationLimit as limit:
         return ChainDecision(False, chain, reason=limit.reason, limit=limit.limit)
     except UndecidedQuestion as undecided:
@@ -203,6 +210,7 @@ def _decide_chain(
     resource: Entity,
     context: dict | None,
     granted_scopes: Iterable[str] | None,
+    task: str,
 ) -> ChainDecision:
     generation = s.generation
     alerts = _alerts(s, chain)
@@ -258,7 +266,7 @@ def _decide_chain(
                 limits.append(RateLimit(principal, 0, 1))
         approval = approval or bool(s.rows("requires_approval", "bbb", principal, action, resource))
         review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
-    granted = approval and _approval_granted(s, chain, action, resource)
+    granted = approval and _approval_granted(s, chain, action, resource, task)
     read_only = read_only_holds(s, chain, context, resource)
     max_auth_age = required_auth_age(s, chain, action, resource)
     labels = tuple(
@@ -355,6 +363,7 @@ def plainly_allowed(
     resource: Entity,
     context: dict | None,
     granted_scopes: Iterable[str],
+    task: str = "",
 ) -> bool:
     """Whether `decide_chain` allows ``action`` on ``resource`` with nothing for the gateway to
     do (`nothing_to_do`). The gateway's check of ``connect`` on every message, which goes
@@ -365,7 +374,7 @@ def plainly_allowed(
     that spends the evaluation budget, a review nobody can give)."""
     if not principals:
         return False
-    decision = decide_chain(authz, principals, action, resource, context, granted_scopes)
+    decision = decide_chain(authz, principals, action, resource, context, granted_scopes, task)
     return nothing_to_do(decision, action, resource, {} if context is None else context)
 
 
@@ -405,7 +414,7 @@ class Remembered(Generic[Answer]):
     cannot have changed.
 
     An answer depends on the policy and facts in force (their generation), the question (the
-    chain, the action, the resource, the token's scopes) and what was read of the ``context``
+    chain, the action, the resource, the token's scopes and task) and what was read of the ``context``
     while answering it: each path a rule read (``context.arguments.field`` alone, not the rest
     of the arguments), and each field the contract itself read whole (`ReadContext`). So an
     answer is kept with those paths and the values found there, and given again only for the
@@ -424,7 +433,9 @@ class Remembered(Generic[Answer]):
 
     def __init__(
         self,
-        answer: Callable[[Authorizer, Sequence[Entity], str, Entity, dict, frozenset[str]], Answer],
+        answer: Callable[
+            [Authorizer, Sequence[Entity], str, Entity, dict, frozenset[str], str], Answer
+        ],
         keep: Callable[[Answer], bool],
     ) -> None:
         self._answer = answer
@@ -441,13 +452,14 @@ class Remembered(Generic[Answer]):
         resource: Entity,
         context: dict | None,
         granted_scopes: frozenset[str],
+        task: str = "",
     ) -> Answer:
         """The answer for ``principals``, ``action``, ``resource`` in ``context`` with the
-        token's ``granted_scopes`` (a frozenset: part of the question)."""
+        token's ``granted_scopes`` (a frozenset: part of the question) and ``task``."""
         # Read before the question is answered: a change meanwhile keeps its answer from ever
         # being given again (it is filed under a generation no longer in force).
         generation = authz.settled_generation()
-        question = (tuple(principals), action, resource, granted_scopes)
+        question = (tuple(principals), action, resource, granted_scopes, task)
         if context is None:
             context = {}
         if generation is not None and generation == self._generation:
@@ -455,7 +467,7 @@ class Remembered(Generic[Answer]):
             if known is not None and _agrees(context, known[0]):
                 return known[1]
         reading = ReadContext(context)
-        answer = self._answer(authz, principals, action, resource, reading, granted_scopes)
+        answer = self._answer(authz, principals, action, resource, reading, granted_scopes, task)
         if generation is not None and not reading.whole and self._keep(answer):
             paths = reading.paths.union((name,) for name in reading.fields)
             reads = tuple((path, _at(context, path)) for path in paths)
@@ -734,26 +746,40 @@ def _decision_time(context: dict | None) -> float:
     return at.timestamp() if isinstance(at, datetime) else time.time()
 
 
-def approval_grant_agent(agents: Sequence[str]) -> Entity:
+# JSON as an ``approval_grant``'s agent spells it: no spaces.
+_TIGHT = (",", ":")
+
+
+def approval_grant_agent(agents: Sequence[str], task: str = "") -> Entity:
     """The agent an ``approval_grant`` fact names for a call through ``agents`` (first to
-    calling): the agent itself for a direct grant (one agent), else the whole chain as the JSON
-    list of its client ids (``Agent{"[\\"coder\\",\\"icons\\"]"}``). A grant for minutes is
-    bound to the chain of the held call, as a single-use approval is: a sub-agent's grant working
-    for one agent counts neither for its direct calls nor working for another, and an agent's
-    grant for its direct calls never covers it as a sub-agent. bastion's client ids never start
-    with ``[`` (a uuid, an https URL); an agent a trusted issuer names so is written as a list of
-    one, so no chain reads as one agent, nor one agent as a chain."""
-    if len(agents) == 1 and not agents[0].startswith("["):
+    calling) under the token's ``task`` ("" for none): under no task, the agent itself for a
+    direct grant (one agent), else the whole chain as the JSON list of its client ids
+    (``Agent{"[\\"coder\\",\\"icons\\"]"}``); under a task, a JSON object of the chain and the
+    task (``Agent{"{\\"agents\\":[\\"coder\\"],\\"task\\":\\"t-1\\"}"}``). A grant for minutes is
+    bound to the chain and task of the held call, as a single-use approval is: a sub-agent's grant
+    working for one agent counts neither for its direct calls nor working for another, an agent's
+    grant for its direct calls never covers it as a sub-agent, and a grant given under one task
+    counts under no other, nor under none (nor one given under none under a task). bastion's client
+    ids never start with ``[`` or ``{`` (a uuid, an https URL); an agent a trusted issuer names so
+    is written as a list of one, so no chain or task's grant reads as one agent, nor one agent as
+    either."""
+    if task:
+        return Entity(
+            "Agent", json.dumps({"agents": list(agents), "task": task}, separators=_TIGHT)
+        )
+    if len(agents) == 1 and not agents[0].startswith(("[", "{")):
         return Entity("Agent", agents[0])
-    return Entity("Agent", json.dumps(list(agents), separators=(",", ":")))
+    return Entity("Agent", json.dumps(list(agents), separators=_TIGHT))
 
 
-def _approval_granted(s: Any, chain: tuple[Entity, ...], action: str, resource: Entity) -> bool:
-    """Whether a live ``approval_grant`` covers this call: one for the user and this chain of
-    agents (`approval_grant_agent`), whose call the approval held and granted."""
+def _approval_granted(
+    s: Any, chain: tuple[Entity, ...], action: str, resource: Entity, task: str
+) -> bool:
+    """Whether a live ``approval_grant`` covers this call: one for the user, this chain of
+    agents and this task (`approval_grant_agent`), whose call the approval held and granted."""
     if len(chain) < 2:
         return False
-    agent = approval_grant_agent(tuple(p.id for p in chain[1:]))
+    agent = approval_grant_agent(tuple(p.id for p in chain[1:]), task)
     return bool(s.rows("approval_grant", "bbbb", chain[0], agent, action, resource))
 
 

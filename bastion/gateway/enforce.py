@@ -350,6 +350,7 @@ class Enforcer:
                 resource,
                 context,
                 granted_scopes=(*caller.scopes, *granted),
+                task=caller.task,
             )
         except Exception:
             # The step-up it was asked for stands, naming what ``connect`` asks.
@@ -483,7 +484,9 @@ class Enforcer:
             await changing  # one began while the counters or labels were read (`settled`)
         authz = self.authorizer()
         position = self.position()  # of the policy and facts ``authz`` decides on
-        chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
+        chain = self.decisions(
+            authz, caller.principals, action, resource, context, caller.scopes, caller.task
+        )
         # Asked only of a downgraded caller's tool call: one attribute read more on the usual
         # path.
         if chain.obligations.read_only and annotations_now is not None:
@@ -628,7 +631,9 @@ class Enforcer:
         context = {**context, "annotations": await annotations_now()}
         await self.settled()  # the upstream was waited for: see `settled`
         authz, position = self.authorizer(), self.position()
-        chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
+        chain = self.decisions(
+            authz, caller.principals, action, resource, context, caller.scopes, caller.task
+        )
         return context, authz, position, chain
 
     async def _obligations(
@@ -702,6 +707,7 @@ class Enforcer:
                     resource,
                     {**context, "approval": approval},
                     granted_scopes=caller.scopes,
+                    task=caller.task,
                 )
                 decided = policy_result(
                     chain, action, resource, context, caller.auth_time, self.clock
@@ -931,6 +937,7 @@ class Enforcer:
             arguments,
             self.digest(arguments),
             caller.agents,
+            caller.task,
         )
 
     async def _where(self, call: Call, retried: str | None) -> Outcome:

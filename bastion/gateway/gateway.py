@@ -554,6 +554,7 @@ class Gateway:
             server,
             context,
             caller.scopes,
+            caller.task,
         )
 
     def pin_accepted(self, server: str, kind: str, name: str, digest: str | None) -> None:

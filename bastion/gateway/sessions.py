@@ -72,7 +72,13 @@ def read_decision(
     resource = Entity("McpResource", f"{server}/{uri}")
     asked = {**context, "uri": uri}
     chain = decide_chain(
-        authz, caller.principals, "read", resource, asked, granted_scopes=caller.scopes
+        authz,
+        caller.principals,
+        "read",
+        resource,
+        asked,
+        granted_scopes=caller.scopes,
+        task=caller.task,
     )
     duties = chain.obligations
     held = (duties.requires_approval and not duties.approval_granted) or duties.requires_review

@@ -353,6 +353,7 @@ SCHEMAS: dict[str, Any] = {
             "confirmer",
             "agent",
             "agents",
+            "task",
             "server",
             "method",
             "action",
@@ -400,6 +401,11 @@ SCHEMAS: dict[str, Any] = {
             "items": _STR,
             "description": "a delegated call's agents, first to calling (the last is agent);"
             " empty for an agent acting on the user's own grant",
+        },
+        task={
+            **_STR,
+            "description": "the task the call's token was for (docs/delegation.md); empty for"
+            " none. An answer counts for calls under this task only",
         },
         server=_STR,
         method=_STR,

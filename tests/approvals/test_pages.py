@@ -333,9 +333,40 @@ def test_approval_for_minutes_says_the_action_and_target_it_covers_as_the_policy
     option = " ".join(page.locator("label:has(input[value=minutes])").inner_text().split())
     assert "tool" not in option
     assert option == (
-        'any get of Prompt{"desk/summary"} by sam through this agent, with any arguments'
-        " (prompts/get, and completion/complete of its arguments), for"
+        'any get of Prompt{"desk/summary"} by sam through this agent under no task, with any'
+        " arguments (prompts/get, and completion/complete of its arguments), for"
     )
+
+
+def test_the_page_shows_the_task_the_call_was_held_under(bastion: Running):
+    """The approver judges a call made for a task (an approval counts under that task alone):
+    the page names it, and says what an approval for minutes lets through under it."""
+
+    def held(task: str) -> ApprovalRequest:
+        call = Call(
+            "approval",
+            "sam",
+            bastion.agent,
+            "desk",
+            "prompts/get",
+            "get",
+            Entity("Prompt", "desk/summary"),
+            {"name": "summary", "arguments": {"customer": "A"}},
+            uuid.uuid4().hex,
+            (),
+            task,
+        )
+        rule = 'requires_approval(User{"sam"}, "get", Prompt{"desk/summary"})'
+        return bastion.approvals.hold(call, uuid.uuid4().hex, (rule,), {}, None)
+
+    in_task, untasked = held("t-42"), held("")
+    with signed_in(bastion, "avery") as http:
+        page = http.get(f"/approvals/{in_task.id}").text
+        assert "<code id=task>t-42</code>" in page
+        assert "through this agent under task <code>t-42</code>, with any arguments" in page
+        page = http.get(f"/approvals/{untasked.id}").text
+        assert "<span id=task>none (the token is for no task)</span>" in page
+        assert "through this agent under no task, with any arguments" in page
 
 
 def test_minutes_past_the_policys_window_are_refused_and_change_nothing(bastion: Running):

@@ -268,6 +268,7 @@ def test_a_new_request_is_posted_signed_and_the_receiver_verifies_it(database_ur
         "user": "sam",
         "agent": "bot",
         "agents": [],
+        "task": "",
         "server": "crm",
         "method": "tools/call",
         "target": 'Tool{"crm/send"}',

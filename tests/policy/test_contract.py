@@ -359,9 +359,9 @@ def answered(monkeypatch):
     """Each `decide_chain` the memory asks (answers it did not give from memory)."""
     asked: list[str] = []
 
-    def counted(authz, principals, action, resource, context=None, granted_scopes=None):
+    def counted(authz, principals, action, resource, context=None, granted_scopes=None, task=""):
         asked.append(action)
-        return decide_chain(authz, principals, action, resource, context, granted_scopes)
+        return decide_chain(authz, principals, action, resource, context, granted_scopes, task)
 
     monkeypatch.setattr(contract, "decide_chain", counted)
     return asked
@@ -514,3 +514,31 @@ def test_the_call_memory_is_bounded_by_what_its_readings_hold(answered):
     for _ in range(2):
         assert remembered(a, (ann, bot), "call", delete, long, frozenset()).allowed
     assert len(answered) == 5
+
+
+def test_an_approval_for_minutes_counts_under_the_task_it_was_given_under_alone():
+    """An ``approval_grant`` given for a call under a task names the chain and the task
+    (`approval_grant_agent`): the same call under another task, or under none, still needs
+    its approval, whatever the call memory kept of the first (the task is part of the
+    question it keeps answers under); and a grant given under no task counts under none only."""
+    policy = PLAIN_BASE + PLAIN_RULES["approval"]
+    a = Authorizer(policy)
+    under_t1 = ("approval_grant", ann, contract.approval_grant_agent(("bot",), "t-1"), "connect")
+    a.facts.apply([("member", ann, desk), ("member", bot, desk), (*under_t1, desk)], [])
+    remembered = remembered_calls()
+
+    def granted(task: str) -> bool:
+        decided = remembered(a, (ann, bot), "connect", desk, {}, frozenset(), task)
+        assert decided.allowed and decided.obligations.requires_approval
+        return decided.obligations.approval_granted
+
+    assert granted("t-1") and granted("t-1")  # the second from memory
+    assert not granted("t-2")
+    assert not granted("")
+    a.facts.apply([("approval_grant", ann, bot, "connect", desk)], [(*under_t1, desk)])
+    assert granted("")
+    assert not granted("t-1")
+    # A client id that reads as a task's grant is named as a list of one.
+    assert contract.approval_grant_agent(('{"agents":["bot"],"task":"t-1"}',)) != (
+        contract.approval_grant_agent(("bot",), "t-1")
+    )
