@@ -414,7 +414,9 @@ def test_a_flush_that_keeps_failing_the_same_way_is_logged_once_and_once_again(t
                     await asyncio.sleep(0.01)
             other.execute("ALTER TABLE audit_decisions_away RENAME TO audit_decisions")
             async with asyncio.timeout(PATIENCE):
-                while records.waiting:
+                # Until the round that wrote them says so: ``waiting`` is 0 as soon as that
+                # round's thread takes the records, before they are written and it is said.
+                while not any("again" in r.getMessage() for r in said(logging.WARNING)):
                     await asyncio.sleep(0.01)
         finally:
             rounds.cancel()
