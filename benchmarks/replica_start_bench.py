@@ -38,6 +38,9 @@ from server_bench import (  # noqa: E402
     stop,
 )
 
+# The in-process snapshot's HMAC key (a store's is 32 random bytes: `FactStore.snapshot_key`).
+BENCH_KEY = bytes(32)
+
 
 def rss_bytes(pid: int | str = "self") -> int:
     with open(f"/proc/{pid}/status") as f:
@@ -128,7 +131,7 @@ def child_snapshot_write(n: int, tmp: str) -> None:
     groups = snapshot.from_facts(StoredFact(f) for f in gitclub_facts(n))
     origin = snapshot.SnapshotOrigin("bench", 0, 0, None, None)
     t = time.perf_counter()
-    size = snapshot.write(os.path.join(tmp, "inproc.snapshot"), origin, groups)
+    size = snapshot.write(os.path.join(tmp, "inproc.snapshot"), origin, groups, BENCH_KEY)
     print(
         f"  snapshot of {n:,} facts: {size / 1e6:.0f} MB written in {time.perf_counter() - t:.1f} s"
     )
@@ -148,7 +151,7 @@ def child_snapshot_load(n: int, tmp: str) -> None:
     base = rss_bytes()
     t, c = time.perf_counter(), time.process_time()
     with _bulk_load(first=True):
-        snap = snapshot.read(os.path.join(tmp, "inproc.snapshot"))
+        snap = snapshot.read(os.path.join(tmp, "inproc.snapshot"), BENCH_KEY)
         read_at = time.perf_counter() - t
         authz = Authorizer(POLICY, source="bench.polar")
         for g in snap.groups:

@@ -45,7 +45,7 @@ def main() -> None:
 
     def write() -> None:
         started = time.perf_counter()
-        snapshot.write(path, origin, groups)
+        snapshot.write(path, origin, groups, bytes(32))  # a key as a store's (32 bytes)
         walls.append(time.perf_counter() - started)
 
     def report(what: str, late: list[float]) -> None:

@@ -3,16 +3,19 @@ reads at start instead of every row, before it replays the log after that sequen
 
 The file is a compact binary of arrays (`array`, `struct`), never code: reading it runs nothing
 it holds. A string table and a value table (strings, entities, integers, booleans) are followed by
-each predicate's facts as columns of value numbers, and a SHA-256 of everything before it, so a
-truncated or damaged file is refused whole. The header says what the snapshot covers: the store
-it was taken from (`FactStore.identity`), the schema and format versions, the sequence and the
-time of the change at that sequence (so a store restored from a backup, or another history with
-the same numbers, is told apart), and the policy version in force.
+each predicate's facts as columns of value numbers, and an HMAC-SHA256 (RFC 2104) of everything
+before it under the database's snapshot key (`FactStore.snapshot_key`), so a truncated, damaged
+or forged file is refused whole: whoever can write the file but not read the database cannot make
+one a replica accepts. The header says what the snapshot covers: the store it was taken from
+(`FactStore.identity`), the schema and format versions, the sequence and the time of the change
+at that sequence (so a store restored from a backup, or another history with the same numbers, is
+told apart), and the policy version in force.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 import sys
@@ -35,9 +38,10 @@ from bastion.facts.store import (
 from bastion.turns import Turns, collector_paused
 
 MAGIC = b"bastion-facts\n"
-# Bumped whenever the layout below changes: a file of another format is ignored.
-FORMAT = 1
-_DIGEST = 32
+# Bumped whenever the layout below changes: a file of another format is ignored. Format 1 ended in
+# a plain SHA-256, which anyone who could write the file could compute again after changing it.
+FORMAT = 2
+_DIGEST = 32  # the HMAC-SHA256's length
 _KIND_STR, _KIND_ENTITY, _KIND_INT, _KIND_BOOL = 0, 1, 2, 3
 _U32 = "I" if array("I").itemsize == 4 else "L"
 _LITTLE = sys.byteorder == "little"
@@ -247,23 +251,34 @@ def _parts_of(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> list[b
     ]
 
 
-def encode(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> bytes:
-    """The file's bytes for these facts."""
+def _mac(key: bytes) -> hmac.HMAC:
+    """The HMAC-SHA256 of a snapshot's bytes under ``key`` (OpenSSL's, as fast as a SHA-256 of
+    the same bytes: two more blocks). An empty key is refused: it would sign for anyone."""
+    if len(key) < _DIGEST:
+        raise ValueError("a fact snapshot's key must be at least 32 bytes")
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def encode(origin: SnapshotOrigin, groups: Iterable[PredicateRows], key: bytes) -> bytes:
+    """The file's bytes for these facts, signed with ``key``."""
     data = b"".join(_parts(origin, groups))
-    return data + hashlib.sha256(data).digest()
+    mac = _mac(key)
+    mac.update(data)
+    return data + mac.digest()
 
 
-def write(path: str, origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> int:
-    """Write the snapshot to ``path`` atomically (a temporary file beside it, fsync, rename,
-    fsync of the folder), readable by its owner only; return its size in bytes. The parts are
-    written and hashed one by one, never joined (both release the GIL on a large part)."""
+def write(path: str, origin: SnapshotOrigin, groups: Iterable[PredicateRows], key: bytes) -> int:
+    """Write the snapshot, signed with ``key``, to ``path`` atomically (a temporary file beside
+    it, fsync, rename, fsync of the folder), readable by its owner only; return its size in bytes.
+    The parts are written and signed one by one, never joined (both release the GIL on a large
+    part)."""
+    mac = _mac(key)
     parts = _parts(origin, groups)
-    digest = hashlib.sha256()
     with atomic_files.replacing(path) as f:
         for part in parts:
-            digest.update(part)
+            mac.update(part)
             f.write(part)
-        f.write(digest.digest())
+        f.write(mac.digest())
     return sum(map(len, parts)) + _DIGEST
 
 
@@ -293,25 +308,44 @@ class _Reader:
         return out
 
 
-def read(path: str) -> Snapshot:
-    """Read and check a snapshot file; `SnapshotRefused` (or `OSError`) if it cannot be used."""
+def read(path: str, key: bytes) -> Snapshot:
+    """Read and check a snapshot file signed with ``key``; `SnapshotRefused` (or `OSError`) if
+    it cannot be used."""
     with open(path, "rb") as f:
         data = f.read()
-    return decode(data)
+    return decode(data, key)
 
 
-def decode(data: bytes) -> Snapshot:
+def decode(data: bytes, key: bytes) -> Snapshot:
+    """The snapshot in ``data``, once its HMAC under ``key`` is checked: nothing of it but its
+    magic is read before (its header neither)."""
     if len(data) < len(MAGIC) + _DIGEST or not data.startswith(MAGIC):
         raise SnapshotRefused("not a bastion fact snapshot")
     view = memoryview(data)
-    if hashlib.sha256(view[:-_DIGEST]).digest() != data[-_DIGEST:]:
-        raise SnapshotRefused("the snapshot is damaged or truncated (its digest does not match)")
+    mac = _mac(key)
+    mac.update(view[:-_DIGEST])
+    if not hmac.compare_digest(mac.digest(), data[-_DIGEST:]):
+        raise SnapshotRefused(_unsigned(view))
     try:
         return _decode(_Reader(view[len(MAGIC) : -_DIGEST]))
     except SnapshotRefused:
         raise
     except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
         raise SnapshotRefused(f"the snapshot is malformed ({e})") from None
+
+
+def _unsigned(view: memoryview) -> str:
+    """Why a snapshot whose HMAC does not match is refused. Worked out only then: a file that
+    ends in the plain SHA-256 of format 1 (bastion before 2026-12-07) is told apart."""
+    if hashlib.sha256(view[:-_DIGEST]).digest() == view[-_DIGEST:]:
+        return (
+            "it is not signed with this database's snapshot key (it ends in a plain SHA-256:"
+            " written by a bastion before 2026-12-07, or forged)"
+        )
+    return (
+        "its HMAC does not match this database's snapshot key: the snapshot is damaged or"
+        " truncated, was taken from another database, or was forged"
+    )
 
 
 def _decode(r: _Reader) -> Snapshot:
@@ -419,13 +453,13 @@ def from_facts(facts: Iterable[StoredFact]) -> list[PredicateRows]:
 
 
 def take(store: FactStore, path: str) -> tuple[SnapshotOrigin, int, int]:
-    """Write a snapshot of the store's facts, as of one moment, to ``path``; return what it
-    covers, how many facts and how many bytes."""
-    store_id = store.identity()
+    """Write a snapshot of the store's facts, as of one moment, signed with its snapshot key, to
+    ``path``; return what it covers, how many facts and how many bytes."""
+    store_id, key = store.identity(), store.snapshot_key()
     with store.db.transaction(read_only=True):
         seq, facts, policy = store.snapshot()
         change_at = store.change_at(seq) if seq else None
     origin = SnapshotOrigin(
         store_id, SCHEMA_VERSION, seq, change_at, policy.version if policy else None
     )
-    return origin, len(facts), write(path, origin, from_facts(facts))
+    return origin, len(facts), write(path, origin, from_facts(facts), key)

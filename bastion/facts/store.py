@@ -96,12 +96,23 @@ _MIGRATIONS = [
     """
     CREATE INDEX facts_expires_at ON facts (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # The key every fact snapshot of this store is signed with (`FactStore.snapshot_key`): a
+    # secret of the database, which every replica reads, and the snapshots' folder never holds.
+    """
+    CREATE TABLE facts_snapshot_key (
+        one INTEGER PRIMARY KEY,
+        secret TEXT NOT NULL
+    );
+    """,
 ]
 # The schema version of the facts tables, written in every fact snapshot.
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The schema versions whose snapshots this code reads: those that hold facts as this one does
-# (version 3 only added an index), so an upgrade does not throw every replica's snapshot away.
-SNAPSHOT_SCHEMAS = frozenset({2, 3})
+# (version 3 only added an index, version 4 the snapshot key's table), so an upgrade does not
+# throw every replica's snapshot away on their account (format 2, signed, does: `snapshot.FORMAT`).
+SNAPSHOT_SCHEMAS = frozenset({2, 3, 4})
+# The bytes of the fact snapshots' key.
+_SNAPSHOT_KEY_BYTES = 32
 
 
 def _arg_key(arg: Any) -> str:
@@ -355,6 +366,32 @@ class FactStore:
                 rows = self.db.execute("SELECT id FROM facts_identity WHERE one = 1")
             self._identity = rows[0][0]
         return self._identity
+
+    def snapshot_key(self) -> bytes:
+        """The HMAC key of this store's fact snapshots (`bastion.facts.snapshot`): 32 random
+        bytes, made by the first process that asks and kept in the database, so every replica
+        of it has the same and nothing has to be configured. Read at each snapshot read and
+        written, not kept: a key deleted from the table (to throw every snapshot away) is made
+        anew by the next one. Never logged, never in a snapshot."""
+        rows = self.db.execute("SELECT secret FROM facts_snapshot_key WHERE one = 1")
+        if not rows:
+            with self.db.transaction():
+                self.db.execute(
+                    "INSERT INTO facts_snapshot_key (one, secret) VALUES (1, ?)"
+                    " ON CONFLICT (one) DO NOTHING",
+                    (secrets.token_hex(_SNAPSHOT_KEY_BYTES),),
+                )
+            rows = self.db.execute("SELECT secret FROM facts_snapshot_key WHERE one = 1")
+        try:
+            key = bytes.fromhex(rows[0][0])
+        except ValueError:
+            key = b""
+        if len(key) < _SNAPSHOT_KEY_BYTES:
+            raise ValueError(
+                "the facts_snapshot_key table holds no key of 32 bytes: delete its row to have"
+                " a new one made (every fact snapshot written before is then ignored once)"
+            )
+        return key
 
     @classmethod
     def open(cls, url: str, *, role: str = "bastion") -> FactStore:

@@ -648,7 +648,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_guard(cmd_facts_export))
     p = facts.add_parser(
         "snapshot",
-        help="write a fact snapshot for replicas to start from (their fact_snapshot_path)",
+        help="write a fact snapshot, signed with the database's snapshot key, for replicas to"
+        " start from (their fact_snapshot_path)",
     )
     p.add_argument("file")
     p.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")

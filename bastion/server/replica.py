@@ -14,8 +14,9 @@ past ``max_staleness`` seconds the replica is `stale` and its facts are not used
 It is `stale` at once, too, while the policy in force does not load here (stored by a replica
 with larger policy limits, or a different engine): it does not decide under the previous one.
 
-With ``snapshot_path`` set, the replica starts from the fact snapshot there when it fits the
-database (`bastion.facts.snapshot.check_origin`), replays the log after it, and only then says it
+With ``snapshot_path`` set, the replica starts from the fact snapshot there when it is signed
+with the database's snapshot key (`FactStore.snapshot_key`) and fits the database
+(`bastion.facts.snapshot.check_origin`), replays the log after it, and only then says it
 is ready; it writes a new one every ``snapshot_interval`` seconds while the facts change, and when
 it stops. A snapshot that does not fit is ignored, with a log line, and the facts loaded from the
 database.
@@ -245,8 +246,12 @@ def _from_snapshot(
     """Read the snapshot at ``path``, check it fits ``store``, and build an `Authorizer` of its
     facts under the policy it was taken with. The snapshot comes back with the rows of the
     facts of the suspensions view only (`kept_rows`; the others are in the `Authorizer`)."""
+    try:
+        key = store.snapshot_key()
+    except ValueError as e:  # a damaged key: the facts are loaded from the database
+        raise snapshot.SnapshotRefused(str(e)) from None
     with _bulk_load(first):
-        snap = snapshot.read(path)
+        snap = snapshot.read(path, key)
         policy = snapshot.check_origin(store, snap.origin)
         authz = Authorizer("", limits=limits)
         if policy is not None:
@@ -485,7 +490,7 @@ class Replica:
                 )
                 groups = [snapshot.PredicateRows(*r) for r in rows.grouped()]
                 groups += snapshot.from_facts(unusable)
-                return snapshot.write(self.snapshot_path, origin, groups)
+                return snapshot.write(self.snapshot_path, origin, groups, self.store.snapshot_key())
 
             size = await anyio.to_thread.run_sync(write)
             if size is None:

@@ -1,13 +1,16 @@
 """Fact snapshots: a replica started from one decides exactly as one loaded from the store, and a
 snapshot that does not fit the database (damaged, foreign, of another schema or history, ahead
-of the log) is ignored. On a real SQLite file and a real PostgreSQL schema."""
+of the log) or is not signed with the database's snapshot key (forged, of an earlier format,
+of another deployment) is ignored. On a real SQLite file and a real PostgreSQL schema."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
@@ -57,6 +60,10 @@ USERS = [Entity("User", f"u{i}") for i in range(6)]
 ORGS = [Entity("Org", "acme"), Entity("Org", "globex")]
 REPOS = [Entity("Repo", f"r{i}") for i in range(6)]
 ACTIONS = ["read", "push", "archive", "manage"]
+# What no fact of the store grants: USERS[5] is no admin of acme.
+GRANT = ("has_role", USERS[5], "admin", ORGS[0])
+# The key of the snapshots made here without a store.
+KEY = secrets.token_bytes(32)
 
 
 def facts() -> list[StoredFact]:
@@ -248,7 +255,7 @@ def test_a_replica_writes_its_snapshot_when_it_stops_and_starts_from_it(store, d
         store.apply([StoredFact(("has_role", USERS[5], "admin", ORGS[1]))])
         await first.wait_for(store.head(), PATIENCE)
         await first.stop()
-        assert snapshot.read(path).origin.seq == store.head()
+        assert snapshot.read(path, store.snapshot_key()).origin.seq == store.head()
         second = await started(database_url, path)
         assert second.snapshot_seq == store.head()
         assert second.authz.authorize(USERS[5], "manage", ORGS[1])
@@ -275,7 +282,7 @@ def test_a_snapshot_taken_while_the_policy_in_force_does_not_load_never_restores
         await held.wait_for(seq, PATIENCE)
         assert held.stale and held.policy_refused is not None
         await held.stop()  # writes its snapshot, at ``seq``
-        assert snapshot.read(path).origin.seq == seq
+        assert snapshot.read(path, store.snapshot_key()).origin.seq == seq
         # Started with limits that load it: under the policy in force, not the one before.
         larger = await started(database_url, path)
         assert (larger.policy_version, larger.stale) == (version, False)
@@ -340,11 +347,108 @@ def test_a_snapshot_of_another_database_is_ignored(store, database_url, path, ca
     ignored(database_url, path, caplog, "another database")
 
 
+def unsigned(store: FactStore, path: str, extra: list[StoredFact]) -> None:
+    """A snapshot as whoever can write its file, and cannot read the database, makes one: the
+    store's facts and ``extra`` under the header of one this database's replicas would take (its
+    identity, sequence, change and policy are no secret: the header is plain text), laid out as
+    the writer lays it out, ending in a plain SHA-256 of all that (format 1's digest)."""
+    head = store.head()
+    policy = store.policy()
+    assert policy is not None
+    origin = snapshot.SnapshotOrigin(
+        store.identity(), SCHEMA_VERSION, head, store.change_at(head), policy.version
+    )
+    data = b"".join(snapshot._parts(origin, snapshot.from_facts([*facts(), *extra])))
+    Path(path).write_bytes(data + hashlib.sha256(data).digest())
+
+
+def test_a_forged_snapshot_is_ignored_and_its_grant_never_decided(
+    store, database_url, path, caplog
+):
+    """A grant added to a snapshot and its digest computed again: the replica that starts from
+    it must not believe it, but load the facts from the database, saying why."""
+    run(write_one(database_url, path))
+    unsigned(store, path, [StoredFact(GRANT)])
+
+    async def scenario():
+        with caplog.at_level(logging.WARNING, logger="bastion.replica"):
+            replica = await started(database_url, path)
+        assert not replica.authz.authorize(USERS[5], "manage", ORGS[0]), "the forgery decided"
+        reference = await started(database_url)
+        assert state(replica) == state(reference)
+        await replica.stop()
+        await reference.stop()
+
+    run(scenario())
+    assert any(
+        "not used" in r.getMessage()
+        and "not signed with this database's snapshot key" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+
+
+def test_a_snapshot_written_before_snapshots_were_signed_is_ignored_once(
+    store, database_url, path, caplog, monkeypatch
+):
+    """A snapshot of format 1 (a plain SHA-256, written by a bastion before 2026-12-07) does not
+    stop the upgraded replica: it is ignored with a log line, the facts loaded from the
+    database, and the replica's own snapshot, signed, is used at its next start."""
+    with monkeypatch.context() as m:
+        m.setattr(snapshot, "FORMAT", 1)  # its header, byte for byte, as format 1 wrote it
+        unsigned(store, path, [])
+    assert b'"format":1' in Path(path).read_bytes()
+    ignored(database_url, path, caplog, "written by a bastion before 2026-12-07")
+
+    async def again():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bastion.replica"):
+            replica = await started(database_url, path)
+        assert replica.snapshot_seq == store.head()
+        assert not any("fact snapshot" in r.getMessage() for r in caplog.records)
+        await replica.stop()
+
+    run(again())
+
+
+def test_a_snapshot_signed_with_another_key_is_ignored(store, database_url, path, caplog):
+    """A snapshot of this very database (its identity, sequence and change), granting what it
+    does not, signed with a key not its own (another deployment's, one made up) is never used."""
+    head, policy = store.head(), store.policy()
+    assert policy is not None
+    origin = snapshot.SnapshotOrigin(
+        store.identity(), SCHEMA_VERSION, head, store.change_at(head), policy.version
+    )
+    groups = snapshot.from_facts([*facts(), StoredFact(GRANT)])
+    snapshot.write(path, origin, groups, secrets.token_bytes(32))
+    ignored(database_url, path, caplog, "its HMAC does not match this database's snapshot key")
+
+
+def test_every_replica_of_a_database_signs_with_its_key_and_no_snapshot_holds_it(
+    store, database_url, path, tmp_path
+):
+    run(write_one(database_url, path))
+    replica_store = FactStore.open(database_url)  # as another replica opens it
+    elsewhere = FactStore.open(str(tmp_path / "elsewhere.db"))
+    try:
+        key = replica_store.snapshot_key()
+        assert len(key) == 32 and key == store.snapshot_key() != elsewhere.snapshot_key()
+        data = Path(path).read_bytes()
+        assert key not in data and key.hex().encode() not in data
+        assert snapshot.read(path, key).origin.seq == store.head()
+        with pytest.raises(snapshot.SnapshotRefused, match="HMAC does not match"):
+            snapshot.read(path, elsewhere.snapshot_key())
+        with pytest.raises(ValueError, match="32 bytes"):
+            snapshot.read(path, b"")
+    finally:
+        replica_store.close()
+        elsewhere.close()
+
+
 def test_a_snapshot_of_another_schema_version_is_ignored(store, database_url, path, caplog):
     origin = snapshot.SnapshotOrigin(
         store.identity(), SCHEMA_VERSION + 1, store.head(), store.change_at(store.head()), 1
     )
-    snapshot.write(path, origin, snapshot.from_facts(facts()))
+    snapshot.write(path, origin, snapshot.from_facts(facts()), store.snapshot_key())
     ignored(database_url, path, caplog, "schema version")
 
 
@@ -408,7 +512,7 @@ def test_a_snapshot_round_trips_every_kind_of_value():
         ]
     )
     origin = snapshot.SnapshotOrigin("id", SCHEMA_VERSION, 3, 1.5, None)
-    back = snapshot.decode(snapshot.encode(origin, groups))
+    back = snapshot.decode(snapshot.encode(origin, groups, KEY), KEY)
     assert back.origin == origin
     # Compared with each value's type: True == 1 in Python, but a boolean is not an integer.
     assert typed(back.groups) == typed(groups)
@@ -436,12 +540,11 @@ def test_a_snapshot_written_in_turns_holds_the_facts_given(tmp_path, monkeypatch
     groups = snapshot.from_facts(facts)
     origin = snapshot.SnapshotOrigin("id", SCHEMA_VERSION, 3, 1.5, None)
     path = str(tmp_path / "facts.snapshot")
-    size = snapshot.write(path, origin, groups)
+    size = snapshot.write(path, origin, groups, KEY)
     assert pauses and set(pauses) == {turns.PAUSE}
-    assert Path(path).read_bytes() == snapshot.encode(origin, groups) and size == os.path.getsize(
-        path
-    )
-    back = snapshot.read(path)
+    data = Path(path).read_bytes()
+    assert data == snapshot.encode(origin, groups, KEY) and size == os.path.getsize(path)
+    back = snapshot.read(path, KEY)
     assert back.origin == origin
     assert typed(back.groups) == typed(groups)
     assert sum(len(g.expiries) for g in back.groups) == 14
@@ -549,7 +652,7 @@ def test_a_fact_written_after_a_snapshot_load_about_its_entities_is_found_and_re
         [StoredFact(("has_role", Entity("User", "alice"), "member", Entity("Org", "acme")))]
     )
     origin = snapshot.SnapshotOrigin("id", SCHEMA_VERSION, 0, None, None)
-    snap = snapshot.decode(snapshot.encode(origin, groups))
+    snap = snapshot.decode(snapshot.encode(origin, groups, KEY), KEY)
     authz = Authorizer(POLICY)
     for g in snap.groups:
         assert authz.facts.load_rows(g.name, g.arity, g.rows, g.expiries) == []
