@@ -152,6 +152,31 @@ class Verdict:
     spent: ApprovalRequest | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Obligated:
+    """What an allowed message's approval, review and rate limits make of it
+    (`Enforcer._obligations`)."""
+
+    # The decision: decided again, with the approval in the context, when one was given.
+    chain: ChainDecision
+    result: str
+    reason: str = ""
+    retry_after: float | None = None  # for a message its rate limits refuse
+    held: tuple[Call, Outcome] | None = None  # the hold to place
+    review: tuple[Call, Outcome] | None = None  # the review the message is under
+    linked: ApprovalRequest | None = None  # the approval request the message is linked to
+    # The approval it spent (marked in progress for the run), where it is allowed.
+    spent: ApprovalRequest | None = None
+    # Why nobody could review its result, where nobody could (or answer its pending request any
+    # more: `Approvals.check` closed it).
+    nobody: NoApprover | None = None
+    # Whether its rate limits' counters were asked and it stays counted (none are for a message
+    # held or refused before them; one refused after them is given back).
+    counted: bool = False
+    # The approval the run whose result is under review used, where ``linked`` is that review.
+    approved: ApprovalRequest | None = None
+
+
 @dataclass(slots=True, eq=False)  # an exception: see `bastion.gateway.jsonrpc.RpcError`
 class Held(Exception):
     """The call, or its result, waits for people: the request the client is pointed at."""
@@ -497,34 +522,16 @@ class Enforcer:
         result, reason = policy_result(
             chain, action, resource, context, caller.auth_time, self.clock
         )
-        retry_after = None
-        held: tuple[Call, Outcome] | None = None
-        review: tuple[Call, Outcome] | None = None
-        linked: ApprovalRequest | None = None
-        spent: ApprovalRequest | None = None
+        made: Obligated | None = None  # none for a message they ask nothing of
+        linked: ApprovalRequest | None = None  # the approval request the message is linked to
         nobody: NoApprover | None = None  # why nobody could answer the hold, where nobody could
         unheld = ""  # the kind of that hold ("approval" or "review")
-        counted = False  # whether the rate limits' counters were asked about this message
-        approved: ApprovalRequest | None = None  # the approval a run under review used
         if result == "allow" and (
             obligations.requires_approval
             or obligations.requires_review
             or (obligations.rate_limits and from_client)
         ):
-            # Decided again, with the approval, when one was given: ``chain`` is that decision.
-            (
-                chain,
-                result,
-                reason,
-                retry_after,
-                held,
-                review,
-                linked,
-                spent,
-                nobody,
-                counted,
-                approved,
-            ) = await self._obligations(
+            made = await self._obligations(
                 authz,
                 decision_id,
                 caller,
@@ -540,9 +547,12 @@ class Enforcer:
                 from_client,
                 holds,
             )
+            # Decided again, with the approval, when one was given: ``chain`` is that decision.
+            chain, result, reason = made.chain, made.result, made.reason
+            linked, nobody = made.linked, made.nobody
             # Refused before the call runs (a request nobody may answer any more is ``linked``).
             unheld = "review" if nobody is not None else ""
-        if held is not None and held[1].state == "hold":
+        if made is not None and (held := made.held) is not None and held[1].state == "hold":
             try:
                 why = self._why_held(
                     authz, caller.principals, action, resource, context, held[0].kind
@@ -583,7 +593,7 @@ class Enforcer:
             started,
             position,
             approval=(
-                _linked(linked, approved)
+                _linked(linked, made.approved if made is not None else None)
                 if linked is not None
                 # A hold nobody could answer, refused: no request, but the hold's refusal, not
                 # the decision's (`bastion.audit.replay` does not replay an ``evaluation_limit``
@@ -592,7 +602,7 @@ class Enforcer:
                 if unheld
                 else None
             ),
-            counted=counted,
+            counted=made is not None and made.counted,
         )
         # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
         # towards a refusal burst: without any, nothing to raise.
@@ -600,9 +610,18 @@ class Enforcer:
             await self._raise_alerts(caller, chain, decision_id, result, reason, record, behaving)
         if result != "allow":
             self._refuse(
-                decision_id, resource.id, chain, result, reason, retry_after, linked, nobody
+                decision_id,
+                resource.id,
+                chain,
+                result,
+                reason,
+                made.retry_after if made is not None else None,
+                linked,
+                nobody,
             )
-        if review is not None:
+        if made is None:
+            return Verdict(decision_id, chain.obligations, record)
+        if (review := made.review) is not None:
             step = "release" if review[1].state == "released" else "hold"
             return Verdict(
                 decision_id,
@@ -611,9 +630,9 @@ class Enforcer:
                 step,
                 review[1].request,
                 review[0],
-                spent,
+                made.spent,
             )
-        return Verdict(decision_id, chain.obligations, record, spent=spent)
+        return Verdict(decision_id, chain.obligations, record, spent=made.spent)
 
     async def _read_now(
         self,
@@ -652,28 +671,9 @@ class Enforcer:
         runs_for: float,
         from_client: bool,
         holds: bool,
-    ) -> tuple[
-        ChainDecision,
-        str,
-        str,
-        float | None,
-        tuple[Call, Outcome] | None,
-        tuple[Call, Outcome] | None,
-        ApprovalRequest | None,
-        ApprovalRequest | None,
-        NoApprover | None,
-        bool,
-        ApprovalRequest | None,
-    ]:
-        """What an allowed message's approval, review and rate limits make of it: the decision
-        (decided again with the approval in the context when one was given), its result, reason
-        and retry delay, the hold to place (call, outcome), the review it is under, the
-        approval request it is linked to, the approval it spent (marked in progress for
-        ``runs_for``), why nobody could review its result, where nobody could (or answer
-        its pending request any more: `Approvals.check` closed it), whether its rate limits'
-        counters were asked and it stays counted (none are for a message held or refused before
-        them; one refused after them is given back), and the approval the run whose result is
-        under review used, where the request linked is that review. A message not
+    ) -> Obligated:
+        """What an allowed message's approval, review and rate limits make of it (`Obligated`:
+        the approval it spends is marked in progress for ``runs_for``). A message not
         ``from_client`` (`decide`) is counted under no rate limit; for one that does not
         ``holds``, no request is looked up, filed or spent: an approval it needs refuses it, and
         a review, but on ``connect``."""
@@ -691,8 +691,7 @@ class Enforcer:
             if not holds:
                 # Nobody waits on it: a person would be asked to approve what can never run,
                 # and an approval given for the client's next message must stay its own.
-                refusal = ("deny", "requires_approval", None, None, None, None, None, None)
-                return chain, *refusal, False, None
+                return Obligated(chain, "deny", "requires_approval")
             call = self._call("approval", caller, server, method, action, resource, arguments)
             outcome = await self._where(call, retried)
             linked = outcome.request
@@ -779,8 +778,7 @@ class Enforcer:
             if counted:
                 # A refused call is counted under none of its limits (docs/gateway.md).
                 counted = not await self._give_back(chain, action, resource, decision_id)
-        spent = spend if result == "allow" else None
-        return (
+        return Obligated(
             chain,
             result,
             reason,
@@ -788,7 +786,7 @@ class Enforcer:
             held,
             review,
             linked,
-            spent,
+            spend if result == "allow" else None,
             nobody,
             counted,
             approved,
