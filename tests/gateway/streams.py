@@ -3,9 +3,11 @@ line (what an SDK client hides: the exact frames bastion sends)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
+from collections.abc import Iterator
 
 from tests.waits import PATIENCE, eventually
 
@@ -59,6 +61,24 @@ def events(response):
         elif not line and data:
             yield json.loads("\n".join(data))
             data = []
+
+
+@contextlib.contextmanager
+def listening_to_tools(bastion, token: str, server: str = "labhttp") -> Iterator[Iterator[dict]]:
+    """A 2026-07-28 listen stream on ``server`` for its tool list's changes, acknowledged: its
+    frames to come."""
+    with bastion.http.stream(
+        "POST",
+        bastion.mcp_url(server),
+        json=modern_request(
+            "w", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+        ),
+        headers=modern_headers(token, "subscriptions/listen"),
+    ) as response:
+        assert response.status_code == 200
+        frames = events(response)
+        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        yield frames
 
 
 def messages(response) -> list[dict]:

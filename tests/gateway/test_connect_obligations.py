@@ -11,7 +11,7 @@ import pytest
 
 from bastion.policy.parser import parse_fact
 
-from .streams import call_tool, events, messages, modern_headers, modern_request
+from .streams import call_tool, listening_to_tools, messages, modern_headers, modern_request
 from .support import start
 
 LIST_TOOLS = "tools/list"
@@ -83,16 +83,7 @@ def test_a_connect_mask_that_cannot_be_decided_refuses_every_message(bastion):
 def test_a_hold_on_connect_cuts_a_listen_stream_off_at_its_next_notification(bastion):
     token = bastion.token("sam", "labhttp")
     held = parse_fact('connect_held(McpServer{"labhttp"}, User{"sam"})')
-    with bastion.http.stream(
-        "POST",
-        bastion.mcp_url("labhttp"),
-        json=modern_request(
-            "w", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
-        ),
-        headers=modern_headers(token, "subscriptions/listen"),
-    ) as response:
-        frames = events(response)
-        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+    with listening_to_tools(bastion, token) as frames:
         bastion.apply(inserts=[held])
         try:
             # avery (not held) makes the upstream announce; sam's stream ends instead of hearing it.

@@ -7,7 +7,6 @@ through nothing the client sends. The client's next message is held as usual."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -15,7 +14,15 @@ import pytest
 from bastion.cli import main
 from bastion.policy.parser import parse_fact
 
-from .streams import call_tool, events, first_event, legacy_session, modern_headers, modern_request
+from .streams import (
+    call_tool,
+    events,
+    first_event,
+    legacy_session,
+    listening_to_tools,
+    modern_headers,
+    modern_request,
+)
 from .support import register_public_client, start, test_policy
 
 TOOLS_CHANGED = "notifications/tools/list_changed"
@@ -106,23 +113,6 @@ def test_a_connect_approval_for_minutes_that_lapses_ends_a_get_stream_and_asks_n
         assert filed_since(bastion, "lab", asked_before) == [("tools/list", "pending")]
     finally:
         bastion.apply(deletes=[held, grant])
-
-
-@contextlib.contextmanager
-def listening_to_tools(bastion, token: str):
-    """A 2026-07-28 listen stream on labhttp for its tool list's changes, acknowledged: its
-    frames to come."""
-    with bastion.http.stream(
-        "POST",
-        bastion.mcp_url("labhttp"),
-        json=modern_request(
-            "w", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
-        ),
-        headers=modern_headers(token, "subscriptions/listen"),
-    ) as response:
-        frames = events(response)
-        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
-        yield frames
 
 
 def test_a_hold_put_on_connect_ends_a_listen_stream_and_asks_nobody(bastion):

@@ -19,6 +19,7 @@ from .streams import (
     events,
     first_event,
     legacy_session,
+    listening_to_tools,
     modern_headers,
     modern_request,
 )
@@ -121,17 +122,7 @@ def test_the_record_of_a_notification_s_connect_says_its_rate_limit_was_not_coun
 
 def test_notifications_on_a_listen_stream_spend_none_of_its_users_rate_limit(bastion):
     token = bastion.token("sam", "lab")
-    with bastion.http.stream(
-        "POST",
-        bastion.mcp_url("lab"),
-        json=modern_request(
-            "w", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
-        ),
-        headers=modern_headers(token, "subscriptions/listen"),
-    ) as stream:  # 1
-        assert stream.status_code == 200
-        frames = events(stream)
-        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+    with listening_to_tools(bastion, token, "lab") as frames:  # 1
         announce_tools(bastion, LIMIT + 2)
         told = heard(frames, LIMIT + 2)
         assert [m["method"] for m in told] == [TOOLS_CHANGED["method"]] * (LIMIT + 2)
