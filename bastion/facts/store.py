@@ -355,16 +355,7 @@ class FactStore:
         """This store's random identity, made by the first process that asks; a restored copy
         of the database keeps it (the change log tells those apart: `change_at`)."""
         if self._identity is None:
-            rows = self.db.execute("SELECT id FROM facts_identity WHERE one = 1")
-            if not rows:
-                with self.db.transaction():
-                    self.db.execute(
-                        "INSERT INTO facts_identity (one, id) VALUES (1, ?)"
-                        " ON CONFLICT (one) DO NOTHING",
-                        (secrets.token_hex(16),),
-                    )
-                rows = self.db.execute("SELECT id FROM facts_identity WHERE one = 1")
-            self._identity = rows[0][0]
+            self._identity = self._made_once("facts_identity", "id", 16)
         return self._identity
 
     def snapshot_key(self) -> bytes:
@@ -373,17 +364,10 @@ class FactStore:
         of it has the same and nothing has to be configured. Read at each snapshot read and
         written, not kept: a key deleted from the table (to throw every snapshot away) is made
         anew by the next one. Never logged, never in a snapshot."""
-        rows = self.db.execute("SELECT secret FROM facts_snapshot_key WHERE one = 1")
-        if not rows:
-            with self.db.transaction():
-                self.db.execute(
-                    "INSERT INTO facts_snapshot_key (one, secret) VALUES (1, ?)"
-                    " ON CONFLICT (one) DO NOTHING",
-                    (secrets.token_hex(_SNAPSHOT_KEY_BYTES),),
-                )
-            rows = self.db.execute("SELECT secret FROM facts_snapshot_key WHERE one = 1")
         try:
-            key = bytes.fromhex(rows[0][0])
+            key = bytes.fromhex(
+                self._made_once("facts_snapshot_key", "secret", _SNAPSHOT_KEY_BYTES)
+            )
         except ValueError:
             key = b""
         if len(key) < _SNAPSHOT_KEY_BYTES:
@@ -392,6 +376,20 @@ class FactStore:
                 " a new one made (every fact snapshot written before is then ignored once)"
             )
         return key
+
+    def _made_once(self, table: str, column: str, size: int) -> str:
+        """The text in ``column`` of the one row of ``table``: ``size`` random bytes in hex,
+        made by the first process that asks (another's made meanwhile wins: each reads the
+        stored one)."""
+        rows = self.db.execute(f"SELECT {column} FROM {table} WHERE one = 1")
+        if not rows:
+            with self.db.transaction():
+                self.db.execute(
+                    f"INSERT INTO {table} (one, {column}) VALUES (1, ?) ON CONFLICT (one) DO NOTHING",
+                    (secrets.token_hex(size),),
+                )
+            rows = self.db.execute(f"SELECT {column} FROM {table} WHERE one = 1")
+        return rows[0][0]
 
     @classmethod
     def open(cls, url: str, *, role: str = "bastion") -> FactStore:
