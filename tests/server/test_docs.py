@@ -330,6 +330,7 @@ _NOT_LIMITS = {
     "bastion.gateway.http1._DRAIN_SECONDS": "an unread answer drained to keep its connection",
     "bastion.gateway.upstream._GROUP_LOOK_SECONDS": "how often a stopping process group is looked at",
     "bastion.oauth.keys._SECRET_BYTES": "the size of a key bastion makes, not a bound",
+    "bastion.facts.store._SNAPSHOT_KEY_BYTES": "the size of the fact snapshots' key, not a bound",
     "bastion.policy.compile._MAX_DEPTH": "how generated code is split (not the policy's text)",
     "bastion.policy.lexer._MAX_DIGITS": "a 64-bit integer's digits: the bound is its range",
     "bastion.redis_state.REMARK_SECONDS": "how long Redis keeps bastion's run mark",
