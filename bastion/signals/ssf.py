@@ -954,13 +954,14 @@ class SsfReceiver:
             )  # fmt: skip
         if refused:
             # Used as it is, and shown in error until it is in step: no verification asked,
-            # whose event would mark it verified.
+            # and none asked before awaited, whose event would mark it verified.
             log.error("ssf transmitter %s: %s", t.name, message)
             await anyio.to_thread.run_sync(
                 lambda: self.store.save_stream(
-                    t.name, "error", message, stream_id=stream_id, actor=actor
+                    t.name, "error", message, stream_id=stream_id, forget_verification=True,
+                    actor=actor,
                 )
-            )
+            )  # fmt: skip
             raise StreamNotUpdated(message, stream)
         state = secrets.token_urlsafe(16)
         detail = "stream configured; verification requested"

@@ -150,11 +150,13 @@ class SsfStore:
         *,
         stream_id: str | None = None,
         verification_state: str | None = None,
+        forget_verification: bool = False,
         actor: str,
     ) -> None:
         """Record ``transmitter``'s stream as ``actor`` (`bastion.audit.actor`; ``ssf:<name>``
         for the transmitter's own word) left it; a change of its status, id or verification
-        request is audited in the same transaction."""
+        request is audited in the same transaction. ``forget_verification``: the verification
+        asked for before is no longer awaited (its event, should it come, verifies nothing)."""
         # Both may quote what the transmitter said (an error's text): held as text any database
         # and any answer can hold.
         status, detail = writable(status), writable(detail)
@@ -174,7 +176,7 @@ class SsfStore:
             after = (
                 stream_id or before[0],
                 status,
-                verification_state or before[2],
+                None if forget_verification else verification_state or before[2],
             )
             if after != tuple(before):
                 self._changed(
@@ -184,15 +186,14 @@ class SsfStore:
                     status=status,
                     detail=detail,
                     actor=actor,
-                    verification_requested=after[2] != before[2],
+                    verification_requested=after[2] not in (None, before[2]),
                 )
             if rows:
                 self.db.execute(
                     "UPDATE ssf_streams SET status = ?, detail = ?, updated_at = ?,"
-                    " stream_id = COALESCE(?, stream_id),"
-                    " verification_state = COALESCE(?, verification_state)"
+                    " stream_id = COALESCE(?, stream_id), verification_state = ?"
                     " WHERE transmitter = ?",
-                    (status, detail, now, stream_id, verification_state, transmitter),
+                    (status, detail, now, stream_id, after[2], transmitter),
                 )
             else:
                 self.db.execute(

@@ -1256,3 +1256,33 @@ def test_a_streams_subjects_are_recorded_and_audited_on_each_database(database_u
         )
     finally:
         db.close()
+
+
+def test_a_stream_left_in_error_out_of_step_is_not_marked_verified_by_an_earlier_request(
+    database_url,
+):
+    """A verification asked for by an earlier configure may arrive after a later one left the
+    stream in error, not in step (its update refused): that event proves the transmitter
+    answers, not that the stream holds what bastion asks for. The stream stays in error. CI
+    saw the poll deliver such an event between the refused update and the status read."""
+    db = Database(database_url)
+    try:
+        store = SsfStore(db)
+        store.save_stream(
+            "idp", "enabled", "configured", stream_id="s1", verification_state="nonce-1",
+            actor="cli:alice",
+        )  # fmt: skip
+        store.save_stream(
+            "idp", "error", "not in step", stream_id="s1", forget_verification=True,
+            actor="cli:alice",
+        )  # fmt: skip
+        assert not store.verified("idp", "nonce-1", actor="ssf:idp")
+        assert store.stream("idp").status == "error"
+        # A later configure asks again, and its event is taken.
+        store.save_stream(
+            "idp", "enabled", "configured", verification_state="nonce-2", actor="cli:alice"
+        )
+        assert store.verified("idp", "nonce-2", actor="ssf:idp")
+        assert store.stream("idp").status == "verified"
+    finally:
+        db.close()
