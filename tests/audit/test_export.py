@@ -161,8 +161,12 @@ def test_a_following_export_writes_rows_recorded_after_it_started_and_stops_on_a
     process = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "bastion.cli",
+            "-c",
+            # Ctrl-C as a terminal's process has it: a runner started in the background (a
+            # shell's `&`) passes SIGINT on ignored, and Python then keeps it so (as nohup
+            # wants), which left nothing for this test to stop.
+            "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " from bastion.cli import main; sys.exit(main())",
             "audit",
             "export",
             OPTION[table],
