@@ -60,12 +60,11 @@ def serve_until_ready(database: str, snapshot: str, log: Path) -> tuple[float, f
     import httpx
 
     port = free_port()
-    env = {
-        **os.environ,
-        "BASTION_ADMIN_KEY": ADMIN_KEY,
-        "BASTION_CONFIG": "/nonexistent",
-        "BASTION_FACT_SNAPSHOT_PATH": snapshot,
-    }
+    env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_CONFIG": "/nonexistent"}
+    # Without a snapshot the setting is left out: set and empty, serve refuses it.
+    env.pop("BASTION_FACT_SNAPSHOT_PATH", None)
+    if snapshot:
+        env["BASTION_FACT_SNAPSHOT_PATH"] = snapshot
     cmd = [sys.executable, "-m", "bastion.cli", "serve", "--database", database]
     cmd += ["--port", str(port)]
     started = time.perf_counter()
@@ -73,7 +72,9 @@ def serve_until_ready(database: str, snapshot: str, log: Path) -> tuple[float, f
     try:
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"bastion serve exited: see {log}")
+                # Its log goes with the temporary folder: its end is shown here.
+                tail = log.read_text(errors="replace").splitlines()[-20:]
+                raise SystemExit("bastion serve exited; the end of its log:\n" + "\n".join(tail))
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                     return time.perf_counter() - started, cpu_seconds(proc.pid), rss_bytes(proc.pid)
