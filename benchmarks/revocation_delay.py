@@ -122,7 +122,7 @@ try:
 
     def show(name, xs):
         xs = sorted(x * 1000 for x in xs)
-        q = statistics.quantiles(xs, n=100)
+        q = statistics.quantiles(xs, n=100, method="inclusive")  # within the values seen
         print(
             f"{name}: median {statistics.median(xs):.2f} ms, p90 {q[89]:.2f}, p99 {q[98]:.2f}, max {xs[-1]:.2f} (n={len(xs)})"
         )
