@@ -809,7 +809,8 @@ class SsfReceiver:
                 outage.failed(
                     "ssf transmitter %s: %s", t.name, message, kind=kind_of(e), level=logging.ERROR
                 )
-                await self._note(t, "error", message)
+                # Not configured: a verification asked for before verifies nothing now.
+                await self._note(t, "error", message, forget_verification=True)
                 await asyncio.sleep(t.poll_interval_seconds)
         outage.ended("ssf transmitter %s: stream configured again", t.name)
         self._tasks.append(
@@ -818,14 +819,18 @@ class SsfReceiver:
         if t.delivery == "poll":
             await self._poll_forever(t, stream)
 
-    async def _note(self, t: Transmitter, status: str, detail: str) -> None:
-        """Record the stream's status; a database that cannot take it now is logged (once for
-        as long as it cannot: `round_failed`), and the stream's task goes on (it stopped for
-        good before, and no signal came in after)."""
+    async def _note(
+        self, t: Transmitter, status: str, detail: str, *, forget_verification: bool = False
+    ) -> None:
+        """Record the stream's status (`SsfStore.save_stream`); a database that cannot take it
+        now is logged (once for as long as it cannot: `round_failed`), and the stream's task
+        goes on (it stopped for good before, and no signal came in after)."""
         outage = self._outage(t, "status")
         try:
             await anyio.to_thread.run_sync(
-                lambda: self.store.save_stream(t.name, status, detail, actor=SERVER)
+                lambda: self.store.save_stream(
+                    t.name, status, detail, forget_verification=forget_verification, actor=SERVER
+                )
             )
         except Exception as e:  # noqa: BLE001 - the status is noted again at the next change
             round_failed(outage, e, f"ssf transmitter {t.name}: its status could not be recorded")
@@ -875,6 +880,13 @@ class SsfReceiver:
             )
             if code == 200:
                 stream = untrusted_json.loads(content)
+            elif code not in (404, 410):
+                # SSF 1.0 §8.1.1.2: a 404 says the stream is not there (410 Gone, too). Any
+                # other failure (a transmitter down for a moment) made a second stream, and the
+                # first, no longer polled, kept the events queued for bastion: lost.
+                raise ValueError(
+                    f"reading the stream {known.stream_id} at {endpoint} answered HTTP {code}"
+                )
         if stream is None:
             code, content = await self._call(
                 t,

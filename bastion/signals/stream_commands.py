@@ -140,7 +140,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
     def refused(t: Transmitter, e: Exception) -> None:
         message = f"stream not configured: {e}"[:500]
-        receiver.store.save_stream(t.name, "error", message, actor=actor)
+        receiver.store.save_stream(t.name, "error", message, forget_verification=True, actor=actor)
         print(f"{t.name}: {message}", file=sys.stderr)
 
     return _each_transmitter(args, receiver, configure, refused)

@@ -1061,7 +1061,9 @@ def test_a_stream_whose_iss_is_not_the_transmitters_is_not_used(tmp_path):
         )  # fmt: skip
 
     async def stream(request):
-        return JSONResponse({**json.loads(created(state).body), "iss": state["iss"]}, 201)
+        # Created by a POST; read by a GET (SSF 1.0 §8.1.1.2: 200).
+        status = 201 if request.method == "POST" else 200
+        return JSONResponse({**json.loads(created(state).body), "iss": state["iss"]}, status)
 
     app = Starlette(
         routes=[

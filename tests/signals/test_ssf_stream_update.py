@@ -180,6 +180,55 @@ def test_streams_configure_updates_the_stream_and_says_what_it_changed(world, tm
     assert "added session-revoked" in capsys.readouterr().out
 
 
+def test_a_verification_asked_before_the_stream_fell_in_error_verifies_nothing(
+    world, tmp_path, capsys
+):
+    """A configure asks for a verification; its event comes late, after a later configure left
+    the stream in error: its update refused (the stream used as it is), or the stream not
+    configured at all. That event proves the transmitter answers, not that the stream is in
+    step: it is taken as an unexpected state and the stream stays in error. It showed the stream
+    verified (CI saw the poll bring such an event in between a refused update and the check)."""
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f"[server]\ndatabase = {json.dumps(world.app.state.config.database)}\n"
+        f"[oauth]\nissuer = {json.dumps(world.url)}\n[signals.ssf]\n"
+        f"transmitters = {_toml(world.signals_table['ssf']['transmitters'])}\n"
+    )
+    argv = ["signals", "streams", "configure", "--config", str(config), "--transmitter", "older"]
+    older = world.older
+
+    def late_event_leaves_it_in_error(late: str) -> None:
+        older.queue(late)  # the poll brings it in
+        wait_until(lambda: received(world, jti_of(late)) is not None)
+        effect = received(world, jti_of(late)).detail["effects"][0]
+        assert effect["effect"] == "verify" and effect["result"] == "unexpected state", effect
+        assert streams(world)["older"]["status"] == "error"
+
+    older.verifications_held = []
+    try:
+        # Refused: the stream lacks an event type and the transmitter will not PATCH it.
+        assert main(argv) == 0
+        [late] = older.verifications_held
+        older.patch_answer = 405
+        older.streams["older-1"]["events_requested"].remove(CAEP + "session-revoked")
+        assert main(argv) == 1
+        late_event_leaves_it_in_error(late)
+        # Not configured: the transmitter's configuration endpoint fails.
+        older.patch_answer = None
+        assert main(argv) == 0
+        [_, late] = older.verifications_held
+        older.answers["stream"] = [(500, b"application/json", b"{}")]
+        assert main(argv) == 1
+        assert "stream not configured" in capsys.readouterr().err
+        late_event_leaves_it_in_error(late)
+    finally:
+        older.verifications_held = older.patch_answer = None
+        older.answers.pop("stream", None)
+    # Configured again, its own verification marks it verified.
+    assert main(argv) == 0
+    wait_until(lambda: streams(world)["older"]["status"] == "verified")
+
+
 def test_a_set_on_a_stream_the_transmitter_disabled_is_still_applied(world):
     """SSF 1.0 §8.1.2.1: a disabled stream's events are not transmitted. That binds the
     transmitter; a SET that verifies and comes anyway (sent before the change, or the
