@@ -9,9 +9,13 @@ Redis that does not answer fails the caller (which fails closed) instead of hold
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
+
+from bastion.redaction import safe_url
+from bastion.retries import Outage, kind_of
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -55,6 +59,37 @@ def connect(
 
         options["redis_connect_func"] = ready
     return redis.Redis.from_url(url, **options), errors
+
+
+class RedisAway:
+    """What a store on Redis logs of Redis failing its calls (`bastion.retries.Outage`): the
+    first failure of an outage as an error naming the Redis (without its password), the
+    failures after it at DEBUG, and once that Redis answers again. Told of every call, so a
+    gateway under load says an outage once, not once per call (each refused call has its
+    decision record)."""
+
+    def __init__(self, log: logging.Logger, url: str, store: str) -> None:
+        self._outage = Outage(log)
+        self.url = safe_url(url)
+        self.store = store
+
+    def failed(self, what: str, error: BaseException) -> None:
+        """Redis failed a step (``what``: what could not be done); said as an error if it
+        begins an outage or fails otherwise than the failures before (another error)."""
+        self._outage.failed(
+            "%s: Redis at %s: %s",
+            what,
+            self.url,
+            error,
+            kind=kind_of(error),
+            level=logging.ERROR,
+            stacklevel=2,
+        )
+
+    def answered(self) -> None:
+        """Redis answered a step: said once if it was failing."""
+        if self._outage.failing:
+            self._outage.ended("%s: Redis at %s answers again", self.store, self.url)
 
 
 async def run_script(

@@ -4,7 +4,8 @@ Without Redis, counters live in this process (`RateLimiter`: a sliding window of
 key), so replicas behind a load balancer each count on their own. With ``gateway.redis_url``,
 `RedisRateLimiter` keeps the windows in Redis, shared by every bastion process that uses it: one
 Lua script checks and counts all the limits of a call atomically, on Redis's clock. If Redis
-cannot be reached, calls that carry a rate limit are refused (fail closed), never let through.
+cannot be reached, calls that carry a rate limit are refused (fail closed), never let through;
+the log says so once per outage (an error), not at every call, and once that Redis answers again.
 
 A call counted and then refused for another reason (an approval another run spent meanwhile) is
 given back (`give_back`): its entry, named by the call, leaves every window it was counted in.
@@ -26,8 +27,7 @@ from collections.abc import Callable, Sequence
 
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
-from bastion.redaction import safe_url
-from bastion.redis_client import connect
+from bastion.redis_client import RedisAway, connect
 
 log = logging.getLogger("bastion.gateway.ratelimit")
 
@@ -153,6 +153,7 @@ class RedisRateLimiter:
         self._redis, self._errors = connect(url, timeout)
         self._script = self._redis.register_script(_SLIDING_WINDOW)
         self._give_back = self._redis.register_script(_GIVE_BACK)
+        self._away = RedisAway(log, url, "rate limits")
 
     def key(self, limit: RateLimit, action: str, resource: Entity) -> str:
         # The hash tag (in braces) is the target's digest: all keys of one call share a slot.
@@ -177,8 +178,9 @@ class RedisRateLimiter:
         try:
             wait_ms = await self._script(keys=keys, args=args)
         except self._errors as e:
-            log.error("rate limits cannot be checked: Redis at %s: %s", safe_url(self.url), e)
+            self._away.failed("rate limits cannot be checked", e)
             raise LimitsUnavailable() from None
+        self._away.answered()
         return None if int(wait_ms) == 0 else int(wait_ms) / 1000
 
     async def give_back(
@@ -191,12 +193,9 @@ class RedisRateLimiter:
         try:
             await self._give_back(keys=keys, args=[call])
         except self._errors as e:
-            log.error(
-                "a refused call's count cannot be given back: Redis at %s: %s",
-                safe_url(self.url),
-                e,
-            )
+            self._away.failed("a refused call's count cannot be given back (it stays counted)", e)
             return False
+        self._away.answered()
         return True
 
     async def close(self) -> None:

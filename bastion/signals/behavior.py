@@ -20,7 +20,8 @@ decided, and what the call did is written after it, off the call path (one pipel
 on a server; on a Redis Cluster, whose pipelines take no scripts, one script call per counter key,
 at once). When Redis cannot be read,
 a decision whose rules read ``context.behavior`` is refused with reason ``behavior_unavailable``
-(fail closed); decisions whose rules do not read it go on.
+(fail closed); decisions whose rules do not read it go on. The log says so once per outage, not
+at every call (`bastion.redis_client.RedisAway`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from operator import contains
 from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
-from bastion.redaction import safe_url
-from bastion.redis_client import CLUSTER_SCHEMES, connect, run_script
+from bastion.redis_client import CLUSTER_SCHEMES, RedisAway, connect, run_script
 
 log = logging.getLogger("bastion.signals.behavior")
 
@@ -584,6 +584,7 @@ class RedisBehavior(_Counting):
         self._cluster = url.partition("://")[0] in CLUSTER_SCHEMES
         self._script = self._redis.register_script(_COUNT)
         self._pending: set[asyncio.Task] = set()
+        self._away = RedisAway(log, url, "behaviour counters")
 
     def _hashes(self, key: str) -> tuple[str, list[str]]:
         # One hash tag per counter key: its windows live on one node of a cluster.
@@ -607,8 +608,9 @@ class RedisBehavior(_Counting):
                         pipe.hgetall(name)
                 rows = await pipe.execute()
         except self._errors as e:
-            log.error("behaviour counters cannot be read: Redis at %s: %s", safe_url(self.url), e)
+            self._away.failed("behaviour counters cannot be read", e)
             return
+        self._away.answered()
         n = len(WINDOWS)
         fetched = {key: rows[i * n : (i + 1) * n] for i, key in enumerate(keys)}
         weight = self.settings.baseline_weight
@@ -658,7 +660,9 @@ class RedisBehavior(_Counting):
             # One round trip (a cluster: one script call per key, each to its node, at once).
             await run_script(self._redis, self._script, calls, self._cluster)
         except self._errors as e:
-            log.error("behaviour counts lost: Redis at %s: %s", safe_url(self.url), e)
+            self._away.failed("behaviour counts lost", e)
+        else:
+            self._away.answered()
 
     async def close(self) -> None:
         if self._pending:
