@@ -781,10 +781,18 @@ class SsfReceiver:
         self._tasks.clear()
 
     async def _forget_forever(self) -> None:
+        """Forget the jtis received longer than ``jti_retention_seconds`` ago, every tenth of
+        it (at most hourly). A round that fails is said once for as long as it fails the same
+        way (`round_failed`), and once that a round works again: the jtis wait for it."""
+        outage = Outage(log)
         while True:
             cutoff = time.time() - self.settings.jti_retention_seconds
-            with contextlib.suppress(Exception):
+            try:
                 await anyio.to_thread.run_sync(self.store.forget_before, cutoff)
+            except Exception as e:  # noqa: BLE001 - the next round forgets them
+                round_failed(outage, e, "ssf: the jtis past jti_retention_seconds not forgotten")
+            else:
+                outage.ended("ssf: the jtis past jti_retention_seconds are forgotten again")
             await asyncio.sleep(min(3600.0, self.settings.jti_retention_seconds / 10))
 
     def _outage(self, t: Transmitter, step: str) -> Outage:
@@ -813,6 +821,9 @@ class SsfReceiver:
                 await self._note(t, "error", message, forget_verification=True)
                 await asyncio.sleep(t.poll_interval_seconds)
         outage.ended("ssf transmitter %s: stream configured again", t.name)
+        # `configure` recorded the stream's status: a failure to record it before, said once,
+        # is over (else the next outage's would go unsaid, taken for the same one).
+        self._outage(t, "status").ended("ssf transmitter %s: its status is recorded again", t.name)
         self._tasks.append(
             asyncio.create_task(self._sync_forever(t), name=f"ssf {t.name} subjects")
         )
