@@ -73,8 +73,8 @@ class RedisAway:
         self.url = safe_url(url)
         self.store = store
 
-    def failed(self, what: str, error: BaseException) -> None:
-        """Redis failed a step (``what``: what could not be done); said as an error if it
+    def failed(self, what: str, error: BaseException, level: int = logging.ERROR) -> None:
+        """Redis failed a step (``what``: what could not be done); said at ``level`` if it
         begins an outage or fails otherwise than the failures before (another error)."""
         self._outage.failed(
             "%s: Redis at %s: %s",
@@ -82,7 +82,7 @@ class RedisAway:
             self.url,
             error,
             kind=kind_of(error),
-            level=logging.ERROR,
+            level=level,
             stacklevel=2,
         )
 

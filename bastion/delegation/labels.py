@@ -35,8 +35,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from bastion.policy.errors import EvaluationLimit
-from bastion.redaction import safe_url
-from bastion.redis_client import CLUSTER_SCHEMES, connect, run_script
+from bastion.redis_client import CLUSTER_SCHEMES, RedisAway, connect, run_script
 from bastion.redis_state import RedisState
 
 log = logging.getLogger("bastion.delegation.labels")
@@ -280,6 +279,7 @@ class RedisLabels:
         self._record = self._redis.register_script(_RECORD)
         self._wipe = self._redis.register_script(_WIPE)
         self._cluster = url.partition("://")[0] in CLUSTER_SCHEMES
+        self._away = RedisAway(log, url, "session labels")
 
     def _task_base(self, task: str) -> str:
         tag = hashlib.sha256(task.encode()).hexdigest()[:16]
@@ -305,11 +305,12 @@ class RedisLabels:
                 marker, members = await pipe.execute()
             lost = await self.state.check(marker, generation)
         except self._errors as e:
-            log.error("session labels cannot be read: Redis at %s: %s", safe_url(self.url), e)
+            self._away.failed("session labels cannot be read", e)
             return
         except Exception as e:  # the database, asked once whether Redis was marked
             log.error("session labels cannot be trusted yet: %s", e)
             return
+        self._away.answered()
         if lost is not None:
             view._refusal = LabelsLost(lost)
             return
@@ -342,11 +343,12 @@ class RedisLabels:
             await self.state.start()  # marked before the first label: its loss is seen
             full = await run_script(self._redis, self._record, calls, self._cluster)
         except self._errors as e:
-            log.error("session labels cannot be written: Redis at %s: %s", safe_url(self.url), e)
+            self._away.failed("session labels cannot be written", e)
             raise LabelsUnavailable() from None
         except Exception as e:  # the database, asked once whether Redis was marked
             log.error("session labels cannot be written yet: %s", e)
             raise LabelsUnavailable("the database cannot be read") from None
+        self._away.answered()
         if any(int(f) for f in full):
             raise LabelsFull()
 

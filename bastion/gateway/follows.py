@@ -25,7 +25,7 @@ from typing import Any
 
 from bastion.gateway.jsonrpc import RATE_LIMIT_UNAVAILABLE, RpcError
 from bastion.redaction import safe_url
-from bastion.redis_client import CLUSTER_SCHEMES, connect, run_script
+from bastion.redis_client import CLUSTER_SCHEMES, RedisAway, connect, run_script
 from bastion.retries import Outage
 
 log = logging.getLogger("bastion.gateway.follows")
@@ -130,6 +130,8 @@ class FollowLeases:
         self._pending: set[asyncio.Task] = set()
         # Redis away, said once while renewals fail, and once that they work again.
         self._outage = Outage(log)
+        # The same, for the counts and removals asked at each subscribe, listen and end.
+        self._away = RedisAway(log, url, "subscriptions")
 
     def key(self, server: str, subject: str) -> str:
         # The hash tag (in braces): a check's one key, on one node of a cluster.
@@ -159,8 +161,9 @@ class FollowLeases:
                 keys=[self.key(server, subject)], args=[self._lease_ms, most, *members]
             )
         except self._errors as e:
-            log.error("subscriptions cannot be counted: Redis at %s: %s", safe_url(self.url), e)
+            self._away.failed("subscriptions cannot be counted", e)
             raise FollowsUnavailable() from None
+        self._away.answered()
         return None if int(taken) else int(held)
 
     async def drop(self, server: str, subject: str, holder: str, uris: Iterable[str]) -> None:
@@ -172,12 +175,14 @@ class FollowLeases:
         try:
             await self._redis.zrem(self.key(server, subject), *members)
         except self._errors as e:
-            log.warning(
-                "ended subscriptions not removed from Redis at %s (%s): they count until their"
-                " lease lapses (subscription_lease_seconds)",
-                safe_url(self.url),
+            self._away.failed(
+                "ended subscriptions not removed (they count until their lease lapses,"
+                " subscription_lease_seconds)",
                 e,
+                logging.WARNING,
             )
+        else:
+            self._away.answered()
 
     def release(self, server: str, subject: str, holder: str, uris: Iterable[str]) -> None:
         """`drop`, in the background (a session or stream ended where nothing can wait)."""
