@@ -118,6 +118,18 @@ class Replayed(Exception):  # noqa: N818 - a refusal, like SetRefused
     """A SET whose jti was received before: its effects were applied then, not again."""
 
 
+class PollCut(Exception):  # noqa: N818 - the cause is the error; this carries what was done
+    """A poll's SETs taken up to one that could not be stored (``__cause__``: why, the database
+    away say): ``ack`` and ``errs`` of those before it, to be sent with the next poll. The one
+    that failed, and those after it, are neither acknowledged nor reported: the transmitter
+    delivers them again."""
+
+    def __init__(self, ack: list[str], errs: dict[str, dict[str, str]]) -> None:
+        super().__init__("a SET could not be stored")
+        self.ack = ack
+        self.errs = errs
+
+
 @dataclass(frozen=True)
 class SubjectsSync:
     """One round of `SsfReceiver.sync_subjects`: what was done, and what was not."""
@@ -1393,6 +1405,11 @@ class SsfReceiver:
             try:
                 more, ack, errs = await self.poll_once(t, url, ack, errs)
             except Exception as e:  # noqa: BLE001 - reported, retried; acks are sent again
+                if isinstance(e, PollCut):
+                    # The poll was answered (what it acknowledged is done with): what it stored
+                    # is acknowledged next, not delivered again and refused as a replay.
+                    ack, errs = e.ack, e.errs
+                    e = e.__cause__ or e
                 message = f"poll failed: {e}"[:500]
                 said = outage.failed(
                     "ssf transmitter %s: %s", t.name, message, kind=kind_of(e), level=logging.ERROR
@@ -1411,7 +1428,7 @@ class SsfReceiver:
     ) -> tuple[bool, list[str], dict[str, dict[str, str]]]:
         """One RFC 8936 §2.2 request: acknowledge ``ack``, report ``errs``, take new SETs.
         Returns (more available: said by an answer that held SETs, jtis to acknowledge next,
-        errors to report next)."""
+        errors to report next); `PollCut` when one of its SETs could not be stored."""
         body: dict[str, Any] = {"maxEvents": t.max_events, "returnImmediately": True}
         if ack:
             body["ack"] = ack
@@ -1438,6 +1455,10 @@ class SsfReceiver:
             except Replayed:
                 next_ack.append(str(jti))
                 continue
+            except Exception as e:
+                # Not stored (the database away, say): this SET and the rest wait at the
+                # transmitter; those taken before it are acknowledged with the next poll.
+                raise PollCut(next_ack, next_errs) from e
             if outcome.jti != jti:
                 log.warning(
                     "ssf transmitter %s: SET keyed %s carries jti %s", t.name, jti, outcome.jti

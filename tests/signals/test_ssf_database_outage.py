@@ -2,7 +2,8 @@
 (tests/signals/transmitter.py) and a real PostgreSQL reached through a relay the test cuts (the
 database of this test alone goes away): a stream's task lives through the outage, says it once,
 and takes up again after it; a SET that could not be stored is not acknowledged by a poll, nor
-answered 202 to a push, so the transmitter delivers it again and it is applied, once."""
+answered 202 to a push, so the transmitter delivers it again and it is applied, once; the SETs
+a poll stored before it are acknowledged, not delivered again."""
 
 from __future__ import annotations
 
@@ -52,45 +53,14 @@ def test_a_poll_stream_lives_through_a_database_outage_and_acknowledges_only_wha
         idp.url = url
         db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
         try:
-            settings = SsfSettings.from_table(
-                {
-                    "transmitters": [
-                        {
-                            "name": "idp",
-                            "issuer": url,
-                            "audience": AUDIENCE,
-                            "delivery": "poll",
-                            "bearer_env": "BEARER",
-                            "poll_interval_seconds": 0.05,
-                            "subjects_sync_seconds": 86400,
-                            "users": {"email:sam@example.com": "sam"},
-                        }
-                    ]
-                },
-                issuer=AUDIENCE,
-                env={"BEARER": BEARER},
-            )
-            oauth = OAuthStore(db)
-            now = time.time()
-            oauth.create_user("sam", "x", now, actor="test")
-            oauth.create_grant(Grant("g1", "c", "sam", "https://r", "s", now, now + 3600, None))
-            receiver = SsfReceiver(settings, db, oauth, FactStore(db), lambda: None)
-            t = settings.transmitters[0]
+            receiver, t = poll_receiver(db, url)
+            oauth = receiver.oauth_store
 
             def polls() -> int:
                 return idp.calls["poll"]
 
-            async def until(condition) -> None:
-                async with asyncio.timeout(PATIENCE):
-                    while not await anyio.to_thread.run_sync(condition):
-                        await asyncio.sleep(0.01)
-
             def status() -> str | None:
-                try:
-                    known = receiver.store.stream(t.name)
-                except DatabaseUnavailable:  # the relay just restored: asked again
-                    return None
-                return known.status if known else None
+                return stream_status(receiver, t)
 
             def steps() -> list[str]:
                 """What the task said loud since the last look (the steps, not their errors)."""
@@ -150,6 +120,101 @@ def test_a_poll_stream_lives_through_a_database_outage_and_acknowledges_only_wha
             assert len(received) == 1
         finally:
             db.close()
+
+
+def test_sets_a_poll_stored_before_the_database_went_away_are_acknowledged_not_refused_as_replays(
+    postgres_url,
+):
+    """The database goes away between two SETs of one poll's answer: the first is stored, the
+    second cannot be. The first's acknowledgement was dropped with the poll, so the transmitter
+    delivered it again and it was recorded refused as a replay (a ``signal.refused`` of a SET
+    applied without fault). Now it is acknowledged at the next poll; the second waits at the
+    transmitter, and is applied and acknowledged once the database is back."""
+    idp = Transmitter(AUDIENCE)
+    with Relay(("127.0.0.1", 5432)) as relay, serve(idp.app(), free_socket()) as url:
+        idp.url = url
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        try:
+            receiver, t = poll_receiver(db, url)
+            receive = receiver.receive
+            taken: list[str] = []
+
+            def stored_then_the_database_goes(t, token, keys):
+                outcome = receive(t, token, keys)  # the real one: only the moment is chosen
+                taken.append(outcome.jti)
+                if len(taken) == 1:
+                    relay.cut()
+                return outcome
+
+            async def scenario() -> tuple[str, str]:
+                task = asyncio.create_task(receiver._run(t))
+                try:
+                    await until(lambda: stream_status(receiver, t) == "verified")
+                    receiver.receive = stored_then_the_database_goes
+                    first = idp.queue(idp.set_token(CAEP + "session-revoked", {}, SAM))
+                    second = idp.queue(idp.set_token(CAEP + "credential-change", {}, SAM))
+                    await until(lambda: first in idp.acked)
+                    assert second not in idp.acked and second in idp.queued, idp.acked
+                    relay.restore()
+                    await until(lambda: second in idp.acked)
+                    return first, second
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+            first, second = anyio.run(scenario)
+            assert taken == [first, second], taken
+            for jti in (first, second):
+                assert [e.detail["jti"] for e in receiver.audit.events("signal.received")].count(
+                    jti
+                ) == 1
+            refused = [e.detail for e in receiver.audit.events("signal.refused")]
+            assert not refused, refused
+        finally:
+            db.close()
+
+
+def poll_receiver(db: Database, url: str):
+    """A receiver on ``db`` of the transmitter at ``url`` (poll, every 50 ms), and its
+    transmitter's settings; sam has a grant its SETs can revoke."""
+    settings = SsfSettings.from_table(
+        {
+            "transmitters": [
+                {
+                    "name": "idp",
+                    "issuer": url,
+                    "audience": AUDIENCE,
+                    "delivery": "poll",
+                    "bearer_env": "BEARER",
+                    "poll_interval_seconds": 0.05,
+                    "subjects_sync_seconds": 86400,
+                    "users": {"email:sam@example.com": "sam"},
+                }
+            ]
+        },
+        issuer=AUDIENCE,
+        env={"BEARER": BEARER},
+    )
+    oauth = OAuthStore(db)
+    now = time.time()
+    oauth.create_user("sam", "x", now, actor="test")
+    oauth.create_grant(Grant("g1", "c", "sam", "https://r", "s", now, now + 3600, None))
+    return SsfReceiver(settings, db, oauth, FactStore(db), lambda: None), settings.transmitters[0]
+
+
+async def until(condition) -> None:
+    """Wait until ``condition`` (asked in a worker thread) holds."""
+    async with asyncio.timeout(PATIENCE):
+        while not await anyio.to_thread.run_sync(condition):
+            await asyncio.sleep(0.01)
+
+
+def stream_status(receiver, t) -> str | None:
+    try:
+        known = receiver.store.stream(t.name)
+    except DatabaseUnavailable:  # a relay just restored: asked again
+        return None
+    return known.status if known else None
 
 
 def verified(receiver) -> bool:
