@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from bastion.redaction import safe_url
-from bastion.retries import Outage, kind_of
+from bastion.retries import Outage
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -75,13 +75,16 @@ class RedisAway:
 
     def failed(self, what: str, error: BaseException, level: int = logging.ERROR) -> None:
         """Redis failed a step (``what``: what could not be done); said at ``level`` if it
-        begins an outage or fails otherwise than the failures before (another error)."""
+        begins an outage or fails with another kind of error than the failures before (a
+        timeout after refused connections). The kind is the error's class: a Redis stopped
+        fails a connection open as "Connection closed by server" and the next ones as
+        "Error 111 connecting", one outage."""
         self._outage.failed(
             "%s: Redis at %s: %s",
             what,
             self.url,
             error,
-            kind=kind_of(error),
+            kind=type(error).__qualname__,
             level=level,
             stacklevel=2,
         )

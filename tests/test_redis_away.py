@@ -124,3 +124,24 @@ def test_a_redis_outage_is_logged_once_by_each_store_and_once_again(store, logge
         assert len(lines) == 2 and lines[1].endswith("answers again"), lines
     finally:
         drop_redis_keys(prefix)
+
+
+def test_one_outage_is_one_error_whatever_the_connection_errors_say(caplog):
+    """A Redis stopped fails the connection open at that moment as "Connection closed by
+    server", and the next ones as "Error 111 connecting ...": one outage, said once. A timeout
+    after them is another failure, said again."""
+    from redis import exceptions
+
+    from bastion.redis_client import RedisAway
+
+    caplog.set_level(logging.DEBUG, logger="bastion.test")
+    away = RedisAway(logging.getLogger("bastion.test"), "redis://:secret@127.0.0.1:1/0", "tests")
+    away.failed("not counted", exceptions.ConnectionError("Connection closed by server."))
+    away.failed("not counted", exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:1."))
+    away.failed("not counted", exceptions.TimeoutError("Timeout reading from 127.0.0.1:1"))
+    away.answered()
+    loud = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [level for level, _ in loud] == [logging.ERROR, logging.ERROR, logging.WARNING], loud
+    assert "Connection closed" in loud[0][1] and "Timeout" in loud[1][1], loud
+    assert loud[2][1] == "tests: Redis at redis://:***@127.0.0.1:1/0 answers again", loud
+    assert all("secret" not in message for _, message in loud), loud
