@@ -439,6 +439,19 @@ def test_read_never_takes_what_json_refuses_nor_reads_it_otherwise(text, tail):
     assert value is json_encoding.NOT_READ or same(value, expected), data
 
 
+@pytest.mark.parametrize("depth", [256, 1000, 1024])
+def test_read_leaves_to_json_what_nests_deeper_than_python_surely_reads(depth):
+    # orjson reads 1,024 levels; json.loads recurses once per level and refuses (RecursionError)
+    # wherever Python's stack ends, 1,000 frames less the caller's: from ~950 levels in the
+    # gateway. Read by orjson, such an answer then failed where it was written (a 500).
+    for text in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        assert json_encoding.read(text) is json_encoding.NOT_READ
+    # 255 levels, and many brackets side by side: orjson's.
+    wide = b"[" + b"[" * 254 + b"]" * 254 + b"," + b",".join([b"[]"] * 300) + b"]"
+    assert json_encoding.read(wide) == json.loads(wide)
+    assert json_encoding.read(b"[[[1]]]", levels=2) is json_encoding.NOT_READ
+
+
 def test_read_reads_the_gateways_messages_itself():
     # What the SDK and the benchmark send and answer: never left to json.
     for message in (
