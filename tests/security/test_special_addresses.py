@@ -120,3 +120,27 @@ def test_a_block_not_globally_reachable_is_reached_when_its_network_is_listed():
     assert may_connect(ipaddress.ip_address("192.0.0.8"), listed)
     assert not may_connect(ipaddress.ip_address("3fff:2::5"), listed)
     assert not may_connect(ipaddress.ip_address("198.18.0.1"), listed)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "2130706433",  # 127.0.0.1 as one decimal number
+        "0x7f000001",  # in hexadecimal
+        "017700000001",  # in octal
+        "127.1",  # short: the last part fills the rest
+        "0",  # 0.0.0.0, the local host on Linux
+        "[::ffff:7f00:1]",  # IPv4-mapped, written in hexadecimal
+        "[::7f00:1]",  # IPv4-compatible
+        "[fe80::1%25lo]",  # link-local with a zone
+    ],
+)
+def test_an_address_spelt_another_way_is_refused_as_what_it_resolves_to(host):
+    """Not an IP address to `ipaddress`, these reach `pinned` as names: the resolver reads
+    them as the address they spell (inet_aton), and that address is judged."""
+
+    async def main() -> None:
+        await pinned(httpx.URL(f"https://{host}/agent.json"))
+
+    with pytest.raises(AddressRefused):
+        anyio.run(main)
