@@ -134,10 +134,11 @@ class Holder:
         agents: tuple[str, ...] = (),
         subject: str = "sam",
         client_id: str = "bot",
+        task: str = "",
     ) -> ApprovalRequest:
         """A new held call of sam's agent ``bot`` (distinct arguments each time unless given);
         ``agents``, a delegated token's chain ending with ``bot``; ``subject`` and
-        ``client_id`` the same name for an agent acting as itself."""
+        ``client_id`` the same name for an agent acting as itself; ``task``, the token's."""
         if arguments is None:
             arguments = {"to": f"customer{next(_calls)}@example.com"}
         call = Call(
@@ -151,6 +152,7 @@ class Holder:
             arguments,
             repr(sorted(arguments.items())),
             agents,
+            task,
         )
         rule = "requires_review" if kind == "review" else "requires_approval"
         return self.approvals.hold(call, "decision-1", (f"{rule}(...)",), {}, result=result)

@@ -392,6 +392,20 @@ def test_names_that_would_read_as_others_are_shown_escaped_on_every_line(deploym
     assert "x" * 200 not in out and "\u2026 (" in out
 
 
+def test_a_task_that_would_read_as_another_is_shown_escaped_on_every_line(deployment, bastion):
+    # bastion names its tasks itself (task_ and random letters): a task id comes only from a
+    # token bastion issued. Whatever it holds, the terminal shows it escaped, never raw.
+    task = "t-1\u202egnp.exe\x1b[2J\n  task t-2" + "x" * 300
+    held = deployment.holder.hold(SEND, task=task)
+    for argv in (("approvals", "list"), ("approvals", "show", held.id)):
+        code, out, _ = bastion(*argv)
+        assert code == 0, argv
+        assert "\u202e" not in out and "\x1b" not in out, argv
+        assert "t-1\\u202egnp.exe\\u001b[2J\\u000a" in out, argv
+        assert not any(line.lstrip().startswith("task t-2") for line in out.splitlines()), argv
+        assert "x" * 300 not in out, argv
+
+
 def test_audit_events_are_found_by_kind_prefix_and_request_on_either_database(database_url):
     db = Database(database_url)
     try:

@@ -369,6 +369,31 @@ def test_the_page_shows_the_task_the_call_was_held_under(bastion: Running):
         assert "through this agent under no task, with any arguments" in page
 
 
+def test_a_task_that_would_read_as_another_is_shown_escaped_on_the_page(bastion: Running):
+    """bastion names its tasks itself; whatever a task id holds, the page shows it escaped: no
+    markup, no direction override, no line break, cut when long."""
+    task = "t-1<b>x</b>\u202egnp.exe\n" + "y" * 500
+    call = Call(
+        "approval",
+        "sam",
+        bastion.agent,
+        "desk",
+        "prompts/get",
+        "get",
+        Entity("Prompt", "desk/summary"),
+        {"name": "summary", "arguments": {"customer": "B"}},
+        uuid.uuid4().hex,
+        (),
+        task,
+    )
+    rule = 'requires_approval(User{"sam"}, "get", Prompt{"desk/summary"})'
+    request = bastion.approvals.hold(call, uuid.uuid4().hex, (rule,), {}, None)
+    with signed_in(bastion, "avery") as http:
+        page = http.get(f"/approvals/{request.id}").text
+    assert "<b>" not in page and "\u202e" not in page and "y" * 500 not in page
+    assert "<code id=task>t-1&lt;b&gt;x&lt;/b&gt;\\u202egnp.exe\\u000a" in page
+
+
 def test_minutes_past_the_policys_window_are_refused_and_change_nothing(bastion: Running):
     request = hold(bastion)
     with signed_in(bastion, "avery") as http:

@@ -187,6 +187,24 @@ def held(approvals: Approvals, c: Call):
     return approvals.hold(c, "d1", ("requires_approval(...)",), {})
 
 
+def test_no_two_callers_share_a_binding_whatever_their_task_or_chain_spells(world):
+    """The binding digest takes the chain and the task as JSON values: no task, chain or
+    argument digest spelt with quotes, brackets or braces reads as another's."""
+    approvals = world[0]
+    base = call(send)
+    variants = [
+        (agents, task, digest)
+        for agents in ((), ("bot",), ("t", "bot"), ('{"task":"t"}',), ('["t"]',))
+        for task in ("", "t", '{"task":"t"}', '"}', '["t"]', "t\\", 't"]', "T")
+        for digest in (base.arguments_digest, base.arguments_digest + '"],{"task":"t"}')
+    ]
+    bindings = {
+        approvals.binding(dataclasses.replace(base, agents=agents, task=task, arguments_digest=d))
+        for agents, task, d in variants
+    }
+    assert len(bindings) == len(variants)
+
+
 def test_the_policy_names_the_approvers_and_the_user_may_not_approve_in_their_place(world):
     approvals, *_ = world
     request = held(approvals, call(send))
