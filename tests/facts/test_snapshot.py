@@ -332,6 +332,34 @@ def test_a_truncated_snapshot_is_ignored(store, database_url, path, caplog):
     ignored(database_url, path, caplog, "damaged or truncated")
 
 
+def test_a_snapshot_with_bytes_added_after_its_signature_is_ignored(
+    store, database_url, path, caplog
+):
+    # Whatever follows the HMAC (a second signature, another predicate's facts) makes the last
+    # 32 bytes something else: never read as more facts.
+    run(write_one(database_url, path))
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data + data[-32:])
+    ignored(database_url, path, caplog, "damaged or truncated")
+
+
+@pytest.mark.parametrize("key", [None, "zz" * 32, "ab" * 16])
+def test_a_snapshot_is_ignored_once_the_key_row_is_deleted_or_damaged(
+    store, database_url, path, caplog, key
+):
+    """Deleted, a new key is made and the snapshots signed before are ignored (docs: how to
+    throw them all away); damaged (not hex, too short), none is used and none is written, and
+    the facts come from the database."""
+    run(write_one(database_url, path))
+    with store.db.transaction():
+        if key is None:
+            store.db.execute("DELETE FROM facts_snapshot_key")
+        else:
+            store.db.execute("UPDATE facts_snapshot_key SET secret = ?", (key,))
+    why = "HMAC does not match" if key is None else "holds no key of 32 bytes"
+    ignored(database_url, path, caplog, why)
+
+
 def test_a_file_that_is_not_a_snapshot_is_ignored(store, database_url, path, caplog):
     Path(path).write_bytes(b"\x80\x04\x95not a snapshot, and never unpickled")
     ignored(database_url, path, caplog, "not a bastion fact snapshot")
@@ -475,6 +503,31 @@ def test_a_snapshot_older_than_the_pruned_log_is_ignored(store, database_url, pa
     store.apply([StoredFact(("has_role", USERS[4], "admin", ORGS[1]))])
     store.prune_changes(1)
     ignored(database_url, path, caplog, "no longer holds")
+
+
+def test_a_snapshot_of_the_empty_log_is_not_the_start_of_a_pruned_one(database_url, path, caplog):
+    """Sequence 0 has no change to check the log against: a snapshot taken before the first
+    write, kept until the log's start was pruned, must not be replayed as if the log after it
+    were whole (its first entries, the policy and a grant, are gone)."""
+    store = FactStore.open(database_url)
+    try:
+        snapshot.take(store, path)
+        store.put_policy(POLICY)
+        store.apply([*facts(), StoredFact(("has_role", USERS[5], "admin", ORGS[0]))])
+        store.apply([StoredFact(("has_role", USERS[4], "member", ORGS[1]))])
+        store.prune_changes(1)
+
+        async def scenario():
+            replica = await started(database_url, path)
+            reference = await started(database_url)
+            assert replica.authz.authorize(USERS[5], "manage", ORGS[0])
+            assert state(replica) == state(reference)
+            await replica.stop()
+            await reference.stop()
+
+        run(scenario())
+    finally:
+        store.close()
 
 
 def _restore(store: FactStore, seq: int, fact: tuple) -> None:
