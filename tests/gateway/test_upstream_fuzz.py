@@ -620,16 +620,22 @@ def test_a_question_of_a_masked_call_is_refused_without_its_text(
     assert SECRET not in response.text
 
 
-@pytest.mark.parametrize("depth", [200, 900, 1010, 5000])
+@pytest.mark.parametrize("depth", [200, 900, 990, 1010, 5000])
 @pytest.mark.parametrize("tool", ["plain", "masked"])
 @pytest.mark.parametrize("old", [False, True])
+@pytest.mark.parametrize("where", ["structured", "text"])
 def test_an_answer_nested_deep_gets_the_client_a_clear_answer(
-    bastion, token, upstream, legacy, depth, tool, old
+    bastion, token, upstream, legacy, depth, tool, old, where
 ):
-    """JSON nested as deep as Python's parser takes, or deeper: never bastion's own failure."""
+    """JSON nested as deep as Python's parser takes, or deeper: never bastion's own failure.
+    Nested 990 to 1,020 deep, orjson read what json does not, and the gateway's writer (json's
+    encoder, past 255 levels) could not write it (a 500): json reads past 255 levels."""
     nested = b"[" * depth + b"]" * depth
     upstream.raw = b'{"jsonrpc": "2.0", "id": "ID", "result": {"structuredContent": {"items": '
-    upstream.raw += nested + b'}, "content": [{"type": "text", "text": "x"}]}}'
+    if where == "structured":
+        upstream.raw += nested + b'}, "content": [{"type": "text", "text": "x"}]}}'
+    else:  # a text block of JSON, which a mask reads
+        upstream.raw += b'[]}, "content": [{"type": "text", "text": "' + nested + b'"}]}}'
     try:
         ask(
             bastion, token, upstream, "tools/call", {"name": tool, "arguments": {}},
