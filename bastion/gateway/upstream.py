@@ -58,7 +58,7 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.mcp_name import NAME_PARAMS
 from bastion.gateway.mcp_name import encode as encode_name
 from bastion.http_fields import media_type
-from bastion.json_encoding import NOT_READ, decoder, read
+from bastion.json_encoding import NOT_READ, decoder, nests_within, read
 from bastion.large_json import OFF_LOOP_BYTES, LargeMessage, object_hook
 from bastion.retries import Backoff, Outage
 from bastion.turns import Turns, full_passes_held
@@ -1436,22 +1436,52 @@ _INFINITE = (math.inf, -math.inf)
 _decode_message = decoder(json.JSONDecoder(parse_constant=_not_json, parse_float=_finite))
 
 
+# How deep an upstream's message may nest (objects and arrays). What the gateway passes on it
+# writes with json's encoder past 255 levels, which recurses once per level on the stack of the
+# call that writes, deeper than the one that read: an answer json's reader took ~950 levels deep
+# failed where it was written (a 500). Far past any tool's result, far below Python's stack.
+MAX_MESSAGE_DEPTH = 512
+
+
+def _within_depth(value: Any, data: bytes | str) -> Any:
+    """``value``, read from ``data``, or `ValueError` if it nests past `MAX_MESSAGE_DEPTH`.
+    Fewer brackets than that cannot nest deeper: most messages skip the walk."""
+    if isinstance(data, str):
+        brackets = data.count("[") + data.count("{")
+    else:
+        brackets = data.count(b"[") + data.count(b"{")
+    if brackets > MAX_MESSAGE_DEPTH and not nests_within(value, MAX_MESSAGE_DEPTH):
+        raise ValueError(
+            f"a message nested deeper than {MAX_MESSAGE_DEPTH} levels of objects and arrays"
+        )
+    return value
+
+
 def _message(data: bytes | str) -> Any:
     """An upstream's message (a line of a stdio upstream, an event, a JSON body) as
     ``json.loads`` reads it (the same value, or the same error), but strictly: ``NaN``,
-    ``Infinity`` and a number past a float's range raise `ValueError` (`_decode_message`). A
-    body that opens an object is read as UTF-8 without ``json.loads``'s guess of the encoding
-    (which reads it so too: no BOM, no UTF-16 or UTF-32). orjson reads it where it reads the
-    same (`read`; it refuses ``NaN``, ``Infinity`` and such numbers too)."""
+    ``Infinity`` and a number past a float's range raise `ValueError` (`_decode_message`), and
+    so does nesting past `MAX_MESSAGE_DEPTH`. A body that opens an object is read as UTF-8
+    without ``json.loads``'s guess of the encoding (which reads it so too: no BOM, no UTF-16 or
+    UTF-32). orjson reads it (an event's text too) where it reads the same (`read`; it refuses
+    ``NaN``, ``Infinity`` and such numbers too, and nesting past 255 levels)."""
     if data.__class__ is not str:
         if data[:1] != b"{" or data[1:2] == b"\0":
-            return json.loads(data, parse_constant=_not_json, parse_float=_finite)
+            value = json.loads(data, parse_constant=_not_json, parse_float=_finite)
+            return _within_depth(value, data)
         if data.__class__ is bytes:
             value = read(data)
             if value is not NOT_READ:
                 return value
         data = data.decode("utf-8", "surrogatepass")
-    return _decode_message(data)
+    else:
+        try:
+            value = read(data.encode())
+        except UnicodeEncodeError:  # half of a surrogate pair: json's to read
+            value = NOT_READ
+        if value is not NOT_READ:
+            return value
+    return _within_depth(_decode_message(data), data)
 
 
 def _large_message(data: bytes | str) -> Any:
@@ -1467,10 +1497,10 @@ def _large_message(data: bytes | str) -> Any:
     with full_passes_held():
         if data.__class__ is not str:
             if data[:1] != b"{" or data[1:2] == b"\0":
-                message = json.loads(data, **hooks)
+                message = _within_depth(json.loads(data, **hooks), data)
                 return LargeMessage(message) if message.__class__ is dict else message
             data = data.decode("utf-8", "surrogatepass")
-        message = decoder(json.JSONDecoder(**hooks))(data)
+        message = _within_depth(decoder(json.JSONDecoder(**hooks))(data), data)
     return LargeMessage(message) if message.__class__ is dict else message
 
 

@@ -620,7 +620,7 @@ def test_a_question_of_a_masked_call_is_refused_without_its_text(
     assert SECRET not in response.text
 
 
-@pytest.mark.parametrize("depth", [200, 900, 990, 1010, 5000])
+@pytest.mark.parametrize("depth", [200, 900, 960, 990, 1010, 5000])
 @pytest.mark.parametrize("tool", ["plain", "masked"])
 @pytest.mark.parametrize("old", [False, True])
 @pytest.mark.parametrize("where", ["structured", "text"])

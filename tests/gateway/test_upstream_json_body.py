@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.gateway.upstream import _finite, _message, _not_json
+from bastion.gateway.upstream import (
+    MAX_MESSAGE_DEPTH,
+    _finite,
+    _large_message,
+    _message,
+    _not_json,
+)
 
 
 def outcome(read, data: bytes):
@@ -72,3 +79,28 @@ def test_bodies_that_open_an_object_in_other_encodings():
         b'{"a":1} trailing',
     ):
         assert outcome(_message, data) == outcome(json.loads, data)
+
+
+@pytest.mark.parametrize("depth", [MAX_MESSAGE_DEPTH + 1, 700])
+@pytest.mark.parametrize("form", ["object", "array", "event", "long integer"])
+def test_a_message_nested_past_the_bound_is_refused_by_either_reader(depth, form):
+    """json's reader takes ~950 levels from a shallow stack, and the gateway's writer, deeper,
+    could not write them back (a 500): past `MAX_MESSAGE_DEPTH`, a message is not read, by
+    whichever path (orjson, json for a body that is not an object or holds an integer past 64
+    bits, an event's text, a large message's reader); at the bound, it is."""
+
+    def nested(levels: int) -> bytes:
+        inner = b"[" * (levels - 1) + b"]" * (levels - 1)
+        if form == "array":
+            return b"[" + inner + b"]"
+        extra = b', "n": 12345678901234567890123' if form == "long integer" else b""
+        return b'{"a": ' + inner + extra + b"}"
+
+    deep, shallow = nested(depth), nested(MAX_MESSAGE_DEPTH)
+    for data in (deep, shallow) if form != "event" else (deep.decode(), shallow.decode()):
+        for read in (_message, _large_message):
+            kind, message = outcome(read, data)
+            if data in (deep, deep.decode()):
+                assert kind == "ValueError" and "nested deeper than 512" in message, read
+            else:
+                assert kind == "ok", (read, message)
