@@ -176,17 +176,20 @@ def decoder(public: JSONDecoder, slow: Callable[[str], Any] | None = None) -> Ca
     return decode
 
 
-# Each digit as "0", "e" and "E" as "e", any other byte as " ": what a number may be is then
-# a `bytes.find` or two in the text so translated, instead of a walk of the value read.
-_NUMERALS = bytes(48 if 48 <= b <= 57 else 101 if b in b"eE" else 32 for b in range(256))
+# Each digit as "0", "e" and "E" as "e", "[" and "{" as "[", any other byte as " ": what a
+# number may be is then a `bytes.find` or two in the text so translated, instead of a walk of the
+# value read, and how many objects and arrays it opens one `bytes.count`.
+_SHAPES = bytes(
+    48 if 48 <= b <= 57 else 101 if b in b"eE" else 91 if b in b"[{" else 32 for b in range(256)
+)
 # 19 digits in a row: perhaps an integer past 64 bits, which orjson reads as a float.
 _LONG_RUN = b"0" * 19
 # `read`'s answer where orjson might read the text otherwise than json, or not at all.
 NOT_READ = object()
 # The deepest nesting `read` takes from orjson, which reads 1,024 levels: json's reader recurses
 # once per level and refuses (RecursionError) where Python's stack ends, 1,000 frames less the
-# caller's; 255 is also as deep as orjson writes.
-DEEPEST = 255
+# caller's; this leaves the caller half of them.
+DEEPEST = 512
 
 
 def read(data: bytes, *, exponents: bool = True, levels: int = DEEPEST) -> Any:
@@ -204,18 +207,36 @@ def read(data: bytes, *, exponents: bool = True, levels: int = DEEPEST) -> Any:
     too; so may be text that merely holds such characters in a string. A value nested deeper
     than ``levels`` (at most `DEEPEST`), which json may refuse where orjson reads it, is
     `NOT_READ` too."""
-    shape = data.translate(_NUMERALS)
+    shape = data.translate(_SHAPES)
     if shape.find(_LONG_RUN) != -1 or (not exponents and shape.find(b"0e") != -1):
         return NOT_READ
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
         return NOT_READ
-    # Fewer brackets than the levels cannot nest deeper: most texts skip the walk.
+    # Fewer brackets than the levels cannot nest deeper: most texts skip the check.
     levels = min(levels, DEEPEST)
-    if data.count(b"[") + data.count(b"{") > levels and not nests_within(value, levels):
+    if shape.count(b"[") > levels and not _nests_within_quickly(value, levels):
         return NOT_READ
     return value
+
+
+# orjson writes what nests 254 levels at most (it refuses a deeper value).
+_ORJSON_WRITES = 254
+
+
+def _nests_within_quickly(value: Any, levels: int) -> bool:
+    """`nests_within`, for a value orjson read: where ``levels`` is as deep as orjson writes,
+    or deeper, a value orjson writes nests within them (its text is written in C, a few times
+    quicker than the walk); one it refuses to write is walked."""
+    if levels >= _ORJSON_WRITES:
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            pass
+        else:
+            return True
+    return nests_within(value, levels)
 
 
 def nests_within(value: Any, levels: int) -> bool:

@@ -225,7 +225,7 @@ def _no_member_twice(value: Any, data: bytes) -> bool:
     named again replaces the first (and whatever it held), so its text has fewer colons."""
     try:
         return orjson.dumps(value).count(b":") == data.count(b":")
-    except orjson.JSONEncodeError:  # nested past what orjson writes (255 levels)
+    except orjson.JSONEncodeError:  # nested past what orjson writes (254 levels)
         return False
 
 

@@ -439,17 +439,24 @@ def test_read_never_takes_what_json_refuses_nor_reads_it_otherwise(text, tail):
     assert value is json_encoding.NOT_READ or same(value, expected), data
 
 
-@pytest.mark.parametrize("depth", [256, 1000, 1024])
+@pytest.mark.parametrize("depth", [json_encoding.DEEPEST + 1, 1000, 1024])
 def test_read_leaves_to_json_what_nests_deeper_than_python_surely_reads(depth):
     # orjson reads 1,024 levels; json.loads recurses once per level and refuses (RecursionError)
     # wherever Python's stack ends, 1,000 frames less the caller's: from ~950 levels in the
     # gateway. Read by orjson, such an answer then failed where it was written (a 500).
     for text in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
         assert json_encoding.read(text) is json_encoding.NOT_READ
-    # 255 levels, and many brackets side by side: orjson's.
-    wide = b"[" + b"[" * 254 + b"]" * 254 + b"," + b",".join([b"[]"] * 300) + b"]"
+
+
+@pytest.mark.parametrize("depth", [2, 254, 255, json_encoding.DEEPEST])
+def test_read_reads_what_nests_within_its_levels_however_many_brackets_it_holds(depth):
+    # More brackets than levels, side by side: orjson's, whether it writes the value (254
+    # levels at most) or not (walked).
+    deep = b"[" * (depth - 1) + b"]" * (depth - 1)
+    wide = b"[" + deep + b"," + b",".join([b"[]", b"{}"] * 300) + b"]"
     assert json_encoding.read(wide) == json.loads(wide)
-    assert json_encoding.read(b"[[[1]]]", levels=2) is json_encoding.NOT_READ
+    assert json_encoding.read(wide, levels=depth) == json.loads(wide)
+    assert json_encoding.read(wide, levels=depth - 1) is json_encoding.NOT_READ
 
 
 def test_read_reads_the_gateways_messages_itself():

@@ -1464,7 +1464,7 @@ def _message(data: bytes | str) -> Any:
     so does nesting past `MAX_MESSAGE_DEPTH`. A body that opens an object is read as UTF-8
     without ``json.loads``'s guess of the encoding (which reads it so too: no BOM, no UTF-16 or
     UTF-32). orjson reads it (an event's text too) where it reads the same (`read`; it refuses
-    ``NaN``, ``Infinity`` and such numbers too, and nesting past 255 levels)."""
+    ``NaN``, ``Infinity`` and such numbers too, and takes no nesting past 512 levels)."""
     if data.__class__ is not str:
         if data[:1] != b"{" or data[1:2] == b"\0":
             value = json.loads(data, parse_constant=_not_json, parse_float=_finite)
