@@ -156,6 +156,49 @@ def test_a_body_nested_past_pythons_stack_is_refused_under_a_limit_above_it(dept
     assert outcome(body, options) == outcome(body.decode(), options)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":"\x01"}',  # a control character as it is, in a string
+        b'{"a":"\t"}',
+        b'{"a":"\x7f"}',  # DEL, which JSON allows
+        b'{"a":"\xc2\x85"}',  # NEL (C1)
+        b'{"a":"\xe2\x80\xae"}',  # a right-to-left override
+        b'{"a":"\x00"}',  # NUL as it is, not escaped
+        b"{}\x00",
+        b"\x00{}",
+        b"\x0c{}",  # form feed, vertical tab, no-break space: not JSON's whitespace
+        b'{"a":1}\x0b',
+        b"\xc2\xa0{}",
+        b"\r\n\t {} \r\n",
+        b'["\\x"]',  # escapes JSON has not
+        b'["\\\'"]',
+        b'["\\/"]',
+        b'"\xc0\xaf"',  # an overlong encoding, a code point past U+10FFFF
+        b'"\xf4\x90\x80\x80"',
+        b'"\xef\xbf\xbe"',  # a noncharacter: Unicode text all the same
+        b"[-0]",
+        b"[-0.0]",
+        b"[123456789012345678]",
+        b"[-123456789012345678]",
+        b"[1e-400]",
+        b"[4.9e-324]",
+        b"[2.4703282292062327e-324]",
+        b"[1.7976931348623157e308]",
+        b"[1.7976931348623159e308]",
+        b"[01]",
+        b"[1.]",
+        b"[.5]",
+        b"[+1]",
+        b'{"a":1,}',
+        b"[1,]",
+        b"[tru]",
+    ],
+)
+def test_bytes_near_json_are_read_and_refused_as_by_json(body):
+    as_json_reads_it(body)
+
+
 def test_the_usual_body_is_read_by_orjson(monkeypatch):
     # json's readers taken away: the usual bodies are read all the same, and a body that needs
     # json still reaches it (so the refusals above went through the path they name).
