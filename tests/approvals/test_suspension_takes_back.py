@@ -85,6 +85,32 @@ def test_an_approval_for_minutes_is_taken_back_by_its_users_suspension(world):
     assert approvals.check(call(delete, subject="lee")).state == "approved"
 
 
+@pytest.mark.parametrize(
+    ("agents", "kind", "id"),
+    [
+        ((), "agent", "bot"),
+        (("coder", "bot"), "agent", "coder"),  # the agent the calling one works for
+        (("coder", "bot"), "user", "sam"),
+        (("coder", "bot"), "user", "avery"),  # who approved it
+    ],
+)
+def test_an_approval_for_minutes_given_under_a_task_is_taken_back_as_one_under_none(
+    world, agents, kind, id
+):
+    """A grant given under a task names the chain and the task as a JSON object
+    (`approval_grant_agent`): the suspension of an agent of that chain, of its user or of its
+    approver finds it there and deletes it, as it deletes one given under no task."""
+    approvals, _, facts, _ = world
+    in_task = dataclasses.replace(call(send), agents=agents, task="task_1")
+    request = held(approvals, in_task)
+    approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
+    (grant,) = facts.get(GRANTS)
+    assert '"task":"task_1"' in grant.fact[2].id
+    suspended_and_resumed(facts, kind, id)
+    assert facts.get(GRANTS) == []
+    assert approvals.check(in_task).state == "hold"
+
+
 def test_what_a_suspended_approver_approved_is_taken_back_and_no_one_elses(world):
     approvals, _, facts, _ = world
     request = held(approvals, call(send))
