@@ -215,7 +215,8 @@ def read(data: bytes, *, exponents: bool = True, levels: int = DEEPEST) -> Any:
     except orjson.JSONDecodeError:
         return NOT_READ
     # Fewer brackets than the levels cannot nest deeper: most texts skip the check.
-    levels = min(levels, DEEPEST)
+    if levels > DEEPEST:  # not min(): a call on every message
+        levels = DEEPEST
     if shape.count(b"[") > levels and not _nests_within_quickly(value, levels):
         return NOT_READ
     return value
