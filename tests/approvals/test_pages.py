@@ -338,28 +338,30 @@ def test_approval_for_minutes_says_the_action_and_target_it_covers_as_the_policy
     )
 
 
+def _held_under(bastion: Running, task: str, customer: str) -> ApprovalRequest:
+    """sam's agent's prompts/get of desk/summary for ``customer``, held under ``task``."""
+    call = Call(
+        "approval",
+        "sam",
+        bastion.agent,
+        "desk",
+        "prompts/get",
+        "get",
+        Entity("Prompt", "desk/summary"),
+        {"name": "summary", "arguments": {"customer": customer}},
+        uuid.uuid4().hex,
+        (),
+        task,
+    )
+    rule = 'requires_approval(User{"sam"}, "get", Prompt{"desk/summary"})'
+    return bastion.approvals.hold(call, uuid.uuid4().hex, (rule,), {}, None)
+
+
 def test_the_page_shows_the_task_the_call_was_held_under(bastion: Running):
     """The approver judges a call made for a task (an approval counts under that task alone):
     the page names it, and says what an approval for minutes lets through under it."""
 
-    def held(task: str) -> ApprovalRequest:
-        call = Call(
-            "approval",
-            "sam",
-            bastion.agent,
-            "desk",
-            "prompts/get",
-            "get",
-            Entity("Prompt", "desk/summary"),
-            {"name": "summary", "arguments": {"customer": "A"}},
-            uuid.uuid4().hex,
-            (),
-            task,
-        )
-        rule = 'requires_approval(User{"sam"}, "get", Prompt{"desk/summary"})'
-        return bastion.approvals.hold(call, uuid.uuid4().hex, (rule,), {}, None)
-
-    in_task, untasked = held("t-42"), held("")
+    in_task, untasked = _held_under(bastion, "t-42", "A"), _held_under(bastion, "", "A")
     with signed_in(bastion, "avery") as http:
         page = http.get(f"/approvals/{in_task.id}").text
         assert "<code id=task>t-42</code>" in page
@@ -373,21 +375,7 @@ def test_a_task_that_would_read_as_another_is_shown_escaped_on_the_page(bastion:
     """bastion names its tasks itself; whatever a task id holds, the page shows it escaped: no
     markup, no direction override, no line break, cut when long."""
     task = "t-1<b>x</b>\u202egnp.exe\n" + "y" * 500
-    call = Call(
-        "approval",
-        "sam",
-        bastion.agent,
-        "desk",
-        "prompts/get",
-        "get",
-        Entity("Prompt", "desk/summary"),
-        {"name": "summary", "arguments": {"customer": "B"}},
-        uuid.uuid4().hex,
-        (),
-        task,
-    )
-    rule = 'requires_approval(User{"sam"}, "get", Prompt{"desk/summary"})'
-    request = bastion.approvals.hold(call, uuid.uuid4().hex, (rule,), {}, None)
+    request = _held_under(bastion, task, "B")
     with signed_in(bastion, "avery") as http:
         page = http.get(f"/approvals/{request.id}").text
     assert "<b>" not in page and "\u202e" not in page and "y" * 500 not in page

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import anyio
 
@@ -35,6 +37,19 @@ PUSH_TOKEN = "push-credential-of-the-idp-stream"
 FAILED_POLLS = 6
 
 
+@contextmanager
+def _through_a_relay(postgres_url: str) -> Iterator[tuple[Transmitter, str, Relay, Database]]:
+    """A test transmitter served, and the database reached through a relay the test cuts."""
+    idp = Transmitter(AUDIENCE)
+    with Relay(("127.0.0.1", 5432)) as relay, serve(idp.app(), free_socket()) as url:
+        idp.url = url
+        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+        try:
+            yield idp, url, relay, db
+        finally:
+            db.close()
+
+
 def said(caplog, level: int = logging.WARNING) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == SSF_LOG and r.levelno >= level]
 
@@ -48,78 +63,70 @@ def test_a_poll_stream_lives_through_a_database_outage_and_acknowledges_only_wha
     acknowledged nor reported as an error while it cannot be stored (it stays queued at the
     transmitter), and once the database is back it is applied and acknowledged."""
     caplog.set_level(logging.DEBUG, logger=SSF_LOG)
-    idp = Transmitter(AUDIENCE)
-    with Relay(("127.0.0.1", 5432)) as relay, serve(idp.app(), free_socket()) as url:
-        idp.url = url
-        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
-        try:
-            receiver, t = poll_receiver(db, url)
-            oauth = receiver.oauth_store
+    with _through_a_relay(postgres_url) as (idp, url, relay, db):
+        receiver, t = poll_receiver(db, url)
+        oauth = receiver.oauth_store
 
-            def polls() -> int:
-                return idp.calls["poll"]
+        def polls() -> int:
+            return idp.calls["poll"]
 
-            def status() -> str | None:
-                return stream_status(receiver, t)
+        def status() -> str | None:
+            return stream_status(receiver, t)
 
-            def steps() -> list[str]:
-                """What the task said loud since the last look (the steps, not their errors)."""
-                lines = said(caplog)
-                caplog.clear()
-                return sorted(
-                    line.removeprefix(f"ssf transmitter {t.name}: ").split(":")[0].split(" (")[0]
-                    for line in lines
-                )
+        def steps() -> list[str]:
+            """What the task said loud since the last look (the steps, not their errors)."""
+            lines = said(caplog)
+            caplog.clear()
+            return sorted(
+                line.removeprefix(f"ssf transmitter {t.name}: ").split(":")[0].split(" (")[0]
+                for line in lines
+            )
 
-            async def scenario() -> tuple[str, list[list[str]]]:
-                told = []
-                relay.cut()  # away before the stream is configured
-                task = asyncio.create_task(receiver._run(t))
-                try:
-                    await until(lambda: len(said(caplog, logging.DEBUG)) >= 2 * FAILED_POLLS)
-                    assert not task.done(), task
-                    told.append(steps())
-                    relay.restore()
-                    await until(lambda: status() == "verified")
-                    await until(lambda: polls() > 0)
-                    # Its first round of subjects done (the next is a day away): what follows
-                    # is the stream's alone.
-                    await until(lambda: receiver.rounds.get(t.name, 0) > 0)
-                    told.append(steps())
-                    relay.cut()  # away while a SET waits
-                    jti = idp.queue(idp.set_token(CAEP + "session-revoked", {}, SAM))
-                    first = polls()
-                    await until(lambda: polls() >= first + FAILED_POLLS)
-                    assert not task.done(), task
-                    # Neither acknowledged nor refused: it waits at the transmitter.
-                    assert jti in idp.queued and jti not in idp.acked, idp.acked
-                    assert jti not in idp.errors, idp.errors
-                    told.append(steps())
-                    relay.restore()
-                    await until(lambda: jti in idp.acked)
-                    assert not task.done(), task
-                    told.append(steps())
-                    return jti, told
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+        async def scenario() -> tuple[str, list[list[str]]]:
+            told = []
+            relay.cut()  # away before the stream is configured
+            task = asyncio.create_task(receiver._run(t))
+            try:
+                await until(lambda: len(said(caplog, logging.DEBUG)) >= 2 * FAILED_POLLS)
+                assert not task.done(), task
+                told.append(steps())
+                relay.restore()
+                await until(lambda: status() == "verified")
+                await until(lambda: polls() > 0)
+                # Its first round of subjects done (the next is a day away): what follows
+                # is the stream's alone.
+                await until(lambda: receiver.rounds.get(t.name, 0) > 0)
+                told.append(steps())
+                relay.cut()  # away while a SET waits
+                jti = idp.queue(idp.set_token(CAEP + "session-revoked", {}, SAM))
+                first = polls()
+                await until(lambda: polls() >= first + FAILED_POLLS)
+                assert not task.done(), task
+                # Neither acknowledged nor refused: it waits at the transmitter.
+                assert jti in idp.queued and jti not in idp.acked, idp.acked
+                assert jti not in idp.errors, idp.errors
+                told.append(steps())
+                relay.restore()
+                await until(lambda: jti in idp.acked)
+                assert not task.done(), task
+                told.append(steps())
+                return jti, told
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
-            jti, told = anyio.run(scenario)
-            # Each outage said once by each step it failed, not at every attempt, and once that
-            # the step works again.
-            assert told == [
-                ["its status could not be recorded", "stream not configured"],
-                ["its status is recorded again", "stream configured again"],
-                ["its status could not be recorded", "poll failed"],
-                ["its status is recorded again", "poll answered again"],
-            ], told
-            assert oauth.grant("g1").revoked_at is not None
-            received = [
-                e for e in receiver.audit.events("signal.received") if e.detail["jti"] == jti
-            ]
-            assert len(received) == 1
-        finally:
-            db.close()
+        jti, told = anyio.run(scenario)
+        # Each outage said once by each step it failed, not at every attempt, and once that
+        # the step works again.
+        assert told == [
+            ["its status could not be recorded", "stream not configured"],
+            ["its status is recorded again", "stream configured again"],
+            ["its status could not be recorded", "poll failed"],
+            ["its status is recorded again", "poll answered again"],
+        ], told
+        assert oauth.grant("g1").revoked_at is not None
+        received = [e for e in receiver.audit.events("signal.received") if e.detail["jti"] == jti]
+        assert len(received) == 1
 
 
 def test_sets_a_poll_stored_before_the_database_went_away_are_acknowledged_not_refused_as_replays(
@@ -130,48 +137,42 @@ def test_sets_a_poll_stored_before_the_database_went_away_are_acknowledged_not_r
     delivered it again and it was recorded refused as a replay (a ``signal.refused`` of a SET
     applied without fault). Now it is acknowledged at the next poll; the second waits at the
     transmitter, and is applied and acknowledged once the database is back."""
-    idp = Transmitter(AUDIENCE)
-    with Relay(("127.0.0.1", 5432)) as relay, serve(idp.app(), free_socket()) as url:
-        idp.url = url
-        db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
-        try:
-            receiver, t = poll_receiver(db, url)
-            receive = receiver.receive
-            taken: list[str] = []
+    with _through_a_relay(postgres_url) as (idp, url, relay, db):
+        receiver, t = poll_receiver(db, url)
+        receive = receiver.receive
+        taken: list[str] = []
 
-            def stored_then_the_database_goes(t, token, keys):
-                outcome = receive(t, token, keys)  # the real one: only the moment is chosen
-                taken.append(outcome.jti)
-                if len(taken) == 1:
-                    relay.cut()
-                return outcome
+        def stored_then_the_database_goes(t, token, keys):
+            outcome = receive(t, token, keys)  # the real one: only the moment is chosen
+            taken.append(outcome.jti)
+            if len(taken) == 1:
+                relay.cut()
+            return outcome
 
-            async def scenario() -> tuple[str, str]:
-                task = asyncio.create_task(receiver._run(t))
-                try:
-                    await until(lambda: stream_status(receiver, t) == "verified")
-                    receiver.receive = stored_then_the_database_goes
-                    first = idp.queue(idp.set_token(CAEP + "session-revoked", {}, SAM))
-                    second = idp.queue(idp.set_token(CAEP + "credential-change", {}, SAM))
-                    await until(lambda: first in idp.acked)
-                    assert second not in idp.acked and second in idp.queued, idp.acked
-                    relay.restore()
-                    await until(lambda: second in idp.acked)
-                    return first, second
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+        async def scenario() -> tuple[str, str]:
+            task = asyncio.create_task(receiver._run(t))
+            try:
+                await until(lambda: stream_status(receiver, t) == "verified")
+                receiver.receive = stored_then_the_database_goes
+                first = idp.queue(idp.set_token(CAEP + "session-revoked", {}, SAM))
+                second = idp.queue(idp.set_token(CAEP + "credential-change", {}, SAM))
+                await until(lambda: first in idp.acked)
+                assert second not in idp.acked and second in idp.queued, idp.acked
+                relay.restore()
+                await until(lambda: second in idp.acked)
+                return first, second
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
-            first, second = anyio.run(scenario)
-            assert taken == [first, second], taken
-            for jti in (first, second):
-                assert [e.detail["jti"] for e in receiver.audit.events("signal.received")].count(
-                    jti
-                ) == 1
-            refused = [e.detail for e in receiver.audit.events("signal.refused")]
-            assert not refused, refused
-        finally:
-            db.close()
+        first, second = anyio.run(scenario)
+        assert taken == [first, second], taken
+        for jti in (first, second):
+            assert [e.detail["jti"] for e in receiver.audit.events("signal.received")].count(
+                jti
+            ) == 1
+        refused = [e.detail for e in receiver.audit.events("signal.refused")]
+        assert not refused, refused
 
 
 def poll_receiver(db: Database, url: str):
