@@ -370,6 +370,9 @@ class SsfReceiver:
         self._changes: set[asyncio.Task] = set()
         # What the log says of a step of a transmitter's that keeps failing (`_outage`).
         self._outages: dict[tuple[str, str], Outage] = {}
+        # Transmitter name -> the id of the stream this process made there and could not yet
+        # record (the database away): `configure` reads it again rather than make another.
+        self._unrecorded: dict[str, str] = {}
         # This process, as the holder of the rounds of a stream's subjects (`take_round`).
         self.owner = secrets.token_hex(8)
         if any(t.linked_accounts for t in settings.transmitters):
@@ -896,11 +899,13 @@ class SsfReceiver:
         )
         requested = sorted({*DEFAULT_EFFECTS, *t.effects})
         known = await anyio.to_thread.run_sync(self.store.stream, t.name)
+        known_id = known.stream_id if known is not None else None
+        # One this process made whose id the database did not take (it went away): a stream
+        # made again would leave it, holding the events queued for bastion, unpolled.
+        known_id = known_id or self._unrecorded.get(t.name)
         stream = None
-        if known is not None and known.stream_id:
-            code, content = await self._call(
-                t, "GET", endpoint, params={"stream_id": known.stream_id}
-            )
+        if known_id:
+            code, content = await self._call(t, "GET", endpoint, params={"stream_id": known_id})
             if code == 200:
                 stream = untrusted_json.loads(content)
             elif code not in (404, 410):
@@ -908,7 +913,7 @@ class SsfReceiver:
                 # other failure (a transmitter down for a moment) made a second stream, and the
                 # first, no longer polled, kept the events queued for bastion: lost.
                 raise ValueError(
-                    f"reading the stream {known.stream_id} at {endpoint} answered HTTP {code}"
+                    f"reading the stream {known_id} at {endpoint} answered HTTP {code}"
                 )
         if stream is None:
             code, content = await self._call(
@@ -928,6 +933,8 @@ class SsfReceiver:
                 raise ValueError(f"creating the stream at {endpoint} answered HTTP {code}")
             else:
                 stream = untrusted_json.loads(content)
+                if isinstance(stream, dict) and isinstance(stream.get("stream_id"), str):
+                    self._unrecorded[t.name] = stream["stream_id"]  # until it is recorded
         if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
             raise ValueError(f"{endpoint} answered no stream_id")
         if stream.get("iss") != t.issuer:
@@ -997,6 +1004,7 @@ class SsfReceiver:
                     actor=actor,
                 )
             )  # fmt: skip
+            self._unrecorded.pop(t.name, None)
             raise StreamNotUpdated(message, stream)
         state = secrets.token_urlsafe(16)
         detail = "stream configured; verification requested"
@@ -1006,6 +1014,7 @@ class SsfReceiver:
                 actor=actor,
             )
         )  # fmt: skip
+        self._unrecorded.pop(t.name, None)
         verification = meta.get("verification_endpoint")
         if isinstance(verification, str):
             code, _ = await self._call(

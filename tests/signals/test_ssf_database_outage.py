@@ -129,6 +129,35 @@ def test_a_poll_stream_lives_through_a_database_outage_and_acknowledges_only_wha
         assert len(received) == 1
 
 
+def test_a_stream_made_as_the_database_went_away_is_not_made_again(postgres_url, caplog):
+    """The transmitter makes bastion's stream, and the database goes away before bastion keeps
+    its id. Tried again once the database is back, bastion reads that stream and uses it: it
+    made a second (a transmitter that allows several), and the first, holding the events queued
+    for bastion, was never polled."""
+    caplog.set_level(logging.DEBUG, logger=SSF_LOG)
+    with _through_a_relay(postgres_url) as (idp, url, relay, db):
+        receiver, t = poll_receiver(db, url)
+        idp.on_create = relay.cut  # away as the stream is made, before its answer
+
+        async def scenario() -> None:
+            task = asyncio.create_task(receiver._run(t))
+            try:
+                await until(lambda: any("stream not configured" in m for m in said(caplog)))
+                assert idp.calls["stream"] >= 1 and len(idp.streams) == 1, idp.streams
+                idp.on_create = None
+                relay.restore()
+                await until(lambda: stream_status(receiver, t) == "verified")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        anyio.run(scenario)
+        [made] = idp.streams
+        assert receiver.store.stream(t.name).stream_id == made
+        creates = [body for method, body in idp.stream_calls if method == "POST"]
+        assert len(creates) == 1, creates
+
+
 def test_sets_a_poll_stored_before_the_database_went_away_are_acknowledged_not_refused_as_replays(
     postgres_url,
 ):

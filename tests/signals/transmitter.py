@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -87,6 +88,8 @@ class Transmitter:
         # A list: the verification events asked for are kept here, not sent (a test sends one
         # late, with `queue` or `push`).
         self.verifications_held: list[str] | None = None
+        # Called as a stream is created, before the answer goes (a test cuts the database).
+        self.on_create: Callable[[], None] | None = None
 
     # -- signing -----------------------------------------------------------------------------
 
@@ -305,6 +308,8 @@ class Transmitter:
                 "events_requested": body.get("events_requested", []),
                 "events_delivered": self.delivered(body.get("events_requested", [])),
             }
+            if self.on_create is not None:
+                self.on_create()
             return JSONResponse(self.streams[stream_id], 201)
 
         def update(body: dict) -> Response:
