@@ -12,6 +12,7 @@ import threading
 
 import httpx
 
+from tests.processes import left
 from tests.waits import PATIENCE, eventually
 
 from .streams import legacy_session, modern_headers, modern_request
@@ -130,14 +131,6 @@ note("stdin closed")
 """
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_ctrl_c_closes_a_stdio_upstream_in_order_and_stops_what_it_started(tmp_path):
     """Ctrl-C in a terminal signals its foreground process group: `bastion serve`, and until
     2026-12-07 its stdio upstreams too, which died on it at once, before bastion's orderly close,
@@ -171,7 +164,7 @@ def test_ctrl_c_closes_a_stdio_upstream_in_order_and_stops_what_it_started(tmp_p
         except subprocess.TimeoutExpired:
             raise AssertionError("bastion serve did not stop at SIGINT") from None
         assert log.read_text().split("\n")[:-1] == ["stdin closed"]
-        assert eventually(lambda: not any(map(_running, started))), started
+        assert eventually(lambda: not any(left(pid) == "running" for pid in started)), started
     finally:
         if server.poll() is None:
             server.kill()

@@ -29,6 +29,7 @@ from bastion.gateway.config import GatewayConfig, UpstreamConfig
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.upstream import StdioUpstream
 from bastion.server.config import ConfigError
+from tests.processes import left
 from tests.waits import PATIENCE, eventually, eventually_async
 
 LOOPS = pytest.mark.parametrize(
@@ -40,16 +41,6 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 # stop_grace_seconds here): long enough for a loaded machine to run a SIGTERM handler that
 # writes a file.
 GRACE = 5.0
-
-
-def left(pid: int) -> str | None:
-    """What is left of process ``pid``: "running", "a zombie" (ended, never waited for), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-    return "a zombie" if state == "Z" else "running"
 
 
 def open_descriptors() -> set[str]:
