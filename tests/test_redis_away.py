@@ -19,7 +19,7 @@ from bastion.delegation.labels import LabelKey, LabelsUnavailable, RedisLabels
 from bastion.facts.model import Entity
 from bastion.gateway.follows import FollowLeases, FollowsUnavailable
 from bastion.gateway.ratelimit import LimitsUnavailable, RedisRateLimiter
-from bastion.signals.behavior import RedisBehavior
+from bastion.signals.behavior import RedisBehavior, scope_keys
 from tests.conftest import drop_redis_keys, require_service
 from tests.redis_outage import RedisRelay
 from tests.waits import PATIENCE
@@ -145,3 +145,49 @@ def test_one_outage_is_one_error_whatever_the_connection_errors_say(caplog):
     assert "Connection closed" in loud[0][1] and "Timeout" in loud[1][1], loud
     assert loud[2][1] == "tests: Redis at redis://:***@127.0.0.1:1/0 answers again", loud
     assert all("secret" not in message for _, message in loud), loud
+
+
+def test_behaviour_counts_dropped_behind_a_slow_redis_are_said_once_then_counted(caplog):
+    """Behaviour writes beyond `RedisBehavior.MAX_PENDING` are dropped: the gateway under load
+    behind a Redis that does not answer logged an error at every call. Now an error at the
+    first dropped, and once writes are taken again a warning with how many were dropped."""
+    require_service("Redis", "127.0.0.1", 6379)
+    caplog.set_level(logging.DEBUG, logger="bastion.signals.behavior")
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    keys = scope_keys("sam", "agent-1", "target")
+
+    def said(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "bastion.signals.behavior" and r.levelno >= level
+        ]
+
+    async def scenario() -> None:
+        counters = RedisBehavior("redis://127.0.0.1:6379/0", prefix, timeout=PATIENCE)
+        counters.MAX_PENDING = 3
+        try:
+            # No await between them: the first three writes wait, the next five find no room.
+            for _ in range(8):
+                counters.observe(keys, False, False, "target", "")
+            assert len(counters._pending) == 3
+            assert said(logging.WARNING) == [
+                "behaviour counts dropped: 3 writes already wait for Redis (said again once"
+                " they are taken)"
+            ]
+            await asyncio.wait(set(counters._pending))
+            counters.observe(keys, False, False, "target", "")
+            assert said(logging.WARNING)[1:] == [
+                "behaviour counts are written again; 5 dropped while writes waited for Redis"
+            ]
+            await asyncio.wait(set(counters._pending))
+            view = counters.view("sam", "agent-1", "target")
+            await counters.prepare(view)
+            assert view["user"]["calls"]["minute"]["count"] == 4  # the three, then the one
+        finally:
+            await counters.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        drop_redis_keys(prefix)

@@ -584,6 +584,9 @@ class RedisBehavior(_Counting):
         self._cluster = url.partition("://")[0] in CLUSTER_SCHEMES
         self._script = self._redis.register_script(_COUNT)
         self._pending: set[asyncio.Task] = set()
+        # Counts dropped since the writes waiting for Redis reached MAX_PENDING: said once as
+        # they begin, once with their number as writes are taken again.
+        self._dropped = 0
         self._away = RedisAway(log, url, "behaviour counters")
 
     def _hashes(self, key: str) -> tuple[str, list[str]]:
@@ -636,10 +639,19 @@ class RedisBehavior(_Counting):
 
     def _write(self, writes: list[tuple[str, tuple[int, int, int, int], str]]) -> None:
         if len(self._pending) >= self.MAX_PENDING:
-            log.error(
-                "behaviour counts dropped: %d writes already wait for Redis", len(self._pending)
-            )
+            self._dropped += 1
+            if self._dropped == 1:
+                log.error(
+                    "behaviour counts dropped: %d writes already wait for Redis (said again"
+                    " once they are taken)", len(self._pending),
+                )  # fmt: skip
             return
+        if self._dropped:
+            log.warning(
+                "behaviour counts are written again; %d dropped while writes waited for Redis",
+                self._dropped,
+            )
+            self._dropped = 0
         task = asyncio.get_running_loop().create_task(self._send(writes, self.clock()))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
