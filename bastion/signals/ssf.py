@@ -1279,12 +1279,14 @@ class SsfReceiver:
         for t in self.settings.transmitters:
             if t.linked_accounts != provider:
                 continue
+            crowded = self._outage(t, "sign-ins")
             if len(self._changes) >= MAX_PENDING_CHANGES:
-                log.warning(
-                    "ssf transmitter %s: %d subject changes pending; this sign-in's is left to"
-                    " the next round", t.name, len(self._changes),
+                crowded.failed(
+                    "ssf transmitter %s: %d subject changes pending; sign-ins' changes are left"
+                    " to the next round", t.name, len(self._changes),
                 )  # fmt: skip
                 return
+            crowded.ended("ssf transmitter %s: sign-ins' subject changes are made again", t.name)
             task = asyncio.create_task(
                 self.change_subject(t, f"iss_sub:{t.linked_issuer}|{subject}"),
                 name=f"ssf {t.name} subject",
@@ -1296,34 +1298,44 @@ class SsfReceiver:
         """Add ``key`` (an account of ``t``'s ``linked_accounts`` provider) to ``t``'s stream
         if it is wanted and not recorded there, or remove it if it is recorded and no longer
         wanted, as a round would for this one subject; what was done, in bastion's words. Any
-        failure is recorded (or logged) and left to the next round, never raised."""
+        failure is recorded (or logged: once while they fail the same way) and left to the
+        next round, never raised."""
+        outage = self._outage(t, "subject change")
         try:
-            stream_id, add, remove, note = await self._subject_endpoints(t)
-            if add is None:
-                return note
-            row = await anyio.to_thread.run_sync(self.store.subject, t.name, key)
-            user = t.users.get(key)
-            if user is None and t.linked_accounts:
-                linked = await anyio.to_thread.run_sync(
-                    self.store.linked_users, t.linked_accounts, t.linked_issuer, (key,)
-                )
-                user = linked.get(key)
-            if user is not None:
-                if row is not None and row.state == "added" and row.stream_id == stream_id:
-                    return "already on the stream"
-                code, detail = await self._add_subject(t, add, stream_id, key, user, actor)
-                return ("added to" if code is not None and 200 <= code < 300
-                        else "not added to") + f" the stream of {t.name} ({detail})"  # fmt: skip
-            if row is None:
-                return f"not on the stream of {t.name} (bastion recorded no add)"
-            removed, why = await self._remove_subject(t, remove, stream_id, row, actor)
-            if removed or not why:
-                return f"removed from the stream of {t.name}"
-            return f"not removed from the stream of {t.name} ({why}); the next round tries again"
+            said = await self._change_subject(t, key, actor)
         except Exception as e:  # noqa: BLE001 - the round is the backstop
-            log.warning("ssf transmitter %s: a subject's change is left to the next round: %s",
-                        t.name, e)  # fmt: skip
+            outage.failed(
+                "ssf transmitter %s: subject changes are left to the next round: %s",
+                t.name, e, kind=kind_of(e),
+            )  # fmt: skip
             return f"not changed at {t.name} now ({e}); the next round tries again"[:500]
+        outage.ended("ssf transmitter %s: subject changes are made again", t.name)
+        return said
+
+    async def _change_subject(self, t: Transmitter, key: str, actor: str) -> str:
+        """`change_subject`'s work, its failures raised."""
+        stream_id, add, remove, note = await self._subject_endpoints(t)
+        if add is None:
+            return note
+        row = await anyio.to_thread.run_sync(self.store.subject, t.name, key)
+        user = t.users.get(key)
+        if user is None and t.linked_accounts:
+            linked = await anyio.to_thread.run_sync(
+                self.store.linked_users, t.linked_accounts, t.linked_issuer, (key,)
+            )
+            user = linked.get(key)
+        if user is not None:
+            if row is not None and row.state == "added" and row.stream_id == stream_id:
+                return "already on the stream"
+            code, detail = await self._add_subject(t, add, stream_id, key, user, actor)
+            return ("added to" if code is not None and 200 <= code < 300
+                    else "not added to") + f" the stream of {t.name} ({detail})"  # fmt: skip
+        if row is None:
+            return f"not on the stream of {t.name} (bastion recorded no add)"
+        removed, why = await self._remove_subject(t, remove, stream_id, row, actor)
+        if removed or not why:
+            return f"removed from the stream of {t.name}"
+        return f"not removed from the stream of {t.name} ({why}); the next round tries again"
 
     async def _subject_call(
         self, t: Transmitter, url: str, stream_id: str, key: str, *, verified: bool = False

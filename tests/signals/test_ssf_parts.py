@@ -817,6 +817,93 @@ def test_a_subjects_round_that_keeps_failing_is_logged_once_not_at_every_round(
     assert len(loud) == 2 and loud[1].endswith(" again"), loud
 
 
+def test_subject_changes_at_sign_in_that_keep_failing_are_logged_once_not_at_each_sign_in(
+    sqlite_url, caplog, monkeypatch
+):
+    """A sign-in through a provider a transmitter's ``linked_accounts`` names changes the
+    stream's subjects at once (`change_subject`): while that failed (here the stream's id not
+    known yet) each sign-in logged a warning, and so did each sign-in past
+    ``MAX_PENDING_CHANGES`` changes under way. A morning of sign-ins with the transmitter away
+    was a warning per person. Now each once, then once that changes are made again."""
+    from bastion.facts.store import FactStore
+    from bastion.signals import ssf
+    from bastion.signals.ssf import SsfReceiver
+
+    caplog.set_level(logging.DEBUG, logger=SSF_LOG)
+
+    async def metadata(request):
+        return JSONResponse(
+            {"issuer": ISSUER, "jwks_uri": "http://127.0.0.1:9/jwks",
+             "configuration_endpoint": "http://127.0.0.1:9/stream"}
+        )  # fmt: skip
+
+    def said(about: str, level: int = logging.DEBUG) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == SSF_LOG and r.levelno >= level and about in r.getMessage()
+        ]
+
+    app = Starlette(routes=[Route("/.well-known/ssf-configuration", metadata)])
+    db = Database(sqlite_url)
+    try:
+        with serve(app, free_socket()) as url:
+            s = SsfSettings.from_table(
+                {
+                    "transmitters": [
+                        transmitter(
+                            delivery="poll",
+                            linked_accounts="corp",
+                            configuration_url=f"{url}/.well-known/ssf-configuration",
+                        )
+                    ]
+                },
+                issuer="https://bastion.example.com",
+                env=ENV,
+                providers={"corp": "https://corp.example.com"},
+            )
+            receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+            t = s.transmitters[0]
+            receiver.store.save_stream(t.name, "error", "not yet", actor="test")
+
+            async def scenario() -> None:
+                import httpx
+
+                receiver._client = httpx.AsyncClient(timeout=PATIENCE)
+                try:
+                    for _ in range(4):
+                        answer = await receiver.change_subject(t, "email:sam@example.com")
+                        assert "the next round tries again" in answer, answer
+                    assert len(said("to the next round: ")) == 4
+                    assert len(said("to the next round: ", logging.WARNING)) == 1
+                    await anyio.to_thread.run_sync(
+                        lambda: receiver.store.save_stream(
+                            t.name, "enabled", "ok", stream_id="s1", actor="test"
+                        )
+                    )
+                    answer = await receiver.change_subject(t, "email:sam@example.com")
+                    assert "no add_subject_endpoint" in answer, answer
+                    assert said("subject changes are made again", logging.WARNING)
+
+                    monkeypatch.setattr(ssf, "MAX_PENDING_CHANGES", 0)
+                    for n in range(4):
+                        receiver.account_signed_in("corp", f"00b{n}", "sam")
+                    assert not receiver._changes
+                    assert len(said("subject changes pending")) == 4
+                    assert len(said("subject changes pending", logging.WARNING)) == 1
+                    monkeypatch.setattr(ssf, "MAX_PENDING_CHANGES", 64)
+                    receiver.account_signed_in("corp", "00b9", "sam")
+                    assert len(receiver._changes) == 1
+                    await asyncio.gather(*receiver._changes)
+                    assert said("sign-ins' subject changes are made again", logging.WARNING)
+                finally:
+                    await receiver._client.aclose()
+
+            anyio.run(scenario)
+    finally:
+        db.close()
+
+
 def test_a_transmitters_answer_too_large_or_too_slow_is_not_read_and_its_stream_tried_again(
     database_url, monkeypatch
 ):
