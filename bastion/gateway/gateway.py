@@ -389,6 +389,8 @@ class Gateway:
         # (server, user, chain of agents, session id or None, the client's request id) -> its
         # request
         self.in_flight: dict[tuple, InFlight] = {}
+        # Checks of the tokens of requests under way when their grant was revoked.
+        self._checks: set[asyncio.Future] = set()
         # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
         # without the request id, and where the client's response goes)
         self.asked: dict[str, tuple[tuple, asyncio.Future]] = {}
@@ -594,9 +596,19 @@ class Gateway:
             )
 
     def _grant_revoked(self, grant_id: str) -> None:
+        """A token of ``grant_id``, or the grant, was revoked: its streams and upstream sessions
+        end, and each request of its tokens still under way has its token checked again
+        (`InFlight.check_token`: cancelled if it is refused)."""
         self.sessions.end_grant(grant_id)
         for pool in self._own_sessions():
             pool.end_grant(grant_id)
+        if not grant_id:
+            return
+        for flight in self.in_flight.values():
+            if flight.grant == grant_id:
+                check = asyncio.ensure_future(flight.check_token())
+                self._checks.add(check)
+                check.add_done_callback(self._checks.discard)
 
     def _suspended(self) -> None:
         """The kill switch was used: end the suspended callers' sessions and streams, and close

@@ -73,6 +73,9 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # "incomplete", the SDK "input_required").
 INPUT_REQUIRED = ("input_required", "incomplete")
 _MAX_INPUT_ROUNDS = 10
+# Why a request was cancelled when its token was revoked while bastion worked on it (the
+# cancellation's message: `transport.InFlight.check_token`).
+REVOKED = "revoked"
 _tokens = itertools.count(1)
 log = logging.getLogger("bastion.gateway")
 # The 2026-07-28 per-request envelope; bastion speaks the 2025-11-25 era upstream.
@@ -883,12 +886,14 @@ def _decision_named(error: BaseException) -> str | None:
 def _unanswered(error: BaseException) -> str:
     """The reason an allowed call's record gives for its having no result: the upstream failed
     it, bastion refused to go on (a limit, a question it would not relay; its code), the client
-    cancelled it, or bastion failed."""
+    cancelled it (or went away), its token was revoked, or bastion failed."""
     if isinstance(error, UpstreamFailure):
         return f"upstream error {error.code}"
     if isinstance(error, RpcError):
         return f"bastion error {error.code}"
     if isinstance(error, asyncio.CancelledError):
+        if error.args == (REVOKED,):
+            return "its token was revoked while it ran"
         return "cancelled by the client"
     return "internal error"
 

@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from bastion.decide.mcp import message_action
 from bastion.gateway.client_requests import kept_capabilities
 from bastion.gateway.enforce import Caller, Held, StepUp
 from bastion.gateway.handlers import (
+    REVOKED,
     Exchange,
     admit_and_start,
     handler_for,
@@ -657,7 +659,7 @@ class StreamableHttpEndpoint:
         # cost one timer.
         key = (*owner, message.id)
         task = asyncio.current_task()
-        flight = gateway.in_flight[key] = InFlight(task)
+        flight = gateway.in_flight[key] = InFlight(task, caller.grant_id, exchange.still_valid)
         # Answered as events once the upstream reports progress or a log message the client
         # asked for (at its level: its session's in 2025-11-25, the request's in 2026-07-28).
         progress = wants_events and (
@@ -690,9 +692,16 @@ class StreamableHttpEndpoint:
             if flight.reason is None:
                 raise
             task.uncancel()  # type: ignore[union-attr]
-            if flight.reason == "cancelled":
+            refusal = flight.refusal
+            if refusal is not None:  # its token was revoked meanwhile
+                if flight.sending is None:
+                    raise refusal from None
+                body = _late_refusal(refusal).body(message.id)
+            elif flight.reason == "cancelled":
                 await flight.end(send, None)
-            return
+                return
+            else:
+                return
         finally:
             timer.cancel()
             flight.finish()
@@ -839,13 +848,16 @@ class StreamableHttpEndpoint:
                 started = True
             event = await _event_of(getter.result())
             await send({"type": "http.response.body", "body": event, "more_body": True})
-        if task.cancelled() and flight.reason is not None:
+        refusal = flight.refusal if task.cancelled() else None
+        if task.cancelled() and flight.reason is not None and refusal is None:
             if flight.reason == "cancelled":
                 if not started:
                     await _start_events(send, headers)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         try:
+            if refusal is not None:
+                raise refusal  # its token was revoked meanwhile
             body, status, extra = task.result()
         except HttpError as e:
             if not started:
@@ -1205,22 +1217,50 @@ _ANSWERED_WHOLE = frozenset({"initialize", "server/discover", "ping"})
 
 class InFlight:
     """A client's request while bastion works on it: how to cancel it (the task to cancel, and
-    why it was: ``"cancelled"`` by the client, or ``"disconnect"``), and whether its answer has
-    begun as an event stream (``sending`` guards that stream's writes)."""
+    why it was: ``"cancelled"`` by the client, ``"disconnect"``, or ``REVOKED``: its token
+    was, and ``refusal`` answers it), and whether its answer has begun as an event stream
+    (``sending`` guards that stream's writes). ``grant`` and ``still_valid``: the grant of its
+    token, and how to check that token again when the grant's tokens are revoked
+    (`check_token`)."""
 
-    __slots__ = ("task", "reason", "watcher", "sending", "started")
+    __slots__ = ("task", "reason", "watcher", "sending", "started", "grant", "still_valid",
+                 "refusal")  # fmt: skip
 
-    def __init__(self, task: asyncio.Future | None) -> None:
+    def __init__(
+        self,
+        task: asyncio.Future | None,
+        grant: str = "",
+        still_valid: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         self.task = task
         self.reason: str | None = None
         self.watcher: asyncio.Task | None = None
         self.sending: asyncio.Lock | None = None
         self.started = False
+        self.grant = grant
+        self.still_valid = still_valid
+        self.refusal: HttpError | None = None
 
     def cancel(self, reason: str) -> None:
         if self.reason is None and self.task is not None:
             self.reason = reason
-            self.task.cancel()
+            # The reason goes with the cancellation: the call's record says why it has no
+            # result (`handlers._unanswered`).
+            self.task.cancel(reason)
+
+    async def check_token(self) -> None:
+        """A token of this request's grant, or the grant, was revoked while bastion worked on
+        it (waiting for its upstream, or for people): check the request's token again, and
+        if it is refused cancel the request, to be answered with that refusal. The upstream is
+        told (`Upstream.request`), and what it answers is never released."""
+        if self.task is None or self.still_valid is None:
+            return
+        try:
+            await self.still_valid()
+        except HttpError as e:
+            if self.task is not None and self.reason is None:
+                self.refusal = e
+                self.cancel(REVOKED)
 
     def watch(self, receive: Receive, send: Send | None, headers: dict[str, str]) -> None:
         """Still running: watch for the client leaving; begin the answer if ``send`` is given."""

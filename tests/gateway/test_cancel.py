@@ -4,6 +4,7 @@ stream (2026-07-28), and stops waiting. Only the caller who sent a request can c
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -232,3 +233,74 @@ def test_the_record_of_a_call_bastion_failed_to_forward_says_so(bastion, monkeyp
         "allow",
         "internal error",
     )
+
+
+def _revoke(bastion, token: str) -> None:
+    """Revoke ``token`` at bastion's RFC 7009 endpoint, as its client would."""
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    revoked = bastion.http.post(
+        f"{bastion.url}/revoke", data={"token": token, "client_id": claims["client_id"]}
+    )
+    assert revoked.status_code == 200, revoked.text
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+@pytest.mark.parametrize(
+    "accept, progress",
+    [
+        ("application/json", False),
+        ("application/json, text/event-stream", False),
+        # Answered as events once the upstream reports progress: it reports none here.
+        ("application/json, text/event-stream", True),
+    ],
+)
+def test_a_call_whose_token_is_revoked_while_it_runs_is_cancelled_and_its_result_withheld(
+    bastion, server, accept, progress
+):
+    """A call already at its upstream when its token is revoked (by its client here; a Shared
+    Signals event, a disabled user and another replica on PostgreSQL revoke alike) ran on, and
+    its result reached the revoked client: what a stolen token's agent had asked for before it
+    was cut off was still delivered. Now the call is cancelled upstream at once and answered as
+    a revoked token is (401 invalid_token, or in an answer begun as events a JSON-RPC error whose
+    reason says so), and its record says why. Another grant's call of the same user goes on."""
+    token, other = bastion.token("sam", server), bastion.token("sam", server)
+    seq = bastion.records.last_seq()
+    tag, kept = uuid.uuid4().hex, uuid.uuid4().hex
+    headers = {**modern_headers(token, "tools/call", "wait"), "accept": accept}
+    events = "event-stream" in accept and not progress
+    call = modern_request(4, "tools/call", _wait_call(4, tag)["params"])
+    if progress:
+        call["params"]["_meta"]["progressToken"] = tag
+    answer = (_streamed_in_background if events else _post_in_background)(
+        bastion, server, headers, call
+    )
+    untouched = _post_in_background(
+        bastion,
+        server,
+        modern_headers(other, "tools/call", "wait"),
+        modern_request(5, "tools/call", _wait_call(5, kept, seconds=1.5)["params"]),
+    )
+    assert traced(bastion, "wait-started", tag) and traced(bastion, "wait-started", kept)
+    if events:  # a client that takes events is answered so once a call runs for a while
+        assert answer["began"].wait(PATIENCE), "the answer never began"
+    _revoke(bastion, token)
+    assert traced(bastion, "wait-cancelled", tag)
+    answer["thread"].join(PATIENCE)
+    assert not answer["thread"].is_alive()
+    if not events:
+        assert answer["status"] == 401, answer
+        assert answer["type"].startswith("application/json")
+        assert json.loads(answer["text"])["error"] == "invalid_token"
+    else:  # begun as events before the revocation: the refusal is the stream's last message
+        assert answer["status"] == 200 and answer["type"].startswith("text/event-stream"), answer
+        data = [line[5:] for line in answer["text"].splitlines() if line.startswith("data:")]
+        refused = json.loads(data[-1])
+        assert refused["id"] == 4 and refused["error"]["data"]["reason"] == "invalid_token"
+        assert "result" not in answer["text"]
+    assert _record_of_wait(bastion, tag, 30, seq).reason == "its token was revoked while it ran"
+    # The same user's call under another grant is not touched.
+    untouched["thread"].join(PATIENCE)
+    assert traced(bastion, "wait-finished", kept, seconds=0)
+    assert untouched["status"] == 200 and "waited 1.5s" in untouched["text"], untouched
+    assert _record_of_wait(bastion, kept, 1.5, seq).reason == ""
