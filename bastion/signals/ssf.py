@@ -977,15 +977,26 @@ class SsfReceiver:
             stream.get("aud") if isinstance(stream.get("aud"), list) else [stream.get("aud")]
         ):
             log.warning("ssf transmitter %s: the stream's aud does not hold %s", t.name, t.audience)
-        status = "enabled"
+        status, unread = "enabled", ""
         status_endpoint = meta.get("status_endpoint")
         if isinstance(status_endpoint, str):
             code, content = await self._call(
                 t, "GET", status_endpoint, params={"stream_id": stream_id}
             )
             said = untrusted_json.loads(content) if code == 200 else None
-            if isinstance(said, dict) and isinstance(said.get("status"), str):
-                status = said["status"][:32]
+            told = said.get("status") if isinstance(said, dict) else None
+            # Only a status SSF 1.0 §8.1.2 defines: one of bastion's own words ("verified",
+            # "error") or free text (a line break, a terminal's escape) is never shown as the
+            # stream's, nor is a status bastion could not read.
+            if told in STREAM_STATUSES:
+                status = told
+            else:
+                status = "unknown"
+                unread = (
+                    f"; its status endpoint answered HTTP {code}"
+                    if code != 200
+                    else "; its status endpoint named no status of SSF's"
+                )
         if meta.get("default_subjects") == "NONE" and "add_subject_endpoint" not in meta:
             # SSF 1.0 §7.1: such a transmitter sends events only about subjects added to the
             # stream, and gives bastion no way to add them (the subjects' status says so too).
@@ -1007,7 +1018,7 @@ class SsfReceiver:
             self._unrecorded.pop(t.name, None)
             raise StreamNotUpdated(message, stream)
         state = secrets.token_urlsafe(16)
-        detail = "stream configured; verification requested"
+        detail = "stream configured; verification requested" + unread
         await anyio.to_thread.run_sync(
             lambda: self.store.save_stream(
                 t.name, status, detail, stream_id=stream_id, verification_state=state,

@@ -229,6 +229,51 @@ def test_a_verification_asked_before_the_stream_fell_in_error_verifies_nothing(
     wait_until(lambda: streams(world)["older"]["status"] == "verified")
 
 
+@pytest.mark.parametrize(
+    "said, shown",
+    [
+        ("verified", "named no status of SSF's"),  # bastion's own word, before any verification
+        ("error", "named no status of SSF's"),
+        ("enabled\n2026-12-07 ERROR forged \x1b[2J", "named no status of SSF's"),
+        (None, "answered HTTP 500"),
+    ],
+)
+def test_a_status_endpoint_is_believed_only_for_a_status_ssf_defines(
+    world, tmp_path, capsys, said, shown
+):
+    """At configure, the stream's status is read from the transmitter's status endpoint and
+    shown (`streams status`; `/readyz`, which anyone may read). Whatever text it answered was
+    recorded as the status: "verified" showed a stream verified that never was, and a line
+    break or a terminal's escape went to the page and the terminal. Now only enabled, paused
+    or disabled is taken; anything else, or an error answer, is recorded as unknown and said
+    in the detail, until the stream's verification event arrives."""
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f"[server]\ndatabase = {json.dumps(world.app.state.config.database)}\n"
+        f"[oauth]\nissuer = {json.dumps(world.url)}\n[signals.ssf]\n"
+        f"transmitters = {_toml(world.signals_table['ssf']['transmitters'])}\n"
+    )
+    argv = ["signals", "streams", "configure", "--config", str(config), "--transmitter", "older"]
+    older = world.older
+    older.verifications_held = []  # no verification event comes meanwhile
+    if said is None:
+        older.answers["status"] = [(500, b"application/json", b"{}")]
+    else:
+        older.status["older-1"] = said
+    try:
+        assert main(argv) == 0
+        recorded = streams(world)["older"]
+        assert recorded["status"] == "unknown", recorded
+        assert recorded["detail"].endswith(shown), recorded
+    finally:
+        older.verifications_held = None
+        older.status.pop("older-1", None)
+        older.answers.pop("status", None)
+    capsys.readouterr()
+    assert main(argv) == 0
+    wait_until(lambda: streams(world)["older"]["status"] == "verified")
+
+
 def test_a_set_on_a_stream_the_transmitter_disabled_is_still_applied(world):
     """SSF 1.0 §8.1.2.1: a disabled stream's events are not transmitted. That binds the
     transmitter; a SET that verifies and comes anyway (sent before the change, or the
