@@ -33,7 +33,7 @@ from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig
 from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
 from bastion.gateway.follows import FollowLeases, FollowsUnavailable, follows_unavailable
-from bastion.gateway.handlers import Exchange, listed_once
+from bastion.gateway.handlers import SUSPENDED, Exchange, listed_once, suspended_meanwhile
 from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
@@ -605,17 +605,23 @@ class Gateway:
         if not grant_id:
             return
         for flight in self.in_flight.values():
-            if flight.grant == grant_id:
+            if flight.exchange is not None and flight.exchange.caller.grant_id == grant_id:
                 check = asyncio.ensure_future(flight.check_token())
                 self._checks.add(check)
                 check.add_done_callback(self._checks.discard)
 
     def _suspended(self) -> None:
-        """The kill switch was used: end the suspended callers' sessions and streams, and close
-        the upstream sessions of a suspended user (or, ``per_client_session``, of any agent of
-        its chain, or of its client session)."""
+        """The kill switch was used: end the suspended callers' sessions and streams, stop
+        their requests under way, and close the upstream sessions of a suspended user (or,
+        ``per_client_session``, of any agent of its chain, or of its client session)."""
         enforcer = self.enforcer
         self.sessions.end_suspended(enforcer.suspended, enforcer.session_suspended)
+        # Every request of a suspended caller still under way is stopped: at its upstream, or
+        # waiting for people.
+        for flight in list(self.in_flight.values()):
+            exchange = flight.exchange
+            if exchange is not None and enforcer.suspended(exchange.caller) is not None:
+                flight.stop(SUSPENDED, suspended_meanwhile())
         suspensions = enforcer.suspensions
         if suspensions is None:
             return

@@ -39,6 +39,7 @@ from bastion.gateway.jsonrpc import (
     LOG_LEVELS,
     METHOD_NOT_FOUND,
     MODERN_VERSIONS,
+    REFUSED_BY_POLICY,
     UPSTREAM_UNAVAILABLE,
     Message,
     RpcError,
@@ -73,9 +74,27 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # "incomplete", the SDK "input_required").
 INPUT_REQUIRED = ("input_required", "incomplete")
 _MAX_INPUT_ROUNDS = 10
-# Why a request was cancelled when its token was revoked while bastion worked on it (the
-# cancellation's message: `transport.InFlight.check_token`).
+# Why a request under way was stopped (the cancellation's message: `transport.InFlight.stop`):
+# its token was revoked, or its agent, user or session suspended, while bastion worked on it.
 REVOKED = "revoked"
+SUSPENDED = "suspended"
+_STOPPED = {
+    REVOKED: "its token was revoked while it ran",
+    SUSPENDED: "its caller was suspended while it ran",
+}
+
+
+def suspended_meanwhile() -> RpcError:
+    """The answer of a request stopped because its agent, user or session was suspended while
+    bastion worked on it (as a suspended caller's next request is refused, reason
+    ``suspended``; the decision that let it through is named by `InFlight.answer_of_stopped`)."""
+    return RpcError(
+        REFUSED_BY_POLICY,
+        "bastion refused this request: its agent, user or session was suspended while it ran",
+        {"reason": "suspended"},
+    )
+
+
 _tokens = itertools.count(1)
 log = logging.getLogger("bastion.gateway")
 # The 2026-07-28 per-request envelope; bastion speaks the 2025-11-25 era upstream.
@@ -851,6 +870,7 @@ def _ended(
         ex.gateway.enforcer.write(verdict.record, reason=_unanswered(error))
     if not isinstance(error, RpcError):
         if isinstance(error, asyncio.CancelledError):
+            ex.notes["decision_id"] = decision_id  # named by a stopped call's answer
             return error
         log.error(
             "gateway: %s on %s failed after decision %s",
@@ -886,15 +906,15 @@ def _decision_named(error: BaseException) -> str | None:
 def _unanswered(error: BaseException) -> str:
     """The reason an allowed call's record gives for its having no result: the upstream failed
     it, bastion refused to go on (a limit, a question it would not relay; its code), the client
-    cancelled it (or went away), its token was revoked, or bastion failed."""
+    cancelled it (or went away), its token was revoked or its caller suspended meanwhile, or
+    bastion failed."""
     if isinstance(error, UpstreamFailure):
         return f"upstream error {error.code}"
     if isinstance(error, RpcError):
         return f"bastion error {error.code}"
     if isinstance(error, asyncio.CancelledError):
-        if error.args == (REVOKED,):
-            return "its token was revoked while it ran"
-        return "cancelled by the client"
+        stopped = _STOPPED.get(error.args[0]) if len(error.args) == 1 else None
+        return stopped or "cancelled by the client"
     return "internal error"
 
 

@@ -18,7 +18,6 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -659,7 +658,7 @@ class StreamableHttpEndpoint:
         # cost one timer.
         key = (*owner, message.id)
         task = asyncio.current_task()
-        flight = gateway.in_flight[key] = InFlight(task, caller.grant_id, exchange.still_valid)
+        flight = gateway.in_flight[key] = InFlight(task, exchange)
         # Answered as events once the upstream reports progress or a log message the client
         # asked for (at its level: its session's in 2025-11-25, the request's in 2026-07-28).
         progress = wants_events and (
@@ -692,16 +691,12 @@ class StreamableHttpEndpoint:
             if flight.reason is None:
                 raise
             task.uncancel()  # type: ignore[union-attr]
-            refusal = flight.refusal
-            if refusal is not None:  # its token was revoked meanwhile
-                if flight.sending is None:
-                    raise refusal from None
-                body = _late_refusal(refusal).body(message.id)
-            elif flight.reason == "cancelled":
-                await flight.end(send, None)
+            if flight.refusal is None:
+                if flight.reason == "cancelled":
+                    await flight.end(send, None)
                 return
-            else:
-                return
+            # Stopped: its token revoked, or its caller suspended, meanwhile.
+            body, status, extra = flight.answer_of_stopped(flight.sending is not None), 200, {}
         finally:
             timer.cancel()
             flight.finish()
@@ -848,17 +843,18 @@ class StreamableHttpEndpoint:
                 started = True
             event = await _event_of(getter.result())
             await send({"type": "http.response.body", "body": event, "more_body": True})
-        refusal = flight.refusal if task.cancelled() else None
-        if task.cancelled() and flight.reason is not None and refusal is None:
+        if task.cancelled() and flight.reason is not None and flight.refusal is None:
             if flight.reason == "cancelled":
                 if not started:
                     await _start_events(send, headers)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         try:
-            if refusal is not None:
-                raise refusal  # its token was revoked meanwhile
-            body, status, extra = task.result()
+            if task.cancelled() and flight.refusal is not None:
+                # Stopped: its token revoked, or its caller suspended, meanwhile.
+                body, status, extra = flight.answer_of_stopped(started), 200, {}
+            else:
+                body, status, extra = task.result()
         except HttpError as e:
             if not started:
                 raise  # answered as HTTP (401, 403), before any event
@@ -1217,29 +1213,22 @@ _ANSWERED_WHOLE = frozenset({"initialize", "server/discover", "ping"})
 
 class InFlight:
     """A client's request while bastion works on it: how to cancel it (the task to cancel, and
-    why it was: ``"cancelled"`` by the client, ``"disconnect"``, or ``REVOKED``: its token
-    was, and ``refusal`` answers it), and whether its answer has begun as an event stream
-    (``sending`` guards that stream's writes). ``grant`` and ``still_valid``: the grant of its
-    token, and how to check that token again when the grant's tokens are revoked
-    (`check_token`)."""
+    why it was: ``"cancelled"`` by the client, ``"disconnect"``, or `stop`'s reason: its
+    token was revoked, its caller suspended, and ``refusal`` answers it), and whether its
+    answer has begun as an event stream (``sending`` guards that stream's writes).
+    ``exchange``: the request, whose caller and token are checked again when their grant is
+    revoked or a principal suspended (`Gateway._grant_revoked`, `Gateway._suspended`)."""
 
-    __slots__ = ("task", "reason", "watcher", "sending", "started", "grant", "still_valid",
-                 "refusal")  # fmt: skip
+    __slots__ = ("task", "reason", "watcher", "sending", "started", "exchange", "refusal")
 
-    def __init__(
-        self,
-        task: asyncio.Future | None,
-        grant: str = "",
-        still_valid: Callable[[], Awaitable[Any]] | None = None,
-    ) -> None:
+    def __init__(self, task: asyncio.Future | None, exchange: Exchange | None = None) -> None:
         self.task = task
         self.reason: str | None = None
         self.watcher: asyncio.Task | None = None
         self.sending: asyncio.Lock | None = None
         self.started = False
-        self.grant = grant
-        self.still_valid = still_valid
-        self.refusal: HttpError | None = None
+        self.exchange = exchange
+        self.refusal: HttpError | RpcError | None = None
 
     def cancel(self, reason: str) -> None:
         if self.reason is None and self.task is not None:
@@ -1248,19 +1237,40 @@ class InFlight:
             # result (`handlers._unanswered`).
             self.task.cancel(reason)
 
+    def stop(self, reason: str, refusal: HttpError | RpcError) -> None:
+        """Cancel the request under way for ``reason`` (`REVOKED`, `SUSPENDED`): its upstream
+        is told, what it answers is never released, and the client gets ``refusal``
+        (`answer_of_stopped`)."""
+        if self.reason is None and self.task is not None:
+            self.refusal = refusal
+            self.cancel(reason)
+
     async def check_token(self) -> None:
         """A token of this request's grant, or the grant, was revoked while bastion worked on
         it (waiting for its upstream, or for people): check the request's token again, and
-        if it is refused cancel the request, to be answered with that refusal. The upstream is
-        told (`Upstream.request`), and what it answers is never released."""
-        if self.task is None or self.still_valid is None:
+        stop the request if it is refused."""
+        still_valid = self.exchange.still_valid if self.exchange is not None else None
+        if self.task is None or still_valid is None:
             return
         try:
-            await self.still_valid()
+            await still_valid()
         except HttpError as e:
-            if self.task is not None and self.reason is None:
-                self.refusal = e
-                self.cancel(REVOKED)
+            self.stop(REVOKED, e)
+
+    def answer_of_stopped(self, started: bool) -> dict[str, Any]:
+        """The JSON-RPC answer of a request `stop` cancelled, naming the decision that let it
+        through where one did (its record says why it has no result); an `HttpError` refusal
+        is raised instead while the answer has not begun (``started``: as events)."""
+        refusal = self.refusal
+        assert refusal is not None and self.exchange is not None
+        if isinstance(refusal, HttpError):
+            if not started:
+                raise refusal
+            refusal = _late_refusal(refusal)
+        decided = self.exchange.notes.get("decision_id")
+        if decided and refusal.data is not None:
+            refusal.data.setdefault("decision_id", decided)
+        return refusal.body(self.exchange.message.id)
 
     def watch(self, receive: Receive, send: Send | None, headers: dict[str, str]) -> None:
         """Still running: watch for the client leaving; begin the answer if ``send`` is given."""

@@ -147,3 +147,38 @@ def traced(bastion, kind: str, tag: str, seconds: float = PATIENCE) -> bool:
         return any(e["kind"] == kind and e.get("tag") == tag for e in entries)
 
     return eventually(noted, within=seconds, every=0.02)
+
+
+def post_in_background(bastion, server, headers, body) -> dict:
+    """POST ``body`` on a thread of its own; its answer (``status``, ``type``, ``text``) once
+    ``thread`` has ended."""
+    answer: dict = {}
+
+    def post():
+        response = bastion.http.post(bastion.mcp_url(server), json=body, headers=headers)
+        answer["status"] = response.status_code
+        answer["type"] = response.headers.get("content-type", "")
+        answer["text"] = response.text
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    answer["thread"] = thread
+    return answer
+
+
+def streamed_in_background(bastion, server, headers, body) -> dict:
+    """`post_in_background`, its answer read as it comes: ``began`` is set once its head has."""
+    answer: dict = {"began": threading.Event()}
+
+    def post():
+        url = bastion.mcp_url(server)
+        with bastion.http.stream("POST", url, json=body, headers=headers) as response:
+            answer["status"] = response.status_code
+            answer["type"] = response.headers.get("content-type", "")
+            answer["began"].set()
+            answer["text"] = response.read().decode()
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    answer["thread"] = thread
+    return answer

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 import uuid
 from urllib.parse import urlsplit
 
@@ -16,7 +15,14 @@ import pytest
 
 from tests.waits import PATIENCE, eventually
 
-from .streams import legacy_session, modern_headers, modern_request, traced
+from .streams import (
+    legacy_session,
+    modern_headers,
+    modern_request,
+    post_in_background,
+    streamed_in_background,
+    traced,
+)
 
 
 def _wait_call(request_id, tag: str, seconds: float = 30) -> dict:
@@ -47,21 +53,6 @@ def test_a_client_that_goes_away_cancels_the_upstream_call(bastion, server):
     assert not traced(bastion, "wait-finished", tag, seconds=0)
 
 
-def _post_in_background(bastion, server, headers, body) -> dict:
-    answer: dict = {}
-
-    def post():
-        response = bastion.http.post(bastion.mcp_url(server), json=body, headers=headers)
-        answer["status"] = response.status_code
-        answer["type"] = response.headers.get("content-type", "")
-        answer["text"] = response.text
-
-    thread = threading.Thread(target=post)
-    thread.start()
-    answer["thread"] = thread
-    return answer
-
-
 def _cancel(bastion, server, headers, request_id) -> int:
     body = {
         "jsonrpc": "2.0",
@@ -75,7 +66,7 @@ def _cancel(bastion, server, headers, request_id) -> int:
 def test_notifications_cancelled_from_the_client_cancels_the_upstream_call(bastion, server):
     headers = legacy_session(bastion, bastion.token("sam", server), server)
     tag = uuid.uuid4().hex
-    answer = _post_in_background(bastion, server, headers, _wait_call(5, tag))
+    answer = post_in_background(bastion, server, headers, _wait_call(5, tag))
     assert traced(bastion, "wait-started", tag)
     assert _cancel(bastion, server, headers, 5) == 202
     assert traced(bastion, "wait-cancelled", tag)
@@ -83,24 +74,6 @@ def test_notifications_cancelled_from_the_client_cancels_the_upstream_call(basti
     # The cancelled request is not answered: its stream ends with no JSON-RPC response.
     assert answer["status"] == 200 and answer["type"].startswith("text/event-stream")
     assert "jsonrpc" not in answer["text"]
-
-
-def _streamed_in_background(bastion, server, headers, body) -> dict:
-    """`_post_in_background`, its answer read as it comes: ``began`` is set once its head has."""
-    answer: dict = {"began": threading.Event()}
-
-    def post():
-        url = bastion.mcp_url(server)
-        with bastion.http.stream("POST", url, json=body, headers=headers) as response:
-            answer["status"] = response.status_code
-            answer["type"] = response.headers.get("content-type", "")
-            answer["began"].set()
-            answer["text"] = response.read().decode()
-
-    thread = threading.Thread(target=post)
-    thread.start()
-    answer["thread"] = thread
-    return answer
 
 
 @pytest.mark.parametrize("server", ["lab", "labhttp"])
@@ -113,7 +86,7 @@ def test_no_one_else_can_cancel_a_callers_request(bastion, server):
         "method": "tools/call",
         "params": {"name": "run_until_released", "arguments": {"tag": tag}},
     }
-    answer = _streamed_in_background(bastion, server, owner, call)
+    answer = streamed_in_background(bastion, server, owner, call)
     assert traced(bastion, "run-started", tag)
     # Still running, its answer has begun as an event stream (a client sends a cancellation
     # only then); the call runs until it is let go, after the cancellations (a call of 1.5 s
@@ -173,7 +146,7 @@ def test_the_record_of_a_call_its_client_cancelled_says_so(bastion, server):
     headers = legacy_session(bastion, bastion.token("sam", server), server)
     seq = bastion.records.last_seq()
     cancelled, finished = uuid.uuid4().hex, uuid.uuid4().hex
-    answer = _post_in_background(bastion, server, headers, _wait_call(8, cancelled))
+    answer = post_in_background(bastion, server, headers, _wait_call(8, cancelled))
     assert traced(bastion, "wait-started", cancelled)
     assert _cancel(bastion, server, headers, 8) == 202
     assert traced(bastion, "wait-cancelled", cancelled)
@@ -182,7 +155,7 @@ def test_the_record_of_a_call_its_client_cancelled_says_so(bastion, server):
     assert (record.method, record.result) == ("tools/call", "allow")
     assert record.reason == "cancelled by the client"
     # A call left alone is recorded without that reason.
-    answer = _post_in_background(bastion, server, headers, _wait_call(9, finished, seconds=0))
+    answer = post_in_background(bastion, server, headers, _wait_call(9, finished, seconds=0))
     answer["thread"].join(PATIENCE)
     assert traced(bastion, "wait-finished", finished)
     assert _record_of_wait(bastion, finished, 0, seq).reason == ""
@@ -272,10 +245,10 @@ def test_a_call_whose_token_is_revoked_while_it_runs_is_cancelled_and_its_result
     call = modern_request(4, "tools/call", _wait_call(4, tag)["params"])
     if progress:
         call["params"]["_meta"]["progressToken"] = tag
-    answer = (_streamed_in_background if events else _post_in_background)(
+    answer = (streamed_in_background if events else post_in_background)(
         bastion, server, headers, call
     )
-    untouched = _post_in_background(
+    untouched = post_in_background(
         bastion,
         server,
         modern_headers(other, "tools/call", "wait"),

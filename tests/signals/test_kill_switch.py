@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
@@ -27,11 +28,14 @@ from tests.gateway.streams import (
     legacy_session,
     modern_headers,
     modern_request,
+    post_in_background,
+    streamed_in_background,
+    traced,
 )
 from tests.gateway.support import REDIRECT_URI, register_public_client, start
 from tests.oauth.support import hidden_fields, log_in_and_consent, pkce_pair
 from tests.signals.support import ERAS, attempt, latest_agent, running
-from tests.waits import eventually
+from tests.waits import PATIENCE, eventually
 
 QUERY = {"query": "a"}
 
@@ -383,6 +387,57 @@ def test_suspending_an_agent_ends_its_open_streams_at_once_and_no_others(bastion
             assert kept
     finally:
         resume(bastion, key, "agent", agent)
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+@pytest.mark.parametrize("accept", ["application/json", "application/json, text/event-stream"])
+def test_suspending_an_agent_stops_its_calls_under_way_and_no_others(bastion, key, server, accept):
+    """The kill switch refused a suspended agent's next call and ended its streams, but a call
+    already at its upstream ran on, and its result reached the agent after it was suspended.
+    Now the call is cancelled at its upstream at once and answered as the suspended agent's
+    next call is (-32003, reason ``suspended``), naming the decision that let it through, whose
+    record says why it has no result. Another agent of the same user goes on."""
+    token, other = bastion.token("sam", server), bastion.token("sam", server)
+    agent = client_id(token)
+    tag, kept = uuid.uuid4().hex, uuid.uuid4().hex
+    events_first = "event-stream" in accept
+    headers = {**modern_headers(token, "tools/call", "wait"), "accept": accept}
+    wait = {"name": "wait", "arguments": {"seconds": 30, "tag": tag}}
+    answer = (streamed_in_background if events_first else post_in_background)(
+        bastion, server, headers, modern_request(7, "tools/call", wait)
+    )
+    untouched = post_in_background(
+        bastion,
+        server,
+        modern_headers(other, "tools/call", "wait"),
+        modern_request(
+            8, "tools/call", {"name": "wait", "arguments": {"seconds": 1.5, "tag": kept}}
+        ),
+    )
+    try:
+        assert traced(bastion, "wait-started", tag) and traced(bastion, "wait-started", kept)
+        if events_first:  # answered as events once the call runs for a while
+            assert answer["began"].wait(PATIENCE), "the answer never began"
+        suspend(bastion, key, "agent", agent)
+        assert traced(bastion, "wait-cancelled", tag)
+        answer["thread"].join(PATIENCE)
+        assert not answer["thread"].is_alive()
+    finally:
+        resume(bastion, key, "agent", agent)
+    assert answer["status"] == 200, answer
+    if events_first:
+        assert answer["type"].startswith("text/event-stream")
+        data = [line[5:] for line in answer["text"].splitlines() if line.startswith("data:")]
+        refused = json.loads(data[-1])
+    else:
+        refused = json.loads(answer["text"])
+    assert refused["id"] == 7 and "result" not in refused, refused
+    assert (refused["error"]["code"], refused["error"]["data"]["reason"]) == (-32003, "suspended")
+    bastion.flush()
+    record = bastion.records.get(refused["error"]["data"]["decision_id"])
+    assert (record.result, record.reason) == ("allow", "its caller was suspended while it ran")
+    untouched["thread"].join(PATIENCE)
+    assert untouched["status"] == 200 and "waited 1.5s" in untouched["text"], untouched
 
 
 def test_suspending_a_session_refuses_it_and_ends_it_while_a_new_session_works(bastion, key):
