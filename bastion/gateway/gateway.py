@@ -63,6 +63,7 @@ from bastion.gateway.uris import upstream_uri
 from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
 from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
+from bastion.oauth.store import USERS_CHANGED
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
 from bastion.origins import origin_of
 from bastion.retries import Outage, kind_of
@@ -598,12 +599,16 @@ class Gateway:
     def _grant_revoked(self, grant_id: str) -> None:
         """A token of ``grant_id``, or the grant, was revoked: its streams and upstream sessions
         end, and each request of its tokens still under way has its token checked again
-        (`InFlight.check_token`: cancelled if it is refused)."""
-        self.sessions.end_grant(grant_id)
-        for pool in self._own_sessions():
-            pool.end_grant(grant_id)
-        if not grant_id:
-            return
+        (`InFlight.check_token`: stopped if it is refused). `USERS_CHANGED` (a user disabled,
+        or all their grants revoked) has the requests of trusted issuers' tokens, which rest on
+        no grant of bastion's, checked so; a trusted issuer's stream ends at its next
+        notification."""
+        if grant_id == USERS_CHANGED:
+            grant_id = ""
+        elif grant_id:
+            self.sessions.end_grant(grant_id)
+            for pool in self._own_sessions():
+                pool.end_grant(grant_id)
         for flight in self.in_flight.values():
             if flight.exchange is not None and flight.exchange.caller.grant_id == grant_id:
                 check = asyncio.ensure_future(flight.check_token())

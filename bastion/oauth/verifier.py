@@ -496,8 +496,9 @@ class VerifiedTokens:
 
     def on_forget(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(grant_id)`` whenever a grant's tokens are forgotten because it, or one
-        of its tokens, was revoked (on the thread that learnt of it: the revoking one, or the
-        listener's)."""
+        of its tokens, was revoked, and ``callback(USERS_CHANGED)`` whenever a user's standing
+        changed (disabled, or all their grants revoked: what the tokens of trusted issuers rest
+        on), on the thread that learnt of it: the revoking one, or the listener's."""
         self._forget_callbacks.append(callback)
 
     def _forget_grant(self, grant_id: str) -> None:
@@ -506,9 +507,13 @@ class VerifiedTokens:
             self._forgotten += 1
             for key in self._grants.pop(grant_id, ()):
                 self._tokens.pop(key, None)
+        self._tell(grant_id)
+
+    def _tell(self, payload: str) -> None:
+        """Tell `on_forget`'s callbacks of ``payload`` (a grant_id, or `USERS_CHANGED`)."""
         for callback in list(self._forget_callbacks):
             try:
-                callback(grant_id)
+                callback(payload)
             except Exception:  # a subscriber's failure must not undo or break a revocation
                 log.exception("a subscriber to revocations failed")
 
@@ -524,6 +529,7 @@ class VerifiedTokens:
             with self._lock:
                 self._users_forgotten += 1
                 self._users.clear()
+            self._tell(payload)
         else:
             self._forget_grant(payload)
 

@@ -36,8 +36,10 @@ from bastion.identity.trusted_issuers import TrustedIssuers, parse_trusted_issue
 from bastion.oauth import registration
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.users import create_user
+from bastion.policy.parser import parse_fact
 from bastion.server.config import ConfigError
 from tests.clock import ManualClock
+from tests.gateway.streams import modern_headers, modern_request, post_in_background, traced
 from tests.gateway.support import PASSWORD, start
 from tests.oauth.support import ANY_KID, free_socket, serve, signed_text
 from tests.waits import PATIENCE
@@ -264,6 +266,11 @@ def bastion(tmp_path_factory, idp, dead_url):
             "audiences": {"labhttp": "api://lab-e"},
             "max_document_bytes": 4096,
         },
+        {
+            "issuer": idp.issuer("l"),
+            "jwks_uri": f"{idp.url}/jwks",
+            "audiences": {"labhttp": "api://lab-l"},
+        },
     ]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("BASTION_TEST_INTROSPECTION_SECRET", INTROSPECTION_SECRET)
@@ -437,7 +444,7 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
         idp.issuer("p"),
     ]
     lab = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/labhttp")
-    assert lab.json()["authorization_servers"] == [bastion.url, idp.issuer("e")]
+    assert lab.json()["authorization_servers"] == [bastion.url, idp.issuer("e"), idp.issuer("l")]
     desk = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/desk")
     assert desk.json()["authorization_servers"] == [bastion.url]
 
@@ -679,6 +686,39 @@ def test_a_user_bastion_has_disabled_is_refused_on_the_next_call(bastion, idp):
     # Other users, and users bastion does not hold (the provider's to vouch for), are served.
     assert "error" not in call(bastion, idp.token("a", sub="sam")).json()
     assert call(bastion, idp.token("a", sub="not-a-user-of-bastion")).status_code == 200
+
+
+def test_a_call_under_way_when_its_user_is_disabled_is_stopped(bastion, idp):
+    """A user disabled in bastion refuses a trusted issuer's token on its next call; a call of
+    theirs already at its upstream ran on, and its result reached the agent. Now the user's
+    standing changing (`USERS_CHANGED`, which tokens of trusted issuers rest on: they have no
+    grant of bastion's to revoke) has each such call's token checked again, and the call is
+    cancelled at its upstream and answered 401 invalid_token. Another user's call goes on."""
+    create_user(bastion.app.state.oauth.store, "rue", PASSWORD, time.time(), actor="test")
+    member = parse_fact('has_role(User{"rue"}, "member", Team{"support"})')
+    bastion.apply(inserts=[member])
+    try:
+        tag, kept = uuid.uuid4().hex, uuid.uuid4().hex
+
+        def waiting(sub: str, tag: str, seconds: float, request_id: int) -> dict:
+            token = idp.token("l", sub=sub, aud="api://lab-l")
+            headers = {**modern_headers(token, "tools/call", "wait"), "accept": "application/json"}
+            wait = {"name": "wait", "arguments": {"seconds": seconds, "tag": tag}}
+            return post_in_background(
+                bastion, "labhttp", headers, modern_request(request_id, "tools/call", wait)
+            )
+
+        answer, untouched = waiting("rue", tag, 30, 1), waiting("sam", kept, 1.5, 2)
+        assert traced(bastion, "wait-started", tag) and traced(bastion, "wait-started", kept)
+        bastion.app.state.oauth.store.disable_user("rue", time.time(), actor="test")
+        assert traced(bastion, "wait-cancelled", tag)
+        answer["thread"].join(PATIENCE)
+        assert answer["status"] == 401, answer
+        assert "'rue' is disabled" in json.loads(answer["text"])["error_description"]
+        untouched["thread"].join(PATIENCE)
+        assert untouched["status"] == 200 and "waited 1.5s" in untouched["text"], untouched
+    finally:
+        bastion.apply(deletes=[member])
 
 
 def test_a_user_prefix_keeps_the_issuers_users_apart_from_bastions_own(bastion, idp):
