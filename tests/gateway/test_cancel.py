@@ -4,7 +4,6 @@ stream (2026-07-28), and stops waiting. Only the caller who sent a request can c
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import uuid
@@ -20,6 +19,7 @@ from .streams import (
     modern_headers,
     modern_request,
     post_in_background,
+    revoke,
     streamed_in_background,
     traced,
 )
@@ -208,16 +208,6 @@ def test_the_record_of_a_call_bastion_failed_to_forward_says_so(bastion, monkeyp
     )
 
 
-def _revoke(bastion, token: str) -> None:
-    """Revoke ``token`` at bastion's RFC 7009 endpoint, as its client would."""
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    revoked = bastion.http.post(
-        f"{bastion.url}/revoke", data={"token": token, "client_id": claims["client_id"]}
-    )
-    assert revoked.status_code == 200, revoked.text
-
-
 @pytest.mark.parametrize("server", ["lab", "labhttp"])
 @pytest.mark.parametrize(
     "accept, progress",
@@ -257,7 +247,7 @@ def test_a_call_whose_token_is_revoked_while_it_runs_is_cancelled_and_its_result
     assert traced(bastion, "wait-started", tag) and traced(bastion, "wait-started", kept)
     if events:  # a client that takes events is answered so once a call runs for a while
         assert answer["began"].wait(PATIENCE), "the answer never began"
-    _revoke(bastion, token)
+    revoke(bastion, token)
     assert traced(bastion, "wait-cancelled", tag)
     answer["thread"].join(PATIENCE)
     assert not answer["thread"].is_alive()

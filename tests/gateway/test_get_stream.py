@@ -19,7 +19,15 @@ from bastion.gateway.transport import _end_at_expiry
 from bastion.policy.parser import parse_fact
 from tests.waits import PATIENCE
 
-from .streams import call_tool, events, first_event, legacy_session, modern_headers, modern_request
+from .streams import (
+    call_tool,
+    events,
+    first_event,
+    legacy_session,
+    modern_headers,
+    modern_request,
+    revoke,
+)
 
 TOOLS_CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
 SAM_IS_A_MEMBER = parse_fact('has_role(User{"sam"}, "member", Team{"support"})')
@@ -38,15 +46,6 @@ def announce_tools(bastion, server):
         bastion, bastion.token("avery", server), server, "announce", {"kind": "tools"}
     )
     assert "error" not in answer, answer
-
-
-def revoke(bastion, token: str) -> None:
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    revoked = bastion.http.post(
-        f"{bastion.url}/revoke", data={"token": token, "client_id": claims["client_id"]}
-    )
-    assert revoked.status_code == 200, revoked.text
 
 
 @pytest.mark.parametrize("server", ["lab", "labhttp", "labold"])

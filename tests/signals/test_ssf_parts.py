@@ -744,6 +744,18 @@ def test_a_transmitter_that_keeps_failing_is_logged_once_not_at_every_attempt(sq
     assert any("poll failed" in d for d in details) and "poll answered again" in details, seen
 
 
+def metadata_only() -> Starlette:
+    """A transmitter that serves its metadata alone, naming endpoints that refuse connections."""
+
+    async def metadata(request):
+        return JSONResponse(
+            {"issuer": ISSUER, "jwks_uri": "http://127.0.0.1:9/jwks",
+             "configuration_endpoint": "http://127.0.0.1:9/stream"}
+        )  # fmt: skip
+
+    return Starlette(routes=[Route("/.well-known/ssf-configuration", metadata)])
+
+
 @pytest.mark.parametrize("cause", ["round", "database"])
 def test_a_subjects_round_that_keeps_failing_is_logged_once_not_at_every_round(
     postgres_url, caplog, cause
@@ -757,12 +769,6 @@ def test_a_subjects_round_that_keeps_failing_is_logged_once_not_at_every_round(
 
     caplog.set_level(logging.DEBUG, logger=SSF_LOG)
 
-    async def metadata(request):
-        return JSONResponse(
-            {"issuer": ISSUER, "jwks_uri": "http://127.0.0.1:9/jwks",
-             "configuration_endpoint": "http://127.0.0.1:9/stream"}
-        )  # fmt: skip
-
     def said(level: int = logging.DEBUG) -> list[str]:
         return [
             r.getMessage()
@@ -770,7 +776,7 @@ def test_a_subjects_round_that_keeps_failing_is_logged_once_not_at_every_round(
             if r.name == SSF_LOG and r.levelno >= level and r.getMessage().startswith("ssf")
         ]
 
-    app = Starlette(routes=[Route("/.well-known/ssf-configuration", metadata)])
+    app = metadata_only()
     with Relay(("127.0.0.1", 5432)) as relay, serve(app, free_socket()) as url:
         db = Database(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
         try:
@@ -831,12 +837,6 @@ def test_subject_changes_at_sign_in_that_keep_failing_are_logged_once_not_at_eac
 
     caplog.set_level(logging.DEBUG, logger=SSF_LOG)
 
-    async def metadata(request):
-        return JSONResponse(
-            {"issuer": ISSUER, "jwks_uri": "http://127.0.0.1:9/jwks",
-             "configuration_endpoint": "http://127.0.0.1:9/stream"}
-        )  # fmt: skip
-
     def said(about: str, level: int = logging.DEBUG) -> list[str]:
         return [
             r.getMessage()
@@ -844,7 +844,7 @@ def test_subject_changes_at_sign_in_that_keep_failing_are_logged_once_not_at_eac
             if r.name == SSF_LOG and r.levelno >= level and about in r.getMessage()
         ]
 
-    app = Starlette(routes=[Route("/.well-known/ssf-configuration", metadata)])
+    app = metadata_only()
     db = Database(sqlite_url)
     try:
         with serve(app, free_socket()) as url:

@@ -149,17 +149,23 @@ def test_a_stream_found_after_a_409_pushing_elsewhere_is_pointed_at_bastion(worl
     assert received(world, jti_of(event)) is not None  # pushed to bastion, applied
 
 
-def test_streams_configure_updates_the_stream_and_says_what_it_changed(world, tmp_path, capsys):
-    """On demand, as at start: a stream that lost an event type at the transmitter (an
-    operator's edit) gets it back, and the command says so; run again, nothing to change."""
+def configure_older(world, tmp_path) -> list[str]:
+    """The command line of `bastion signals streams configure` for transmitter ``older``, on
+    the running bastion's database and settings."""
     config = tmp_path / "bastion.toml"
     config.write_text(
         f"[server]\ndatabase = {json.dumps(world.app.state.config.database)}\n"
         f"[oauth]\nissuer = {json.dumps(world.url)}\n[signals.ssf]\n"
         f"transmitters = {_toml(world.signals_table['ssf']['transmitters'])}\n"
     )
+    return ["signals", "streams", "configure", "--config", str(config), "--transmitter", "older"]
+
+
+def test_streams_configure_updates_the_stream_and_says_what_it_changed(world, tmp_path, capsys):
+    """On demand, as at start: a stream that lost an event type at the transmitter (an
+    operator's edit) gets it back, and the command says so; run again, nothing to change."""
+    argv = configure_older(world, tmp_path)
     world.older.streams["older-1"]["events_requested"].remove(CAEP + "session-revoked")
-    argv = ["signals", "streams", "configure", "--config", str(config), "--transmitter", "older"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "updated at the transmitter: events_requested: added session-revoked" in out, out
@@ -188,13 +194,7 @@ def test_a_verification_asked_before_the_stream_fell_in_error_verifies_nothing(
     configured at all. That event proves the transmitter answers, not that the stream is in
     step: it is taken as an unexpected state and the stream stays in error. It showed the stream
     verified (CI saw the poll bring such an event in between a refused update and the check)."""
-    config = tmp_path / "bastion.toml"
-    config.write_text(
-        f"[server]\ndatabase = {json.dumps(world.app.state.config.database)}\n"
-        f"[oauth]\nissuer = {json.dumps(world.url)}\n[signals.ssf]\n"
-        f"transmitters = {_toml(world.signals_table['ssf']['transmitters'])}\n"
-    )
-    argv = ["signals", "streams", "configure", "--config", str(config), "--transmitter", "older"]
+    argv = configure_older(world, tmp_path)
     older = world.older
 
     def late_event_leaves_it_in_error(late: str) -> None:
@@ -247,13 +247,7 @@ def test_a_status_endpoint_is_believed_only_for_a_status_ssf_defines(
     break or a terminal's escape went to the page and the terminal. Now only enabled, paused
     or disabled is taken; anything else, or an error answer, is recorded as unknown and said
     in the detail, until the stream's verification event arrives."""
-    config = tmp_path / "bastion.toml"
-    config.write_text(
-        f"[server]\ndatabase = {json.dumps(world.app.state.config.database)}\n"
-        f"[oauth]\nissuer = {json.dumps(world.url)}\n[signals.ssf]\n"
-        f"transmitters = {_toml(world.signals_table['ssf']['transmitters'])}\n"
-    )
-    argv = ["signals", "streams", "configure", "--config", str(config), "--transmitter", "older"]
+    argv = configure_older(world, tmp_path)
     older = world.older
     older.verifications_held = []  # no verification event comes meanwhile
     if said is None:
