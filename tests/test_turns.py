@@ -155,29 +155,43 @@ def test_a_pause_hands_the_gil_to_a_thread_that_waits_for_it(monkeypatch):
     socket) while work in turns holds the GIL runs at the work's next pause, not when the
     interpreter forces a switch. The switch interval is made long, so that only a pause can
     hand the GIL over; the waiting thread then runs after most pauses (38 of 40 seen here),
-    and after none where the pause does not release the GIL long enough."""
+    and after none where the pause does not release the GIL long enough.
+
+    On a machine busier than it has cores (the suite's three workers on two cores) the woken
+    thread may wait for a core, not for the GIL, through a pause: it ran after 7 of 40 there
+    once. So the 40 pauses are tried up to three times, and the best counts; pauses that did
+    not hand the GIL over would leave it waiting every time (the switch interval is 10 s)."""
     monkeypatch.setattr(turns, "TURN", 0.0)
-    pauses, woke, done = 40, [0], threading.Event()
-    after: list[bool] = []
+    pauses = 40
 
-    def work() -> None:
-        clock = Turns()
-        for _ in range(pauses):
-            sum(range(20_000))  # a step that holds the GIL
-            before = woke[0]
-            clock.tick()
-            after.append(woke[0] != before)
-        done.set()
+    def handed_over() -> list[bool]:
+        """After which of ``pauses`` pauses the waiting thread had run."""
+        woke, done = [0], threading.Event()
+        after: list[bool] = []
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(10.0)
-    try:
+        def work() -> None:
+            clock = Turns()
+            for _ in range(pauses):
+                sum(range(20_000))  # a step that holds the GIL
+                before = woke[0]
+                clock.tick()
+                after.append(woke[0] != before)
+            done.set()
+
         worker = threading.Thread(target=work)
         worker.start()
         while not done.wait(0.0002):  # wakes every 0.2 ms, and then needs the GIL
             woke[0] += 1
         worker.join()
+        return after
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        tries: list[list[bool]] = []
+        while len(tries) < 3 and not any(sum(after) >= pauses // 4 for after in tries):
+            tries.append(handed_over())
     finally:
         sys.setswitchinterval(interval)
-    assert len(after) == pauses
-    assert sum(after) >= pauses // 4
+    assert all(len(after) == pauses for after in tries)
+    assert max(map(sum, tries)) >= pauses // 4, tries
