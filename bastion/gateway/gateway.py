@@ -917,6 +917,8 @@ class Gateway:
                 signal.signal(number, previous)
         self._signal_handlers.clear()
         self.sessions.close_all()
+        for check in self._checks:  # of requests that end with the server
+            check.cancel()
         self.refusals.upstream_errors.flush(everything=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
