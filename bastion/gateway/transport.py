@@ -1305,7 +1305,9 @@ class InFlight:
             await send({"type": "http.response.body", "body": event, "more_body": True})
 
     def finish(self) -> None:
-        self.task = None
+        # The exchange's emit holds this flight: let go of it, so that neither waits for the
+        # cyclic garbage collector.
+        self.task = self.exchange = None
         if self.watcher is not None and not (self.sending and self.sending.locked()):
             self.watcher.cancel()
 
