@@ -426,6 +426,49 @@ def stop(*processes: subprocess.Popen) -> None:
             process.kill()
 
 
+def between_signals(script: str, requests: int, name: str) -> Path:
+    """Run ``bastion serve`` under ``script`` (``python -c``; its arguments: where it writes
+    what it measured, then the configuration), on this benchmark's setup: warmed by 50 calls,
+    then SIGUSR1, ``requests`` calls of one client, SIGUSR2. The file ``script`` wrote (in a
+    new folder named after ``name``), once it is there; the processes are stopped."""
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    bench = prepare(work, traced=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    upstream = start_upstream(bench.upstream_port, env)
+    out = work / "measured.json"
+    log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in the finally below
+    server = subprocess.Popen(
+        [sys.executable, "-c", script, str(out), str(bench.config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"{bench.base}/mcp/desk"
+    try:
+        wait_until_up(bench.upstream_url, upstream)
+        wait_until_ok(f"{bench.base}/healthz", server, 120, work / "serve.log")
+        token, _ = access_token(bench.base, url)
+        headers = {"authorization": f"Bearer {token}"}
+        uvloop.run(run_load(url, headers, 1, 50))  # the token remembered, the code warm
+        time.sleep(0.5)
+        server.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        uvloop.run(run_load(url, headers, 1, requests))
+        time.sleep(0.5)
+        server.send_signal(signal.SIGUSR2)
+        for _ in range(100):
+            if out.exists() and out.stat().st_size:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        for process in (server, upstream):
+            process.terminate()
+            process.wait(60)
+        log.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)

@@ -19,26 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-
-import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gateway_bench import (  # noqa: E402
-    access_token,
-    prepare,
-    run_load,
-    start_upstream,
-    wait_until_ok,
-    wait_until_up,
-)
+from gateway_bench import between_signals  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,41 +100,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--json", help="also write the counts per function here")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="gateway-bytecodes-"))
-    bench = prepare(work, traced=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    upstream = start_upstream(bench.upstream_port, env)
-    counts = work / "counts.json"
-    log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in the finally below
-    server = subprocess.Popen(
-        [sys.executable, "-c", TRACED_SERVE, str(counts), str(bench.config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"{bench.base}/mcp/desk"
-    try:
-        wait_until_up(bench.upstream_url, upstream)
-        wait_until_ok(f"{bench.base}/healthz", server, 120, work / "serve.log")
-        token, _ = access_token(bench.base, url)
-        headers = {"authorization": f"Bearer {token}"}
-        uvloop.run(run_load(url, headers, 1, 50))  # the token remembered, the code warm
-        time.sleep(0.5)
-        server.send_signal(signal.SIGUSR1)
-        time.sleep(0.5)
-        uvloop.run(run_load(url, headers, 1, args.requests))
-        time.sleep(0.5)
-        server.send_signal(signal.SIGUSR2)
-        for _ in range(100):
-            if counts.exists() and counts.stat().st_size:
-                break
-            time.sleep(0.1)
-        time.sleep(0.5)
-    finally:
-        for process in (server, upstream):
-            process.terminate()
-            process.wait(60)
-        log.close()
+    counts = between_signals(TRACED_SERVE, args.requests, "gateway-bytecodes")
     found = json.loads(counts.read_text())
     n = args.requests
     total = found["total"]

@@ -18,26 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-
-import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gateway_bench import (  # noqa: E402
-    access_token,
-    prepare,
-    run_load,
-    start_upstream,
-    wait_until_ok,
-    wait_until_up,
-)
+from gateway_bench import between_signals  # noqa: E402
 
 # Runs in the server process: the two handlers, then `bastion serve`. Counts go to sys.argv[1].
 COUNTED_SERVE = """
@@ -78,41 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.requests < 1:
         parser.error("--requests must be at least 1")
-    work = Path(tempfile.mkdtemp(prefix="gateway-garbage-"))
-    bench = prepare(work, traced=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    upstream = start_upstream(bench.upstream_port, env)
-    counts = work / "garbage.json"
-    log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in the finally below
-    server = subprocess.Popen(
-        [sys.executable, "-c", COUNTED_SERVE, str(counts), str(bench.config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"{bench.base}/mcp/desk"
-    try:
-        wait_until_up(bench.upstream_url, upstream)
-        wait_until_ok(f"{bench.base}/healthz", server, 120, work / "serve.log")
-        token, _ = access_token(bench.base, url)
-        headers = {"authorization": f"Bearer {token}"}
-        uvloop.run(run_load(url, headers, 1, 50))  # the token remembered, the code warm
-        time.sleep(0.5)
-        server.send_signal(signal.SIGUSR1)
-        time.sleep(0.5)
-        uvloop.run(run_load(url, headers, 1, args.requests))
-        time.sleep(1.0)  # the record writer's flush of these calls, counted with them
-        server.send_signal(signal.SIGUSR2)
-        for _ in range(100):
-            if counts.exists() and counts.stat().st_size:
-                break
-            time.sleep(0.1)
-        time.sleep(0.5)
-    finally:
-        for process in (server, upstream):
-            process.terminate()
-            process.wait(60)
-        log.close()
+    counts = between_signals(COUNTED_SERVE, args.requests, "gateway-garbage")
     found = json.loads(counts.read_text())
     n = args.requests
     print(
