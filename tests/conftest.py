@@ -23,41 +23,42 @@ POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@12
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
-# The files that take longest (seconds of junit time on two cores shared with other work,
-# December 2026, after `make test` compiled bytecode), started first. `make test` hands whole
-# files to its three processes (`--dist loadfile`) in collection order (`--no-loadscope-reorder`,
+# The files that take longest (seconds of pytest's durations, setup, call and teardown, with
+# `-n 3 --dist loadfile` on the two-core machine, another test run beside it, 7 December 2026,
+# after `make test` compiled bytecode), started first. `make test` hands whole files to its
+# three processes (`--dist loadfile`) in collection order (`--no-loadscope-reorder`,
 # pyproject.toml): a long file handed out last keeps one core busy while the other has nothing
 # left, so the longest go first and the short ones even the processes out at the end. A file
 # that grows past the last one here (about 25 s) belongs in the list, in its place; a name no
 # longer in the tree is ignored.
 LONG_FILES = (
-    "tests/server/test_openapi.py",  # 178: schemathesis, 60 s each on SQLite and PostgreSQL
-    "tests/security/test_policy.py",  # 125
-    "tests/server/test_replicas.py",  # 114
-    "tests/security/test_storage.py",  # 87
-    "tests/oso_cloud/test_openapi.py",  # 71: schemathesis, 60 s
-    "tests/security/test_edge.py",  # 69: header and body deadlines of 2 s, a server per setting
-    "tests/approvals/test_gateway_holds.py",  # 67
-    "tests/gateway/test_conformance.py",  # 60, and more for its first npm install
-    "tests/gateway/test_inspector_cli.py",  # 49, with its first npm install
-    "tests/gateway/test_quickstart_approvals.py",  # 49
-    "tests/policy/test_agrees_with_reference.py",  # 47
-    "tests/scale/test_replica_races.py",  # 45
-    "tests/oauth/test_revocation_push.py",  # 37
-    "tests/connections/test_upstream_connections.py",  # 35
-    "tests/approvals/test_pages_confirmer.py",  # 33
-    "tests/facts/test_snapshot.py",  # 32
-    "tests/policy/test_limits.py",  # 31
-    "tests/audit/test_decision_journal.py",  # 30
-    "tests/gateway/test_quickstart_client.py",  # 30
-    "tests/scale/test_load_balancer.py",  # 29: one deployment for 9 of its 10 tests
-    "tests/approvals/test_service.py",  # 29
-    "tests/delegation/test_delegated_grants.py",  # 28
-    "tests/delegation/test_exchange_rules.py",  # 28
-    "tests/security/test_nul.py",  # 28
-    "tests/policy/test_oso_polar.py",  # 27
-    "tests/gateway/test_shared_subscriptions.py",  # 26
-    "tests/approvals/test_pages.py",  # 26
+    "tests/security/test_hostile_admin.py",  # 173: 3,000 + 1,000 + 400 draws against a server
+    "tests/security/test_hostile_input.py",  # 162: 1,200 + 300 + 400 + 100 draws
+    "tests/server/test_openapi.py",  # 140: schemathesis, 60 s each on SQLite and PostgreSQL
+    "tests/approvals/test_service.py",  # 86: 246 tests, 113 on a PostgreSQL schema each
+    "tests/security/test_policy.py",  # 76
+    "tests/server/test_replicas.py",  # 76
+    "tests/oso_cloud/test_openapi.py",  # 65: schemathesis, 60 s
+    "tests/security/test_storage.py",  # 61
+    "tests/approvals/test_gateway_holds.py",  # 58
+    "tests/test_json_encoding.py",  # 57
+    "tests/server/test_replica_heard_decisions.py",  # 49
+    "tests/server/test_durable_decision_log.py",  # 47
+    "tests/policy/test_fast_paths.py",  # 44
+    "tests/audit/test_export.py",  # 41
+    "tests/security/test_hostile_transmitter.py",  # 40
+    "tests/security/test_request_authority.py",  # 38
+    "tests/security/test_edge.py",  # 36: header and body deadlines of 2 s, a server per setting
+    "tests/security/test_hostile_decisions.py",  # 33
+    "tests/signals/test_alerts.py",  # 30
+    "tests/gateway/test_quickstart_client.py",  # 29
+    "tests/test_docs_match.py",  # 27
+    "tests/scale/test_shared_subscriptions.py",  # 27: a lease of 5 s, held and let lapse
+    "tests/facts/test_snapshot.py",  # 26
+    "tests/security/test_full_disk_postgres.py",  # 26
+    "tests/approvals/test_pages.py",  # 25
+    "tests/gateway/test_inspector_cli.py",  # 25, and more for its first npm install
+    "tests/gateway/test_conformance.py",  # 23, and more for its first npm install
 )
 
 
