@@ -241,7 +241,12 @@ def test_an_absolute_target_cannot_make_bastion_advertise_another_authority(serv
     for via, port in (("bastion", served.bastion), ("haproxy", served.haproxy)):
         for authority, host in ((OTHER, own), (own, OTHER), (own, own), (OTHER, OTHER)):
             target = f"http://{authority}{path}"
-            sent = request(served, "metadata", "", host=f"Host: {host}\r\n", target=target)
+            # Connection: close, so the exchange ends with the answer: HAProxy keeps a client's
+            # connection open 10 s after an answer (its timeout http-request), which each of
+            # the answers through it waited out.
+            sent = request(
+                served, "metadata", "", host=f"Host: {host}\r\nConnection: close\r\n", target=target
+            )
             answers, _, _ = exchange(port, sent, proxy=via == "haproxy")
             where = f"{target} with Host {host} via {via}"
             if not answers:
