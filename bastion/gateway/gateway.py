@@ -80,6 +80,9 @@ log = logging.getLogger("bastion.gateway")
 _MCP = "/mcp/"
 _METADATA = WELL_KNOWN + _MCP
 _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
+# On SQLite, how often the requests under way are looked at for a revocation another process made
+# (`Gateway._check_long_requests_forever`): as often as a held request's token is checked.
+LONG_REQUEST_CHECK_SECONDS = 1.0
 
 
 class ToolHints:
@@ -416,6 +419,7 @@ class Gateway:
                 state.sessions = UpstreamSessions(upstream_config, self._session_opener(state))
             self.upstreams[state.name] = state
         self._sweeper: asyncio.Task | None = None
+        self._long_checker: asyncio.Task | None = None
         self.sessions.on_end = self._client_session_ended
         self._flusher: asyncio.Task | None = None
         self._signal_handlers: list[tuple[int, Any, Any]] = []
@@ -611,9 +615,7 @@ class Gateway:
                 pool.end_grant(grant_id)
         for flight in self.in_flight.values():
             if flight.exchange is not None and flight.exchange.caller.grant_id == grant_id:
-                check = asyncio.ensure_future(flight.check_token())
-                self._checks.add(check)
-                check.add_done_callback(self._checks.discard)
+                self._check(flight)
 
     def _suspended(self) -> None:
         """The kill switch was used: end the suspended callers' sessions and streams, stop
@@ -889,6 +891,32 @@ class Gateway:
             self.enforcer.suspensions.on_suspend(lambda: loop.call_soon_threadsafe(self._suspended))
         if self._own_sessions():
             self._sweeper = asyncio.create_task(self._sweep_forever())
+        if self.tokens.listener is None:
+            self._long_checker = asyncio.create_task(self._check_long_requests_forever())
+
+    async def _check_long_requests_forever(self) -> None:
+        """On SQLite, where another process's revocation (the CLI, a replica on the same file)
+        is announced to no one: every `LONG_REQUEST_CHECK_SECONDS`, once the database has
+        changed, the requests still under way after `_WATCH_AFTER` (those with a watcher) have
+        their tokens checked again (`_grant_revoked`'s check, for each)."""
+        seen: int | None = None
+        while True:
+            await asyncio.sleep(LONG_REQUEST_CHECK_SECONDS)
+            long = [f for f in self.in_flight.values() if f.watcher is not None]
+            if not long:
+                continue
+            marker = await anyio.to_thread.run_sync(self.tokens.db.data_version)
+            if marker is not None and marker == seen:
+                continue  # nothing committed since the last look: nothing revoked
+            seen = marker
+            for flight in long:
+                self._check(flight)
+
+    def _check(self, flight: InFlight) -> None:
+        """Check the token of a request under way (`InFlight.check_token`), in a task."""
+        check = asyncio.ensure_future(flight.check_token())
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
 
     def _end_streams_on_stop_signals(self) -> None:
         """uvicorn waits for open responses to finish before the lifespan's shutdown, and a
@@ -922,6 +950,8 @@ class Gateway:
         self.refusals.upstream_errors.flush(everything=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._long_checker is not None:
+            self._long_checker.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
         for pool in self._own_sessions():

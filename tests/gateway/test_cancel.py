@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import uuid
 from urllib.parse import urlsplit
 
@@ -267,3 +269,30 @@ def test_a_call_whose_token_is_revoked_while_it_runs_is_cancelled_and_its_result
     assert traced(bastion, "wait-finished", kept, seconds=0)
     assert untouched["status"] == 200 and "waited 1.5s" in untouched["text"], untouched
     assert _record_of_wait(bastion, kept, 1.5, seq).reason == ""
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_a_call_whose_token_another_process_revokes_is_stopped_too(bastion, server):
+    """On SQLite a revocation by another process (here `bastion`'s store in a process of its
+    own, as the CLI or a replica on the same file revokes) is announced to no one: the call under
+    way ran on. The gateway now looks at its requests still under way every second once the
+    database has changed, and stops one whose token is revoked, as above."""
+    from tests.gateway.test_revocation import REVOKE, jti
+
+    assert not bastion.app.state.gateway.tokens.db.is_postgres
+    token = bastion.token("sam", server)
+    tag = uuid.uuid4().hex
+    headers = {**modern_headers(token, "tools/call", "wait"), "accept": "application/json"}
+    answer = post_in_background(
+        bastion, server, headers, modern_request(6, "tools/call", _wait_call(6, tag)["params"])
+    )
+    assert traced(bastion, "wait-started", tag)
+    subprocess.run(
+        [sys.executable, "-c", REVOKE, bastion.app.state.config.database, "token", jti(token)],
+        check=True,
+        timeout=60,
+    )
+    assert traced(bastion, "wait-cancelled", tag)
+    answer["thread"].join(PATIENCE)
+    assert answer["status"] == 401, answer
+    assert json.loads(answer["text"])["error"] == "invalid_token"
