@@ -46,6 +46,7 @@ from bastion.connections.store import (
 )
 from bastion.connections.upstream_oauth import (
     IssuerChanged,
+    ServerMetadata,
     TokenSet,
     UpstreamOAuthClient,
     UpstreamOAuthError,
@@ -327,9 +328,9 @@ class Connections:
         now = self.clock()
         oauth = self.clients[row.upstream]
         try:
-            await oauth.metadata_of(tokens.get("issuer"))  # before a registration there, if any
-            client = await self._client(row.upstream)
-            fresh = await oauth.refresh(client, refresh_token, now, tokens.get("issuer"))
+            meta = await oauth.metadata_of(tokens.get("issuer"))
+            client = await self._client(row.upstream, meta)
+            fresh = await oauth.refresh(meta, client, refresh_token, now)
         except IssuerChanged as e:
             # The upstream names another server now: its refresh token goes there never, and
             # the connection can never be refreshed again. Dropped (recorded): connect again.
@@ -404,7 +405,7 @@ class Connections:
         authorization page to send their browser to."""
         oauth = self.clients[upstream]
         meta = await oauth.metadata()
-        client = await self._client(upstream)
+        client = await self._client(upstream, meta)
         verifier, challenge = pkce_pair()
         state = secrets.token_urlsafe(32)
         now = self.clock()
@@ -483,7 +484,7 @@ class Connections:
         try:
             meta = await self.clients[flow.upstream].metadata_of(started_with)
             # The client too: after a restart its registration (or the metadata) is read again.
-            client = await self._client(flow.upstream)
+            client = await self._client(flow.upstream, meta)
             if iss is not None and iss.rstrip("/") != meta.issuer:
                 raise FlowRefused(
                     f"This answer comes from {readable(iss)}, not from {flow.upstream}'s"
@@ -718,7 +719,7 @@ class Connections:
         try:
             try:
                 meta = await oauth.metadata_of(tokens.get("issuer"))
-                client = await self._client(upstream)  # after the metadata: registered there
+                client = await self._client(upstream, meta)
             except IssuerChanged as e:
                 client = await self._former_client(upstream, e.issued_by)
                 meta = await oauth.former_server(e.issued_by)
@@ -771,21 +772,23 @@ class Connections:
 
     # -- bastion's client at each upstream ------------------------------------------------------
 
-    async def _client(self, upstream: str) -> dict[str, str]:
-        """bastion's client at ``upstream``'s authorization server: the configured one, or the
-        one registered there for ``upstream``'s own redirect URI (a registration made for
-        another URI, as the one callback all upstreams once shared, is made again)."""
+    async def _client(self, upstream: str, meta: ServerMetadata) -> dict[str, str]:
+        """bastion's client at ``upstream``'s authorization server, whose metadata the caller
+        read (``meta``: the one it sends the client to, though the metadata may have been read
+        again meanwhile): the configured one, or the one registered there for ``upstream``'s
+        own redirect URI (a registration made for another URI, as the one callback all
+        upstreams once shared, is made again)."""
         settings = self.settings[upstream]
         if settings.client_id:
             return {"client_id": settings.client_id, "client_secret": settings.client_secret}
         oauth = self.clients[upstream]
-        issuer = (await oauth.metadata()).issuer
+        issuer = meta.issuer
         name = f"{upstream} {issuer}"
         redirect_uri = self.redirect_uri(upstream)
         sealed = await anyio.to_thread.run_sync(self.store.client, upstream, issuer)
         kept = self._registration(name, issuer, sealed) if sealed is not None else None
         if kept is None or kept.get("redirect_uri") != redirect_uri:
-            registered = await oauth.register(redirect_uri, CLIENT_NAME)
+            registered = await oauth.register(meta, redirect_uri, CLIENT_NAME)
             fresh = self.sealer.seal("", name, {**registered, "redirect_uri": redirect_uri})
             sealed = await anyio.to_thread.run_sync(
                 self.store.add_client, upstream, issuer, fresh, sealed

@@ -313,9 +313,11 @@ class UpstreamOAuthClient:
         except RemoteDocumentError as e:
             raise UpstreamOAuthError("unavailable", str(e)) from None
 
-    async def register(self, redirect_uri: str, client_name: str) -> dict[str, str]:
-        """A dynamic registration (RFC 7591) as a public client: ``{"client_id": ...}``."""
-        meta = await self.metadata()
+    async def register(
+        self, meta: ServerMetadata, redirect_uri: str, client_name: str
+    ) -> dict[str, str]:
+        """A dynamic registration (RFC 7591) as a public client at ``meta``'s server:
+        ``{"client_id": ...}``."""
         if not meta.registration_endpoint:
             raise UpstreamOAuthError(
                 "unavailable",
@@ -376,10 +378,10 @@ class UpstreamOAuthClient:
         return self._tokens(await self._token_request(meta, client, form), now, "", meta)
 
     async def refresh(
-        self, client: dict[str, str], refresh_token: str, now: float, issuer: str | None
+        self, meta: ServerMetadata, client: dict[str, str], refresh_token: str, now: float
     ) -> TokenSet:
-        """Refresh with ``refresh_token``, which ``issuer`` issued."""
-        meta = await self.metadata_of(issuer)
+        """Refresh with ``refresh_token`` at ``meta``'s server, the one that issued it
+        (`metadata_of`)."""
         form = {
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,

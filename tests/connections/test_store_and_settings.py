@@ -296,13 +296,14 @@ def test_a_token_that_is_not_a_bearer_token_is_refused():
     with _authorization_server(issues_refresh_tokens=False) as server:
         base = server.base
         client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/a"))
+        meta = asyncio.run(client.metadata())
         for kind in ("DPoP", "mac", "", None):
             server.token_type = kind
             with pytest.raises(UpstreamOAuthError, match="no bearer token"):
-                asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0, None))
+                asyncio.run(client.refresh(meta, {"client_id": "bastion"}, "r", 0.0))
         for kind in ("Bearer", "bearer"):
             server.token_type = kind
-            tokens = asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0, None))
+            tokens = asyncio.run(client.refresh(meta, {"client_id": "bastion"}, "r", 0.0))
             assert tokens.access_token == f"access-of-as-{server.tokens_issued}"
 
 

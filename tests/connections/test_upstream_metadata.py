@@ -11,6 +11,7 @@ served by uvicorn (tests/connections/fakes.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +29,9 @@ from tests.clock import ManualClock
 from tests.connections.fakes import AuthorizationServer, ResourceMetadata, loopback_base
 from tests.oauth.support import Servers, free_socket
 from tests.waits import run_settled
+
+# An authorization server's base URL -> bastion's client there (`connect` checks it).
+CLIENT_AT: dict[str, str] = {}
 
 
 @dataclass
@@ -49,6 +53,8 @@ def upstream(tmp_path, request) -> Iterator[Upstream]:
     first = AuthorizationServer("first", first_base, client_id="bastion-at-first")
     second = AuthorizationServer("second", second_base, client_id="bastion-at-second")
     named = [first_base]
+    for server in (first, second):
+        CLIENT_AT[server.base] = f"bastion-at-{server.name}"
     resource = ResourceMetadata(upstream_base, named)
     db = Database(str(tmp_path / "b.db"))
     clock = ManualClock()
@@ -73,6 +79,10 @@ def connect(connections: Connections, subject: str) -> str:
     """``subject`` connects to the upstream (the server authorizes at once); the server's base
     URL their browser was sent to."""
     link = run_settled(lambda: connections.start(subject, "tracker", browser="b"))
+    parts = urlsplit(link)
+    base = f"{parts.scheme}://{parts.netloc}"
+    # The client the browser is sent with is bastion's at the server it is sent to.
+    assert parse_qs(parts.query)["client_id"] == [CLIENT_AT[base]], link
     with httpx.Client(timeout=10) as browser:
         location = browser.get(link).headers["location"]
     query = parse_qs(urlsplit(location).query)
@@ -81,8 +91,7 @@ def connect(connections: Connections, subject: str) -> str:
             subject, "tracker", query["state"][0], query["code"][0], browser="b"
         )
     )
-    parts = urlsplit(link)
-    return f"{parts.scheme}://{parts.netloc}"
+    return base
 
 
 def refreshed(connections: Connections, subject: str = "alice") -> str | None:
@@ -94,8 +103,28 @@ def refreshed(connections: Connections, subject: str = "alice") -> str | None:
 LIFETIME = {"metadata_cache_seconds": 60, "metadata_stale_seconds": 120}
 
 
+def read_again_first(connections: Connections, monkeypatch) -> None:
+    """bastion's client at the server is looked up only once the metadata's read in the
+    background has ended (a store slow to answer): what a step that began on the kept metadata
+    does next must not depend on when that read ends."""
+    found = connections._client
+    metadata = connections.clients["tracker"]._metadata
+
+    async def client_once_read(*args):
+        while metadata.reading:
+            await asyncio.sleep(0.01)
+        return await found(*args)
+
+    monkeypatch.setattr(connections, "_client", client_once_read)
+
+
 @pytest.mark.parametrize("upstream", [{"metadata_cache_seconds": 60}], indirect=True)
-def test_a_server_that_moves_its_token_endpoint_is_followed_once_its_metadata_expires(upstream):
+@pytest.mark.parametrize("slow_store", [False, True])
+def test_a_server_that_moves_its_token_endpoint_is_followed_once_its_metadata_expires(
+    upstream, slow_store, monkeypatch
+):
+    if slow_store:
+        read_again_first(upstream.connections, monkeypatch)
     connect(upstream.connections, "alice")
     upstream.first.metadata_overrides = {"token_endpoint": f"{upstream.first.base}/moved/token"}
     upstream.clock.now += 30  # still in its lifetime: the endpoint read is used
@@ -109,8 +138,13 @@ def test_a_server_that_moves_its_token_endpoint_is_followed_once_its_metadata_ex
 
 
 @pytest.mark.parametrize("upstream", [{"metadata_cache_seconds": 60}], indirect=True)
-def test_an_upstream_naming_another_server_is_followed_by_new_connections(upstream):
+@pytest.mark.parametrize("slow_store", [False, True])
+def test_an_upstream_naming_another_server_is_followed_by_new_connections(
+    upstream, slow_store, monkeypatch
+):
     """No grant names the second server: only the metadata's lifetime makes it read again."""
+    if slow_store:
+        read_again_first(upstream.connections, monkeypatch)
     assert connect(upstream.connections, "alice") == upstream.first.base
     upstream.named[0] = upstream.second.base
     upstream.clock.now += 30
