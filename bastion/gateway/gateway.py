@@ -81,8 +81,8 @@ _MCP = "/mcp/"
 _METADATA = WELL_KNOWN + _MCP
 _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 # On SQLite, how often the requests under way are looked at for a revocation another process made
-# (`Gateway._check_long_requests_forever`): as often as a held request's token is checked.
-LONG_REQUEST_CHECK_SECONDS = 1.0
+# (`Gateway._check_requests_forever`): as often as a held request's token is checked.
+REQUEST_CHECK_SECONDS = 1.0
 
 
 class ToolHints:
@@ -393,6 +393,11 @@ class Gateway:
         # (server, user, chain of agents, session id or None, the client's request id) -> its
         # request
         self.in_flight: dict[tuple, InFlight] = {}
+        # Moves whenever the requests under way have their tokens checked again (a revocation
+        # heard, or on SQLite a change by another process): a request whose token was checked
+        # before it moved, and which was not under way yet then, has it checked again before it
+        # goes on (`transport.StreamableHttpEndpoint._post`).
+        self.revocations_heard = 0
         # Checks of the tokens of requests under way when their grant was revoked.
         self._checks: set[asyncio.Future] = set()
         # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
@@ -419,7 +424,7 @@ class Gateway:
                 state.sessions = UpstreamSessions(upstream_config, self._session_opener(state))
             self.upstreams[state.name] = state
         self._sweeper: asyncio.Task | None = None
-        self._long_checker: asyncio.Task | None = None
+        self._request_checker: asyncio.Task | None = None
         self.sessions.on_end = self._client_session_ended
         self._flusher: asyncio.Task | None = None
         self._signal_handlers: list[tuple[int, Any, Any]] = []
@@ -607,6 +612,7 @@ class Gateway:
         or all their grants revoked) has the requests of trusted issuers' tokens, which rest on
         no grant of bastion's, checked so; a trusted issuer's stream ends at its next
         notification."""
+        self.revocations_heard += 1
         if grant_id == USERS_CHANGED:
             grant_id = ""
         elif grant_id:
@@ -892,24 +898,25 @@ class Gateway:
         if self._own_sessions():
             self._sweeper = asyncio.create_task(self._sweep_forever())
         if self.tokens.listener is None:
-            self._long_checker = asyncio.create_task(self._check_long_requests_forever())
+            self._request_checker = asyncio.create_task(self._check_requests_forever())
 
-    async def _check_long_requests_forever(self) -> None:
+    async def _check_requests_forever(self) -> None:
         """On SQLite, where another process's revocation (the CLI, a replica on the same file)
-        is announced to no one: every `LONG_REQUEST_CHECK_SECONDS`, once the database has
-        changed, the requests still under way after `_WATCH_AFTER` (those with a watcher) have
-        their tokens checked again (`_grant_revoked`'s check, for each)."""
+        is announced to no one: every `REQUEST_CHECK_SECONDS`, once the database has
+        changed, the requests under way have their tokens checked again (`_grant_revoked`'s
+        check, for each), and those not under way yet before they go on
+        (`revocations_heard`)."""
         seen: int | None = None
         while True:
-            await asyncio.sleep(LONG_REQUEST_CHECK_SECONDS)
-            long = [f for f in self.in_flight.values() if f.watcher is not None]
-            if not long:
-                continue
+            await asyncio.sleep(REQUEST_CHECK_SECONDS)
+            if not self.in_flight:
+                continue  # looked at once one is: a change meanwhile is still unseen
             marker = await anyio.to_thread.run_sync(self.tokens.db.data_version)
             if marker is not None and marker == seen:
                 continue  # nothing committed since the last look: nothing revoked
             seen = marker
-            for flight in long:
+            self.revocations_heard += 1
+            for flight in self.in_flight.values():
                 self._check(flight)
 
     def _check(self, flight: InFlight) -> None:
@@ -950,8 +957,8 @@ class Gateway:
         self.refusals.upstream_errors.flush(everything=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._long_checker is not None:
-            self._long_checker.cancel()
+        if self._request_checker is not None:
+            self._request_checker.cancel()
         if self._renewer is not None:
             self._renewer.cancel()
         for pool in self._own_sessions():

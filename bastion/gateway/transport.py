@@ -314,13 +314,16 @@ class StreamableHttpEndpoint:
                 raise HttpError(400, _twice("authorization").body(None))
             if upstream is None:
                 raise HttpError(404, {"error": f"no MCP server named {server!r} behind bastion"})
+            # Read before the token is checked: a revocation heard from then on finds this
+            # request nowhere until it is under way (`_post`).
+            heard = self.gateway.revocations_heard
             caller = await self._authenticate(server, headers, scope)
             method = scope["method"]
             if twice:
                 named = None if method == "POST" else method[:20]
                 raise await self._refused(_twice(twice[0]), caller, server, named, None)
             if method == "POST":
-                await self._post(upstream, caller, headers, scope, receive, send)
+                await self._post(upstream, caller, headers, scope, receive, send, heard)
             elif method == "GET":
                 await self._get(server, caller, headers, receive, send)
             elif method == "DELETE":
@@ -529,7 +532,10 @@ class StreamableHttpEndpoint:
         scope: Scope,
         receive: Receive,
         send: Send,
+        heard: int,
     ) -> None:
+        """A POSTed message; ``heard``: `Gateway.revocations_heard` when the token of
+        ``caller`` was checked."""
         gateway = self.gateway
         content_type = headers.get("content-type", "")
         # What clients send, compared at once; any other spelling read as RFC 9110 reads it.
@@ -678,6 +684,11 @@ class StreamableHttpEndpoint:
 
             exchange.emit = emit
         try:
+            if gateway.revocations_heard != heard:
+                # A revocation was heard after the token was checked (its body still coming,
+                # say), and found this request nowhere: its token is checked again (401 if
+                # refused) before anything goes on. Any one heard from now on finds it.
+                await exchange.still_valid()
             if progress:
                 await self._answer_with_events(exchange, handler, send, response_headers, flight)
                 return

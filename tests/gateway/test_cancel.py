@@ -272,6 +272,41 @@ def test_a_call_whose_token_is_revoked_while_it_runs_is_cancelled_and_its_result
 
 
 @pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_a_call_whose_token_is_revoked_before_it_is_under_way_is_refused(bastion, server):
+    """A revocation stops the requests under way; one whose token was checked but which was not
+    under way yet (its body still coming, here) was found by none, and ran: the revoked client
+    had its result. Now a request that becomes under way after a revocation was heard has its
+    token checked again first: refused 401, and nothing reaches the upstream."""
+    token = bastion.token("sam", server)
+    tag = uuid.uuid4().hex
+    body = json.dumps(
+        modern_request(7, "tools/call", _wait_call(7, tag, seconds=0.1)["params"])
+    ).encode()
+    headers = {
+        **modern_headers(token, "tools/call", "wait"),
+        "accept": "application/json",
+        "content-length": str(len(body)),
+    }
+    url = urlsplit(bastion.mcp_url(server))
+    raw = f"POST {url.path} HTTP/1.1\r\nhost: {url.netloc}\r\nconnection: close\r\n"
+    raw += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    tokens = bastion.app.state.gateway.tokens
+    with socket.create_connection((url.hostname, url.port), timeout=PATIENCE) as client:
+        client.sendall(raw.encode() + body[:10])
+        # The token is checked when the head has come (and then remembered): the body is awaited.
+        assert eventually(lambda: any(key[0] == token for key in tokens._tokens))
+        revoke(bastion, token)
+        client.sendall(body[10:])
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer
+    assert json.loads(text)["error"] == "invalid_token"
+    assert not traced(bastion, "wait-started", tag, seconds=0)
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
 def test_a_call_whose_token_another_process_revokes_is_stopped_too(bastion, server):
     """On SQLite a revocation by another process (here `bastion`'s store in a process of its
     own, as the CLI or a replica on the same file revokes) is announced to no one: the call under

@@ -326,7 +326,7 @@ _NOT_LIMITS = {
     "bastion.gateway.holds.POLL_SECONDS": "how often a held request looks for its answer",
     "bastion.gateway.holds.PROGRESS_SECONDS": "how often a held request tells it is waiting",
     "bastion.gateway.holds.LOOK_SECONDS": "how often a held request reads the database",
-    "bastion.gateway.gateway.LONG_REQUEST_CHECK_SECONDS": "how often, on SQLite, the requests"
+    "bastion.gateway.gateway.REQUEST_CHECK_SECONDS": "how often, on SQLite, the requests"
     " under way are looked at for another process's revocation",
     "bastion.gateway.http1._IDLE_SECONDS": "an idle pooled upstream connection is closed",
     "bastion.gateway.http1._DRAIN_SECONDS": "an unread answer drained to keep its connection",
