@@ -33,7 +33,7 @@ from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig
 from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
 from bastion.gateway.follows import FollowLeases, FollowsUnavailable, follows_unavailable
-from bastion.gateway.handlers import SUSPENDED, Exchange, listed_once, suspended_meanwhile
+from bastion.gateway.handlers import Exchange, listed_once, suspended_meanwhile
 from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
@@ -51,6 +51,7 @@ from bastion.gateway.sessions import (
 from bastion.gateway.tool_pins import PROMPT, TOOL, ToolPins
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, cross_origin, send_json
 from bastion.gateway.upstream import (
+    SUSPENDED,
     Hear,
     HttpUpstream,
     Upstream,

@@ -52,6 +52,8 @@ from bastion.gateway.tool_pins import PROMPT, TOOL, PinChange
 from bastion.gateway.upstream import (
     LOG_LEVEL,
     LOG_MESSAGE,
+    REVOKED,
+    SUSPENDED,
     UpstreamError,
     UpstreamFailure,
     UpstreamUnreachable,
@@ -76,8 +78,6 @@ INPUT_REQUIRED = ("input_required", "incomplete")
 _MAX_INPUT_ROUNDS = 10
 # Why a request under way was stopped (the cancellation's message: `transport.InFlight.stop`):
 # its token was revoked, or its agent, user or session suspended, while bastion worked on it.
-REVOKED = "revoked"
-SUSPENDED = "suspended"
 _STOPPED = {
     REVOKED: "its token was revoked while it ran",
     SUSPENDED: "its caller was suspended while it ran",

@@ -31,7 +31,6 @@ from bastion.decide.mcp import message_action
 from bastion.gateway.client_requests import kept_capabilities
 from bastion.gateway.enforce import Caller, Held, StepUp
 from bastion.gateway.handlers import (
-    REVOKED,
     Exchange,
     admit_and_start,
     handler_for,
@@ -66,6 +65,7 @@ from bastion.gateway.mcp_name import NAME_PARAMS
 from bastion.gateway.mcp_name import decode as decode_name
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, read_decision
+from bastion.gateway.upstream import REVOKED
 from bastion.gateway.upstream_credentials import client_declared
 from bastion.gateway.uris import resource_uri
 from bastion.http_fields import accepts, media_type

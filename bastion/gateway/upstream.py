@@ -65,6 +65,11 @@ from bastion.turns import Turns, full_passes_held
 from bastion.whole_numbers import capped
 
 log = logging.getLogger("bastion.gateway.upstream")
+
+# Why bastion itself stopped a request under way (its task's cancellation message:
+# `transport.InFlight.stop`): its caller's token revoked, or its caller suspended.
+REVOKED = "revoked"
+SUSPENDED = "suspended"
 # The longest SSE ``retry`` (milliseconds) taken as sent; a longer one, of any number of digits,
 # is read as this. The request's timeout ends the wait before either.
 MAX_RETRY_MS = 86_400_000
@@ -261,10 +266,16 @@ class Upstream(abc.ABC):
             return await self._exchange(
                 message, capabilities=capabilities, ask=ask, hear=hear, sent=sent
             )
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:
             if not deadline.end():
-                # Its client cancelled or went away: the upstream may stop working on it.
-                self._abandon(message["id"], "the client cancelled the request")
+                # Its client cancelled or went away, or bastion stopped it: the upstream may
+                # stop working on it (told not why bastion did: a caller's standing is not a
+                # third party's to know).
+                stopped = len(e.args) == 1 and e.args[0] in (REVOKED, SUSPENDED)
+                told = (
+                    "bastion stopped the request" if stopped else "the client cancelled the request"
+                )
+                self._abandon(message["id"], told)
                 raise
         except TimeoutError:
             pass

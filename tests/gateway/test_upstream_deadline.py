@@ -12,7 +12,7 @@ import pytest
 
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.jsonrpc import UPSTREAM_UNAVAILABLE, RpcError
-from bastion.gateway.upstream import Upstream
+from bastion.gateway.upstream import REVOKED, SUSPENDED, Upstream
 
 
 class Scripted(Upstream):
@@ -95,6 +95,24 @@ def test_the_clients_cancellation_is_a_cancellation():
         return upstream.abandoned
 
     assert asyncio.run(scenario()) == [(1, "the client cancelled the request")]
+
+
+@pytest.mark.parametrize("reason", [REVOKED, SUSPENDED])
+def test_a_request_bastion_stops_is_told_so_and_not_why(reason):
+    """Stopped because its caller's token was revoked or its caller suspended (`InFlight.stop`):
+    the upstream is told bastion stopped it, not that the client cancelled, nor why (a third
+    party is not told of a caller's standing)."""
+
+    async def scenario():
+        upstream = Scripted(timeout=5, delay=10)
+        task = asyncio.ensure_future(upstream.request("tools/call", {"name": "slow"}))
+        await asyncio.sleep(0.02)
+        task.cancel(reason)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return upstream.abandoned
+
+    assert asyncio.run(scenario()) == [(1, "bastion stopped the request")]
 
 
 def test_an_outer_timeout_shorter_than_the_upstreams_is_the_outer_ones():
