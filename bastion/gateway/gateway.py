@@ -399,8 +399,10 @@ class Gateway:
         # before it moved, and which was not under way yet then, has it checked again before it
         # goes on (`transport.StreamableHttpEndpoint._post`).
         self.revocations_heard = 0
-        # Checks of the tokens of requests under way when their grant was revoked.
+        # Checks of the tokens of requests under way when their grant was revoked, and the
+        # requests whose check has not begun yet.
         self._checks: set[asyncio.Future] = set()
+        self._checks_to_begin: set[InFlight] = set()
         # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
         # without the request id, and where the client's response goes)
         self.asked: dict[str, tuple[tuple, asyncio.Future]] = {}
@@ -921,10 +923,20 @@ class Gateway:
                 self._check(flight)
 
     def _check(self, flight: InFlight) -> None:
-        """Check the token of a request under way (`InFlight.check_token`), in a task."""
-        check = asyncio.ensure_future(flight.check_token())
+        """Check the token of a request under way (`InFlight.check_token`), in a task: one
+        for a burst of revocations (a check not begun yet will see each of them)."""
+        if flight in self._checks_to_begin:
+            return
+        self._checks_to_begin.add(flight)
+        check = asyncio.ensure_future(self._check_now(flight))
         self._checks.add(check)
         check.add_done_callback(self._checks.discard)
+
+    async def _check_now(self, flight: InFlight) -> None:
+        # Begun: a revocation heard from now on may come after the token's state is read, so
+        # it has a check of its own.
+        self._checks_to_begin.discard(flight)
+        await flight.check_token()
 
     def _end_streams_on_stop_signals(self) -> None:
         """uvicorn waits for open responses to finish before the lifespan's shutdown, and a

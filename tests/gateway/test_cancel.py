@@ -271,6 +271,40 @@ def test_a_call_whose_token_is_revoked_while_it_runs_is_cancelled_and_its_result
     assert _record_of_wait(bastion, kept, 1.5, seq).reason == ""
 
 
+def test_a_burst_of_revocations_checks_a_call_under_way_once(bastion):
+    """Each revocation heard has the requests of its grant checked again (all the trusted
+    issuers' requests, for a user's standing changed): a burst of them (a script disabling many
+    users) made one check per request each, all at once. A check not begun yet now stands for
+    those heard before it begins."""
+    token = bastion.token("sam", "labhttp")
+    tag = uuid.uuid4().hex
+    headers = {**modern_headers(token, "tools/call", "wait"), "accept": "application/json"}
+    call = modern_request(8, "tools/call", _wait_call(8, tag, seconds=1)["params"])
+    answer = post_in_background(bastion, "labhttp", headers, call)
+    assert traced(bastion, "wait-started", tag)
+    gateway = bastion.app.state.gateway
+    (flight,) = gateway.in_flight.values()
+    checked = []
+    still_valid = flight.exchange.still_valid
+
+    async def counted():
+        checked.append(1)
+        return await still_valid()
+
+    flight.exchange.still_valid = counted
+    grant = flight.exchange.caller.grant_id
+
+    def burst():
+        for _ in range(20):
+            gateway._grant_revoked(grant)
+
+    flight.task.get_loop().call_soon_threadsafe(burst)
+    assert eventually(lambda: checked and not gateway._checks)
+    assert checked == [1]
+    answer["thread"].join(PATIENCE)
+    assert answer["status"] == 200 and "waited 1" in answer["text"], answer
+
+
 @pytest.mark.parametrize("server", ["lab", "labhttp"])
 def test_a_call_whose_token_is_revoked_before_it_is_under_way_is_refused(bastion, server):
     """A revocation stops the requests under way; one whose token was checked but which was not
