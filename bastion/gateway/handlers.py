@@ -76,8 +76,8 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # "incomplete", the SDK "input_required").
 INPUT_REQUIRED = ("input_required", "incomplete")
 _MAX_INPUT_ROUNDS = 10
-# Why a request under way was stopped (the cancellation's message: `transport.InFlight.stop`):
-# its token was revoked, or its agent, user or session suspended, while bastion worked on it.
+# The record's reason for a request bastion stopped under way, by the cancellation's message
+# (`transport.InFlight.stop`): its token revoked, or its agent, user or session suspended.
 _STOPPED = {
     REVOKED: "its token was revoked while it ran",
     SUSPENDED: "its caller was suspended while it ran",
