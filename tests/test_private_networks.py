@@ -389,8 +389,14 @@ def test_an_upstream_allowed_a_network_sends_its_secrets_there_and_nowhere_else(
         )
         client = UpstreamOAuthClient(upstream.url("/mcp"), settings, "crm")
         secret = {"client_id": "bastion", "client_secret": "s3cret"}
-        # A refresh token the upstream's authorization server issued (the only one it goes to).
-        anyio.run(client.refresh, secret, "refresh-secret", 0.0, upstream.url(""))
+
+        async def refreshed() -> None:
+            # A refresh token the upstream's authorization server issued (the only one it goes
+            # to), as bastion refreshes: its metadata read, then the token sent where it says.
+            meta = await client.metadata_of(upstream.url(""))
+            await client.refresh(meta, secret, "refresh-secret", 0.0)
+
+        anyio.run(refreshed)
 
     with sites(tmp_path) as (_, allowed, other):
         for site in (allowed, other):
