@@ -399,10 +399,10 @@ class Gateway:
         # before it moved, and which was not under way yet then, has it checked again before it
         # goes on (`transport.StreamableHttpEndpoint._post`).
         self.revocations_heard = 0
-        # Checks of the tokens of requests under way when their grant was revoked, and the
-        # requests whose check has not begun yet.
+        # Checks of the tokens of requests under way and streams when their grant was revoked,
+        # and those whose check has not begun yet.
         self._checks: set[asyncio.Future] = set()
-        self._checks_to_begin: set[InFlight] = set()
+        self._checks_to_begin: set[InFlight | Listener] = set()
         # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
         # without the request id, and where the client's response goes)
         self.asked: dict[str, tuple[tuple, asyncio.Future]] = {}
@@ -612,12 +612,13 @@ class Gateway:
         """A token of ``grant_id``, or the grant, was revoked: its streams and upstream sessions
         end, and each request of its tokens still under way has its token checked again
         (`InFlight.check_token`: stopped if it is refused). `USERS_CHANGED` (a user disabled,
-        or all their grants revoked) has the requests of trusted issuers' tokens, which rest on
-        no grant of bastion's, checked so; a trusted issuer's stream ends at its next
-        notification."""
+        or all their grants revoked) has the requests and streams of trusted issuers' tokens,
+        which rest on no grant of bastion's, checked so (a stream refused ends)."""
         self.revocations_heard += 1
         if grant_id == USERS_CHANGED:
             grant_id = ""
+            for listener in self.sessions.of_no_grant():
+                self._check(listener)
         elif grant_id:
             self.sessions.end_grant(grant_id)
             for pool in self._own_sessions():
@@ -758,13 +759,7 @@ class Gateway:
         ``connect`` needs an approval that no approval for minutes covers), and for a
         resource's update, ``read`` it (else that notification is not sent): recorded when the
         answer for that resource differs from the stream's last one (`Listener.withheld`)."""
-        try:
-            await self.verify_token(
-                listener.token, listener.server, listener.caller.address or None
-            )
-        # A token that cannot be checked now is refused.
-        except (InvalidToken, DatabaseUnavailable, IssuerUnavailable):
-            listener.close(refused=True)
+        if not await self._stream_token_valid(listener):
             return False
         enforcer = self.enforcer
         await enforcer.settled()
@@ -922,21 +917,37 @@ class Gateway:
             for flight in self.in_flight.values():
                 self._check(flight)
 
-    def _check(self, flight: InFlight) -> None:
-        """Check the token of a request under way (`InFlight.check_token`), in a task: one
-        for a burst of revocations (a check not begun yet will see each of them)."""
-        if flight in self._checks_to_begin:
+    def _check(self, checked: InFlight | Listener) -> None:
+        """Check the token of a request under way (`InFlight.check_token`: stopped if it is
+        refused) or of a stream (`_stream_token_valid`: ended), in a task: one for a burst of
+        revocations (a check not begun yet will see each of them)."""
+        if checked in self._checks_to_begin:
             return
-        self._checks_to_begin.add(flight)
-        check = asyncio.ensure_future(self._check_now(flight))
+        self._checks_to_begin.add(checked)
+        check = asyncio.ensure_future(self._check_now(checked))
         self._checks.add(check)
         check.add_done_callback(self._checks.discard)
 
-    async def _check_now(self, flight: InFlight) -> None:
+    async def _check_now(self, checked: InFlight | Listener) -> None:
         # Begun: a revocation heard from now on may come after the token's state is read, so
         # it has a check of its own.
-        self._checks_to_begin.discard(flight)
-        await flight.check_token()
+        self._checks_to_begin.discard(checked)
+        if isinstance(checked, InFlight):
+            await checked.check_token()
+        else:
+            await self._stream_token_valid(checked)
+
+    async def _stream_token_valid(self, listener: Listener) -> bool:
+        """Whether the token that opened ``listener``'s stream is still valid; if not, or if
+        it cannot be checked now, the stream is ended (refused)."""
+        try:
+            await self.verify_token(
+                listener.token, listener.server, listener.caller.address or None
+            )
+        except (InvalidToken, DatabaseUnavailable, IssuerUnavailable):
+            listener.close(refused=True)
+            return False
+        return True
 
     def _end_streams_on_stop_signals(self) -> None:
         """uvicorn waits for open responses to finish before the lifespan's shutdown, and a

@@ -342,6 +342,11 @@ class SessionTable:
     def listeners_of(self, server: str) -> Iterator[Listener]:
         return (s for s in list(self._listeners) if s.server == server)
 
+    def of_no_grant(self) -> list[Listener]:
+        """The streams opened with a token that rests on no grant of bastion's (a trusted
+        issuer's)."""
+        return [s for s in self._listeners if not s.caller.grant_id]
+
     def end_grant(self, grant_id: str) -> None:
         """A grant, or one of its tokens, was revoked: cut off the streams opened with it."""
         for listener in list(self._listeners):

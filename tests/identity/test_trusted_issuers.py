@@ -39,7 +39,13 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.config import ConfigError
 from tests.clock import ManualClock
-from tests.gateway.streams import modern_headers, modern_request, post_in_background, traced
+from tests.gateway.streams import (
+    listening_to_tools,
+    modern_headers,
+    modern_request,
+    post_in_background,
+    traced,
+)
 from tests.gateway.support import PASSWORD, start
 from tests.oauth.support import ANY_KID, free_socket, serve, signed_text
 from tests.waits import PATIENCE
@@ -717,6 +723,30 @@ def test_a_call_under_way_when_its_user_is_disabled_is_stopped(bastion, idp):
         assert "'rue' is disabled" in json.loads(answer["text"])["error_description"]
         untouched["thread"].join(PATIENCE)
         assert untouched["status"] == 200 and "waited 1.5s" in untouched["text"], untouched
+    finally:
+        bastion.apply(deletes=[member])
+
+
+def test_a_stream_open_when_its_user_is_disabled_ends(bastion, idp):
+    """A revocation ends the streams of the grant it names; a trusted issuer's token rests on no
+    grant of bastion's, so its user disabled left its stream open (relaying nothing) until its
+    next notification. Now the user's standing changing has each such stream's token checked
+    again, and the disabled user's stream ends at once; another user's stays."""
+    store = bastion.app.state.oauth.store
+    create_user(store, "ria", PASSWORD, time.time(), actor="test")
+    member = parse_fact('has_role(User{"ria"}, "member", Team{"support"})')
+    bastion.apply(inserts=[member])
+    try:
+        token = idp.token("l", sub="ria", aud="api://lab-l")
+        other = idp.token("l", sub="sam", aud="api://lab-l")
+        with (
+            listening_to_tools(bastion, token) as frames,
+            listening_to_tools(bastion, other),
+        ):
+            store.disable_user("ria", time.time(), actor="test")
+            assert list(frames) == []  # ended (a client read timeout would fail the test)
+            listeners = bastion.app.state.gateway.sessions.listeners_of("labhttp")
+            assert [listener.token for listener in listeners] == [other]
     finally:
         bastion.apply(deletes=[member])
 
