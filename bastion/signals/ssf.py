@@ -97,6 +97,8 @@ POLL_METHOD = "urn:ietf:rfc:8936"
 MAX_ANSWER_BYTES = 1_048_576
 TRANSMITTERS_TABLE = "[[signals.ssf.transmitters]]"
 ANSWER_SECONDS = 10.0
+# How often what /readyz shows of the streams is read again from the database (`_show_forever`).
+SHOWN_SECONDS = 2.0
 # Add and remove subject requests (SSF 1.0 §8.1.3) made in one round of `sync_subjects`: the
 # rest wait for the next round, so that a first round of many thousands neither holds the
 # transmitter's rate limit nor the command for long.
@@ -787,6 +789,7 @@ class SsfReceiver:
                 )
             self._tasks.append(asyncio.create_task(self._run(t), name=f"ssf {t.name}"))
         self._tasks.append(asyncio.create_task(self._forget_forever(), name="ssf jti retention"))
+        self._tasks.append(asyncio.create_task(self._show_forever(), name="ssf streams shown"))
 
     async def close(self) -> None:
         for task in [*self._tasks, *self._changes]:
@@ -809,6 +812,22 @@ class SsfReceiver:
             else:
                 outage.ended("ssf: the jtis past jti_retention_seconds are forgotten again")
             await asyncio.sleep(min(3600.0, self.settings.jti_retention_seconds / 10))
+
+    async def _show_forever(self) -> None:
+        """Every `SHOWN_SECONDS`, what /readyz shows of each stream read again from the
+        database (`SsfStore.show_streams`): another process may have changed it (a replica, the
+        transmitter's event applied there, `streams configure`). A round that fails leaves
+        what is shown, said once for as long as it fails the same way."""
+        outage = Outage(log)
+        names = frozenset(t.name for t in self.settings.transmitters)
+        while True:
+            await asyncio.sleep(SHOWN_SECONDS)
+            try:
+                await anyio.to_thread.run_sync(self.store.show_streams, names)
+            except Exception as e:  # noqa: BLE001 - shown as this process last saw them
+                round_failed(outage, e, "ssf: /readyz shows the streams as this process saw them")
+            else:
+                outage.ended("ssf: /readyz shows the streams as recorded again")
 
     def _outage(self, t: Transmitter, step: str) -> Outage:
         """What the log says of ``step`` of ``t``'s failing again and again: one `Outage` per

@@ -9,9 +9,11 @@ an ``ssf.stream_changed`` audit event naming its actor, and each change of a sub
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bastion.audit.log import AuditLog
@@ -106,8 +108,12 @@ class SsfStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        # What this process last recorded of each stream (status, detail), for /readyz.
+        # Each stream's status, detail and last round of subjects, for /readyz: as this
+        # process last recorded it, or read from the database since (`show_streams`).
         self.seen: dict[str, dict[str, str]] = {}
+        # Moves as this process records a stream's state, before and after it is written: a
+        # read of the database that overlapped a write does not replace what it shows.
+        self._shown_writes = 0
         db.migrate("ssf", _MIGRATIONS)
         self.audit = AuditLog(db)
 
@@ -161,12 +167,7 @@ class SsfStore:
         # and any answer can hold.
         status, detail = writable(status), writable(detail)
         now = time.time()
-        self.seen[transmitter] = {
-            "status": status, "detail": detail,
-            **({"subjects": self.seen[transmitter]["subjects"]}
-               if "subjects" in self.seen.get(transmitter, {}) else {}),
-        }  # fmt: skip
-        with self.db.transaction():
+        with self._showing(transmitter, status=status, detail=detail), self.db.transaction():
             rows = self.db.execute(
                 "SELECT stream_id, status, verification_state FROM ssf_streams"
                 " WHERE transmitter = ?",
@@ -252,24 +253,47 @@ class SsfStore:
                 actor=actor,
                 verification_requested=False,
             )
-        self.db.execute(
-            "UPDATE ssf_streams SET verified_at = ?, status = 'verified',"
-            " detail = 'verification event received', updated_at = ? WHERE transmitter = ?",
-            (time.time(), time.time(), transmitter),
-        )
-        self.seen.setdefault(transmitter, {}).update(
-            status="verified", detail="verification event received"
-        )
+        with self._showing(transmitter, status="verified", detail="verification event received"):
+            self.db.execute(
+                "UPDATE ssf_streams SET verified_at = ?, status = 'verified',"
+                " detail = 'verification event received', updated_at = ? WHERE transmitter = ?",
+                (time.time(), time.time(), transmitter),
+            )
         return True
 
     def note_subjects(self, transmitter: str, summary: str) -> None:
         """What the last round of the stream's subjects did (`SubjectsSync.summary`); the
         subjects' own changes are audited one by one (`note_subject`)."""
         summary = writable(summary)
-        self.seen.setdefault(transmitter, {})["subjects"] = summary
-        self.db.execute(
-            "UPDATE ssf_streams SET subjects = ? WHERE transmitter = ?", (summary, transmitter)
-        )
+        with self._showing(transmitter, subjects=summary):
+            self.db.execute(
+                "UPDATE ssf_streams SET subjects = ? WHERE transmitter = ?", (summary, transmitter)
+            )
+
+    @contextlib.contextmanager
+    def _showing(self, transmitter: str, **shown: str) -> Iterator[None]:
+        """Show ``shown`` of ``transmitter``'s stream (`seen`) at once, while it is written."""
+        self._shown_writes += 1
+        self.seen.setdefault(transmitter, {}).update(shown)
+        try:
+            yield
+        finally:
+            self._shown_writes += 1
+
+    def show_streams(self, names: frozenset[str]) -> None:
+        """Show the streams of the transmitters ``names`` (`seen`) as the database has them:
+        another process (a replica, `streams configure`) may have changed them since this one
+        last wrote. Left as they are if this process wrote one meanwhile (its own is newer)."""
+        writes = self._shown_writes
+        read = self.streams()
+        if self._shown_writes != writes:
+            return
+        for row in read:
+            if row.transmitter in names:
+                shown = {"status": row.status, "detail": row.detail}
+                if row.subjects is not None:
+                    shown["subjects"] = row.subjects
+                self.seen[row.transmitter] = shown
 
     def take_round(self, transmitter: str, owner: str, now: float, until: float) -> bool:
         """Hold the rounds of ``transmitter``'s subjects for process ``owner`` until ``until``:

@@ -328,6 +328,7 @@ _NOT_LIMITS = {
     "bastion.gateway.holds.LOOK_SECONDS": "how often a held request reads the database",
     "bastion.gateway.gateway.REQUEST_CHECK_SECONDS": "how often, on SQLite, the requests"
     " under way are looked at for another process's revocation",
+    "bastion.signals.ssf.SHOWN_SECONDS": "how often /readyz's streams are read again",
     "bastion.gateway.http1._IDLE_SECONDS": "an idle pooled upstream connection is closed",
     "bastion.gateway.http1._DRAIN_SECONDS": "an unread answer drained to keep its connection",
     "bastion.gateway.upstream._GROUP_LOOK_SECONDS": "how often a stopping process group is looked at",

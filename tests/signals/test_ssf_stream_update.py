@@ -180,10 +180,19 @@ def test_streams_configure_updates_the_stream_and_says_what_it_changed(world, tm
         err = capsys.readouterr().err
         assert "lacks 1 of bastion's: session-revoked" in err and "HTTP 405" in err, err
         assert streams(world)["older"]["status"] == "error"
+        # The running server's /readyz shows it too, though another process wrote it.
+        wait_until(lambda: shown(world)["older"]["status"] == "error")
+        assert "HTTP 405" in shown(world)["older"]["detail"]
     finally:
         world.older.patch_answer = None
     assert main(argv) == 0
     assert "added session-revoked" in capsys.readouterr().out
+    wait_until(lambda: shown(world)["older"]["status"] != "error")
+
+
+def shown(world) -> dict:
+    """What the running server's /readyz shows of each stream."""
+    return world.http.get(f"{world.url}/readyz").json()["ssf_streams"]
 
 
 def test_a_verification_asked_before_the_stream_fell_in_error_verifies_nothing(
