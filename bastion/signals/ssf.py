@@ -934,6 +934,12 @@ class SsfReceiver:
                 raise ValueError(
                     f"reading the stream {known_id} at {endpoint} answered HTTP {code}"
                 )
+        else:
+            # None recorded: a first start, or a process that stopped between making a stream
+            # and recording its id (or a database lost). A transmitter that allows many streams
+            # per receiver may hold the one bastion made: used, not made a second time (the
+            # first would be left holding, or pushing, the events meant for bastion).
+            stream = await self._listed_stream(t, endpoint, delivery, requested)
         if stream is None:
             code, content = await self._call(
                 t,
@@ -1114,6 +1120,33 @@ class SsfReceiver:
                  "; ".join(fit.changes))  # fmt: skip
         return answer, fit.changes, ""
 
+    async def _streams_listed(
+        self, t: Transmitter, endpoint: str
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """The transmitter's streams for bastion (SSF 1.0 §8.1.1.2: its configuration endpoint
+        read without a ``stream_id``), those with an id, and the HTTP status of that read (no
+        stream unless 200)."""
+        code, content = await self._call(t, "GET", endpoint)
+        if code != 200:
+            return code, []
+        found = untrusted_json.loads(content)
+        listed = found if isinstance(found, list) else [found]
+        return code, [
+            s for s in listed if isinstance(s, dict) and isinstance(s.get("stream_id"), str)
+        ]
+
+    async def _listed_stream(
+        self, t: Transmitter, endpoint: str, delivery: dict[str, Any], requested: list[str]
+    ) -> dict[str, Any] | None:
+        """The first stream of the transmitter's list that is the one bastion would create for
+        ``t`` (`stream_fit`: nothing differs), if it lists its streams; else None."""
+        _, listed = await self._streams_listed(t, endpoint)
+        for stream in listed:
+            if not stream_fit(stream, t.issuer, delivery, requested).differences:
+                log.info("ssf transmitter %s: using the stream it holds for bastion", t.name)
+                return stream
+        return None
+
     async def _existing_stream(
         self, t: Transmitter, endpoint: str, delivery: dict[str, Any], requested: list[str]
     ) -> dict[str, Any]:
@@ -1122,19 +1155,15 @@ class SsfReceiver:
         bring in step (of ``t``'s issuer and its delivery method: `StreamFit`), which
         `configure` updates. Else a ValueError naming what differs, in bastion's words (the
         transmitter's values are not quoted: the status is shown to anyone)."""
-        code, content = await self._call(t, "GET", endpoint)
+        code, listed = await self._streams_listed(t, endpoint)
         if code != 200:
             raise ValueError(
                 f"creating the stream at {endpoint} answered 409 (one stream per receiver, SSF"
                 f" 1.0 §8.1.1.1) and reading the existing one answered HTTP {code}"
             )
-        found = untrusted_json.loads(content)
-        listed = found if isinstance(found, list) else [found]
         differences: list[list[str]] = []
         ours: dict[str, Any] | None = None
         for stream in listed:
-            if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
-                continue
             fit = stream_fit(stream, t.issuer, delivery, requested)
             if not fit.differences:
                 log.info(

@@ -95,7 +95,7 @@ def poll_answers(draw: st.DrawFn) -> tuple[int, bytes, bytes]:
     return hostile_answer(draw, POLL_ANSWER)
 
 
-def hostile_answer(draw: st.DrawFn, template: dict) -> tuple[int, bytes, bytes]:
+def hostile_answer(draw: st.DrawFn, template: object) -> tuple[int, bytes, bytes]:
     """(status, content type, body) of an answer like ``template`` with one thing wrong: a
     hostile value in one place, a member named twice, a raw body, a content type, a status."""
     where = draw(st.sampled_from(["place"] * 8 + ["twice", "raw", "type", "status"]))
@@ -273,10 +273,16 @@ def _settings(issuer: str) -> SsfSettings:
 
 @st.composite
 def configuration_answers(draw: st.DrawFn, stream: dict) -> tuple[str, tuple[int, bytes, bytes]]:
-    """(the endpoint, its answer): the stream's creation or reading, its status, its
-    verification, or a subject's addition."""
-    endpoint = draw(st.sampled_from(["stream"] * 6 + ["read", "status", "verify", "subjects"]))
-    template = {"status": "enabled"} if endpoint == "status" else stream
+    """(the endpoint, its answer): the stream's creation, its list of streams, a stream's
+    reading, its status, its verification, or a subject's addition."""
+    endpoint = draw(
+        st.sampled_from(["stream"] * 5 + ["list"] * 2 + ["read", "status", "verify", "subjects"])
+    )
+    template: object = stream
+    if endpoint == "status":
+        template = {"status": "enabled"}
+    elif endpoint == "list":
+        template = [stream]
     return endpoint, hostile_answer(draw, template)
 
 
@@ -299,9 +305,12 @@ def test_no_hostile_answer_to_the_streams_configuration_is_used_or_stored(tmp_pa
         @given(drawn=configuration_answers(stream))
         def probe(drawn: tuple[str, tuple[int, bytes, bytes]]) -> None:
             endpoint, answer = drawn
-            if endpoint == "stream":
-                # Not known here: created (POST), as at a first start.
+            if endpoint in ("stream", "list"):
+                # Not known here, as at a first start: read from the transmitter's list, else
+                # created (POST).
                 db.execute("UPDATE ssf_streams SET stream_id = NULL")
+                if endpoint == "stream":
+                    transmitter.answer_next("list", 200, JSON, b"[]")  # none listed: created
             elif not store.stream("idp").stream_id:
                 anyio.run(receiver.configure, t)  # left unconfigured by a refused creation
             transmitter.answer_next("stream" if endpoint == "read" else endpoint, *answer)

@@ -572,7 +572,7 @@ def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
     from bastion.facts.store import FactStore
     from bastion.signals.ssf import SsfReceiver
 
-    state = {"url": "", "creates": 0, "polls": 0}
+    state = {"url": "", "creates": 0, "polls": 0, "made": False}
 
     async def metadata(request):
         return JSONResponse(
@@ -581,6 +581,9 @@ def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
         )  # fmt: skip
 
     async def counted_stream(request):
+        if request.method == "GET" and not request.query_params:
+            # Its list of bastion's streams (SSF 1.0 §8.1.1.2): the one it made, once it has.
+            return JSONResponse([json.loads(created(state).body)] if state["made"] else [])
         state["creates"] += 1
         return await stream(request, state)
 
@@ -643,7 +646,8 @@ def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
 
 
 def created(state: dict) -> JSONResponse:
-    """The stream a transmitter creates, polled at its /poll."""
+    """The stream a transmitter creates, polled at its /poll (listed from then on)."""
+    state["made"] = True
     return JSONResponse(
         {"stream_id": "s1", "iss": ISSUER, "aud": "https://bastion.example.com",
          "delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": f"{state['url']}/poll"}}
@@ -1274,7 +1278,9 @@ def test_a_stream_the_transmitter_already_holds_is_used_when_it_is_bastions_and_
             assert problem is None, problem
             assert again["stream_id"] == first["stream_id"] == recorded.stream_id
             assert len(idp.streams) == 1
-            assert [m for m, _ in idp.stream_calls] == ["POST", "POST"]  # nothing to change
+            # Found in the transmitter's list (read first when no id is recorded, since
+            # 2026-12-08), not by a create answered 409; nothing to change.
+            assert [m for m, _ in idp.stream_calls] == ["POST"]
             # Since 2026-12-06 a stream that is bastion's and differs is brought in step, not
             # refused (tests/signals/test_ssf_stream_update.py): pushing elsewhere, with another
             # token, lacking an event type bastion asks for.
@@ -1292,6 +1298,56 @@ def test_a_stream_the_transmitter_already_holds_is_used_when_it_is_bastions_and_
             assert problem is None, problem
             assert idp.stream_calls[-1][1]["events_requested"] == held["events_requested"]
             assert CAEP + "session-revoked" in held["events_requested"]
+    finally:
+        for db in dbs:
+            db.close()
+
+
+def test_a_stream_made_but_not_recorded_is_used_not_made_again(tmp_path):
+    """A transmitter that allows many streams per receiver: a process that stopped between
+    making its stream and recording the stream's id (or a database lost) made a second stream
+    at its next start, and the first, still holding the events queued for bastion (or pushing
+    them as well), was left. With no id recorded, bastion now reads the transmitter's list
+    first (SSF 1.0 §8.1.1.2) and uses the stream there that is the one it would make."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+    from tests.signals.transmitter import BEARER, Transmitter
+
+    idp = Transmitter("https://bastion.example.com")
+    env = {"PUSH": "p" * 32, "OTHER_PUSH": "o" * 32, "BEARER": BEARER}
+    dbs = []
+
+    def configured(name: str, push_token_env: str = "PUSH"):
+        table = {
+            "transmitters": [
+                transmitter(issuer=idp.url, push_token_env=push_token_env,
+                            configuration_url=f"{idp.url}/.well-known/ssf-configuration")
+            ],
+        }  # fmt: skip
+        s = SsfSettings.from_table(table, issuer="https://bastion.example.com", env=env)
+        db = Database(str(tmp_path / f"{name}.db"))
+        dbs.append(db)
+        receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+        t = s.transmitters[0]
+        return anyio.run(receiver.configure, t).stream, receiver.store.stream(t.name)
+
+    try:
+        with serve(idp.app(), free_socket()) as url:
+            idp.url = url
+            first, _ = configured("first")
+            again, recorded = configured("lost")  # made, its id never recorded
+            assert again["stream_id"] == first["stream_id"] == recorded.stream_id
+            assert len(idp.streams) == 1
+            assert [m for m, _ in idp.stream_calls] == ["POST"]
+            # One that is not the one bastion would make (another token: another deployment's,
+            # or bastion's before its token changed) is left to its owner: a stream is made.
+            other, recorded = configured("other-token", push_token_env="OTHER_PUSH")
+            assert (
+                other["stream_id"]
+                != first["stream_id"]
+                == idp.streams[first["stream_id"]]["stream_id"]
+            )
+            assert recorded.stream_id == other["stream_id"] and len(idp.streams) == 2
     finally:
         for db in dbs:
             db.close()

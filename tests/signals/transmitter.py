@@ -215,9 +215,14 @@ class Transmitter:
 
     def _counted(self, endpoint: str, handler):
         async def answer(request: Request):
+            named = endpoint
+            if endpoint == "stream" and request.method == "GET" and not request.query_params:
+                # Its list of streams (SSF 1.0 §8.1.1.2) is counted and answered as an endpoint
+                # of its own; one stream read by its id is "stream", as its creation is.
+                named = "list"
             with self.lock:
-                self.calls[endpoint] += 1
-                queued = self.answers.get(endpoint)
+                self.calls[named] += 1
+                queued = self.answers.get(named)
                 given = queued.pop(0) if queued else None
             if given is None:
                 return await handler(request)
