@@ -161,6 +161,7 @@ def test_a_streams_notification_is_decided_on_the_facts_in_force_after_its_conne
     gateway = SimpleNamespace(
         verify_token=verify_token, enforcer=enforcer, _connect_needs_deciding=lambda *a: True
     )
+    gateway._stream_token_valid = lambda listener: Gateway._stream_token_valid(gateway, listener)
     caller = Caller("sam", "bot", frozenset(), "127.0.0.1", "2025-11-25")
     listener = Listener(None, "desk", caller, "token", frozenset(), frozenset({"notes/a"}))
     method = "notifications/resources/updated"
