@@ -134,6 +134,11 @@ class _OverBudget(Exception):
         )
 
 
+def _cost(clause: Any) -> int:
+    """What compiling ``clause`` once spends of the compile budget: its literals and its head."""
+    return len(clause.body) + 1
+
+
 @dataclass(slots=True)
 class _Body:
     """A conjunction being generated: a clause's body, or what a negation negates."""
@@ -322,7 +327,7 @@ class CompiledPolicy:
             if "c" in mask:  # a constant leaves rules out: not counted so
                 raise ValueError(f"a shape counted before compiling has no constant, got {mask}")
             for clause in self.program.clauses.get((name, arity), ()):
-                spent += len(clause.body) + 1
+                spent += _cost(clause)
                 if spent > limit:
                     refused = _OverBudget(clause.location, limit)
                     raise PolicyError([Diagnostic(clause.location, str(refused))])
@@ -614,10 +619,10 @@ class CompiledPolicy:
         return [clauses[i] for i in sorted(best)]
 
     def _spend(self, clauses: Any) -> None:
-        """Charge ``clauses``, each with its literals and its head, to the compile budget."""
+        """Charge ``clauses`` to the compile budget (`_cost`)."""
         limit = self.limits.policy_max_compiled_literals
         for clause in clauses:
-            self._literals += len(clause.body) + 1
+            self._literals += _cost(clause)
             if self._literals > limit:
                 raise _OverBudget(clause.location, limit)
 
