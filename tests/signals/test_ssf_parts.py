@@ -1242,65 +1242,38 @@ def test_a_stream_the_transmitter_already_holds_is_used_when_it_is_bastions_and_
     create 409. bastion (its database lost the stream's id, or another replica made it) reads
     the stream from the transmitter's list and uses it when it is the one bastion would create,
     and brings it in step when it is bastion's and differs. A 409 was an error always."""
-    from bastion.facts.store import FactStore
     from bastion.signals.settings import CAEP
-    from bastion.signals.ssf import SsfReceiver
-    from tests.signals.transmitter import BEARER, Transmitter
+    from tests.signals.transmitter import BEARER, Transmitter, receivers_of
 
     idp = Transmitter("https://bastion.example.com")
     idp.one_stream = True
     env = {"PUSH": "p" * 32, "OTHER_PUSH": "o" * 32, "BEARER": BEARER}
-    dbs = []
-
-    def configured(name: str, push_url: str = "", push_token_env: str = "PUSH"):
-        table = {
-            "transmitters": [
-                transmitter(issuer=idp.url, push_token_env=push_token_env,
-                            configuration_url=f"{idp.url}/.well-known/ssf-configuration")
-            ],
-            **({"push_url": push_url} if push_url else {}),
-        }  # fmt: skip
-        s = SsfSettings.from_table(table, issuer="https://bastion.example.com", env=env)
-        db = Database(str(tmp_path / f"{name}.db"))
-        dbs.append(db)
-        receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
-        t = s.transmitters[0]
-        try:
-            return anyio.run(receiver.configure, t).stream, None, receiver.store.stream(t.name)
-        except ValueError as e:
-            return None, str(e), receiver.store.stream(t.name)
-
-    try:
-        with serve(idp.app(), free_socket()) as url:
-            idp.url = url
-            first, _, _ = configured("first")
-            again, problem, recorded = configured("lost")  # the stream's id was lost
+    with receivers_of(idp, tmp_path, env) as configured:
+        first, _, _ = configured("first")
+        again, problem, recorded = configured("lost")  # the stream's id was lost
+        assert problem is None, problem
+        assert again["stream_id"] == first["stream_id"] == recorded.stream_id
+        assert len(idp.streams) == 1
+        # Found in the transmitter's list (read first when no id is recorded, since
+        # 2026-12-08), not by a create answered 409; nothing to change.
+        assert [m for m, _ in idp.stream_calls] == ["POST"]
+        # Since 2026-12-06 a stream that is bastion's and differs is brought in step, not
+        # refused (tests/signals/test_ssf_stream_update.py): pushing elsewhere, with another
+        # token, lacking an event type bastion asks for.
+        for name, changes, member in (
+            ("elsewhere", {"push_url": "https://other.example.com/ssf/events"}, "delivery"),
+            ("other-token", {"push_token_env": "OTHER_PUSH"}, "delivery"),
+        ):  # fmt: skip
+            stream, problem, recorded = configured(name, **changes)
             assert problem is None, problem
-            assert again["stream_id"] == first["stream_id"] == recorded.stream_id
-            assert len(idp.streams) == 1
-            # Found in the transmitter's list (read first when no id is recorded, since
-            # 2026-12-08), not by a create answered 409; nothing to change.
-            assert [m for m, _ in idp.stream_calls] == ["POST"]
-            # Since 2026-12-06 a stream that is bastion's and differs is brought in step, not
-            # refused (tests/signals/test_ssf_stream_update.py): pushing elsewhere, with another
-            # token, lacking an event type bastion asks for.
-            for name, changes, member in (
-                ("elsewhere", {"push_url": "https://other.example.com/ssf/events"}, "delivery"),
-                ("other-token", {"push_token_env": "OTHER_PUSH"}, "delivery"),
-            ):  # fmt: skip
-                stream, problem, recorded = configured(name, **changes)
-                assert problem is None, problem
-                assert recorded.stream_id == first["stream_id"]
-                assert set(idp.stream_calls[-1][1]) == {"stream_id", member}
-            held = idp.stream("urn:ietf:rfc:8935")
-            held["events_requested"].remove(CAEP + "session-revoked")
-            stream, problem, recorded = configured("fewer-events", push_token_env="OTHER_PUSH")
-            assert problem is None, problem
-            assert idp.stream_calls[-1][1]["events_requested"] == held["events_requested"]
-            assert CAEP + "session-revoked" in held["events_requested"]
-    finally:
-        for db in dbs:
-            db.close()
+            assert recorded.stream_id == first["stream_id"]
+            assert set(idp.stream_calls[-1][1]) == {"stream_id", member}
+        held = idp.stream("urn:ietf:rfc:8935")
+        held["events_requested"].remove(CAEP + "session-revoked")
+        stream, problem, recorded = configured("fewer-events", push_token_env="OTHER_PUSH")
+        assert problem is None, problem
+        assert idp.stream_calls[-1][1]["events_requested"] == held["events_requested"]
+        assert CAEP + "session-revoked" in held["events_requested"]
 
 
 def test_a_stream_made_but_not_recorded_is_used_not_made_again(tmp_path):
@@ -1309,48 +1282,21 @@ def test_a_stream_made_but_not_recorded_is_used_not_made_again(tmp_path):
     at its next start, and the first, still holding the events queued for bastion (or pushing
     them as well), was left. With no id recorded, bastion now reads the transmitter's list
     first (SSF 1.0 §8.1.1.2) and uses the stream there that is the one it would make."""
-    from bastion.facts.store import FactStore
-    from bastion.signals.ssf import SsfReceiver
-    from tests.signals.transmitter import BEARER, Transmitter
+    from tests.signals.transmitter import BEARER, Transmitter, receivers_of
 
     idp = Transmitter("https://bastion.example.com")
     env = {"PUSH": "p" * 32, "OTHER_PUSH": "o" * 32, "BEARER": BEARER}
-    dbs = []
-
-    def configured(name: str, push_token_env: str = "PUSH"):
-        table = {
-            "transmitters": [
-                transmitter(issuer=idp.url, push_token_env=push_token_env,
-                            configuration_url=f"{idp.url}/.well-known/ssf-configuration")
-            ],
-        }  # fmt: skip
-        s = SsfSettings.from_table(table, issuer="https://bastion.example.com", env=env)
-        db = Database(str(tmp_path / f"{name}.db"))
-        dbs.append(db)
-        receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
-        t = s.transmitters[0]
-        return anyio.run(receiver.configure, t).stream, receiver.store.stream(t.name)
-
-    try:
-        with serve(idp.app(), free_socket()) as url:
-            idp.url = url
-            first, _ = configured("first")
-            again, recorded = configured("lost")  # made, its id never recorded
-            assert again["stream_id"] == first["stream_id"] == recorded.stream_id
-            assert len(idp.streams) == 1
-            assert [m for m, _ in idp.stream_calls] == ["POST"]
-            # One that is not the one bastion would make (another token: another deployment's,
-            # or bastion's before its token changed) is left to its owner: a stream is made.
-            other, recorded = configured("other-token", push_token_env="OTHER_PUSH")
-            assert (
-                other["stream_id"]
-                != first["stream_id"]
-                == idp.streams[first["stream_id"]]["stream_id"]
-            )
-            assert recorded.stream_id == other["stream_id"] and len(idp.streams) == 2
-    finally:
-        for db in dbs:
-            db.close()
+    with receivers_of(idp, tmp_path, env) as configured:
+        first, _, _ = configured("first")
+        again, _, recorded = configured("lost")  # made, its id never recorded
+        assert again["stream_id"] == first["stream_id"] == recorded.stream_id
+        assert len(idp.streams) == 1
+        assert [m for m, _ in idp.stream_calls] == ["POST"]
+        # One that is not the one bastion would make (another token: another deployment's, or
+        # bastion's before its token changed) is left to its owner: a stream is made.
+        other, _, recorded = configured("other-token", push_token_env="OTHER_PUSH")
+        assert other["stream_id"] != first["stream_id"] and first["stream_id"] in idp.streams
+        assert recorded.stream_id == other["stream_id"] and len(idp.streams) == 2
 
 
 def test_a_streams_subjects_are_recorded_and_audited_on_each_database(database_url):

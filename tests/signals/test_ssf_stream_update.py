@@ -13,19 +13,16 @@ import json
 import os
 import time
 
-import anyio
 import pytest
 
 from bastion.cli import main
 from bastion.db import Database
-from bastion.facts.store import FactStore
-from bastion.oauth.store import OAuthStore
-from bastion.signals.settings import CAEP, DEFAULT_EFFECTS, RISC, SsfSettings
+from bastion.signals.settings import CAEP, DEFAULT_EFFECTS, RISC
 from bastion.signals.ssf_store import SsfStore
 from tests.oauth.support import free_socket, serve
 
 from .test_ssf import _toml, jti_of, received, streams, wait_until
-from .transmitter import BEARER, Transmitter
+from .transmitter import BEARER, Transmitter, receivers_of
 
 AUDIENCE = "https://bastion.test/ssf-update"
 PUSH_TOKEN = "push-credential-of-moved"
@@ -305,38 +302,10 @@ def test_a_set_on_a_stream_the_transmitter_disabled_is_still_applied(world):
 def receivers(tmp_path):
     """A receiver of a one-stream push transmitter, each on a database of its own (the stream's
     id lost): (transmitter, configure(name) -> (stream or None, error or None, recorded))."""
-    from bastion.signals.ssf import SsfReceiver
-
     idp = Transmitter("https://bastion.example.com")
     idp.one_stream = True
-    env = {"PUSH": "p" * 32, "BEARER": BEARER}
-    dbs: list[Database] = []
-
-    def configure(name: str):
-        table = {
-            "transmitters": [
-                {"name": "idp", "issuer": idp.url, "audience": "https://bastion.example.com",
-                 "delivery": "push", "bearer_env": "BEARER", "push_token_env": "PUSH",
-                 "configuration_url": f"{idp.url}/.well-known/ssf-configuration"}
-            ]
-        }  # fmt: skip
-        s = SsfSettings.from_table(table, issuer="https://bastion.example.com", env=env)
-        db = Database(str(tmp_path / f"{name}.db"))
-        dbs.append(db)
-        receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
-        t = s.transmitters[0]
-        try:
-            return anyio.run(receiver.configure, t).stream, None, receiver.store.stream(t.name)
-        except ValueError as e:
-            return getattr(e, "stream", None), str(e), receiver.store.stream(t.name)
-
-    with serve(idp.app(), free_socket()) as url:
-        idp.url = url
-        try:
-            yield idp, configure
-        finally:
-            for db in dbs:
-                db.close()
+    with receivers_of(idp, tmp_path, {"PUSH": "p" * 32, "BEARER": BEARER}) as configure:
+        yield idp, configure
 
 
 def push_delivery(token: str = "p" * 32) -> dict:

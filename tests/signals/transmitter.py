@@ -22,7 +22,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -35,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests import clients
-from tests.oauth.support import ANY_KID
+from tests.oauth.support import ANY_KID, free_socket, serve
 
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 RISC = "https://schemas.openid.net/secevent/risc/event-type/"
@@ -447,3 +448,46 @@ class Transmitter:
                 ),
             ]
         )
+
+
+@contextlib.contextmanager
+def receivers_of(
+    idp: Transmitter, tmp_path: Path, env: dict[str, str]
+) -> Iterator[Callable[..., tuple[Any, str | None, Any]]]:
+    """Serve ``idp``; ``configure(name, push_url="", push_token_env="PUSH")`` configures a
+    receiver of its push stream once, on a database of its own (``name``: no stream id is
+    recorded there): (the stream used or None, the error or None, the stream recorded)."""
+    from bastion.db import Database
+    from bastion.facts.store import FactStore
+    from bastion.oauth.store import OAuthStore
+    from bastion.signals.settings import SsfSettings
+    from bastion.signals.ssf import SsfReceiver
+
+    dbs: list[Database] = []
+
+    def configure(name: str, push_url: str = "", push_token_env: str = "PUSH"):
+        table = {
+            "transmitters": [
+                {"name": "idp", "issuer": idp.url, "audience": "https://bastion.example.com",
+                 "delivery": "push", "bearer_env": "BEARER", "push_token_env": push_token_env,
+                 "configuration_url": f"{idp.url}/.well-known/ssf-configuration"}
+            ],
+            **({"push_url": push_url} if push_url else {}),
+        }  # fmt: skip
+        s = SsfSettings.from_table(table, issuer="https://bastion.example.com", env=env)
+        db = Database(str(tmp_path / f"{name}.db"))
+        dbs.append(db)
+        receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+        t = s.transmitters[0]
+        try:
+            return anyio.run(receiver.configure, t).stream, None, receiver.store.stream(t.name)
+        except ValueError as e:
+            return getattr(e, "stream", None), str(e), receiver.store.stream(t.name)
+
+    with serve(idp.app(), free_socket()) as url:
+        idp.url = url
+        try:
+            yield configure
+        finally:
+            for db in dbs:
+                db.close()
