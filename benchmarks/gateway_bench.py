@@ -426,11 +426,35 @@ def stop(*processes: subprocess.Popen) -> None:
             process.kill()
 
 
+# What `between_signals` runs after its script: the script's ``start`` and ``stop`` on the two
+# signals, then `bastion serve` with the configuration (``config``).
+_SERVE_BETWEEN_SIGNALS = """
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+sys.argv = ["bastion", "serve", "--config", config]
+from bastion.cli import main
+
+main()
+"""
+
+
+def signed_in(
+    bench: Bench, upstream: subprocess.Popen, server: subprocess.Popen, up_within: float, log: Path
+) -> dict[str, str]:
+    """Once the upstream and bastion (within ``up_within`` seconds; ``log``, its output) answer:
+    the headers of calls with a token of the benchmark's agent."""
+    wait_until_up(bench.upstream_url, upstream)
+    wait_until_ok(f"{bench.base}/healthz", server, up_within, log)
+    token, _ = access_token(bench.base, f"{bench.base}/mcp/desk")
+    return {"authorization": f"Bearer {token}"}
+
+
 def between_signals(script: str, requests: int, name: str) -> Path:
     """Run ``bastion serve`` under ``script`` (``python -c``; its arguments: where it writes
-    what it measured, then the configuration), on this benchmark's setup: warmed by 50 calls,
-    then SIGUSR1, ``requests`` calls of one client, SIGUSR2. The file ``script`` wrote (in a
-    new folder named after ``name``), once it is there; the processes are stopped."""
+    what it measured, then the configuration; it defines ``start`` and ``stop``, run on SIGUSR1
+    and SIGUSR2), on this benchmark's setup: warmed by 50 calls, then SIGUSR1, ``requests``
+    calls of one client, SIGUSR2. The file ``script`` wrote (in a new folder named after
+    ``name``), once it is there; the processes are stopped."""
     work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     bench = prepare(work, traced=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -438,17 +462,14 @@ def between_signals(script: str, requests: int, name: str) -> Path:
     out = work / "measured.json"
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in the finally below
     server = subprocess.Popen(
-        [sys.executable, "-c", script, str(out), str(bench.config)],
+        [sys.executable, "-c", script + _SERVE_BETWEEN_SIGNALS, str(out), str(bench.config)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
     )
     url = f"{bench.base}/mcp/desk"
     try:
-        wait_until_up(bench.upstream_url, upstream)
-        wait_until_ok(f"{bench.base}/healthz", server, 120, work / "serve.log")
-        token, _ = access_token(bench.base, url)
-        headers = {"authorization": f"Bearer {token}"}
+        headers = signed_in(bench, upstream, server, 120, work / "serve.log")
         uvloop.run(run_load(url, headers, 1, 50))  # the token remembered, the code warm
         time.sleep(0.5)
         server.send_signal(signal.SIGUSR1)

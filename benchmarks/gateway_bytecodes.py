@@ -28,7 +28,8 @@ from gateway_bench import between_signals  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs in the server process: the tracer, then `bastion serve`. Counts go to sys.argv[1].
+# Runs in the server process before `bastion serve` (`between_signals`): the tracer and its
+# handlers. Counts go to sys.argv[1].
 TRACED_SERVE = """
 import json, signal, sys, threading
 from collections import defaultdict
@@ -85,12 +86,6 @@ def stop(*_):
 
 
 threading.settrace(tracer)
-signal.signal(signal.SIGUSR1, start)
-signal.signal(signal.SIGUSR2, stop)
-sys.argv = ["bastion", "serve", "--config", config]
-from bastion.cli import main
-
-main()
 """
 
 

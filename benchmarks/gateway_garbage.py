@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_bench import between_signals  # noqa: E402
 
-# Runs in the server process: the two handlers, then `bastion serve`. Counts go to sys.argv[1].
+# Runs in the server process before `bastion serve` (`between_signals`): its handlers.
+# Counts go to sys.argv[1].
 COUNTED_SERVE = """
 import gc, json, signal, sys
 from collections import Counter
@@ -46,14 +47,6 @@ def stop(*_):
     gc.garbage.clear()
     gc.set_debug(0)
     gc.enable()
-
-
-signal.signal(signal.SIGUSR1, start)
-signal.signal(signal.SIGUSR2, stop)
-sys.argv = ["bastion", "serve", "--config", config]
-from bastion.cli import main
-
-main()
 """
 
 

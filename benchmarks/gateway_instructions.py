@@ -44,12 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_bench import (  # noqa: E402
     BEHIND_PROXY,
-    access_token,
     prepare,
     run_load,
+    signed_in,
     start_upstream,
-    wait_until_ok,
-    wait_until_up,
 )
 from server_instructions import counted  # noqa: E402
 
@@ -99,10 +97,7 @@ def main() -> None:
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"{bench.base}/mcp/desk"
     try:
-        wait_until_up(bench.upstream_url, upstream)
-        wait_until_ok(f"{bench.base}/healthz", server, 1800, work / "serve.log")
-        token, _ = access_token(bench.base, url)
-        headers = {"authorization": f"Bearer {token}"}
+        headers = signed_in(bench, upstream, server, 1800, work / "serve.log")
 
         def send(n: int) -> None:
             uvloop.run(run_load(url, headers, 1, n))
